@@ -1,0 +1,432 @@
+"""Masked autoencoder (He et al., "Masked Autoencoders Are Scalable Vision Learners") as Transformers models.
+
+The outline of the code is the outline of the method:
+patchify -> random masking -> encoder -> decoder -> mean squared error on the masked patches.
+
+This file is copied next to saved weights, so that `trust_remote_code=True` loads a model without `mae_hf`
+installed: it imports `mae_hf` code only relatively, and needs nothing beyond torch and transformers.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, ViTImageProcessorPil
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.image_utils import PILImageResampling
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_mae import MAEConfig
+
+
+@dataclass
+class MAEModelOutput(ModelOutput):
+    """
+    last_hidden_state: `(batch, 1 + kept patches, hidden_size)`, class token first; all patches unless masked.
+    pooler_output: `(batch, hidden_size)`, the class token or the mean of the patch tokens (`config.pooling`).
+    mask: `(batch, num_patches)`, 1 where a patch was hidden from the encoder, in image order.
+    ids_restore: `(batch, num_patches)`, the permutation that puts the shuffled patches back in image order.
+    hidden_states: the embeddings and the output of each block, when `output_hidden_states=True`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MAEForPreTrainingOutput(ModelOutput):
+    """
+    loss: mean squared error over the masked patches.
+    logits: `(batch, num_patches, patch_size**2 * num_channels)`, the predicted patches in image order
+        (normalised per patch when `config.norm_pix_loss`).
+    mask, ids_restore, hidden_states: as in `MAEModelOutput` (hidden states of the encoder).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def sincos_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
+    """Fixed 2D sin-cos embedding of a square patch grid, shape `(1, 1 + grid_size**2, dim)`.
+
+    Row 0 (the class token) is zero. Each patch gets `[sin(x w) | cos(x w) | sin(y w) | cos(y w)]` with x its column,
+    y its row and w = 10000**(-k / (dim/4)): the layout of the original MAE code and of ViTMAE's checkpoints.
+    """
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    x = cols.reshape(-1, 1) * omega
+    y = rows.reshape(-1, 1) * omega
+    table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+    return torch.cat([table.new_zeros(1, dim), table]).float().unsqueeze(0)
+
+
+def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+    """Keep a random `1 - mask_ratio` of each sample's tokens: the lowest `noise` values win (argsort, no loop).
+
+    Returns the kept tokens (in shuffled order), the mask (1 = removed, image order) and `ids_restore`.
+    """
+    batch, length, dim = tokens.shape
+    num_keep = int(length * (1 - mask_ratio))
+    if noise is None:
+        if num_keep == length:  # nothing to hide: keep image order, so features are deterministic
+            ids_restore = torch.arange(length, device=tokens.device).expand(batch, -1)
+            return tokens, tokens.new_zeros(batch, length, dtype=torch.float32), ids_restore
+        noise = torch.rand(batch, length, device=tokens.device)
+    elif noise.shape != (batch, length):
+        raise ValueError(f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}.")
+    ids_shuffle = torch.argsort(noise.to(tokens.device), dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    kept = torch.gather(tokens, 1, ids_shuffle[:, :num_keep, None].expand(-1, -1, dim))
+    mask = (ids_restore >= num_keep).float()
+    return kept, mask, ids_restore
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+class MAEAttention(nn.Module):
+    def __init__(self, width: int, heads: int, config: MAEConfig):
+        super().__init__()
+        self.heads = heads
+        self.dropout = config.attention_probs_dropout_prob
+        self.qkv = nn.Linear(width, 3 * width, bias=config.qkv_bias)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(batch, length, width))
+
+
+class MAEMLP(nn.Module):
+    def __init__(self, width: int, inner: int, config: MAEConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(width, inner)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(inner, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MAELayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block."""
+
+    def __init__(self, width: int, heads: int, inner: int, config: MAEConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.attention = MAEAttention(width, heads, config)
+        self.norm2 = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.mlp = MAEMLP(width, inner, config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.dropout(self.attention(self.norm1(x))), self.drop_path_rate, self.training)
+        return x + drop_path(self.dropout(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
+
+
+class MAEEmbeddings(nn.Module):
+    """Patch projection + fixed positions, random masking, then the class token in front."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        self.config = config
+        self.patch_projection = nn.Linear(config.patch_size**2 * config.num_channels, config.hidden_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        # Derived from the config, so not saved; `_init_weights` fills it, also after `from_pretrained`.
+        self.register_buffer("position_embeddings", torch.zeros(1, config.num_patches + 1, config.hidden_size),
+                             persistent=False)
+
+    def forward(self, patches: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        tokens = self.patch_projection(patches) + self.position_embeddings[:, 1:]
+        tokens, mask, ids_restore = random_masking(tokens, mask_ratio, noise)
+        cls = (self.cls_token + self.position_embeddings[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1), mask, ids_restore
+
+
+class MAEDecoder(nn.Module):
+    """Lightweight decoder: visible tokens + mask tokens, back in image order, to pixels of every patch."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        self.config = config
+        width = config.decoder_hidden_size
+        self.embed = nn.Linear(config.hidden_size, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("position_embeddings", torch.zeros(1, config.num_patches + 1, width), persistent=False)
+        self.layers = nn.ModuleList(
+            MAELayer(width, config.decoder_num_attention_heads, config.decoder_intermediate_size, config)
+            for _ in range(config.decoder_num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.pred = nn.Linear(width, config.patch_size**2 * config.num_channels)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.embed(latent)
+        batch, num_patches, width = ids_restore.shape[0], ids_restore.shape[1], x.shape[-1]
+        mask_tokens = self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore[:, :, None].expand(-1, -1, width))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.position_embeddings
+        for layer in self.layers:
+            x = layer(x)
+        return self.pred(self.norm(x))[:, 1:]
+
+
+class MAEPreTrainedModel(PreTrainedModel):
+    config_class = MAEConfig
+    base_model_prefix = "mae"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MAELayer", "MAEEmbeddings"]
+
+    def _init_weights(self, module):
+        # As the MAE paper: xavier-uniform linears (the patch projection included), N(0, 0.02) class/mask tokens.
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d):
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, MAEEmbeddings):
+            init.normal_(module.cls_token, std=self.config.initializer_range)
+            grid = self.config.image_size // self.config.patch_size
+            init.copy_(module.position_embeddings, sincos_position_embedding(grid, self.config.hidden_size))
+        elif isinstance(module, MAEDecoder):
+            init.normal_(module.mask_token, std=self.config.initializer_range)
+            grid = self.config.image_size // self.config.patch_size
+            init.copy_(module.position_embeddings, sincos_position_embedding(grid, self.config.decoder_hidden_size))
+        elif isinstance(module, MAEForImageClassification):
+            # MAE paper: small init for the head (0.01 for the linear probe, 2e-5 for fine-tuning).
+            init.trunc_normal_(module.classifier.weight, std=0.01 if self.config.linear_probe else 2e-5)
+            init.zeros_(module.classifier.bias)
+
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(batch, channels, H, W)` -> `(batch, num_patches, patch_size**2 * channels)`, patches in row-major order,
+        each flattened as (row in patch, column in patch, channel)."""
+        self.check_pixel_values(pixel_values)
+        p, c = self.config.patch_size, self.config.num_channels
+        batch, grid = pixel_values.shape[0], self.config.image_size // p
+        x = pixel_values.reshape(batch, c, grid, p, grid, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(batch, grid * grid, p * p * c)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """Inverse of `patchify`."""
+        p, c = self.config.patch_size, self.config.num_channels
+        grid = self.config.image_size // p
+        expected = (grid * grid, p * p * c)
+        if patches.dim() != 3 or tuple(patches.shape[1:]) != expected:
+            raise ValueError(f"unpatchify expects (batch, {expected[0]}, {expected[1]}), got {tuple(patches.shape)}.")
+        x = patches.reshape(patches.shape[0], grid, grid, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(patches.shape[0], c, grid * p, grid * p)
+
+    def check_pixel_values(self, pixel_values) -> None:
+        config = self.config
+        expected = f"(batch, {config.num_channels}, {config.image_size}, {config.image_size})"
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"pixel_values must be a torch.Tensor of shape {expected}, got {type(pixel_values)}.")
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be floating point (normalised images, e.g. from the image processor), got "
+                f"{pixel_values.dtype}. Convert uint8 images with the model's image processor."
+            )
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (config.num_channels, config.image_size,
+                                                                        config.image_size):
+            raise ValueError(
+                f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}. Resize images to "
+                f"{config.image_size}x{config.image_size} with {config.num_channels} channels (the image processor "
+                "does this)."
+            )
+
+    def image_processor(self) -> ViTImageProcessorPil:
+        """The processor that turns PIL images (any mode) into this model's `pixel_values`."""
+        return ViTImageProcessorPil(
+            size={"height": self.config.image_size, "width": self.config.image_size},
+            resample=PILImageResampling.BICUBIC,
+            image_mean=list(self.config.image_mean),
+            image_std=list(self.config.image_std),
+            do_convert_rgb=self.config.num_channels == 3,
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights, config and code files, plus the image processor, so that `AutoImageProcessor` and
+        pipelines load the folder too."""
+        if kwargs.get("is_main_process", True):
+            self.image_processor().save_pretrained(save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MAEModel(MAEPreTrainedModel):
+    """The MAE encoder. Without `mask_ratio` it sees every patch: features are deterministic."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        self.embeddings = MAEEmbeddings(config)
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList(
+            MAELayer(config.hidden_size, config.num_attention_heads, config.intermediate_size, config, rate)
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float = 0.0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MAEModelOutput | tuple:
+        r"""
+        pixel_values: `(batch, num_channels, image_size, image_size)` floats, as the image processor makes them.
+        noise: `(batch, num_patches)`; with `mask_ratio > 0`, the patches with the lowest noise are kept, so a given
+            noise makes the masking deterministic.
+        mask_ratio: fraction of patches to hide (0 = none, the default; pretraining uses `config.mask_ratio`).
+        """
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else (
+            self.config.output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}.")
+
+        x, mask, ids_restore = self.embeddings(self.patchify(pixel_values), mask_ratio, noise)
+        hidden_states = (x,) if output_hidden_states else None
+        for layer in self.layers:
+            x = layer(x)
+            if output_hidden_states:
+                hidden_states += (x,)
+        x = self.norm(x)
+        pooled = x[:, 0] if self.config.pooling == "cls" else x[:, 1:].mean(dim=1)
+
+        if not return_dict:
+            return tuple(v for v in (x, pooled, mask, ids_restore, hidden_states) if v is not None)
+        return MAEModelOutput(last_hidden_state=x, pooler_output=pooled, mask=mask, ids_restore=ids_restore,
+                              hidden_states=hidden_states)
+
+
+class MAEForPreTraining(MAEPreTrainedModel):
+    """Encoder + decoder, trained to reconstruct the pixels of the masked patches."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        self.mae = MAEModel(config)
+        self.decoder = MAEDecoder(config)
+        self.post_init()
+
+    def forward_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per patch, averaged over the masked patches only."""
+        target = self.patchify(pixel_values)
+        if self.config.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        per_patch = ((logits.float() - target.float()) ** 2).mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MAEForPreTrainingOutput | tuple:
+        r"""
+        pixel_values: `(batch, num_channels, image_size, image_size)` floats.
+        noise: `(batch, num_patches)`, optional; fixes which patches are masked (lowest noise kept).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        encoded = self.mae(pixel_values, noise=noise, mask_ratio=self.config.mask_ratio,
+                           output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.decoder(encoded.last_hidden_state, encoded.ids_restore)
+        loss = self.forward_loss(pixel_values, logits, encoded.mask)
+
+        if not return_dict:
+            outputs = (loss, logits, encoded.mask, encoded.ids_restore, encoded.hidden_states)
+            return tuple(v for v in outputs if v is not None)
+        return MAEForPreTrainingOutput(loss=loss, logits=logits, mask=encoded.mask, ids_restore=encoded.ids_restore,
+                                       hidden_states=encoded.hidden_states)
+
+
+class MAEForImageClassification(MAEPreTrainedModel):
+    """Encoder + linear head. With `config.linear_probe` the encoder is frozen (eval mode, no gradients) and a
+    BatchNorm without affine parameters normalises the features before the head, as in the MAE paper."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.mae = MAEModel(config)
+        self.head_norm = (nn.BatchNorm1d(config.hidden_size, affine=False, eps=1e-6) if config.linear_probe
+                          else nn.Identity())
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+        self.freeze_encoder_if_probing()
+
+    def freeze_encoder_if_probing(self) -> None:
+        if self.config.linear_probe:
+            self.mae.requires_grad_(False)
+            self.mae.eval()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading re-creates parameters with requires_grad=True; the probe's encoder must stay frozen.
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_encoder_if_probing()
+        return loaded
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.linear_probe:
+            self.mae.eval()
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        labels: `(batch,)` class indices in `[0, num_labels)`; gives a cross-entropy `loss`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.linear_probe):
+            encoded = self.mae(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(self.head_norm(encoded.pooler_output))
+        loss = None
+        if labels is not None:
+            if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+                raise ValueError(f"labels must have shape (batch,) = ({logits.shape[0]},), got {tuple(labels.shape)}.")
+            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+
+        if not return_dict:
+            return tuple(v for v in (loss, logits, encoded.hidden_states) if v is not None)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+
+
+__all__ = ["MAEForImageClassification", "MAEForPreTraining", "MAEModel", "MAEPreTrainedModel"]
