@@ -283,6 +283,9 @@ class MAEPreTrainedModel(PreTrainedModel):
 class MAEModel(MAEPreTrainedModel):
     """The MAE encoder. Without `mask_ratio` it sees every patch: features are deterministic."""
 
+    # The encoder loads from any of the three checkpoints; the other models' parts are expected to be left over.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^head_norm\.", r"^classifier\."]
+
     def __init__(self, config: MAEConfig):
         super().__init__(config)
         self.embeddings = MAEEmbeddings(config)
@@ -376,6 +379,8 @@ class MAEForImageClassification(MAEPreTrainedModel):
     """Encoder + linear head. With `config.linear_probe` the encoder is frozen (eval mode, no gradients) and a
     BatchNorm without affine parameters normalises the features before the head, as in the MAE paper."""
 
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]  # starting from a pretraining checkpoint
+
     def __init__(self, config: MAEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -404,6 +409,10 @@ class MAEForImageClassification(MAEPreTrainedModel):
             self.mae.eval()
         return self
 
+    def classify_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled encoder features: lets a probe train the head on cached features."""
+        return self.classifier(self.head_norm(pooled))
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -417,7 +426,7 @@ class MAEForImageClassification(MAEPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.linear_probe):
             encoded = self.mae(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.classifier(self.head_norm(encoded.pooler_output))
+        logits = self.classify_features(encoded.pooler_output)
         loss = None
         if labels is not None:
             if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:

@@ -1,0 +1,271 @@
+"""Training with the Hugging Face `Trainer`: image batches arrive as uint8 and are augmented on the device,
+parameter groups follow the MAE recipe, a non-finite loss stops the run, and pretraining evaluations also draw
+reconstructions and measure kNN accuracy."""
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
+
+from .configuration_mae import MAEConfig
+from .cli import parse_overrides
+
+logger = logging.get_logger("mae_hf")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Saved model folder (or Hub id) to start from: its config and weights."})
+    config_name: str | None = field(
+        default=None, metadata={"help": "Saved config (folder or config.json) to start from, with fresh weights."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=128,num_hidden_layers=4,mask_ratio=0.6'."})
+
+
+def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
+    """The model config: from `--model_name_or_path`, `--config_name` or fresh (with `fresh_defaults`), then the
+    overrides; validated, with an error naming the bad field."""
+    source = args.model_name_or_path or args.config_name
+    if source is not None:
+        config_file = os.path.join(source, "config.json") if os.path.isdir(source) else source
+        if os.path.isfile(config_file):
+            with open(config_file) as handle:
+                model_type = json.load(handle).get("model_type")
+            if model_type != MAEConfig.model_type:
+                hint = " Convert it first: python scripts/convert.py SRC OUT." if model_type == "vit_mae" else ""
+                raise ValueError(f"{source} holds a {model_type!r} model, not {MAEConfig.model_type!r}.{hint}")
+        config = MAEConfig.from_pretrained(source)
+    else:
+        config = MAEConfig(**fresh_defaults)
+    overrides = parse_overrides(args.config_overrides)
+    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    if unknown:
+        raise ValueError(f"--config_overrides: unknown field(s) {unknown}; MAEConfig has {sorted(config.to_dict())}.")
+    config.update(overrides)
+    config.check()
+    return config
+
+
+@dataclass
+class ImageTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults for image batches served from tensors, plus the MAE learning-rate rule."""
+
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate. Default: --base_learning_rate x total batch / 256."})
+    base_learning_rate: float = field(
+        default=1.5e-4, metadata={"help": "Learning rate per 256 images of total batch (used without --learning_rate)."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; default: on when a GPU supports it."})
+    torch_compile: bool | None = field(default=None, metadata={"help": "torch.compile; default: on with CUDA."})
+    data_on_device: str = field(
+        default="auto",
+        metadata={"help": "Keep the decoded uint8 training set on the GPU: 'auto' (when it fits easily), 'true', "
+                          "'false'."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are prebuilt dicts."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Full batches only (static shapes)."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "See TrainingArguments."})
+
+    def __post_init__(self):
+        gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.bf16 is None:
+            self.bf16 = gpu and torch.cuda.is_bf16_supported()
+        if self.torch_compile is None:
+            self.torch_compile = gpu
+        if not gpu:
+            self.dataloader_pin_memory = False  # nothing to pin for
+        if self.data_on_device not in ("auto", "true", "false"):
+            raise ValueError(f"--data_on_device must be auto, true or false, got {self.data_on_device!r}.")
+        learning_rate_given = self.learning_rate is not None
+        if not learning_rate_given:
+            self.learning_rate = 0.0  # placeholder until the world size is known
+        super().__post_init__()
+        if not learning_rate_given:
+            total_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+            self.learning_rate = self.base_learning_rate * total_batch / 256
+
+    def place_data_on_device(self, num_bytes: int) -> bool:
+        if self.data_on_device != "auto":
+            return self.data_on_device == "true" and self.device.type != "cpu"
+        if self.device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return num_bytes < 0.2 * free
+
+
+def linear_weight_names(model: nn.Module) -> list[str]:
+    """Parameters that get weight decay: weights of linear layers (not biases, norms, class/mask tokens)."""
+    return [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)]
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of an encoder parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest on top."""
+    if ".embeddings." in f".{name}":
+        return 0
+    marker = "mae.layers."
+    if marker in name:
+        return int(name.split(marker, 1)[1].split(".", 1)[0]) + 1
+    return num_layers + 1
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class ImageTrainer(Trainer):
+    """`Trainer` for `ArrayDataset` batches: uint8 `pixel_values` are moved to the device, then augmented
+    (training) or only normalised (evaluation) there. Weight decay on linear weights only; optional layer-wise
+    learning-rate decay; a non-finite loss stops training before the optimizer step, naming the step."""
+
+    def __init__(self, *args, train_transform, eval_transform, layer_decay: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.layer_decay = layer_decay
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        transform = self.train_transform if self.model.training else self.eval_transform
+        return {**inputs, "pixel_values": transform(inputs["pixel_values"])}
+
+    def get_decay_parameter_names(self, model):
+        return linear_weight_names(model)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.layer_decay == 1.0:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        num_layers = self.model.config.num_hidden_layers
+        groups = {}
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            depth = layer_id(name, num_layers)
+            key = (depth, name in decay)
+            if key not in groups:
+                groups[key] = {"params": [], "weight_decay": self.args.weight_decay if name in decay else 0.0,
+                               "lr": self.args.learning_rate * self.layer_decay ** (num_layers + 1 - depth)}
+            groups[key]["params"].append(parameter)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            last = self.state.best_model_checkpoint or _last_checkpoint(self.args.output_dir)
+            raise NonFiniteLossError(
+                f"The training loss became {loss.item()} at step {self.state.global_step + 1}; training stopped "
+                f"before that step's optimizer update. Last checkpoint: {last or 'none saved yet'} (intact). Try a "
+                "lower learning rate, more warmup, or fp32."
+            )
+        return loss
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+class MAEPretrainer(ImageTrainer):
+    """Adds to each evaluation: `reconstructions.png` of fixed images and masks, `loss_curve.png`, and the kNN
+    accuracy of the frozen encoder (cosine, temperature-weighted votes) when labels exist."""
+
+    def __init__(self, *args, preview=None, knn_data=None, knn_k: int = 20, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.preview = preview  # (uint8 images, noise)
+        self.knn_data = knn_data  # (bank images, bank labels, query images, query labels)
+        self.knn_k = knn_k
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.is_world_process_zero():
+            extra = self.pretraining_extras(metric_key_prefix)
+            if extra:
+                self.log(extra)
+                metrics.update(extra)
+        return metrics
+
+    def pretraining_extras(self, prefix: str = "eval") -> dict:
+        from .evaluation import extract_features, knn_predict
+        from .visualize import save_loss_curve, save_reconstructions
+
+        model, output_dir = self.model, self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        if self.preview is not None:
+            images, noise = self.preview
+            pixel_values = self.eval_transform(images.to(self.args.device))
+            save_reconstructions(model, pixel_values, noise, os.path.join(output_dir, "reconstructions.png"))
+            history = os.path.join(output_dir, "reconstructions")
+            os.makedirs(history, exist_ok=True)
+            save_reconstructions(model, pixel_values, noise, os.path.join(history, f"step_{self.state.global_step:07d}.png"))
+        save_loss_curve(self.state.log_history, os.path.join(output_dir, "loss_curve.png"))
+        if self.knn_data is None:
+            return {}
+        from .metrics import accuracy
+
+        bank, bank_labels, queries, query_labels = self.knn_data
+        features = [extract_features(model.mae, images, self.eval_transform, self.args.per_device_eval_batch_size,
+                                     bf16=self.args.bf16) for images in (bank, queries)]
+        predictions = knn_predict(features[0], bank_labels, features[1], ks=(self.knn_k,))[self.knn_k]
+        return {f"{prefix}_knn_accuracy": accuracy(predictions, query_labels)}
+
+
+class ThroughputCallback(TrainerCallback):
+    """Says the plan before training (device, precision, steps), then after the first steps the measured images/s
+    of the whole pipeline (data + step) and the estimated time to finish. Intervals containing an evaluation or a
+    save are left out of the measurement."""
+
+    def __init__(self, images_per_step: int, slow_hint: str | None = None, measure_seconds: float = 10.0):
+        self.images_per_step, self.slow_hint, self.measure_seconds = images_per_step, slow_hint, measure_seconds
+        self.last_time = None
+        self.steps = 0
+        self.seconds = 0.0
+        self.reported = False
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.steps * self.images_per_step / self.seconds if self.seconds > 0 else None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            precision = "bf16 autocast" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+            print(f"[plan] device {args.device} x{args.world_size}, {precision}, torch_compile={args.torch_compile}; "
+                  f"{state.max_steps} steps of {self.images_per_step} images "
+                  f"({args.num_train_epochs:g} epochs), peak learning rate {args.learning_rate:.3g}", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self.last_time is not None and state.global_step > 2:  # the first steps warm up (and compile)
+            self.steps += 1
+            self.seconds += now - self.last_time
+        self.last_time = now
+        if not self.reported and state.is_world_process_zero and self.seconds >= self.measure_seconds:
+            self.reported = True
+            remaining = (state.max_steps - state.global_step) * self.seconds / self.steps
+            print(f"[plan] measured {self.images_per_second:,.0f} images/s over {self.steps} steps; about "
+                  f"{_duration(remaining)} of training left (evaluations add to it)", flush=True)
+            if self.slow_hint and remaining > 3600 and args.device.type == "cpu":
+                print(f"[plan] {self.slow_hint}", flush=True)
+
+    def _skip_interval(self, *args, **kwargs):
+        self.last_time = None
+
+    on_evaluate = on_save = _skip_interval
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
