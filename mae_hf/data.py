@@ -54,6 +54,7 @@ class ImageArrays:
     images: torch.Tensor
     labels: torch.Tensor | None = None
     class_names: list[str] | None = None
+    split: str = ""  # where the images came from, e.g. "test" or "train (5% held out, seed 42)"
 
     def __len__(self):
         return self.images.shape[0]
@@ -132,26 +133,30 @@ def select_splits(raw, args: DataArguments):
     splits = list(raw.keys())
     if args.train_split not in raw:
         raise ValueError(f"--train_split {args.train_split!r} does not exist; the dataset has splits {splits}.")
-    train = raw[args.train_split]
+    train, names = raw[args.train_split], [args.train_split]
     if args.eval_split is not None:
         if args.eval_split not in raw:
             raise ValueError(f"--eval_split {args.eval_split!r} does not exist; the dataset has splits {splits}.")
-        evaluation = raw[args.eval_split]
+        evaluation, names = raw[args.eval_split], names + [args.eval_split]
     else:
         named = [s for s in EVAL_SPLIT_NAMES if s in raw and s != args.train_split]
         if named and args.validation_split_percentage is None:
-            evaluation = raw[named[0]]
+            evaluation, names = raw[named[0]], names + [named[0]]
         else:
             percentage = 5.0 if args.validation_split_percentage is None else args.validation_split_percentage
             if not 0 < percentage < 100:
                 raise ValueError(f"--validation_split_percentage must lie in (0, 100), got {percentage}.")
             parts = train.train_test_split(test_size=percentage / 100, seed=args.split_seed, shuffle=True)
             train, evaluation = parts["train"], parts["test"]
+            held_out = f"{percentage:g}% of {args.train_split} held out, seed {args.split_seed}"
+            names = [f"{args.train_split} minus {held_out}", held_out]
     if args.max_train_samples is not None:
         train = train.select(range(min(args.max_train_samples, len(train))))
+        names[0] += f", first {len(train)}"
     if args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
-    return train, evaluation
+        names[1] += f", first {len(evaluation)}"
+    return train, evaluation, names
 
 
 def _to_uint8(image, image_size: int, num_channels: int) -> np.ndarray:
@@ -189,13 +194,17 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
                       require_labels: bool = False) -> tuple[ImageArrays, ImageArrays]:
     """Train and eval splits as decoded arrays; every bad flag fails here, before any training starts."""
     raw = load_raw_dataset(args)
-    train, evaluation = select_splits(raw, args)
+    train, evaluation, names = select_splits(raw, args)
     image_column = find_image_column(train, args.image_column_name)
     label_column = find_label_column(train, args.label_column_name, required=require_labels)
     if len(train) == 0 or len(evaluation) == 0:
         raise ValueError(f"Empty split: {len(train)} training and {len(evaluation)} evaluation images.")
-    return tuple(decode(split, image_column, label_column, image_size, num_channels, args.preprocessing_num_workers)
-                 for split in (train, evaluation))
+    arrays = []
+    for split, name in zip((train, evaluation), names):
+        decoded = decode(split, image_column, label_column, image_size, num_channels, args.preprocessing_num_workers)
+        decoded.split = name
+        arrays.append(decoded)
+    return tuple(arrays)
 
 
 class ArrayDataset(torch.utils.data.Dataset):

@@ -1,6 +1,9 @@
 """Evaluating a frozen encoder: features once, then kNN votes or a linear probe trained on the cached features."""
 
 import contextlib
+import os
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -85,3 +88,125 @@ def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor,
 def predict_from_features(model, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     model.eval()
     return torch.cat([model.classify_features(chunk).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
+
+
+@dataclass
+class FrozenEvalArguments:
+    """Evaluation of a frozen encoder: linear probe and/or kNN on features computed once."""
+
+    output_dir: str = field(default=None, metadata={"help": "Where results (and the probe model) go. Required."})
+    random_init: bool = field(
+        default=False,
+        metadata={"help": "Evaluate a randomly initialised encoder of the same config (the baseline row). Also the "
+                          "case when no --model_name_or_path is given."})
+    pooling: str = field(default="cls", metadata={"help": "Features: 'cls' token or 'mean' of patch tokens."})
+    linear_probe: bool = field(default=True, metadata={"help": "Train and evaluate the linear probe."})
+    knn: bool = field(default=True, metadata={"help": "Evaluate weighted kNN on the same features."})
+    knn_k: list[int] = field(default_factory=lambda: [20, 200], metadata={"help": "Neighbour counts for kNN."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the kNN vote weights."})
+    probe_epochs: int = field(default=90, metadata={"help": "Epochs of the probe head (on cached features)."})
+    probe_batch_size: int = field(default=256, metadata={"help": "Batch of the probe head."})
+    probe_learning_rate: float = field(default=0.1, metadata={"help": "SGD learning rate of the probe head."})
+    probe_weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay of the probe head."})
+    augmented_views: int = field(
+        default=0,
+        metadata={"help": "Also extract N augmented (crop + flip) copies of the training features; probe epochs "
+                          "cycle through them. 0: the plain features every epoch."})
+    feature_batch_size: int = field(default=512, metadata={"help": "Batch of the feature extraction."})
+    seed: int = field(default=42, metadata={"help": "Seed of random init and probe training."})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for features; default on CUDA."})
+
+
+def load_classifier(model_args, random_init: bool, seed: int, **config_changes):
+    """`MAEForImageClassification` with a pretrained encoder (from any of our checkpoints) or a random one of the
+    same config; `config_changes` (num_labels, id2label, linear_probe, pooling, ...) are applied to the config."""
+    from .modeling_mae import MAEForImageClassification
+    from .training import build_config
+
+    config = build_config(model_args)
+    config.update(config_changes)
+    config.check()
+    if model_args.model_name_or_path and not random_init:
+        return MAEForImageClassification.from_pretrained(model_args.model_name_or_path, config=config)
+    torch.manual_seed(seed)
+    return MAEForImageClassification(config)
+
+
+def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> dict:
+    """Features of the frozen encoder once, then kNN and/or the linear probe on them. Returns {protocol: results}."""
+    from .data import BatchTransform, load_image_splits
+    from .metrics import accuracy
+    from .results import write_results
+    from .training import build_config
+
+    if args.output_dir is None:
+        raise ValueError("--output_dir is required.")
+    if model_args.model_name_or_path and os.path.realpath(args.output_dir) == os.path.realpath(
+            model_args.model_name_or_path):
+        raise ValueError("--output_dir is the model folder itself; the probe would overwrite that model. Use a "
+                         "subfolder, e.g. --output_dir <model>/probe.")
+    if not (args.linear_probe or args.knn):
+        raise ValueError("Nothing to do: both --linear_probe and --knn are false.")
+    if args.pooling not in ("cls", "mean"):
+        raise ValueError(f"--pooling must be 'cls' or 'mean', got {args.pooling!r}.")
+    random_init = args.random_init or not model_args.model_name_or_path
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+
+    image_size = build_config(model_args).image_size
+    train, evaluation = load_image_splits(data_args, image_size, require_labels=True)
+    num_labels = int(max(train.labels.max(), evaluation.labels.max())) + 1
+    names = train.class_names or [str(i) for i in range(num_labels)]
+    model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
+                            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                            linear_probe=True, pooling=args.pooling).to(device)
+
+    plain = BatchTransform.for_model(model.config)
+    started = time.perf_counter()
+    train_features = extract_features(model.mae, train.images, plain, args.feature_batch_size, bf16)
+    eval_features = extract_features(model.mae, evaluation.images, plain, args.feature_batch_size, bf16)
+    feature_seconds = time.perf_counter() - started
+    common = {
+        "encoder": "random_init" if random_init else "pretrained",
+        "model_name_or_path": None if random_init and not model_args.model_name_or_path
+        else model_args.model_name_or_path,
+        "dataset_name": data_args.dataset_name,
+        "train_split": train.split,
+        "eval_split": evaluation.split,
+        "train_samples": len(train),
+        "eval_samples": len(evaluation),
+        "pooling": args.pooling,
+        "seed": args.seed,
+        "feature_seconds": round(feature_seconds, 2),
+    }
+    results = {}
+    if args.knn:
+        predictions = knn_predict(train_features, train.labels, eval_features, ks=tuple(args.knn_k),
+                                  temperature=args.knn_temperature, num_classes=num_labels)
+        by_k = {f"eval_accuracy_k{k}": accuracy(p, evaluation.labels) for k, p in predictions.items()}
+        results["knn"] = dict(common, protocol="knn", eval_accuracy=by_k[f"eval_accuracy_k{args.knn_k[0]}"],
+                              knn_k=list(args.knn_k), knn_temperature=args.knn_temperature, **by_k)
+        write_results(args.output_dir, "knn", results["knn"])
+
+    if args.linear_probe:
+        sampler = None
+        if args.augmented_views > 0:
+            augment = BatchTransform.for_model(model.config, crop_scale=(0.2, 1.0), hflip=True)
+            views = [train_features] + [extract_features(model.mae, train.images, augment, args.feature_batch_size,
+                                                         bf16) for _ in range(args.augmented_views)]
+            sampler = lambda epoch: (views[epoch % len(views)], train.labels)  # noqa: E731
+        started = time.perf_counter()
+        train_probe(model, train_features, train.labels, epochs=args.probe_epochs, batch_size=args.probe_batch_size,
+                    learning_rate=args.probe_learning_rate, weight_decay=args.probe_weight_decay, seed=args.seed,
+                    feature_sampler=sampler)
+        probe_seconds = time.perf_counter() - started
+        results["linear_probe"] = dict(
+            common, protocol="linear_probe",
+            eval_accuracy=accuracy(predict_from_features(model, eval_features), evaluation.labels),
+            probe_epochs=args.probe_epochs, probe_batch_size=args.probe_batch_size,
+            probe_learning_rate=args.probe_learning_rate, probe_weight_decay=args.probe_weight_decay,
+            augmented_views=args.augmented_views, probe_seconds=round(probe_seconds, 2))
+        model.save_pretrained(args.output_dir)
+        write_results(args.output_dir, "linear_probe", results["linear_probe"])
+    return results

@@ -335,6 +335,9 @@ class MAEModel(MAEPreTrainedModel):
 class MAEForPreTraining(MAEPreTrainedModel):
     """Encoder + decoder, trained to reconstruct the pixels of the masked patches."""
 
+    # A published folder may also hold a probe head next to encoder and decoder.
+    _keys_to_ignore_on_load_unexpected = [r"^head_norm\.", r"^classifier\."]
+
     def __init__(self, config: MAEConfig):
         super().__init__(config)
         self.mae = MAEModel(config)

@@ -4,6 +4,7 @@ reconstructions and measure kNN accuracy."""
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -68,7 +69,6 @@ class ImageTrainingArguments(TrainingArguments):
         metadata={"help": "Keep the decoded uint8 training set on the GPU: 'auto' (when it fits easily), 'true', "
                           "'false'."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are prebuilt dicts."})
-    dataloader_drop_last: bool = field(default=True, metadata={"help": "Full batches only (static shapes)."})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "See TrainingArguments."})
 
     def __post_init__(self):
@@ -133,6 +133,14 @@ class ImageTrainer(Trainer):
         transform = self.train_transform if self.model.training else self.eval_transform
         return {**inputs, "pixel_values": transform(inputs["pixel_values"])}
 
+    def get_train_dataloader(self):
+        # Full training batches keep shapes static for torch.compile; evaluation still sees every image.
+        evaluation_setting, self.args.dataloader_drop_last = self.args.dataloader_drop_last, True
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.args.dataloader_drop_last = evaluation_setting
+
     def get_decay_parameter_names(self, model):
         return linear_weight_names(model)
 
@@ -172,6 +180,24 @@ def _last_checkpoint(output_dir: str) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def check_output_dir(args: TrainingArguments) -> None:
+    """Refuse to start over a previous run unless asked to resume it (nothing is overwritten silently)."""
+    if args.output_dir is None:
+        sys.exit("error: --output_dir is required (where the model and results go).")
+    if args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
+        leftovers = [n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-") or n == "config.json"]
+        if leftovers:
+            sys.exit(f"error: {args.output_dir} already holds a run ({', '.join(sorted(leftovers)[:3])}). Continue it "
+                     "with --resume_from_checkpoint last (or a checkpoint folder), or choose another --output_dir.")
+    if args.resume_from_checkpoint == "last":
+        last = _last_checkpoint(args.output_dir)
+        if last is None:
+            sys.exit(f"error: --resume_from_checkpoint last: no checkpoint-* folder in {args.output_dir}.")
+        args.resume_from_checkpoint = last
+    elif args.resume_from_checkpoint is not None and not os.path.isdir(args.resume_from_checkpoint):
+        sys.exit(f"error: --resume_from_checkpoint {args.resume_from_checkpoint}: no such folder.")
 
 
 class MAEPretrainer(ImageTrainer):

@@ -24,6 +24,7 @@ from mae_hf.training import (
     MAEPretrainer,
     ModelArguments,
     NonFiniteLossError,
+    check_output_dir,
     ThroughputCallback,
     build_config,
 )
@@ -58,26 +59,6 @@ class PretrainingArguments(ImageTrainingArguments):
     knn_max_train_samples: int | None = field(
         default=None, metadata={"help": "Training images in the kNN bank (all by default)."})
     num_reconstructions: int = field(default=8, metadata={"help": "Images in reconstructions.png."})
-
-
-def check_output_dir(args: PretrainingArguments) -> None:
-    """Refuse to start over a previous run unless asked to resume it (nothing is overwritten silently)."""
-    if args.output_dir is None:
-        sys.exit("error: --output_dir is required (where the model, pictures and results go).")
-    if args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
-        leftovers = [n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-") or n == "config.json"]
-        if leftovers:
-            sys.exit(f"error: {args.output_dir} already holds a run ({', '.join(sorted(leftovers)[:3])}). Continue it "
-                     "with --resume_from_checkpoint last (or a checkpoint folder), or choose another --output_dir.")
-    if args.resume_from_checkpoint == "last":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if last is None:
-            sys.exit(f"error: --resume_from_checkpoint last: no checkpoint-* folder in {args.output_dir}.")
-        args.resume_from_checkpoint = last
-    elif args.resume_from_checkpoint is not None and not os.path.isdir(args.resume_from_checkpoint):
-        sys.exit(f"error: --resume_from_checkpoint {args.resume_from_checkpoint}: no such folder.")
 
 
 def main(argv=None):
@@ -129,15 +110,32 @@ def main(argv=None):
 
     trainer.save_model()
     train_metrics = dict(result.metrics, pipeline_images_per_second=throughput.images_per_second,
-                         train_samples=len(train), parameters=sum(p.numel() for p in model.parameters()))
+                         train_samples=len(train))
     trainer.save_metrics("train", train_metrics)
     eval_metrics = trainer.evaluate()
     trainer.save_metrics("eval", dict(eval_metrics, eval_samples=len(evaluation)))
     trainer.save_state()
     if trainer.is_world_process_zero():
-        summary = {key: eval_metrics[key] for key in ("eval_loss", "eval_knn_accuracy") if key in eval_metrics}
-        print(f"[done] {args.output_dir}: {json.dumps(summary)}; "
-              f"{train_metrics['pipeline_images_per_second'] or 0:,.0f} images/s", flush=True)
+        summary = {
+            "dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
+            "train_samples": len(train), "eval_samples": len(evaluation), "epochs": args.num_train_epochs,
+            "global_batch_size": world_batch, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
+            "adam_betas": [args.adam_beta1, args.adam_beta2], "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+            "warmup_steps": args.warmup_steps, "crop_min_scale": args.crop_min_scale,
+            "horizontal_flip": args.horizontal_flip, "mask_ratio": config.mask_ratio,
+            "norm_pix_loss": config.norm_pix_loss, "seed": args.seed, "device": str(args.device),
+            "world_size": args.world_size, "bf16": args.bf16, "torch_compile": args.torch_compile,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_runtime_seconds": result.metrics.get("train_runtime"),
+            "pipeline_images_per_second": throughput.images_per_second,
+            "eval_loss": eval_metrics.get("eval_loss"), "eval_knn_accuracy": eval_metrics.get("eval_knn_accuracy"),
+            "command": " ".join(["python"] + sys.argv),
+        }
+        with open(os.path.join(args.output_dir, "pretraining_summary.json"), "w") as handle:
+            json.dump(summary, handle, indent=2)
+        print(f"[done] {args.output_dir}: eval_loss {summary['eval_loss']:.4f}, kNN accuracy "
+              f"{summary['eval_knn_accuracy']}, {summary['pipeline_images_per_second'] or 0:,.0f} images/s",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""Assemble a Hub-ready folder from a pretraining run (and optionally its probe and fine-tune runs), fill the model
+card with the measured numbers, and push it.
+
+The folder's top level is one checkpoint serving all three Auto classes: the pretrained encoder and decoder plus,
+when a probe run is given, the linear-probe head (the probe never changes the encoder, so the encoder is exactly
+the pretrained one). A fine-tuned model has its own encoder and goes to `finetuned/`.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from .modeling_mae import MAEForImageClassification, MAEForPreTraining
+from .results import PROTOCOL_ROWS, accuracy_grid, collect_results, results_table
+
+PICTURES = ("reconstructions.png", "loss_curve.png")
+PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+def render(template: str, values: dict) -> str:
+    """Replace every `{{ name }}`; a placeholder without a value is an error, never left in the card."""
+    missing = sorted({name for name in PLACEHOLDER.findall(template) if name not in values})
+    if missing:
+        raise ValueError(f"model card template: no value for {missing}.")
+    return PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), template)
+
+
+def _require_run(folder: str | None, result_file: str, what: str) -> None:
+    if folder is None:
+        return
+    for name in ("config.json", result_file):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise ValueError(f"{what} {folder}: {name} is missing; expected the output folder of that script.")
+
+
+def model_index(model_name: str, dataset_id: str, dataset_title: str, results: list[dict]) -> str:
+    """The `model-index` YAML block (Hub metadata) with one entry per measured protocol of the pretrained encoder."""
+    grid = accuracy_grid(results)
+    lines = ["model-index:", f"- name: {model_name}", "  results:"]
+    entries = 0
+    for title, _, _ in PROTOCOL_ROWS:
+        value = grid.get((title, "pretrained"))
+        if value is None:
+            continue
+        entries += 1
+        lines += [
+            "  - task:",
+            "      type: image-classification",
+            f"      name: {json.dumps(title)}",
+            "    dataset:",
+            f"      type: {dataset_id}",
+            f"      name: {dataset_title}",
+            "    metrics:",
+            "    - type: accuracy",
+            f"      value: {100 * value:.2f}",
+            f"      name: {json.dumps(title + ' top-1 accuracy (%)')}",
+        ]
+    return "\n".join(lines) if entries else ""
+
+
+def pretraining_text(summary: dict) -> str:
+    """The recipe and outcome of the pretraining run, from its `pretraining_summary.json`."""
+    precision = "bf16 autocast" if summary.get("bf16") else "fp32"
+    images_per_second = summary.get("pipeline_images_per_second")
+    rows = [
+        ("Data", f"{summary['dataset_name']}: {summary['train_split']} ({summary['train_samples']} images)"),
+        ("Epochs / global batch", f"{summary['epochs']:g} / {summary['global_batch_size']}"),
+        ("Optimiser", f"AdamW, betas {tuple(summary['adam_betas'])}, peak lr {summary['learning_rate']:.3g}, "
+                      f"weight decay {summary['weight_decay']} (linear weights only)"),
+        ("Schedule", f"{summary['lr_scheduler_type']}, warmup {summary['warmup_steps']:g}"),
+        ("Augmentation", f"random-resized-crop (area {summary['crop_min_scale']}-1), "
+                         f"horizontal flip {summary['horizontal_flip']}"),
+        ("Hardware", f"{summary['world_size']} x {summary['device']}, {precision}"),
+        ("Training time", f"{summary['train_runtime_seconds']:.0f} s"
+                          + (f" ({images_per_second:,.0f} images/s)" if images_per_second else "")),
+        ("Final eval loss (masked patches)", f"{summary['eval_loss']:.4f}"),
+    ]
+    if summary.get("eval_knn_accuracy") is not None:
+        rows.append(("kNN accuracy at the end (k=20)", f"{100 * summary['eval_knn_accuracy']:.2f} %"))
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
+    return f"{table}\n\nCommand: `{summary['command']}`"
+
+
+def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None, finetune_dir: str | None = None,
+             result_paths=(), template_path: str | None = None, model_id: str | None = None,
+             dataset_id: str = "uoft-cs/cifar10", dataset_title: str = "CIFAR-10", overwrite: bool = False) -> str:
+    """Write the Hub-ready folder; every input is checked before anything is written. Returns the card path."""
+    _require_run(pretrained_dir, "pretraining_summary.json", "pretrained run")
+    _require_run(probe_dir, "linear_probe_results.json", "--probe")
+    _require_run(finetune_dir, "finetune_results.json", "--finetune")
+    for picture in PICTURES:
+        if not os.path.isfile(os.path.join(pretrained_dir, picture)):
+            raise ValueError(f"{pretrained_dir}/{picture} is missing (scripts/visualize.py draws reconstructions).")
+    if template_path is None or not os.path.isfile(template_path):
+        raise ValueError(f"model card template {template_path} does not exist.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite or choose another folder.")
+    results = collect_results([p for p in (pretrained_dir, probe_dir, finetune_dir) if p] + list(result_paths))
+    pretrained = MAEForPreTraining.from_pretrained(pretrained_dir)
+    model_id = model_id or os.path.basename(os.path.abspath(output_dir))
+
+    if overwrite and os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)
+    os.makedirs(os.path.join(output_dir, "results"), exist_ok=True)
+    head_description = "no classification head (the classifier class adds an untrained one)"
+    if probe_dir:
+        probe = MAEForImageClassification.from_pretrained(probe_dir)
+        encoder = pretrained.mae.state_dict()
+        if any(not torch.equal(value, encoder[key]) for key, value in probe.mae.state_dict().items()):
+            raise ValueError(f"--probe {probe_dir}: its encoder differs from {pretrained_dir}'s; probe that model.")
+        probe.config.architectures = ["MAEForPreTraining", "MAEForImageClassification"]
+        probe.save_pretrained(output_dir, state_dict={**pretrained.state_dict(), **probe.state_dict()})
+        head_description = (f"a linear-probe head over {probe.config.num_labels} classes "
+                            f"({', '.join(probe.config.id2label[i] for i in range(probe.config.num_labels))})")
+    else:
+        pretrained.save_pretrained(output_dir)
+    finetuned_note = ""
+    if finetune_dir:
+        MAEForImageClassification.from_pretrained(finetune_dir).save_pretrained(os.path.join(output_dir, "finetuned"))
+        finetuned_note = ("- `finetuned/`: the fine-tuned classifier (its own encoder); load it with "
+                          "`subfolder=\"finetuned\"`.")
+    for picture in PICTURES:
+        shutil.copy(os.path.join(pretrained_dir, picture), os.path.join(output_dir, picture))
+    for index, result in enumerate(results):
+        shutil.copy(result["source"], os.path.join(output_dir, "results", f"{index:02d}_{result['protocol']}_"
+                                                                           f"{result.get('encoder', 'x')}.json"))
+    summary_path = os.path.join(pretrained_dir, "pretraining_summary.json")
+    with open(summary_path) as handle:
+        summary = json.load(handle)
+    shutil.copy(summary_path, os.path.join(output_dir, "results", "pretraining_summary.json"))
+
+    config = pretrained.config
+    eval_splits = sorted({r["eval_split"] for r in results if r.get("eval_split")})
+    with open(template_path) as handle:
+        template = handle.read()
+    card = render(template, {
+        "model_id": model_id,
+        "model_name": model_id.split("/")[-1],
+        "dataset_id": dataset_id,
+        "dataset_title": dataset_title,
+        "model_index": model_index(model_id.split("/")[-1], dataset_id, dataset_title, results),
+        "head_description": head_description,
+        "finetuned_note": finetuned_note,
+        "parameters": f"{sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M",
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+        "num_patches": config.num_patches,
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "decoder_num_hidden_layers": config.decoder_num_hidden_layers,
+        "decoder_hidden_size": config.decoder_hidden_size,
+        "decoder_num_attention_heads": config.decoder_num_attention_heads,
+        "mask_ratio": config.mask_ratio,
+        "target": "per-patch normalised pixels (norm_pix_loss)" if config.norm_pix_loss else "raw (normalised) pixels",
+        "pretraining": pretraining_text(summary),
+        "eval_split": " / ".join(f"`{split}`" for split in eval_splits) or "the evaluation split",
+        "results_table": results_table(results) if results else "No evaluation results were given.",
+    })
+    card_path = os.path.join(output_dir, "README.md")
+    with open(card_path, "w") as handle:
+        handle.write(card)
+    return card_path
+
+
+def push(output_dir: str, repo_id: str, private: bool = False) -> str:
+    """Upload the folder to the Hub; on failure the local folder stays complete and the error says what to do."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(folder_path=output_dir, repo_id=repo_id).commit_url
+    except Exception as error:
+        raise RuntimeError(
+            f"Pushing to the Hub failed ({type(error).__name__}: {error}). The folder {output_dir} is complete: "
+            f"upload it later with `hf upload {repo_id} {output_dir}` (log in first with `hf auth login`)."
+        ) from error

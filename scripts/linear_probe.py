@@ -1,0 +1,32 @@
+"""Linear probe (and kNN) of a frozen MAE encoder, as in the MAE paper: features once, BatchNorm without affine
+parameters + linear head trained on the cached features. The encoder is never trained and never re-run per epoch.
+
+    python scripts/linear_probe.py --model_name_or_path runs/mae --output_dir runs/mae/probe
+    python scripts/linear_probe.py --model_name_or_path runs/mae --random_init true --output_dir runs/random/probe
+    python scripts/linear_probe.py --output_dir runs/random/probe          # no model: random-init baseline
+
+Writes linear_probe_results.json and knn_results.json (k = 20 and 200; --knn false to skip), and saves the probe
+as an MAEForImageClassification in --output_dir (pipeline("image-classification") loads it). Flags: --help.
+"""
+
+import sys
+
+from mae_hf.cli import parse_args
+from mae_hf.data import DataArguments
+from mae_hf.evaluation import FrozenEvalArguments, run_frozen_evaluation
+from mae_hf.training import ModelArguments
+
+
+def main(argv=None, **defaults):
+    model_args, data_args, args = parse_args((ModelArguments, DataArguments, FrozenEvalArguments), argv,
+                                             description=__doc__)
+    for key, value in defaults.items():
+        setattr(args, key, value)
+    try:
+        run_frozen_evaluation(model_args, data_args, args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
