@@ -72,6 +72,8 @@ class ImageTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "See TrainingArguments."})
 
     def __post_init__(self):
+        if not torch.accelerator.is_available():
+            self.use_cpu = True  # makes torchrun/accelerate launch run DDP over gloo on CPU-only machines
         gpu = torch.cuda.is_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = gpu and torch.cuda.is_bf16_supported()
@@ -167,19 +169,24 @@ class ImageTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
-            last = self.state.best_model_checkpoint or _last_checkpoint(self.args.output_dir)
+            last = last_complete_checkpoint(self.args.output_dir)
+            kept = f"The last checkpoint, {last}, is intact." if last else "No checkpoint had been saved yet."
             raise NonFiniteLossError(
                 f"The training loss became {loss.item()} at step {self.state.global_step + 1}; training stopped "
-                f"before that step's optimizer update. Last checkpoint: {last or 'none saved yet'} (intact). Try a "
-                "lower learning rate, more warmup, or fp32."
+                f"before that step's optimizer update. {kept} Try a lower learning rate, more warmup, or fp32."
             )
         return loss
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` (written last by the Trainer) exists: a run killed
+    while writing a checkpoint resumes from the one before."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [int(name.split("-", 1)[1]) for name in os.listdir(output_dir)
+             if name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit()
+             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
 def check_output_dir(args: TrainingArguments) -> None:
@@ -192,9 +199,9 @@ def check_output_dir(args: TrainingArguments) -> None:
             sys.exit(f"error: {args.output_dir} already holds a run ({', '.join(sorted(leftovers)[:3])}). Continue it "
                      "with --resume_from_checkpoint last (or a checkpoint folder), or choose another --output_dir.")
     if args.resume_from_checkpoint == "last":
-        last = _last_checkpoint(args.output_dir)
+        last = last_complete_checkpoint(args.output_dir)
         if last is None:
-            sys.exit(f"error: --resume_from_checkpoint last: no checkpoint-* folder in {args.output_dir}.")
+            sys.exit(f"error: --resume_from_checkpoint last: no complete checkpoint-* folder in {args.output_dir}.")
         args.resume_from_checkpoint = last
     elif args.resume_from_checkpoint is not None and not os.path.isdir(args.resume_from_checkpoint):
         sys.exit(f"error: --resume_from_checkpoint {args.resume_from_checkpoint}: no such folder.")

@@ -12,6 +12,8 @@ Writes finetune_results.json and the fine-tuned MAEForImageClassification to --o
 import sys
 from dataclasses import dataclass, field
 
+from transformers import set_seed
+
 from mae_hf.cli import parse_args
 from mae_hf.data import ArrayDataset, BatchTransform, DataArguments, collate, load_image_splits
 from mae_hf.evaluation import load_classifier
@@ -66,6 +68,7 @@ def main(argv=None):
         train, evaluation = load_image_splits(data_args, image_size, require_labels=True)
     except ValueError as error:
         sys.exit(f"error: {error}")
+    set_seed(args.seed)  # before the head is initialised
     num_labels = int(max(train.labels.max(), evaluation.labels.max())) + 1
     names = train.class_names or [str(i) for i in range(num_labels)]
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,

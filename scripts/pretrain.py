@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
+from transformers import set_seed
 
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import parse_args
@@ -67,6 +67,7 @@ def main(argv=None):
     check_output_dir(args)
     if not 0 < args.crop_min_scale <= 1:
         sys.exit(f"error: --crop_min_scale must lie in (0, 1], got {args.crop_min_scale}.")
+    set_seed(args.seed)  # before the model is initialised
     config = build_config(model_args, norm_pix_loss=True)
     train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels)
 
