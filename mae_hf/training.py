@@ -13,8 +13,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from .configuration_mae import MAEConfig
 from .cli import parse_overrides
+from .configuration_mae import MAEConfig
+from .data import BatchTransform
 
 logger = logging.get_logger("mae_hf")
 
@@ -56,18 +57,31 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
 
 @dataclass
 class ImageTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with defaults for image batches served from tensors, plus the MAE learning-rate rule."""
+    """`TrainingArguments` for image batches served from tensors and augmented on the device, with the MAE
+    learning-rate rule (peak lr = base lr x total batch / 256) and the defaults both recipes share."""
 
     learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate. Default: --base_learning_rate x total batch / 256."})
     base_learning_rate: float = field(
         default=1.5e-4, metadata={"help": "Learning rate per 256 images of total batch (used without --learning_rate)."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; default: on when a GPU supports it."})
-    torch_compile: bool | None = field(default=None, metadata={"help": "torch.compile; default: on with CUDA."})
+    crop_min_scale: float = field(
+        default=0.2, metadata={"help": "Random-resized-crop area range [crop_min_scale, 1]; 1 disables cropping."})
+    horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
     data_on_device: str = field(
         default="auto",
         metadata={"help": "Keep the decoded uint8 training set on the GPU: 'auto' (when it fits easily), 'true', "
                           "'false'."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; default: on when a GPU supports it."})
+    torch_compile: bool | None = field(default=None, metadata={"help": "torch.compile; default: on with CUDA."})
+    per_device_eval_batch_size: int = field(default=512, metadata={"help": "Evaluation batch per device."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (linear weights only)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warmup."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup: steps, or a fraction of all steps if < 1."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate."})
+    eval_steps: float | None = field(default=0.1, metadata={"help": "Evaluate every N steps (fraction if < 1)."})
+    save_steps: float = field(default=0.1, metadata={"help": "Checkpoint every N steps (fraction if < 1)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    logging_steps: float = field(default=0.01, metadata={"help": "Log every N steps (fraction if < 1)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are prebuilt dicts."})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "See TrainingArguments."})
 
@@ -83,6 +97,8 @@ class ImageTrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False  # nothing to pin for
         if self.data_on_device not in ("auto", "true", "false"):
             raise ValueError(f"--data_on_device must be auto, true or false, got {self.data_on_device!r}.")
+        if not 0 < self.crop_min_scale <= 1:
+            raise ValueError(f"--crop_min_scale must lie in (0, 1], got {self.crop_min_scale}.")
         learning_rate_given = self.learning_rate is not None
         if not learning_rate_given:
             self.learning_rate = 0.0  # placeholder until the world size is known
@@ -91,6 +107,16 @@ class ImageTrainingArguments(TrainingArguments):
             total_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
             self.learning_rate = self.base_learning_rate * total_batch / 256
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    def batch_transforms(self, config):
+        """(train, eval) `BatchTransform`s: crop + flip for training as configured, normalisation only for eval."""
+        crop = (self.crop_min_scale, 1.0) if self.crop_min_scale < 1 else None
+        return (BatchTransform.for_model(config, crop_scale=crop, hflip=self.horizontal_flip),
+                BatchTransform.for_model(config))
+
     def place_data_on_device(self, num_bytes: int) -> bool:
         if self.data_on_device != "auto":
             return self.data_on_device == "true" and self.device.type != "cpu"
@@ -98,6 +124,37 @@ class ImageTrainingArguments(TrainingArguments):
             return False
         free, _ = torch.cuda.mem_get_info(self.device)
         return num_bytes < 0.2 * free
+
+
+@dataclass
+class PretrainingArguments(ImageTrainingArguments):
+    """The MAE paper's pretraining recipe (He et al. 2021, Table 8), scaled to CIFAR-10."""
+
+    per_device_train_batch_size: int = field(default=512, metadata={"help": "Batch per device."})
+    num_train_epochs: float = field(default=320, metadata={"help": "Epochs."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["pixel_values"], metadata={"help": "The MAE's target is its input."})
+    knn_eval: bool = field(default=True, metadata={"help": "kNN accuracy (k=--knn_k) at each evaluation, if labels."})
+    knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN evaluation."})
+    knn_max_train_samples: int | None = field(
+        default=None, metadata={"help": "Training images in the kNN bank (all by default)."})
+    num_reconstructions: int = field(default=8, metadata={"help": "Images in reconstructions.png."})
+
+
+@dataclass
+class FinetuneArguments(ImageTrainingArguments):
+    """The MAE paper's fine-tuning recipe (Table 9) without mixup/cutmix/RandAugment, scaled to CIFAR-10."""
+
+    random_init: bool = field(default=False, metadata={"help": "Fine-tune a randomly initialised encoder instead."})
+    pooling: str = field(default="mean", metadata={"help": "'mean' of patch tokens (MAE paper) or 'cls'."})
+    layer_decay: float = field(default=0.75, metadata={"help": "Layer-wise lr decay (1 disables)."})
+    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the encoder."})
+    crop_min_scale: float = field(default=0.25, metadata={"help": "Random-resized-crop area range [min, 1]."})
+    base_learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate per 256 images of batch."})
+    per_device_train_batch_size: int = field(default=256, metadata={"help": "Batch per device."})
+    num_train_epochs: float = field(default=100, metadata={"help": "Epochs."})
+    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing."})
 
 
 def linear_weight_names(model: nn.Module) -> list[str]:

@@ -3,55 +3,29 @@
 
     python scripts/finetune.py --model_name_or_path runs/mae --output_dir runs/mae/finetune
     python scripts/finetune.py --model_name_or_path runs/mae --random_init true --output_dir runs/random/finetune
-    python scripts/finetune.py configs/cpu_small_finetune.json --model_name_or_path runs/cpu_small \
+    python scripts/finetune.py configs/cpu_small_finetune.yaml --model_name_or_path runs/cpu_small \
         --dataset_name ../shared/data/cifar10 --output_dir runs/cpu_small/finetune
 
 Writes finetune_results.json and the fine-tuned MAEForImageClassification to --output_dir. Flags: --help.
 """
 
 import sys
-from dataclasses import dataclass, field
 
 from transformers import set_seed
 
 from mae_hf.cli import parse_args
-from mae_hf.data import ArrayDataset, BatchTransform, DataArguments, collate, load_image_splits
+from mae_hf.data import ArrayDataset, DataArguments, collate, load_image_splits
 from mae_hf.evaluation import load_classifier
 from mae_hf.metrics import accuracy
 from mae_hf.results import write_results
 from mae_hf.training import (
+    FinetuneArguments,
     ImageTrainer,
-    ImageTrainingArguments,
     ModelArguments,
     NonFiniteLossError,
     build_config,
     check_output_dir,
 )
-
-
-@dataclass
-class FinetuneArguments(ImageTrainingArguments):
-    """The MAE paper's fine-tuning recipe (Table 9) without mixup/cutmix/RandAugment, scaled to CIFAR-10."""
-
-    random_init: bool = field(default=False, metadata={"help": "Fine-tune a randomly initialised encoder instead."})
-    pooling: str = field(default="mean", metadata={"help": "'mean' of patch tokens (MAE paper) or 'cls'."})
-    layer_decay: float = field(default=0.75, metadata={"help": "Layer-wise lr decay (1 disables)."})
-    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the encoder."})
-    crop_min_scale: float = field(default=0.25, metadata={"help": "Random-resized-crop area range [min, 1]."})
-    horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
-    base_learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate per 256 images of batch."})
-    per_device_train_batch_size: int = field(default=256, metadata={"help": "Batch per device."})
-    per_device_eval_batch_size: int = field(default=512, metadata={"help": "Evaluation batch per device."})
-    num_train_epochs: float = field(default=100, metadata={"help": "Epochs."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (linear weights only)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warmup."})
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup: steps, or a fraction of all steps if < 1."})
-    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing."})
-    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate."})
-    eval_steps: float | None = field(default=0.1, metadata={"help": "Evaluate every N steps (fraction if < 1)."})
-    save_steps: float = field(default=0.1, metadata={"help": "Checkpoint every N steps (fraction if < 1)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
-    logging_steps: float = field(default=0.01, metadata={"help": "Log every N steps (fraction if < 1)."})
 
 
 def compute_metrics(prediction):
@@ -78,7 +52,7 @@ def main(argv=None):
     if args.place_data_on_device(train.images.numel()):
         train_set.to(args.device)
         args.dataloader_pin_memory = False
-    crop = (args.crop_min_scale, 1.0) if args.crop_min_scale < 1 else None
+    train_transform, eval_transform = args.batch_transforms(model.config)
     trainer = ImageTrainer(
         model=model,
         args=args,
@@ -86,8 +60,8 @@ def main(argv=None):
         eval_dataset=ArrayDataset(evaluation.images, labels=evaluation.labels),
         data_collator=collate,
         compute_metrics=compute_metrics,
-        train_transform=BatchTransform.for_model(model.config, crop_scale=crop, hflip=args.horizontal_flip),
-        eval_transform=BatchTransform.for_model(model.config),
+        train_transform=train_transform,
+        eval_transform=eval_transform,
         layer_decay=args.layer_decay,
     )
     try:

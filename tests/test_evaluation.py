@@ -1,0 +1,250 @@
+"""Probe, kNN, fine-tune, compare, visualize and publish scripts end to end on a tiny dataset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import mae_hf.modeling_mae
+from mae_hf import MAEForImageClassification, MAEForPreTraining, MAEModel
+from mae_hf.evaluation import knn_predict
+from mae_hf.results import collect_results, results_table
+from mae_hf.visualize import reconstruction_rows
+
+
+@pytest.fixture(scope="module")
+def evaluated(pretrained_run, scripts, parquet_folder, tmp_path_factory):
+    """Probe + kNN of the pretrained and of a random-init encoder, and a short fine-tune."""
+    folder, _ = pretrained_run
+    root = tmp_path_factory.mktemp("evaluated")
+    data = ["--dataset_name", str(parquet_folder)]
+    scripts.linear_probe.main(["--model_name_or_path", str(folder), "--output_dir", str(root / "probe"),
+                               "--probe_epochs", "3", *data])
+    scripts.linear_probe.main(["--model_name_or_path", str(folder), "--random_init", "true", "--output_dir",
+                               str(root / "random" / "probe"), "--probe_epochs", "3", *data])
+    scripts.finetune.main(["--model_name_or_path", str(folder), "--output_dir", str(root / "finetune"),
+                           "--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--disable_tqdm", "true",
+                           *data])
+    return folder, root
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+def test_probe_and_knn_results(evaluated):
+    folder, root = evaluated
+    probe = read(root / "probe" / "linear_probe_results.json")
+    knn = read(root / "probe" / "knn_results.json")
+    assert probe["protocol"] == "linear_probe" and probe["encoder"] == "pretrained"
+    assert probe["probe_epochs"] == 3 and probe["pooling"] == "cls" and probe["eval_samples"] == 16
+    assert 0 <= probe["eval_accuracy"] <= 1
+    assert knn["eval_accuracy"] == knn["eval_accuracy_k20"] and "eval_accuracy_k200" in knn
+    assert read(root / "random" / "probe" / "linear_probe_results.json")["encoder"] == "random_init"
+
+
+def test_probe_keeps_the_pretrained_encoder_and_loads_as_a_classifier(evaluated):
+    folder, root = evaluated
+    probe = MAEForImageClassification.from_pretrained(root / "probe")
+    pretrained = MAEForPreTraining.from_pretrained(folder)
+    assert probe.config.linear_probe and probe.config.id2label == {0: "cat", 1: "dog", 2: "ship"}
+    for key, value in pretrained.mae.state_dict().items():
+        assert torch.equal(probe.mae.state_dict()[key], value), key
+    assert not any(p.requires_grad for p in probe.mae.parameters())
+    random_probe = MAEForImageClassification.from_pretrained(root / "random" / "probe")
+    assert not torch.equal(random_probe.mae.embeddings.cls_token, probe.mae.embeddings.cls_token)
+
+
+def test_probe_epochs_do_not_rerun_the_encoder(pretrained_run, scripts, parquet_folder, tmp_path, monkeypatch):
+    folder, _ = pretrained_run
+    calls = []
+    original = MAEModel.forward
+    monkeypatch.setattr(mae_hf.modeling_mae.MAEModel, "forward",
+                        lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs))
+    counts = []
+    for epochs in ("1", "6"):
+        calls.clear()
+        scripts.linear_probe.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / epochs),
+                                   "--probe_epochs", epochs, "--knn", "false", "--feature_batch_size", "8",
+                                   "--dataset_name", str(parquet_folder)])
+        counts.append(len(calls))
+    assert counts == [8, 8]  # 48 + 16 images in batches of 8, whatever the number of probe epochs
+
+
+def test_boolean_flags_parse_as_booleans(pretrained_run, scripts, parquet_folder, tmp_path):
+    folder, _ = pretrained_run
+    scripts.knn.main(["--model_name_or_path", str(folder), "--random_init", "false", "--output_dir",
+                      str(tmp_path / "knn"), "--dataset_name", str(parquet_folder)], linear_probe=False)
+    assert read(tmp_path / "knn" / "knn_results.json")["encoder"] == "pretrained"
+    assert not (tmp_path / "knn" / "linear_probe_results.json").exists()
+
+
+def test_probe_refuses_to_overwrite_its_model(pretrained_run, scripts, parquet_folder):
+    folder, _ = pretrained_run
+    with pytest.raises(SystemExit, match="overwrite that model"):
+        scripts.linear_probe.main(["--model_name_or_path", str(folder), "--output_dir", str(folder),
+                                   "--dataset_name", str(parquet_folder)])
+
+
+def test_weighted_knn_votes():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    queries = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_predict(bank, labels, queries, ks=(1,))[1].tolist() == [0, 1]
+    # k = 5: three neighbours say 1, but the two of class 0 are much closer to the first query.
+    assert knn_predict(bank, labels, queries, ks=(5,), temperature=0.05)[5].tolist() == [0, 1]
+    assert knn_predict(bank, labels, queries, ks=(5,), temperature=1000.0)[5].tolist() == [1, 1]  # plain majority
+    assert knn_predict(bank, labels, queries, ks=(200,))[200].shape == (2,)  # k capped at the bank size
+
+
+def test_finetune_results_and_layer_decay(evaluated, scripts):
+    folder, root = evaluated
+    result = read(root / "finetune" / "finetune_results.json")
+    assert result["protocol"] == "finetune" and result["layer_decay"] == 0.75 and 0 <= result["eval_accuracy"] <= 1
+    model = MAEForImageClassification.from_pretrained(root / "finetune")
+    assert model.config.pooling == "mean" and not model.config.linear_probe
+    pretrained = MAEForPreTraining.from_pretrained(folder)
+    assert not torch.equal(model.mae.layers[0].mlp.fc1.weight, pretrained.mae.layers[0].mlp.fc1.weight)
+
+
+def test_layer_decay_groups(tiny_config, tmp_path):
+    from mae_hf.data import BatchTransform
+    from mae_hf.training import ImageTrainer, ImageTrainingArguments
+
+    model = MAEForImageClassification(tiny_config(num_labels=3))
+    args = ImageTrainingArguments(output_dir=str(tmp_path), learning_rate=1.0, weight_decay=0.1, eval_strategy="no")
+    transform = BatchTransform.for_model(model.config)
+    trainer = ImageTrainer(model=model, args=args, train_transform=transform, eval_transform=transform,
+                           layer_decay=0.5)
+    optimizer = trainer.create_optimizer()
+    learning_rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    decays = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert learning_rates[id(model.classifier.weight)] == 1.0
+    assert learning_rates[id(model.mae.layers[1].mlp.fc1.weight)] == 0.5
+    assert learning_rates[id(model.mae.layers[0].mlp.fc1.weight)] == 0.25
+    assert learning_rates[id(model.mae.embeddings.cls_token)] == 0.125
+    assert decays[id(model.mae.layers[0].mlp.fc1.weight)] == 0.1
+    assert decays[id(model.mae.layers[0].mlp.fc1.bias)] == decays[id(model.mae.embeddings.cls_token)] == 0.0
+
+
+def test_compare_table(evaluated, scripts, capsys):
+    _, root = evaluated
+    scripts.compare.main([str(root), "--output", str(root / "table.md")])
+    table = (root / "table.md").read_text()
+    assert table == capsys.readouterr().out
+    probe = read(root / "probe" / "linear_probe_results.json")["eval_accuracy"]
+    random_probe = read(root / "random" / "probe" / "linear_probe_results.json")["eval_accuracy"]
+    row = next(line for line in table.splitlines() if line.startswith("| Linear probe"))
+    assert f"| {100 * random_probe:.2f} | {100 * probe:.2f} | {100 * (probe - random_probe):+.2f} |" in row
+    with pytest.raises(SystemExit):
+        scripts.compare.main([str(root / "does-not-exist")])
+
+
+def test_visualize_script(pretrained_run, scripts, parquet_folder, tmp_path):
+    folder, _ = pretrained_run
+    scripts.visualize.main([str(folder), "--dataset_name", str(parquet_folder), "--output", str(tmp_path / "r.png"),
+                            "--num_images", "3"])
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "r.png").size
+    assert height == 4 * (8 * 4 + 2) and width == 150 + 3 * (8 * 4 + 2)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_perfect_prediction_reconstructs_the_original(tiny_config, pixel_values, noise, norm_pix_loss):
+    class Oracle(MAEForPreTraining):
+        """Predicts exactly its training target, so the pictures must show the original image."""
+
+        def forward(self, pixel_values, noise=None, **kwargs):
+            outputs = super().forward(pixel_values, noise=noise)
+            target = self.patchify(pixel_values)
+            if self.config.norm_pix_loss:
+                target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+            outputs.logits = target
+            return outputs
+
+    model = Oracle(tiny_config(norm_pix_loss=norm_pix_loss))
+    rows = reconstruction_rows(model, pixel_values * 0.2, noise)  # small values: nothing clamped
+    original, masked, reconstruction, pasted = rows
+    torch.testing.assert_close(reconstruction, original, atol=1e-4, rtol=0)
+    torch.testing.assert_close(pasted, original, atol=1e-4, rtol=0)
+    hidden = model.unpatchify(model(pixel_values, noise=noise).mask[..., None].expand(-1, -1, 12)).bool()
+    assert torch.all(masked[hidden] == 0.5) and torch.equal(masked[~hidden], original[~hidden])
+
+
+def test_publish_folder_and_card(evaluated, scripts, tmp_path):
+    folder, root = evaluated
+    out = tmp_path / "hub"
+    scripts.publish.main([str(folder), "--probe", str(root / "probe"), "--finetune", str(root / "finetune"),
+                          "--results", str(root / "random"), "--output_dir", str(out), "--hub_model_id", "me/mae"])
+    for name in ("model.safetensors", "config.json", "modeling_mae.py", "configuration_mae.py",
+                 "preprocessor_config.json", "README.md", "reconstructions.png", "loss_curve.png",
+                 "finetuned/model.safetensors", "results/pretraining_summary.json"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "{{" not in card and "}}" not in card
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "transformers" and metadata["datasets"] == ["uoft-cs/cifar10"]
+    values = {r["task"]["name"]: r["metrics"][0]["value"] for r in metadata["model-index"][0]["results"]}
+    probe = read(root / "probe" / "linear_probe_results.json")["eval_accuracy"]
+    finetune = read(root / "finetune" / "finetune_results.json")["eval_accuracy"]
+    assert values["Linear probe (frozen encoder, BatchNorm + linear head)"] == pytest.approx(100 * probe, abs=0.005)
+    assert values["Fine-tune (whole encoder trained)"] == pytest.approx(100 * finetune, abs=0.005)
+    assert results_table(collect_results([root])) in card
+    assert 'from_pretrained(repo, trust_remote_code=True)' in card and '"me/mae"' in card
+
+    # One checkpoint serves the three classes: pretrained encoder + decoder, and the probe's head.
+    published = MAEForPreTraining.from_pretrained(out)
+    pretrained = MAEForPreTraining.from_pretrained(folder)
+    for key, value in pretrained.state_dict().items():
+        assert torch.equal(published.state_dict()[key], value), key
+    probe_model = MAEForImageClassification.from_pretrained(root / "probe")
+    classifier = MAEForImageClassification.from_pretrained(out)
+    assert torch.equal(classifier.classifier.weight, probe_model.classifier.weight)
+
+    with pytest.raises(SystemExit, match="not empty"):
+        scripts.publish.main([str(folder), "--output_dir", str(out)])
+
+
+def test_publish_without_network_keeps_the_folder(evaluated, scripts, tmp_path, monkeypatch):
+    folder, root = evaluated
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match="Pushing to the Hub failed.*is complete"):
+        scripts.publish.main([str(folder), "--probe", str(root / "probe"), "--output_dir", str(tmp_path / "hub"),
+                              "--push_to_hub", "--hub_model_id", "me/mae"])
+    assert (tmp_path / "hub" / "README.md").is_file() and (tmp_path / "hub" / "model.safetensors").is_file()
+
+
+def test_published_folder_loads_in_a_clean_process(evaluated, scripts, tmp_path, repo_root):
+    folder, root = evaluated
+    out = tmp_path / "hub"
+    scripts.publish.main([str(folder), "--probe", str(root / "probe"), "--output_dir", str(out)])
+    child = f"""
+import sys
+class Block:  # mae_hf must not be importable: the code comes from the folder
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "mae_hf":
+            raise ImportError("blocked")
+sys.meta_path.insert(0, Block())
+import numpy as np
+from PIL import Image
+from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining, pipeline
+folder = {str(out)!r}
+for auto in (AutoModel, AutoModelForPreTraining, AutoModelForImageClassification):
+    print(type(auto.from_pretrained(folder, trust_remote_code=True)).__module__.split(".")[0])
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8))
+labels = [p["label"] for p in pipeline("image-classification", model=folder, trust_remote_code=True)(image)]
+print(sorted(labels))
+"""
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run([sys.executable, "-c", child], cwd=tmp_path, env=environment, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:4] == ["transformers_modules"] * 3 + ["['cat', 'dog', 'ship']"]

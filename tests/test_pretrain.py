@@ -1,0 +1,149 @@
+"""scripts/pretrain.py end to end on a tiny dataset: outputs, argument handling, faults, resume, DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mae_hf import MAEForPreTraining
+from mae_hf.cli import parse_args, parse_overrides
+from mae_hf.data import BatchTransform, DataArguments, fixed_noise, load_image_splits
+from mae_hf.training import ModelArguments, PretrainingArguments, build_config
+
+
+def test_run_leaves_a_complete_folder(pretrained_run):
+    folder, output = pretrained_run
+    for name in ("model.safetensors", "config.json", "configuration_mae.py", "modeling_mae.py",
+                 "preprocessor_config.json", "reconstructions.png", "loss_curve.png", "train_results.json",
+                 "eval_results.json", "pretraining_summary.json"):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForPreTraining",
+                                       "AutoModelForImageClassification"}
+    assert config["norm_pix_loss"] is True  # the default recipe
+    evaluation = json.loads((folder / "eval_results.json").read_text())
+    assert 0 <= evaluation["eval_knn_accuracy"] <= 1 and evaluation["eval_loss"] > 0
+    assert list((folder / "reconstructions").glob("step_*.png"))  # one picture per evaluation
+    assert "[plan] device cpu" in output and "images/s" in output
+
+
+def test_eval_loss_is_comparable_between_evaluations(pretrained_run, parquet_folder):
+    folder, _ = pretrained_run
+    model = MAEForPreTraining.from_pretrained(folder)
+    _, evaluation = load_image_splits(DataArguments(dataset_name=str(parquet_folder)), model.config.image_size)
+    noise = fixed_noise(len(evaluation), model.config.num_patches, seed=42)
+    pixel_values = BatchTransform.for_model(model.config)(evaluation.images)
+    with torch.no_grad():
+        losses = [model(pixel_values, noise=noise).loss.item() for _ in range(2)]
+    assert losses[0] == losses[1]
+    recorded = json.loads((folder / "eval_results.json").read_text())["eval_loss"]
+    assert recorded == pytest.approx(losses[0], rel=1e-4)  # the run's final eval used the same fixed noise
+
+
+def test_yaml_config_with_flag_override(tmp_path, scripts):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 0.002\nnum_train_epochs: 7\nconfig_overrides: hidden_size=64\n")
+    model_args, _, args = parse_args(
+        (ModelArguments, DataArguments, PretrainingArguments),
+        [str(path), "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "3"])
+    assert args.learning_rate == 0.002 and args.num_train_epochs == 3 and model_args.config_overrides == "hidden_size=64"
+    path.write_text("learning_rat: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse_args((ModelArguments, PretrainingArguments), [str(path)])
+
+
+def test_learning_rate_follows_the_batch_unless_given(tmp_path, scripts):
+    arguments = PretrainingArguments
+    assert arguments(output_dir=str(tmp_path), per_device_train_batch_size=512).learning_rate == pytest.approx(3e-4)
+    assert arguments(output_dir=str(tmp_path), learning_rate=1e-3).learning_rate == 1e-3
+
+
+def test_overrides_are_typed_and_checked():
+    assert parse_overrides("hidden_size=64, norm_pix_loss=false,mask_ratio=0.6,hidden_act=relu") == {
+        "hidden_size": 64, "norm_pix_loss": False, "mask_ratio": 0.6, "hidden_act": "relu"}
+    with pytest.raises(ValueError, match="unknown field"):
+        build_config(ModelArguments(config_overrides="hiden_size=64"))
+    with pytest.raises(ValueError, match="hidden_size"):
+        build_config(ModelArguments(config_overrides="hidden_size=100"))
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides("hidden_size")
+
+
+def test_refuses_to_overwrite_a_previous_run(pretrained_run, scripts, tiny_overrides, parquet_folder, capsys):
+    folder, _ = pretrained_run
+    before = sorted(os.listdir(folder))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        scripts.pretrain.main(["--output_dir", str(folder), "--dataset_name", str(parquet_folder),
+                               "--config_overrides", tiny_overrides])
+    assert sorted(os.listdir(folder)) == before
+
+
+def test_bad_column_fails_before_training(tmp_path, scripts, tiny_overrides, parquet_folder):
+    with pytest.raises(ValueError, match=r"'img', 'label'"):
+        scripts.pretrain.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(parquet_folder),
+                               "--config_overrides", tiny_overrides, "--image_column_name", "photo"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, scripts, tiny_overrides, parquet_folder):
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"loss became nan at step 2.*checkpoint-1, is intact"):
+        scripts.pretrain.main(["--output_dir", str(output), "--dataset_name", str(parquet_folder),
+                               "--config_overrides", tiny_overrides, "--learning_rate", "1e30",
+                               "--warmup_steps", "0", "--per_device_train_batch_size", "8", "--save_steps", "1",
+                               "--save_total_limit", "5", "--eval_steps", "100", "--knn_eval", "false"])
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
+    reloaded = MAEForPreTraining.from_pretrained(output / "checkpoint-1")
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+def _command(output, tiny_overrides, parquet_folder, *extra):
+    return [sys.executable, "scripts/pretrain.py", "--output_dir", str(output), "--dataset_name", str(parquet_folder),
+            "--config_overrides", tiny_overrides, "--per_device_train_batch_size", "8", "--num_train_epochs", "2",
+            "--logging_steps", "1", "--save_steps", "3", "--eval_steps", "100", "--knn_eval", "false",
+            "--disable_tqdm", "true", *extra]
+
+
+def _losses(folder):
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: (entry["loss"], entry["learning_rate"]) for entry in history if "loss" in entry}
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, repo_root, tiny_overrides, parquet_folder):
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_command(straight, tiny_overrides, parquet_folder), cwd=repo_root, env=environment, check=True,
+                   capture_output=True)
+    process = subprocess.Popen(_command(killed, tiny_overrides, parquet_folder), cwd=repo_root, env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint-6" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.safetensors").exists()  # it really was interrupted
+    subprocess.run(_command(killed, tiny_overrides, parquet_folder, "--resume_from_checkpoint", "last"),
+                   cwd=repo_root, env=environment, check=True, capture_output=True)
+    straight_losses, resumed_losses = _losses(straight), _losses(killed)
+    assert max(straight_losses) == max(resumed_losses) == 12  # same final step
+    for step in range(7, 13):  # the steps run after resuming: same loss, same learning rate
+        assert resumed_losses[step] == straight_losses[step], step
+
+
+def test_two_process_ddp(tmp_path, repo_root, tiny_overrides, parquet_folder):
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/pretrain.py",
+               *_command(output, tiny_overrides, parquet_folder)[2:]]
+    result = subprocess.run(command, cwd=repo_root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x2" in result.stdout  # the plan names the world size
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 6  # 48 images / (2 processes x 8) x 2 epochs
+    assert MAEForPreTraining.from_pretrained(output).config.hidden_size == 16
