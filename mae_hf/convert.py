@@ -94,7 +94,7 @@ def from_vit_mae(model: ViTMAEForPreTraining) -> MAEForPreTraining:
             state[f"{key}.bias"] = torch.cat([theirs[f"{vit_key}.{n}_proj.bias"] for n in "qkv"])
     for ours_table, vit_key in ((ours.mae.embeddings.position_embeddings, "vit.embeddings.position_embeddings"),
                                 (ours.decoder.position_embeddings, "decoder.decoder_pos_embed")):
-        difference = (ours_table - theirs[vit_key].float()).abs().max().item()
+        difference = (ours_table - theirs[vit_key].float().cpu()).abs().max().item()
         if difference > 1e-5:
             raise ValueError(
                 f"{vit_key} is not the fixed 2D sin-cos table (largest difference {difference:.3g}), so the model "
@@ -102,7 +102,8 @@ def from_vit_mae(model: ViTMAEForPreTraining) -> MAEForPreTraining:
                 "this table at zero; published checkpoints hold the sin-cos table.)"
             )
     ours.load_state_dict(state, strict=True)
-    return ours.to(next(model.parameters()).dtype)
+    reference = next(model.parameters())
+    return ours.to(reference.device, reference.dtype)
 
 
 def to_vit_mae(model: MAEForPreTraining) -> ViTMAEForPreTraining:
@@ -123,4 +124,5 @@ def to_vit_mae(model: MAEForPreTraining) -> ViTMAEForPreTraining:
     state["vit.embeddings.position_embeddings"] = model.mae.embeddings.position_embeddings
     state["decoder.decoder_pos_embed"] = model.decoder.position_embeddings
     theirs.load_state_dict(state, strict=True)
-    return theirs.to(next(model.parameters()).dtype)
+    reference = next(model.parameters())
+    return theirs.to(reference.device, reference.dtype)

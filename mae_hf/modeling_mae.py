@@ -78,13 +78,13 @@ def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor 
     """
     batch, length, dim = tokens.shape
     num_keep = int(length * (1 - mask_ratio))
-    if noise is None:
-        if num_keep == length:  # nothing to hide: keep image order, so features are deterministic
-            ids_restore = torch.arange(length, device=tokens.device).expand(batch, -1)
-            return tokens, tokens.new_zeros(batch, length, dtype=torch.float32), ids_restore
-        noise = torch.rand(batch, length, device=tokens.device)
-    elif noise.shape != (batch, length):
+    if noise is not None and noise.shape != (batch, length):
         raise ValueError(f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}.")
+    if num_keep == length:  # nothing to hide: keep image order, so features are deterministic
+        ids_restore = torch.arange(length, device=tokens.device).expand(batch, -1)
+        return tokens, tokens.new_zeros(batch, length, dtype=torch.float32), ids_restore
+    if noise is None:
+        noise = torch.rand(batch, length, device=tokens.device)
     ids_shuffle = torch.argsort(noise.to(tokens.device), dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     kept = torch.gather(tokens, 1, ids_shuffle[:, :num_keep, None].expand(-1, -1, dim))
@@ -201,7 +201,11 @@ class MAEPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         # As the MAE paper: xavier-uniform linears (the patch projection included), N(0, 0.02) class/mask tokens.
-        if isinstance(module, nn.Linear):
+        if module is getattr(self, "classifier", None):
+            # MAE paper: a small init for the head (0.01 for the linear probe, 2e-5 for fine-tuning).
+            init.trunc_normal_(module.weight, std=0.01 if self.config.linear_probe else 2e-5)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -220,10 +224,6 @@ class MAEPreTrainedModel(PreTrainedModel):
             init.normal_(module.mask_token, std=self.config.initializer_range)
             grid = self.config.image_size // self.config.patch_size
             init.copy_(module.position_embeddings, sincos_position_embedding(grid, self.config.decoder_hidden_size))
-        elif isinstance(module, MAEForImageClassification):
-            # MAE paper: small init for the head (0.01 for the linear probe, 2e-5 for fine-tuning).
-            init.trunc_normal_(module.classifier.weight, std=0.01 if self.config.linear_probe else 2e-5)
-            init.zeros_(module.classifier.bias)
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch, channels, H, W)` -> `(batch, num_patches, patch_size**2 * channels)`, patches in row-major order,
@@ -339,6 +339,8 @@ class MAEForPreTraining(MAEPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^head_norm\.", r"^classifier\."]
 
     def __init__(self, config: MAEConfig):
+        if config.mask_ratio == 0:
+            raise ValueError("MAEForPreTraining needs mask_ratio > 0: its loss is over the masked patches.")
         super().__init__(config)
         self.mae = MAEModel(config)
         self.decoder = MAEDecoder(config)

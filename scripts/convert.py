@@ -1,0 +1,66 @@
+"""Convert a masked autoencoder between transformers' `ViTMAEForPreTraining` and mae_hf's `MAEForPreTraining`.
+
+SRC_DIR is a `save_pretrained` folder; the direction follows its config.json `model_type` ("vit_mae" -> mae_hf,
+"mae_hf" -> ViTMAE). Both models compute the same function. OUT_DIR also gets the image processor (for mae_hf output,
+the source's preprocessor_config.json image_mean/image_std are kept).
+
+    python scripts/convert.py runs/mae-cifar10 runs/mae-cifar10-vit-mae
+    python scripts/convert.py runs/mae-cifar10-vit-mae runs/back --to mae
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from transformers import ViTMAEForPreTraining
+
+import mae_hf
+from mae_hf.convert import from_vit_mae, to_vit_mae
+
+TARGET = {"vit_mae": "mae", "mae_hf": "vit_mae"}  # source model_type -> target format
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, metavar="SRC_DIR", help="folder written by save_pretrained")
+    parser.add_argument("out", type=Path, metavar="OUT_DIR", help="output folder (new or empty)")
+    parser.add_argument("--to", choices=("vit_mae", "mae"), help="target format (default: the other one)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    args = parser.parse_args(argv)
+    config_file = args.src / "config.json"
+    if not config_file.is_file():
+        parser.error(f"{args.src} has no config.json: not a save_pretrained folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in TARGET:
+        parser.error(f"{config_file}: model_type {model_type!r} is neither 'vit_mae' nor 'mae_hf'")
+    if (args.to or TARGET[model_type]) != TARGET[model_type]:
+        parser.error(f"{args.src} already holds a {model_type} model; nothing to convert with --to {args.to}")
+    args.to = TARGET[model_type]
+    if args.out.exists() and args.out.resolve() == args.src.resolve():
+        parser.error("OUT_DIR must differ from SRC_DIR")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
+        parser.error(f"{args.out} exists and is not empty (pass --overwrite to write into it)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.to == "vit_mae":
+        ours = mae_hf.MAEForPreTraining.from_pretrained(args.src)
+        to_vit_mae(ours).save_pretrained(args.out)
+        ours.image_processor().save_pretrained(args.out)  # a ViTImageProcessor config
+    else:
+        ours = from_vit_mae(ViTMAEForPreTraining.from_pretrained(args.src))
+        processor_file = args.src / "preprocessor_config.json"
+        if processor_file.is_file():  # keep the source's normalisation (e.g. ImageNet statistics)
+            processor = json.loads(processor_file.read_text())
+            for key in ("image_mean", "image_std"):
+                if key in processor:
+                    setattr(ours.config, key, [float(v) for v in processor[key]])
+            ours.config.check()
+        ours.save_pretrained(args.out)  # weights, config, code files and image processor
+    print(f"Saved the {args.to} model to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
