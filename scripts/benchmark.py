@@ -10,13 +10,24 @@ Memory columns:
   train_state_mb  parameters, buffers, gradients and AdamW state, plus the unique storages of the tensors autograd
                   saves for backward during one eager forward (`torch.autograd.graph.saved_tensors_hooks`; parameters
                   and buffers are not counted twice). A lower bound of the peak: transient buffers and allocator
-                  caching are left out. Measured on every device (on CPU, RSS high-water marks are process-wide).
+                  caching are left out. Measured on every device (an RSS high-water mark would be process-wide and
+                  monotonic, so it cannot separate the two models).
   cuda_peak_mb    (CUDA only) the model's parameters, buffers and optimizer state plus the rise of
                   `torch.cuda.max_memory_allocated` over one timed chunk (peak stats reset before each chunk).
 
     python scripts/benchmark.py                                      # MAEConfig() defaults, batch 64, CUDA if present
     python scripts/benchmark.py --device cpu --threads 2 --warmup 2 --steps 3 --rounds 5
-    python scripts/benchmark.py --config_overrides "hidden_size=128,num_hidden_layers=4" --compile
+    python scripts/benchmark.py --config_overrides "hidden_size=128,num_attention_heads=4,num_hidden_layers=4" --compile
+
+Two more suites, same flags:
+  --suite pipeline  the whole pretraining pipeline (MAEPretrainer: uint8 batches gathered from a tensor, crop/flip/
+                    normalise on the device, train step, grad clipping, schedule) against the model-only train step,
+                    alternating; the pipeline must keep >= 90 % of the model-only images/s.
+  --suite probe     linear probe wall time with features computed once (mae_hf) against re-running the frozen encoder
+                    for every head epoch (the reference's approach), at the same epochs (--probe_epochs).
+
+    python scripts/benchmark.py --suite pipeline --batch_size 512          # on a GPU: bf16 + torch.compile
+    python scripts/benchmark.py --suite probe --device cpu --probe_images 1024 --probe_epochs 10 20
 """
 
 import argparse
@@ -96,37 +107,8 @@ def timed_chunk(model, optimizer, pixel_values, autocast, steps: int, device: st
     return seconds, (torch.cuda.max_memory_allocated() - base if cuda else None)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10, help="Train steps per timed chunk.")
-    parser.add_argument("--warmup", type=int, default=3, help="Untimed train steps per model before the rounds.")
-    parser.add_argument("--rounds", type=int, default=5, help="Round-robin rounds; the median over rounds is reported.")
-    parser.add_argument("--config_overrides", help='MAEConfig fields, e.g. "hidden_size=128,num_hidden_layers=4".')
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="Autocast to bfloat16 (default: on for CUDA, off otherwise).")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_json", default="benchmark.json")
-    args = parser.parse_args(argv)
-    if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0:
-        parser.error("--batch_size, --steps and --rounds must be positive, --warmup non-negative.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bf16 = args.device.startswith("cuda") if args.bf16 is None else args.bf16
-    device_type = torch.device(args.device).type
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-    config = MAEConfig()
-    overrides = parse_overrides(args.config_overrides)
-    unknown = sorted(key for key in overrides if not hasattr(config, key))
-    if unknown:
-        parser.error(f"--config_overrides: unknown field(s) {unknown}.")
-    config.update(overrides)
-    config.check()
-
+def model_suite(args, config, bf16, autocast):
+    """mae_hf against transformers' ViTMAE: train-step images/s and memory, alternating."""
     models = build_models(config, args.seed, args.device)
     pixel_values = torch.randn(args.batch_size, config.num_channels, config.image_size, config.image_size,
                                generator=torch.Generator().manual_seed(args.seed)).to(args.device)
@@ -145,7 +127,8 @@ def main(argv=None):
     for round_index in range(args.rounds):
         order = list(steppers) if round_index % 2 == 0 else list(steppers)[::-1]  # alternate who goes first
         for name in order:
-            seconds, peak_rise = timed_chunk(steppers[name], optimizers[name], pixel_values, autocast, args.steps, args.device)
+            seconds, peak_rise = timed_chunk(steppers[name], optimizers[name], pixel_values, autocast, args.steps,
+                                             args.device)
             results[name]["images_per_s_rounds"].append(args.batch_size * args.steps / seconds)
             if peak_rise is not None:
                 peak = (resident_bytes(models[name], optimizers[name]) + peak_rise) / MB
@@ -171,19 +154,156 @@ def main(argv=None):
     print(f"\nmedian of per-round ratios (noise-robust): {ratios['images_per_s_per_round_median']:.2f}")
 
     record = {
-        "command": shlex.join(["python", *sys.argv]), "config": config.to_dict(), "batch_size": args.batch_size,
-        "device": args.device, "dtype": "bf16 autocast" if bf16 else "fp32", "compile": args.compile,
-        "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-        "torch": torch.__version__, "transformers": transformers.__version__, "models": results,
-        "ratio_mae_hf_over_vit_mae": ratios,
+        "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+        "models": results, "ratio_mae_hf_over_vit_mae": ratios,
         "memory_notes": {"train_state_mb": "parameters, buffers + gradients + AdamW state + unique storages saved for "
                          "backward in one eager forward (those not counted twice); lower bound of the peak",
                          "cuda_peak_mb": "parameters, buffers + AdamW state + rise of "
                          "torch.cuda.max_memory_allocated over one timed chunk; max over rounds (CUDA only)"},
     }
+    print(f"\nratio (mae_hf / ViTMAE) images/s: {ratios['images_per_s']:.2f}")
+    return record
+
+
+def pipeline_suite(args, config, bf16, autocast):
+    """Whole pretraining pipeline (the Trainer run by scripts/pretrain.py) against the model-only step."""
+    import tempfile
+
+    from mae_hf.data import ArrayDataset, BatchTransform, collate
+    from mae_hf.training import MAEPretrainer, PretrainingArguments, ThroughputCallback
+
+    torch.manual_seed(args.seed)
+    images = torch.randint(0, 256, (args.pipeline_images, config.num_channels, config.image_size, config.image_size),
+                           dtype=torch.uint8)
+    model = MAEForPreTraining(config).to(args.device).train()
+    stepper = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    pixel_values = BatchTransform.for_model(config)(images[:args.batch_size]).to(args.device)
+    for _ in range(args.warmup):
+        train_step(stepper, optimizer, pixel_values, autocast)
+    rounds = {"model_only": [], "pipeline": []}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for round_index in range(args.rounds):
+            seconds, _ = timed_chunk(stepper, optimizer, pixel_values, autocast, args.steps, args.device)
+            rounds["model_only"].append(args.batch_size * args.steps / seconds)
+            training = PretrainingArguments(
+                output_dir=output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps + 2,
+                eval_strategy="no", save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=bf16,
+                torch_compile=args.compile, use_cpu=args.device == "cpu", seed=args.seed + round_index,
+                knn_eval=False)
+            callback = ThroughputCallback(args.batch_size, measure_seconds=float("inf"))  # steps 3.. are timed
+            train_transform, eval_transform = training.batch_transforms(config)
+            trainer = MAEPretrainer(model=model, args=training, train_dataset=ArrayDataset(images),
+                                    data_collator=collate, train_transform=train_transform,
+                                    eval_transform=eval_transform, callbacks=[callback])
+            if training.place_data_on_device(images.numel()):
+                trainer.train_dataset.to(training.device)
+            trainer.train()
+            rounds["pipeline"].append(callback.images_per_second)
+    medians = {name: statistics.median(values) for name, values in rounds.items()}
+    ratio = medians["pipeline"] / medians["model_only"]
+    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, {args.rounds} rounds x "
+          f"{args.steps} steps, compile={args.compile}\n")
+    print("| | images/s (median) | min | max |\n|---|---:|---:|---:|")
+    for name, values in rounds.items():
+        print(f"| {name} | {medians[name]:,.0f} | {min(values):,.0f} | {max(values):,.0f} |")
+    print(f"\npipeline / model-only images/s: {ratio:.3f}")
+    return {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "images_per_s": rounds,
+            "median_images_per_s": medians, "ratio_pipeline_over_model_only": ratio}
+
+
+def probe_suite(args, config, bf16, autocast):
+    """Linear probe on features computed once, against re-running the frozen encoder for every head epoch."""
+    from mae_hf import MAEForImageClassification
+    from mae_hf.data import BatchTransform
+    from mae_hf.evaluation import extract_features, train_probe
+
+    torch.manual_seed(args.seed)
+    config.update({"linear_probe": True, "num_labels": 10})
+    model = MAEForImageClassification(config).to(args.device)
+    images = torch.randint(0, 256, (args.probe_images, config.num_channels, config.image_size, config.image_size),
+                           dtype=torch.uint8)
+    labels = torch.randint(0, 10, (args.probe_images,)).to(args.device)
+    transform = BatchTransform.for_model(config)
+
+    def features():
+        return extract_features(model.mae, images, transform, batch_size=256, bf16=bf16)
+
+    def cached(epochs):
+        train_probe(model, features(), labels, epochs=epochs)
+
+    def rerun(epochs):
+        first = features()
+        train_probe(model, first, labels, epochs=epochs,
+                    feature_sampler=lambda epoch: (first if epoch == 0 else features(), labels))
+
+    results = {}
+    for epochs in args.probe_epochs:
+        seconds = {"features_once": [], "encoder_every_epoch": []}
+        for round_index in range(args.rounds):
+            runs = [("features_once", cached), ("encoder_every_epoch", rerun)]
+            for name, run in runs if round_index % 2 == 0 else runs[::-1]:
+                start = time.perf_counter()
+                run(epochs)
+                seconds[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(values) for name, values in seconds.items()}
+        results[epochs] = {"seconds": seconds, "median_seconds": medians,
+                           "speedup": medians["encoder_every_epoch"] / medians["features_once"]}
+    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, {args.probe_images} images, {args.rounds} rounds\n")
+    print("| head epochs | features once (s) | encoder every epoch (s) | speedup |\n|---:|---:|---:|---:|")
+    for epochs, result in results.items():
+        medians = result["median_seconds"]
+        print(f"| {epochs} | {medians['features_once']:.2f} | {medians['encoder_every_epoch']:.2f} | "
+              f"{result['speedup']:.1f}x |")
+    return {"probe_images": args.probe_images, "rounds": args.rounds, "results": results}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="Train steps per timed chunk.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed train steps per model before the rounds.")
+    parser.add_argument("--rounds", type=int, default=5, help="Round-robin rounds; the median over rounds is reported.")
+    parser.add_argument("--config_overrides", help='MAEConfig fields, e.g. "hidden_size=128,num_attention_heads=4".')
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="Autocast to bfloat16 (default: on for CUDA, off otherwise).")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_json", default="benchmark.json")
+    parser.add_argument("--suite", choices=("model", "pipeline", "probe"), default="model",
+                        help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model step; probe: see above.")
+    parser.add_argument("--pipeline_images", type=int, default=4096, help="Synthetic uint8 images (pipeline suite).")
+    parser.add_argument("--probe_images", type=int, default=1024, help="Synthetic images (probe suite).")
+    parser.add_argument("--probe_epochs", type=int, nargs="+", default=[10, 20], help="Head epochs (probe suite).")
+    args = parser.parse_args(argv)
+    if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0:
+        parser.error("--batch_size, --steps and --rounds must be positive, --warmup non-negative.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bf16 = args.device.startswith("cuda") if args.bf16 is None else args.bf16
+    device_type = torch.device(args.device).type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    config = MAEConfig()
+    overrides = parse_overrides(args.config_overrides)
+    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    if unknown:
+        parser.error(f"--config_overrides: unknown field(s) {unknown}.")
+    config.update(overrides)
+    try:
+        config.check()
+    except ValueError as error:
+        parser.error(str(error))
+
+    suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite}
+    record = suites[args.suite](args, config, bf16, autocast)
+    record.update(command=shlex.join(["python", *sys.argv]), suite=args.suite, device=args.device,
+                  dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, threads=torch.get_num_threads(),
+                  torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
     with open(args.output_json, "w") as handle:
         json.dump(record, handle, indent=2)
-    print(f"\nratio (mae_hf / ViTMAE) images/s: {ratios['images_per_s']:.2f}")
 
 
 if __name__ == "__main__":
