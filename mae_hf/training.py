@@ -285,17 +285,16 @@ class MAEPretrainer(ImageTrainer):
 
     def pretraining_extras(self, prefix: str = "eval") -> dict:
         from .evaluation import extract_features, knn_predict
-        from .visualize import save_loss_curve, save_reconstructions
+        from .visualize import grid_image, reconstruction_rows, save_loss_curve
 
         model, output_dir = self.model, self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
+        history = os.path.join(output_dir, "reconstructions")
+        os.makedirs(history, exist_ok=True)
         if self.preview is not None:
             images, noise = self.preview
-            pixel_values = self.eval_transform(images.to(self.args.device))
-            save_reconstructions(model, pixel_values, noise, os.path.join(output_dir, "reconstructions.png"))
-            history = os.path.join(output_dir, "reconstructions")
-            os.makedirs(history, exist_ok=True)
-            save_reconstructions(model, pixel_values, noise, os.path.join(history, f"step_{self.state.global_step:07d}.png"))
+            grid = grid_image(reconstruction_rows(model, self.eval_transform(images.to(self.args.device)), noise))
+            grid.save(os.path.join(output_dir, "reconstructions.png"))
+            grid.save(os.path.join(history, f"step_{self.state.global_step:07d}.png"))
         save_loss_curve(self.state.log_history, os.path.join(output_dir, "loss_curve.png"))
         if self.knn_data is None:
             return {}

@@ -147,3 +147,11 @@ def test_two_process_ddp(tmp_path, repo_root, tiny_overrides, parquet_folder):
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 6  # 48 images / (2 processes x 8) x 2 epochs
     assert MAEForPreTraining.from_pretrained(output).config.hidden_size == 16
+
+
+def test_cpu_defaults_are_fp32_without_compile(tmp_path):
+    args = PretrainingArguments(output_dir=str(tmp_path))
+    assert (args.bf16, args.torch_compile, args.device.type) == (False, False, "cpu")
+    assert PretrainingArguments(output_dir=str(tmp_path), bf16=True).bf16  # the normal flag still works
+    with pytest.raises(ValueError, match="crop_min_scale"):
+        PretrainingArguments(output_dir=str(tmp_path), crop_min_scale=0)
