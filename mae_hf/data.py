@@ -92,39 +92,24 @@ def load_raw_dataset(args: DataArguments):
         ) from error
 
 
-def find_image_column(dataset, name: str | None = None) -> str:
+def find_column(dataset, kind: str, name: str | None = None, required: bool = True) -> str | None:
+    """The `kind` ("image" or "label") column: `name` if given (it must exist), else the first column of the
+    matching feature type (`Image` / `ClassLabel`), else the first conventional name."""
     import datasets
 
+    feature_type, candidates = {"image": (datasets.Image, IMAGE_COLUMN_NAMES),
+                                "label": (datasets.ClassLabel, LABEL_COLUMN_NAMES)}[kind]
     columns = list(dataset.column_names)
     if name is not None:
         if name not in columns:
-            raise ValueError(f"--image_column_name {name!r} is not a column of the dataset; columns: {columns}.")
+            raise ValueError(f"--{kind}_column_name {name!r} is not a column of the dataset; columns: {columns}.")
         return name
-    for column, feature in dataset.features.items():
-        if isinstance(feature, datasets.Image):
-            return column
-    for candidate in IMAGE_COLUMN_NAMES:
-        if candidate in columns:
-            return candidate
-    raise ValueError(f"No image column found among {columns}; pass --image_column_name.")
-
-
-def find_label_column(dataset, name: str | None = None, required: bool = False) -> str | None:
-    import datasets
-
-    columns = list(dataset.column_names)
-    if name is not None:
-        if name not in columns:
-            raise ValueError(f"--label_column_name {name!r} is not a column of the dataset; columns: {columns}.")
-        return name
-    for column, feature in dataset.features.items():
-        if isinstance(feature, datasets.ClassLabel):
-            return column
-    for candidate in LABEL_COLUMN_NAMES:
-        if candidate in columns:
-            return candidate
+    typed = [column for column, feature in dataset.features.items() if isinstance(feature, feature_type)]
+    named = [column for column in candidates if column in columns]
+    if typed or named:
+        return (typed + named)[0]
     if required:
-        raise ValueError(f"No label column found among {columns}; pass --label_column_name.")
+        raise ValueError(f"No {kind} column found among {columns}; pass --{kind}_column_name.")
     return None
 
 
@@ -195,8 +180,8 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     """Train and eval splits as decoded arrays; every bad flag fails here, before any training starts."""
     raw = load_raw_dataset(args)
     train, evaluation, names = select_splits(raw, args)
-    image_column = find_image_column(train, args.image_column_name)
-    label_column = find_label_column(train, args.label_column_name, required=require_labels)
+    image_column = find_column(train, "image", args.image_column_name)
+    label_column = find_column(train, "label", args.label_column_name, required=require_labels)
     if len(train) == 0 or len(evaluation) == 0:
         raise ValueError(f"Empty split: {len(train)} training and {len(evaluation)} evaluation images.")
     arrays = []
