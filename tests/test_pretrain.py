@@ -136,9 +136,18 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, repo_root, 
         assert resumed_losses[step] == straight_losses[step], step
 
 
-def test_two_process_ddp(tmp_path, repo_root, tiny_overrides, parquet_folder):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    # --multi_gpu is accelerate's DDP launcher; without GPUs its processes train on the CPU over gloo
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_ddp(tmp_path, repo_root, tiny_overrides, parquet_folder, launcher):
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/pretrain.py",
+    command = [sys.executable, *LAUNCHERS[launcher], "scripts/pretrain.py",
                *_command(output, tiny_overrides, parquet_folder)[2:]]
     result = subprocess.run(command, cwd=repo_root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True)
