@@ -102,7 +102,9 @@ class FrozenEvalArguments:
     pooling: str = field(default="cls", metadata={"help": "Features: 'cls' token or 'mean' of patch tokens."})
     linear_probe: bool = field(default=True, metadata={"help": "Train and evaluate the linear probe."})
     knn: bool = field(default=True, metadata={"help": "Evaluate weighted kNN on the same features."})
-    knn_k: list[int] = field(default_factory=lambda: [20, 200], metadata={"help": "Neighbour counts for kNN."})
+    knn_k: list[int] = field(
+        default_factory=lambda: [20, 200],
+        metadata={"help": "Neighbour counts for kNN; eval_accuracy is the first one's, all are recorded."})
     knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the kNN vote weights."})
     probe_epochs: int = field(default=90, metadata={"help": "Epochs of the probe head (on cached features)."})
     probe_batch_size: int = field(default=256, metadata={"help": "Batch of the probe head."})
@@ -137,7 +139,7 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
     """Features of the frozen encoder once, then kNN and/or the linear probe on them. Returns {protocol: results}."""
     from .data import BatchTransform, load_image_splits
     from .metrics import accuracy
-    from .results import write_results
+    from .results import encoder_fingerprint, write_results
     from .training import build_config
 
     if args.output_dir is None:
@@ -151,11 +153,16 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
     if args.pooling not in ("cls", "mean"):
         raise ValueError(f"--pooling must be 'cls' or 'mean', got {args.pooling!r}.")
     random_init = args.random_init or not model_args.model_name_or_path
+    if not args.knn_k or min(args.knn_k) < 1:
+        raise ValueError(f"--knn_k takes positive neighbour counts, got {args.knn_k}.")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
 
     image_size = build_config(model_args).image_size
     train, evaluation = load_image_splits(data_args, image_size, require_labels=True)
+    if args.knn and max(args.knn_k) > len(train):
+        raise ValueError(f"--knn_k {max(args.knn_k)} needs at least that many training images; the training split "
+                         f"has {len(train)}. Pass smaller values, e.g. --knn_k {min(20, len(train))}.")
     num_labels = int(max(train.labels.max(), evaluation.labels.max())) + 1
     names = train.class_names or [str(i) for i in range(num_labels)]
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
@@ -176,8 +183,11 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
         "eval_split": evaluation.split,
         "train_samples": len(train),
         "eval_samples": len(evaluation),
+        "encoder_fingerprint": encoder_fingerprint(model.mae),
         "pooling": args.pooling,
         "seed": args.seed,
+        "device": str(device),
+        "bf16": bf16,
         "feature_seconds": round(feature_seconds, 2),
     }
     results = {}

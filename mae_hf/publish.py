@@ -14,7 +14,7 @@ import shutil
 import torch
 
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
-from .results import PROTOCOL_ROWS, accuracy_grid, collect_results, results_table
+from .results import NOT_SETTINGS, accuracy_rows, collect_results, encoder_fingerprint, results_table
 
 PICTURES = ("reconstructions.png", "loss_curve.png")
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -38,14 +38,11 @@ def _require_run(folder: str | None, result_file: str, what: str) -> None:
 
 def model_index(model_name: str, dataset_id: str, dataset_title: str, results: list[dict]) -> str:
     """The `model-index` YAML block (Hub metadata) with one entry per measured protocol of the pretrained encoder."""
-    grid = accuracy_grid(results)
-    lines = ["model-index:", f"- name: {model_name}", "  results:"]
-    entries = 0
-    for title, _, _ in PROTOCOL_ROWS:
-        value = grid.get((title, "pretrained"))
-        if value is None:
+    lines = []
+    for title, cells in accuracy_rows(results).items():
+        if "pretrained" not in cells:
             continue
-        entries += 1
+        value, result = cells["pretrained"]
         lines += [
             "  - task:",
             "      type: image-classification",
@@ -53,12 +50,44 @@ def model_index(model_name: str, dataset_id: str, dataset_title: str, results: l
             "    dataset:",
             f"      type: {dataset_id}",
             f"      name: {dataset_title}",
+            f"      split: {json.dumps(result.get('eval_split', 'unknown'))}",
             "    metrics:",
             "    - type: accuracy",
             f"      value: {100 * value:.2f}",
             f"      name: {json.dumps(title + ' top-1 accuracy (%)')}",
         ]
-    return "\n".join(lines) if entries else ""
+    return "\n".join(["model-index:", f"- name: {model_name}", "  results:"] + lines) if lines else ""
+
+
+def evaluation_text(results: list[dict]) -> str:
+    """One line per result file: what it trained and evaluated on and the settings that produced its numbers."""
+    lines = []
+    for result in results:
+        settings = ", ".join(f"{key} {value}" for key, value in sorted(result.items()) if key not in NOT_SETTINGS
+                             and not key.startswith("eval_accuracy_"))
+        lines.append(f"- {result['protocol']}, {result.get('encoder', 'pretrained')} encoder: trained on "
+                     f"{result.get('train_split')} ({result.get('train_samples')} images), evaluated on "
+                     f"{result.get('eval_split')} ({result.get('eval_samples')} images); {settings}.")
+    return "\n".join(lines) or "No evaluation results were given."
+
+
+def check_measured_on(results: list[dict], pretrained, pretrained_dir: str) -> None:
+    """Every pretrained-encoder result must have measured this model's encoder: by its weights' fingerprint, or
+    (result files written before fingerprints) by the recorded model folder."""
+    fingerprint = encoder_fingerprint(pretrained.mae)
+    for result in results:
+        if result.get("encoder", "pretrained") != "pretrained":
+            continue
+        if "encoder_fingerprint" in result:
+            same = result["encoder_fingerprint"] == fingerprint
+        else:
+            recorded = result.get("model_name_or_path")
+            same = recorded is not None and os.path.realpath(recorded) == os.path.realpath(pretrained_dir)
+        if not same:
+            raise ValueError(
+                f"{result['source']} measured another encoder ({result.get('model_name_or_path')}), not "
+                f"{pretrained_dir}'s; the card would show numbers that do not belong to these weights. Pass only "
+                f"results of this model (random-init baselines may come from anywhere).")
 
 
 def pretraining_text(summary: dict) -> str:
@@ -98,20 +127,32 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         raise ValueError(f"model card template {template_path} does not exist.")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite or choose another folder.")
-    results = collect_results([p for p in (pretrained_dir, probe_dir, finetune_dir) if p] + list(result_paths))
+    # The pretrained rows come only from the runs named for this model, so a stray result elsewhere never shows up.
+    results = collect_results([os.path.join(probe_dir, name) for name in ("linear_probe_results.json",
+                                                                          "knn_results.json")
+                               if probe_dir and os.path.isfile(os.path.join(probe_dir, name))]
+                              + ([os.path.join(finetune_dir, "finetune_results.json")] if finetune_dir else [])
+                              + list(result_paths))
     pretrained = MAEForPreTraining.from_pretrained(pretrained_dir)
+    check_measured_on(results, pretrained, pretrained_dir)
+    for folder, name, option in ((probe_dir, "linear_probe_results.json", "--probe"),
+                                 (finetune_dir, "finetune_results.json", "--finetune")):
+        if folder and collect_results([os.path.join(folder, name)])[0].get("encoder") != "pretrained":
+            raise ValueError(f"{option} {folder} evaluated a random-init encoder; give the run on {pretrained_dir} "
+                             f"(baselines go in --results).")
+    accuracy_rows(results)  # disagreeing duplicates fail here, before anything is written
+    probe = MAEForImageClassification.from_pretrained(probe_dir) if probe_dir else None
+    if probe is not None:
+        encoder = pretrained.mae.state_dict()
+        if any(not torch.equal(value, encoder[key]) for key, value in probe.mae.state_dict().items()):
+            raise ValueError(f"--probe {probe_dir}: its encoder differs from {pretrained_dir}'s; probe that model.")
     model_id = model_id or os.path.basename(os.path.abspath(output_dir))
 
     if overwrite and os.path.isdir(output_dir):
         shutil.rmtree(output_dir)
     os.makedirs(os.path.join(output_dir, "results"), exist_ok=True)
     head_description = "no classification head (the classifier class adds an untrained one)"
-    if probe_dir:
-        probe = MAEForImageClassification.from_pretrained(probe_dir)
-        encoder = pretrained.mae.state_dict()
-        if any(not torch.equal(value, encoder[key]) for key, value in probe.mae.state_dict().items()):
-            raise ValueError(f"--probe {probe_dir}: its encoder differs from {pretrained_dir}'s; probe that model.")
-        probe.config.architectures = ["MAEForPreTraining", "MAEForImageClassification"]
+    if probe is not None:
         probe.save_pretrained(output_dir, state_dict={**pretrained.state_dict(), **probe.state_dict()})
         head_description = (f"a linear-probe head over {probe.config.num_labels} classes "
                             f"({', '.join(probe.config.id2label[i] for i in range(probe.config.num_labels))})")
@@ -121,7 +162,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     if finetune_dir:
         MAEForImageClassification.from_pretrained(finetune_dir).save_pretrained(os.path.join(output_dir, "finetuned"))
         finetuned_note = ("- `finetuned/`: the fine-tuned classifier (its own encoder); load it with "
-                          "`subfolder=\"finetuned\"`.")
+                          "`subfolder=\"finetuned\"`.\n")
     for picture in PICTURES:
         shutil.copy(os.path.join(pretrained_dir, picture), os.path.join(output_dir, picture))
     for index, result in enumerate(results):
@@ -159,6 +200,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         "pretraining": pretraining_text(summary),
         "eval_split": " / ".join(f"`{split}`" for split in eval_splits) or "the evaluation split",
         "results_table": results_table(results) if results else "No evaluation results were given.",
+        "evaluation": evaluation_text(results),
     })
     card_path = os.path.join(output_dir, "README.md")
     with open(card_path, "w") as handle:

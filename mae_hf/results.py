@@ -3,16 +3,31 @@
 Every number in a table or model card comes from these files, which the scripts write after measuring."""
 
 import glob
+import hashlib
 import json
 import os
 
-PROTOCOL_ROWS = (  # (row title, protocol, accuracy key)
-    ("Linear probe (frozen encoder, BatchNorm + linear head)", "linear_probe", "eval_accuracy"),
-    ("kNN, k = 20 (frozen encoder, cosine, weighted votes)", "knn", "eval_accuracy_k20"),
-    ("kNN, k = 200", "knn", "eval_accuracy_k200"),
-    ("Fine-tune (whole encoder trained)", "finetune", "eval_accuracy"),
-)
+import torch
+
+PROTOCOLS = ("linear_probe", "knn", "finetune")  # table order
+TITLES = {"linear_probe": "Linear probe (frozen encoder, BatchNorm + linear head)",
+          "finetune": "Fine-tune (whole encoder trained)"}
+KNN_DESCRIPTION = " (frozen encoder, cosine, weighted votes)"  # on the first kNN row only
 ENCODERS = (("random_init", "Random-init encoder"), ("pretrained", "MAE-pretrained encoder"))
+
+
+# what a result file records besides its settings: everything else in it is a setting of the protocol
+NOT_SETTINGS = {"protocol", "encoder", "eval_accuracy", "eval_loss", "model_name_or_path", "encoder_fingerprint",
+                "dataset_name", "train_split", "eval_split", "train_samples", "eval_samples", "source"}
+
+
+def encoder_fingerprint(encoder: torch.nn.Module) -> str:
+    """A short hash of an encoder's weights: tells which encoder a result measured, wherever its folder moved."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def write_results(output_dir: str, name: str, results: dict) -> str:
@@ -46,28 +61,50 @@ def collect_results(paths) -> list[dict]:
     return results
 
 
-def accuracy_grid(results: list[dict]) -> dict:
-    """{(protocol row title, encoder): accuracy} from results; a later result overrides an earlier one."""
+def _cells(result: dict):
+    """((protocol position, k), accuracy key) of each table cell a result fills: one per protocol, one per k of kNN."""
+    protocol = result["protocol"]
+    if protocol == "knn":
+        for key in sorted(result):
+            if key.startswith("eval_accuracy_k"):
+                yield (PROTOCOLS.index(protocol), int(key.removeprefix("eval_accuracy_k"))), key
+    elif protocol in PROTOCOLS:
+        yield (PROTOCOLS.index(protocol), 0), "eval_accuracy"
+
+
+def accuracy_rows(results: list[dict]) -> dict:
+    """{row title: {encoder: (accuracy, result)}} in table order: probe, kNN for each k, fine-tune. Two results for
+    one cell must agree (the same run found twice); otherwise the table would depend on file order, so that is an
+    error naming both files."""
     grid = {}
     for result in results:
-        for title, protocol, key in PROTOCOL_ROWS:
-            if result["protocol"] == protocol and key in result:
-                grid[title, result.get("encoder", "pretrained")] = result[key]
-    return grid
+        for position, key in _cells(result):
+            cell = position, result.get("encoder", "pretrained")
+            if cell in grid and grid[cell][0] != result[key]:
+                raise ValueError(
+                    f"Two {result['protocol']} results of the {cell[1]} encoder disagree ({key}): "
+                    f"{grid[cell][1].get('source')} has {grid[cell][0]:.4f}, {result.get('source')} has "
+                    f"{result[key]:.4f}. Pass only the one to report.")
+            grid[cell] = result[key], result
+    first_k = min((k for (index, k), _ in grid if PROTOCOLS[index] == "knn"), default=None)
+    rows = {}
+    for ((index, k), encoder), cell in sorted(grid.items()):
+        protocol = PROTOCOLS[index]
+        title = TITLES.get(protocol) or f"kNN, k = {k}" + (KNN_DESCRIPTION if k == first_k else "")
+        rows.setdefault(title, {})[encoder] = cell
+    return rows
 
 
 def results_table(results: list[dict]) -> str:
     """Markdown table: protocols as rows, random-init and pretrained encoders side by side (top-1 %)."""
-    grid = accuracy_grid(results)
-    if not grid:
+    rows = accuracy_rows(results)
+    if not rows:
         raise ValueError("No protocol results found (expected *_results.json files written by the scripts).")
     lines = ["| Protocol | " + " | ".join(name for _, name in ENCODERS) + " | Gain |",
              "|---|" + "---:|" * (len(ENCODERS) + 1)]
-    for title, _, _ in PROTOCOL_ROWS:
-        values = [grid.get((title, encoder)) for encoder, _ in ENCODERS]
-        if all(value is None for value in values):
-            continue
-        cells = [f"{100 * value:.2f}" if value is not None else "–" for value in values]
+    for title, cells in rows.items():
+        values = [cells[encoder][0] if encoder in cells else None for encoder, _ in ENCODERS]
+        shown = [f"{100 * value:.2f}" if value is not None else "–" for value in values]
         gain = f"{100 * (values[1] - values[0]):+.2f}" if None not in values else "–"
-        lines.append(f"| {title} | " + " | ".join(cells) + f" | {gain} |")
+        lines.append(f"| {title} | " + " | ".join(shown) + f" | {gain} |")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from mae_hf.cli import parse_args
 from mae_hf.data import ArrayDataset, DataArguments, collate, load_image_splits
 from mae_hf.evaluation import load_classifier
 from mae_hf.metrics import accuracy
-from mae_hf.results import write_results
+from mae_hf.results import encoder_fingerprint, write_results
 from mae_hf.training import (
     FinetuneArguments,
     ImageTrainer,
@@ -48,6 +48,7 @@ def main(argv=None):
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                             linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate)
+    fingerprint = encoder_fingerprint(model.mae)  # the encoder this run starts from, before training changes it
     train_set = ArrayDataset(train.images, labels=train.labels)
     if args.place_data_on_device(train.images.numel()):
         train_set.to(args.device)
@@ -75,20 +76,28 @@ def main(argv=None):
             "protocol": "finetune",
             "encoder": "random_init" if random_init else "pretrained",
             "model_name_or_path": model_args.model_name_or_path,
-        "dataset_name": data_args.dataset_name,
-        "train_split": train.split,
-        "eval_split": evaluation.split,
-        "train_samples": len(train),
+            "encoder_fingerprint": fingerprint,
+            "dataset_name": data_args.dataset_name,
+            "train_split": train.split,
+            "eval_split": evaluation.split,
+            "train_samples": len(train),
             "eval_samples": len(evaluation),
             "eval_accuracy": metrics["eval_accuracy"],
             "eval_loss": metrics["eval_loss"],
             "epochs": args.num_train_epochs,
+            "global_batch_size": args.global_batch_size,
             "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            "warmup_steps": args.warmup_steps,
+            "lr_scheduler_type": args.lr_scheduler_type,
             "layer_decay": args.layer_decay,
             "label_smoothing_factor": args.label_smoothing_factor,
             "drop_path_rate": args.drop_path_rate,
             "pooling": args.pooling,
             "crop_min_scale": args.crop_min_scale,
+            "horizontal_flip": args.horizontal_flip,
+            "device": f"{args.world_size} x {args.device.type}",
+            "bf16": args.bf16,
             "seed": args.seed,
         })
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,9 +24,9 @@ def evaluated(pretrained_run, scripts, parquet_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluated")
     data = ["--dataset_name", str(parquet_folder)]
     scripts.linear_probe.main(["--model_name_or_path", str(folder), "--output_dir", str(root / "probe"),
-                               "--probe_epochs", "3", *data])
+                               "--probe_epochs", "3", "--knn_k", "20", "40", *data])
     scripts.linear_probe.main(["--model_name_or_path", str(folder), "--random_init", "true", "--output_dir",
-                               str(root / "random" / "probe"), "--probe_epochs", "3", *data])
+                               str(root / "random" / "probe"), "--probe_epochs", "3", "--knn_k", "20", "40", *data])
     scripts.finetune.main(["--model_name_or_path", str(folder), "--output_dir", str(root / "finetune"),
                            "--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--disable_tqdm", "true",
                            *data])
@@ -43,7 +44,9 @@ def test_probe_and_knn_results(evaluated):
     assert probe["protocol"] == "linear_probe" and probe["encoder"] == "pretrained"
     assert probe["probe_epochs"] == 3 and probe["pooling"] == "cls" and probe["eval_samples"] == 16
     assert 0 <= probe["eval_accuracy"] <= 1
-    assert knn["eval_accuracy"] == knn["eval_accuracy_k20"] and "eval_accuracy_k200" in knn
+    assert knn["eval_accuracy"] == knn["eval_accuracy_k20"] and "eval_accuracy_k40" in knn
+    assert probe["encoder_fingerprint"] == knn["encoder_fingerprint"] != read(
+        root / "random" / "probe" / "knn_results.json")["encoder_fingerprint"]
     assert read(root / "random" / "probe" / "linear_probe_results.json")["encoder"] == "random_init"
 
 
@@ -78,9 +81,18 @@ def test_probe_epochs_do_not_rerun_the_encoder(pretrained_run, scripts, parquet_
 def test_boolean_flags_parse_as_booleans(pretrained_run, scripts, parquet_folder, tmp_path):
     folder, _ = pretrained_run
     scripts.knn.main(["--model_name_or_path", str(folder), "--random_init", "false", "--output_dir",
-                      str(tmp_path / "knn"), "--dataset_name", str(parquet_folder)], linear_probe=False)
+                      str(tmp_path / "knn"), "--knn_k", "20", "--dataset_name", str(parquet_folder)],
+                     linear_probe=False)
     assert read(tmp_path / "knn" / "knn_results.json")["encoder"] == "pretrained"
     assert not (tmp_path / "knn" / "linear_probe_results.json").exists()
+
+
+def test_knn_k_larger_than_the_training_set_fails_early(pretrained_run, scripts, parquet_folder, tmp_path):
+    folder, _ = pretrained_run
+    with pytest.raises(SystemExit, match="--knn_k 200 needs at least that many training images; .* has 48"):
+        scripts.knn.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "knn"),
+                          "--dataset_name", str(parquet_folder)], linear_probe=False)
+    assert not (tmp_path / "knn").exists()
 
 
 def test_probe_refuses_to_overwrite_its_model(pretrained_run, scripts, parquet_folder):
@@ -195,6 +207,8 @@ def test_publish_folder_and_card(evaluated, scripts, tmp_path):
     assert values["Linear probe (frozen encoder, BatchNorm + linear head)"] == pytest.approx(100 * probe, abs=0.005)
     assert values["Fine-tune (whole encoder trained)"] == pytest.approx(100 * finetune, abs=0.005)
     assert results_table(collect_results([root])) in card
+    assert "| kNN, k = 40 |" in card and "probe_epochs 3" in card and "finetuned/" in card
+    assert {r["dataset"]["split"] for r in metadata["model-index"][0]["results"]} == {"test"}
     assert 'from_pretrained(repo, trust_remote_code=True)' in card and '"me/mae"' in card
 
     # One checkpoint serves the three classes: pretrained encoder + decoder, and the probe's head.
@@ -208,6 +222,30 @@ def test_publish_folder_and_card(evaluated, scripts, tmp_path):
 
     with pytest.raises(SystemExit, match="not empty"):
         scripts.publish.main([str(folder), "--output_dir", str(out)])
+
+
+def test_publish_refuses_numbers_that_are_not_this_models(evaluated, scripts, tmp_path):
+    folder, root = evaluated
+    other = read(root / "probe" / "linear_probe_results.json")
+    other["encoder_fingerprint"] = "0" * 16  # a probe of another pretrained model
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "linear_probe_results.json").write_text(json.dumps(other))
+    disagreeing = read(root / "random" / "probe" / "linear_probe_results.json")
+    disagreeing["eval_accuracy"] += 0.25  # a second random-init probe with another number
+    (tmp_path / "disagreeing_results.json").write_text(json.dumps(disagreeing))
+    random_finetune = tmp_path / "random_finetune"
+    shutil.copytree(root / "finetune", random_finetune)
+    result = read(random_finetune / "finetune_results.json")
+    (random_finetune / "finetune_results.json").write_text(json.dumps(dict(result, encoder="random_init")))
+    base = [str(folder), "--probe", str(root / "probe"), "--output_dir", str(tmp_path / "hub")]
+    for extra, message in (
+            (["--results", str(tmp_path / "other")], "measured another encoder"),
+            (["--results", str(root / "random"), str(tmp_path / "disagreeing_results.json")],
+             "Two linear_probe results of the random_init encoder disagree"),
+            (["--finetune", str(random_finetune)], "evaluated a random-init encoder")):
+        with pytest.raises(SystemExit, match=message):
+            scripts.publish.main(base + extra)
+        assert not (tmp_path / "hub").exists()
 
 
 def test_publish_without_network_keeps_the_folder(evaluated, scripts, tmp_path, monkeypatch):
