@@ -165,7 +165,8 @@ def decode(dataset, image_column: str, label_column: str | None, image_size: int
     features = datasets.Features({"pixels": datasets.Array3D((image_size, image_size, num_channels), "uint8")})
     decoded = dataset.map(convert, batched=True, batch_size=256, num_proc=num_proc, features=features,
                           remove_columns=dataset.column_names, desc="Decoding images")
-    images = torch.from_numpy(decoded.with_format("numpy", dtype=np.uint8)[:]["pixels"]).permute(0, 3, 1, 2).contiguous()
+    pixels = decoded.with_format("numpy", dtype=np.uint8)[:]["pixels"]
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
     labels, class_names = None, None
     if label_column is not None:
         labels = torch.as_tensor(dataset.select_columns(label_column).with_format("numpy")[:][label_column],

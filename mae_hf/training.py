@@ -63,7 +63,8 @@ class ImageTrainingArguments(TrainingArguments):
     learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate. Default: --base_learning_rate x total batch / 256."})
     base_learning_rate: float = field(
-        default=1.5e-4, metadata={"help": "Learning rate per 256 images of total batch (used without --learning_rate)."})
+        default=1.5e-4,
+        metadata={"help": "Learning rate per 256 images of total batch (used without --learning_rate)."})
     crop_min_scale: float = field(
         default=0.2, metadata={"help": "Random-resized-crop area range [crop_min_scale, 1]; 1 disables cropping."})
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})

@@ -273,7 +273,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", default="benchmark.json")
     parser.add_argument("--suite", choices=("model", "pipeline", "probe"), default="model",
-                        help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model step; probe: see above.")
+                        help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model step; "
+                             "probe: see above.")
     parser.add_argument("--pipeline_images", type=int, default=4096, help="Synthetic uint8 images (pipeline suite).")
     parser.add_argument("--probe_images", type=int, default=1024, help="Synthetic images (probe suite).")
     parser.add_argument("--probe_epochs", type=int, nargs="+", default=[10, 20], help="Head epochs (probe suite).")

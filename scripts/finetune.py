@@ -89,7 +89,7 @@ def main(argv=None):
             "learning_rate": args.learning_rate,
             "weight_decay": args.weight_decay,
             "warmup_steps": args.warmup_steps,
-            "lr_scheduler_type": args.lr_scheduler_type,
+            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
             "layer_decay": args.layer_decay,
             "label_smoothing_factor": args.label_smoothing_factor,
             "drop_path_rate": args.drop_path_rate,

@@ -88,8 +88,9 @@ def main(argv=None):
         summary = {
             "dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
             "train_samples": len(train), "eval_samples": len(evaluation), "epochs": args.num_train_epochs,
-            "global_batch_size": args.global_batch_size, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
-            "adam_betas": [args.adam_beta1, args.adam_beta2], "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+            "global_batch_size": args.global_batch_size, "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay, "adam_betas": [args.adam_beta1, args.adam_beta2],
+            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
             "warmup_steps": args.warmup_steps, "crop_min_scale": args.crop_min_scale,
             "horizontal_flip": args.horizontal_flip, "mask_ratio": config.mask_ratio,
             "norm_pix_loss": config.norm_pix_loss, "seed": args.seed, "device": str(args.device),

@@ -51,7 +51,8 @@ def test_yaml_config_with_flag_override(tmp_path, scripts):
     model_args, _, args = parse_args(
         (ModelArguments, DataArguments, PretrainingArguments),
         [str(path), "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "3"])
-    assert args.learning_rate == 0.002 and args.num_train_epochs == 3 and model_args.config_overrides == "hidden_size=64"
+    assert args.learning_rate == 0.002 and args.num_train_epochs == 3
+    assert model_args.config_overrides == "hidden_size=64"
     path.write_text("learning_rat: 0.1\n")
     with pytest.raises(SystemExit):
         parse_args((ModelArguments, PretrainingArguments), [str(path)])
