@@ -82,8 +82,13 @@ class MAEConfig(PreTrainedConfig):
         self.check()
 
     @property
+    def grid_size(self) -> int:
+        """Patches along each side of the image."""
+        return self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid_size**2
 
     @property
     def intermediate_size(self) -> int:
@@ -110,6 +115,11 @@ class MAEConfig(PreTrainedConfig):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(field, "expected a positive integer")
+        for field in ("mlp_ratio", "decoder_mlp_ratio", "mask_ratio", "layer_norm_eps", "initializer_range",
+                      "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(field, "expected a number")
         if self.image_size % self.patch_size:
             fail("image_size", f"must be divisible by patch_size={self.patch_size}")
         for prefix in ("", "decoder_"):
@@ -133,6 +143,7 @@ class MAEConfig(PreTrainedConfig):
             fail("pooling", "expected 'cls' or 'mean'")
         for field in ("image_mean", "image_std"):
             if len(getattr(self, field)) != self.num_channels:
-                fail(field, f"expected one value per channel ({self.num_channels})")
+                fail(field, f"expected one value per channel (num_channels={self.num_channels}); pass image_mean "
+                            f"and image_std with {self.num_channels} value(s) each")
         if any(v <= 0 for v in self.image_std):
             fail("image_std", "every value must be positive")

@@ -103,6 +103,7 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 class MAEAttention(nn.Module):
     def __init__(self, width: int, heads: int, config: MAEConfig):
         super().__init__()
+        self.config = config
         self.heads = heads
         self.dropout = config.attention_probs_dropout_prob
         self.qkv = nn.Linear(width, 3 * width, bias=config.qkv_bias)
@@ -112,7 +113,12 @@ class MAEAttention(nn.Module):
         batch, length, width = x.shape
         # unbind (not permute + unpack): backward then writes the fused q/k/v gradient without an extra copy.
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(batch, length, 3, self.heads, -1).unbind(2))
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if self.config._attn_implementation == "eager":  # the plain formula, for debugging and comparison
+            weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+            x = F.dropout(weights, dropout) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         return self.proj(x.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -149,7 +155,6 @@ class MAEEmbeddings(nn.Module):
 
     def __init__(self, config: MAEConfig):
         super().__init__()
-        self.config = config
         self.patch_projection = nn.Linear(config.patch_size**2 * config.num_channels, config.hidden_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         # Derived from the config, so not saved; `_init_weights` fills it, also after `from_pretrained`.
@@ -157,7 +162,8 @@ class MAEEmbeddings(nn.Module):
                              persistent=False)
 
     def forward(self, patches: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-        tokens = self.patch_projection(patches) + self.position_embeddings[:, 1:]
+        # inputs of any float dtype: compute in the weights' dtype (fp32 images into a bf16 model, and so on)
+        tokens = self.patch_projection(patches.to(self.patch_projection.weight.dtype)) + self.position_embeddings[:, 1:]
         tokens, mask, ids_restore = random_masking(tokens, mask_ratio, noise)
         cls = (self.cls_token + self.position_embeddings[:, :1]).expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1), mask, ids_restore
@@ -168,7 +174,6 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, config: MAEConfig):
         super().__init__()
-        self.config = config
         width = config.decoder_hidden_size
         self.embed = nn.Linear(config.hidden_size, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -198,7 +203,12 @@ class MAEPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["MAELayer", "MAEEmbeddings"]
+    _supports_sdpa = True
+    _no_split_modules = ("MAELayer", "MAEEmbeddings")
+
+    def __init__(self, config: MAEConfig, *args, **kwargs):
+        config.check()  # also after from_pretrained(..., some_field=value) or attribute changes
+        super().__init__(config, *args, **kwargs)
 
     def _init_weights(self, module):
         # As the MAE paper: xavier-uniform linears (the patch projection included), N(0, 0.02) class/mask tokens.
@@ -219,26 +229,25 @@ class MAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.num_batches_tracked)
         elif isinstance(module, MAEEmbeddings):
             init.normal_(module.cls_token, std=self.config.initializer_range)
-            grid = self.config.image_size // self.config.patch_size
-            init.copy_(module.position_embeddings, sincos_position_embedding(grid, self.config.hidden_size))
+            init.copy_(module.position_embeddings,
+                       sincos_position_embedding(self.config.grid_size, self.config.hidden_size))
         elif isinstance(module, MAEDecoder):
             init.normal_(module.mask_token, std=self.config.initializer_range)
-            grid = self.config.image_size // self.config.patch_size
-            init.copy_(module.position_embeddings, sincos_position_embedding(grid, self.config.decoder_hidden_size))
+            init.copy_(module.position_embeddings,
+                       sincos_position_embedding(self.config.grid_size, self.config.decoder_hidden_size))
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch, channels, H, W)` -> `(batch, num_patches, patch_size**2 * channels)`, patches in row-major order,
         each flattened as (row in patch, column in patch, channel)."""
         self.check_pixel_values(pixel_values)
-        p, c = self.config.patch_size, self.config.num_channels
-        batch, grid = pixel_values.shape[0], self.config.image_size // p
+        p, c, grid = self.config.patch_size, self.config.num_channels, self.config.grid_size
+        batch = pixel_values.shape[0]
         x = pixel_values.reshape(batch, c, grid, p, grid, p).permute(0, 2, 4, 3, 5, 1)
         return x.reshape(batch, grid * grid, p * p * c)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """Inverse of `patchify`."""
-        p, c = self.config.patch_size, self.config.num_channels
-        grid = self.config.image_size // p
+        p, c, grid = self.config.patch_size, self.config.num_channels, self.config.grid_size
         expected = (grid * grid, p * p * c)
         if patches.dim() != 3 or tuple(patches.shape[1:]) != expected:
             raise ValueError(f"unpatchify expects (batch, {expected[0]}, {expected[1]}), got {tuple(patches.shape)}.")
@@ -252,9 +261,11 @@ class MAEPreTrainedModel(PreTrainedModel):
             raise ValueError(f"pixel_values must be a torch.Tensor of shape {expected}, got {type(pixel_values)}.")
         if not pixel_values.is_floating_point():
             raise ValueError(
-                f"pixel_values must be floating point (normalised images, e.g. from the image processor), got "
-                f"{pixel_values.dtype}. Convert uint8 images with the model's image processor."
+                f"pixel_values must be floating point of shape {expected} (normalised images, e.g. from the image "
+                f"processor), got {pixel_values.dtype}. Convert uint8 images with the model's image processor."
             )
+        if pixel_values.dim() == 4 and pixel_values.shape[0] == 0:
+            raise ValueError(f"pixel_values is an empty batch; expected {expected} with at least one image.")
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (config.num_channels, config.image_size,
                                                                         config.image_size):
             raise ValueError(
@@ -297,6 +308,9 @@ class MAEModel(MAEPreTrainedModel):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_projection
 
     def forward(
         self,

@@ -1,5 +1,6 @@
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -354,6 +355,20 @@ def test_integer_pixel_values_are_refused(tiny_config, model_class):
         model([[0.0]])
 
 
+def test_float_inputs_of_any_dtype_are_cast_to_the_model(tiny_config, pixel_values, noise):
+    model = MAEForPreTraining(tiny_config())
+    reference = model(pixel_values, noise=noise).loss
+    torch.testing.assert_close(model(pixel_values.double(), noise=noise).loss, reference)
+    half = MAEForPreTraining(tiny_config()).to(torch.bfloat16)
+    assert half(pixel_values, noise=noise).logits.dtype == torch.bfloat16  # fp32 images into a bf16 model
+
+
+@pytest.mark.parametrize("model_class", [MAEForPreTraining, MAEModel, MAEForImageClassification])
+def test_empty_batch_is_refused(tiny_config, model_class):
+    with pytest.raises(ValueError, match="empty batch"):
+        model_class(tiny_config(num_labels=2))(torch.zeros(0, 3, 8, 8))
+
+
 def test_bad_noise_and_mask_ratio(tiny_config, pixel_values):
     pretraining, encoder = MAEForPreTraining(tiny_config()), MAEModel(tiny_config())
     for bad_noise in (torch.rand(2, 15), torch.rand(1, 16), torch.rand(2, 16, 1)):
@@ -422,6 +437,46 @@ def test_image_processor_handles_pil_modes(tiny_config):
 
     batch = processor([Image.new("RGB", (5, 5)), Image.new("RGBA", (40, 9))], return_tensors="pt").pixel_values
     assert batch.shape == (2, 3, 8, 8)
+
+
+def reference_sincos(grid_size, dim):
+    """The original MAE table written out in numpy, independently of ours: half the channels encode the column
+    (sin block, then cos block), the other half the row; frequencies 1 / 10000**(i / (dim / 4)); a zero class row."""
+    frequencies = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
+    table = np.zeros((1 + grid_size**2, dim))
+    for row in range(grid_size):
+        for column in range(grid_size):
+            angles_x, angles_y = column * frequencies, row * frequencies
+            table[1 + row * grid_size + column] = np.concatenate(
+                [np.sin(angles_x), np.cos(angles_x), np.sin(angles_y), np.cos(angles_y)])
+    return torch.from_numpy(table).float()[None]
+
+
+@pytest.mark.parametrize("grid_size, dim", [(4, 16), (16, 192), (3, 8)])
+def test_sincos_table_matches_an_independent_reference(grid_size, dim):
+    torch.testing.assert_close(sincos_position_embedding(grid_size, dim), reference_sincos(grid_size, dim))
+
+
+def test_attention_sdpa_by_default_and_eager_gives_the_same(tmp_path, tiny_config, perturb, pixel_values, noise):
+    model = perturb(MAEForPreTraining(tiny_config()))
+    assert model.config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    eager = MAEForPreTraining.from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    torch.testing.assert_close(eager(pixel_values, noise=noise).logits, model(pixel_values, noise=noise).logits,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_config_changes_at_load_are_checked(tmp_path, tiny_config):
+    MAEModel(tiny_config()).save_pretrained(tmp_path)
+    for change, field in (({"pooling": "max"}, "pooling"), ({"mask_ratio": 1.0}, "mask_ratio")):
+        with pytest.raises(ValueError, match=f"invalid {field}="):
+            MAEModel.from_pretrained(tmp_path, **change)
+
+
+def test_input_embeddings_are_the_patch_projection(tiny_config):
+    model = MAEForImageClassification(tiny_config(num_labels=2))
+    assert model.get_input_embeddings() is model.mae.embeddings.patch_projection
 
 
 def test_pretraining_refuses_mask_ratio_zero(tiny_config):
