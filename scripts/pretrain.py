@@ -103,9 +103,10 @@ def main(argv=None):
         }
         with open(os.path.join(args.output_dir, "pretraining_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
+        knn, speed = summary["eval_knn_accuracy"], summary["pipeline_images_per_second"]
         print(f"[done] {args.output_dir}: eval_loss {summary['eval_loss']:.4f}, kNN accuracy "
-              f"{summary['eval_knn_accuracy']}, {summary['pipeline_images_per_second'] or 0:,.0f} images/s",
-              flush=True)
+              f"{'n/a (no labels or --knn_eval false)' if knn is None else f'{knn:.4f}'}, "
+              f"{'images/s not measured (too few steps)' if speed is None else f'{speed:,.0f} images/s'}", flush=True)
 
 
 if __name__ == "__main__":
