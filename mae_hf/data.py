@@ -82,14 +82,39 @@ def load_raw_dataset(args: DataArguments):
                 "(train.parquet, test.parquet), an imagefolder tree (train/<class>/*.png) or a save_to_disk folder."
             ) from error
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ValueError(f"--dataset_name {name}: no such file or folder.")
+        raise ValueError(f"--dataset_name {name}: no such file or folder. {folder_listing(name)}")
     try:
         return datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir)
     except Exception as error:
         raise ValueError(
             f"--dataset_name {name}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
-            "Without network access, pass a local folder, e.g. --dataset_name ../shared/data/cifar10."
+            "Without network access, pass a local folder of parquet files (train.parquet, test.parquet), an "
+            "imagefolder tree or a save_to_disk folder."
         ) from error
+
+
+def folder_listing(path: str) -> str:
+    """What exists next to a missing path, for error messages."""
+    parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    if not os.path.isdir(parent):
+        return f"Its folder {parent} does not exist either."
+    entries = sorted(os.listdir(parent))
+    shown = ", ".join(entries[:20]) + (f", ... ({len(entries)} in all)" if len(entries) > 20 else "")
+    return f"{parent} holds: {shown or 'nothing'}."
+
+
+def as_images(dataset, column: str):
+    """The dataset with `column` decoded as images: parquet files written without Hugging Face metadata hold
+    images as {bytes, path} structs, which become `Image` features here."""
+    import datasets
+
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image):
+        return dataset
+    if isinstance(feature, dict) and {"bytes", "path"} <= set(feature):
+        return dataset.cast_column(column, datasets.Image())
+    raise ValueError(f"Column {column!r} holds {feature}, not images; pass --image_column_name with the image column "
+                     f"(columns: {list(dataset.column_names)}).")
 
 
 def find_column(dataset, kind: str, name: str | None = None, required: bool = True) -> str | None:
@@ -183,8 +208,13 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     train, evaluation, names = select_splits(raw, args)
     image_column = find_column(train, "image", args.image_column_name)
     label_column = find_column(train, "label", args.label_column_name, required=require_labels)
+    for column in (image_column, label_column):
+        if column is not None and column not in evaluation.column_names:
+            raise ValueError(f"The evaluation split ({names[1]}) has no column {column!r}; its columns: "
+                             f"{list(evaluation.column_names)}.")
     if len(train) == 0 or len(evaluation) == 0:
         raise ValueError(f"Empty split: {len(train)} training and {len(evaluation)} evaluation images.")
+    train, evaluation = as_images(train, image_column), as_images(evaluation, image_column)
     arrays = []
     for split, name in zip((train, evaluation), names):
         decoded = decode(split, image_column, label_column, image_size, num_channels, args.preprocessing_num_workers)

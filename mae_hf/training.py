@@ -15,7 +15,7 @@ from transformers.utils import logging
 
 from .cli import parse_overrides
 from .configuration_mae import MAEConfig
-from .data import BatchTransform
+from .data import BatchTransform, folder_listing
 
 logger = logging.get_logger("mae_hf")
 
@@ -35,6 +35,10 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
     """The model config: from `--model_name_or_path`, `--config_name` or fresh (with `fresh_defaults`), then the
     overrides; validated, with an error naming the bad field."""
     source = args.model_name_or_path or args.config_name
+    if source is not None and not os.path.exists(source) and (source.startswith((".", "/", "~"))
+                                                              or source.count("/") != 1):
+        option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
+        raise ValueError(f"{option} {source}: no such file or folder. {folder_listing(source)}")
     if source is not None:
         config_file = os.path.join(source, "config.json") if os.path.isdir(source) else source
         if os.path.isfile(config_file):
@@ -47,9 +51,10 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
     else:
         config = MAEConfig(**fresh_defaults)
     overrides = parse_overrides(args.config_overrides)
-    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    fields = sorted(MAEConfig.__annotations__)  # the model's own hyperparameters, not transformers' bookkeeping
+    unknown = sorted(key for key in overrides if key not in fields)
     if unknown:
-        raise ValueError(f"--config_overrides: unknown field(s) {unknown}; MAEConfig has {sorted(config.to_dict())}.")
+        raise ValueError(f"--config_overrides: unknown field(s) {unknown}; MAEConfig's fields are {fields}.")
     config.update(overrides)
     config.check()
     return config
@@ -60,6 +65,7 @@ class ImageTrainingArguments(TrainingArguments):
     """`TrainingArguments` for image batches served from tensors and augmented on the device, with the MAE
     learning-rate rule (peak lr = base lr x total batch / 256) and the defaults both recipes share."""
 
+    output_dir: str | None = field(default=None, metadata={"help": "Where the model, checkpoints and results go."})
     learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate. Default: --base_learning_rate x total batch / 256."})
     base_learning_rate: float = field(
@@ -76,6 +82,9 @@ class ImageTrainingArguments(TrainingArguments):
     torch_compile: bool | None = field(default=None, metadata={"help": "torch.compile; default: on with CUDA."})
     per_device_eval_batch_size: int = field(default=512, metadata={"help": "Evaluation batch per device."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (linear weights only)."})
+    decay_all_parameters: bool = field(
+        default=False,
+        metadata={"help": "Apply weight decay to every parameter (biases, norms, tokens too), as plain AdamW does."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warmup."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warmup: steps, or a fraction of all steps if < 1."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate."})
@@ -87,6 +96,8 @@ class ImageTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "See TrainingArguments."})
 
     def __post_init__(self):
+        if self.output_dir is None:  # transformers would quietly write to ./trainer_output
+            raise ValueError("--output_dir is required (where the model, checkpoints and results go).")
         if not torch.accelerator.is_available():
             self.use_cpu = True  # makes torchrun/accelerate launch run DDP over gloo on CPU-only machines
         gpu = torch.cuda.is_available() and not self.use_cpu
@@ -111,6 +122,15 @@ class ImageTrainingArguments(TrainingArguments):
     @property
     def global_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    def check_enough_images(self, num_images: int) -> None:
+        """Training drops incomplete batches (static shapes for torch.compile): at least one full batch is needed."""
+        if num_images < self.global_batch_size:
+            raise ValueError(
+                f"The training split has {num_images} images, fewer than one batch of {self.global_batch_size} "
+                f"({self.per_device_train_batch_size} per device x {self.world_size} process(es) x "
+                f"{self.gradient_accumulation_steps} accumulation step(s)). Lower --per_device_train_batch_size or "
+                "use more images.")
 
     def batch_transforms(self, config):
         """(train, eval) `BatchTransform`s: crop + flip for training as configured, normalisation only for eval."""
@@ -202,6 +222,8 @@ class ImageTrainer(Trainer):
             self.args.dataloader_drop_last = evaluation_setting
 
     def get_decay_parameter_names(self, model):
+        if self.args.decay_all_parameters:
+            return [name for name, _ in model.named_parameters()]
         return linear_weight_names(model)
 
     def create_optimizer(self, model=None):
@@ -330,6 +352,10 @@ class ThroughputCallback(TrainerCallback):
             print(f"[plan] device {args.device} x{args.world_size}, {precision}, torch_compile={args.torch_compile}; "
                   f"{state.max_steps} steps of {self.images_per_step} images "
                   f"({args.num_train_epochs:g} epochs), peak learning rate {args.learning_rate:.3g}", flush=True)
+            # Before any measurement: a GPU-sized run (millions of images) on a CPU is days, whatever the model.
+            if self.slow_hint and args.device.type == "cpu" and state.max_steps * self.images_per_step > 2_000_000:
+                print(f"[plan] {self.slow_hint}", flush=True)
+                self.slow_hint = None  # said once
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()

@@ -40,7 +40,8 @@ def main(argv=None):
     try:
         image_size = build_config(model_args).image_size
         train, evaluation = load_image_splits(data_args, image_size, require_labels=True)
-    except ValueError as error:
+        args.check_enough_images(len(train))
+    except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     set_seed(args.seed)  # before the head is initialised
     num_labels = int(max(train.labels.max(), evaluation.labels.max())) + 1

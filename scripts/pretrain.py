@@ -32,13 +32,26 @@ SLOW_HINT = ("This is the GPU-sized default. On a CPU, pretrain the small config
              "python scripts/pretrain.py configs/cpu_small.yaml --output_dir runs/cpu_small")
 
 
+def final_evaluation(trainer) -> dict:
+    """The evaluation of the final step: the one the Trainer already ran there, else a new one."""
+    logged = {}
+    for entry in trainer.state.log_history:
+        if entry.get("step") == trainer.state.global_step:
+            logged.update({key: value for key, value in entry.items() if key.startswith("eval_")})
+    return logged if "eval_loss" in logged else trainer.evaluate()
+
+
 def main(argv=None):
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, PretrainingArguments), argv,
                                              description=__doc__)
     check_output_dir(args)
     set_seed(args.seed)  # before the model is initialised
-    config = build_config(model_args, norm_pix_loss=True)
-    train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels)
+    try:
+        config = build_config(model_args, norm_pix_loss=True)
+        train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels)
+        args.check_enough_images(len(train))
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
 
     has_labels = train.labels is not None
     train_set = ArrayDataset(train.images)
@@ -81,7 +94,7 @@ def main(argv=None):
     train_metrics = dict(result.metrics, pipeline_images_per_second=throughput.images_per_second,
                          train_samples=len(train))
     trainer.save_metrics("train", train_metrics)
-    eval_metrics = trainer.evaluate()
+    eval_metrics = final_evaluation(trainer)
     trainer.save_metrics("eval", dict(eval_metrics, eval_samples=len(evaluation)))
     trainer.save_state()
     if trainer.is_world_process_zero():

@@ -87,9 +87,24 @@ def test_bad_flags_list_what_exists(parquet_folder, flag, value, listed):
     assert value in str(error.value) and listed in str(error.value)
 
 
-def test_missing_path_is_named(tmp_path):
-    with pytest.raises(ValueError, match="no such file or folder"):
+def test_missing_path_is_named_with_what_exists(tmp_path):
+    (tmp_path / "cifar10").mkdir()
+    with pytest.raises(ValueError, match="nothing: no such file or folder.*holds: cifar10"):
         load_image_splits(DataArguments(dataset_name=str(tmp_path / "nothing")), image_size=8)
+
+
+def test_parquet_without_hugging_face_metadata(tmp_path, parquet_folder):
+    """Parquet written by other tools stores images as plain {bytes, path} structs."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet_folder / "train.parquet")
+    pq.write_table(table.replace_schema_metadata(None), tmp_path / "train.parquet")
+    assert not isinstance(datasets.load_dataset("parquet", data_files=str(tmp_path / "train.parquet"))["train"]
+                          .features["img"], datasets.Image)
+    train, _ = load_image_splits(DataArguments(dataset_name=str(tmp_path)), image_size=8)
+    reference, _ = load_image_splits(DataArguments(dataset_name=str(parquet_folder), validation_split_percentage=5),
+                                     image_size=8)
+    assert torch.equal(train.images, reference.images)
 
 
 def test_eval_transform_normalises_exactly():

@@ -117,6 +117,9 @@ def test_finetune_results_and_layer_decay(evaluated, scripts):
     folder, root = evaluated
     result = read(root / "finetune" / "finetune_results.json")
     assert result["protocol"] == "finetune" and result["layer_decay"] == 0.75 and 0 <= result["eval_accuracy"] <= 1
+    assert (result["weight_decay"], result["global_batch_size"], result["device"]) == (0.05, 16, "1 x cpu")
+    # the fingerprint is of the encoder it started from: the pretrained one the probe also measured
+    assert result["encoder_fingerprint"] == read(root / "probe" / "linear_probe_results.json")["encoder_fingerprint"]
     model = MAEForImageClassification.from_pretrained(root / "finetune")
     assert model.config.pooling == "mean" and not model.config.linear_probe
     pretrained = MAEForPreTraining.from_pretrained(folder)
@@ -141,6 +144,10 @@ def test_layer_decay_groups(tiny_config, tmp_path):
     assert learning_rates[id(model.mae.embeddings.cls_token)] == 0.125
     assert decays[id(model.mae.layers[0].mlp.fc1.weight)] == 0.1
     assert decays[id(model.mae.layers[0].mlp.fc1.bias)] == decays[id(model.mae.embeddings.cls_token)] == 0.0
+    args.decay_all_parameters = True  # plain AdamW, as the reference recipe
+    trainer.optimizer = None
+    groups = trainer.create_optimizer().param_groups
+    assert {group["weight_decay"] for group in groups} == {0.1}
 
 
 def test_compare_table(evaluated, scripts, capsys):

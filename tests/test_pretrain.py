@@ -69,6 +69,8 @@ def test_overrides_are_typed_and_checked():
         "hidden_size": 64, "norm_pix_loss": False, "mask_ratio": 0.6, "hidden_act": "relu"}
     with pytest.raises(ValueError, match="unknown field"):
         build_config(ModelArguments(config_overrides="hiden_size=64"))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['return_dict'\]"):  # transformers' own fields
+        build_config(ModelArguments(config_overrides="return_dict=false"))
     with pytest.raises(ValueError, match="hidden_size"):
         build_config(ModelArguments(config_overrides="hidden_size=100"))
     with pytest.raises(ValueError, match="key=value"):
@@ -84,8 +86,47 @@ def test_refuses_to_overwrite_a_previous_run(pretrained_run, scripts, tiny_overr
     assert sorted(os.listdir(folder)) == before
 
 
+def test_too_few_images_for_one_batch_fail_before_training(tmp_path, scripts, tiny_overrides, parquet_folder):
+    with pytest.raises(SystemExit, match="has 48 images, fewer than one batch of 512"):
+        scripts.pretrain.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(parquet_folder),
+                               "--config_overrides", tiny_overrides])
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_model_folder_lists_what_exists(tmp_path, scripts, parquet_folder):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mae").mkdir()
+    with pytest.raises(SystemExit, match="mea: no such file or folder.*holds: mae"):
+        scripts.pretrain.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(parquet_folder),
+                               "--model_name_or_path", str(tmp_path / "runs" / "mea")])
+
+
+def test_output_dir_is_required():
+    with pytest.raises(ValueError, match="--output_dir is required"):
+        PretrainingArguments()
+
+
+def test_final_evaluation_is_not_repeated(pretrained_run):
+    folder, _ = pretrained_run
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    final_step = max(entry["step"] for entry in history)
+    assert sum("eval_loss" in entry for entry in history if entry["step"] == final_step) == 1
+
+
+def test_slow_run_on_a_cpu_is_flagged_before_training(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from mae_hf.training import ThroughputCallback
+
+    args = PretrainingArguments(output_dir=str(tmp_path))  # the GPU default: 320 epochs of batch 512
+    for steps, flagged in ((29_680, True), (780, False)):
+        callback = ThroughputCallback(512, slow_hint="use the small config")
+        callback.on_train_begin(args, SimpleNamespace(is_world_process_zero=True, max_steps=steps), None)
+        assert ("use the small config" in capsys.readouterr().out) == flagged
+
+
 def test_bad_column_fails_before_training(tmp_path, scripts, tiny_overrides, parquet_folder):
-    with pytest.raises(ValueError, match=r"'img', 'label'"):
+    with pytest.raises(SystemExit, match=r"'img', 'label'"):
         scripts.pretrain.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(parquet_folder),
                                "--config_overrides", tiny_overrides, "--image_column_name", "photo"])
     assert not (tmp_path / "run").exists()
@@ -116,24 +157,28 @@ def _losses(folder):
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, repo_root, tiny_overrides, parquet_folder):
+    # 3 epochs of 6 steps; checkpoints every 4 steps, so the kill after checkpoint-8 lands mid-epoch.
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_command(straight, tiny_overrides, parquet_folder), cwd=repo_root, env=environment, check=True,
-                   capture_output=True)
-    process = subprocess.Popen(_command(killed, tiny_overrides, parquet_folder), cwd=repo_root, env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    schedule = ("--num_train_epochs", "3", "--save_steps", "4")
+    subprocess.run(_command(straight, tiny_overrides, parquet_folder, *schedule), cwd=repo_root, env=environment,
+                   check=True, capture_output=True)
+    process = subprocess.Popen(_command(killed, tiny_overrides, parquet_folder, *schedule), cwd=repo_root,
+                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (killed / "checkpoint-6" / "trainer_state.json").exists():
+    while not (killed / "checkpoint-8" / "trainer_state.json").exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "model.safetensors").exists()  # it really was interrupted
-    subprocess.run(_command(killed, tiny_overrides, parquet_folder, "--resume_from_checkpoint", "last"),
-                   cwd=repo_root, env=environment, check=True, capture_output=True)
+    resumed = subprocess.run(_command(killed, tiny_overrides, parquet_folder, *schedule, "--resume_from_checkpoint",
+                                      "last", "--log_level", "info"),
+                             cwd=repo_root, env=environment, check=True, capture_output=True, text=True)
+    assert "global step 8" in resumed.stderr  # continued from the checkpoint, not started over
     straight_losses, resumed_losses = _losses(straight), _losses(killed)
-    assert max(straight_losses) == max(resumed_losses) == 12  # same final step
-    for step in range(7, 13):  # the steps run after resuming: same loss, same learning rate
+    assert max(straight_losses) == max(resumed_losses) == 18  # same final step
+    for step in range(9, 19):  # the steps run after resuming: same loss, same learning rate
         assert resumed_losses[step] == straight_losses[step], step
 
 
@@ -165,3 +210,23 @@ def test_cpu_defaults_are_fp32_without_compile(tmp_path):
     assert PretrainingArguments(output_dir=str(tmp_path), bf16=True).bf16  # the normal flag still works
     with pytest.raises(ValueError, match="crop_min_scale"):
         PretrainingArguments(output_dir=str(tmp_path), crop_min_scale=0)
+
+
+def test_config_files_parse_and_reference_is_the_reference_recipe(tmp_path, repo_root):
+    from mae_hf.training import FinetuneArguments
+
+    configs = repo_root / "configs"
+    for name, arguments in (("reference", PretrainingArguments), ("cpu_small", PretrainingArguments),
+                            ("cpu_small_finetune", FinetuneArguments)):
+        parse_args((ModelArguments, DataArguments, arguments),
+                   [str(configs / f"{name}.yaml"), "--output_dir", str(tmp_path / name)])
+    model_args, _, args = parse_args((ModelArguments, DataArguments, PretrainingArguments),
+                                     [str(configs / "reference.yaml"), "--output_dir", str(tmp_path / "reference")])
+    config = build_config(model_args)
+    assert (config.hidden_size, config.num_hidden_layers, config.decoder_num_hidden_layers, config.mask_ratio,
+            config.patch_size) == (192, 12, 4, 0.75, 2)
+    assert (args.learning_rate, args.weight_decay, args.decay_all_parameters, args.max_grad_norm) == (1e-4, 1e-4,
+                                                                                                       True, 0)
+    assert (args.global_batch_size, args.seed, args.num_train_epochs, args.lr_scheduler_type) == (128, 42, 320,
+                                                                                                   "cosine")
+    assert (args.adam_beta1, args.adam_beta2, args.warmup_steps) == (0.9, 0.999, 0.05)
