@@ -245,7 +245,10 @@ class ArrayDataset(torch.utils.data.Dataset):
         return {key: value[index] for key, value in self.tensors.items()}
 
     def __getitems__(self, indices):
-        index = torch.as_tensor(indices, device=self.tensors["pixel_values"].device)
+        device = self.tensors["pixel_values"].device
+        index = torch.as_tensor(indices)
+        if device.type == "cuda":  # from pinned memory the copy is asynchronous: no wait for the GPU's queue
+            index = index.pin_memory().to(device, non_blocking=True)
         return {key: value[index] for key, value in self.tensors.items()}
 
     def to(self, device) -> "ArrayDataset":

@@ -11,14 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("mae_hf") is None:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from fixtures_runs import TINY_MODEL as TINY  # noqa: E402
+
 import mae_hf  # noqa: E402
 
-# 8x8 images, 2x2 patches: a 4x4 grid of 16 patches of 12 values each.
-TINY = dict(
-    image_size=8, patch_size=2, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-    decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-)
-NUM_PATCHES = 16
+NUM_PATCHES = 16  # TINY: 8x8 images, 2x2 patches, a 4x4 grid of patches of 12 values each
 
 
 def make_tiny_config(**overrides) -> mae_hf.MAEConfig:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# 8x8 images, 2x2 patches: a 4x4 grid of 16 patches of 12 values each.
 TINY_MODEL = dict(image_size=8, patch_size=2, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                   decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2)
 MODES = ("RGB", "L", "RGBA", "P")  # every image mode the loaders must turn into RGB
