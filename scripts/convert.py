@@ -5,7 +5,7 @@ SRC_DIR is a `save_pretrained` folder; the direction follows its config.json `mo
 the source's preprocessor_config.json image_mean/image_std are kept).
 
     python scripts/convert.py runs/mae-cifar10 runs/mae-cifar10-vit-mae
-    python scripts/convert.py runs/mae-cifar10-vit-mae runs/back --to mae
+    python scripts/convert.py runs/mae-cifar10-vit-mae runs/back --to mae_hf
 """
 
 import argparse
@@ -17,16 +17,18 @@ from transformers import ViTMAEForPreTraining
 import mae_hf
 from mae_hf.convert import from_vit_mae, to_vit_mae
 
-TARGET = {"vit_mae": "mae", "mae_hf": "vit_mae"}  # source model_type -> target format
+TARGET = {"vit_mae": "mae_hf", "mae_hf": "vit_mae"}  # source model_type -> target model_type
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, metavar="SRC_DIR", help="folder written by save_pretrained")
     parser.add_argument("out", type=Path, metavar="OUT_DIR", help="output folder (new or empty)")
-    parser.add_argument("--to", choices=("vit_mae", "mae"), help="target format (default: the other one)")
+    parser.add_argument("--to", choices=("vit_mae", "mae_hf", "mae"),
+                        help="target model_type (default: the other one; 'mae' is short for 'mae_hf')")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     args = parser.parse_args(argv)
+    args.to = "mae_hf" if args.to == "mae" else args.to
     config_file = args.src / "config.json"
     if not config_file.is_file():
         parser.error(f"{args.src} has no config.json: not a save_pretrained folder")

@@ -105,7 +105,7 @@ def test_script_round_trip(tmp_path, tiny_config, perturb, pixel_values, noise, 
     theirs = ViTMAEForPreTraining.from_pretrained(tmp_path / "vit")
     assert_same_function(ours, theirs, pixel_values, noise)
 
-    convert_script.main([str(tmp_path / "vit"), str(tmp_path / "back"), "--to", "mae"])
+    convert_script.main([str(tmp_path / "vit"), str(tmp_path / "back"), "--to", "mae_hf"])
     back = MAEForPreTraining.from_pretrained(tmp_path / "back")
     assert back.config.image_mean == [0.5, 0.4, 0.3] and back.config.image_std == [0.2, 0.25, 0.3]
     assert (tmp_path / "back" / "modeling_mae.py").is_file()
