@@ -64,7 +64,7 @@ def evaluation_text(results: list[dict]) -> str:
     lines = []
     for result in results:
         settings = ", ".join(f"{key} {value}" for key, value in sorted(result.items()) if key not in NOT_SETTINGS
-                             and not key.startswith("eval_accuracy_"))
+                             and not key.startswith("eval_accuracy_") and not key.endswith("_seconds"))
         lines.append(f"- {result['protocol']}, {result.get('encoder', 'pretrained')} encoder: trained on "
                      f"{result.get('train_split')} ({result.get('train_samples')} images), evaluated on "
                      f"{result.get('eval_split')} ({result.get('eval_samples')} images); {settings}.")
