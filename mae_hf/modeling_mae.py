@@ -441,7 +441,9 @@ class MAEForImageClassification(MAEPreTrainedModel):
         return_dict: bool | None = None,
     ) -> ImageClassifierOutput | tuple:
         r"""
-        labels: `(batch,)` class indices in `[0, num_labels)`; gives a cross-entropy `loss`.
+        labels: `(batch,)` class indices in `[0, num_labels)`, giving a cross-entropy `loss`; or, as in transformers'
+            classifiers (`config.problem_type`), `(batch, num_labels)` floats for multi-label (binary cross-entropy)
+            and `(batch,)` floats with `num_labels=1` for regression (mean squared error).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.linear_probe):
@@ -449,9 +451,11 @@ class MAEForImageClassification(MAEPreTrainedModel):
         logits = self.classify_features(encoded.pooler_output)
         loss = None
         if labels is not None:
-            if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+            single_label = (self.config.problem_type in (None, "single_label_classification") and self.num_labels > 1
+                            and not labels.is_floating_point())
+            if single_label and (labels.dim() != 1 or labels.shape[0] != logits.shape[0]):
                 raise ValueError(f"labels must have shape (batch,) = ({logits.shape[0]},), got {tuple(labels.shape)}.")
-            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+            loss = self.loss_function(labels, logits.float(), self.config)
 
         if not return_dict:
             return tuple(v for v in (loss, logits, encoded.hidden_states) if v is not None)

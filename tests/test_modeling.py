@@ -391,6 +391,18 @@ def test_bad_labels(tiny_config, pixel_values):
 # ---------------------------------------------------------------- classification
 
 
+def test_multi_label_and_regression_losses(tiny_config, pixel_values):
+    multi = MAEForImageClassification(tiny_config(num_labels=3))
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    output = multi(pixel_values, labels=targets)
+    torch.testing.assert_close(output.loss, F.binary_cross_entropy_with_logits(output.logits, targets))
+    assert multi.config.problem_type == "multi_label_classification"
+    regression = MAEForImageClassification(tiny_config(num_labels=1))
+    values = torch.tensor([0.5, -1.0])
+    output = regression(pixel_values, labels=values)
+    torch.testing.assert_close(output.loss, F.mse_loss(output.logits.squeeze(), values))
+
+
 def test_classification_loss_is_cross_entropy(tiny_config, perturb, pixel_values):
     model = perturb(MAEForImageClassification(tiny_config(num_labels=5)), scale=0.5).eval()
     labels = torch.tensor([4, 1])
