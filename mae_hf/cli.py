@@ -31,7 +31,10 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
             if action.dest in values:
                 action.required = False
         parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(argv)
+    try:
+        return parser.parse_args_into_dataclasses(argv)
+    except ValueError as error:  # an argument dataclass refused a value: a usage error, not a traceback
+        parser.error(str(error))
 
 
 def parse_overrides(text: str | None) -> dict:

@@ -46,6 +46,9 @@ class DataArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches downloads and decoding."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for decoding."})
 
+    def __post_init__(self):
+        self.dataset_name = os.path.expanduser(self.dataset_name)  # "~" from a config file, where no shell expands it
+
 
 @dataclass
 class ImageArrays:
@@ -81,7 +84,7 @@ def load_raw_dataset(args: DataArguments):
                 f"--dataset_name {name}: could not read this folder as a dataset ({error}). Expected parquet files "
                 "(train.parquet, test.parquet), an imagefolder tree (train/<class>/*.png) or a save_to_disk folder."
             ) from error
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if looks_local(name):
         raise ValueError(f"--dataset_name {name}: no such file or folder. {folder_listing(name)}")
     try:
         return datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir)
@@ -91,6 +94,15 @@ def load_raw_dataset(args: DataArguments):
             "Without network access, pass a local folder of parquet files (train.parquet, test.parquet), an "
             "imagefolder tree or a save_to_disk folder."
         ) from error
+
+
+def looks_local(path: str) -> bool:
+    """Whether a name that does not exist here was meant as a local path rather than a Hub id: it says so
+    (./, /, ~), has more than one slash, or its folder exists here (a typo in `runs/mea`)."""
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return True
+    parent = os.path.dirname(path)
+    return bool(parent) and os.path.isdir(parent)
 
 
 def folder_listing(path: str) -> str:

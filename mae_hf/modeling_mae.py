@@ -429,6 +429,24 @@ class MAEForImageClassification(MAEPreTrainedModel):
             self.mae.eval()
         return self
 
+    def check_labels(self, labels: torch.Tensor, batch: int) -> None:
+        """Labels must fit the problem type (`config.problem_type`, or inferred as transformers does)."""
+        problem = self.config.problem_type or (
+            "regression" if self.num_labels == 1
+            else "multi_label_classification" if labels.is_floating_point() else "single_label_classification")
+        if problem == "single_label_classification":
+            expected = f"(batch,) = ({batch},), integer class indices"
+            fits = labels.dim() == 1 and not labels.is_floating_point()
+        elif problem == "multi_label_classification":
+            expected = f"(batch, num_labels) = ({batch}, {self.num_labels}), floats"
+            fits = labels.dim() == 2 and labels.is_floating_point()
+        else:
+            expected = f"(batch,) = ({batch},) or (batch, num_labels) = ({batch}, {self.num_labels}), floats"
+            fits = labels.is_floating_point() and labels.dim() in (1, 2)
+        if not fits or labels.shape[0] != batch or (labels.dim() == 2 and labels.shape[1] != self.num_labels):
+            raise ValueError(f"labels for {problem} must have shape {expected}; got {tuple(labels.shape)} "
+                             f"{labels.dtype}.")
+
     def classify_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """Logits from pooled encoder features: lets a probe train the head on cached features."""
         return self.classifier(self.head_norm(pooled))
@@ -451,10 +469,7 @@ class MAEForImageClassification(MAEPreTrainedModel):
         logits = self.classify_features(encoded.pooler_output)
         loss = None
         if labels is not None:
-            single_label = (self.config.problem_type in (None, "single_label_classification") and self.num_labels > 1
-                            and not labels.is_floating_point())
-            if single_label and (labels.dim() != 1 or labels.shape[0] != logits.shape[0]):
-                raise ValueError(f"labels must have shape (batch,) = ({logits.shape[0]},), got {tuple(labels.shape)}.")
+            self.check_labels(labels, logits.shape[0])  # before loss_function, which settles config.problem_type
             loss = self.loss_function(labels, logits.float(), self.config)
 
         if not return_dict:

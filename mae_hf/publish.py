@@ -14,7 +14,14 @@ import shutil
 import torch
 
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
-from .results import NOT_SETTINGS, accuracy_rows, collect_results, encoder_fingerprint, results_table
+from .results import (
+    NOT_SETTINGS,
+    accuracy_rows,
+    collect_results,
+    encoder_fingerprint,
+    results_table,
+    unique_results,
+)
 
 PICTURES = ("reconstructions.png", "loss_curve.png")
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -84,21 +91,27 @@ def check_measured_on(results: list[dict], pretrained, pretrained_dir: str) -> N
             recorded = result.get("model_name_or_path")
             same = recorded is not None and os.path.realpath(recorded) == os.path.realpath(pretrained_dir)
         if not same:
+            measured = result.get("encoder_fingerprint") or f"the model in {result.get('model_name_or_path')}"
             raise ValueError(
-                f"{result['source']} measured another encoder ({result.get('model_name_or_path')}), not "
-                f"{pretrained_dir}'s; the card would show numbers that do not belong to these weights. Pass only "
+                f"{result['source']} measured another encoder ({measured}) than {pretrained_dir} holds "
+                f"({fingerprint}); the card would show numbers that do not belong to these weights. Pass only "
                 f"results of this model (random-init baselines may come from anywhere).")
 
 
 def pretraining_text(summary: dict) -> str:
     """The recipe and outcome of the pretraining run, from its `pretraining_summary.json`."""
     precision = "bf16 autocast" if summary.get("bf16") else "fp32"
+    decayed = "every parameter" if summary.get("decay_all_parameters") else "linear weights only"
+    clipping = ""  # summaries before `max_grad_norm` was recorded leave it unsaid
+    if "max_grad_norm" in summary:
+        norm = summary["max_grad_norm"]
+        clipping = f", gradients clipped at norm {norm:g}" if norm and norm > 0 else ", no gradient clipping"
     images_per_second = summary.get("pipeline_images_per_second")
     rows = [
         ("Data", f"{summary['dataset_name']}: {summary['train_split']} ({summary['train_samples']} images)"),
         ("Epochs / global batch", f"{summary['epochs']:g} / {summary['global_batch_size']}"),
         ("Optimiser", f"AdamW, betas {tuple(summary['adam_betas'])}, peak lr {summary['learning_rate']:.3g}, "
-                      f"weight decay {summary['weight_decay']} (linear weights only)"),
+                      f"weight decay {summary['weight_decay']} ({decayed}){clipping}"),
         ("Schedule", f"{summary['lr_scheduler_type']}, warmup {summary['warmup_steps']:g}"),
         ("Augmentation", f"random-resized-crop (area {summary['crop_min_scale']}-1), "
                          f"horizontal flip {summary['horizontal_flip']}"),
@@ -116,7 +129,8 @@ def pretraining_text(summary: dict) -> str:
 def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None, finetune_dir: str | None = None,
              result_paths=(), template_path: str | None = None, model_id: str | None = None,
              dataset_id: str = "uoft-cs/cifar10", dataset_title: str = "CIFAR-10", overwrite: bool = False) -> str:
-    """Write the Hub-ready folder; every input is checked before anything is written. Returns the card path."""
+    """Write the Hub-ready folder. Everything is read, checked and rendered first; only then is anything written
+    (or an old folder replaced). Returns the card's path."""
     _require_run(pretrained_dir, "pretraining_summary.json", "pretrained run")
     _require_run(probe_dir, "linear_probe_results.json", "--probe")
     _require_run(finetune_dir, "finetune_results.json", "--finetune")
@@ -127,6 +141,11 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         raise ValueError(f"model card template {template_path} does not exist.")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite or choose another folder.")
+    target = os.path.realpath(output_dir)
+    for source in (pretrained_dir, probe_dir, finetune_dir, *result_paths):
+        if source and os.path.commonpath([target, os.path.realpath(source)]) in (target, os.path.realpath(source)):
+            raise ValueError(f"--output_dir {output_dir} overlaps the input {source}; choose a separate folder.")
+
     # The pretrained rows come only from the runs named for this model, so a stray result elsewhere never shows up.
     results = collect_results([os.path.join(probe_dir, name) for name in ("linear_probe_results.json",
                                                                           "knn_results.json")
@@ -140,49 +159,61 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         if folder and collect_results([os.path.join(folder, name)])[0].get("encoder") != "pretrained":
             raise ValueError(f"{option} {folder} evaluated a random-init encoder; give the run on {pretrained_dir} "
                              f"(baselines go in --results).")
-    accuracy_rows(results)  # disagreeing duplicates fail here, before anything is written
+    results = unique_results(results)  # disagreeing duplicates fail here; agreeing ones are kept once
     probe = MAEForImageClassification.from_pretrained(probe_dir) if probe_dir else None
     if probe is not None:
         encoder = pretrained.mae.state_dict()
         if any(not torch.equal(value, encoder[key]) for key, value in probe.mae.state_dict().items()):
             raise ValueError(f"--probe {probe_dir}: its encoder differs from {pretrained_dir}'s; probe that model.")
-    model_id = model_id or os.path.basename(os.path.abspath(output_dir))
+    finetuned = MAEForImageClassification.from_pretrained(finetune_dir) if finetune_dir else None
+    summary_path = os.path.join(pretrained_dir, "pretraining_summary.json")
+    with open(summary_path) as handle:
+        summary = json.load(handle)
+    card = render_card(template_path, pretrained, summary, results, probe, finetuned is not None,
+                       model_id or os.path.basename(target), dataset_id, dataset_title)
 
     if overwrite and os.path.isdir(output_dir):
         shutil.rmtree(output_dir)
     os.makedirs(os.path.join(output_dir, "results"), exist_ok=True)
-    head_description = "no classification head (the classifier class adds an untrained one)"
-    if probe is not None:
+    if probe is not None:  # one checkpoint: pretrained encoder and decoder, plus the probe's head
         probe.save_pretrained(output_dir, state_dict={**pretrained.state_dict(), **probe.state_dict()})
-        head_description = (f"a linear-probe head over {probe.config.num_labels} classes "
-                            f"({', '.join(probe.config.id2label[i] for i in range(probe.config.num_labels))})")
     else:
         pretrained.save_pretrained(output_dir)
-    finetuned_note = ""
-    if finetune_dir:
-        MAEForImageClassification.from_pretrained(finetune_dir).save_pretrained(os.path.join(output_dir, "finetuned"))
-        finetuned_note = ("- `finetuned/`: the fine-tuned classifier (its own encoder); load it with "
-                          "`subfolder=\"finetuned\"`.\n")
+    if finetuned is not None:
+        finetuned.save_pretrained(os.path.join(output_dir, "finetuned"))
     for picture in PICTURES:
         shutil.copy(os.path.join(pretrained_dir, picture), os.path.join(output_dir, picture))
     for index, result in enumerate(results):
         shutil.copy(result["source"], os.path.join(output_dir, "results", f"{index:02d}_{result['protocol']}_"
                                                                            f"{result.get('encoder', 'x')}.json"))
-    summary_path = os.path.join(pretrained_dir, "pretraining_summary.json")
-    with open(summary_path) as handle:
-        summary = json.load(handle)
     shutil.copy(summary_path, os.path.join(output_dir, "results", "pretraining_summary.json"))
+    card_path = os.path.join(output_dir, "README.md")
+    with open(card_path, "w") as handle:
+        handle.write(card)
+    return card_path
 
+
+def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe, has_finetuned: bool,
+                model_id: str, dataset_id: str, dataset_title: str) -> str:
+    """`model_card.md` filled from the model, the pretraining summary and the result files."""
     config = pretrained.config
+    head_description = "no classification head (the classifier class adds an untrained one)"
+    if probe is not None:
+        labels = probe.config.id2label
+        head_description = (f"a linear-probe head over {probe.config.num_labels} classes "
+                            f"({', '.join(labels[i] for i in range(probe.config.num_labels))})")
+    finetuned_note = ("- `finetuned/`: the fine-tuned classifier (its own encoder); load it with "
+                      "`subfolder=\"finetuned\"`.\n") if has_finetuned else ""
     eval_splits = sorted({r["eval_split"] for r in results if r.get("eval_split")})
     with open(template_path) as handle:
         template = handle.read()
-    card = render(template, {
+    model_name = model_id.split("/")[-1]
+    return render(template, {
         "model_id": model_id,
-        "model_name": model_id.split("/")[-1],
+        "model_name": model_name,
         "dataset_id": dataset_id,
         "dataset_title": dataset_title,
-        "model_index": model_index(model_id.split("/")[-1], dataset_id, dataset_title, results),
+        "model_index": model_index(model_name, dataset_id, dataset_title, results),
         "head_description": head_description,
         "finetuned_note": finetuned_note,
         "parameters": f"{sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M",
@@ -202,10 +233,6 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         "results_table": results_table(results) if results else "No evaluation results were given.",
         "evaluation": evaluation_text(results),
     })
-    card_path = os.path.join(output_dir, "README.md")
-    with open(card_path, "w") as handle:
-        handle.write(card)
-    return card_path
 
 
 def push(output_dir: str, repo_id: str, private: bool = False) -> str:

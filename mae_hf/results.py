@@ -95,6 +95,20 @@ def accuracy_rows(results: list[dict]) -> dict:
     return rows
 
 
+def unique_results(results: list[dict]) -> list[dict]:
+    """The results with agreeing duplicates (one run's numbers found in two files) kept once; disagreeing ones
+    are an error (see `accuracy_rows`)."""
+    accuracy_rows(results)
+    seen, unique = set(), []
+    for result in results:
+        numbers = tuple(sorted((key, value) for key, value in result.items() if key.startswith("eval_accuracy")))
+        key = result["protocol"], result.get("encoder", "pretrained"), numbers
+        if key not in seen:
+            seen.add(key)
+            unique.append(result)
+    return unique
+
+
 def results_table(results: list[dict]) -> str:
     """Markdown table: protocols as rows, random-init and pretrained encoders side by side (top-1 %)."""
     rows = accuracy_rows(results)

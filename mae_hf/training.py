@@ -15,7 +15,7 @@ from transformers.utils import logging
 
 from .cli import parse_overrides
 from .configuration_mae import MAEConfig
-from .data import BatchTransform, folder_listing
+from .data import BatchTransform, folder_listing, looks_local
 
 logger = logging.get_logger("mae_hf")
 
@@ -30,13 +30,16 @@ class ModelArguments:
         default=None,
         metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=128,num_hidden_layers=4,mask_ratio=0.6'."})
 
+    def __post_init__(self):  # "~" from a config file, where no shell expands it
+        self.model_name_or_path = self.model_name_or_path and os.path.expanduser(self.model_name_or_path)
+        self.config_name = self.config_name and os.path.expanduser(self.config_name)
+
 
 def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
     """The model config: from `--model_name_or_path`, `--config_name` or fresh (with `fresh_defaults`), then the
     overrides; validated, with an error naming the bad field."""
     source = args.model_name_or_path or args.config_name
-    if source is not None and not os.path.exists(source) and (source.startswith((".", "/", "~"))
-                                                              or source.count("/") != 1):
+    if source is not None and not os.path.exists(source) and looks_local(source):
         option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
         raise ValueError(f"{option} {source}: no such file or folder. {folder_listing(source)}")
     if source is not None:
@@ -81,7 +84,8 @@ class ImageTrainingArguments(TrainingArguments):
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; default: on when a GPU supports it."})
     torch_compile: bool | None = field(default=None, metadata={"help": "torch.compile; default: on with CUDA."})
     per_device_eval_batch_size: int = field(default=512, metadata={"help": "Evaluation batch per device."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (linear weights only)."})
+    weight_decay: float = field(
+        default=0.05, metadata={"help": "AdamW weight decay, on linear weights only unless --decay_all_parameters."})
     decay_all_parameters: bool = field(
         default=False,
         metadata={"help": "Apply weight decay to every parameter (biases, norms, tokens too), as plain AdamW does."})
@@ -271,8 +275,6 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 
 def check_output_dir(args: TrainingArguments) -> None:
     """Refuse to start over a previous run unless asked to resume it (nothing is overwritten silently)."""
-    if args.output_dir is None:
-        sys.exit("error: --output_dir is required (where the model and results go).")
     if args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
         leftovers = [n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-") or n == "config.json"]
         if leftovers:

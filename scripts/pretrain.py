@@ -28,12 +28,15 @@ from mae_hf.training import (
     check_output_dir,
 )
 
-SLOW_HINT = ("This is the GPU-sized default. On a CPU, pretrain the small config instead: "
+SLOW_HINT = ("This run is sized for a GPU, not a CPU. On a CPU, pretrain the small config instead: "
              "python scripts/pretrain.py configs/cpu_small.yaml --output_dir runs/cpu_small")
 
 
 def final_evaluation(trainer) -> dict:
-    """The evaluation of the final step: the one the Trainer already ran there, else a new one."""
+    """The evaluation of the final step: the one the Trainer already ran there, else a new one (always a new one
+    when the best checkpoint was loaded at the end: the saved model is then not the last step's)."""
+    if trainer.args.load_best_model_at_end:
+        return trainer.evaluate()
     logged = {}
     for entry in trainer.state.log_history:
         if entry.get("step") == trainer.state.global_step:
@@ -102,7 +105,8 @@ def main(argv=None):
             "dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
             "train_samples": len(train), "eval_samples": len(evaluation), "epochs": args.num_train_epochs,
             "global_batch_size": args.global_batch_size, "learning_rate": args.learning_rate,
-            "weight_decay": args.weight_decay, "adam_betas": [args.adam_beta1, args.adam_beta2],
+            "weight_decay": args.weight_decay, "decay_all_parameters": args.decay_all_parameters,
+            "max_grad_norm": args.max_grad_norm, "adam_betas": [args.adam_beta1, args.adam_beta2],
             "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
             "warmup_steps": args.warmup_steps, "crop_min_scale": args.crop_min_scale,
             "horizontal_flip": args.horizontal_flip, "mask_ratio": config.mask_ratio,

@@ -384,8 +384,13 @@ def test_bad_noise_and_mask_ratio(tiny_config, pixel_values):
 def test_bad_labels(tiny_config, pixel_values):
     model = MAEForImageClassification(tiny_config(num_labels=3))
     for labels in (torch.tensor([[0], [1]]), torch.tensor([0, 1, 2]), torch.tensor(1)):
-        with pytest.raises(ValueError, match=re.escape("(batch,)")):
+        with pytest.raises(ValueError, match=re.escape("(batch,) = (2,)")):
             model(pixel_values, labels=labels)
+    with pytest.raises(ValueError, match=re.escape("(batch, num_labels) = (2, 3)")):  # floats: multi-label
+        model(pixel_values, labels=torch.tensor([0.0, 1.0]))
+    assert model.config.problem_type is None  # a refused call settles nothing
+    model(pixel_values, labels=torch.tensor([0, 2]))
+    assert model.config.problem_type == "single_label_classification"
 
 
 # ---------------------------------------------------------------- classification

@@ -101,9 +101,12 @@ def test_missing_model_folder_lists_what_exists(tmp_path, scripts, parquet_folde
                                "--model_name_or_path", str(tmp_path / "runs" / "mea")])
 
 
-def test_output_dir_is_required():
+def test_output_dir_is_required(scripts, parquet_folder, capsys):
     with pytest.raises(ValueError, match="--output_dir is required"):
         PretrainingArguments()
+    with pytest.raises(SystemExit):  # on the command line: a usage error, not a traceback
+        scripts.pretrain.main(["--dataset_name", str(parquet_folder)])
+    assert "--output_dir is required" in capsys.readouterr().err
 
 
 def test_final_evaluation_is_not_repeated(pretrained_run):
@@ -118,7 +121,7 @@ def test_slow_run_on_a_cpu_is_flagged_before_training(tmp_path, capsys):
 
     from mae_hf.training import ThroughputCallback
 
-    args = PretrainingArguments(output_dir=str(tmp_path))  # the GPU default: 320 epochs of batch 512
+    args = PretrainingArguments(output_dir=str(tmp_path), use_cpu=True)  # the default recipe, run on a CPU
     for steps, flagged in ((29_680, True), (780, False)):
         callback = ThroughputCallback(512, slow_hint="use the small config")
         callback.on_train_begin(args, SimpleNamespace(is_world_process_zero=True, max_steps=steps), None)
