@@ -1,28 +1,88 @@
 """Command-line parsing shared by the scripts: `HfArgumentParser` over dataclasses, from flags, from a JSON/YAML
-file, or from a file followed by flags that override it."""
+file, or from a file followed by flags that override it; and `run_script`, which turns the errors a user can fix
+into one `error: ...` paragraph instead of a traceback."""
 
 import json
 import os
 import sys
+import traceback
 
 from transformers import HfArgumentParser
+
+DEBUG_FLAG = "--debug"  # shows the traceback of an error; so does MAE_HF_DEBUG=1
+DEBUG_ENV = "MAE_HF_DEBUG"
+TRAINER_DEBUG_OPTIONS = ("underflow_overflow", "tpu_metrics_debug")  # values of TrainingArguments' own --debug
+
+
+class MAEHFError(Exception):
+    """Base of the project's own errors: a failure the user can fix (bad input, a fault of the run), reported by
+    `run_script` as `error: <message>` with exit code 1 and no traceback."""
+
+
+def user_errors() -> tuple:
+    """Exceptions that mean "bad input or environment", not "bug": reported without a traceback."""
+    errors = [MAEHFError, ValueError, OSError]  # json.JSONDecodeError is a ValueError
+    try:
+        import yaml
+
+        errors.append(yaml.YAMLError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """`argv` without a bare `--debug` (our flag), and whether it was there. `--debug underflow_overflow` is the
+    Trainer's own option and stays."""
+    kept, found = [], False
+    for index, token in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if token == DEBUG_FLAG and following not in TRAINER_DEBUG_OPTIONS:
+            found = True
+        else:
+            kept.append(token)
+    return kept, found
+
+
+def debug_enabled(flag_given: bool = False) -> bool:
+    return flag_given or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def error_message(error: BaseException) -> str:
+    """One paragraph: the error's text (or its type when it has none), on one line, without a doubled "error:"."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and not isinstance(error, MAEHFError) and error.filename and \
+            str(error.filename) not in text:
+        text += f": {error.filename}"
+    return text.removeprefix("error: ")
+
+
+def run_script(main, argv: list[str] | None = None, **kwargs):
+    """Run a script's `main(argv, **kwargs)` as the command line does (`argv` defaults to sys.argv[1:]): `--debug`
+    (removed before `main` parses the flags) or MAE_HF_DEBUG=1 show tracebacks; otherwise a user error
+    (`user_errors()`) ends as `error: <message>` on stderr with exit code 1. Usage errors of the parser keep their
+    exit code 2; anything else is a bug and keeps its traceback."""
+    argv, flag_given = strip_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    debug = debug_enabled(flag_given)
+    try:
+        return main(argv, **kwargs)
+    except user_errors() as error:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None):
     """`script.py [CONFIG.json|CONFIG.yaml] [--flag value ...]`: the file gives defaults, flags win."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types, description=description)
+    parser.usage = f"{parser.prog} [CONFIG.yaml|CONFIG.json] [--flag value ...]   (--help lists every flag)"
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         path = argv.pop(0)
         if not os.path.isfile(path):
             parser.error(f"config file {path} does not exist.")
-        with open(path) as handle:
-            if path.endswith(".json"):
-                values = json.load(handle)
-            else:
-                import yaml
-
-                values = yaml.safe_load(handle)
+        values = read_config_file(path, parser)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -35,6 +95,27 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
         return parser.parse_args_into_dataclasses(argv)
     except ValueError as error:  # an argument dataclass refused a value: a usage error, not a traceback
         parser.error(str(error))
+
+
+def read_config_file(path: str, parser) -> dict:
+    """The options of a JSON/YAML config file as a dict; a file that does not parse or holds no mapping of options
+    is a usage error naming the file."""
+    import yaml
+
+    try:
+        with open(path) as handle:
+            values = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
+    except (ValueError, yaml.YAMLError) as error:  # json.JSONDecodeError, UnicodeDecodeError are ValueErrors
+        kind = "JSON" if path.endswith(".json") else "YAML"
+        parser.error(f"config file {path} is not valid {kind}: {' '.join(str(error).split())}")
+    except OSError as error:
+        parser.error(f"config file {path} cannot be read: {error.strerror or error}.")
+    if values is None:
+        values = {}  # an empty file: no options
+    if not isinstance(values, dict):
+        parser.error(f"config file {path} must hold a mapping of options (option: value), not a "
+                     f"{type(values).__name__}.")
+    return values
 
 
 def parse_overrides(text: str | None) -> dict:

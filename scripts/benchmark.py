@@ -42,7 +42,7 @@ import torch
 import transformers
 
 from mae_hf import MAEConfig, MAEForPreTraining
-from mae_hf.cli import parse_overrides
+from mae_hf.cli import parse_overrides, run_script
 from mae_hf.convert import to_vit_mae
 
 MB = 2**20
@@ -308,4 +308,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -8,6 +8,7 @@ Arguments are result files or folders searched recursively for the scripts' *_re
 import argparse
 import sys
 
+from mae_hf.cli import run_script
 from mae_hf.results import collect_results, results_table
 
 
@@ -27,4 +28,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import ViTMAEForPreTraining
 
 import mae_hf
+from mae_hf.cli import run_script
 from mae_hf.convert import from_vit_mae, to_vit_mae
 
 TARGET = {"vit_mae": "mae_hf", "mae_hf": "vit_mae"}  # source model_type -> target model_type
@@ -65,4 +66,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

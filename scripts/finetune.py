@@ -13,7 +13,7 @@ import sys
 
 from transformers import set_seed
 
-from mae_hf.cli import parse_args
+from mae_hf.cli import parse_args, run_script
 from mae_hf.data import ArrayDataset, DataArguments, collate, load_image_splits
 from mae_hf.evaluation import load_classifier
 from mae_hf.metrics import accuracy
@@ -104,4 +104,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -9,5 +9,7 @@ Writes knn_results.json. Flags: --help (they are linear_probe.py's).
 
 from linear_probe import main
 
+from mae_hf.cli import run_script
+
 if __name__ == "__main__":
-    main(linear_probe=False)
+    run_script(main, linear_probe=False)

@@ -7,11 +7,21 @@ parameters + linear head trained on the cached features. The encoder is never tr
 
 Writes linear_probe_results.json and knn_results.json (k = 20 and 200; --knn false to skip), and saves the probe
 as an MAEForImageClassification in --output_dir (pipeline("image-classification") loads it). Flags: --help.
+
+Probes that suit MAE (mae_hf/probes.py), from the same single pass of the encoder:
+
+    python scripts/linear_probe.py --model_name_or_path runs/mae --feature_blocks 4 --output_dir runs/mae/multiblock
+    python scripts/linear_probe.py --model_name_or_path runs/mae --attentive_probe true --linear_probe false \\
+        --knn false --output_dir runs/mae/attentive
+
+--feature_blocks k > 1 makes the linear probe a multi-block one (linear_probe_multiblock_results.json);
+--attentive_probe true adds the attentive probe (attentive_probe_results.json). Their heads are saved as
+<protocol>_head.safetensors + <protocol>_head.json (mae_hf.probes.load_head reloads them).
 """
 
 import sys
 
-from mae_hf.cli import parse_args
+from mae_hf.cli import parse_args, run_script
 from mae_hf.data import DataArguments
 from mae_hf.evaluation import FrozenEvalArguments, run_frozen_evaluation
 from mae_hf.training import ModelArguments
@@ -29,4 +39,4 @@ def main(argv=None, **defaults):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

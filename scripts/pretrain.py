@@ -16,7 +16,7 @@ import sys
 from transformers import set_seed
 
 from mae_hf import MAEForPreTraining
-from mae_hf.cli import parse_args
+from mae_hf.cli import parse_args, run_script
 from mae_hf.data import ArrayDataset, DataArguments, collate, fixed_noise, load_image_splits
 from mae_hf.training import (
     MAEPretrainer,
@@ -127,4 +127,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

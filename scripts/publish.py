@@ -1,50 +1,68 @@
 """Assemble a Hub-ready folder from a pretraining run and its evaluation runs, with a model card filled from the
-measured result files; optionally push it to the Hub.
+measured result files; optionally add the Gradio demo (a Space) and push it to the Hub.
 
     python scripts/publish.py runs/mae --probe runs/mae/probe --finetune runs/mae/finetune \
-        --results runs/random --output_dir runs/hub [--push_to_hub --hub_model_id user/mae-cifar10]
+        --results runs/random --output_dir runs/hub [--space true] [--push_to_hub true --hub_model_id user/mae-cifar10]
 
---results adds result files or folders (e.g. the random-init baselines) to the card's table.
+--results adds result files or folders (e.g. the random-init baselines) to the card's table. Boolean flags take
+true/false (a bare flag means true), as in the other scripts. Pushing needs `hf auth login`, HF_TOKEN or --hub_token;
+it is checked before anything is assembled.
 """
 
 import argparse
 import os
 import sys
 
-from mae_hf.publish import assemble, push
+from transformers.hf_argparser import string_to_bool
 
-TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "model_card.md")
+from mae_hf.cli import run_script
+from mae_hf.publish import HubPushError, assemble, hub_preflight, push
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+TEMPLATE = os.path.join(ROOT, "model_card.md")
+DEMO = os.path.join(ROOT, "demo")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def boolean(name, help):
+        parser.add_argument(name, type=string_to_bool, nargs="?", const=True, default=False, help=help)
+
     parser.add_argument("pretrained_dir", help="Output folder of scripts/pretrain.py.")
     parser.add_argument("--probe", help="Output folder of scripts/linear_probe.py on that model.")
     parser.add_argument("--finetune", help="Output folder of scripts/finetune.py on that model.")
     parser.add_argument("--results", nargs="*", default=[], help="More result files/folders (e.g. baselines).")
     parser.add_argument("--output_dir", required=True, help="The folder to assemble.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output_dir.")
+    boolean("--overwrite", "Replace a non-empty --output_dir.")
     parser.add_argument("--template", default=TEMPLATE, help="Model card template (default: model_card.md).")
-    parser.add_argument("--dataset_id", default="uoft-cs/cifar10", help="Hub dataset id for the card metadata.")
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the folder to the Hub.")
+    parser.add_argument("--dataset_id", help="Hub dataset the card names when the run read a local copy (default "
+                                             "uoft-cs/cifar10); a run on a Hub dataset names its own.")
+    boolean("--space", "Add the Gradio demo (app.py, requirements.txt, examples/) and Space metadata.")
+    boolean("--push_to_hub", "Upload the folder to the Hub.")
     parser.add_argument("--hub_model_id", help="Hub repository, e.g. user/mae-cifar10 (needed to push).")
-    parser.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
+    boolean("--hub_private_repo", "Create the Hub repository as private (an existing one keeps its visibility).")
+    parser.add_argument("--hub_token", help="Hub token (default: HF_TOKEN, else the one `hf auth login` stored).")
+    parser.add_argument("--hub_revision", help="Branch to push to (created from main if missing).")
+    boolean("--create_pr", "Open a pull request (against --hub_revision or main) instead of committing.")
+    parser.add_argument("--commit_message", help="Commit message (default: 'Upload <folder name>').")
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. user/mae-cifar10).")
     try:
+        if args.push_to_hub:
+            hub_preflight(args.hub_model_id, args.hub_token)
         card = assemble(args.pretrained_dir, args.output_dir, args.probe, args.finetune, args.results,
                         template_path=args.template, model_id=args.hub_model_id, dataset_id=args.dataset_id,
-                        overwrite=args.overwrite)
-    except ValueError as error:
+                        overwrite=args.overwrite, space_dir=DEMO if args.space else None)
+        print(f"[publish] {args.output_dir} is complete (model card: {card})")
+        if args.push_to_hub:
+            url = push(args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+                       commit_message=args.commit_message, revision=args.hub_revision, create_pr=args.create_pr)
+            print(f"[publish] pushed: {url}")
+    except (ValueError, HubPushError) as error:
         sys.exit(f"error: {error}")
-    print(f"[publish] {args.output_dir} is complete (model card: {card})")
-    if args.push_to_hub:
-        try:
-            print(f"[publish] pushed: {push(args.output_dir, args.hub_model_id, args.private)}")
-        except RuntimeError as error:
-            sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 
 from mae_hf import MAEForPreTraining
-from mae_hf.cli import parse_args
+from mae_hf.cli import parse_args, run_script
 from mae_hf.data import BatchTransform, DataArguments, fixed_noise, load_image_splits
 from mae_hf.visualize import save_reconstructions
 
@@ -41,4 +41,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
