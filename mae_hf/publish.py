@@ -13,6 +13,8 @@ import shutil
 
 import torch
 
+from .cli import MAEHFError
+from .data import looks_local
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
 from .results import (
     NOT_SETTINGS,
@@ -24,6 +26,16 @@ from .results import (
 )
 
 PICTURES = ("reconstructions.png", "loss_curve.png")
+DEFAULT_DATASET_ID = "uoft-cs/cifar10"
+DATASET_TITLES = {"uoft-cs/cifar10": "CIFAR-10", "cifar10": "CIFAR-10"}
+# The Space: the demo app, its requirements and bundled examples, and the drawing code the app imports (one source,
+# mae_hf/visualize.py, which imports nothing from mae_hf so that it runs next to the app without the package).
+SPACE_FILES = ("app.py", "requirements.txt", "examples")
+DRAWING_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "visualize.py")
+
+
+class HubPushError(MAEHFError, RuntimeError):
+    """The upload failed; the local folder is complete."""
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
@@ -98,7 +110,31 @@ def check_measured_on(results: list[dict], pretrained, pretrained_dir: str) -> N
                 f"results of this model (random-init baselines may come from anywhere).")
 
 
-def pretraining_text(summary: dict) -> str:
+def is_local_dataset(name: str) -> bool:
+    return os.path.exists(os.path.expanduser(name)) or looks_local(name)
+
+
+def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str:
+    """The Hub dataset the card names (metadata and data row alike): the run's own Hub id, or for a run on a local
+    copy `dataset_id` (default CIFAR-10's). A `dataset_id` that contradicts the run's Hub id is an error."""
+    trained_on = summary["dataset_name"]
+    if is_local_dataset(trained_on):
+        return dataset_id or DEFAULT_DATASET_ID
+    if dataset_id and dataset_id != trained_on and DATASET_TITLES.get(dataset_id, dataset_id) != \
+            DATASET_TITLES.get(trained_on, trained_on):
+        raise ValueError(f"--dataset_id {dataset_id}: the run was pretrained on the Hub dataset {trained_on}; the "
+                         f"card must name that one (leave --dataset_id out).")
+    return dataset_id or trained_on
+
+
+def data_description(summary: dict, dataset_id: str) -> str:
+    """The data row: the Hub dataset, and where the run read it from when that was a local copy."""
+    trained_on = summary["dataset_name"]
+    where = f"{dataset_id} (local copy at `{trained_on}`)" if is_local_dataset(trained_on) else dataset_id
+    return f"{where}: {summary['train_split']} ({summary['train_samples']} images)"
+
+
+def pretraining_text(summary: dict, dataset_id: str) -> str:
     """The recipe and outcome of the pretraining run, from its `pretraining_summary.json`."""
     precision = "bf16 autocast" if summary.get("bf16") else "fp32"
     decayed = "every parameter" if summary.get("decay_all_parameters") else "linear weights only"
@@ -108,7 +144,7 @@ def pretraining_text(summary: dict) -> str:
         clipping = f", gradients clipped at norm {norm:g}" if norm and norm > 0 else ", no gradient clipping"
     images_per_second = summary.get("pipeline_images_per_second")
     rows = [
-        ("Data", f"{summary['dataset_name']}: {summary['train_split']} ({summary['train_samples']} images)"),
+        ("Data", data_description(summary, dataset_id)),
         ("Epochs / global batch", f"{summary['epochs']:g} / {summary['global_batch_size']}"),
         ("Optimiser", f"AdamW, betas {tuple(summary['adam_betas'])}, peak lr {summary['learning_rate']:.3g}, "
                       f"weight decay {summary['weight_decay']} ({decayed}){clipping}"),
@@ -128,9 +164,11 @@ def pretraining_text(summary: dict) -> str:
 
 def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None, finetune_dir: str | None = None,
              result_paths=(), template_path: str | None = None, model_id: str | None = None,
-             dataset_id: str = "uoft-cs/cifar10", dataset_title: str = "CIFAR-10", overwrite: bool = False) -> str:
+             dataset_id: str | None = None, overwrite: bool = False, space_dir: str | None = None) -> str:
     """Write the Hub-ready folder. Everything is read, checked and rendered first; only then is anything written
-    (or an old folder replaced). Returns the card's path."""
+    (or an old folder replaced). `dataset_id`: the Hub dataset to name when the run read a local copy. `space_dir`:
+    the demo folder (app.py, requirements.txt, examples/) to add, so that the folder can also become a Gradio Space.
+    Returns the card's path."""
     _require_run(pretrained_dir, "pretraining_summary.json", "pretrained run")
     _require_run(probe_dir, "linear_probe_results.json", "--probe")
     _require_run(finetune_dir, "finetune_results.json", "--finetune")
@@ -139,6 +177,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
             raise ValueError(f"{pretrained_dir}/{picture} is missing (scripts/visualize.py draws reconstructions).")
     if template_path is None or not os.path.isfile(template_path):
         raise ValueError(f"model card template {template_path} does not exist.")
+    space_metadata = space_check(space_dir) if space_dir else ""
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite or choose another folder.")
     target = os.path.realpath(output_dir)
@@ -169,8 +208,10 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     summary_path = os.path.join(pretrained_dir, "pretraining_summary.json")
     with open(summary_path) as handle:
         summary = json.load(handle)
+    dataset_id = resolve_dataset_id(summary, dataset_id)
     card = render_card(template_path, pretrained, summary, results, probe, finetuned is not None,
-                       model_id or os.path.basename(target), dataset_id, dataset_title)
+                       model_id or os.path.basename(target), dataset_id, DATASET_TITLES.get(dataset_id, dataset_id),
+                       space_metadata)
 
     if overwrite and os.path.isdir(output_dir):
         shutil.rmtree(output_dir)
@@ -187,6 +228,8 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         shutil.copy(result["source"], os.path.join(output_dir, "results", f"{index:02d}_{result['protocol']}_"
                                                                            f"{result.get('encoder', 'x')}.json"))
     shutil.copy(summary_path, os.path.join(output_dir, "results", "pretraining_summary.json"))
+    if space_dir:
+        add_space(space_dir, output_dir)
     card_path = os.path.join(output_dir, "README.md")
     with open(card_path, "w") as handle:
         handle.write(card)
@@ -194,7 +237,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
 
 
 def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe, has_finetuned: bool,
-                model_id: str, dataset_id: str, dataset_title: str) -> str:
+                model_id: str, dataset_id: str, dataset_title: str, space_metadata: str = "") -> str:
     """`model_card.md` filled from the model, the pretraining summary and the result files."""
     config = pretrained.config
     head_description = "no classification head (the classifier class adds an untrained one)"
@@ -214,6 +257,9 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
         "dataset_id": dataset_id,
         "dataset_title": dataset_title,
         "model_index": model_index(model_name, dataset_id, dataset_title, results),
+        "space_metadata": space_metadata,
+        "space_note": ("- `app.py`, `visualize.py`, `requirements.txt`, `examples/`: a Gradio demo of this model "
+                       "(`python app.py`); pushed as a Space, this folder serves it.\n") if space_metadata else "",
         "head_description": head_description,
         "finetuned_note": finetuned_note,
         "parameters": f"{sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M",
@@ -228,23 +274,105 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
         "decoder_num_attention_heads": config.decoder_num_attention_heads,
         "mask_ratio": config.mask_ratio,
         "target": "per-patch normalised pixels (norm_pix_loss)" if config.norm_pix_loss else "raw (normalised) pixels",
-        "pretraining": pretraining_text(summary),
+        "pretraining": pretraining_text(summary, dataset_id),
         "eval_split": " / ".join(f"`{split}`" for split in eval_splits) or "the evaluation split",
         "results_table": results_table(results) if results else "No evaluation results were given.",
         "evaluation": evaluation_text(results),
     })
 
 
-def push(output_dir: str, repo_id: str, private: bool = False) -> str:
-    """Upload the folder to the Hub; on failure the local folder stays complete and the error says what to do."""
+HUB_TIMEOUT_SECONDS = 10  # how long the preflight waits for the Hub before calling the network unreachable
+
+
+def hub_preflight(repo_id: str | None, token: str | None = None) -> str:
+    """Check, before any work, that a push to `repo_id` can happen: a well-formed id, the Hub not switched off
+    (HF_HUB_OFFLINE), a token (`token`, HF_TOKEN or `hf auth login`), and the Hub answering `whoami` with it within
+    HUB_TIMEOUT_SECONDS. Raises ValueError with one line saying what to fix; returns the account name."""
+    import threading
+
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not repo_id:
+        raise ValueError("pushing to the Hub needs --hub_model_id (e.g. your-name/mae-cifar10).")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"--hub_model_id {repo_id!r} is not a valid Hub repository id ({error}); expected "
+                         "'name' or 'namespace/name' of letters, digits, '-', '_' and '.'.") from None
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("cannot push to the Hub: HF_HUB_OFFLINE is set. Unset it on a machine with network, or "
+                         "publish without --push_to_hub and upload the folder later with `hf upload`.")
+    token = token or get_token()
+    if not token:
+        raise ValueError("cannot push to the Hub: not logged in. Run `hf auth login`, set HF_TOKEN, or pass "
+                         "--hub_token.")
+    answer = {}
+
+    def ask():
+        try:
+            answer["user"] = HfApi().whoami(token=token)
+        except Exception as error:  # reported below, whatever the transport raised
+            answer["error"] = error
+
+    thread = threading.Thread(target=ask, daemon=True)  # daemon: a hanging connection never blocks the exit
+    thread.start()
+    thread.join(HUB_TIMEOUT_SECONDS)
+    if "user" in answer:
+        return answer["user"].get("name", "")
+    reason = (f"{type(answer['error']).__name__}: {' '.join(str(answer['error']).split())}" if "error" in answer
+              else f"no answer within {HUB_TIMEOUT_SECONDS} s")
+    raise ValueError(f"cannot push to the Hub: checking the token with the Hub failed ({reason}). Check the network "
+                     "and the token (`hf auth whoami`), or publish without --push_to_hub.")
+
+
+def space_check(space_dir: str) -> str:
+    """The Space's README metadata, after checking the demo folder is complete; gradio must be installed so that the
+    card records the version the app runs with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in SPACE_FILES:
+        if not os.path.exists(os.path.join(space_dir, name)):
+            raise ValueError(f"--space: {space_dir}/{name} is missing; expected the repository's demo/ folder.")
+    try:
+        gradio_version = version("gradio")
+    except PackageNotFoundError:
+        raise ValueError("--space true records the Gradio version of the Space: install it first "
+                         "(pip install -e \".[demo]\").") from None
+    return "\n".join(["title: MAE reconstruction demo", "sdk: gradio", f"sdk_version: {gradio_version}",
+                      "app_file: app.py"])
+
+
+def add_space(space_dir: str, output_dir: str) -> None:
+    """Copy the demo app, its requirements and examples, and the drawing code next to the model."""
+    for name in SPACE_FILES:
+        source, target = os.path.join(space_dir, name), os.path.join(output_dir, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, target)
+        else:
+            shutil.copy(source, target)
+    shutil.copy(DRAWING_CODE, os.path.join(output_dir, "visualize.py"))
+
+
+def push(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
+         commit_message: str | None = None, revision: str | None = None, create_pr: bool = False) -> str:
+    """Upload the whole folder to the Hub model repository `repo_id` (created if missing, `private` then), on
+    `revision` (a branch, created from main if missing) or as a pull request against it. Returns the commit's (or
+    the pull request's) url. On failure the local folder is untouched and the error says how to upload it later."""
     from huggingface_hub import HfApi
 
+    api = HfApi(token=token)
     try:
-        api = HfApi()
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(folder_path=output_dir, repo_id=repo_id).commit_url
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                                   create_pr=create_pr,
+                                   commit_message=commit_message or f"Upload {os.path.basename(folder.rstrip('/'))}")
     except Exception as error:
-        raise RuntimeError(
-            f"Pushing to the Hub failed ({type(error).__name__}: {error}). The folder {output_dir} is complete: "
-            f"upload it later with `hf upload {repo_id} {output_dir}` (log in first with `hf auth login`)."
+        raise HubPushError(
+            f"Pushing to the Hub failed ({type(error).__name__}: {' '.join(str(error).split())}). The folder "
+            f"{folder} is complete: upload it later with `hf upload {repo_id} {folder}` (log in first with "
+            f"`hf auth login`)."
         ) from error
+    return commit.pr_url if create_pr and commit.pr_url else commit.commit_url

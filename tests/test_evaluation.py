@@ -262,16 +262,16 @@ def test_publish_refuses_numbers_that_are_not_this_models(evaluated, scripts, tm
     assert [p.name for p in (tmp_path / "hub" / "results").glob("*knn*")] == ["01_knn_pretrained.json"]
 
 
-def test_publish_without_network_keeps_the_folder(evaluated, scripts, tmp_path, monkeypatch):
+def test_publish_without_network_fails_before_anything(evaluated, scripts, tmp_path, monkeypatch):
     folder, root = evaluated
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SystemExit, match="Pushing to the Hub failed.*is complete"):
+    with pytest.raises(SystemExit, match="cannot push to the Hub: HF_HUB_OFFLINE is set"):
         scripts.publish.main([str(folder), "--probe", str(root / "probe"), "--output_dir", str(tmp_path / "hub"),
-                              "--push_to_hub", "--hub_model_id", "me/mae"])
-    assert (tmp_path / "hub" / "README.md").is_file() and (tmp_path / "hub" / "model.safetensors").is_file()
+                              "--push_to_hub", "true", "--hub_model_id", "me/mae"])
+    assert not (tmp_path / "hub").exists()  # nothing assembled, nothing half-written
 
 
 def test_published_folder_loads_in_a_clean_process(evaluated, scripts, tmp_path, repo_root):
