@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import random_erasing
+
 IMAGE_COLUMN_NAMES = ("img", "image", "pixel_values", "picture", "photo")
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target")
 EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
@@ -45,6 +47,10 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation images."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches downloads and decoding."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for decoding."})
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "Leave out images that cannot be decoded (corrupt or empty files) instead of stopping; "
+                          "they are counted, printed and listed in the result files."})
 
     def __post_init__(self):
         self.dataset_name = os.path.expanduser(self.dataset_name)  # "~" from a config file, where no shell expands it
@@ -58,9 +64,23 @@ class ImageArrays:
     labels: torch.Tensor | None = None
     class_names: list[str] | None = None
     split: str = ""  # where the images came from, e.g. "test" or "train (5% held out, seed 42)"
+    skipped: list[str] = field(default_factory=list)  # undecodable images left out (--skip_bad_images): "row N ..."
 
     def __len__(self):
         return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the label column: its class names when it has them, else the largest label + 1 (after
+        `validate_labels`, the evaluation split's labels are a subset of the training split's)."""
+        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+
+    def labelled(self) -> "ImageArrays":
+        """The images that have a label (pretraining accepts -1 / None as "unlabelled"; those are left out)."""
+        keep = self.labels >= 0
+        if bool(keep.all()):
+            return self
+        return ImageArrays(self.images[keep], self.labels[keep], self.class_names, self.split, self.skipped)
 
 
 def load_raw_dataset(args: DataArguments):
@@ -181,8 +201,25 @@ def select_splits(raw, args: DataArguments):
     return train, evaluation, names
 
 
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit samples (PNG "I" holds 16-bit ones too)
+
+
+def to_8_bit(image):
+    """16-bit and float images as 8-bit greyscale, scaled (0..65535 -> 0..255, floats 0..1 -> 0..255): PIL's own
+    convert("RGB"/"L") clips those samples at 255, which turns a 16-bit image white."""
+    from PIL import Image
+
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        samples = np.asarray(image).astype(np.float64) / 257
+    elif image.mode == "F":
+        samples = np.asarray(image).astype(np.float64) * 255
+    else:
+        return image
+    return Image.fromarray(np.clip(np.rint(samples), 0, 255).astype(np.uint8), "L")
+
+
 def _to_uint8(image, image_size: int, num_channels: int) -> np.ndarray:
-    image = image.convert("RGB" if num_channels == 3 else "L")
+    image = to_8_bit(image).convert("RGB" if num_channels == 3 else "L")
     if image.size != (image_size, image_size):
         from PIL import Image
 
@@ -191,26 +228,138 @@ def _to_uint8(image, image_size: int, num_channels: int) -> np.ndarray:
     return array if array.ndim == 3 else array[:, :, None]
 
 
+def source_rows(dataset, positions) -> list[int]:
+    """Row numbers in the loaded split (file order) of `positions` in `dataset`, which may be a selection, a
+    shuffle or a held-out part of it."""
+    positions = [int(position) for position in positions]
+    if dataset._indices is None:  # not a selection: positions are rows
+        return positions
+    column = dataset._indices.column(0)
+    return [column[position].as_py() for position in positions]
+
+
+def _decode_one(value, image_size: int, num_channels: int):
+    """(uint8 HWC array, None) or (None, why it cannot be decoded) for one undecoded image {bytes, path}."""
+    import datasets
+    from PIL import UnidentifiedImageError
+
+    data, path = (value or {}).get("bytes"), (value or {}).get("path")
+    if data is None and not path:
+        return None, "the image is missing (None)"
+    if (data is not None and len(data) == 0) or (data is None and os.path.isfile(path) and not os.path.getsize(path)):
+        return None, "the image is an empty (0-byte) file"
+    try:
+        image = datasets.Image().decode_example(value)
+        return _to_uint8(image, image_size, num_channels), None
+    except UnidentifiedImageError:
+        return None, "not an image in a format PIL reads (corrupt or not an image file)"
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ...) for a bad file: all mean "bad"
+        return None, " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def decode(dataset, image_column: str, label_column: str | None, image_size: int, num_channels: int = 3,
-           num_proc: int | None = None) -> ImageArrays:
-    """Decode every image once to uint8 `(N, C, H, W)` (RGB or grey, resized to `image_size`)."""
+           num_proc: int | None = None, skip_bad_images: bool = False, split: str = "") -> ImageArrays:
+    """Decode every image once to uint8 `(N, C, H, W)` (RGB or grey, resized to `image_size`). An image that
+    cannot be decoded is an error naming the split, its row (and file) and how many there are; with
+    `skip_bad_images` such images are left out and listed in `ImageArrays.skipped`."""
     import datasets
 
-    def convert(batch):
-        return {"pixels": [_to_uint8(image, image_size, num_channels) for image in batch[image_column]]}
+    blank = np.zeros((image_size, image_size, num_channels), dtype=np.uint8)
 
-    features = datasets.Features({"pixels": datasets.Array3D((image_size, image_size, num_channels), "uint8")})
-    decoded = dataset.map(convert, batched=True, batch_size=256, num_proc=num_proc, features=features,
-                          remove_columns=dataset.column_names, desc="Decoding images")
+    def convert(batch):
+        pixels, problems = [], []
+        for value in batch[image_column]:
+            array, problem = _decode_one(value, image_size, num_channels)
+            pixels.append(blank if array is None else array)
+            problems.append(problem)
+        return {"pixels": pixels, "problem": problems}
+
+    features = datasets.Features({"pixels": datasets.Array3D((image_size, image_size, num_channels), "uint8"),
+                                  "problem": datasets.Value("string")})
+    undecoded = dataset.cast_column(image_column, datasets.Image(decode=False))
+    decoded = undecoded.map(convert, batched=True, batch_size=256, num_proc=num_proc, features=features,
+                            remove_columns=dataset.column_names, desc="Decoding images")
+    problems = decoded.select_columns("problem").with_format("arrow")[:].column("problem")
+    bad = np.flatnonzero(problems.is_valid().to_numpy(zero_copy_only=False))
+    skipped = []
+    if len(bad):
+        rows = source_rows(dataset, bad)
+        paths = list(undecoded.select(bad[:1000].tolist())[image_column])  # the file of an imagefolder image
+        described = [f"row {row}" + (f" ({value['path']})" if value and value.get("path") else "")
+                     for row, value in zip(rows, paths + [None] * (len(rows) - len(paths)))]
+        if not skip_bad_images:
+            raise ValueError(
+                f"Split {split!r}: {len(bad)} of {len(dataset)} images cannot be decoded; the first is "
+                f"{described[0]}: {problems[int(bad[0])].as_py()}. Fix or remove them, or pass --skip_bad_images "
+                "true to leave them out (they are then counted and listed in the results).")
+        skipped = described
+        print(f"[data] split {split!r}: skipped {len(bad)} image(s) that cannot be decoded (--skip_bad_images):"
+              f" {', '.join(described[:5])}{', ...' if len(bad) > 5 else ''}", flush=True)
+    keep = np.setdiff1d(np.arange(len(dataset)), bad)
     pixels = decoded.with_format("numpy", dtype=np.uint8)[:]["pixels"]
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    images = torch.from_numpy(pixels[keep] if len(bad) else pixels).permute(0, 3, 1, 2).contiguous()
     labels, class_names = None, None
     if label_column is not None:
-        labels = torch.as_tensor(dataset.select_columns(label_column).with_format("numpy")[:][label_column],
-                                 dtype=torch.long)
+        labels = torch.as_tensor(label_values(dataset, label_column)[keep], dtype=torch.long)
         feature = dataset.features[label_column]
         class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    return ImageArrays(images, labels, class_names)
+    return ImageArrays(images, labels, class_names, skipped=skipped)
+
+
+def label_values(dataset, column: str) -> np.ndarray:
+    """The labels as int64, -1 for a missing one (None, NaN); `validate_labels` has checked them before."""
+    values = dataset.select_columns(column).with_format("arrow")[:].column(column).to_numpy(zero_copy_only=False)
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isnan(values), -1, values).astype(np.int64)
+
+
+def validate_labels(dataset, column: str, split: str, class_names: list[str] | None = None,
+                    allowed: set[int] | None = None, allow_unlabelled: bool = False) -> int:
+    """Check one split's labels before any decoding or training; returns how many are unlabelled.
+
+    Labels must be integer class indices in [0, len(class_names)) (or >= 0 without class names) and, with
+    `allowed` (the training split's labels, for the evaluation split), one of those. A missing label (None) or -1
+    means "unlabelled": an error for a classifier, accepted with `allow_unlabelled` (pretraining). Errors name the
+    split, the row of the first bad label and how many there are."""
+    import pyarrow as pa
+
+    array = dataset.select_columns(column).with_format("arrow")[:].column(column).combine_chunks()
+    kind = array.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+        bad = np.flatnonzero(array.is_valid().to_numpy(zero_copy_only=False))
+        if len(bad):
+            raise ValueError(
+                f"Split {split!r}: the label column {column!r} holds {kind} values, not integer class indices "
+                f"(row {source_rows(dataset, bad[:1])[0]}: {array[int(bad[0])].as_py()!r}). Pass "
+                "--label_column_name with the integer label column, or store the labels as a ClassLabel column.")
+    values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)  # None -> NaN
+    missing = np.isnan(values)
+    fractional = ~missing & (values != np.round(values))
+    unlabelled = missing | (values == -1)
+    upper = len(class_names) if class_names else None
+    out_of_range = ~missing & ~fractional & ((values < -1) | ((values == -1) & ~allow_unlabelled)
+                                             | ((values >= upper) if upper is not None else False))
+    range_text = (f"[0, {upper}) (the {upper} class names of the label column)" if upper is not None
+                  else "[0, number of classes)")
+    checks = [(fractional, "are not integers", "labels are integer class indices")]
+    if not allow_unlabelled:
+        checks.append((missing, "are missing (None)",
+                       "every image needs a label here; drop or fix those rows, or use a labelled split"))
+    checks.append((out_of_range, f"lie outside {range_text}",
+                   "-1 means 'unlabelled' (e.g. STL-10's unlabelled images), which only pretraining accepts; "
+                   "fix those rows or use a labelled split" if not allow_unlabelled else "fix those rows"))
+    if allowed is not None:
+        unseen = ~unlabelled & ~out_of_range & ~fractional & ~np.isin(values, sorted(allowed))
+        checks.append((unseen, "are classes that the training split does not have",
+                       "the classifier could never predict them; use splits with the same classes"))
+    for wrong, what, how in checks:
+        bad = np.flatnonzero(wrong)
+        if len(bad):
+            first = int(bad[0])
+            raise ValueError(
+                f"Split {split!r}, label column {column!r}: {len(bad)} of {len(values)} labels {what}; the first "
+                f"is row {source_rows(dataset, [first])[0]} ({array[first].as_py()!r}). {how[0].upper()}{how[1:]}.")
+    return int(unlabelled.sum())
 
 
 def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 3,
@@ -226,13 +375,35 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
                              f"{list(evaluation.column_names)}.")
     if len(train) == 0 or len(evaluation) == 0:
         raise ValueError(f"Empty split: {len(train)} training and {len(evaluation)} evaluation images.")
+    class_names = check_labels(train, evaluation, label_column, names, allow_unlabelled=not require_labels)
     train, evaluation = as_images(train, image_column), as_images(evaluation, image_column)
     arrays = []
     for split, name in zip((train, evaluation), names):
-        decoded = decode(split, image_column, label_column, image_size, num_channels, args.preprocessing_num_workers)
-        decoded.split = name
+        decoded = decode(split, image_column, label_column, image_size, num_channels, args.preprocessing_num_workers,
+                         skip_bad_images=args.skip_bad_images, split=name)
+        decoded.split, decoded.class_names = name, class_names
         arrays.append(decoded)
     return tuple(arrays)
+
+
+def check_labels(train, evaluation, column: str | None, names, allow_unlabelled: bool) -> list[str] | None:
+    """Validate both splits' labels (`validate_labels`) and that their class names agree; the class names."""
+    import datasets
+
+    if column is None:
+        return None
+    class_names = [list(split.features[column].names) if isinstance(split.features[column], datasets.ClassLabel)
+                   else None for split in (train, evaluation)]
+    if None not in class_names and class_names[0] != class_names[1]:
+        raise ValueError(f"The class names of split {names[0]!r} ({class_names[0]}) and split {names[1]!r} "
+                         f"({class_names[1]}) differ: the same label would mean different classes. Use splits with "
+                         "the same ClassLabel names.")
+    class_names = class_names[0] or class_names[1]
+    validate_labels(train, column, names[0], class_names, allow_unlabelled=allow_unlabelled)
+    seen = set(label_values(train, column).tolist()) - {-1}
+    validate_labels(evaluation, column, names[1], class_names, allowed=seen or None,
+                    allow_unlabelled=allow_unlabelled)
+    return class_names
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -305,14 +476,17 @@ def random_resized_crop(images: torch.Tensor, size: int, scale=(0.2, 1.0), ratio
 
 
 class BatchTransform:
-    """uint8 `(B, C, H, W)` -> normalised float batch, with optional random-resized-crop and flip.
+    """uint8 `(B, C, H, W)` -> normalised float batch, with optional random-resized-crop and flip, then optional
+    `augment` (a batch op on floats in [0, 1], e.g. `augment.RandAugment`), normalisation, and optional random
+    erasing with probability `random_erasing` (in normalised space).
 
     Runs on whatever device the batch is on: on a GPU the augmentation costs almost nothing.
     """
 
     def __init__(self, image_size: int, mean, std, crop_scale: tuple[float, float] | None = None,
-                 hflip: bool = False):
+                 hflip: bool = False, augment=None, random_erasing: float = 0.0):
         self.image_size, self.crop_scale, self.hflip = image_size, crop_scale, hflip
+        self.augment, self.random_erasing = augment, random_erasing
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -328,8 +502,13 @@ class BatchTransform:
             if self.hflip:
                 flip = torch.rand(x.shape[0], device=x.device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.augment is not None:
+            x = self.augment(x)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.random_erasing > 0:
+            x = random_erasing(x, self.random_erasing)
+        return x
 
     @classmethod
-    def for_model(cls, config, crop_scale=None, hflip=False) -> "BatchTransform":
-        return cls(config.image_size, config.image_mean, config.image_std, crop_scale, hflip)
+    def for_model(cls, config, crop_scale=None, hflip=False, augment=None, random_erasing=0.0) -> "BatchTransform":
+        return cls(config.image_size, config.image_mean, config.image_std, crop_scale, hflip, augment, random_erasing)
