@@ -44,7 +44,17 @@ class MAEConfig(PreTrainedConfig):
         pooling (`str`): `"cls"` (class token) or `"mean"` (mean of patch tokens) for `pooler_output` and classifiers.
         linear_probe (`bool`): `MAEForImageClassification` freezes the encoder (always in eval mode, no gradients)
             and puts a BatchNorm without affine parameters before the linear head, as in the MAE paper's linear probe.
-        image_mean, image_std (`list[float]`): Normalisation used by the image processor (CIFAR-10 by default).
+        image_mean, image_std (`list[float]`, `float` or `None`): Per-channel normalisation used by the image
+            processor (`(pixel / 255 - mean) / std`). `None` (the default) picks by channel count: the CIFAR-10 training
+            split's statistics for 3 channels, 0.5 / 0.5 for every channel otherwise. A single number is used for every
+            channel, as `ViTImageProcessor` does; a list needs one value per channel, and every std must be positive.
+            The names stay those of the first checkpoints (they load unchanged). Generic tooling that rewrites every
+            field whose name contains `_std` to a tiny value (transformers' `_config_zero_init`) therefore also sets
+            `image_std`: a scalar like 1e-10 is accepted (it is a valid, if useless, normalisation) so the model still
+            builds; it changes only the saved processor, never the weights.
+
+    Attention maps (`output_attentions=True`, here or in `forward`) are computed with the eager formula; the config's
+    `attn_implementation` (default `sdpa`) is used whenever they are not requested.
     """
 
     model_type = "mae_hf"
@@ -71,14 +81,17 @@ class MAEConfig(PreTrainedConfig):
     drop_path_rate: float = 0.0
     pooling: str = "cls"
     linear_probe: bool = False
-    image_mean: list[float] | tuple[float, ...] = CIFAR10_MEAN
-    image_std: list[float] | tuple[float, ...] = CIFAR10_STD
+    image_mean: list[float] | tuple[float, ...] | float | None = None
+    image_std: list[float] | tuple[float, ...] | float | None = None
 
     def __post_init__(self, **kwargs):
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__post_init__(**kwargs)
-        self.image_mean = [float(v) for v in self.image_mean]
-        self.image_std = [float(v) for v in self.image_std]
+        cifar = self.num_channels == 3
+        if self.image_mean is None:
+            self.image_mean = list(CIFAR10_MEAN) if cifar else [0.5] * self.num_channels
+        if self.image_std is None:
+            self.image_std = list(CIFAR10_STD) if cifar else [0.5] * self.num_channels
         self.check()
 
     @property
@@ -104,7 +117,8 @@ class MAEConfig(PreTrainedConfig):
         return int(self.num_patches * (1 - self.mask_ratio))
 
     def check(self):
-        """Raise `ValueError` naming the field when the configuration cannot describe a working model."""
+        """Raise `ValueError` naming the field when the configuration cannot describe a working model. Also turns a
+        single-number `image_mean` / `image_std` (set here or later) into one value per channel."""
 
         def fail(field, why):
             raise ValueError(f"MAEConfig: invalid {field}={getattr(self, field)!r}: {why}.")
@@ -142,8 +156,16 @@ class MAEConfig(PreTrainedConfig):
         if self.pooling not in ("cls", "mean"):
             fail("pooling", "expected 'cls' or 'mean'")
         for field in ("image_mean", "image_std"):
-            if len(getattr(self, field)) != self.num_channels:
+            value = getattr(self, field)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value] * self.num_channels  # one number for every channel
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                fail(field, "expected a number or a list of numbers, one per channel")
+            if len(value) != self.num_channels:
                 fail(field, f"expected one value per channel (num_channels={self.num_channels}); pass image_mean "
-                            f"and image_std with {self.num_channels} value(s) each")
+                            f"and image_std with {self.num_channels} value(s) each, a single number, or leave them "
+                            "unset for the default")
+            setattr(self, field, [float(v) for v in value])
         if any(v <= 0 for v in self.image_std):
             fail("image_std", "every value must be positive")

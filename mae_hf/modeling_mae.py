@@ -7,10 +7,10 @@ This file is copied next to saved weights, so that `trust_remote_code=True` load
 installed: it imports `mae_hf` code only relatively, and needs nothing beyond torch and transformers.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, ViTImageProcessorPil
 from transformers import initialization as init
@@ -18,7 +18,11 @@ from transformers.activations import ACT2FN
 from transformers.image_utils import PILImageResampling
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.utils import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_outputs
 
 from .configuration_mae import MAEConfig
 
@@ -30,7 +34,9 @@ class MAEModelOutput(ModelOutput):
     pooler_output: `(batch, hidden_size)`, the class token or the mean of the patch tokens (`config.pooling`).
     mask: `(batch, num_patches)`, 1 where a patch was hidden from the encoder, in image order.
     ids_restore: `(batch, num_patches)`, the permutation that puts the shuffled patches back in image order.
-    hidden_states: the embeddings and the output of each block, when `output_hidden_states=True`.
+    hidden_states: with `output_hidden_states=True`, the embeddings and the output of each block (before the final
+        LayerNorm), each `(batch, 1 + kept patches, hidden_size)`.
+    attentions: with `output_attentions=True`, one `(batch, heads, tokens, tokens)` softmax map per block.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -38,6 +44,16 @@ class MAEModelOutput(ModelOutput):
     mask: torch.FloatTensor | None = None
     ids_restore: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MAEDecoderOutput(ModelOutput):
+    """logits: `(batch, num_patches, patch_size**2 * num_channels)`; hidden_states and attentions of the decoder."""
+
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -46,7 +62,9 @@ class MAEForPreTrainingOutput(ModelOutput):
     loss: mean squared error over the masked patches.
     logits: `(batch, num_patches, patch_size**2 * num_channels)`, the predicted patches in image order
         (normalised per patch when `config.norm_pix_loss`).
-    mask, ids_restore, hidden_states: as in `MAEModelOutput` (hidden states of the encoder).
+    mask, ids_restore, hidden_states, attentions: as in `MAEModelOutput` (of the encoder).
+    decoder_hidden_states, decoder_attentions: the same for the decoder (all `1 + num_patches` tokens), with
+        `output_hidden_states` / `output_attentions`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -54,17 +72,22 @@ class MAEForPreTrainingOutput(ModelOutput):
     mask: torch.FloatTensor | None = None
     ids_restore: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def sincos_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos embedding of a square patch grid, shape `(1, 1 + grid_size**2, dim)`.
+def sincos_position_embedding(grid_size: int | tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2D sin-cos embedding of a patch grid (`grid_size` = side of a square grid, or `(rows, columns)`),
+    shape `(1, 1 + rows * columns, dim)`, patches in row-major order.
 
     Row 0 (the class token) is zero. Each patch gets `[sin(x w) | cos(x w) | sin(y w) | cos(y w)]` with x its column,
     y its row and w = 10000**(-k / (dim/4)): the layout of the original MAE code and of ViTMAE's checkpoints.
     """
+    num_rows, num_columns = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(num_rows, dtype=torch.float64),
+                                torch.arange(num_columns, dtype=torch.float64), indexing="ij")
     x = cols.reshape(-1, 1) * omega
     y = rows.reshape(-1, 1) * omega
     table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
@@ -83,6 +106,8 @@ def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor 
     if num_keep == length:  # nothing to hide: keep image order, so features are deterministic
         ids_restore = torch.arange(length, device=tokens.device).expand(batch, -1)
         return tokens, tokens.new_zeros(batch, length, dtype=torch.float32), ids_restore
+    if num_keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {length}.")
     if noise is None:
         noise = torch.rand(batch, length, device=tokens.device)
     ids_shuffle = torch.argsort(noise.to(tokens.device), dim=1)
@@ -100,26 +125,55 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return x * keep / (1 - rate)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out: `softmax(q k^T * scaling) v`, the softmax in float32 for half-precision models.
+
+    Takes `(batch, heads, tokens, head_dim)` tensors and returns the output as `(batch, tokens, heads, head_dim)`
+    (the layout of transformers' attention functions) and the `(batch, heads, tokens, tokens)` weights.
+    """
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(nn.functional.dropout(weights, p=dropout, training=module.training), value)
+    return output.transpose(1, 2).contiguous(), weights
+
+
 class MAEAttention(nn.Module):
+    """Multi-head self-attention over all tokens (no mask), computed by the backend `config._attn_implementation`
+    names (`sdpa` by default, `eager`, `flash_attention_2`, `flex_attention`, ...), through transformers' attention
+    interface, so that `attn_implementation=` at load time and `set_attn_implementation` afterwards choose it."""
+
     def __init__(self, width: int, heads: int, config: MAEConfig):
         super().__init__()
         self.config = config
         self.heads = heads
+        self.head_dim = width // heads
+        self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_probs_dropout_prob
+        self.is_causal = False  # transformers' sdpa and flash functions treat a module without it as causal
         self.qkv = nn.Linear(width, 3 * width, bias=config.qkv_bias)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, width = x.shape
         # unbind (not permute + unpack): backward then writes the fused q/k/v gradient without an extra copy.
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(batch, length, 3, self.heads, -1).unbind(2))
-        dropout = self.dropout if self.training else 0.0
-        if self.config._attn_implementation == "eager":  # the plain formula, for debugging and comparison
-            weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
-            x = F.dropout(weights, dropout) @ v
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        return self.proj(x.transpose(1, 2).reshape(batch, length, width))
+        attention: Callable = eager_attention_forward
+        if not kwargs.get("output_attentions"):  # only the eager formula yields the weights someone asked for
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention(self, q, k, v, None, scaling=self.scaling,
+                                    dropout=self.dropout if self.training else 0.0, **kwargs)
+        return self.proj(output.reshape(batch, length, width)), weights
 
 
 class MAEMLP(nn.Module):
@@ -145,56 +199,89 @@ class MAELayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.dropout(self.attention(self.norm1(x))), self.drop_path_rate, self.training)
+    def forward(self, x: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        attended, _ = self.attention(self.norm1(x), **kwargs)  # the weights reach outputs through a hook
+        x = x + drop_path(self.dropout(attended), self.drop_path_rate, self.training)
         return x + drop_path(self.dropout(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
 
 
-class MAEEmbeddings(nn.Module):
+class SinCosPositions(nn.Module):
+    """Holds the fixed sin-cos table of the config's patch grid and makes those of other grids.
+
+    The table of the config's grid is a non-persistent buffer (derived from the config, so not saved; `_init_weights`
+    fills it, also after `from_pretrained` and on a model built on the meta device). A table for another grid
+    (`interpolate_pos_encoding=True`) is computed once per grid, device and dtype and kept: there is nothing to
+    interpolate, the sin-cos formula holds for any grid.
+    """
+
+    def __init__(self, grid: tuple[int, int], width: int):
+        super().__init__()
+        self.grid = grid
+        self.register_buffer("position_embeddings", torch.zeros(1, 1 + grid[0] * grid[1], width), persistent=False)
+        self.other_grids: dict[tuple, torch.Tensor] = {}
+
+    def positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """`(1, 1 + rows * columns, width)` table for a `(rows, columns)` grid."""
+        table = self.position_embeddings
+        if grid == self.grid:
+            return table
+        key = (grid, table.device, table.dtype)
+        if key not in self.other_grids:
+            self.other_grids[key] = sincos_position_embedding(grid, table.shape[-1]).to(table.device, table.dtype)
+        return self.other_grids[key]
+
+
+class MAEEmbeddings(SinCosPositions):
     """Patch projection + fixed positions, random masking, then the class token in front."""
 
     def __init__(self, config: MAEConfig):
-        super().__init__()
+        super().__init__((config.grid_size, config.grid_size), config.hidden_size)
         self.patch_projection = nn.Linear(config.patch_size**2 * config.num_channels, config.hidden_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        # Derived from the config, so not saved; `_init_weights` fills it, also after `from_pretrained`.
-        self.register_buffer("position_embeddings", torch.zeros(1, config.num_patches + 1, config.hidden_size),
-                             persistent=False)
 
-    def forward(self, patches: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+    def forward(self, patches: torch.Tensor, grid: tuple[int, int], mask_ratio: float,
+                noise: torch.Tensor | None = None):
+        positions = self.positions(grid)
         # inputs of any float dtype: compute in the weights' dtype (fp32 images into a bf16 model, and so on)
-        tokens = self.patch_projection(patches.to(self.patch_projection.weight.dtype)) + self.position_embeddings[:, 1:]
+        tokens = self.patch_projection(patches.to(self.patch_projection.weight.dtype)) + positions[:, 1:]
         tokens, mask, ids_restore = random_masking(tokens, mask_ratio, noise)
-        cls = (self.cls_token + self.position_embeddings[:, :1]).expand(tokens.shape[0], -1, -1)
+        cls = (self.cls_token + positions[:, :1]).expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1), mask, ids_restore
 
 
-class MAEDecoder(nn.Module):
-    """Lightweight decoder: visible tokens + mask tokens, back in image order, to pixels of every patch."""
+class MAEDecoder(SinCosPositions):
+    """Lightweight decoder: visible tokens + mask tokens, back in image order, to pixels of every patch.
+
+    Not a `PreTrainedModel`, but it records its hidden states and attentions with transformers' output capture, as
+    the encoder does (`output_hidden_states` / `output_attentions`), under its own names in the pretraining output."""
 
     def __init__(self, config: MAEConfig):
-        super().__init__()
         width = config.decoder_hidden_size
+        super().__init__((config.grid_size, config.grid_size), width)
+        self.config = config  # read by `capture_outputs` (output_* defaults) and the attention layers
         self.embed = nn.Linear(config.hidden_size, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("position_embeddings", torch.zeros(1, config.num_patches + 1, width), persistent=False)
         self.layers = nn.ModuleList(
             MAELayer(width, config.decoder_num_attention_heads, config.decoder_intermediate_size, config)
             for _ in range(config.decoder_num_hidden_layers)
         )
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.pred = nn.Linear(width, config.patch_size**2 * config.num_channels)
+        _CAN_RECORD_REGISTRY[self] = {"hidden_states": MAELayer, "attentions": MAEAttention}
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int],
+                **kwargs: Unpack[TransformersKwargs]) -> MAEDecoderOutput:
+        kwargs["output_attentions"] = kwargs.get("output_attentions", self.config.output_attentions)
         x = self.embed(latent)
         batch, num_patches, width = ids_restore.shape[0], ids_restore.shape[1], x.shape[-1]
         mask_tokens = self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
         patches = torch.gather(patches, 1, ids_restore[:, :, None].expand(-1, -1, width))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.position_embeddings
+        x = torch.cat([x[:, :1], patches], dim=1) + self.positions(grid)
         for layer in self.layers:
-            x = layer(x)
-        return self.pred(self.norm(x))[:, 1:]
+            x = layer(x, **kwargs)
+        return MAEDecoderOutput(logits=self.pred(self.norm(x))[:, 1:])
 
 
 class MAEPreTrainedModel(PreTrainedModel):
@@ -204,7 +291,12 @@ class MAEPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _no_split_modules = ("MAELayer", "MAEEmbeddings")
+    # The encoder's; the decoder records its own (see MAEDecoder).
+    _can_record_outputs = {"hidden_states": MAELayer, "attentions": MAEAttention}
 
     def __init__(self, config: MAEConfig, *args, **kwargs):
         config.check()  # also after from_pretrained(..., some_field=value) or attribute changes
@@ -227,36 +319,22 @@ class MAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)
-        elif isinstance(module, MAEEmbeddings):
-            init.normal_(module.cls_token, std=self.config.initializer_range)
+        if isinstance(module, SinCosPositions):
             init.copy_(module.position_embeddings,
-                       sincos_position_embedding(self.config.grid_size, self.config.hidden_size))
-        elif isinstance(module, MAEDecoder):
-            init.normal_(module.mask_token, std=self.config.initializer_range)
-            init.copy_(module.position_embeddings,
-                       sincos_position_embedding(self.config.grid_size, self.config.decoder_hidden_size))
+                       sincos_position_embedding(module.grid, module.position_embeddings.shape[-1]))
+            module.other_grids.clear()
+            token = module.cls_token if isinstance(module, MAEEmbeddings) else module.mask_token
+            init.normal_(token, std=self.config.initializer_range)
 
-    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(batch, channels, H, W)` -> `(batch, num_patches, patch_size**2 * channels)`, patches in row-major order,
-        each flattened as (row in patch, column in patch, channel)."""
-        self.check_pixel_values(pixel_values)
-        p, c, grid = self.config.patch_size, self.config.num_channels, self.config.grid_size
-        batch = pixel_values.shape[0]
-        x = pixel_values.reshape(batch, c, grid, p, grid, p).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(batch, grid * grid, p * p * c)
-
-    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
-        """Inverse of `patchify`."""
-        p, c, grid = self.config.patch_size, self.config.num_channels, self.config.grid_size
-        expected = (grid * grid, p * p * c)
-        if patches.dim() != 3 or tuple(patches.shape[1:]) != expected:
-            raise ValueError(f"unpatchify expects (batch, {expected[0]}, {expected[1]}), got {tuple(patches.shape)}.")
-        x = patches.reshape(patches.shape[0], grid, grid, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(patches.shape[0], c, grid * p, grid * p)
-
-    def check_pixel_values(self, pixel_values) -> None:
+    def patch_grid(self, pixel_values, interpolate_pos_encoding: bool | None = False) -> tuple[int, int]:
+        """`(rows, columns)` of patches in `pixel_values`, after checking them: the config's image size, or with
+        `interpolate_pos_encoding` any height and width divisible by the patch size."""
         config = self.config
-        expected = f"(batch, {config.num_channels}, {config.image_size}, {config.image_size})"
+        if interpolate_pos_encoding:
+            expected = f"(batch, {config.num_channels}, height, width) with height and width multiples of " \
+                       f"patch_size={config.patch_size}"
+        else:
+            expected = f"(batch, {config.num_channels}, {config.image_size}, {config.image_size})"
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(f"pixel_values must be a torch.Tensor of shape {expected}, got {type(pixel_values)}.")
         if not pixel_values.is_floating_point():
@@ -266,13 +344,44 @@ class MAEPreTrainedModel(PreTrainedModel):
             )
         if pixel_values.dim() == 4 and pixel_values.shape[0] == 0:
             raise ValueError(f"pixel_values is an empty batch; expected {expected} with at least one image.")
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (config.num_channels, config.image_size,
-                                                                        config.image_size):
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != config.num_channels:
+            raise ValueError(f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}.")
+        height, width = pixel_values.shape[2:]
+        if interpolate_pos_encoding:
+            if height % config.patch_size or width % config.patch_size or not height or not width:
+                raise ValueError(f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}. Crop or "
+                                 f"resize the images to a multiple of {config.patch_size} pixels.")
+        elif (height, width) != (config.image_size, config.image_size):
             raise ValueError(
                 f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}. Resize images to "
                 f"{config.image_size}x{config.image_size} with {config.num_channels} channels (the image processor "
-                "does this)."
+                "does this), or pass interpolate_pos_encoding=True to run the model at their size."
             )
+        return height // config.patch_size, width // config.patch_size
+
+    def check_pixel_values(self, pixel_values, interpolate_pos_encoding: bool | None = False) -> None:
+        self.patch_grid(pixel_values, interpolate_pos_encoding)
+
+    def patchify(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False) -> torch.Tensor:
+        """`(batch, channels, H, W)` -> `(batch, rows * columns, patch_size**2 * channels)`, patches in row-major
+        order, each flattened as (row in patch, column in patch, channel). H and W are the config's image size, or
+        with `interpolate_pos_encoding` any multiples of the patch size."""
+        rows, columns = self.patch_grid(pixel_values, interpolate_pos_encoding)
+        p, c = self.config.patch_size, self.config.num_channels
+        x = pixel_values.reshape(pixel_values.shape[0], c, rows, p, columns, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(pixel_values.shape[0], rows * columns, p * p * c)
+
+    def unpatchify(self, patches: torch.Tensor, original_image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Inverse of `patchify`, for images of `original_image_size` = (height, width) (default: the config's)."""
+        p, c = self.config.patch_size, self.config.num_channels
+        height, width = original_image_size or (self.config.image_size, self.config.image_size)
+        rows, columns = height // p, width // p
+        expected = (rows * columns, p * p * c)
+        if height % p or width % p or patches.dim() != 3 or tuple(patches.shape[1:]) != expected:
+            raise ValueError(f"unpatchify of {height}x{width} images expects (batch, {expected[0]}, {expected[1]}), "
+                             f"got {tuple(patches.shape)}.")
+        x = patches.reshape(patches.shape[0], rows, columns, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(patches.shape[0], c, height, width)
 
     def image_processor(self) -> ViTImageProcessorPil:
         """The processor that turns PIL images (any mode) into this model's `pixel_values`."""
@@ -301,10 +410,12 @@ class MAEModel(MAEPreTrainedModel):
     def __init__(self, config: MAEConfig):
         super().__init__(config)
         self.embeddings = MAEEmbeddings(config)
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Linear from 0 to drop_path_rate; plain floats (a tensor here could not be read on the meta device).
+        last = max(config.num_hidden_layers - 1, 1)
         self.layers = nn.ModuleList(
-            MAELayer(config.hidden_size, config.num_attention_heads, config.intermediate_size, config, rate)
-            for rate in rates
+            MAELayer(config.hidden_size, config.num_attention_heads, config.intermediate_size, config,
+                     config.drop_path_rate * i / last)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
@@ -312,39 +423,35 @@ class MAEModel(MAEPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_projection
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         mask_ratio: float = 0.0,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> MAEModelOutput | tuple:
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MAEModelOutput:
         r"""
         pixel_values: `(batch, num_channels, image_size, image_size)` floats, as the image processor makes them.
         noise: `(batch, num_patches)`; with `mask_ratio > 0`, the patches with the lowest noise are kept, so a given
             noise makes the masking deterministic.
         mask_ratio: fraction of patches to hide (0 = none, the default; pretraining uses `config.mask_ratio`).
+        interpolate_pos_encoding: accept images of any height and width divisible by the patch size, with the
+            sin-cos positions of their patch grid.
+        output_hidden_states, output_attentions, return_dict: as in every transformers model.
         """
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else (
-            self.config.output_hidden_states)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}.")
-
-        x, mask, ids_restore = self.embeddings(self.patchify(pixel_values), mask_ratio, noise)
-        hidden_states = (x,) if output_hidden_states else None
+        kwargs["output_attentions"] = kwargs.get("output_attentions", self.config.output_attentions)
+        grid = self.patch_grid(pixel_values, interpolate_pos_encoding)
+        x, mask, ids_restore = self.embeddings(self.patchify(pixel_values, interpolate_pos_encoding), grid,
+                                               mask_ratio, noise)
         for layer in self.layers:
-            x = layer(x)
-            if output_hidden_states:
-                hidden_states += (x,)
+            x = layer(x, **kwargs)
         x = self.norm(x)
         pooled = x[:, 0] if self.config.pooling == "cls" else x[:, 1:].mean(dim=1)
-
-        if not return_dict:
-            return tuple(v for v in (x, pooled, mask, ids_restore, hidden_states) if v is not None)
-        return MAEModelOutput(last_hidden_state=x, pooler_output=pooled, mask=mask, ids_restore=ids_restore,
-                              hidden_states=hidden_states)
+        return MAEModelOutput(last_hidden_state=x, pooler_output=pooled, mask=mask, ids_restore=ids_restore)
 
 
 class MAEForPreTraining(MAEPreTrainedModel):
@@ -361,9 +468,10 @@ class MAEForPreTraining(MAEPreTrainedModel):
         self.decoder = MAEDecoder(config)
         self.post_init()
 
-    def forward_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
+                     interpolate_pos_encoding: bool | None = False) -> torch.Tensor:
         """Mean squared error per patch, averaged over the masked patches only."""
-        target = self.patchify(pixel_values)
+        target = self.patchify(pixel_values, interpolate_pos_encoding)
         if self.config.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
@@ -371,28 +479,30 @@ class MAEForPreTraining(MAEPreTrainedModel):
         per_patch = ((logits.float() - target.float()) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> MAEForPreTrainingOutput | tuple:
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MAEForPreTrainingOutput:
         r"""
         pixel_values: `(batch, num_channels, image_size, image_size)` floats.
         noise: `(batch, num_patches)`, optional; fixes which patches are masked (lowest noise kept).
+        interpolate_pos_encoding: accept images of any height and width divisible by the patch size.
+        output_hidden_states, output_attentions: also for the decoder (`decoder_hidden_states`, `decoder_attentions`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        grid = self.patch_grid(pixel_values, interpolate_pos_encoding)
         encoded = self.mae(pixel_values, noise=noise, mask_ratio=self.config.mask_ratio,
-                           output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.decoder(encoded.last_hidden_state, encoded.ids_restore)
-        loss = self.forward_loss(pixel_values, logits, encoded.mask)
-
-        if not return_dict:
-            outputs = (loss, logits, encoded.mask, encoded.ids_restore, encoded.hidden_states)
-            return tuple(v for v in outputs if v is not None)
-        return MAEForPreTrainingOutput(loss=loss, logits=logits, mask=encoded.mask, ids_restore=encoded.ids_restore,
-                                       hidden_states=encoded.hidden_states)
+                           interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
+        decoded = self.decoder(encoded.last_hidden_state, encoded.ids_restore, grid, return_dict=True, **kwargs)
+        loss = self.forward_loss(pixel_values, decoded.logits, encoded.mask, interpolate_pos_encoding)
+        return MAEForPreTrainingOutput(
+            loss=loss, logits=decoded.logits, mask=encoded.mask, ids_restore=encoded.ids_restore,
+            hidden_states=encoded.hidden_states, attentions=encoded.attentions,
+            decoder_hidden_states=decoded.hidden_states, decoder_attentions=decoded.attentions,
+        )
 
 
 class MAEForImageClassification(MAEPreTrainedModel):
@@ -451,30 +561,30 @@ class MAEForImageClassification(MAEPreTrainedModel):
         """Logits from pooled encoder features: lets a probe train the head on cached features."""
         return self.classifier(self.head_norm(pooled))
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> ImageClassifierOutput | tuple:
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
         r"""
         labels: `(batch,)` class indices in `[0, num_labels)`, giving a cross-entropy `loss`; or, as in transformers'
             classifiers (`config.problem_type`), `(batch, num_labels)` floats for multi-label (binary cross-entropy)
             and `(batch,)` floats with `num_labels=1` for regression (mean squared error).
+        interpolate_pos_encoding: accept images of any height and width divisible by the patch size.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.linear_probe):
-            encoded = self.mae(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+            encoded = self.mae(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True,
+                               **kwargs)
         logits = self.classify_features(encoded.pooler_output)
         loss = None
         if labels is not None:
             self.check_labels(labels, logits.shape[0])  # before loss_function, which settles config.problem_type
             loss = self.loss_function(labels, logits.float(), self.config)
-
-        if not return_dict:
-            return tuple(v for v in (loss, logits, encoded.hidden_states) if v is not None)
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states,
+                                     attentions=encoded.attentions)
 
 
 __all__ = ["MAEForImageClassification", "MAEForPreTraining", "MAEModel", "MAEPreTrainedModel"]
