@@ -306,6 +306,11 @@ def decode(dataset, image_column: str, label_column: str | None, image_size: int
     return ImageArrays(images, labels, class_names, skipped=skipped)
 
 
+def skipped_images(*splits: ImageArrays) -> dict:
+    """{split: [skipped rows]} for the result files: the images --skip_bad_images left out (empty lists if none)."""
+    return {split.split: list(split.skipped) for split in splits}
+
+
 def label_values(dataset, column: str) -> np.ndarray:
     """The labels as int64, -1 for a missing one (None, NaN); `validate_labels` has checked them before."""
     values = dataset.select_columns(column).with_format("arrow")[:].column(column).to_numpy(zero_copy_only=False)

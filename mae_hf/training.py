@@ -1,10 +1,9 @@
 """Training with the Hugging Face `Trainer`: image batches arrive as uint8 and are augmented on the device,
-parameter groups follow the MAE recipe, a non-finite loss stops the run, and pretraining evaluations also draw
-reconstructions and measure kNN accuracy."""
+parameter groups follow the MAE recipe, a non-finite loss, gradient norm or weight stops the run before anything is
+saved from it (see runs.py), and pretraining evaluations also draw reconstructions and measure kNN accuracy."""
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ from transformers.utils import logging
 from .cli import parse_overrides
 from .configuration_mae import MAEConfig
 from .data import BatchTransform, folder_listing, looks_local
+from .runs import SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, write_json
 
 logger = logging.get_logger("mae_hf")
 
@@ -98,6 +98,14 @@ class ImageTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=0.01, metadata={"help": "Log every N steps (fraction if < 1)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are prebuilt dicts."})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "See TrainingArguments."})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Kept False: the Trainer's filter tests every step's loss on the host (a GPU sync per "
+                          "step); a non-finite loss stops the run instead (checked on the device)."})
+    allow_config_change: bool = field(
+        default=False,
+        metadata={"help": "Resume even though the model, data or recipe settings differ from the checkpoint's "
+                          "(both are recorded in the run's summary)."})
 
     def __post_init__(self):
         if self.output_dir is None:  # transformers would quietly write to ./trainer_output
@@ -180,6 +188,79 @@ class FinetuneArguments(ImageTrainingArguments):
     per_device_train_batch_size: int = field(default=256, metadata={"help": "Batch per device."})
     num_train_epochs: float = field(default=100, metadata={"help": "Epochs."})
     label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing."})
+    # The strong recipe (configs/finetune_strong.yaml); the defaults leave each part off.
+    augment_policy: str = field(
+        default="none",
+        metadata={"help": "'randaugment' (--randaugment_num_ops ops per image at --randaugment_magnitude), "
+                          "'trivialaugment' (one op, random magnitude) or 'none'. After crop/flip, on the device."})
+    randaugment_num_ops: int = field(default=2, metadata={"help": "RandAugment: operations per image."})
+    randaugment_magnitude: float = field(default=9.0, metadata={"help": "RandAugment: magnitude in [0, 10]."})
+    randaugment_magnitude_std: float = field(
+        default=0.5, metadata={"help": "RandAugment: std of the per-image normal jitter of the magnitude."})
+    mixup_alpha: float = field(default=0.0, metadata={"help": "Mixup Beta(alpha, alpha); 0 disables mixup."})
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "Cutmix Beta(alpha, alpha); 0 disables cutmix."})
+    mixup_switch_prob: float = field(
+        default=0.5, metadata={"help": "With both mixup and cutmix on: probability that a batch uses cutmix."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability that a batch is mixed at all."})
+    random_erasing: float = field(
+        default=0.0, metadata={"help": "Probability of erasing a random rectangle of an image (normal noise)."})
+    repeated_augmentations: int = field(
+        default=1,
+        metadata={"help": "Each batch holds every image this many times, differently augmented; an epoch still has "
+                          "as many samples as images (so it sees 1/k of them, k times each)."})
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "Keep an exponential moving average of the weights with this decay (e.g. 0.9999) and "
+                          "evaluate it beside the trained weights (eval_ema_accuracy); 0 disables."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.augment_policy not in ("none", "randaugment", "trivialaugment"):
+            raise ValueError(f"--augment_policy must be none, randaugment or trivialaugment, got "
+                             f"{self.augment_policy!r}.")
+        if self.augment_policy != "none":
+            self.augmenter()  # checks the RandAugment settings
+        if self.mixup_alpha or self.cutmix_alpha:
+            self.mixer(num_labels=2)  # checks the mixup/cutmix settings
+        elif self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError("--mixup_alpha and --cutmix_alpha must be >= 0.")
+        if not 0 <= self.random_erasing <= 1:
+            raise ValueError(f"--random_erasing is a probability in [0, 1], got {self.random_erasing}.")
+        if self.repeated_augmentations < 1:
+            raise ValueError(f"--repeated_augmentations must be >= 1, got {self.repeated_augmentations}.")
+        if self.ema_decay and not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema_decay must lie in (0, 1), or be 0 for no EMA; got {self.ema_decay}.")
+
+    def augmenter(self):
+        from .augment import RandAugment
+
+        if self.augment_policy == "none":
+            return None
+        return RandAugment(self.randaugment_num_ops, self.randaugment_magnitude, self.randaugment_magnitude_std,
+                           trivial=self.augment_policy == "trivialaugment")
+
+    def mixer(self, num_labels: int):
+        """The batch mixer (`augment.MixupCutmix`, label smoothing folded into its soft targets), or None."""
+        from .augment import MixupCutmix
+
+        if not (self.mixup_alpha or self.cutmix_alpha):
+            return None
+        return MixupCutmix(num_labels, self.mixup_alpha, self.cutmix_alpha, self.mixup_switch_prob, self.mixup_prob,
+                           self.label_smoothing_factor)
+
+    def batch_transforms(self, config):
+        train, evaluation = super().batch_transforms(config)
+        train.augment, train.random_erasing = self.augmenter(), self.random_erasing
+        return train, evaluation
+
+    def recipe(self) -> dict:
+        """Every setting of the fine-tuning recipe, for the results file."""
+        return {"augment_policy": self.augment_policy, "randaugment_num_ops": self.randaugment_num_ops,
+                "randaugment_magnitude": self.randaugment_magnitude,
+                "randaugment_magnitude_std": self.randaugment_magnitude_std, "mixup_alpha": self.mixup_alpha,
+                "cutmix_alpha": self.cutmix_alpha, "mixup_switch_prob": self.mixup_switch_prob,
+                "mixup_prob": self.mixup_prob, "random_erasing": self.random_erasing,
+                "repeated_augmentations": self.repeated_augmentations, "ema_decay": self.ema_decay}
 
 
 def linear_weight_names(model: nn.Module) -> list[str]:
@@ -198,24 +279,65 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 class ImageTrainer(Trainer):
     """`Trainer` for `ArrayDataset` batches: uint8 `pixel_values` are moved to the device, then augmented
     (training) or only normalised (evaluation) there. Weight decay on linear weights only; optional layer-wise
-    learning-rate decay; a non-finite loss stops training before the optimizer step, naming the step."""
+    learning-rate decay. Every step's loss and gradient norm feed a `DivergenceGuard` on the device; it is read at
+    logging/evaluation/save steps and before every save, so non-finite weights are never saved. A checkpoint that
+    fails to save is removed, not left half-written."""
 
-    def __init__(self, *args, train_transform, eval_transform, layer_decay: float = 1.0, **kwargs):
+    def __init__(self, *args, train_transform, eval_transform, layer_decay: float = 1.0, mixer=None,
+                 repeated_augmentations: int = 1, ema_decay: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.layer_decay = layer_decay
+        self.divergence = DivergenceGuard()
+        self.add_callback(self.divergence)
+        self.run_settings = None  # set by runs.Run: written beside every saved model
+        # Fine-tuning recipe (mae_hf/augment.py): batch mixing with soft targets, repeated augmentation, weight EMA.
+        self.mixer, self.repeated_augmentations = mixer, repeated_augmentations
+        self.ema = None
+        if ema_decay:
+            from .augment import WeightEMA
+
+            self.ema = WeightEMA(ema_decay)
+            self.add_callback(self.ema)
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
-        transform = self.train_transform if self.model.training else self.eval_transform
-        return {**inputs, "pixel_values": transform(inputs["pixel_values"])}
+        if not self.model.training:
+            return {**inputs, "pixel_values": self.eval_transform(inputs["pixel_values"])}
+        inputs = {**inputs, "pixel_values": self.train_transform(inputs["pixel_values"])}
+        if self.mixer is not None:
+            inputs["pixel_values"], inputs["labels"] = self.mixer(inputs["pixel_values"], inputs["labels"])
+        return inputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is None or not labels.is_floating_point() or labels.dim() != 2 or self.mixer is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Mixed batches: soft targets (label smoothing already folded in) and a soft-target cross-entropy; the
+        # model's own loss would read float (batch, num_labels) labels as multi-label.
+        from .augment import soft_target_cross_entropy
+
+        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        loss = soft_target_cross_entropy(outputs["logits"], labels)
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.repeated_augmentations == 1:
+            return super()._get_train_sampler(train_dataset)
+        from .augment import RepeatedAugmentationSampler
+
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return RepeatedAugmentationSampler(len(dataset), self.repeated_augmentations, self.args.seed)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.ema is not None and self.ema.shadow is not None:  # the averaged weights, on the same images
+            with self.ema.applied():
+                metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_ema"))
+        return metrics
 
     def get_train_dataloader(self):
         # Full training batches keep shapes static for torch.compile; evaluation still sees every image.
@@ -252,41 +374,25 @@ class ImageTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
-            last = last_complete_checkpoint(self.args.output_dir)
-            kept = f"The last checkpoint, {last}, is intact." if last else "No checkpoint had been saved yet."
-            raise NonFiniteLossError(
-                f"The training loss became {loss.item()} at step {self.state.global_step + 1}; training stopped "
-                f"before that step's optimizer update. {kept} Try a lower learning rate, more warmup, or fp32."
-            )
+        self.divergence.observe_loss(loss)
         return loss
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if not self.args.fp16:  # fp16's loss scaler skips steps with inf gradients by design
+            self.divergence.observe_grad_norm(grad_norm)
+        return grad_norm
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` whose `trainer_state.json` (written last by the Trainer) exists: a run killed
-    while writing a checkpoint resumes from the one before."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [int(name.split("-", 1)[1]) for name in os.listdir(output_dir)
-             if name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit()
-             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+    def save_model(self, output_dir=None, _internal_call=False):
+        self.divergence.check(self.args, self.state.global_step, self.model)  # nothing non-finite is ever saved
+        super().save_model(output_dir, _internal_call)
+        if self.run_settings is not None and self.args.should_save:
+            write_json(os.path.join(output_dir or self.args.output_dir, SETTINGS_NAME), self.run_settings)
 
-
-def check_output_dir(args: TrainingArguments) -> None:
-    """Refuse to start over a previous run unless asked to resume it (nothing is overwritten silently)."""
-    if args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
-        leftovers = [n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-") or n == "config.json"]
-        if leftovers:
-            sys.exit(f"error: {args.output_dir} already holds a run ({', '.join(sorted(leftovers)[:3])}). Continue it "
-                     "with --resume_from_checkpoint last (or a checkpoint folder), or choose another --output_dir.")
-    if args.resume_from_checkpoint == "last":
-        last = last_complete_checkpoint(args.output_dir)
-        if last is None:
-            sys.exit(f"error: --resume_from_checkpoint last: no complete checkpoint-* folder in {args.output_dir}.")
-        args.resume_from_checkpoint = last
-    elif args.resume_from_checkpoint is not None and not os.path.isdir(args.resume_from_checkpoint):
-        sys.exit(f"error: --resume_from_checkpoint {args.resume_from_checkpoint}: no such folder.")
+    def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        with removed_if_incomplete(folder, self.args):
+            super()._save_checkpoint(model, trial)
 
 
 class MAEPretrainer(ImageTrainer):

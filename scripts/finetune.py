@@ -1,10 +1,13 @@
 """Fine-tune a pretrained MAE encoder end to end for image classification with the Hugging Face Trainer
-(random-resized-crop + flip on the device, warmup + cosine, layer-wise lr decay, label smoothing, drop path).
+(random-resized-crop + flip on the device, warmup + cosine, layer-wise lr decay, label smoothing, drop path; the
+strong recipe of configs/finetune_strong.yaml adds RandAugment, mixup + cutmix, random erasing, repeated
+augmentation and a weight EMA, all on the device: mae_hf/augment.py).
 
     python scripts/finetune.py --model_name_or_path runs/mae --output_dir runs/mae/finetune
     python scripts/finetune.py --model_name_or_path runs/mae --random_init true --output_dir runs/random/finetune
     python scripts/finetune.py configs/cpu_small_finetune.yaml --model_name_or_path runs/cpu_small \
         --dataset_name ../shared/data/cifar10 --output_dir runs/cpu_small/finetune
+    python scripts/finetune.py configs/finetune_strong.yaml --model_name_or_path runs/mae --output_dir runs/mae/finetune_strong
 
 Writes finetune_results.json and the fine-tuned MAEForImageClassification to --output_dir. Flags: --help.
 """
@@ -14,17 +17,16 @@ import sys
 from transformers import set_seed
 
 from mae_hf.cli import parse_args, run_script
-from mae_hf.data import ArrayDataset, DataArguments, collate, load_image_splits
+from mae_hf.data import ArrayDataset, DataArguments, collate, load_image_splits, skipped_images
 from mae_hf.evaluation import load_classifier
 from mae_hf.metrics import accuracy
 from mae_hf.results import encoder_fingerprint, write_results
+from mae_hf.runs import Run
 from mae_hf.training import (
     FinetuneArguments,
     ImageTrainer,
     ModelArguments,
-    NonFiniteLossError,
     build_config,
-    check_output_dir,
 )
 
 
@@ -35,7 +37,11 @@ def compute_metrics(prediction):
 def main(argv=None):
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, FinetuneArguments), argv,
                                              description=__doc__)
-    check_output_dir(args)
+    with Run(args) as run:  # holds --output_dir; resolves the resume; stops cleanly on SIGINT/SIGTERM
+        return finetune(run, model_args, data_args, args)
+
+
+def finetune(run, model_args, data_args, args):
     random_init = args.random_init or not model_args.model_name_or_path
     try:
         image_size = build_config(model_args).image_size
@@ -44,11 +50,12 @@ def main(argv=None):
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     set_seed(args.seed)  # before the head is initialised
-    num_labels = int(max(train.labels.max(), evaluation.labels.max())) + 1
+    num_labels = train.num_classes  # the class names when the label column has them: validated at load
     names = train.class_names or [str(i) for i in range(num_labels)]
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                             linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate)
+    run.check_settings(model.config, data_args)
     fingerprint = encoder_fingerprint(model.mae)  # the encoder this run starts from, before training changes it
     train_set = ArrayDataset(train.images, labels=train.labels)
     if args.place_data_on_device(train.images.numel()):
@@ -65,11 +72,11 @@ def main(argv=None):
         train_transform=train_transform,
         eval_transform=eval_transform,
         layer_decay=args.layer_decay,
+        mixer=args.mixer(num_labels),
+        repeated_augmentations=args.repeated_augmentations,
+        ema_decay=args.ema_decay,
     )
-    try:
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except NonFiniteLossError as error:
-        sys.exit(f"error: {error}")
+    run.train(trainer)
     trainer.save_model()
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
@@ -83,9 +90,11 @@ def main(argv=None):
             "eval_split": evaluation.split,
             "train_samples": len(train),
             "eval_samples": len(evaluation),
+            **({"skipped_images": skipped_images(train, evaluation)} if data_args.skip_bad_images else {}),
             "eval_accuracy": metrics["eval_accuracy"],
             "eval_loss": metrics["eval_loss"],
-            "epochs": args.num_train_epochs,
+            **{key: metrics[key] for key in ("eval_ema_accuracy", "eval_ema_loss") if key in metrics},
+            **run.record(trainer.state),
             "global_batch_size": args.global_batch_size,
             "learning_rate": args.learning_rate,
             "weight_decay": args.weight_decay,
@@ -97,6 +106,7 @@ def main(argv=None):
             "pooling": args.pooling,
             "crop_min_scale": args.crop_min_scale,
             "horizontal_flip": args.horizontal_flip,
+            **args.recipe(),
             "device": f"{args.world_size} x {args.device.type}",
             "bf16": args.bf16,
             "seed": args.seed,

@@ -1,0 +1,392 @@
+"""The strong fine-tuning recipe's augmentations (the DeiT family: RandAugment, mixup + cutmix, random erasing,
+repeated augmentation, weight EMA), on whole batches with torch on the training device.
+
+Random draws come from the given `generator`, or from torch's global random state, which `transformers.set_seed`
+seeds and the Trainer saves in and restores from checkpoints: a run is repeatable for a given seed, and a resumed
+run continues the same stream. Nothing here waits for the device (no per-step host sync): RandAugment's per-sample
+choices and mixup/cutmix's per-batch coefficient are drawn on the host from the CPU generator and sent to the device
+through pinned memory; random erasing draws on the device and selects with `torch.where`.
+"""
+
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+# The RandAugment / TrivialAugment operations. Colour ops act pixel-wise or through image statistics; geometric ops
+# are affine warps.
+COLOUR_OPS = ("identity", "autocontrast", "equalize", "posterize", "solarize", "color", "contrast", "brightness",
+              "sharpness")
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+OPS = COLOUR_OPS + GEOMETRIC_OPS
+# Strength of each op at level 1 (magnitude 10 of 10), the "increasing" RandAugment variant: larger is stronger
+# for every op. Signed ops get a random sign per sample.
+MAX_ROTATE_DEGREES = 30.0
+MAX_SHEAR = 0.3
+MAX_TRANSLATE = 0.45  # fraction of the image side
+MAX_ENHANCE = 0.9  # enhance factor 1 +- 0.9 (colour, contrast, brightness, sharpness)
+MAX_POSTERIZE_DROP = 4  # bits dropped: 8 - 4 = 4 bits kept at level 1
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
+
+
+def _uniform(shape, device, generator, low=0.0, high=1.0) -> torch.Tensor:
+    return torch.rand(shape, device=device, generator=generator) * (high - low) + low
+
+
+def _per_sample(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    weights = torch.tensor(GREY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * weights).sum(1, keepdim=True)
+
+
+def blend(image: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageEnhance: `degenerate + factor * (image - degenerate)`, per-sample `factor`, clipped to [0, 1]."""
+    return (degenerate + _per_sample(factor) * (image - degenerate)).clamp(0, 1)
+
+
+def brightness(x, factor):
+    return blend(x, torch.zeros_like(x), factor)
+
+
+def color(x, factor):
+    return blend(x, _grey(x).expand_as(x), factor)
+
+
+def contrast(x, factor):
+    return blend(x, _grey(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), factor)
+
+
+def sharpness(x, factor):
+    """Blend with PIL's smoothing filter (3x3, centre weight 5, all /13); the border pixels stay as they are."""
+    smooth = x.clone()
+    smooth[..., 1:-1, 1:-1] = (F.avg_pool2d(x, 3, stride=1) * 9 + 4 * x[..., 1:-1, 1:-1]) / 13
+    return blend(x, smooth, factor)
+
+
+def _to_levels(x: torch.Tensor) -> torch.Tensor:
+    return (x * 255).round()
+
+
+def posterize(x, bits):
+    """Keep the top `bits` (per sample, 1..8) of each 8-bit value."""
+    step = _per_sample(2.0 ** (8 - bits))
+    return torch.floor(_to_levels(x) / step) * step / 255
+
+
+def solarize(x, threshold):
+    """Invert values at or above the per-sample `threshold` (in [0, 1])."""
+    return torch.where(x >= _per_sample(threshold), 1 - x, x)
+
+
+def autocontrast(x):
+    """Stretch each channel of each image to [0, 1]; constant channels stay as they are."""
+    low = x.amin(dim=(2, 3), keepdim=True)
+    high = x.amax(dim=(2, 3), keepdim=True)
+    span = high - low
+    return torch.where(span > 0, (x - low) / span.clamp(min=1e-12), x)
+
+
+def equalize(x):
+    """Histogram equalisation of each channel of each image over 256 levels, by PIL's rule: levels spread by the
+    cumulative histogram, with the last occupied level's count left out of the step."""
+    batch, channels, height, width = x.shape
+    levels = _to_levels(x).long().view(batch * channels, height * width)
+    histogram = torch.zeros(batch * channels, 256, device=x.device, dtype=torch.long)
+    histogram.scatter_add_(1, levels, torch.ones_like(levels))
+    last_count = histogram.gather(1, levels.amax(dim=1, keepdim=True))
+    step = (height * width - last_count) // 255
+    below = histogram.cumsum(1) - histogram  # pixels strictly below each level
+    lookup = ((below + step // 2) // step.clamp(min=1)).clamp(max=255)
+    equalised = lookup.gather(1, levels).view_as(x).to(x.dtype) / 255
+    return torch.where((step > 0).view(batch, channels, 1, 1), equalised, x)
+
+
+def _colour_op(name: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Op `name` at per-sample `level` in [0, 1] (and `sign` +-1 for the enhance ops)."""
+    if name == "identity":
+        return x
+    if name == "autocontrast":
+        return autocontrast(x)
+    if name == "equalize":
+        return equalize(x)
+    if name == "posterize":
+        return posterize(x, 8 - (level * MAX_POSTERIZE_DROP).round())
+    if name == "solarize":
+        return solarize(x, 1 - level)
+    factor = 1 + sign * level * MAX_ENHANCE
+    return {"color": color, "contrast": contrast, "brightness": brightness, "sharpness": sharpness}[name](x, factor)
+
+
+def _affine(op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Per-sample (host) `(B, 3, 3)` maps from output to input coordinates ([-1, 1] of a square image) of the geometric op
+    each sample drew; the identity for samples that drew a colour op."""
+    def chosen(name):
+        return (op == OPS.index(name)).to(level.dtype) * sign * level
+
+    angle = chosen("rotate") * math.radians(MAX_ROTATE_DEGREES)
+    shear_x, shear_y = chosen("shear_x") * MAX_SHEAR, chosen("shear_y") * MAX_SHEAR
+    # A shift of a fraction t of the side is 2t in [-1, 1] coordinates.
+    shift_x, shift_y = chosen("translate_x") * 2 * MAX_TRANSLATE, chosen("translate_y") * 2 * MAX_TRANSLATE
+    cos, sin = angle.cos(), angle.sin()
+    matrix = torch.zeros(op.shape[0], 3, 3, dtype=level.dtype)
+    # rotation @ shear: exact because at most one of angle, shear_x, shear_y is non-zero per sample.
+    matrix[:, 0, 0], matrix[:, 0, 1] = cos - sin * shear_y, cos * shear_x - sin
+    matrix[:, 1, 0], matrix[:, 1, 1] = sin + cos * shear_y, sin * shear_x + cos
+    matrix[:, 0, 2], matrix[:, 1, 2], matrix[:, 2, 2] = shift_x, shift_y, 1
+    return matrix
+
+
+def warp(x: torch.Tensor, matrix: torch.Tensor, fill: float = 0.5) -> torch.Tensor:
+    """Affine warp of a batch with per-sample `(B, 3, 3)` output-to-input maps; outside pixels become `fill`."""
+    grid = F.affine_grid(matrix[:, :2], list(x.shape), align_corners=False)
+    # Zero padding of (x - fill), shifted back: a constant fill without a second sampling pass.
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, so the copy does not wait for the GPU's queue."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+class RandAugment:
+    """RandAugment (Cubuk et al. 2019) on a float batch in [0, 1]: each sample applies `num_ops` operations drawn
+    uniformly from `OPS` (independently per sample) at magnitude `magnitude` of 10, jittered per sample by a normal
+    of std `magnitude_std` (timm's "rand-m9-mstd0.5"). With `trivial=True`, TrivialAugment (Müller & Hutter 2021):
+    one op per sample at a magnitude uniform in [0, 10].
+
+    The per-sample draws are made on the host (torch's CPU generator, or `generator`), so the batch can be grouped
+    by operation without asking the device anything: each round gathers the batch sorted by op (one index copy to
+    the device), applies each colour op to its contiguous group only, and gathers the result back. All geometric ops
+    of the rounds compose into one affine warp of the batch, applied after the colour ops; colour ops are
+    pixel-wise or use whole-image statistics, so moving the warp last changes only the fill region's share of
+    those statistics.
+    """
+
+    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, trivial: bool = False,
+                 fill: float = 0.5):
+        if not trivial and num_ops < 1:
+            raise ValueError(f"RandAugment needs num_ops >= 1, got {num_ops}.")
+        if not 0 <= magnitude <= 10:
+            raise ValueError(f"RandAugment magnitude must lie in [0, 10], got {magnitude}.")
+        if magnitude_std < 0:
+            raise ValueError(f"RandAugment magnitude_std must be >= 0, got {magnitude_std}.")
+        self.num_ops = 1 if trivial else num_ops
+        self.magnitude, self.magnitude_std, self.trivial, self.fill = magnitude, magnitude_std, trivial, fill
+
+    def __repr__(self):
+        if self.trivial:
+            return "TrivialAugment()"
+        return f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, magnitude_std={self.magnitude_std})"
+
+    def draw(self, batch: int, generator=None):
+        """Host tensors (op index, level in [0, 1], sign +-1) per sample, for one round."""
+        op = torch.randint(len(OPS), (batch,), generator=generator)
+        if self.trivial:
+            level = torch.rand(batch, generator=generator)
+        else:
+            noise = torch.randn(batch, generator=generator) * self.magnitude_std
+            level = ((self.magnitude + noise) / 10).clamp(0, 1)
+        sign = torch.randint(0, 2, (batch,), generator=generator) * 2.0 - 1
+        return op, level, sign
+
+    @staticmethod
+    def colour_round(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        """Apply to each sample the colour op it drew (host tensors `op`, `level`, `sign`); others pass through."""
+        order = torch.argsort(op, stable=True)
+        counts = torch.bincount(op, minlength=len(OPS)).tolist()
+        indices = to_device(torch.stack([order, torch.argsort(order)]), x.device)
+        settings = to_device(torch.stack([level[order], sign[order]]).to(x.dtype), x.device)
+        grouped, pieces, start = x[indices[0]], [], 0
+        for name, count in zip(OPS, counts):
+            part = grouped[start:start + count]
+            if count and name in COLOUR_OPS:
+                part = _colour_op(name, part, settings[0, start:start + count], settings[1, start:start + count])
+            pieces.append(part)
+            start += count
+        return torch.cat(pieces)[indices[1]]
+
+    def __call__(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        batch = x.shape[0]
+        matrix = torch.eye(3).expand(batch, 3, 3)
+        for _ in range(self.num_ops):
+            op, level, sign = self.draw(batch, generator)
+            x = self.colour_round(x, op, level, sign)
+            matrix = matrix @ _affine(op, level, sign)
+        return warp(x, to_device(matrix, x.device).to(x.dtype), self.fill)
+
+
+def random_erasing(x: torch.Tensor, probability: float = 0.25, area=(0.02, 1 / 3), ratio=(0.3, 3.3),
+                   generator=None) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017) of a normalised batch: with `probability`, a sample gets one rectangle of
+    area fraction in `area` and log-uniform aspect ratio in `ratio` (clipped to the image) replaced by standard
+    normal noise per pixel and channel."""
+    batch, _, height, width = x.shape
+    device = x.device
+    erase = _uniform(batch, device, generator) < probability
+    target = _uniform(batch, device, generator, *area)
+    aspect = _uniform(batch, device, generator, math.log(ratio[0]), math.log(ratio[1])).exp()
+    box_h = ((target * aspect).sqrt() * height).round().clamp(1, height)
+    box_w = ((target / aspect).sqrt() * width).round().clamp(1, width)
+    top = (_uniform(batch, device, generator) * (height - box_h + 1)).floor()
+    left = (_uniform(batch, device, generator) * (width - box_w + 1)).floor()
+    rows = torch.arange(height, device=device).view(1, height, 1)
+    cols = torch.arange(width, device=device).view(1, 1, width)
+    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
+              & (cols >= left.view(-1, 1, 1)) & (cols < (left + box_w).view(-1, 1, 1)) & erase.view(-1, 1, 1))
+    noise = torch.randn(x.shape, device=device, generator=generator, dtype=x.dtype)
+    return torch.where(inside[:, None], noise, x)
+
+
+def smooth_one_hot(labels: torch.Tensor, num_labels: int, smoothing: float = 0.0) -> torch.Tensor:
+    """`(B, num_labels)` targets: 1 - smoothing + smoothing / num_labels on the label, smoothing / num_labels
+    elsewhere (the same targets as the Trainer's label smoothing)."""
+    off = smoothing / num_labels
+    return F.one_hot(labels, num_labels).float() * (1 - smoothing) + off
+
+
+class MixupCutmix:
+    """Mixup (Zhang et al. 2017) or cutmix (Yun et al. 2019) of a batch with its reverse, one draw per batch as in
+    DeiT: with probability `prob` the batch is mixed, by cutmix with probability `switch_prob` (when both alphas are
+    on), with a coefficient lambda ~ Beta(alpha, alpha). Targets are the label-smoothed one-hots mixed by the
+    pixel fraction each image contributes (for cutmix, the box actually pasted after clipping to the image).
+
+    The per-batch draws happen on the host from torch's CPU generator (or `generator`), so the device never waits.
+    """
+
+    def __init__(self, num_labels: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
+                 switch_prob: float = 0.5, prob: float = 1.0, label_smoothing: float = 0.1):
+        if mixup_alpha < 0 or cutmix_alpha < 0 or mixup_alpha == cutmix_alpha == 0:
+            raise ValueError("Mixup/cutmix needs mixup_alpha > 0 or cutmix_alpha > 0 (and neither negative); got "
+                             f"{mixup_alpha} and {cutmix_alpha}.")
+        for name, value in (("switch_prob", switch_prob), ("prob", prob), ("label_smoothing", label_smoothing)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"Mixup/cutmix {name} must lie in [0, 1], got {value}.")
+        self.num_labels, self.mixup_alpha, self.cutmix_alpha = num_labels, mixup_alpha, cutmix_alpha
+        self.switch_prob, self.prob, self.label_smoothing = switch_prob, prob, label_smoothing
+
+    def draw(self, height: int, width: int, generator=None):
+        """(lambda, cutmix box (top, bottom, left, right) or None) for one batch."""
+        def uniform():
+            return torch.rand((), generator=generator).item()  # a CPU tensor: no device involved
+
+        if uniform() >= self.prob:
+            return 1.0, None
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or uniform() < self.switch_prob)
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        seed = int(torch.randint(2**62, (), generator=generator))  # numpy's beta, seeded from torch's stream
+        lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+        if not use_cutmix:
+            return lam, None
+        cut = math.sqrt(1 - lam)
+        box_h, box_w = int(height * cut), int(width * cut)
+        centre_y, centre_x = int(uniform() * height), int(uniform() * width)
+        top, bottom = max(centre_y - box_h // 2, 0), min(centre_y + box_h // 2, height)
+        left, right = max(centre_x - box_w // 2, 0), min(centre_x + box_w // 2, width)
+        lam = 1 - (bottom - top) * (right - left) / (height * width)
+        return lam, (top, bottom, left, right)
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor, generator=None):
+        """(mixed images, soft targets `(B, num_labels)` float, rows summing to 1)."""
+        lam, box = self.draw(x.shape[-2], x.shape[-1], generator)
+        partner = x.flip(0)
+        if box is None:
+            mixed = x * lam + partner * (1 - lam)
+        else:
+            top, bottom, left, right = box
+            mixed = x.clone()
+            mixed[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        targets = smooth_one_hot(labels, self.num_labels, self.label_smoothing)
+        return mixed, targets * lam + targets.flip(0) * (1 - lam)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the cross-entropy against soft targets (rows of `targets` sum to 1), in float32."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+class RepeatedAugmentationSampler(torch.utils.data.Sampler):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler): each epoch draws a permutation, keeps its first
+    ceil(N / repeats) images and yields each `repeats` times in a row, N indices in all. So an epoch keeps its
+    length (N samples, the same number of steps) and a batch its size, while it holds about batch / repeats distinct
+    images, each under different random augmentations. The permutation depends only on (seed, epoch): every process
+    of a distributed run draws the same one, and the Trainer's batch sharding gives each process different batches.
+    """
+
+    def __init__(self, num_samples: int, repeats: int = 3, seed: int = 0):
+        if repeats < 1:
+            raise ValueError(f"repeated augmentation needs repeats >= 1, got {repeats}.")
+        self.num_samples, self.repeats, self.seed, self.epoch = num_samples, repeats, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)
+        distinct = -(-self.num_samples // self.repeats)
+        return iter(order[:distinct].repeat_interleave(self.repeats)[:self.num_samples].tolist())
+
+
+class WeightEMA(TrainerCallback):
+    """Exponential moving average of a model's floating-point weights (parameters and buffers), updated on the
+    device after every optimizer step with one fused `lerp` (no host sync). The decay warms up as
+    min(decay, (1 + step) / (10 + step)), so short runs average their recent weights rather than their start.
+
+    `applied()` swaps the averaged weights in (for an evaluation) and restores the trained ones after.
+    """
+
+    def __init__(self, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}.")
+        self.decay = decay
+        self.weights: list[torch.Tensor] = []  # the model's own tensors
+        self.shadow: list[torch.Tensor] | None = None  # their averages
+        self.updates = 0
+
+    def start(self, model) -> None:
+        """Start averaging from `model`'s current weights."""
+        self.weights = [t.detach() for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+        self.shadow = [t.clone() for t in self.weights]
+        self.updates = 0
+
+    def decay_now(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        weight = 1 - self.decay_now()
+        self.updates += 1
+        torch._foreach_lerp_(self.shadow, self.weights, weight)
+
+    @contextmanager
+    def applied(self):
+        """The model holds the averaged weights inside the block, its trained weights again after it."""
+        trained = [t.clone() for t in self.weights]
+        with torch.no_grad():
+            torch._foreach_copy_(self.weights, self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.weights, trained)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.shadow is None:  # a resumed run starts averaging again from the checkpoint's weights
+            self.start(model)
+            self.updates = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.update()
