@@ -55,33 +55,43 @@ def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor,
                 batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0, seed: int = 42,
                 feature_sampler=None):
     """Train the head of a linear-probe `MAEForImageClassification` (BatchNorm without affine + linear) on cached
-    features of its frozen encoder, with SGD (momentum 0.9) and a cosine schedule. The encoder never runs here.
+    features of its frozen encoder (`fit_head`). The encoder never runs here.
 
     `feature_sampler(epoch)`, when given, returns that epoch's `(features, labels)` (the benchmark uses it to time
     re-running the encoder every epoch); otherwise every epoch uses `train_features`.
     """
     if not model.config.linear_probe:
         raise ValueError("train_probe needs a model with config.linear_probe=True.")
+    head = [*model.head_norm.parameters(), *model.classifier.parameters()]
+    return fit_head(model, model.classify_features, head, train_features, train_labels, epochs=epochs,
+                    batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
+                    feature_sampler=feature_sampler)
+
+
+def fit_head(module, classify, parameters, train_features: torch.Tensor, train_labels: torch.Tensor,
+             epochs: int = 90, batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0,
+             seed: int = 42, feature_sampler=None):
+    """The linear probe's training loop: `classify(features)` gives logits, `parameters` are trained with SGD
+    (momentum 0.9) and a cosine schedule over shuffled batches of cached features. Returns `module` in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     device = train_features.device
-    head = [*model.head_norm.parameters(), *model.classifier.parameters()]
-    optimizer = torch.optim.SGD(head, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = max(1, train_features.shape[0] // batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    model.train()
+    module.train()
     for epoch in range(epochs):
         features, labels = feature_sampler(epoch) if feature_sampler else (train_features, train_labels)
         labels = labels.to(device)
         order = torch.randperm(features.shape[0], generator=generator).to(device)
         for step in range(steps_per_epoch):
             index = order[step * batch_size:(step + 1) * batch_size]
-            loss = F.cross_entropy(model.classify_features(features[index]), labels[index])
+            loss = F.cross_entropy(classify(features[index]), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-    return model.eval()
+    return module.eval()
 
 
 @torch.no_grad()
@@ -101,6 +111,25 @@ class FrozenEvalArguments:
                           "case when no --model_name_or_path is given."})
     pooling: str = field(default="cls", metadata={"help": "Features: 'cls' token or 'mean' of patch tokens."})
     linear_probe: bool = field(default=True, metadata={"help": "Train and evaluate the linear probe."})
+    feature_blocks: int = field(
+        default=1,
+        metadata={"help": "1: the linear probe sees the pooled feature (--pooling). k > 1: class token and mean patch "
+                          "token of each of the last k blocks (each after the encoder's final LayerNorm), "
+                          "concatenated; protocol linear_probe_multiblock. kNN always uses the pooled feature."})
+    attentive_probe: bool = field(
+        default=False,
+        metadata={"help": "Also train the attentive probe (learned-query cross-attention over the cached patch "
+                          "tokens + linear classifier); protocol attentive_probe."})
+    attentive_heads: int = field(default=4, metadata={"help": "Attention heads of the attentive probe."})
+    attentive_epochs: int = field(default=20, metadata={"help": "Epochs of the attentive probe (on cached tokens)."})
+    attentive_batch_size: int = field(default=256, metadata={"help": "Batch of the attentive probe."})
+    attentive_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak lr of the attentive probe."})
+    attentive_weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (linear weights)."})
+    token_cache: str = field(
+        default="auto",
+        metadata={"help": "Where the attentive probe's float16 patch tokens are cached: 'memory', 'disk' (a np.memmap "
+                          "file in --output_dir, deleted afterwards) or 'auto' (GPU memory while they take at most "
+                          "half of it; host memory up to 2 GiB; otherwise disk)."})
     knn: bool = field(default=True, metadata={"help": "Evaluate weighted kNN on the same features."})
     knn_k: list[int] = field(
         default_factory=lambda: [20, 200],
@@ -132,8 +161,10 @@ def load_classifier(model_args, random_init: bool, seed: int, **config_changes):
 
 
 def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> dict:
-    """Features of the frozen encoder once, then kNN and/or the linear probe on them. Returns {protocol: results}."""
-    from .data import BatchTransform, load_image_splits
+    """The frozen encoder runs once per image; then kNN, the linear probe (pooled or multi-block features) and/or the
+    attentive probe (cached patch tokens, `mae_hf/probes.py`) train on its outputs. Returns {protocol: results}."""
+    from . import probes
+    from .data import BatchTransform, load_image_splits, skipped_images
     from .metrics import accuracy
     from .results import encoder_fingerprint, write_results
     from .training import build_config
@@ -144,68 +175,121 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
             model_args.model_name_or_path):
         raise ValueError("--output_dir is the model folder itself; the probe would overwrite that model. Use a "
                          "subfolder, e.g. --output_dir <model>/probe.")
-    if not (args.linear_probe or args.knn):
-        raise ValueError("Nothing to do: both --linear_probe and --knn are false.")
+    if not (args.linear_probe or args.knn or args.attentive_probe):
+        raise ValueError("Nothing to do: --linear_probe, --knn and --attentive_probe are all false.")
     if args.pooling not in ("cls", "mean"):
         raise ValueError(f"--pooling must be 'cls' or 'mean', got {args.pooling!r}.")
+    if args.token_cache not in ("auto", "memory", "disk"):
+        raise ValueError(f"--token_cache must be 'auto', 'memory' or 'disk', got {args.token_cache!r}.")
     random_init = args.random_init or not model_args.model_name_or_path
     if not args.knn_k or min(args.knn_k) < 1:
         raise ValueError(f"--knn_k takes positive neighbour counts, got {args.knn_k}.")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
 
-    image_size = build_config(model_args).image_size
+    config = build_config(model_args)
+    if not 1 <= args.feature_blocks <= config.num_hidden_layers:
+        raise ValueError(f"--feature_blocks must lie between 1 and the encoder's {config.num_hidden_layers} blocks, "
+                         f"got {args.feature_blocks}.")
+    if args.attentive_probe and config.hidden_size % args.attentive_heads:
+        raise ValueError(f"--attentive_heads {args.attentive_heads} must divide the encoder's hidden size "
+                         f"{config.hidden_size}.")
+    image_size = config.image_size
     train, evaluation = load_image_splits(data_args, image_size, require_labels=True)
     if args.knn and max(args.knn_k) > len(train):
         raise ValueError(f"--knn_k {max(args.knn_k)} needs at least that many training images; the training split "
                          f"has {len(train)}. Pass smaller values, e.g. --knn_k {min(20, len(train))}.")
-    num_labels = int(max(train.labels.max(), evaluation.labels.max())) + 1
+    num_labels = train.num_classes  # the class names when the label column has them: validated at load
     names = train.class_names or [str(i) for i in range(num_labels)]
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                             linear_probe=True, pooling=args.pooling).to(device)
 
     plain = BatchTransform.for_model(model.config)
+    multiblock = args.linear_probe and args.feature_blocks > 1
+    caches = {name: probes.token_cache_for(len(split), model.config, device, args.token_cache, args.output_dir, name)
+              for name, split in (("train", train), ("eval", evaluation))} if args.attentive_probe else {}
     started = time.perf_counter()
-    train_features = extract_features(model.mae, train.images, plain, args.feature_batch_size, bf16)
-    eval_features = extract_features(model.mae, evaluation.images, plain, args.feature_batch_size, bf16)
-    feature_seconds = time.perf_counter() - started
-    common = {
-        "encoder": "random_init" if random_init else "pretrained",
-        "model_name_or_path": None if random_init and not model_args.model_name_or_path
-        else model_args.model_name_or_path,
-        "dataset_name": data_args.dataset_name,
-        "train_split": train.split,
-        "eval_split": evaluation.split,
-        "train_samples": len(train),
-        "eval_samples": len(evaluation),
-        "encoder_fingerprint": encoder_fingerprint(model.mae),
-        "pooling": args.pooling,
-        "seed": args.seed,
-        "device": str(device),
-        "bf16": bf16,
-        "feature_seconds": round(feature_seconds, 2),
-    }
-    results = {}
-    if args.knn:
-        predictions = knn_predict(train_features, train.labels, eval_features, ks=tuple(args.knn_k),
-                                  temperature=args.knn_temperature, num_classes=num_labels)
-        by_k = {f"eval_accuracy_k{k}": accuracy(p, evaluation.labels) for k, p in predictions.items()}
-        results["knn"] = dict(common, protocol="knn", eval_accuracy=by_k[f"eval_accuracy_k{args.knn_k[0]}"],
-                              knn_k=list(args.knn_k), knn_temperature=args.knn_temperature, **by_k)
-        write_results(args.output_dir, "knn", results["knn"])
+    try:
+        (train_features, train_blocks), (eval_features, eval_blocks) = (
+            probes.encode_frozen(model.mae, split.images, plain, args.feature_batch_size, bf16,
+                                 args.feature_blocks if multiblock else 1, caches.get(name))
+            for name, split in (("train", train), ("eval", evaluation)))
+        feature_seconds = time.perf_counter() - started
+        common = {
+            "encoder": "random_init" if random_init else "pretrained",
+            "model_name_or_path": None if random_init and not model_args.model_name_or_path
+            else model_args.model_name_or_path,
+            "dataset_name": data_args.dataset_name,
+            "train_split": train.split,
+            "eval_split": evaluation.split,
+            "train_samples": len(train),
+            "eval_samples": len(evaluation),
+            "encoder_fingerprint": encoder_fingerprint(model.mae),
+            "seed": args.seed,
+            "device": str(device),
+            "bf16": bf16,
+            "feature_seconds": round(feature_seconds, 2),
+        }
+        if data_args.skip_bad_images:
+            common["skipped_images"] = skipped_images(train, evaluation)
+        results = {}
+        if args.knn:
+            predictions = knn_predict(train_features, train.labels, eval_features, ks=tuple(args.knn_k),
+                                      temperature=args.knn_temperature, num_classes=num_labels)
+            by_k = {f"eval_accuracy_k{k}": accuracy(p, evaluation.labels) for k, p in predictions.items()}
+            results["knn"] = dict(common, protocol="knn", pooling=args.pooling,
+                                  eval_accuracy=by_k[f"eval_accuracy_k{args.knn_k[0]}"], knn_k=list(args.knn_k),
+                                  knn_temperature=args.knn_temperature, **by_k)
+            write_results(args.output_dir, "knn", results["knn"])
 
-    if args.linear_probe:
-        started = time.perf_counter()
-        train_probe(model, train_features, train.labels, epochs=args.probe_epochs, batch_size=args.probe_batch_size,
-                    learning_rate=args.probe_learning_rate, weight_decay=args.probe_weight_decay, seed=args.seed)
-        probe_seconds = time.perf_counter() - started
-        results["linear_probe"] = dict(
-            common, protocol="linear_probe",
-            eval_accuracy=accuracy(predict_from_features(model, eval_features), evaluation.labels),
-            probe_epochs=args.probe_epochs, probe_batch_size=args.probe_batch_size,
-            probe_learning_rate=args.probe_learning_rate, probe_weight_decay=args.probe_weight_decay,
-            probe_seconds=round(probe_seconds, 2))
-        model.save_pretrained(args.output_dir)
-        write_results(args.output_dir, "linear_probe", results["linear_probe"])
-    return results
+        probe_settings = dict(probe_epochs=args.probe_epochs, probe_batch_size=args.probe_batch_size,
+                              probe_learning_rate=args.probe_learning_rate, probe_weight_decay=args.probe_weight_decay)
+        if args.linear_probe and train_blocks is not None:
+            head, seconds = probes.timed(probes.train_multiblock_probe, train_blocks, train.labels, num_labels, args)
+            features = (f"class token + mean patch token of each of the last {args.feature_blocks} blocks, after the "
+                        "encoder's final LayerNorm, concatenated")
+            results["linear_probe_multiblock"] = dict(
+                common, protocol="linear_probe_multiblock",
+                eval_accuracy=accuracy(probes.predict_features(head, eval_blocks), evaluation.labels),
+                feature_blocks=args.feature_blocks, features=features, feature_size=train_blocks.shape[1],
+                probe_seconds=seconds, **probe_settings)
+            probes.save_head(head, args.output_dir, "linear_probe_multiblock",
+                             init={"feature_size": train_blocks.shape[1], "num_labels": num_labels},
+                             info={"feature_blocks": args.feature_blocks, "features": features,
+                                   "id2label": model.config.id2label,
+                                   "encoder_fingerprint": common["encoder_fingerprint"]})
+            write_results(args.output_dir, "linear_probe_multiblock", results["linear_probe_multiblock"])
+        elif args.linear_probe:
+            started = time.perf_counter()
+            train_probe(model, train_features, train.labels, epochs=args.probe_epochs, batch_size=args.probe_batch_size,
+                        learning_rate=args.probe_learning_rate, weight_decay=args.probe_weight_decay, seed=args.seed)
+            probe_seconds = time.perf_counter() - started
+            results["linear_probe"] = dict(
+                common, protocol="linear_probe",
+                eval_accuracy=accuracy(predict_from_features(model, eval_features), evaluation.labels),
+                pooling=args.pooling, probe_seconds=round(probe_seconds, 2), **probe_settings)
+            model.save_pretrained(args.output_dir)
+            write_results(args.output_dir, "linear_probe", results["linear_probe"])
+
+        if args.attentive_probe:
+            head, seconds = probes.timed(probes.train_attentive_probe, caches["train"], train.labels, num_labels,
+                                         model.config.hidden_size, args, device, bf16)
+            features = "patch tokens of the last block, after the encoder's final LayerNorm, cached as float16"
+            results["attentive_probe"] = dict(
+                common, protocol="attentive_probe",
+                eval_accuracy=accuracy(probes.predict_tokens(head, caches["eval"], device, bf16), evaluation.labels),
+                features=features, token_cache=caches["train"].storage, attentive_heads=args.attentive_heads,
+                attentive_epochs=args.attentive_epochs, attentive_batch_size=args.attentive_batch_size,
+                attentive_learning_rate=args.attentive_learning_rate,
+                attentive_weight_decay=args.attentive_weight_decay, probe_seconds=seconds)
+            probes.save_head(head, args.output_dir, "attentive_probe",
+                             init={"hidden_size": model.config.hidden_size, "num_labels": num_labels,
+                                   "num_heads": args.attentive_heads},
+                             info={"features": features, "id2label": model.config.id2label,
+                                   "encoder_fingerprint": common["encoder_fingerprint"]})
+            write_results(args.output_dir, "attentive_probe", results["attentive_probe"])
+        return results
+    finally:  # the token caches hold gigabytes at full scale: free memory, delete memmap files
+        for cache in caches.values():
+            cache.close()

@@ -9,8 +9,10 @@ import os
 
 import torch
 
-PROTOCOLS = ("linear_probe", "knn", "finetune")  # table order
+PROTOCOLS = ("linear_probe", "linear_probe_multiblock", "attentive_probe", "knn", "finetune")  # table order
 TITLES = {"linear_probe": "Linear probe (frozen encoder, BatchNorm + linear head)",
+          "linear_probe_multiblock": "Multi-block linear probe (class + mean patch token of the last blocks)",
+          "attentive_probe": "Attentive probe (cross-attention pooling of frozen patch tokens + linear head)",
           "finetune": "Fine-tune (whole encoder trained)"}
 KNN_DESCRIPTION = " (frozen encoder, cosine, weighted votes)"  # on the first kNN row only
 ENCODERS = (("random_init", "Random-init encoder"), ("pretrained", "MAE-pretrained encoder"))
@@ -18,7 +20,8 @@ ENCODERS = (("random_init", "Random-init encoder"), ("pretrained", "MAE-pretrain
 
 # what a result file records besides its settings: everything else in it is a setting of the protocol
 NOT_SETTINGS = {"protocol", "encoder", "eval_accuracy", "eval_loss", "model_name_or_path", "encoder_fingerprint",
-                "dataset_name", "train_split", "eval_split", "train_samples", "eval_samples", "source"}
+                "dataset_name", "train_split", "eval_split", "train_samples", "eval_samples", "source",
+                "skipped_images"}
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -73,7 +76,7 @@ def _cells(result: dict):
 
 
 def accuracy_rows(results: list[dict]) -> dict:
-    """{row title: {encoder: (accuracy, result)}} in table order: probe, kNN for each k, fine-tune. Two results for
+    """{row title: {encoder: (accuracy, result)}} in table order: the probes, kNN for each k, fine-tune. Two results for
     one cell must agree (the same run found twice); otherwise the table would depend on file order, so that is an
     error naming both files."""
     grid = {}

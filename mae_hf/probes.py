@@ -1,0 +1,262 @@
+"""Frozen-feature protocols that suit MAE encoders, trained on what one pass of the encoder leaves behind.
+
+MAE features are known to be weak for a linear probe of the last class token: the information sits in the patch
+tokens and in earlier blocks. Two protocols use it, both with the encoder frozen and run exactly once per image
+(`encode_frozen`); their heads train for many epochs on the cached outputs:
+
+- **multi-block linear probe** (`linear_probe_multiblock`): for each of the last k blocks, the class token and the
+  mean of the patch tokens, each block's output passed through the encoder's final LayerNorm first (the one that
+  normalises the last block for `pooler_output`, so the blocks are on one scale), concatenated into a
+  `2 * k * hidden_size` vector; then the linear probe's head (BatchNorm without affine + linear, SGD).
+- **attentive probe** (`attentive_probe`): a learned query attends over the frozen patch tokens of the last
+  block (multi-head cross-attention), then LayerNorm + linear classifier, trained with AdamW and a cosine
+  schedule. The patch tokens are cached as float16, in memory (on the GPU when there is room) or in a
+  `np.memmap` file in the output folder when large (50,000 x 256 x 192 tokens are 4.9 GB); the file is deleted
+  when the probe is done.
+
+A trained head is saved as `<protocol>_head.safetensors` (its state dict) + `<protocol>_head.json` (what it
+was built with, which features it takes, the labels); `load_head(folder, protocol)` rebuilds it.
+"""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .evaluation import autocast_for, fit_head
+
+TOKEN_DTYPE = torch.float16  # numpy has float16 (not bfloat16), so one dtype serves memory and memmap caches
+MEMORY_CACHE_LIMIT = 2 * 2 ** 30  # bytes of cached tokens kept in host memory under --token_cache auto
+
+
+class TokenCache:
+    """Patch tokens `(images, patches, hidden)` as float16: a tensor (host or GPU memory) or a np.memmap file."""
+
+    def __init__(self, shape: tuple, device: torch.device, path: str | None = None):
+        self.shape, self.path = tuple(shape), path
+        if path is None:
+            self.tensor, self.array = torch.empty(self.shape, dtype=TOKEN_DTYPE, device=device), None
+        else:
+            self.tensor, self.array = None, np.memmap(path, dtype=np.float16, mode="w+", shape=self.shape)
+
+    @property
+    def storage(self) -> str:
+        return "memory" if self.path is None else "disk"
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def write(self, start: int, tokens: torch.Tensor) -> None:
+        if self.tensor is not None:
+            self.tensor[start:start + len(tokens)] = tokens.to(self.tensor.device, TOKEN_DTYPE)
+        else:
+            self.array[start:start + len(tokens)] = tokens.to("cpu", TOKEN_DTYPE).numpy()
+
+    def read(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Rows `index` (ascending reads are fastest from disk), float16 on `device`."""
+        if self.tensor is not None:
+            return self.tensor[index.to(self.tensor.device)].to(device, non_blocking=True)
+        return torch.from_numpy(self.array[index.cpu().numpy()]).to(device, non_blocking=True)
+
+    def close(self) -> None:
+        """Free the memory, or delete the file."""
+        self.tensor = None
+        if self.array is not None:
+            self.array._mmap.close()
+            self.array = None
+            os.remove(self.path)
+
+
+def token_cache_for(num_images: int, config, device: torch.device, choice: str, folder: str, name: str) -> TokenCache:
+    """A cache for one split's patch tokens. `choice` 'memory', 'disk' or 'auto': on a GPU in its memory while the
+    cache takes at most half of the free memory, on a CPU in host memory up to `MEMORY_CACHE_LIMIT`, else on disk."""
+    shape = (num_images, config.num_patches, config.hidden_size)
+    nbytes = math.prod(shape) * 2
+    if choice == "auto":
+        room = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else MEMORY_CACHE_LIMIT
+        choice = "memory" if nbytes <= room else "disk"
+    if choice == "memory":
+        return TokenCache(shape, device)
+    os.makedirs(folder, exist_ok=True)
+    return TokenCache(shape, device, os.path.join(folder, f"attentive_probe_tokens_{name}.f16"))
+
+
+def multiblock_features(encoder, hidden_states: tuple, blocks: int) -> torch.Tensor:
+    """`(batch, 2 * blocks * hidden)`: class token and mean patch token of each of the last `blocks` blocks' outputs,
+    after the encoder's final LayerNorm, earliest block first."""
+    parts = []
+    for block_output in hidden_states[-blocks:]:
+        normed = encoder.norm(block_output)
+        parts += [normed[:, 0], normed[:, 1:].mean(dim=1)]
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def encode_frozen(encoder, images: torch.Tensor, transform, batch_size: int = 512, bf16: bool = False,
+                  feature_blocks: int = 1, token_cache: TokenCache | None = None):
+    """One pass of the frozen encoder over uint8 `images` (no masking). Returns `(pooled, multiblock)`: the
+    `pooler_output` features `(N, hidden)` and, when `feature_blocks > 1`, the multi-block features (else None),
+    float32 on the encoder's device; writes the patch tokens of the last block into `token_cache` when given."""
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    pooled, multiblock = [], []
+    for start in range(0, len(images), batch_size):
+        batch = transform(images[start:start + batch_size].to(device, non_blocking=True))
+        with autocast_for(device, bf16):
+            output = encoder(batch, output_hidden_states=feature_blocks > 1, return_dict=True)
+            pooled.append(output.pooler_output.float())
+            if feature_blocks > 1:
+                multiblock.append(multiblock_features(encoder, output.hidden_states, feature_blocks).float())
+        if token_cache is not None:
+            token_cache.write(start, output.last_hidden_state[:, 1:])
+    encoder.train(was_training)
+    return torch.cat(pooled), (torch.cat(multiblock) if multiblock else None)
+
+
+class LinearHead(nn.Module):
+    """The linear probe's head on any feature vector: BatchNorm without affine parameters, then linear."""
+
+    def __init__(self, feature_size: int, num_labels: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(feature_size, affine=False, eps=1e-6)
+        self.classifier = nn.Linear(feature_size, num_labels)
+        nn.init.trunc_normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.norm(features))
+
+
+class AttentiveProbe(nn.Module):
+    """Cross-attention pooling + linear classifier over frozen patch tokens `(batch, patches, hidden)`: one learned
+    query attends (multi-head) over the LayerNorm'd tokens; the pooled vector (query + projected attention output)
+    goes through a LayerNorm to the classifier."""
+
+    def __init__(self, hidden_size: int, num_labels: int, num_heads: int = 4):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"--attentive_heads {num_heads} must divide the encoder's hidden size {hidden_size}.")
+        self.num_heads = num_heads
+        self.query = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.token_norm = nn.LayerNorm(hidden_size)
+        self.key_value = nn.Linear(hidden_size, 2 * hidden_size)
+        self.projection = nn.Linear(hidden_size, hidden_size)
+        self.pooled_norm = nn.LayerNorm(hidden_size)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+        nn.init.trunc_normal_(self.query, std=0.02)
+        for linear in (self.key_value, self.projection, self.classifier):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = self.token_norm(tokens.to(self.query.dtype))
+        key, value = rearrange(self.key_value(tokens), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        query = rearrange(self.query, "one q (h d) -> one h q d", h=self.num_heads).expand(len(tokens), -1, -1, -1)
+        attended = rearrange(F.scaled_dot_product_attention(query, key, value), "b h q d -> b q (h d)")
+        return (self.query + self.projection(attended))[:, 0]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooled_norm(self.pool(tokens)))
+
+
+HEADS = {"linear_probe_multiblock": LinearHead, "attentive_probe": AttentiveProbe}
+
+
+def save_head(head: nn.Module, folder: str, protocol: str, init: dict, info: dict) -> None:
+    """`<protocol>_head.safetensors` (state dict) + `<protocol>_head.json` ({"protocol", "init": constructor
+    arguments, **info})."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    save_file({key: value.contiguous().cpu() for key, value in head.state_dict().items()},
+              os.path.join(folder, f"{protocol}_head.safetensors"))
+    with open(os.path.join(folder, f"{protocol}_head.json"), "w") as handle:
+        json.dump({"protocol": protocol, "init": init, **info}, handle, indent=2, sort_keys=True)
+
+
+def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
+    """The head saved by `save_head` (in eval mode) and its JSON record."""
+    from safetensors.torch import load_file
+
+    if protocol not in HEADS:
+        raise ValueError(f"No saved head for protocol {protocol!r}; heads exist for {sorted(HEADS)}.")
+    path = os.path.join(folder, f"{protocol}_head.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file; is {folder} the output folder of a {protocol} run?")
+    with open(path) as handle:
+        info = json.load(handle)
+    head = HEADS[protocol](**info["init"])
+    head.load_state_dict(load_file(os.path.join(folder, f"{protocol}_head.safetensors")))
+    return head.eval(), info
+
+
+def train_multiblock_probe(train_features, train_labels, num_labels: int, args) -> LinearHead:
+    """The linear probe's recipe (epochs, batch, SGD learning rate, weight decay) on multi-block features."""
+    head = LinearHead(train_features.shape[1], num_labels).to(train_features.device)
+    return fit_head(head, head, list(head.parameters()), train_features, train_labels, epochs=args.probe_epochs,
+                    batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
+                    weight_decay=args.probe_weight_decay, seed=args.seed)
+
+
+def train_attentive_probe(tokens: TokenCache, labels: torch.Tensor, num_labels: int, hidden_size: int, args,
+                          device: torch.device, bf16: bool) -> AttentiveProbe:
+    """AdamW (weight decay on the linear weights only), 5 % linear warmup then cosine, on cached tokens; each step
+    reads a batch of tokens from the cache, never the encoder."""
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    probe = AttentiveProbe(hidden_size, num_labels, args.attentive_heads).to(device)
+    decayed = [module.weight for module in probe.modules() if isinstance(module, nn.Linear)]
+    others = [p for p in probe.parameters() if all(p is not q for q in decayed)]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": args.attentive_weight_decay},
+                                   {"params": others, "weight_decay": 0.0}], lr=args.attentive_learning_rate)
+    batch_size = min(args.attentive_batch_size, len(tokens))
+    steps_per_epoch = len(tokens) // batch_size
+    total = args.attentive_epochs * steps_per_epoch
+    warmup = max(1, total // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))))
+    labels = labels.to(device)
+    probe.train()
+    for _ in range(args.attentive_epochs):
+        order = torch.randperm(len(tokens), generator=generator)
+        for step in range(steps_per_epoch):
+            index = order[step * batch_size:(step + 1) * batch_size].sort().values  # ascending: sequential reads
+            with autocast_for(device, bf16):
+                logits = probe(tokens.read(index, device))
+            loss = F.cross_entropy(logits.float(), labels[index.to(device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return probe.eval()
+
+
+@torch.no_grad()
+def predict_tokens(probe: AttentiveProbe, tokens: TokenCache, device: torch.device, bf16: bool,
+                   batch_size: int = 1024) -> torch.Tensor:
+    probe.eval()
+    predictions = []
+    for start in range(0, len(tokens), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(tokens)))
+        with autocast_for(device, bf16):
+            predictions.append(probe(tokens.read(index, device)).argmax(dim=1).cpu())
+    return torch.cat(predictions)
+
+
+@torch.no_grad()
+def predict_features(head: nn.Module, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    head.eval()
+    return torch.cat([head(chunk).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
+
+
+def timed(function, *args, **kwargs):
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, round(time.perf_counter() - started, 2)
