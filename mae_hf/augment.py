@@ -300,7 +300,7 @@ class MixupCutmix:
         lam, box = self.draw(x.shape[-2], x.shape[-1], generator)
         partner = x.flip(0)
         if box is None:
-            mixed = x * lam + partner * (1 - lam)
+            mixed = x if lam == 1 else x * lam + partner * (1 - lam)
         else:
             top, bottom, left, right = box
             mixed = x.clone()
