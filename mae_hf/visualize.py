@@ -1,4 +1,8 @@
-"""Pictures of a run: reconstructions of masked images, and the loss curve."""
+"""Pictures of a run: reconstructions of masked images, and the loss curve.
+
+This file imports nothing from mae_hf (only torch, numpy, PIL; matplotlib where needed): the demo app loads it by
+path, next to a published model or from this repository, and a Space runs it without the package installed.
+"""
 
 import numpy as np
 import torch
@@ -8,15 +12,21 @@ ROW_TITLES = ("original", "masked input", "reconstruction", "reconstruction + vi
 
 
 @torch.no_grad()
-def reconstruction_rows(model, pixel_values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """`(4, B, C, H, W)` images in [0, 1]: original, masked input, reconstruction, reconstruction with the visible
-    patches pasted back. Predictions of a `norm_pix_loss` model get each patch's mean/std back from the original."""
-    was_training = model.training
+def reconstruct(model, pixel_values: torch.Tensor, noise: torch.Tensor, mask_ratio: float | None = None):
+    """`(pictures, loss)`: pictures `(4, B, C, H, W)` in [0, 1] (original, masked input, reconstruction,
+    reconstruction with the visible patches pasted back) and the masked-patch loss of the batch, masking
+    `mask_ratio` of the patches (default: the model's). Predictions of a `norm_pix_loss` model get each patch's
+    mean/std back from the original."""
+    was_training, configured_ratio = model.training, model.config.mask_ratio
     model.eval()
     device = next(model.parameters()).device
     pixel_values, noise = pixel_values.to(device).float(), noise.to(device)
-    outputs = model(pixel_values, noise=noise)
-    model.train(was_training)
+    model.config.mask_ratio = configured_ratio if mask_ratio is None else mask_ratio
+    try:
+        outputs = model(pixel_values, noise=noise)
+    finally:
+        model.config.mask_ratio = configured_ratio
+        model.train(was_training)
 
     target = model.patchify(pixel_values)
     prediction = outputs.logits.float()
@@ -36,7 +46,20 @@ def reconstruction_rows(model, pixel_values: torch.Tensor, noise: torch.Tensor) 
     pictures = torch.stack([model.unpatchify(rows) for rows in images]) * std + mean
     hidden = model.unpatchify(mask.expand_as(target)).bool()
     pictures[1] = pictures[1].masked_fill(hidden, 0.5)  # grey where patches were masked
-    return pictures.clamp(0, 1).cpu()
+    return pictures.clamp(0, 1).cpu(), outputs.loss
+
+
+def reconstruction_rows(model, pixel_values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The pictures of `reconstruct` at the model's own mask ratio."""
+    return reconstruct(model, pixel_values, noise)[0]
+
+
+def to_pil(picture: torch.Tensor, scale: int = 1) -> Image.Image:
+    """A `(C, H, W)` image in [0, 1] as an RGB PIL image, upscaled (nearest: patches stay sharp) by `scale`."""
+    channels, height, width = picture.shape
+    array = (picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    image = Image.fromarray(array.squeeze(-1) if channels == 1 else array).convert("RGB")
+    return image.resize((width * scale, height * scale), Image.Resampling.NEAREST) if scale != 1 else image
 
 
 def grid_image(rows: torch.Tensor, titles=ROW_TITLES, scale: int = 4, gap: int = 2) -> Image.Image:
@@ -49,10 +72,7 @@ def grid_image(rows: torch.Tensor, titles=ROW_TITLES, scale: int = 4, gap: int =
     for r in range(num_rows):
         draw.text((4, r * (cell_h + gap) + cell_h // 2 - 6), titles[r], fill="black")
         for c in range(num_cols):
-            array = (rows[r, c].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            tile = Image.fromarray(array.squeeze(-1) if channels == 1 else array).convert("RGB")
-            tile = tile.resize((cell_w, cell_h), Image.Resampling.NEAREST)
-            canvas.paste(tile, (title_width + c * (cell_w + gap), r * (cell_h + gap)))
+            canvas.paste(to_pil(rows[r, c], scale), (title_width + c * (cell_w + gap), r * (cell_h + gap)))
     return canvas
 
 
