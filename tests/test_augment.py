@@ -271,3 +271,12 @@ def test_bad_recipe_flags_are_usage_errors(scripts, tmp_path, parquet_folder):
                                    "--dataset_name", str(parquet_folder), *flags])
         assert stop.value.code == 2, flags
     assert not (tmp_path / "x").exists()
+
+
+def test_show_augmentations_draws_every_view(scripts, parquet_folder, tiny_overrides, tmp_path, repo_root):
+    scripts.show_augmentations.main([str(repo_root / "configs" / "cpu_small_finetune_strong.yaml"),
+                                     "--config_overrides", tiny_overrides, "--dataset_name", str(parquet_folder),
+                                     "--output_dir", str(tmp_path), "--num_images", "4"])
+    picture = Image.open(tmp_path / "augmented_batch.png")
+    # 8x8 images drawn 4x larger with 2-pixel gaps, after a 150-pixel title column; rows: original, 3 views, mixed
+    assert picture.size == (150 + 4 * (32 + 2), 5 * (32 + 2))

@@ -1,0 +1,74 @@
+"""Draw what the fine-tuned model sees: a few training images through a recipe's training augmentation, exactly as
+scripts/finetune.py applies it on the device (crop/flip -> RandAugment -> normalise -> random erasing, then
+mixup/cutmix over the batch), shown de-normalised.
+
+    python scripts/show_augmentations.py configs/cpu_small_finetune_strong.yaml --dataset_name ../shared/data/cifar10 \
+        --max_train_samples 64 --output_dir docs
+
+Writes augmented_batch.png to --output_dir: one column per image; rows: the image as evaluated, then
+--repeated_augmentations views of it (the copies a batch holds, each differently augmented), then the first view
+after mixup/cutmix with the batch. Takes finetune.py's flags (a config file, then flags); --num_images picks how many.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import set_seed
+
+from mae_hf.cli import parse_args, run_script
+from mae_hf.data import DataArguments, load_image_splits
+from mae_hf.training import FinetuneArguments, ModelArguments, build_config
+from mae_hf.visualize import grid_image
+
+
+@dataclass
+class PictureArguments:
+    num_images: int = field(default=8, metadata={"help": "Training images shown (columns)."})
+
+
+def augmented_rows(images: torch.Tensor, labels: torch.Tensor, args: FinetuneArguments, config,
+                   num_labels: int) -> tuple[torch.Tensor, list[str]]:
+    """`(rows, N, C, H, W)` pictures in [0, 1] and their row titles, for uint8 `images` of N training images."""
+    train_transform, eval_transform = args.batch_transforms(config)
+    mean = torch.tensor(config.image_mean).view(1, -1, 1, 1)
+    std = torch.tensor(config.image_std).view(1, -1, 1, 1)
+
+    def shown(x):
+        return (x * std + mean).clamp(0, 1)
+
+    views = args.repeated_augmentations
+    batch = train_transform(images.repeat_interleave(views, dim=0))  # the layout of a repeated-augmentation batch
+    rows = [shown(eval_transform(images))] + [shown(batch[v::views]) for v in range(views)]
+    titles = ["original"] + [f"view {v + 1}" for v in range(views)]
+    mixer = args.mixer(num_labels)
+    if mixer is not None:
+        seed = int(torch.randint(2**62, ()))
+        lam, box = mixer.draw(batch.shape[-2], batch.shape[-1], torch.Generator().manual_seed(seed))
+        mixed, _ = mixer(batch, labels.repeat_interleave(views), torch.Generator().manual_seed(seed))
+        rows.append(shown(mixed[::views]))
+        titles.append(f"view 1 + {'cutmix' if box else 'mixup'} {lam:.2f}")
+    return torch.stack(rows), titles
+
+
+def main(argv=None):
+    model_args, data_args, args, picture = parse_args(
+        (ModelArguments, DataArguments, FinetuneArguments, PictureArguments), argv, description=__doc__)
+    if picture.num_images < 1:
+        raise ValueError(f"--num_images must be at least 1, got {picture.num_images}.")
+    config = build_config(model_args)
+    train, _ = load_image_splits(data_args, config.image_size, require_labels=True)
+    if len(train) < picture.num_images:
+        raise ValueError(f"--num_images {picture.num_images}: the training split has only {len(train)} images.")
+    set_seed(args.seed)
+    num_labels = int(train.labels.max()) + 1
+    rows, titles = augmented_rows(train.images[:picture.num_images], train.labels[:picture.num_images], args, config,
+                                  num_labels)
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "augmented_batch.png")
+    grid_image(rows, titles=titles).save(path)
+    print(f"[show_augmentations] {len(titles)} rows x {picture.num_images} images -> {path}")
+
+
+if __name__ == "__main__":
+    run_script(main)
