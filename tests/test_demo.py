@@ -15,14 +15,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from mae_hf import MAEConfig, MAEForImageClassification, MAEForPreTraining
+from mae_hf import MAEForImageClassification, MAEForPreTraining
 from mae_hf.publish import add_space
 
-pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
-webdriver = pytest.importorskip("selenium.webdriver", reason="the demo extra is not installed: pip install -e '.[demo]'")
+NO_DEMO_EXTRA = "the demo extra is not installed: pip install -e '.[demo]'"
+pytest.importorskip("gradio", reason=NO_DEMO_EXTRA)
+webdriver = pytest.importorskip("selenium.webdriver", reason=NO_DEMO_EXTRA)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -161,15 +161,32 @@ def load_app():
     return module
 
 
-def test_demo_errors_are_messages(tmp_path, tiny_config):
+def page_function(page):
+    """The one function every control of the page triggers: (path, mask_ratio, seed) -> the outputs."""
+    functions = {block.fn for block in page.fns.values() if block.fn.__name__ == "predict"}
+    assert len(functions) == 1
+    return functions.pop()
+
+
+def test_demo_errors_are_shown_in_the_page(tmp_path, tiny_config):
     app = load_app()
-    with pytest.raises(ValueError, match="not an MAE model folder: it needs config.json"):
-        app.Demo(str(tmp_path))
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit" / "config.json").write_text('{"model_type": "vit_mae"}')
     (tmp_path / "vit" / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="model_type 'vit_mae', expected 'mae_hf'"):
-        app.Demo(str(tmp_path / "vit"))
+    for folder, message in ((tmp_path, "is not an MAE model folder: it needs config.json"),
+                            (tmp_path / "vit", "model_type 'vit_mae', expected 'mae_hf'")):
+        page = app.build(str(folder))  # a page, not an exception
+        outputs = page_function(page)(str(ROOT / "demo" / "examples" / "cat.png"), 0.75, 0)
+        assert outputs[:4] == [None] * 4 and message in outputs[-1]
+
+    folder = published_folder(tmp_path / "hub", tiny_config)
+    predict = page_function(app.build(str(folder)))
     (tmp_path / "broken.png").write_text("not an image")
-    with pytest.raises(ValueError, match="cannot read broken.png as an image"):
-        app.open_image(str(tmp_path / "broken.png"))
+    for path, message in ((str(tmp_path / "broken.png"), "cannot read broken.png as an image"),
+                          (None, "upload an image or pick an example"),
+                          (str(ROOT / "demo" / "examples" / "cat.png"), "leaves no visible patch")):
+        outputs = predict(path, 0.95 if message == "leaves no visible patch" else 0.75, 0)
+        assert outputs[:4] == [None] * 4 and outputs[-1].startswith("**Error:**") and message in outputs[-1]
+    outputs = predict(str(ROOT / "demo" / "examples" / "cat.png"), 0.5, 0)
+    assert [picture.size for picture in outputs[:4]] == [(256, 256)] * 4
+    assert set(outputs[5]) == set(LABELS.values()) and outputs[-1].startswith("Done in")
