@@ -25,7 +25,7 @@ from mae_hf.results import TITLES, collect_results, results_table
 
 PROBE_ARGS = dict(seed=0, probe_epochs=30, probe_batch_size=32, probe_learning_rate=0.1, probe_weight_decay=0.0,
                   attentive_heads=2, attentive_epochs=15, attentive_batch_size=32, attentive_learning_rate=3e-3,
-                  attentive_weight_decay=0.05)
+                  attentive_weight_decay=0.05, disable_tqdm=True)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,87 @@
+"""scripts/reproduce.py end to end on a tiny dataset with tiny settings: every step, then skipping and continuing."""
+
+import json
+import os
+
+import pytest
+
+TINY_RUN = "--per_device_train_batch_size 16 --num_train_epochs 1 --disable_tqdm true"
+
+
+def reproduce_argv(output_dir, parquet_folder, tiny_overrides):
+    return ["--cpu_small", "--output_dir", str(output_dir), "--dataset_name", str(parquet_folder),
+            "--feature_blocks", "2",
+            "--pretrain_args", f"--config_overrides {tiny_overrides} {TINY_RUN} --eval_steps 2 --save_steps 2",
+            "--probe_args", "--probe_epochs 2 --knn_k 5 --attentive_epochs 1 --attentive_heads 2 "
+                            "--feature_batch_size 16 --disable_tqdm true",
+            "--finetune_args", f"{TINY_RUN} --save_steps 2 --eval_steps 2"]
+
+
+def modification_times(folder):
+    return {path: os.path.getmtime(path) for path in sorted(map(str, folder.rglob("*_results.json")))}
+
+
+@pytest.fixture(scope="module")
+def reproduced(scripts, parquet_folder, tiny_overrides, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("reproduce") / "run"
+    argv = reproduce_argv(output_dir, parquet_folder, tiny_overrides)
+    scripts.reproduce.main(argv)
+    return output_dir, argv
+
+
+def test_every_step_writes_its_output(reproduced, capsys):
+    output_dir, _ = reproduced
+    for encoder in ("pretrained", "random_init"):
+        for path in ("probe/linear_probe_results.json", "probe/knn_results.json",
+                     "mae_probes/linear_probe_multiblock_results.json", "mae_probes/attentive_probe_results.json",
+                     "finetune/finetune_results.json"):
+            result = json.loads((output_dir / encoder / path).read_text())
+            assert result["encoder"] == encoder, path
+            assert result["protocol"] == os.path.basename(path).removesuffix("_results.json"), path
+    finetune = json.loads((output_dir / "pretrained" / "finetune" / "finetune_results.json").read_text())
+    assert finetune["repeated_augmentations"] == 3 and finetune["mixup_alpha"] == 0.8  # the strong cpu recipe
+    table = (output_dir / "comparison.md").read_text()
+    for row in ("| Linear probe", "| Multi-block linear probe", "| Attentive probe", "| kNN, k = 5", "| Fine-tune"):
+        assert row in table, row
+    card = (output_dir / "hub" / "README.md").read_text()
+    assert "Attentive probe" in card and (output_dir / "hub" / "finetuned" / "model.safetensors").is_file()
+
+
+def test_a_second_run_skips_every_step(reproduced, scripts, capsys):
+    output_dir, argv = reproduced
+    before = modification_times(output_dir)
+    capsys.readouterr()
+    scripts.reproduce.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") >= 11 and "python scripts/" not in printed
+    assert modification_times(output_dir) == before
+
+
+def test_an_interrupted_run_continues(reproduced, scripts, capsys):
+    output_dir, argv = reproduced
+    # a fine-tune killed after its checkpoints, a probe folder left without one of its two results
+    (output_dir / "random_init" / "finetune" / "finetune_results.json").unlink()
+    (output_dir / "pretrained" / "mae_probes" / "attentive_probe_results.json").unlink()
+    kept = output_dir / "pretrained" / "probe" / "linear_probe_results.json"
+    kept_time = os.path.getmtime(kept)
+    capsys.readouterr()
+    scripts.reproduce.main(argv)
+    printed = capsys.readouterr().out
+    assert "finetune_random_init: incomplete, resuming from its last complete checkpoint" in printed
+    assert "mae_probes_pretrained: incomplete, starting over" in printed
+    assert (output_dir / "pretrained" / "mae_probes.incomplete").is_dir()
+    for name in ("pretrain", "probe_pretrained", "probe_random_init", "finetune_pretrained"):
+        assert f"[reproduce] {name}: done already" in printed, name
+    for name in ("compare", "publish"):  # redone: an earlier step ran
+        assert f"[reproduce] {name}: python scripts/" in printed, name
+    assert (output_dir / "random_init" / "finetune" / "finetune_results.json").is_file()
+    assert (output_dir / "pretrained" / "mae_probes" / "attentive_probe_results.json").is_file()
+    assert os.path.getmtime(kept) == kept_time
+
+
+def test_a_failing_step_names_itself(scripts, parquet_folder, tmp_path):
+    with pytest.raises(ValueError, match="step pretrain failed .*same command again"):
+        scripts.reproduce.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(tmp_path / "nothing"),
+                                "--cpu_small"])
+    with pytest.raises(SystemExit):
+        scripts.reproduce.main(["--output_dir", str(tmp_path / "run"), "--feature_blocks", "1"])
