@@ -185,6 +185,6 @@ def test_auto_token_cache_goes_to_disk_when_large(tiny_config, tmp_path, monkeyp
 
     assert cache().storage == "memory"
     monkeypatch.setattr(mae_hf.probes, "MEMORY_CACHE_LIMIT", math.prod((10, 16, 16)) * 2 - 1)  # one byte short
-    cache = cache()
-    assert cache.storage == "disk" and (tmp_path / "attentive_probe_tokens_x.f16").is_file()
-    cache.close()
+    large = cache()
+    assert large.storage == "disk" and (tmp_path / "attentive_probe_tokens_x.f16").is_file()
+    large.close()
