@@ -2,7 +2,6 @@
 parameter groups follow the MAE recipe, a non-finite loss, gradient norm or weight stops the run before anything is
 saved from it (see runs.py), and pretraining evaluations also draw reconstructions and measure kNN accuracy."""
 
-import json
 import logging as std_logging
 import os
 import re
@@ -18,6 +17,7 @@ from transformers.utils import logging
 from .cli import parse_overrides
 from .configuration_mae import MAEConfig
 from .data import BatchTransform, folder_listing, looks_local
+from .inputs import model_folder_config, read_json_object, weight_keys
 from .runs import SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, write_json
 
 logger = logging.get_logger("mae_hf")
@@ -29,8 +29,8 @@ class ModelArguments:
         default=None, metadata={"help": "Saved model folder (or Hub id) to start from: its config and weights."})
     model_type: str | None = field(
         default=None,
-        metadata={"help": f"Accepted for transformers' example commands: only {MAEConfig.model_type!r}, the model these "
-                          "scripts train (ViTMAE checkpoints: convert them with scripts/convert.py)."})
+        metadata={"help": f"Accepted for transformers' example commands: only {MAEConfig.model_type!r}, the model "
+                          "these scripts train (ViTMAE checkpoints: convert them with scripts/convert.py)."})
     config_name: str | None = field(
         default=None, metadata={"help": "Saved config (folder or config.json) to start from, with fresh weights."})
     config_overrides: str | None = field(
@@ -50,11 +50,11 @@ class ModelArguments:
                           "size must be the model's image_size. Default: the model config's."})
     ignore_mismatched_sizes: bool = field(
         default=False,
-        metadata={"help": "Start a new classification head when the checkpoint's head has another number of labels."})
+        metadata={"help": "Start a new classification head when the checkpoint's head has another label count."})
     model_revision: str = field(
-        default="main", metadata={"help": "Branch, tag or commit of a Hub model (--model_name_or_path, --config_name)."})
+        default="main", metadata={"help": "Branch, tag or commit of a Hub model (--model_name_or_path, --config_name)"})
     token: str | None = field(
-        default=None, metadata={"help": "Hugging Face token for private Hub models and datasets (default: the login's)."})
+        default=None, metadata={"help": "Hugging Face token for private Hub models and datasets (default: the login)."})
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Accepted for transformers' example commands; nothing here runs code from the Hub: this "
@@ -88,14 +88,25 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
         option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
         raise ValueError(f"{option} {source}: no such file or folder. {folder_listing(source)}")
     if source is not None:
-        config_file = os.path.join(source, "config.json") if os.path.isdir(source) else source
-        if os.path.isfile(config_file):
-            with open(config_file) as handle:
-                model_type = json.load(handle).get("model_type")
+        option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
+        local = os.path.exists(source)
+        if local:  # config.json (and the weights to load) checked here, so a bad file is named, not a traceback
+            saved = (model_folder_config(source, option) if os.path.isdir(source)
+                     else read_json_object(source, "a model config (config.json)"))
+            model_type = saved.get("model_type")
             if model_type != MAEConfig.model_type:
                 hint = " Convert it first: python scripts/convert.py SRC OUT." if model_type == "vit_mae" else ""
                 raise ValueError(f"{source} holds a {model_type!r} model, not {MAEConfig.model_type!r}.{hint}")
-        config = MAEConfig.from_pretrained(source, **args.hub_kwargs())
+            if args.model_name_or_path and os.path.isdir(source):
+                weight_keys(source, option)
+        try:
+            config = MAEConfig.from_pretrained(source, **args.hub_kwargs())
+        except OSError as error:
+            if local:
+                raise
+            raise ValueError(f"{option} {source}: could not load this Hugging Face Hub model "
+                             f"({' '.join(str(error).split())}). Offline (HF_HUB_OFFLINE=1, or no network), only "
+                             "models already in the Hub cache load; pass a local model folder instead.") from error
     else:
         config = MAEConfig(**fresh_defaults)
     overrides = parse_overrides(args.config_overrides)
@@ -107,9 +118,9 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
         if key in overrides and overrides[key] != value:
             raise ValueError(f"--{key} {value} and --config_overrides {key}={overrides[key]} disagree; give one.")
         overrides[key] = value
-    if args.image_processor_name:
-        overrides.update(processor_normalisation(args, config.image_size))
     config.update(overrides)
+    if args.image_processor_name:
+        config.update(processor_normalisation(args, config.image_size))
     config.check()
     return config
 
@@ -132,6 +143,28 @@ def processor_normalisation(args: ModelArguments, image_size: int) -> dict:
     if missing:
         raise ValueError(f"--image_processor_name {name} has no {' or '.join(missing)}.")
     return {"image_mean": list(values["image_mean"]), "image_std": list(values["image_std"])}
+
+
+def check_hub_access(args, model_args: ModelArguments) -> None:
+    """--push_to_hub: can --hub_model_id be written with this token? Asked before any work (a clear error, no
+    training that ends in a failed upload)."""
+    if args.push_output_to_hub:
+        from .publish import hub_preflight
+
+        hub_preflight(args.hub_model_id, token=args.hub_token or model_args.token)
+
+
+def push_output(args, model_args: ModelArguments) -> None:
+    """--push_to_hub: upload the script's own --output_dir (model, code files, processor, results, pictures) to
+    --hub_model_id, once, from the main process."""
+    if not args.push_output_to_hub or args.process_index != 0:
+        return
+    from .publish import push
+
+    url = push(args.output_dir, args.hub_model_id, private=bool(args.hub_private_repo),
+               token=args.hub_token or model_args.token, revision=getattr(args, "hub_revision", None),
+               commit_message=f"Upload {os.path.basename(os.path.abspath(args.output_dir))}")
+    print(f"[push] {args.output_dir} -> {url}", flush=True)
 
 
 class _LoadReportHold(std_logging.Filter):
@@ -219,7 +252,21 @@ class ImageTrainingArguments(TrainingArguments):
     save_steps: float = field(default=0.1, metadata={"help": "Checkpoint every N steps (fraction if < 1)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
     logging_steps: float = field(default=0.01, metadata={"help": "Log every N steps (fraction if < 1)."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are prebuilt dicts."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Always False here: batches are prebuilt tensors with no unused columns."})
+    do_train: bool | None = field(
+        default=None,
+        metadata={"help": "Train. With neither --do_train nor --do_eval: train, then evaluate. Give one and the other "
+                          "is off unless given too, as in transformers' examples (--do_train false --do_eval true "
+                          "--model_name_or_path DIR evaluates a saved model)."})
+    do_eval: bool | None = field(
+        default=None,
+        metadata={"help": "Evaluate (see --do_train). Evaluations also run during training by --eval_strategy; "
+                          "--do_eval false turns those off too."})
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "transformers 4.x's name for a warmup fraction: the same as --warmup_steps with a value "
+                          "< 1."})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "See TrainingArguments."})
     logging_nan_inf_filter: bool = field(
         default=False,
@@ -246,13 +293,55 @@ class ImageTrainingArguments(TrainingArguments):
             raise ValueError(f"--data_on_device must be auto, true or false, got {self.data_on_device!r}.")
         if not 0 < self.crop_min_scale <= 1:
             raise ValueError(f"--crop_min_scale must lie in (0, 1], got {self.crop_min_scale}.")
+        self.check_numbers()
+        self._upstream_conventions()
         learning_rate_given = self.learning_rate is not None
         if not learning_rate_given:
             self.learning_rate = 0.0  # placeholder until the world size is known
-        super().__post_init__()
+        super().__post_init__()  # also: do_eval becomes True when eval_strategy is not "no" (TrainingArguments' rule)
+        if not (self.do_train or self.do_eval):
+            raise ValueError("--do_train and --do_eval are both off: nothing to do. Pass --do_train true and/or "
+                             "--do_eval true (or neither: train, then evaluate).")
         if not learning_rate_given:
             total_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
             self.learning_rate = self.base_learning_rate * total_batch / 256
+
+    def _upstream_conventions(self):
+        """Flags of transformers' example scripts, with their meaning where it exists here."""
+        if self.do_train is None and self.do_eval is None:  # these scripts' default: train, then evaluate
+            self.do_train = self.do_eval = True
+        elif self.do_eval is False:  # asked not to evaluate: no evaluations during training either
+            self.eval_strategy = "no"
+        self.do_train, self.do_eval = bool(self.do_train), bool(self.do_eval)
+        if self.remove_unused_columns:
+            print("note: --remove_unused_columns is ignored: batches here are prebuilt tensors (pixel_values, labels) "
+                  "with no unused columns to remove.", file=sys.stderr, flush=True)
+            self.remove_unused_columns = False
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio is a fraction of all steps in [0, 1), got {self.warmup_ratio}.")
+            self.warmup_steps = self.warmup_ratio
+        # --push_to_hub: the script pushes its own output folder at the end (model, code files, processor, results);
+        # the Trainer's push would upload a bare folder with its own card, so it stays off.
+        self.push_output_to_hub, self.push_to_hub = self.push_to_hub, False
+        if self.push_output_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/mae-cifar10).")
+
+    def check_numbers(self) -> None:
+        """Sizes, step counts and rates that transformers or torch would only refuse later (or never: --max_steps 0
+        trained for the epochs), each named as the flag."""
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be a positive number of steps (or -1: train for --num_train_epochs), "
+                             f"got {self.max_steps}.")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs must be positive, got {self.num_train_epochs}.")
+        for flag in ("learning_rate", "base_learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, flag)
+            if value is not None and (value < 0 or value != value or value == float("inf")):
+                raise ValueError(f"--{flag} must be a finite number >= 0, got {value}.")
 
     @property
     def global_batch_size(self) -> int:
@@ -296,6 +385,13 @@ class PretrainingArguments(ImageTrainingArguments):
     knn_max_train_samples: int | None = field(
         default=None, metadata={"help": "Training images in the kNN bank (all by default)."})
     num_reconstructions: int = field(default=8, metadata={"help": "Images in reconstructions.png."})
+
+    def __post_init__(self):
+        if self.label_names != ["pixel_values"]:  # e.g. "bool_masked_pos" from older transformers examples
+            print(f"note: --label_names {' '.join(self.label_names or [])} is ignored: the MAE's target is its input, "
+                  "pixel_values (the evaluation loss needs it).", file=sys.stderr, flush=True)
+            self.label_names = ["pixel_values"]
+        super().__post_init__()
 
 
 @dataclass
@@ -493,7 +589,10 @@ class ImageTrainer(Trainer):
                                "lr": self.args.learning_rate * self.layer_decay ** (num_layers + 1 - depth)}
             groups[key]["params"].append(parameter)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-        self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
+        # Deepest (peak lr) groups first: the Trainer logs its first group's learning rate, which users read as the
+        # run's learning rate; the layer-decayed ones are lower.
+        ordered = [groups[key] for key in sorted(groups, key=lambda key: -key[0])]
+        self.optimizer = optimizer_cls(ordered, **optimizer_kwargs)
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -578,15 +677,15 @@ class ThroughputCallback(TrainerCallback):
     def images_per_second(self) -> float | None:
         return self.steps * self.images_per_step / self.seconds if self.seconds > 0 else None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         if state.is_world_process_zero:
             precision = "bf16 autocast" if args.bf16 else ("fp16" if args.fp16 else "fp32")
-            print(f"[plan] device {args.device} x{args.world_size}, {precision}, torch_compile={args.torch_compile}; "
-                  f"{state.max_steps} steps of {self.images_per_step} images "
-                  f"({args.num_train_epochs:g} epochs), peak learning rate {args.learning_rate:.3g}", flush=True)
+            say(f"[plan] device {args.device} x{args.world_size}, {precision}, torch_compile={args.torch_compile}; "
+                f"{state.max_steps} steps of {self.images_per_step} images ({_epochs(args, train_dataloader)}), "
+                f"peak learning rate {args.learning_rate:.3g}")
             # Before any measurement: a GPU-sized run (millions of images) on a CPU is days, whatever the model.
             if self.slow_hint and args.device.type == "cpu" and state.max_steps * self.images_per_step > 2_000_000:
-                print(f"[plan] {self.slow_hint}", flush=True)
+                say(f"[plan] {self.slow_hint}")
                 self.slow_hint = None  # said once
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -598,15 +697,31 @@ class ThroughputCallback(TrainerCallback):
         if not self.reported and state.is_world_process_zero and self.seconds >= self.measure_seconds:
             self.reported = True
             remaining = (state.max_steps - state.global_step) * self.seconds / self.steps
-            print(f"[plan] measured {self.images_per_second:,.0f} images/s over {self.steps} steps; about "
-                  f"{_duration(remaining)} of training left (evaluations add to it)", flush=True)
+            say(f"[plan] measured {self.images_per_second:,.0f} images/s over {self.steps} steps; about "
+                f"{_duration(remaining)} of training left (evaluations add to it)")
             if self.slow_hint and remaining > 3600 and args.device.type == "cpu":
-                print(f"[plan] {self.slow_hint}", flush=True)
+                say(f"[plan] {self.slow_hint}")
 
     def _skip_interval(self, *args, **kwargs):
         self.last_time = None
 
     on_evaluate = on_save = _skip_interval
+
+
+def say(line: str) -> None:
+    """Print a line of our own during training: on a line of its own above the Trainer's progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+    sys.stdout.flush()
+
+
+def _epochs(args, train_dataloader) -> str:
+    """The epochs the run will make: --num_train_epochs, or what --max_steps amounts to when it caps the run."""
+    if args.max_steps <= 0 or train_dataloader is None:
+        return f"{args.num_train_epochs:g} epochs"
+    steps_per_epoch = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
+    return f"max_steps {args.max_steps} = {args.max_steps / steps_per_epoch:.3g} epochs"
 
 
 def _duration(seconds: float) -> str:

@@ -7,18 +7,21 @@ augmentation and a weight EMA, all on the device: mae_hf/augment.py).
     python scripts/finetune.py --model_name_or_path runs/mae --random_init true --output_dir runs/random/finetune
     python scripts/finetune.py configs/cpu_small_finetune.yaml --model_name_or_path runs/cpu_small \
         --dataset_name ../shared/data/cifar10 --output_dir runs/cpu_small/finetune
-    python scripts/finetune.py configs/finetune_strong.yaml --model_name_or_path runs/mae --output_dir runs/mae/finetune_strong
+    python scripts/finetune.py configs/finetune_strong.yaml --model_name_or_path runs/mae \
+        --output_dir runs/mae/finetune_strong
 
 Writes finetune_results.json and the fine-tuned MAEForImageClassification to --output_dir. Flags: --help.
 """
 
+import os
 import sys
 
 from transformers import set_seed
 
+from mae_hf import MAEForImageClassification
 from mae_hf.cli import parse_args, run_script
 from mae_hf.data import ArrayDataset, DataArguments, collate, load_image_splits, skipped_images
-from mae_hf.evaluation import load_classifier
+from mae_hf.evaluation import is_classifier, load_classifier
 from mae_hf.metrics import accuracy
 from mae_hf.results import encoder_fingerprint, write_results
 from mae_hf.runs import Run
@@ -26,7 +29,11 @@ from mae_hf.training import (
     FinetuneArguments,
     ImageTrainer,
     ModelArguments,
+    ThroughputCallback,
     build_config,
+    check_hub_access,
+    load_pretrained,
+    push_output,
 )
 
 
@@ -34,27 +41,59 @@ def compute_metrics(prediction):
     return {"accuracy": accuracy(prediction.predictions.argmax(-1), prediction.label_ids)}
 
 
+def evaluate_only(model_args, config, num_labels, train, evaluation, args) -> None:
+    """--do_train false: the saved classifier, unchanged, on the evaluation split -> eval_results.json."""
+    if not is_classifier(config):
+        raise ValueError(f"--do_train false: {model_args.model_name_or_path} is not a classifier (no trained head); "
+                         "evaluate a fine-tuning run's folder, or train one first.")
+    if config.num_labels != num_labels:
+        raise ValueError(f"--do_train false: {model_args.model_name_or_path} predicts {config.num_labels} classes; "
+                         f"this data has {num_labels}.")
+    model = load_pretrained(MAEForImageClassification, model_args, config)
+    _, eval_transform = args.batch_transforms(model.config)
+    trainer = ImageTrainer(model=model, args=args, data_collator=collate, compute_metrics=compute_metrics,
+                           eval_dataset=ArrayDataset(evaluation.images, labels=evaluation.labels),
+                           train_transform=eval_transform, eval_transform=eval_transform)
+    metrics = trainer.evaluate()
+    trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation)))
+    print(f"[eval] {model_args.model_name_or_path} on {evaluation.split}: eval_accuracy {metrics['eval_accuracy']:.4f} "
+          f"({len(evaluation)} images) -> {args.output_dir}/eval_results.json", flush=True)
+
+
 def main(argv=None):
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, FinetuneArguments), argv,
                                              description=__doc__)
+    if not model_args.model_name_or_path and not args.random_init:
+        raise ValueError("No --model_name_or_path: pass the pretrained model to fine-tune (e.g. --model_name_or_path "
+                         "runs/mae), or --random_init true to fine-tune a randomly initialised encoder (the baseline).")
+    if not args.do_train and (args.random_init or not model_args.model_name_or_path):
+        raise ValueError("--do_train false evaluates a saved classifier: pass --model_name_or_path (a fine-tuning "
+                         "run's folder), without --random_init.")
+    check_hub_access(args, model_args)  # --push_to_hub: before any work
     with Run(args) as run:  # holds --output_dir; resolves the resume; stops cleanly on SIGINT/SIGTERM
-        return finetune(run, model_args, data_args, args)
+        finetune(run, model_args, data_args, args)
+    push_output(args, model_args)
 
 
 def finetune(run, model_args, data_args, args):
-    random_init = args.random_init or not model_args.model_name_or_path
+    random_init = args.random_init
     try:
-        image_size = build_config(model_args).image_size
-        train, evaluation = load_image_splits(data_args, image_size, require_labels=True)
-        args.check_enough_images(len(train))
+        config = build_config(model_args)
+        train, evaluation = load_image_splits(data_args, config.image_size, require_labels=True,
+                                              token=model_args.token)
+        if args.do_train:
+            args.check_enough_images(len(train))
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     set_seed(args.seed)  # before the head is initialised
     num_labels = train.num_classes  # the class names when the label column has them: validated at load
     names = train.class_names or [str(i) for i in range(num_labels)]
+    if not args.do_train:
+        return evaluate_only(model_args, config, num_labels, train, evaluation, args)
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-                            linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate)
+                            linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate,
+                            new_head="the classification head is new and trained here")
     run.check_settings(model.config, data_args)
     fingerprint = encoder_fingerprint(model.mae)  # the encoder this run starts from, before training changes it
     train_set = ArrayDataset(train.images, labels=train.labels)
@@ -75,9 +114,17 @@ def finetune(run, model_args, data_args, args):
         mixer=args.mixer(num_labels),
         repeated_augmentations=args.repeated_augmentations,
         ema_decay=args.ema_decay,
+        callbacks=[ThroughputCallback(args.global_batch_size)],
     )
     run.train(trainer)
     trainer.save_model()
+    if trainer.ema is not None and trainer.is_world_process_zero():  # the averaged weights, as a model of their own
+        with trainer.ema.applied():
+            model.save_pretrained(os.path.join(args.output_dir, "ema"))
+    if not args.do_eval:
+        print(f"[done] {args.output_dir}: fine-tuned, not evaluated (--do_eval false), so no finetune_results.json",
+              flush=True)
+        return
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         write_results(args.output_dir, "finetune", {
@@ -93,7 +140,8 @@ def finetune(run, model_args, data_args, args):
             **({"skipped_images": skipped_images(train, evaluation)} if data_args.skip_bad_images else {}),
             "eval_accuracy": metrics["eval_accuracy"],
             "eval_loss": metrics["eval_loss"],
-            **{key: metrics[key] for key in ("eval_ema_accuracy", "eval_ema_loss") if key in metrics},
+            **({"eval_ema_accuracy": metrics["eval_ema_accuracy"], "eval_ema_loss": metrics["eval_ema_loss"],
+                "ema_model": "ema"} if trainer.ema is not None else {}),
             **run.record(trainer.state),
             "global_batch_size": args.global_batch_size,
             "learning_rate": args.learning_rate,

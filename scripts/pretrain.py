@@ -17,19 +17,23 @@ from transformers import set_seed
 
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import parse_args, run_script
-from mae_hf.data import ArrayDataset, DataArguments, collate, fixed_noise, load_image_splits
+from mae_hf.data import ArrayDataset, DataArguments, collate, fixed_noise, load_image_splits, skipped_images
+from mae_hf.runs import Run
 from mae_hf.training import (
     MAEPretrainer,
     ModelArguments,
-    NonFiniteLossError,
     PretrainingArguments,
     ThroughputCallback,
     build_config,
-    check_output_dir,
+    check_hub_access,
+    load_pretrained,
+    push_output,
 )
 
-SLOW_HINT = ("This run is sized for a GPU, not a CPU. On a CPU, pretrain the small config instead: "
-             "python scripts/pretrain.py configs/cpu_small.yaml --output_dir runs/cpu_small")
+
+def slow_hint(data_args) -> str:
+    return ("This run is sized for a GPU, not a CPU. On a CPU, pretrain the small config instead: python "
+            f"scripts/pretrain.py configs/cpu_small.yaml {data_args.command_flags()} --output_dir runs/cpu_small")
 
 
 def final_evaluation(trainer) -> dict:
@@ -47,14 +51,26 @@ def final_evaluation(trainer) -> dict:
 def main(argv=None):
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, PretrainingArguments), argv,
                                              description=__doc__)
-    check_output_dir(args)
+    check_hub_access(args, model_args)  # --push_to_hub: before any work
+    if not args.do_train and not model_args.model_name_or_path:
+        raise ValueError("--do_train false evaluates a saved model: pass --model_name_or_path (a pretraining run's "
+                         "folder).")
+    with Run(args) as run:  # holds --output_dir; resolves the resume; stops cleanly on SIGINT/SIGTERM
+        pretrain(run, model_args, data_args, args)
+    push_output(args, model_args)
+
+
+def pretrain(run, model_args, data_args, args):
     set_seed(args.seed)  # before the model is initialised
     try:
         config = build_config(model_args, norm_pix_loss=True)
-        train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels)
-        args.check_enough_images(len(train))
+        train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
+                                              token=model_args.token)
+        if args.do_train:
+            args.check_enough_images(len(train))
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
+    run.check_settings(config, data_args)
 
     has_labels = train.labels is not None
     train_set = ArrayDataset(train.images)
@@ -64,17 +80,30 @@ def main(argv=None):
     eval_noise = fixed_noise(len(evaluation), config.num_patches, seed=args.seed)
     eval_set = ArrayDataset(evaluation.images, noise=eval_noise)
     knn_data = None
-    if args.knn_eval and has_labels:
-        bank = slice(0, args.knn_max_train_samples)
-        knn_data = (train.images[bank], train.labels[bank], evaluation.images, evaluation.labels)
+    if args.knn_eval and has_labels:  # kNN over labelled images only: -1 / None mean "unlabelled" here
+        bank, queries = train.labelled(), evaluation.labelled()
+        if len(bank) < len(train) or len(queries) < len(evaluation):
+            print(f"[data] unlabelled images (label -1 or None): {len(train) - len(bank)} of {len(train)} training, "
+                  f"{len(evaluation) - len(queries)} of {len(evaluation)} evaluation. They are pretrained on and left "
+                  "out of the kNN monitor" + ("" if len(bank) and len(queries) else
+                                              "; with no labelled images in a split, there is no kNN monitor") + ".",
+                  flush=True)
+        if len(bank) and len(queries):
+            subset = slice(0, args.knn_max_train_samples)
+            knn_data = (bank.images[subset], bank.labels[subset], queries.images, queries.labels)
+            if len(knn_data[0]) < args.knn_k:
+                raise ValueError(f"The kNN monitor's bank has {len(knn_data[0])} labelled training images, fewer than "
+                                 f"--knn_k {args.knn_k} neighbours: its accuracy would mean nothing. Pass --knn_k "
+                                 f"{max(1, len(knn_data[0]) // 4)} or less, more training images, or --knn_eval "
+                                 "false.")
     preview = (evaluation.images[:args.num_reconstructions], eval_noise[:args.num_reconstructions])
 
     if model_args.model_name_or_path:
-        model = MAEForPreTraining.from_pretrained(model_args.model_name_or_path, config=config)
+        model = load_pretrained(MAEForPreTraining, model_args, config)
     else:
         model = MAEForPreTraining(config)
     train_transform, eval_transform = args.batch_transforms(config)
-    throughput = ThroughputCallback(args.global_batch_size, slow_hint=SLOW_HINT)
+    throughput = ThroughputCallback(args.global_batch_size, slow_hint=slow_hint(data_args))
     trainer = MAEPretrainer(
         model=model,
         args=args,
@@ -88,22 +117,30 @@ def main(argv=None):
         knn_data=knn_data,
         knn_k=args.knn_k,
     )
-    try:
-        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except NonFiniteLossError as error:
-        sys.exit(f"error: {error}")
+    if not args.do_train:  # --do_train false: evaluate the saved model only, as transformers' run_mae.py
+        metrics = trainer.evaluate()
+        trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation)))
+        knn = metrics.get("eval_knn_accuracy")
+        print(f"[eval] {model_args.model_name_or_path} on {evaluation.split}: eval_loss {metrics['eval_loss']:.4f}"
+              f"{'' if knn is None else f', kNN accuracy {knn:.4f}'} -> {args.output_dir}/eval_results.json",
+              flush=True)
+        return
+    result = run.train(trainer)
 
     trainer.save_model()
     train_metrics = dict(result.metrics, pipeline_images_per_second=throughput.images_per_second,
                          train_samples=len(train))
     trainer.save_metrics("train", train_metrics)
-    eval_metrics = final_evaluation(trainer)
-    trainer.save_metrics("eval", dict(eval_metrics, eval_samples=len(evaluation)))
+    eval_metrics = final_evaluation(trainer) if args.do_eval else {}
+    if args.do_eval:
+        trainer.save_metrics("eval", dict(eval_metrics, eval_samples=len(evaluation)))
     trainer.save_state()
     if trainer.is_world_process_zero():
         summary = {
             "dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
-            "train_samples": len(train), "eval_samples": len(evaluation), "epochs": args.num_train_epochs,
+            "train_samples": len(train), "eval_samples": len(evaluation), **run.record(trainer.state),
+            "data": data_args.recorded(),  # every data flag: visualize.py and the card read the run's own data
+            **({"skipped_images": skipped_images(train, evaluation)} if data_args.skip_bad_images else {}),
             "global_batch_size": args.global_batch_size, "learning_rate": args.learning_rate,
             "weight_decay": args.weight_decay, "decay_all_parameters": args.decay_all_parameters,
             "max_grad_norm": args.max_grad_norm, "adam_betas": [args.adam_beta1, args.adam_beta2],
@@ -120,9 +157,11 @@ def main(argv=None):
         }
         with open(os.path.join(args.output_dir, "pretraining_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
-        knn, speed = summary["eval_knn_accuracy"], summary["pipeline_images_per_second"]
-        print(f"[done] {args.output_dir}: eval_loss {summary['eval_loss']:.4f}, kNN accuracy "
-              f"{'n/a (no labels or --knn_eval false)' if knn is None else f'{knn:.4f}'}, "
+        loss, knn, speed = summary["eval_loss"], summary["eval_knn_accuracy"], summary["pipeline_images_per_second"]
+        evaluated = (f"eval_loss {loss:.4f}, kNN accuracy "
+                     f"{'n/a (no labels or --knn_eval false)' if knn is None else f'{knn:.4f}'}"
+                     if args.do_eval else "not evaluated (--do_eval false)")
+        print(f"[done] {args.output_dir}: {evaluated}, "
               f"{'images/s not measured (too few steps)' if speed is None else f'{speed:,.0f} images/s'}", flush=True)
 
 

@@ -13,6 +13,7 @@ import torch
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import parse_args, parse_overrides
 from mae_hf.data import BatchTransform, DataArguments, fixed_noise, load_image_splits
+from mae_hf.runs import RunError
 from mae_hf.training import ModelArguments, PretrainingArguments, build_config
 
 
@@ -80,7 +81,7 @@ def test_overrides_are_typed_and_checked():
 def test_refuses_to_overwrite_a_previous_run(pretrained_run, scripts, tiny_overrides, parquet_folder, capsys):
     folder, _ = pretrained_run
     before = sorted(os.listdir(folder))
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(RunError, match="already holds a run"):
         scripts.pretrain.main(["--output_dir", str(folder), "--dataset_name", str(parquet_folder),
                                "--config_overrides", tiny_overrides])
     assert sorted(os.listdir(folder)) == before
@@ -133,18 +134,6 @@ def test_bad_column_fails_before_training(tmp_path, scripts, tiny_overrides, par
         scripts.pretrain.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(parquet_folder),
                                "--config_overrides", tiny_overrides, "--image_column_name", "photo"])
     assert not (tmp_path / "run").exists()
-
-
-def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, scripts, tiny_overrides, parquet_folder):
-    output = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"loss became nan at step 2.*checkpoint-1, is intact"):
-        scripts.pretrain.main(["--output_dir", str(output), "--dataset_name", str(parquet_folder),
-                               "--config_overrides", tiny_overrides, "--learning_rate", "1e30",
-                               "--warmup_steps", "0", "--per_device_train_batch_size", "8", "--save_steps", "1",
-                               "--save_total_limit", "5", "--eval_steps", "100", "--knn_eval", "false"])
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
-    reloaded = MAEForPreTraining.from_pretrained(output / "checkpoint-1")
-    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
 
 
 def _command(output, tiny_overrides, parquet_folder, *extra):

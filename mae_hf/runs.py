@@ -1,0 +1,585 @@
+"""What can go wrong around a training run, and how each fault ends (shared by pretrain.py and finetune.py).
+
+- `Run`: the run's hold on its `--output_dir` for its whole lifetime. It refuses a file, an unwritable folder, a
+  previous run that is not being resumed, and a folder another live run holds (a `flock` on `.run.lock`, released
+  by the kernel on any exit, so a dead run leaves no stale lock). It resolves `--resume_from_checkpoint` to a
+  complete checkpoint, compares the settings with the checkpoint's, and turns SIGINT/SIGTERM into a stop at the
+  step boundary with the exact resume command.
+- `checkpoint_problem`: what "complete" means for a checkpoint folder, checked from headers and sizes.
+- `DivergenceGuard`: a non-finite loss or gradient norm is recorded on the device every step (no host sync) and
+  read on the host only at logging/evaluation/save steps; weights are checked before every save, so no
+  non-finite model or checkpoint is ever written.
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+import zipfile
+
+import torch
+from transformers import TrainerCallback
+
+from .cli import MAEHFError
+
+LOCK_NAME = ".run.lock"
+SETTINGS_NAME = "run_settings.json"  # what the run was started with (and its resumes); copied into each checkpoint
+CHECKPOINT_PREFIX = "checkpoint-"
+INCOMPLETE_PREFIX = "incomplete-"  # torn checkpoints are renamed so that neither resume nor rotation picks them
+# TrainingArguments that shape the result: a resume that changes one of them is not the run that was started.
+RECIPE_FIELDS = ("learning_rate", "weight_decay", "decay_all_parameters", "adam_beta1", "adam_beta2", "adam_epsilon",
+                 "optim", "max_grad_norm", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps",
+                 "gradient_accumulation_steps", "crop_min_scale", "horizontal_flip", "seed", "layer_decay",
+                 "label_smoothing_factor", "drop_path_rate", "pooling", "random_init")
+DATA_FIELDS_IGNORED = ("cache_dir", "preprocessing_num_workers")  # where and how fast, not what
+
+
+class RunError(MAEHFError):
+    """A fault of the run the user can act on: reported as `error: ...` with exit code 1."""
+
+
+class NonFiniteError(RunError):
+    pass
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM outside the step boundary (before training, or a second signal): like KeyboardInterrupt, not
+    caught by `except Exception`."""
+
+    def __init__(self, signum: int, when: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} {when}")
+        self.signum = signum
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+
+def checkpoint_step(folder: str) -> int | None:
+    name = os.path.basename(os.path.normpath(folder))
+    suffix = name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """`checkpoint-N` folders of `output_dir`, newest (highest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [os.path.join(output_dir, name) for name in os.listdir(output_dir)
+             if checkpoint_step(name) is not None and os.path.isdir(os.path.join(output_dir, name))]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def _json_problem(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            value = json.load(handle)
+    except FileNotFoundError:
+        return f"{os.path.basename(path)} is missing"
+    except (OSError, ValueError) as error:
+        return f"{os.path.basename(path)} does not parse ({' '.join(str(error).split())})"
+    return None if isinstance(value, dict) else f"{os.path.basename(path)} holds no mapping"
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """Header complete and file exactly as long as the header's tensors say (cheap: no tensor is read)."""
+    name = os.path.basename(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return f"{name} is truncated ({size} bytes)"
+            (header_size,) = struct.unpack("<Q", head)
+            if 8 + header_size > size:
+                return f"{name} is truncated (its header runs past the end of the file)"
+            header = json.loads(handle.read(header_size))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return f"{name} is missing"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        return f"{name} has an unreadable header ({error})"
+    if 8 + header_size + end != size:
+        return f"{name} has {size} bytes where its header describes {8 + header_size + end}"
+    return None
+
+
+def _torch_file_problem(path: str) -> str | None:
+    """`torch.save` writes a zip archive whose directory sits at the end: a truncated file has none."""
+    try:
+        with zipfile.ZipFile(path):
+            return None
+    except FileNotFoundError:
+        return f"{os.path.basename(path)} is missing"
+    except (OSError, zipfile.BadZipFile) as error:
+        return f"{os.path.basename(path)} is not a complete torch file ({error})"
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None when it is: `trainer_state.json` and `config.json` parse,
+    `model.safetensors` is whole, the optimizer and scheduler files (and any RNG states) are whole torch files."""
+    problems = [_json_problem(os.path.join(folder, "trainer_state.json")),
+                _json_problem(os.path.join(folder, "config.json")),
+                _safetensors_problem(os.path.join(folder, "model.safetensors"))]
+    torch_files = {"optimizer.pt", "scheduler.pt"} | {name for name in os.listdir(folder)
+                                                      if name.endswith((".pt", ".pth"))}
+    problems += [_torch_file_problem(os.path.join(folder, name)) for name in sorted(torch_files)]
+    problems = [problem for problem in problems if problem]
+    return "; ".join(problems) if problems else None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    return next((folder for folder in checkpoints(output_dir) if checkpoint_problem(folder) is None), None)
+
+
+def weights_are_finite(folder: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as weights:
+        for key in weights.keys():
+            tensor = weights.get_tensor(key)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return False
+    return True
+
+
+def last_finite_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint whose weights, loaded, are all finite."""
+    return next((folder for folder in checkpoints(output_dir)
+                 if checkpoint_problem(folder) is None and weights_are_finite(folder)), None)
+
+
+def _step_of(folder: str) -> int:
+    with open(os.path.join(folder, "trainer_state.json")) as handle:
+        return json.load(handle)["global_step"]
+
+
+@contextlib.contextmanager
+def removed_if_incomplete(folder: str, args):
+    """Around writing checkpoint `folder`: if the save fails (a full disk, a second Ctrl-C), remove the partial
+    folder, so that only complete checkpoints exist; a full disk becomes a clear error."""
+    try:
+        yield
+    except BaseException as error:
+        if args.should_save and os.path.isdir(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(error, OSError):
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise RunError(f"Saving {folder} failed ({reason}); the partial folder was removed. "
+                           f"{resume_advice(args.output_dir)}") from error
+        raise
+
+
+# ---- the command to resume with ------------------------------------------------------------------------------------
+
+def resume_command(checkpoint: str = "last") -> str:
+    """This process's command line with `--resume_from_checkpoint <checkpoint>` in place of any given."""
+    argv, kept, skip = sys.argv[1:], [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--resume_from_checkpoint":
+            skip = True
+        elif not token.startswith("--resume_from_checkpoint="):
+            kept.append(token)
+    return shlex.join(["python", sys.argv[0], *kept, "--resume_from_checkpoint", checkpoint])
+
+
+def resume_advice(output_dir: str) -> str:
+    last = last_complete_checkpoint(output_dir)
+    if last is None:
+        return f"No complete checkpoint exists in {output_dir}; the run has to start again."
+    return (f"The last complete checkpoint is {last} (step {_step_of(last)}); resume with: "
+            f"{resume_command()}")
+
+
+# ---- the output folder -----------------------------------------------------------------------------------------
+
+class OutputLock:
+    """An exclusive `flock` on `<folder>/.run.lock` naming its holder (pid, host, start, command). The kernel
+    drops it when the process dies however it dies, so a lock file left by a dead run is simply taken over."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.handle = None
+
+    def acquire(self) -> "OutputLock":
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "a process that has not written its pid yet"
+                handle.close()
+                raise RunError(f"--output_dir {os.path.dirname(self.path)} is in use by another run ({holder}). "
+                               "Wait for it to end (or stop it), or choose another --output_dir.") from None
+            try:  # the previous holder may have removed the file between our open and flock: lock the current one
+                if os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
+                     f"{shlex.join(['python', *sys.argv])}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)  # still holding the lock: nobody can be between open and flock on it
+            self.handle.close()
+            self.handle = None
+
+
+def _from_main_process(value):
+    """`value` as the main process has it, on every process of a distributed run (torchrun, accelerate)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- settings compared on resume ----------------------------------------------------------------------------------
+
+def run_settings(config, data_args, args) -> dict:
+    """The settings that make a run what it is: the model config, the data and the recipe."""
+    from .configuration_mae import MAEConfig
+
+    config_values = config.to_dict()
+    model = {key: config_values[key] for key in sorted(MAEConfig.__annotations__) if key in config_values}
+    model["num_labels"] = config.num_labels  # the classifier's head
+    data = {field.name: getattr(data_args, field.name) for field in dataclasses.fields(data_args)
+            if field.name not in DATA_FIELDS_IGNORED}
+    recipe = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
+    if hasattr(args, "recipe"):  # fine-tuning's augmentation recipe
+        recipe.update(args.recipe())
+    recipe["lr_scheduler_type"] = getattr(recipe.get("lr_scheduler_type"), "value", recipe.get("lr_scheduler_type"))
+    recipe["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+        args.world_size
+    return json.loads(json.dumps({"model": model, "data": data, "recipe": recipe}, default=str))
+
+
+def _saved_settings(checkpoint: str) -> dict:
+    """The checkpoint's settings file; from a checkpoint written before it existed, its model config alone."""
+    path = os.path.join(checkpoint, SETTINGS_NAME)
+    if os.path.isfile(path):
+        with open(path) as handle:
+            return json.load(handle)
+    from .configuration_mae import MAEConfig
+
+    with open(os.path.join(checkpoint, "config.json")) as handle:
+        config = json.load(handle)
+    return {"model": {key: config[key] for key in sorted(MAEConfig.__annotations__) if key in config}}
+
+
+def settings_differences(saved: dict, current: dict) -> dict:
+    """`{"model.mask_ratio": {"checkpoint": 0.75, "now": 0.6}, ...}` for every setting the two both record."""
+    differences = {}
+    for group in ("model", "data", "recipe"):
+        before, now = saved.get(group, {}), current.get(group, {})
+        for key in sorted(set(before) & set(now)):
+            if before[key] != now[key]:
+                differences[f"{group}.{key}"] = {"checkpoint": before[key], "now": now[key]}
+    return differences
+
+
+def write_json(path: str, value: dict) -> None:
+    """Write whole or not at all (a temporary file renamed over the target)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(value, handle, indent=2)
+    os.replace(temporary, path)
+
+
+# ---- signals ---------------------------------------------------------------------------------------------------
+
+class StopOnSignal(TrainerCallback):
+    """The first SIGINT/SIGTERM during training asks for a stop at the end of the current optimizer step: no save
+    or evaluation starts after it. Outside the training loop, or a second signal, stops at once (`Interrupted`).
+    In a distributed run the processes agree every step (a one-number all-reduce on the CPU, no device sync) so
+    that all stop at the same step."""
+
+    def __init__(self):
+        self.signum = self.step = None
+        self.in_loop = False
+        self.previous = {}
+        self.group = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if not self.in_loop or self.signum is not None:
+            raise Interrupted(signum, "during a training step (a second signal)" if self.in_loop
+                              else "outside the training loop")
+        self.signum = signum
+        print(f"\n[stop] {signal.Signals(signum).name} received: stopping at the end of this step (send it again to "
+              "stop at once)", file=sys.stderr, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.in_loop = True
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            backend = torch.distributed.get_backend()
+            self.group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
+
+    def _stop_requested(self, args) -> bool:
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            signum = torch.tensor([self.signum or 0])
+            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            self.signum = int(signum) or None
+        return self.signum is not None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._stop_requested(args):
+            self.step = state.global_step
+            control.should_training_stop = True
+            control.should_save = control.should_evaluate = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = control.should_evaluate = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.in_loop = False
+
+
+class _NothingLeftToTrain(Exception):
+    pass
+
+
+class NoStepPastTheEnd(TrainerCallback):
+    """Resuming a finished run whose last step is not at an epoch's end, the Trainer would train one more step
+    before it tests `max_steps`; this stops it before that step begins (weights and state already loaded)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            raise _NothingLeftToTrain()
+
+
+# ---- divergence ------------------------------------------------------------------------------------------------
+
+class DivergenceGuard(TrainerCallback):
+    """Records on the device whether any loss or gradient norm since the last check was non-finite (`observe_*`,
+    every step, no host sync); `check` reads that on the host, with the weights, at the steps that log, evaluate
+    or save, and before every save. On a non-finite value it raises `NonFiniteError` naming the last checkpoint
+    whose weights are finite (loaded to verify)."""
+
+    def __init__(self):
+        self.flags = None  # [loss non-finite, gradient norm non-finite] since the start
+        self.checked_step = 0
+
+    def _record(self, index: int, value) -> None:
+        if value is None:
+            return
+        if not isinstance(value, torch.Tensor):
+            value = torch.tensor(float(value))
+        if self.flags is None:
+            self.flags = torch.zeros(2, dtype=torch.bool, device=value.device)
+        self.flags[index] |= ~torch.isfinite(value.detach()).all()
+
+    def observe_loss(self, loss) -> None:
+        self._record(0, loss)
+
+    def observe_grad_norm(self, grad_norm) -> None:
+        self._record(1, grad_norm)
+
+    def check(self, args, step: int, model) -> None:
+        loss_bad = grad_bad = False
+        if self.flags is not None:
+            flags = self.flags.to(torch.int32)
+            if args.world_size > 1 and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            loss_bad, grad_bad = (bool(flag) for flag in flags.tolist())  # the one host read
+        weights_bad = not torch.stack([parameter.isfinite().all() for parameter in model.parameters()]).all()
+        if loss_bad or grad_bad or weights_bad:
+            what = [name for name, bad in (("the loss", loss_bad), ("the gradient norm", grad_bad),
+                                           ("the weights", weights_bad)) if bad]
+            raise NonFiniteError(self._message(args, " and ".join(what), step))
+        self.checked_step = step
+
+    def _message(self, args, what: str, step: int) -> str:
+        finite = last_finite_checkpoint(args.output_dir)
+        if finite is None:
+            kept = (f"No checkpoint with finite weights exists in {args.output_dir}; start again with a lower "
+                    "--learning_rate, more --warmup_steps or fp32.")
+        else:
+            kept = (f"The last checkpoint with finite weights is {finite} (step {_step_of(finite)}); continue from "
+                    f"it with a lower --learning_rate, more --warmup_steps or fp32: add --resume_from_checkpoint "
+                    f"{finite} --allow_config_change true.")
+        when = f"at step {step}" if step == self.checked_step + 1 else \
+            f"between steps {self.checked_step + 1} and {step}"
+        return f"Training diverged: {what} became non-finite {when}. Nothing was saved from that state. {kept}"
+
+    def _check_if_due(self, args, state, control, model=None, **kwargs):
+        if control.should_log or control.should_evaluate or control.should_save:
+            self.check(args, state.global_step, model)
+
+    on_step_end = on_epoch_end = _check_if_due
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+class Run:
+    """`with Run(args) as run:` around a script's work: see the module docstring. `run.check_settings(...)` before
+    training, `run.train(trainer)` to train, `run.record(state)` for the summary."""
+
+    def __init__(self, args):
+        self.args = args
+        self.lock = None
+        self.created = False
+        self.resume_from = None
+        self.settings = None
+        self.resumes = []
+        self.stop = StopOnSignal()
+
+    @property
+    def is_main(self) -> bool:
+        return self.args.process_index == 0
+
+    def __enter__(self) -> "Run":
+        self.args.device  # sets up the distributed process group, if any, before processes exchange anything
+        problem = None
+        if self.is_main:
+            try:
+                self._claim_output_dir()
+            except RunError as error:
+                self._release()
+                problem = str(error)
+        problem, self.resume_from = _from_main_process((problem, self.resume_from))
+        if problem:
+            raise RunError(problem)
+        self.args.resume_from_checkpoint = self.resume_from
+        self.stop.install()
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.stop.restore()
+        self._release()
+        if isinstance(error, Interrupted):
+            if self.is_main:
+                print(f"error: {error}; nothing was saved after the last checkpoint. "
+                      f"{resume_advice(self.args.output_dir)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + error.signum)
+        return False
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.created and os.path.isdir(self.args.output_dir) and not os.listdir(self.args.output_dir):
+            os.rmdir(self.args.output_dir)  # a run that failed before writing anything leaves nothing behind
+
+    def _claim_output_dir(self) -> None:
+        folder = self.args.output_dir
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise RunError(f"--output_dir {folder} is a file, not a folder. Give a folder path (created if missing).")
+        if not os.path.exists(folder):
+            try:
+                os.makedirs(folder)
+            except OSError as error:
+                raise RunError(f"--output_dir {folder} cannot be created ({error.strerror}). Give a folder you can "
+                               "write to.") from None
+            self.created = True
+        try:
+            self.lock = OutputLock(folder).acquire()  # also the write test: nothing trains into a folder it can't save
+        except OSError as error:
+            raise RunError(f"--output_dir {folder} is not writable ({error.strerror}). Give a folder you can write "
+                           "to.") from None
+        if self.args.resume_from_checkpoint is None:
+            leftovers = sorted(name for name in os.listdir(folder)
+                               if checkpoint_step(name) is not None or name == "config.json")
+            if leftovers:
+                raise RunError(f"{folder} already holds a run ({', '.join(leftovers[:3])}). Continue it with "
+                               "--resume_from_checkpoint last (or a checkpoint folder), or choose another "
+                               "--output_dir.")
+        else:
+            self.resume_from = self._complete_checkpoint(self.args.resume_from_checkpoint)
+            print(f"[resume] from {self.resume_from} (step {_step_of(self.resume_from)})", flush=True)
+
+    def _complete_checkpoint(self, requested: str) -> str:
+        """The checkpoint to resume from: `requested`, which must be complete, or for "last" the newest complete
+        one; newer incomplete ones are renamed `incomplete-checkpoint-N` (kept, but never picked again)."""
+        option = f"--resume_from_checkpoint {requested}"
+        if requested != "last":
+            if not os.path.isdir(requested):
+                raise RunError(f"{option}: no such folder. {resume_advice(self.args.output_dir)}")
+            problem = checkpoint_problem(requested)
+            if problem:
+                raise RunError(f"{option} is not a complete checkpoint: {problem}. --resume_from_checkpoint last "
+                               "takes the newest complete one.")
+            return requested
+        for folder in checkpoints(self.args.output_dir):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return folder
+            aside = os.path.join(self.args.output_dir, INCOMPLETE_PREFIX + os.path.basename(folder))
+            while os.path.exists(aside):
+                aside += "_"
+            os.replace(folder, aside)
+            print(f"[resume] {folder} is incomplete ({problem}): renamed to {aside}", flush=True)
+        raise RunError(f"{option}: no complete checkpoint-* folder in {self.args.output_dir}. Start the run again "
+                       "without --resume_from_checkpoint (in a new --output_dir, or after removing this one).")
+
+    def check_settings(self, config, data_args) -> None:
+        """Compare this run's settings with the checkpoint's it resumes from: differences are refused unless
+        `--allow_config_change true`, then recorded. Writes `run_settings.json` (also into every checkpoint)."""
+        current = run_settings(config, data_args, self.args)
+        if self.resume_from is not None:
+            saved = _saved_settings(self.resume_from)
+            differences = settings_differences(saved, current)
+            if differences and not self.args.allow_config_change:
+                listed = "; ".join(f"{key}: {value['checkpoint']!r} in the checkpoint, {value['now']!r} now"
+                                   for key, value in differences.items())
+                raise RunError(f"Resuming {self.resume_from} with different settings: {listed}. Resume with the "
+                               "checkpoint's settings, or pass --allow_config_change true to continue with the new "
+                               "ones (both are then recorded in the run's summary).")
+            self.resumes = saved.get("resumes", []) + [{
+                "checkpoint": self.resume_from, "step": _step_of(self.resume_from), "changed": differences}]
+        self.settings = {**current, "resumes": self.resumes}
+        if self.is_main:
+            write_json(os.path.join(self.args.output_dir, SETTINGS_NAME), self.settings)
+
+    def train(self, trainer):
+        """`trainer.train()`, resuming as resolved; stopped by a signal -> the resume command, exit 128 + signal."""
+        from transformers.trainer_utils import TrainOutput
+
+        trainer.run_settings = self.settings
+        trainer.add_callback(self.stop)
+        trainer.add_callback(NoStepPastTheEnd())
+        try:
+            result = trainer.train(resume_from_checkpoint=self.resume_from)
+        except _NothingLeftToTrain:
+            self.stop.in_loop = False
+            state = trainer.state
+            if self.is_main:
+                print(f"[resume] {self.resume_from} is the run's last step ({state.global_step} of "
+                      f"{state.max_steps}): nothing left to train", flush=True)
+            result = TrainOutput(state.global_step, None, {})
+        if self.stop.signum is not None:
+            raise Interrupted(self.stop.signum, f"after step {self.stop.step}")
+        return result
+
+    def record(self, state) -> dict:
+        """For the run's summary: what actually ran, besides what was asked."""
+        return {"epochs": state.epoch, "epochs_requested": self.args.num_train_epochs, "steps": state.global_step,
+                "max_steps": state.max_steps, "resumes": self.resumes}
+

@@ -1,0 +1,288 @@
+"""Fault injection for training runs (issue 11, items 1, 3, 4, 5, 6, 9): divergence, two runs on one folder,
+resume with changed settings, torn checkpoints, SIGTERM / SIGINT, unusable output folders, a full disk, and what
+the run's summary records. Signals and the concurrent run use real processes; the rest runs the scripts in-process
+through `run_script`, as the command line does. Each case checks the exit code, the error line, that no traceback
+is shown, and the state of the output folder afterwards."""
+
+import contextlib
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mae_hf.cli import run_script
+from mae_hf.runs import LOCK_NAME, DivergenceGuard, NonFiniteError, checkpoint_problem
+from mae_hf.training import PretrainingArguments
+
+STEPS_PER_EPOCH = 6  # 48 images, batch 8
+
+
+def tiny_args(output, tiny_overrides, parquet_folder, *extra, finetune=False):
+    """Flags of a tiny run: 48 images in batches of 8 for 2 epochs, a checkpoint every 3 steps."""
+    return ["--output_dir", str(output), "--dataset_name", str(parquet_folder), "--config_overrides", tiny_overrides,
+            "--per_device_train_batch_size", "8", "--num_train_epochs", "2", "--save_steps", "3", "--eval_steps",
+            "100", "--logging_steps", "1", "--disable_tqdm", "true", *([] if finetune else ["--knn_eval", "false"]),
+            *extra]
+
+
+def run(scripts, argv, script="pretrain"):
+    """(exit code, stdout, stderr) of `script.py argv` run in this process as the command line runs it."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_script(getattr(scripts, script).main, argv)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+            if isinstance(code, str):  # sys.exit("error: ...") prints the text and exits 1
+                print(code, file=sys.stderr)
+                code = 1
+    assert "Traceback" not in err.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+def checkpoint_names(folder):
+    return sorted((path.name for path in folder.glob("checkpoint-*")), key=lambda name: int(name.split("-")[1]))
+
+
+def assert_all_checkpoints_complete_and_finite(folder):
+    for name in checkpoint_names(folder):
+        assert checkpoint_problem(str(folder / name)) is None, name
+        weights = load_file(folder / name / "model.safetensors")
+        assert all(torch.isfinite(tensor).all() for tensor in weights.values()), name
+
+
+def step_of(checkpoint):
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+# ---- item 1: divergence ------------------------------------------------------------------------------------------
+
+def test_diverging_run_saves_nothing_non_finite(tmp_path, scripts, tiny_overrides, parquet_folder):
+    output = tmp_path / "run"
+    code, _, err = run(scripts, tiny_args(output, tiny_overrides, parquet_folder, "--learning_rate", "1e3",
+                                                  "--warmup_steps", "0", "--save_steps", "1", "--save_total_limit",
+                                                  "10"))
+    assert code == 1
+    assert "error: Training diverged:" in err and "Nothing was saved from that state" in err
+    assert not (output / "model.safetensors").exists()  # no final model
+    saved = checkpoint_names(output)
+    assert_all_checkpoints_complete_and_finite(output)
+    if saved:
+        assert f"The last checkpoint with finite weights is {output / saved[-1]}" in err
+    else:
+        assert "No checkpoint with finite weights exists" in err
+
+
+def test_divergence_guard_reads_the_device_flags_only_when_checking(tmp_path):
+    args = PretrainingArguments(output_dir=str(tmp_path))
+    model = torch.nn.Linear(2, 2)
+    guard = DivergenceGuard()
+    guard.observe_loss(torch.tensor(1.0))
+    guard.observe_grad_norm(torch.tensor(float("inf")))  # a finite loss, an infinite gradient norm
+    guard.observe_loss(torch.tensor(2.0))
+    assert guard.flags.tolist() == [False, True]  # recorded on the tensor, nothing raised yet
+    with pytest.raises(NonFiniteError, match="the gradient norm became non-finite at step 1. .*No checkpoint"):
+        guard.check(args, 1, model)
+    guard = DivergenceGuard()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="the weights became"):
+        guard.check(args, 3, model)
+    assert not PretrainingArguments(output_dir=str(tmp_path)).logging_nan_inf_filter  # its per-step host sync is off
+
+
+def test_finetune_divergence_is_caught_too(tmp_path, scripts, tiny_overrides, parquet_folder):
+    output = tmp_path / "finetune"
+    code, _, err = run(scripts, tiny_args(output, tiny_overrides, parquet_folder, "--learning_rate", "1e4",
+                                          "--warmup_steps", "0", "--save_steps", "1", "--random_init", "true",
+                                          finetune=True), script="finetune")
+    assert code == 1 and "error: Training diverged:" in err
+    assert not (output / "model.safetensors").exists()
+    assert_all_checkpoints_complete_and_finite(output)
+
+
+# ---- items 3 and 6: signals and a second run on the same folder (real processes) ----------------------------------
+
+def _start(repo_root, output, tiny_overrides, parquet_folder):
+    command = [sys.executable, "scripts/pretrain.py",
+               *tiny_args(output, tiny_overrides, parquet_folder, "--max_steps", "100000", "--logging_steps", "50")]
+    return subprocess.Popen(command, cwd=repo_root, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def signalled_runs(tmp_path_factory, repo_root, tiny_overrides, parquet_folder, scripts):
+    """Two runs in their own processes, stopped by SIGTERM and SIGINT after their first checkpoint; while they run,
+    a second run is started on the first one's folder. {signal name: (folder, exit code, stdout, stderr),
+    "second": (exit code, stderr, pid it had to name)}."""
+    root = tmp_path_factory.mktemp("signals")
+    folders = {"SIGTERM": root / "term", "SIGINT": root / "int"}
+    processes = {name: _start(repo_root, folder, tiny_overrides, parquet_folder) for name, folder in folders.items()}
+    deadline = time.time() + 180
+    while not all(list(folder.glob("checkpoint-*/trainer_state.json")) for folder in folders.values()):
+        assert all(p.poll() is None for p in processes.values()) and time.time() < deadline, "a run ended early"
+        time.sleep(0.05)
+    code, _, err = run(scripts, tiny_args(folders["SIGTERM"], tiny_overrides, parquet_folder))
+    results = {"second": (code, err, processes["SIGTERM"].pid)}
+    for name, process in processes.items():
+        process.send_signal(getattr(signal, name))
+    for name, process in processes.items():
+        out, err = process.communicate(timeout=120)
+        results[name] = (folders[name], process.returncode, out, err)
+    return results
+
+
+def test_second_run_on_a_folder_in_use_is_refused(signalled_runs):
+    code, err, pid = signalled_runs["second"]
+    assert code == 1
+    assert f"is in use by another run (pid {pid} on" in err and "choose another --output_dir" in err
+
+
+@pytest.mark.parametrize("name,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_stops_at_a_step_and_says_how_to_resume(signalled_runs, name, code):
+    folder, returncode, out, err = signalled_runs[name]
+    assert returncode == code, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert f"[stop] {name} received: stopping at the end of this step" in err
+    assert f"error: stopped by {name} after step" in err
+    last = folder / checkpoint_names(folder)[-1]
+    assert f"The last complete checkpoint is {last} (step {step_of(last)}); resume with: python scripts/pretrain.py" \
+        in err and err.rstrip().endswith("--resume_from_checkpoint last")
+    assert_all_checkpoints_complete_and_finite(folder)  # nothing partial left behind
+    assert not (folder / "model.safetensors").exists() and not (folder / LOCK_NAME).exists()
+
+
+# ---- items 4, 5 and 9: resume --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def stopped_run(signalled_runs, tmp_path):
+    """A copy of the SIGTERM-stopped run's folder, its newest checkpoint and that checkpoint's step."""
+    folder = tmp_path / "run"
+    shutil.copytree(signalled_runs["SIGTERM"][0], folder)
+    last = folder / checkpoint_names(folder)[-1]
+    return folder, last, step_of(last)
+
+
+def test_resume_with_changed_settings_is_refused_with_the_differences(stopped_run, scripts, tiny_overrides,
+                                                                        parquet_folder):
+    folder, _, _ = stopped_run
+    before = sorted(os.listdir(folder))
+    for overrides, listed in ((tiny_overrides + ",mask_ratio=0.5", "model.mask_ratio: 0.75 in the checkpoint, 0.5 now"),
+                              (tiny_overrides.replace("hidden_size=16,", "hidden_size=32,"),
+                               "model.hidden_size: 16 in the checkpoint, 32 now")):
+        code, _, err = run(scripts, tiny_args(folder, overrides, parquet_folder, "--max_steps", "100000",
+                                              "--logging_steps", "50", "--resume_from_checkpoint", "last"))
+        assert code == 1 and listed in err and "--allow_config_change true" in err
+        assert sorted(os.listdir(folder)) == before  # nothing written
+
+
+def test_accepted_change_is_recorded_and_a_finished_run_trains_no_extra_step(stopped_run, scripts, tiny_overrides,
+                                                                             parquet_folder):
+    folder, last, step = stopped_run
+    end = step + 4  # not at an epoch's end: the Trainer alone would train one step more on a second resume
+    assert end % STEPS_PER_EPOCH
+    code, out, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", str(end),
+                                            "--logging_steps", "50", "--resume_from_checkpoint", "last",
+                                            "--allow_config_change", "true"))
+    assert code == 0, err
+    assert f"[resume] from {last} (step {step})" in out
+    summary = json.loads((folder / "pretraining_summary.json").read_text())
+    assert summary["steps"] == end and summary["epochs"] == pytest.approx(end / STEPS_PER_EPOCH)
+    assert summary["epochs_requested"] == 2  # asked for, but --max_steps ended the run first
+    assert summary["resumes"] == [{"checkpoint": str(last), "step": step, "changed": {
+        "recipe.max_steps": {"checkpoint": 100000, "now": end}}}]
+
+    code, out, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", str(end),
+                                            "--logging_steps", "50", "--resume_from_checkpoint", "last"))
+    assert code == 0, err
+    assert f"[resume] from {folder / f'checkpoint-{end}'} (step {end})" in out and "nothing left to train" in out
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["global_step"] == end and max(entry["step"] for entry in state["log_history"]) == end
+    assert len(json.loads((folder / "pretraining_summary.json").read_text())["resumes"]) == 2
+
+
+@pytest.mark.parametrize("tear", ["empty_state", "truncated_state", "truncated_weights", "truncated_optimizer"])
+def test_torn_checkpoint_is_detected(stopped_run, tear):
+    _, last, _ = stopped_run
+    target = {"empty_state": "trainer_state.json", "truncated_state": "trainer_state.json",
+              "truncated_weights": "model.safetensors", "truncated_optimizer": "optimizer.pt"}[tear]
+    path = last / target
+    data = path.read_bytes()
+    path.write_bytes(b"" if tear == "empty_state" else data[:len(data) // 2])
+    assert target in checkpoint_problem(str(last))
+
+
+def test_resume_last_falls_back_past_a_torn_checkpoint(stopped_run, scripts, tiny_overrides, parquet_folder):
+    folder, last, step = stopped_run
+    (last / "trainer_state.json").write_text("")  # written last by the Trainer: a save killed just before the end
+    older = folder / checkpoint_names(folder)[-2]
+    argv = tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", str(step_of(older) + 1),
+                     "--logging_steps", "50", "--allow_config_change", "true")
+    code, _, err = run(scripts, argv + ["--resume_from_checkpoint", str(last)])  # named explicitly: refused
+    assert code == 1 and f"{last} is not a complete checkpoint: trainer_state.json does not parse" in err
+    code, out, err = run(scripts, argv + ["--resume_from_checkpoint", "last"])
+    assert code == 0, err
+    assert f"[resume] {last} is incomplete (trainer_state.json does not parse" in out
+    assert f"[resume] from {older} (step {step_of(older)})" in out
+    assert (folder / f"incomplete-{last.name}").is_dir()  # kept for inspection, never picked again
+    assert_all_checkpoints_complete_and_finite(folder)
+
+
+# ---- item 6: output folders and a full disk -----------------------------------------------------------------------
+
+def test_unusable_output_dir_is_refused_before_training(tmp_path, scripts, tiny_overrides, parquet_folder):
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    code, _, err = run(scripts, tiny_args(a_file, tiny_overrides, parquet_folder))
+    assert code == 1 and f"error: --output_dir {a_file} is a file, not a folder" in err
+    code, _, err = run(scripts, tiny_args(a_file / "run", tiny_overrides, parquet_folder))
+    assert code == 1 and f"--output_dir {a_file / 'run'} cannot be created (Not a directory)" in err
+    assert a_file.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders, so the fault cannot be made")
+def test_read_only_output_dir_is_refused(tmp_path, scripts, tiny_overrides, parquet_folder):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    code, _, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder))
+    assert code == 1 and f"--output_dir {folder} is not writable (Permission denied)" in err
+
+
+def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, scripts, tiny_overrides, parquet_folder):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK_NAME).write_text("pid 999999 on a crashed machine\n")  # left by a run killed with SIGKILL
+    code, out, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", "1"))
+    assert code == 0, err
+    assert "[done]" in out and not (folder / LOCK_NAME).exists()
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, scripts, tiny_overrides, parquet_folder,
+                                                             monkeypatch):
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if "checkpoint-6" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    output = tmp_path / "run"
+    code, _, err = run(scripts, tiny_args(output, tiny_overrides, parquet_folder))
+    assert code == 1
+    assert f"error: Saving {output / 'checkpoint-6'} failed (No space left on device); the partial folder was " \
+           f"removed. The last complete checkpoint is {output / 'checkpoint-3'} (step 3); resume with:" in err
+    assert checkpoint_names(output) == ["checkpoint-3"]
+    assert_all_checkpoints_complete_and_finite(output)
+    assert not (output / "model.safetensors").exists()
