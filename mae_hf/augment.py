@@ -9,6 +9,7 @@ through pinned memory; random erasing draws on the device and selects with `torc
 """
 
 import math
+import os
 from contextlib import contextmanager
 
 import numpy as np
@@ -30,10 +31,6 @@ MAX_TRANSLATE = 0.45  # fraction of the image side
 MAX_ENHANCE = 0.9  # enhance factor 1 +- 0.9 (colour, contrast, brightness, sharpness)
 MAX_POSTERIZE_DROP = 4  # bits dropped: 8 - 4 = 4 bits kept at level 1
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
-
-
-def _uniform(shape, device, generator, low=0.0, high=1.0) -> torch.Tensor:
-    return torch.rand(shape, device=device, generator=generator) * (high - low) + low
 
 
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
@@ -126,8 +123,8 @@ def _colour_op(name: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tens
 
 
 def _affine(op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Per-sample (host) `(B, 3, 3)` maps from output to input coordinates ([-1, 1] of a square image) of the geometric op
-    each sample drew; the identity for samples that drew a colour op."""
+    """Per-sample (host) `(B, 3, 3)` maps from output to input coordinates ([-1, 1] of a square image) of the
+    geometric op each sample drew; the identity for samples that drew a colour op."""
     def chosen(name):
         return (op == OPS.index(name)).to(level.dtype) * sign * level
 
@@ -232,17 +229,17 @@ def random_erasing(x: torch.Tensor, probability: float = 0.25, area=(0.02, 1 / 3
     normal noise per pixel and channel."""
     batch, _, height, width = x.shape
     device = x.device
-    erase = _uniform(batch, device, generator) < probability
-    target = _uniform(batch, device, generator, *area)
-    aspect = _uniform(batch, device, generator, math.log(ratio[0]), math.log(ratio[1])).exp()
+    draws = torch.rand(5, batch, 1, 1, device=device, generator=generator)  # one call: few small ops
+    erase = draws[0] < probability
+    target = draws[1] * (area[1] - area[0]) + area[0]
+    aspect = (draws[2] * math.log(ratio[1] / ratio[0]) + math.log(ratio[0])).exp()
     box_h = ((target * aspect).sqrt() * height).round().clamp(1, height)
     box_w = ((target / aspect).sqrt() * width).round().clamp(1, width)
-    top = (_uniform(batch, device, generator) * (height - box_h + 1)).floor()
-    left = (_uniform(batch, device, generator) * (width - box_w + 1)).floor()
+    top = (draws[3] * (height - box_h + 1)).floor()
+    left = (draws[4] * (width - box_w + 1)).floor()
     rows = torch.arange(height, device=device).view(1, height, 1)
     cols = torch.arange(width, device=device).view(1, 1, width)
-    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
-              & (cols >= left.view(-1, 1, 1)) & (cols < (left + box_w).view(-1, 1, 1)) & erase.view(-1, 1, 1))
+    inside = ((rows >= top) & (rows < top + box_h)) & ((cols >= left) & (cols < left + box_w)) & erase
     noise = torch.randn(x.shape, device=device, generator=generator, dtype=x.dtype)
     return torch.where(inside[:, None], noise, x)
 
@@ -345,8 +342,11 @@ class WeightEMA(TrainerCallback):
     device after every optimizer step with one fused `lerp` (no host sync). The decay warms up as
     min(decay, (1 + step) / (10 + step)), so short runs average their recent weights rather than their start.
 
-    `applied()` swaps the averaged weights in (for an evaluation) and restores the trained ones after.
+    `applied()` swaps the averaged weights in (for an evaluation) and restores the trained ones after. Checkpoints
+    hold the average (`ema_state.pt`), so a resumed run continues it.
     """
+
+    STATE_FILE = "ema_state.pt"
 
     def __init__(self, decay: float):
         if not 0 < decay < 1:
@@ -384,9 +384,22 @@ class WeightEMA(TrainerCallback):
                 torch._foreach_copy_(self.weights, trained)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.shadow is None:  # a resumed run starts averaging again from the checkpoint's weights
+        if self.shadow is None:
             self.start(model)
             self.updates = state.global_step
+            # A resumed run continues the average saved with its checkpoint (if there is none, it starts again
+            # from the checkpoint's weights).
+            saved = os.path.join(args.resume_from_checkpoint or "", self.STATE_FILE)
+            if args.resume_from_checkpoint and os.path.isfile(saved):
+                with torch.no_grad():
+                    torch._foreach_copy_(self.shadow, torch.load(saved, map_location="cpu", weights_only=True))
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and self.shadow is not None and os.path.isdir(folder):
+            path = os.path.join(folder, self.STATE_FILE)
+            torch.save([t.cpu() for t in self.shadow], path + ".partial")
+            os.replace(path + ".partial", path)  # whole or absent: a torn file would make the checkpoint incomplete
 
     def on_step_end(self, args, state, control, **kwargs):
         self.update()

@@ -4,6 +4,7 @@ tiny fine-tune with every option on."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -108,8 +109,8 @@ def test_randaugment_applies_to_each_sample_the_op_it_drew(images):
     op[:14] = torch.arange(14)  # every op at least once
     grouped = augment.colour_round(batch, op, level, sign)
     for i in range(28):
-        name = OPS[op[i]]
-        alone = _colour_op(name, batch[i:i + 1], level[i:i + 1], sign[i:i + 1]) if name in COLOUR_OPS else batch[i:i + 1]
+        name, one = OPS[op[i]], slice(i, i + 1)
+        alone = _colour_op(name, batch[one], level[one], sign[one]) if name in COLOUR_OPS else batch[one]
         torch.testing.assert_close(grouped[i:i + 1], alone, msg=name)
 
 
@@ -226,6 +227,23 @@ def test_weight_ema_update_and_swap():
     assert torch.equal(model.weight.detach(), trained)
 
 
+def test_weight_ema_continues_from_a_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    ema = WeightEMA(decay=0.9)
+    ema.start(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    (tmp_path / "checkpoint-5").mkdir()
+    state = SimpleNamespace(global_step=5, is_world_process_zero=True)
+    ema.on_save(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+    resumed = WeightEMA(decay=0.9)
+    resumed.on_train_begin(SimpleNamespace(resume_from_checkpoint=str(tmp_path / "checkpoint-5")), state, None,
+                           model=model)
+    assert resumed.updates == 5 and all(torch.equal(a, b) for a, b in zip(resumed.shadow, ema.shadow))
+    assert not torch.equal(resumed.shadow[0], model.weight.detach())  # the average, not the checkpoint's weights
+
+
 def test_trainer_loss_on_mixed_batches_is_soft_cross_entropy(tiny_config, tmp_path):
     from mae_hf.training import ImageTrainer, ImageTrainingArguments
 
@@ -260,6 +278,8 @@ def test_strong_recipe_fine_tune_end_to_end(scripts, parquet_folder, tiny_overri
     assert (first["eval_loss"], first["eval_ema_loss"]) == (again["eval_loss"], again["eval_ema_loss"])
     trained = [MAEForImageClassification.from_pretrained(tmp_path / name).classifier.weight for name in "ab"]
     assert torch.equal(*trained)
+    averaged = MAEForImageClassification.from_pretrained(tmp_path / "a" / first["ema_model"]).classifier.weight
+    assert not torch.equal(averaged, trained[0])
 
 
 def test_bad_recipe_flags_are_usage_errors(scripts, tmp_path, parquet_folder):
