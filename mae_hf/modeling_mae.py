@@ -164,7 +164,9 @@ class MAEAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=config.qkv_bias)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # output, weights (None unless the backend computes them)
         batch, length, width = x.shape
         # unbind (not permute + unpack): backward then writes the fused q/k/v gradient without an extra copy.
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(batch, length, 3, self.heads, -1).unbind(2))
