@@ -5,9 +5,11 @@ Decoding happens once per dataset (cached by `datasets`); the training loop only
 live in GPU memory, and `BatchTransform` crops, flips and normalises the batch where the model runs.
 """
 
+import glob
 import math
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -18,17 +20,27 @@ from .augment import random_erasing
 IMAGE_COLUMN_NAMES = ("img", "image", "pixel_values", "picture", "photo")
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target")
 EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
+DEFAULT_DATASET = "uoft-cs/cifar10"
+IMAGEFOLDER_NAMES = ("imagefolder", "nateraw/image-folder")  # what transformers' examples pass with --train_dir
+MIN_EVAL_IMAGES = 10  # fewer make every accuracy a coarse step (1 image = 10 % or more)
 
 
 @dataclass
 class DataArguments:
     """Where the images come from. Shared by all scripts, so every protocol reads data the same way."""
 
-    dataset_name: str = field(
-        default="uoft-cs/cifar10",
-        metadata={"help": "Hub dataset id, or a local folder (parquet files such as train.parquet/test.parquet, an "
-                          "imagefolder tree, or a `save_to_disk` folder), or a single .parquet file."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": f"Hub dataset id (default {DEFAULT_DATASET}), or a local folder (parquet files such as "
+                          "train.parquet/test.parquet, an imagefolder tree, or a `save_to_disk` folder), or a single "
+                          ".parquet file. Not with --train_dir."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    train_dir: str | None = field(
+        default=None,
+        metadata={"help": "A folder of training images, one subfolder per class (train_dir/cat/1.png, ...), read as "
+                          "a `datasets` imagefolder; instead of --dataset_name, as in transformers' example scripts."})
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "A folder of evaluation images laid out like --train_dir (needs --train_dir)."})
     image_column_name: str | None = field(
         default=None, metadata={"help": f"Image column; found by type or by name {IMAGE_COLUMN_NAMES} when unset."})
     label_column_name: str | None = field(
@@ -40,11 +52,20 @@ class DataArguments:
                           "held-out part of the training split (see --validation_split_percentage)."})
     validation_split_percentage: float | None = field(
         default=None,
-        metadata={"help": "Hold out this percentage of the training split for evaluation (fixed --split_seed). "
-                          "Used when set, or when the dataset has no evaluation split (then 5)."})
-    split_seed: int = field(default=42, metadata={"help": "Seed of the held-out split; keep it equal across scripts."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation images."})
+        metadata={"help": "Hold out this percentage (5 = 5 %) of the training split for evaluation (fixed "
+                          "--split_seed). Used when set, or when the dataset has no evaluation split (then 5)."})
+    train_val_split: float | None = field(
+        default=None,
+        metadata={"help": "The same as a fraction (0.15 = 15 %), transformers' example-script flag: "
+                          "--validation_split_percentage 100 x this. Give one of the two."})
+    split_seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the held-out split and of the --max_*_samples draws; keep it equal across "
+                          "scripts."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use N training images drawn at random (shuffled with --split_seed)."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use N evaluation images drawn at random (shuffled with --split_seed)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches downloads and decoding."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for decoding."})
     skip_bad_images: bool = field(
@@ -53,7 +74,56 @@ class DataArguments:
                           "they are counted, printed and listed in the result files."})
 
     def __post_init__(self):
-        self.dataset_name = os.path.expanduser(self.dataset_name)  # "~" from a config file, where no shell expands it
+        expand = os.path.expanduser  # "~" from a config file, where no shell expands it
+        self.train_dir = self.train_dir and expand(self.train_dir)
+        self.validation_dir = self.validation_dir and expand(self.validation_dir)
+        if self.validation_dir and not self.train_dir:
+            raise ValueError("--validation_dir needs --train_dir: every script also reads a training split.")
+        if self.train_dir:
+            if self.dataset_name not in (None, self.train_dir, *IMAGEFOLDER_NAMES):
+                raise ValueError(f"--dataset_name {self.dataset_name} and --train_dir {self.train_dir} both name the "
+                                 "data; give one of them.")
+            self.dataset_name = self.train_dir  # what the result files record as the data
+        self.dataset_name = expand(self.dataset_name or DEFAULT_DATASET)
+        self._reconcile_held_out_fraction()
+        for option in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, option) is not None and getattr(self, option) < 1:
+                raise ValueError(f"--{option} must be at least 1, got {getattr(self, option)}.")
+
+    def command_flags(self) -> str:
+        """The flags that name this data, for commands printed as hints."""
+        if self.train_dir:
+            return f"--train_dir {self.train_dir}" + (f" --validation_dir {self.validation_dir}"
+                                                      if self.validation_dir else "")
+        return f"--dataset_name {self.dataset_name}"
+
+    def recorded(self) -> dict:
+        """Every data flag as a run used it (for its summary; `visualize.py RUN` reads them back)."""
+        return {item.name: getattr(self, item.name) for item in fields(self)}
+
+    def _reconcile_held_out_fraction(self):
+        """--train_val_split (a fraction, transformers' examples) and --validation_split_percentage (a percentage)
+        are one setting: both end up in `validation_split_percentage`; a percentage under 1 is taken for a
+        mistaken fraction."""
+        percentage, fraction = self.validation_split_percentage, self.train_val_split
+        if self.validation_dir and (percentage is not None or fraction is not None):
+            raise ValueError("--validation_dir gives the evaluation images; --train_val_split / "
+                             "--validation_split_percentage would hold out others. Give one or the other.")
+        if fraction is None:
+            if percentage is not None and 0 < percentage < 1:
+                raise ValueError(
+                    f"--validation_split_percentage {percentage:g} would hold out {percentage:g} % of the training "
+                    f"split (1 image in {100 / percentage:,.0f}). It is a percentage (5 = 5 %); for a fraction use "
+                    f"--train_val_split {percentage:g} (= {100 * percentage:g} %).")
+            return
+        if not 0 < fraction < 1:
+            hint = f" For {fraction:g} % use --train_val_split {fraction / 100:g}." if 1 <= fraction < 100 else ""
+            raise ValueError(f"--train_val_split is a fraction in (0, 1) (0.15 = 15 %), got {fraction:g}.{hint}")
+        as_percentage = round(100 * fraction, 10)
+        if percentage is not None and not math.isclose(percentage, as_percentage):
+            raise ValueError(f"--train_val_split {fraction:g} ({as_percentage:g} %) and --validation_split_percentage "
+                             f"{percentage:g} disagree; give one of them.")
+        self.validation_split_percentage = as_percentage
 
 
 @dataclass
@@ -83,16 +153,24 @@ class ImageArrays:
         return ImageArrays(self.images[keep], self.labels[keep], self.class_names, self.split, self.skipped)
 
 
-def load_raw_dataset(args: DataArguments):
-    """A `DatasetDict` from a Hub id, a local folder or a parquet file."""
+def load_raw_dataset(args: DataArguments, token: str | None = None):
+    """A `DatasetDict` from image folders (--train_dir/--validation_dir), a Hub id (read with `token`, if given), a
+    local folder or a parquet file."""
     import datasets
 
+    if args.train_dir is not None:
+        return load_image_folders(args)
     name = args.dataset_name
     if os.path.isfile(name):
         if not name.endswith(".parquet"):
             raise ValueError(f"--dataset_name {name}: a single file must be a .parquet file.")
-        return datasets.load_dataset("parquet", data_files={"train": name}, cache_dir=args.cache_dir)
+        check_parquet_files([name])
+        try:
+            return datasets.load_dataset("parquet", data_files={"train": name}, cache_dir=args.cache_dir)
+        except Exception as error:
+            raise ValueError(f"--dataset_name {name}: could not read this parquet file ({error}).") from error
     if os.path.isdir(name):
+        check_parquet_files(glob.glob(os.path.join(name, "**", "*.parquet"), recursive=True))
         if os.path.exists(os.path.join(name, "dataset_dict.json")):
             return datasets.load_from_disk(name)
         if os.path.exists(os.path.join(name, "state.json")):
@@ -107,13 +185,46 @@ def load_raw_dataset(args: DataArguments):
     if looks_local(name):
         raise ValueError(f"--dataset_name {name}: no such file or folder. {folder_listing(name)}")
     try:
-        return datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir)
+        return datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, token=token)
     except Exception as error:
         raise ValueError(
             f"--dataset_name {name}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
             "Without network access, pass a local folder of parquet files (train.parquet, test.parquet), an "
             "imagefolder tree or a save_to_disk folder."
         ) from error
+
+
+def load_image_folders(args: DataArguments):
+    """--train_dir (and --validation_dir) as a `datasets` imagefolder: splits train (and validation), labels from
+    the class subfolders."""
+    import datasets
+
+    data_files = {"train": args.train_dir}
+    if args.validation_dir is not None:
+        data_files["validation"] = args.validation_dir
+    for split, folder in data_files.items():
+        option = "--train_dir" if split == "train" else "--validation_dir"
+        if not os.path.isdir(folder):
+            raise ValueError(f"{option} {folder}: no such folder. {folder_listing(folder)}")
+        data_files[split] = os.path.join(folder, "**")
+    bars_were_on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # its bars say "Downloading data" for files that are read where they lie
+    try:
+        return datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=args.cache_dir)
+    except Exception as error:
+        raise ValueError(f"--train_dir/--validation_dir: could not read the images ({error}). Expected one subfolder "
+                         "per class holding image files (train_dir/cat/1.png, ...).") from error
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def check_parquet_files(paths) -> None:
+    """Refuse empty (0-byte) parquet files by name: an interrupted copy; the reader's own error names no file."""
+    empty = sorted(path for path in paths if os.path.getsize(path) == 0)
+    if empty:
+        raise ValueError(f"--dataset_name: {len(empty)} parquet file(s) are empty (0 bytes): {', '.join(empty[:5])}. "
+                         "Copy or write them again.")
 
 
 def looks_local(path: str) -> bool:
@@ -192,12 +303,14 @@ def select_splits(raw, args: DataArguments):
             train, evaluation = parts["train"], parts["test"]
             held_out = f"{percentage:g}% of {args.train_split} held out, seed {args.split_seed}"
             names = [f"{args.train_split} minus {held_out}", held_out]
+    # As transformers' example scripts: shuffle with the seed, then take N (a random subset, not the first N).
     if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-        names[0] += f", first {len(train)}"
+        train = train.shuffle(seed=args.split_seed).select(range(min(args.max_train_samples, len(train))))
+        names[0] += f", {len(train)} drawn with seed {args.split_seed}"
     if args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
-        names[1] += f", first {len(evaluation)}"
+        evaluation = evaluation.shuffle(seed=args.split_seed).select(range(min(args.max_eval_samples,
+                                                                                len(evaluation))))
+        names[1] += f", {len(evaluation)} drawn with seed {args.split_seed}"
     return train, evaluation, names
 
 
@@ -368,10 +481,14 @@ def validate_labels(dataset, column: str, split: str, class_names: list[str] | N
 
 
 def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 3,
-                      require_labels: bool = False) -> tuple[ImageArrays, ImageArrays]:
+                      require_labels: bool = False, token: str | None = None) -> tuple[ImageArrays, ImageArrays]:
     """Train and eval splits as decoded arrays; every bad flag fails here, before any training starts."""
-    raw = load_raw_dataset(args)
+    raw = load_raw_dataset(args, token=token)
     train, evaluation, names = select_splits(raw, args)
+    if 0 < len(evaluation) < MIN_EVAL_IMAGES:
+        print(f"warning: the evaluation split ({names[1]}) has only {len(evaluation)} image(s): one image moves its "
+              f"accuracy by {100 / len(evaluation):.0f} points, so its numbers mean little. Evaluate on more images "
+              "(a larger --train_val_split, --max_eval_samples, or an evaluation split).", file=sys.stderr, flush=True)
     image_column = find_column(train, "image", args.image_column_name)
     label_column = find_column(train, "label", args.label_column_name, required=require_labels)
     for column in (image_column, label_column):

@@ -53,7 +53,7 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
 
 def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor, epochs: int = 90,
                 batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0, seed: int = 42,
-                feature_sampler=None):
+                feature_sampler=None, progress: bool = False):
     """Train the head of a linear-probe `MAEForImageClassification` (BatchNorm without affine + linear) on cached
     features of its frozen encoder (`fit_head`). The encoder never runs here.
 
@@ -65,14 +65,17 @@ def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor,
     head = [*model.head_norm.parameters(), *model.classifier.parameters()]
     return fit_head(model, model.classify_features, head, train_features, train_labels, epochs=epochs,
                     batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
-                    feature_sampler=feature_sampler)
+                    feature_sampler=feature_sampler, progress=progress)
 
 
 def fit_head(module, classify, parameters, train_features: torch.Tensor, train_labels: torch.Tensor,
              epochs: int = 90, batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0,
-             seed: int = 42, feature_sampler=None):
+             seed: int = 42, feature_sampler=None, progress: bool = False):
     """The linear probe's training loop: `classify(features)` gives logits, `parameters` are trained with SGD
-    (momentum 0.9) and a cosine schedule over shuffled batches of cached features. Returns `module` in eval mode."""
+    (momentum 0.9) and a cosine schedule over shuffled batches of cached features. Returns `module` in eval mode.
+    `progress`: a progress bar over the epochs (with the time left)."""
+    from tqdm.auto import tqdm
+
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     device = train_features.device
@@ -80,7 +83,7 @@ def fit_head(module, classify, parameters, train_features: torch.Tensor, train_l
     steps_per_epoch = max(1, train_features.shape[0] // batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     module.train()
-    for epoch in range(epochs):
+    for epoch in tqdm(range(epochs), desc="Probe head", unit="epoch", disable=not progress):
         features, labels = feature_sampler(epoch) if feature_sampler else (train_features, train_labels)
         labels = labels.to(device)
         order = torch.randperm(features.shape[0], generator=generator).to(device)
@@ -143,21 +146,46 @@ class FrozenEvalArguments:
     seed: int = field(default=42, metadata={"help": "Seed of random init and probe training."})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for features; default on CUDA."})
+    disable_tqdm: bool = field(
+        default=False, metadata={"help": "No progress bars (feature extraction, probe epochs), as the Trainer's flag."})
+
+    def __post_init__(self):  # sizes and rates torch would refuse later with a message that names no flag
+        for flag in ("probe_epochs", "probe_batch_size", "feature_batch_size", "attentive_epochs",
+                     "attentive_batch_size"):
+            if getattr(self, flag, 1) < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}.")
+        for flag in ("probe_learning_rate", "probe_weight_decay", "attentive_learning_rate", "attentive_weight_decay"):
+            if getattr(self, flag, 0) < 0:
+                raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}.")
+        if not self.knn_temperature > 0:
+            raise ValueError(f"--knn_temperature must be positive, got {self.knn_temperature}.")
 
 
-def load_classifier(model_args, random_init: bool, seed: int, **config_changes):
+def load_classifier(model_args, random_init: bool, seed: int, new_head: str | None = None, **config_changes):
     """`MAEForImageClassification` with a pretrained encoder (from any of our checkpoints) or a random one of the
-    same config; `config_changes` (num_labels, id2label, linear_probe, pooling, ...) are applied to the config."""
+    same config; `config_changes` (num_labels, id2label, linear_probe, pooling, ...) are applied to the config.
+    `new_head` is said when the checkpoint brings no head (see `training.load_pretrained`)."""
     from .modeling_mae import MAEForImageClassification
-    from .training import build_config
+    from .training import build_config, load_pretrained
 
     config = build_config(model_args)
+    num_labels = config_changes.get("num_labels", config.num_labels)
+    if (model_args.model_name_or_path and not random_init and is_classifier(config)
+            and config.num_labels != num_labels and not model_args.ignore_mismatched_sizes):
+        raise ValueError(f"{model_args.model_name_or_path} is a classifier with {config.num_labels} labels; this data "
+                         f"has {num_labels}. Pass --ignore_mismatched_sizes true to replace its head with a new one "
+                         "(the encoder is kept).")
     config.update(config_changes)
     config.check()
     if model_args.model_name_or_path and not random_init:
-        return MAEForImageClassification.from_pretrained(model_args.model_name_or_path, config=config)
+        return load_pretrained(MAEForImageClassification, model_args, config, new_head=new_head)
     torch.manual_seed(seed)
     return MAEForImageClassification(config)
+
+
+def is_classifier(config) -> bool:
+    """Whether a checkpoint's config was saved by a classifier (so that its folder holds a trained head)."""
+    return "MAEForImageClassification" in (config.architectures or [])
 
 
 def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> dict:
@@ -195,7 +223,7 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
         raise ValueError(f"--attentive_heads {args.attentive_heads} must divide the encoder's hidden size "
                          f"{config.hidden_size}.")
     image_size = config.image_size
-    train, evaluation = load_image_splits(data_args, image_size, require_labels=True)
+    train, evaluation = load_image_splits(data_args, image_size, require_labels=True, token=model_args.token)
     if args.knn and max(args.knn_k) > len(train):
         raise ValueError(f"--knn_k {max(args.knn_k)} needs at least that many training images; the training split "
                          f"has {len(train)}. Pass smaller values, e.g. --knn_k {min(20, len(train))}.")
@@ -203,7 +231,9 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
     names = train.class_names or [str(i) for i in range(num_labels)]
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-                            linear_probe=True, pooling=args.pooling).to(device)
+                            linear_probe=True, pooling=args.pooling,
+                            new_head="the probe's head is new and trained here" if args.linear_probe else None
+                            ).to(device)
 
     plain = BatchTransform.for_model(model.config)
     multiblock = args.linear_probe and args.feature_blocks > 1
@@ -213,7 +243,8 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
     try:
         (train_features, train_blocks), (eval_features, eval_blocks) = (
             probes.encode_frozen(model.mae, split.images, plain, args.feature_batch_size, bf16,
-                                 args.feature_blocks if multiblock else 1, caches.get(name))
+                                 args.feature_blocks if multiblock else 1, caches.get(name),
+                                 progress=None if args.disable_tqdm else f"Features ({name})")
             for name, split in (("train", train), ("eval", evaluation)))
         feature_seconds = time.perf_counter() - started
         common = {
@@ -263,7 +294,8 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
         elif args.linear_probe:
             started = time.perf_counter()
             train_probe(model, train_features, train.labels, epochs=args.probe_epochs, batch_size=args.probe_batch_size,
-                        learning_rate=args.probe_learning_rate, weight_decay=args.probe_weight_decay, seed=args.seed)
+                        learning_rate=args.probe_learning_rate, weight_decay=args.probe_weight_decay, seed=args.seed,
+                        progress=not args.disable_tqdm)
             probe_seconds = time.perf_counter() - started
             results["linear_probe"] = dict(
                 common, protocol="linear_probe",

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from .inputs import read_json_object
+
 PROTOCOLS = ("linear_probe", "linear_probe_multiblock", "attentive_probe", "knn", "finetune")  # table order
 TITLES = {"linear_probe": "Linear probe (frozen encoder, BatchNorm + linear head)",
           "linear_probe_multiblock": "Multi-block linear probe (class + mean patch token of the last blocks)",
@@ -57,9 +59,8 @@ def collect_results(paths) -> list[dict]:
             raise ValueError(f"{path}: no such file or folder.")
     results = []
     for file in dict.fromkeys(os.path.realpath(file) for file in files):  # each file once, in order
-        with open(file) as handle:
-            result = json.load(handle)
-        if isinstance(result, dict) and "protocol" in result and "eval_accuracy" in result:
+        result = read_json_object(file, "a result file written by the scripts")
+        if "protocol" in result and "eval_accuracy" in result:
             results.append(dict(result, source=file))
     return results
 

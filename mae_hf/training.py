@@ -104,9 +104,13 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
         except OSError as error:
             if local:
                 raise
-            raise ValueError(f"{option} {source}: could not load this Hugging Face Hub model "
-                             f"({' '.join(str(error).split())}). Offline (HF_HUB_OFFLINE=1, or no network), only "
-                             "models already in the Hub cache load; pass a local model folder instead.") from error
+            from huggingface_hub import constants
+
+            reason = ("HF_HUB_OFFLINE=1 is set and it is not in the local cache" if constants.HF_HUB_OFFLINE
+                      else " ".join(str(error).split()).split(". ")[0])
+            raise ValueError(f"{option} {source}: no such local folder, and loading it from the Hugging Face Hub "
+                             f"failed ({reason}). Offline, only models already in the Hub cache load; pass a local "
+                             "model folder instead.") from error
     else:
         config = MAEConfig(**fresh_defaults)
     overrides = parse_overrides(args.config_overrides)

@@ -60,6 +60,19 @@ def main(argv=None):
     push_output(args, model_args)
 
 
+def check_knn_bank(args, train) -> None:
+    """The kNN monitor needs more labelled training images than neighbours, or its accuracy means nothing."""
+    if not args.knn_eval or train.labels is None:
+        return
+    bank = len(train.labelled())
+    if args.knn_max_train_samples is not None:
+        bank = min(bank, args.knn_max_train_samples)
+    if 0 < bank < args.knn_k:
+        raise ValueError(f"The kNN monitor's bank has {bank} labelled training images, fewer than --knn_k "
+                         f"{args.knn_k} neighbours: its accuracy would mean nothing. Pass --knn_k {max(1, bank // 4)} "
+                         "or less, more training images, or --knn_eval false.")
+
+
 def pretrain(run, model_args, data_args, args):
     set_seed(args.seed)  # before the model is initialised
     try:
@@ -68,6 +81,7 @@ def pretrain(run, model_args, data_args, args):
                                               token=model_args.token)
         if args.do_train:
             args.check_enough_images(len(train))
+        check_knn_bank(args, train)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     run.check_settings(config, data_args)
@@ -91,11 +105,6 @@ def pretrain(run, model_args, data_args, args):
         if len(bank) and len(queries):
             subset = slice(0, args.knn_max_train_samples)
             knn_data = (bank.images[subset], bank.labels[subset], queries.images, queries.labels)
-            if len(knn_data[0]) < args.knn_k:
-                raise ValueError(f"The kNN monitor's bank has {len(knn_data[0])} labelled training images, fewer than "
-                                 f"--knn_k {args.knn_k} neighbours: its accuracy would mean nothing. Pass --knn_k "
-                                 f"{max(1, len(knn_data[0]) // 4)} or less, more training images, or --knn_eval "
-                                 "false.")
     preview = (evaluation.images[:args.num_reconstructions], eval_noise[:args.num_reconstructions])
 
     if model_args.model_name_or_path:

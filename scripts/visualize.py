@@ -1,17 +1,20 @@
 """Draw reconstructions of a saved MAE: original, masked input, reconstruction, reconstruction + visible patches,
 for fixed evaluation images and fixed masks (the same ones pretrain.py draws with the same data flags and seed).
 
-    python scripts/visualize.py runs/mae --dataset_name ../shared/data/cifar10 --output runs/mae/grid.png
+    python scripts/visualize.py runs/mae --output runs/mae/grid.png
 
-Flags: the data flags of pretrain.py (--dataset_name, --eval_split, ...) plus the ones below; --help.
+Flags: the data flags of pretrain.py (--dataset_name, --eval_split, ...) plus the ones below; --help. By default
+the data flags and --seed are the run's own, recorded in its pretraining_summary.json.
 """
 
+import os
 import sys
 from dataclasses import dataclass, field
 
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import parse_args, run_script
 from mae_hf.data import BatchTransform, DataArguments, fixed_noise, load_image_splits
+from mae_hf.inputs import check_pretraining_folder, read_json_object
 from mae_hf.visualize import save_reconstructions
 
 
@@ -21,13 +24,34 @@ class VisualizeArguments:
     num_images: int = field(default=8, metadata={"help": "Images (columns) in the grid."})
     seed: int = field(default=42, metadata={"help": "Seed of the fixed masks (pretrain.py uses its --seed)."})
 
+    def __post_init__(self):
+        if self.num_images < 1:
+            raise ValueError(f"--num_images must be at least 1, got {self.num_images}.")
+
+
+def recorded_settings(model_dir: str | None) -> dict:
+    """The data flags and seed of the pretraining run in `model_dir` (its pretraining_summary.json), so that the
+    grid shows that run's own evaluation images and masks; {} for a folder without a summary."""
+    path = os.path.join(model_dir or "", "pretraining_summary.json")
+    if model_dir is None or not os.path.isfile(path):
+        return {}
+    summary = read_json_object(path, "the pretraining summary of the run")
+    recorded = dict(summary.get("data") or {"dataset_name": summary.get("dataset_name")})
+    if "seed" in summary:
+        recorded["seed"] = summary["seed"]
+    return {key: value for key, value in recorded.items() if value is not None}
+
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     model_dir = argv.pop(0) if argv and not argv[0].startswith("-") else None
-    data_args, args = parse_args((DataArguments, VisualizeArguments), argv, description=__doc__)
-    if model_dir is None:
-        sys.exit("usage: visualize.py MODEL_DIR [--dataset_name ...] [--output PNG]   (--help for all flags)")
+    recorded = recorded_settings(model_dir)
+    data_args, args = parse_args((DataArguments, VisualizeArguments), argv, description=__doc__, defaults=recorded)
+    if model_dir is None:  # a usage error: exit code 2, as the parser's own
+        print("usage: visualize.py MODEL_DIR [--dataset_name ...] [--output PNG]   (--help for all flags)\n"
+              "visualize.py: error: MODEL_DIR (a pretraining output folder) is required.", file=sys.stderr)
+        sys.exit(2)
+    check_pretraining_folder(model_dir)  # before loading: a probe would get a random decoder
     try:
         model = MAEForPreTraining.from_pretrained(model_dir)
         _, evaluation = load_image_splits(data_args, model.config.image_size, model.config.num_channels)

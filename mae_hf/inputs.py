@@ -1,0 +1,97 @@
+"""Checks of the files a user names on the command line (model folders, their config.json and weights, result
+files): a bad one is an error naming it, before any work starts, instead of a traceback from deep inside a loader."""
+
+import json
+import os
+
+from .data import folder_listing
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+OTHER_WEIGHTS_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # loaded by transformers, not checked
+
+
+def read_json_object(path: str, what: str = "a JSON object") -> dict:
+    """The JSON object in `path`; an empty, torn or non-object file is a ValueError naming it."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if not text.strip():
+        raise ValueError(f"{path} is empty; expected {what}. It may be an interrupted write: write it again.")
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); expected {what}. It may be torn by an interrupted "
+                         "write: write it again.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; expected {what}.")
+    return value
+
+
+def safetensors_keys(path: str) -> list[str]:
+    """The tensor names in a .safetensors file, after checking that its header parses and that the file holds all
+    the bytes the header describes (an empty or truncated file from an interrupted save or copy fails here)."""
+    size = os.path.getsize(path)
+    fix = "Save or copy the model again."
+    if size < 8:
+        raise ValueError(f"{path} is {'empty' if size == 0 else f'truncated ({size} bytes)'}: not a complete "
+                         f"safetensors file. {fix}")
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        if 8 + header_size > size:
+            raise ValueError(f"{path} is truncated or not a safetensors file: its header says {header_size:,} "
+                             f"bytes, the file has {size:,}. {fix}")
+        try:
+            header = json.loads(handle.read(header_size))
+            tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+            needed = 8 + header_size + max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError(f"{path} is corrupt: its header is not a safetensors header. {fix}") from None
+    if size < needed:
+        raise ValueError(f"{path} is truncated: it has {size:,} bytes, its header describes {needed:,}. {fix}")
+    return list(tensors)
+
+
+def weight_keys(folder: str, option: str) -> list[str] | None:
+    """The parameter names stored in a saved model folder, after checking its safetensors files; None when the
+    weights are in another format (pytorch_model.bin). No weights at all is an error naming `option`."""
+    single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX_FILE)
+    if os.path.isfile(single):
+        return safetensors_keys(single)
+    if os.path.isfile(index):
+        shards = sorted(set(read_json_object(index, "a safetensors index").get("weight_map", {}).values()))
+        return [key for shard in shards for key in safetensors_keys(os.path.join(folder, shard))]
+    if any(os.path.isfile(os.path.join(folder, name)) for name in OTHER_WEIGHTS_FILES):
+        return None
+    raise ValueError(f"{option} {folder}: no model weights ({WEIGHTS_FILE}) in this folder. "
+                     f"{folder_listing(os.path.join(folder, WEIGHTS_FILE))}")
+
+
+def model_folder_config(folder: str, option: str) -> dict:
+    """config.json of a local saved-model folder as a dict; a folder without one, or a bad one, is an error
+    naming `option` (a folder with no config.json would otherwise quietly give a default config)."""
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"{option} {folder}: no config.json in this folder, so it is not a saved model (the output "
+                         f"folder of a script, or of save_pretrained). {folder_listing(config_file)}")
+    return read_json_object(config_file, "a model config (config.json)")
+
+
+def check_pretraining_folder(folder: str, option: str = "MODEL_DIR") -> None:
+    """A folder holding an mae_hf pretraining model with its decoder (what draws reconstructions). A probe or a
+    fine-tuned classifier has no decoder, and loading it as a pretraining model would draw with random decoder
+    weights: refused. A transformers ViTMAE folder is to be converted first."""
+    config = model_folder_config(folder, option)
+    model_type, architectures = config.get("model_type"), config.get("architectures") or []
+    if model_type == "vit_mae":
+        raise ValueError(f"{option} {folder} holds a transformers ViTMAE model; convert it to mae_hf first: "
+                         f"python scripts/convert.py {folder} OUT_DIR, then pass OUT_DIR.")
+    if model_type != "mae_hf":
+        raise ValueError(f"{option} {folder} holds a {model_type!r} model, not an mae_hf masked autoencoder.")
+    keys = weight_keys(folder, option)
+    has_decoder = any(key.startswith("decoder.") for key in keys) if keys is not None else \
+        "MAEForPreTraining" in architectures
+    if not has_decoder:
+        kind = ", ".join(architectures) or "a model without decoder"
+        raise ValueError(f"{option} {folder} has no decoder ({kind}: a linear probe or fine-tuned classifier), so "
+                         "it cannot reconstruct images. Pass the pretraining folder (the --output_dir of "
+                         "scripts/pretrain.py) it was made from.")
