@@ -22,7 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
-from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_outputs
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder, capture_outputs
 
 from .configuration_mae import MAEConfig
 
@@ -269,7 +269,11 @@ class MAEDecoder(SinCosPositions):
         )
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.pred = nn.Linear(width, config.patch_size**2 * config.num_channels)
-        _CAN_RECORD_REGISTRY[self] = {"hidden_states": MAELayer, "attentions": MAEAttention}
+        # Negative `output_hidden_states` indices count from the decoder's own depth.
+        _CAN_RECORD_REGISTRY[self] = {
+            "hidden_states": OutputRecorder(MAELayer, num_hidden_layers_key="decoder_num_hidden_layers"),
+            "attentions": OutputRecorder(MAEAttention, index=1),
+        }
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int],

@@ -173,6 +173,17 @@ def test_hidden_states_output(model_class):
     torch.testing.assert_close(from_config.hidden_states[-1], outputs.hidden_states[-1])
 
 
+def test_hidden_states_selected_by_index_count_from_each_stack():
+    model = build(MAEForPreTraining, num_hidden_layers=3)
+    inputs = tester.prepare_inputs(MAEForPreTraining, model.config)
+    everything = model(**inputs, output_hidden_states=True)
+    last_only = model(**inputs, output_hidden_states=[-1])
+    assert [h is None for h in last_only.hidden_states] == [True, True, True, False]
+    assert [h is None for h in last_only.decoder_hidden_states] == [True, False]  # the decoder's own depth
+    torch.testing.assert_close(last_only.hidden_states[-1], everything.hidden_states[-1])
+    torch.testing.assert_close(last_only.decoder_hidden_states[-1], everything.decoder_hidden_states[-1])
+
+
 def manual_attention(layer, hidden):
     """Softmax attention of one block written out from its weights."""
     attention = layer.attention
