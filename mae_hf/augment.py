@@ -162,8 +162,8 @@ class RandAugment:
     one op per sample at a magnitude uniform in [0, 10].
 
     The per-sample draws are made on the host (torch's CPU generator, or `generator`), so the batch can be grouped
-    by operation without asking the device anything: each round gathers the batch sorted by op (one index copy to
-    the device), applies each colour op to its contiguous group only, and gathers the result back. All geometric ops
+    by operation without asking the device anything: each round sends the samples' order by op to the device (one
+    index copy), and each colour op runs on its own group only (`index_select`, op, `index_copy_`). All geometric ops
     of the rounds compose into one affine warp of the batch, applied after the colour ops; colour ops are
     pixel-wise or use whole-image statistics, so moving the warp last changes only the fill region's share of
     those statistics.
@@ -197,27 +197,29 @@ class RandAugment:
         return op, level, sign
 
     @staticmethod
-    def colour_round(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-        """Apply to each sample the colour op it drew (host tensors `op`, `level`, `sign`); others pass through."""
-        order = torch.argsort(op, stable=True)
+    def colour_round_(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        """Apply to each sample of `x`, in place, the colour op it drew (host tensors `op`, `level`, `sign`); other
+        samples stay as they are. Each group reads only its own samples, so writing in place is safe."""
+        order = torch.argsort(op, stable=True)  # samples grouped by op; group sizes known on the host
         counts = torch.bincount(op, minlength=len(OPS)).tolist()
-        indices = to_device(torch.stack([order, torch.argsort(order)]), x.device)
+        index = to_device(order, x.device)
         settings = to_device(torch.stack([level[order], sign[order]]).to(x.dtype), x.device)
-        grouped, pieces, start = x[indices[0]], [], 0
+        start = 0
         for name, count in zip(OPS, counts):
-            part = grouped[start:start + count]
-            if count and name in COLOUR_OPS:
-                part = _colour_op(name, part, settings[0, start:start + count], settings[1, start:start + count])
-            pieces.append(part)
+            if count and name in COLOUR_OPS[1:]:
+                group, chosen = index[start:start + count], slice(start, start + count)
+                x.index_copy_(0, group, _colour_op(name, x.index_select(0, group), settings[0, chosen],
+                                                   settings[1, chosen]))
             start += count
-        return torch.cat(pieces)[indices[1]]
+        return x
 
     def __call__(self, x: torch.Tensor, generator=None) -> torch.Tensor:
         batch = x.shape[0]
         matrix = torch.eye(3).expand(batch, 3, 3)
+        x = x.clone()  # the rounds write in place; the caller's batch stays as it was
         for _ in range(self.num_ops):
             op, level, sign = self.draw(batch, generator)
-            x = self.colour_round(x, op, level, sign)
+            self.colour_round_(x, op, level, sign)
             matrix = matrix @ _affine(op, level, sign)
         return warp(x, to_device(matrix, x.device).to(x.dtype), self.fill)
 
@@ -239,7 +241,8 @@ def random_erasing(x: torch.Tensor, probability: float = 0.25, area=(0.02, 1 / 3
     left = (draws[4] * (width - box_w + 1)).floor()
     rows = torch.arange(height, device=device).view(1, height, 1)
     cols = torch.arange(width, device=device).view(1, 1, width)
-    inside = ((rows >= top) & (rows < top + box_h)) & ((cols >= left) & (cols < left + box_w)) & erase
+    # Row and column tests are small; only their product has the image's size.
+    inside = ((rows >= top) & (rows < top + box_h) & erase) & ((cols >= left) & (cols < left + box_w))
     noise = torch.randn(x.shape, device=device, generator=generator, dtype=x.dtype)
     return torch.where(inside[:, None], noise, x)
 
@@ -297,7 +300,7 @@ class MixupCutmix:
         lam, box = self.draw(x.shape[-2], x.shape[-1], generator)
         partner = x.flip(0)
         if box is None:
-            mixed = x if lam == 1 else x * lam + partner * (1 - lam)
+            mixed = x if lam == 1 else torch.lerp(partner, x, lam)  # lam * x + (1 - lam) * partner
         else:
             top, bottom, left, right = box
             mixed = x.clone()

@@ -25,9 +25,15 @@ Two more suites, same flags:
                     alternating; the pipeline must keep >= 90 % of the model-only images/s.
   --suite probe     linear probe wall time with features computed once (mae_hf) against re-running the frozen encoder
                     for every head epoch (the reference's approach), at the same epochs (--probe_epochs).
+  --suite augment   the fine-tuning recipe's training augmentation (--recipe: crop/flip, RandAugment, normalise,
+                    random erasing, mixup/cutmix) against the fine-tune train step of MAEForImageClassification
+                    (forward, soft-target loss, backward, AdamW), alternating; today's crop + flip for reference.
+                    The strong augmentation must cost <= 10 % of the step.
 
     python scripts/benchmark.py --suite pipeline --batch_size 512          # on a GPU: bf16 + torch.compile
     python scripts/benchmark.py --suite probe --device cpu --probe_images 1024 --probe_epochs 10 20
+    python scripts/benchmark.py --suite augment --recipe configs/cpu_small_finetune_strong.yaml --batch_size 128 \
+        --config_overrides "patch_size=4,hidden_size=128,num_hidden_layers=4,num_attention_heads=4"
 """
 
 import argparse
@@ -37,8 +43,10 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 from mae_hf import MAEConfig, MAEForPreTraining
@@ -258,6 +266,95 @@ def probe_suite(args, config, bf16, autocast):
     return {"probe_images": args.probe_images, "rounds": args.rounds, "results": results}
 
 
+def augment_suite(args, config, bf16, autocast):
+    """The recipe's training augmentation against the fine-tune train step, alternating, per batch."""
+    import tempfile
+
+    from mae_hf import MAEForImageClassification
+    from mae_hf.augment import soft_target_cross_entropy
+    from mae_hf.cli import parse_args
+    from mae_hf.data import BatchTransform, DataArguments
+    from mae_hf.training import FinetuneArguments
+
+    with tempfile.TemporaryDirectory() as output_dir:  # the recipe's arguments want one; nothing is written
+        _, recipe = parse_args((DataArguments, FinetuneArguments), [args.recipe, "--output_dir", output_dir])
+    num_labels = 10
+    torch.manual_seed(args.seed)
+    config.update({"num_labels": num_labels, "drop_path_rate": recipe.drop_path_rate, "pooling": recipe.pooling})
+    model = MAEForImageClassification(config).to(args.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randint(0, 256, (args.batch_size, config.num_channels, config.image_size, config.image_size),
+                           dtype=torch.uint8).to(args.device)
+    labels = torch.randint(0, num_labels, (args.batch_size,)).to(args.device)
+    strong_transform, _ = recipe.batch_transforms(config)
+    mixer = recipe.mixer(num_labels)
+    crop = (recipe.crop_min_scale, 1.0) if recipe.crop_min_scale < 1 else None
+    baseline_transform = BatchTransform.for_model(config, crop_scale=crop, hflip=recipe.horizontal_flip)
+    pixel_values, targets = mixer(strong_transform(images), labels) if mixer else (strong_transform(images), None)
+    targets = F.one_hot(labels, num_labels).float() if targets is None else targets
+
+    def strong():
+        x = strong_transform(images)
+        return mixer(x, labels) if mixer is not None else x
+
+    def step():
+        with autocast:
+            logits = model(pixel_values=pixel_values).logits
+        soft_target_cross_entropy(logits, targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    parts = {"strong_augmentation": strong, "crop_flip_only": lambda: baseline_transform(images), "train_step": step}
+    for run in parts.values():
+        for _ in range(args.warmup):
+            run()
+    # Per batch, one entry per round: wall time, and the process's CPU time (on a shared CPU the wall time also
+    # holds waiting for cores, which hits many small ops harder than a few large ones).
+    seconds = {name: [] for name in parts}
+    cpu_seconds = {name: [] for name in parts}
+    for round_index in range(args.rounds):
+        names = list(parts) if round_index % 2 == 0 else list(parts)[::-1]  # alternate who goes first
+        for name in names:
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                parts[name]()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds[name].append((time.perf_counter() - start) / args.steps)
+            cpu_seconds[name].append((time.process_time() - cpu_start) / args.steps)
+
+    def ratios_to_step(values):
+        per_round = {name: [a / b for a, b in zip(times, values["train_step"])]
+                     for name, times in values.items() if name != "train_step"}
+        return per_round, {name: statistics.median(ratios) for name, ratios in per_round.items()}
+
+    per_round, ratios = ratios_to_step(seconds)
+    cpu_per_round, cpu_ratios = ratios_to_step(cpu_seconds)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu_seconds.items()}
+    mixing = f"mixup {recipe.mixup_alpha} / cutmix {recipe.cutmix_alpha}" if mixer else "none"
+    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, {args.rounds} rounds x "
+          f"{args.steps} batches, {torch.get_num_threads()} threads; recipe {args.recipe}: "
+          f"{strong_transform.augment!r}, random erasing {recipe.random_erasing}, mixing {mixing}\n")
+    print("| per batch | wall ms (median) | min | max | / train step | CPU ms (median) | / train step |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+    for name, values in seconds.items():
+        ratio = f"{100 * ratios[name]:.1f} %" if name in ratios else ""
+        cpu_ratio = f"{100 * cpu_ratios[name]:.1f} %" if name in cpu_ratios else ""
+        print(f"| {name} | {1000 * medians[name]:.1f} | {1000 * min(values):.1f} | {1000 * max(values):.1f} | "
+              f"{ratio} | {1000 * cpu_medians[name]:.1f} | {cpu_ratio} |")
+    print("\n(ratios: medians of the per-round ratios)")
+    print(f"strong augmentation / train step: {100 * ratios['strong_augmentation']:.1f} % wall, "
+          f"{100 * cpu_ratios['strong_augmentation']:.1f} % CPU time (limit 10 %)")
+    return {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "recipe": args.recipe,
+            "seconds_per_batch": seconds, "median_seconds_per_batch": medians,
+            "ratio_to_train_step_per_round": per_round, "ratio_to_train_step": ratios,
+            "cpu_seconds_per_batch": cpu_seconds, "median_cpu_seconds_per_batch": cpu_medians,
+            "cpu_ratio_to_train_step_per_round": cpu_per_round, "cpu_ratio_to_train_step": cpu_ratios}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -272,9 +369,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", default="benchmark.json")
-    parser.add_argument("--suite", choices=("model", "pipeline", "probe"), default="model",
+    parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment"), default="model",
                         help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model step; "
-                             "probe: see above.")
+                             "probe, augment: see above.")
+    parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "configs/finetune_strong.yaml"),
+                        help="Fine-tuning config file whose augmentation the augment suite times.")
     parser.add_argument("--pipeline_images", type=int, default=4096, help="Synthetic uint8 images (pipeline suite).")
     parser.add_argument("--probe_images", type=int, default=1024, help="Synthetic images (probe suite).")
     parser.add_argument("--probe_epochs", type=int, nargs="+", default=[10, 20], help="Head epochs (probe suite).")
@@ -298,7 +397,7 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
 
-    suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite}
+    suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite}
     record = suites[args.suite](args, config, bf16, autocast)
     record.update(command=shlex.join(["python", *sys.argv]), suite=args.suite, device=args.device,
                   dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, threads=torch.get_num_threads(),

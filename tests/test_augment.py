@@ -107,7 +107,7 @@ def test_randaugment_applies_to_each_sample_the_op_it_drew(images):
     augment = RandAugment(num_ops=1, magnitude=9)
     op, level, sign = augment.draw(28, generator(2))
     op[:14] = torch.arange(14)  # every op at least once
-    grouped = augment.colour_round(batch, op, level, sign)
+    grouped = augment.colour_round_(batch.clone(), op, level, sign)
     for i in range(28):
         name, one = OPS[op[i]], slice(i, i + 1)
         alone = _colour_op(name, batch[one], level[one], sign[one]) if name in COLOUR_OPS else batch[one]
