@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 DEBUG_FLAG = "--debug"  # shows the traceback of an error; so does MAE_HF_DEBUG=1
 DEBUG_ENV = "MAE_HF_DEBUG"
@@ -73,10 +74,19 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
         sys.exit(1)
 
 
-def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None):
-    """`script.py [CONFIG.json|CONFIG.yaml] [--flag value ...]`: the file gives defaults, flags win."""
+def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None,
+               defaults: dict | None = None):
+    """`script.py [CONFIG.json|CONFIG.yaml] [--flag value ...]`: the file gives defaults, flags win. `defaults`
+    (e.g. the settings a run recorded) come before both."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    hide_instant_progress_bars()
     parser = HfArgumentParser(dataclass_types, description=description)
+    for action in parser._actions:  # `bool | None` flags (unset = decided later) also work bare, as bool flags do:
+        if action.type is string_to_bool and action.nargs is None:  # `--do_train` = `--do_train true`
+            action.nargs, action.const = "?", True
+    if defaults:
+        known = {action.dest for action in parser._actions}
+        parser.set_defaults(**{key: value for key, value in defaults.items() if key in known})
     parser.usage = f"{parser.prog} [CONFIG.yaml|CONFIG.json] [--flag value ...]   (--help lists every flag)"
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         path = argv.pop(0)
@@ -95,6 +105,22 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
         return parser.parse_args_into_dataclasses(argv)
     except ValueError as error:  # an argument dataclass refused a value: a usage error, not a traceback
         parser.error(str(error))
+
+
+INSTANT_PROGRESS_BARS = ("Loading weights", "Writing model shards")  # transformers' bars for steps of a second
+
+
+def hide_instant_progress_bars() -> None:
+    """transformers draws a progress bar for loading and for saving every model, even ours of a few MB that take a
+    fraction of a second: in a training log they are noise. Other progress bars (downloads, training) stay."""
+    from transformers.utils import logging
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") in INSTANT_PROGRESS_BARS:
+            return logging.EmptyTqdm(*args, **kwargs)
+        return factory(*args, **kwargs)
+
+    logging.set_tqdm_hook(hook)
 
 
 def read_config_file(path: str, parser) -> dict:

@@ -188,6 +188,18 @@ def is_classifier(config) -> bool:
     return "MAEForImageClassification" in (config.architectures or [])
 
 
+def check_output_folder(folder: str) -> None:
+    """Before any work: --output_dir must be a folder, or creatable in a folder this process can write to."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output_dir {folder}: {existing} is a file, not a folder. Give a folder path (created "
+                         "if missing).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir {folder}: {existing} is not writable. Give a folder you can write to.")
+
+
 def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> dict:
     """The frozen encoder runs once per image; then kNN, the linear probe (pooled or multi-block features) and/or the
     attentive probe (cached patch tokens, `mae_hf/probes.py`) train on its outputs. Returns {protocol: results}."""
@@ -199,6 +211,7 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
 
     if args.output_dir is None:
         raise ValueError("--output_dir is required.")
+    check_output_folder(args.output_dir)
     if model_args.model_name_or_path and os.path.realpath(args.output_dir) == os.path.realpath(
             model_args.model_name_or_path):
         raise ValueError("--output_dir is the model folder itself; the probe would overwrite that model. Use a "

@@ -99,15 +99,20 @@ def multiblock_features(encoder, hidden_states: tuple, blocks: int) -> torch.Ten
 
 @torch.no_grad()
 def encode_frozen(encoder, images: torch.Tensor, transform, batch_size: int = 512, bf16: bool = False,
-                  feature_blocks: int = 1, token_cache: TokenCache | None = None):
+                  feature_blocks: int = 1, token_cache: TokenCache | None = None, progress: str | None = None):
     """One pass of the frozen encoder over uint8 `images` (no masking). Returns `(pooled, multiblock)`: the
     `pooler_output` features `(N, hidden)` and, when `feature_blocks > 1`, the multi-block features (else None),
-    float32 on the encoder's device; writes the patch tokens of the last block into `token_cache` when given."""
+    float32 on the encoder's device; writes the patch tokens of the last block into `token_cache` when given.
+    `progress`: the label of a progress bar over the images (None: no bar)."""
+    from tqdm.auto import tqdm
+
     device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
     pooled, multiblock = [], []
+    bar = tqdm(total=len(images), desc=progress, unit="img", disable=progress is None)
     for start in range(0, len(images), batch_size):
+        bar.update(min(batch_size, len(images) - start))
         batch = transform(images[start:start + batch_size].to(device, non_blocking=True))
         with autocast_for(device, bf16):
             output = encoder(batch, output_hidden_states=feature_blocks > 1, return_dict=True)
@@ -116,6 +121,7 @@ def encode_frozen(encoder, images: torch.Tensor, transform, batch_size: int = 51
                 multiblock.append(multiblock_features(encoder, output.hidden_states, feature_blocks).float())
         if token_cache is not None:
             token_cache.write(start, output.last_hidden_state[:, 1:])
+    bar.close()
     encoder.train(was_training)
     return torch.cat(pooled), (torch.cat(multiblock) if multiblock else None)
 
@@ -202,7 +208,7 @@ def train_multiblock_probe(train_features, train_labels, num_labels: int, args) 
     head = LinearHead(train_features.shape[1], num_labels).to(train_features.device)
     return fit_head(head, head, list(head.parameters()), train_features, train_labels, epochs=args.probe_epochs,
                     batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
-                    weight_decay=args.probe_weight_decay, seed=args.seed)
+                    weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
 
 
 def train_attentive_probe(tokens: TokenCache, labels: torch.Tensor, num_labels: int, hidden_size: int, args,
