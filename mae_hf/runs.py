@@ -238,7 +238,7 @@ class OutputLock:
     def release(self) -> None:
         if self.handle is not None:
             with contextlib.suppress(OSError):
-                os.remove(self.path)  # still holding the lock: nobody can be between open and flock on it
+                os.remove(self.path)  # a run that opened it meanwhile sees it gone (samestat) and retries
             self.handle.close()
             self.handle = None
 
@@ -390,8 +390,8 @@ class DivergenceGuard(TrainerCallback):
     def _record(self, index: int, value) -> None:
         if value is None:
             return
-        if not isinstance(value, torch.Tensor):
-            value = torch.tensor(float(value))
+        if not isinstance(value, torch.Tensor):  # DeepSpeed reports the gradient norm as a float
+            value = torch.tensor(float(value), device=None if self.flags is None else self.flags.device)
         if self.flags is None:
             self.flags = torch.zeros(2, dtype=torch.bool, device=value.device)
         self.flags[index] |= ~torch.isfinite(value.detach()).all()
