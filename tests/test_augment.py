@@ -200,6 +200,29 @@ def test_repeated_augmentation_layout():
     assert list(sampler) != order
 
 
+def test_trainer_batches_repeat_each_image(tiny_config, tmp_path):
+    from mae_hf.data import ArrayDataset, collate
+    from mae_hf.training import ImageTrainer, ImageTrainingArguments
+
+    model = MAEForImageClassification(tiny_config(num_labels=3))
+    args = ImageTrainingArguments(output_dir=str(tmp_path), eval_strategy="no", per_device_train_batch_size=6)
+    transform = BatchTransform.for_model(model.config)
+    images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)
+    trainer = ImageTrainer(model=model, args=args, train_dataset=ArrayDataset(images, labels=torch.arange(12)),
+                           data_collator=collate, train_transform=transform, eval_transform=transform,
+                           repeated_augmentations=3)
+    loader = trainer.get_train_dataloader()
+    epochs = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)  # as the Trainer does at each epoch
+        batches = [batch["labels"].tolist() for batch in loader]
+        assert len(batches) == 2 and all(len(batch) == 6 for batch in batches)  # 12 samples an epoch
+        for batch in batches:
+            assert batch[0:3] == [batch[0]] * 3 and batch[3:6] == [batch[3]] * 3
+        epochs.append(batches)
+    assert epochs[0] != epochs[1]
+
+
 def test_repeated_copies_get_different_augmentations():
     uint8 = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=generator(10))
     transform = BatchTransform(16, [0.5] * 3, [0.25] * 3, crop_scale=(0.25, 1), hflip=True, augment=RandAugment(),
