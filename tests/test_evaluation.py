@@ -218,6 +218,8 @@ def test_publish_folder_and_card(evaluated, scripts, tmp_path):
     assert "weight decay 0.05 (linear weights only), gradients clipped at norm 1" in card
     assert {r["dataset"]["split"] for r in metadata["model-index"][0]["results"]} == {"test"}
     assert 'from_pretrained(repo, trust_remote_code=True)' in card and '"me/mae"' in card
+    trained_on = read(folder / "pretraining_summary.json")["dataset_name"]  # a local parquet folder
+    assert f"| Data | uoft-cs/cifar10 (local copy at `{trained_on}`): train (48 images) |" in card
 
     # One checkpoint serves the three classes: pretrained encoder + decoder, and the probe's head.
     published = MAEForPreTraining.from_pretrained(out)
@@ -260,6 +262,20 @@ def test_publish_refuses_numbers_that_are_not_this_models(evaluated, scripts, tm
     shutil.copy(root / "probe" / "knn_results.json", tmp_path / "copy" / "knn_results.json")
     scripts.publish.main(base + ["--results", str(tmp_path / "copy")])
     assert [p.name for p in (tmp_path / "hub" / "results").glob("*knn*")] == ["01_knn_pretrained.json"]
+
+
+def test_publish_card_names_the_hub_dataset_the_run_used(evaluated, scripts, tmp_path):
+    folder, _ = evaluated
+    run = tmp_path / "run"
+    shutil.copytree(folder, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    summary = read(run / "pretraining_summary.json")
+    (run / "pretraining_summary.json").write_text(json.dumps(dict(summary, dataset_name="user/pets")))
+    with pytest.raises(SystemExit, match="pretrained on the Hub dataset user/pets; the card must name that one"):
+        scripts.publish.main([str(run), "--output_dir", str(tmp_path / "hub"), "--dataset_id", "uoft-cs/cifar10"])
+    scripts.publish.main([str(run), "--output_dir", str(tmp_path / "hub")])
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["datasets"] == ["user/pets"]
+    assert "| Data | user/pets: train (48 images) |" in card and "local copy" not in card
 
 
 def test_publish_without_network_fails_before_anything(evaluated, scripts, tmp_path, monkeypatch):

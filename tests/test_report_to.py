@@ -32,7 +32,8 @@ def test_tensorboard_logs_pretraining_and_finetuning(scripts, parquet_folder, ti
         scripts.finetune.main(["--model_name_or_path", str(pretrained_run[0]), "--output_dir",
                                str(tmp_path / "finetune"), "--per_device_train_batch_size", "16", "--max_steps", "2",
                                *data])
-    assert {"train/loss", "train/learning_rate", "eval/loss"} <= scalar_tags(tmp_path / "pretrain")
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", "eval/knn_accuracy"} <= \
+        scalar_tags(tmp_path / "pretrain")
     assert {"train/loss", "eval/accuracy"} <= scalar_tags(tmp_path / "finetune")
 
 
