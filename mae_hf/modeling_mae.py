@@ -365,9 +365,6 @@ class MAEPreTrainedModel(PreTrainedModel):
             )
         return height // config.patch_size, width // config.patch_size
 
-    def check_pixel_values(self, pixel_values, interpolate_pos_encoding: bool | None = False) -> None:
-        self.patch_grid(pixel_values, interpolate_pos_encoding)
-
     def patchify(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False) -> torch.Tensor:
         """`(batch, channels, H, W)` -> `(batch, rows * columns, patch_size**2 * channels)`, patches in row-major
         order, each flattened as (row in patch, column in patch, channel). H and W are the config's image size, or
