@@ -91,6 +91,29 @@ def test_every_op_keeps_shape_dtype_and_range(images, name):
     assert torch.equal(result, images) == (name == "identity"), name
 
 
+def test_nothing_reads_device_values_on_the_host():
+    """On the meta device tensors have no values: any `.item()`, `bool(tensor)` or data-dependent shape would fail
+    here, as it would make a GPU step wait."""
+    meta = torch.empty(28, 3, 16, 16, device="meta")
+    level, sign = torch.full((28,), 0.5, device="meta"), torch.ones(28, device="meta")
+    for name in COLOUR_OPS:
+        assert _colour_op(name, meta, level, sign).shape == meta.shape, name
+    augment = RandAugment(num_ops=1)
+    op, host_level, host_sign = augment.draw(28, generator(0))
+    op[:14] = torch.arange(14)  # every op
+    augment.colour_round_(meta, op, host_level, host_sign)
+    transform = BatchTransform(16, [0.5] * 3, [0.25] * 3, crop_scale=(0.25, 1), hflip=True, augment=RandAugment(),
+                               random_erasing=0.25)
+    pixels = transform(torch.empty(28, 3, 16, 16, dtype=torch.uint8, device="meta"))
+    labels = torch.empty(28, dtype=torch.long, device="meta")
+    for mixer in (MixupCutmix(3, cutmix_alpha=0.0), MixupCutmix(3, mixup_alpha=0.0)):
+        mixed, targets = mixer(pixels, labels)
+        assert mixed.shape == pixels.shape and targets.shape == (28, 3)
+    ema = WeightEMA(0.9999)
+    ema.start(torch.nn.Linear(2, 2, device="meta"))
+    ema.update()
+
+
 def test_translation_shifts_by_whole_pixels_and_fills_grey(images):
     # A shift of 4 of 16 pixels: the output's column j shows the input's column j + 4.
     matrix = _affine(torch.tensor([OPS.index("translate_x")]), torch.tensor([0.25 / MAX_TRANSLATE]),
