@@ -66,10 +66,8 @@ class TokenCache:
 
     def close(self) -> None:
         """Free the memory, or delete the file."""
-        self.tensor = None
-        if self.array is not None:
-            self.array._mmap.close()
-            self.array = None
+        self.tensor = self.array = None  # the file's mapping goes with its last reference
+        if self.path is not None and os.path.exists(self.path):
             os.remove(self.path)
 
 
