@@ -1,0 +1,422 @@
+"""Fault injection, inputs (issue 11, items 2, 7, 8): bad labels, bad images, bad files and flags.
+
+Every case runs a script as the command line does (`run_script(main, argv)`: in-process, for speed) and checks the
+exit code (2: usage, 1: failure), the `error: ...` line naming the file/flag/row, that no traceback reached the
+user, and that nothing was written. A few cases run as real processes to show what reaches stderr there.
+"""
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from fixtures_runs import ROOT, TINY_MODEL
+from PIL import Image
+
+from mae_hf import MAEConfig, MAEForImageClassification, MAEForPreTraining
+from mae_hf.cli import run_script
+from mae_hf.convert import to_vit_mae
+from mae_hf.data import DataArguments, load_image_splits, to_8_bit
+
+TINY = ",".join(f"{key}={value}" for key, value in TINY_MODEL.items())
+NAMES = ["cat", "dog", "ship"]
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_split(path, labels, images=None, names=NAMES, seed=0):
+    """A parquet split of 12x12 RGB PNGs (or the given {bytes, path} images) with `labels` (ClassLabel with `names`,
+    or plain integers when `names` is None)."""
+    rng = np.random.default_rng(seed)
+    images = images or [{"bytes": png_bytes(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)), "path": None}
+                        for _ in labels]
+    label = datasets.ClassLabel(names=names) if names else datasets.Value("int64")
+    features = datasets.Features({"img": datasets.Image(), "label": label})
+    dataset = datasets.Dataset.from_dict({"img": images, "label": [None if v is None else v for v in labels]},
+                                         features=datasets.Features({"img": datasets.Image(),
+                                                                     "label": datasets.Value("int64")}))
+    dataset.cast(features).to_parquet(str(path))  # cast: the ClassLabel metadata, without its range check
+
+
+def make_dataset(folder, train_labels, test_labels=None, **kwargs):
+    folder.mkdir(parents=True, exist_ok=True)
+    write_split(folder / "train.parquet", train_labels, **kwargs)
+    write_split(folder / "test.parquet", test_labels or [i % 3 for i in range(8)], seed=1,
+                names=kwargs.get("names", NAMES))
+    return str(folder)
+
+
+def call(main, argv):
+    """A script run as the command line does it."""
+    return run_script(main, [str(arg) for arg in argv])
+
+
+def run(main, argv, capsys, code=1, debug=False):
+    """(stderr text) of a script run that must fail with `code`; no traceback may reach the user (unless `debug`:
+    --debug or MAE_HF_DEBUG=1 asked for one)."""
+    with pytest.raises(SystemExit) as exit_info:
+        call(main, argv)
+    status = exit_info.value.code
+    err = capsys.readouterr().err
+    if isinstance(status, str):  # sys.exit("error: ...") inside the script: Python prints it, exit status 1
+        err, status = err + status, 1
+    assert status == code, err
+    assert ("Traceback" in err) == debug, err
+    return err
+
+
+def snapshot(folder) -> dict:
+    """{file: (size, mtime)} under `folder`: to show that a failed run changed nothing there."""
+    return {os.path.join(root, name): (os.path.getsize(os.path.join(root, name)),
+                                       os.path.getmtime(os.path.join(root, name)))
+            for root, _, names in os.walk(folder) for name in names}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Saved folders: a tiny pretraining model, a probe (classifier, no decoder) and a transformers ViTMAE."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    config = MAEConfig(**TINY_MODEL)
+    pretraining = MAEForPreTraining(config)
+    pretraining.save_pretrained(root / "mae")
+    MAEForImageClassification(MAEConfig(**TINY_MODEL, num_labels=3, linear_probe=True)).save_pretrained(root / "probe")
+    to_vit_mae(pretraining).save_pretrained(root / "vit_mae")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"), [i % 3 for i in range(24)])
+
+
+def probe_args(dataset, output, *extra):
+    return ["--dataset_name", dataset, "--output_dir", output, "--config_overrides", TINY, "--knn_k", "2",
+            "--probe_epochs", "1", "--disable_tqdm", "true", *extra]
+
+
+# ---- item 2: labels ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train_labels, message", [
+    ([0, 1, 2, -1] * 6, r"Split 'train', label column 'label': 6 of 24 labels lie outside \[0, 3\) \(the 3 class "
+                        r"names.*the first is row 3 \(-1\)\. -1 means 'unlabelled'"),
+    ([0, 1, 2, None] * 6, r"Split 'train'.*6 of 24 labels are missing \(None\); the first is row 3"),
+    ([0, 1, 2, 3] * 6, r"Split 'train'.*6 of 24 labels lie outside \[0, 3\).*row 3 \(3\)"),
+])
+def test_bad_labels_stop_the_probe_before_any_work(tmp_path, scripts, capsys, train_labels, message):
+    dataset = make_dataset(tmp_path / "data", train_labels)
+    err = run(scripts.linear_probe.main, probe_args(dataset, tmp_path / "out"), capsys)
+    assert err.count("error: ") == 1
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_refuses_unlabelled_images(tmp_path, scripts, capsys):
+    """Label smoothing used to clamp -1 to class 0 and train on it."""
+    dataset = make_dataset(tmp_path / "data", [0, 1, 2, -1] * 6)
+    err = run(scripts.finetune.main, ["--random_init", "true", "--dataset_name", dataset, "--output_dir",
+                                      tmp_path / "out", "--config_overrides", TINY, "--per_device_train_batch_size", 4,
+                                      "--max_steps", 1], capsys)
+    assert "-1 means 'unlabelled'" in err and "row 3" in err
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_label_type_and_split_agreement(tmp_path):
+    cases = {
+        "strings": (["a", "b"] * 6, None, "holds string values, not integer class indices \\(row 0: 'a'\\)"),
+        "unseen": ([0, 1] * 6, [0, 1, 2, 2], "Split 'test'.*2 of 4 labels are classes that the training split does "
+                                             "not have; the first is row 2"),
+    }
+    for name, (train, test, message) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        features = datasets.Features({"img": datasets.Image(), "label": datasets.Value(
+            "string" if name == "strings" else "int64")})
+        images = [Image.new("RGB", (4, 4))] * len(train)
+        datasets.Dataset.from_dict({"img": images, "label": train}, features=features).to_parquet(
+            str(folder / "train.parquet"))
+        datasets.Dataset.from_dict({"img": images[:len(test or train)], "label": test or train},
+                                   features=features).to_parquet(str(folder / "test.parquet"))
+        with pytest.raises(ValueError, match=message):
+            load_image_splits(DataArguments(dataset_name=str(folder)), 8, require_labels=True)
+    other = tmp_path / "names"  # a save_to_disk folder keeps each split's features (parquet folders share one)
+    make_dataset(other, [0, 1, 2] * 4)
+    write_split(other / "truck.parquet", [0, 1, 2], names=["cat", "dog", "truck"])
+    splits = {name: datasets.Dataset.from_parquet(str(other / f"{file}.parquet"))
+              for name, file in (("train", "train"), ("test", "truck"))}
+    datasets.DatasetDict(splits).save_to_disk(str(other / "saved"))
+    other = other / "saved"
+    with pytest.raises(ValueError, match=r"class names of split 'train' \(\['cat', 'dog', 'ship'\]\) and split "
+                                         r"'test' \(\['cat', 'dog', 'truck'\]\) differ"):
+        load_image_splits(DataArguments(dataset_name=str(other)), 8, require_labels=True)
+
+
+def test_head_size_comes_from_the_class_names(tmp_path, scripts, capsys):
+    """Labels 0 and 1 only, of three class names: the probe has three outputs, not max label + 1."""
+    dataset = make_dataset(tmp_path / "data", [0, 1] * 6, [0, 1, 1, 0])
+    call(scripts.linear_probe.main, probe_args(dataset, str(tmp_path / "out"), "--knn", "false"))
+    probe = MAEForImageClassification.from_pretrained(tmp_path / "out")
+    assert probe.config.id2label == {0: "cat", 1: "dog", 2: "ship"} and probe.classifier.out_features == 3
+
+
+def test_pretraining_treats_minus_one_and_none_as_unlabelled(tmp_path, scripts, capsys):
+    """STL-10's convention: -1 (or None) is an unlabelled image; pretraining uses it, the kNN monitor does not.
+    The same run skips a corrupt image (--skip_bad_images) and records it."""
+    rng = np.random.default_rng(0)
+    images = [{"bytes": png_bytes(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)), "path": None}
+              for _ in range(20)]
+    images[5] = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}
+    dataset = make_dataset(tmp_path / "data", [0, 1, -1, None, 2] * 4, images=images)
+    output = tmp_path / "run"
+    call(scripts.pretrain.main, ["--dataset_name", dataset, "--output_dir", output, "--config_overrides", TINY,
+                                       "--per_device_train_batch_size", 4, "--max_steps", 2, "--knn_k", 2,
+                                       "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true",
+                                       "--skip_bad_images", "true"])
+    out = capsys.readouterr().out
+    assert out.count("[data] unlabelled images") == 1
+    assert "8 of 19 training" in out and "left out of the kNN monitor" in out
+    assert "skipped 1 image(s) that cannot be decoded (--skip_bad_images): row 5" in out
+    summary = json.loads((output / "pretraining_summary.json").read_text())
+    assert summary["eval_knn_accuracy"] is not None and summary["train_samples"] == 19
+    assert summary["skipped_images"] == {"train": ["row 5"], "test": []}
+
+
+# ---- item 7: images ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, problem", [
+    (b"not an image at all", "not an image in a format PIL reads"),
+    (b"", "the image is an empty \\(0-byte\\) file"),
+])
+def test_bad_image_names_split_and_row(tmp_path, scripts, capsys, content, problem):
+    rng = np.random.default_rng(0)
+    images = [{"bytes": png_bytes(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)), "path": None}
+              for _ in range(12)]
+    images[7] = images[9] = {"bytes": content, "path": None}
+    dataset = make_dataset(tmp_path / "data", [i % 3 for i in range(12)], images=images)
+    err = run(scripts.linear_probe.main, probe_args(dataset, tmp_path / "out"), capsys)
+    assert re.search(rf"Split 'train': 2 of 12 images cannot be decoded; the first is row 7: {problem}.*"
+                     r"--skip_bad_images true", err), err
+    assert not (tmp_path / "out").exists()
+
+    call(scripts.linear_probe.main, probe_args(dataset, str(tmp_path / "out"), "--skip_bad_images", "true"))
+    assert "skipped 2 image(s)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "knn_results.json").read_text())
+    assert result["train_samples"] == 10 and result["skipped_images"] == {"train": ["row 7", "row 9"], "test": []}
+
+
+def test_bad_file_in_an_imagefolder_is_named(tmp_path):
+    for split in ("train", "test"):
+        for index in range(6):
+            folder = tmp_path / "tree" / split / NAMES[index % 3]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (index, 0, 0)).save(folder / f"{index}.png")
+    bad = tmp_path / "tree" / "train" / "dog" / "truncated.png"
+    bad.write_bytes(png_bytes(np.zeros((8, 8, 3), dtype=np.uint8))[:40])
+    with pytest.raises(ValueError, match=rf"Split 'train': 1 of 7 images cannot be decoded; the first is row \d+ "
+                                         rf"\({bad}\)"):
+        load_image_splits(DataArguments(dataset_name=str(tmp_path / "tree")), 8)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit greyscale PNG (PIL mode I;16) has samples up to 65535: scaled to 0..255, not clipped to white."""
+    ramp = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    make_dataset(tmp_path / "data", [0, 1, 2] * 2, images=[{"bytes": buffer.getvalue(), "path": None}] * 6)
+    train, _ = load_image_splits(DataArguments(dataset_name=str(tmp_path / "data")), image_size=8)
+    expected = torch.from_numpy(np.rint(ramp / 257).astype(np.uint8))
+    assert torch.equal(train.images[0, 0], expected) and torch.equal(train.images[0, 2], expected)
+    assert train.images.float().mean() < 140  # clipping made almost every pixel 255
+    for values, scale in ((ramp.astype(np.int32), 1 / 257), ((ramp / 65535).astype(np.float32), 255.0)):
+        image = Image.fromarray(values)  # mode "I" (32-bit integers), then "F" (floats in [0, 1])
+        expected = np.rint(values.astype(np.float64) * scale).astype(np.uint8)
+        assert np.array_equal(np.asarray(to_8_bit(image).convert("L")), expected), image.mode
+
+
+# ---- item 8: bad files and flags -----------------------------------------------------------------------------------
+
+def broken_model(models, tmp_path, change) -> str:
+    """A copy of the tiny pretraining folder, broken by `change(folder)`."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in os.listdir(models / "mae"):
+        (folder / name).write_bytes((models / "mae" / name).read_bytes())
+    change(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:300]),
+     "model.safetensors is truncated"),
+    (lambda f: (f / "model.safetensors").write_bytes(b""), "model.safetensors is empty"),
+    (lambda f: (f / "model.safetensors").unlink(), "no model weights (model.safetensors) in this folder"),
+    (lambda f: (f / "config.json").write_text('{"model_type": "mae_hf", '), "config.json is not valid JSON"),
+    (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json holds a JSON list, not an object"),
+    (lambda f: (f / "config.json").unlink(), "no config.json in this folder"),
+])
+def test_broken_model_folder(tmp_path, scripts, capsys, models, change, message):
+    folder = broken_model(models, tmp_path, change)
+    before = snapshot(folder)
+    err = run(scripts.linear_probe.main, ["--model_name_or_path", folder, "--output_dir", tmp_path / "out",
+                                          "--dataset_name", "unused"], capsys)
+    assert message in err and folder in err
+    assert snapshot(folder) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a: [1,\n", "config file {} is not valid YAML"),
+    ("- 1\n- 2\n", "config file {} must hold a mapping of options"),
+    ("", None),  # an empty file: no options, the flags alone decide (then --output_dir is missing)
+])
+def test_bad_config_file_is_a_usage_error(tmp_path, scripts, capsys, content, message):
+    config = tmp_path / "config.yaml"
+    config.write_text(content)
+    err = run(scripts.pretrain.main, [config], capsys, code=2)
+    assert (message.format(config) if message else "--output_dir is required") in err
+    (tmp_path / "config.json").write_text('{"output_dir": ')
+    assert "config.json is not valid JSON" in run(scripts.pretrain.main, [tmp_path / "config.json"], capsys, code=2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--per_device_train_batch_size", 0], "--per_device_train_batch_size must be at least 1, got 0"),
+    (["--max_steps", 0], "--max_steps must be a positive number of steps"),
+    (["--learning_rate", -0.1], "--learning_rate must be a finite number >= 0, got -0.1"),
+    (["--num_train_epochs", 0], "--num_train_epochs must be positive"),
+])
+def test_bad_numbers_are_usage_errors(tmp_path, scripts, capsys, data, flags, message):
+    err = run(scripts.pretrain.main, ["--output_dir", tmp_path / "out", "--dataset_name", data, *flags], capsys,
+              code=2)
+    assert message in err and not (tmp_path / "out").exists()
+
+
+def test_probe_flags_and_output_dir(tmp_path, scripts, capsys, data):
+    assert "--probe_batch_size must be at least 1" in run(
+        scripts.linear_probe.main, probe_args(data, tmp_path / "out", "--probe_batch_size", 0), capsys, code=2)
+    (tmp_path / "file").write_text("not a folder")
+    err = run(scripts.linear_probe.main, probe_args(data, tmp_path / "file"), capsys)
+    assert "--output_dir" in err and "is a file, not a folder" in err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: (d / "train.parquet").write_bytes(b"") or d / "train.parquet", "parquet file(s) are empty (0 bytes)"),
+    (lambda d: (d / "train.parquet").write_bytes(b"") or d, "parquet file(s) are empty (0 bytes)"),
+    (lambda d: d, "could not read this folder as a dataset"),
+])
+def test_empty_dataset_files(tmp_path, scripts, capsys, make, message):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    err = run(scripts.linear_probe.main, probe_args(make(folder), tmp_path / "out"), capsys)
+    assert message in err and str(folder) in err
+
+
+def test_config_name_folder_without_config_is_refused(tmp_path, scripts, capsys, data):
+    """It used to train the default model silently."""
+    (tmp_path / "empty").mkdir()
+    err = run(scripts.pretrain.main, ["--config_name", tmp_path / "empty", "--output_dir", tmp_path / "out",
+                                      "--dataset_name", data, "--per_device_train_batch_size", 4], capsys)
+    assert f"--config_name {tmp_path / 'empty'}: no config.json in this folder" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_while_offline(tmp_path, scripts, capsys, data, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    err = run(scripts.linear_probe.main, probe_args(data, tmp_path / "out", "--model_name_or_path",
+                                                    "someone/mae-model"), capsys)
+    assert "--model_name_or_path someone/mae-model: no such local folder" in err and "HF_HUB_OFFLINE=1" in err
+
+
+def test_torn_result_file(tmp_path, scripts, capsys):
+    (tmp_path / "runs").mkdir()
+    torn = tmp_path / "runs" / "knn_results.json"
+    torn.write_text('{"protocol": "knn", "eval_accura')
+    err = run(scripts.compare.main, [tmp_path / "runs", "--output", tmp_path / "table.md"], capsys)
+    assert f"{torn} is not valid JSON" in err and not (tmp_path / "table.md").exists()
+    torn.write_text("")
+    assert f"{torn} is empty" in run(scripts.compare.main, [torn], capsys)
+
+
+def test_visualize_refuses_what_cannot_reconstruct(tmp_path, scripts, capsys, models, data):
+    for name, message in (("probe", "has no decoder (MAEForImageClassification"),
+                          ("vit_mae", "holds a transformers ViTMAE model; convert it to mae_hf first: python "
+                                      "scripts/convert.py")):
+        before = snapshot(models / name)
+        err = run(scripts.visualize.main, [models / name, "--dataset_name", data], capsys)
+        assert message in err and snapshot(models / name) == before
+    assert "MODEL_DIR (a pretraining output folder) is required" in run(scripts.visualize.main, [], capsys, code=2)
+    assert "--num_images must be at least 1" in run(
+        scripts.visualize.main, [models / "mae", "--dataset_name", data, "--num_images", 0], capsys, code=2)
+
+
+# ---- the command line itself: no traceback, unless asked for -------------------------------------------------------
+
+DRIVER = """
+import runpy, sys
+sys.path.insert(0, "scripts")
+for line in sys.stdin.read().splitlines():
+    script, *argv = line.split("\\t")
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+        if isinstance(status, str):  # what the interpreter does with sys.exit("message")
+            print(status, file=sys.stderr)
+            status = 1
+    print(f"== {script} exit {status}", file=sys.stderr, flush=True)
+"""
+
+
+def test_every_script_fails_with_one_error_paragraph_in_a_real_process(tmp_path, models, data):
+    """Each script run as `__main__` (through its `run_script` guard), in one real process for speed: the exit code
+    and the `error:` line reach stderr, a traceback never does."""
+    (tmp_path / "bad.yaml").write_text("output_dir: [\n")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "torn_results.json").write_text('{"protocol": "kn')
+    missing = tmp_path / "missing"
+    cases = {
+        "scripts/pretrain.py": ([tmp_path / "bad.yaml"], 2, "is not valid YAML"),
+        "scripts/finetune.py": (["--random_init", "true", "--output_dir", tmp_path / "ft", "--dataset_name", missing],
+                                1, "no such file or folder"),
+        "scripts/linear_probe.py": (probe_args(data, tmp_path / "p", "--model_name_or_path", missing), 1,
+                                    "--model_name_or_path"),
+        "scripts/knn.py": (["--output_dir", tmp_path / "file", "--dataset_name", data], 1, "is a file, not a folder"),
+        "scripts/visualize.py": ([models / "probe", "--dataset_name", data], 1, "has no decoder"),
+        "scripts/compare.py": ([tmp_path / "torn_results.json"], 1, "is not valid JSON"),
+        "scripts/publish.py": ([missing, "--output_dir", tmp_path / "hub"], 1, str(missing)),
+        "scripts/convert.py": ([missing, tmp_path / "converted"], 2, "config.json"),
+        "scripts/benchmark.py": (["--batch_size", 0], 2, "--batch_size"),
+    }
+    lines = "\n".join("\t".join(map(str, [script, *argv])) for script, (argv, _, _) in cases.items())
+    environment = {key: value for key, value in os.environ.items() if key != "MAE_HF_DEBUG"}
+    result = subprocess.run([sys.executable, "-c", DRIVER], input=lines, capture_output=True, text=True, cwd=ROOT,
+                            env=environment, timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr
+    outputs = {script: text for text, script in re.findall(r"(.*?)== (\S+) exit \S+\n", result.stderr, flags=re.S)}
+    for script, (argv, code, message) in cases.items():
+        assert f"== {script} exit {code}\n" in result.stderr, result.stderr
+        errors = [line for line in outputs[script].splitlines() if line.startswith(("error: ", f"{script[8:]}: error"))]
+        assert len(errors) == 1 and message in errors[0], (script, outputs[script])
+    assert not any((tmp_path / name).exists() for name in ("ft", "p", "hub", "converted"))
+
+
+def test_debug_shows_the_traceback(scripts, capsys, models, data, monkeypatch):
+    argv = [models / "probe", "--dataset_name", data]
+    assert "has no decoder" in run(scripts.visualize.main, argv, capsys)
+    assert "has no decoder" in run(scripts.visualize.main, [*argv, "--debug"], capsys, debug=True)
+    monkeypatch.setenv("MAE_HF_DEBUG", "1")
+    assert "has no decoder" in run(scripts.visualize.main, argv, capsys, debug=True)
