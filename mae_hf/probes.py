@@ -110,7 +110,6 @@ def encode_frozen(encoder, images: torch.Tensor, transform, batch_size: int = 51
     pooled, multiblock = [], []
     bar = tqdm(total=len(images), desc=progress, unit="img", disable=progress is None)
     for start in range(0, len(images), batch_size):
-        bar.update(min(batch_size, len(images) - start))
         batch = transform(images[start:start + batch_size].to(device, non_blocking=True))
         with autocast_for(device, bf16):
             output = encoder(batch, output_hidden_states=feature_blocks > 1, return_dict=True)
@@ -119,6 +118,7 @@ def encode_frozen(encoder, images: torch.Tensor, transform, batch_size: int = 51
                 multiblock.append(multiblock_features(encoder, output.hidden_states, feature_blocks).float())
         if token_cache is not None:
             token_cache.write(start, output.last_hidden_state[:, 1:])
+        bar.update(len(batch))
     bar.close()
     encoder.train(was_training)
     return torch.cat(pooled), (torch.cat(multiblock) if multiblock else None)

@@ -10,9 +10,9 @@ import types
 
 import pytest
 import torch
-
 from fixtures_runs import TINY_MODEL, tiny_split
-from mae_hf import MAEForImageClassification, MAEForPreTraining, MAEConfig
+
+from mae_hf import MAEConfig, MAEForImageClassification, MAEForPreTraining
 from mae_hf.cli import parse_args
 from mae_hf.data import DataArguments, load_image_splits
 from mae_hf.results import encoder_fingerprint
@@ -186,8 +186,9 @@ def test_3_do_train_false_evaluates_a_saved_model(pretrained_run, classification
 
 
 def test_4_remove_unused_columns_and_push_to_hub(scripts, parquet_folder, tiny_overrides, tmp_path, monkeypatch):
-    import mae_hf.publish
     import transformers
+
+    import mae_hf.publish
 
     def refuse(repo_id, token=None):
         raise ValueError("cannot reach the Hub (offline)")
