@@ -394,7 +394,7 @@ class DivergenceGuard(TrainerCallback):
             value = torch.tensor(float(value), device=None if self.flags is None else self.flags.device)
         if self.flags is None:
             self.flags = torch.zeros(2, dtype=torch.bool, device=value.device)
-        self.flags[index] |= ~torch.isfinite(value.detach()).all()
+        self.flags[index].logical_or_(value.detach().isfinite().logical_not_())  # in place: a few tiny kernels
 
     def observe_loss(self, loss) -> None:
         self._record(0, loss)
