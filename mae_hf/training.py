@@ -17,7 +17,7 @@ from transformers.utils import logging
 from .cli import parse_overrides
 from .configuration_mae import MAEConfig
 from .data import BatchTransform, folder_listing, looks_local
-from .inputs import model_folder_config, read_json_object, weight_keys
+from .inputs import check_weights_fit, model_folder_config, read_json_object
 from .runs import SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, write_json
 
 logger = logging.get_logger("mae_hf")
@@ -97,8 +97,6 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
             if model_type != MAEConfig.model_type:
                 hint = " Convert it first: python scripts/convert.py SRC OUT." if model_type == "vit_mae" else ""
                 raise ValueError(f"{source} holds a {model_type!r} model, not {MAEConfig.model_type!r}.{hint}")
-            if args.model_name_or_path and os.path.isdir(source):
-                weight_keys(source, option)
         try:
             config = MAEConfig.from_pretrained(source, **args.hub_kwargs())
         except OSError as error:
@@ -126,6 +124,8 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
     if args.image_processor_name:
         config.update(processor_normalisation(args, config.image_size))
     config.check()
+    if args.model_name_or_path and os.path.isdir(args.model_name_or_path):
+        check_weights_fit(args.model_name_or_path, config)  # intact weight files, of the shapes this config needs
     return config
 
 
@@ -400,7 +400,9 @@ class PretrainingArguments(ImageTrainingArguments):
 
 @dataclass
 class FinetuneArguments(ImageTrainingArguments):
-    """The MAE paper's fine-tuning recipe (Table 9) without mixup/cutmix/RandAugment, scaled to CIFAR-10."""
+    """The MAE paper's fine-tuning recipe (Table 9) scaled to CIFAR-10; by default without its mixup/cutmix and
+    RandAugment, which the strong-recipe flags below add (with random erasing, repeated augmentation and a weight
+    EMA; configs/finetune_strong.yaml)."""
 
     random_init: bool = field(default=False, metadata={"help": "Fine-tune a randomly initialised encoder instead."})
     pooling: str = field(default="mean", metadata={"help": "'mean' of patch tokens (MAE paper) or 'cls'."})
@@ -508,7 +510,11 @@ class ImageTrainer(Trainer):
     (training) or only normalised (evaluation) there. Weight decay on linear weights only; optional layer-wise
     learning-rate decay. Every step's loss and gradient norm feed a `DivergenceGuard` on the device; it is read at
     logging/evaluation/save steps and before every save, so non-finite weights are never saved. A checkpoint that
-    fails to save is removed, not left half-written."""
+    fails to save is removed, not left half-written.
+
+    Fine-tuning recipe (mae_hf/augment.py): `mixer` mixes each training batch into soft targets, trained with a
+    soft-target cross-entropy; `repeated_augmentations` puts every image k times in a batch; `ema_decay` keeps a
+    weight EMA, evaluated beside the trained weights (`eval_ema_*` metrics)."""
 
     def __init__(self, *args, train_transform, eval_transform, layer_decay: float = 1.0, mixer=None,
                  repeated_augmentations: int = 1, ema_decay: float = 0.0, **kwargs):
