@@ -23,7 +23,7 @@ ENCODERS = (("random_init", "Random-init encoder"), ("pretrained", "MAE-pretrain
 # what a result file records besides its settings: everything else in it is a setting of the protocol
 NOT_SETTINGS = {"protocol", "encoder", "eval_accuracy", "eval_loss", "model_name_or_path", "encoder_fingerprint",
                 "dataset_name", "train_split", "eval_split", "train_samples", "eval_samples", "source",
-                "skipped_images"}
+                "skipped_images", "eval_ema_accuracy", "eval_ema_loss", "ema_model"}
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
