@@ -27,8 +27,8 @@ def read_json_object(path: str, what: str = "a JSON object") -> dict:
     return value
 
 
-def safetensors_keys(path: str) -> list[str]:
-    """The tensor names in a .safetensors file, after checking that its header parses and that the file holds all
+def safetensors_shapes(path: str) -> dict[str, list[int]]:
+    """{tensor name: shape} of a .safetensors file, after checking that its header parses and that the file holds all
     the bytes the header describes (an empty or truncated file from an interrupted save or copy fails here)."""
     size = os.path.getsize(path)
     fix = "Save or copy the model again."
@@ -48,18 +48,19 @@ def safetensors_keys(path: str) -> list[str]:
             raise ValueError(f"{path} is corrupt: its header is not a safetensors header. {fix}") from None
     if size < needed:
         raise ValueError(f"{path} is truncated: it has {size:,} bytes, its header describes {needed:,}. {fix}")
-    return list(tensors)
+    return {name: list(entry.get("shape", [])) for name, entry in tensors.items()}
 
 
-def weight_keys(folder: str, option: str) -> list[str] | None:
-    """The parameter names stored in a saved model folder, after checking its safetensors files; None when the
+def weight_shapes(folder: str, option: str) -> dict[str, list[int]] | None:
+    """{parameter name: shape} stored in a saved model folder, after checking its safetensors files; None when the
     weights are in another format (pytorch_model.bin). No weights at all is an error naming `option`."""
     single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX_FILE)
     if os.path.isfile(single):
-        return safetensors_keys(single)
+        return safetensors_shapes(single)
     if os.path.isfile(index):
         shards = sorted(set(read_json_object(index, "a safetensors index").get("weight_map", {}).values()))
-        return [key for shard in shards for key in safetensors_keys(os.path.join(folder, shard))]
+        return {key: shape for shard in shards
+                for key, shape in safetensors_shapes(os.path.join(folder, shard)).items()}
     if any(os.path.isfile(os.path.join(folder, name)) for name in OTHER_WEIGHTS_FILES):
         return None
     raise ValueError(f"{option} {folder}: no model weights ({WEIGHTS_FILE}) in this folder. "
@@ -87,7 +88,7 @@ def check_pretraining_folder(folder: str, option: str = "MODEL_DIR") -> None:
                          f"python scripts/convert.py {folder} OUT_DIR, then pass OUT_DIR.")
     if model_type != "mae_hf":
         raise ValueError(f"{option} {folder} holds a {model_type!r} model, not an mae_hf masked autoencoder.")
-    keys = weight_keys(folder, option)
+    keys = weight_shapes(folder, option)
     has_decoder = any(key.startswith("decoder.") for key in keys) if keys is not None else \
         "MAEForPreTraining" in architectures
     if not has_decoder:
@@ -95,3 +96,25 @@ def check_pretraining_folder(folder: str, option: str = "MODEL_DIR") -> None:
         raise ValueError(f"{option} {folder} has no decoder ({kind}: a linear probe or fine-tuned classifier), so "
                          "it cannot reconstruct images. Pass the pretraining folder (the --output_dir of "
                          "scripts/pretrain.py) it was made from.")
+
+
+def check_weights_fit(folder: str, config, option: str = "--model_name_or_path") -> None:
+    """The saved weights have the shapes the config (after any overrides) asks for; otherwise loading would end in a
+    size-mismatch traceback. Encoder and decoder are compared (a classifier head may be replaced on purpose)."""
+    import torch
+
+    from .modeling_mae import MAEForPreTraining
+
+    saved = weight_shapes(folder, option)
+    if not saved:
+        return
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        expected = {name: list(tensor.shape) for name, tensor in MAEForPreTraining(config).state_dict().items()}
+    wrong = [(name, shape, expected[name]) for name, shape in saved.items()
+             if name in expected and shape != expected[name]]
+    if wrong:
+        name, shape, needed = wrong[0]
+        raise ValueError(f"{option} {folder}: {len(wrong)} saved weight(s) do not fit the model config, e.g. {name} "
+                         f"has shape {shape}, the config asks for {needed}. A trained model's sizes cannot change: "
+                         "drop size changes from --config_overrides (or train fresh weights with --config_name); "
+                         "without any, the folder's config.json does not belong to its weights.")

@@ -17,6 +17,7 @@ from transformers import ViTMAEForPreTraining
 import mae_hf
 from mae_hf.cli import run_script
 from mae_hf.convert import from_vit_mae, to_vit_mae
+from mae_hf.inputs import read_json_object
 
 TARGET = {"vit_mae": "mae_hf", "mae_hf": "vit_mae"}  # source model_type -> target model_type
 
@@ -33,7 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     config_file = args.src / "config.json"
     if not config_file.is_file():
         parser.error(f"{args.src} has no config.json: not a save_pretrained folder")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        model_type = read_json_object(str(config_file), "a model config").get("model_type")
+    except ValueError as error:
+        parser.error(str(error))
     if model_type not in TARGET:
         parser.error(f"{config_file}: model_type {model_type!r} is neither 'vit_mae' nor 'mae_hf'")
     if (args.to or TARGET[model_type]) != TARGET[model_type]:

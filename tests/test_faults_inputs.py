@@ -264,6 +264,9 @@ def broken_model(models, tmp_path, change) -> str:
     (lambda f: (f / "config.json").write_text('{"model_type": "mae_hf", '), "config.json is not valid JSON"),
     (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json holds a JSON list, not an object"),
     (lambda f: (f / "config.json").unlink(), "no config.json in this folder"),
+    (lambda f: (f / "config.json").write_text((f / "config.json").read_text().replace('"hidden_size": 16',
+                                                                                      '"hidden_size": 32')),
+     "saved weight(s) do not fit the model config"),
 ])
 def test_broken_model_folder(tmp_path, scripts, capsys, models, change, message):
     folder = broken_model(models, tmp_path, change)
