@@ -5,6 +5,7 @@ exit code (2: usage, 1: failure), the `error: ...` line naming the file/flag/row
 user, and that nothing was written. A few cases run as real processes to show what reaches stderr there.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -169,26 +170,45 @@ def test_head_size_comes_from_the_class_names(tmp_path, scripts, capsys):
     assert probe.config.id2label == {0: "cat", 1: "dog", 2: "ship"} and probe.classifier.out_features == 3
 
 
-def test_pretraining_treats_minus_one_and_none_as_unlabelled(tmp_path, scripts, capsys):
-    """STL-10's convention: -1 (or None) is an unlabelled image; pretraining uses it, the kNN monitor does not.
-    The same run skips a corrupt image (--skip_bad_images) and records it."""
+@pytest.fixture(scope="module")
+def partly_labelled_run(tmp_path_factory, scripts):
+    """(folder, printed output) of a tiny pretraining run on 20 images: 8 unlabelled (-1 or None), one corrupt
+    (row 5), skipped with --skip_bad_images."""
+    root = tmp_path_factory.mktemp("partly_labelled")
     rng = np.random.default_rng(0)
     images = [{"bytes": png_bytes(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)), "path": None}
               for _ in range(20)]
     images[5] = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}
-    dataset = make_dataset(tmp_path / "data", [0, 1, -1, None, 2] * 4, images=images)
-    output = tmp_path / "run"
-    call(scripts.pretrain.main, ["--dataset_name", dataset, "--output_dir", output, "--config_overrides", TINY,
-                                       "--per_device_train_batch_size", 4, "--max_steps", 2, "--knn_k", 2,
-                                       "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true",
-                                       "--skip_bad_images", "true"])
-    out = capsys.readouterr().out
+    dataset = make_dataset(root / "data", [0, 1, -1, None, 2] * 4, images=images)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        call(scripts.pretrain.main, ["--dataset_name", dataset, "--output_dir", root / "run", "--config_overrides",
+                                     TINY, "--per_device_train_batch_size", 4, "--max_steps", 2, "--knn_k", 2,
+                                     "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true",
+                                     "--skip_bad_images", "true"])
+    return root / "run", printed.getvalue()
+
+
+def test_pretraining_treats_minus_one_and_none_as_unlabelled(partly_labelled_run):
+    """STL-10's convention: -1 (or None) is an unlabelled image; pretraining uses it, the kNN monitor does not.
+    The same run skips a corrupt image (--skip_bad_images) and records it."""
+    output, out = partly_labelled_run
     assert out.count("[data] unlabelled images") == 1
     assert "8 of 19 training" in out and "left out of the kNN monitor" in out
     assert "skipped 1 image(s) that cannot be decoded (--skip_bad_images): row 5" in out
     summary = json.loads((output / "pretraining_summary.json").read_text())
     assert summary["eval_knn_accuracy"] is not None and summary["train_samples"] == 19
     assert summary["skipped_images"] == {"train": ["row 5"], "test": []}
+
+
+def test_pretraining_without_labelled_images_has_no_knn(tmp_path, scripts, capsys):
+    dataset = make_dataset(tmp_path / "data", [-1] * 8)
+    call(scripts.pretrain.main, ["--dataset_name", dataset, "--output_dir", tmp_path / "run", "--config_overrides",
+                                 TINY, "--per_device_train_batch_size", 4, "--max_steps", 1, "--eval_strategy", "no",
+                                 "--save_strategy", "no", "--disable_tqdm", "true"])
+    out = capsys.readouterr().out
+    assert "8 of 8 training" in out and "with no labelled images in a split, there is no kNN monitor" in out
+    assert json.loads((tmp_path / "run" / "pretraining_summary.json").read_text())["eval_knn_accuracy"] is None
 
 
 # ---- item 7: images ------------------------------------------------------------------------------------------------
@@ -350,6 +370,15 @@ def test_torn_result_file(tmp_path, scripts, capsys):
     assert f"{torn} is not valid JSON" in err and not (tmp_path / "table.md").exists()
     torn.write_text("")
     assert f"{torn} is empty" in run(scripts.compare.main, [torn], capsys)
+
+
+def test_torn_result_file_given_to_publish(tmp_path, scripts, capsys, partly_labelled_run):
+    torn = tmp_path / "random_init" / "linear_probe_results.json"
+    torn.parent.mkdir()
+    torn.write_text('{"protocol": "linear_probe", "eval_accuracy": 0.')
+    err = run(scripts.publish.main, [partly_labelled_run[0], "--results", torn.parent, "--output_dir",
+                                     tmp_path / "hub"], capsys)
+    assert f"{torn} is not valid JSON" in err and not (tmp_path / "hub").exists()
 
 
 def test_visualize_refuses_what_cannot_reconstruct(tmp_path, scripts, capsys, models, data):
