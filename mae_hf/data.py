@@ -52,11 +52,11 @@ class DataArguments:
                           "held-out part of the training split (see --validation_split_percentage)."})
     validation_split_percentage: float | None = field(
         default=None,
-        metadata={"help": "Hold out this percentage (5 = 5 %) of the training split for evaluation (fixed "
+        metadata={"help": "Hold out this percentage (5 means 5 percent) of the training split for evaluation (fixed "
                           "--split_seed). Used when set, or when the dataset has no evaluation split (then 5)."})
     train_val_split: float | None = field(
         default=None,
-        metadata={"help": "The same as a fraction (0.15 = 15 %), transformers' example-script flag: "
+        metadata={"help": "The same as a fraction (0.15 means 15 percent), transformers' example-script flag: "
                           "--validation_split_percentage 100 x this. Give one of the two."})
     split_seed: int = field(
         default=42,

@@ -129,6 +129,10 @@ def test_1_upstream_flags_keep_their_meaning(mae_run, classification_run, other_
         scripts.finetune.main(without)
     assert not (tmp_path / "refused").exists()
 
+    for script in (scripts.pretrain, scripts.finetune, scripts.linear_probe):  # every new flag's help renders
+        with pytest.raises(SystemExit) as exit_:
+            run(script.main, ["--help"])
+        assert exit_.value.code == 0
     with pytest.raises(SystemExit):  # another architecture: refused with the conversion hint
         parse_args((ModelArguments,), ["--model_type", "vit_mae"])
     assert "python scripts/convert.py" in capsys.readouterr().err
