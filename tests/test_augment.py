@@ -4,6 +4,7 @@ tiny fine-tune with every option on."""
 
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -306,12 +307,20 @@ def test_trainer_loss_on_mixed_batches_is_soft_cross_entropy(tiny_config, tmp_pa
 
 
 def test_strong_recipe_fine_tune_end_to_end(scripts, parquet_folder, tiny_overrides, tmp_path, repo_root):
-    def run(name):
+    def run(name, *extra):
         scripts.finetune.main([str(repo_root / "configs" / "cpu_small_finetune_strong.yaml"), "--random_init", "true",
                                "--config_overrides", tiny_overrides, "--dataset_name", str(parquet_folder),
                                "--output_dir", str(tmp_path / name), "--per_device_train_batch_size", "12",
-                               "--num_train_epochs", "2", "--max_train_samples", "48", "--disable_tqdm", "true"])
+                               "--num_train_epochs", "2", "--max_train_samples", "48", "--save_steps", "3",
+                               "--disable_tqdm", "true", *extra])
         return json.loads((tmp_path / name / "finetune_results.json").read_text())
+
+    def weights(name):
+        return [MAEForImageClassification.from_pretrained(tmp_path / name / folder).state_dict()
+                for folder in (".", "ema")]
+
+    def same(a, b):
+        return all(torch.equal(x, a[index][key]) for index in range(2) for key, x in b[index].items())
 
     first, again = run("a"), run("b")
     for key, value in {"augment_policy": "randaugment", "randaugment_num_ops": 2, "randaugment_magnitude": 9,
@@ -320,12 +329,15 @@ def test_strong_recipe_fine_tune_end_to_end(scripts, parquet_folder, tiny_overri
         assert first[key] == value, key
     assert 0 <= first["eval_accuracy"] <= 1 and 0 <= first["eval_ema_accuracy"] <= 1
     assert math.isfinite(first["eval_loss"]) and first["eval_ema_loss"] != first["eval_loss"]
-    # the same seed gives the same run, bit for bit
+    trained, averaged = weights("a")
+    assert not torch.equal(trained["classifier.weight"], averaged["classifier.weight"])
+    # The same seed gives the same run, bit for bit; so does resuming mid-epoch (step 6: halfway through the second
+    # of two 4-step epochs) from a checkpoint: RNG states, sampler epoch and the EMA's average all continue.
     assert (first["eval_loss"], first["eval_ema_loss"]) == (again["eval_loss"], again["eval_ema_loss"])
-    trained = [MAEForImageClassification.from_pretrained(tmp_path / name).classifier.weight for name in "ab"]
-    assert torch.equal(*trained)
-    averaged = MAEForImageClassification.from_pretrained(tmp_path / "a" / first["ema_model"]).classifier.weight
-    assert not torch.equal(averaged, trained[0])
+    assert same(weights("a"), weights("b"))
+    shutil.copytree(tmp_path / "a" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+    run("resumed", "--resume_from_checkpoint", "last")
+    assert same(weights("a"), weights("resumed"))
 
 
 def test_bad_recipe_flags_are_usage_errors(scripts, tmp_path, parquet_folder):
