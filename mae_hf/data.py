@@ -431,6 +431,12 @@ def label_values(dataset, column: str) -> np.ndarray:
     return np.where(np.isnan(values), -1, values).astype(np.int64)
 
 
+def shorten(value, limit: int = 60) -> str:
+    """repr of a value for an error message, cut to `limit` characters (a label column may hold image bytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def validate_labels(dataset, column: str, split: str, class_names: list[str] | None = None,
                     allowed: set[int] | None = None, allow_unlabelled: bool = False) -> int:
     """Check one split's labels before any decoding or training; returns how many are unlabelled.
@@ -448,7 +454,7 @@ def validate_labels(dataset, column: str, split: str, class_names: list[str] | N
         if len(bad):
             raise ValueError(
                 f"Split {split!r}: the label column {column!r} holds {kind} values, not integer class indices "
-                f"(row {source_rows(dataset, bad[:1])[0]}: {array[int(bad[0])].as_py()!r}). Pass "
+                f"(row {source_rows(dataset, bad[:1])[0]}: {shorten(array[int(bad[0])].as_py())}). Pass "
                 "--label_column_name with the integer label column, or store the labels as a ClassLabel column.")
     values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)  # None -> NaN
     missing = np.isnan(values)
@@ -476,7 +482,8 @@ def validate_labels(dataset, column: str, split: str, class_names: list[str] | N
             first = int(bad[0])
             raise ValueError(
                 f"Split {split!r}, label column {column!r}: {len(bad)} of {len(values)} labels {what}; the first "
-                f"is row {source_rows(dataset, [first])[0]} ({array[first].as_py()!r}). {how[0].upper()}{how[1:]}.")
+                f"is row {source_rows(dataset, [first])[0]} ({shorten(array[first].as_py())}). "
+                f"{how[0].upper()}{how[1:]}.")
     return int(unlabelled.sum())
 
 

@@ -159,6 +159,15 @@ class FrozenEvalArguments:
                 raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}.")
         if not self.knn_temperature > 0:
             raise ValueError(f"--knn_temperature must be positive, got {self.knn_temperature}.")
+        if self.device != "auto":
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"--device {self.device!r} is not a device: 'auto', 'cpu', 'cuda', 'cuda:1', "
+                                 "...") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device}: this machine has no CUDA GPU that torch can use; pass "
+                                 "--device cpu (or auto).")
 
 
 def load_classifier(model_args, random_init: bool, seed: int, new_head: str | None = None, **config_changes):

@@ -70,7 +70,7 @@ def run(main, argv, capsys, code=1, debug=False):
     status = exit_info.value.code
     err = capsys.readouterr().err
     if isinstance(status, str):  # sys.exit("error: ...") inside the script: Python prints it, exit status 1
-        err, status = err + status, 1
+        err, status = f"{err}\n{status}", 1
     assert status == code, err
     assert ("Traceback" in err) == debug, err
     return err
@@ -326,6 +326,14 @@ def test_bad_numbers_are_usage_errors(tmp_path, scripts, capsys, data, flags, me
 def test_probe_flags_and_output_dir(tmp_path, scripts, capsys, data):
     assert "--probe_batch_size must be at least 1" in run(
         scripts.linear_probe.main, probe_args(data, tmp_path / "out", "--probe_batch_size", 0), capsys, code=2)
+    assert "--device 'gpu0' is not a device" in run(
+        scripts.linear_probe.main, probe_args(data, tmp_path / "out", "--device", "gpu0"), capsys, code=2)
+    if not torch.cuda.is_available():  # it used to end in torch's AssertionError traceback
+        assert "--device cuda: this machine has no CUDA GPU" in run(
+            scripts.linear_probe.main, probe_args(data, tmp_path / "out", "--device", "cuda"), capsys, code=2)
+    err = run(scripts.linear_probe.main, probe_args(data, tmp_path / "out", "--label_column_name", "img"), capsys)
+    line = err.strip().splitlines()[-1]
+    assert "the label column 'img' holds struct<bytes: binary, path: string> values" in line and len(line) < 400
     (tmp_path / "file").write_text("not a folder")
     err = run(scripts.linear_probe.main, probe_args(data, tmp_path / "file"), capsys)
     assert "--output_dir" in err and "is a file, not a folder" in err
