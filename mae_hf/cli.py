@@ -67,6 +67,10 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
     debug = debug_enabled(flag_given)
     try:
         return main(argv, **kwargs)
+    except SystemExit as exit:  # a script that reported an error itself: --debug still shows where it came from
+        if debug and exit.__context__ is not None:
+            traceback.print_exception(exit.__context__)
+        raise
     except user_errors() as error:
         if debug:
             traceback.print_exc()

@@ -460,3 +460,5 @@ def test_debug_shows_the_traceback(scripts, capsys, models, data, monkeypatch):
     assert "has no decoder" in run(scripts.visualize.main, [*argv, "--debug"], capsys, debug=True)
     monkeypatch.setenv("MAE_HF_DEBUG", "1")
     assert "has no decoder" in run(scripts.visualize.main, argv, capsys, debug=True)
+    missing = os.path.join(data, "missing")  # an error the script reports itself (sys.exit("error: ..."))
+    assert "no such file or folder" in run(scripts.compare.main, [missing], capsys, debug=True)
