@@ -258,8 +258,9 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     expected = torch.from_numpy(np.rint(ramp / 257).astype(np.uint8))
     assert torch.equal(train.images[0, 0], expected) and torch.equal(train.images[0, 2], expected)
     assert train.images.float().mean() < 140  # clipping made almost every pixel 255
-    for values, scale in ((ramp.astype(np.int32), 1 / 257), ((ramp / 65535).astype(np.float32), 255.0)):
-        image = Image.fromarray(values)  # mode "I" (32-bit integers), then "F" (floats in [0, 1])
+    for values, scale in ((ramp.astype(">u2"), 1 / 257), (ramp.astype(np.int32), 1 / 257),
+                          ((ramp / 65535).astype(np.float32), 255.0)):
+        image = Image.fromarray(values)  # modes I;16B (big-endian), I (32-bit integers), F (floats in [0, 1])
         expected = np.rint(values.astype(np.float64) * scale).astype(np.uint8)
         assert np.array_equal(np.asarray(to_8_bit(image).convert("L")), expected), image.mode
 
@@ -368,6 +369,10 @@ def test_hub_id_while_offline(tmp_path, scripts, capsys, data, monkeypatch):
     err = run(scripts.linear_probe.main, probe_args(data, tmp_path / "out", "--model_name_or_path",
                                                     "someone/mae-model"), capsys)
     assert "--model_name_or_path someone/mae-model: no such local folder" in err and "HF_HUB_OFFLINE=1" in err
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    err = run(scripts.linear_probe.main, probe_args("someone/images", tmp_path / "out"), capsys)
+    assert "--dataset_name someone/images: could not load it from the Hugging Face Hub" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_torn_result_file(tmp_path, scripts, capsys):
