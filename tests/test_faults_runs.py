@@ -122,14 +122,14 @@ def _start(repo_root, output, tiny_overrides, parquet_folder):
 
 @pytest.fixture(scope="module")
 def signalled_runs(tmp_path_factory, repo_root, tiny_overrides, parquet_folder, scripts):
-    """Two runs in their own processes, stopped by SIGTERM and SIGINT after their first checkpoint; while they run,
+    """Two runs in their own processes, stopped by SIGTERM and SIGINT after their second checkpoint; while they run,
     a second run is started on the first one's folder. {signal name: (folder, exit code, stdout, stderr),
     "second": (exit code, stderr, pid it had to name)}."""
     root = tmp_path_factory.mktemp("signals")
     folders = {"SIGTERM": root / "term", "SIGINT": root / "int"}
     processes = {name: _start(repo_root, folder, tiny_overrides, parquet_folder) for name, folder in folders.items()}
     deadline = time.time() + 180
-    while not all(list(folder.glob("checkpoint-*/trainer_state.json")) for folder in folders.values()):
+    while not all(len(list(folder.glob("checkpoint-*/trainer_state.json"))) >= 2 for folder in folders.values()):
         assert all(p.poll() is None for p in processes.values()) and time.time() < deadline, "a run ended early"
         time.sleep(0.05)
     code, _, err = run(scripts, tiny_args(folders["SIGTERM"], tiny_overrides, parquet_folder))
@@ -256,13 +256,17 @@ def test_unwritable_output_dir_is_refused(scripts, tiny_overrides, parquet_folde
     assert code == 1 and "error: --output_dir /sys/kernel is not writable (Permission denied)" in err
 
 
-def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, scripts, tiny_overrides, parquet_folder):
+def test_stale_lock_is_taken_over_and_results_say_what_ran(tmp_path, scripts, tiny_overrides, parquet_folder):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / LOCK_NAME).write_text("pid 999999 on a crashed machine\n")  # left by a run killed with SIGKILL
-    code, out, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", "1"))
+    code, _, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", "1", "--random_init",
+                                          "true", finetune=True), script="finetune")
     assert code == 0, err
-    assert "[done]" in out and not (folder / LOCK_NAME).exists()
+    assert not (folder / LOCK_NAME).exists()
+    results = json.loads((folder / "finetune_results.json").read_text())
+    assert (results["steps"], results["epochs"], results["epochs_requested"], results["resumes"]) == (
+        1, pytest.approx(1 / STEPS_PER_EPOCH), 2, [])  # what ran, not only what was asked
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, scripts, tiny_overrides, parquet_folder,
