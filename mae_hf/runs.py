@@ -179,7 +179,8 @@ def removed_if_incomplete(folder: str, args):
 # ---- the command to resume with ------------------------------------------------------------------------------------
 
 def resume_command(checkpoint: str = "last") -> str:
-    """This process's command line with `--resume_from_checkpoint <checkpoint>` in place of any given."""
+    """This process's command line with `--resume_from_checkpoint <checkpoint>` in place of any given (under
+    torchrun or accelerate launch, as a torchrun command with the same processes)."""
     argv, kept, skip = sys.argv[1:], [], False
     for token in argv:
         if skip:
@@ -188,7 +189,10 @@ def resume_command(checkpoint: str = "last") -> str:
             skip = True
         elif not token.startswith("--resume_from_checkpoint="):
             kept.append(token)
-    return shlex.join(["python", sys.argv[0], *kept, "--resume_from_checkpoint", checkpoint])
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    launcher = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(local)] + (
+        ["--nnodes", str(world // local)] if world != local else [])  # DDP runs started by torchrun/accelerate
+    return shlex.join([*launcher, sys.argv[0], *kept, "--resume_from_checkpoint", checkpoint])
 
 
 def resume_advice(output_dir: str) -> str:
