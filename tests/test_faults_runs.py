@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from mae_hf.cli import run_script
-from mae_hf.runs import LOCK_NAME, DivergenceGuard, NonFiniteError, checkpoint_problem
+from mae_hf.runs import LOCK_NAME, DivergenceGuard, NonFiniteError, Run, checkpoint_problem
 from mae_hf.training import PretrainingArguments
 
 STEPS_PER_EPOCH = 6  # 48 images, batch 8
@@ -160,6 +160,20 @@ def test_signal_stops_at_a_step_and_says_how_to_resume(signalled_runs, name, cod
         in err and err.rstrip().endswith("--resume_from_checkpoint last")
     assert_all_checkpoints_complete_and_finite(folder)  # nothing partial left behind
     assert not (folder / "model.safetensors").exists() and not (folder / LOCK_NAME).exists()
+
+
+def test_signal_before_training_ends_with_its_exit_code_and_leaves_nothing(tmp_path, capsys):
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        with Run(PretrainingArguments(output_dir=str(output))):
+            assert (output / LOCK_NAME).exists()
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the data loads: no KeyboardInterrupt traceback
+            time.sleep(5)
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err
+    assert "error: stopped by SIGINT outside the training loop" in err and "No complete checkpoint exists" in err
+    assert not output.exists()  # the folder it created, empty, is gone with the lock
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 # ---- items 4, 5 and 9: resume --------------------------------------------------------------------------------------
