@@ -438,8 +438,8 @@ def shorten(value, limit: int = 60) -> str:
 
 
 def validate_labels(dataset, column: str, split: str, class_names: list[str] | None = None,
-                    allowed: set[int] | None = None, allow_unlabelled: bool = False) -> int:
-    """Check one split's labels before any decoding or training; returns how many are unlabelled.
+                    allowed: set[int] | None = None, allow_unlabelled: bool = False) -> None:
+    """Check one split's labels before any decoding or training.
 
     Labels must be integer class indices in [0, len(class_names)) (or >= 0 without class names) and, with
     `allowed` (the training split's labels, for the evaluation split), one of those. A missing label (None) or -1
@@ -459,21 +459,21 @@ def validate_labels(dataset, column: str, split: str, class_names: list[str] | N
     values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)  # None -> NaN
     missing = np.isnan(values)
     fractional = ~missing & (values != np.round(values))
-    unlabelled = missing | (values == -1)
     upper = len(class_names) if class_names else None
-    out_of_range = ~missing & ~fractional & ((values < -1) | ((values == -1) & ~allow_unlabelled)
-                                             | ((values >= upper) if upper is not None else False))
+    too_small = values < (0 if not allow_unlabelled else -1)  # -1 is "unlabelled" where that is allowed
+    out_of_range = ~missing & ~fractional & (too_small | ((values >= upper) if upper is not None else False))
     range_text = (f"[0, {upper}) (the {upper} class names of the label column)" if upper is not None
                   else "[0, number of classes)")
     checks = [(fractional, "are not integers", "labels are integer class indices")]
     if not allow_unlabelled:
         checks.append((missing, "are missing (None)",
                        "every image needs a label here; drop or fix those rows, or use a labelled split"))
+    minus_one = bool(out_of_range.any()) and values[out_of_range][0] == -1  # the first bad label says which hint
     checks.append((out_of_range, f"lie outside {range_text}",
-                   "-1 means 'unlabelled' (e.g. STL-10's unlabelled images), which only pretraining accepts; "
-                   "fix those rows or use a labelled split" if not allow_unlabelled else "fix those rows"))
+                   "-1 means 'unlabelled' (e.g. STL-10's unlabelled images), which only pretraining accepts; use a "
+                   "labelled split" if minus_one else "fix those rows, or the class names of the label column"))
     if allowed is not None:
-        unseen = ~unlabelled & ~out_of_range & ~fractional & ~np.isin(values, sorted(allowed))
+        unseen = ~missing & (values != -1) & ~out_of_range & ~fractional & ~np.isin(values, sorted(allowed))
         checks.append((unseen, "are classes that the training split does not have",
                        "the classifier could never predict them; use splits with the same classes"))
     for wrong, what, how in checks:
@@ -484,7 +484,6 @@ def validate_labels(dataset, column: str, split: str, class_names: list[str] | N
                 f"Split {split!r}, label column {column!r}: {len(bad)} of {len(values)} labels {what}; the first "
                 f"is row {source_rows(dataset, [first])[0]} ({shorten(array[first].as_py())}). "
                 f"{how[0].upper()}{how[1:]}.")
-    return int(unlabelled.sum())
 
 
 def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 3,

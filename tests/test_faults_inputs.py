@@ -112,7 +112,8 @@ def probe_args(dataset, output, *extra):
     ([0, 1, 2, -1] * 6, r"Split 'train', label column 'label': 6 of 24 labels lie outside \[0, 3\) \(the 3 class "
                         r"names.*the first is row 3 \(-1\)\. -1 means 'unlabelled'"),
     ([0, 1, 2, None] * 6, r"Split 'train'.*6 of 24 labels are missing \(None\); the first is row 3"),
-    ([0, 1, 2, 3] * 6, r"Split 'train'.*6 of 24 labels lie outside \[0, 3\).*row 3 \(3\)"),
+    ([0, 1, 2, 3] * 6, r"Split 'train'.*6 of 24 labels lie outside \[0, 3\).*row 3 \(3\)\. Fix those rows, or the "
+                       r"class names"),
 ])
 def test_bad_labels_stop_the_probe_before_any_work(tmp_path, scripts, capsys, train_labels, message):
     dataset = make_dataset(tmp_path / "data", train_labels)
@@ -137,12 +138,13 @@ def test_label_type_and_split_agreement(tmp_path):
         "strings": (["a", "b"] * 6, None, "holds string values, not integer class indices \\(row 0: 'a'\\)"),
         "unseen": ([0, 1] * 6, [0, 1, 2, 2], "Split 'test'.*2 of 4 labels are classes that the training split does "
                                              "not have; the first is row 2"),
+        "fractional": ([0.0, 1.0, 1.5] * 4, None, r"4 of 12 labels are not integers; the first is row 2 \(1\.5\)"),
     }
     for name, (train, test, message) in cases.items():
         folder = tmp_path / name
         folder.mkdir()
         features = datasets.Features({"img": datasets.Image(), "label": datasets.Value(
-            "string" if name == "strings" else "int64")})
+            {"strings": "string", "fractional": "float64"}.get(name, "int64"))})
         images = [Image.new("RGB", (4, 4))] * len(train)
         datasets.Dataset.from_dict({"img": images, "label": train}, features=features).to_parquet(
             str(folder / "train.parquet"))
