@@ -21,7 +21,7 @@ from fixtures_runs import ROOT, TINY_MODEL
 from PIL import Image
 
 from mae_hf import MAEConfig, MAEForImageClassification, MAEForPreTraining
-from mae_hf.cli import run_script
+from mae_hf.cli import run_script, strip_debug_flag
 from mae_hf.convert import to_vit_mae
 from mae_hf.data import DataArguments, load_image_splits, to_8_bit
 
@@ -469,3 +469,9 @@ def test_debug_shows_the_traceback(scripts, capsys, models, data, monkeypatch):
     assert "has no decoder" in run(scripts.visualize.main, argv, capsys, debug=True)
     missing = os.path.join(data, "missing")  # an error the script reports itself (sys.exit("error: ..."))
     assert "no such file or folder" in run(scripts.compare.main, [missing], capsys, debug=True)
+
+
+def test_debug_flag_is_ours_unless_it_has_a_trainer_value():
+    assert strip_debug_flag(["--debug", "--output_dir", "x"]) == (["--output_dir", "x"], True)
+    trainer_option = ["--debug", "underflow_overflow", "--output_dir", "x"]  # TrainingArguments' own --debug
+    assert strip_debug_flag(trainer_option) == (trainer_option, False)
