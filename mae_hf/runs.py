@@ -258,13 +258,14 @@ def _from_main_process(value):
 
 # ---- settings compared on resume ----------------------------------------------------------------------------------
 
-def run_settings(config, data_args, args) -> dict:
-    """The settings that make a run what it is: the model config, the data and the recipe."""
+def run_settings(config, data_args, args, model_args) -> dict:
+    """The settings that make a run what it is: the model config and starting point, the data and the recipe."""
     from .configuration_mae import MAEConfig
 
     config_values = config.to_dict()
     model = {key: config_values[key] for key in sorted(MAEConfig.__annotations__) if key in config_values}
     model["num_labels"] = config.num_labels  # the classifier's head
+    model["model_name_or_path"] = model_args.model_name_or_path  # the weights the run started from
     data = {field.name: getattr(data_args, field.name) for field in dataclasses.fields(data_args)
             if field.name not in DATA_FIELDS_IGNORED}
     recipe = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
@@ -543,10 +544,10 @@ class Run:
         raise RunError(f"{option}: no complete checkpoint-* folder in {self.args.output_dir}. Start the run again "
                        "without --resume_from_checkpoint (in a new --output_dir, or after removing this one).")
 
-    def check_settings(self, config, data_args) -> None:
+    def check_settings(self, config, data_args, model_args) -> None:
         """Compare this run's settings with the checkpoint's it resumes from: differences are refused unless
         `--allow_config_change true`, then recorded. Writes `run_settings.json` (also into every checkpoint)."""
-        current = run_settings(config, data_args, self.args)
+        current = run_settings(config, data_args, self.args, model_args)
         if self.resume_from is not None:
             saved = _saved_settings(self.resume_from)
             differences = settings_differences(saved, current)

@@ -94,7 +94,7 @@ def finetune(run, model_args, data_args, args):
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                             linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate,
                             new_head="the classification head is new and trained here")
-    run.check_settings(model.config, data_args)
+    run.check_settings(model.config, data_args, model_args)
     fingerprint = encoder_fingerprint(model.mae)  # the encoder this run starts from, before training changes it
     train_set = ArrayDataset(train.images, labels=train.labels)
     if args.place_data_on_device(train.images.numel()):

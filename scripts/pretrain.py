@@ -84,7 +84,7 @@ def pretrain(run, model_args, data_args, args):
         check_knn_bank(args, train)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
-    run.check_settings(config, data_args)
+    run.check_settings(config, data_args, model_args)
 
     has_labels = train.labels is not None
     train_set = ArrayDataset(train.images)
