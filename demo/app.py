@@ -234,9 +234,13 @@ def main(argv=None):
                         help=f"Model folder or Hub id (default: ${MODEL_ENV}, else this folder if it holds one).")
     parser.add_argument("--host", help="Address to serve on (default: Gradio's, 127.0.0.1 or $GRADIO_SERVER_NAME).")
     parser.add_argument("--port", type=int, help="Port (default: Gradio's, 7860 or $GRADIO_SERVER_PORT).")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="Torch threads (default 1: one small image is too little work to share out, and on a "
+                             "busy or shared CPU more threads wait on each other; measured in README.md).")
     parser.add_argument("--measure", type=int, metavar="N",
                         help="Print the median seconds per image over N images instead of serving.")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.measure:
         try:
             wall, cpu = seconds_per_image(args.model, args.measure)
