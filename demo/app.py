@@ -5,6 +5,8 @@ paints back; with a trained classifier head, its top-5 classes too.
     MAE_MODEL=user/mae-cifar10 python demo/app.py       # or a Hub id (flag or environment variable)
     python app.py                                       # inside a folder made by `publish.py --space true`
 
+The bundled examples are CIFAR-10 training images (the public CIFAR-10 release, via the project's local copy).
+
 The model loads through the Auto classes with `trust_remote_code=True`, from the folder's own code files, so the
 app needs torch, transformers and gradio but not mae_hf. The drawing code is mae_hf/visualize.py, loaded by path:
 from this folder (a Space) or from the repository.
@@ -171,8 +173,9 @@ def build(source: str | None) -> gr.Blocks:
         load_error = f"**Error:** {' '.join(str(error).split())}"
     heads = list(demo.classifiers) if demo else []
     examples_dir = os.path.join(HERE, "examples")
-    examples = sorted(os.path.join(examples_dir, name) for name in os.listdir(examples_dir)) \
-        if os.path.isdir(examples_dir) else []
+    examples = sorted(os.path.join(examples_dir, name) for name in
+                      (os.listdir(examples_dir) if os.path.isdir(examples_dir) else [])
+                      if name.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
 
     def predict(path, mask_ratio, seed):
         empty = [None] * 4 + [""] + [None] * len(heads)
