@@ -1,5 +1,6 @@
 """Assemble a Hub-ready folder from a pretraining run (and optionally its probe and fine-tune runs), fill the model
-card with the measured numbers, and push it.
+card with the measured numbers, optionally add the demo app (a Space), and push it (`hub_preflight` before any work,
+`push` at the end; pretrain.py and finetune.py use the same two).
 
 The folder's top level is one checkpoint serving all three Auto classes: the pretrained encoder and decoder plus,
 when a probe run is given, the linear-probe head (the probe never changes the encoder, so the encoder is exactly
@@ -32,11 +33,11 @@ DATASET_TITLES = {"uoft-cs/cifar10": "CIFAR-10", "cifar10": "CIFAR-10"}
 # mae_hf/visualize.py, which imports nothing from mae_hf so that it runs next to the app without the package).
 SPACE_FILES = ("app.py", "requirements.txt", "examples")
 DRAWING_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "visualize.py")
+PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 class HubPushError(MAEHFError, RuntimeError):
     """The upload failed; the local folder is complete."""
-PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 def render(template: str, values: dict) -> str:
