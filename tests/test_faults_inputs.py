@@ -43,9 +43,8 @@ def write_split(path, labels, images=None, names=NAMES, seed=0):
                         for _ in labels]
     label = datasets.ClassLabel(names=names) if names else datasets.Value("int64")
     features = datasets.Features({"img": datasets.Image(), "label": label})
-    dataset = datasets.Dataset.from_dict({"img": images, "label": [None if v is None else v for v in labels]},
-                                         features=datasets.Features({"img": datasets.Image(),
-                                                                     "label": datasets.Value("int64")}))
+    plain = datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")})
+    dataset = datasets.Dataset.from_dict({"img": images, "label": list(labels)}, features=plain)
     dataset.cast(features).to_parquet(str(path))  # cast: the ClassLabel metadata, without its range check
 
 
