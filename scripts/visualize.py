@@ -27,6 +27,8 @@ class VisualizeArguments:
     def __post_init__(self):
         if self.num_images < 1:
             raise ValueError(f"--num_images must be at least 1, got {self.num_images}.")
+        if self.output is not None and not self.output.lower().endswith(".png"):  # never over a model file
+            raise ValueError(f"--output {self.output}: the grid is a PNG; give a path ending in .png.")
 
 
 def recorded_settings(model_dir: str | None) -> dict:

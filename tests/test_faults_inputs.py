@@ -405,6 +405,11 @@ def test_visualize_refuses_what_cannot_reconstruct(tmp_path, scripts, capsys, mo
     assert "MODEL_DIR (a pretraining output folder) is required" in run(scripts.visualize.main, [], capsys, code=2)
     assert "--num_images must be at least 1" in run(
         scripts.visualize.main, [models / "mae", "--dataset_name", data, "--num_images", 0], capsys, code=2)
+    weights = models / "mae" / "model.safetensors"
+    before = snapshot(models / "mae")
+    assert "give a path ending in .png" in run(
+        scripts.visualize.main, [models / "mae", "--dataset_name", data, "--output", weights], capsys, code=2)
+    assert snapshot(models / "mae") == before
 
 
 # ---- the command line itself: no traceback, unless asked for -------------------------------------------------------
