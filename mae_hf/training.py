@@ -519,6 +519,10 @@ class ImageTrainer(Trainer):
     def __init__(self, *args, train_transform, eval_transform, layer_decay: float = 1.0, mixer=None,
                  repeated_augmentations: int = 1, ema_decay: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        # Every training loss here is a mean over its micro-batch (the model's, the label smoother's, the soft-target
+        # one), so the Trainer must divide it by the accumulation steps. It would not if it took the model (whose
+        # forward has **kwargs) for one that normalises by the Trainer's label count itself.
+        self.model_accepts_loss_kwargs = False
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.layer_decay = layer_decay
         self.divergence = DivergenceGuard()

@@ -306,6 +306,27 @@ def test_trainer_loss_on_mixed_batches_is_soft_cross_entropy(tiny_config, tmp_pa
     torch.testing.assert_close(loss, soft_target_cross_entropy(model(pixels).logits, targets))
 
 
+@pytest.mark.parametrize("mixer", [None, MixupCutmix(3)], ids=["hard labels", "mixed"])
+def test_accumulated_loss_is_divided_by_the_accumulation_steps(tiny_config, tmp_path, mixer):
+    """Each micro-batch's loss is a mean over that micro-batch: the Trainer must divide it by the accumulation steps,
+    also when its training loop has counted the batch's labels (it passes that count as `num_items_in_batch`)."""
+    from mae_hf.training import ImageTrainer, ImageTrainingArguments
+
+    model = MAEForImageClassification(tiny_config(num_labels=3))
+    args = ImageTrainingArguments(output_dir=str(tmp_path), eval_strategy="no", gradient_accumulation_steps=2)
+    transform = BatchTransform.for_model(model.config)
+    trainer = ImageTrainer(model=model, args=args, train_transform=transform, eval_transform=transform, mixer=mixer)
+    trainer.current_gradient_accumulation_steps = 2  # what the training loop sets for each optimizer step
+    inputs = {"pixel_values": torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=generator(13)),
+              "labels": torch.tensor([0, 1, 2, 0])}
+    model.train()
+    torch.manual_seed(0)
+    mean = trainer.compute_loss(model, trainer._prepare_inputs(dict(inputs)))  # the step's own random draws
+    for count in (None, torch.tensor(8)):
+        torch.manual_seed(0)
+        assert torch.equal(trainer.training_step(model, dict(inputs), num_items_in_batch=count), mean.detach() / 2)
+
+
 def test_strong_recipe_fine_tune_end_to_end(scripts, parquet_folder, tiny_overrides, tmp_path, repo_root):
     def run(name, *extra):
         scripts.finetune.main([str(repo_root / "configs" / "cpu_small_finetune_strong.yaml"), "--random_init", "true",
