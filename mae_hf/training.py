@@ -564,7 +564,8 @@ class ImageTrainer(Trainer):
         from .augment import RepeatedAugmentationSampler
 
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        return RepeatedAugmentationSampler(len(dataset), self.repeated_augmentations, self.args.seed)
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed  # as the Trainer's own sampler
+        return RepeatedAugmentationSampler(len(dataset), self.repeated_augmentations, seed)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)

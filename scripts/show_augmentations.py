@@ -61,9 +61,8 @@ def main(argv=None):
     if len(train) < picture.num_images:
         raise ValueError(f"--num_images {picture.num_images}: the training split has only {len(train)} images.")
     set_seed(args.seed)
-    num_labels = int(train.labels.max()) + 1
     rows, titles = augmented_rows(train.images[:picture.num_images], train.labels[:picture.num_images], args, config,
-                                  num_labels)
+                                  train.num_classes)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "augmented_batch.png")
     grid_image(rows, titles=titles).save(path)

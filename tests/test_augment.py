@@ -245,6 +245,9 @@ def test_trainer_batches_repeat_each_image(tiny_config, tmp_path):
             assert batch[0:3] == [batch[0]] * 3 and batch[3:6] == [batch[3]] * 3
         epochs.append(batches)
     assert epochs[0] != epochs[1]
+    assert trainer._get_train_sampler().seed == args.seed
+    args.data_seed = 7  # the Trainer's flag for the data order, as its own sampler takes it
+    assert trainer._get_train_sampler().seed == 7
 
 
 def test_repeated_copies_get_different_augmentations():
