@@ -9,6 +9,7 @@ from .data import folder_listing
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 OTHER_WEIGHTS_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # loaded by transformers, not checked
+SAFETENSORS_FIX = "Save or copy the model again."
 
 
 def read_json_object(path: str, what: str = "a JSON object") -> dict:
@@ -28,10 +29,11 @@ def read_json_object(path: str, what: str = "a JSON object") -> dict:
 
 
 def safetensors_shapes(path: str) -> dict[str, list[int]]:
-    """{tensor name: shape} of a .safetensors file, after checking that its header parses and that the file holds all
-    the bytes the header describes (an empty or truncated file from an interrupted save or copy fails here)."""
+    """{tensor name: shape} of a .safetensors file, after checking that its header parses and that the file holds
+    exactly the bytes the header describes (an empty or truncated file from an interrupted save or copy fails here;
+    cheap: no tensor is read)."""
     size = os.path.getsize(path)
-    fix = "Save or copy the model again."
+    fix = SAFETENSORS_FIX
     if size < 8:
         raise ValueError(f"{path} is {'empty' if size == 0 else f'truncated ({size} bytes)'}: not a complete "
                          f"safetensors file. {fix}")
@@ -46,8 +48,9 @@ def safetensors_shapes(path: str) -> dict[str, list[int]]:
             needed = 8 + header_size + max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             raise ValueError(f"{path} is corrupt: its header is not a safetensors header. {fix}") from None
-    if size < needed:
-        raise ValueError(f"{path} is truncated: it has {size:,} bytes, its header describes {needed:,}. {fix}")
+    if size != needed:  # safetensors refuses a file of any other length
+        raise ValueError(f"{path} is {'truncated' if size < needed else 'too long'}: it has {size:,} bytes, its "
+                         f"header describes {needed:,}. {fix}")
     return {name: list(entry.get("shape", [])) for name, entry in tensors.items()}
 
 

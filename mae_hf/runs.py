@@ -20,7 +20,6 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import sys
 import time
 import zipfile
@@ -29,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from .cli import MAEHFError
+from .inputs import SAFETENSORS_FIX, check_weights_fit, safetensors_shapes
 
 LOCK_NAME = ".run.lock"
 SETTINGS_NAME = "run_settings.json"  # what the run was started with (and its resumes); copied into each checkpoint
@@ -88,25 +88,12 @@ def _json_problem(path: str) -> str | None:
 
 
 def _safetensors_problem(path: str) -> str | None:
-    """Header complete and file exactly as long as the header's tensors say (cheap: no tensor is read)."""
-    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        return f"{os.path.basename(path)} is missing"
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return f"{name} is truncated ({size} bytes)"
-            (header_size,) = struct.unpack("<Q", head)
-            if 8 + header_size > size:
-                return f"{name} is truncated (its header runs past the end of the file)"
-            header = json.loads(handle.read(header_size))
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except FileNotFoundError:
-        return f"{name} is missing"
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
-        return f"{name} has an unreadable header ({error})"
-    if 8 + header_size + end != size:
-        return f"{name} has {size} bytes where its header describes {8 + header_size + end}"
+        safetensors_shapes(path)
+    except (OSError, ValueError) as error:
+        return str(error).removesuffix(f" {SAFETENSORS_FIX}")
     return None
 
 
@@ -121,10 +108,22 @@ def _torch_file_problem(path: str) -> str | None:
         return f"{os.path.basename(path)} is not a complete torch file ({error})"
 
 
+def _trainer_state_problem(path: str) -> str | None:
+    """trainer_state.json parses and names the step it was saved at (the step every message and resume reads)."""
+    problem = _json_problem(path)
+    if problem is None:
+        with open(path) as handle:
+            step = json.load(handle).get("global_step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            problem = f"{os.path.basename(path)} has no global_step"
+    return problem
+
+
 def checkpoint_problem(folder: str) -> str | None:
-    """Why `folder` is not a complete checkpoint, or None when it is: `trainer_state.json` and `config.json` parse,
-    `model.safetensors` is whole, the optimizer and scheduler files (and any RNG states) are whole torch files."""
-    problems = [_json_problem(os.path.join(folder, "trainer_state.json")),
+    """Why `folder` is not a complete checkpoint, or None when it is: `trainer_state.json` (with its step) and
+    `config.json` parse, `model.safetensors` is whole, the optimizer and scheduler files (and any RNG states) are
+    whole torch files."""
+    problems = [_trainer_state_problem(os.path.join(folder, "trainer_state.json")),
                 _json_problem(os.path.join(folder, "config.json")),
                 _safetensors_problem(os.path.join(folder, "model.safetensors"))]
     torch_files = {"optimizer.pt", "scheduler.pt"} | {name for name in os.listdir(folder)
@@ -373,11 +372,14 @@ class _NothingLeftToTrain(Exception):
 
 class NoStepPastTheEnd(TrainerCallback):
     """Resuming a finished run whose last step is not at an epoch's end, the Trainer would train one more step
-    before it tests `max_steps`; this stops it before that step begins (weights and state already loaded)."""
+    before it tests `max_steps`; at an epoch's end, it would log train metrics of no step (a loss of 0). This stops
+    it before training begins (weights and state already loaded)."""
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             raise _NothingLeftToTrain()
+
+    on_step_begin = on_train_begin
 
 
 # ---- divergence ------------------------------------------------------------------------------------------------
@@ -557,6 +559,8 @@ class Run:
                 raise RunError(f"Resuming {self.resume_from} with different settings: {listed}. Resume with the "
                                "checkpoint's settings, or pass --allow_config_change true to continue with the new "
                                "ones (both are then recorded in the run's summary).")
+            if differences:  # accepted: its weights must still fit the model (a size change cannot be resumed)
+                check_weights_fit(self.resume_from, config, option="--resume_from_checkpoint")
             self.resumes = saved.get("resumes", []) + [{
                 "checkpoint": self.resume_from, "step": _step_of(self.resume_from), "changed": differences}]
         self.settings = {**current, "resumes": self.resumes}
@@ -564,16 +568,21 @@ class Run:
             write_json(os.path.join(self.args.output_dir, SETTINGS_NAME), self.settings)
 
     def train(self, trainer):
-        """`trainer.train()`, resuming as resolved; stopped by a signal -> the resume command, exit 128 + signal."""
+        """`trainer.train()`, resuming as resolved; stopped by a signal -> the resume command, exit 128 + signal.
+        A resume with nothing left to train returns empty metrics."""
         from transformers.trainer_utils import TrainOutput
 
         trainer.run_settings = self.settings
         trainer.add_callback(self.stop)
         trainer.add_callback(NoStepPastTheEnd())
+        start = 0 if self.resume_from is None else _step_of(self.resume_from)  # before rotation may remove it
         try:
             result = trainer.train(resume_from_checkpoint=self.resume_from)
         except _NothingLeftToTrain:
             self.stop.in_loop = False
+            result = None
+        if result is None or (self.resume_from is not None and trainer.state.global_step == start):
+            # Nothing trained (a finished run resumed): no train metrics, where the Trainer's would state a loss of 0
             state = trainer.state
             if self.is_main:
                 print(f"[resume] {self.resume_from} is the run's last step ({state.global_step} of "

@@ -137,9 +137,9 @@ def pretrain(run, model_args, data_args, args):
     result = run.train(trainer)
 
     trainer.save_model()
-    train_metrics = dict(result.metrics, pipeline_images_per_second=throughput.images_per_second,
-                         train_samples=len(train))
-    trainer.save_metrics("train", train_metrics)
+    if result.metrics:  # none when a resumed run had nothing left to train: the run's train results stay
+        trainer.save_metrics("train", dict(result.metrics, pipeline_images_per_second=throughput.images_per_second,
+                                           train_samples=len(train)))
     eval_metrics = final_evaluation(trainer) if args.do_eval else {}
     if args.do_eval:
         trainer.save_metrics("eval", dict(eval_metrics, eval_samples=len(evaluation)))

@@ -198,6 +198,12 @@ def test_resume_with_changed_settings_is_refused_with_the_differences(stopped_ru
                                               "--logging_steps", "50", "--resume_from_checkpoint", "last"))
         assert code == 1 and listed in err and "--allow_config_change true" in err
         assert sorted(os.listdir(folder)) == before  # nothing written
+    # accepted, a size change still cannot load the checkpoint's weights: named, not a size-mismatch traceback
+    code, _, err = run(scripts, tiny_args(folder, tiny_overrides.replace("hidden_size=16,", "hidden_size=32,"),
+                                          parquet_folder, "--max_steps", "100000", "--logging_steps", "50",
+                                          "--resume_from_checkpoint", "last", "--allow_config_change", "true"))
+    assert code == 1 and "--resume_from_checkpoint" in err and "do not fit the model config" in err
+    assert sorted(os.listdir(folder)) == before
 
 
 def test_accepted_change_is_recorded_and_a_finished_run_trains_no_extra_step(stopped_run, scripts, tiny_overrides,
@@ -216,23 +222,28 @@ def test_accepted_change_is_recorded_and_a_finished_run_trains_no_extra_step(sto
     assert summary["resumes"] == [{"checkpoint": str(last), "step": step, "changed": {
         "recipe.max_steps": {"checkpoint": 100000, "now": end}}}]
 
+    train_results = (folder / "train_results.json").read_text()
     code, out, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", str(end),
                                             "--logging_steps", "50", "--resume_from_checkpoint", "last"))
     assert code == 0, err
     assert f"[resume] from {folder / f'checkpoint-{end}'} (step {end})" in out and "nothing left to train" in out
+    assert "'train_loss'" not in out
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["global_step"] == end and max(entry["step"] for entry in state["log_history"]) == end
     assert len(json.loads((folder / "pretraining_summary.json").read_text())["resumes"]) == 2
+    assert (folder / "train_results.json").read_text() == train_results  # not train metrics of no step
 
 
-@pytest.mark.parametrize("tear", ["empty_state", "truncated_state", "truncated_weights", "truncated_optimizer"])
+@pytest.mark.parametrize("tear", ["empty_state", "truncated_state", "state_without_step", "truncated_weights",
+                                  "truncated_optimizer"])
 def test_torn_checkpoint_is_detected(stopped_run, tear):
     _, last, _ = stopped_run
     target = {"empty_state": "trainer_state.json", "truncated_state": "trainer_state.json",
-              "truncated_weights": "model.safetensors", "truncated_optimizer": "optimizer.pt"}[tear]
+              "state_without_step": "trainer_state.json", "truncated_weights": "model.safetensors",
+              "truncated_optimizer": "optimizer.pt"}[tear]
     path = last / target
     data = path.read_bytes()
-    path.write_bytes(b"" if tear == "empty_state" else data[:len(data) // 2])
+    path.write_bytes(b"" if tear == "empty_state" else b"{}" if tear == "state_without_step" else data[:len(data) // 2])
     assert target in checkpoint_problem(str(last))
 
 
