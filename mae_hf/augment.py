@@ -170,20 +170,24 @@ class RandAugment:
     """
 
     def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, trivial: bool = False,
-                 fill: float = 0.5):
+                 fill: float = 0.5, op_prob: float = 1.0):
         if not trivial and num_ops < 1:
             raise ValueError(f"RandAugment needs num_ops >= 1, got {num_ops}.")
         if not 0 <= magnitude <= 10:
             raise ValueError(f"RandAugment magnitude must lie in [0, 10], got {magnitude}.")
         if magnitude_std < 0:
             raise ValueError(f"RandAugment magnitude_std must be >= 0, got {magnitude_std}.")
+        if not 0 <= op_prob <= 1:
+            raise ValueError(f"RandAugment op_prob must lie in [0, 1], got {op_prob}.")
         self.num_ops = 1 if trivial else num_ops
+        self.op_prob = 1.0 if trivial else op_prob
         self.magnitude, self.magnitude_std, self.trivial, self.fill = magnitude, magnitude_std, trivial, fill
 
     def __repr__(self):
         if self.trivial:
             return "TrivialAugment()"
-        return f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, magnitude_std={self.magnitude_std})"
+        return (f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, magnitude_std={self.magnitude_std}, "
+                f"op_prob={self.op_prob})")
 
     def draw(self, batch: int, generator=None):
         """Host tensors (op index, level in [0, 1], sign +-1) per sample, for one round."""
@@ -194,6 +198,8 @@ class RandAugment:
             noise = torch.randn(batch, generator=generator) * self.magnitude_std
             level = ((self.magnitude + noise) / 10).clamp(0, 1)
         sign = torch.randint(0, 2, (batch,), generator=generator) * 2.0 - 1
+        if self.op_prob < 1:  # timm applies each op with a probability (0.5 in DeiT's recipe): else the identity
+            op = torch.where(torch.rand(batch, generator=generator) < self.op_prob, op, OPS.index("identity"))
         return op, level, sign
 
     @staticmethod

@@ -422,6 +422,8 @@ class FinetuneArguments(ImageTrainingArguments):
     randaugment_magnitude: float = field(default=9.0, metadata={"help": "RandAugment: magnitude in [0, 10]."})
     randaugment_magnitude_std: float = field(
         default=0.5, metadata={"help": "RandAugment: std of the per-image normal jitter of the magnitude."})
+    randaugment_op_prob: float = field(
+        default=1.0, metadata={"help": "RandAugment: probability that each drawn op is applied (timm/DeiT: 0.5)."})
     mixup_alpha: float = field(default=0.0, metadata={"help": "Mixup Beta(alpha, alpha); 0 disables mixup."})
     cutmix_alpha: float = field(default=0.0, metadata={"help": "Cutmix Beta(alpha, alpha); 0 disables cutmix."})
     mixup_switch_prob: float = field(
@@ -445,7 +447,8 @@ class FinetuneArguments(ImageTrainingArguments):
                              f"{self.augment_policy!r}.")
         from .augment import RandAugment
 
-        RandAugment(self.randaugment_num_ops, self.randaugment_magnitude, self.randaugment_magnitude_std)  # checks
+        RandAugment(self.randaugment_num_ops, self.randaugment_magnitude, self.randaugment_magnitude_std,
+                    op_prob=self.randaugment_op_prob)  # checks
         if self.mixup_alpha or self.cutmix_alpha:
             self.mixer(num_labels=2)  # checks the mixup/cutmix settings
         elif self.mixup_alpha < 0 or self.cutmix_alpha < 0:
@@ -463,7 +466,7 @@ class FinetuneArguments(ImageTrainingArguments):
         if self.augment_policy == "none":
             return None
         return RandAugment(self.randaugment_num_ops, self.randaugment_magnitude, self.randaugment_magnitude_std,
-                           trivial=self.augment_policy == "trivialaugment")
+                           trivial=self.augment_policy == "trivialaugment", op_prob=self.randaugment_op_prob)
 
     def mixer(self, num_labels: int):
         """The batch mixer (`augment.MixupCutmix`, label smoothing folded into its soft targets), or None."""
@@ -483,7 +486,8 @@ class FinetuneArguments(ImageTrainingArguments):
         """Every setting of the fine-tuning recipe, for the results file."""
         return {"augment_policy": self.augment_policy, "randaugment_num_ops": self.randaugment_num_ops,
                 "randaugment_magnitude": self.randaugment_magnitude,
-                "randaugment_magnitude_std": self.randaugment_magnitude_std, "mixup_alpha": self.mixup_alpha,
+                "randaugment_magnitude_std": self.randaugment_magnitude_std,
+                "randaugment_op_prob": self.randaugment_op_prob, "mixup_alpha": self.mixup_alpha,
                 "cutmix_alpha": self.cutmix_alpha, "mixup_switch_prob": self.mixup_switch_prob,
                 "mixup_prob": self.mixup_prob, "random_erasing": self.random_erasing,
                 "repeated_augmentations": self.repeated_augmentations, "ema_decay": self.ema_decay}
@@ -503,6 +507,17 @@ def layer_id(name: str, num_layers: int) -> int:
     if marker in name:
         return int(name.split(marker, 1)[1].split(".", 1)[0]) + 1
     return num_layers + 1
+
+
+class PerProcessSeed(TrainerCallback):
+    """Under DDP, give each process its own random stream for training (seed + process index), as DeiT does:
+    `set_seed` seeds every process alike, so otherwise all ranks would draw the same crops, flips, augmentations,
+    mixing coefficients, drop-path and masking noise for their batches. The model is initialised before this (alike
+    on every rank), and a resumed run then restores each rank's own saved random state."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            torch.manual_seed(args.seed + args.process_index)  # CPU and every CUDA device
 
 
 class ImageTrainer(Trainer):
@@ -527,6 +542,7 @@ class ImageTrainer(Trainer):
         self.layer_decay = layer_decay
         self.divergence = DivergenceGuard()
         self.add_callback(self.divergence)
+        self.add_callback(PerProcessSeed())
         self.run_settings = None  # set by runs.Run: written beside every saved model
         # Fine-tuning recipe (mae_hf/augment.py): batch mixing with soft targets, repeated augmentation, weight EMA.
         self.mixer, self.repeated_augmentations = mixer, repeated_augmentations

@@ -138,6 +138,33 @@ def test_randaugment_applies_to_each_sample_the_op_it_drew(images):
         torch.testing.assert_close(grouped[i:i + 1], alone, msg=name)
 
 
+def test_randaugment_op_prob_turns_ops_into_the_identity():
+    always = RandAugment(num_ops=1, op_prob=1.0).draw(4000, generator(3))[0]
+    half = RandAugment(num_ops=1, op_prob=0.5).draw(4000, generator(3))[0]
+    identity = OPS.index("identity")
+    assert (always == identity).float().mean() < 0.1  # 1 in 14 ops is the identity
+    assert 0.5 < (half == identity).float().mean() < 0.6  # half skipped, plus the drawn identities
+    with pytest.raises(ValueError, match="op_prob"):
+        RandAugment(op_prob=1.5)
+
+
+def test_each_process_trains_on_its_own_random_stream():
+    from mae_hf.training import PerProcessSeed
+
+    draws = []
+    for rank in (0, 1):
+        args = SimpleNamespace(world_size=2, process_index=rank, seed=42)
+        PerProcessSeed().on_train_begin(args, None, None)
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])
+    single = SimpleNamespace(world_size=1, process_index=0, seed=42)
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    PerProcessSeed().on_train_begin(single, None, None)  # one process: the stream set_seed started is kept
+    assert torch.equal(torch.rand(4), expected)
+
+
 @pytest.mark.parametrize("augment", [RandAugment(2, 9, 0.5), RandAugment(trivial=True)], ids=repr)
 def test_randaugment_is_deterministic_for_a_seed(images, augment):
     first, again, other = (augment(images, generator(seed)) for seed in (3, 3, 4))
