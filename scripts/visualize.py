@@ -15,6 +15,7 @@ from mae_hf import MAEForPreTraining
 from mae_hf.cli import parse_args, run_script
 from mae_hf.data import BatchTransform, DataArguments, fixed_noise, load_image_splits
 from mae_hf.inputs import check_pretraining_folder, read_json_object
+from mae_hf.runs import SETTINGS_NAME
 from mae_hf.visualize import save_reconstructions
 
 
@@ -32,15 +33,23 @@ class VisualizeArguments:
 
 
 def recorded_settings(model_dir: str | None) -> dict:
-    """The data flags and seed of the pretraining run in `model_dir` (its pretraining_summary.json), so that the
-    grid shows that run's own evaluation images and masks; {} for a folder without a summary."""
-    path = os.path.join(model_dir or "", "pretraining_summary.json")
-    if model_dir is None or not os.path.isfile(path):
+    """The data flags and seed of the pretraining run in `model_dir` (its pretraining_summary.json, or for a
+    checkpoint folder its run_settings.json), so that the grid shows that run's own evaluation images and masks;
+    {} for a folder with neither."""
+    summary_path, settings_path = (os.path.join(model_dir or "", name) for name in (
+        "pretraining_summary.json", SETTINGS_NAME))
+    if model_dir is not None and os.path.isfile(summary_path):
+        summary = read_json_object(summary_path, "the pretraining summary of the run")
+        recorded = dict(summary.get("data") or {"dataset_name": summary.get("dataset_name")})
+        if "seed" in summary:
+            recorded["seed"] = summary["seed"]
+    elif model_dir is not None and os.path.isfile(settings_path):
+        settings = read_json_object(settings_path, "the settings of the run")
+        recorded = dict(settings.get("data") or {})
+        if "seed" in (settings.get("recipe") or {}):
+            recorded["seed"] = settings["recipe"]["seed"]
+    else:
         return {}
-    summary = read_json_object(path, "the pretraining summary of the run")
-    recorded = dict(summary.get("data") or {"dataset_name": summary.get("dataset_name")})
-    if "seed" in summary:
-        recorded["seed"] = summary["seed"]
     return {key: value for key, value in recorded.items() if value is not None}
 
 

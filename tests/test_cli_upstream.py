@@ -228,6 +228,9 @@ def test_5_defaults_that_say_what_they_do(pretrained_run, scripts, parquet_folde
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run(scripts.visualize.main, [str(folder), "--output", str(tmp_path / "grid.png"), "--num_images", "2"])
     assert (tmp_path / "grid.png").is_file()
+    checkpoint = next(folder.glob("checkpoint-*"))  # no summary there: the run settings saved with it
+    run(scripts.visualize.main, [str(checkpoint), "--output", str(tmp_path / "grid2.png"), "--num_images", "2"])
+    assert (tmp_path / "grid2.png").is_file()
 
     hint = scripts.pretrain.slow_hint(DataArguments(dataset_name=str(parquet_folder)))
     assert f"configs/cpu_small.yaml --dataset_name {parquet_folder} --output_dir" in hint
