@@ -61,8 +61,8 @@ def error_message(error: BaseException) -> str:
 def run_script(main, argv: list[str] | None = None, **kwargs):
     """Run a script's `main(argv, **kwargs)` as the command line does (`argv` defaults to sys.argv[1:]): `--debug`
     (removed before `main` parses the flags) or MAE_HF_DEBUG=1 show tracebacks; otherwise a user error
-    (`user_errors()`) ends as `error: <message>` on stderr with exit code 1. Usage errors of the parser keep their
-    exit code 2; anything else is a bug and keeps its traceback."""
+    (`user_errors()`) ends as `error: <message>` on stderr with exit code 1, and Ctrl-C as one line with exit code
+    130. Usage errors of the parser keep their exit code 2; anything else is a bug and keeps its traceback."""
     argv, flag_given = strip_debug_flag(list(sys.argv[1:] if argv is None else argv))
     debug = debug_enabled(flag_given)
     try:
@@ -76,6 +76,11 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
             traceback.print_exc()
         print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C where no training run handles it (probes, kNN, visualize, loading)
+        if debug:
+            traceback.print_exc()
+        print("error: interrupted (Ctrl-C): the script stopped before it finished.", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None,

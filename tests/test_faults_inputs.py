@@ -479,3 +479,14 @@ def test_debug_flag_is_ours_unless_it_has_a_trainer_value():
     assert strip_debug_flag(["--debug", "--output_dir", "x"]) == (["--output_dir", "x"], True)
     trainer_option = ["--debug", "underflow_overflow", "--output_dir", "x"]  # TrainingArguments' own --debug
     assert strip_debug_flag(trainer_option) == (trainer_option, False)
+
+
+def test_ctrl_c_outside_a_training_run_is_one_line(capsys):
+    def interrupted_main(argv):  # a probe or kNN extracting features when Ctrl-C arrives
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        run_script(interrupted_main, [])
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err
+    assert err == "error: interrupted (Ctrl-C): the script stopped before it finished.\n"
