@@ -260,9 +260,10 @@ class ImageTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Always False here: batches are prebuilt tensors with no unused columns."})
     do_train: bool | None = field(
         default=None,
-        metadata={"help": "Train. With neither --do_train nor --do_eval: train, then evaluate. Give one and the other "
-                          "is off unless given too, as in transformers' examples (--do_train false --do_eval true "
-                          "--model_name_or_path DIR evaluates a saved model)."})
+        metadata={"help": "Train. With neither --do_train nor --do_eval: train, then evaluate. --do_eval alone does "
+                          "not train (--do_eval --model_name_or_path DIR evaluates a saved model); evaluation is on "
+                          "unless --do_eval false (the default --eval_strategy steps turns it on, as in "
+                          "TrainingArguments)."})
     do_eval: bool | None = field(
         default=None,
         metadata={"help": "Evaluate (see --do_train). Evaluations also run during training by --eval_strategy; "
