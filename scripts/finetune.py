@@ -41,7 +41,7 @@ def compute_metrics(prediction):
     return {"accuracy": accuracy(prediction.predictions.argmax(-1), prediction.label_ids)}
 
 
-def evaluate_only(model_args, config, num_labels, evaluation, args) -> None:
+def evaluate_only(model_args, config, num_labels, class_names, evaluation, args) -> None:
     """--do_train false: the saved classifier, unchanged, on the evaluation split -> eval_results.json."""
     if not is_classifier(config):
         raise ValueError(f"--do_train false: {model_args.model_name_or_path} is not a classifier (no trained head); "
@@ -49,6 +49,11 @@ def evaluate_only(model_args, config, num_labels, evaluation, args) -> None:
     if config.num_labels != num_labels:
         raise ValueError(f"--do_train false: {model_args.model_name_or_path} predicts {config.num_labels} classes; "
                          f"this data has {num_labels}.")
+    saved = [str(config.id2label.get(i, "")) for i in range(config.num_labels)]
+    named = class_names and saved != [f"LABEL_{i}" for i in range(config.num_labels)]  # both sides name classes
+    if named and saved != class_names:  # the same count in another order would give a meaningless accuracy
+        raise ValueError(f"--do_train false: {model_args.model_name_or_path} predicts the classes {saved}, this data "
+                         f"has {class_names} (in label order): evaluate it on the data it was trained for.")
     model = load_pretrained(MAEForImageClassification, model_args, config)
     _, eval_transform = args.batch_transforms(model.config)
     trainer = ImageTrainer(model=model, args=args, data_collator=collate, compute_metrics=compute_metrics,
@@ -89,7 +94,7 @@ def finetune(run, model_args, data_args, args):
     num_labels = train.num_classes  # the class names when the label column has them: validated at load
     names = train.class_names or [str(i) for i in range(num_labels)]
     if not args.do_train:
-        return evaluate_only(model_args, config, num_labels, evaluation, args)
+        return evaluate_only(model_args, config, num_labels, train.class_names, evaluation, args)
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                             linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate,

@@ -8,6 +8,7 @@ import json
 import sys
 import types
 
+import datasets
 import pytest
 import torch
 from fixtures_runs import TINY_MODEL, tiny_split
@@ -181,6 +182,15 @@ def test_3_do_train_false_evaluates_a_saved_model(pretrained_run, classification
                                 "--output_dir", str(tmp_path / "ft_eval"), "--disable_tqdm", "true"])
     accuracy = read(tmp_path / "ft_eval" / "eval_results.json")["eval_accuracy"]
     assert accuracy == read(finetuned / "finetune_results.json")["eval_accuracy"]
+    reordered = tmp_path / "reordered"  # the same three classes in another label order: refused, not scored
+    reordered.mkdir()
+    for split, count in (("train", 16), ("test", 8)):
+        dataset = tiny_split(count, seed=2)
+        dataset.cast_column("label", datasets.ClassLabel(names=["ship", "dog", "cat"])).to_parquet(
+            str(reordered / f"{split}.parquet"))
+    with pytest.raises(ValueError, match="predicts the classes"):
+        scripts.finetune.main(["--do_train", "false", "--model_name_or_path", str(finetuned), "--dataset_name",
+                               str(reordered), "--output_dir", str(tmp_path / "reordered_eval")])
 
     with pytest.raises(ValueError, match="pass --model_name_or_path"):
         scripts.pretrain.main(["--do_train", "false", "--output_dir", str(tmp_path / "none")])
