@@ -396,6 +396,10 @@ class PretrainingArguments(ImageTrainingArguments):
             print(f"note: --label_names {' '.join(self.label_names or [])} is ignored: the MAE's target is its input, "
                   "pixel_values (the evaluation loss needs it).", file=sys.stderr, flush=True)
             self.label_names = ["pixel_values"]
+        # 0 would fail only at the first evaluation, or (knn_k) report the accuracy of votes from no neighbour
+        for flag in ("knn_k", "knn_max_train_samples", "num_reconstructions"):
+            if getattr(self, flag) is not None and getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}.")
         super().__post_init__()
 
 

@@ -318,6 +318,8 @@ def test_bad_config_file_is_a_usage_error(tmp_path, scripts, capsys, content, me
     (["--max_steps", 0], "--max_steps must be a positive number of steps"),
     (["--learning_rate", -0.1], "--learning_rate must be a finite number >= 0, got -0.1"),
     (["--num_train_epochs", 0], "--num_train_epochs must be positive"),
+    (["--knn_k", 0], "--knn_k must be at least 1, got 0"),  # was: a kNN accuracy from no neighbour
+    (["--num_reconstructions", 0], "--num_reconstructions must be at least 1, got 0"),  # was: error mid-run
 ])
 def test_bad_numbers_are_usage_errors(tmp_path, scripts, capsys, data, flags, message):
     err = run(scripts.pretrain.main, ["--output_dir", tmp_path / "out", "--dataset_name", data, *flags], capsys,
