@@ -447,6 +447,10 @@ class FinetuneArguments(ImageTrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if not self.layer_decay > 0:  # 0 freezes the encoder; a negative value trains layers with negative rates
+            raise ValueError(f"--layer_decay must be > 0 (1 disables it), got {self.layer_decay}.")
+        if not 0 <= self.label_smoothing_factor < 1:
+            raise ValueError(f"--label_smoothing_factor must lie in [0, 1), got {self.label_smoothing_factor}.")
         if self.augment_policy not in ("none", "randaugment", "trivialaugment"):
             raise ValueError(f"--augment_policy must be none, randaugment or trivialaugment, got "
                              f"{self.augment_policy!r}.")

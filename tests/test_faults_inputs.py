@@ -327,6 +327,16 @@ def test_bad_numbers_are_usage_errors(tmp_path, scripts, capsys, data, flags, me
     assert message in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--layer_decay", -1], "--layer_decay must be > 0"),  # was: layers trained with negative learning rates
+    (["--label_smoothing_factor", 2], "--label_smoothing_factor must lie in [0, 1), got 2.0"),
+])
+def test_bad_finetune_numbers_are_usage_errors(tmp_path, scripts, capsys, data, flags, message):
+    err = run(scripts.finetune.main, ["--output_dir", tmp_path / "out", "--dataset_name", data, "--random_init",
+                                      "true", *flags], capsys, code=2)
+    assert message in err and not (tmp_path / "out").exists()
+
+
 def test_probe_flags_and_output_dir(tmp_path, scripts, capsys, data):
     assert "--probe_batch_size must be at least 1" in run(
         scripts.linear_probe.main, probe_args(data, tmp_path / "out", "--probe_batch_size", 0), capsys, code=2)
