@@ -1,4 +1,5 @@
-"""Evaluating a frozen encoder: features once, then kNN votes or a linear probe trained on the cached features."""
+"""Evaluating a frozen encoder: features once, then kNN votes or a linear probe trained on the cached features
+(the multi-block and attentive probes, on the same single pass, are in `probes.py`)."""
 
 import contextlib
 import os
