@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -445,6 +446,19 @@ class DivergenceGuard(TrainerCallback):
 
 # ---- the run ---------------------------------------------------------------------------------------------------
 
+class _DropMessage(logging.Filter):
+    """Drops log records starting with `prefix`. Used for the Trainer's resume warning on logging/eval/save steps
+    and batch size: it compares fractional steps (0.01) with the step counts they became (1), so it fires on every
+    resume with these scripts' defaults; the batch size is among the settings `Run.check_settings` compares."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 class Run:
     """`with Run(args) as run:` around a script's work: see the module docstring. `run.check_settings(...)` before
     training, `run.train(trainer)` to train, `run.record(state)` for the summary."""
@@ -576,11 +590,16 @@ class Run:
         trainer.add_callback(self.stop)
         trainer.add_callback(NoStepPastTheEnd())
         start = 0 if self.resume_from is None else _step_of(self.resume_from)  # before rotation may remove it
+        checkpoint_args_warning = _DropMessage("Warning: The following arguments do not match")
+        comparer = logging.getLogger("transformers.trainer_utils")
+        comparer.addFilter(checkpoint_args_warning)  # see _DropMessage
         try:
             result = trainer.train(resume_from_checkpoint=self.resume_from)
         except _NothingLeftToTrain:
             self.stop.in_loop = False
             result = None
+        finally:
+            comparer.removeFilter(checkpoint_args_warning)
         if result is None or (self.resume_from is not None and trainer.state.global_step == start):
             # Nothing trained (a finished run resumed): no train metrics, where the Trainer's would state a loss of 0
             state = trainer.state
