@@ -368,8 +368,15 @@ class ImageTrainingArguments(TrainingArguments):
                 BatchTransform.for_model(config))
 
     def place_data_on_device(self, num_bytes: int) -> bool:
-        if self.data_on_device != "auto":
-            return self.data_on_device == "true" and self.device.type != "cpu"
+        if self.device.type == "cpu" or self.data_on_device == "false":
+            return False
+        if self.dataloader_num_workers > 0:  # forked worker processes cannot index tensors on the GPU
+            if self.data_on_device == "true":
+                raise ValueError("--data_on_device true needs --dataloader_num_workers 0: worker processes cannot "
+                                 "read data in GPU memory (and need not: a batch there is one gather).")
+            return False
+        if self.data_on_device == "true":
+            return True
         if self.device.type != "cuda":
             return False
         free, _ = torch.cuda.mem_get_info(self.device)

@@ -502,3 +502,16 @@ def test_ctrl_c_outside_a_training_run_is_one_line(capsys):
     assert exit_.value.code == 130
     err = capsys.readouterr().err
     assert err == "error: interrupted (Ctrl-C): the script stopped before it finished.\n"
+
+
+def test_data_on_the_gpu_is_not_given_to_worker_processes(tmp_path, monkeypatch):
+    from mae_hf.training import PretrainingArguments
+
+    workers = PretrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=2)
+    no_workers = PretrainingArguments(output_dir=str(tmp_path), data_on_device="true")
+    monkeypatch.setattr(PretrainingArguments, "device", property(lambda self: torch.device("cuda")))
+    assert not workers.place_data_on_device(1)  # auto: the workers gather on the host
+    workers.data_on_device = "true"
+    with pytest.raises(ValueError, match="--data_on_device true needs --dataloader_num_workers 0"):
+        workers.place_data_on_device(1)
+    assert no_workers.place_data_on_device(1)
