@@ -258,6 +258,14 @@ def _from_main_process(value):
 
 # ---- settings compared on resume ----------------------------------------------------------------------------------
 
+def _where(value):
+    """A local path as an absolute one, so that resuming from another working folder compares the same data and
+    weights; anything else (Hub ids, numbers, None) as it is."""
+    if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
+        return os.path.realpath(os.path.expanduser(value))
+    return value
+
+
 def run_settings(config, data_args, args, model_args) -> dict:
     """The settings that make a run what it is: the model config and starting point, the data and the recipe."""
     from .configuration_mae import MAEConfig
@@ -265,8 +273,8 @@ def run_settings(config, data_args, args, model_args) -> dict:
     config_values = config.to_dict()
     model = {key: config_values[key] for key in sorted(MAEConfig.__annotations__) if key in config_values}
     model["num_labels"] = config.num_labels  # the classifier's head
-    model["model_name_or_path"] = model_args.model_name_or_path  # the weights the run started from
-    data = {field.name: getattr(data_args, field.name) for field in dataclasses.fields(data_args)
+    model["model_name_or_path"] = _where(model_args.model_name_or_path)  # the weights the run started from
+    data = {field.name: _where(getattr(data_args, field.name)) for field in dataclasses.fields(data_args)
             if field.name not in DATA_FIELDS_IGNORED}
     recipe = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
     if hasattr(args, "recipe"):  # fine-tuning's augmentation recipe

@@ -77,7 +77,7 @@ def main(argv=None):
     check_hub_access(args, model_args)  # --push_to_hub: before any work
     with Run(args) as run:  # holds --output_dir; resolves the resume; stops cleanly on SIGINT/SIGTERM
         finetune(run, model_args, data_args, args)
-    push_output(args, model_args)
+        push_output(args, model_args)  # inside the lock: no other run writes into the folder being uploaded
 
 
 def finetune(run, model_args, data_args, args):

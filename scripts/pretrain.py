@@ -57,7 +57,7 @@ def main(argv=None):
                          "folder).")
     with Run(args) as run:  # holds --output_dir; resolves the resume; stops cleanly on SIGINT/SIGTERM
         pretrain(run, model_args, data_args, args)
-    push_output(args, model_args)
+        push_output(args, model_args)  # inside the lock: no other run writes into the folder being uploaded
 
 
 def check_knn_bank(args, train) -> None:
