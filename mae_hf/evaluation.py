@@ -1,107 +1,19 @@
 """Evaluating a frozen encoder: features once, then kNN votes or a linear probe trained on the cached features
 (the multi-block and attentive probes, on the same single pass, are in `probes.py`)."""
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-
-def autocast_for(device: torch.device, bf16: bool):
-    if bf16 and device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def extract_features(encoder, images: torch.Tensor, transform, batch_size: int = 512,
-                     bf16: bool = False) -> torch.Tensor:
-    """Pooled features `(N, hidden_size)` (float32, on the encoder's device) of uint8 `images`, without masking:
-    the encoder's `pooler_output` (class token or mean of patch tokens, as its `config.pooling` says)."""
-    device = next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    features = []
-    for batch in images.split(batch_size):
-        with autocast_for(device, bf16):
-            features.append(encoder(transform(batch.to(device, non_blocking=True))).pooler_output.float())
-    encoder.train(was_training)
-    return torch.cat(features)
-
-
-@torch.no_grad()
-def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, ks=(20, 200),
-                temperature: float = 0.07, num_classes: int | None = None, chunk_size: int = 1024) -> dict:
-    """Weighted kNN (Wu et al. 2018, as in DINO): cosine similarity, each of the k nearest neighbours votes for its
-    label with weight exp(similarity / temperature). Returns {k: predictions}; k is capped at the bank size."""
-    num_classes = int(bank_labels.max()) + 1 if num_classes is None else num_classes
-    bank = F.normalize(bank.float(), dim=1)
-    bank_labels = bank_labels.to(bank.device)
-    k_max = min(max(ks), bank.shape[0])
-    predictions = {k: [] for k in ks}
-    for query in F.normalize(queries.float().to(bank.device), dim=1).split(chunk_size):
-        similarity, index = (query @ bank.T).topk(k_max, dim=1)
-        weights, labels = (similarity / temperature).exp(), bank_labels[index]
-        for k in ks:
-            votes = torch.zeros(query.shape[0], num_classes, device=bank.device)
-            votes.scatter_add_(1, labels[:, :k], weights[:, :k])
-            predictions[k].append(votes.argmax(dim=1))
-    return {k: torch.cat(chunks).cpu() for k, chunks in predictions.items()}
-
-
-def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor, epochs: int = 90,
-                batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0, seed: int = 42,
-                feature_sampler=None, progress: bool = False):
-    """Train the head of a linear-probe `MAEForImageClassification` (BatchNorm without affine + linear) on cached
-    features of its frozen encoder (`fit_head`). The encoder never runs here.
-
-    `feature_sampler(epoch)`, when given, returns that epoch's `(features, labels)` (the benchmark uses it to time
-    re-running the encoder every epoch); otherwise every epoch uses `train_features`.
-    """
-    if not model.config.linear_probe:
-        raise ValueError("train_probe needs a model with config.linear_probe=True.")
-    head = [*model.head_norm.parameters(), *model.classifier.parameters()]
-    return fit_head(model, model.classify_features, head, train_features, train_labels, epochs=epochs,
-                    batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
-                    feature_sampler=feature_sampler, progress=progress)
-
-
-def fit_head(module, classify, parameters, train_features: torch.Tensor, train_labels: torch.Tensor,
-             epochs: int = 90, batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0,
-             seed: int = 42, feature_sampler=None, progress: bool = False):
-    """The linear probe's training loop: `classify(features)` gives logits, `parameters` are trained with SGD
-    (momentum 0.9) and a cosine schedule over shuffled batches of cached features. Returns `module` in eval mode.
-    `progress`: a progress bar over the epochs (with the time left)."""
-    from tqdm.auto import tqdm
-
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    device = train_features.device
-    optimizer = torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = max(1, train_features.shape[0] // batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    module.train()
-    for epoch in tqdm(range(epochs), desc="Probe head", unit="epoch", disable=not progress):
-        features, labels = feature_sampler(epoch) if feature_sampler else (train_features, train_labels)
-        labels = labels.to(device)
-        order = torch.randperm(features.shape[0], generator=generator).to(device)
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size:(step + 1) * batch_size]
-            loss = F.cross_entropy(classify(features[index]), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return module.eval()
-
-
-@torch.no_grad()
-def predict_from_features(model, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model.classify_features(chunk).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
+from . import probes
+from .data import BatchTransform, load_image_splits, skipped_images
+from .features import knn_predict
+from .metrics import accuracy
+from .modeling_mae import MAEForImageClassification
+from .results import encoder_fingerprint, write_results
+from .training import build_config, load_pretrained
 
 
 @dataclass
@@ -175,9 +87,6 @@ def load_classifier(model_args, random_init: bool, seed: int, new_head: str | No
     """`MAEForImageClassification` with a pretrained encoder (from any of our checkpoints) or a random one of the
     same config; `config_changes` (num_labels, id2label, linear_probe, pooling, ...) are applied to the config.
     `new_head` is said when the checkpoint brings no head (see `training.load_pretrained`)."""
-    from .modeling_mae import MAEForImageClassification
-    from .training import build_config, load_pretrained
-
     config = build_config(model_args)
     num_labels = config_changes.get("num_labels", config.num_labels)
     if (model_args.model_name_or_path and not random_init and is_classifier(config)
@@ -213,12 +122,6 @@ def check_output_folder(folder: str) -> None:
 def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> dict:
     """The frozen encoder runs once per image; then kNN, the linear probe (pooled or multi-block features) and/or the
     attentive probe (cached patch tokens, `mae_hf/probes.py`) train on its outputs. Returns {protocol: results}."""
-    from . import probes
-    from .data import BatchTransform, load_image_splits, skipped_images
-    from .metrics import accuracy
-    from .results import encoder_fingerprint, write_results
-    from .training import build_config
-
     if args.output_dir is None:
         raise ValueError("--output_dir is required.")
     check_output_folder(args.output_dir)
@@ -316,13 +219,13 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
             write_results(args.output_dir, "linear_probe_multiblock", results["linear_probe_multiblock"])
         elif args.linear_probe:
             started = time.perf_counter()
-            train_probe(model, train_features, train.labels, epochs=args.probe_epochs, batch_size=args.probe_batch_size,
-                        learning_rate=args.probe_learning_rate, weight_decay=args.probe_weight_decay, seed=args.seed,
-                        progress=not args.disable_tqdm)
+            probes.train_probe(model, train_features, train.labels, epochs=args.probe_epochs,
+                               batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
+                               weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
             probe_seconds = time.perf_counter() - started
             results["linear_probe"] = dict(
                 common, protocol="linear_probe",
-                eval_accuracy=accuracy(predict_from_features(model, eval_features), evaluation.labels),
+                eval_accuracy=accuracy(probes.predict_from_features(model, eval_features), evaluation.labels),
                 pooling=args.pooling, probe_seconds=round(probe_seconds, 2), **probe_settings)
             model.save_pretrained(args.output_dir)
             write_results(args.output_dir, "linear_probe", results["linear_probe"])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .evaluation import autocast_for, fit_head
+from .features import autocast_for
 
 TOKEN_DTYPE = torch.float16  # numpy has float16 (not bfloat16), so one dtype serves memory and memmap caches
 MEMORY_CACHE_LIMIT = 2 * 2 ** 30  # bytes of cached tokens kept in host memory under --token_cache auto
@@ -122,6 +122,58 @@ def encode_frozen(encoder, images: torch.Tensor, transform, batch_size: int = 51
     bar.close()
     encoder.train(was_training)
     return torch.cat(pooled), (torch.cat(multiblock) if multiblock else None)
+
+
+def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor, epochs: int = 90,
+                batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0, seed: int = 42,
+                feature_sampler=None, progress: bool = False):
+    """Train the head of a linear-probe `MAEForImageClassification` (BatchNorm without affine + linear) on cached
+    features of its frozen encoder (`fit_head`). The encoder never runs here.
+
+    `feature_sampler(epoch)`, when given, returns that epoch's `(features, labels)` (the benchmark uses it to time
+    re-running the encoder every epoch); otherwise every epoch uses `train_features`.
+    """
+    if not model.config.linear_probe:
+        raise ValueError("train_probe needs a model with config.linear_probe=True.")
+    head = [*model.head_norm.parameters(), *model.classifier.parameters()]
+    return fit_head(model, model.classify_features, head, train_features, train_labels, epochs=epochs,
+                    batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
+                    feature_sampler=feature_sampler, progress=progress)
+
+
+def fit_head(module, classify, parameters, train_features: torch.Tensor, train_labels: torch.Tensor,
+             epochs: int = 90, batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0,
+             seed: int = 42, feature_sampler=None, progress: bool = False):
+    """The linear probe's training loop: `classify(features)` gives logits, `parameters` are trained with SGD
+    (momentum 0.9) and a cosine schedule over shuffled batches of cached features. Returns `module` in eval mode.
+    `progress`: a progress bar over the epochs (with the time left)."""
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    device = train_features.device
+    optimizer = torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = max(1, train_features.shape[0] // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    module.train()
+    for epoch in tqdm(range(epochs), desc="Probe head", unit="epoch", disable=not progress):
+        features, labels = feature_sampler(epoch) if feature_sampler else (train_features, train_labels)
+        labels = labels.to(device)
+        order = torch.randperm(features.shape[0], generator=generator).to(device)
+        for step in range(steps_per_epoch):
+            index = order[step * batch_size:(step + 1) * batch_size]
+            loss = F.cross_entropy(classify(features[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return module.eval()
+
+
+@torch.no_grad()
+def predict_from_features(model, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model.classify_features(chunk).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
 
 
 class LinearHead(nn.Module):

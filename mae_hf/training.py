@@ -685,7 +685,7 @@ class MAEPretrainer(ImageTrainer):
         return metrics
 
     def pretraining_extras(self, prefix: str = "eval") -> dict:
-        from .evaluation import extract_features, knn_predict
+        from .features import extract_features, knn_predict
         from .visualize import grid_image, reconstruction_rows, save_loss_curve
 
         model, output_dir = self.model, self.args.output_dir

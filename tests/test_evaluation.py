@@ -12,7 +12,7 @@ import yaml
 
 import mae_hf.modeling_mae
 from mae_hf import MAEForImageClassification, MAEForPreTraining, MAEModel
-from mae_hf.evaluation import knn_predict
+from mae_hf.features import knn_predict
 from mae_hf.results import collect_results, results_table
 from mae_hf.visualize import reconstruction_rows
 

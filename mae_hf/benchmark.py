@@ -1,0 +1,409 @@
+"""Train-step throughput and memory of `mae_hf.MAEForPreTraining` against transformers' `ViTMAEForPreTraining`.
+
+Both models get the same config, the same weights (ours is built from a seed and converted with `to_vit_mae`) and the
+same fixed batch of random-normal pixels. A train step is forward (random masking), backward, AdamW step, zero_grad.
+The models are timed round-robin in one process (a chunk of ours, a chunk of theirs, for `--rounds` rounds, who goes
+first alternating) and the median over rounds is reported, so machine noise hits both alike; the JSON also holds the
+per-round ratios.
+
+Memory columns:
+  train_state_mb  parameters, buffers, gradients and AdamW state, plus the unique storages of the tensors autograd
+                  saves for backward during one eager forward (`torch.autograd.graph.saved_tensors_hooks`; parameters
+                  and buffers are not counted twice). A lower bound of the peak: transient buffers and allocator
+                  caching are left out. Measured on every device (an RSS high-water mark would be process-wide and
+                  monotonic, so it cannot separate the two models).
+  cuda_peak_mb    (CUDA only) the model's parameters, buffers and optimizer state plus the rise of
+                  `torch.cuda.max_memory_allocated` over one timed chunk (peak stats reset before each chunk).
+
+    python scripts/benchmark.py                                      # MAEConfig() defaults, batch 64, CUDA if present
+    python scripts/benchmark.py --device cpu --threads 2 --warmup 2 --steps 3 --rounds 5
+    python scripts/benchmark.py --config_overrides "hidden_size=128,num_attention_heads=4,num_hidden_layers=4" --compile
+
+Two more suites, same flags:
+  --suite pipeline  the whole pretraining pipeline (MAEPretrainer: uint8 batches gathered from a tensor, crop/flip/
+                    normalise on the device, train step, grad clipping, schedule) against the model-only train step,
+                    alternating; the pipeline must keep >= 90 % of the model-only images/s.
+  --suite probe     linear probe wall time with features computed once (mae_hf) against re-running the frozen encoder
+                    for every head epoch (the reference's approach), at the same epochs (--probe_epochs).
+  --suite augment   the fine-tuning recipe's training augmentation (--recipe: crop/flip, RandAugment, normalise,
+                    random erasing, mixup/cutmix) against the fine-tune train step of MAEForImageClassification
+                    (forward, soft-target loss, backward, AdamW), alternating; today's crop + flip for reference.
+                    The strong augmentation must cost <= 10 % of the step.
+
+    python scripts/benchmark.py --suite pipeline --batch_size 512          # on a GPU: bf16 + torch.compile
+    python scripts/benchmark.py --suite probe --device cpu --probe_images 1024 --probe_epochs 10 20
+    python scripts/benchmark.py --suite augment --recipe configs/cpu_small_finetune_strong.yaml --batch_size 128 \
+        --config_overrides "patch_size=4,hidden_size=128,num_hidden_layers=4,num_attention_heads=4"
+"""
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from .cli import parse_overrides
+from .configuration_mae import MAEConfig
+from .convert import to_vit_mae
+from .modeling_mae import MAEForPreTraining
+
+MB = 2**20
+
+
+def build_models(config: MAEConfig, seed: int, device: str) -> dict:
+    torch.manual_seed(seed)
+    ours = MAEForPreTraining(config)
+    theirs = to_vit_mae(ours)  # identical weights, so both compute the same function
+    return {"mae_hf": ours.to(device).train(), "ViTMAE": theirs.to(device).train()}
+
+
+def train_step(model, optimizer, pixel_values, autocast):
+    with autocast:
+        loss = model(pixel_values=pixel_values).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def resident_bytes(model, optimizer) -> int:
+    """Parameters (frozen ones included), buffers and AdamW state."""
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()) + tensor_bytes(state)
+
+
+def train_state_bytes(model, optimizer, pixel_values, autocast) -> int:
+    """Resident bytes + gradients + unique storages saved for backward during one eager forward."""
+    param_storages = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+        loss = model(pixel_values=pixel_values).loss
+    del loss
+    grads = tensor_bytes(p for p in model.parameters() if p.requires_grad)
+    return resident_bytes(model, optimizer) + grads + sum(saved.values())
+
+
+def timed_chunk(model, optimizer, pixel_values, autocast, steps: int, device: str):
+    """Seconds for `steps` train steps, and the CUDA peak rise over the chunk (None on other devices)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, pixel_values, autocast)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, (torch.cuda.max_memory_allocated() - base if cuda else None)
+
+
+def model_suite(args, config, bf16, autocast):
+    """mae_hf against transformers' ViTMAE: train-step images/s and memory, alternating."""
+    models = build_models(config, args.seed, args.device)
+    pixel_values = torch.randn(args.batch_size, config.num_channels, config.image_size, config.image_size,
+                               generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    optimizers, results = {}, {}
+    for name, model in models.items():
+        optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        train_step(model, optimizers[name], pixel_values, autocast)  # creates the AdamW state
+        results[name] = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                         "train_state_mb": train_state_bytes(model, optimizers[name], pixel_values, autocast) / MB,
+                         "images_per_s_rounds": [], "cuda_peak_mb": None}
+    steppers = {name: torch.compile(model) if args.compile else model for name, model in models.items()}
+    for name, stepper in steppers.items():
+        for _ in range(args.warmup):
+            train_step(stepper, optimizers[name], pixel_values, autocast)
+
+    for round_index in range(args.rounds):
+        order = list(steppers) if round_index % 2 == 0 else list(steppers)[::-1]  # alternate who goes first
+        for name in order:
+            seconds, peak_rise = timed_chunk(steppers[name], optimizers[name], pixel_values, autocast, args.steps,
+                                             args.device)
+            results[name]["images_per_s_rounds"].append(args.batch_size * args.steps / seconds)
+            if peak_rise is not None:
+                peak = (resident_bytes(models[name], optimizers[name]) + peak_rise) / MB
+                results[name]["cuda_peak_mb"] = max(results[name]["cuda_peak_mb"] or 0.0, peak)
+    for result in results.values():
+        result["images_per_s"] = statistics.median(result["images_per_s_rounds"])
+
+    ours, theirs = results["mae_hf"], results["ViTMAE"]
+    memory_columns = ["train_state_mb"] + (["cuda_peak_mb"] if ours["cuda_peak_mb"] is not None else [])
+    ratios = {key: ours[key] / theirs[key] for key in ["images_per_s"] + memory_columns}
+    paired = [a / b for a, b in zip(ours["images_per_s_rounds"], theirs["images_per_s_rounds"])]
+    ratios["images_per_s_per_round"], ratios["images_per_s_per_round_median"] = paired, statistics.median(paired)
+    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, "
+          f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads, compile={args.compile}\n")
+    print("| model | trainable parameters | images/s (median) | min | max | " + " | ".join(memory_columns) + " |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(memory_columns))
+    for name, result in results.items():
+        rounds = result["images_per_s_rounds"]
+        print(f"| {name} | {result['trainable_parameters']:,} | {result['images_per_s']:.1f} | {min(rounds):.1f} | "
+              f"{max(rounds):.1f} | " + " | ".join(f"{result[key]:.1f}" for key in memory_columns) + " |")
+    print("| ratio mae_hf / ViTMAE | | " + f"{ratios['images_per_s']:.2f} | | | "
+          + " | ".join(f"{ratios[key]:.2f}" for key in memory_columns) + " |")
+    print(f"\nmedian of per-round ratios (noise-robust): {ratios['images_per_s_per_round_median']:.2f}")
+
+    record = {
+        "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+        "models": results, "ratio_mae_hf_over_vit_mae": ratios,
+        "memory_notes": {"train_state_mb": "parameters, buffers + gradients + AdamW state + unique storages saved for "
+                         "backward in one eager forward (those not counted twice); lower bound of the peak",
+                         "cuda_peak_mb": "parameters, buffers + AdamW state + rise of "
+                         "torch.cuda.max_memory_allocated over one timed chunk; max over rounds (CUDA only)"},
+    }
+    print(f"\nratio (mae_hf / ViTMAE) images/s: {ratios['images_per_s']:.2f}")
+    return record
+
+
+def pipeline_suite(args, config, bf16, autocast):
+    """Whole pretraining pipeline (the Trainer run by scripts/pretrain.py) against the model-only step."""
+    import tempfile
+
+    from .data import ArrayDataset, BatchTransform, collate
+    from .training import MAEPretrainer, PretrainingArguments, ThroughputCallback
+
+    torch.manual_seed(args.seed)
+    images = torch.randint(0, 256, (args.pipeline_images, config.num_channels, config.image_size, config.image_size),
+                           dtype=torch.uint8)
+    model = MAEForPreTraining(config).to(args.device).train()
+    stepper = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    pixel_values = BatchTransform.for_model(config)(images[:args.batch_size]).to(args.device)
+    for _ in range(args.warmup):
+        train_step(stepper, optimizer, pixel_values, autocast)
+    rounds = {"model_only": [], "pipeline": []}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for round_index in range(args.rounds):
+            seconds, _ = timed_chunk(stepper, optimizer, pixel_values, autocast, args.steps, args.device)
+            rounds["model_only"].append(args.batch_size * args.steps / seconds)
+            training = PretrainingArguments(
+                output_dir=output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps + 2,
+                eval_strategy="no", save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=bf16,
+                torch_compile=args.compile, use_cpu=args.device == "cpu", seed=args.seed + round_index,
+                knn_eval=False)
+            callback = ThroughputCallback(args.batch_size, measure_seconds=float("inf"))  # steps 3.. are timed
+            train_transform, eval_transform = training.batch_transforms(config)
+            trainer = MAEPretrainer(model=model, args=training, train_dataset=ArrayDataset(images),
+                                    data_collator=collate, train_transform=train_transform,
+                                    eval_transform=eval_transform, callbacks=[callback])
+            if training.place_data_on_device(images.numel()):
+                trainer.train_dataset.to(training.device)
+            trainer.train()
+            rounds["pipeline"].append(callback.images_per_second)
+    medians = {name: statistics.median(values) for name, values in rounds.items()}
+    ratio = medians["pipeline"] / medians["model_only"]
+    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, {args.rounds} rounds x "
+          f"{args.steps} steps, compile={args.compile}\n")
+    print("| | images/s (median) | min | max |\n|---|---:|---:|---:|")
+    for name, values in rounds.items():
+        print(f"| {name} | {medians[name]:,.0f} | {min(values):,.0f} | {max(values):,.0f} |")
+    print(f"\npipeline / model-only images/s: {ratio:.3f}")
+    return {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "images_per_s": rounds,
+            "median_images_per_s": medians, "ratio_pipeline_over_model_only": ratio}
+
+
+def probe_suite(args, config, bf16, autocast):
+    """Linear probe on features computed once, against re-running the frozen encoder for every head epoch."""
+    from .data import BatchTransform
+    from .features import extract_features
+    from .modeling_mae import MAEForImageClassification
+    from .probes import train_probe
+
+    torch.manual_seed(args.seed)
+    config.update({"linear_probe": True, "num_labels": 10})
+    model = MAEForImageClassification(config).to(args.device)
+    images = torch.randint(0, 256, (args.probe_images, config.num_channels, config.image_size, config.image_size),
+                           dtype=torch.uint8)
+    labels = torch.randint(0, 10, (args.probe_images,)).to(args.device)
+    transform = BatchTransform.for_model(config)
+
+    def features():
+        return extract_features(model.mae, images, transform, batch_size=256, bf16=bf16)
+
+    def cached(epochs):
+        train_probe(model, features(), labels, epochs=epochs)
+
+    def rerun(epochs):
+        first = features()
+        train_probe(model, first, labels, epochs=epochs,
+                    feature_sampler=lambda epoch: (first if epoch == 0 else features(), labels))
+
+    results = {}
+    for epochs in args.probe_epochs:
+        seconds = {"features_once": [], "encoder_every_epoch": []}
+        for round_index in range(args.rounds):
+            runs = [("features_once", cached), ("encoder_every_epoch", rerun)]
+            for name, run in runs if round_index % 2 == 0 else runs[::-1]:
+                start = time.perf_counter()
+                run(epochs)
+                seconds[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(values) for name, values in seconds.items()}
+        results[epochs] = {"seconds": seconds, "median_seconds": medians,
+                           "speedup": medians["encoder_every_epoch"] / medians["features_once"]}
+    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, {args.probe_images} images, {args.rounds} rounds\n")
+    print("| head epochs | features once (s) | encoder every epoch (s) | speedup |\n|---:|---:|---:|---:|")
+    for epochs, result in results.items():
+        medians = result["median_seconds"]
+        print(f"| {epochs} | {medians['features_once']:.2f} | {medians['encoder_every_epoch']:.2f} | "
+              f"{result['speedup']:.1f}x |")
+    return {"probe_images": args.probe_images, "rounds": args.rounds, "results": results}
+
+
+def augment_suite(args, config, bf16, autocast):
+    """The recipe's training augmentation against the fine-tune train step, alternating, per batch."""
+    import tempfile
+
+    from .augment import soft_target_cross_entropy
+    from .cli import parse_args
+    from .data import BatchTransform, DataArguments
+    from .modeling_mae import MAEForImageClassification
+    from .training import FinetuneArguments
+
+    with tempfile.TemporaryDirectory() as output_dir:  # the recipe's arguments want one; nothing is written
+        _, recipe = parse_args((DataArguments, FinetuneArguments), [args.recipe, "--output_dir", output_dir])
+    num_labels = 10
+    torch.manual_seed(args.seed)
+    config.update({"num_labels": num_labels, "drop_path_rate": recipe.drop_path_rate, "pooling": recipe.pooling})
+    model = MAEForImageClassification(config).to(args.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randint(0, 256, (args.batch_size, config.num_channels, config.image_size, config.image_size),
+                           dtype=torch.uint8).to(args.device)
+    labels = torch.randint(0, num_labels, (args.batch_size,)).to(args.device)
+    strong_transform, _ = recipe.batch_transforms(config)
+    mixer = recipe.mixer(num_labels)
+    crop = (recipe.crop_min_scale, 1.0) if recipe.crop_min_scale < 1 else None
+    baseline_transform = BatchTransform.for_model(config, crop_scale=crop, hflip=recipe.horizontal_flip)
+    pixel_values, targets = mixer(strong_transform(images), labels) if mixer else (strong_transform(images), None)
+    targets = F.one_hot(labels, num_labels).float() if targets is None else targets
+
+    def strong():
+        x = strong_transform(images)
+        return mixer(x, labels) if mixer is not None else x
+
+    def step():
+        with autocast:
+            logits = model(pixel_values=pixel_values).logits
+        soft_target_cross_entropy(logits, targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    parts = {"strong_augmentation": strong, "crop_flip_only": lambda: baseline_transform(images), "train_step": step}
+    for run in parts.values():
+        for _ in range(args.warmup):
+            run()
+    # Per batch, one entry per round: wall time, and the process's CPU time (on a shared CPU the wall time also
+    # holds waiting for cores, which hits many small ops harder than a few large ones).
+    seconds = {name: [] for name in parts}
+    cpu_seconds = {name: [] for name in parts}
+    for round_index in range(args.rounds):
+        names = list(parts) if round_index % 2 == 0 else list(parts)[::-1]  # alternate who goes first
+        for name in names:
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                parts[name]()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds[name].append((time.perf_counter() - start) / args.steps)
+            cpu_seconds[name].append((time.process_time() - cpu_start) / args.steps)
+
+    def ratios_to_step(values):
+        per_round = {name: [a / b for a, b in zip(times, values["train_step"])]
+                     for name, times in values.items() if name != "train_step"}
+        return per_round, {name: statistics.median(ratios) for name, ratios in per_round.items()}
+
+    per_round, ratios = ratios_to_step(seconds)
+    cpu_per_round, cpu_ratios = ratios_to_step(cpu_seconds)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu_seconds.items()}
+    mixing = f"mixup {recipe.mixup_alpha} / cutmix {recipe.cutmix_alpha}" if mixer else "none"
+    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, {args.rounds} rounds x "
+          f"{args.steps} batches, {torch.get_num_threads()} threads; recipe {args.recipe}: "
+          f"{strong_transform.augment!r}, random erasing {recipe.random_erasing}, mixing {mixing}\n")
+    print("| per batch | wall ms (median) | min | max | / train step | CPU ms (median) | / train step |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+    for name, values in seconds.items():
+        ratio = f"{100 * ratios[name]:.1f} %" if name in ratios else ""
+        cpu_ratio = f"{100 * cpu_ratios[name]:.1f} %" if name in cpu_ratios else ""
+        print(f"| {name} | {1000 * medians[name]:.1f} | {1000 * min(values):.1f} | {1000 * max(values):.1f} | "
+              f"{ratio} | {1000 * cpu_medians[name]:.1f} | {cpu_ratio} |")
+    print("\n(ratios: medians of the per-round ratios)")
+    print(f"strong augmentation / train step: {100 * ratios['strong_augmentation']:.1f} % wall, "
+          f"{100 * cpu_ratios['strong_augmentation']:.1f} % CPU time (limit 10 %)")
+    return {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "recipe": args.recipe,
+            "seconds_per_batch": seconds, "median_seconds_per_batch": medians,
+            "ratio_to_train_step_per_round": per_round, "ratio_to_train_step": ratios,
+            "cpu_seconds_per_batch": cpu_seconds, "median_cpu_seconds_per_batch": cpu_medians,
+            "cpu_ratio_to_train_step_per_round": cpu_per_round, "cpu_ratio_to_train_step": cpu_ratios}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="Train steps per timed chunk.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed train steps per model before the rounds.")
+    parser.add_argument("--rounds", type=int, default=5, help="Round-robin rounds; the median over rounds is reported.")
+    parser.add_argument("--config_overrides", help='MAEConfig fields, e.g. "hidden_size=128,num_attention_heads=4".')
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="Autocast to bfloat16 (default: on for CUDA, off otherwise).")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_json", default="benchmark.json")
+    parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment"), default="model",
+                        help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model step; "
+                             "probe, augment: see above.")
+    parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "configs/finetune_strong.yaml"),
+                        help="Fine-tuning config file whose augmentation the augment suite times.")
+    parser.add_argument("--pipeline_images", type=int, default=4096, help="Synthetic uint8 images (pipeline suite).")
+    parser.add_argument("--probe_images", type=int, default=1024, help="Synthetic images (probe suite).")
+    parser.add_argument("--probe_epochs", type=int, nargs="+", default=[10, 20], help="Head epochs (probe suite).")
+    args = parser.parse_args(argv)
+    if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0:
+        parser.error("--batch_size, --steps and --rounds must be positive, --warmup non-negative.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bf16 = args.device.startswith("cuda") if args.bf16 is None else args.bf16
+    device_type = torch.device(args.device).type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    config = MAEConfig()
+    overrides = parse_overrides(args.config_overrides)
+    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    if unknown:
+        parser.error(f"--config_overrides: unknown field(s) {unknown}.")
+    config.update(overrides)
+    try:
+        config.check()
+    except ValueError as error:
+        parser.error(str(error))
+
+    suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite}
+    record = suites[args.suite](args, config, bf16, autocast)
+    record.update(command=shlex.join(["python", *sys.argv]), suite=args.suite, device=args.device,
+                  dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, threads=torch.get_num_threads(),
+                  torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
+    with open(args.output_json, "w") as handle:
+        json.dump(record, handle, indent=2)
+

@@ -1,0 +1,49 @@
+"""A frozen encoder's features, computed once, and weighted kNN votes on them: what pretraining's kNN monitor and
+the evaluation protocols share."""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+def autocast_for(device: torch.device, bf16: bool):
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def extract_features(encoder, images: torch.Tensor, transform, batch_size: int = 512,
+                     bf16: bool = False) -> torch.Tensor:
+    """Pooled features `(N, hidden_size)` (float32, on the encoder's device) of uint8 `images`, without masking:
+    the encoder's `pooler_output` (class token or mean of patch tokens, as its `config.pooling` says)."""
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    features = []
+    for batch in images.split(batch_size):
+        with autocast_for(device, bf16):
+            features.append(encoder(transform(batch.to(device, non_blocking=True))).pooler_output.float())
+    encoder.train(was_training)
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, ks=(20, 200),
+                temperature: float = 0.07, num_classes: int | None = None, chunk_size: int = 1024) -> dict:
+    """Weighted kNN (Wu et al. 2018, as in DINO): cosine similarity, each of the k nearest neighbours votes for its
+    label with weight exp(similarity / temperature). Returns {k: predictions}; k is capped at the bank size."""
+    num_classes = int(bank_labels.max()) + 1 if num_classes is None else num_classes
+    bank = F.normalize(bank.float(), dim=1)
+    bank_labels = bank_labels.to(bank.device)
+    k_max = min(max(ks), bank.shape[0])
+    predictions = {k: [] for k in ks}
+    for query in F.normalize(queries.float().to(bank.device), dim=1).split(chunk_size):
+        similarity, index = (query @ bank.T).topk(k_max, dim=1)
+        weights, labels = (similarity / temperature).exp(), bank_labels[index]
+        for k in ks:
+            votes = torch.zeros(query.shape[0], num_classes, device=bank.device)
+            votes.scatter_add_(1, labels[:, :k], weights[:, :k])
+            predictions[k].append(votes.argmax(dim=1))
+    return {k: torch.cat(chunks).cpu() for k, chunks in predictions.items()}
