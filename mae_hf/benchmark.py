@@ -370,7 +370,7 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_json", default="benchmark.json")
+    parser.add_argument("--output_json", help="Also write the figures to this JSON file.")
     parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment"), default="model",
                         help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model step; "
                              "probe, augment: see above.")
@@ -404,6 +404,7 @@ def main(argv=None):
     record.update(command=shlex.join(["python", *sys.argv]), suite=args.suite, device=args.device,
                   dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, threads=torch.get_num_threads(),
                   torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
-    with open(args.output_json, "w") as handle:
-        json.dump(record, handle, indent=2)
+    if args.output_json:
+        with open(args.output_json, "w") as handle:
+            json.dump(record, handle, indent=2)
 

@@ -746,8 +746,6 @@ class ThroughputCallback(TrainerCallback):
             remaining = (state.max_steps - state.global_step) * self.seconds / self.steps
             say(f"[plan] measured {self.images_per_second:,.0f} images/s over {self.steps} steps; about "
                 f"{_duration(remaining)} of training left (evaluations add to it)")
-            if self.slow_hint and remaining > 3600 and args.device.type == "cpu":
-                say(f"[plan] {self.slow_hint}")
 
     def _skip_interval(self, *args, **kwargs):
         self.last_time = None

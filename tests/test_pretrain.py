@@ -129,6 +129,23 @@ def test_slow_run_on_a_cpu_is_flagged_before_training(tmp_path, capsys):
         assert ("use the small config" in capsys.readouterr().out) == flagged
 
 
+def test_long_cpu_run_of_a_small_model_gets_no_hint_to_use_the_small_config(tmp_path, capsys):
+    """A CPU-sized run that is merely slow (a busy machine, a longer small run) is not told to use the config it
+    already uses: the hint is for GPU-sized runs, and it is said before training."""
+    from types import SimpleNamespace
+
+    from mae_hf.training import ThroughputCallback
+
+    args = PretrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    callback = ThroughputCallback(128, slow_hint="use the small config", measure_seconds=0.0)
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=3710, global_step=3)
+    callback.on_train_begin(args, state, None)
+    callback.last_time, callback.seconds, callback.steps = 0.0, 10.0, 1  # 10 s a step: hours left
+    callback.on_step_end(args, state, None)
+    printed = capsys.readouterr().out
+    assert "[plan] measured" in printed and "use the small config" not in printed
+
+
 def test_bad_column_fails_before_training(tmp_path, scripts, tiny_overrides, parquet_folder):
     with pytest.raises(SystemExit, match=r"'img', 'label'"):
         scripts.pretrain.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(parquet_folder),
