@@ -490,9 +490,11 @@ class Run:
         if self.is_main:
             try:
                 self._claim_output_dir()
-            except RunError as error:
+            except Exception as error:  # any failure reaches every process: none may wait for rank 0 forever
                 self._release()
-                problem = str(error)
+                problem = str(error) if isinstance(error, RunError) else f"{type(error).__name__}: {error}"
+                if self.args.world_size == 1 and not isinstance(error, RunError):
+                    raise
         problem, self.resume_from = _from_main_process((problem, self.resume_from))
         if problem:
             raise RunError(problem)
