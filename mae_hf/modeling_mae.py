@@ -22,7 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
-from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mae import MAEConfig
 
@@ -216,8 +216,8 @@ class SinCosPositions(nn.Module):
     interpolate, the sin-cos formula holds for any grid.
     """
 
-    def __init__(self, grid: tuple[int, int], width: int):
-        super().__init__()
+    def init_positions(self, grid: tuple[int, int], width: int) -> None:
+        """Called by the subclass's `__init__` (a method, not `__init__`: the decoder is also a `PreTrainedModel`)."""
         self.grid = grid
         self.register_buffer("position_embeddings", torch.zeros(1, 1 + grid[0] * grid[1], width), persistent=False)
         self.other_grids: dict[tuple, torch.Tensor] = {}
@@ -237,7 +237,8 @@ class MAEEmbeddings(SinCosPositions):
     """Patch projection + fixed positions, random masking, then the class token in front."""
 
     def __init__(self, config: MAEConfig):
-        super().__init__((config.grid_size, config.grid_size), config.hidden_size)
+        super().__init__()
+        self.init_positions((config.grid_size, config.grid_size), config.hidden_size)
         self.patch_projection = nn.Linear(config.patch_size**2 * config.num_channels, config.hidden_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
 
@@ -251,45 +252,6 @@ class MAEEmbeddings(SinCosPositions):
         return torch.cat([cls, tokens], dim=1), mask, ids_restore
 
 
-class MAEDecoder(SinCosPositions):
-    """Lightweight decoder: visible tokens + mask tokens, back in image order, to pixels of every patch.
-
-    Not a `PreTrainedModel`, but it records its hidden states and attentions with transformers' output capture, as
-    the encoder does (`output_hidden_states` / `output_attentions`), under its own names in the pretraining output."""
-
-    def __init__(self, config: MAEConfig):
-        width = config.decoder_hidden_size
-        super().__init__((config.grid_size, config.grid_size), width)
-        self.config = config  # read by `capture_outputs` (output_* defaults) and the attention layers
-        self.embed = nn.Linear(config.hidden_size, width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.layers = nn.ModuleList(
-            MAELayer(width, config.decoder_num_attention_heads, config.decoder_intermediate_size, config)
-            for _ in range(config.decoder_num_hidden_layers)
-        )
-        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.pred = nn.Linear(width, config.patch_size**2 * config.num_channels)
-        # Negative `output_hidden_states` indices count from the decoder's own depth.
-        _CAN_RECORD_REGISTRY[self] = {
-            "hidden_states": OutputRecorder(MAELayer, num_hidden_layers_key="decoder_num_hidden_layers"),
-            "attentions": OutputRecorder(MAEAttention, index=1),
-        }
-
-    @capture_outputs(tie_last_hidden_states=False)
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int],
-                **kwargs: Unpack[TransformersKwargs]) -> MAEDecoderOutput:
-        kwargs["output_attentions"] = kwargs.get("output_attentions", self.config.output_attentions)
-        x = self.embed(latent)
-        batch, num_patches, width = ids_restore.shape[0], ids_restore.shape[1], x.shape[-1]
-        mask_tokens = self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
-        patches = torch.gather(patches, 1, ids_restore[:, :, None].expand(-1, -1, width))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.positions(grid)
-        for layer in self.layers:
-            x = layer(x, **kwargs)
-        return MAEDecoderOutput(logits=self.pred(self.norm(x))[:, 1:])
-
-
 class MAEPreTrainedModel(PreTrainedModel):
     config_class = MAEConfig
     base_model_prefix = "mae"
@@ -301,7 +263,7 @@ class MAEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules = ("MAELayer", "MAEEmbeddings")
-    # The encoder's; the decoder records its own (see MAEDecoder).
+    # The encoder's; the decoder has its own (see MAEDecoder).
     _can_record_outputs = {"hidden_states": MAELayer, "attentions": MAEAttention}
 
     def __init__(self, config: MAEConfig, *args, **kwargs):
@@ -402,6 +364,48 @@ class MAEPreTrainedModel(PreTrainedModel):
         if kwargs.get("is_main_process", True):
             self.image_processor().save_pretrained(save_directory)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MAEDecoder(MAEPreTrainedModel, SinCosPositions):
+    """Lightweight decoder: visible tokens + mask tokens, back in image order, to pixels of every patch.
+
+    A `PreTrainedModel` inside `MAEForPreTraining` (as transformers' encoder-decoder models nest theirs) so that its own
+    `_can_record_outputs` records its hidden states and attentions (`output_hidden_states` / `output_attentions`),
+    returned under their decoder names in the pretraining output."""
+
+    # Negative `output_hidden_states` indices count from the decoder's own depth.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(MAELayer, num_hidden_layers_key="decoder_num_hidden_layers"),
+        "attentions": OutputRecorder(MAEAttention, index=1),
+    }
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        width = config.decoder_hidden_size
+        self.init_positions((config.grid_size, config.grid_size), width)
+        self.embed = nn.Linear(config.hidden_size, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.layers = nn.ModuleList(
+            MAELayer(width, config.decoder_num_attention_heads, config.decoder_intermediate_size, config)
+            for _ in range(config.decoder_num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.pred = nn.Linear(width, config.patch_size**2 * config.num_channels)
+        self.post_init()
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int],
+                **kwargs: Unpack[TransformersKwargs]) -> MAEDecoderOutput:
+        kwargs["output_attentions"] = kwargs.get("output_attentions", self.config.output_attentions)
+        x = self.embed(latent)
+        batch, num_patches, width = ids_restore.shape[0], ids_restore.shape[1], x.shape[-1]
+        mask_tokens = self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore[:, :, None].expand(-1, -1, width))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.positions(grid)
+        for layer in self.layers:
+            x = layer(x, **kwargs)
+        return MAEDecoderOutput(logits=self.pred(self.norm(x))[:, 1:])
 
 
 class MAEModel(MAEPreTrainedModel):
