@@ -148,7 +148,9 @@ def test_demo_in_a_browser(served_app, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "#mask-ratio").click()
     wait_for(lambda: text_of(browser, "loss") not in ("", first_loss), "the loss of the new mask ratio")
     assert browser.find_element(By.CSS_SELECTOR, "#mask-ratio input[type=number]").get_attribute("value") == "0.5"
-    assert rendered_pictures(browser) == 4 and "Done in" in text_of(browser, "status")
+    # The new pictures replace the old ones a moment after the loss: wait for all four to have loaded again.
+    wait_for(lambda: rendered_pictures(browser) == 4 and "Done in" in text_of(browser, "status"),
+             "four pictures of the new mask ratio")
     browser.save_screenshot(str(tmp_path / "demo.png"))  # the test's artifact: what the page showed
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     print(f"screenshot: {tmp_path / 'demo.png'}; browser part {time.monotonic() - started:.1f} s")
