@@ -243,6 +243,9 @@ def main(argv=None):
     parser.add_argument("--measure", type=int, metavar="N",
                         help="Print the median seconds per image over N images instead of serving.")
     args = parser.parse_args(argv)
+    for flag, value in (("--threads", args.threads), ("--measure", args.measure)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be a positive number, got {value}.")
     torch.set_num_threads(args.threads)
     if args.measure:
         try:

@@ -179,6 +179,8 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     if template_path is None or not os.path.isfile(template_path):
         raise ValueError(f"model card template {template_path} does not exist.")
     space_metadata = space_check(space_dir) if space_dir else ""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir} is a file; expected a folder (new or empty) to assemble into.")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite or choose another folder.")
     target = os.path.realpath(output_dir)
