@@ -212,8 +212,8 @@ def build(source: str | None) -> gr.Blocks:
                 status = gr.Markdown(load_error or "", elem_id="status")
         outputs = images + [loss] + labels + [status]
         inputs = [upload, ratio, seed]
-        # One queue for all four triggers (Gradio gives each its own): a run sets the model's mask ratio for its
-        # call, so two runs at once could draw one with the other's ratio.
+        # One run at a time, stated rather than left to Gradio's defaults (GRADIO_DEFAULT_CONCURRENCY_LIMIT can raise
+        # them): a run sets the model's mask ratio for its call, so two at once could draw one with the other's ratio.
         for trigger in (button.click, upload.change, ratio.change, seed.submit):
             trigger(predict, inputs, outputs, trigger_mode="always_last",  # while dragging: the latest value
                     concurrency_limit=1, concurrency_id="model")

@@ -192,3 +192,15 @@ def test_demo_errors_are_shown_in_the_page(tmp_path, tiny_config):
     outputs = predict(str(ROOT / "demo" / "examples" / "cat.png"), 0.5, 0)
     assert [picture.size for picture in outputs[:4]] == [(256, 256)] * 4
     assert set(outputs[5]) == set(LABELS.values()) and outputs[-1].startswith("Done in")
+
+
+def test_demo_flags_and_one_queue(tmp_path, tiny_config, capsys):
+    app = load_app()
+    for flags in (["--measure", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            app.main(["--model", str(tmp_path), *flags])  # refused before loading or serving
+        assert exit_info.value.code == 2 and f"{flags[0]} must be a positive number" in capsys.readouterr().err
+    # Every trigger runs in one queue of one: a run sets the model's mask ratio for its own call.
+    page = app.build(str(published_folder(tmp_path / "hub", tiny_config)))
+    runs = [block for block in page.fns.values() if block.fn.__name__ == "predict"]
+    assert len(runs) == 4 and {(block.concurrency_id, block.concurrency_limit) for block in runs} == {("model", 1)}
