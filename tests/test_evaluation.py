@@ -251,6 +251,7 @@ def test_publish_refuses_numbers_that_are_not_this_models(evaluated, scripts, tm
     for extra, message in (
             (["--results", str(tmp_path / "other")], "measured another encoder"),
             (["--output_dir", str(folder / "hub")], "overlaps the input"),
+            (["--output_dir", str(tmp_path / "other" / "linear_probe_results.json")], "is a file; expected a folder"),
             (["--results", str(root / "random"), str(tmp_path / "disagreeing_results.json")],
              "Two linear_probe results of the random_init encoder disagree"),
             (["--finetune", str(random_finetune)], "evaluated a random-init encoder")):
