@@ -373,9 +373,11 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
                                    create_pr=create_pr,
                                    commit_message=commit_message or f"Upload {os.path.basename(folder.rstrip('/'))}")
     except Exception as error:
+        # The command that finishes the same push: same branch, privacy and pull request.
+        retry = " ".join(["hf upload", repo_id, folder] + ([f"--revision {revision}"] if revision else [])
+                         + (["--private"] if private else []) + (["--create-pr"] if create_pr else []))
         raise HubPushError(
             f"Pushing to the Hub failed ({type(error).__name__}: {' '.join(str(error).split())}). The folder "
-            f"{folder} is complete: upload it later with `hf upload {repo_id} {folder}` (log in first with "
-            f"`hf auth login`)."
+            f"{folder} is complete: upload it later with `{retry}` (log in first with `hf auth login`)."
         ) from error
     return commit.pr_url if create_pr and commit.pr_url else commit.commit_url

@@ -133,8 +133,9 @@ def test_failed_upload_leaves_the_folder_complete(pretrained_run, scripts, tmp_p
     hub = FakeHub(fail="upload_folder")
     hub.install(monkeypatch)
     with pytest.raises(SystemExit, match=r"Pushing to the Hub failed \(ConnectionError.*is complete: upload it later "
-                                         r"with `hf upload me/mae-tiny"):
-        scripts.publish.main(publish_args(pretrained_run, tmp_path / "hub", "--hub_token", TOKEN))
+                                         r"with `hf upload me/mae-tiny \S+ --revision dev --private`"):
+        scripts.publish.main(publish_args(pretrained_run, tmp_path / "hub", "--hub_token", TOKEN,
+                                          "--hub_revision", "dev", "--hub_private_repo", "true"))
     for name in ("model.safetensors", "README.md", "app.py", "results/pretraining_summary.json"):
         assert (tmp_path / "hub" / name).is_file(), name
 
