@@ -213,7 +213,7 @@ def build(source: str | None) -> gr.Blocks:
         outputs = images + [loss] + labels + [status]
         inputs = [upload, ratio, seed]
         # One run at a time, stated rather than left to Gradio's defaults (GRADIO_DEFAULT_CONCURRENCY_LIMIT can raise
-        # them): a run sets the model's mask ratio for its call, so two at once could draw one with the other's ratio.
+        # them): on a CPU Space, runs at once only compete for the same cores (the mask ratio goes with each call).
         for trigger in (button.click, upload.change, ratio.change, seed.submit):
             trigger(predict, inputs, outputs, trigger_mode="always_last",  # while dragging: the latest value
                     concurrency_limit=1, concurrency_id="model")

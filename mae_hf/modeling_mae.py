@@ -492,16 +492,21 @@ class MAEForPreTraining(MAEPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
+        mask_ratio: float | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MAEForPreTrainingOutput:
         r"""
         pixel_values: `(batch, num_channels, image_size, image_size)` floats.
         noise: `(batch, num_patches)`, optional; fixes which patches are masked (lowest noise kept).
+        mask_ratio: fraction of patches to hide for this call, in (0, 1) (default: `config.mask_ratio`).
         interpolate_pos_encoding: accept images of any height and width divisible by the patch size.
         output_hidden_states, output_attentions: also for the decoder (`decoder_hidden_states`, `decoder_attentions`).
         """
+        mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        if not 0 < mask_ratio < 1:  # the loss is over the masked patches: there must be some, and some visible
+            raise ValueError(f"MAEForPreTraining needs mask_ratio in (0, 1), got {mask_ratio}.")
         grid = self.patch_grid(pixel_values, interpolate_pos_encoding)
-        encoded = self.mae(pixel_values, noise=noise, mask_ratio=self.config.mask_ratio,
+        encoded = self.mae(pixel_values, noise=noise, mask_ratio=mask_ratio,
                            interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
         decoded = self.decoder(encoded.last_hidden_state, encoded.ids_restore, grid, return_dict=True, **kwargs)
         loss = self.forward_loss(pixel_values, decoded.logits, encoded.mask, interpolate_pos_encoding)

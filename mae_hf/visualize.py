@@ -17,15 +17,13 @@ def reconstruct(model, pixel_values: torch.Tensor, noise: torch.Tensor, mask_rat
     reconstruction with the visible patches pasted back) and the masked-patch loss of the batch, masking
     `mask_ratio` of the patches (default: the model's). Predictions of a `norm_pix_loss` model get each patch's
     mean/std back from the original."""
-    was_training, configured_ratio = model.training, model.config.mask_ratio
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pixel_values, noise = pixel_values.to(device).float(), noise.to(device)
-    model.config.mask_ratio = configured_ratio if mask_ratio is None else mask_ratio
-    try:
-        outputs = model(pixel_values, noise=noise)
+    try:  # the ratio goes with the call, not into the shared config: safe for a model serving several requests
+        outputs = model(pixel_values, noise=noise, **({} if mask_ratio is None else {"mask_ratio": mask_ratio}))
     finally:
-        model.config.mask_ratio = configured_ratio
         model.train(was_training)
 
     target = model.patchify(pixel_values)

@@ -507,3 +507,14 @@ def test_noise_without_masking_keeps_image_order(tiny_config, pixel_values, nois
     with_noise, without = model(pixel_values, noise=noise), model(pixel_values)
     assert torch.equal(with_noise.last_hidden_state, without.last_hidden_state)
     assert torch.equal(with_noise.ids_restore, torch.arange(N).expand(2, -1))
+
+
+def test_pretraining_mask_ratio_per_call(tiny_config, pixel_values, noise):
+    """`mask_ratio=` masks that fraction for one call (the demo's slider) and leaves the config as it was."""
+    model = MAEForPreTraining(tiny_config()).eval()
+    half = model(pixel_values, noise=noise, mask_ratio=0.5)
+    assert half.mask.sum(dim=1).tolist() == [8.0, 8.0] and model.config.mask_ratio == 0.75
+    assert model(pixel_values, noise=noise).mask.sum(dim=1).tolist() == [12.0, 12.0]
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="mask_ratio in \\(0, 1\\)"):
+            model(pixel_values, noise=noise, mask_ratio=bad)
