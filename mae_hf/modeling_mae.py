@@ -220,7 +220,9 @@ class SinCosPositions(nn.Module):
         """Called by the subclass's `__init__` (a method, not `__init__`: the decoder is also a `PreTrainedModel`)."""
         self.grid = grid
         self.register_buffer("position_embeddings", torch.zeros(1, 1 + grid[0] * grid[1], width), persistent=False)
-        self.other_grids: dict[tuple, torch.Tensor] = {}
+        self.other_grids: dict[tuple, torch.Tensor] = {}  # insertion-ordered: the oldest goes first
+
+    MAX_OTHER_GRIDS = 8
 
     def positions(self, grid: tuple[int, int]) -> torch.Tensor:
         """`(1, 1 + rows * columns, width)` table for a `(rows, columns)` grid."""
@@ -229,6 +231,8 @@ class SinCosPositions(nn.Module):
             return table
         key = (grid, table.device, table.dtype)
         if key not in self.other_grids:
+            if len(self.other_grids) >= self.MAX_OTHER_GRIDS:  # many sizes or devices: forget the oldest table
+                del self.other_grids[next(iter(self.other_grids))]
             self.other_grids[key] = sincos_position_embedding(grid, table.shape[-1]).to(table.device, table.dtype)
         return self.other_grids[key]
 

@@ -518,3 +518,11 @@ def test_pretraining_mask_ratio_per_call(tiny_config, pixel_values, noise):
     for bad in (0.0, 1.0):
         with pytest.raises(ValueError, match="mask_ratio in \\(0, 1\\)"):
             model(pixel_values, noise=noise, mask_ratio=bad)
+
+
+def test_tables_of_other_grids_are_kept_for_a_few_sizes_only(tiny_config):
+    model = MAEModel(tiny_config()).eval()
+    for side in range(2, 2 + 2 * 12, 2):  # twelve image sizes
+        model(torch.randn(1, 3, side, side), interpolate_pos_encoding=True)
+    cached = model.embeddings.other_grids
+    assert len(cached) == model.embeddings.MAX_OTHER_GRIDS and ((12, 12), torch.device("cpu"), torch.float32) in cached
