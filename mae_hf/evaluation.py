@@ -223,9 +223,9 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
                                batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
                                weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
             probe_seconds = time.perf_counter() - started
+            predictions = probes.predict_features(model, eval_features, classify=model.classify_features)
             results["linear_probe"] = dict(
-                common, protocol="linear_probe",
-                eval_accuracy=accuracy(probes.predict_from_features(model, eval_features), evaluation.labels),
+                common, protocol="linear_probe", eval_accuracy=accuracy(predictions, evaluation.labels),
                 pooling=args.pooling, probe_seconds=round(probe_seconds, 2), **probe_settings)
             model.save_pretrained(args.output_dir)
             write_results(args.output_dir, "linear_probe", results["linear_probe"])

@@ -170,12 +170,6 @@ def fit_head(module, classify, parameters, train_features: torch.Tensor, train_l
     return module.eval()
 
 
-@torch.no_grad()
-def predict_from_features(model, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model.classify_features(chunk).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
-
-
 class LinearHead(nn.Module):
     """The linear probe's head on any feature vector: BatchNorm without affine parameters, then linear."""
 
@@ -307,9 +301,11 @@ def predict_tokens(probe: AttentiveProbe, tokens: TokenCache, device: torch.devi
 
 
 @torch.no_grad()
-def predict_features(head: nn.Module, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+def predict_features(head: nn.Module, features: torch.Tensor, batch_size: int = 4096, classify=None) -> torch.Tensor:
+    """Predicted classes of cached features: `classify(features)` (default: the head itself) gives the logits."""
     head.eval()
-    return torch.cat([head(chunk).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
+    classify = classify or head
+    return torch.cat([classify(chunk).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
 
 
 def timed(function, *args, **kwargs):
