@@ -153,7 +153,8 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
         ("Augmentation", f"random-resized-crop (area {summary['crop_min_scale']}-1), "
                          f"horizontal flip {summary['horizontal_flip']}"),
         ("Hardware", f"{summary['world_size']} x {summary['device']}, {precision}"),
-        ("Training time", f"{summary['train_runtime_seconds']:.0f} s"
+        ("Training time", ("not recorded" if summary.get("train_runtime_seconds") is None
+                           else f"{summary['train_runtime_seconds']:.0f} s")
                           + (f" ({images_per_second:,.0f} images/s)" if images_per_second else "")),
         ("Final eval loss (masked patches)", f"{summary['eval_loss']:.4f}"),
     ]

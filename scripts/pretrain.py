@@ -18,6 +18,7 @@ from transformers import set_seed
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import parse_args, run_script
 from mae_hf.data import ArrayDataset, DataArguments, collate, fixed_noise, load_image_splits, skipped_images
+from mae_hf.inputs import read_json_object
 from mae_hf.runs import Run
 from mae_hf.training import (
     MAEPretrainer,
@@ -137,9 +138,13 @@ def pretrain(run, model_args, data_args, args):
     result = run.train(trainer)
 
     trainer.save_model()
-    if result.metrics:  # none when a resumed run had nothing left to train: the run's train results stay
-        trainer.save_metrics("train", dict(result.metrics, pipeline_images_per_second=throughput.images_per_second,
-                                           train_samples=len(train)))
+    if result.metrics:
+        train_metrics = dict(result.metrics, pipeline_images_per_second=throughput.images_per_second,
+                             train_samples=len(train))
+        trainer.save_metrics("train", train_metrics)
+    else:  # a resumed run with nothing left to train: the run's own train results stay, and the summary keeps them
+        kept = os.path.join(args.output_dir, "train_results.json")
+        train_metrics = read_json_object(kept) if os.path.isfile(kept) else {}
     eval_metrics = final_evaluation(trainer) if args.do_eval else {}
     if args.do_eval:
         trainer.save_metrics("eval", dict(eval_metrics, eval_samples=len(evaluation)))
@@ -159,8 +164,8 @@ def pretrain(run, model_args, data_args, args):
             "norm_pix_loss": config.norm_pix_loss, "seed": args.seed, "device": str(args.device),
             "world_size": args.world_size, "bf16": args.bf16, "torch_compile": args.torch_compile,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "train_runtime_seconds": result.metrics.get("train_runtime"),
-            "pipeline_images_per_second": throughput.images_per_second,
+            "train_runtime_seconds": train_metrics.get("train_runtime"),
+            "pipeline_images_per_second": train_metrics.get("pipeline_images_per_second"),
             "eval_loss": eval_metrics.get("eval_loss"), "eval_knn_accuracy": eval_metrics.get("eval_knn_accuracy"),
             "command": " ".join(["python"] + sys.argv),
         }

@@ -231,8 +231,10 @@ def test_accepted_change_is_recorded_and_a_finished_run_trains_no_extra_step(sto
     assert "'train_loss'" not in out
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["global_step"] == end and max(entry["step"] for entry in state["log_history"]) == end
-    assert len(json.loads((folder / "pretraining_summary.json").read_text())["resumes"]) == 2
+    summary = json.loads((folder / "pretraining_summary.json").read_text())
+    assert len(summary["resumes"]) == 2
     assert (folder / "train_results.json").read_text() == train_results  # not train metrics of no step
+    assert summary["train_runtime_seconds"] == json.loads(train_results)["train_runtime"]  # the run's, kept
 
 
 @pytest.mark.parametrize("tear", ["empty_state", "truncated_state", "state_without_step", "truncated_weights",
