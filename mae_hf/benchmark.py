@@ -178,12 +178,14 @@ def pipeline_suite(args, config, bf16, autocast):
     """Whole pretraining pipeline (the Trainer run by scripts/pretrain.py) against the model-only step."""
     import tempfile
 
-    from .data import ArrayDataset, BatchTransform, collate
+    from .data import BatchTransform, ImageDataset, collate
+    from .data.memory import InMemoryImages
     from .training import MAEPretrainer, PretrainingArguments, ThroughputCallback
 
     torch.manual_seed(args.seed)
     images = torch.randint(0, 256, (args.pipeline_images, config.num_channels, config.image_size, config.image_size),
                            dtype=torch.uint8)
+    sizes = torch.tensor([[config.image_size, config.image_size]], dtype=torch.int32).expand(len(images), 2)
     model = MAEForPreTraining(config).to(args.device).train()
     stepper = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -202,11 +204,12 @@ def pipeline_suite(args, config, bf16, autocast):
                 knn_eval=False)
             callback = ThroughputCallback(args.batch_size, measure_seconds=float("inf"))  # steps 3.. are timed
             train_transform, eval_transform = training.batch_transforms(config)
-            trainer = MAEPretrainer(model=model, args=training, train_dataset=ArrayDataset(images),
+            data = InMemoryImages(images, sizes)
+            if training.place_data_on_device(data):
+                data = InMemoryImages(images, sizes).to(training.device)
+            trainer = MAEPretrainer(model=model, args=training, train_dataset=ImageDataset(data),
                                     data_collator=collate, train_transform=train_transform,
                                     eval_transform=eval_transform, callbacks=[callback])
-            if training.place_data_on_device(images.numel()):
-                trainer.train_dataset.to(training.device)
             trainer.train()
             rounds["pipeline"].append(callback.images_per_second)
     medians = {name: statistics.median(values) for name, values in rounds.items()}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import probes
-from .data import BatchTransform, load_image_splits, skipped_images
+from .data import BatchTransform, eval_crop_fraction, load_image_splits, skipped_images
 from .features import knn_predict
 from .metrics import accuracy
 from .modeling_mae import MAEForImageClassification
@@ -56,6 +56,10 @@ class FrozenEvalArguments:
     probe_learning_rate: float = field(default=0.1, metadata={"help": "SGD learning rate of the probe head."})
     probe_weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay of the probe head."})
     feature_batch_size: int = field(default=512, metadata={"help": "Batch of the feature extraction."})
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "DataLoader workers that decode images read from disk during the encoder pass (default: "
+                          "this process's share of the CPUs, one left for it); images held in memory need none."})
     seed: int = field(default=42, metadata={"help": "Seed of random init and probe training."})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for features; default on CUDA."})
@@ -63,6 +67,8 @@ class FrozenEvalArguments:
         default=False, metadata={"help": "No progress bars (feature extraction, probe epochs), as the Trainer's flag."})
 
     def __post_init__(self):  # sizes and rates torch would refuse later with a message that names no flag
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            raise ValueError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
         for flag in ("probe_epochs", "probe_batch_size", "feature_batch_size", "attentive_epochs",
                      "attentive_batch_size"):
             if getattr(self, flag, 1) < 1:
@@ -149,7 +155,8 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
         raise ValueError(f"--attentive_heads {args.attentive_heads} must divide the encoder's hidden size "
                          f"{config.hidden_size}.")
     image_size = config.image_size
-    train, evaluation = load_image_splits(data_args, image_size, require_labels=True, token=model_args.token)
+    train, evaluation = load_image_splits(data_args, image_size, config.num_channels, require_labels=True,
+                                          token=model_args.token, num_workers=args.dataloader_num_workers)
     if args.knn and max(args.knn_k) > len(train):
         raise ValueError(f"--knn_k {max(args.knn_k)} needs at least that many training images; the training split "
                          f"has {len(train)}. Pass smaller values, e.g. --knn_k {min(20, len(train))}.")
@@ -161,14 +168,15 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
                             new_head="the probe's head is new and trained here" if args.linear_probe else None
                             ).to(device)
 
-    plain = BatchTransform.for_model(model.config)
+    plain = BatchTransform.for_model(model.config,
+                                     eval_crop_fraction=eval_crop_fraction(data_args, image_size, train))
     multiblock = args.linear_probe and args.feature_blocks > 1
     caches = {name: probes.token_cache_for(len(split), model.config, device, args.token_cache, args.output_dir, name)
               for name, split in (("train", train), ("eval", evaluation))} if args.attentive_probe else {}
     started = time.perf_counter()
     try:
         (train_features, train_blocks), (eval_features, eval_blocks) = (
-            probes.encode_frozen(model.mae, split.images, plain, args.feature_batch_size, bf16,
+            probes.encode_frozen(model.mae, split, plain, args.feature_batch_size, bf16,
                                  args.feature_blocks if multiblock else 1, caches.get(name),
                                  progress=None if args.disable_tqdm else f"Features ({name})")
             for name, split in (("train", train), ("eval", evaluation)))

@@ -6,6 +6,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .data import sequential_batches
+
 
 def autocast_for(device: torch.device, bf16: bool):
     if bf16 and device.type in ("cuda", "cpu"):
@@ -13,18 +15,29 @@ def autocast_for(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
+def image_batches(images, batch_size: int, device: torch.device):
+    """(uint8 canvases, sizes or None) on `device`, `batch_size` at a time and in order, of a uint8 tensor of
+    images or of an `ImageData` split (streamed splits are read by their DataLoader workers meanwhile)."""
+    if isinstance(images, torch.Tensor):
+        for batch in images.split(batch_size):
+            yield batch.to(device, non_blocking=True), None
+        return
+    for batch, sizes in sequential_batches(images, batch_size, pin_memory=device.type == "cuda"):
+        yield batch.to(device, non_blocking=True), sizes.to(device, non_blocking=True)
+
+
 @torch.no_grad()
-def extract_features(encoder, images: torch.Tensor, transform, batch_size: int = 512,
-                     bf16: bool = False) -> torch.Tensor:
-    """Pooled features `(N, hidden_size)` (float32, on the encoder's device) of uint8 `images`, without masking:
-    the encoder's `pooler_output` (class token or mean of patch tokens, as its `config.pooling` says)."""
+def extract_features(encoder, images, transform, batch_size: int = 512, bf16: bool = False) -> torch.Tensor:
+    """Pooled features `(N, hidden_size)` (float32, on the encoder's device) of uint8 `images` (a tensor or an
+    `ImageData` split), without masking: the encoder's `pooler_output` (class token or mean of patch tokens, as its
+    `config.pooling` says)."""
     device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
     features = []
-    for batch in images.split(batch_size):
+    for batch, sizes in image_batches(images, batch_size, device):
         with autocast_for(device, bf16):
-            features.append(encoder(transform(batch.to(device, non_blocking=True))).pooler_output.float())
+            features.append(encoder(transform(batch, sizes)).pooler_output.float())
     encoder.train(was_training)
     return torch.cat(features)
 

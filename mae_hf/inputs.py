@@ -4,7 +4,7 @@ files): a bad one is an error naming it, before any work starts, instead of a tr
 import json
 import os
 
-from .data import folder_listing
+from .paths import folder_listing
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .features import autocast_for
+from .features import autocast_for, image_batches
 
 TOKEN_DTYPE = torch.float16  # numpy has float16 (not bfloat16), so one dtype serves memory and memmap caches
 MEMORY_CACHE_LIMIT = 2 * 2 ** 30  # bytes of cached tokens kept in host memory under --token_cache auto
@@ -96,9 +96,10 @@ def multiblock_features(encoder, hidden_states: tuple, blocks: int) -> torch.Ten
 
 
 @torch.no_grad()
-def encode_frozen(encoder, images: torch.Tensor, transform, batch_size: int = 512, bf16: bool = False,
+def encode_frozen(encoder, images, transform, batch_size: int = 512, bf16: bool = False,
                   feature_blocks: int = 1, token_cache: TokenCache | None = None, progress: str | None = None):
-    """One pass of the frozen encoder over uint8 `images` (no masking). Returns `(pooled, multiblock)`: the
+    """One pass of the frozen encoder over uint8 `images` (a tensor, or an `ImageData` split: a streamed one is
+    read by its DataLoader workers while the encoder runs) without masking. Returns `(pooled, multiblock)`: the
     `pooler_output` features `(N, hidden)` and, when `feature_blocks > 1`, the multi-block features (else None),
     float32 on the encoder's device; writes the patch tokens of the last block into `token_cache` when given.
     `progress`: the label of a progress bar over the images (None: no bar)."""
@@ -109,8 +110,9 @@ def encode_frozen(encoder, images: torch.Tensor, transform, batch_size: int = 51
     encoder.eval()
     pooled, multiblock = [], []
     bar = tqdm(total=len(images), desc=progress, unit="img", disable=progress is None)
-    for start in range(0, len(images), batch_size):
-        batch = transform(images[start:start + batch_size].to(device, non_blocking=True))
+    start = 0
+    for canvases, sizes in image_batches(images, batch_size, device):
+        batch = transform(canvases, sizes)
         with autocast_for(device, bf16):
             output = encoder(batch, output_hidden_states=feature_blocks > 1, return_dict=True)
             pooled.append(output.pooler_output.float())
@@ -118,6 +120,7 @@ def encode_frozen(encoder, images: torch.Tensor, transform, batch_size: int = 51
                 multiblock.append(multiblock_features(encoder, output.hidden_states, feature_blocks).float())
         if token_cache is not None:
             token_cache.write(start, output.last_hidden_state[:, 1:])
+        start += len(batch)
         bar.update(len(batch))
     bar.close()
     encoder.train(was_training)

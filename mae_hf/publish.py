@@ -15,8 +15,8 @@ import shutil
 import torch
 
 from .cli import MAEHFError
-from .data import looks_local
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
+from .paths import looks_local
 from .results import (
     NOT_SETTINGS,
     accuracy_rows,

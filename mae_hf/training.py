@@ -3,6 +3,7 @@ parameter groups follow the MAE recipe, a non-finite loss, gradient norm or weig
 saved from it (see runs.py), and pretraining evaluations also draw reconstructions and measure kNN accuracy."""
 
 import logging as std_logging
+import math
 import os
 import re
 import sys
@@ -16,8 +17,9 @@ from transformers.utils import logging
 
 from .cli import parse_overrides
 from .configuration_mae import MAEConfig
-from .data import BatchTransform, folder_listing, looks_local
+from .data import BatchTransform
 from .inputs import check_weights_fit, model_folder_config, read_json_object
+from .paths import folder_listing, looks_local
 from .runs import SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, write_json
 
 logger = logging.get_logger("mae_hf")
@@ -240,7 +242,16 @@ class ImageTrainingArguments(TrainingArguments):
     data_on_device: str = field(
         default="auto",
         metadata={"help": "Keep the decoded uint8 training set on the GPU: 'auto' (when it fits easily), 'true', "
-                          "'false'."})
+                          "'false'. Only for images held in memory (--data_in_memory)."})
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "DataLoader worker processes per training process. Images read from disk are decoded by "
+                          "them (default: this process's share of the CPUs, one left for it); images held in "
+                          "memory need none (default 0)."})
+    dataloader_persistent_workers: bool | None = field(
+        default=None,
+        metadata={"help": "Keep DataLoader workers between epochs and evaluations (default: on when there are "
+                          "workers)."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; default: on when a GPU supports it."})
     torch_compile: bool | None = field(default=None, metadata={"help": "torch.compile; default: on with CUDA."})
     per_device_eval_batch_size: int = field(default=512, metadata={"help": "Evaluation batch per device."})
@@ -294,6 +305,13 @@ class ImageTrainingArguments(TrainingArguments):
             self.torch_compile = gpu
         if not gpu:
             self.dataloader_pin_memory = False  # nothing to pin for
+        # Worker settings left unset are decided by `configure_loaders` once the data's path is known.
+        self.workers_chosen = self.dataloader_num_workers is not None
+        self.persistent_workers_chosen = self.dataloader_persistent_workers is not None
+        if not self.workers_chosen:
+            self.dataloader_num_workers = 0 if self.dataloader_prefetch_factor is None else 1
+        if not self.persistent_workers_chosen:
+            self.dataloader_persistent_workers = False
         if self.data_on_device not in ("auto", "true", "false"):
             raise ValueError(f"--data_on_device must be auto, true or false, got {self.data_on_device!r}.")
         if not 0 < self.crop_min_scale <= 1:
@@ -361,13 +379,48 @@ class ImageTrainingArguments(TrainingArguments):
                 f"{self.gradient_accumulation_steps} accumulation step(s)). Lower --per_device_train_batch_size or "
                 "use more images.")
 
-    def batch_transforms(self, config):
-        """(train, eval) `BatchTransform`s: crop + flip for training as configured, normalisation only for eval."""
+    def batch_transforms(self, config, eval_crop_fraction: float = 1.0):
+        """(train, eval) `BatchTransform`s: crop + flip for training as configured (drawn from a generator seeded
+        with --seed and the process index), the centre crop and normalisation for eval."""
         crop = (self.crop_min_scale, 1.0) if self.crop_min_scale < 1 else None
-        return (BatchTransform.for_model(config, crop_scale=crop, hflip=self.horizontal_flip),
-                BatchTransform.for_model(config))
+        return (BatchTransform.for_model(config, crop_scale=crop, hflip=self.horizontal_flip,
+                                         seed=self.seed + self.process_index),
+                BatchTransform.for_model(config, eval_crop_fraction=eval_crop_fraction))
 
-    def place_data_on_device(self, num_bytes: int) -> bool:
+    def requested_workers(self) -> int | None:
+        """--dataloader_num_workers as given (None: decided from the data's path)."""
+        return self.dataloader_num_workers if self.workers_chosen else None
+
+    def configure_loaders(self, train, evaluation) -> None:
+        """DataLoader settings for how the splits are held: images in memory need no workers; images read from
+        disk get the split's workers, kept between epochs (persistent), with their batches in flight checked
+        against the free shared memory (/dev/shm)."""
+        if train.in_memory and evaluation.in_memory:
+            if not self.workers_chosen:
+                self.dataloader_num_workers = 0
+        elif not self.workers_chosen:
+            self.dataloader_num_workers = train.num_workers
+        if self.dataloader_num_workers == 0:
+            self.dataloader_persistent_workers, self.dataloader_prefetch_factor = False, None
+            return
+        if not self.persistent_workers_chosen:
+            self.dataloader_persistent_workers = True
+        from .data.streaming import fit_workers_to_shared_memory
+
+        batch_bytes = max(self.per_device_train_batch_size * math.prod(train.canvas),
+                          self.per_device_eval_batch_size * math.prod(evaluation.canvas))
+        self.dataloader_num_workers, self.dataloader_prefetch_factor = fit_workers_to_shared_memory(
+            self.dataloader_num_workers, self.dataloader_prefetch_factor or 2, batch_bytes,
+            chosen=self.workers_chosen)
+
+    def place_data_on_device(self, data) -> bool:
+        """Whether to move an in-memory training split to the GPU (--data_on_device)."""
+        if not data.in_memory:
+            if self.data_on_device == "true":
+                raise ValueError("--data_on_device true needs the images in memory; these are read from disk "
+                                 "(--data_in_memory).")
+            return False
+        num_bytes = data.decoded_bytes
         if self.device.type == "cpu" or self.data_on_device == "false":
             return False
         if self.dataloader_num_workers > 0:  # forked worker processes cannot index tensors on the GPU
@@ -493,8 +546,8 @@ class FinetuneArguments(ImageTrainingArguments):
         return MixupCutmix(num_labels, self.mixup_alpha, self.cutmix_alpha, self.mixup_switch_prob, self.mixup_prob,
                            self.label_smoothing_factor)
 
-    def batch_transforms(self, config):
-        train, evaluation = super().batch_transforms(config)
+    def batch_transforms(self, config, eval_crop_fraction: float = 1.0):
+        train, evaluation = super().batch_transforms(config, eval_crop_fraction)
         train.augment, train.random_erasing = self.augmenter(), self.random_erasing
         return train, evaluation
 
@@ -537,11 +590,11 @@ class PerProcessSeed(TrainerCallback):
 
 
 class ImageTrainer(Trainer):
-    """`Trainer` for `ArrayDataset` batches: uint8 `pixel_values` are moved to the device, then augmented
-    (training) or only normalised (evaluation) there. Weight decay on linear weights only; optional layer-wise
-    learning-rate decay. Every step's loss and gradient norm feed a `DivergenceGuard` on the device; it is read at
-    logging/evaluation/save steps and before every save, so non-finite weights are never saved. A checkpoint that
-    fails to save is removed, not left half-written.
+    """`Trainer` for `ImageDataset` batches: uint8 canvases (`pixel_values`, with `image_sizes`) are moved to the
+    device, then cropped and augmented (training) or centre-cropped (evaluation) there. Weight decay on linear
+    weights only; optional layer-wise learning-rate decay. Every step's loss and gradient norm feed a
+    `DivergenceGuard` on the device; it is read at logging/evaluation/save steps and before every save, so
+    non-finite weights are never saved. A checkpoint that fails to save is removed, not left half-written.
 
     Fine-tuning recipe (mae_hf/augment.py): `mixer` mixes each training batch into soft targets, trained with a
     soft-target cross-entropy; `repeated_augmentations` puts every image k times in a batch; `ema_decay` keeps a
@@ -571,12 +624,42 @@ class ImageTrainer(Trainer):
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
+        sizes = inputs.pop("image_sizes", None)  # where each image lies in its canvas: for the transform only
         if not self.model.training:
-            return {**inputs, "pixel_values": self.eval_transform(inputs["pixel_values"])}
-        inputs = {**inputs, "pixel_values": self.train_transform(inputs["pixel_values"])}
+            return {**inputs, "pixel_values": self.eval_transform(inputs["pixel_values"], sizes)}
+        inputs = {**inputs, "pixel_values": self.train_transform(inputs["pixel_values"], sizes)}
         if self.mixer is not None:
             inputs["pixel_values"], inputs["labels"] = self.mixer(inputs["pixel_values"], inputs["labels"])
         return inputs
+
+    # The crops' own random stream is part of the run's state: saved with the Trainer's random states in every
+    # checkpoint, and restored with them, so a resumed run draws the crops the uninterrupted one would have.
+    def _augmentation_state_file(self, folder: str) -> str:
+        suffix = f"_{self.args.process_index}" if self.args.world_size > 1 else ""
+        return os.path.join(folder, f"augmentation_rng_state{suffix}.pth")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        state = self.train_transform.state()
+        if state is not None:
+            torch.save(state, self._augmentation_state_file(output_dir))
+
+    def _load_rng_state(self, checkpoint) -> None:
+        super()._load_rng_state(checkpoint)
+        path = None if checkpoint is None else self._augmentation_state_file(checkpoint)
+        if path is not None and os.path.isfile(path):
+            self.train_transform.load_state(torch.load(path, weights_only=True))
+
+    def _leave_global_random_state_alone(self, loader):
+        """A DataLoader draws its workers' base seed from torch's global random state each time it starts an
+        epoch — except with persistent workers, whose epochs after the first draw nothing. A resumed run starts a
+        new one, so the draws (and every random value after them: masking, augmentation) would differ from the
+        uninterrupted run's. With a generator of its own, the loader takes nothing from the global state."""
+        loader.generator = torch.Generator().manual_seed(self.args.seed)
+        return loader
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._leave_global_random_state_alone(super().get_eval_dataloader(eval_dataset))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
@@ -610,7 +693,7 @@ class ImageTrainer(Trainer):
         # Full training batches keep shapes static for torch.compile; evaluation still sees every image.
         evaluation_setting, self.args.dataloader_drop_last = self.args.dataloader_drop_last, True
         try:
-            return super().get_train_dataloader()
+            return self._leave_global_random_state_alone(super().get_train_dataloader())
         finally:
             self.args.dataloader_drop_last = evaluation_setting
 
@@ -671,8 +754,8 @@ class MAEPretrainer(ImageTrainer):
 
     def __init__(self, *args, preview=None, knn_data=None, knn_k: int = 20, **kwargs):
         super().__init__(*args, **kwargs)
-        self.preview = preview  # (uint8 images, noise)
-        self.knn_data = knn_data  # (bank images, bank labels, query images, query labels)
+        self.preview = preview  # (uint8 canvases, their sizes, noise)
+        self.knn_data = knn_data  # (bank images, bank labels, query images, query labels); images: `ImageData`
         self.knn_k = knn_k
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -692,8 +775,9 @@ class MAEPretrainer(ImageTrainer):
         history = os.path.join(output_dir, "reconstructions")
         os.makedirs(history, exist_ok=True)
         if self.preview is not None:
-            images, noise = self.preview
-            grid = grid_image(reconstruction_rows(model, self.eval_transform(images.to(self.args.device)), noise))
+            images, sizes, noise = self.preview
+            pixel_values = self.eval_transform(images.to(self.args.device), sizes.to(self.args.device))
+            grid = grid_image(reconstruction_rows(model, pixel_values, noise))
             grid.save(os.path.join(output_dir, "reconstructions.png"))
             grid.save(os.path.join(history, f"step_{self.state.global_step:07d}.png"))
         save_loss_curve(self.state.log_history, os.path.join(output_dir, "loss_curve.png"))

@@ -20,7 +20,7 @@ from transformers import set_seed
 
 from mae_hf import MAEForImageClassification
 from mae_hf.cli import parse_args, run_script
-from mae_hf.data import ArrayDataset, DataArguments, collate, load_image_splits, skipped_images
+from mae_hf.data import DataArguments, ImageDataset, collate, eval_crop_fraction, load_image_splits, skipped_images
 from mae_hf.evaluation import is_classifier, load_classifier
 from mae_hf.metrics import accuracy
 from mae_hf.results import encoder_fingerprint, write_results
@@ -41,7 +41,7 @@ def compute_metrics(prediction):
     return {"accuracy": accuracy(prediction.predictions.argmax(-1), prediction.label_ids)}
 
 
-def evaluate_only(model_args, config, num_labels, class_names, evaluation, args) -> None:
+def evaluate_only(model_args, config, num_labels, class_names, evaluation, args, crop_fraction: float) -> None:
     """--do_train false: the saved classifier, unchanged, on the evaluation split -> eval_results.json."""
     if not is_classifier(config):
         raise ValueError(f"--do_train false: {model_args.model_name_or_path} is not a classifier (no trained head); "
@@ -55,9 +55,9 @@ def evaluate_only(model_args, config, num_labels, class_names, evaluation, args)
         raise ValueError(f"--do_train false: {model_args.model_name_or_path} predicts the classes {saved}, this data "
                          f"has {class_names} (in label order): evaluate it on the data it was trained for.")
     model = load_pretrained(MAEForImageClassification, model_args, config)
-    _, eval_transform = args.batch_transforms(model.config)
+    _, eval_transform = args.batch_transforms(model.config, crop_fraction)
     trainer = ImageTrainer(model=model, args=args, data_collator=collate, compute_metrics=compute_metrics,
-                           eval_dataset=ArrayDataset(evaluation.images, labels=evaluation.labels),
+                           eval_dataset=ImageDataset(evaluation, labels=True),
                            train_transform=eval_transform, eval_transform=eval_transform)
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation)))
@@ -84,33 +84,36 @@ def finetune(run, model_args, data_args, args):
     random_init = args.random_init
     try:
         config = build_config(model_args)
-        train, evaluation = load_image_splits(data_args, config.image_size, require_labels=True,
-                                              token=model_args.token)
+        train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
+                                              require_labels=True, token=model_args.token,
+                                              num_workers=args.requested_workers())
         if args.do_train:
             args.check_enough_images(len(train))
+        args.configure_loaders(train, evaluation)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     set_seed(args.seed)  # before the head is initialised
     num_labels = train.num_classes  # the class names when the label column has them: validated at load
     names = train.class_names or [str(i) for i in range(num_labels)]
+    crop_fraction = eval_crop_fraction(data_args, config.image_size, train)
     if not args.do_train:
-        return evaluate_only(model_args, config, num_labels, train.class_names, evaluation, args)
+        return evaluate_only(model_args, config, num_labels, train.class_names, evaluation, args, crop_fraction)
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                             linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate,
                             new_head="the classification head is new and trained here")
     run.check_settings(model.config, data_args, model_args)
     fingerprint = encoder_fingerprint(model.mae)  # the encoder this run starts from, before training changes it
-    train_set = ArrayDataset(train.images, labels=train.labels)
-    if args.place_data_on_device(train.images.numel()):
-        train_set.to(args.device)
+    if args.place_data_on_device(train):
+        train.to(args.device)
         args.dataloader_pin_memory = False
-    train_transform, eval_transform = args.batch_transforms(model.config)
+    train_set = ImageDataset(train, labels=True)
+    train_transform, eval_transform = args.batch_transforms(model.config, crop_fraction)
     trainer = ImageTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
-        eval_dataset=ArrayDataset(evaluation.images, labels=evaluation.labels),
+        eval_dataset=ImageDataset(evaluation, labels=True),
         data_collator=collate,
         compute_metrics=compute_metrics,
         train_transform=train_transform,

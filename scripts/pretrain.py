@@ -17,7 +17,15 @@ from transformers import set_seed
 
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import parse_args, run_script
-from mae_hf.data import ArrayDataset, DataArguments, collate, fixed_noise, load_image_splits, skipped_images
+from mae_hf.data import (
+    DataArguments,
+    ImageDataset,
+    collate,
+    eval_crop_fraction,
+    fixed_noise,
+    load_image_splits,
+    skipped_images,
+)
 from mae_hf.inputs import read_json_object
 from mae_hf.runs import Run
 from mae_hf.training import (
@@ -65,7 +73,7 @@ def check_knn_bank(args, train) -> None:
     """The kNN monitor needs more labelled training images than neighbours, or its accuracy means nothing."""
     if not args.knn_eval or train.labels is None:
         return
-    bank = len(train.labelled())
+    bank = int((train.labels >= 0).sum())
     if args.knn_max_train_samples is not None:
         bank = min(bank, args.knn_max_train_samples)
     if 0 < bank < args.knn_k:
@@ -74,45 +82,54 @@ def check_knn_bank(args, train) -> None:
                          "or less, more training images, or --knn_eval false.")
 
 
+def knn_monitor_data(args, train, evaluation):
+    """(bank, bank labels, queries, query labels) of the kNN monitor over labelled images only (-1 / None mean
+    "unlabelled" here), the bank drawn at random when --knn_max_train_samples caps it; None without labels."""
+    if not args.knn_eval or train.labels is None:
+        return None
+    bank, queries = train.labelled(), evaluation.labelled()
+    if len(bank) < len(train) or len(queries) < len(evaluation):
+        print(f"[data] unlabelled images (label -1 or None): {len(train) - len(bank)} of {len(train)} training, "
+              f"{len(evaluation) - len(queries)} of {len(evaluation)} evaluation. They are pretrained on and left "
+              "out of the kNN monitor" + ("" if len(bank) and len(queries) else
+                                          "; with no labelled images in a split, there is no kNN monitor") + ".",
+              flush=True)
+    if not (len(bank) and len(queries)):
+        return None
+    bank = bank.sample(args.knn_max_train_samples, seed=args.seed)
+    return bank, bank.labels, queries, queries.labels
+
+
 def pretrain(run, model_args, data_args, args):
     set_seed(args.seed)  # before the model is initialised
     try:
         config = build_config(model_args, norm_pix_loss=True)
         train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
-                                              token=model_args.token)
+                                              token=model_args.token, num_workers=args.requested_workers())
         if args.do_train:
             args.check_enough_images(len(train))
         check_knn_bank(args, train)
+        args.configure_loaders(train, evaluation)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     run.check_settings(config, data_args, model_args)
 
-    has_labels = train.labels is not None
-    train_set = ArrayDataset(train.images)
-    if args.place_data_on_device(train.images.numel()):
-        train_set.to(args.device)
+    if args.place_data_on_device(train):
+        train.to(args.device)
         args.dataloader_pin_memory = False
+    train_set = ImageDataset(train)
     eval_noise = fixed_noise(len(evaluation), config.num_patches, seed=args.seed)
-    eval_set = ArrayDataset(evaluation.images, noise=eval_noise)
-    knn_data = None
-    if args.knn_eval and has_labels:  # kNN over labelled images only: -1 / None mean "unlabelled" here
-        bank, queries = train.labelled(), evaluation.labelled()
-        if len(bank) < len(train) or len(queries) < len(evaluation):
-            print(f"[data] unlabelled images (label -1 or None): {len(train) - len(bank)} of {len(train)} training, "
-                  f"{len(evaluation) - len(queries)} of {len(evaluation)} evaluation. They are pretrained on and left "
-                  "out of the kNN monitor" + ("" if len(bank) and len(queries) else
-                                              "; with no labelled images in a split, there is no kNN monitor") + ".",
-                  flush=True)
-        if len(bank) and len(queries):
-            subset = slice(0, args.knn_max_train_samples)
-            knn_data = (bank.images[subset], bank.labels[subset], queries.images, queries.labels)
-    preview = (evaluation.images[:args.num_reconstructions], eval_noise[:args.num_reconstructions])
+    eval_set = ImageDataset(evaluation, noise=eval_noise)
+    knn_data = knn_monitor_data(args, train, evaluation)
+    shown = range(min(args.num_reconstructions, len(evaluation)))
+    preview = (*evaluation.read(shown), eval_noise[:len(shown)])
 
     if model_args.model_name_or_path:
         model = load_pretrained(MAEForPreTraining, model_args, config)
     else:
         model = MAEForPreTraining(config)
-    train_transform, eval_transform = args.batch_transforms(config)
+    train_transform, eval_transform = args.batch_transforms(
+        config, eval_crop_fraction(data_args, config.image_size, train))
     throughput = ThroughputCallback(args.global_batch_size, slow_hint=slow_hint(data_args))
     trainer = MAEPretrainer(
         model=model,
@@ -153,6 +170,7 @@ def pretrain(run, model_args, data_args, args):
         summary = {
             "dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
             "train_samples": len(train), "eval_samples": len(evaluation), **run.record(trainer.state),
+            "data_in_memory": train.in_memory, "dataloader_num_workers": args.dataloader_num_workers,
             "data": data_args.recorded(),  # every data flag: visualize.py and the card read the run's own data
             **({"skipped_images": skipped_images(train, evaluation)} if data_args.skip_bad_images else {}),
             "global_batch_size": args.global_batch_size, "learning_rate": args.learning_rate,

@@ -17,7 +17,7 @@ import torch
 from transformers import set_seed
 
 from mae_hf.cli import parse_args, run_script
-from mae_hf.data import DataArguments, load_image_splits
+from mae_hf.data import DataArguments, eval_crop_fraction, load_image_splits
 from mae_hf.training import FinetuneArguments, ModelArguments, build_config
 from mae_hf.visualize import grid_image
 
@@ -27,10 +27,11 @@ class PictureArguments:
     num_images: int = field(default=8, metadata={"help": "Training images shown (columns)."})
 
 
-def augmented_rows(images: torch.Tensor, labels: torch.Tensor, args: FinetuneArguments, config,
-                   num_labels: int) -> tuple[torch.Tensor, list[str]]:
-    """`(rows, N, C, H, W)` pictures in [0, 1] and their row titles, for uint8 `images` of N training images."""
-    train_transform, eval_transform = args.batch_transforms(config)
+def augmented_rows(images: torch.Tensor, labels: torch.Tensor, args: FinetuneArguments, config, num_labels: int,
+                   sizes: torch.Tensor | None = None, crop_fraction: float = 1.0) -> tuple[torch.Tensor, list[str]]:
+    """`(rows, N, C, H, W)` pictures in [0, 1] and their row titles, for uint8 canvases `images` (and their `sizes`)
+    of N training images."""
+    train_transform, eval_transform = args.batch_transforms(config, crop_fraction)
     mean = torch.tensor(config.image_mean).view(1, -1, 1, 1)
     std = torch.tensor(config.image_std).view(1, -1, 1, 1)
 
@@ -38,8 +39,9 @@ def augmented_rows(images: torch.Tensor, labels: torch.Tensor, args: FinetuneArg
         return (x * std + mean).clamp(0, 1)
 
     views = args.repeated_augmentations
-    batch = train_transform(images.repeat_interleave(views, dim=0))  # the layout of a repeated-augmentation batch
-    rows = [shown(eval_transform(images))] + [shown(batch[v::views]) for v in range(views)]
+    repeated = None if sizes is None else sizes.repeat_interleave(views, dim=0)
+    batch = train_transform(images.repeat_interleave(views, dim=0), repeated)  # as a repeated-augmentation batch
+    rows = [shown(eval_transform(images, sizes))] + [shown(batch[v::views]) for v in range(views)]
     titles = ["original"] + [f"view {v + 1}" for v in range(views)]
     mixer = args.mixer(num_labels)
     if mixer is not None:
@@ -57,12 +59,14 @@ def main(argv=None):
     if picture.num_images < 1:
         raise ValueError(f"--num_images must be at least 1, got {picture.num_images}.")
     config = build_config(model_args)
-    train, _ = load_image_splits(data_args, config.image_size, require_labels=True)
+    train, _ = load_image_splits(data_args, config.image_size, config.num_channels, require_labels=True,
+                                 first=picture.num_images)
     if len(train) < picture.num_images:
         raise ValueError(f"--num_images {picture.num_images}: the training split has only {len(train)} images.")
     set_seed(args.seed)
-    rows, titles = augmented_rows(train.images[:picture.num_images], train.labels[:picture.num_images], args, config,
-                                  train.num_classes)
+    images, sizes = train.read(range(len(train)))
+    rows, titles = augmented_rows(images, train.labels, args, config, train.num_classes, sizes,
+                                  eval_crop_fraction(data_args, config.image_size, train))
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "augmented_batch.png")
     grid_image(rows, titles=titles).save(path)

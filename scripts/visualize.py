@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import parse_args, run_script
-from mae_hf.data import BatchTransform, DataArguments, fixed_noise, load_image_splits
+from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed_noise, load_image_splits
 from mae_hf.inputs import check_pretraining_folder, read_json_object
 from mae_hf.runs import SETTINGS_NAME
 from mae_hf.visualize import save_reconstructions
@@ -65,11 +65,14 @@ def main(argv=None):
     check_pretraining_folder(model_dir)  # before loading: a probe would get a random decoder
     try:
         model = MAEForPreTraining.from_pretrained(model_dir)
-        _, evaluation = load_image_splits(data_args, model.config.image_size, model.config.num_channels)
+        train, evaluation = load_image_splits(data_args, model.config.image_size, model.config.num_channels,
+                                              first=args.num_images)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
-    noise = fixed_noise(len(evaluation), model.config.num_patches, seed=args.seed)[:args.num_images]
-    pixel_values = BatchTransform.for_model(model.config)(evaluation.images[:args.num_images])
+    noise = fixed_noise(len(evaluation), model.config.num_patches, seed=args.seed)
+    crop_fraction = eval_crop_fraction(data_args, model.config.image_size, train)
+    transform = BatchTransform.for_model(model.config, eval_crop_fraction=crop_fraction)
+    pixel_values = transform(*evaluation.read(range(len(evaluation))))
     output = args.output or f"{model_dir.rstrip('/')}/reconstructions.png"
     save_reconstructions(model, pixel_values, noise, output)
     print(f"[visualize] {output}")

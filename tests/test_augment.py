@@ -174,11 +174,11 @@ def test_randaugment_is_deterministic_for_a_seed(images, augment):
 
 def test_batch_transform_pipeline_is_deterministic_for_a_seed():
     uint8 = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=generator(5))
-    transform = BatchTransform(16, [0.5] * 3, [0.25] * 3, crop_scale=(0.25, 1), hflip=True,
-                               augment=RandAugment(), random_erasing=0.25)
     outputs = []
     for seed in (0, 0, 1):
-        torch.manual_seed(seed)  # what transformers.set_seed does for the trainer
+        torch.manual_seed(seed)  # what transformers.set_seed does for the trainer (the ops after the crop)
+        transform = BatchTransform(16, [0.5] * 3, [0.25] * 3, crop_scale=(0.25, 1), hflip=True,
+                                   augment=RandAugment(), random_erasing=0.25, seed=seed)  # the crops' own stream
         outputs.append(transform(uint8))
     assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
 
@@ -252,14 +252,16 @@ def test_repeated_augmentation_layout():
 
 
 def test_trainer_batches_repeat_each_image(tiny_config, tmp_path):
-    from mae_hf.data import ArrayDataset, collate
+    from mae_hf.data import ImageDataset, collate
+    from mae_hf.data.memory import InMemoryImages
     from mae_hf.training import ImageTrainer, ImageTrainingArguments
 
     model = MAEForImageClassification(tiny_config(num_labels=3))
     args = ImageTrainingArguments(output_dir=str(tmp_path), eval_strategy="no", per_device_train_batch_size=6)
     transform = BatchTransform.for_model(model.config)
     images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)
-    trainer = ImageTrainer(model=model, args=args, train_dataset=ArrayDataset(images, labels=torch.arange(12)),
+    data = InMemoryImages(images, torch.full((12, 2), 8, dtype=torch.int32), labels=torch.arange(12))
+    trainer = ImageTrainer(model=model, args=args, train_dataset=ImageDataset(data, labels=True),
                            data_collator=collate, train_transform=transform, eval_transform=transform,
                            repeated_augmentations=3)
     loader = trainer.get_train_dataloader()

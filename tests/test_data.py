@@ -1,17 +1,15 @@
 """Data loading shared by all scripts: sources, splits, columns, decoding, batch transforms."""
 
+import math
+
 import datasets
+import numpy as np
 import pytest
 import torch
 
-from mae_hf.data import (
-    ArrayDataset,
-    BatchTransform,
-    DataArguments,
-    collate,
-    load_image_splits,
-    random_resized_crop,
-)
+from mae_hf.data import BatchTransform, DataArguments, ImageDataset, collate, load_image_splits
+from mae_hf.data.memory import InMemoryImages
+from mae_hf.data.transforms import center_crop, random_resized_crop
 
 
 def test_parquet_folder_uses_train_and_test_splits(parquet_folder):
@@ -129,6 +127,94 @@ def test_random_resized_crop_geometry():
     assert crops.shape == (6, 3, 4, 4) and not torch.allclose(crops, images[:, :, ::2, ::2])
 
 
+def test_crops_stay_inside_each_images_own_pixels():
+    """Canvases hold images of other sizes (the rest repeats their edge): bilinear sampling reaches at most the
+    repeated row and column next to an image, never further, and the whole-image crop of a smaller image is that
+    image, resampled."""
+    canvas = torch.zeros(2, 1, 16, 16)
+    canvas[0, :, :9, :13] = 0.25  # an 8 x 12 image and its repeated edge; beyond, another value
+    canvas[0, :, 9:, :] = 0.9
+    canvas[0, :, :, 13:] = 0.9
+    canvas[1] = 0.25  # a full 16 x 16 image
+    sizes = torch.tensor([[8, 12], [16, 16]])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        crops = random_resized_crop(canvas, 8, sizes, scale=(0.08, 1.0), hflip=True, generator=generator)
+        torch.testing.assert_close(crops, torch.full_like(crops, 0.25))
+    image = torch.arange(8 * 12, dtype=torch.float32).view(1, 1, 8, 12)
+    padded = torch.nn.functional.pad(image, (0, 4, 0, 8), mode="replicate")
+    whole = random_resized_crop(padded, 8, torch.tensor([[8, 12]]), scale=(1.0, 1.0), ratio=(1.5, 1.5))
+    expected = torch.nn.functional.interpolate(image, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(whole, expected)
+
+
+def reference_crop_areas(count: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), seed: int = 1) -> np.ndarray:
+    """Area fractions of torchvision's RandomResizedCrop on a square image, one crop at a time: up to 10 draws of
+    an area in `scale` and a log-uniform aspect, the first that fits wins, else the whole image."""
+    rng, areas = np.random.default_rng(seed), []
+    for _ in range(count):
+        for _ in range(10):
+            area = rng.uniform(*scale)
+            aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+            width, height = math.sqrt(area * aspect), math.sqrt(area / aspect)
+            if width <= 1 and height <= 1:
+                areas.append(width * height)
+                break
+        else:
+            areas.append(1.0)
+    return np.asarray(areas)
+
+
+def test_crops_follow_torchvisions_distribution():
+    """Area fraction and aspect as torchvision draws them (redraws, not clipping), measured from the crops'
+    grid."""
+    images = torch.rand(4000, 1, 32, 32)
+    theta = []
+    original = torch.nn.functional.affine_grid
+
+    def record(matrix, *args, **kwargs):
+        theta.append(matrix.clone())
+        return original(matrix, *args, **kwargs)
+
+    torch.nn.functional.affine_grid, generator = record, torch.Generator().manual_seed(0)
+    try:
+        random_resized_crop(images, 4, scale=(0.2, 1.0), generator=generator)
+    finally:
+        torch.nn.functional.affine_grid = original
+    width, height = theta[0][:, 0, 0], theta[0][:, 1, 1]
+    area, aspect = width * height, (width / height).log()
+    assert 0.2 - 1e-6 <= area.min() and area.max() <= 1 + 1e-6
+    reference = reference_crop_areas(4000)
+    assert abs(area.mean().item() - reference.mean()) < 0.015
+    assert abs(np.quantile(area.numpy(), 0.9) - np.quantile(reference, 0.9)) < 0.03
+    assert aspect.min() >= math.log(3 / 4) - 1e-5 and aspect.max() <= math.log(4 / 3) + 1e-5
+
+
+def test_same_generator_state_same_batch_whatever_else_draws():
+    transform = BatchTransform(8, [0.5] * 3, [0.25] * 3, crop_scale=(0.2, 1.0), hflip=True, seed=3)
+    images = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8)
+    first = transform(images)
+    state = transform.state()
+    second = transform(images)
+    again = BatchTransform(8, [0.5] * 3, [0.25] * 3, crop_scale=(0.2, 1.0), hflip=True, seed=3)
+    torch.manual_seed(123)  # the global random state plays no part
+    torch.testing.assert_close(again(images), first)
+    again.load_state(state)
+    torch.testing.assert_close(again(images), second)
+
+
+def test_center_crop_takes_the_middle_of_each_image():
+    canvas = torch.zeros(2, 1, 8, 12)
+    canvas[0, 0, :8, :12] = torch.arange(96, dtype=torch.float32).view(8, 12)
+    canvas[1, 0, :4, :4] = torch.arange(16, dtype=torch.float32).view(4, 4)
+    crops = center_crop(canvas, 4, torch.tensor([[8, 12], [4, 4]]), fraction=0.5)
+    torch.testing.assert_close(crops[0, 0], canvas[0, 0, 2:6, 4:8])
+    small = torch.nn.functional.interpolate(canvas[1:, :, 1:3, 1:3], size=(4, 4), mode="bicubic", antialias=True)
+    torch.testing.assert_close(crops[1:], small)
+    same = center_crop(canvas[:, :, :8, :8], 8)
+    assert same is not None and same.shape == (2, 1, 8, 8)
+
+
 def test_crop_of_a_constant_region_keeps_its_value():
     images = torch.zeros(3, 1, 16, 16)
     images[:, :, :, :] = 0.7
@@ -136,10 +222,13 @@ def test_crop_of_a_constant_region_keeps_its_value():
                                torch.full((3, 1, 8, 8), 0.7))
 
 
-def test_array_dataset_fetches_whole_batches():
-    dataset = ArrayDataset(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1), labels=torch.arange(10) * 2)
+def test_image_dataset_fetches_whole_batches():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    data = InMemoryImages(images, torch.ones(10, 2, dtype=torch.int32), labels=torch.arange(10) * 2)
+    dataset = ImageDataset(data, labels=True)
     batch = collate(dataset.__getitems__([3, 1, 4]))
     assert batch["pixel_values"].flatten().tolist() == [3, 1, 4] and batch["labels"].tolist() == [6, 2, 8]
+    assert batch["image_sizes"].tolist() == [[1, 1]] * 3
     items = collate([dataset[0], dataset[5]])  # loaders that fetch one item at a time
     assert items["labels"].tolist() == [0, 10]
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate)

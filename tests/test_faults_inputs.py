@@ -23,7 +23,8 @@ from PIL import Image
 from mae_hf import MAEConfig, MAEForImageClassification, MAEForPreTraining
 from mae_hf.cli import run_script, strip_debug_flag
 from mae_hf.convert import to_vit_mae
-from mae_hf.data import DataArguments, load_image_splits, to_8_bit
+from mae_hf.data import DataArguments, load_image_splits
+from mae_hf.data.decode import to_8_bit
 
 TINY = ",".join(f"{key}={value}" for key, value in TINY_MODEL.items())
 NAMES = ["cat", "dog", "ship"]
@@ -507,11 +508,18 @@ def test_ctrl_c_outside_a_training_run_is_one_line(capsys):
 def test_data_on_the_gpu_is_not_given_to_worker_processes(tmp_path, monkeypatch):
     from mae_hf.training import PretrainingArguments
 
+    from mae_hf.data.memory import InMemoryImages
+    from mae_hf.data.streaming import StreamedImages
+
+    in_memory = InMemoryImages(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.full((1, 2), 2))
     workers = PretrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=2)
     no_workers = PretrainingArguments(output_dir=str(tmp_path), data_on_device="true")
     monkeypatch.setattr(PretrainingArguments, "device", property(lambda self: torch.device("cuda")))
-    assert not workers.place_data_on_device(1)  # auto: the workers gather on the host
+    assert not workers.place_data_on_device(in_memory)  # auto: the workers gather on the host
     workers.data_on_device = "true"
     with pytest.raises(ValueError, match="--data_on_device true needs --dataloader_num_workers 0"):
-        workers.place_data_on_device(1)
-    assert no_workers.place_data_on_device(1)
+        workers.place_data_on_device(in_memory)
+    assert no_workers.place_data_on_device(in_memory)
+    streamed = StreamedImages(reader=[], sizes=[], canvas=(3, 2, 2))
+    with pytest.raises(ValueError, match="--data_on_device true needs the images in memory"):
+        no_workers.place_data_on_device(streamed)

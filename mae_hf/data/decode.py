@@ -1,0 +1,201 @@
+"""One image from its bytes to uint8 pixels: the geometry every data path shares, decoding (bad images named, 16-bit
+and float images scaled), and pasting into a fixed canvas.
+
+The geometry (one rule for in-memory and streamed data): the aspect ratio is kept; an image is scaled down so that
+its short side is at most `short_side` and its long side at most `max_long_side` (panoramas), never scaled up. Each
+image then sits in the top-left corner of a fixed `(channels, canvas height, canvas width)` canvas whose free part
+repeats its edge pixels (so that a bilinear crop near the edge never reads a colour the image does not have), with
+its own height and width kept beside it. The crop happens later, on the training device (transforms.py).
+"""
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit samples (PNG "I" holds 16-bit ones too)
+LONG_SIDE_FACTOR = 1.5  # default long-side cap: 384 for 256 keeps ImageNet's 4:3 and 3:2 images whole
+
+
+class BadImage(ValueError):
+    """An image that cannot be decoded; its message says why."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How images are stored: aspect kept, short side <= `short_side`, long side <= `max_long_side`."""
+
+    short_side: int
+    max_long_side: int
+    num_channels: int = 3
+
+    @classmethod
+    def for_short_side(cls, short_side: int, num_channels: int = 3, max_long_side: int | None = None) -> "Geometry":
+        return cls(short_side, max_long_side or round(LONG_SIDE_FACTOR * short_side), num_channels)
+
+    def __post_init__(self):
+        if self.short_side < 1 or self.max_long_side < self.short_side:
+            raise ValueError(f"image geometry: the short side ({self.short_side}) must be >= 1 and at most the long "
+                             f"side's cap ({self.max_long_side}).")
+        if self.num_channels not in (1, 3):
+            raise ValueError(f"images have 1 (grey) or 3 (RGB) channels, not {self.num_channels}.")
+
+    @property
+    def mode(self) -> str:
+        return "RGB" if self.num_channels == 3 else "L"
+
+    def stored_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of an image of this size once stored."""
+        scale = min(1.0, self.short_side / min(height, width), self.max_long_side / max(height, width))
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def to_8_bit(image):
+    """16-bit and float images as 8-bit greyscale, scaled (0..65535 -> 0..255, floats 0..1 -> 0..255): PIL's own
+    convert("RGB"/"L") clips those samples at 255, which turns a 16-bit image white."""
+    from PIL import Image
+
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        samples = np.asarray(image).astype(np.float64) / 257
+    elif image.mode == "F":
+        samples = np.asarray(image).astype(np.float64) * 255
+    else:
+        return image
+    return Image.fromarray(np.clip(np.rint(samples), 0, 255).astype(np.uint8), "L")
+
+
+def open_image(value):
+    """The PIL image (header read, pixels not yet decoded) of an undecoded image: raw bytes, or a `datasets`
+    {bytes, path} value. A missing, empty or unreadable image raises `BadImage` saying which."""
+    from PIL import Image, UnidentifiedImageError
+
+    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+    if data is None and not path:
+        raise BadImage("the image is missing (None)")
+    try:
+        if data is not None:
+            if len(data) == 0:
+                raise BadImage("the image is an empty (0-byte) file")
+            return Image.open(io.BytesIO(data))
+        if os.path.isfile(path) and not os.path.getsize(path):
+            raise BadImage("the image is an empty (0-byte) file")
+        with open(path, "rb") as handle:  # read at once: no file handle stays open in a worker
+            return Image.open(io.BytesIO(handle.read()))
+    except UnidentifiedImageError:
+        raise BadImage("not an image in a format PIL reads (corrupt or not an image file)") from None
+    except BadImage:
+        raise
+    except Exception as error:  # PIL and the file system raise many types for a bad file: all mean "bad"
+        raise BadImage(" ".join(f"{type(error).__name__}: {error}".split())) from None
+
+
+ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
+
+
+def orientation(image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)  # EXIF Orientation
+    except Exception:  # a broken EXIF block: the picture as stored
+        return None
+
+
+def _upright_size(image) -> tuple[int, int]:
+    """(width, height) of the picture once turned upright as its EXIF orientation says (as `datasets` does)."""
+    width, height = image.size
+    return (height, width) if orientation(image) in ROTATED_ORIENTATIONS else (width, height)
+
+
+def stored_size(value, geometry: Geometry) -> tuple[int, int]:
+    """(height, width) an undecoded image will have once decoded with `decode`, from its header alone (a file is
+    not read past its header)."""
+    from PIL import Image
+
+    path = value.get("path") if isinstance(value, dict) and value.get("bytes") is None else None
+    try:
+        if path and os.path.isfile(path) and os.path.getsize(path):
+            with Image.open(path) as image:
+                width, height = _upright_size(image)
+        else:
+            width, height = _upright_size(open_image(value))
+    except BadImage:
+        raise
+    except Exception:  # the header cannot be read: let `open_image` name the problem
+        width, height = _upright_size(open_image(value))
+    if not width or not height:
+        raise BadImage(f"the image has no pixels ({width}x{height})")
+    return geometry.stored_size(height, width)
+
+
+def decode_image(value, geometry: Geometry):
+    """The PIL image of an undecoded image in `geometry`: upright (EXIF orientation applied, as `datasets` does),
+    8-bit RGB or grey, scaled down as the geometry says. A JPEG is decoded at a reduced scale when that still
+    covers the stored size (cheap)."""
+    from PIL import Image, ImageOps
+
+    image = open_image(value)
+    try:
+        width, height = _upright_size(image)
+        target_height, target_width = geometry.stored_size(height, width)
+        rotated = orientation(image) in ROTATED_ORIENTATIONS
+        if image.format == "JPEG" and (target_width, target_height) != (width, height):
+            # the smallest 1/2, 1/4, 1/8 scale that covers the target, in the file's own orientation
+            image.draft(None, (target_height, target_width) if rotated else (target_width, target_height))
+        if orientation(image) not in (None, 1):
+            image = ImageOps.exif_transpose(image)
+        image = to_8_bit(image).convert(geometry.mode)
+        if image.size != (target_width, target_height):
+            image = image.resize((target_width, target_height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return image
+    except BadImage:
+        raise
+    except Exception as error:  # a truncated or corrupt file fails while decoding
+        raise BadImage(" ".join(f"{type(error).__name__}: {error}".split())) from None
+
+
+def decode(value, geometry: Geometry) -> np.ndarray:
+    """uint8 `(channels, height, width)` pixels of an undecoded image in `geometry` (see `decode_image`)."""
+    return channels_first(decode_image(value, geometry))
+
+
+def channels_first(image) -> np.ndarray:
+    """uint8 `(channels, height, width)` of an 8-bit PIL image (one contiguous copy per band: PIL splits bands
+    faster than numpy transposes)."""
+    if image.mode == "L":
+        return np.asarray(image)[None]
+    return np.stack([np.asarray(band) for band in image.split()])
+
+
+def decode_stored(data, height: int, width: int, encoding: str, num_channels: int) -> np.ndarray:
+    """uint8 `(channels, height, width)` of an image as a prepared folder stores it: raw channels-first bytes, or
+    a JPEG already at its stored size (converted when the model's channel count differs from the folder's)."""
+    if encoding == "raw":
+        pixels = np.frombuffer(data, dtype=np.uint8)
+        channels = pixels.size // (height * width)
+        pixels = pixels.reshape(channels, height, width)
+        if channels == num_channels:
+            return pixels
+        if num_channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
+            return np.rint(np.tensordot([0.299, 0.587, 0.114], pixels, axes=1)).astype(np.uint8)[None]
+        return np.repeat(pixels, 3, axis=0)
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        if (image.mode == "L") != (num_channels == 1):
+            image = image.convert("L" if num_channels == 1 else "RGB")
+        return channels_first(image)
+    except Exception as error:
+        raise BadImage(" ".join(f"{type(error).__name__}: {error}".split())) from None
+
+
+def paste(canvas: np.ndarray, pixels: np.ndarray) -> tuple[int, int]:
+    """Copy `(C, h, w)` pixels into the top-left of a `(C, H, W)` canvas (h <= H, w <= W) and fill the rest with
+    the image's last column and row; returns (h, w)."""
+    _, height, width = pixels.shape
+    canvas[:, :height, :width] = pixels
+    if width < canvas.shape[2]:
+        canvas[:, :height, width:] = canvas[:, :height, width - 1:width]
+    if height < canvas.shape[1]:
+        canvas[:, height:, :] = canvas[:, height - 1:height, :]
+    return height, width

@@ -1,0 +1,102 @@
+"""Labels checked before any decoding or training: integer class indices in range, the same class names in both
+splits, no evaluation class the training split lacks (where that matters), -1 / None for "unlabelled" only where a
+script accepts unlabelled images (pretraining)."""
+
+import sys
+
+import numpy as np
+
+from .sources import source_rows
+
+
+def label_values(dataset, column: str) -> np.ndarray:
+    """The labels as int64, -1 for a missing one (None, NaN); `validate_labels` has checked them before."""
+    values = dataset.select_columns(column).with_format("arrow")[:].column(column).to_numpy(zero_copy_only=False)
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isnan(values), -1, values).astype(np.int64)
+
+
+def shorten(value, limit: int = 60) -> str:
+    """repr of a value for an error message, cut to `limit` characters (a label column may hold image bytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def validate_labels(dataset, column: str, split: str, class_names: list[str] | None = None,
+                    allowed: set[int] | None = None, allow_unlabelled: bool = False) -> None:
+    """Check one split's labels before any decoding or training.
+
+    Labels must be integer class indices in [0, len(class_names)) (or >= 0 without class names) and, with
+    `allowed` (the training split's labels, for the evaluation split), one of those. A missing label (None) or -1
+    means "unlabelled": an error for a classifier, accepted with `allow_unlabelled` (pretraining). Errors name the
+    split, the row of the first bad label and how many there are."""
+    import pyarrow as pa
+
+    array = dataset.select_columns(column).with_format("arrow")[:].column(column).combine_chunks()
+    kind = array.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+        bad = np.flatnonzero(array.is_valid().to_numpy(zero_copy_only=False))
+        if len(bad):
+            raise ValueError(
+                f"Split {split!r}: the label column {column!r} holds {kind} values, not integer class indices "
+                f"(row {source_rows(dataset, bad[:1])[0]}: {shorten(array[int(bad[0])].as_py())}). Pass "
+                "--label_column_name with the integer label column, or store the labels as a ClassLabel column.")
+    values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)  # None -> NaN
+    missing = np.isnan(values)
+    fractional = ~missing & (values != np.round(values))
+    upper = len(class_names) if class_names else None
+    too_small = values < (0 if not allow_unlabelled else -1)  # -1 is "unlabelled" where that is allowed
+    out_of_range = ~missing & ~fractional & (too_small | ((values >= upper) if upper is not None else False))
+    range_text = (f"[0, {upper}) (the {upper} class names of the label column)" if upper is not None
+                  else "[0, number of classes)")
+    checks = [(fractional, "are not integers", "labels are integer class indices")]
+    if not allow_unlabelled:
+        checks.append((missing, "are missing (None)",
+                       "every image needs a label here; drop or fix those rows, or use a labelled split"))
+    minus_one = bool(out_of_range.any()) and values[out_of_range][0] == -1  # the first bad label says which hint
+    checks.append((out_of_range, f"lie outside {range_text}",
+                   "-1 means 'unlabelled' (e.g. STL-10's unlabelled images), which only pretraining accepts; use a "
+                   "labelled split" if minus_one else "fix those rows, or the class names of the label column"))
+    if allowed is not None:
+        unseen = ~missing & (values != -1) & ~out_of_range & ~fractional & ~np.isin(values, sorted(allowed))
+        checks.append((unseen, "are classes that the training split does not have",
+                       "the classifier could never predict them; use splits with the same classes"))
+    for wrong, what, how in checks:
+        bad = np.flatnonzero(wrong)
+        if len(bad):
+            first = int(bad[0])
+            raise ValueError(
+                f"Split {split!r}, label column {column!r}: {len(bad)} of {len(values)} labels {what}; the first "
+                f"is row {source_rows(dataset, [first])[0]} ({shorten(array[first].as_py())}). "
+                f"{how[0].upper()}{how[1:]}.")
+
+
+def check_labels(train, evaluation, column: str | None, names, allow_unlabelled: bool):
+    """Validate both splits' labels (`validate_labels`) and that their class names agree. Returns (class names,
+    evaluation labels the training split lacks). A classifier refuses those; pretraining (`allow_unlabelled`) only
+    uses labels for its kNN monitor, so it is told, and the monitor leaves those images out."""
+    import datasets
+
+    if column is None:
+        return None, set()
+    class_names = [list(split.features[column].names) if isinstance(split.features[column], datasets.ClassLabel)
+                   else None for split in (train, evaluation)]
+    if None not in class_names and class_names[0] != class_names[1]:
+        raise ValueError(f"The class names of split {names[0]!r} ({class_names[0]}) and split {names[1]!r} "
+                         f"({class_names[1]}) differ: the same label would mean different classes. Use splits with "
+                         "the same ClassLabel names.")
+    class_names = class_names[0] or class_names[1]
+    validate_labels(train, column, names[0], class_names, allow_unlabelled=allow_unlabelled)
+    seen = set(label_values(train, column).tolist()) - {-1}
+    if not allow_unlabelled:
+        validate_labels(evaluation, column, names[1], class_names, allowed=seen or None)
+        return class_names, set()
+    validate_labels(evaluation, column, names[1], class_names, allow_unlabelled=True)
+    unseen = set(label_values(evaluation, column).tolist()) - {-1} - seen if seen else set()
+    if unseen:
+        shown = sorted(unseen)[:10]
+        named = [class_names[label] if class_names else label for label in shown]
+        print(f"warning: the evaluation split ({names[1]}) has {len(unseen)} class(es) that the training split "
+              f"({names[0]}) lacks: {named}{' ...' if len(unseen) > 10 else ''}. Pretraining does not use labels; "
+              "the kNN monitor leaves those images out (it could never predict them).", file=sys.stderr, flush=True)
+    return class_names, unseen

@@ -1,0 +1,77 @@
+"""Where a run's images live — decoded in memory, or read from disk by DataLoader workers — decided once, from
+the data's decoded size and the memory this process may use, and said out loud."""
+
+import os
+
+import torch
+
+MEMORY_SHARE = 0.5  # of this process's share of the free memory, the rest for the model, workers and the system
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def cgroup_free_memory() -> int | None:
+    """Memory the container (cgroup v2 or v1) still allows this process tree, or None when it sets no limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 says "no limit" with a huge number
+            return max(0, limit - usage)
+    return None
+
+
+def free_memory() -> tuple[int, str]:
+    """(bytes, where the figure comes from): the machine's available memory, or the container's limit less its
+    usage when that is lower."""
+    available = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    container = cgroup_free_memory()
+    if container is not None and container < available:
+        return container, "free under the container's memory limit"
+    return available, "available memory"
+
+
+def processes_on_this_machine() -> int:
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def memory_budget() -> tuple[int, str]:
+    """(bytes, explanation) this process may fill with decoded images."""
+    free, source = free_memory()
+    processes = processes_on_this_machine()
+    budget = int(free * MEMORY_SHARE / processes)
+    share = f" / {processes} processes on this machine" if processes > 1 else ""
+    return budget, f"{MEMORY_SHARE:g} x {free / 2**30:.1f} GB {source}{share}"
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """`flag` on every process of a distributed run (torchrun, accelerate) — one process without memory to spare
+    makes every process read from disk, so that all of them take the same data path."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    flags = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(flags, bool(flag))
+    return all(flags)
+
+
+def gigabytes(num_bytes: int) -> str:
+    """A size for people: MB below a gigabyte, GB above."""
+    if num_bytes < 2**30:
+        return f"{num_bytes / 2**20:,.1f} MB"
+    return f"{num_bytes / 2**30:.1f} GB" if num_bytes < 10 * 2**30 else f"{num_bytes / 2**30:,.0f} GB"

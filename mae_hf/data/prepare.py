@@ -1,0 +1,384 @@
+"""Writing a prepared folder (the format is in prepared.py): every image of the chosen splits decoded once, scaled
+to the geometry, stored as JPEG (or raw bytes when small) in shards of a fixed number of images.
+
+Shards are independent tasks for a pool of processes. Each is written to a temporary file and renamed when
+complete, then recorded in `_progress/`, so an interrupted preparation continues where it stopped: the same command
+again skips every finished shard. The manifest says `complete` only once all of them are there.
+"""
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .arguments import SourceArguments
+from .decode import BadImage, Geometry, orientation, channels_first, decode_image, open_image
+from .prepared import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PREPARED_MANIFEST,
+    is_prepared,
+    read_manifest,
+    shard_file,
+    write_manifest,
+)
+from .sources import as_undecoded_images, find_column, load_raw_dataset
+
+PROGRESS_FOLDER = "_progress"
+RAW_UP_TO = 64  # short sides up to this are stored raw: JPEG would blur such small images and saves little
+READ_BATCH = 64  # source rows read at a time by a worker
+SOURCE_FIELDS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "image_column_name",
+                 "label_column_name")
+
+
+@dataclass
+class PrepareArguments:
+    """What scripts/prepare_data.py writes, and how."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "The prepared folder to write. Required."})
+    short_side: int = field(
+        default=256,
+        metadata={"help": "Scale every image so that its short side is at most this (256 for 224 px training; "
+                          "images are never scaled up)."})
+    max_long_side: int | None = field(
+        default=None,
+        metadata={"help": "And its long side at most this (panoramas); default 1.5 x --short_side. The aspect ratio "
+                          "is always kept."})
+    num_channels: int = field(default=3, metadata={"help": "3 (RGB) or 1 (grey)."})
+    encoding: str = field(
+        default="auto",
+        metadata={"help": f"'jpeg', 'raw' (uncompressed bytes) or 'auto': raw for short sides up to {RAW_UP_TO}, "
+                          "else JPEG."})
+    jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality (1-100)."})
+    shard_size: int = field(default=2048, metadata={"help": "Images per shard (the unit of work and of resuming)."})
+    num_proc: int | None = field(default=None, metadata={"help": "Worker processes (default: every CPU)."})
+    splits: list[str] | None = field(
+        default=None, metadata={"help": "Splits to prepare (default: every split of the source)."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace a prepared folder (finished or not, of other settings); never another folder."})
+    token: str | None = field(default=None, metadata={"help": "Hugging Face token for private Hub datasets."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            raise ValueError("--output_dir is required (the prepared folder to write).")
+        self.output_dir = os.path.expanduser(self.output_dir)
+        self.max_long_side = self.max_long_side or round(1.5 * self.short_side)
+        Geometry(self.short_side, self.max_long_side, self.num_channels)  # checks sides and channels
+        if self.encoding == "auto":
+            self.encoding = "raw" if self.short_side <= RAW_UP_TO else "jpeg"
+        if self.encoding not in ("jpeg", "raw"):
+            raise ValueError(f"--encoding must be jpeg, raw or auto, got {self.encoding!r}.")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg_quality must lie in [1, 100], got {self.jpeg_quality}.")
+        if self.shard_size < 1:
+            raise ValueError(f"--shard_size must be at least 1, got {self.shard_size}.")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"--num_proc must be at least 1, got {self.num_proc}.")
+
+    def settings(self, skip_bad_images: bool) -> dict:
+        """What the prepared images are: a folder continues only with the same settings."""
+        return {"short_side": self.short_side, "max_long_side": self.max_long_side,
+                "num_channels": self.num_channels, "encoding": self.encoding,
+                "jpeg_quality": self.jpeg_quality if self.encoding == "jpeg" else None,
+                "shard_size": self.shard_size, "skip_bad_images": skip_bad_images}
+
+
+# ---- one shard, in a worker process ------------------------------------------------------------------------------
+
+_JOB = {}  # what every shard task needs, set before the pool forks (datasets are not sent through pipes)
+
+
+def encode(value, geometry: Geometry, encoding: str, quality: int) -> tuple[bytes, int, int]:
+    """(stored bytes, height, width) of one undecoded image. A JPEG that needs no change (right size, mode and
+    orientation) is kept byte for byte: no second compression."""
+    image = open_image(value)
+    width, height = image.size
+    unchanged = (encoding == "jpeg" and image.format == "JPEG" and image.mode == geometry.mode
+                 and geometry.stored_size(height, width) == (height, width)
+                 and orientation(image) in (None, 1))
+    if unchanged:
+        try:
+            image.load()  # a truncated file fails here, as it would in training
+        except Exception as error:
+            raise BadImage(" ".join(f"{type(error).__name__}: {error}".split())) from None
+        data = value if isinstance(value, bytes) else value.get("bytes")
+        if data is None:
+            with open(value["path"], "rb") as handle:
+                data = handle.read()
+        return data, height, width
+    image = decode_image(value, geometry)
+    if encoding == "raw":
+        return channels_first(image).tobytes(), image.height, image.width
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue(), image.height, image.width
+
+
+def prepare_shard(task: tuple[str, int, int, int]) -> dict:
+    """Write one shard (split, shard index, first row, end row) and record it; returns its record."""
+    from datasets.arrow_writer import ArrowWriter
+
+    split, shard, start, end = task
+    job = _JOB
+    dataset, image_column, label_column = job["datasets"][split]
+    folder, num_shards, counter = job["folder"], job["num_shards"][split], job["counter"]
+    columns = {"image": [], "height": [], "width": [], "source_row": []}
+    if label_column is not None:
+        columns["label"] = []
+    skipped = []
+    for first in range(start, end, READ_BATCH):
+        rows = dataset[first:min(first + READ_BATCH, end)]
+        for offset, value in enumerate(rows[image_column]):
+            row = first + offset
+            try:
+                data, height, width = encode(value, job["geometry"], job["encoding"], job["quality"])
+            except BadImage as error:
+                path = value.get("path") if isinstance(value, dict) else None
+                where = f"row {row}" + (f" ({path})" if path else "")
+                if not job["skip_bad_images"]:
+                    raise BadImage(f"Split {split!r}: {where} cannot be decoded: {error}. Fix or remove it, or pass "
+                                   "--skip_bad_images true to leave such images out (they are listed in the folder's "
+                                   "manifest).") from None
+                skipped.append(f"{where}: {error}")
+                continue
+            columns["image"].append(data)
+            columns["height"].append(height)
+            columns["width"].append(width)
+            columns["source_row"].append(row)
+            if label_column is not None:
+                label = rows[label_column][offset]
+                columns["label"].append(-1 if label is None or label != label else int(label))
+        with counter.get_lock():
+            counter.value += min(READ_BATCH, end - first)
+    relative = shard_file(split, shard, num_shards)
+    path = os.path.join(folder, relative)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    writer = ArrowWriter(features=job["features"][split], path=temporary)
+    try:
+        writer.write_batch(columns)
+        writer.finalize()
+    finally:
+        writer.close()
+    os.replace(temporary, path)
+    record = {"file": relative, "rows": len(columns["image"]), "bytes": os.path.getsize(path), "skipped": skipped,
+              "max_height": max(columns["height"], default=0), "max_width": max(columns["width"], default=0),
+              "image_bytes": sum(len(data) for data in columns["image"])}
+    progress = os.path.join(folder, PROGRESS_FOLDER, f"{split}-{shard:05d}.json")
+    with open(f"{progress}.tmp-{os.getpid()}", "w") as handle:
+        json.dump(record, handle)
+    os.replace(f"{progress}.tmp-{os.getpid()}", progress)
+    return record
+
+
+# ---- the whole job -------------------------------------------------------------------------------------------------
+
+def _source_splits(source: SourceArguments, args: PrepareArguments) -> dict:
+    """{split: (undecoded dataset, image column, label column)} of the splits to prepare."""
+    raw = load_raw_dataset(source, token=args.token)
+    names = args.splits or list(raw.keys())
+    missing = [name for name in names if name not in raw]
+    if missing:
+        raise ValueError(f"--splits {','.join(missing)}: not in the dataset; it has splits {list(raw.keys())}.")
+    chosen = {}
+    for name in names:
+        dataset = raw[name]
+        if len(dataset) == 0:
+            raise ValueError(f"Split {name!r} holds no images: leave it out with --splits.")
+        image_column = find_column(dataset, "image", source.image_column_name)
+        label_column = find_column(dataset, "label", source.label_column_name, required=False)
+        chosen[name] = (as_undecoded_images(dataset, image_column), image_column, label_column)
+    return chosen
+
+
+def _features(dataset, label_column: str | None):
+    import datasets
+
+    features = {"image": datasets.Value("binary"), "height": datasets.Value("int32"),
+                "width": datasets.Value("int32"), "source_row": datasets.Value("int64")}
+    if label_column is not None:
+        feature = dataset.features[label_column]
+        features["label"] = feature if isinstance(feature, datasets.ClassLabel) else datasets.Value("int64")
+    return datasets.Features(features)
+
+
+def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
+    """The manifest of an unfinished preparation of the same data and settings (to continue), or None for a new
+    one. A finished folder, another folder's contents or other settings are refused (unless --overwrite, for a
+    prepared folder only)."""
+    folder = args.output_dir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--output_dir {folder} is a file, not a folder.")
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return None
+    if not is_prepared(folder):
+        raise ValueError(f"--output_dir {folder} holds other files ({', '.join(sorted(os.listdir(folder))[:3])}) "
+                         "and is not a prepared folder: choose a new or empty folder (nothing is overwritten).")
+    try:
+        manifest = read_manifest(folder, require_complete=False)
+    except ValueError:
+        if args.overwrite:
+            return _cleared(folder)
+        raise
+    if args.overwrite:
+        return _cleared(folder)
+    if manifest.get("complete"):
+        raise ValueError(f"--output_dir {folder} already holds a finished prepared folder "
+                         f"({sum(s['num_images'] for s in manifest['splits'].values()):,} images). Use it as "
+                         f"--dataset_name {folder}, choose another --output_dir, or pass --overwrite true to "
+                         "prepare it again.")
+    differences = {key: (manifest["identity"].get(key), value) for key, value in identity.items()
+                   if manifest["identity"].get(key) != value}
+    if differences:
+        listed = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differences.items())
+        raise ValueError(f"--output_dir {folder} holds an unfinished preparation of other data or settings ({listed}). "
+                         "Continue it with its own flags, choose another --output_dir, or pass --overwrite true.")
+    return manifest
+
+
+def _cleared(folder: str) -> None:
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    return None
+
+
+def _finished_shards(folder: str) -> dict:
+    """{(split, shard): record} of the shards an earlier run finished."""
+    found = {}
+    progress = os.path.join(folder, PROGRESS_FOLDER)
+    for name in os.listdir(progress) if os.path.isdir(progress) else []:
+        if not name.endswith(".json"):
+            continue
+        split, shard = name[:-len(".json")].rsplit("-", 1)
+        try:
+            with open(os.path.join(progress, name)) as handle:
+                record = json.load(handle)
+        except (OSError, ValueError):
+            continue  # torn: the shard is written again
+        if os.path.isfile(os.path.join(folder, record["file"])) and \
+                os.path.getsize(os.path.join(folder, record["file"])) == record["bytes"]:
+            found[(split, int(shard))] = record
+    return found
+
+
+def _check_output_outside_sources(args: PrepareArguments, source: SourceArguments) -> None:
+    output = os.path.realpath(args.output_dir)
+    for option, path in (("--train_dir", source.train_dir), ("--validation_dir", source.validation_dir),
+                         ("--dataset_name", source.dataset_name)):
+        if path and os.path.isdir(path):
+            inside = os.path.realpath(path)
+            if output == inside or output.startswith(inside + os.sep):
+                raise ValueError(f"--output_dir {args.output_dir} lies inside {option} {path}: the prepared files "
+                                 "would mix with the images. Choose a folder outside it.")
+
+
+def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> dict:
+    """Prepare the source's splits into `args.output_dir`; returns the finished manifest."""
+    from tqdm.auto import tqdm
+
+    _check_output_outside_sources(args, source)
+    splits = _source_splits(source, args)
+    geometry = Geometry(args.short_side, args.max_long_side, args.num_channels)
+    identity = {"source": {key: getattr(source, key) for key in SOURCE_FIELDS},
+                "settings": args.settings(source.skip_bad_images),
+                "splits": {name: len(dataset) for name, (dataset, _, _) in splits.items()}}
+    manifest = _claim_folder(args, identity)
+    num_shards = {name: math.ceil(len(dataset) / args.shard_size) for name, (dataset, _, _) in splits.items()}
+    if manifest is None:
+        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False, "identity": identity,
+                    "settings": identity["settings"], "command": command}
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_manifest(args.output_dir, manifest)
+    for name in splits:
+        os.makedirs(os.path.join(args.output_dir, name), exist_ok=True)
+    os.makedirs(os.path.join(args.output_dir, PROGRESS_FOLDER), exist_ok=True)
+    finished = _finished_shards(args.output_dir)
+    tasks = [(name, shard, shard * args.shard_size, min((shard + 1) * args.shard_size, len(dataset)))
+             for name, (dataset, _, _) in splits.items() for shard in range(num_shards[name])
+             if (name, shard) not in finished]
+    total = sum(len(dataset) for dataset, _, _ in splits.values())
+    done_before = total - sum(end - start for _, _, start, end in tasks)
+    if finished:
+        print(f"[prepare] continuing {args.output_dir}: {len(finished)} finished shard(s) ({done_before:,} images) "
+              f"kept, {len(tasks)} to go", flush=True)
+    workers = min(args.num_proc or (os.cpu_count() or 1), max(1, len(tasks)))
+    context = multiprocessing.get_context("fork")
+    counter = context.Value("q", 0)
+    _JOB.update(datasets=splits, folder=args.output_dir, num_shards=num_shards, counter=counter, geometry=geometry,
+                encoding=args.encoding, quality=args.jpeg_quality, skip_bad_images=source.skip_bad_images,
+                features={name: _features(dataset, label) for name, (dataset, _, label) in splits.items()})
+    print(f"[prepare] {total:,} images of {source.dataset_name} ({', '.join(splits)}) -> {args.output_dir}: short "
+          f"side <= {args.short_side}, long side <= {args.max_long_side}, {args.encoding}"
+          f"{f' quality {args.jpeg_quality}' if args.encoding == 'jpeg' else ''}, {args.shard_size} images per shard, "
+          f"{workers} process(es)", flush=True)
+    started = time.perf_counter()
+    bar = tqdm(total=total, initial=done_before, unit="img", desc="Preparing", disable=args.disable_tqdm)
+    records = dict(finished)
+    try:
+        if workers == 1:
+            for task in tasks:
+                records[(task[0], task[1])] = prepare_shard(task)
+                bar.update(counter.value - (bar.n - done_before))
+        else:
+            with context.Pool(workers) as pool:
+                pending = {(task[0], task[1]): pool.apply_async(prepare_shard, (task,)) for task in tasks}
+                while pending:
+                    time.sleep(0.2)
+                    bar.update(counter.value - (bar.n - done_before))
+                    for key in [key for key, result in pending.items() if result.ready()]:
+                        records[key] = pending.pop(key).get()  # a worker's error is raised here
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"error: interrupted: {len(records)} of {sum(num_shards.values())} shards are finished and kept. Run "
+              f"the same command again to continue: {command}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    finally:
+        bar.close()
+        _JOB.clear()
+    manifest["splits"] = {}
+    for name, (dataset, _, label_column) in splits.items():
+        shards = [records[(name, shard)] for shard in range(num_shards[name])]
+        feature = _features(dataset, label_column).get("label")
+        manifest["splits"][name] = {
+            "num_source_images": len(dataset), "num_images": sum(shard["rows"] for shard in shards),
+            "num_skipped": sum(len(shard["skipped"]) for shard in shards),
+            "class_names": list(feature.names) if hasattr(feature, "names") else None,
+            "max_height": max(shard["max_height"] for shard in shards),
+            "max_width": max(shard["max_width"] for shard in shards), "shards": shards}
+        if manifest["splits"][name]["num_images"] == 0:
+            raise ValueError(f"Split {name!r}: none of its {len(dataset)} images can be decoded.")
+    manifest["complete"] = True
+    write_manifest(args.output_dir, manifest)
+    shutil.rmtree(os.path.join(args.output_dir, PROGRESS_FOLDER), ignore_errors=True)
+    seconds = time.perf_counter() - started
+    stored = sum(shard["bytes"] for split in manifest["splits"].values() for shard in split["shards"])
+    skipped = sum(split["num_skipped"] for split in manifest["splits"].values())
+    print(f"[prepare] done: {sum(s['num_images'] for s in manifest['splits'].values()):,} images in "
+          f"{sum(num_shards.values())} shards, {stored / 2**20:,.0f} MB"
+          f"{f', {skipped} skipped (listed in {PREPARED_MANIFEST})' if skipped else ''}, "
+          f"{seconds:,.0f} s this run. Train from it: --dataset_name {args.output_dir}", flush=True)
+    return manifest
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as run, for the manifest (a continuation runs it again): token values hidden."""
+    shown, hide = [], False
+    for token in argv:
+        if hide:
+            shown.append("<token>")
+            hide = False
+        elif token.split("=", 1)[0].endswith("token") and token.startswith("--"):
+            hide = "=" not in token
+            shown.append(token.split("=", 1)[0] + ("=<token>" if "=" in token else ""))
+        else:
+            shown.append(token)
+    return shlex.join(["python", "scripts/prepare_data.py", *shown])
+

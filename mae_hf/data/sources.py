@@ -1,0 +1,273 @@
+"""Finding the images: a `DatasetDict` from a Hub id, a local dataset folder or file, image folders or a prepared
+folder; then the splits, the image and label columns and the rows a script uses.
+
+Image folders (`--train_dir`, or a folder laid out as split/class/image files) are listed here in one directory
+pass with `os.scandir`, not by `datasets`' imagefolder builder, whose file resolution takes minutes on a million
+files. Everything stays undecoded: `memory.py` decodes what fits in memory, `streaming.py` what does not.
+"""
+
+import glob
+import math
+import os
+
+import numpy as np
+
+from ..paths import folder_listing, looks_local
+from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
+IGNORED_FILES = ("readme", "license", ".")  # beside image folders: not data
+
+
+def load_raw_dataset(args: SourceArguments, token: str | None = None):
+    """A `DatasetDict` of undecoded images from image folders, a prepared folder, a Hub id (read with `token`, if
+    given), a local dataset folder or a parquet file."""
+    import datasets
+
+    from .prepared import PREPARED_MANIFEST, load_prepared
+
+    if args.train_dir is not None:
+        folders = {"train": args.train_dir}
+        if args.validation_dir is not None:
+            folders["validation"] = args.validation_dir
+        for split, folder in folders.items():
+            if not os.path.isdir(folder):
+                option = "--train_dir" if split == "train" else "--validation_dir"
+                raise ValueError(f"{option} {folder}: no such folder. {folder_listing(folder)}")
+        return datasets.DatasetDict({split: list_image_folder(folder) for split, folder in folders.items()})
+    name = args.dataset_name
+    if os.path.isfile(name):
+        if not name.endswith(".parquet"):
+            raise ValueError(f"--dataset_name {name}: a single file must be a .parquet file.")
+        check_parquet_files([name])
+        try:
+            return datasets.load_dataset("parquet", data_files={"train": name}, cache_dir=args.cache_dir)
+        except Exception as error:
+            raise ValueError(f"--dataset_name {name}: could not read this parquet file ({error}).") from error
+    if os.path.isdir(name):
+        if os.path.exists(os.path.join(name, PREPARED_MANIFEST)):
+            return load_prepared(name)
+        check_parquet_files(glob.glob(os.path.join(name, "**", "*.parquet"), recursive=True))
+        if os.path.exists(os.path.join(name, "dataset_dict.json")):
+            return datasets.load_from_disk(name)
+        if os.path.exists(os.path.join(name, "state.json")):
+            return datasets.DatasetDict({"train": datasets.load_from_disk(name)})
+        layout = image_folder_layout(name)
+        if layout:
+            return datasets.DatasetDict({split: list_image_folder(folder) for split, folder in layout.items()})
+        try:
+            return datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir)
+        except Exception as error:
+            raise ValueError(
+                f"--dataset_name {name}: could not read this folder as a dataset ({error}). Expected parquet files "
+                "(train.parquet, test.parquet), an imagefolder tree (train/<class>/*.png), a save_to_disk folder or "
+                "a folder made by scripts/prepare_data.py."
+            ) from error
+    if looks_local(name):
+        raise ValueError(f"--dataset_name {name}: no such file or folder. {folder_listing(name)}")
+    try:
+        return datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, token=token)
+    except Exception as error:
+        raise ValueError(
+            f"--dataset_name {name}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            "Without network access, pass a local folder of parquet files (train.parquet, test.parquet), an "
+            "imagefolder tree or a save_to_disk folder."
+        ) from error
+
+
+def check_parquet_files(paths) -> None:
+    """Refuse empty (0-byte) and row-less parquet files by name: an interrupted copy, or a split written empty; the
+    reader's own errors name no file ("An error occurred while generating the dataset")."""
+    import pyarrow.parquet as pq
+
+    empty = sorted(path for path in paths if os.path.getsize(path) == 0)
+    if empty:
+        raise ValueError(f"--dataset_name: {len(empty)} parquet file(s) are empty (0 bytes): {', '.join(empty[:5])}. "
+                         "Copy or write them again.")
+    for path in sorted(paths):
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as error:
+            raise ValueError(f"--dataset_name: {path} is not a readable parquet file ({error}). Copy or write it "
+                             "again.") from None
+        if rows == 0:
+            raise ValueError(f"--dataset_name: {path} holds no rows: its split would be empty. Remove the file or "
+                             "write its split again with its images.")
+
+
+# ---- image folders ---------------------------------------------------------------------------------------------
+
+def _entries(folder: str):
+    """(subfolders, image files, other files) of a folder, each sorted by name, hidden entries left out."""
+    subfolders, images, others = [], [], []
+    with os.scandir(folder) as scan:
+        for entry in scan:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                subfolders.append(entry.name)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(entry.name)
+            else:
+                others.append(entry.name)
+    return sorted(subfolders), sorted(images), sorted(others)
+
+
+def _holds_images(folder: str) -> bool:
+    """Whether a class folder holds image files (the first entries are enough to tell)."""
+    with os.scandir(folder) as scan:
+        for count, entry in enumerate(scan):
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                return True
+            if count > 64:
+                return False
+    return False
+
+
+def image_folder_layout(folder: str) -> dict[str, str] | None:
+    """{split: folder} when `folder` is a plain image-folder tree — split folders (train/, test/, ...) of class
+    folders of images, or class folders directly (one "train" split) — with no metadata files that only
+    `datasets`' imagefolder builder understands; else None."""
+    subfolders, images, others = _entries(folder)
+    if images or not subfolders or any(not name.lower().startswith(IGNORED_FILES) for name in others):
+        return None
+    if all(name.lower() in SPLIT_FOLDER_NAMES for name in subfolders):
+        layout = {}
+        for name in subfolders:
+            classes, loose, extra = _entries(os.path.join(folder, name))
+            if extra or not classes or not _holds_images(os.path.join(folder, name, classes[0])):
+                return None
+            layout["train" if name.lower() == "training" else name] = os.path.join(folder, name)
+        return layout
+    return {"train": folder} if _holds_images(os.path.join(folder, subfolders[0])) else None
+
+
+def list_image_folder(folder: str):
+    """A `Dataset` of undecoded images {bytes: None, path} and labels from one class folder per label
+    (folder/cat/1.png, ...; deeper folders belong to their class), in one `os.scandir` pass, sorted by name. A
+    folder of images without class folders gives unlabelled images (label None)."""
+    import datasets
+    import pyarrow as pa
+
+    classes, loose, _ = _entries(folder)
+    if classes and loose:
+        raise ValueError(f"{folder} holds both image files ({loose[0]}, ...) and class folders ({classes[0]}, ...): "
+                         "put every image into the folder of its class.")
+    paths, labels = [os.path.join(folder, name) for name in loose], []
+    for label, name in enumerate(classes):
+        found = []
+        pending = [os.path.join(folder, name)]
+        while pending:
+            with os.scandir(pending.pop()) as scan:
+                for entry in scan:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir():
+                        pending.append(entry.path)
+                    elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                        found.append(entry.path)
+        found.sort()
+        paths += found
+        labels += [label] * len(found)
+    if not paths:
+        raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); expected one subfolder "
+                         "per class holding the images (folder/cat/1.png, ...).")
+    features = {"image": datasets.Image(decode=False)}
+    columns = {"image": pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), pa.array(paths)],
+                                                   names=["bytes", "path"])}
+    if classes:
+        features["label"] = datasets.ClassLabel(names=classes)
+        columns["label"] = pa.array(labels, pa.int64())
+    table = datasets.table.InMemoryTable(pa.table(columns))
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features(features)))
+
+
+# ---- columns and splits ----------------------------------------------------------------------------------------
+
+def find_column(dataset, kind: str, name: str | None = None, required: bool = True) -> str | None:
+    """The `kind` ("image" or "label") column: `name` if given (it must exist), else the first column of the
+    matching feature type (`Image` / `ClassLabel`), else the first conventional name."""
+    import datasets
+
+    feature_type, candidates = {"image": (datasets.Image, IMAGE_COLUMN_NAMES),
+                                "label": (datasets.ClassLabel, LABEL_COLUMN_NAMES)}[kind]
+    columns = list(dataset.column_names)
+    if name is not None:
+        if name not in columns:
+            raise ValueError(f"--{kind}_column_name {name!r} is not a column of the dataset; columns: {columns}.")
+        return name
+    typed = [column for column, feature in dataset.features.items() if isinstance(feature, feature_type)]
+    named = [column for column in candidates if column in columns]
+    if typed or named:
+        return (typed + named)[0]
+    if required:
+        raise ValueError(f"No {kind} column found among {columns}; pass --{kind}_column_name.")
+    return None
+
+
+def as_undecoded_images(dataset, column: str):
+    """The dataset with `column` as undecoded images ({bytes, path} values): parquet files written without Hugging
+    Face metadata hold images as plain {bytes, path} structs, which are images too."""
+    import datasets
+
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image) or (isinstance(feature, dict) and {"bytes", "path"} <= set(feature)):
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    raise ValueError(f"Column {column!r} holds {feature}, not images; pass --image_column_name with the image column "
+                     f"(columns: {list(dataset.column_names)}).")
+
+
+def select_splits(raw, args: DataArguments):
+    """(train, eval) `Dataset`s, their descriptions and the splits of `raw` they come from: the named splits, or
+    train minus a held-out part with a fixed seed; then --max_*_samples random draws. Only index mappings are made
+    (kept in memory: nothing is written beside the data, which may be a shared or read-only prepared folder)."""
+    splits = list(raw.keys())
+    if args.train_split not in raw:
+        raise ValueError(f"--train_split {args.train_split!r} does not exist; the dataset has splits {splits}.")
+    train, names, keys = raw[args.train_split], [args.train_split], [args.train_split, args.train_split]
+    if args.eval_split is not None:
+        if args.eval_split not in raw:
+            raise ValueError(f"--eval_split {args.eval_split!r} does not exist; the dataset has splits {splits}.")
+        evaluation, names, keys[1] = raw[args.eval_split], names + [args.eval_split], args.eval_split
+    else:
+        named = [s for s in EVAL_SPLIT_NAMES if s in raw and s != args.train_split]
+        if named and args.validation_split_percentage is None:
+            evaluation, names, keys[1] = raw[named[0]], names + [named[0]], named[0]
+        else:
+            percentage = 5.0 if args.validation_split_percentage is None else args.validation_split_percentage
+            if not 0 < percentage < 100:
+                raise ValueError(f"--validation_split_percentage must lie in (0, 100), got {percentage}.")
+            if len(train) < 2:
+                raise ValueError(f"Split {args.train_split!r} has {len(train)} image(s): too few to hold out "
+                                 "evaluation images. Use more images or an evaluation split.")
+            order = np.random.default_rng(args.split_seed).permutation(len(train))  # as Dataset.train_test_split
+            held_out_count = math.ceil(percentage / 100 * len(train))
+            train, evaluation = (train.select(order[held_out_count:], keep_in_memory=True),
+                                 train.select(order[:held_out_count], keep_in_memory=True))
+            held_out = f"{percentage:g}% of {args.train_split} held out, seed {args.split_seed}"
+            names = [f"{args.train_split} minus {held_out}", held_out]
+    # As transformers' example scripts: shuffle with the seed, then take N (a random subset, not the first N).
+    if args.max_train_samples is not None:
+        train = drawn(train, args.max_train_samples, args.split_seed)
+        names[0] += f", {len(train)} drawn with seed {args.split_seed}"
+    if args.max_eval_samples is not None:
+        evaluation = drawn(evaluation, args.max_eval_samples, args.split_seed)
+        names[1] += f", {len(evaluation)} drawn with seed {args.split_seed}"
+    return train, evaluation, names, keys
+
+
+def drawn(dataset, count: int, seed: int):
+    """`count` rows drawn at random: the first of the permutation `Dataset.shuffle(seed)` makes."""
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return dataset.select(order[:count], keep_in_memory=True)
+
+
+def source_rows(dataset, positions=None) -> np.ndarray:
+    """Row numbers in the loaded split (file order) of `positions` (default: all) in `dataset`, which may be a
+    selection, a shuffle or a held-out part of it."""
+    if dataset._indices is None:  # not a selection: positions are rows
+        rows = np.arange(len(dataset), dtype=np.int64)
+    else:
+        rows = dataset._indices.column(0).to_numpy()
+    return rows if positions is None else rows[np.asarray(positions, dtype=np.int64)]

@@ -1,0 +1,168 @@
+"""Whole-batch image transforms on the training device: uint8 canvases (see decode.py) in, normalised model inputs
+out. Training: random-resized crop (and flip) drawn in each image's own pixels, resampled with one `grid_sample`;
+evaluation: a centre crop. Crop, flip and normalisation are one batched operation wherever the model runs.
+
+The crops' scale, aspect, position and flips come from the transform's own `torch.Generator`, whose state the
+trainer saves in every checkpoint: the batches of a run depend on its seed only, not on DataLoader workers or on a
+resume.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..augment import random_erasing
+
+CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop: tries before falling back to a centre crop
+MIN_EVAL_CROP_FRACTION = 0.875  # 224 of 256: ImageNet's evaluation crop
+
+
+def valid_sizes(images: torch.Tensor, sizes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heights, widths) as float tensors on the images' device: `sizes` (B, 2), or the whole canvas."""
+    batch, _, height, width = images.shape
+    if sizes is None:
+        full = torch.ones(batch, device=images.device)
+        return full * height, full * width
+    sizes = sizes.to(images.device, non_blocking=True).float()
+    return sizes[:, 0], sizes[:, 1]
+
+
+def random_resized_crop(images: torch.Tensor, size: int, sizes: torch.Tensor | None = None, scale=(0.2, 1.0),
+                        ratio=(3 / 4, 4 / 3), hflip: bool = False, generator: torch.Generator | None = None
+                        ) -> torch.Tensor:
+    """Random-resized crop (and optional horizontal flip) of a float batch of canvases, resampled bilinearly to
+    `size` x `size` with one `grid_sample`.
+
+    As torchvision's RandomResizedCrop, in each image's own pixels (`sizes`: its height and width in the canvas,
+    None = the whole canvas): up to 10 draws of an area fraction in `scale` and a log-uniform aspect ratio in
+    `ratio`; the first crop that fits is taken at a uniform position, else the centre crop of the clamped aspect.
+    The same number of random values is drawn for every batch, whatever the outcome.
+    """
+    batch, _, canvas_height, canvas_width = images.shape
+    device = images.device
+    height, width = valid_sizes(images, sizes)
+    draws = torch.rand(batch, CROP_ATTEMPTS, 2, device=device, generator=generator)
+    area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * draws[..., 0])
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = (log_low + (log_high - log_low) * draws[..., 1]).exp()
+    crop_w, crop_h = (area * aspect).sqrt(), (area / aspect).sqrt()
+    fits = (crop_w <= width[:, None]) & (crop_h <= height[:, None])
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first attempt that fits (0 if none)
+    crop_w, crop_h, found = crop_w.gather(1, first)[:, 0], crop_h.gather(1, first)[:, 0], fits.any(dim=1)
+    image_ratio = width / height  # fallback: the largest centred crop whose aspect lies in `ratio`
+    fallback_w = torch.where(image_ratio > ratio[1], height * ratio[1], width)
+    fallback_h = torch.where(image_ratio < ratio[0], width / ratio[0], height)
+    crop_w, crop_h = torch.where(found, crop_w, fallback_w), torch.where(found, crop_h, fallback_h)
+    position = torch.rand(batch, 3, device=device, generator=generator)
+    left = torch.where(found, position[:, 0], 0.5) * (width - crop_w)
+    top = torch.where(found, position[:, 1], 0.5) * (height - crop_h)
+    # Canvas pixels to grid_sample's [-1, 1] coordinates (align_corners=False: -1 and 1 are the canvas's edges).
+    scale_x, scale_y = crop_w / canvas_width, crop_h / canvas_height
+    if hflip:
+        scale_x = torch.where(position[:, 2] < 0.5, -scale_x, scale_x)
+    theta = torch.zeros(batch, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 2] = scale_x, 2 * (left + crop_w / 2) / canvas_width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = scale_y, 2 * (top + crop_h / 2) / canvas_height - 1
+    grid = F.affine_grid(theta, [batch, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def center_crop(images: torch.Tensor, size: int, sizes: torch.Tensor | None = None, fraction: float = 1.0
+                ) -> torch.Tensor:
+    """The centre square of each image holding `fraction` of its short side, resized to `size` (bicubic,
+    antialiased; not resampled when it already has that size). Images of one crop size are cut out together."""
+    batch, channels, canvas_height, canvas_width = images.shape
+    if sizes is None and fraction == 1 and canvas_height == canvas_width:
+        if canvas_height == size:
+            return images
+        return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
+    height, width = valid_sizes(images, sizes)
+    side = (torch.minimum(height, width) * fraction).round().clamp(min=1)
+    top, left = ((height - side) / 2).floor().long(), ((width - side) / 2).floor().long()
+    output = images.new_empty(batch, channels, size, size)
+    for crop in side.unique().tolist():  # usually one or a few sizes per batch
+        chosen = (side == crop).nonzero()[:, 0]
+        steps = torch.arange(int(crop), device=images.device)
+        rows = (top[chosen, None] + steps)[:, None, :, None]
+        cols = (left[chosen, None] + steps)[:, None, None, :]
+        crops = images[chosen[:, None, None, None], torch.arange(channels, device=images.device)[:, None, None],
+                       rows, cols]
+        if crop != size:
+            crops = F.interpolate(crops, size=(size, size), mode="bicubic", antialias=True)
+        output[chosen] = crops
+    return output
+
+
+def default_eval_crop_fraction(image_size: int, short_side: int) -> float:
+    """The evaluation crop's share of the short side: image size / stored short side, at least 0.875 (224 of 256)
+    and at most 1 (images stored at the model's size, e.g. CIFAR-10)."""
+    return min(1.0, max(MIN_EVAL_CROP_FRACTION, image_size / short_side))
+
+
+class BatchTransform:
+    """uint8 canvases `(B, C, H, W)` (+ each image's height and width) -> normalised float batch at `image_size`.
+
+    Training (`crop_scale` given): random-resized crop and optional flip from the transform's own generator, then
+    optional `augment` (a batch op on floats in [0, 1], e.g. `augment.RandAugment`), normalisation, and optional
+    random erasing with probability `random_erasing` (in normalised space). Evaluation (no `crop_scale`): the centre
+    crop of `eval_crop_fraction` of the short side, and normalisation. Runs on whatever device the batch is on.
+    """
+
+    def __init__(self, image_size: int, mean, std, crop_scale: tuple[float, float] | None = None,
+                 hflip: bool = False, augment=None, random_erasing: float = 0.0, eval_crop_fraction: float = 1.0,
+                 seed: int = 0):
+        self.image_size, self.crop_scale, self.hflip = image_size, crop_scale, hflip
+        self.augment, self.random_erasing = augment, random_erasing
+        self.eval_crop_fraction = eval_crop_fraction
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.seed = seed
+        self.generator = None  # made on the device of the first batch
+        self._pending_state = None
+
+    def generator_for(self, device: torch.device) -> torch.Generator | None:
+        if device.type == "meta":  # shapes only (tests that trace the transform): nothing to draw
+            return None
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+            if self._pending_state is not None:
+                self.generator.set_state(self._pending_state)
+                self._pending_state = None
+        return self.generator
+
+    def state(self) -> torch.Tensor | None:
+        """The generator's state, for a checkpoint (None before the first batch: then the seed says it all)."""
+        return None if self.generator is None else self.generator.get_state()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        """Continue the random stream of a checkpoint (applied when the generator is made, or now)."""
+        if self.generator is None:
+            self._pending_state = state
+        else:
+            self.generator.set_state(state)
+
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"BatchTransform expects uint8 images, got {images.dtype}.")
+        x = images.float().div_(255)
+        if self.crop_scale is not None:
+            x = random_resized_crop(x, self.image_size, sizes, self.crop_scale, hflip=self.hflip,
+                                    generator=self.generator_for(x.device))
+        else:
+            x = center_crop(x, self.image_size, sizes, self.eval_crop_fraction)
+            if self.hflip:
+                flip = torch.rand(x.shape[0], device=x.device, generator=self.generator_for(x.device)) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.augment is not None:
+            x = self.augment(x)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.random_erasing > 0:
+            x = random_erasing(x, self.random_erasing)
+        return x
+
+    @classmethod
+    def for_model(cls, config, crop_scale=None, hflip=False, augment=None, random_erasing=0.0,
+                  eval_crop_fraction: float = 1.0, seed: int = 0) -> "BatchTransform":
+        return cls(config.image_size, config.image_mean, config.image_std, crop_scale, hflip, augment, random_erasing,
+                   eval_crop_fraction, seed)

@@ -1,0 +1,25 @@
+"""Prepare images once for fast training: decode, scale (short side 256 by default, aspect kept), store as JPEG
+shards that `datasets` memory-maps; resumable, in parallel.
+
+    python scripts/prepare_data.py --train_dir imagenet/train --validation_dir imagenet/val --output_dir imagenet_256
+    python scripts/prepare_data.py --dataset_name ../shared/data/cifar10 --short_side 32 --output_dir cifar10_32
+
+Any data the other scripts read works (Hub id, parquet, image folders, save_to_disk). Interrupted? Run the same
+command again: finished shards are kept. Then train from the folder: --dataset_name imagenet_256. Flags: --help.
+"""
+
+import sys
+
+from mae_hf.cli import parse_args, run_script
+from mae_hf.data.arguments import SourceArguments
+from mae_hf.data.prepare import PrepareArguments, command_line, prepare
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    source, args = parse_args((SourceArguments, PrepareArguments), argv, description=__doc__)
+    prepare(source, args, command_line(argv))
+
+
+if __name__ == "__main__":
+    run_script(main)
