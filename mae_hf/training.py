@@ -655,7 +655,8 @@ class ImageTrainer(Trainer):
         epoch — except with persistent workers, whose epochs after the first draw nothing. A resumed run starts a
         new one, so the draws (and every random value after them: masking, augmentation) would differ from the
         uninterrupted run's. With a generator of its own, the loader takes nothing from the global state."""
-        loader.generator = torch.Generator().manual_seed(self.args.seed)
+        base = getattr(loader, "base_dataloader", loader)  # accelerate's loaders wrap the DataLoader that draws
+        base.generator = torch.Generator().manual_seed(self.args.seed)
         return loader
 
     def get_eval_dataloader(self, eval_dataset=None):
