@@ -212,3 +212,189 @@ def test_two_processes_read_each_image_at_most_once_per_epoch(tmp_path, repo_roo
     for epoch in range(2):
         seen = [position for entry in train[epoch * 6:(epoch + 1) * 6] for position in entry["positions"]]
         assert len(seen) == len(set(seen)) == 48  # 50 images: 2 dropped, fewer than 2 processes x 8
+
+
+# ---- preparing: interruptions, reruns, bad images, listing -----------------------------------------------------
+
+PREPARE_KILLED = """
+import os, signal, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "scripts"))
+import prepare_data
+import mae_hf.data.prepare as prepare
+shard, done = prepare.prepare_shard, []
+
+def killed_after_two(task):
+    if len(done) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    done.append(shard(task))
+    return done[-1]
+
+prepare.prepare_shard = killed_after_two
+prepare_data.main(sys.argv[1:])
+"""
+
+
+def test_a_half_prepared_folder_is_refused_then_finished_keeping_its_shards(tmp_path, repo_root, scripts,
+                                                                            mixed_source, capsys):
+    output = tmp_path / "half"
+    flags = ["--dataset_name", str(mixed_source), "--output_dir", str(output), "--short_side", "8", "--shard_size",
+             "16", "--num_proc", "1", "--disable_tqdm", "true"]
+    (tmp_path / "killed.py").write_text(PREPARE_KILLED)
+    killed = subprocess.run([sys.executable, str(tmp_path / "killed.py"), *flags], cwd=repo_root,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    first = sorted((output / "train").iterdir())
+    assert [path.name for path in first] == ["data-00000-of-00004.arrow", "data-00001-of-00004.arrow"]
+    inodes = [path.stat().st_ino for path in first]
+    with pytest.raises(SystemExit) as stop:  # training from it: one clear error naming what to run
+        scripts.pretrain.main(pretrain_args(tmp_path / "run", output, "--num_train_epochs", "1"))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "is only partly prepared" in message
+    assert "python scripts/prepare_data.py --dataset_name" in message
+    scripts.prepare_data.main(flags)  # the same command again finishes it
+    out = capsys.readouterr().out
+    assert "continuing" in out and "2 finished shard(s) (32 images) kept, 3 to go" in out
+    assert [path.stat().st_ino for path in sorted((output / "train").iterdir())[:2]] == inodes  # not rewritten
+    assert json.loads((output / PREPARED_MANIFEST).read_text())["complete"]
+    assert not (output / "_progress").exists()
+
+
+def test_a_finished_folder_is_never_overwritten_silently(tmp_path, scripts, prepared, mixed_source, capsys):
+    before = (prepared / PREPARED_MANIFEST).read_text()
+    flags = ["--dataset_name", str(mixed_source), "--short_side", "8", "--disable_tqdm", "true"]
+    with pytest.raises(ValueError, match="already holds a finished prepared folder"):
+        scripts.prepare_data.main([*flags, "--output_dir", str(prepared)])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not a prepared folder"):
+        scripts.prepare_data.main([*flags, "--output_dir", str(other), "--overwrite", "true"])
+    assert (other / "notes.txt").read_text() == "mine" and (prepared / PREPARED_MANIFEST).read_text() == before
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(prepared), str(copy)], check=True)
+    scripts.prepare_data.main([*flags, "--output_dir", str(copy), "--short_side", "6", "--overwrite", "true"])
+    assert json.loads((copy / PREPARED_MANIFEST).read_text())["settings"]["short_side"] == 6
+    with pytest.raises(ValueError, match="lies inside --dataset_name"):
+        scripts.prepare_data.main([*flags, "--output_dir", str(mixed_source / "prepared")])
+
+
+def test_bad_images_in_a_source_to_prepare(tmp_path, scripts, capsys):
+    source = tmp_path / "tree"
+    for index in range(6):
+        folder = source / ("cat" if index % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 10), (index * 40, 0, 0)).save(folder / f"{index}.png")
+    (source / "dog" / "broken.png").write_bytes(b"not a png")
+    flags = ["--train_dir", str(source), "--short_side", "8", "--disable_tqdm", "true", "--num_proc", "1"]
+    with pytest.raises(ValueError, match=r"row \d+ \(.*broken.png\) cannot be decoded.*--skip_bad_images true"):
+        scripts.prepare_data.main([*flags, "--output_dir", str(tmp_path / "strict")])
+    scripts.prepare_data.main([*flags, "--output_dir", str(tmp_path / "lenient"), "--skip_bad_images", "true"])
+    manifest = json.loads((tmp_path / "lenient" / PREPARED_MANIFEST).read_text())
+    assert manifest["splits"]["train"]["num_images"] == 6 and manifest["splits"]["train"]["num_skipped"] == 1
+    assert "broken.png" in manifest["splits"]["train"]["shards"][0]["skipped"][0]
+    train, evaluation = load_image_splits(DataArguments(dataset_name=str(tmp_path / "lenient"),
+                                                        validation_split_percentage=50), 8)
+    assert len(train) + len(evaluation) == 6 and any("broken.png" in entry for entry in train.skipped)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"version": 0}, "prepared by another version of mae_hf"),
+    ({"complete": False}, "is only partly prepared"),
+])
+def test_a_folder_of_another_version_or_unfinished_names_what_to_run(tmp_path, prepared, change, message):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(prepared), str(copy)], check=True)
+    manifest = json.loads((copy / PREPARED_MANIFEST).read_text())
+    (copy / PREPARED_MANIFEST).write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(ValueError, match=message) as error:
+        load_image_splits(DataArguments(dataset_name=str(copy)), 8)
+    assert "python scripts/prepare_data.py" in str(error.value)
+
+
+def test_a_damaged_shard_is_named(tmp_path, prepared):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(prepared), str(copy)], check=True)
+    shard = copy / "train" / "data-00001-of-00004.arrow"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="shard train/data-00001-of-00004.arrow is 100 bytes, not"):
+        load_image_splits(DataArguments(dataset_name=str(copy)), 8)
+
+
+def test_a_folder_prepared_smaller_than_the_model_warns_and_trains(prepared, capsys):
+    train, _ = load_image_splits(DataArguments(dataset_name=str(prepared)), 16)
+    err = capsys.readouterr().err
+    assert "prepared with short side 8, below the model's 16 px" in err and "--short_side 18" in err
+    assert len(train) == 50
+
+
+def test_memory_policy_streams_or_names_the_prepare_command(monkeypatch, mixed_source, prepared, capsys):
+    import mae_hf.data as data
+
+    monkeypatch.setattr(data, "memory_budget", lambda: (1000, "a test's budget"))
+    streamed, _ = load_image_splits(DataArguments(dataset_name=str(prepared)), 8, num_workers=0)
+    assert not streamed.in_memory and "over the memory budget of 1.0 KB = a test's budget" in capsys.readouterr().out
+    with pytest.raises(ValueError) as error:  # too large, not prepared: the exact command, before any work
+        load_image_splits(DataArguments(dataset_name=str(mixed_source)), 8)
+    assert f"python scripts/prepare_data.py --dataset_name {mixed_source} --short_side 9 --output_dir " \
+           f"{mixed_source}_prepared" in str(error.value)
+    forced, _ = load_image_splits(DataArguments(dataset_name=str(mixed_source), data_in_memory="true"), 8)
+    assert forced.in_memory and "although over the budget" in capsys.readouterr().out
+    from_source, _ = load_image_splits(DataArguments(dataset_name=str(mixed_source), data_in_memory="false"), 8,
+                                       num_workers=0)  # an ordinary dataset read from disk: decoded on the fly
+    assert not from_source.in_memory and "preparing them once is faster" in capsys.readouterr().err
+    assert torch.equal(from_source.read([3, 1])[0], forced.read([3, 1])[0])
+
+
+def test_image_folders_are_listed_like_datasets_imagefolder(tmp_path):
+    for index in range(7):
+        folder = tmp_path / "tree" / "train" / ("b_dogs" if index % 3 else "a_cats")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (5, 4)).save(folder / f"{index}.jpg")
+    (tmp_path / "tree" / "train" / "a_cats" / ".DS_Store").write_bytes(b"")
+    (tmp_path / "tree" / "train" / "a_cats" / "notes.txt").write_text("not an image")
+    ours = list_image_folder(str(tmp_path / "tree" / "train"))
+    theirs = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "tree"), split="train")
+    assert ours.features["label"].names == theirs.features["label"].names == ["a_cats", "b_dogs"]
+    pairs = lambda dataset: sorted(  # noqa: E731
+        (os.path.basename(image["path"] or image.filename), label)
+        for image, label in zip(dataset.cast_column("image", datasets.Image(decode=False))["image"],
+                                dataset["label"]))
+    assert pairs(ours) == pairs(theirs)
+    train, _ = load_image_splits(DataArguments(dataset_name=str(tmp_path / "tree"), validation_split_percentage=30),
+                                 4)
+    assert len(train) == 4 and train.class_names == ["a_cats", "b_dogs"]
+    deeper = tmp_path / "tree" / "train" / "b_dogs" / "more"  # images in subfolders belong to their class
+    deeper.mkdir()
+    Image.new("RGB", (5, 4)).save(deeper / "7.jpg")
+    listed = list_image_folder(str(tmp_path / "tree" / "train"))
+    assert listed["label"].count(1) == 5 and listed.num_rows == 8
+
+
+def test_shared_memory_too_small_for_the_batches_in_flight(capsys):
+    batch = 100 * 2**20
+    assert fit_workers_to_shared_memory(4, 2, batch, chosen=False, free=64 * 2**30) == (4, 2)
+    assert fit_workers_to_shared_memory(4, 2, batch, chosen=False, free=2 * 2**30) == (2, 2)
+    assert "docker run --shm-size" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="/dev/shm has 64 MB free.*--shm-size"):
+        fit_workers_to_shared_memory(4, 2, batch, chosen=True, free=64 * 2**20)
+    with pytest.raises(ValueError, match="lower --dataloader_num_workers"):
+        fit_workers_to_shared_memory(1, 2, batch, chosen=False, free=64 * 2**20)
+
+
+def test_probes_and_fine_tuning_read_prepared_folders_from_disk(tmp_path, scripts, prepared, capsys):
+    """The probes' one encoder pass streams; kNN, probe and fine-tune give what the in-memory path gives."""
+    for mode in ("true", "false"):
+        scripts.linear_probe.main(["--dataset_name", str(prepared), "--config_overrides", TINY, "--output_dir",
+                                   str(tmp_path / f"probe_{mode}"), "--probe_epochs", "2", "--knn_k", "3",
+                                   "--disable_tqdm", "true", "--data_in_memory", mode,
+                                   "--dataloader_num_workers", "2"])
+    assert "[data] from disk" in capsys.readouterr().out
+    for protocol in ("linear_probe", "knn"):
+        results = [json.loads((tmp_path / f"probe_{mode}" / f"{protocol}_results.json").read_text())
+                   for mode in ("true", "false")]
+        assert results[0]["eval_accuracy"] == results[1]["eval_accuracy"]
+    scripts.finetune.main(["--dataset_name", str(prepared), "--config_overrides", TINY, "--random_init", "true",
+                           "--output_dir", str(tmp_path / "finetune"), "--per_device_train_batch_size", "8",
+                           "--num_train_epochs", "1", "--disable_tqdm", "true", "--data_in_memory", "false",
+                           "--dataloader_num_workers", "1"])
+    assert json.loads((tmp_path / "finetune" / "finetune_results.json").read_text())["train_samples"] == 50

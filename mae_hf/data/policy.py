@@ -71,7 +71,9 @@ def all_processes_agree(flag: bool) -> bool:
 
 
 def gigabytes(num_bytes: int) -> str:
-    """A size for people: MB below a gigabyte, GB above."""
+    """A size for people: KB below a megabyte, MB below a gigabyte, GB above."""
+    if num_bytes < 2**20:
+        return f"{num_bytes / 2**10:,.1f} KB"
     if num_bytes < 2**30:
         return f"{num_bytes / 2**20:,.1f} MB"
     return f"{num_bytes / 2**30:.1f} GB" if num_bytes < 10 * 2**30 else f"{num_bytes / 2**30:,.0f} GB"
