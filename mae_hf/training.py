@@ -601,8 +601,9 @@ class ImageTrainer(Trainer):
     weight EMA, evaluated beside the trained weights (`eval_ema_*` metrics)."""
 
     def __init__(self, *args, train_transform, eval_transform, layer_decay: float = 1.0, mixer=None,
-                 repeated_augmentations: int = 1, ema_decay: float = 0.0, **kwargs):
+                 repeated_augmentations: int = 1, ema_decay: float = 0.0, device_decoder=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.device_decoder = device_decoder  # JPEG bytes -> canvases on the GPU (--decode_on_device)
         # Every training loss here is a mean over its micro-batch (the model's, the label smoother's, the soft-target
         # one), so the Trainer must divide it by the accumulation steps. It would not if it took the model (whose
         # forward has **kwargs) for one that normalises by the Trainer's label count itself.
@@ -622,8 +623,20 @@ class ImageTrainer(Trainer):
             self.ema = WeightEMA(ema_decay)
             self.add_callback(self.ema)
 
+    def _decoded(self, inputs):
+        """JPEG bytes from the workers (--decode_on_device) decoded into canvases on the GPU."""
+        if "encoded_images" not in inputs:
+            return inputs
+        inputs = dict(inputs)
+        inputs["pixel_values"] = self.device_decoder(inputs.pop("encoded_images"), inputs["image_sizes"])
+        return inputs
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # decoded before the Trainer looks for the labels (pixel_values, for the MAE) to compute a loss
+        return super().prediction_step(model, self._decoded(inputs), prediction_loss_only, ignore_keys)
+
     def _prepare_inputs(self, inputs):
-        inputs = super()._prepare_inputs(inputs)
+        inputs = super()._prepare_inputs(self._decoded(inputs))
         sizes = inputs.pop("image_sizes", None)  # where each image lies in its canvas: for the transform only
         if not self.model.training:
             return {**inputs, "pixel_values": self.eval_transform(inputs["pixel_values"], sizes)}
@@ -631,6 +644,13 @@ class ImageTrainer(Trainer):
         if self.mixer is not None:
             inputs["pixel_values"], inputs["labels"] = self.mixer(inputs["pixel_values"], inputs["labels"])
         return inputs
+
+    def floating_point_ops(self, inputs):
+        if "encoded_images" in inputs:  # the estimate transformers makes from a batch of pixel values
+            config = self.model.config
+            pixels = len(inputs["encoded_images"]) * config.num_channels * config.image_size**2
+            return 6 * pixels * self.model.num_parameters(exclude_embeddings=True)
+        return super().floating_point_ops(inputs)
 
     # The crops' own random stream is part of the run's state: saved with the Trainer's random states in every
     # checkpoint, and restored with them, so a resumed run draws the crops the uninterrupted one would have.

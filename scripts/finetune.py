@@ -20,7 +20,15 @@ from transformers import set_seed
 
 from mae_hf import MAEForImageClassification
 from mae_hf.cli import parse_args, run_script
-from mae_hf.data import DataArguments, ImageDataset, collate, eval_crop_fraction, load_image_splits, skipped_images
+from mae_hf.data import (
+    DataArguments,
+    ImageDataset,
+    collate,
+    device_decoder,
+    eval_crop_fraction,
+    load_image_splits,
+    skipped_images,
+)
 from mae_hf.evaluation import is_classifier, load_classifier
 from mae_hf.metrics import accuracy
 from mae_hf.results import encoder_fingerprint, write_results
@@ -41,7 +49,8 @@ def compute_metrics(prediction):
     return {"accuracy": accuracy(prediction.predictions.argmax(-1), prediction.label_ids)}
 
 
-def evaluate_only(model_args, config, num_labels, class_names, evaluation, args, crop_fraction: float) -> None:
+def evaluate_only(model_args, config, num_labels, class_names, evaluation, args, crop_fraction: float,
+                  decoder=None) -> None:
     """--do_train false: the saved classifier, unchanged, on the evaluation split -> eval_results.json."""
     if not is_classifier(config):
         raise ValueError(f"--do_train false: {model_args.model_name_or_path} is not a classifier (no trained head); "
@@ -57,8 +66,8 @@ def evaluate_only(model_args, config, num_labels, class_names, evaluation, args,
     model = load_pretrained(MAEForImageClassification, model_args, config)
     _, eval_transform = args.batch_transforms(model.config, crop_fraction)
     trainer = ImageTrainer(model=model, args=args, data_collator=collate, compute_metrics=compute_metrics,
-                           eval_dataset=ImageDataset(evaluation, labels=True),
-                           train_transform=eval_transform, eval_transform=eval_transform)
+                           eval_dataset=ImageDataset(evaluation, labels=True, encoded=decoder is not None),
+                           train_transform=eval_transform, eval_transform=eval_transform, device_decoder=decoder)
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation)))
     print(f"[eval] {model_args.model_name_or_path} on {evaluation.split}: eval_accuracy {metrics['eval_accuracy']:.4f} "
@@ -90,6 +99,7 @@ def finetune(run, model_args, data_args, args):
         if args.do_train:
             args.check_enough_images(len(train))
         args.configure_loaders(train, evaluation)
+        decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     set_seed(args.seed)  # before the head is initialised
@@ -97,7 +107,8 @@ def finetune(run, model_args, data_args, args):
     names = train.class_names or [str(i) for i in range(num_labels)]
     crop_fraction = eval_crop_fraction(data_args, config.image_size, train)
     if not args.do_train:
-        return evaluate_only(model_args, config, num_labels, train.class_names, evaluation, args, crop_fraction)
+        return evaluate_only(model_args, config, num_labels, train.class_names, evaluation, args, crop_fraction,
+                             decoder)
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                             linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate,
@@ -107,13 +118,13 @@ def finetune(run, model_args, data_args, args):
     if args.place_data_on_device(train):
         train.to(args.device)
         args.dataloader_pin_memory = False
-    train_set = ImageDataset(train, labels=True)
+    train_set = ImageDataset(train, labels=True, encoded=decoder is not None)
     train_transform, eval_transform = args.batch_transforms(model.config, crop_fraction)
     trainer = ImageTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
-        eval_dataset=ImageDataset(evaluation, labels=True),
+        eval_dataset=ImageDataset(evaluation, labels=True, encoded=decoder is not None),
         data_collator=collate,
         compute_metrics=compute_metrics,
         train_transform=train_transform,
@@ -123,6 +134,7 @@ def finetune(run, model_args, data_args, args):
         repeated_augmentations=args.repeated_augmentations,
         ema_decay=args.ema_decay,
         callbacks=[ThroughputCallback(args.global_batch_size)],
+        device_decoder=decoder,
     )
     run.train(trainer)
     trainer.save_model()

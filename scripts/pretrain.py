@@ -21,6 +21,7 @@ from mae_hf.data import (
     DataArguments,
     ImageDataset,
     collate,
+    device_decoder,
     eval_crop_fraction,
     fixed_noise,
     load_image_splits,
@@ -110,6 +111,7 @@ def pretrain(run, model_args, data_args, args):
             args.check_enough_images(len(train))
         check_knn_bank(args, train)
         args.configure_loaders(train, evaluation)
+        decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     run.check_settings(config, data_args, model_args)
@@ -117,9 +119,9 @@ def pretrain(run, model_args, data_args, args):
     if args.place_data_on_device(train):
         train.to(args.device)
         args.dataloader_pin_memory = False
-    train_set = ImageDataset(train)
+    train_set = ImageDataset(train, encoded=decoder is not None)
     eval_noise = fixed_noise(len(evaluation), config.num_patches, seed=args.seed)
-    eval_set = ImageDataset(evaluation, noise=eval_noise)
+    eval_set = ImageDataset(evaluation, noise=eval_noise, encoded=decoder is not None)
     knn_data = knn_monitor_data(args, train, evaluation)
     shown = range(min(args.num_reconstructions, len(evaluation)))
     preview = (*evaluation.read(shown), eval_noise[:len(shown)])
@@ -142,6 +144,7 @@ def pretrain(run, model_args, data_args, args):
         callbacks=[throughput],
         preview=preview,
         knn_data=knn_data,
+        device_decoder=decoder,
         knn_k=args.knn_k,
     )
     if not args.do_train:  # --do_train false: evaluate the saved model only, as transformers' run_mae.py

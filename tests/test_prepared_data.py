@@ -398,3 +398,34 @@ def test_probes_and_fine_tuning_read_prepared_folders_from_disk(tmp_path, script
                            "--num_train_epochs", "1", "--disable_tqdm", "true", "--data_in_memory", "false",
                            "--dataloader_num_workers", "1"])
     assert json.loads((tmp_path / "finetune" / "finetune_results.json").read_text())["train_samples"] == 50
+
+
+def test_decoding_on_the_device_gives_the_batches_of_the_workers(tmp_path, scripts, mixed_source, monkeypatch):
+    """--decode_on_device: the workers read JPEG bytes, the device decodes (here PIL stands in for torchvision's
+    GPU decoder, which this machine lacks) into canvases that train as the workers' canvases do."""
+    import io
+
+    import mae_hf.data.streaming as streaming
+
+    jpegs = tmp_path / "jpegs"
+    scripts.prepare_data.main(["--dataset_name", str(mixed_source), "--output_dir", str(jpegs), "--short_side", "8",
+                               "--encoding", "jpeg", "--num_proc", "1", "--disable_tqdm", "true"])
+    flags = ("--num_train_epochs", "1", "--data_in_memory", "false", "--dataloader_num_workers", "1")
+    with pytest.raises(SystemExit, match="decodes JPEGs on a CUDA GPU; this run's device is cpu"):
+        scripts.pretrain.main(pretrain_args(tmp_path / "refused", jpegs, *flags, "--decode_on_device", "true"))
+    with pytest.raises(SystemExit, match="these images are held in memory"):
+        scripts.pretrain.main(pretrain_args(tmp_path / "memory", jpegs, "--decode_on_device", "true"))
+
+    def pil_decoder(device):
+        def decode(datas, channels):
+            return [torch.from_numpy(np.array(Image.open(io.BytesIO(data.numpy().tobytes())).convert(
+                "RGB" if channels == 3 else "L"))).permute(2, 0, 1) for data in datas]
+        return decode
+
+    monkeypatch.setattr(streaming, "torchvision_jpeg_decoder", pil_decoder)
+    scripts.pretrain.main(pretrain_args(tmp_path / "device", jpegs, *flags, "--decode_on_device", "true"))
+    scripts.pretrain.main(pretrain_args(tmp_path / "workers", jpegs, *flags))
+    device, workers = losses(tmp_path / "device"), losses(tmp_path / "workers")
+    assert device.keys() == workers.keys() and len(device) == 6
+    for step in device:  # canvases of another size: the same pixels sampled, up to float rounding
+        assert device[step] == pytest.approx(workers[step], rel=1e-4)

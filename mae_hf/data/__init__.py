@@ -35,7 +35,8 @@ MIN_EVAL_IMAGES = 10  # fewer make every accuracy a coarse step (1 image = 10 % 
 HEADER_SAMPLE = 256  # images whose headers estimate an unprepared split's decoded size
 
 __all__ = ["BatchTransform", "DataArguments", "ImageData", "ImageDataset", "SourceArguments", "collate",
-           "eval_crop_fraction", "fixed_noise", "load_image_splits", "sequential_batches", "skipped_images"]
+           "device_decoder", "eval_crop_fraction", "fixed_noise", "load_image_splits", "sequential_batches",
+           "skipped_images"]
 
 
 def skipped_images(*splits: ImageData) -> dict:
@@ -46,6 +47,23 @@ def skipped_images(*splits: ImageData) -> dict:
 def eval_crop_fraction(args: DataArguments, image_size: int, data: ImageData) -> float:
     """--eval_crop_fraction, or its default for how the images are stored (see `default_eval_crop_fraction`)."""
     return args.eval_crop_fraction or default_eval_crop_fraction(image_size, data.short_side)
+
+
+def device_decoder(args: DataArguments, num_channels: int, device, *splits: ImageData):
+    """--decode_on_device: the GPU JPEG decoder for `splits` (read from a prepared folder of JPEGs), checked before
+    any work; None without the flag."""
+    if not args.decode_on_device:
+        return None
+    for split in splits:
+        encoding = getattr(getattr(split, "reader", None), "encoding", None)
+        if split.in_memory or encoding != "jpeg":
+            raise ValueError("--decode_on_device true decodes the JPEGs of a prepared folder read from disk; "
+                             + ("these images are held in memory (--data_in_memory false reads them from disk)."
+                                if split.in_memory else f"{args.dataset_name} is not a prepared folder of JPEGs "
+                                "(scripts/prepare_data.py --encoding jpeg)."))
+    from .streaming import DeviceJPEGDecoder
+
+    return DeviceJPEGDecoder(num_channels, device)
 
 
 def suggested_prepare_command(args: DataArguments, image_size: int) -> str:

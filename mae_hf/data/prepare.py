@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from .arguments import SourceArguments
-from .decode import BadImage, Geometry, orientation, channels_first, decode_image, open_image
+from .decode import BadImage, Geometry, channels_first, decode_image, open_image, orientation
 from .prepared import (
     FORMAT_NAME,
     FORMAT_VERSION,

@@ -56,10 +56,13 @@ class ImageData:
 class ImageDataset(torch.utils.data.Dataset):
     """An `ImageData` for DataLoaders, fetched a whole batch at a time (`__getitems__`): `pixel_values` (uint8
     canvases, transformed on the device by the trainer), `image_sizes`, and optional `labels` and `noise` (fixed
-    masking noise, so that evaluation losses are comparable)."""
+    masking noise, so that evaluation losses are comparable). With `encoded` (a streamed prepared folder of JPEGs,
+    --decode_on_device), `encoded_images` (the JPEG bytes) replace `pixel_values`: the trainer decodes them on the
+    GPU (`streaming.DeviceJPEGDecoder`)."""
 
-    def __init__(self, data: ImageData, labels: bool = False, noise: torch.Tensor | None = None):
-        self.data, self.noise = data, noise
+    def __init__(self, data: ImageData, labels: bool = False, noise: torch.Tensor | None = None,
+                 encoded: bool = False):
+        self.data, self.noise, self.encoded = data, noise, encoded
         self.labels = data.labels if labels else None
         if labels and data.labels is None:
             raise ValueError(f"The split {data.split!r} has no labels.")
@@ -71,8 +74,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return {key: value[0] for key, value in self.__getitems__([index]).items()}
 
     def __getitems__(self, indices):
-        images, sizes = self.data.read(indices)
-        batch = {"pixel_values": images, "image_sizes": sizes}
+        if self.encoded:
+            encoded, sizes = self.data.read_encoded(indices)
+            batch = {"encoded_images": encoded, "image_sizes": sizes}
+        else:
+            images, sizes = self.data.read(indices)
+            batch = {"pixel_values": images, "image_sizes": sizes}
         if self.labels is not None or self.noise is not None:
             index = torch.as_tensor(indices)
             if self.labels is not None:

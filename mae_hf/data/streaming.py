@@ -32,7 +32,8 @@ def empty_canvases(count: int, canvas: tuple[int, int, int]) -> torch.Tensor:
 
 class StreamedImages(ImageData):
     """Images read through `reader` (readers.py) when asked for: `positions` of the reader, their stored `sizes`.
-    Repeated positions in one batch (repeated augmentation) are decoded once."""
+    Repeated positions in one batch (repeated augmentation) are decoded once; `read_encoded` gives the JPEG bytes of
+    a prepared folder instead, for the GPU to decode (`DeviceJPEGDecoder`, --decode_on_device)."""
 
     def __init__(self, reader, sizes: np.ndarray, canvas, labels=None, class_names=None, split: str = "",
                  skipped=(), short_side: int = 0, num_workers: int = 0):
@@ -59,11 +60,63 @@ class StreamedImages(ImageData):
             sizes[index] = paste(canvases[index], first[position])
         return images, torch.from_numpy(sizes)
 
+    def read_encoded(self, positions):
+        """(the JPEG bytes of each image as a uint8 numpy array, stored sizes `(n, 2)`). Arrays, not tensors: the
+        Trainer's loader moves tensors to the GPU, and the GPU's JPEG decoder reads its input from the host."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        encoded = [np.frombuffer(value, dtype=np.uint8) for value in self.reader.values(positions)]
+        return encoded, torch.from_numpy(self.sizes[positions])
+
     def subset(self, positions) -> "StreamedImages":
         positions = np.asarray(positions, dtype=np.int64)
         return StreamedImages(self.reader.subset(positions), self.sizes[positions], self.canvas,
                               None if self.labels is None else self.labels[torch.as_tensor(positions)],
                               self.class_names, self.split, self.skipped, self.short_side, self.num_workers)
+
+
+class DeviceJPEGDecoder:
+    """JPEG bytes of a batch (`StreamedImages.read_encoded`, on the host) -> uint8 canvases on `device`, decoded
+    there by torchvision (nvJPEG on a CUDA GPU), each image at the top left of a canvas as large as the batch's
+    largest image, the rest repeating its edge as decode.py's canvases do. `decode` (list of 1-D uint8 host
+    tensors, channels -> list of CHW tensors on the device) defaults to torchvision's."""
+
+    def __init__(self, num_channels: int, device, decode=None):
+        self.num_channels, self.device = num_channels, torch.device(device)
+        self.decode = decode or torchvision_jpeg_decoder(self.device)
+
+    def __call__(self, encoded: list, sizes: torch.Tensor) -> torch.Tensor:
+        height, width = (int(value) for value in sizes.cpu().max(dim=0).values)  # host sizes: no device sync
+        datas = [torch.from_numpy(np.asarray(data)) for data in encoded]
+        canvases = torch.empty((len(datas), self.num_channels, height, width), dtype=torch.uint8, device=self.device)
+        for row, image in enumerate(self.decode(datas, self.num_channels)):
+            canvases[row, :, :image.shape[-2], :image.shape[-1]] = image
+        # Repeat each image's last row and column over the rest of its canvas: one gather for the whole batch.
+        sizes = sizes.to(self.device, non_blocking=True)
+        rows = torch.minimum(torch.arange(height, device=self.device)[None], sizes[:, :1] - 1)
+        cols = torch.minimum(torch.arange(width, device=self.device)[None], sizes[:, 1:] - 1)
+        batch = torch.arange(len(datas), device=self.device)
+        channels = torch.arange(self.num_channels, device=self.device)
+        return canvases[batch[:, None, None, None], channels[None, :, None, None], rows[:, None, :, None],
+                        cols[:, None, None, :]]
+
+
+def torchvision_jpeg_decoder(device: torch.device):
+    """torchvision's batched JPEG decoder for `device`, or a clear error saying what is missing."""
+    if device.type != "cuda":
+        raise ValueError(f"--decode_on_device true decodes JPEGs on a CUDA GPU; this run's device is {device}. "
+                         "Leave the flag off (the DataLoader workers decode).")
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception as error:  # not installed, or a build that does not match torch
+        raise ValueError(f"--decode_on_device true needs torchvision with GPU JPEG decoding, which does not import "
+                         f"here ({type(error).__name__}: {error}). Install the torchvision build that matches your "
+                         "torch, or leave the flag off (the DataLoader workers decode).") from None
+
+    def decode(datas, channels):
+        mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+        return decode_jpeg(datas, mode=mode, device=device)
+
+    return decode
 
 
 def default_workers() -> int:
