@@ -150,7 +150,10 @@ def read_config_file(path: str, parser) -> dict:
     if not isinstance(values, dict):
         parser.error(f"config file {path} must hold a mapping of options (option: value), not a "
                      f"{type(values).__name__}.")
-    return values
+    # A path written ./x or ../x is relative to the config file, so that presets can name files beside them.
+    folder = os.path.dirname(os.path.abspath(path))
+    return {key: os.path.normpath(os.path.join(folder, value)) if isinstance(value, str) and
+            value.startswith(("./", "../")) else value for key, value in values.items()}
 
 
 def parse_overrides(text: str | None) -> dict:

@@ -267,6 +267,11 @@ class ImageTrainingArguments(TrainingArguments):
     save_steps: float = field(default=0.1, metadata={"help": "Checkpoint every N steps (fraction if < 1)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
     logging_steps: float = field(default=0.01, metadata={"help": "Log every N steps (fraction if < 1)."})
+    total_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "The batch of one optimizer step, across processes: sets --gradient_accumulation_steps "
+                          "to this / (--per_device_train_batch_size x processes), which must divide it (the MAE "
+                          "recipes' 4096 on any number of GPUs)."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Always False here: batches are prebuilt tensors with no unused columns."})
     do_train: bool | None = field(
@@ -325,6 +330,13 @@ class ImageTrainingArguments(TrainingArguments):
         if not (self.do_train or self.do_eval):
             raise ValueError("--do_train and --do_eval are both off: nothing to do. Pass --do_train true and/or "
                              "--do_eval true (or neither: train, then evaluate).")
+        if self.total_train_batch_size is not None:
+            steps = self.accumulation_for(self.total_train_batch_size)
+            if self.gradient_accumulation_steps not in (1, steps):
+                raise ValueError(f"--gradient_accumulation_steps {self.gradient_accumulation_steps} and "
+                                 f"--total_train_batch_size {self.total_train_batch_size} (= {steps} step(s) here) "
+                                 "disagree; give one of them.")
+            self.gradient_accumulation_steps = steps
         if not learning_rate_given:
             total_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
             self.learning_rate = self.base_learning_rate * total_batch / 256
@@ -365,6 +377,15 @@ class ImageTrainingArguments(TrainingArguments):
             value = getattr(self, flag)
             if value is not None and (value < 0 or value != value or value == float("inf")):
                 raise ValueError(f"--{flag} must be a finite number >= 0, got {value}.")
+
+    def accumulation_for(self, total: int) -> int:
+        """The gradient accumulation steps that make a step of `total` images with this batch and world size."""
+        per_step = self.per_device_train_batch_size * self.world_size
+        if total < 1 or total % per_step:
+            raise ValueError(f"--total_train_batch_size {total} is not a multiple of --per_device_train_batch_size "
+                             f"{self.per_device_train_batch_size} x {self.world_size} process(es) = {per_step}: pick a "
+                             "per-device batch that divides it.")
+        return total // per_step
 
     @property
     def global_batch_size(self) -> int:

@@ -429,3 +429,47 @@ def test_decoding_on_the_device_gives_the_batches_of_the_workers(tmp_path, scrip
     assert device.keys() == workers.keys() and len(device) == 6
     for step in device:  # canvases of another size: the same pixels sampled, up to float rounding
         assert device[step] == pytest.approx(workers[step], rel=1e-4)
+
+
+# ---- ImageNet-scale presets ------------------------------------------------------------------------------------
+
+# The published checkpoints' architectures (their config.json on the Hub): hidden size, blocks, heads, MLP width,
+# patch; every one with a decoder of width 512, 8 blocks, 16 heads, MLP 2048, at 224 px.
+PUBLISHED = {"base": (768, 12, 12, 3072, 16), "large": (1024, 24, 16, 4096, 16), "huge": (1280, 32, 16, 5120, 14)}
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
+def test_imagenet_presets_are_the_papers_recipes_on_the_published_architectures(tmp_path, repo_root, size):
+    from mae_hf.cli import parse_args
+    from mae_hf.convert import config_to_vit_mae
+    from mae_hf.training import ModelArguments, PretrainingArguments, build_config
+
+    model_args, _, args = parse_args((ModelArguments, DataArguments, PretrainingArguments), [
+        str(repo_root / "configs" / f"imagenet_mae_vit_{size}_pretrain.yaml"), "--output_dir", str(tmp_path)])
+    vit = config_to_vit_mae(build_config(model_args))
+    assert (vit.hidden_size, vit.num_hidden_layers, vit.num_attention_heads, vit.intermediate_size,
+            vit.patch_size) == PUBLISHED[size]
+    assert (vit.image_size, vit.decoder_hidden_size, vit.decoder_num_hidden_layers, vit.decoder_num_attention_heads,
+            vit.decoder_intermediate_size, vit.qkv_bias, vit.norm_pix_loss, vit.mask_ratio) == \
+        (224, 512, 8, 16, 2048, True, True, 0.75)
+    assert args.global_batch_size == 4096 and args.learning_rate == pytest.approx(1.5e-4 * 4096 / 256)
+    assert (args.adam_beta1, args.adam_beta2, args.weight_decay, args.num_train_epochs, args.warmup_steps) == \
+        (0.9, 0.95, 0.05, 800, 0.05)
+    assert build_config(model_args).image_mean == [0.485, 0.456, 0.406]
+
+
+def test_imagenet_finetune_preset_and_the_total_batch(tmp_path, repo_root):
+    from mae_hf.cli import parse_args
+    from mae_hf.training import FinetuneArguments, ModelArguments
+
+    preset = str(repo_root / "configs" / "imagenet_mae_vit_base_finetune.yaml")
+    _, _, args = parse_args((ModelArguments, DataArguments, FinetuneArguments), [preset, "--output_dir",
+                                                                                  str(tmp_path)])
+    assert (args.global_batch_size, args.gradient_accumulation_steps) == (1024, 8)
+    assert args.learning_rate == pytest.approx(5e-4 * 1024 / 256)
+    assert (args.layer_decay, args.drop_path_rate, args.label_smoothing_factor, args.random_erasing, args.mixup_alpha,
+            args.cutmix_alpha, args.randaugment_magnitude, args.weight_decay) == (0.65, 0.1, 0.1, 0.25, 0.8, 1.0, 9,
+                                                                                  0.05)
+    with pytest.raises(SystemExit):  # 1000 is no multiple of 128 images per step: a usage error
+        parse_args((ModelArguments, DataArguments, FinetuneArguments),
+                   [preset, "--output_dir", str(tmp_path), "--total_train_batch_size", "1000"])
