@@ -233,3 +233,28 @@ def test_image_dataset_fetches_whole_batches():
     assert items["labels"].tolist() == [0, 10]
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate)
     assert [len(b["labels"]) for b in loader] == [4, 4, 2]
+
+
+def test_packed_images_read_as_canvases_do():
+    """Images of very different sizes are stored packed (no canvas padding in memory) and pasted onto canvases
+    when read; the one-gather edge repetition used on GPUs gives the same canvases."""
+    from mae_hf.data.memory import repeat_edges
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 4, 9), (3, 9, 4), (3, 2, 2)]
+    pictures = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator) for shape in shapes]
+    canvases = torch.zeros(3, 3, 9, 9, dtype=torch.uint8)
+    for canvas, picture in zip(canvases, pictures):
+        h, w = picture.shape[1:]
+        canvas[:, :h, :w] = picture
+    sizes = torch.tensor([shape[1:] for shape in shapes], dtype=torch.int32)
+    dense = InMemoryImages(repeat_edges(canvases, sizes), sizes, labels=torch.arange(3))
+    packed = torch.cat([picture.flatten() for picture in pictures])
+    offsets = np.cumsum([0] + [picture.numel() for picture in pictures[:-1]])
+    stored = InMemoryImages(None, sizes, labels=torch.arange(3), packed=packed, offsets=offsets, canvas=(3, 9, 9))
+    assert stored.decoded_bytes == packed.numel() < dense.decoded_bytes
+    for positions in ([0, 1, 2], [2, 0], [1]):
+        assert torch.equal(stored.read(positions)[0], dense.read(positions)[0])
+    subset = stored.subset(torch.tensor([2, 1]))
+    assert torch.equal(subset.read([0, 1])[0], dense.read([2, 1])[0]) and subset.labels.tolist() == [2, 1]
+    assert torch.equal(dense.images[0, :, 4:, :9], dense.images[0, :, 3:4, :9].expand(-1, 5, -1))

@@ -232,8 +232,10 @@ def _image_data(split: _Split, geometry: Geometry, class_names, in_memory: bool,
         canvas = (geometry.num_channels, int(sizes[:, 0].max()), int(sizes[:, 1].max()))
         return StreamedImages(split.reader, sizes, canvas, split.labels, class_names, split.name, split.skipped,
                               geometry.short_side, workers)
-    images, decoded, problems = decode_into_memory(split.reader, np.arange(len(sizes)), sizes, geometry.num_channels,
-                                                   decode_workers, progress=f"Decoding images ({split.name})")
+    images, decoded, problems, storage = decode_into_memory(
+        split.reader, np.arange(len(sizes)), sizes, geometry.num_channels, decode_workers,
+        progress=f"Decoding images ({split.name})")
     if problems:  # a header that reads, pixels that do not (a truncated file)
-        images, decoded = keep_rows(images, decoded, split.leave_out(problems, skip_bad_images))
-    return InMemoryImages(images, decoded, split.labels, class_names, split.name, split.skipped, geometry.short_side)
+        images, decoded, storage = keep_rows(images, decoded, split.leave_out(problems, skip_bad_images), storage)
+    return InMemoryImages(images, decoded, split.labels, class_names, split.name, split.skipped, geometry.short_side,
+                          **storage)

@@ -1,6 +1,6 @@
-"""A split decoded once into one uint8 tensor of canvases (`InMemoryImages`): the fastest path when the images fit
-in memory (CIFAR-10 is 150 MB). The tensor is allocated once at its final size and filled in place, chunk by chunk
-(by DataLoader worker processes when there are many images), so decoding costs little memory beyond the pixels."""
+"""A split decoded once into memory (`InMemoryImages`): the fastest path when the images fit (CIFAR-10 is 150 MB).
+The storage is allocated once at its final size and filled in place, chunk by chunk (by DataLoader worker
+processes when there are many images), so decoding costs little memory beyond the pixels themselves."""
 
 import os
 
@@ -10,8 +10,9 @@ import torch
 from .decode import BadImage, paste
 from .splits import ImageData
 
-CHUNK = 256  # images a decoding worker handles at a time
-PARALLEL_FROM = 2048  # fewer images decode faster in this process than worker processes start
+CHUNK = 256  # images a decoding worker handles at a time (fewer when they are large: see `chunk_size`)
+CHUNK_BYTES = 16 * 2**20
+CANVAS_WASTE = 1.25  # canvases may take this much more memory than the pixels; beyond, images are packed
 
 
 def cpus_per_process() -> int:
@@ -21,67 +22,113 @@ def cpus_per_process() -> int:
     return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def repeat_edges(canvases: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Canvases whose images (top left, `sizes` (B, 2)) are extended by repeating their last row and column, in one
+    gather (for canvases on a GPU, where a loop over images would launch a kernel per image)."""
+    batch, channels, height, width = canvases.shape
+    device = canvases.device
+    sizes = sizes.to(device, non_blocking=True).long()
+    rows = torch.minimum(torch.arange(height, device=device)[None], sizes[:, :1] - 1)
+    cols = torch.minimum(torch.arange(width, device=device)[None], sizes[:, 1:] - 1)
+    return canvases[torch.arange(batch, device=device)[:, None, None, None],
+                    torch.arange(channels, device=device)[None, :, None, None], rows[:, None, :, None],
+                    cols[:, None, None, :]]
+
+
 class InMemoryImages(ImageData):
-    """Canvases `(N, C, H, W)` uint8 and sizes `(N, 2)` int32 in memory (host, or GPU with `to`)."""
+    """Decoded images in memory (host, or GPU with `to`) with their sizes `(N, 2)` int32, stored one of two ways:
+    as canvases `(N, C, H, W)` (`images`) when they waste little (every CIFAR-10 image fills its 32 x 32 canvas; a
+    batch is one gather), or packed (`packed`: every image's channels-first pixels end to end from `offsets`) when
+    sizes vary so much that canvases would take more than `CANVAS_WASTE` x the pixels; a batch is then pasted onto
+    canvases of the split's `canvas` shape."""
 
     in_memory = True
 
-    def __init__(self, images: torch.Tensor, sizes: torch.Tensor, labels=None, class_names=None, split: str = "",
-                 skipped=(), short_side: int | None = None):
-        super().__init__(labels, class_names, split, skipped, tuple(images.shape[1:]),
-                         short_side or min(images.shape[-2:]))
-        self.images, self.sizes = images, sizes
+    def __init__(self, images: torch.Tensor | None, sizes: torch.Tensor, labels=None, class_names=None,
+                 split: str = "", skipped=(), short_side: int | None = None, packed: torch.Tensor | None = None,
+                 offsets: np.ndarray | None = None, canvas: tuple[int, int, int] | None = None):
+        canvas = tuple(images.shape[1:]) if images is not None else tuple(canvas)
+        super().__init__(labels, class_names, split, skipped, canvas, short_side or min(canvas[1:]))
+        self.images, self.sizes, self.packed = images, sizes, packed
+        self.offsets = None if offsets is None else np.asarray(offsets, dtype=np.int64)
+        self.host_sizes = sizes.cpu().numpy()  # for packed reads: slicing needs them on the host
 
     def __len__(self):
-        return self.images.shape[0]
+        return len(self.sizes)
+
+    @property
+    def decoded_bytes(self) -> int:
+        return (self.images if self.images is not None else self.packed).numel()
 
     def read(self, positions):
         index = torch.as_tensor(positions)
-        if self.images.device.type == "cuda":  # from pinned memory the copy is asynchronous: no wait for the GPU
-            index = index.pin_memory().to(self.images.device, non_blocking=True)
-        return self.images[index], self.sizes[index]
+        device = self.sizes.device
+        if device.type == "cuda":  # from pinned memory the copy is asynchronous: no wait for the GPU
+            on_device = index.pin_memory().to(device, non_blocking=True)
+        else:
+            on_device = index
+        if self.images is not None:
+            return self.images[on_device], self.sizes[on_device]
+        chosen = index.numpy().reshape(-1)
+        canvases = torch.empty((len(chosen), *self.canvas), dtype=torch.uint8, device=self.packed.device)
+        channels = self.canvas[0]
+        for row, (start, (height, width)) in enumerate(zip(self.offsets[chosen], self.host_sizes[chosen])):
+            pixels = self.packed[start:start + channels * height * width].view(channels, height, width)
+            if device.type == "cpu":
+                paste(canvases[row].numpy(), pixels.numpy())
+            else:
+                canvases[row, :, :height, :width] = pixels
+        sizes = self.sizes[on_device]
+        return (canvases if device.type == "cpu" else repeat_edges(canvases, sizes)), sizes
 
     def subset(self, positions) -> "InMemoryImages":
         index = torch.as_tensor(positions)
-        return InMemoryImages(self.images[index.to(self.images.device)], self.sizes[index.to(self.sizes.device)],
-                              None if self.labels is None else self.labels[index], self.class_names, self.split,
-                              self.skipped, self.short_side)
+        on_device = index.to(self.sizes.device)
+        labels = None if self.labels is None else self.labels[index]
+        if self.images is not None:
+            return InMemoryImages(self.images[on_device], self.sizes[on_device], labels, self.class_names,
+                                  self.split, self.skipped, self.short_side)
+        return InMemoryImages(None, self.sizes[on_device], labels, self.class_names, self.split, self.skipped,
+                              self.short_side, self.packed, self.offsets[index.numpy()], self.canvas)
 
     def to(self, device) -> "InMemoryImages":
-        self.images, self.sizes = self.images.to(device), self.sizes.to(device)
+        self.sizes = self.sizes.to(device)
+        if self.images is not None:
+            self.images = self.images.to(device)
+        else:
+            self.packed = self.packed.to(device)
         return self
 
 
 class _Chunks(torch.utils.data.Dataset):
-    """Chunk k of `positions`, decoded onto canvases in a worker: (canvases, sizes, {index: problem})."""
+    """Chunk k of `positions`, decoded in a worker: (every image's channels-first pixels end to end, sizes,
+    {index: problem})."""
 
-    def __init__(self, reader, positions: np.ndarray, canvas: tuple[int, int, int]):
-        self.reader, self.positions, self.canvas = reader, positions, canvas
+    def __init__(self, reader, positions: np.ndarray, channels: int, size: int = CHUNK):
+        self.reader, self.positions, self.channels, self.size = reader, positions, channels, size
 
     def __len__(self):
-        return -(-len(self.positions) // CHUNK)
+        return -(-len(self.positions) // self.size)
 
     def __getitem__(self, chunk: int):
-        positions = self.positions[chunk * CHUNK:(chunk + 1) * CHUNK]
-        images = torch.empty((len(positions), *self.canvas), dtype=torch.uint8)
-        sizes, problems = decode_onto(self.reader, positions, images.numpy())
-        return images, torch.from_numpy(sizes), problems
+        sizes, problems, parts = decode_chunk(self.reader, self.positions[chunk * self.size:(chunk + 1) * self.size],
+                                              self.channels)
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8)), torch.from_numpy(sizes), \
+            problems
 
 
-def decode_onto(reader, positions, canvases: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Decode the images at `positions` onto `canvases` (one per image); (sizes, {index: why undecodable})."""
-    sizes, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
+def decode_chunk(reader, positions, channels: int) -> tuple[np.ndarray, dict, list]:
+    """(sizes, {index: why undecodable}, the decoded images' flattened pixels in order) of `positions`."""
+    sizes, problems, parts = np.zeros((len(positions), 2), dtype=np.int32), {}, []
     for index, pixels in enumerate(reader.read(positions)):
         if isinstance(pixels, BadImage):
             problems[index] = str(pixels)
-            canvases[index] = 0
-        elif pixels.shape[1] > canvases.shape[2] or pixels.shape[2] > canvases.shape[3]:
-            problems[index] = (f"it decodes to {pixels.shape[1]}x{pixels.shape[2]}, larger than its header said "
-                               f"(canvas {canvases.shape[2]}x{canvases.shape[3]})")
-            canvases[index] = 0
+        elif pixels.shape[0] != channels:
+            problems[index] = f"it decodes to {pixels.shape[0]} channel(s), not {channels}"
         else:
-            sizes[index] = paste(canvases[index], pixels)
-    return sizes, problems
+            sizes[index] = pixels.shape[1:]
+            parts.append(pixels.reshape(-1))
+    return sizes, problems, parts
 
 
 def _chunk_results(dataset, workers: int):
@@ -121,37 +168,52 @@ def header_sizes(reader, positions: np.ndarray, workers: int, progress: str | No
 
 
 def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channels: int, workers: int,
-                       progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Decode the images at `positions` (stored sizes `sizes`, from their headers) into one tensor of canvases of
-    the largest height and width. Returns (canvases, decoded sizes, {index: why undecodable})."""
+                       progress: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor, dict, dict]:
+    """Decode the images at `positions` (stored sizes `sizes`, from their headers) into memory at their final
+    size: canvases of the largest height and width, or packed (see `InMemoryImages`). Returns (canvases or None,
+    decoded sizes, {index: why undecodable}, {"packed": ..., "offsets": ..., "canvas": ...} or {})."""
     from tqdm.auto import tqdm
 
+    pixels = channels * sizes[:, 0].astype(np.int64) * sizes[:, 1]
     canvas = (channels, int(sizes[:, 0].max()), int(sizes[:, 1].max()))
-    images = torch.empty((len(positions), *canvas), dtype=torch.uint8)
+    dense = len(sizes) * int(np.prod(canvas)) <= CANVAS_WASTE * pixels.sum()
+    offsets = np.concatenate([[0], np.cumsum(pixels)[:-1]]).astype(np.int64)
+    images = torch.empty((len(positions), *canvas), dtype=torch.uint8) if dense else None
+    packed = None if dense else torch.empty(int(pixels.sum()), dtype=torch.uint8)
+    target = images.numpy() if dense else packed.numpy()
     decoded, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
-    chunks = _Chunks(reader, positions, canvas)
     bar = tqdm(total=len(positions), desc=progress, unit="img", disable=progress is None)
-    if workers == 0:  # straight into the tensor: no copy
-        for start in range(0, len(positions), CHUNK):
-            end = min(start + CHUNK, len(positions))
-            chunk_sizes, chunk_problems = decode_onto(reader, positions[start:end], images[start:end].numpy())
-            decoded[start:end] = chunk_sizes
-            problems.update({start + index: problem for index, problem in chunk_problems.items()})
-            bar.update(end - start)
-    else:
-        for chunk, (chunk_images, chunk_sizes, chunk_problems) in enumerate(_chunk_results(chunks, workers)):
-            start = chunk * CHUNK
-            images[start:start + len(chunk_images)] = chunk_images
-            decoded[start:start + len(chunk_images)] = chunk_sizes.numpy()
-            problems.update({start + index: problem for index, problem in chunk_problems.items()})
-            bar.update(len(chunk_images))
+    chunk_size = int(np.clip(CHUNK_BYTES // max(1, int(pixels.mean())), 1, CHUNK))  # a chunk in flight: ~16 MB
+    results = _chunk_results(_Chunks(reader, positions, channels, chunk_size), workers)
+    for chunk, (flat, chunk_sizes, chunk_problems) in enumerate(results):
+        start, flat, cursor = chunk * chunk_size, flat.numpy(), 0
+        for index in range(len(chunk_sizes)):
+            row = start + index
+            if index in chunk_problems:
+                problems[row] = chunk_problems[index]
+                continue
+            height, width = chunk_sizes[index].tolist()
+            size = channels * height * width
+            if (height, width) != tuple(sizes[row]):  # the header promised another size: not stored
+                problems[row] = f"it decodes to {height}x{width}, its header says {sizes[row][0]}x{sizes[row][1]}"
+            elif dense:
+                paste(target[row], flat[cursor:cursor + size].reshape(channels, height, width))
+            else:
+                target[offsets[row]:offsets[row] + size] = flat[cursor:cursor + size]
+            decoded[row] = height, width
+            cursor += size
+        bar.update(len(chunk_sizes))
     bar.close()
-    return images, torch.from_numpy(decoded), problems
+    storage = {} if dense else {"packed": packed, "offsets": offsets, "canvas": canvas}
+    return images, torch.from_numpy(decoded), problems, storage
 
 
-def keep_rows(images: torch.Tensor, sizes: torch.Tensor, keep: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows `keep` (ascending) moved to the front in place, without a second copy of the pixels."""
+def keep_rows(images: torch.Tensor | None, sizes: torch.Tensor, keep: np.ndarray, storage: dict):
+    """Only the rows `keep` (ascending): canvases moved to the front in place, without a second copy of the
+    pixels; packed images simply lose their offsets."""
+    if images is None:
+        return None, sizes[torch.as_tensor(keep)], {**storage, "offsets": storage["offsets"][keep]}
     for destination, source in enumerate(keep.tolist()):
         if destination != source:
             images[destination] = images[source]
-    return images[:len(keep)], sizes[torch.as_tensor(keep)]
+    return images[:len(keep)], sizes[torch.as_tensor(keep)], storage
