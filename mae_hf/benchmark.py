@@ -19,7 +19,7 @@ Memory columns:
     python scripts/benchmark.py --device cpu --threads 2 --warmup 2 --steps 3 --rounds 5
     python scripts/benchmark.py --config_overrides "hidden_size=128,num_attention_heads=4,num_hidden_layers=4" --compile
 
-Two more suites, same flags:
+More suites, same flags:
   --suite pipeline  the whole pretraining pipeline (MAEPretrainer: uint8 batches gathered from a tensor, crop/flip/
                     normalise on the device, train step, grad clipping, schedule) against the model-only train step,
                     alternating; the pipeline must keep >= 90 % of the model-only images/s.
@@ -29,6 +29,11 @@ Two more suites, same flags:
                     random erasing, mixup/cutmix) against the fine-tune train step of MAEForImageClassification
                     (forward, soft-target loss, backward, AdamW), alternating; today's crop + flip for reference.
                     The strong augmentation must cost <= 10 % of the step.
+  --suite data      images per DataLoader-worker CPU-second from a prepared folder against run_mae.py's per-image
+                    transform on the same bytes, and peak memory (PSS, main + workers) per data size
+                    (--data_sizes); --suite listing: an os.scandir listing of --listing_files files against datasets'
+                    imagefolder; --suite memory: peak RSS of decoding --memory_sizes JPEGs into memory.
+                    (mae_hf/benchmark_data.py)
 
     python scripts/benchmark.py --suite pipeline --batch_size 512          # on a GPU: bf16 + torch.compile
     python scripts/benchmark.py --suite probe --device cpu --probe_images 1024 --probe_epochs 10 20
@@ -374,14 +379,22 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", help="Also write the figures to this JSON file.")
-    parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment"), default="model",
-                        help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model step; "
-                             "probe, augment: see above.")
+    parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment", "data", "listing", "memory"),
+                        default="model", help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model "
+                                              "step; probe, augment, data, listing, memory: see above.")
     parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "configs/finetune_strong.yaml"),
                         help="Fine-tuning config file whose augmentation the augment suite times.")
     parser.add_argument("--pipeline_images", type=int, default=4096, help="Synthetic uint8 images (pipeline suite).")
     parser.add_argument("--probe_images", type=int, default=1024, help="Synthetic images (probe suite).")
     parser.add_argument("--probe_epochs", type=int, nargs="+", default=[10, 20], help="Head epochs (probe suite).")
+    parser.add_argument("--data_sizes", type=int, nargs="+", default=[2000, 8000],
+                        help="Images of the prepared folders compared (data suite).")
+    parser.add_argument("--data_workers", type=int, default=2, help="DataLoader workers (data suite).")
+    parser.add_argument("--data_image_size", type=int, default=224, help="Model input size (data, memory suites).")
+    parser.add_argument("--data_dir", help="Where the synthetic images and folders go (reused; default: a temp dir).")
+    parser.add_argument("--listing_files", type=int, default=200_000, help="Empty image files listed (listing).")
+    parser.add_argument("--memory_sizes", type=int, nargs="+", default=[100, 5000],
+                        help="Images decoded into memory (memory suite).")
     args = parser.parse_args(argv)
     if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0:
         parser.error("--batch_size, --steps and --rounds must be positive, --warmup non-negative.")
@@ -403,7 +416,12 @@ def main(argv=None):
         parser.error(str(error))
 
     suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite}
-    record = suites[args.suite](args, config, bf16, autocast)
+    if args.suite in ("data", "listing", "memory"):  # the data path: no model involved
+        from . import benchmark_data
+
+        record = getattr(benchmark_data, f"{args.suite}_suite")(args)
+    else:
+        record = suites[args.suite](args, config, bf16, autocast)
     record.update(command=shlex.join(["python", *sys.argv]), suite=args.suite, device=args.device,
                   dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, threads=torch.get_num_threads(),
                   torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())

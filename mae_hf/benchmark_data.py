@@ -1,0 +1,248 @@
+"""Benchmarks of the data path (scripts/benchmark.py --suite data / listing / memory), on synthetic JPEGs that this
+module writes itself (photo-like: smooth colour fields with grain, short side 256, four aspect ratios).
+
+- data: images per DataLoader-worker CPU-second delivered from a prepared folder (decode onto canvases, ready for
+  the device) against transformers' run_mae.py way on the same stored JPEG bytes (a `datasets` split with a
+  per-image transform in the workers: random-resized crop to the model's size, flip, to a normalised float tensor);
+  and the peak proportional memory (PSS) of the main process and its workers together, for several data sizes.
+- listing: one os.scandir pass over an image-folder tree (what --train_dir and prepare_data.py use) against
+  `datasets`' imagefolder builder, on empty files.
+- memory: the peak memory of a process that decodes N images into memory (`--data_in_memory true`), for several N:
+  its growth against the decoded pixels.
+"""
+
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ASPECTS = ((256, 341), (341, 256), (256, 256), (256, 384))  # (height, width) at short side 256
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth random colour field with grain: JPEG sizes and decode times of photographs, not of noise."""
+    from PIL import Image
+
+    coarse = rng.integers(0, 256, (height // 24 + 2, width // 24 + 2, 3), dtype=np.uint8)
+    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    return np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(index: int, quality: int = 90) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(index)
+    buffer = io.BytesIO()
+    Image.fromarray(photo_like(rng, *ASPECTS[index % len(ASPECTS)])).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_image_folder(folder: str, count: int, classes: int = 10) -> str:
+    """An image-folder tree of `count` JPEGs (folder/class_k/i.jpg); written in parallel, kept if already there."""
+    done = os.path.join(folder, ".complete")
+    if os.path.isfile(done):
+        return folder
+    for label in range(classes):
+        os.makedirs(os.path.join(folder, f"class_{label}"), exist_ok=True)
+    with torch.multiprocessing.get_context("fork").Pool() as pool:
+        for index, data in enumerate(pool.imap(jpeg_bytes, range(count), chunksize=64)):
+            with open(os.path.join(folder, f"class_{index % classes}", f"{index:07d}.jpg"), "wb") as handle:
+                handle.write(data)
+    open(done, "w").close()
+    return folder
+
+
+def prepared_folder(root: str, count: int) -> str:
+    """A prepared folder (short side 256, JPEG) of `count` synthetic images, made once under `root`."""
+    from .data.arguments import SourceArguments
+    from .data.prepare import PrepareArguments, prepare
+    from .data.prepared import is_prepared
+
+    output = os.path.join(root, f"prepared_{count}")
+    if not is_prepared(output):
+        source = write_image_folder(os.path.join(root, f"jpegs_{count}"), count)
+        prepare(SourceArguments(train_dir=source), PrepareArguments(output_dir=output, disable_tqdm=True),
+                command="benchmark")
+    return output
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proportional_memory(pid: int) -> int:
+    """Bytes of proportional set size (shared pages divided among their users)."""
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        for line in handle:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def timed_epoch(loader) -> dict:
+    """One pass over `loader` (persistent workers): images, wall seconds, the workers' CPU seconds, the peak PSS of
+    this process and its workers together."""
+    iterator = iter(loader)
+    workers = [worker.pid for worker in iterator._workers]
+    started, images, peak = time.perf_counter(), 0, 0
+    for batch in iterator:
+        images += len(batch["pixel_values"])
+        peak = max(peak, proportional_memory(os.getpid()) + sum(map(proportional_memory, workers)))
+    cpu = sum(map(process_cpu_seconds, workers))
+    seconds = time.perf_counter() - started
+    iterator._shutdown_workers()
+    return {"images": images, "seconds": seconds, "worker_cpu_seconds": cpu,
+            "images_per_worker_cpu_second": images / cpu, "peak_pss_mb": peak / 2**20}
+
+
+def run_mae_transform(image_size: int):
+    """transformers' run_mae.py training transform, on PIL (what torchvision's PIL path does): RandomResizedCrop
+    (scale 0.2-1, bicubic), horizontal flip, to tensor, normalise — per image, in the DataLoader workers."""
+    from PIL import Image, ImageOps
+
+    def crop_box(width: int, height: int) -> tuple:
+        area = width * height
+        for _ in range(10):
+            target = area * random.uniform(0.2, 1.0)
+            aspect = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                left, top = random.randint(0, width - w), random.randint(0, height - h)
+                return left, top, left + w, top + h
+        return 0, 0, width, height
+
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+
+    def transform(batch):
+        pixels = []
+        for image in batch["image"]:
+            image = image.convert("RGB")
+            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC, box=crop_box(*image.size))
+            if random.random() < 0.5:
+                image = ImageOps.mirror(image)
+            tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(255)
+            pixels.append((tensor - mean) / std)
+        return {"pixel_values": pixels}
+
+    return transform
+
+
+def loaders(folder: str, image_size: int, batch_size: int, workers: int) -> dict:
+    """{"mae_hf": the prepared-folder loader, "run_mae.py": the per-image-transform loader}, same stored bytes."""
+    import datasets
+
+    from .data import DataArguments, ImageDataset, collate, load_image_splits
+    from .data.prepared import load_prepared
+
+    train, _ = load_image_splits(DataArguments(dataset_name=folder, data_in_memory="false",
+                                               validation_split_percentage=1), image_size, num_workers=workers)
+    # persistent workers: alive after the epoch, so that their CPU time can be read
+    ours = torch.utils.data.DataLoader(ImageDataset(train), batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       collate_fn=collate, drop_last=True, persistent_workers=True)
+    stored = load_prepared(folder)["train"].select_columns(["image"])
+    theirs_dataset = stored.cast_column("image", datasets.Image()).with_transform(run_mae_transform(image_size))
+    theirs = torch.utils.data.DataLoader(
+        theirs_dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        persistent_workers=True,
+        collate_fn=lambda examples: {"pixel_values": torch.stack([example["pixel_values"] for example in examples])})
+    return {"mae_hf": ours, "run_mae.py": theirs}
+
+
+def data_suite(args) -> dict:
+    root = args.data_dir or tempfile.mkdtemp(prefix="mae_hf_data_benchmark_")
+    results = {}
+    for count in args.data_sizes:
+        folder = prepared_folder(root, count)
+        results[count] = {name: timed_epoch(loader) for name, loader in
+                          loaders(folder, args.data_image_size, args.batch_size, args.data_workers).items()}
+    print(f"\nDataLoader workers: {args.data_workers}, batch {args.batch_size}, JPEGs at short side 256, "
+          f"model input {args.data_image_size} px\n")
+    print("| images | mae_hf images / worker CPU-s | run_mae.py's | ratio | mae_hf peak PSS | run_mae.py's |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for count, row in results.items():
+        ours, theirs = row["mae_hf"], row["run_mae.py"]
+        print(f"| {count:,} | {ours['images_per_worker_cpu_second']:,.0f} | "
+              f"{theirs['images_per_worker_cpu_second']:,.0f} | "
+              f"{ours['images_per_worker_cpu_second'] / theirs['images_per_worker_cpu_second']:.2f} | "
+              f"{ours['peak_pss_mb']:,.0f} MB | {theirs['peak_pss_mb']:,.0f} MB |")
+    sizes = sorted(results)
+    growth = {name: results[sizes[-1]][name]["peak_pss_mb"] - results[sizes[0]][name]["peak_pss_mb"]
+              for name in ("mae_hf", "run_mae.py")}
+    print(f"\npeak PSS growth from {sizes[0]:,} to {sizes[-1]:,} images: mae_hf {growth['mae_hf']:+,.0f} MB, "
+          f"run_mae.py {growth['run_mae.py']:+,.0f} MB")
+    return {"data_sizes": sizes, "workers": args.data_workers, "batch_size": args.batch_size,
+            "image_size": args.data_image_size, "results": {str(k): v for k, v in results.items()},
+            "peak_pss_growth_mb": growth, "data_dir": root}
+
+
+def listing_suite(args) -> dict:
+    import datasets
+
+    from .data.sources import list_image_folder
+
+    root = args.data_dir or tempfile.mkdtemp(prefix="mae_hf_listing_")
+    tree = os.path.join(root, f"listing_{args.listing_files}", "train")
+    if not os.path.isdir(tree):
+        for index in range(args.listing_files):
+            folder = os.path.join(tree, f"n{index % 1000:05d}")
+            if index < 1000:
+                os.makedirs(folder)
+            open(os.path.join(folder, f"image_{index:07d}.JPEG"), "wb").close()
+    started = time.perf_counter()
+    ours = list_image_folder(tree)
+    ours_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:
+        theirs = datasets.load_dataset("imagefolder", data_dir=os.path.dirname(tree), split="train", cache_dir=cache)
+    theirs_seconds = time.perf_counter() - started
+    print(f"\nlisting {args.listing_files:,} files in 1,000 class folders: os.scandir pass {ours_seconds:.1f} s "
+          f"({ours.num_rows:,} images); datasets' imagefolder {theirs_seconds:.1f} s ({theirs.num_rows:,}); "
+          f"ratio {theirs_seconds / ours_seconds:.0f}x")
+    return {"files": args.listing_files, "scandir_seconds": ours_seconds, "datasets_imagefolder_seconds":
+            theirs_seconds, "images": ours.num_rows}
+
+
+MEMORY_PROBE = """
+import json, sys
+from mae_hf.data import DataArguments, load_image_splits
+train, evaluation = load_image_splits(DataArguments(train_dir=sys.argv[1], data_in_memory="true"), int(sys.argv[2]))
+images, _ = train.read(range(min(64, len(train))))
+print(json.dumps({"decoded_bytes": train.decoded_bytes + evaluation.decoded_bytes,
+                  "pixels": int(sum(3 * h * w for h, w in train.sizes.tolist() + evaluation.sizes.tolist()))}))
+"""
+
+
+def memory_suite(args) -> dict:
+    """Peak memory (/usr/bin/time -v) of decoding N JPEGs into memory, for each N of --memory_sizes."""
+    root = args.data_dir or tempfile.mkdtemp(prefix="mae_hf_memory_")
+    rows = []
+    for count in args.memory_sizes:
+        folder = write_image_folder(os.path.join(root, f"jpegs_{count}"), count)
+        result = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", MEMORY_PROBE, folder,
+                                 str(args.data_image_size)], capture_output=True, text=True, check=True)
+        peak = next(int(line.split()[-1]) * 1024 for line in result.stderr.splitlines()
+                    if "Maximum resident set size" in line)
+        rows.append({"images": count, "peak_rss_bytes": peak, **json.loads(result.stdout.splitlines()[-1])})
+    print(f"\nDecoding N JPEGs (short side 256, four aspect ratios) into memory for a {args.data_image_size} px "
+          "model (aspect kept: short side scaled to the model's size)\n")
+    print("| images | pixels | held in memory | peak RSS |\n|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['images']:,} | {row['pixels'] / 2**20:,.0f} MB | {row['decoded_bytes'] / 2**20:,.0f} MB | "
+              f"{row['peak_rss_bytes'] / 2**20:,.0f} MB |")
+    first, last = rows[0], rows[-1]
+    slope = (last["peak_rss_bytes"] - first["peak_rss_bytes"]) / (last["pixels"] - first["pixels"])
+    print(f"\npeak memory growth / decoded pixels growth from {first['images']:,} to {last['images']:,} images: "
+          f"{slope:.2f}x")
+    return {"rows": rows, "growth_per_decoded_byte": slope, "data_dir": root}
