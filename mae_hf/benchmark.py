@@ -180,21 +180,33 @@ def model_suite(args, config, bf16, autocast):
 
 
 def pipeline_suite(args, config, bf16, autocast):
-    """Whole pretraining pipeline (the Trainer run by scripts/pretrain.py) against the model-only step."""
+    """Whole pretraining pipeline (the Trainer run by scripts/pretrain.py) against the model-only step: on random
+    uint8 images held in memory, or (--pipeline_prepared N) on a prepared folder of N synthetic JPEGs read from
+    disk by --data_workers DataLoader workers."""
     import tempfile
 
-    from .data import BatchTransform, ImageDataset, collate
+    from .data import BatchTransform, DataArguments, ImageDataset, collate, load_image_splits
     from .data.memory import InMemoryImages
     from .training import MAEPretrainer, PretrainingArguments, ThroughputCallback
 
     torch.manual_seed(args.seed)
-    images = torch.randint(0, 256, (args.pipeline_images, config.num_channels, config.image_size, config.image_size),
-                           dtype=torch.uint8)
-    sizes = torch.tensor([[config.image_size, config.image_size]], dtype=torch.int32).expand(len(images), 2)
+    if args.pipeline_prepared:
+        from .benchmark_data import prepared_folder
+
+        folder = prepared_folder(args.data_dir or tempfile.mkdtemp(prefix="mae_hf_pipeline_"), args.pipeline_prepared)
+        data, _ = load_image_splits(DataArguments(dataset_name=folder, data_in_memory="false",
+                                                  validation_split_percentage=1), config.image_size,
+                                    num_workers=args.data_workers)
+        workers = args.data_workers
+    else:
+        images = torch.randint(0, 256, (args.pipeline_images, config.num_channels, config.image_size,
+                                        config.image_size), dtype=torch.uint8)
+        data = InMemoryImages(images, torch.full((len(images), 2), config.image_size, dtype=torch.int32))
+        workers = 0
     model = MAEForPreTraining(config).to(args.device).train()
     stepper = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    pixel_values = BatchTransform.for_model(config)(images[:args.batch_size]).to(args.device)
+    pixel_values = BatchTransform.for_model(config)(*data.read(range(args.batch_size))).to(args.device)
     for _ in range(args.warmup):
         train_step(stepper, optimizer, pixel_values, autocast)
     rounds = {"model_only": [], "pipeline": []}
@@ -206,12 +218,12 @@ def pipeline_suite(args, config, bf16, autocast):
                 output_dir=output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps + 2,
                 eval_strategy="no", save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=bf16,
                 torch_compile=args.compile, use_cpu=args.device == "cpu", seed=args.seed + round_index,
-                knn_eval=False)
+                knn_eval=False, dataloader_num_workers=workers)
+            training.configure_loaders(data, data)
             callback = ThroughputCallback(args.batch_size, measure_seconds=float("inf"))  # steps 3.. are timed
             train_transform, eval_transform = training.batch_transforms(config)
-            data = InMemoryImages(images, sizes)
             if training.place_data_on_device(data):
-                data = InMemoryImages(images, sizes).to(training.device)
+                data = InMemoryImages(data.images, data.sizes).to(training.device)
             trainer = MAEPretrainer(model=model, args=training, train_dataset=ImageDataset(data),
                                     data_collator=collate, train_transform=train_transform,
                                     eval_transform=eval_transform, callbacks=[callback])
@@ -385,6 +397,11 @@ def main(argv=None):
     parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "configs/finetune_strong.yaml"),
                         help="Fine-tuning config file whose augmentation the augment suite times.")
     parser.add_argument("--pipeline_images", type=int, default=4096, help="Synthetic uint8 images (pipeline suite).")
+    parser.add_argument("--pipeline_prepared", type=int, default=0,
+                        help="Pipeline suite on a prepared folder of this many synthetic JPEGs read from disk by "
+                             "--data_workers workers (0: random images in memory).")
+    parser.add_argument("--config_name", help="A model config file (e.g. configs/models/mae_vit_base_patch16.json), "
+                                              "before --config_overrides.")
     parser.add_argument("--probe_images", type=int, default=1024, help="Synthetic images (probe suite).")
     parser.add_argument("--probe_epochs", type=int, nargs="+", default=[10, 20], help="Head epochs (probe suite).")
     parser.add_argument("--data_sizes", type=int, nargs="+", default=[2000, 8000],
@@ -404,7 +421,7 @@ def main(argv=None):
     device_type = torch.device(args.device).type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    config = MAEConfig()
+    config = MAEConfig.from_pretrained(args.config_name) if args.config_name else MAEConfig()
     overrides = parse_overrides(args.config_overrides)
     unknown = sorted(key for key in overrides if not hasattr(config, key))
     if unknown:
