@@ -473,3 +473,24 @@ def test_imagenet_finetune_preset_and_the_total_batch(tmp_path, repo_root):
     with pytest.raises(SystemExit):  # 1000 is no multiple of 128 images per step: a usage error
         parse_args((ModelArguments, DataArguments, FinetuneArguments),
                    [preset, "--output_dir", str(tmp_path), "--total_train_batch_size", "1000"])
+
+
+def test_data_benchmarks_run_at_a_tiny_scale(tmp_path):
+    """The data-path suites of scripts/benchmark.py (their figures are measured elsewhere, see docs): they run and
+    record what they print."""
+    from mae_hf.benchmark import main
+
+    common = ["--data_dir", str(tmp_path), "--data_image_size", "32", "--output_json"]
+    main(["--suite", "data", "--data_sizes", "24", "48", "--data_workers", "1", "--batch_size", "8", *common,
+          str(tmp_path / "data.json")])
+    record = json.loads((tmp_path / "data.json").read_text())
+    for size in ("24", "48"):
+        for loader in ("mae_hf", "run_mae.py"):
+            figures = record["results"][size][loader]
+            assert figures["images"] > 0 and figures["images_per_worker_cpu_second"] > 0
+            assert figures["peak_pss_mb"] > 0
+    main(["--suite", "listing", "--listing_files", "1500", *common, str(tmp_path / "listing.json")])
+    assert json.loads((tmp_path / "listing.json").read_text())["images"] == 1500
+    main(["--suite", "memory", "--memory_sizes", "8", "24", *common, str(tmp_path / "memory.json")])
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert [row["images"] for row in rows] == [8, 24] and rows[1]["pixels"] > rows[0]["pixels"]
