@@ -40,7 +40,8 @@ RECIPE_FIELDS = ("learning_rate", "weight_decay", "decay_all_parameters", "adam_
                  "optim", "max_grad_norm", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps",
                  "gradient_accumulation_steps", "crop_min_scale", "horizontal_flip", "seed", "layer_decay",
                  "label_smoothing_factor", "drop_path_rate", "pooling", "random_init")
-DATA_FIELDS_IGNORED = ("cache_dir", "preprocessing_num_workers")  # where and how fast, not what
+# Where and how fast, not what: the batches are the same (a run may resume reading from disk what it held in memory).
+DATA_FIELDS_IGNORED = ("cache_dir", "preprocessing_num_workers", "data_in_memory", "decode_on_device")
 
 
 class RunError(MAEHFError):
