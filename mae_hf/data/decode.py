@@ -153,22 +153,25 @@ def decode_image(value, geometry: Geometry):
         raise BadImage(" ".join(f"{type(error).__name__}: {error}".split())) from None
 
 
-def decode(value, geometry: Geometry) -> np.ndarray:
-    """uint8 `(channels, height, width)` pixels of an undecoded image in `geometry` (see `decode_image`)."""
-    return channels_first(decode_image(value, geometry))
+def bands(image) -> list[np.ndarray]:
+    """The `(height, width)` uint8 planes of an 8-bit PIL image, one copy each (PIL splits bands faster than numpy
+    transposes, and `tobytes` copies once where `np.asarray` goes through a second buffer)."""
+    width, height = image.size
+    planes = image.split() if image.mode != "L" else (image,)
+    return [np.frombuffer(plane.tobytes(), dtype=np.uint8).reshape(height, width) for plane in planes]
 
 
-def channels_first(image) -> np.ndarray:
-    """uint8 `(channels, height, width)` of an 8-bit PIL image (one contiguous copy per band: PIL splits bands
-    faster than numpy transposes)."""
-    if image.mode == "L":
-        return np.asarray(image)[None]
-    return np.stack([np.asarray(band) for band in image.split()])
+def channels_first(picture) -> np.ndarray:
+    """uint8 `(channels, height, width)` of a picture: a PIL image, or such an array already."""
+    if isinstance(picture, np.ndarray):
+        return picture
+    return np.stack(bands(picture))
 
 
-def decode_stored(data, height: int, width: int, encoding: str, num_channels: int) -> np.ndarray:
-    """uint8 `(channels, height, width)` of an image as a prepared folder stores it: raw channels-first bytes, or
-    a JPEG already at its stored size (converted when the model's channel count differs from the folder's)."""
+def decode_stored(data, height: int, width: int, encoding: str, num_channels: int):
+    """The picture of an image as a prepared folder stores it: uint8 `(channels, height, width)` from raw
+    channels-first bytes, or the decoded PIL image of a JPEG already at its stored size (converted when the
+    model's channel count differs from the folder's)."""
     if encoding == "raw":
         pixels = np.frombuffer(data, dtype=np.uint8)
         channels = pixels.size // (height * width)
@@ -182,18 +185,28 @@ def decode_stored(data, height: int, width: int, encoding: str, num_channels: in
 
     try:
         image = Image.open(io.BytesIO(data))
+        image.load()
         if (image.mode == "L") != (num_channels == 1):
             image = image.convert("L" if num_channels == 1 else "RGB")
-        return channels_first(image)
+        return image
     except Exception as error:
         raise BadImage(" ".join(f"{type(error).__name__}: {error}".split())) from None
 
 
-def paste(canvas: np.ndarray, pixels: np.ndarray) -> tuple[int, int]:
-    """Copy `(C, h, w)` pixels into the top-left of a `(C, H, W)` canvas (h <= H, w <= W) and fill the rest with
-    the image's last column and row; returns (h, w)."""
-    _, height, width = pixels.shape
-    canvas[:, :height, :width] = pixels
+def picture_size(picture) -> tuple[int, int]:
+    """(height, width) of a PIL image or a `(channels, height, width)` array."""
+    return picture.shape[1:] if isinstance(picture, np.ndarray) else picture.size[::-1]
+
+
+def paste(canvas: np.ndarray, picture) -> tuple[int, int]:
+    """Copy a picture (a PIL image, or `(C, h, w)` uint8) into the top-left of a `(C, H, W)` canvas (h <= H,
+    w <= W) and fill the rest with the image's last column and row; returns (h, w)."""
+    height, width = picture_size(picture)
+    if isinstance(picture, np.ndarray):
+        canvas[:, :height, :width] = picture
+    else:
+        for channel, plane in enumerate(bands(picture)):
+            canvas[channel, :height, :width] = plane
     if width < canvas.shape[2]:
         canvas[:, :height, width:] = canvas[:, :height, width - 1:width]
     if height < canvas.shape[1]:

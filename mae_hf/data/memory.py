@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from .decode import BadImage, paste
+from .decode import BadImage, channels_first, paste
 from .splits import ImageData
 
 CHUNK = 256  # images a decoding worker handles at a time (fewer when they are large: see `chunk_size`)
@@ -120,10 +120,12 @@ class _Chunks(torch.utils.data.Dataset):
 def decode_chunk(reader, positions, channels: int) -> tuple[np.ndarray, dict, list]:
     """(sizes, {index: why undecodable}, the decoded images' flattened pixels in order) of `positions`."""
     sizes, problems, parts = np.zeros((len(positions), 2), dtype=np.int32), {}, []
-    for index, pixels in enumerate(reader.read(positions)):
-        if isinstance(pixels, BadImage):
-            problems[index] = str(pixels)
-        elif pixels.shape[0] != channels:
+    for index, picture in enumerate(reader.read(positions)):
+        if isinstance(picture, BadImage):
+            problems[index] = str(picture)
+            continue
+        pixels = channels_first(picture)
+        if pixels.shape[0] != channels:
             problems[index] = f"it decodes to {pixels.shape[0]} channel(s), not {channels}"
         else:
             sizes[index] = pixels.shape[1:]

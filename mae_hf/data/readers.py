@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from .decode import BadImage, Geometry, decode, decode_stored, stored_size
+from .decode import BadImage, Geometry, decode_image, decode_stored, stored_size
 
 REMAP_BYTES = 64 * 2**20  # a worker drops its shard mappings after reading this much (see PreparedReader)
 
@@ -46,11 +46,12 @@ class DatasetReader:
         return sizes, problems
 
     def read(self, positions) -> list:
-        """uint8 (C, h, w) arrays, or the `BadImage` of an image that cannot be decoded."""
+        """Pictures (decode.py: PIL images or uint8 (C, h, w) arrays), or the `BadImage` of an image that cannot be
+        decoded."""
         decoded = []
         for value in self.values(positions):
             try:
-                decoded.append(decode(value, self.geometry))
+                decoded.append(decode_image(value, self.geometry))
             except BadImage as error:
                 decoded.append(error)
         return decoded
@@ -114,7 +115,8 @@ class PreparedReader:
         return self.stored_sizes[np.asarray(positions, dtype=np.int64)], {}
 
     def read(self, positions) -> list:
-        """uint8 (C, h, w) arrays, or the `BadImage` of an image that cannot be decoded."""
+        """Pictures (decode.py: PIL images or uint8 (C, h, w) arrays), or the `BadImage` of an image that cannot be
+        decoded."""
         decoded = []
         sizes = self.stored_sizes[np.asarray(positions, dtype=np.int64)].tolist()
         for data, (height, width) in zip(self.values(positions), sizes):

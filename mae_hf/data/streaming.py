@@ -45,19 +45,22 @@ class StreamedImages(ImageData):
 
     def read(self, positions):
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        unique, inverse = np.unique(positions, return_inverse=True)
+        unique = np.unique(positions)
         images = empty_canvases(len(positions), self.canvas)
         canvases = images.numpy()
         sizes = np.zeros((len(positions), 2), dtype=np.int32)
-        first = {}
-        for position, pixels in zip(unique.tolist(), self.reader.read(unique)):
-            if isinstance(pixels, BadImage):
+        rows = {}  # position -> the row where it was pasted first
+        pictures = dict(zip(unique.tolist(), self.reader.read(unique)))
+        for index, position in enumerate(positions.tolist()):
+            if position in rows:  # the same image again (repeated augmentation): a copy of its canvas
+                canvases[index], sizes[index] = canvases[rows[position]], sizes[rows[position]]
+                continue
+            picture = pictures[position]
+            if isinstance(picture, BadImage):
                 raise BadImage(f"{self.split}: the image at position {position}{self.reader.describe(position)} "
-                               f"cannot be decoded: {pixels}. Prepare the data with scripts/prepare_data.py "
+                               f"cannot be decoded: {picture}. Prepare the data with scripts/prepare_data.py "
                                "--skip_bad_images true, which checks every image once and leaves bad ones out.")
-            first[position] = pixels
-        for index, position in enumerate(unique[inverse].tolist()):
-            sizes[index] = paste(canvases[index], first[position])
+            sizes[index], rows[position] = paste(canvases[index], picture), index
         return images, torch.from_numpy(sizes)
 
     def read_encoded(self, positions):
