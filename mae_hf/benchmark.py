@@ -38,9 +38,7 @@ Two more suites, same flags:
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -53,6 +51,7 @@ from .cli import parse_overrides
 from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
 from .modeling_mae import MAEForPreTraining
+from .redaction import recorded_command
 
 MB = 2**20
 
@@ -401,7 +400,7 @@ def main(argv=None):
 
     suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite}
     record = suites[args.suite](args, config, bf16, autocast)
-    record.update(command=shlex.join(["python", *sys.argv]), suite=args.suite, device=args.device,
+    record.update(command=recorded_command(), suite=args.suite, device=args.device,
                   dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, threads=torch.get_num_threads(),
                   torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
     if args.output_json:

@@ -8,6 +8,7 @@ the pretrained one). A fine-tuned model has its own encoder and goes to `finetun
 """
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import torch
 from .cli import MAEHFError
 from .data import looks_local
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
+from .redaction import redact
 from .results import (
     NOT_SETTINGS,
     accuracy_rows,
@@ -202,7 +204,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         if folder and collect_results([os.path.join(folder, name)])[0].get("encoder") != "pretrained":
             raise ValueError(f"{option} {folder} evaluated a random-init encoder; give the run on {pretrained_dir} "
                              f"(baselines go in --results).")
-    results = unique_results(results)  # disagreeing duplicates fail here; agreeing ones are kept once
+    results = [redact(result) for result in unique_results(results)]  # disagreeing duplicates fail here
     probe = MAEForImageClassification.from_pretrained(probe_dir) if probe_dir else None
     if probe is not None:
         encoder = pretrained.mae.state_dict()
@@ -211,7 +213,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     finetuned = MAEForImageClassification.from_pretrained(finetune_dir) if finetune_dir else None
     summary_path = os.path.join(pretrained_dir, "pretraining_summary.json")
     with open(summary_path) as handle:
-        summary = json.load(handle)
+        summary = redact(json.load(handle))  # a summary written before tokens were redacted may hold one
     dataset_id = resolve_dataset_id(summary, dataset_id)
     card = render_card(template_path, pretrained, summary, results, probe, finetuned is not None,
                        model_id or os.path.basename(target), dataset_id, DATASET_TITLES.get(dataset_id, dataset_id),
@@ -228,16 +230,24 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         finetuned.save_pretrained(os.path.join(output_dir, "finetuned"))
     for picture in PICTURES:
         shutil.copy(os.path.join(pretrained_dir, picture), os.path.join(output_dir, picture))
-    for index, result in enumerate(results):
-        shutil.copy(result["source"], os.path.join(output_dir, "results", f"{index:02d}_{result['protocol']}_"
-                                                                           f"{result.get('encoder', 'x')}.json"))
-    shutil.copy(summary_path, os.path.join(output_dir, "results", "pretraining_summary.json"))
+    for index, result in enumerate(results):  # the files as written, tokens redacted
+        write_redacted_copy(result["source"], os.path.join(output_dir, "results", f"{index:02d}_{result['protocol']}_"
+                                                                                  f"{result.get('encoder', 'x')}.json"))
+    write_redacted_copy(summary_path, os.path.join(output_dir, "results", "pretraining_summary.json"))
     if space_dir:
         add_space(space_dir, output_dir)
     card_path = os.path.join(output_dir, "README.md")
     with open(card_path, "w") as handle:
         handle.write(card)
     return card_path
+
+
+def write_redacted_copy(source: str, target: str) -> None:
+    """Copy a JSON record (a result file, a pretraining summary) without any Hub token it may hold."""
+    with open(source) as handle:
+        value = json.load(handle)
+    with open(target, "w") as handle:
+        json.dump(redact(value), handle, indent=2)
 
 
 def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe, has_finetuned: bool,
@@ -358,25 +368,57 @@ def add_space(space_dir: str, output_dir: str) -> None:
     shutil.copy(DRAWING_CODE, os.path.join(output_dir, "visualize.py"))
 
 
+def tokens_in_use(token: str | None = None) -> set[str]:
+    """The Hub tokens this process could hold: the one given, HF_TOKEN and the stored login."""
+    from huggingface_hub import get_token
+
+    return {value for value in (token, os.environ.get("HF_TOKEN"), get_token()) if value}
+
+
+def files_holding(folder: str, secrets, exclude=()) -> list[str]:
+    """Files under `folder` (relative paths; `exclude`: names left out) whose bytes contain any of `secrets`: text
+    and binary files alike (a pickled training_args.bin, a checkpoint), read through mmap."""
+    needles = [secret.encode() for secret in secrets if secret]
+    found = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if name not in (".git", ".cache")]  # never uploaded
+        for name in names:
+            path = os.path.join(root, name)
+            if name in exclude or not os.path.isfile(path) or not os.path.getsize(path):
+                continue
+            with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                if any(data.find(needle) != -1 for needle in needles):
+                    found.append(os.path.relpath(path, folder))
+    return sorted(found)
+
+
 def push(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
-         commit_message: str | None = None, revision: str | None = None, create_pr: bool = False) -> str:
-    """Upload the whole folder to the Hub model repository `repo_id` (created if missing, `private` then), on
-    `revision` (a branch, created from main if missing) or as a pull request against it. Returns the commit's (or
-    the pull request's) url. On failure the local folder is untouched and the error says how to upload it later."""
+         commit_message: str | None = None, revision: str | None = None, create_pr: bool = False,
+         exclude: tuple[str, ...] = ()) -> str:
+    """Upload the whole folder (but the file names in `exclude`) to the Hub model repository `repo_id` (created if
+    missing, `private` then), on `revision` (a branch, created from main if missing) or as a pull request against
+    it. Returns the commit's (or the pull request's) url. A folder with a file holding a Hub token this process
+    knows is refused before anything is sent. On failure the local folder is untouched and the error says how to
+    upload it later."""
     from huggingface_hub import HfApi
 
+    leaking = files_holding(folder, tokens_in_use(token), exclude)
+    if leaking:
+        raise MAEHFError(f"Refusing to upload {folder}: {', '.join(leaking[:5])} hold(s) a Hub token. Remove the "
+                         "token from those files (or the files), then upload the folder with `hf upload`.")
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                   create_pr=create_pr,
+                                   create_pr=create_pr, ignore_patterns=list(exclude) or None,
                                    commit_message=commit_message or f"Upload {os.path.basename(folder.rstrip('/'))}")
     except Exception as error:
-        # The command that finishes the same push: same branch, privacy and pull request.
+        # The command that finishes the same push: same branch, privacy, pull request and excluded files.
         retry = " ".join(["hf upload", repo_id, folder] + ([f"--revision {revision}"] if revision else [])
-                         + (["--private"] if private else []) + (["--create-pr"] if create_pr else []))
+                         + (["--private"] if private else []) + (["--create-pr"] if create_pr else [])
+                         + [f"--exclude {pattern}" for pattern in exclude])
         raise HubPushError(
             f"Pushing to the Hub failed ({type(error).__name__}: {' '.join(str(error).split())}). The folder "
             f"{folder} is complete: upload it later with `{retry}` (log in first with `hf auth login`)."

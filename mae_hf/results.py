@@ -10,6 +10,7 @@ import os
 import torch
 
 from .inputs import read_json_object
+from .redaction import redact
 
 PROTOCOLS = ("linear_probe", "linear_probe_multiblock", "attentive_probe", "knn", "finetune")  # table order
 TITLES = {"linear_probe": "Linear probe (frozen encoder, BatchNorm + linear head)",
@@ -36,11 +37,11 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> str:
 
 
 def write_results(output_dir: str, name: str, results: dict) -> str:
-    """Write `<output_dir>/<name>_results.json` and print a one-line summary."""
+    """Write `<output_dir>/<name>_results.json` (without Hub tokens) and print a one-line summary."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name}_results.json")
     with open(path, "w") as handle:
-        json.dump(results, handle, indent=2, sort_keys=True)
+        json.dump(redact(results), handle, indent=2, sort_keys=True)
     print(f"[{name}] {results.get('encoder', '')} encoder: eval_accuracy {results['eval_accuracy']:.4f} "
           f"({results.get('eval_samples', '?')} images) -> {path}", flush=True)
     return path

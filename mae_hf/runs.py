@@ -17,7 +17,6 @@ import fcntl
 import json
 import logging
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -30,6 +29,7 @@ from transformers import TrainerCallback
 
 from .cli import MAEHFError
 from .inputs import SAFETENSORS_FIX, check_weights_fit, safetensors_shapes
+from .redaction import REDACTED, recorded_command, redact
 
 LOCK_NAME = ".run.lock"
 SETTINGS_NAME = "run_settings.json"  # what the run was started with (and its resumes); copied into each checkpoint
@@ -180,7 +180,7 @@ def removed_if_incomplete(folder: str, args):
 
 def resume_command(checkpoint: str = "last") -> str:
     """This process's command line with `--resume_from_checkpoint <checkpoint>` in place of any given (under
-    torchrun or accelerate launch, as a torchrun command with the same processes)."""
+    torchrun or accelerate launch, as a torchrun command with the same processes), tokens redacted."""
     argv, kept, skip = sys.argv[1:], [], False
     for token in argv:
         if skip:
@@ -192,15 +192,17 @@ def resume_command(checkpoint: str = "last") -> str:
     world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     launcher = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(local)] + (
         ["--nnodes", str(world // local)] if world != local else [])  # DDP runs started by torchrun/accelerate
-    return shlex.join([*launcher, sys.argv[0], *kept, "--resume_from_checkpoint", checkpoint])
+    return recorded_command([sys.argv[0], *kept, "--resume_from_checkpoint", checkpoint], launcher=tuple(launcher))
 
 
 def resume_advice(output_dir: str) -> str:
     last = last_complete_checkpoint(output_dir)
     if last is None:
         return f"No complete checkpoint exists in {output_dir}; the run has to start again."
-    return (f"The last complete checkpoint is {last} (step {_step_of(last)}); resume with: "
-            f"{resume_command()}")
+    command = resume_command()
+    hidden = (f" (tokens are shown as {REDACTED}: put yours back, or leave those flags out to use your Hub login)"
+              if REDACTED in command else "")
+    return f"The last complete checkpoint is {last} (step {_step_of(last)}); resume with: {command}{hidden}"
 
 
 # ---- the output folder -----------------------------------------------------------------------------------------
@@ -233,8 +235,7 @@ class OutputLock:
         handle.seek(0)
         handle.truncate()
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
-                     f"{shlex.join(['python', *sys.argv])}\n")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {recorded_command()}\n")
         handle.flush()
         self.handle = handle
         return self
@@ -310,10 +311,10 @@ def settings_differences(saved: dict, current: dict) -> dict:
 
 
 def write_json(path: str, value: dict) -> None:
-    """Write whole or not at all (a temporary file renamed over the target)."""
+    """Write whole or not at all (a temporary file renamed over the target), without Hub tokens (`redact`)."""
     temporary = f"{path}.tmp"
     with open(temporary, "w") as handle:
-        json.dump(value, handle, indent=2)
+        json.dump(redact(value), handle, indent=2)
     os.replace(temporary, path)
 
 

@@ -18,7 +18,8 @@ from .cli import parse_overrides
 from .configuration_mae import MAEConfig
 from .data import BatchTransform, folder_listing, looks_local
 from .inputs import check_weights_fit, model_folder_config, read_json_object
-from .runs import SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, write_json
+from .redaction import is_token_name
+from .runs import LOCK_NAME, SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, write_json
 
 logger = logging.get_logger("mae_hf")
 
@@ -167,7 +168,8 @@ def push_output(args, model_args: ModelArguments) -> None:
 
     url = push(args.output_dir, args.hub_model_id, private=bool(args.hub_private_repo),
                token=args.hub_token or model_args.token, revision=getattr(args, "hub_revision", None),
-               commit_message=f"Upload {os.path.basename(os.path.abspath(args.output_dir))}")
+               commit_message=f"Upload {os.path.basename(os.path.abspath(args.output_dir))}",
+               exclude=(LOCK_NAME,))  # this run's own lock, held while it uploads
     print(f"[push] {args.output_dir} -> {url}", flush=True)
 
 
@@ -310,6 +312,12 @@ class ImageTrainingArguments(TrainingArguments):
         if not learning_rate_given:
             total_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
             self.learning_rate = self.base_learning_rate * total_batch / 256
+
+    def __getstate__(self):
+        """A pickled copy holds no Hub token: the Trainer pickles the arguments into training_args.bin beside every
+        saved model and checkpoint, and --push_to_hub uploads those folders."""
+        return {name: None if is_token_name(name) and isinstance(value, str) else value
+                for name, value in self.__dict__.items()}
 
     def _upstream_conventions(self):
         """Flags of transformers' example scripts, with their meaning where it exists here."""

@@ -9,7 +9,6 @@ The output folder loads with `AutoModelForPreTraining.from_pretrained(folder, tr
 reconstructions.png, loss_curve.png, train_results.json and eval_results.json. Flags: --help.
 """
 
-import json
 import os
 import sys
 
@@ -19,7 +18,8 @@ from mae_hf import MAEForPreTraining
 from mae_hf.cli import parse_args, run_script
 from mae_hf.data import ArrayDataset, DataArguments, collate, fixed_noise, load_image_splits, skipped_images
 from mae_hf.inputs import read_json_object
-from mae_hf.runs import Run
+from mae_hf.redaction import recorded_command
+from mae_hf.runs import Run, write_json
 from mae_hf.training import (
     MAEPretrainer,
     ModelArguments,
@@ -167,10 +167,9 @@ def pretrain(run, model_args, data_args, args):
             "train_runtime_seconds": train_metrics.get("train_runtime"),
             "pipeline_images_per_second": train_metrics.get("pipeline_images_per_second"),
             "eval_loss": eval_metrics.get("eval_loss"), "eval_knn_accuracy": eval_metrics.get("eval_knn_accuracy"),
-            "command": " ".join(["python"] + sys.argv),
+            "command": recorded_command(),  # tokens redacted
         }
-        with open(os.path.join(args.output_dir, "pretraining_summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
+        write_json(os.path.join(args.output_dir, "pretraining_summary.json"), summary)
         loss, knn, speed = summary["eval_loss"], summary["eval_knn_accuracy"], summary["pipeline_images_per_second"]
         evaluated = (f"eval_loss {loss:.4f}, kNN accuracy "
                      f"{'n/a (no labels or --knn_eval false)' if knn is None else f'{knn:.4f}'}"

@@ -34,6 +34,7 @@ import sys
 import time
 
 from mae_hf.cli import run_script
+from mae_hf.redaction import recorded_command
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(SCRIPTS, os.pardir, "configs")
@@ -82,7 +83,7 @@ class Step:
 
     def run(self) -> None:
         argv = self.argv + self.prepare_redo()
-        print(f"[reproduce] {self.name}: python scripts/{self.script}.py {shlex.join(argv)}", flush=True)
+        print(f"[reproduce] {self.name}: {recorded_command([f'scripts/{self.script}.py', *argv])}", flush=True)
         try:
             load_script(self.script).main(argv)
         except SystemExit as exit:
