@@ -15,7 +15,7 @@ import shutil
 
 import torch
 
-from .cli import MAEHFError
+from .cli import MAEHFError, UsageError
 from .data import looks_local
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
 from .redaction import redact
@@ -183,13 +183,13 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         raise ValueError(f"model card template {template_path} does not exist.")
     space_metadata = space_check(space_dir) if space_dir else ""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"--output_dir {output_dir} is a file; expected a folder (new or empty) to assemble into.")
+        raise UsageError(f"--output_dir {output_dir} is a file; expected a folder (new or empty) to assemble into.")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite or choose another folder.")
+        raise UsageError(f"--output_dir {output_dir} is not empty; pass --overwrite or choose another folder.")
     target = os.path.realpath(output_dir)
     for source in (pretrained_dir, probe_dir, finetune_dir, *result_paths):
         if source and os.path.commonpath([target, os.path.realpath(source)]) in (target, os.path.realpath(source)):
-            raise ValueError(f"--output_dir {output_dir} overlaps the input {source}; choose a separate folder.")
+            raise UsageError(f"--output_dir {output_dir} overlaps the input {source}; choose a separate folder.")
 
     # The pretrained rows come only from the runs named for this model, so a stray result elsewhere never shows up.
     results = collect_results([os.path.join(probe_dir, name) for name in ("linear_probe_results.json",
@@ -301,18 +301,19 @@ HUB_TIMEOUT_SECONDS = 10  # how long the preflight waits for the Hub before call
 def hub_preflight(repo_id: str | None, token: str | None = None) -> str:
     """Check, before any work, that a push to `repo_id` can happen: a well-formed id, the Hub not switched off
     (HF_HUB_OFFLINE), a token (`token`, HF_TOKEN or `hf auth login`), and the Hub answering `whoami` with it within
-    HUB_TIMEOUT_SECONDS. Raises ValueError with one line saying what to fix; returns the account name."""
+    HUB_TIMEOUT_SECONDS. Raises ValueError (UsageError for a bad --hub_model_id) with one line saying what to fix;
+    returns the account name."""
     import threading
 
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not repo_id:
-        raise ValueError("pushing to the Hub needs --hub_model_id (e.g. your-name/mae-cifar10).")
+        raise UsageError("pushing to the Hub needs --hub_model_id (e.g. your-name/mae-cifar10).")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise ValueError(f"--hub_model_id {repo_id!r} is not a valid Hub repository id ({error}); expected "
+        raise UsageError(f"--hub_model_id {repo_id!r} is not a valid Hub repository id ({error}); expected "
                          "'name' or 'namespace/name' of letters, digits, '-', '_' and '.'.") from None
     if constants.HF_HUB_OFFLINE:
         raise ValueError("cannot push to the Hub: HF_HUB_OFFLINE is set. Unset it on a machine with network, or "

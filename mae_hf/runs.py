@@ -27,7 +27,7 @@ import zipfile
 import torch
 from transformers import TrainerCallback
 
-from .cli import MAEHFError
+from .cli import MAEHFError, UsageError
 from .inputs import SAFETENSORS_FIX, check_weights_fit, safetensors_shapes
 from .redaction import REDACTED, recorded_command, redact
 
@@ -44,7 +44,11 @@ DATA_FIELDS_IGNORED = ("cache_dir", "preprocessing_num_workers")  # where and ho
 
 
 class RunError(MAEHFError):
-    """A fault of the run the user can act on: reported as `error: ...` with exit code 1."""
+    """A fault of the run the user can act on: reported as `error: ...` with exit code 1 (2 for a usage error)."""
+
+
+class OutputDirUsageError(RunError, UsageError):
+    """--output_dir is a file or holds a run that is not being resumed: the command line must change (exit code 2)."""
 
 
 class NonFiniteError(RunError):
@@ -487,18 +491,19 @@ class Run:
 
     def __enter__(self) -> "Run":
         self.args.device  # sets up the distributed process group, if any, before processes exchange anything
-        problem = None
+        problem, usage = None, False
         if self.is_main:
             try:
                 self._claim_output_dir()
             except Exception as error:  # any failure reaches every process: none may wait for rank 0 forever
                 self._release()
                 problem = str(error) if isinstance(error, RunError) else f"{type(error).__name__}: {error}"
+                usage = isinstance(error, UsageError)
                 if self.args.world_size == 1 and not isinstance(error, RunError):
                     raise
-        problem, self.resume_from = _from_main_process((problem, self.resume_from))
+        problem, usage, self.resume_from = _from_main_process((problem, usage, self.resume_from))
         if problem:
-            raise RunError(problem)
+            raise (OutputDirUsageError if usage else RunError)(problem)
         self.args.resume_from_checkpoint = self.resume_from
         self.stop.install()
         return self
@@ -523,7 +528,8 @@ class Run:
     def _claim_output_dir(self) -> None:
         folder = self.args.output_dir
         if os.path.exists(folder) and not os.path.isdir(folder):
-            raise RunError(f"--output_dir {folder} is a file, not a folder. Give a folder path (created if missing).")
+            raise OutputDirUsageError(f"--output_dir {folder} is a file, not a folder. Give a folder path (created if "
+                                      "missing).")
         if not os.path.exists(folder):
             try:
                 os.makedirs(folder)
@@ -540,9 +546,9 @@ class Run:
             leftovers = sorted(name for name in os.listdir(folder)
                                if checkpoint_step(name) is not None or name == "config.json")
             if leftovers:
-                raise RunError(f"{folder} already holds a run ({', '.join(leftovers[:3])}). Continue it with "
-                               "--resume_from_checkpoint last (or a checkpoint folder), or choose another "
-                               "--output_dir.")
+                raise OutputDirUsageError(f"{folder} already holds a run ({', '.join(leftovers[:3])}). Continue it "
+                                          "with --resume_from_checkpoint last (or a checkpoint folder), or choose "
+                                          "another --output_dir.")
         else:
             self.resume_from = self._complete_checkpoint(self.args.resume_from_checkpoint)
             print(f"[resume] from {self.resume_from} (step {_step_of(self.resume_from)})", flush=True)

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from .cli import parse_overrides
+from .cli import UsageError, parse_overrides
 from .configuration_mae import MAEConfig
 from .data import BatchTransform, folder_listing, looks_local
 from .inputs import check_weights_fit, model_folder_config, read_json_object
@@ -112,19 +112,25 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
                              "model folder instead.") from error
     else:
         config = MAEConfig(**fresh_defaults)
-    overrides = parse_overrides(args.config_overrides)
+    try:
+        overrides = parse_overrides(args.config_overrides)
+    except ValueError as error:
+        raise UsageError(f"--config_overrides: {error}") from None
     fields = sorted(MAEConfig.__annotations__)  # the model's own hyperparameters, not transformers' bookkeeping
     unknown = sorted(key for key in overrides if key not in fields)
     if unknown:
-        raise ValueError(f"--config_overrides: unknown field(s) {unknown}; MAEConfig's fields are {fields}.")
+        raise UsageError(f"--config_overrides: unknown field(s) {unknown}; MAEConfig's fields are {fields}.")
     for key, value in args.model_flags().items():
         if key in overrides and overrides[key] != value:
-            raise ValueError(f"--{key} {value} and --config_overrides {key}={overrides[key]} disagree; give one.")
+            raise UsageError(f"--{key} {value} and --config_overrides {key}={overrides[key]} disagree; give one.")
         overrides[key] = value
     config.update(overrides)
     if args.image_processor_name:
         config.update(processor_normalisation(args, config.image_size))
-    config.check()
+    try:
+        config.check()  # the config loaded was valid: only the flags above can make it invalid
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.model_name_or_path and os.path.isdir(args.model_name_or_path):
         check_weights_fit(args.model_name_or_path, config)  # intact weight files, of the shapes this config needs
     return config
@@ -380,7 +386,7 @@ class ImageTrainingArguments(TrainingArguments):
             return False
         if self.dataloader_num_workers > 0:  # forked worker processes cannot index tensors on the GPU
             if self.data_on_device == "true":
-                raise ValueError("--data_on_device true needs --dataloader_num_workers 0: worker processes cannot "
+                raise UsageError("--data_on_device true needs --dataloader_num_workers 0: worker processes cannot "
                                  "read data in GPU memory (and need not: a batch there is one gather).")
             return False
         if self.data_on_device == "true":

@@ -15,7 +15,7 @@ import sys
 from transformers import set_seed
 
 from mae_hf import MAEForPreTraining
-from mae_hf.cli import parse_args, run_script
+from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import ArrayDataset, DataArguments, collate, fixed_noise, load_image_splits, skipped_images
 from mae_hf.inputs import read_json_object
 from mae_hf.redaction import recorded_command
@@ -54,7 +54,7 @@ def main(argv=None):
                                              description=__doc__)
     check_hub_access(args, model_args)  # --push_to_hub: before any work
     if not args.do_train and not model_args.model_name_or_path:
-        raise ValueError("--do_train false evaluates a saved model: pass --model_name_or_path (a pretraining run's "
+        raise UsageError("--do_train false evaluates a saved model: pass --model_name_or_path (a pretraining run's "
                          "folder).")
     with Run(args) as run:  # holds --output_dir; resolves the resume; stops cleanly on SIGINT/SIGTERM
         pretrain(run, model_args, data_args, args)

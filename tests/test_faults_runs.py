@@ -272,7 +272,7 @@ def test_unusable_output_dir_is_refused_before_training(tmp_path, scripts, tiny_
     a_file = tmp_path / "file"
     a_file.write_text("not a folder")
     code, _, err = run(scripts, tiny_args(a_file, tiny_overrides, parquet_folder))
-    assert code == 1 and f"error: --output_dir {a_file} is a file, not a folder" in err
+    assert code == 2 and f"error: --output_dir {a_file} is a file, not a folder" in err  # a usage error
     code, _, err = run(scripts, tiny_args(a_file / "run", tiny_overrides, parquet_folder))
     assert code == 1 and f"--output_dir {a_file / 'run'} cannot be created (Not a directory)" in err
     assert a_file.read_text() == "not a folder"
