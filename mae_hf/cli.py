@@ -66,6 +66,19 @@ def error_message(error: BaseException) -> str:
     return text.removeprefix("error: ")
 
 
+def close_progress_bars() -> None:
+    """Close every progress bar still open (the Trainer's training or evaluation bar when an error stops it, a
+    feature-extraction bar, ...), so that the line printed next is the last thing on the terminal: otherwise tqdm
+    redraws an open bar at exit, over or after the error."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # tqdm's registry of live bars
+        try:
+            bar.close()
+        except Exception:  # a bar half torn down already: nothing left to redraw
+            pass
+
+
 def run_script(main, argv: list[str] | None = None, **kwargs):
     """Run a script's `main(argv, **kwargs)` as the command line does (`argv` defaults to sys.argv[1:]): `--debug`
     (removed before `main` parses the flags) or MAE_HF_DEBUG=1 show tracebacks; otherwise a usage error (the
@@ -77,19 +90,25 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
     try:
         return main(argv, **kwargs)
     except SystemExit as exit:  # a script that reported an error itself: --debug still shows where it came from
+        close_progress_bars()
         if debug and exit.__context__ is not None:
             traceback.print_exception(exit.__context__)
         raise
     except user_errors() as error:
+        close_progress_bars()
         if debug:
             traceback.print_exc()
         print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(error, UsageError) else 1)
     except KeyboardInterrupt:  # Ctrl-C where no training run handles it (probes, kNN, visualize, loading)
+        close_progress_bars()
         if debug:
             traceback.print_exc()
         print("error: interrupted (Ctrl-C): the script stopped before it finished.", file=sys.stderr, flush=True)
         sys.exit(130)
+    except BaseException:  # a bug: its traceback after the bars, not under a redrawn one
+        close_progress_bars()
+        raise
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None,

@@ -27,7 +27,7 @@ import zipfile
 import torch
 from transformers import TrainerCallback
 
-from .cli import MAEHFError, UsageError
+from .cli import MAEHFError, UsageError, close_progress_bars
 from .inputs import SAFETENSORS_FIX, check_weights_fit, safetensors_shapes
 from .redaction import REDACTED, recorded_command, redact
 
@@ -512,6 +512,7 @@ class Run:
         self.stop.restore()
         self._release()
         if isinstance(error, Interrupted):
+            close_progress_bars()
             if self.is_main:
                 print(f"error: {error}; nothing was saved after the last checkpoint. "
                       f"{resume_advice(self.args.output_dir)}", file=sys.stderr, flush=True)

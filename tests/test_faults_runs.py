@@ -6,13 +6,18 @@ is shown, and the state of the output folder afterwards."""
 
 import contextlib
 import errno
+import fcntl
 import io
 import json
 import os
+import pty
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -81,6 +86,61 @@ def test_diverging_run_saves_nothing_non_finite(tmp_path, scripts, tiny_override
         assert f"The last checkpoint with finite weights is {output / saved[-1]}" in err
     else:
         assert "No checkpoint with finite weights exists" in err
+
+
+def run_in_terminal(command, cwd, columns=160):
+    """(exit code, bytes written) of `command` run on a pseudo-terminal, as a user's shell runs it: tqdm draws its
+    bars there with carriage returns, as it does on a real terminal."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    process = subprocess.Popen(command, cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    os.close(slave)
+    written = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(master)
+    return process.wait(timeout=300), written.decode(errors="replace")
+
+
+def screen(written: str) -> list[str]:
+    """The rows a terminal shows after `written`: carriage returns and cursor-up/erase escapes applied."""
+    rows, row, column = [[]], 0, 0
+    for token in re.findall(r"\x1b\[(\d*)([A-Za-z])|(\r)|(\n)|([^\x1b\r\n])", written):
+        count, command, carriage, newline, char = token
+        if carriage:
+            column = 0
+        elif newline:
+            row += 1
+            rows += [[] for _ in range(row + 1 - len(rows))]
+        elif command == "A":
+            row = max(row - int(count or 1), 0)
+        elif command == "K":
+            del rows[row][column:]
+        elif char:
+            line = rows[row]
+            line += [" "] * (column - len(line))
+            line[column:column + 1] = [char]
+            column += 1
+    return ["".join(line).rstrip() for line in rows]
+
+
+def test_diverging_run_ends_on_its_error_line_in_a_terminal(tmp_path, repo_root, tiny_overrides, parquet_folder):
+    """The Trainer's progress bar is closed before the error: it used to redraw after it (`5%|▌ | 2/40` last)."""
+    argv = [arg for arg in tiny_args(tmp_path / "run", tiny_overrides, parquet_folder, "--learning_rate", "1e3",
+                                     "--warmup_steps", "0") if arg not in ("--disable_tqdm", "true")]
+    code, written = run_in_terminal([sys.executable, "scripts/pretrain.py", *argv], repo_root)
+    rows = [row for row in screen(written) if row.strip()]
+    assert code == 1, written[-3000:]
+    assert "it/s]" in written  # the bars were drawn
+    assert rows[-1].startswith("error: Training diverged:"), rows[-3:]
+    assert all("error:" not in row for row in rows[:-1])  # one error line, on a row of its own
 
 
 def test_divergence_guard_reads_the_device_flags_only_when_checking(tmp_path):
