@@ -17,6 +17,7 @@ import torch
 
 from .cli import MAEHFError, UsageError
 from .data import looks_local
+from .inputs import weight_shapes
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
 from .redaction import redact
 from .results import (
@@ -176,6 +177,9 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     _require_run(pretrained_dir, "pretraining_summary.json", "pretrained run")
     _require_run(probe_dir, "linear_probe_results.json", "--probe")
     _require_run(finetune_dir, "finetune_results.json", "--finetune")
+    for folder, option in ((pretrained_dir, "pretrained run"), (probe_dir, "--probe"), (finetune_dir, "--finetune")):
+        if folder is not None:
+            weight_shapes(folder, option)  # missing, truncated or garbage weights: named, before any loading
     for picture in PICTURES:
         if not os.path.isfile(os.path.join(pretrained_dir, picture)):
             raise ValueError(f"{pretrained_dir}/{picture} is missing (scripts/visualize.py draws reconstructions).")

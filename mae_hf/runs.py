@@ -13,14 +13,17 @@
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import zipfile
 
@@ -57,11 +60,12 @@ class NonFiniteError(RunError):
 
 class Interrupted(BaseException):
     """SIGINT/SIGTERM outside the step boundary (before training, or a second signal): like KeyboardInterrupt, not
-    caught by `except Exception`."""
+    caught by `except Exception`. `saved`: what was saved, for the message (default: what the run knows)."""
 
-    def __init__(self, signum: int, when: str):
+    def __init__(self, signum: int, when: str, saved: str | None = None):
         super().__init__(f"stopped by {signal.Signals(signum).name} {when}")
         self.signum = signum
+        self.saved = saved
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
@@ -164,20 +168,92 @@ def _step_of(folder: str) -> int:
         return json.load(handle)["global_step"]
 
 
+def _free_bytes(path: str) -> int:
+    while not os.path.exists(path):
+        path = os.path.dirname(path) or "."
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def write_failure(error: BaseException, folder: str) -> str | None:
+    """Why writing into `folder` failed, when `error` is a failed write; None for anything else (a bug keeps its
+    traceback). Each writer fails in its own way on a full disk: open/json an OSError, safetensors a SafetensorError
+    ("I/O error: No space left on device (os error 28)"), torch.save a RuntimeError of its zip writer that names no
+    cause (then the free space tells)."""
+    if isinstance(error, OSError):
+        return os.strerror(error.errno) if error.errno else str(error)
+    text = " ".join(str(error).split())
+    if type(error).__name__ != "SafetensorError" and not (
+            isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)):
+        return None
+    cause = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    if cause:
+        return cause.group(1)
+    return os.strerror(errno.ENOSPC) if _free_bytes(folder) < 2**20 else text
+
+
 @contextlib.contextmanager
 def removed_if_incomplete(folder: str, args):
     """Around writing checkpoint `folder`: if the save fails (a full disk, a second Ctrl-C), remove the partial
-    folder, so that only complete checkpoints exist; a full disk becomes a clear error."""
+    folder, so that only complete checkpoints exist; a failed write becomes a clear error."""
     try:
         yield
     except BaseException as error:
+        reason = write_failure(error, folder)  # before the partial files are removed (the free space tells)
         if args.should_save and os.path.isdir(folder):
             shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(error, OSError):
-            reason = os.strerror(error.errno) if error.errno else str(error)
+        if reason is not None:
             raise RunError(f"Saving {folder} failed ({reason}); the partial folder was removed. "
                            f"{resume_advice(args.output_dir)}") from error
         raise
+
+
+STAGING_NAME = ".saving-model"  # the final model is written here first, then moved into the output folder
+
+
+@contextlib.contextmanager
+def saved_whole(folder: str, args):
+    """Around the final save of the model into `folder`: yields a staging folder inside it to save into; the files
+    are then moved into `folder` one by one (renames: each file whole, old or new). SIGINT/SIGTERM wait until the
+    save has ended. A failed write (a full disk) removes the staging folder, leaves `folder` as it was (no torn
+    model.safetensors) and becomes a clear error."""
+    staging = os.path.join(folder, STAGING_NAME)
+    received = []
+
+    def hold(signum, frame):
+        if not received:
+            print(f"\n[stop] {signal.Signals(signum).name} received: stopping once the model is saved whole",
+                  file=sys.stderr, flush=True)
+        received.append(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread \
+        else {}
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(staging)
+        yield staging
+        names = sorted(os.listdir(staging), key=lambda name: name == "model.safetensors")  # the weights last
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+        os.rmdir(staging)
+    except Exception as error:
+        reason = write_failure(error, staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        if reason is None:
+            raise
+        raise RunError(f"Saving the model to {folder} failed ({reason}); nothing of it was written there (no torn "
+                       f"file). {resume_advice(args.output_dir)}") from error
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(signum, handler)
+    if received:  # the save is whole: now stop as the signal asks
+        if isinstance(getattr(previous.get(received[0]), "__self__", None), StopOnSignal):  # inside a Run
+            raise Interrupted(received[0], "while the final model was being saved",
+                              saved=f"the model was saved whole in {folder} first; the run's results and summary "
+                                    "were not written")
+        signal.raise_signal(received[0])  # no Run: the handler in place before decides
 
 
 # ---- the command to resume with ------------------------------------------------------------------------------------
@@ -484,6 +560,7 @@ class Run:
         self.settings = None
         self.resumes = []
         self.stop = StopOnSignal()
+        self.trainer = None  # the one `train` ran: it knows whether the final model was saved
 
     @property
     def is_main(self) -> bool:
@@ -513,9 +590,11 @@ class Run:
         self._release()
         if isinstance(error, Interrupted):
             close_progress_bars()
+            saved = error.saved or (
+                f"the model was saved in {self.args.output_dir}; the run's results and summary were not written"
+                if getattr(self.trainer, "final_model_saved", False) else "nothing was saved after the last checkpoint")
             if self.is_main:
-                print(f"error: {error}; nothing was saved after the last checkpoint. "
-                      f"{resume_advice(self.args.output_dir)}", file=sys.stderr, flush=True)
+                print(f"error: {error}; {saved}. {resume_advice(self.args.output_dir)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + error.signum)
         return False
 
@@ -604,6 +683,7 @@ class Run:
         A resume with nothing left to train returns empty metrics."""
         from transformers.trainer_utils import TrainOutput
 
+        self.trainer = trainer
         trainer.run_settings = self.settings
         trainer.add_callback(self.stop)
         trainer.add_callback(NoStepPastTheEnd())

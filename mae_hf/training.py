@@ -19,7 +19,7 @@ from .configuration_mae import MAEConfig
 from .data import BatchTransform, folder_listing, looks_local
 from .inputs import check_weights_fit, model_folder_config, read_json_object
 from .redaction import is_token_name
-from .runs import LOCK_NAME, SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, write_json
+from .runs import LOCK_NAME, SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, saved_whole, write_json
 
 logger = logging.get_logger("mae_hf")
 
@@ -574,6 +574,7 @@ class ImageTrainer(Trainer):
         self.add_callback(self.divergence)
         self.add_callback(PerProcessSeed())
         self.run_settings = None  # set by runs.Run: written beside every saved model
+        self.final_model_saved = False
         # Fine-tuning recipe (mae_hf/augment.py): batch mixing with soft targets, repeated augmentation, weight EMA.
         self.mixer, self.repeated_augmentations = mixer, repeated_augmentations
         self.ema = None
@@ -668,10 +669,21 @@ class ImageTrainer(Trainer):
         return grad_norm
 
     def save_model(self, output_dir=None, _internal_call=False):
-        self.divergence.check(self.args, self.state.global_step, self.model)  # nothing non-finite is ever saved
-        super().save_model(output_dir, _internal_call)
-        if self.run_settings is not None and self.args.should_save:
-            write_json(os.path.join(output_dir or self.args.output_dir, SETTINGS_NAME), self.run_settings)
+        """Checks the weights first (nothing non-finite is ever saved). A checkpoint's model is saved in place (a
+        checkpoint that fails is removed whole); the final model goes through `runs.saved_whole`: written aside,
+        then moved into place, with signals held, so that neither Ctrl-C nor a full disk leaves a torn file."""
+        self.divergence.check(self.args, self.state.global_step, self.model)
+        target = output_dir or self.args.output_dir
+        if _internal_call or not self.args.should_save:
+            super().save_model(output_dir, _internal_call)
+            if self.run_settings is not None and self.args.should_save:
+                write_json(os.path.join(target, SETTINGS_NAME), self.run_settings)
+            return
+        with saved_whole(target, self.args) as staging:
+            super().save_model(staging, _internal_call)
+            if self.run_settings is not None:
+                write_json(os.path.join(staging, SETTINGS_NAME), self.run_settings)
+        self.final_model_saved = True
 
     def _save_checkpoint(self, model, trial):
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")

@@ -441,6 +441,18 @@ def test_torn_result_file_given_to_publish(tmp_path, scripts, capsys, partly_lab
     assert f"{torn} is not valid JSON" in err and not (tmp_path / "hub").exists()
 
 
+def test_publish_names_broken_weights(tmp_path, scripts, capsys, pretrained_run):
+    """A truncated model.safetensors in the run to publish: one error naming it (was a SafetensorError traceback)."""
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(pretrained_run[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    err = run(scripts.publish.main, [folder, "--output_dir", tmp_path / "hub"], capsys)
+    assert f"error: {weights} is truncated" in err and not (tmp_path / "hub").exists()
+
+
 def test_visualize_refuses_what_cannot_reconstruct(tmp_path, scripts, capsys, models, data):
     for name, message in (("probe", "has no decoder (MAEForImageClassification"),
                           ("vit_mae", "holds a transformers ViTMAE model; convert it to mae_hf first: python "

@@ -357,21 +357,157 @@ def test_stale_lock_is_taken_over_and_results_say_what_ran(tmp_path, scripts, ti
         1, pytest.approx(1 / STEPS_PER_EPOCH), 2, [])  # what ran, not only what was asked
 
 
-def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, scripts, tiny_overrides, parquet_folder,
-                                                             monkeypatch):
-    real_save = torch.save
+# A real full disk: the run's --output_dir is a small tmpfs, mounted in a private mount namespace (`unshare
+# --mount`, as root or mapped to root in a user namespace), so it vanishes with the process whatever happens. The
+# run fills it at a chosen point (after a checkpoint, or after training), leaving room for the files a save writes
+# before model.safetensors and half of that file: the save then fails inside safetensors, as it would on a disk that
+# fills up. What the run left is copied out before the namespace ends.
+FULL_DISK_DRIVER = r"""
+import os, runpy, sys
+from transformers import TrainerCallback
+import mae_hf.training
 
-    def save(obj, path, *args, **kwargs):
-        if "checkpoint-6" in str(path):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_save(obj, path, *args, **kwargs)
+FILL_AFTER = os.environ["FILL_AFTER"]  # a step whose checkpoint is the last to fit, or "training"
+DISK = os.environ["DISK"]
 
-    monkeypatch.setattr(torch, "save", save)
+
+def fill(checkpoint):
+    block = os.statvfs(DISK).f_frsize
+    size = lambda name: -(-os.path.getsize(os.path.join(checkpoint, name)) // block) * block
+    slack = sum(map(size, ("preprocessor_config.json", "configuration_mae.py", "modeling_mae.py", "config.json")))
+    slack += size("model.safetensors") // 2
+    stats = os.statvfs(DISK)
+    with open(os.path.join(DISK, "filler"), "wb") as handle:
+        handle.write(bytes(stats.f_bavail * stats.f_frsize - slack))
+
+
+class FillDisk(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if str(state.global_step) == FILL_AFTER:
+            fill(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if FILL_AFTER == "training":
+            fill(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
+build = mae_hf.training.MAEPretrainer.__init__
+def with_filler(self, *args, **kwargs):
+    build(self, *args, **kwargs)
+    self.add_callback(FillDisk())
+mae_hf.training.MAEPretrainer.__init__ = with_filler
+sys.argv = ["scripts/pretrain.py", *sys.argv[1:]]
+runpy.run_path("scripts/pretrain.py", run_name="__main__")
+"""
+
+
+def run_on_a_full_disk(tmp_path, repo_root, argv_of, fill_after):
+    """(exit code, stderr, copy of the output folder) of a pretraining run whose --output_dir is a 8 MiB tmpfs that
+    fills up after `fill_after` (a step or "training")."""
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
+    copy.mkdir()
+    output = disk / "run"
+    mount = [] if os.geteuid() == 0 else ["--map-root-user"]
+    script = ('mount -t tmpfs -o size=8m tmpfs "$DISK" || exit 99; "$PYTHON" -c "$DRIVER" "$@"; code=$?; '
+              'cp -a "$DISK/." "$COPY"; exit $code')
+    environment = dict(os.environ, OMP_NUM_THREADS="1", DISK=str(disk), COPY=str(copy), PYTHON=sys.executable,
+                       DRIVER=FULL_DISK_DRIVER, FILL_AFTER=str(fill_after))
+    try:
+        result = subprocess.run(["unshare", "--mount", *mount, "sh", "-c", script, "sh", *argv_of(output)],
+                                cwd=repo_root, env=environment, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        pytest.skip("needs unshare(1) to mount a tmpfs in a private mount namespace")
+    if result.returncode == 99 or "unshare failed" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or user namespaces): {result.stderr.strip()[-300:]}")
+    return result.returncode, result.stderr, copy / "run", output
+
+
+def leftovers(folder):
+    """Partial files a failed save could leave: safetensors' and our staging names, empty or torn files."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
+                  if path.name.startswith((".tmp", ".saving")) or path.name.endswith(".tmp"))
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, repo_root, tiny_overrides, parquet_folder):
+    code, err, copy, output = run_on_a_full_disk(
+        tmp_path, repo_root, lambda out: tiny_args(out, tiny_overrides, parquet_folder), fill_after=3)
+    assert code == 1, err[-3000:]
+    assert "Traceback" not in err and "SafetensorError" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [line for line in err.splitlines() if "error" in line.lower()]  # one error line, nothing else
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: Saving {output / 'checkpoint-6'} failed (No space left on device); the partial folder was removed. "
+        f"The last complete checkpoint is {output / 'checkpoint-3'} (step 3); resume with:"), errors
+    assert checkpoint_names(copy) == ["checkpoint-3"]
+    assert_all_checkpoints_complete_and_finite(copy)
+    assert not (copy / "model.safetensors").exists() and leftovers(copy) == []
+
+
+def test_full_disk_during_the_final_save_leaves_no_torn_file(tmp_path, repo_root, tiny_overrides, parquet_folder):
+    code, err, copy, output = run_on_a_full_disk(
+        tmp_path, repo_root, lambda out: tiny_args(out, tiny_overrides, parquet_folder), fill_after="training")
+    assert code == 1, err[-3000:]
+    assert "Traceback" not in err and "SafetensorError" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: Saving the model to {output} failed (No space left on device); nothing of it was written there (no "
+        f"torn file). The last complete checkpoint is {output / 'checkpoint-12'} (step 12); resume with:"), errors
+    assert_all_checkpoints_complete_and_finite(copy)
+    for name in ("model.safetensors", "config.json", "pretraining_summary.json"):
+        assert not (copy / name).exists(), name
+    assert leftovers(copy) == []
+
+
+def test_write_failures_are_told_apart_from_bugs(tmp_path):
+    from safetensors.torch import save_file
+
+    from mae_hf.runs import write_failure
+
+    assert write_failure(OSError(errno.ENOSPC, "No space left on device"), str(tmp_path)) == "No space left on device"
+    assert write_failure(ValueError("a bug"), str(tmp_path)) is None
+    assert write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                         str(tmp_path)).startswith("[enforce fail")  # torch.save's, with room on the disk
+    with pytest.raises(Exception) as error:  # safetensors' own error type, on a path it cannot write
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "missing" / "model.safetensors"))
+    assert write_failure(error.value, str(tmp_path)) is not None
+
+
+def test_ctrl_c_during_the_final_save_waits_for_it(tmp_path, scripts, tiny_overrides, parquet_folder, monkeypatch):
+    """The signal arrives between the first file of the final save and the weights: the save ends whole, then the
+    run stops with exit code 130."""
+    import mae_hf.modeling_mae
+
+    save = mae_hf.modeling_mae.MAEPreTrainedModel.save_pretrained
+
+    def interrupted_save(model, folder, *args, **kwargs):
+        if "checkpoint-" not in str(folder):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered now, handled at the next Python instruction
+        return save(model, folder, *args, **kwargs)
+
+    monkeypatch.setattr(mae_hf.modeling_mae.MAEPreTrainedModel, "save_pretrained", interrupted_save)
     output = tmp_path / "run"
     code, _, err = run(scripts, tiny_args(output, tiny_overrides, parquet_folder))
-    assert code == 1
-    assert f"error: Saving {output / 'checkpoint-6'} failed (No space left on device); the partial folder was " \
-           f"removed. The last complete checkpoint is {output / 'checkpoint-3'} (step 3); resume with:" in err
-    assert checkpoint_names(output) == ["checkpoint-3"]
-    assert_all_checkpoints_complete_and_finite(output)
-    assert not (output / "model.safetensors").exists()
+    assert code == 130, err[-3000:]
+    assert "[stop] SIGINT received: stopping once the model is saved whole" in err
+    assert f"error: stopped by SIGINT while the final model was being saved; the model was saved whole in {output} " \
+           "first; the run's results and summary were not written." in err
+    assert checkpoint_problem(str(output)) is None or "trainer_state.json" in checkpoint_problem(str(output))
+    model = mae_hf.modeling_mae.MAEForPreTraining.from_pretrained(output)  # whole: config and weights load
+    assert all(torch.isfinite(tensor).all() for tensor in model.state_dict().values())
+    assert not (output / "pretraining_summary.json").exists() and leftovers(output) == []
+
+
+def test_ctrl_c_after_the_final_save_says_the_model_was_saved(tmp_path, scripts, tiny_overrides, parquet_folder,
+                                                              monkeypatch):
+    def interrupted_evaluation(trainer):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    monkeypatch.setattr(scripts.pretrain, "final_evaluation", interrupted_evaluation)
+    output = tmp_path / "run"
+    code, _, err = run(scripts, tiny_args(output, tiny_overrides, parquet_folder))
+    assert code == 130, err[-3000:]
+    assert f"error: stopped by SIGINT outside the training loop; the model was saved in {output}; the run's results " \
+           "and summary were not written." in err
+    assert (output / "model.safetensors").is_file() and not (output / "pretraining_summary.json").exists()
