@@ -37,6 +37,12 @@ def user_errors() -> tuple:
         errors.append(yaml.YAMLError)
     except ImportError:
         pass
+    try:  # a weights file that does not read, or a full disk while one is written ("I/O error: No space left ...")
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
     return tuple(errors)
 
 

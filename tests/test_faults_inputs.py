@@ -539,6 +539,20 @@ def test_debug_flag_is_ours_unless_it_has_a_trainer_value():
     assert strip_debug_flag(trainer_option) == (trainer_option, False)
 
 
+def test_a_safetensors_error_anywhere_is_one_line(tmp_path, capsys):
+    """Reading a broken weights file or writing one to a full disk fails with safetensors' own error type (not an
+    OSError): still one `error:` line, exit code 1, wherever it comes from (e.g. fine-tuning's ema/ save)."""
+    from safetensors.torch import save_file
+
+    def main(argv):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "missing" / "model.safetensors"))
+
+    with pytest.raises(SystemExit) as exit_:
+        run_script(main, [])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
 def test_ctrl_c_outside_a_training_run_is_one_line(capsys):
     def interrupted_main(argv):  # a probe or kNN extracting features when Ctrl-C arrives
         raise KeyboardInterrupt
