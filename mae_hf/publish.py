@@ -22,6 +22,7 @@ from .modeling_mae import MAEForImageClassification, MAEForPreTraining
 from .redaction import redact
 from .results import (
     NOT_SETTINGS,
+    TITLES,
     accuracy_rows,
     collect_results,
     encoder_fingerprint,
@@ -219,7 +220,9 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     with open(summary_path) as handle:
         summary = redact(json.load(handle))  # a summary written before tokens were redacted may hold one
     dataset_id = resolve_dataset_id(summary, dataset_id)
-    card = render_card(template_path, pretrained, summary, results, probe, finetuned is not None,
+    finetuned_protocol = finetuned and collect_results([os.path.join(finetune_dir, "finetune_results.json")])[0][
+        "protocol"]  # the recipe the fine-tuned model in finetuned/ was trained with
+    card = render_card(template_path, pretrained, summary, results, probe, finetuned_protocol,
                        model_id or os.path.basename(target), dataset_id, DATASET_TITLES.get(dataset_id, dataset_id),
                        space_metadata)
 
@@ -254,17 +257,19 @@ def write_redacted_copy(source: str, target: str) -> None:
         json.dump(redact(value), handle, indent=2)
 
 
-def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe, has_finetuned: bool,
+def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe,
+                finetuned_protocol: str | None,
                 model_id: str, dataset_id: str, dataset_title: str, space_metadata: str = "") -> str:
-    """`model_card.md` filled from the model, the pretraining summary and the result files."""
+    """`model_card.md` filled from the model, the pretraining summary and the result files. `finetuned_protocol`:
+    the protocol of the fine-tuned model in `finetuned/` ("finetune" or "finetune_strong"), None without one."""
     config = pretrained.config
     head_description = "no classification head (the classifier class adds an untrained one)"
     if probe is not None:
         labels = probe.config.id2label
         head_description = (f"a linear-probe head over {probe.config.num_labels} classes "
                             f"({', '.join(labels[i] for i in range(probe.config.num_labels))})")
-    finetuned_note = ("- `finetuned/`: the fine-tuned classifier (its own encoder); load it with "
-                      "`subfolder=\"finetuned\"`.\n") if has_finetuned else ""
+    finetuned_note = (f"- `finetuned/`: the classifier of the \"{TITLES[finetuned_protocol]}\" row below (its own "
+                      "encoder); load it with `subfolder=\"finetuned\"`.\n") if finetuned_protocol else ""
     eval_splits = sorted({r["eval_split"] for r in results if r.get("eval_split")})
     with open(template_path) as handle:
         template = handle.read()

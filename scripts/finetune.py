@@ -23,7 +23,7 @@ from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import ArrayDataset, DataArguments, collate, load_image_splits, skipped_images
 from mae_hf.evaluation import is_classifier, load_classifier
 from mae_hf.metrics import accuracy
-from mae_hf.results import encoder_fingerprint, write_results
+from mae_hf.results import encoder_fingerprint, finetune_protocol, write_results
 from mae_hf.runs import Run
 from mae_hf.training import (
     FinetuneArguments,
@@ -133,7 +133,7 @@ def finetune(run, model_args, data_args, args):
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         write_results(args.output_dir, "finetune", {
-            "protocol": "finetune",
+            "protocol": finetune_protocol(args.recipe()),  # "finetune_strong" with the strong recipe's parts
             "encoder": "random_init" if random_init else "pretrained",
             "model_name_or_path": model_args.model_name_or_path,
             "encoder_fingerprint": fingerprint,

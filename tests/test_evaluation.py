@@ -14,7 +14,7 @@ import mae_hf.modeling_mae
 from mae_hf import MAEForImageClassification, MAEForPreTraining, MAEModel
 from mae_hf.cli import UsageError, run_script
 from mae_hf.features import knn_predict
-from mae_hf.results import collect_results, results_table
+from mae_hf.results import collect_results, finetune_protocol, results_table
 from mae_hf.visualize import reconstruction_rows
 
 
@@ -196,6 +196,25 @@ def test_perfect_prediction_reconstructs_the_original(tiny_config, pixel_values,
     assert torch.all(masked[hidden] == 0.5) and torch.equal(masked[~hidden], original[~hidden])
 
 
+def test_both_finetune_recipes_in_one_table(evaluated, tmp_path):
+    """The plain and the strong recipe are two rows, also for result files written before "finetune_strong" (they
+    said "finetune" for both and a table of both failed as two disagreeing results)."""
+    _, root = evaluated
+    plain = read(root / "finetune" / "finetune_results.json")
+    assert plain["protocol"] == "finetune"
+    for name, protocol in (("old", "finetune"), ("new", "finetune_strong")):
+        strong = dict(plain, protocol=protocol, eval_accuracy=plain["eval_accuracy"] / 2, augment_policy="randaugment",
+                      mixup_alpha=0.8, repeated_augmentations=3, ema_decay=0.9999)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "finetune_results.json").write_text(json.dumps(strong))
+        table = results_table(collect_results([root / "finetune", tmp_path / name]))
+        rows = [line for line in table.splitlines() if line.startswith("| Fine-tune")]
+        assert rows[0].startswith("| Fine-tune (whole encoder trained) |") and f"{100 * plain['eval_accuracy']:.2f}" \
+            in rows[0]
+        assert rows[1].startswith("| Fine-tune, strong recipe") and f"{50 * plain['eval_accuracy']:.2f}" in rows[1]
+    assert finetune_protocol({"ema_decay": 0.999}) == "finetune_strong" and finetune_protocol({}) == "finetune"
+
+
 def test_publish_folder_and_card(evaluated, scripts, tmp_path):
     folder, root = evaluated
     out = tmp_path / "hub"
@@ -215,7 +234,8 @@ def test_publish_folder_and_card(evaluated, scripts, tmp_path):
     assert values["Linear probe (frozen encoder, BatchNorm + linear head)"] == pytest.approx(100 * probe, abs=0.005)
     assert values["Fine-tune (whole encoder trained)"] == pytest.approx(100 * finetune, abs=0.005)
     assert results_table(collect_results([root])) in card
-    assert "| kNN, k = 40 |" in card and "probe_epochs 3" in card and "finetuned/" in card
+    assert "| kNN, k = 40 |" in card and "probe_epochs 3" in card
+    assert '`finetuned/`: the classifier of the "Fine-tune (whole encoder trained)" row below' in card
     assert "weight decay 0.05 (linear weights only), gradients clipped at norm 1" in card
     assert {r["dataset"]["split"] for r in metadata["model-index"][0]["results"]} == {"test"}
     assert 'from_pretrained(repo, trust_remote_code=True)' in card and '"me/mae"' in card
