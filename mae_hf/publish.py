@@ -162,6 +162,8 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
                           + (f" ({images_per_second:,.0f} images/s)" if images_per_second else "")),
         ("Final eval loss (masked patches)", f"{summary['eval_loss']:.4f}"),
     ]
+    if summary.get("versions"):  # summaries before versions were recorded leave it unsaid
+        rows.append(("Software", ", ".join(f"{name} {version}" for name, version in summary["versions"].items())))
     if summary.get("eval_knn_accuracy") is not None:
         rows.append(("kNN accuracy at the end (k=20)", f"{100 * summary['eval_knn_accuracy']:.2f} %"))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])

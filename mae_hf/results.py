@@ -37,7 +37,16 @@ ENCODERS = (("random_init", "Random-init encoder"), ("pretrained", "MAE-pretrain
 # what a result file records besides its settings: everything else in it is a setting of the protocol
 NOT_SETTINGS = {"protocol", "encoder", "eval_accuracy", "eval_loss", "model_name_or_path", "encoder_fingerprint",
                 "dataset_name", "train_split", "eval_split", "train_samples", "eval_samples", "source",
-                "skipped_images", "eval_ema_accuracy", "eval_ema_loss", "ema_model"}
+                "skipped_images", "eval_ema_accuracy", "eval_ema_loss", "ema_model", "versions"}
+
+
+def software_versions() -> dict:
+    """The versions a number was measured with, recorded beside it (numbers move between releases)."""
+    import platform
+
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -50,11 +59,12 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> str:
 
 
 def write_results(output_dir: str, name: str, results: dict) -> str:
-    """Write `<output_dir>/<name>_results.json` (without Hub tokens) and print a one-line summary."""
+    """Write `<output_dir>/<name>_results.json` (with the software versions, without Hub tokens) and print a one-line
+    summary."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name}_results.json")
     with open(path, "w") as handle:
-        json.dump(redact(results), handle, indent=2, sort_keys=True)
+        json.dump(redact({**results, "versions": software_versions()}), handle, indent=2, sort_keys=True)
     print(f"[{name}] {results.get('encoder', '')} encoder: eval_accuracy {results['eval_accuracy']:.4f} "
           f"({results.get('eval_samples', '?')} images) -> {path}", flush=True)
     return path

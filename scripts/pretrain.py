@@ -19,6 +19,7 @@ from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import ArrayDataset, DataArguments, collate, fixed_noise, load_image_splits, skipped_images
 from mae_hf.inputs import read_json_object
 from mae_hf.redaction import recorded_command
+from mae_hf.results import software_versions
 from mae_hf.runs import Run, write_json
 from mae_hf.training import (
     MAEPretrainer,
@@ -168,6 +169,7 @@ def pretrain(run, model_args, data_args, args):
             "pipeline_images_per_second": train_metrics.get("pipeline_images_per_second"),
             "eval_loss": eval_metrics.get("eval_loss"), "eval_knn_accuracy": eval_metrics.get("eval_knn_accuracy"),
             "command": recorded_command(),  # tokens redacted
+            "versions": software_versions(),
         }
         write_json(os.path.join(args.output_dir, "pretraining_summary.json"), summary)
         loss, knn, speed = summary["eval_loss"], summary["eval_knn_accuracy"], summary["pipeline_images_per_second"]

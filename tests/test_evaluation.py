@@ -237,6 +237,10 @@ def test_publish_folder_and_card(evaluated, scripts, tmp_path):
     assert "| kNN, k = 40 |" in card and "probe_epochs 3" in card
     assert '`finetuned/`: the classifier of the "Fine-tune (whole encoder trained)" row below' in card
     assert "weight decay 0.05 (linear weights only), gradients clipped at norm 1" in card
+    import transformers  # the versions the numbers were made with, recorded by the runs and shown
+
+    assert "| Software | python " in card and f"transformers {transformers.__version__} |" in card
+    assert read(root / "finetune" / "finetune_results.json")["versions"]["torch"] == torch.__version__
     assert {r["dataset"]["split"] for r in metadata["model-index"][0]["results"]} == {"test"}
     assert 'from_pretrained(repo, trust_remote_code=True)' in card and '"me/mae"' in card
     trained_on = read(folder / "pretraining_summary.json")["dataset_name"]  # a local parquet folder
