@@ -363,7 +363,8 @@ def run_settings(config, data_args, args, model_args) -> dict:
     recipe["lr_scheduler_type"] = getattr(recipe.get("lr_scheduler_type"), "value", recipe.get("lr_scheduler_type"))
     recipe["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
         args.world_size
-    return json.loads(json.dumps({"model": model, "data": data, "recipe": recipe}, default=str))
+    # as written (JSON values, tokens redacted), so that a resume compares like with like
+    return redact(json.loads(json.dumps({"model": model, "data": data, "recipe": recipe}, default=str)))
 
 
 def _saved_settings(checkpoint: str) -> dict:

@@ -18,7 +18,7 @@ import torch
 from mae_hf.cli import MAEHFError, run_script
 from mae_hf.publish import files_holding, push
 from mae_hf.redaction import REDACTED, recorded_command, redact, redact_argv, redact_text
-from mae_hf.runs import resume_advice
+from mae_hf.runs import OutputLock, resume_advice
 
 HUB_TOKEN = "hf_" + "Hub0Token1Secret2" * 2  # the shape the Hub issues: hf_ and 34 letters and digits
 TOKEN = "hf_" + "Read3Only4Token5x" * 2
@@ -85,18 +85,20 @@ def token_runs(tmp_path_factory, scripts, parquet_folder, tiny_overrides):
     printed["pretrain"] = run(scripts.pretrain.main, [
         "--output_dir", root / "mae", *tiny, *trainer_flags, "--hub_token", HUB_TOKEN, f"--token={TOKEN}",
         "--push_to_hub", "true", "--hub_model_id", "me/mae"], monkeypatch, "pretrain")
+    config = root / "finetune.yaml"  # a token in a config file's values
+    config.write_text(f"hub_token: {HUB_TOKEN}\npush_to_hub: true\nhub_model_id: me/finetune\n")
     printed["finetune"] = run(scripts.finetune.main, [
-        "--model_name_or_path", root / "mae", "--output_dir", root / "finetune", *tiny, *trainer_flags,
-        f"--hub_token={HUB_TOKEN}", "--token", TOKEN, "--push_to_hub", "true", "--hub_model_id", "me/finetune"],
-        monkeypatch, "finetune")
+        config, "--model_name_or_path", root / "mae", "--output_dir", root / "finetune", *tiny, *trainer_flags,
+        "--token", TOKEN], monkeypatch, "finetune")
+    config.unlink()  # the user's own file, not something a script wrote
     probe = ["--model_name_or_path", root / "mae", *tiny, "--knn_k", "2", "--probe_epochs", "1", "--token", TOKEN]
     printed["linear_probe"] = run(scripts.linear_probe.main, [*probe, "--output_dir", root / "probe"], monkeypatch,
                                   "linear_probe")
     printed["knn"] = run(scripts.linear_probe.main, [*probe, "--output_dir", root / "knn"], monkeypatch, "knn",
                          linear_probe=False)
     printed["show_augmentations"] = run(scripts.show_augmentations.main, [
-        *tiny, "--output_dir", root / "pictures", "--num_images", "2", f"--token={TOKEN}"], monkeypatch,
-        "show_augmentations")
+        *tiny, "--output_dir", root / "pictures", "--num_images", "2", f"--token={TOKEN}",
+        f"--hub_token={HUB_TOKEN}"], monkeypatch, "show_augmentations")
     # publish, from a run whose summary was written before tokens were redacted: it must not copy the token on
     summary_path = root / "mae" / "pretraining_summary.json"
     summary = json.loads(summary_path.read_text())
@@ -174,6 +176,17 @@ def test_resume_command_printed_on_a_stop_has_no_token(tmp_path, monkeypatch):
     advice = resume_advice(str(tmp_path))
     assert_no_token(advice)
     assert "--resume_from_checkpoint last" in advice and f"tokens are shown as {REDACTED}" in advice
+
+
+def test_the_lock_names_its_command_without_tokens(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["scripts/pretrain.py", "--hub_token", HUB_TOKEN, f"--token={TOKEN}"])
+    lock = OutputLock(str(tmp_path)).acquire()  # .run.lock names the run holding the folder
+    try:
+        text = (tmp_path / ".run.lock").read_text()
+    finally:
+        lock.release()
+    assert_no_token(text)
+    assert "scripts/pretrain.py --hub_token" in text
 
 
 def test_reproduce_prints_its_steps_without_tokens(scripts, tmp_path, monkeypatch, capsys):
