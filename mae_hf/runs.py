@@ -6,6 +6,9 @@
   complete checkpoint, compares the settings with the checkpoint's, and turns SIGINT/SIGTERM into a stop at the
   step boundary with the exact resume command.
 - `checkpoint_problem`: what "complete" means for a checkpoint folder, checked from headers and sizes.
+- `removed_if_incomplete` / `saved_whole`: a checkpoint that fails to save is removed; the final model is saved
+  aside and moved into place with signals held. A failed write (`write_failure`: a full disk, whichever writer hit
+  it) becomes one clear error with the resume command.
 - `DivergenceGuard`: a non-finite loss or gradient norm is recorded on the device every step (no host sync) and
   read on the host only at logging/evaluation/save steps; weights are checked before every save, so no
   non-finite model or checkpoint is ever written.
@@ -235,6 +238,8 @@ def saved_whole(folder: str, args):
         yield staging
         names = sorted(os.listdir(staging), key=lambda name: name == "model.safetensors")  # the weights last
         for name in names:
+            if os.path.isdir(os.path.join(folder, name)):  # a folder (DeepSpeed's) replaces the old one whole
+                shutil.rmtree(os.path.join(folder, name))
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
         os.rmdir(staging)
     except Exception as error:
