@@ -73,8 +73,13 @@ def weight_names(folder: str) -> set[str]:
             return set(json.load(handle)["weight_map"])
     from safetensors import safe_open
 
-    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as weights:
-        return set(weights.keys())
+    path = os.path.join(folder, "model.safetensors")
+    try:
+        with safe_open(path, framework="pt") as weights:
+            return set(weights.keys())
+    except Exception as error:  # safetensors' own error type: a truncated or garbage file
+        raise ValueError(f"{path} is not a whole safetensors file ({' '.join(str(error).split())}); save or copy the "
+                         "model again.") from None
 
 
 def read_mae_config(folder: str, source: str) -> dict:

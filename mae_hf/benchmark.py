@@ -43,9 +43,7 @@ More suites, same flags:
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -58,6 +56,7 @@ from .cli import parse_overrides
 from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
 from .modeling_mae import MAEForPreTraining
+from .redaction import recorded_command
 
 MB = 2**20
 
@@ -439,7 +438,7 @@ def main(argv=None):
         record = getattr(benchmark_data, f"{args.suite}_suite")(args)
     else:
         record = suites[args.suite](args, config, bf16, autocast)
-    record.update(command=shlex.join(["python", *sys.argv]), suite=args.suite, device=args.device,
+    record.update(command=recorded_command(), suite=args.suite, device=args.device,
                   dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, threads=torch.get_num_threads(),
                   torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
     if args.output_json:

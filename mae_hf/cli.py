@@ -20,6 +20,14 @@ class MAEHFError(Exception):
     `run_script` as `error: <message>` with exit code 1 and no traceback."""
 
 
+class UsageError(MAEHFError):
+    """The command line itself is wrong, before any input it names is read: a flag value out of range or of the wrong
+    form, flags that contradict each other or make an invalid model config, an output folder that is a file or
+    already holds other output. Reported by `run_script` as `error: <message>` with exit code 2, as the parser does
+    its own usage errors. Not a ValueError, so that a script's handler of failing inputs (`except ValueError`) lets
+    it through."""
+
+
 def user_errors() -> tuple:
     """Exceptions that mean "bad input or environment", not "bug": reported without a traceback."""
     errors = [MAEHFError, ValueError, OSError]  # json.JSONDecodeError is a ValueError
@@ -27,6 +35,12 @@ def user_errors() -> tuple:
         import yaml
 
         errors.append(yaml.YAMLError)
+    except ImportError:
+        pass
+    try:  # a weights file that does not read, or a full disk while one is written ("I/O error: No space left ...")
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
     except ImportError:
         pass
     return tuple(errors)
@@ -58,29 +72,49 @@ def error_message(error: BaseException) -> str:
     return text.removeprefix("error: ")
 
 
+def close_progress_bars() -> None:
+    """Close every progress bar still open (the Trainer's training or evaluation bar when an error stops it, a
+    feature-extraction bar, ...), so that the line printed next is the last thing on the terminal: otherwise tqdm
+    redraws an open bar at exit, over or after the error."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # tqdm's registry of live bars
+        try:
+            bar.close()
+        except Exception:  # a bar half torn down already: nothing left to redraw
+            pass
+
+
 def run_script(main, argv: list[str] | None = None, **kwargs):
     """Run a script's `main(argv, **kwargs)` as the command line does (`argv` defaults to sys.argv[1:]): `--debug`
-    (removed before `main` parses the flags) or MAE_HF_DEBUG=1 show tracebacks; otherwise a user error
-    (`user_errors()`) ends as `error: <message>` on stderr with exit code 1, and Ctrl-C as one line with exit code
-    130. Usage errors of the parser keep their exit code 2; anything else is a bug and keeps its traceback."""
+    (removed before `main` parses the flags) or MAE_HF_DEBUG=1 show tracebacks; otherwise a usage error (the
+    parser's own, or `UsageError`) ends with exit code 2, a user error (`user_errors()`) as `error: <message>` on
+    stderr with exit code 1, and Ctrl-C as one line with exit code 130; anything else is a bug and keeps its
+    traceback. Progress bars still open are closed first, so that the error is the last line on the terminal."""
     argv, flag_given = strip_debug_flag(list(sys.argv[1:] if argv is None else argv))
     debug = debug_enabled(flag_given)
     try:
         return main(argv, **kwargs)
     except SystemExit as exit:  # a script that reported an error itself: --debug still shows where it came from
+        close_progress_bars()
         if debug and exit.__context__ is not None:
             traceback.print_exception(exit.__context__)
         raise
     except user_errors() as error:
+        close_progress_bars()
         if debug:
             traceback.print_exc()
         print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(error, UsageError) else 1)
     except KeyboardInterrupt:  # Ctrl-C where no training run handles it (probes, kNN, visualize, loading)
+        close_progress_bars()
         if debug:
             traceback.print_exc()
         print("error: interrupted (Ctrl-C): the script stopped before it finished.", file=sys.stderr, flush=True)
         sys.exit(130)
+    except BaseException:  # a bug: its traceback after the bars, not under a redrawn one
+        close_progress_bars()
+        raise
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None,

@@ -18,6 +18,11 @@ AUTO_MAP = {
 }
 
 
+class DefaultStatistics(list):
+    """An image_mean / image_std the config chose by channel count, not one the user gave: it follows `num_channels`
+    when that changes later. Saved as a plain list (a loaded config's values count as given)."""
+
+
 class MAEConfig(PreTrainedConfig):
     r"""
     Configuration of a ViT masked autoencoder. The defaults are the small CIFAR-10 model (32 px images, patch 2,
@@ -46,8 +51,10 @@ class MAEConfig(PreTrainedConfig):
             and puts a BatchNorm without affine parameters before the linear head, as in the MAE paper's linear probe.
         image_mean, image_std (`list[float]`, `float` or `None`): Per-channel normalisation used by the image
             processor (`(pixel / 255 - mean) / std`). `None` (the default) picks by channel count: the CIFAR-10 training
-            split's statistics for 3 channels, 0.5 / 0.5 for every channel otherwise. A single number is used for every
-            channel, as `ViTImageProcessor` does; a list needs one value per channel, and every std must be positive.
+            split's statistics for 3 channels, 0.5 / 0.5 for every channel otherwise; these defaults follow
+            `num_channels` when it changes later (`config.num_channels = 1` after construction, then a model is
+            built), values the user gave never change. A single number is used for every channel, as
+            `ViTImageProcessor` does; a list needs one value per channel, and every std must be positive.
             The names stay those of the first checkpoints (they load unchanged). Generic tooling that rewrites every
             field whose name contains `_std` to a tiny value (transformers' `_config_zero_init`) therefore also sets
             `image_std`: a scalar like 1e-10 is accepted (it is a valid, if useless, normalisation) so the model still
@@ -87,12 +94,21 @@ class MAEConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__post_init__(**kwargs)
-        cifar = self.num_channels == 3
-        if self.image_mean is None:
-            self.image_mean = list(CIFAR10_MEAN) if cifar else [0.5] * self.num_channels
-        if self.image_std is None:
-            self.image_std = list(CIFAR10_STD) if cifar else [0.5] * self.num_channels
-        self.check()
+        self.check()  # also fills the default image_mean / image_std
+
+    @staticmethod
+    def default_normalisation(num_channels: int) -> dict[str, list[float]]:
+        """The image_mean / image_std used when none are given: CIFAR-10's for 3 channels, 0.5 / 0.5 otherwise."""
+        if num_channels == 3:
+            return {"image_mean": list(CIFAR10_MEAN), "image_std": list(CIFAR10_STD)}
+        return {"image_mean": [0.5] * num_channels, "image_std": [0.5] * num_channels}
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        for field in ("image_mean", "image_std"):  # a DefaultStatistics is saved as the plain list it is
+            if isinstance(output.get(field), DefaultStatistics):
+                output[field] = list(output[field])
+        return output
 
     @property
     def grid_size(self) -> int:
@@ -117,8 +133,9 @@ class MAEConfig(PreTrainedConfig):
         return int(self.num_patches * (1 - self.mask_ratio))
 
     def check(self):
-        """Raise `ValueError` naming the field when the configuration cannot describe a working model. Also turns a
-        single-number `image_mean` / `image_std` (set here or later) into one value per channel."""
+        """Raise `ValueError` naming the field when the configuration cannot describe a working model. Also fills
+        `image_mean` / `image_std` left unset (or chosen for another channel count) with the default of
+        `num_channels`, and turns a single number into one value per channel."""
 
         def fail(field, why):
             raise ValueError(f"MAEConfig: invalid {field}={getattr(self, field)!r}: {why}.")
@@ -157,6 +174,8 @@ class MAEConfig(PreTrainedConfig):
             fail("pooling", "expected 'cls' or 'mean'")
         for field in ("image_mean", "image_std"):
             value = getattr(self, field)
+            if value is None or (isinstance(value, DefaultStatistics) and len(value) != self.num_channels):
+                value = DefaultStatistics(self.default_normalisation(self.num_channels)[field])
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = [value] * self.num_channels  # one number for every channel
             if not isinstance(value, (list, tuple)) or not all(
@@ -164,8 +183,9 @@ class MAEConfig(PreTrainedConfig):
                 fail(field, "expected a number or a list of numbers, one per channel")
             if len(value) != self.num_channels:
                 fail(field, f"expected one value per channel (num_channels={self.num_channels}); pass image_mean "
-                            f"and image_std with {self.num_channels} value(s) each, a single number, or leave them "
-                            "unset for the default")
-            setattr(self, field, [float(v) for v in value])
+                            f"and image_std with {self.num_channels} value(s) each, a single number, or None for the "
+                            "default")
+            setattr(self, field, (DefaultStatistics if isinstance(value, DefaultStatistics) else list)(
+                float(v) for v in value))
         if any(v <= 0 for v in self.image_std):
             fail("image_std", "every value must be positive")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import probes
+from .cli import UsageError
 from .data import BatchTransform, eval_crop_fraction, load_image_splits, skipped_images
 from .features import knn_predict
 from .metrics import accuracy
@@ -119,7 +120,7 @@ def check_output_folder(folder: str) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ValueError(f"--output_dir {folder}: {existing} is a file, not a folder. Give a folder path (created "
+        raise UsageError(f"--output_dir {folder}: {existing} is a file, not a folder. Give a folder path (created "
                          "if missing).")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--output_dir {folder}: {existing} is not writable. Give a folder you can write to.")
@@ -129,21 +130,21 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
     """The frozen encoder runs once per image; then kNN, the linear probe (pooled or multi-block features) and/or the
     attentive probe (cached patch tokens, `mae_hf/probes.py`) train on its outputs. Returns {protocol: results}."""
     if args.output_dir is None:
-        raise ValueError("--output_dir is required.")
+        raise UsageError("--output_dir is required.")
     check_output_folder(args.output_dir)
     if model_args.model_name_or_path and os.path.realpath(args.output_dir) == os.path.realpath(
             model_args.model_name_or_path):
-        raise ValueError("--output_dir is the model folder itself; the probe would overwrite that model. Use a "
+        raise UsageError("--output_dir is the model folder itself; the probe would overwrite that model. Use a "
                          "subfolder, e.g. --output_dir <model>/probe.")
     if not (args.linear_probe or args.knn or args.attentive_probe):
-        raise ValueError("Nothing to do: --linear_probe, --knn and --attentive_probe are all false.")
+        raise UsageError("Nothing to do: --linear_probe, --knn and --attentive_probe are all false.")
     if args.pooling not in ("cls", "mean"):
-        raise ValueError(f"--pooling must be 'cls' or 'mean', got {args.pooling!r}.")
+        raise UsageError(f"--pooling must be 'cls' or 'mean', got {args.pooling!r}.")
     if args.token_cache not in ("auto", "memory", "disk"):
-        raise ValueError(f"--token_cache must be 'auto', 'memory' or 'disk', got {args.token_cache!r}.")
+        raise UsageError(f"--token_cache must be 'auto', 'memory' or 'disk', got {args.token_cache!r}.")
     random_init = args.random_init or not model_args.model_name_or_path
     if not args.knn_k or min(args.knn_k) < 1:
-        raise ValueError(f"--knn_k takes positive neighbour counts, got {args.knn_k}.")
+        raise UsageError(f"--knn_k takes positive neighbour counts, got {args.knn_k}.")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
 

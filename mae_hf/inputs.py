@@ -3,12 +3,14 @@ files): a bad one is an error naming it, before any work starts, instead of a tr
 
 import json
 import os
+import zipfile
 
 from .paths import folder_listing
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-OTHER_WEIGHTS_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # loaded by transformers, not checked
+TORCH_WEIGHTS_FILE = "pytorch_model.bin"  # older checkpoints (ViTMAE's included): a torch.save file
+OTHER_WEIGHTS_FILES = (TORCH_WEIGHTS_FILE, "pytorch_model.bin.index.json")  # shapes not read, only intactness
 SAFETENSORS_FIX = "Save or copy the model again."
 
 
@@ -54,9 +56,26 @@ def safetensors_shapes(path: str) -> dict[str, list[int]]:
     return {name: list(entry.get("shape", [])) for name, entry in tensors.items()}
 
 
+def check_torch_file(path: str) -> None:
+    """A `torch.save` file is a zip archive whose directory sits at its end: a truncated one has none, a garbage one
+    is no zip. (Files of torch < 1.6, plain pickles, are left to the loader.)"""
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    if start[:1] == b"\x80":  # a pickle protocol marker: the legacy format
+        return
+    try:
+        with zipfile.ZipFile(path):
+            return
+    except (zipfile.BadZipFile, OSError, ValueError):
+        pass
+    raise ValueError(f"{path} is truncated or not a PyTorch weights file (torch.save's zip archive). "
+                     f"{SAFETENSORS_FIX}")
+
+
 def weight_shapes(folder: str, option: str) -> dict[str, list[int]] | None:
     """{parameter name: shape} stored in a saved model folder, after checking its safetensors files; None when the
-    weights are in another format (pytorch_model.bin). No weights at all is an error naming `option`."""
+    weights are in another format (pytorch_model.bin, checked to be whole). No weights at all is an error naming
+    `option`."""
     single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX_FILE)
     if os.path.isfile(single):
         return safetensors_shapes(single)
@@ -65,6 +84,8 @@ def weight_shapes(folder: str, option: str) -> dict[str, list[int]] | None:
         return {key: shape for shard in shards
                 for key, shape in safetensors_shapes(os.path.join(folder, shard)).items()}
     if any(os.path.isfile(os.path.join(folder, name)) for name in OTHER_WEIGHTS_FILES):
+        if os.path.isfile(os.path.join(folder, TORCH_WEIGHTS_FILE)):
+            check_torch_file(os.path.join(folder, TORCH_WEIGHTS_FILE))
         return None
     raise ValueError(f"{option} {folder}: no model weights ({WEIGHTS_FILE}) in this folder. "
                      f"{folder_listing(os.path.join(folder, WEIGHTS_FILE))}")

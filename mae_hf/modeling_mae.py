@@ -210,8 +210,9 @@ class MAELayer(GradientCheckpointingLayer):
 class SinCosPositions(nn.Module):
     """Holds the fixed sin-cos table of the config's patch grid and makes those of other grids.
 
-    The table of the config's grid is a non-persistent buffer (derived from the config, so not saved; `_init_weights`
-    fills it, also after `from_pretrained` and on a model built on the meta device). A table for another grid
+    The table of the config's grid is a non-persistent buffer (derived from the config, so not saved), computed in
+    `__init__` and again by `_init_weights`, so that a model built normally and one built on the meta device then
+    initialised (`to_empty` + `init_weights`, as `from_pretrained` does) hold the same table. A table for another grid
     (`interpolate_pos_encoding=True`) is computed once per grid, device and dtype and kept: there is nothing to
     interpolate, the sin-cos formula holds for any grid.
     """
@@ -219,7 +220,8 @@ class SinCosPositions(nn.Module):
     def init_positions(self, grid: tuple[int, int], width: int) -> None:
         """Called by the subclass's `__init__` (a method, not `__init__`: the decoder is also a `PreTrainedModel`)."""
         self.grid = grid
-        self.register_buffer("position_embeddings", torch.zeros(1, 1 + grid[0] * grid[1], width), persistent=False)
+        table = sincos_position_embedding(grid, width).to(torch.get_default_dtype())  # the dtype a load asked for
+        self.register_buffer("position_embeddings", table, persistent=False)
         self.other_grids: dict[tuple, torch.Tensor] = {}  # insertion-ordered: the oldest goes first
 
     MAX_OTHER_GRIDS = 8

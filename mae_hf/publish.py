@@ -8,17 +8,21 @@ the pretrained one). A fine-tuned model has its own encoder and goes to `finetun
 """
 
 import json
+import mmap
 import os
 import re
 import shutil
 
 import torch
 
-from .cli import MAEHFError
+from .cli import MAEHFError, UsageError
+from .inputs import weight_shapes
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
 from .paths import looks_local
+from .redaction import redact
 from .results import (
     NOT_SETTINGS,
+    TITLES,
     accuracy_rows,
     collect_results,
     encoder_fingerprint,
@@ -158,6 +162,8 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
                           + (f" ({images_per_second:,.0f} images/s)" if images_per_second else "")),
         ("Final eval loss (masked patches)", f"{summary['eval_loss']:.4f}"),
     ]
+    if summary.get("versions"):  # summaries before versions were recorded leave it unsaid
+        rows.append(("Software", ", ".join(f"{name} {version}" for name, version in summary["versions"].items())))
     if summary.get("eval_knn_accuracy") is not None:
         rows.append(("kNN accuracy at the end (k=20)", f"{100 * summary['eval_knn_accuracy']:.2f} %"))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
@@ -174,6 +180,9 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     _require_run(pretrained_dir, "pretraining_summary.json", "pretrained run")
     _require_run(probe_dir, "linear_probe_results.json", "--probe")
     _require_run(finetune_dir, "finetune_results.json", "--finetune")
+    for folder, option in ((pretrained_dir, "pretrained run"), (probe_dir, "--probe"), (finetune_dir, "--finetune")):
+        if folder is not None:
+            weight_shapes(folder, option)  # missing, truncated or garbage weights: named, before any loading
     for picture in PICTURES:
         if not os.path.isfile(os.path.join(pretrained_dir, picture)):
             raise ValueError(f"{pretrained_dir}/{picture} is missing (scripts/visualize.py draws reconstructions).")
@@ -181,13 +190,13 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         raise ValueError(f"model card template {template_path} does not exist.")
     space_metadata = space_check(space_dir) if space_dir else ""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"--output_dir {output_dir} is a file; expected a folder (new or empty) to assemble into.")
+        raise UsageError(f"--output_dir {output_dir} is a file; expected a folder (new or empty) to assemble into.")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite or choose another folder.")
+        raise UsageError(f"--output_dir {output_dir} is not empty; pass --overwrite or choose another folder.")
     target = os.path.realpath(output_dir)
     for source in (pretrained_dir, probe_dir, finetune_dir, *result_paths):
         if source and os.path.commonpath([target, os.path.realpath(source)]) in (target, os.path.realpath(source)):
-            raise ValueError(f"--output_dir {output_dir} overlaps the input {source}; choose a separate folder.")
+            raise UsageError(f"--output_dir {output_dir} overlaps the input {source}; choose a separate folder.")
 
     # The pretrained rows come only from the runs named for this model, so a stray result elsewhere never shows up.
     results = collect_results([os.path.join(probe_dir, name) for name in ("linear_probe_results.json",
@@ -202,7 +211,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         if folder and collect_results([os.path.join(folder, name)])[0].get("encoder") != "pretrained":
             raise ValueError(f"{option} {folder} evaluated a random-init encoder; give the run on {pretrained_dir} "
                              f"(baselines go in --results).")
-    results = unique_results(results)  # disagreeing duplicates fail here; agreeing ones are kept once
+    results = [redact(result) for result in unique_results(results)]  # disagreeing duplicates fail here
     probe = MAEForImageClassification.from_pretrained(probe_dir) if probe_dir else None
     if probe is not None:
         encoder = pretrained.mae.state_dict()
@@ -211,9 +220,11 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     finetuned = MAEForImageClassification.from_pretrained(finetune_dir) if finetune_dir else None
     summary_path = os.path.join(pretrained_dir, "pretraining_summary.json")
     with open(summary_path) as handle:
-        summary = json.load(handle)
+        summary = redact(json.load(handle))  # a summary written before tokens were redacted may hold one
     dataset_id = resolve_dataset_id(summary, dataset_id)
-    card = render_card(template_path, pretrained, summary, results, probe, finetuned is not None,
+    finetuned_protocol = finetuned and collect_results([os.path.join(finetune_dir, "finetune_results.json")])[0][
+        "protocol"]  # the recipe the fine-tuned model in finetuned/ was trained with
+    card = render_card(template_path, pretrained, summary, results, probe, finetuned_protocol,
                        model_id or os.path.basename(target), dataset_id, DATASET_TITLES.get(dataset_id, dataset_id),
                        space_metadata)
 
@@ -228,10 +239,10 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         finetuned.save_pretrained(os.path.join(output_dir, "finetuned"))
     for picture in PICTURES:
         shutil.copy(os.path.join(pretrained_dir, picture), os.path.join(output_dir, picture))
-    for index, result in enumerate(results):
-        shutil.copy(result["source"], os.path.join(output_dir, "results", f"{index:02d}_{result['protocol']}_"
-                                                                           f"{result.get('encoder', 'x')}.json"))
-    shutil.copy(summary_path, os.path.join(output_dir, "results", "pretraining_summary.json"))
+    for index, result in enumerate(results):  # the files as written, tokens redacted
+        write_redacted_copy(result["source"], os.path.join(output_dir, "results", f"{index:02d}_{result['protocol']}_"
+                                                                                  f"{result.get('encoder', 'x')}.json"))
+    write_redacted_copy(summary_path, os.path.join(output_dir, "results", "pretraining_summary.json"))
     if space_dir:
         add_space(space_dir, output_dir)
     card_path = os.path.join(output_dir, "README.md")
@@ -240,17 +251,27 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     return card_path
 
 
-def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe, has_finetuned: bool,
+def write_redacted_copy(source: str, target: str) -> None:
+    """Copy a JSON record (a result file, a pretraining summary) without any Hub token it may hold."""
+    with open(source) as handle:
+        value = json.load(handle)
+    with open(target, "w") as handle:
+        json.dump(redact(value), handle, indent=2)
+
+
+def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe,
+                finetuned_protocol: str | None,
                 model_id: str, dataset_id: str, dataset_title: str, space_metadata: str = "") -> str:
-    """`model_card.md` filled from the model, the pretraining summary and the result files."""
+    """`model_card.md` filled from the model, the pretraining summary and the result files. `finetuned_protocol`:
+    the protocol of the fine-tuned model in `finetuned/` ("finetune" or "finetune_strong"), None without one."""
     config = pretrained.config
     head_description = "no classification head (the classifier class adds an untrained one)"
     if probe is not None:
         labels = probe.config.id2label
         head_description = (f"a linear-probe head over {probe.config.num_labels} classes "
                             f"({', '.join(labels[i] for i in range(probe.config.num_labels))})")
-    finetuned_note = ("- `finetuned/`: the fine-tuned classifier (its own encoder); load it with "
-                      "`subfolder=\"finetuned\"`.\n") if has_finetuned else ""
+    finetuned_note = (f"- `finetuned/`: the classifier of the \"{TITLES[finetuned_protocol]}\" row below (its own "
+                      "encoder); load it with `subfolder=\"finetuned\"`.\n") if finetuned_protocol else ""
     eval_splits = sorted({r["eval_split"] for r in results if r.get("eval_split")})
     with open(template_path) as handle:
         template = handle.read()
@@ -291,18 +312,19 @@ HUB_TIMEOUT_SECONDS = 10  # how long the preflight waits for the Hub before call
 def hub_preflight(repo_id: str | None, token: str | None = None) -> str:
     """Check, before any work, that a push to `repo_id` can happen: a well-formed id, the Hub not switched off
     (HF_HUB_OFFLINE), a token (`token`, HF_TOKEN or `hf auth login`), and the Hub answering `whoami` with it within
-    HUB_TIMEOUT_SECONDS. Raises ValueError with one line saying what to fix; returns the account name."""
+    HUB_TIMEOUT_SECONDS. Raises ValueError (UsageError for a bad --hub_model_id) with one line saying what to fix;
+    returns the account name."""
     import threading
 
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not repo_id:
-        raise ValueError("pushing to the Hub needs --hub_model_id (e.g. your-name/mae-cifar10).")
+        raise UsageError("pushing to the Hub needs --hub_model_id (e.g. your-name/mae-cifar10).")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise ValueError(f"--hub_model_id {repo_id!r} is not a valid Hub repository id ({error}); expected "
+        raise UsageError(f"--hub_model_id {repo_id!r} is not a valid Hub repository id ({error}); expected "
                          "'name' or 'namespace/name' of letters, digits, '-', '_' and '.'.") from None
     if constants.HF_HUB_OFFLINE:
         raise ValueError("cannot push to the Hub: HF_HUB_OFFLINE is set. Unset it on a machine with network, or "
@@ -358,25 +380,57 @@ def add_space(space_dir: str, output_dir: str) -> None:
     shutil.copy(DRAWING_CODE, os.path.join(output_dir, "visualize.py"))
 
 
+def tokens_in_use(token: str | None = None) -> set[str]:
+    """The Hub tokens this process could hold: the one given, HF_TOKEN and the stored login."""
+    from huggingface_hub import get_token
+
+    return {value for value in (token, os.environ.get("HF_TOKEN"), get_token()) if value}
+
+
+def files_holding(folder: str, secrets, exclude=()) -> list[str]:
+    """Files under `folder` (relative paths; `exclude`: names left out) whose bytes contain any of `secrets`: text
+    and binary files alike (a pickled training_args.bin, a checkpoint), read through mmap."""
+    needles = [secret.encode() for secret in secrets if secret]
+    found = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if name not in (".git", ".cache")]  # never uploaded
+        for name in names:
+            path = os.path.join(root, name)
+            if name in exclude or not os.path.isfile(path) or not os.path.getsize(path):
+                continue
+            with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                if any(data.find(needle) != -1 for needle in needles):
+                    found.append(os.path.relpath(path, folder))
+    return sorted(found)
+
+
 def push(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
-         commit_message: str | None = None, revision: str | None = None, create_pr: bool = False) -> str:
-    """Upload the whole folder to the Hub model repository `repo_id` (created if missing, `private` then), on
-    `revision` (a branch, created from main if missing) or as a pull request against it. Returns the commit's (or
-    the pull request's) url. On failure the local folder is untouched and the error says how to upload it later."""
+         commit_message: str | None = None, revision: str | None = None, create_pr: bool = False,
+         exclude: tuple[str, ...] = ()) -> str:
+    """Upload the whole folder (but the file names in `exclude`) to the Hub model repository `repo_id` (created if
+    missing, `private` then), on `revision` (a branch, created from main if missing) or as a pull request against
+    it. Returns the commit's (or the pull request's) url. A folder with a file holding a Hub token this process
+    knows is refused before anything is sent. On failure the local folder is untouched and the error says how to
+    upload it later."""
     from huggingface_hub import HfApi
 
+    leaking = files_holding(folder, tokens_in_use(token), exclude)
+    if leaking:
+        raise MAEHFError(f"Refusing to upload {folder}: {', '.join(leaking[:5])} hold(s) a Hub token. Remove the "
+                         "token from those files (or the files), then upload the folder with `hf upload`.")
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                   create_pr=create_pr,
+                                   create_pr=create_pr, ignore_patterns=list(exclude) or None,
                                    commit_message=commit_message or f"Upload {os.path.basename(folder.rstrip('/'))}")
     except Exception as error:
-        # The command that finishes the same push: same branch, privacy and pull request.
+        # The command that finishes the same push: same branch, privacy, pull request and excluded files.
         retry = " ".join(["hf upload", repo_id, folder] + ([f"--revision {revision}"] if revision else [])
-                         + (["--private"] if private else []) + (["--create-pr"] if create_pr else []))
+                         + (["--private"] if private else []) + (["--create-pr"] if create_pr else [])
+                         + [f"--exclude {pattern}" for pattern in exclude])
         raise HubPushError(
             f"Pushing to the Hub failed ({type(error).__name__}: {' '.join(str(error).split())}). The folder "
             f"{folder} is complete: upload it later with `{retry}` (log in first with `hf auth login`)."

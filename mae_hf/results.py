@@ -10,12 +10,26 @@ import os
 import torch
 
 from .inputs import read_json_object
+from .redaction import redact
 
-PROTOCOLS = ("linear_probe", "linear_probe_multiblock", "attentive_probe", "knn", "finetune")  # table order
+PROTOCOLS = ("linear_probe", "linear_probe_multiblock", "attentive_probe", "knn", "finetune",
+             "finetune_strong")  # table order
 TITLES = {"linear_probe": "Linear probe (frozen encoder, BatchNorm + linear head)",
           "linear_probe_multiblock": "Multi-block linear probe (class + mean patch token of the last blocks)",
           "attentive_probe": "Attentive probe (cross-attention pooling of frozen patch tokens + linear head)",
-          "finetune": "Fine-tune (whole encoder trained)"}
+          "finetune": "Fine-tune (whole encoder trained)",
+          "finetune_strong": "Fine-tune, strong recipe (+ RandAugment, mixup/cutmix, random erasing, repeated "
+                             "augmentation, weight EMA)"}
+# The parts of fine-tuning's strong recipe (configs/finetune_strong.yaml) with the values that leave each one off.
+STRONG_RECIPE_OFF = {"augment_policy": "none", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "random_erasing": 0.0,
+                     "repeated_augmentations": 1, "ema_decay": 0.0}
+
+
+def finetune_protocol(settings: dict) -> str:
+    """"finetune_strong" when any part of the strong recipe is on in `settings` (`FinetuneArguments.recipe()` or a
+    result file), else "finetune": the two recipes are two rows of a table, not one cell in conflict."""
+    strong = any(settings.get(key, off) not in (off, None) for key, off in STRONG_RECIPE_OFF.items())
+    return "finetune_strong" if strong else "finetune"
 KNN_DESCRIPTION = " (frozen encoder, cosine, weighted votes)"  # on the first kNN row only
 ENCODERS = (("random_init", "Random-init encoder"), ("pretrained", "MAE-pretrained encoder"))
 
@@ -23,7 +37,16 @@ ENCODERS = (("random_init", "Random-init encoder"), ("pretrained", "MAE-pretrain
 # what a result file records besides its settings: everything else in it is a setting of the protocol
 NOT_SETTINGS = {"protocol", "encoder", "eval_accuracy", "eval_loss", "model_name_or_path", "encoder_fingerprint",
                 "dataset_name", "train_split", "eval_split", "train_samples", "eval_samples", "source",
-                "skipped_images", "eval_ema_accuracy", "eval_ema_loss", "ema_model"}
+                "skipped_images", "eval_ema_accuracy", "eval_ema_loss", "ema_model", "versions"}
+
+
+def software_versions() -> dict:
+    """The versions a number was measured with, recorded beside it (numbers move between releases)."""
+    import platform
+
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -36,11 +59,12 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> str:
 
 
 def write_results(output_dir: str, name: str, results: dict) -> str:
-    """Write `<output_dir>/<name>_results.json` and print a one-line summary."""
+    """Write `<output_dir>/<name>_results.json` (with the software versions, without Hub tokens) and print a one-line
+    summary."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name}_results.json")
     with open(path, "w") as handle:
-        json.dump(results, handle, indent=2, sort_keys=True)
+        json.dump(redact({**results, "versions": software_versions()}), handle, indent=2, sort_keys=True)
     print(f"[{name}] {results.get('encoder', '')} encoder: eval_accuracy {results['eval_accuracy']:.4f} "
           f"({results.get('eval_samples', '?')} images) -> {path}", flush=True)
     return path
@@ -48,7 +72,8 @@ def write_results(output_dir: str, name: str, results: dict) -> str:
 
 def collect_results(paths) -> list[dict]:
     """Results from result files or from folders searched recursively for `*_results.json` that have a
-    `protocol` (the Trainer's own train/eval_results.json files are skipped)."""
+    `protocol` (the Trainer's own train/eval_results.json files are skipped). A fine-tune is named by the recipe it
+    records (`finetune_protocol`)."""
     files = []
     for path in paths:
         if os.path.isdir(path):
@@ -61,6 +86,8 @@ def collect_results(paths) -> list[dict]:
     for file in dict.fromkeys(os.path.realpath(file) for file in files):  # each file once, in order
         result = read_json_object(file, "a result file written by the scripts")
         if "protocol" in result and "eval_accuracy" in result:
+            if result["protocol"] == "finetune":  # files written before "finetune_strong": the recipe they record
+                result["protocol"] = finetune_protocol(result)
             results.append(dict(result, source=file))
     return results
 

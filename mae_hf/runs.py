@@ -6,6 +6,9 @@
   complete checkpoint, compares the settings with the checkpoint's, and turns SIGINT/SIGTERM into a stop at the
   step boundary with the exact resume command.
 - `checkpoint_problem`: what "complete" means for a checkpoint folder, checked from headers and sizes.
+- `removed_if_incomplete` / `saved_whole`: a checkpoint that fails to save is removed; the final model is saved
+  aside and moved into place with signals held. A failed write (`write_failure`: a full disk, whichever writer hit
+  it) becomes one clear error with the resume command.
 - `DivergenceGuard`: a non-finite loss or gradient norm is recorded on the device every step (no host sync) and
   read on the host only at logging/evaluation/save steps; weights are checked before every save, so no
   non-finite model or checkpoint is ever written.
@@ -13,23 +16,26 @@
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
 import os
-import shlex
+import re
 import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import zipfile
 
 import torch
 from transformers import TrainerCallback
 
-from .cli import MAEHFError
+from .cli import MAEHFError, UsageError, close_progress_bars
 from .inputs import SAFETENSORS_FIX, check_weights_fit, safetensors_shapes
+from .redaction import REDACTED, recorded_command, redact
 
 LOCK_NAME = ".run.lock"
 SETTINGS_NAME = "run_settings.json"  # what the run was started with (and its resumes); copied into each checkpoint
@@ -45,7 +51,11 @@ DATA_FIELDS_IGNORED = ("cache_dir", "preprocessing_num_workers", "data_in_memory
 
 
 class RunError(MAEHFError):
-    """A fault of the run the user can act on: reported as `error: ...` with exit code 1."""
+    """A fault of the run the user can act on: reported as `error: ...` with exit code 1 (2 for a usage error)."""
+
+
+class OutputDirUsageError(RunError, UsageError):
+    """--output_dir is a file or holds a run that is not being resumed: the command line must change (exit code 2)."""
 
 
 class NonFiniteError(RunError):
@@ -54,11 +64,12 @@ class NonFiniteError(RunError):
 
 class Interrupted(BaseException):
     """SIGINT/SIGTERM outside the step boundary (before training, or a second signal): like KeyboardInterrupt, not
-    caught by `except Exception`."""
+    caught by `except Exception`. `saved`: what was saved, for the message (default: what the run knows)."""
 
-    def __init__(self, signum: int, when: str):
+    def __init__(self, signum: int, when: str, saved: str | None = None):
         super().__init__(f"stopped by {signal.Signals(signum).name} {when}")
         self.signum = signum
+        self.saved = saved
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
@@ -161,27 +172,101 @@ def _step_of(folder: str) -> int:
         return json.load(handle)["global_step"]
 
 
+def _free_bytes(path: str) -> int:
+    while not os.path.exists(path):
+        path = os.path.dirname(path) or "."
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def write_failure(error: BaseException, folder: str) -> str | None:
+    """Why writing into `folder` failed, when `error` is a failed write; None for anything else (a bug keeps its
+    traceback). Each writer fails in its own way on a full disk: open/json an OSError, safetensors a SafetensorError
+    ("I/O error: No space left on device (os error 28)"), torch.save a RuntimeError of its zip writer that names no
+    cause (then the free space tells)."""
+    if isinstance(error, OSError):
+        return os.strerror(error.errno) if error.errno else str(error)
+    text = " ".join(str(error).split())
+    if type(error).__name__ != "SafetensorError" and not (
+            isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)):
+        return None
+    cause = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    if cause:
+        return cause.group(1)
+    return os.strerror(errno.ENOSPC) if _free_bytes(folder) < 2**20 else text
+
+
 @contextlib.contextmanager
 def removed_if_incomplete(folder: str, args):
     """Around writing checkpoint `folder`: if the save fails (a full disk, a second Ctrl-C), remove the partial
-    folder, so that only complete checkpoints exist; a full disk becomes a clear error."""
+    folder, so that only complete checkpoints exist; a failed write becomes a clear error."""
     try:
         yield
     except BaseException as error:
+        reason = write_failure(error, folder)  # before the partial files are removed (the free space tells)
         if args.should_save and os.path.isdir(folder):
             shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(error, OSError):
-            reason = os.strerror(error.errno) if error.errno else str(error)
+        if reason is not None:
             raise RunError(f"Saving {folder} failed ({reason}); the partial folder was removed. "
                            f"{resume_advice(args.output_dir)}") from error
         raise
+
+
+STAGING_NAME = ".saving-model"  # the final model is written here first, then moved into the output folder
+
+
+@contextlib.contextmanager
+def saved_whole(folder: str, args):
+    """Around the final save of the model into `folder`: yields a staging folder inside it to save into; the files
+    are then moved into `folder` one by one (renames: each file whole, old or new). SIGINT/SIGTERM wait until the
+    save has ended. A failed write (a full disk) removes the staging folder, leaves `folder` as it was (no torn
+    model.safetensors) and becomes a clear error."""
+    staging = os.path.join(folder, STAGING_NAME)
+    received = []
+
+    def hold(signum, frame):
+        if not received:
+            print(f"\n[stop] {signal.Signals(signum).name} received: stopping once the model is saved whole",
+                  file=sys.stderr, flush=True)
+        received.append(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread \
+        else {}
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(staging)
+        yield staging
+        names = sorted(os.listdir(staging), key=lambda name: name == "model.safetensors")  # the weights last
+        for name in names:
+            if os.path.isdir(os.path.join(folder, name)):  # a folder (DeepSpeed's) replaces the old one whole
+                shutil.rmtree(os.path.join(folder, name))
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+        os.rmdir(staging)
+    except Exception as error:
+        reason = write_failure(error, staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        if reason is None:
+            raise
+        raise RunError(f"Saving the model to {folder} failed ({reason}); nothing of it was written there (no torn "
+                       f"file). {resume_advice(args.output_dir)}") from error
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(signum, handler)
+    if received:  # the save is whole: now stop as the signal asks
+        if isinstance(getattr(previous.get(received[0]), "__self__", None), StopOnSignal):  # inside a Run
+            raise Interrupted(received[0], "while the final model was being saved",
+                              saved=f"the model was saved whole in {folder} first; the run's results and summary "
+                                    "were not written")
+        signal.raise_signal(received[0])  # no Run: the handler in place before decides
 
 
 # ---- the command to resume with ------------------------------------------------------------------------------------
 
 def resume_command(checkpoint: str = "last") -> str:
     """This process's command line with `--resume_from_checkpoint <checkpoint>` in place of any given (under
-    torchrun or accelerate launch, as a torchrun command with the same processes)."""
+    torchrun or accelerate launch, as a torchrun command with the same processes), tokens redacted."""
     argv, kept, skip = sys.argv[1:], [], False
     for token in argv:
         if skip:
@@ -193,15 +278,17 @@ def resume_command(checkpoint: str = "last") -> str:
     world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     launcher = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(local)] + (
         ["--nnodes", str(world // local)] if world != local else [])  # DDP runs started by torchrun/accelerate
-    return shlex.join([*launcher, sys.argv[0], *kept, "--resume_from_checkpoint", checkpoint])
+    return recorded_command([sys.argv[0], *kept, "--resume_from_checkpoint", checkpoint], launcher=tuple(launcher))
 
 
 def resume_advice(output_dir: str) -> str:
     last = last_complete_checkpoint(output_dir)
     if last is None:
         return f"No complete checkpoint exists in {output_dir}; the run has to start again."
-    return (f"The last complete checkpoint is {last} (step {_step_of(last)}); resume with: "
-            f"{resume_command()}")
+    command = resume_command()
+    hidden = (f" (tokens are shown as {REDACTED}: put yours back, or leave those flags out to use your Hub login)"
+              if REDACTED in command else "")
+    return f"The last complete checkpoint is {last} (step {_step_of(last)}); resume with: {command}{hidden}"
 
 
 # ---- the output folder -----------------------------------------------------------------------------------------
@@ -234,8 +321,7 @@ class OutputLock:
         handle.seek(0)
         handle.truncate()
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
-                     f"{shlex.join(['python', *sys.argv])}\n")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {recorded_command()}\n")
         handle.flush()
         self.handle = handle
         return self
@@ -283,7 +369,8 @@ def run_settings(config, data_args, args, model_args) -> dict:
     recipe["lr_scheduler_type"] = getattr(recipe.get("lr_scheduler_type"), "value", recipe.get("lr_scheduler_type"))
     recipe["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
         args.world_size
-    return json.loads(json.dumps({"model": model, "data": data, "recipe": recipe}, default=str))
+    # as written (JSON values, tokens redacted), so that a resume compares like with like
+    return redact(json.loads(json.dumps({"model": model, "data": data, "recipe": recipe}, default=str)))
 
 
 def _saved_settings(checkpoint: str) -> dict:
@@ -311,10 +398,10 @@ def settings_differences(saved: dict, current: dict) -> dict:
 
 
 def write_json(path: str, value: dict) -> None:
-    """Write whole or not at all (a temporary file renamed over the target)."""
+    """Write whole or not at all (a temporary file renamed over the target), without Hub tokens (`redact`)."""
     temporary = f"{path}.tmp"
     with open(temporary, "w") as handle:
-        json.dump(value, handle, indent=2)
+        json.dump(redact(value), handle, indent=2)
     os.replace(temporary, path)
 
 
@@ -480,6 +567,7 @@ class Run:
         self.settings = None
         self.resumes = []
         self.stop = StopOnSignal()
+        self.trainer = None  # the one `train` ran: it knows whether the final model was saved
 
     @property
     def is_main(self) -> bool:
@@ -487,18 +575,19 @@ class Run:
 
     def __enter__(self) -> "Run":
         self.args.device  # sets up the distributed process group, if any, before processes exchange anything
-        problem = None
+        problem, usage = None, False
         if self.is_main:
             try:
                 self._claim_output_dir()
             except Exception as error:  # any failure reaches every process: none may wait for rank 0 forever
                 self._release()
                 problem = str(error) if isinstance(error, RunError) else f"{type(error).__name__}: {error}"
+                usage = isinstance(error, UsageError)
                 if self.args.world_size == 1 and not isinstance(error, RunError):
                     raise
-        problem, self.resume_from = _from_main_process((problem, self.resume_from))
+        problem, usage, self.resume_from = _from_main_process((problem, usage, self.resume_from))
         if problem:
-            raise RunError(problem)
+            raise (OutputDirUsageError if usage else RunError)(problem)
         self.args.resume_from_checkpoint = self.resume_from
         self.stop.install()
         return self
@@ -507,9 +596,12 @@ class Run:
         self.stop.restore()
         self._release()
         if isinstance(error, Interrupted):
+            close_progress_bars()
+            saved = error.saved or (
+                f"the model was saved in {self.args.output_dir}; the run's results and summary were not written"
+                if getattr(self.trainer, "final_model_saved", False) else "nothing was saved after the last checkpoint")
             if self.is_main:
-                print(f"error: {error}; nothing was saved after the last checkpoint. "
-                      f"{resume_advice(self.args.output_dir)}", file=sys.stderr, flush=True)
+                print(f"error: {error}; {saved}. {resume_advice(self.args.output_dir)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + error.signum)
         return False
 
@@ -523,7 +615,8 @@ class Run:
     def _claim_output_dir(self) -> None:
         folder = self.args.output_dir
         if os.path.exists(folder) and not os.path.isdir(folder):
-            raise RunError(f"--output_dir {folder} is a file, not a folder. Give a folder path (created if missing).")
+            raise OutputDirUsageError(f"--output_dir {folder} is a file, not a folder. Give a folder path (created if "
+                                      "missing).")
         if not os.path.exists(folder):
             try:
                 os.makedirs(folder)
@@ -540,9 +633,9 @@ class Run:
             leftovers = sorted(name for name in os.listdir(folder)
                                if checkpoint_step(name) is not None or name == "config.json")
             if leftovers:
-                raise RunError(f"{folder} already holds a run ({', '.join(leftovers[:3])}). Continue it with "
-                               "--resume_from_checkpoint last (or a checkpoint folder), or choose another "
-                               "--output_dir.")
+                raise OutputDirUsageError(f"{folder} already holds a run ({', '.join(leftovers[:3])}). Continue it "
+                                          "with --resume_from_checkpoint last (or a checkpoint folder), or choose "
+                                          "another --output_dir.")
         else:
             self.resume_from = self._complete_checkpoint(self.args.resume_from_checkpoint)
             print(f"[resume] from {self.resume_from} (step {_step_of(self.resume_from)})", flush=True)
@@ -597,6 +690,7 @@ class Run:
         A resume with nothing left to train returns empty metrics."""
         from transformers.trainer_utils import TrainOutput
 
+        self.trainer = trainer
         trainer.run_settings = self.settings
         trainer.add_callback(self.stop)
         trainer.add_callback(NoStepPastTheEnd())

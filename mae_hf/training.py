@@ -15,12 +15,13 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from .cli import parse_overrides
+from .cli import UsageError, parse_overrides
 from .configuration_mae import MAEConfig
 from .data import BatchTransform
 from .inputs import check_weights_fit, model_folder_config, read_json_object
 from .paths import folder_listing, looks_local
-from .runs import SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, write_json
+from .redaction import is_token_name
+from .runs import LOCK_NAME, SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, saved_whole, write_json
 
 logger = logging.get_logger("mae_hf")
 
@@ -113,19 +114,25 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
                              "model folder instead.") from error
     else:
         config = MAEConfig(**fresh_defaults)
-    overrides = parse_overrides(args.config_overrides)
+    try:
+        overrides = parse_overrides(args.config_overrides)
+    except ValueError as error:
+        raise UsageError(f"--config_overrides: {error}") from None
     fields = sorted(MAEConfig.__annotations__)  # the model's own hyperparameters, not transformers' bookkeeping
     unknown = sorted(key for key in overrides if key not in fields)
     if unknown:
-        raise ValueError(f"--config_overrides: unknown field(s) {unknown}; MAEConfig's fields are {fields}.")
+        raise UsageError(f"--config_overrides: unknown field(s) {unknown}; MAEConfig's fields are {fields}.")
     for key, value in args.model_flags().items():
         if key in overrides and overrides[key] != value:
-            raise ValueError(f"--{key} {value} and --config_overrides {key}={overrides[key]} disagree; give one.")
+            raise UsageError(f"--{key} {value} and --config_overrides {key}={overrides[key]} disagree; give one.")
         overrides[key] = value
     config.update(overrides)
     if args.image_processor_name:
         config.update(processor_normalisation(args, config.image_size))
-    config.check()
+    try:
+        config.check()  # the config loaded was valid: only the flags above can make it invalid
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.model_name_or_path and os.path.isdir(args.model_name_or_path):
         check_weights_fit(args.model_name_or_path, config)  # intact weight files, of the shapes this config needs
     return config
@@ -169,7 +176,8 @@ def push_output(args, model_args: ModelArguments) -> None:
 
     url = push(args.output_dir, args.hub_model_id, private=bool(args.hub_private_repo),
                token=args.hub_token or model_args.token, revision=getattr(args, "hub_revision", None),
-               commit_message=f"Upload {os.path.basename(os.path.abspath(args.output_dir))}")
+               commit_message=f"Upload {os.path.basename(os.path.abspath(args.output_dir))}",
+               exclude=(LOCK_NAME,))  # this run's own lock, held while it uploads
     print(f"[push] {args.output_dir} -> {url}", flush=True)
 
 
@@ -341,6 +349,12 @@ class ImageTrainingArguments(TrainingArguments):
             total_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
             self.learning_rate = self.base_learning_rate * total_batch / 256
 
+    def __getstate__(self):
+        """A pickled copy holds no Hub token: the Trainer pickles the arguments into training_args.bin beside every
+        saved model and checkpoint, and --push_to_hub uploads those folders."""
+        return {name: None if is_token_name(name) and isinstance(value, str) else value
+                for name, value in self.__dict__.items()}
+
     def _upstream_conventions(self):
         """Flags of transformers' example scripts, with their meaning where it exists here."""
         if self.do_train is None and self.do_eval is None:  # these scripts' default: train, then evaluate
@@ -438,7 +452,7 @@ class ImageTrainingArguments(TrainingArguments):
         """Whether to move an in-memory training split to the GPU (--data_on_device)."""
         if not data.in_memory:
             if self.data_on_device == "true":
-                raise ValueError("--data_on_device true needs the images in memory; these are read from disk "
+                raise UsageError("--data_on_device true needs the images in memory; these are read from disk "
                                  "(--data_in_memory).")
             return False
         num_bytes = data.decoded_bytes
@@ -446,7 +460,7 @@ class ImageTrainingArguments(TrainingArguments):
             return False
         if self.dataloader_num_workers > 0:  # forked worker processes cannot index tensors on the GPU
             if self.data_on_device == "true":
-                raise ValueError("--data_on_device true needs --dataloader_num_workers 0: worker processes cannot "
+                raise UsageError("--data_on_device true needs --dataloader_num_workers 0: worker processes cannot "
                                  "read data in GPU memory (and need not: a batch there is one gather).")
             return False
         if self.data_on_device == "true":
@@ -635,6 +649,7 @@ class ImageTrainer(Trainer):
         self.add_callback(self.divergence)
         self.add_callback(PerProcessSeed())
         self.run_settings = None  # set by runs.Run: written beside every saved model
+        self.final_model_saved = False
         # Fine-tuning recipe (mae_hf/augment.py): batch mixing with soft targets, repeated augmentation, weight EMA.
         self.mixer, self.repeated_augmentations = mixer, repeated_augmentations
         self.ema = None
@@ -779,10 +794,21 @@ class ImageTrainer(Trainer):
         return grad_norm
 
     def save_model(self, output_dir=None, _internal_call=False):
-        self.divergence.check(self.args, self.state.global_step, self.model)  # nothing non-finite is ever saved
-        super().save_model(output_dir, _internal_call)
-        if self.run_settings is not None and self.args.should_save:
-            write_json(os.path.join(output_dir or self.args.output_dir, SETTINGS_NAME), self.run_settings)
+        """Checks the weights first (nothing non-finite is ever saved). A checkpoint's model is saved in place (a
+        checkpoint that fails is removed whole); the final model goes through `runs.saved_whole`: written aside,
+        then moved into place, with signals held, so that neither Ctrl-C nor a full disk leaves a torn file."""
+        self.divergence.check(self.args, self.state.global_step, self.model)
+        target = output_dir or self.args.output_dir
+        if _internal_call or not self.args.should_save:
+            super().save_model(output_dir, _internal_call)
+            if self.run_settings is not None and self.args.should_save:
+                write_json(os.path.join(target, SETTINGS_NAME), self.run_settings)
+            return
+        with saved_whole(target, self.args) as staging:
+            super().save_model(staging, _internal_call)
+            if self.run_settings is not None:
+                write_json(os.path.join(staging, SETTINGS_NAME), self.run_settings)
+        self.final_model_saved = True
 
     def _save_checkpoint(self, model, trial):
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")

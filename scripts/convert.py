@@ -17,7 +17,7 @@ from transformers import ViTMAEForPreTraining
 import mae_hf
 from mae_hf.cli import run_script
 from mae_hf.convert import from_vit_mae, to_vit_mae
-from mae_hf.inputs import read_json_object
+from mae_hf.inputs import read_json_object, weight_shapes
 
 TARGET = {"vit_mae": "mae_hf", "mae_hf": "vit_mae"}  # source model_type -> target model_type
 
@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    weight_shapes(str(args.src), "SRC_DIR")  # missing, truncated or garbage weights: named, before any loading
     if args.to == "vit_mae":
         ours = mae_hf.MAEForPreTraining.from_pretrained(args.src)
         to_vit_mae(ours).save_pretrained(args.out)

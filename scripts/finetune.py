@@ -19,7 +19,7 @@ import sys
 from transformers import set_seed
 
 from mae_hf import MAEForImageClassification
-from mae_hf.cli import parse_args, run_script
+from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import (
     DataArguments,
     ImageDataset,
@@ -31,7 +31,7 @@ from mae_hf.data import (
 )
 from mae_hf.evaluation import is_classifier, load_classifier
 from mae_hf.metrics import accuracy
-from mae_hf.results import encoder_fingerprint, write_results
+from mae_hf.results import encoder_fingerprint, finetune_protocol, write_results
 from mae_hf.runs import Run
 from mae_hf.training import (
     FinetuneArguments,
@@ -78,10 +78,10 @@ def main(argv=None):
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, FinetuneArguments), argv,
                                              description=__doc__)
     if not model_args.model_name_or_path and not args.random_init:
-        raise ValueError("No --model_name_or_path: pass the pretrained model to fine-tune (e.g. --model_name_or_path "
+        raise UsageError("No --model_name_or_path: pass the pretrained model to fine-tune (e.g. --model_name_or_path "
                          "runs/mae), or --random_init true to fine-tune a randomly initialised encoder (the baseline).")
     if not args.do_train and (args.random_init or not model_args.model_name_or_path):
-        raise ValueError("--do_train false evaluates a saved classifier: pass --model_name_or_path (a fine-tuning "
+        raise UsageError("--do_train false evaluates a saved classifier: pass --model_name_or_path (a fine-tuning "
                          "run's folder), without --random_init.")
     check_hub_access(args, model_args)  # --push_to_hub: before any work
     with Run(args) as run:  # holds --output_dir; resolves the resume; stops cleanly on SIGINT/SIGTERM
@@ -148,7 +148,7 @@ def finetune(run, model_args, data_args, args):
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         write_results(args.output_dir, "finetune", {
-            "protocol": "finetune",
+            "protocol": finetune_protocol(args.recipe()),  # "finetune_strong" with the strong recipe's parts
             "encoder": "random_init" if random_init else "pretrained",
             "model_name_or_path": model_args.model_name_or_path,
             "encoder_fingerprint": fingerprint,

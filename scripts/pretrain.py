@@ -9,14 +9,13 @@ The output folder loads with `AutoModelForPreTraining.from_pretrained(folder, tr
 reconstructions.png, loss_curve.png, train_results.json and eval_results.json. Flags: --help.
 """
 
-import json
 import os
 import sys
 
 from transformers import set_seed
 
 from mae_hf import MAEForPreTraining
-from mae_hf.cli import parse_args, run_script
+from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import (
     DataArguments,
     ImageDataset,
@@ -28,7 +27,9 @@ from mae_hf.data import (
     skipped_images,
 )
 from mae_hf.inputs import read_json_object
-from mae_hf.runs import Run
+from mae_hf.redaction import recorded_command
+from mae_hf.results import software_versions
+from mae_hf.runs import Run, write_json
 from mae_hf.training import (
     MAEPretrainer,
     ModelArguments,
@@ -63,7 +64,7 @@ def main(argv=None):
                                              description=__doc__)
     check_hub_access(args, model_args)  # --push_to_hub: before any work
     if not args.do_train and not model_args.model_name_or_path:
-        raise ValueError("--do_train false evaluates a saved model: pass --model_name_or_path (a pretraining run's "
+        raise UsageError("--do_train false evaluates a saved model: pass --model_name_or_path (a pretraining run's "
                          "folder).")
     with Run(args) as run:  # holds --output_dir; resolves the resume; stops cleanly on SIGINT/SIGTERM
         pretrain(run, model_args, data_args, args)
@@ -188,10 +189,10 @@ def pretrain(run, model_args, data_args, args):
             "train_runtime_seconds": train_metrics.get("train_runtime"),
             "pipeline_images_per_second": train_metrics.get("pipeline_images_per_second"),
             "eval_loss": eval_metrics.get("eval_loss"), "eval_knn_accuracy": eval_metrics.get("eval_knn_accuracy"),
-            "command": " ".join(["python"] + sys.argv),
+            "command": recorded_command(),  # tokens redacted
+            "versions": software_versions(),
         }
-        with open(os.path.join(args.output_dir, "pretraining_summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
+        write_json(os.path.join(args.output_dir, "pretraining_summary.json"), summary)
         loss, knn, speed = summary["eval_loss"], summary["eval_knn_accuracy"], summary["pipeline_images_per_second"]
         evaluated = (f"eval_loss {loss:.4f}, kNN accuracy "
                      f"{'n/a (no labels or --knn_eval false)' if knn is None else f'{knn:.4f}'}"

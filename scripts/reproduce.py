@@ -33,7 +33,8 @@ import shutil
 import sys
 import time
 
-from mae_hf.cli import run_script
+from mae_hf.cli import UsageError, run_script
+from mae_hf.redaction import recorded_command
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(SCRIPTS, os.pardir, "configs")
@@ -82,14 +83,17 @@ class Step:
 
     def run(self) -> None:
         argv = self.argv + self.prepare_redo()
-        print(f"[reproduce] {self.name}: python scripts/{self.script}.py {shlex.join(argv)}", flush=True)
+        print(f"[reproduce] {self.name}: {recorded_command([f'scripts/{self.script}.py', *argv])}", flush=True)
+        advice = "Fix it and run the same command again: the finished steps are skipped."
         try:
             load_script(self.script).main(argv)
+        except UsageError as error:  # a bad flag in --<step>_args: a usage error of this command too
+            raise UsageError(f"step {self.name} failed ({error}). {advice}") from None
         except SystemExit as exit:
             if exit.code not in (None, 0):
                 reason = exit.code if isinstance(exit.code, str) else f"exit code {exit.code}"
-                raise ValueError(f"step {self.name} failed ({reason.removeprefix('error: ')}). Fix it and run the "
-                                 "same command again: the finished steps are skipped.") from None
+                error = UsageError if exit.code == 2 else ValueError  # 2: the step's parser refused a flag
+                raise error(f"step {self.name} failed ({reason.removeprefix('error: ')}). {advice}") from None
         if not self.is_done():
             raise ValueError(f"step {self.name} ended without writing {', '.join(self.done)} in {self.folder}.")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import set_seed
 
-from mae_hf.cli import parse_args, run_script
+from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import DataArguments, eval_crop_fraction, load_image_splits
 from mae_hf.training import FinetuneArguments, ModelArguments, build_config
 from mae_hf.visualize import grid_image
@@ -57,7 +57,7 @@ def main(argv=None):
     model_args, data_args, args, picture = parse_args(
         (ModelArguments, DataArguments, FinetuneArguments, PictureArguments), argv, description=__doc__)
     if picture.num_images < 1:
-        raise ValueError(f"--num_images must be at least 1, got {picture.num_images}.")
+        raise UsageError(f"--num_images must be at least 1, got {picture.num_images}.")
     config = build_config(model_args)
     train, _ = load_image_splits(data_args, config.image_size, config.num_channels, require_labels=True,
                                  first=picture.num_images)

@@ -14,7 +14,7 @@ import torch
 from fixtures_runs import TINY_MODEL, tiny_split
 
 from mae_hf import MAEConfig, MAEForImageClassification, MAEForPreTraining
-from mae_hf.cli import parse_args
+from mae_hf.cli import UsageError, parse_args
 from mae_hf.data import DataArguments, load_image_splits
 from mae_hf.results import encoder_fingerprint
 from mae_hf.training import ModelArguments, PretrainingArguments, ThroughputCallback, load_pretrained
@@ -192,7 +192,7 @@ def test_3_do_train_false_evaluates_a_saved_model(pretrained_run, classification
         scripts.finetune.main(["--do_train", "false", "--model_name_or_path", str(finetuned), "--dataset_name",
                                str(reordered), "--output_dir", str(tmp_path / "reordered_eval")])
 
-    with pytest.raises(ValueError, match="pass --model_name_or_path"):
+    with pytest.raises(UsageError, match="pass --model_name_or_path"):
         scripts.pretrain.main(["--do_train", "false", "--output_dir", str(tmp_path / "none")])
     with pytest.raises(SystemExit):  # nothing to do
         parse_args((PretrainingArguments,), ["--output_dir", str(tmp_path), "--do_train", "false", "--do_eval",
@@ -230,7 +230,7 @@ def test_4_remove_unused_columns_and_push_to_hub(scripts, parquet_folder, tiny_o
 
 
 def test_5_defaults_that_say_what_they_do(pretrained_run, scripts, parquet_folder, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="--random_init true"):
+    with pytest.raises(UsageError, match="--random_init true"):
         scripts.finetune.main(["--dataset_name", str(parquet_folder), "--output_dir", str(tmp_path / "ft")])
     assert not (tmp_path / "ft").exists()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from fixtures_runs import TINY_MODEL
 from transformers import AttentionInterface
+from transformers.initialization import no_init_weights
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
@@ -19,6 +20,7 @@ from mae_hf import (
     MAEModel,
     sincos_position_embedding,
 )
+from mae_hf.configuration_mae import CIFAR10_MEAN, CIFAR10_STD
 from mae_hf.modeling_mae import eager_attention_forward
 
 ALL_MODEL_CLASSES = (MAEModel, MAEForPreTraining, MAEForImageClassification)
@@ -348,6 +350,81 @@ def test_meta_device_construction_then_init(model_class):
     inputs = tester.prepare_inputs(model_class, config)
     torch.testing.assert_close(tester.main_output(model_class, model.eval()(**inputs)),
                                tester.main_output(model_class, reference(**inputs)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES)
+def test_init_weights_can_init_buffers(model_class):
+    """transformers 5.25's common test: the buffers of a model built by `__init__` alone (every init function and
+    `init_weights` switched off) equal those of one built on the meta device, `to_empty`, then `init_weights()`.
+    The sin-cos tables were zeros until `_init_weights` ran."""
+    config = tester.get_config(linear_probe=model_class is MAEForImageClassification)
+    with no_init_weights():
+        from_init = model_class(copy.deepcopy(config))
+    with torch.device("meta"):
+        from_meta = model_class(copy.deepcopy(config))
+    from_meta.to_empty(device="cpu")
+    from_meta.init_weights()
+    buffers, meta_buffers = dict(from_init.named_buffers()), dict(from_meta.named_buffers())
+    assert sorted(buffers) == sorted(meta_buffers)
+    assert any("position_embeddings" in name for name in buffers)
+    assert [name for name, buffer in buffers.items() if not torch.equal(buffer, meta_buffers[name])] == []
+    table = tester.encoder(from_init).embeddings.position_embeddings
+    assert torch.equal(table, sincos_position_embedding(tester.grid, config.hidden_size))
+
+
+@pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES)
+def test_all_tensors_are_parameters_or_buffers(model_class):
+    """transformers' check that nothing stays on the meta device: built there, moved with `to_empty`, initialised,
+    the model runs."""
+    config = tester.get_config()
+    with torch.device("meta"):
+        model = model_class(copy.deepcopy(config)).eval()
+    model.to_empty(device="cpu")
+    model.init_weights()
+    outputs = model(**tester.prepare_inputs(model_class, config, labels=True))
+    assert torch.isfinite(tester.main_output(model_class, outputs)).all()
+
+
+@pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES)
+def test_buffers_follow_the_requested_dtype(tmp_path, model_class):
+    build(model_class).save_pretrained(tmp_path)
+    loaded = model_class.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {buffer.dtype for name, buffer in loaded.named_buffers() if buffer.is_floating_point()} == {torch.bfloat16}
+    torch.set_default_dtype(torch.bfloat16)  # what from_pretrained(dtype=...) sets while it builds the model
+    try:
+        with torch.device("meta"):
+            model = model_class(tester.get_config())
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert tester.encoder(model).embeddings.position_embeddings.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES)
+def test_greyscale_after_the_config_changed(model_class):
+    """ViTMAE's greyscale test: a config made for 3 channels, `config.num_channels = 1` afterwards, then a model.
+    The normalisation defaults follow the channel count; values the user set do not change silently."""
+    config = tester.get_config()
+    config.num_channels = 1
+    model = model_class(config).eval()
+    assert (config.image_mean, config.image_std) == ([0.5], [0.5])
+    assert list(model.image_processor().image_mean) == [0.5]
+    outputs = model(**tester.prepare_inputs(model_class, config))
+    if model_class is MAEForPreTraining:
+        assert outputs.logits.shape == (tester.batch_size, tester.num_patches, config.patch_size**2)
+    config.num_channels = 3  # and back: CIFAR-10's statistics again
+    model_class(config)
+    assert (config.image_mean, config.image_std) == (list(CIFAR10_MEAN), list(CIFAR10_STD))
+    config.image_mean = None  # unset later: the default too
+    config.check()
+    assert config.image_mean == list(CIFAR10_MEAN) and type(config.to_dict()["image_mean"]) is list  # saved plain
+    loaded = MAEConfig.from_dict(config.to_dict())  # a saved config's values count as given
+    loaded.num_channels = 1
+    with pytest.raises(ValueError, match="or None for the default"):
+        model_class(loaded)
+    custom = tester.get_config(image_mean=[0.1, 0.2, 0.3])
+    custom.num_channels = 1
+    with pytest.raises(ValueError, match=r"invalid image_mean=\[0\.1, 0\.2, 0\.3\]: expected one value per channel"):
+        model_class(custom)
 
 
 @pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES)

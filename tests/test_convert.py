@@ -138,3 +138,34 @@ def test_script_refusals(tmp_path, tiny_config, convert_script, capsys):
 
     convert_script.main([str(tmp_path / "ours"), str(tmp_path / "full"), "--overwrite"])
     assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+@pytest.mark.parametrize("source", ["mae_hf", "vit_mae", "vit_mae_bin"])
+def test_broken_weights_are_named_not_a_traceback(tmp_path, tiny_config, convert_script, capsys, source, damage):
+    """A truncated or garbage model.safetensors (or an older folder's pytorch_model.bin) in SRC_DIR: one error line
+    naming the file, exit code 1 (the command line is right, the file is not), nothing written."""
+    from mae_hf.cli import run_script
+
+    ours = MAEForPreTraining(tiny_config())
+    folder = tmp_path / source
+    if source == "mae_hf":
+        ours.save_pretrained(folder)
+    else:
+        to_vit_mae(ours).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    if source == "vit_mae_bin":  # what older transformers wrote
+        torch.save(ViTMAEForPreTraining.from_pretrained(folder).state_dict(), folder / "pytorch_model.bin")
+        weights.unlink()
+        weights = folder / "pytorch_model.bin"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[:len(data) // 2], "empty": b"",
+                         "garbage": bytes(range(256)) * (len(data) // 256)}[damage])
+    capsys.readouterr()  # the saves' output above
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(convert_script.main, [str(folder), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {weights} is ") and "again" in lines[0], err
+    assert not (tmp_path / "out").exists()

@@ -175,8 +175,11 @@ def test_demo_errors_are_shown_in_the_page(tmp_path, tiny_config):
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit" / "config.json").write_text('{"model_type": "vit_mae"}')
     (tmp_path / "vit" / "model.safetensors").write_bytes(b"")
+    torn = published_folder(tmp_path / "torn", tiny_config)
+    (torn / "model.safetensors").write_bytes((torn / "model.safetensors").read_bytes()[:1000])
     for folder, message in ((tmp_path, "is not an MAE model folder: it needs config.json"),
-                            (tmp_path / "vit", "model_type 'vit_mae', expected 'mae_hf'")):
+                            (tmp_path / "vit", "model_type 'vit_mae', expected 'mae_hf'"),
+                            (torn, "model.safetensors is not a whole safetensors file")):
         page = app.build(str(folder))  # a page, not an exception
         outputs = page_function(page)(str(ROOT / "demo" / "examples" / "cat.png"), 0.75, 0)
         assert outputs[:4] == [None] * 4 and message in outputs[-1]

@@ -12,8 +12,9 @@ import yaml
 
 import mae_hf.modeling_mae
 from mae_hf import MAEForImageClassification, MAEForPreTraining, MAEModel
+from mae_hf.cli import UsageError, run_script
 from mae_hf.features import knn_predict
-from mae_hf.results import collect_results, results_table
+from mae_hf.results import collect_results, finetune_protocol, results_table
 from mae_hf.visualize import reconstruction_rows
 
 
@@ -97,7 +98,7 @@ def test_knn_k_larger_than_the_training_set_fails_early(pretrained_run, scripts,
 
 def test_probe_refuses_to_overwrite_its_model(pretrained_run, scripts, parquet_folder):
     folder, _ = pretrained_run
-    with pytest.raises(SystemExit, match="overwrite that model"):
+    with pytest.raises(UsageError, match="overwrite that model"):
         scripts.linear_probe.main(["--model_name_or_path", str(folder), "--output_dir", str(folder),
                                    "--dataset_name", str(parquet_folder)])
 
@@ -195,6 +196,25 @@ def test_perfect_prediction_reconstructs_the_original(tiny_config, pixel_values,
     assert torch.all(masked[hidden] == 0.5) and torch.equal(masked[~hidden], original[~hidden])
 
 
+def test_both_finetune_recipes_in_one_table(evaluated, tmp_path):
+    """The plain and the strong recipe are two rows, also for result files written before "finetune_strong" (they
+    said "finetune" for both and a table of both failed as two disagreeing results)."""
+    _, root = evaluated
+    plain = read(root / "finetune" / "finetune_results.json")
+    assert plain["protocol"] == "finetune"
+    for name, protocol in (("old", "finetune"), ("new", "finetune_strong")):
+        strong = dict(plain, protocol=protocol, eval_accuracy=plain["eval_accuracy"] / 2, augment_policy="randaugment",
+                      mixup_alpha=0.8, repeated_augmentations=3, ema_decay=0.9999)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "finetune_results.json").write_text(json.dumps(strong))
+        table = results_table(collect_results([root / "finetune", tmp_path / name]))
+        rows = [line for line in table.splitlines() if line.startswith("| Fine-tune")]
+        assert rows[0].startswith("| Fine-tune (whole encoder trained) |") and f"{100 * plain['eval_accuracy']:.2f}" \
+            in rows[0]
+        assert rows[1].startswith("| Fine-tune, strong recipe") and f"{50 * plain['eval_accuracy']:.2f}" in rows[1]
+    assert finetune_protocol({"ema_decay": 0.999}) == "finetune_strong" and finetune_protocol({}) == "finetune"
+
+
 def test_publish_folder_and_card(evaluated, scripts, tmp_path):
     folder, root = evaluated
     out = tmp_path / "hub"
@@ -214,8 +234,13 @@ def test_publish_folder_and_card(evaluated, scripts, tmp_path):
     assert values["Linear probe (frozen encoder, BatchNorm + linear head)"] == pytest.approx(100 * probe, abs=0.005)
     assert values["Fine-tune (whole encoder trained)"] == pytest.approx(100 * finetune, abs=0.005)
     assert results_table(collect_results([root])) in card
-    assert "| kNN, k = 40 |" in card and "probe_epochs 3" in card and "finetuned/" in card
+    assert "| kNN, k = 40 |" in card and "probe_epochs 3" in card
+    assert '`finetuned/`: the classifier of the "Fine-tune (whole encoder trained)" row below' in card
     assert "weight decay 0.05 (linear weights only), gradients clipped at norm 1" in card
+    import transformers  # the versions the numbers were made with, recorded by the runs and shown
+
+    assert "| Software | python " in card and f"transformers {transformers.__version__} |" in card
+    assert read(root / "finetune" / "finetune_results.json")["versions"]["torch"] == torch.__version__
     assert {r["dataset"]["split"] for r in metadata["model-index"][0]["results"]} == {"test"}
     assert 'from_pretrained(repo, trust_remote_code=True)' in card and '"me/mae"' in card
     trained_on = read(folder / "pretraining_summary.json")["dataset_name"]  # a local parquet folder
@@ -230,11 +255,12 @@ def test_publish_folder_and_card(evaluated, scripts, tmp_path):
     classifier = MAEForImageClassification.from_pretrained(out)
     assert torch.equal(classifier.classifier.weight, probe_model.classifier.weight)
 
-    with pytest.raises(SystemExit, match="not empty"):
-        scripts.publish.main([str(folder), "--output_dir", str(out)])
+    with pytest.raises(SystemExit) as exit_:  # a usage error: exit code 2, as the README says
+        run_script(scripts.publish.main, [str(folder), "--output_dir", str(out)])
+    assert exit_.value.code == 2
 
 
-def test_publish_refuses_numbers_that_are_not_this_models(evaluated, scripts, tmp_path):
+def test_publish_refuses_numbers_that_are_not_this_models(evaluated, scripts, tmp_path, capsys):
     folder, root = evaluated
     other = read(root / "probe" / "linear_probe_results.json")
     other["encoder_fingerprint"] = "0" * 16  # a probe of another pretrained model
@@ -248,15 +274,20 @@ def test_publish_refuses_numbers_that_are_not_this_models(evaluated, scripts, tm
     result = read(random_finetune / "finetune_results.json")
     (random_finetune / "finetune_results.json").write_text(json.dumps(dict(result, encoder="random_init")))
     base = [str(folder), "--probe", str(root / "probe"), "--output_dir", str(tmp_path / "hub")]
-    for extra, message in (
-            (["--results", str(tmp_path / "other")], "measured another encoder"),
-            (["--output_dir", str(folder / "hub")], "overlaps the input"),
-            (["--output_dir", str(tmp_path / "other" / "linear_probe_results.json")], "is a file; expected a folder"),
+    for extra, message, code in (  # 2: the command line alone is wrong; 1: what it names does not fit
+            (["--results", str(tmp_path / "other")], "measured another encoder", 1),
+            (["--output_dir", str(folder / "hub")], "overlaps the input", 2),
+            (["--output_dir", str(tmp_path / "other" / "linear_probe_results.json")], "is a file; expected a folder",
+             2),
             (["--results", str(root / "random"), str(tmp_path / "disagreeing_results.json")],
-             "Two linear_probe results of the random_init encoder disagree"),
-            (["--finetune", str(random_finetune)], "evaluated a random-init encoder")):
-        with pytest.raises(SystemExit, match=message):
-            scripts.publish.main(base + extra)
+             "Two linear_probe results of the random_init encoder disagree", 1),
+            (["--finetune", str(random_finetune)], "evaluated a random-init encoder", 1)):
+        with pytest.raises(SystemExit) as exit_:
+            run_script(scripts.publish.main, base + extra)
+        status, err = exit_.value.code, capsys.readouterr().err
+        if isinstance(status, str):  # sys.exit("error: ...") inside the script: exit status 1
+            status, err = 1, status
+        assert status == code and message in err, (status, err)
         assert not (tmp_path / "hub").exists() and not (folder / "hub").exists()
 
     (tmp_path / "copy").mkdir()  # the same kNN run found twice: listed once

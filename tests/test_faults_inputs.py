@@ -21,7 +21,7 @@ from fixtures_runs import ROOT, TINY_MODEL
 from PIL import Image
 
 from mae_hf import MAEConfig, MAEForImageClassification, MAEForPreTraining
-from mae_hf.cli import run_script, strip_debug_flag
+from mae_hf.cli import UsageError, run_script, strip_debug_flag
 from mae_hf.convert import to_vit_mae
 from mae_hf.data import DataArguments, load_image_splits
 from mae_hf.data.decode import to_8_bit
@@ -338,6 +338,40 @@ def test_bad_finetune_numbers_are_usage_errors(tmp_path, scripts, capsys, data, 
     assert message in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["--mask_ratio", 1.5], "invalid mask_ratio=1.5: must lie in [0, 1)"),
+    (["--config_overrides", "hidden_size=100"], "invalid hidden_size=100: must be divisible by num_attention_heads"),
+    (["--config_overrides", "hiden_size=64"], "--config_overrides: unknown field(s) ['hiden_size']"),
+    (["--config_overrides", "hidden_size"], "--config_overrides: config override 'hidden_size' is not of the form"),
+    (["--mask_ratio", 0.5, "--config_overrides", "mask_ratio=0.6"], "--mask_ratio 0.5 and --config_overrides "
+                                                                   "mask_ratio=0.6 disagree"),
+], ids=["mask_ratio", "invalid_config", "unknown_field", "not_key_value", "disagree"])
+@pytest.mark.parametrize("script", ["pretrain", "finetune", "linear_probe", "knn", "show_augmentations"])
+def test_config_validated_flags_are_usage_errors_in_every_script(tmp_path, scripts, capsys, data, script, bad,
+                                                                 message):
+    """The model config the flags make is checked after parsing: a bad value is still a usage error (exit 2)."""
+    argv = ["--output_dir", tmp_path / "out", "--dataset_name", data, *bad]
+    main = scripts.linear_probe.main if script == "knn" else getattr(scripts, script).main
+    kwargs = {"linear_probe": False} if script == "knn" else {}
+    if script == "finetune":
+        argv += ["--random_init", "true"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(main, [str(arg) for arg in argv], **kwargs)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert err.count("error: ") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reproduce_passes_a_steps_usage_error_on(tmp_path, scripts, capsys, data):
+    for flags in ("--mask_ratio 1.5", "--no_such_flag 1"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_script(scripts.reproduce.main, ["--output_dir", str(tmp_path / "run"), "--dataset_name", data,
+                                                "--cpu_small", "--pretrain_args", flags])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "error: step pretrain failed" in err, err
+
+
 def test_probe_flags_and_output_dir(tmp_path, scripts, capsys, data):
     assert "--probe_batch_size must be at least 1" in run(
         scripts.linear_probe.main, probe_args(data, tmp_path / "out", "--probe_batch_size", 0), capsys, code=2)
@@ -350,7 +384,7 @@ def test_probe_flags_and_output_dir(tmp_path, scripts, capsys, data):
     line = err.strip().splitlines()[-1]
     assert "the label column 'img' holds struct<bytes: binary, path: string> values" in line and len(line) < 400
     (tmp_path / "file").write_text("not a folder")
-    err = run(scripts.linear_probe.main, probe_args(data, tmp_path / "file"), capsys)
+    err = run(scripts.linear_probe.main, probe_args(data, tmp_path / "file"), capsys, code=2)
     assert "--output_dir" in err and "is a file, not a folder" in err
     assert (tmp_path / "file").read_text() == "not a folder"
 
@@ -408,6 +442,18 @@ def test_torn_result_file_given_to_publish(tmp_path, scripts, capsys, partly_lab
     assert f"{torn} is not valid JSON" in err and not (tmp_path / "hub").exists()
 
 
+def test_publish_names_broken_weights(tmp_path, scripts, capsys, pretrained_run):
+    """A truncated model.safetensors in the run to publish: one error naming it (was a SafetensorError traceback)."""
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(pretrained_run[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    err = run(scripts.publish.main, [folder, "--output_dir", tmp_path / "hub"], capsys)
+    assert f"error: {weights} is truncated" in err and not (tmp_path / "hub").exists()
+
+
 def test_visualize_refuses_what_cannot_reconstruct(tmp_path, scripts, capsys, models, data):
     for name, message in (("probe", "has no decoder (MAEForImageClassification"),
                           ("vit_mae", "holds a transformers ViTMAE model; convert it to mae_hf first: python "
@@ -458,7 +504,7 @@ def test_every_script_fails_with_one_error_paragraph_in_a_real_process(tmp_path,
                                 1, "no such file or folder"),
         "scripts/linear_probe.py": (probe_args(data, tmp_path / "p", "--model_name_or_path", missing), 1,
                                     "--model_name_or_path"),
-        "scripts/knn.py": (["--output_dir", tmp_path / "file", "--dataset_name", data], 1, "is a file, not a folder"),
+        "scripts/knn.py": (["--output_dir", tmp_path / "file", "--dataset_name", data], 2, "is a file, not a folder"),
         "scripts/visualize.py": ([models / "probe", "--dataset_name", data], 1, "has no decoder"),
         "scripts/compare.py": ([tmp_path / "torn_results.json"], 1, "is not valid JSON"),
         "scripts/publish.py": ([missing, "--output_dir", tmp_path / "hub"], 1, str(missing)),
@@ -494,6 +540,20 @@ def test_debug_flag_is_ours_unless_it_has_a_trainer_value():
     assert strip_debug_flag(trainer_option) == (trainer_option, False)
 
 
+def test_a_safetensors_error_anywhere_is_one_line(tmp_path, capsys):
+    """Reading a broken weights file or writing one to a full disk fails with safetensors' own error type (not an
+    OSError): still one `error:` line, exit code 1, wherever it comes from (e.g. fine-tuning's ema/ save)."""
+    from safetensors.torch import save_file
+
+    def main(argv):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "missing" / "model.safetensors"))
+
+    with pytest.raises(SystemExit) as exit_:
+        run_script(main, [])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
 def test_ctrl_c_outside_a_training_run_is_one_line(capsys):
     def interrupted_main(argv):  # a probe or kNN extracting features when Ctrl-C arrives
         raise KeyboardInterrupt
@@ -516,9 +576,9 @@ def test_data_on_the_gpu_is_not_given_to_worker_processes(tmp_path, monkeypatch)
     monkeypatch.setattr(PretrainingArguments, "device", property(lambda self: torch.device("cuda")))
     assert not workers.place_data_on_device(in_memory)  # auto: the workers gather on the host
     workers.data_on_device = "true"
-    with pytest.raises(ValueError, match="--data_on_device true needs --dataloader_num_workers 0"):
+    with pytest.raises(UsageError, match="--data_on_device true needs --dataloader_num_workers 0"):
         workers.place_data_on_device(in_memory)
     assert no_workers.place_data_on_device(in_memory)
     streamed = StreamedImages(reader=[], sizes=[], canvas=(3, 2, 2))
-    with pytest.raises(ValueError, match="--data_on_device true needs the images in memory"):
+    with pytest.raises(UsageError, match="--data_on_device true needs the images in memory"):
         no_workers.place_data_on_device(streamed)

@@ -6,13 +6,18 @@ is shown, and the state of the output folder afterwards."""
 
 import contextlib
 import errno
+import fcntl
 import io
 import json
 import os
+import pty
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -81,6 +86,61 @@ def test_diverging_run_saves_nothing_non_finite(tmp_path, scripts, tiny_override
         assert f"The last checkpoint with finite weights is {output / saved[-1]}" in err
     else:
         assert "No checkpoint with finite weights exists" in err
+
+
+def run_in_terminal(command, cwd, columns=160):
+    """(exit code, bytes written) of `command` run on a pseudo-terminal, as a user's shell runs it: tqdm draws its
+    bars there with carriage returns, as it does on a real terminal."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    process = subprocess.Popen(command, cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    os.close(slave)
+    written = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(master)
+    return process.wait(timeout=300), written.decode(errors="replace")
+
+
+def screen(written: str) -> list[str]:
+    """The rows a terminal shows after `written`: carriage returns and cursor-up/erase escapes applied."""
+    rows, row, column = [[]], 0, 0
+    for token in re.findall(r"\x1b\[(\d*)([A-Za-z])|(\r)|(\n)|([^\x1b\r\n])", written):
+        count, command, carriage, newline, char = token
+        if carriage:
+            column = 0
+        elif newline:
+            row += 1
+            rows += [[] for _ in range(row + 1 - len(rows))]
+        elif command == "A":
+            row = max(row - int(count or 1), 0)
+        elif command == "K":
+            del rows[row][column:]
+        elif char:
+            line = rows[row]
+            line += [" "] * (column - len(line))
+            line[column:column + 1] = [char]
+            column += 1
+    return ["".join(line).rstrip() for line in rows]
+
+
+def test_diverging_run_ends_on_its_error_line_in_a_terminal(tmp_path, repo_root, tiny_overrides, parquet_folder):
+    """The Trainer's progress bar is closed before the error: it used to redraw after it (`5%|▌ | 2/40` last)."""
+    argv = [arg for arg in tiny_args(tmp_path / "run", tiny_overrides, parquet_folder, "--learning_rate", "1e3",
+                                     "--warmup_steps", "0") if arg not in ("--disable_tqdm", "true")]
+    code, written = run_in_terminal([sys.executable, "scripts/pretrain.py", *argv], repo_root)
+    rows = [row for row in screen(written) if row.strip()]
+    assert code == 1, written[-3000:]
+    assert "it/s]" in written  # the bars were drawn
+    assert rows[-1].startswith("error: Training diverged:"), rows[-3:]
+    assert all("error:" not in row for row in rows[:-1])  # one error line, on a row of its own
 
 
 def test_divergence_guard_reads_the_device_flags_only_when_checking(tmp_path):
@@ -272,7 +332,7 @@ def test_unusable_output_dir_is_refused_before_training(tmp_path, scripts, tiny_
     a_file = tmp_path / "file"
     a_file.write_text("not a folder")
     code, _, err = run(scripts, tiny_args(a_file, tiny_overrides, parquet_folder))
-    assert code == 1 and f"error: --output_dir {a_file} is a file, not a folder" in err
+    assert code == 2 and f"error: --output_dir {a_file} is a file, not a folder" in err  # a usage error
     code, _, err = run(scripts, tiny_args(a_file / "run", tiny_overrides, parquet_folder))
     assert code == 1 and f"--output_dir {a_file / 'run'} cannot be created (Not a directory)" in err
     assert a_file.read_text() == "not a folder"
@@ -297,21 +357,157 @@ def test_stale_lock_is_taken_over_and_results_say_what_ran(tmp_path, scripts, ti
         1, pytest.approx(1 / STEPS_PER_EPOCH), 2, [])  # what ran, not only what was asked
 
 
-def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, scripts, tiny_overrides, parquet_folder,
-                                                             monkeypatch):
-    real_save = torch.save
+# A real full disk: the run's --output_dir is a small tmpfs, mounted in a private mount namespace (`unshare
+# --mount`, as root or mapped to root in a user namespace), so it vanishes with the process whatever happens. The
+# run fills it at a chosen point (after a checkpoint, or after training), leaving room for the files a save writes
+# before model.safetensors and half of that file: the save then fails inside safetensors, as it would on a disk that
+# fills up. What the run left is copied out before the namespace ends.
+FULL_DISK_DRIVER = r"""
+import os, runpy, sys
+from transformers import TrainerCallback
+import mae_hf.training
 
-    def save(obj, path, *args, **kwargs):
-        if "checkpoint-6" in str(path):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_save(obj, path, *args, **kwargs)
+FILL_AFTER = os.environ["FILL_AFTER"]  # a step whose checkpoint is the last to fit, or "training"
+DISK = os.environ["DISK"]
 
-    monkeypatch.setattr(torch, "save", save)
+
+def fill(checkpoint):
+    block = os.statvfs(DISK).f_frsize
+    size = lambda name: -(-os.path.getsize(os.path.join(checkpoint, name)) // block) * block
+    slack = sum(map(size, ("preprocessor_config.json", "configuration_mae.py", "modeling_mae.py", "config.json")))
+    slack += size("model.safetensors") // 2
+    stats = os.statvfs(DISK)
+    with open(os.path.join(DISK, "filler"), "wb") as handle:
+        handle.write(bytes(stats.f_bavail * stats.f_frsize - slack))
+
+
+class FillDisk(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if str(state.global_step) == FILL_AFTER:
+            fill(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if FILL_AFTER == "training":
+            fill(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
+build = mae_hf.training.MAEPretrainer.__init__
+def with_filler(self, *args, **kwargs):
+    build(self, *args, **kwargs)
+    self.add_callback(FillDisk())
+mae_hf.training.MAEPretrainer.__init__ = with_filler
+sys.argv = ["scripts/pretrain.py", *sys.argv[1:]]
+runpy.run_path("scripts/pretrain.py", run_name="__main__")
+"""
+
+
+def run_on_a_full_disk(tmp_path, repo_root, argv_of, fill_after):
+    """(exit code, stderr, copy of the output folder) of a pretraining run whose --output_dir is a 8 MiB tmpfs that
+    fills up after `fill_after` (a step or "training")."""
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
+    copy.mkdir()
+    output = disk / "run"
+    mount = [] if os.geteuid() == 0 else ["--map-root-user"]
+    script = ('mount -t tmpfs -o size=8m tmpfs "$DISK" || exit 99; "$PYTHON" -c "$DRIVER" "$@"; code=$?; '
+              'cp -a "$DISK/." "$COPY"; exit $code')
+    environment = dict(os.environ, OMP_NUM_THREADS="1", DISK=str(disk), COPY=str(copy), PYTHON=sys.executable,
+                       DRIVER=FULL_DISK_DRIVER, FILL_AFTER=str(fill_after))
+    try:
+        result = subprocess.run(["unshare", "--mount", *mount, "sh", "-c", script, "sh", *argv_of(output)],
+                                cwd=repo_root, env=environment, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        pytest.skip("needs unshare(1) to mount a tmpfs in a private mount namespace")
+    if result.returncode == 99 or "unshare failed" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or user namespaces): {result.stderr.strip()[-300:]}")
+    return result.returncode, result.stderr, copy / "run", output
+
+
+def leftovers(folder):
+    """Partial files a failed save could leave: safetensors' and our staging names, empty or torn files."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
+                  if path.name.startswith((".tmp", ".saving")) or path.name.endswith(".tmp"))
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, repo_root, tiny_overrides, parquet_folder):
+    code, err, copy, output = run_on_a_full_disk(
+        tmp_path, repo_root, lambda out: tiny_args(out, tiny_overrides, parquet_folder), fill_after=3)
+    assert code == 1, err[-3000:]
+    assert "Traceback" not in err and "SafetensorError" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [line for line in err.splitlines() if "error" in line.lower()]  # one error line, nothing else
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: Saving {output / 'checkpoint-6'} failed (No space left on device); the partial folder was removed. "
+        f"The last complete checkpoint is {output / 'checkpoint-3'} (step 3); resume with:"), errors
+    assert checkpoint_names(copy) == ["checkpoint-3"]
+    assert_all_checkpoints_complete_and_finite(copy)
+    assert not (copy / "model.safetensors").exists() and leftovers(copy) == []
+
+
+def test_full_disk_during_the_final_save_leaves_no_torn_file(tmp_path, repo_root, tiny_overrides, parquet_folder):
+    code, err, copy, output = run_on_a_full_disk(
+        tmp_path, repo_root, lambda out: tiny_args(out, tiny_overrides, parquet_folder), fill_after="training")
+    assert code == 1, err[-3000:]
+    assert "Traceback" not in err and "SafetensorError" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: Saving the model to {output} failed (No space left on device); nothing of it was written there (no "
+        f"torn file). The last complete checkpoint is {output / 'checkpoint-12'} (step 12); resume with:"), errors
+    assert_all_checkpoints_complete_and_finite(copy)
+    for name in ("model.safetensors", "config.json", "pretraining_summary.json"):
+        assert not (copy / name).exists(), name
+    assert leftovers(copy) == []
+
+
+def test_write_failures_are_told_apart_from_bugs(tmp_path):
+    from safetensors.torch import save_file
+
+    from mae_hf.runs import write_failure
+
+    assert write_failure(OSError(errno.ENOSPC, "No space left on device"), str(tmp_path)) == "No space left on device"
+    assert write_failure(ValueError("a bug"), str(tmp_path)) is None
+    assert write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                         str(tmp_path)).startswith("[enforce fail")  # torch.save's, with room on the disk
+    with pytest.raises(Exception) as error:  # safetensors' own error type, on a path it cannot write
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "missing" / "model.safetensors"))
+    assert write_failure(error.value, str(tmp_path)) is not None
+
+
+def test_ctrl_c_during_the_final_save_waits_for_it(tmp_path, scripts, tiny_overrides, parquet_folder, monkeypatch):
+    """The signal arrives between the first file of the final save and the weights: the save ends whole, then the
+    run stops with exit code 130."""
+    import mae_hf.modeling_mae
+
+    save = mae_hf.modeling_mae.MAEPreTrainedModel.save_pretrained
+
+    def interrupted_save(model, folder, *args, **kwargs):
+        if "checkpoint-" not in str(folder):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered now, handled at the next Python instruction
+        return save(model, folder, *args, **kwargs)
+
+    monkeypatch.setattr(mae_hf.modeling_mae.MAEPreTrainedModel, "save_pretrained", interrupted_save)
     output = tmp_path / "run"
     code, _, err = run(scripts, tiny_args(output, tiny_overrides, parquet_folder))
-    assert code == 1
-    assert f"error: Saving {output / 'checkpoint-6'} failed (No space left on device); the partial folder was " \
-           f"removed. The last complete checkpoint is {output / 'checkpoint-3'} (step 3); resume with:" in err
-    assert checkpoint_names(output) == ["checkpoint-3"]
-    assert_all_checkpoints_complete_and_finite(output)
-    assert not (output / "model.safetensors").exists()
+    assert code == 130, err[-3000:]
+    assert "[stop] SIGINT received: stopping once the model is saved whole" in err
+    assert f"error: stopped by SIGINT while the final model was being saved; the model was saved whole in {output} " \
+           "first; the run's results and summary were not written." in err
+    assert checkpoint_problem(str(output)) is None or "trainer_state.json" in checkpoint_problem(str(output))
+    model = mae_hf.modeling_mae.MAEForPreTraining.from_pretrained(output)  # whole: config and weights load
+    assert all(torch.isfinite(tensor).all() for tensor in model.state_dict().values())
+    assert not (output / "pretraining_summary.json").exists() and leftovers(output) == []
+
+
+def test_ctrl_c_after_the_final_save_says_the_model_was_saved(tmp_path, scripts, tiny_overrides, parquet_folder,
+                                                              monkeypatch):
+    def interrupted_evaluation(trainer):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    monkeypatch.setattr(scripts.pretrain, "final_evaluation", interrupted_evaluation)
+    output = tmp_path / "run"
+    code, _, err = run(scripts, tiny_args(output, tiny_overrides, parquet_folder))
+    assert code == 130, err[-3000:]
+    assert f"error: stopped by SIGINT outside the training loop; the model was saved in {output}; the run's results " \
+           "and summary were not written." in err
+    assert (output / "model.safetensors").is_file() and not (output / "pretraining_summary.json").exists()

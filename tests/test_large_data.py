@@ -413,7 +413,9 @@ def test_decoding_on_the_device_gives_the_batches_of_the_workers(tmp_path, scrip
     flags = ("--num_train_epochs", "1", "--data_in_memory", "false", "--dataloader_num_workers", "1")
     with pytest.raises(SystemExit, match="decodes JPEGs on a CUDA GPU; this run's device is cpu"):
         scripts.pretrain.main(pretrain_args(tmp_path / "refused", jpegs, *flags, "--decode_on_device", "true"))
-    with pytest.raises(SystemExit, match="these images are held in memory"):
+    from mae_hf.cli import UsageError
+
+    with pytest.raises(UsageError, match="these images are held in memory"):
         scripts.pretrain.main(pretrain_args(tmp_path / "memory", jpegs, "--decode_on_device", "true"))
 
     def pil_decoder(device):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mae_hf import MAEForPreTraining
-from mae_hf.cli import parse_args, parse_overrides
+from mae_hf.cli import UsageError, parse_args, parse_overrides, run_script
 from mae_hf.data import BatchTransform, DataArguments, fixed_noise, load_image_splits
 from mae_hf.runs import RunError
 from mae_hf.training import ModelArguments, PretrainingArguments, build_config
@@ -68,12 +68,14 @@ def test_learning_rate_follows_the_batch_unless_given(tmp_path, scripts):
 def test_overrides_are_typed_and_checked():
     assert parse_overrides("hidden_size=64, norm_pix_loss=false,mask_ratio=0.6,hidden_act=relu") == {
         "hidden_size": 64, "norm_pix_loss": False, "mask_ratio": 0.6, "hidden_act": "relu"}
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(UsageError, match="unknown field"):  # usage errors: exit code 2
         build_config(ModelArguments(config_overrides="hiden_size=64"))
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['return_dict'\]"):  # transformers' own fields
+    with pytest.raises(UsageError, match=r"unknown field\(s\) \['return_dict'\]"):  # transformers' own fields
         build_config(ModelArguments(config_overrides="return_dict=false"))
-    with pytest.raises(ValueError, match="hidden_size"):
+    with pytest.raises(UsageError, match="hidden_size"):
         build_config(ModelArguments(config_overrides="hidden_size=100"))
+    with pytest.raises(UsageError, match="key=value"):
+        build_config(ModelArguments(config_overrides="hidden_size"))
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides("hidden_size")
 
@@ -84,6 +86,10 @@ def test_refuses_to_overwrite_a_previous_run(pretrained_run, scripts, tiny_overr
     with pytest.raises(RunError, match="already holds a run"):
         scripts.pretrain.main(["--output_dir", str(folder), "--dataset_name", str(parquet_folder),
                                "--config_overrides", tiny_overrides])
+    with pytest.raises(SystemExit) as exit_:  # on the command line: a usage error
+        run_script(scripts.pretrain.main, ["--output_dir", str(folder), "--dataset_name", str(parquet_folder),
+                                           "--config_overrides", tiny_overrides])
+    assert exit_.value.code == 2 and "already holds a run" in capsys.readouterr().err
     assert sorted(os.listdir(folder)) == before
 
 

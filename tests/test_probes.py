@@ -10,6 +10,7 @@ import torch
 import mae_hf.evaluation
 import mae_hf.modeling_mae
 from mae_hf import MAEForPreTraining, MAEModel
+from mae_hf.cli import UsageError
 from mae_hf.data import BatchTransform
 from mae_hf.probes import (
     AttentiveProbe,
@@ -171,7 +172,7 @@ def test_memmap_token_cache_gives_the_same_probe(model_folder, scripts, parquet_
     (["--linear_probe", "false", "--knn", "false"], "Nothing to do"),
 ])
 def test_bad_probe_flags_fail_before_work(model_folder, scripts, parquet_folder, tmp_path, flags, message):
-    with pytest.raises((SystemExit, ValueError), match=message):
+    with pytest.raises((SystemExit, ValueError, UsageError), match=message):
         scripts.linear_probe.main(["--model_name_or_path", str(model_folder), "--output_dir", str(tmp_path / "out"),
                                    "--dataset_name", str(parquet_folder), *flags])
     assert not (tmp_path / "out").exists()

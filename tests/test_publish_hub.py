@@ -14,6 +14,8 @@ import huggingface_hub
 import huggingface_hub.constants
 import pytest
 
+from mae_hf.cli import UsageError
+
 TOKEN = "hf_test_token_0123456789"
 COMMIT = "0123abcd" * 5  # a commit id as the Hub gives one (40 hex digits)
 
@@ -122,8 +124,8 @@ def test_push_preflight_fails_before_anything(pretrained_run, scripts, tmp_path,
     message = {"offline": "HF_HUB_OFFLINE is set", "no token": "not logged in. Run `hf auth login`, set HF_TOKEN",
                "no network": "checking the token with the Hub failed (ConnectionError",
                "malformed id": "is not a valid Hub repository id"}[case]
-    with pytest.raises(SystemExit, match=re.escape(message)) as error:
-        scripts.publish.main(args)
+    with pytest.raises(UsageError if case == "malformed id" else SystemExit, match=re.escape(message)) as error:
+        scripts.publish.main(args)  # a malformed id is a usage error: run_script exits 2 for it
     assert "\n" not in str(error.value)  # one line
     assert not (tmp_path / "hub").exists()
     assert [call for call, _, _ in hub.calls] == (["whoami"] if case == "no network" else [])

@@ -37,14 +37,17 @@ def test_every_step_writes_its_output(reproduced, capsys):
                      "finetune/finetune_results.json"):
             result = json.loads((output_dir / encoder / path).read_text())
             assert result["encoder"] == encoder, path
-            assert result["protocol"] == os.path.basename(path).removesuffix("_results.json"), path
+            protocol = os.path.basename(path).removesuffix("_results.json")
+            assert result["protocol"] == ("finetune_strong" if protocol == "finetune" else protocol), path
     finetune = json.loads((output_dir / "pretrained" / "finetune" / "finetune_results.json").read_text())
     assert finetune["repeated_augmentations"] == 3 and finetune["mixup_alpha"] == 0.8  # the strong cpu recipe
     table = (output_dir / "comparison.md").read_text()
-    for row in ("| Linear probe", "| Multi-block linear probe", "| Attentive probe", "| kNN, k = 5", "| Fine-tune"):
+    for row in ("| Linear probe", "| Multi-block linear probe", "| Attentive probe", "| kNN, k = 5",
+                "| Fine-tune, strong recipe"):
         assert row in table, row
     card = (output_dir / "hub" / "README.md").read_text()
     assert "Attentive probe" in card and (output_dir / "hub" / "finetuned" / "model.safetensors").is_file()
+    assert '`finetuned/`: the classifier of the "Fine-tune, strong recipe' in card
 
 
 def test_a_second_run_skips_every_step(reproduced, scripts, capsys):

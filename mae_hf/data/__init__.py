@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import torch
 
+from ..cli import UsageError
 from .arguments import DataArguments, SourceArguments
 from .decode import Geometry
 from .labels import check_labels, label_values
@@ -56,11 +57,13 @@ def device_decoder(args: DataArguments, num_channels: int, device, *splits: Imag
         return None
     for split in splits:
         encoding = getattr(getattr(split, "reader", None), "encoding", None)
-        if split.in_memory or encoding != "jpeg":
-            raise ValueError("--decode_on_device true decodes the JPEGs of a prepared folder read from disk; "
-                             + ("these images are held in memory (--data_in_memory false reads them from disk)."
-                                if split.in_memory else f"{args.dataset_name} is not a prepared folder of JPEGs "
-                                "(scripts/prepare_data.py --encoding jpeg)."))
+        if split.in_memory:
+            raise UsageError("--decode_on_device true decodes the JPEGs of a prepared folder read from disk; these "
+                             "images are held in memory (--data_in_memory false reads them from disk).")
+        if encoding != "jpeg":
+            raise ValueError(f"--decode_on_device true decodes the JPEGs of a prepared folder read from disk; "
+                             f"{args.dataset_name} is not a prepared folder of JPEGs (scripts/prepare_data.py "
+                             "--encoding jpeg).")
     from .streaming import DeviceJPEGDecoder
 
     return DeviceJPEGDecoder(num_channels, device)
