@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement the project records, in one run (about 10 minutes on one H200):
+# Run every GPU measurement the project records, in one go (sized for about 10 minutes on one H200).
+#
+#   bash scripts/gpu_check.sh          # on the GPU machine, with gpu_carry/ (below) carried along
+#
+# What it runs:
 #   1. mae_hf vs transformers' ViTMAE train step, bf16 + torch.compile, default model, batch 512;
 #   2. whole pretraining pipeline vs model-only step (target: >= 90 %, >= 18,000 images/s);
 #   3. a short real run of scripts/reproduce.py on CIFAR-10 from a local parquet folder: pretraining
@@ -18,6 +22,10 @@
 #   pip download datasets evaluate -d gpu_carry/wheels       # with the GPU machine's Python version if it differs
 # then run `bash scripts/gpu_check.sh` there with gpu_carry carried (DATA defaults to gpu_carry/cifar10 when present).
 set -euo pipefail
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # this header, without running anything
+    sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 OUT=${OUT:-gpu_check}
 RUNS=${RUNS:-gpu_check_runs}
 DATA=${DATA:-$( [ -d gpu_carry/cifar10 ] && echo gpu_carry/cifar10 || echo ../shared/data/cifar10 )}
