@@ -244,7 +244,8 @@ def main(argv=None):
     parser.add_argument("--port", type=int, help="Port (default: Gradio's, 7860 or $GRADIO_SERVER_PORT).")
     parser.add_argument("--threads", type=int, default=1,
                         help="Torch threads (default 1: one small image is too little work to share out, and on a "
-                             "busy or shared CPU more threads wait on each other; measured in mae_hf's docs/publishing.md).")
+                             "busy or shared CPU more threads wait on each other; measured in mae_hf's "
+                             "docs/publishing.md).")
     parser.add_argument("--measure", type=int, metavar="N",
                         help="Print the median seconds per image over N images instead of serving.")
     args = parser.parse_args(argv)

@@ -6,8 +6,9 @@
         --output_dir runs/hub --overwrite true --space true --push_to_hub true --hub_model_id user/mae-cifar10
 
 The folder holds the pretraining run's model with its linear-probe head, the fine-tuned classifier, the pictures and
-the result files. Optionally it gets the Gradio demo (a Space) and is pushed to the Hub. --results adds result files or folders (e.g. the random-init baselines) to the card's table. Boolean flags take
-true/false (a bare flag means true), as in the other scripts. Pushing needs `hf auth login`, HF_TOKEN or --hub_token;
+the result files; --space true adds the Gradio demo (a Space) and --push_to_hub true uploads it. --results adds
+result files or folders (e.g. the random-init baselines) to the card's table. Boolean flags take true/false (a bare
+flag means true), as in the other scripts. Pushing needs `hf auth login`, HF_TOKEN or --hub_token;
 it is checked before anything is assembled.
 """
 

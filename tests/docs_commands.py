@@ -12,7 +12,9 @@ runs a script of this repository is then checked:
   the script's parser: a config file given first exists and holds only known options, values have the right type
   and choices. The launchers' own flags parse with torchrun's and accelerate's parsers;
 - `bash PATH.sh`: PATH exists; `python -c CODE`: CODE compiles;
-- every `configs/...` file a command names exists.
+- every `configs/...` file a command names exists;
+- `scripts/reproduce.py`: also the command line of each of its steps (with the flags of `--pretrain_args` and the
+  like), as it would run them.
 
 The parser is the script's own: its `main(argv)` runs with argparse's `parse_known_args` wrapped so that the real
 parse happens (HfArgumentParser over the script's dataclasses, or its argparse parser) and then stops the script
@@ -40,13 +42,8 @@ CONTROL = {"&&", "||", ";", "|", "&"}
 REDIRECTIONS = {">", ">>", "<", ">&", "&>"}
 WRAPPERS = {"nice": {"-n"}, "time": set(), "/usr/bin/time": set(), "env": set(), "nohup": set()}
 LAUNCHERS = ("torchrun", "accelerate")
-# Which script's flags a --*_args value of scripts/reproduce.py holds.
 # `python app.py` runs the demo inside a folder made by `publish.py --space true`, which copies demo/app.py there.
 ALIASES = {"app.py": "demo/app.py"}
-NESTED_ARGUMENTS = {"scripts/reproduce.py": {"--pretrain_args": "scripts/pretrain.py",
-                                             "--probe_args": "scripts/linear_probe.py",
-                                             "--finetune_args": "scripts/finetune.py",
-                                             "--publish_args": "scripts/publish.py"}}
 
 
 def project_scripts() -> list[str]:
@@ -352,10 +349,9 @@ def check_script_arguments(script: str, argv: list[str], env: dict[str, str] | N
         return
     if parsed.extras:
         raise ValueError(f"{script} does not accept {' '.join(parsed.extras)}")
-    for flag, target in NESTED_ARGUMENTS.get(script, {}).items():
-        value = getattr(parsed.namespace, flag.lstrip("-"), None)
-        if value:
-            check_script_arguments(target, shlex.split(value), env)
+    if script == "scripts/reproduce.py":  # each step's command line, --*_args included, as reproduce.py builds it
+        for step in load(script).plan(parsed.namespace):
+            check_script_arguments(f"scripts/{step.script}.py", step.argv, env)
 
 
 def check_launcher(launcher: str, words: list[str]) -> tuple[str, list[str]]:

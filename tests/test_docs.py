@@ -67,8 +67,9 @@ def test_the_docs_run_every_script():
 def test_commands_are_in_shell_blocks():
     """A command in an unlabelled or text block would escape the check above."""
     starts = re.compile(r"^\s*(\$ )?(python3? (scripts|demo)/|torchrun |accelerate launch |pip install |bash scripts/)")
-    misplaced = [block.source for path in markdown_files() for block in fenced_blocks(path.read_text(), relative(path))
-                 if block.language not in SHELL_LANGUAGES and any(starts.match(line) for line in block.text.splitlines())]
+    blocks = [block for path in markdown_files() for block in fenced_blocks(path.read_text(), relative(path))]
+    misplaced = [block.source for block in blocks if block.language not in SHELL_LANGUAGES
+                 and any(starts.match(line) for line in block.text.splitlines())]
     assert misplaced == [], "commands outside ```bash blocks"
 
 
@@ -201,6 +202,8 @@ def test_cpu_quick_start_runs_end_to_end(parquet_folder, docs_cwd, monkeypatch):
             assert 0 <= json.loads(results.read_text())["eval_accuracy"] <= 1
         if script == "scripts/compare.py":
             assert "| Linear probe" in printed
+        if script == "scripts/visualize.py":
+            assert (docs_cwd / argv[argv.index("--output") + 1]).is_file()
 
 
 # --- the check itself fails on broken commands ------------------------------------------------------------------
