@@ -16,13 +16,14 @@ runs a script of this repository is then checked:
 - `scripts/reproduce.py`: also the command line of each of its steps (with the flags of `--pretrain_args` and the
   like), as it would run them.
 
-The parser is the script's own: its `main(argv)` runs with argparse's `parse_known_args` wrapped so that the real
-parse happens (HfArgumentParser over the script's dataclasses, or its argparse parser) and then stops the script
-before it does anything else. Dataclass value checks (`__post_init__`) and paths are not checked: a documented run
-folder need not exist.
+The parser is the script's own: its `main(argv)` runs with argparse's `parse_known_args` (and HfArgumentParser's
+`parse_args_into_dataclasses`) wrapped so that the real parse happens, the argument dataclasses included (their value
+checks run), and then the script stops before it does anything else. Paths are not checked: a documented run folder
+need not exist.
 """
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import importlib.util
@@ -187,8 +188,8 @@ def documented_commands(overrides: dict[str, str] | None = None) -> list[Command
         for block in fenced_blocks(path.read_text(), relative(path)):
             if block.language in SHELL_LANGUAGES:
                 found += commands_of_shell(block.text, relative(path), block.first_line, overrides=overrides)
-    for script in project_scripts():
-        found += docstring_commands(script)
+    for path in project_scripts() + ["mae_hf/benchmark.py"]:  # the --help texts
+        found += docstring_commands(path)
     for path in sorted((ROOT / "configs").glob("*.y*ml")):
         comments = [line.lstrip("#").strip() if line.startswith("#") else "" for line in path.read_text().splitlines()]
         for number, line in example_lines(comments):
@@ -214,21 +215,21 @@ def example_lines(lines: list[str]) -> list[tuple[int, str]]:
     return examples
 
 
+def docstring(path: str) -> str:
+    """The module docstring of a Python file of the repository (read, not imported)."""
+    return ast.get_docstring(ast.parse((ROOT / path).read_text()), clean=False) or ""
+
+
 def help_text(script: str) -> str:
     """The description --help shows: the module docstring the script's parser uses."""
-    module = load(script)
-    if script == "scripts/benchmark.py":  # a thin entry point: the parser is mae_hf.benchmark's
-        import mae_hf.benchmark
-
-        module = mae_hf.benchmark
-    return module.__doc__ or ""
+    return docstring("mae_hf/benchmark.py" if script == "scripts/benchmark.py" else script)  # a thin entry point
 
 
-def docstring_commands(script: str) -> list[Command]:
-    """The example command lines of a script's --help text (lines starting with `python`, `torchrun`, ...)."""
+def docstring_commands(path: str) -> list[Command]:
+    """The example command lines of a file's docstring (lines starting with `python`, `torchrun`, ...)."""
     found = []
-    for number, line in example_lines([line.strip() for line in help_text(script).splitlines()]):
-        found += commands_of_shell(line, f"{script} --help", number)
+    for number, line in example_lines([line.strip() for line in docstring(path).splitlines()]):
+        found += commands_of_shell(line, f"{path} docstring", number)
     return found
 
 
