@@ -1,9 +1,11 @@
-"""MAE in the browser: upload an image (or pick an example), choose how much of it to hide, and see what the model
-paints back; with a trained classifier head, its top-5 classes too.
+"""MAE in the browser: hide part of an image and see what the model paints back (and its top-5 classes).
 
     python demo/app.py --model runs/hub                 # a published, pretraining, probe or fine-tune folder
     MAE_MODEL=user/mae-cifar10 python demo/app.py       # or a Hub id (flag or environment variable)
     python app.py                                       # inside a folder made by `publish.py --space true`
+
+Upload an image (or pick an example) and choose how much of it to hide; with a trained classifier head, the page
+shows the head's top-5 classes too.
 
 The bundled examples are CIFAR-10 training images (the public CIFAR-10 release, via the project's local copy).
 
@@ -247,7 +249,8 @@ def main(argv=None):
     parser.add_argument("--port", type=int, help="Port (default: Gradio's, 7860 or $GRADIO_SERVER_PORT).")
     parser.add_argument("--threads", type=int, default=1,
                         help="Torch threads (default 1: one small image is too little work to share out, and on a "
-                             "busy or shared CPU more threads wait on each other; measured in README.md).")
+                             "busy or shared CPU more threads wait on each other; measured in mae_hf's "
+                             "docs/publishing.md).")
     parser.add_argument("--measure", type=int, metavar="N",
                         help="Print the median seconds per image over N images instead of serving.")
     args = parser.parse_args(argv)

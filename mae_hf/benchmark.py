@@ -1,10 +1,13 @@
-"""Train-step throughput and memory of `mae_hf.MAEForPreTraining` against transformers' `ViTMAEForPreTraining`.
+"""Speed and memory benchmarks: mae_hf against transformers' ViTMAE, the pipeline, the probe, the augmentation.
 
-Both models get the same config, the same weights (ours is built from a seed and converted with `to_vit_mae`) and the
-same fixed batch of random-normal pixels. A train step is forward (random masking), backward, AdamW step, zero_grad.
-The models are timed round-robin in one process (a chunk of ours, a chunk of theirs, for `--rounds` rounds, who goes
-first alternating) and the median over rounds is reported, so machine noise hits both alike; the JSON also holds the
-per-round ratios.
+    python scripts/benchmark.py --device cpu --warmup 2 --steps 2 --rounds 12
+
+The default suite (model): train-step throughput and memory of `mae_hf.MAEForPreTraining` against transformers'
+`ViTMAEForPreTraining`. Both models get the same config, the same weights (ours is built from a seed and converted
+with `to_vit_mae`) and the same fixed batch of random-normal pixels. A train step is forward (random masking),
+backward, AdamW step, zero_grad. The models are timed round-robin in one process (a chunk of ours, a chunk of theirs,
+for `--rounds` rounds, who goes first alternating) and the median over rounds is reported, so machine noise hits both
+alike; the JSON also holds the per-round ratios.
 
 Memory columns:
   train_state_mb  parameters, buffers, gradients and AdamW state, plus the unique storages of the tensors autograd

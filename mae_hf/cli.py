@@ -2,6 +2,7 @@
 file, or from a file followed by flags that override it; and `run_script`, which turns the errors a user can fix
 into one `error: ...` paragraph instead of a traceback."""
 
+import argparse
 import json
 import os
 import sys
@@ -117,13 +118,18 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
         raise
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description (the script's docstring: what it does, then examples) as written, and shows each
+    flag's default (HfArgumentParser's own formatter would run the example commands together into one paragraph)."""
+
+
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None,
                defaults: dict | None = None):
     """`script.py [CONFIG.json|CONFIG.yaml] [--flag value ...]`: the file gives defaults, flags win. `defaults`
     (e.g. the settings a run recorded) come before both."""
     argv = list(sys.argv[1:] if argv is None else argv)
     hide_instant_progress_bars()
-    parser = HfArgumentParser(dataclass_types, description=description)
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
     for action in parser._actions:  # `bool | None` flags (unset = decided later) also work bare, as bool flags do:
         if action.type is string_to_bool and action.nargs is None:  # `--do_train` = `--do_train true`
             action.nargs, action.const = "?", True

@@ -1,8 +1,9 @@
-"""Benchmarks (the code lives in mae_hf/benchmark.py): mae_hf against transformers' ViTMAE, the whole pretraining
-pipeline against the model step, the probe on cached features, the fine-tuning augmentation. Flags: --help.
+"""Speed and memory benchmarks: mae_hf against transformers' ViTMAE, the pipeline, the probe, the augmentation.
 
     python scripts/benchmark.py --device cpu --warmup 2 --steps 2 --rounds 12
     python scripts/benchmark.py --suite pipeline --batch_size 512
+
+The code and the description of every suite live in mae_hf/benchmark.py. Flags: --help.
 """
 
 from mae_hf.benchmark import main

@@ -1,11 +1,11 @@
 """Convert a masked autoencoder between transformers' `ViTMAEForPreTraining` and mae_hf's `MAEForPreTraining`.
 
+    python scripts/convert.py runs/mae-cifar10 runs/mae-cifar10-vit-mae
+    python scripts/convert.py runs/mae-cifar10-vit-mae runs/back --to mae_hf
+
 SRC_DIR is a `save_pretrained` folder; the direction follows its config.json `model_type` ("vit_mae" -> mae_hf,
 "mae_hf" -> ViTMAE). Both models compute the same function. OUT_DIR also gets the image processor (for mae_hf output,
 the source's preprocessor_config.json image_mean/image_std are kept).
-
-    python scripts/convert.py runs/mae-cifar10 runs/mae-cifar10-vit-mae
-    python scripts/convert.py runs/mae-cifar10-vit-mae runs/back --to mae_hf
 """
 
 import argparse

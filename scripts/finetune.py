@@ -1,7 +1,4 @@
-"""Fine-tune a pretrained MAE encoder end to end for image classification with the Hugging Face Trainer
-(random-resized-crop + flip on the device, warmup + cosine, layer-wise lr decay, label smoothing, drop path; the
-strong recipe of configs/finetune_strong.yaml adds RandAugment, mixup + cutmix, random erasing, repeated
-augmentation and a weight EMA, all on the device: mae_hf/augment.py).
+"""Fine-tune a pretrained MAE encoder end to end for image classification with the Hugging Face Trainer.
 
     python scripts/finetune.py --model_name_or_path runs/mae --output_dir runs/mae/finetune
     python scripts/finetune.py --model_name_or_path runs/mae --random_init true --output_dir runs/random/finetune
@@ -9,6 +6,10 @@ augmentation and a weight EMA, all on the device: mae_hf/augment.py).
         --dataset_name ../shared/data/cifar10 --output_dir runs/cpu_small/finetune
     python scripts/finetune.py configs/finetune_strong.yaml --model_name_or_path runs/mae \
         --output_dir runs/mae/finetune_strong
+
+The default recipe: random-resized-crop + flip on the device, warmup + cosine, layer-wise lr decay, label smoothing,
+drop path. The strong recipe of configs/finetune_strong.yaml adds RandAugment, mixup + cutmix, random erasing,
+repeated augmentation and a weight EMA, all on the device (mae_hf/augment.py).
 
 Writes finetune_results.json and the fine-tuned MAEForImageClassification to --output_dir. Flags: --help.
 """

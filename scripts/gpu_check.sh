@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement the project records, in one run (about 10 minutes on one H200):
+# Run every GPU measurement the project records, in one go (sized for about 10 minutes on one H200).
+#
+#   bash scripts/gpu_check.sh          # on the GPU machine, with gpu_carry/ (below) carried along
+#
+# What it runs:
 #   1. gpu: the GPU's name and memory (nvidia-smi);
 #   2. benchmark_model: mae_hf vs transformers' ViTMAE train step, bf16 + torch.compile, default model, batch 512;
 #   3. benchmark_pipeline: whole pretraining pipeline vs model-only step (target: >= 90 %, >= 18,000 images/s);
@@ -35,6 +39,10 @@
 # Adding a step: write a function `step_<name>` that writes its files into $OUT (using $DRY for its tiny sizes),
 # add <name> to STEPS, and check anything it needs that must be carried in `preflight`.
 set -euo pipefail
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # this header, without running anything
+    sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 DRY=${DRY:-0}
 if [ "${1:-}" = "--dry" ]; then DRY=1; shift; fi
 if [ $# -gt 0 ]; then

@@ -1,9 +1,11 @@
-"""Linear probe (and kNN) of a frozen MAE encoder, as in the MAE paper: features once, BatchNorm without affine
-parameters + linear head trained on the cached features. The encoder is never trained and never re-run per epoch.
+"""Linear probe and kNN accuracy of a frozen MAE encoder (also the multi-block linear and attentive probes).
 
     python scripts/linear_probe.py --model_name_or_path runs/mae --output_dir runs/mae/probe
     python scripts/linear_probe.py --model_name_or_path runs/mae --random_init true --output_dir runs/random/probe
     python scripts/linear_probe.py --output_dir runs/random/probe          # no model: random-init baseline
+
+As in the MAE paper: features once, then BatchNorm without affine parameters + linear head trained on the cached
+features. The encoder is never trained and never re-run per epoch.
 
 Writes linear_probe_results.json and knn_results.json (k = 20 and 200; --knn false to skip), and saves the probe
 as an MAEForImageClassification in --output_dir (pipeline("image-classification") loads it). Flags: --help.
@@ -27,9 +29,9 @@ from mae_hf.evaluation import FrozenEvalArguments, run_frozen_evaluation
 from mae_hf.training import ModelArguments
 
 
-def main(argv=None, **defaults):
+def main(argv=None, description=__doc__, **defaults):
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, FrozenEvalArguments), argv,
-                                             description=__doc__)
+                                             description=description)
     for key, value in defaults.items():
         setattr(args, key, value)
     try:

@@ -1,11 +1,14 @@
-"""Assemble a Hub-ready folder from a pretraining run and its evaluation runs, with a model card filled from the
-measured result files; optionally add the Gradio demo (a Space) and push it to the Hub.
+"""Assemble a Hub-ready folder, its model card filled from measured results; optionally add the demo and push it.
 
-    python scripts/publish.py runs/mae --probe runs/mae/probe --finetune runs/mae/finetune \
-        --results runs/random --output_dir runs/hub [--space true] [--push_to_hub true --hub_model_id user/mae-cifar10]
+    python scripts/publish.py runs/mae --probe runs/mae/probe --finetune runs/mae/finetune --results runs/random \
+        --output_dir runs/hub
+    python scripts/publish.py runs/mae --probe runs/mae/probe --finetune runs/mae/finetune --results runs/random \
+        --output_dir runs/hub --overwrite true --space true --push_to_hub true --hub_model_id user/mae-cifar10
 
---results adds result files or folders (e.g. the random-init baselines) to the card's table. Boolean flags take
-true/false (a bare flag means true), as in the other scripts. Pushing needs `hf auth login`, HF_TOKEN or --hub_token;
+The folder holds the pretraining run's model with its linear-probe head, the fine-tuned classifier, the pictures and
+the result files; --space true adds the Gradio demo (a Space) and --push_to_hub true uploads it. --results adds
+result files or folders (e.g. the random-init baselines) to the card's table. Boolean flags take true/false (a bare
+flag means true), as in the other scripts. Pushing needs `hf auth login`, HF_TOKEN or --hub_token;
 it is checked before anything is assembled.
 """
 

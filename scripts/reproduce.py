@@ -1,9 +1,10 @@
-"""One command from nothing to the published model: pretrain -> linear probe + kNN, multi-block linear probe and
-attentive probe (pretrained and random-init encoders) -> strong-recipe fine-tune (both) -> compare -> publish.
+"""One command from nothing to the published model: pretraining, probes, fine-tunes, comparison table, Hub folder.
 
     python scripts/reproduce.py --output_dir runs/reproduce                       # GPU: the default recipes
     python scripts/reproduce.py --cpu_small --dataset_name ../shared/data/cifar10 --output_dir runs/reproduce_cpu
 
+The steps: pretrain -> linear probe + kNN, multi-block linear probe and attentive probe (pretrained and random-init
+encoders) -> strong-recipe fine-tune (both) -> compare -> publish.
 Each step runs the project's own script (in this process) and is skipped when its output already exists, so an
 interrupted run continues where it stopped when started again with the same command. A step whose output is
 incomplete (its result file missing) is done again: a Trainer step resumes from its last complete checkpoint when

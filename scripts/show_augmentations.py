@@ -1,10 +1,10 @@
-"""Draw what the fine-tuned model sees: a few training images through a recipe's training augmentation, exactly as
-scripts/finetune.py applies it on the device (crop/flip -> RandAugment -> normalise -> random erasing, then
-mixup/cutmix over the batch), shown de-normalised.
+"""Draw what the fine-tuned model sees: a few training images through a fine-tuning recipe's augmentation.
 
     python scripts/show_augmentations.py configs/cpu_small_finetune_strong.yaml --dataset_name ../shared/data/cifar10 \
         --max_train_samples 64 --output_dir docs
 
+The augmentation is applied exactly as scripts/finetune.py applies it on the device (crop/flip -> RandAugment ->
+normalise -> random erasing, then mixup/cutmix over the batch), shown de-normalised.
 Writes augmented_batch.png to --output_dir: one column per image; rows: the image as evaluated, then
 --repeated_augmentations views of it (the copies a batch holds, each differently augmented), then the first view
 after mixup/cutmix with the batch. Takes finetune.py's flags (a config file, then flags); --num_images picks how many.

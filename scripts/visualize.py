@@ -1,8 +1,9 @@
-"""Draw reconstructions of a saved MAE: original, masked input, reconstruction, reconstruction + visible patches,
-for fixed evaluation images and fixed masks (the same ones pretrain.py draws with the same data flags and seed).
+"""Draw reconstructions of a saved MAE: original, masked input, reconstruction, reconstruction + visible patches.
 
     python scripts/visualize.py runs/mae --output runs/mae/grid.png
 
+The images and masks are fixed evaluation images and masks: the same ones pretrain.py draws with the same data flags
+and seed.
 Flags: the data flags of pretrain.py (--dataset_name, --eval_split, ...) plus the ones below; --help. By default
 the data flags and --seed are the run's own, recorded in its pretraining_summary.json.
 """
