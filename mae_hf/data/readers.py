@@ -1,8 +1,8 @@
 """Random access to one split's stored images, by position: from a `datasets` split of undecoded images (decoded
 and scaled to the geometry on reading), or from the shards of a prepared folder (stored at their final size).
 
-Readers are made in the main process and forked into DataLoader workers: they hold no open file or memory map
-when copied, and open what they read lazily in each process.
+Readers are made in the main process and forked into DataLoader workers: each process opens the files it reads
+itself, lazily.
 """
 
 import os
@@ -10,8 +10,6 @@ import os
 import numpy as np
 
 from .decode import BadImage, Geometry, decode_image, decode_stored, stored_size
-
-REMAP_BYTES = 64 * 2**20  # a worker drops its shard mappings after reading this much (see PreparedReader)
 
 
 class DatasetReader:
@@ -66,22 +64,28 @@ class PreparedReader:
     numbers of the split's shards in order, `files`/`counts` the shards and their row counts, `sizes` the stored
     heights and widths of the selected rows.
 
-    Shards are memory-mapped when first read. A mapped page that was read stays in the process's resident (and
-    proportional) memory until the mapping goes, so a reader drops its mappings after every `REMAP_BYTES` read:
-    an epoch over a data set of any size then keeps the workers' memory flat (the kernel's page cache still
-    serves the pages)."""
+    Each image's bytes are read with one `pread` at the place its shard holds them (`value_index`, found once from
+    the shards' Arrow metadata), not through a memory map: a mapped page stays in the reading process's resident
+    memory, and the kernel maps neighbouring pages too (fault-around), so a worker reading at random through maps
+    would grow by several times what it reads, up to the whole data set. Read this way, the workers' memory stays
+    flat however large the data set is; the kernel's page cache still keeps what was read."""
 
     stored = True
+    OPEN_FILES = 64  # shard files a process keeps open (a million images are ~600 shards; file handles are few)
 
     def __init__(self, files: list[str], counts: list[int], rows: np.ndarray, sizes: np.ndarray, encoding: str,
-                 num_channels: int):
+                 num_channels: int, value_offsets: np.ndarray | None = None,
+                 value_lengths: np.ndarray | None = None):
         self.files, self.rows, self.stored_sizes = list(files), np.asarray(rows, dtype=np.int64), sizes
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.encoding, self.num_channels = encoding, num_channels
-        self._tables, self._bytes_read, self._pid = {}, 0, None
+        if value_offsets is None:  # the byte ranges of the selected rows' images in their shard files
+            value_offsets, value_lengths = (array[self.rows] for array in value_index(self.files))
+        self.value_offsets, self.value_lengths = value_offsets, value_lengths
+        self._handles, self._pid = {}, None
 
     def __getstate__(self):
-        return {**self.__dict__, "_tables": {}, "_bytes_read": 0}
+        return {**self.__dict__, "_handles": {}, "_pid": None}
 
     def __len__(self):
         return len(self.rows)
@@ -89,27 +93,24 @@ class PreparedReader:
     def subset(self, positions) -> "PreparedReader":
         positions = np.asarray(positions, dtype=np.int64)
         return PreparedReader(self.files, np.diff(self.starts), self.rows[positions], self.stored_sizes[positions],
-                              self.encoding, self.num_channels)
+                              self.encoding, self.num_channels, self.value_offsets[positions],
+                              self.value_lengths[positions])
 
-    def _table(self, shard: int):
-        import pyarrow as pa
-
-        if self._pid != os.getpid() or self._bytes_read > REMAP_BYTES:  # a forked copy, or time to let pages go
-            self._tables, self._bytes_read, self._pid = {}, 0, os.getpid()
-        if shard not in self._tables:
-            with pa.memory_map(self.files[shard]) as source:
-                self._tables[shard] = pa.ipc.open_stream(source).read_all().column("image")
-        return self._tables[shard]
+    def _handle(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked copy: its parent's file positions are not its own
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            if len(self._handles) >= self.OPEN_FILES:
+                os.close(self._handles.pop(next(iter(self._handles))))
+            self._handles[shard] = os.open(self.files[shard], os.O_RDONLY)
+        return self._handles[shard]
 
     def values(self, positions) -> list:
-        rows = self.rows[np.asarray(positions, dtype=np.int64)]
-        shards = np.searchsorted(self.starts, rows, side="right") - 1
-        values = []
-        for row, shard in zip(rows.tolist(), shards.tolist()):
-            data = self._table(shard)[row - int(self.starts[shard])].as_py()
-            self._bytes_read += len(data)
-            values.append(data)
-        return values
+        """The stored bytes of the images at `positions`."""
+        positions = np.asarray(positions, dtype=np.int64)
+        shards = np.searchsorted(self.starts, self.rows[positions], side="right") - 1
+        return [os.pread(self._handle(shard), length, offset) for shard, offset, length in
+                zip(shards.tolist(), self.value_offsets[positions].tolist(), self.value_lengths[positions].tolist())]
 
     def sizes(self, positions) -> tuple[np.ndarray, dict]:
         return self.stored_sizes[np.asarray(positions, dtype=np.int64)], {}
@@ -130,3 +131,23 @@ class PreparedReader:
         row = int(self.rows[position])
         shard = int(np.searchsorted(self.starts, row, side="right") - 1)
         return f" ({self.files[shard]}, row {row - int(self.starts[shard])})"
+
+
+def value_index(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(byte offsets, byte lengths) of every row's image in the shard files (all rows, in order): from each record
+    batch's offsets buffer and where its data buffer lies in the file (mapped only to read the metadata)."""
+    import pyarrow as pa
+
+    offsets, lengths = [], []
+    for path in files:
+        with pa.memory_map(path) as source:
+            base = source.read_buffer(1).address  # the map's first byte: buffer addresses - base = file offsets
+            source.seek(0)
+            for batch in pa.ipc.open_stream(source):
+                column = batch.column("image")
+                kind = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+                _, value_offsets, data = column.buffers()
+                ends = np.frombuffer(value_offsets, dtype=kind)[column.offset:column.offset + len(column) + 1]
+                offsets.append(data.address - base + ends[:-1].astype(np.int64))
+                lengths.append(np.diff(ends).astype(np.int64))
+    return np.concatenate(offsets), np.concatenate(lengths)
