@@ -82,29 +82,36 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proportional_memory(pid: int) -> int:
-    """Bytes of proportional set size (shared pages divided among their users)."""
+def proportional_memory(pid: int) -> tuple[int, int]:
+    """(bytes of proportional set size — shared pages divided among their users —, of which shared memory: the
+    batches on their way from the workers)."""
+    values = {}
     with open(f"/proc/{pid}/smaps_rollup") as handle:
         for line in handle:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            key = line.split(":")[0]
+            if key in ("Pss", "Pss_Shmem"):
+                values[key] = int(line.split()[1]) * 1024
+    return values.get("Pss", 0), values.get("Pss_Shmem", 0)
 
 
 def timed_epoch(loader) -> dict:
     """One pass over `loader` (persistent workers): images, wall seconds, the workers' CPU seconds, the peak PSS of
-    this process and its workers together."""
+    this process and its workers together, with and without the batches in flight (shared memory: their number is
+    workers x prefetch, whatever the data's size, but one more or less at a sample moves the total by a batch)."""
     iterator = iter(loader)
     workers = [worker.pid for worker in iterator._workers]
-    started, images, peak = time.perf_counter(), 0, 0
+    started, images, peak, peak_own = time.perf_counter(), 0, 0, 0
     for batch in iterator:
         images += len(batch["pixel_values"])
-        peak = max(peak, proportional_memory(os.getpid()) + sum(map(proportional_memory, workers)))
+        samples = [proportional_memory(pid) for pid in (os.getpid(), *workers)]
+        peak = max(peak, sum(total for total, _ in samples))
+        peak_own = max(peak_own, sum(total - shared for total, shared in samples))
     cpu = sum(map(process_cpu_seconds, workers))
     seconds = time.perf_counter() - started
     iterator._shutdown_workers()
     return {"images": images, "seconds": seconds, "worker_cpu_seconds": cpu,
-            "images_per_worker_cpu_second": images / cpu, "peak_pss_mb": peak / 2**20}
+            "images_per_worker_cpu_second": images / cpu, "peak_pss_mb": peak / 2**20,
+            "peak_pss_without_batches_in_flight_mb": peak_own / 2**20}
 
 
 def run_mae_transform(image_size: int):
@@ -139,25 +146,40 @@ def run_mae_transform(image_size: int):
     return transform
 
 
-def loaders(folder: str, image_size: int, batch_size: int, workers: int) -> dict:
-    """{"mae_hf": the prepared-folder loader, "run_mae.py": the per-image-transform loader}, same stored bytes."""
-    import datasets
-
+def make_loader(name: str, folder: str, image_size: int, batch_size: int, workers: int):
+    """The prepared-folder loader ("mae_hf") or the per-image-transform loader ("run_mae.py") on the same stored
+    JPEG bytes, shuffled, with persistent workers (alive after the epoch, so that their CPU time can be read)."""
     from .data import DataArguments, ImageDataset, collate, load_image_splits
     from .data.prepared import load_prepared
 
-    train, _ = load_image_splits(DataArguments(dataset_name=folder, data_in_memory="false",
-                                               validation_split_percentage=1), image_size, num_workers=workers)
-    # persistent workers: alive after the epoch, so that their CPU time can be read
-    ours = torch.utils.data.DataLoader(ImageDataset(train), batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       collate_fn=collate, drop_last=True, persistent_workers=True)
-    stored = load_prepared(folder)["train"].select_columns(["image"])
-    theirs_dataset = stored.cast_column("image", datasets.Image()).with_transform(run_mae_transform(image_size))
-    theirs = torch.utils.data.DataLoader(
-        theirs_dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-        persistent_workers=True,
+    if name == "mae_hf":
+        train, _ = load_image_splits(DataArguments(dataset_name=folder, data_in_memory="false",
+                                                   validation_split_percentage=1), image_size, num_workers=workers)
+        return torch.utils.data.DataLoader(ImageDataset(train), batch_size=batch_size, shuffle=True,
+                                           num_workers=workers, collate_fn=collate, drop_last=True,
+                                           persistent_workers=True)
+    # run_mae.py's dataset: the memory-mapped split, each image decoded by PIL in the transform (what an `Image`
+    # column does; casting the bytes to one would copy the whole column into memory first).
+    from PIL import Image
+
+    transform = run_mae_transform(image_size)
+    stored = load_prepared(folder)["train"].select_columns(["image"]).with_transform(
+        lambda batch: transform({"image": [Image.open(io.BytesIO(data)) for data in batch["image"]]}))
+    return torch.utils.data.DataLoader(
+        stored, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=True,
         collate_fn=lambda examples: {"pixel_values": torch.stack([example["pixel_values"] for example in examples])})
-    return {"mae_hf": ours, "run_mae.py": theirs}
+
+
+def measure_in_a_fresh_process(folder: str, loader: str, image_size: int, batch_size: int, workers: int) -> dict:
+    """`timed_epoch` of one loader in a process of its own: memory left behind by an earlier measurement (heap,
+    caches) must not count against the next one."""
+    code = ("import json, sys; from mae_hf.benchmark_data import make_loader, timed_epoch; "
+            "print(json.dumps(timed_epoch(make_loader(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])))))")
+    result = subprocess.run([sys.executable, "-c", code, loader, folder, str(image_size), str(batch_size),
+                             str(workers)], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"measuring {loader} on {folder} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def data_suite(args) -> dict:
@@ -165,26 +187,33 @@ def data_suite(args) -> dict:
     results = {}
     for count in args.data_sizes:
         folder = prepared_folder(root, count)
-        results[count] = {name: timed_epoch(loader) for name, loader in
-                          loaders(folder, args.data_image_size, args.batch_size, args.data_workers).items()}
+        results[count] = {name: measure_in_a_fresh_process(folder, name, args.data_image_size, args.batch_size,
+                                                            args.data_workers) for name in ("mae_hf", "run_mae.py")}
     print(f"\nDataLoader workers: {args.data_workers}, batch {args.batch_size}, JPEGs at short side 256, "
           f"model input {args.data_image_size} px\n")
-    print("| images | mae_hf images / worker CPU-s | run_mae.py's | ratio | mae_hf peak PSS | run_mae.py's |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| images | images / worker CPU-s: mae_hf | run_mae.py's | ratio | peak PSS: mae_hf | run_mae.py's | "
+          "without batches in flight: mae_hf | run_mae.py's |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for count, row in results.items():
         ours, theirs = row["mae_hf"], row["run_mae.py"]
         print(f"| {count:,} | {ours['images_per_worker_cpu_second']:,.0f} | "
               f"{theirs['images_per_worker_cpu_second']:,.0f} | "
               f"{ours['images_per_worker_cpu_second'] / theirs['images_per_worker_cpu_second']:.2f} | "
-              f"{ours['peak_pss_mb']:,.0f} MB | {theirs['peak_pss_mb']:,.0f} MB |")
+              f"{ours['peak_pss_mb']:,.0f} MB | {theirs['peak_pss_mb']:,.0f} MB | "
+              f"{ours['peak_pss_without_batches_in_flight_mb']:,.0f} MB | "
+              f"{theirs['peak_pss_without_batches_in_flight_mb']:,.0f} MB |")
     sizes = sorted(results)
-    growth = {name: results[sizes[-1]][name]["peak_pss_mb"] - results[sizes[0]][name]["peak_pss_mb"]
-              for name in ("mae_hf", "run_mae.py")}
-    print(f"\npeak PSS growth from {sizes[0]:,} to {sizes[-1]:,} images: mae_hf {growth['mae_hf']:+,.0f} MB, "
-          f"run_mae.py {growth['run_mae.py']:+,.0f} MB")
+    growth = {name: results[sizes[-1]][name][key] - results[sizes[0]][name][key]
+              for name in ("mae_hf", "run_mae.py")
+              for key in ("peak_pss_mb",)}
+    own = {name: results[sizes[-1]][name]["peak_pss_without_batches_in_flight_mb"]
+           - results[sizes[0]][name]["peak_pss_without_batches_in_flight_mb"] for name in ("mae_hf", "run_mae.py")}
+    print(f"\npeak PSS growth from {sizes[0]:,} to {sizes[-1]:,} images: mae_hf {growth['mae_hf']:+,.0f} MB "
+          f"({own['mae_hf']:+,.0f} MB without the batches in flight), run_mae.py {growth['run_mae.py']:+,.0f} MB "
+          f"({own['run_mae.py']:+,.0f} MB)")
     return {"data_sizes": sizes, "workers": args.data_workers, "batch_size": args.batch_size,
             "image_size": args.data_image_size, "results": {str(k): v for k, v in results.items()},
-            "peak_pss_growth_mb": growth, "data_dir": root}
+            "peak_pss_growth_mb": growth, "peak_pss_without_batches_in_flight_growth_mb": own, "data_dir": root}
 
 
 def listing_suite(args) -> dict:
