@@ -7,14 +7,20 @@
 #   1. gpu: the GPU's name and memory (nvidia-smi);
 #   2. benchmark_model: mae_hf vs transformers' ViTMAE train step, bf16 + torch.compile, default model, batch 512;
 #   3. benchmark_pipeline: whole pretraining pipeline vs model-only step (target: >= 90 %, >= 18,000 images/s);
-#   4. reproduce: a short real run of scripts/reproduce.py on CIFAR-10 from a local parquet folder: pretraining
+#   4. benchmark_vit_b: the ViT-B/16 MAE (configs/models/mae_vit_base_patch16.json, 224 px, batch 256) model-only
+#      step, then the whole pipeline reading a prepared folder of 20,000 synthetic JPEGs from disk with 12 DataLoader
+#      workers (targets: >= 90 % of the model-only step, >= 5,000 images/s);
+#   5. benchmark_data: the data path alone on this machine's CPUs: images per worker CPU-second from a prepared
+#      folder against run_mae.py's per-image transform, and the workers' memory, at 2,000 and 20,000 images;
+#   6. reproduce: a short real run of scripts/reproduce.py on CIFAR-10 from a local parquet folder: pretraining
 #      (PRETRAIN_EPOCHS, default 5; its plan line gives the images/s and the time 320 epochs would take), linear
 #      probe + kNN, multi-block and attentive probes, the strong fine-tune (FINETUNE_EPOCHS, default 2), each for
 #      the pretrained and a random-init encoder, then the comparison table of their accuracies and the Hub folder.
-# Results go to $OUT (or ./gpu_check), seven files and one archive: gpu.txt, benchmark_{model,pipeline}.{txt,json},
-# reproduce.txt (every step's output and time), comparison.md and results.tar.gz (the result JSON files); the runs
-# themselves (models, checkpoints) stay in $RUNS (./gpu_check_runs; remove it for a fresh run: reproduce.py skips
-# the steps it finds done). SKIP_BENCHMARKS=1 runs steps 1 and 4 alone. Run it from the repository root.
+# Results go to $OUT (or ./gpu_check), eleven files and one archive: gpu.txt,
+# benchmark_{model,pipeline,vit_b,data}.{txt,json}, reproduce.txt (every step's output and time), comparison.md and
+# results.tar.gz (the result JSON files); the runs themselves (models, checkpoints, the synthetic prepared folders)
+# stay in $RUNS (./gpu_check_runs; remove it for a fresh run: reproduce.py skips the steps it finds done).
+# SKIP_BENCHMARKS=1 runs steps 1 and 6 alone. Run it from the repository root.
 #
 # Dry run, on a CPU, before a GPU is lent (a test runs it): `DRY=1 bash scripts/gpu_check.sh` or
 # `bash scripts/gpu_check.sh --dry`. The same steps, commands, recipes and output files, at tiny sizes: a model of
@@ -63,6 +69,8 @@ if [ "$DRY" = 1 ]; then  # tiny sizes on the CPU; everything else as on the GPU
     SAMPLES="--max_train_samples 48 --max_eval_samples 16"
     BENCHMARK="--device cpu --batch_size 8 --warmup 1 --rounds 1 --config_overrides $TINY"
     MODEL_STEPS=1 PIPELINE_STEPS=2 PIPELINE_IMAGES=64
+    VIT_B="--device cpu --batch_size 8 --warmup 1 --rounds 1 --steps 2 --config_overrides $TINY"
+    PREPARED_IMAGES=64 DATA_WORKERS=1 DATA_SIZES="24 48" DATA_BATCH=8
     PRETRAIN_EPOCHS=1 FINETUNE_EPOCHS=1
     PRETRAIN_SIZES="--config_overrides $TINY --per_device_train_batch_size 16 --per_device_eval_batch_size 16 $SAMPLES"
     PROBE_SIZES="--knn_k 5 --probe_epochs 1 --attentive_epochs 1 --attentive_heads 2 --feature_batch_size 16 $SAMPLES"
@@ -70,6 +78,8 @@ if [ "$DRY" = 1 ]; then  # tiny sizes on the CPU; everything else as on the GPU
 else
     BENCHMARK="--batch_size 512 --compile --warmup 5 --rounds 3"
     MODEL_STEPS=20 PIPELINE_STEPS=50 PIPELINE_IMAGES=50000
+    VIT_B="--batch_size 256 --compile --warmup 5 --rounds 3 --steps 30"
+    PREPARED_IMAGES=20000 DATA_WORKERS=12 DATA_SIZES="2000 20000" DATA_BATCH=256
     PRETRAIN_SIZES="" PROBE_SIZES="" FINETUNE_SIZES=""
 fi
 
@@ -146,6 +156,18 @@ step_benchmark_pipeline() {
         | tee "$OUT/benchmark_pipeline.txt"
 }
 
+step_benchmark_vit_b() {  # ViT-B/16 at 224 px: the model-only step, then the whole pipeline reading a prepared folder
+    python scripts/benchmark.py --suite pipeline --config_name configs/models/mae_vit_base_patch16.json $VIT_B \
+        --pipeline_prepared "$PREPARED_IMAGES" --data_workers "$DATA_WORKERS" --data_dir "$RUNS/data" \
+        --output_json "$OUT/benchmark_vit_b.json" | tee "$OUT/benchmark_vit_b.txt"
+}
+
+step_benchmark_data() {  # the data path alone, on this machine's CPUs: prepared folder against run_mae.py's way
+    python scripts/benchmark.py --suite data --data_sizes $DATA_SIZES --data_workers "$DATA_WORKERS" \
+        --batch_size "$DATA_BATCH" --data_dir "$RUNS/data" --output_json "$OUT/benchmark_data.json" \
+        | grep -v "^\[" | tee "$OUT/benchmark_data.txt"
+}
+
 step_reproduce() {
     python scripts/reproduce.py --output_dir "$RUNS/reproduce" --dataset_name "$DATA" \
         --pretrain_args "--num_train_epochs $PRETRAIN_EPOCHS --eval_steps 0.5 --save_steps 0.5 --disable_tqdm true \
@@ -160,7 +182,7 @@ $FINETUNE_SIZES" \
     cat "$OUT/comparison.md"
 }
 
-STEPS=(gpu benchmark_model benchmark_pipeline reproduce)
+STEPS=(gpu benchmark_model benchmark_pipeline benchmark_vit_b benchmark_data reproduce)
 if [ "${SKIP_BENCHMARKS:-0}" = 1 ]; then STEPS=(gpu reproduce); fi
 
 mkdir -p "$OUT"

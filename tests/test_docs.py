@@ -140,8 +140,8 @@ def test_gpu_check_help_runs_nothing(tmp_path):
 
 
 def user_facing_files() -> list[Path]:
-    return markdown_files() + sorted((ROOT / "configs").iterdir()) + [ROOT / "model_card.md",
-                                                                     ROOT / "scripts/gpu_check.sh"]
+    configs = sorted(path for path in (ROOT / "configs").rglob("*") if path.is_file())  # presets and model files
+    return markdown_files() + configs + [ROOT / "model_card.md", ROOT / "scripts/gpu_check.sh"]
 
 
 def test_user_facing_text_names_no_issue_numbers():

@@ -12,7 +12,8 @@ import datasets
 import pytest
 
 OUTPUT_FILES = ("gpu.txt", "benchmark_model.txt", "benchmark_model.json", "benchmark_pipeline.txt",
-                "benchmark_pipeline.json", "reproduce.txt", "comparison.md", "results.tar.gz")
+                "benchmark_pipeline.json", "benchmark_vit_b.txt", "benchmark_vit_b.json", "benchmark_data.txt",
+                "benchmark_data.json", "reproduce.txt", "comparison.md", "results.tar.gz")
 
 
 def gpu_check(repo_root, tmp_path, *args, **environment):
@@ -32,9 +33,14 @@ def test_dry_run_makes_every_output_file(repo_root, tmp_path, parquet_folder):
     assert sorted(os.listdir(folder)) == sorted(OUTPUT_FILES)  # the files of a GPU run, and nothing else
     for name in OUTPUT_FILES:
         assert (folder / name).stat().st_size > 0, name
-    for name in ("benchmark_model.json", "benchmark_pipeline.json"):
+    for name in ("benchmark_model.json", "benchmark_pipeline.json", "benchmark_vit_b.json", "benchmark_data.json"):
         record = json.loads((folder / name).read_text())
         assert record["device"] == "cpu" and "scripts/benchmark.py" in record["command"], name
+    vit_b = json.loads((folder / "benchmark_vit_b.json").read_text())
+    # the ViT-B/16 file (tiny overrides on top in a dry run), reading a prepared folder from disk
+    assert "configs/models/mae_vit_base_patch16.json" in vit_b["command"] and "--pipeline_prepared" in vit_b["command"]
+    assert "pipeline / model-only" in (folder / "benchmark_vit_b.txt").read_text()
+    assert "images / worker CPU-s" in (folder / "benchmark_data.txt").read_text()
     assert "all steps done" in (folder / "reproduce.txt").read_text()
     table = (folder / "comparison.md").read_text()
     for row in ("| Linear probe", "| Multi-block linear probe", "| Attentive probe", "| kNN, k = 5",
@@ -44,7 +50,7 @@ def test_dry_run_makes_every_output_file(repo_root, tmp_path, parquet_folder):
         names = sorted(archive.getnames())
     assert len(names) == 10 and all(name.endswith("_results.json") for name in names)
     assert (tmp_path / "runs" / "reproduce" / "hub" / "README.md").is_file()
-    for step in ("gpu", "benchmark_model", "benchmark_pipeline", "reproduce"):
+    for step in ("gpu", "benchmark_model", "benchmark_pipeline", "benchmark_vit_b", "benchmark_data", "reproduce"):
         assert f"[gpu_check] {step}: " in out, step
 
 
