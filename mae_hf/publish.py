@@ -123,6 +123,9 @@ def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str:
     """The Hub dataset the card names (metadata and data row alike): the run's own Hub id, or for a run on a local
     copy `dataset_id` (default CIFAR-10's). A `dataset_id` that contradicts the run's Hub id is an error."""
     trained_on = summary["dataset_name"]
+    source = (summary.get("prepared_from") or {}).get("dataset_name")
+    if is_local_dataset(trained_on) and source and not is_local_dataset(source):
+        trained_on = source  # a folder prepared from a Hub dataset: that dataset
     if is_local_dataset(trained_on):
         return dataset_id or DEFAULT_DATASET_ID
     if dataset_id and dataset_id != trained_on and DATASET_TITLES.get(dataset_id, dataset_id) != \
@@ -135,7 +138,8 @@ def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str:
 def data_description(summary: dict, dataset_id: str) -> str:
     """The data row: the Hub dataset, and where the run read it from when that was a local copy."""
     trained_on = summary["dataset_name"]
-    where = f"{dataset_id} (local copy at `{trained_on}`)" if is_local_dataset(trained_on) else dataset_id
+    prepared = " prepared" if summary.get("prepared_from") else ""
+    where = f"{dataset_id} (local{prepared} copy at `{trained_on}`)" if is_local_dataset(trained_on) else dataset_id
     return f"{where}: {summary['train_split']} ({summary['train_samples']} images)"
 
 

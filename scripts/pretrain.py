@@ -26,6 +26,7 @@ from mae_hf.data import (
     load_image_splits,
     skipped_images,
 )
+from mae_hf.data.prepared import prepared_source
 from mae_hf.inputs import read_json_object
 from mae_hf.redaction import recorded_command
 from mae_hf.results import software_versions
@@ -176,6 +177,8 @@ def pretrain(run, model_args, data_args, args):
             "train_samples": len(train), "eval_samples": len(evaluation), **run.record(trainer.state),
             "data_in_memory": train.in_memory, "dataloader_num_workers": args.dataloader_num_workers,
             "data": data_args.recorded(),  # every data flag: visualize.py and the card read the run's own data
+            **({"prepared_from": prepared_source(data_args.dataset_name)} if prepared_source(data_args.dataset_name)
+               else {}),
             **({"skipped_images": skipped_images(train, evaluation)} if data_args.skip_bad_images else {}),
             "global_batch_size": args.global_batch_size, "learning_rate": args.learning_rate,
             "weight_decay": args.weight_decay, "decay_all_parameters": args.decay_all_parameters,

@@ -582,3 +582,29 @@ def test_data_on_the_gpu_is_not_given_to_worker_processes(tmp_path, monkeypatch)
     streamed = StreamedImages(reader=[], sizes=[], canvas=(3, 2, 2))
     with pytest.raises(UsageError, match="--data_on_device true needs the images in memory"):
         no_workers.place_data_on_device(streamed)
+
+
+def test_a_parquet_split_without_rows_is_named(tmp_path, capsys):
+    folder = tmp_path / "data"
+    make_dataset(folder, [0, 1, 2] * 4)
+    write_split(folder / "test.parquet", [])  # a split written empty
+    with pytest.raises(ValueError, match=r"test.parquet holds no rows: its split would be empty"):
+        load_image_splits(DataArguments(dataset_name=str(folder)), 8)
+    with pytest.raises(ValueError, match=r"holds no rows"):
+        load_image_splits(DataArguments(dataset_name=str(folder / "test.parquet")), 8)
+
+
+def test_pretraining_goes_on_when_the_evaluation_split_has_classes_training_lacks(tmp_path, scripts, capsys):
+    """Only the kNN monitor uses labels in pretraining: those images are left out of it, with a warning."""
+    folder = make_dataset(tmp_path / "data", [0, 1] * 12, [0, 1, 2, 2, 0, 1, 2, 2])
+    output = tmp_path / "run"
+    call(scripts.pretrain.main, ["--dataset_name", folder, "--output_dir", output, "--config_overrides", TINY,
+                                 "--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--knn_k", "2",
+                                 "--disable_tqdm", "true"])
+    captured = capsys.readouterr()
+    assert "the evaluation split (test) has 1 class(es) that the training split (train) lacks: ['ship']" in \
+        captured.err
+    summary = json.loads((output / "pretraining_summary.json").read_text())
+    assert summary["eval_samples"] == 8 and summary["eval_knn_accuracy"] is not None
+    with pytest.raises(ValueError, match="are classes that the training split does not have"):  # a classifier
+        load_image_splits(DataArguments(dataset_name=folder), 8, require_labels=True)

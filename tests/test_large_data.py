@@ -496,3 +496,14 @@ def test_data_benchmarks_run_at_a_tiny_scale(tmp_path):
     main(["--suite", "memory", "--memory_sizes", "8", "24", *common, str(tmp_path / "memory.json")])
     rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
     assert [row["images"] for row in rows] == [8, 24] and rows[1]["pixels"] > rows[0]["pixels"]
+
+
+def test_a_card_names_the_hub_dataset_a_folder_was_prepared_from(prepared):
+    from mae_hf.data.prepared import prepared_source
+    from mae_hf.publish import data_description, resolve_dataset_id
+
+    assert prepared_source(str(prepared))["dataset_name"].endswith("mixed0") and prepared_source("elsewhere") is None
+    summary = {"dataset_name": str(prepared), "train_split": "train", "train_samples": 50,
+               "prepared_from": {"dataset_name": "user/photos"}}
+    assert resolve_dataset_id(summary, None) == "user/photos"
+    assert data_description(summary, "user/photos").startswith(f"user/photos (local prepared copy at `{prepared}`)")

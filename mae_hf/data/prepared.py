@@ -32,6 +32,15 @@ def is_prepared(folder: str) -> bool:
     return os.path.isdir(folder) and os.path.isfile(os.path.join(folder, PREPARED_MANIFEST))
 
 
+def prepared_source(folder: str) -> dict | None:
+    """What a prepared folder was prepared from (its source flags: dataset_name, train_dir, ...), or None for any
+    other data."""
+    if not is_prepared(folder):
+        return None
+    source = read_json_object(os.path.join(folder, PREPARED_MANIFEST)).get("identity", {}).get("source", {})
+    return {key: value for key, value in source.items() if value is not None} or None
+
+
 def prepare_command(manifest: dict) -> str:
     return manifest.get("command") or "python scripts/prepare_data.py ... (the command that started it)"
 
