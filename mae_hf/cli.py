@@ -65,8 +65,13 @@ def debug_enabled(flag_given: bool = False) -> bool:
 
 
 def error_message(error: BaseException) -> str:
-    """One paragraph: the error's text (or its type when it has none), on one line, without a doubled "error:"."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    """One paragraph: the error's text (or its type when it has none), on one line, without a doubled "error:". An
+    error raised in a DataLoader worker arrives with the worker's traceback in its text: only its message is kept."""
+    raw = str(error)
+    if raw.startswith("Caught ") and "Original Traceback" in raw:
+        last = [line for line in raw.splitlines() if line.strip()][-1]  # "package.module.Error: the message"
+        raw = last.split(": ", 1)[1] if ": " in last else last
+    text = " ".join(raw.split()) or type(error).__name__
     if isinstance(error, OSError) and not isinstance(error, MAEHFError) and error.filename and \
             str(error.filename) not in text:
         text += f": {error.filename}"

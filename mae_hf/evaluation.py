@@ -1,6 +1,7 @@
 """Evaluating a frozen encoder: features once, then kNN votes or a linear probe trained on the cached features
 (the multi-block and attentive probes, on the same single pass, are in `probes.py`)."""
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ import torch
 from . import probes
 from .cli import UsageError
 from .data import BatchTransform, eval_crop_fraction, load_image_splits, skipped_images
+from .data.streaming import fit_workers_to_shared_memory
 from .features import knn_predict
 from .metrics import accuracy
 from .modeling_mae import MAEForImageClassification
@@ -103,9 +105,9 @@ def load_classifier(model_args, random_init: bool, seed: int, new_head: str | No
                          "(the encoder is kept).")
     config.update(config_changes)
     config.check()
+    torch.manual_seed(seed)  # a new head (or encoder) is drawn from the seed, whatever ran before in this process
     if model_args.model_name_or_path and not random_init:
         return load_pretrained(MAEForImageClassification, model_args, config, new_head=new_head)
-    torch.manual_seed(seed)
     return MAEForImageClassification(config)
 
 
@@ -156,11 +158,19 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
         raise ValueError(f"--attentive_heads {args.attentive_heads} must divide the encoder's hidden size "
                          f"{config.hidden_size}.")
     image_size = config.image_size
+    def before_decoding(train, _):
+        if args.knn and max(args.knn_k) > len(train):
+            raise ValueError(f"--knn_k {max(args.knn_k)} needs at least that many training images; the training "
+                             f"split has {len(train)}. Pass smaller values, e.g. --knn_k {min(20, len(train))}.")
+
     train, evaluation = load_image_splits(data_args, image_size, config.num_channels, require_labels=True,
-                                          token=model_args.token, num_workers=args.dataloader_num_workers)
-    if args.knn and max(args.knn_k) > len(train):
-        raise ValueError(f"--knn_k {max(args.knn_k)} needs at least that many training images; the training split "
-                         f"has {len(train)}. Pass smaller values, e.g. --knn_k {min(20, len(train))}.")
+                                          token=model_args.token, num_workers=args.dataloader_num_workers,
+                                          check=before_decoding)
+    for split in (train, evaluation):  # one pass at a time, each with its workers' batches in shared memory
+        if split.num_workers:
+            split.num_workers, _ = fit_workers_to_shared_memory(
+                split.num_workers, 2, args.feature_batch_size * math.prod(split.canvas),
+                chosen=args.dataloader_num_workers is not None)
     num_labels = train.num_classes  # the class names when the label column has them: validated at load
     names = train.class_names or [str(i) for i in range(num_labels)]
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
@@ -169,8 +179,8 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
                             new_head="the probe's head is new and trained here" if args.linear_probe else None
                             ).to(device)
 
-    plain = BatchTransform.for_model(model.config,
-                                     eval_crop_fraction=eval_crop_fraction(data_args, image_size, train))
+    crop_fraction = eval_crop_fraction(data_args, image_size, train)
+    plain = BatchTransform.for_model(model.config, eval_crop_fraction=crop_fraction)
     multiblock = args.linear_probe and args.feature_blocks > 1
     caches = {name: probes.token_cache_for(len(split), model.config, device, args.token_cache, args.output_dir, name)
               for name, split in (("train", train), ("eval", evaluation))} if args.attentive_probe else {}
@@ -196,8 +206,10 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
             "device": str(device),
             "bf16": bf16,
             "feature_seconds": round(feature_seconds, 2),
+            "eval_crop_fraction": crop_fraction,
+            "stored_short_side": train.short_side,
         }
-        if data_args.skip_bad_images:
+        if data_args.skip_bad_images or train.skipped or evaluation.skipped:
             common["skipped_images"] = skipped_images(train, evaluation)
         results = {}
         if args.knn:

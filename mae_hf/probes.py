@@ -252,6 +252,7 @@ def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
 
 def train_multiblock_probe(train_features, train_labels, num_labels: int, args) -> LinearHead:
     """The linear probe's recipe (epochs, batch, SGD learning rate, weight decay) on multi-block features."""
+    torch.manual_seed(args.seed)  # the head's initial weights: from the seed, whatever ran before in this process
     head = LinearHead(train_features.shape[1], num_labels).to(train_features.device)
     return fit_head(head, head, list(head.parameters()), train_features, train_labels, epochs=args.probe_epochs,
                     batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,

@@ -419,7 +419,7 @@ class ImageTrainingArguments(TrainingArguments):
         with --seed and the process index), the centre crop and normalisation for eval."""
         crop = (self.crop_min_scale, 1.0) if self.crop_min_scale < 1 else None
         return (BatchTransform.for_model(config, crop_scale=crop, hflip=self.horizontal_flip,
-                                         seed=self.seed + self.process_index),
+                                         seed=self.seed + self.process_index, training=True),
                 BatchTransform.for_model(config, eval_crop_fraction=eval_crop_fraction))
 
     def requested_workers(self) -> int | None:
@@ -427,14 +427,12 @@ class ImageTrainingArguments(TrainingArguments):
         return self.dataloader_num_workers if self.workers_chosen else None
 
     def configure_loaders(self, train, evaluation) -> None:
-        """DataLoader settings for how the splits are held: images in memory need no workers; images read from
-        disk get the split's workers, kept between epochs (persistent), with their batches in flight checked
-        against the free shared memory (/dev/shm)."""
-        if train.in_memory and evaluation.in_memory:
-            if not self.workers_chosen:
-                self.dataloader_num_workers = 0
-        elif not self.workers_chosen:
-            self.dataloader_num_workers = train.num_workers
+        """DataLoader settings for how the splits are held: images in one tensor need no workers; images read
+        from disk (or pasted onto canvases from packed memory) get the split's workers, kept between epochs
+        (persistent), with their batches in flight checked against the free shared memory (/dev/shm). The passes
+        over a split (kNN monitor, features) use the same number of workers."""
+        if not self.workers_chosen:
+            self.dataloader_num_workers = max(train.num_workers, evaluation.num_workers)
         if self.dataloader_num_workers == 0:
             self.dataloader_persistent_workers, self.dataloader_prefetch_factor = False, None
             return
@@ -442,11 +440,15 @@ class ImageTrainingArguments(TrainingArguments):
             self.dataloader_persistent_workers = True
         from .data.streaming import fit_workers_to_shared_memory
 
-        batch_bytes = max(self.per_device_train_batch_size * math.prod(train.canvas),
-                          self.per_device_eval_batch_size * math.prod(evaluation.canvas))
+        # the training loader's prefetched batches wait while the persistent evaluation loader fills its own
+        batch_bytes = (self.per_device_train_batch_size * math.prod(train.canvas)
+                       + self.per_device_eval_batch_size * math.prod(evaluation.canvas))
         self.dataloader_num_workers, self.dataloader_prefetch_factor = fit_workers_to_shared_memory(
             self.dataloader_num_workers, self.dataloader_prefetch_factor or 2, batch_bytes,
             chosen=self.workers_chosen)
+        for split in (train, evaluation):
+            if split.num_workers:
+                split.num_workers = self.dataloader_num_workers
 
     def place_data_on_device(self, data) -> bool:
         """Whether to move an in-memory training split to the GPU (--data_on_device)."""

@@ -94,11 +94,10 @@ def finetune(run, model_args, data_args, args):
     random_init = args.random_init
     try:
         config = build_config(model_args)
-        train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
-                                              require_labels=True, token=model_args.token,
-                                              num_workers=args.requested_workers())
-        if args.do_train:
-            args.check_enough_images(len(train))
+        train, evaluation = load_image_splits(
+            data_args, config.image_size, config.num_channels, require_labels=True, token=model_args.token,
+            num_workers=args.requested_workers(),
+            check=lambda train, _: args.check_enough_images(len(train)) if args.do_train else None)
         args.configure_loaders(train, evaluation)
         decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
     except (ValueError, OSError) as error:
@@ -158,7 +157,10 @@ def finetune(run, model_args, data_args, args):
             "eval_split": evaluation.split,
             "train_samples": len(train),
             "eval_samples": len(evaluation),
-            **({"skipped_images": skipped_images(train, evaluation)} if data_args.skip_bad_images else {}),
+            **({"skipped_images": skipped_images(train, evaluation)}
+               if data_args.skip_bad_images or train.skipped or evaluation.skipped else {}),
+            "eval_crop_fraction": crop_fraction,
+            "stored_short_side": train.short_side,
             "eval_accuracy": metrics["eval_accuracy"],
             "eval_loss": metrics["eval_loss"],
             **({"eval_ema_accuracy": metrics["eval_ema_accuracy"], "eval_ema_loss": metrics["eval_ema_loss"],

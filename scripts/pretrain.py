@@ -72,11 +72,11 @@ def main(argv=None):
         push_output(args, model_args)  # inside the lock: no other run writes into the folder being uploaded
 
 
-def check_knn_bank(args, train) -> None:
+def check_knn_bank(args, labels) -> None:
     """The kNN monitor needs more labelled training images than neighbours, or its accuracy means nothing."""
-    if not args.knn_eval or train.labels is None:
+    if not args.knn_eval or labels is None:
         return
-    bank = int((train.labels >= 0).sum())
+    bank = int((labels >= 0).sum())
     if args.knn_max_train_samples is not None:
         bank = min(bank, args.knn_max_train_samples)
     if 0 < bank < args.knn_k:
@@ -107,11 +107,14 @@ def pretrain(run, model_args, data_args, args):
     set_seed(args.seed)  # before the model is initialised
     try:
         config = build_config(model_args, norm_pix_loss=True)
+        def before_decoding(train, evaluation):  # a run that cannot train fails before the images are decoded
+            if args.do_train:
+                args.check_enough_images(len(train))
+            check_knn_bank(args, train.labels)
+
         train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
-                                              token=model_args.token, num_workers=args.requested_workers())
-        if args.do_train:
-            args.check_enough_images(len(train))
-        check_knn_bank(args, train)
+                                              token=model_args.token, num_workers=args.requested_workers(),
+                                              check=before_decoding)
         args.configure_loaders(train, evaluation)
         decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
     except (ValueError, OSError) as error:
@@ -179,7 +182,10 @@ def pretrain(run, model_args, data_args, args):
             "data": data_args.recorded(),  # every data flag: visualize.py and the card read the run's own data
             **({"prepared_from": prepared_source(data_args.dataset_name)} if prepared_source(data_args.dataset_name)
                else {}),
-            **({"skipped_images": skipped_images(train, evaluation)} if data_args.skip_bad_images else {}),
+            **({"skipped_images": skipped_images(train, evaluation)}
+               if data_args.skip_bad_images or train.skipped or evaluation.skipped else {}),
+            "eval_crop_fraction": eval_crop_fraction(data_args, config.image_size, train),
+            "stored_short_side": train.short_side,
             "global_batch_size": args.global_batch_size, "learning_rate": args.learning_rate,
             "weight_decay": args.weight_decay, "decay_all_parameters": args.decay_all_parameters,
             "max_grad_norm": args.max_grad_norm, "adam_betas": [args.adam_beta1, args.adam_beta2],

@@ -14,8 +14,9 @@ from mae_hf.data.transforms import center_crop, random_resized_crop
 
 def test_parquet_folder_uses_train_and_test_splits(parquet_folder):
     train, evaluation = load_image_splits(DataArguments(dataset_name=str(parquet_folder)), image_size=8)
-    assert train.images.shape == (48, 3, 8, 8) and train.images.dtype == torch.uint8
-    assert evaluation.images.shape == (16, 3, 8, 8)
+    # 12 x 12 images stored at short side 9 for an 8 px model: room for the evaluation's centre crop of 8
+    assert train.images.shape == (48, 3, 9, 9) and train.images.dtype == torch.uint8
+    assert evaluation.images.shape == (16, 3, 9, 9) and train.short_side == 9
     assert train.class_names == ["cat", "dog", "ship"]
     assert train.labels.tolist() == list(range(3)) * 16
     assert (train.split, evaluation.split) == ("train", "test")
@@ -258,3 +259,16 @@ def test_packed_images_read_as_canvases_do():
     subset = stored.subset(torch.tensor([2, 1]))
     assert torch.equal(subset.read([0, 1])[0], dense.read([2, 1])[0]) and subset.labels.tolist() == [2, 1]
     assert torch.equal(dense.images[0, :, 4:, :9], dense.images[0, :, 3:4, :9].expand(-1, 5, -1))
+
+
+def test_a_training_transform_without_random_crops_never_reads_device_values():
+    """--crop_min_scale 1 trains on the centre crop: bilinear in one grid_sample, no host read of the crop sizes
+    (on a GPU that would wait for the device every step); evaluation's antialiased crop may group on the host."""
+    ramp = torch.arange(16).view(1, 1, 16) * 8 + torch.arange(12).view(1, 12, 1) * 4  # smooth: both resamplings agree
+    images = ramp.expand(4, 3, 12, 16).to(torch.uint8)
+    sizes = torch.tensor([[12, 16], [10, 10], [12, 12], [9, 16]])
+    training = BatchTransform(8, [0.5] * 3, [0.25] * 3, eval_crop_fraction=0.875, training=True)
+    meta = training(images.to("meta"), sizes.to("meta"))  # meta tensors have no values: any host read fails
+    assert meta.shape == (4, 3, 8, 8)
+    evaluation = BatchTransform(8, [0.5] * 3, [0.25] * 3, eval_crop_fraction=0.875)
+    torch.testing.assert_close(training(images, sizes), evaluation(images, sizes), atol=0.2, rtol=0)

@@ -125,7 +125,8 @@ def test_both_paths_hold_the_same_pictures(prepared, mixed_source):
     from_disk, _ = load_image_splits(DataArguments(dataset_name=str(prepared), data_in_memory="false"), 8,
                                      num_workers=0)
     in_memory, _ = load_image_splits(DataArguments(dataset_name=str(prepared), data_in_memory="true"), 8)
-    source, _ = load_image_splits(DataArguments(dataset_name=str(mixed_source), data_in_memory="true"), 8)
+    # from the source for a 7 px model: stored at short side 8 (room for a 7 px centre crop), as the folder
+    source, _ = load_image_splits(DataArguments(dataset_name=str(mixed_source), data_in_memory="true"), 7)
     assert not from_disk.in_memory and in_memory.in_memory and from_disk.canvas == in_memory.canvas == (3, 11, 12)
     for data in (in_memory, source):
         images, sizes = data.read(range(10))
@@ -294,7 +295,8 @@ def test_bad_images_in_a_source_to_prepare(tmp_path, scripts, capsys):
     assert "broken.png" in manifest["splits"]["train"]["shards"][0]["skipped"][0]
     train, evaluation = load_image_splits(DataArguments(dataset_name=str(tmp_path / "lenient"),
                                                         validation_split_percentage=50), 8)
-    assert len(train) + len(evaluation) == 6 and any("broken.png" in entry for entry in train.skipped)
+    assert len(train) + len(evaluation) == 6  # the broken image is listed once, in the split its row falls into
+    assert sum("broken.png" in entry for entry in train.skipped + evaluation.skipped) == 1
 
 
 @pytest.mark.parametrize("change, message", [
@@ -507,3 +509,101 @@ def test_a_card_names_the_hub_dataset_a_folder_was_prepared_from(prepared):
                "prepared_from": {"dataset_name": "user/photos"}}
     assert resolve_dataset_id(summary, None) == "user/photos"
     assert data_description(summary, "user/photos").startswith(f"user/photos (local prepared copy at `{prepared}`)")
+
+
+# ---- what the review of the data path asked for ----------------------------------------------------------------
+
+def test_a_source_and_its_prepared_copy_hold_out_and_draw_the_same_images(tmp_path, scripts):
+    """Holding out and drawing happen among the source's rows, images left out while preparing included: the
+    prepared copy selects exactly the source's images (less the bad ones), and lists each skipped image once."""
+    source = tmp_path / "tree"
+    for index in range(30):
+        folder = source / f"c{index % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((10, 12, 3), index * 8, dtype=np.uint8)).save(folder / f"{index:02d}.png")
+    for bad in ("c0/03.png", "c1/19.png"):
+        (source / bad).write_bytes(b"broken")
+    scripts.prepare_data.main(["--train_dir", str(source), "--output_dir", str(tmp_path / "prepared"), "--short_side",
+                               "9", "--skip_bad_images", "true", "--num_proc", "1", "--disable_tqdm", "true"])
+    for flags in ({"validation_split_percentage": 30}, {"validation_split_percentage": 30, "max_train_samples": 9},
+                  {"validation_split_percentage": 20, "max_eval_samples": 4}):
+        chosen = {}
+        for name, data in (("source", {"train_dir": str(source)}),
+                           ("prepared", {"dataset_name": str(tmp_path / "prepared")})):
+            train, evaluation = load_image_splits(DataArguments(**data, skip_bad_images=True, **flags), 8)
+            # each image's grey level says which file it is
+            chosen[name] = [sorted(split.read(range(len(split)))[0][:, 0, 0, 0].tolist()) for split in (train,
+                                                                                                      evaluation)]
+            chosen[name + " skipped"] = sorted(train.skipped + evaluation.skipped)
+        assert chosen["source"] == chosen["prepared"], flags
+        assert len(chosen["prepared skipped"]) == len(chosen["source skipped"]) <= 2
+
+
+def test_a_prepared_folder_s_skipped_images_reach_the_summary_without_the_flag(tmp_path, scripts):
+    source = tmp_path / "tree"
+    for index in range(20):
+        folder = source / f"c{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (10, 10), (index * 10, 0, 0)).save(folder / f"{index:02d}.png")
+    (source / "c0" / "00.png").write_bytes(b"")
+    scripts.prepare_data.main(["--train_dir", str(source), "--output_dir", str(tmp_path / "prepared"), "--short_side",
+                               "9", "--skip_bad_images", "true", "--num_proc", "1", "--disable_tqdm", "true"])
+    scripts.pretrain.main(pretrain_args(tmp_path / "run", tmp_path / "prepared", "--num_train_epochs", "1",
+                                        "--per_device_train_batch_size", "4", "--validation_split_percentage", "20"))
+    summary = json.loads((tmp_path / "run" / "pretraining_summary.json").read_text())
+    listed = [entry for entries in summary["skipped_images"].values() for entry in entries]
+    assert len(listed) == 1 and "00.png" in listed[0]
+    assert summary["eval_crop_fraction"] == 8 / 9 and summary["stored_short_side"] == 9
+
+
+def test_a_bad_image_read_from_its_source_during_training_is_one_clear_line(tmp_path, repo_root, scripts, capsys):
+    source = tmp_path / "tree"
+    for index in range(16):
+        folder = source / f"c{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (10, 10), (index * 10, 0, 0)).save(folder / f"{index:02d}.jpg", quality=95)
+    data = (source / "c1" / "05.jpg").read_bytes()
+    (source / "c1" / "05.jpg").write_bytes(data[:len(data) // 2])  # a header that reads, pixels that do not
+    flags = ["--output_dir", str(tmp_path / "run"), "--train_dir", str(source), "--config_overrides", TINY,
+             "--data_in_memory", "false", "--validation_split_percentage", "25", "--knn_eval", "false",
+             "--disable_tqdm", "true", "--per_device_train_batch_size", "4"]
+    with pytest.raises(SystemExit, match="--skip_bad_images true with images read from their source"):
+        scripts.pretrain.main([*flags, "--skip_bad_images", "true"])
+    result = subprocess.run([sys.executable, "scripts/pretrain.py", *flags, "--num_train_epochs", "2",
+                             "--dataloader_num_workers", "1"],
+                            cwd=repo_root, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "05.jpg" in last and "cannot be decoded" in last, last
+
+
+def test_preparing_checks_labels_and_splits_before_any_work(tmp_path, scripts, mixed_source, prepared):
+    strings = tmp_path / "strings"
+    strings.mkdir()
+    datasets.Dataset.from_dict({"img": [Image.new("RGB", (4, 4))] * 4, "label": ["cat", "dog"] * 2},
+                               features=datasets.Features({"img": datasets.Image(), "label": datasets.Value(
+                                   "string")})).to_parquet(str(strings / "train.parquet"))
+    with pytest.raises(ValueError, match="holds string values, not integer class indices"):
+        scripts.prepare_data.main(["--dataset_name", str(strings), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    scripts.prepare_data.main(["--dataset_name", str(mixed_source), "--output_dir", str(tmp_path / "one"),
+                               "--splits", "train,test", "--short_side", "8", "--disable_tqdm", "true"])
+    assert sorted(json.loads((tmp_path / "one" / PREPARED_MANIFEST).read_text())["splits"]) == ["test", "train"]
+    with pytest.raises(ValueError, match="is already a prepared folder.*prepare them from its source"):
+        scripts.prepare_data.main(["--dataset_name", str(prepared), "--output_dir", str(tmp_path / "again")])
+
+
+def test_a_prepared_folder_s_labels_are_its_label_column(tmp_path, scripts, prepared):
+    with pytest.raises(ValueError, match="a prepared folder, whose labels are its column 'label'"):
+        load_image_splits(DataArguments(dataset_name=str(prepared), label_column_name="source_row"), 8,
+                          require_labels=True)
+    unlabelled = tmp_path / "unlabelled"
+    for index in range(12):
+        unlabelled.mkdir(exist_ok=True)
+        Image.new("RGB", (10, 10)).save(unlabelled / f"{index}.png")
+    scripts.prepare_data.main(["--train_dir", str(unlabelled), "--output_dir", str(tmp_path / "prepared_unlabelled"),
+                               "--short_side", "8", "--num_proc", "1", "--disable_tqdm", "true"])
+    with pytest.raises(ValueError, match="was prepared without labels"):
+        load_image_splits(DataArguments(dataset_name=str(tmp_path / "prepared_unlabelled")), 8, require_labels=True)
+    train, _ = load_image_splits(DataArguments(dataset_name=str(tmp_path / "prepared_unlabelled")), 8)
+    assert train.labels is None

@@ -12,7 +12,7 @@ import torch
 
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import UsageError, parse_args, parse_overrides, run_script
-from mae_hf.data import BatchTransform, DataArguments, fixed_noise, load_image_splits
+from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed_noise, load_image_splits
 from mae_hf.runs import RunError
 from mae_hf.training import ModelArguments, PretrainingArguments, build_config
 
@@ -36,9 +36,11 @@ def test_run_leaves_a_complete_folder(pretrained_run):
 def test_eval_loss_is_comparable_between_evaluations(pretrained_run, parquet_folder):
     folder, _ = pretrained_run
     model = MAEForPreTraining.from_pretrained(folder)
-    _, evaluation = load_image_splits(DataArguments(dataset_name=str(parquet_folder)), model.config.image_size)
+    data_args = DataArguments(dataset_name=str(parquet_folder))
+    train, evaluation = load_image_splits(data_args, model.config.image_size)
     noise = fixed_noise(len(evaluation), model.config.num_patches, seed=42)
-    pixel_values = BatchTransform.for_model(model.config)(evaluation.images)
+    crop = eval_crop_fraction(data_args, model.config.image_size, train)
+    pixel_values = BatchTransform.for_model(model.config, eval_crop_fraction=crop)(evaluation.images, evaluation.sizes)
     with torch.no_grad():
         losses = [model(pixel_values, noise=noise).loss.item() for _ in range(2)]
     assert losses[0] == losses[1]

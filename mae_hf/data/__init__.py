@@ -7,6 +7,7 @@
     readers.py    random access to a split's stored images
     memory.py     a split decoded once into one tensor (fits in memory)
     streaming.py  a split decoded batch by batch in DataLoader workers (does not)
+    splits.py     one split however held (ImageData), the Dataset loaders read, a sequential pass
     prepared.py   the prepared-folder format (prepare.py writes it; scripts/prepare_data.py)
     policy.py     which of the two, decided once and said
     transforms.py crop, flip, normalise whole batches on the training device
@@ -14,6 +15,7 @@
 `load_image_splits` is the one entry point: every bad flag or input fails there, before any training starts.
 """
 
+import re
 import sys
 
 import numpy as np
@@ -23,14 +25,14 @@ from ..cli import UsageError
 from .arguments import DataArguments, SourceArguments
 from .decode import Geometry
 from .labels import check_labels, label_values
-from .memory import InMemoryImages, cpus_per_process, decode_into_memory, header_sizes, keep_rows
+from .memory import CANVAS_WASTE, InMemoryImages, cpus_per_process, decode_into_memory, header_sizes, keep_rows
 from .policy import all_processes_agree, gigabytes, memory_budget
-from .prepared import geometry_of, is_prepared, prepared_reader, read_manifest
-from .readers import DatasetReader
+from .prepared import IMAGE_COLUMN, geometry_of, is_prepared, read_manifest
+from .readers import DatasetReader, prepared_reader
 from .sources import as_undecoded_images, find_column, load_raw_dataset, select_splits, source_rows
 from .splits import ImageData, ImageDataset, collate, fixed_noise, sequential_batches
 from .streaming import StreamedImages, default_workers
-from .transforms import BatchTransform, default_eval_crop_fraction
+from .transforms import BatchTransform, default_eval_crop_fraction, stored_short_side
 
 MIN_EVAL_IMAGES = 10  # fewer make every accuracy a coarse step (1 image = 10 % or more)
 HEADER_SAMPLE = 256  # images whose headers estimate an unprepared split's decoded size
@@ -41,7 +43,8 @@ __all__ = ["BatchTransform", "DataArguments", "ImageData", "ImageDataset", "Sour
 
 
 def skipped_images(*splits: ImageData) -> dict:
-    """{split: [skipped rows]} for the result files: the images --skip_bad_images left out (empty lists if none)."""
+    """{split: [skipped rows]} for the result files: the images left out as undecodable, by --skip_bad_images here
+    or when the folder was prepared (empty lists if none)."""
     return {split.split: list(split.skipped) for split in splits}
 
 
@@ -66,7 +69,8 @@ def device_decoder(args: DataArguments, num_channels: int, device, *splits: Imag
                              "--encoding jpeg).")
     from .streaming import DeviceJPEGDecoder
 
-    return DeviceJPEGDecoder(num_channels, device)
+    canvas = (num_channels, max(split.canvas[1] for split in splits), max(split.canvas[2] for split in splits))
+    return DeviceJPEGDecoder(canvas, device)
 
 
 def suggested_prepare_command(args: DataArguments, image_size: int) -> str:
@@ -74,8 +78,8 @@ def suggested_prepare_command(args: DataArguments, image_size: int) -> str:
     name = args.dataset_name.rstrip("/")
     output = f"{name}_prepared" if args.train_dir or "/" not in name or name.startswith((".", "/", "~")) \
         else f"prepared/{name.replace('/', '_')}"
-    short_side = max(image_size, round(image_size / 0.875))
-    return f"python scripts/prepare_data.py {args.command_flags()} --short_side {short_side} --output_dir {output}"
+    return (f"python scripts/prepare_data.py {args.command_flags()} --short_side {stored_short_side(image_size)} "
+            f"--output_dir {output}")
 
 
 class _Split:
@@ -87,19 +91,25 @@ class _Split:
         self.skipped = list(prepared_skipped)
         self.positions = np.arange(len(dataset))
 
+    def __len__(self):
+        return len(self.reader)
+
     def describe(self, index: int) -> str:
         return f"row {source_rows(self.dataset, [self.positions[index]])[0]}{self.reader.describe(index)}"
 
-    def estimated_canvas(self, channels: int) -> tuple[int, int, int]:
-        """The canvas (exact for prepared data; from a sample of headers otherwise)."""
+    def estimated_bytes(self, channels: int) -> int:
+        """The memory the decoded images would take, as `memory.py` stores them (exact for prepared data; from a
+        sample of headers otherwise)."""
         indices = np.arange(len(self.reader))
         if not self.reader.stored and len(indices) > HEADER_SAMPLE:
             indices = np.sort(np.random.default_rng(0).choice(indices, HEADER_SAMPLE, replace=False))
         sizes, problems = header_sizes(self.reader, indices, workers=0)
         good = sizes[np.setdiff1d(np.arange(len(indices)), np.asarray(sorted(problems), dtype=np.int64))]
         if not len(good):
-            return channels, 1, 1
-        return channels, int(good[:, 0].max()), int(good[:, 1].max())
+            return 0
+        canvas = channels * int(good[:, 0].max()) * int(good[:, 1].max())
+        pixels = channels * float((good[:, 0].astype(np.int64) * good[:, 1]).mean())
+        return int(len(self.reader) * (canvas if canvas <= CANVAS_WASTE * pixels else pixels))
 
     def leave_out(self, problems: dict, skip_bad_images: bool) -> np.ndarray:
         """{index: why} of images that cannot be decoded: an error naming the first, or (--skip_bad_images) they are
@@ -130,35 +140,73 @@ class _Split:
         self.labels = None if self.labels is None else self.labels[torch.as_tensor(indices)]
 
 
+SKIPPED_ROW = re.compile(r"^row (\d+)")
+
+
+def _skipped_in(manifest: dict, key: str, rows: np.ndarray) -> list[str]:
+    """The images left out while preparing split `key` whose source rows are among `rows` (a selection)."""
+    chosen = set(rows.tolist())
+    entries = [entry for shard in manifest["splits"][key]["shards"] for entry in shard["skipped"]]
+    return [entry for entry in entries if int(SKIPPED_ROW.match(entry).group(1)) in chosen]
+
+
+def _prepared_label_column(args: DataArguments, manifest: dict, columns, require_labels: bool) -> str | None:
+    """A prepared folder's labels are in its column `label` (whatever the source called it), if it has any."""
+    asked, source_name = args.label_column_name, manifest["identity"]["source"].get("label_column_name")
+    if asked not in (None, "label", source_name):
+        raise ValueError(f"--label_column_name {asked}: {args.dataset_name} is a prepared folder, whose labels are its "
+                         "column 'label' (the source's label column, renamed). Leave the flag out.")
+    if "label" in columns:
+        return "label"
+    if require_labels:
+        raise ValueError(f"{args.dataset_name} was prepared without labels (its source had no label column), and this "
+                         "script needs labels. Prepare it again from a labelled source (--label_column_name when "
+                         "preparing names the column).")
+    return None
+
+
 def _selected_splits(args: DataArguments, image_size: int, num_channels: int, require_labels: bool, token):
     """The two `_Split`s, their geometry and class names; all checks that need no decoding."""
     raw = load_raw_dataset(args, token=token)
-    train, evaluation, names, keys = select_splits(raw, args)
+    prepared = args.train_dir is None and is_prepared(args.dataset_name)
+    manifest, source_rows_of = (read_manifest(args.dataset_name), None) if prepared else (None, None)
+    if prepared:
+        stored_rows = {key: raw[key].select_columns(["source_row"]).with_format("numpy")[:]["source_row"]
+                       for key in raw}
+        source_rows_of = lambda key: (manifest["splits"][key]["num_source_images"], stored_rows[key])  # noqa: E731
+    train, evaluation, names, keys, rows = select_splits(raw, args, source_rows_of)
     if 0 < len(evaluation) < MIN_EVAL_IMAGES:
         print(f"warning: the evaluation split ({names[1]}) has only {len(evaluation)} image(s): one image moves its "
               f"accuracy by {100 / len(evaluation):.0f} points, so its numbers mean little. Evaluate on more images "
               "(a larger --train_val_split, --max_eval_samples, or an evaluation split).", file=sys.stderr, flush=True)
     if len(train) == 0 or len(evaluation) == 0:
         raise ValueError(f"Empty split: {len(train)} training and {len(evaluation)} evaluation images.")
-    prepared = args.train_dir is None and is_prepared(args.dataset_name)
-    image_column = "image" if prepared else find_column(train, "image", args.image_column_name)
-    label_column = find_column(train, "label", args.label_column_name, required=require_labels)
+    if prepared:
+        image_column = IMAGE_COLUMN
+        label_column = _prepared_label_column(args, manifest, train.column_names, require_labels)
+    else:
+        image_column = find_column(train, "image", args.image_column_name)
+        label_column = find_column(train, "label", args.label_column_name, required=require_labels)
     for column in (image_column, label_column):
         if column is not None and column not in evaluation.column_names:
             raise ValueError(f"The evaluation split ({names[1]}) has no column {column!r}; its columns: "
                              f"{list(evaluation.column_names)}.")
     class_names, unseen = check_labels(train, evaluation, label_column, names, allow_unlabelled=not require_labels)
     if prepared:
-        manifest = read_manifest(args.dataset_name)
         geometry = Geometry(**{**geometry_of(manifest).__dict__, "num_channels": num_channels})
+        stored_channels = manifest["settings"]["num_channels"]
         if geometry.short_side < image_size:
             print(f"warning: {args.dataset_name} was prepared with short side {geometry.short_side}, below the model's "
                   f"{image_size} px: every image is scaled up (blurred). Prepare it again with --short_side "
-                  f"{round(image_size / 0.875)} for this model.", file=sys.stderr, flush=True)
+                  f"{stored_short_side(image_size)} for this model.", file=sys.stderr, flush=True)
+        if stored_channels != num_channels:
+            print(f"warning: {args.dataset_name} holds {'RGB' if stored_channels == 3 else 'grey'} images and the "
+                  f"model takes {num_channels} channel(s): each image is converted when read.", file=sys.stderr,
+                  flush=True)
     else:
-        geometry = Geometry.for_short_side(image_size, num_channels)
+        geometry = Geometry.for_short_side(stored_short_side(image_size), num_channels)
     splits = []
-    for dataset, name, key in zip((train, evaluation), names, keys):
+    for dataset, name, key, chosen in zip((train, evaluation), names, keys, rows):
         labels = None
         if label_column is not None:
             values = label_values(dataset, label_column)
@@ -167,8 +215,7 @@ def _selected_splits(args: DataArguments, image_size: int, num_channels: int, re
             labels = torch.as_tensor(values, dtype=torch.long)
         if prepared:
             reader = prepared_reader(args.dataset_name, key, dataset, num_channels)
-            skipped = [entry for shard in manifest["splits"][key]["shards"] for entry in shard["skipped"]]
-            splits.append(_Split(dataset, name, key, reader, labels, skipped))
+            splits.append(_Split(dataset, name, key, reader, labels, _skipped_in(manifest, key, chosen)))
         else:
             reader = DatasetReader(as_undecoded_images(dataset, image_column), image_column, geometry)
             splits.append(_Split(dataset, name, key, reader, labels))
@@ -176,20 +223,21 @@ def _selected_splits(args: DataArguments, image_size: int, num_channels: int, re
 
 
 def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 3, require_labels: bool = False,
-                      token: str | None = None, num_workers: int | None = None, first: int | None = None
-                      ) -> tuple[ImageData, ImageData]:
+                      token: str | None = None, num_workers: int | None = None, first: int | None = None,
+                      check=None) -> tuple[ImageData, ImageData]:
     """Train and eval splits as `ImageData`, decoded in memory or streamed from disk as --data_in_memory and the
     memory budget say (one decision for all processes of a run, printed). `num_workers`: DataLoader workers of a
     streamed split (None: this process's share of the CPUs). `first`: only the first N images of each split are
-    wanted (pictures): they are decoded, nothing else. Every bad flag and input fails here, before any training
-    starts."""
+    wanted (pictures): they are decoded, nothing else. `check(train, evaluation)` (their `len()` and `labels`) runs
+    before any image is decoded. Every bad flag and input fails here, before any training starts."""
     splits, geometry, class_names, prepared = _selected_splits(args, image_size, num_channels, require_labels, token)
     if first is not None:
         for split in splits:
             split.keep(np.arange(min(first, len(split.reader))))
         return tuple(_image_data(split, geometry, class_names, True, 0, 0, args.skip_bad_images) for split in splits)
-    canvases = [split.estimated_canvas(num_channels) for split in splits]
-    decoded = sum(len(split.dataset) * int(np.prod(canvas)) for split, canvas in zip(splits, canvases))
+    if check is not None:
+        check(*splits)
+    decoded = sum(split.estimated_bytes(num_channels) for split in splits)
     budget, explained = memory_budget()
     fits = decoded <= budget
     if args.data_in_memory == "auto":
@@ -201,8 +249,8 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     if in_memory:
         why = ("--data_in_memory true" + ("" if fits else f", although over the budget of {gigabytes(budget)}")
                if args.data_in_memory == "true" else f"fits the budget of {gigabytes(budget)} = {explained}")
-        print(f"[data] in memory: {len(splits[0].dataset):,} + {len(splits[1].dataset):,} images of {source} "
-              f"({size}; {why})", flush=True)
+        print(f"[data] in memory: {len(splits[0]):,} + {len(splits[1]):,} images of {source} ({size}; {why})",
+              flush=True)
     elif not prepared and args.data_in_memory == "auto":
         raise ValueError(
             f"The images of {args.dataset_name} take {size}, more than this process may hold in memory "
@@ -210,18 +258,24 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
             f"from the prepared folder: {suggested_prepare_command(args, image_size)}, then pass that --output_dir "
             "as --dataset_name. (--data_in_memory false reads them from the source instead, decoding and scaling "
             "every image in every epoch.)")
+    elif not prepared and args.skip_bad_images:
+        raise ValueError(
+            "--skip_bad_images true with images read from their source in every epoch (--data_in_memory false): a "
+            "bad image would only show up during training, where it cannot be left out. Prepare the data once, "
+            "which checks every image and leaves the bad ones out: "
+            f"{suggested_prepare_command(args, image_size)} --skip_bad_images true, then train from that folder.")
     workers = default_workers() if num_workers is None else num_workers
     if not in_memory:
         why = "--data_in_memory false" if args.data_in_memory == "false" else \
             f"over the memory budget of {gigabytes(budget)} = {explained}"
-        print(f"[data] from disk: {len(splits[0].dataset):,} + {len(splits[1].dataset):,} images of {source}, read by "
-              f"{workers} DataLoader worker(s) per process ({size}; {why})", flush=True)
+        print(f"[data] from disk: {len(splits[0]):,} + {len(splits[1]):,} images of {source}, read by {workers} "
+              f"DataLoader worker(s) per process ({size}; {why})", flush=True)
         if not prepared:
             print("note: the images are decoded and scaled from the source in every epoch; preparing them once is "
                   f"faster: {suggested_prepare_command(args, image_size)}", file=sys.stderr, flush=True)
     decode_workers = args.preprocessing_num_workers
     if decode_workers is None:
-        decode_workers = min(8, cpus_per_process()) if max(len(s.dataset) for s in splits) > 2048 else 0
+        decode_workers = min(8, cpus_per_process()) if max(len(split) for split in splits) > 2048 else 0
     return tuple(_image_data(split, geometry, class_names, in_memory, workers, decode_workers, args.skip_bad_images)
                  for split in splits)
 
@@ -231,14 +285,17 @@ def _image_data(split: _Split, geometry: Geometry, class_names, in_memory: bool,
     sizes, problems = header_sizes(split.reader, np.arange(len(split.reader)), decode_workers,
                                    progress=f"Reading headers ({split.name})")
     sizes = sizes[split.leave_out(problems, skip_bad_images)]
+    short_side = int(np.median(sizes.min(axis=1)))  # what the evaluation crop is relative to
     if not in_memory:
         canvas = (geometry.num_channels, int(sizes[:, 0].max()), int(sizes[:, 1].max()))
         return StreamedImages(split.reader, sizes, canvas, split.labels, class_names, split.name, split.skipped,
-                              geometry.short_side, workers)
+                              short_side, workers)
     images, decoded, problems, storage = decode_into_memory(
         split.reader, np.arange(len(sizes)), sizes, geometry.num_channels, decode_workers,
         progress=f"Decoding images ({split.name})")
     if problems:  # a header that reads, pixels that do not (a truncated file)
         images, decoded, storage = keep_rows(images, decoded, split.leave_out(problems, skip_bad_images), storage)
-    return InMemoryImages(images, decoded, split.labels, class_names, split.name, split.skipped, geometry.short_side,
+    data = InMemoryImages(images, decoded, split.labels, class_names, split.name, split.skipped, short_side,
                           **storage)
+    data.num_workers = 0 if images is not None else workers  # packed images are pasted onto canvases by workers
+    return data

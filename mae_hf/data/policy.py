@@ -17,14 +17,28 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _stat(path: str, key: str) -> int:
+    try:
+        with open(path) as handle:
+            for line in handle:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def cgroup_free_memory() -> int | None:
-    """Memory the container (cgroup v2 or v1) still allows this process tree, or None when it sets no limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
+    """Memory the container (cgroup v2 or v1) still allows this process tree, or None when it sets no limit. The
+    cgroup's usage counts the page cache of every file read, which the kernel gives back under pressure: its
+    inactive part is counted as free, as Docker and the kubelet do."""
+    for folder, limit_name, usage_name, stat_key in (
+            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        limit, usage = _read_int(f"{folder}/{limit_name}"), _read_int(f"{folder}/{usage_name}")
         if limit is not None and usage is not None and limit < 2**60:  # v1 says "no limit" with a huge number
-            return max(0, limit - usage)
+            return max(0, limit - usage + _stat(f"{folder}/memory.stat", stat_key))
     return None
 
 

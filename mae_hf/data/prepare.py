@@ -18,10 +18,13 @@ import time
 from dataclasses import dataclass, field
 
 from .arguments import SourceArguments
-from .decode import BadImage, Geometry, channels_first, decode_image, open_image, orientation
+from .decode import LONG_SIDE_FACTOR, BadImage, Geometry, channels_first, decode_image, open_image, orientation
+from .labels import validate_labels
+from .memory import cpus_per_process
 from .prepared import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    IMAGE_COLUMN,
     PREPARED_MANIFEST,
     is_prepared,
     read_manifest,
@@ -48,8 +51,8 @@ class PrepareArguments:
                           "images are never scaled up)."})
     max_long_side: int | None = field(
         default=None,
-        metadata={"help": "And its long side at most this (panoramas); default 1.5 x --short_side. The aspect ratio "
-                          "is always kept."})
+        metadata={"help": f"And its long side at most this (panoramas); default {LONG_SIDE_FACTOR:g} x --short_side. "
+                          "The aspect ratio is always kept."})
     num_channels: int = field(default=3, metadata={"help": "3 (RGB) or 1 (grey)."})
     encoding: str = field(
         default="auto",
@@ -57,7 +60,8 @@ class PrepareArguments:
                           "else JPEG."})
     jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality (1-100)."})
     shard_size: int = field(default=2048, metadata={"help": "Images per shard (the unit of work and of resuming)."})
-    num_proc: int | None = field(default=None, metadata={"help": "Worker processes (default: every CPU)."})
+    num_proc: int | None = field(default=None, metadata={"help": "Worker processes (default: every CPU this process "
+                                                                 "may use)."})
     splits: list[str] | None = field(
         default=None, metadata={"help": "Splits to prepare (default: every split of the source)."})
     overwrite: bool = field(
@@ -70,7 +74,7 @@ class PrepareArguments:
         if self.output_dir is None:
             raise ValueError("--output_dir is required (the prepared folder to write).")
         self.output_dir = os.path.expanduser(self.output_dir)
-        self.max_long_side = self.max_long_side or round(1.5 * self.short_side)
+        self.max_long_side = self.max_long_side or round(LONG_SIDE_FACTOR * self.short_side)
         Geometry(self.short_side, self.max_long_side, self.num_channels)  # checks sides and channels
         if self.encoding == "auto":
             self.encoding = "raw" if self.short_side <= RAW_UP_TO else "jpeg"
@@ -82,6 +86,8 @@ class PrepareArguments:
             raise ValueError(f"--shard_size must be at least 1, got {self.shard_size}.")
         if self.num_proc is not None and self.num_proc < 1:
             raise ValueError(f"--num_proc must be at least 1, got {self.num_proc}.")
+        # `--splits train,validation` as well as `--splits train validation`
+        self.splits = [part for item in self.splits or [] for part in item.split(",") if part] or None
 
     def settings(self, skip_bad_images: bool) -> dict:
         """What the prepared images are: a folder continues only with the same settings."""
@@ -130,7 +136,7 @@ def prepare_shard(task: tuple[str, int, int, int]) -> dict:
     job = _JOB
     dataset, image_column, label_column = job["datasets"][split]
     folder, num_shards, counter = job["folder"], job["num_shards"][split], job["counter"]
-    columns = {"image": [], "height": [], "width": [], "source_row": []}
+    columns = {IMAGE_COLUMN: [], "height": [], "width": [], "source_row": []}
     if label_column is not None:
         columns["label"] = []
     skipped = []
@@ -149,7 +155,7 @@ def prepare_shard(task: tuple[str, int, int, int]) -> dict:
                                    "manifest).") from None
                 skipped.append(f"{where}: {error}")
                 continue
-            columns["image"].append(data)
+            columns[IMAGE_COLUMN].append(data)
             columns["height"].append(height)
             columns["width"].append(width)
             columns["source_row"].append(row)
@@ -168,9 +174,9 @@ def prepare_shard(task: tuple[str, int, int, int]) -> dict:
     finally:
         writer.close()
     os.replace(temporary, path)
-    record = {"file": relative, "rows": len(columns["image"]), "bytes": os.path.getsize(path), "skipped": skipped,
+    record = {"file": relative, "rows": len(columns[IMAGE_COLUMN]), "bytes": os.path.getsize(path), "skipped": skipped,
               "max_height": max(columns["height"], default=0), "max_width": max(columns["width"], default=0),
-              "image_bytes": sum(len(data) for data in columns["image"])}
+              "image_bytes": sum(len(data) for data in columns[IMAGE_COLUMN])}
     progress = os.path.join(folder, PROGRESS_FOLDER, f"{split}-{shard:05d}.json")
     with open(f"{progress}.tmp-{os.getpid()}", "w") as handle:
         json.dump(record, handle)
@@ -182,6 +188,11 @@ def prepare_shard(task: tuple[str, int, int, int]) -> dict:
 
 def _source_splits(source: SourceArguments, args: PrepareArguments) -> dict:
     """{split: (undecoded dataset, image column, label column)} of the splits to prepare."""
+    if source.train_dir is None and is_prepared(source.dataset_name):
+        manifest = read_manifest(source.dataset_name, require_complete=False)
+        raise ValueError(f"--dataset_name {source.dataset_name} is already a prepared folder. To prepare the images "
+                         "again (another size, quality, ...), prepare them from its source with the new flags: "
+                         f"{manifest.get('command', 'the command that made it')}")
     raw = load_raw_dataset(source, token=args.token)
     names = args.splits or list(raw.keys())
     missing = [name for name in names if name not in raw]
@@ -194,6 +205,10 @@ def _source_splits(source: SourceArguments, args: PrepareArguments) -> dict:
             raise ValueError(f"Split {name!r} holds no images: leave it out with --splits.")
         image_column = find_column(dataset, "image", source.image_column_name)
         label_column = find_column(dataset, "label", source.label_column_name, required=False)
+        if label_column is not None:  # checked before any work: a label the training scripts would refuse
+            feature = dataset.features[label_column]
+            validate_labels(dataset, label_column, name, list(getattr(feature, "names", None) or []) or None,
+                            allow_unlabelled=True)
         chosen[name] = (as_undecoded_images(dataset, image_column), image_column, label_column)
     return chosen
 
@@ -201,7 +216,7 @@ def _source_splits(source: SourceArguments, args: PrepareArguments) -> dict:
 def _features(dataset, label_column: str | None):
     import datasets
 
-    features = {"image": datasets.Value("binary"), "height": datasets.Value("int32"),
+    features = {IMAGE_COLUMN: datasets.Value("binary"), "height": datasets.Value("int32"),
                 "width": datasets.Value("int32"), "source_row": datasets.Value("int64")}
     if label_column is not None:
         feature = dataset.features[label_column]
@@ -309,7 +324,7 @@ def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> di
     if finished:
         print(f"[prepare] continuing {args.output_dir}: {len(finished)} finished shard(s) ({done_before:,} images) "
               f"kept, {len(tasks)} to go", flush=True)
-    workers = min(args.num_proc or (os.cpu_count() or 1), max(1, len(tasks)))
+    workers = min(args.num_proc or cpus_per_process(), max(1, len(tasks)))
     context = multiprocessing.get_context("fork")
     counter = context.Value("q", 0)
     _JOB.update(datasets=splits, folder=args.output_dir, num_shards=num_shards, counter=counter, geometry=geometry,

@@ -1,5 +1,5 @@
 """The prepared folder: images decoded and scaled once (scripts/prepare_data.py) and stored in shards that
-`datasets` memory-maps, so that training reads each image with one cheap decode and no resize.
+`datasets` can memory-map, so that training reads each image with one `pread`, one cheap decode and no resize.
 
     PREPARED/mae_hf_prepared.json              what was prepared, from what, how; complete or not
     PREPARED/<split>/data-00000-of-00042.arrow  Arrow IPC streams (what `datasets` writes and memory-maps) with the
@@ -11,8 +11,6 @@
 
 import json
 import os
-
-import numpy as np
 
 from ..inputs import read_json_object
 from .decode import Geometry
@@ -93,20 +91,6 @@ def load_prepared(folder: str):
         parts = [datasets.Dataset.from_file(path, in_memory=False) for path in files]
         splits[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return datasets.DatasetDict(splits)
-
-
-def prepared_reader(folder: str, split: str, selected, num_channels: int):
-    """A `PreparedReader` over the rows `selected` (a selection of the prepared split) for a model with
-    `num_channels`."""
-    from .readers import PreparedReader
-    from .sources import source_rows
-
-    manifest = read_manifest(folder)
-    files, counts = split_files(folder, manifest, split)
-    table = selected.select_columns(["height", "width"]).with_format("numpy")[:]
-    sizes = np.stack([table["height"], table["width"]], axis=1).astype(np.int32)
-    return PreparedReader(files, counts, source_rows(selected), sizes, manifest["settings"]["encoding"],
-                          num_channels)
 
 
 def write_manifest(folder: str, manifest: dict) -> None:

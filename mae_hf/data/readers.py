@@ -10,6 +10,8 @@ import os
 import numpy as np
 
 from .decode import BadImage, Geometry, decode_image, decode_stored, stored_size
+from .prepared import IMAGE_COLUMN, read_manifest, split_files
+from .sources import source_rows
 
 
 class DatasetReader:
@@ -144,10 +146,21 @@ def value_index(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
             base = source.read_buffer(1).address  # the map's first byte: buffer addresses - base = file offsets
             source.seek(0)
             for batch in pa.ipc.open_stream(source):
-                column = batch.column("image")
+                column = batch.column(IMAGE_COLUMN)
                 kind = np.int64 if pa.types.is_large_binary(column.type) else np.int32
                 _, value_offsets, data = column.buffers()
                 ends = np.frombuffer(value_offsets, dtype=kind)[column.offset:column.offset + len(column) + 1]
                 offsets.append(data.address - base + ends[:-1].astype(np.int64))
                 lengths.append(np.diff(ends).astype(np.int64))
     return np.concatenate(offsets), np.concatenate(lengths)
+
+
+def prepared_reader(folder: str, split: str, selected, num_channels: int) -> PreparedReader:
+    """A `PreparedReader` over the rows `selected` (a selection of the prepared split) for a model with
+    `num_channels`."""
+    manifest = read_manifest(folder)
+    files, counts = split_files(folder, manifest, split)
+    table = selected.select_columns(["height", "width"]).with_format("numpy")[:]
+    sizes = np.stack([table["height"], table["width"]], axis=1).astype(np.int32)
+    return PreparedReader(files, counts, source_rows(selected), sizes, manifest["settings"]["encoding"],
+                          num_channels)

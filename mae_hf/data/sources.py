@@ -14,18 +14,18 @@ import numpy as np
 
 from ..paths import folder_listing, looks_local
 from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
+from .prepared import PREPARED_MANIFEST, load_prepared
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
 IGNORED_FILES = ("readme", "license", ".")  # beside image folders: not data
+PREPARED_COLUMNS = {"image", "height", "width", "source_row"}  # a prepared folder's shards, wherever they are
 
 
 def load_raw_dataset(args: SourceArguments, token: str | None = None):
     """A `DatasetDict` of undecoded images from image folders, a prepared folder, a Hub id (read with `token`, if
     given), a local dataset folder or a parquet file."""
     import datasets
-
-    from .prepared import PREPARED_MANIFEST, load_prepared
 
     if args.train_dir is not None:
         folders = {"train": args.train_dir}
@@ -67,13 +67,18 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
     if looks_local(name):
         raise ValueError(f"--dataset_name {name}: no such file or folder. {folder_listing(name)}")
     try:
-        return datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, token=token)
+        loaded = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, token=token)
     except Exception as error:
         raise ValueError(
             f"--dataset_name {name}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
             "Without network access, pass a local folder of parquet files (train.parquet, test.parquet), an "
             "imagefolder tree or a save_to_disk folder."
         ) from error
+    if any(PREPARED_COLUMNS <= set(split.column_names) for split in loaded.values()):
+        raise ValueError(f"--dataset_name {name} is a folder made by scripts/prepare_data.py, pushed to the Hub: its "
+                         "shards are read from a local copy. Download it (hf download "
+                         f"{name} --repo-type dataset --local-dir {name.split('/')[-1]}) and pass that folder.")
+    return loaded
 
 
 def check_parquet_files(paths) -> None:
@@ -212,55 +217,72 @@ def as_undecoded_images(dataset, column: str):
     import datasets
 
     feature = dataset.features[column]
-    if isinstance(feature, datasets.Image) or (isinstance(feature, dict) and {"bytes", "path"} <= set(feature)):
+    if isinstance(feature, datasets.Image) or (isinstance(feature, dict) and {"bytes", "path"} <= set(feature)) or \
+            (isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary")):  # encoded bytes
         return dataset.cast_column(column, datasets.Image(decode=False))
     raise ValueError(f"Column {column!r} holds {feature}, not images; pass --image_column_name with the image column "
                      f"(columns: {list(dataset.column_names)}).")
 
 
-def select_splits(raw, args: DataArguments):
-    """(train, eval) `Dataset`s, their descriptions and the splits of `raw` they come from: the named splits, or
-    train minus a held-out part with a fixed seed; then --max_*_samples random draws. Only index mappings are made
-    (kept in memory: nothing is written beside the data, which may be a shared or read-only prepared folder)."""
+def select_splits(raw, args: DataArguments, source_rows_of=None):
+    """(train, eval) `Dataset`s, their descriptions, the splits of `raw` they come from and the rows they select:
+    the named splits, or train minus a held-out part with a fixed seed; then --max_*_samples random draws.
+
+    Rows are counted in the source: `source_rows_of(split)`, for a prepared folder, gives how many rows its source
+    split had and the source row of each stored row (images left out while preparing are missing); holding out and
+    drawing then happen among the source's rows, so that a source and its prepared copy select the same images. Only
+    index mappings are made (kept in memory: nothing is written beside the data, which may be a shared or read-only
+    prepared folder)."""
     splits = list(raw.keys())
     if args.train_split not in raw:
         raise ValueError(f"--train_split {args.train_split!r} does not exist; the dataset has splits {splits}.")
-    train, names, keys = raw[args.train_split], [args.train_split], [args.train_split, args.train_split]
+    keys, names = [args.train_split, args.train_split], [args.train_split]
+    count = (lambda key: source_rows_of(key)[0]) if source_rows_of else (lambda key: len(raw[key]))
+    held_out = None
     if args.eval_split is not None:
         if args.eval_split not in raw:
             raise ValueError(f"--eval_split {args.eval_split!r} does not exist; the dataset has splits {splits}.")
-        evaluation, names, keys[1] = raw[args.eval_split], names + [args.eval_split], args.eval_split
+        keys[1] = args.eval_split
     else:
         named = [s for s in EVAL_SPLIT_NAMES if s in raw and s != args.train_split]
         if named and args.validation_split_percentage is None:
-            evaluation, names, keys[1] = raw[named[0]], names + [named[0]], named[0]
+            keys[1] = named[0]
         else:
-            percentage = 5.0 if args.validation_split_percentage is None else args.validation_split_percentage
-            if not 0 < percentage < 100:
-                raise ValueError(f"--validation_split_percentage must lie in (0, 100), got {percentage}.")
-            if len(train) < 2:
-                raise ValueError(f"Split {args.train_split!r} has {len(train)} image(s): too few to hold out "
-                                 "evaluation images. Use more images or an evaluation split.")
-            order = np.random.default_rng(args.split_seed).permutation(len(train))  # as Dataset.train_test_split
-            held_out_count = math.ceil(percentage / 100 * len(train))
-            train, evaluation = (train.select(order[held_out_count:], keep_in_memory=True),
-                                 train.select(order[:held_out_count], keep_in_memory=True))
-            held_out = f"{percentage:g}% of {args.train_split} held out, seed {args.split_seed}"
-            names = [f"{args.train_split} minus {held_out}", held_out]
+            held_out = 5.0 if args.validation_split_percentage is None else args.validation_split_percentage
+            if not 0 < held_out < 100:
+                raise ValueError(f"--validation_split_percentage must lie in (0, 100), got {held_out}.")
+    rows = [np.arange(count(key)) for key in keys]
+    if held_out is None:
+        names.append(keys[1])
+    else:
+        if len(rows[0]) < 2:
+            raise ValueError(f"Split {args.train_split!r} has {len(rows[0])} image(s): too few to hold out "
+                             "evaluation images. Use more images or an evaluation split.")
+        order = np.random.default_rng(args.split_seed).permutation(len(rows[0]))  # as Dataset.train_test_split
+        held_out_count = math.ceil(held_out / 100 * len(rows[0]))
+        rows = [order[held_out_count:], order[:held_out_count]]
+        description = f"{held_out:g}% of {args.train_split} held out, seed {args.split_seed}"
+        names = [f"{args.train_split} minus {description}", description]
     # As transformers' example scripts: shuffle with the seed, then take N (a random subset, not the first N).
-    if args.max_train_samples is not None:
-        train = drawn(train, args.max_train_samples, args.split_seed)
-        names[0] += f", {len(train)} drawn with seed {args.split_seed}"
-    if args.max_eval_samples is not None:
-        evaluation = drawn(evaluation, args.max_eval_samples, args.split_seed)
-        names[1] += f", {len(evaluation)} drawn with seed {args.split_seed}"
-    return train, evaluation, names, keys
+    for index, option in enumerate(("max_train_samples", "max_eval_samples")):
+        wanted = getattr(args, option)
+        if wanted is not None:
+            rows[index] = rows[index][np.random.default_rng(args.split_seed).permutation(len(rows[index]))[:wanted]]
+            names[index] += f", {len(rows[index])} drawn with seed {args.split_seed}"
+    selected = [_select(raw[key], key, chosen, count(key), source_rows_of) for key, chosen in zip(keys, rows)]
+    return selected[0], selected[1], names, keys, rows
 
 
-def drawn(dataset, count: int, seed: int):
-    """`count` rows drawn at random: the first of the permutation `Dataset.shuffle(seed)` makes."""
-    order = np.random.default_rng(seed).permutation(len(dataset))
-    return dataset.select(order[:count], keep_in_memory=True)
+def _select(dataset, key: str, rows: np.ndarray, count: int, source_rows_of):
+    """The rows `rows` (source rows) of one split, as a `Dataset` (the split itself when that is all of it)."""
+    if source_rows_of is None:
+        if len(rows) == count and np.array_equal(rows, np.arange(count)):
+            return dataset
+        return dataset.select(rows, keep_in_memory=True)
+    stored = source_rows_of(key)[1]  # ascending: shards hold their rows in source order
+    positions = np.minimum(np.searchsorted(stored, rows), max(len(stored) - 1, 0))
+    kept = positions[stored[positions] == rows] if len(stored) else positions[:0]
+    return dataset.select(kept, keep_in_memory=True)
 
 
 def source_rows(dataset, positions=None) -> np.ndarray:

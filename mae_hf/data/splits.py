@@ -104,7 +104,7 @@ def fixed_noise(num_images: int, num_patches: int, seed: int = 0) -> torch.Tenso
 def sequential_batches(data: ImageData, batch_size: int, pin_memory: bool = False):
     """(uint8 canvases, sizes) of every image in order, `batch_size` at a time: sliced from memory, or read by the
     split's DataLoader workers (`data.num_workers`) while the caller computes."""
-    if data.in_memory:
+    if data.num_workers == 0:
         for start in range(0, len(data), batch_size):
             yield data.read(torch.arange(start, min(start + batch_size, len(data))))
         return

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .decode import BadImage, paste
-from .memory import cpus_per_process
+from .memory import cpus_per_process, repeat_edges
+from .policy import processes_on_this_machine
 from .splits import ImageData
 
 MAX_WORKERS = 16
@@ -79,28 +80,22 @@ class StreamedImages(ImageData):
 
 class DeviceJPEGDecoder:
     """JPEG bytes of a batch (`StreamedImages.read_encoded`, on the host) -> uint8 canvases on `device`, decoded
-    there by torchvision (nvJPEG on a CUDA GPU), each image at the top left of a canvas as large as the batch's
-    largest image, the rest repeating its edge as decode.py's canvases do. `decode` (list of 1-D uint8 host
-    tensors, channels -> list of CHW tensors on the device) defaults to torchvision's."""
+    there by torchvision (nvJPEG on a CUDA GPU), each image at the top left of its canvas, the rest repeating its
+    edge as decode.py's canvases do. `decode` (list of 1-D uint8 host tensors, channels -> list of CHW tensors on the
+    device) defaults to torchvision's."""
 
-    def __init__(self, num_channels: int, device, decode=None):
-        self.num_channels, self.device = num_channels, torch.device(device)
+    def __init__(self, canvas: tuple[int, int, int], device, decode=None):
+        self.canvas, self.device = tuple(canvas), torch.device(device)
         self.decode = decode or torchvision_jpeg_decoder(self.device)
 
     def __call__(self, encoded: list, sizes: torch.Tensor) -> torch.Tensor:
-        height, width = (int(value) for value in sizes.cpu().max(dim=0).values)  # host sizes: no device sync
+        """Canvases of the fixed `canvas` shape (every split's largest image: static shapes, and nothing to read
+        back from the device); each image's size comes from its decoded tensor's shape."""
         datas = [torch.from_numpy(np.asarray(data)) for data in encoded]
-        canvases = torch.empty((len(datas), self.num_channels, height, width), dtype=torch.uint8, device=self.device)
-        for row, image in enumerate(self.decode(datas, self.num_channels)):
+        canvases = torch.empty((len(datas), *self.canvas), dtype=torch.uint8, device=self.device)
+        for row, image in enumerate(self.decode(datas, self.canvas[0])):
             canvases[row, :, :image.shape[-2], :image.shape[-1]] = image
-        # Repeat each image's last row and column over the rest of its canvas: one gather for the whole batch.
-        sizes = sizes.to(self.device, non_blocking=True)
-        rows = torch.minimum(torch.arange(height, device=self.device)[None], sizes[:, :1] - 1)
-        cols = torch.minimum(torch.arange(width, device=self.device)[None], sizes[:, 1:] - 1)
-        batch = torch.arange(len(datas), device=self.device)
-        channels = torch.arange(self.num_channels, device=self.device)
-        return canvases[batch[:, None, None, None], channels[None, :, None, None], rows[:, None, :, None],
-                        cols[:, None, None, :]]
+        return repeat_edges(canvases, sizes)
 
 
 def torchvision_jpeg_decoder(device: torch.device):
@@ -136,22 +131,27 @@ def shared_memory_free(path: str = "/dev/shm") -> int | None:
 
 
 def fit_workers_to_shared_memory(workers: int, prefetch: int, batch_bytes: int, chosen: bool,
-                                 free: int | None = None) -> tuple[int, int]:
-    """(workers, prefetch factor) whose batches in flight (workers x prefetch, each `batch_bytes` in /dev/shm, plus
-    one being handed over) fit in a third of the free shared memory — containers often have only 64 MB of it,
-    and a full /dev/shm kills a worker with a bus error. Settings the user `chosen` are kept or refused with what
-    to change; automatic ones are lowered."""
+                                 free: int | None = None, processes: int | None = None) -> tuple[int, int]:
+    """(workers, prefetch factor) whose batches in flight (workers x prefetch, plus one being handed over, of
+    `batch_bytes`: the bytes of one batch of every loader that can hold batches at once, e.g. training's and the
+    persistent evaluation loader's) fit in a third of this process's share of the free shared memory (/dev/shm,
+    shared by the `processes` training processes of the machine) — containers often have only 64 MB of it, and a
+    full /dev/shm kills a worker with a bus error. Settings the user `chosen` are kept or refused with what to
+    change; automatic ones are lowered."""
     free = shared_memory_free() if free is None else free
     if free is None or workers == 0:
         return workers, prefetch
-    room = free // 3
+    processes = processes_on_this_machine() if processes is None else processes
+    room = free // 3 // processes
     need = lambda w, p: (w * p + 1) * batch_bytes  # noqa: E731
     if need(workers, prefetch) <= room:
         return workers, prefetch
-    advice = (f"/dev/shm has {free / 2**20:,.0f} MB free; {workers} DataLoader worker(s) x {prefetch} prefetched "
-              f"batch(es) of {batch_bytes / 2**20:,.0f} MB need {need(workers, prefetch) / 2**20:,.0f} MB (a third of "
-              "it is used at most). Give the container more shared memory (docker run --shm-size 16g), or lower "
-              "--dataloader_num_workers, --dataloader_prefetch_factor or the batch size.")
+    shared = f", shared by {processes} processes on this machine" if processes > 1 else ""
+    advice = (f"/dev/shm has {free / 2**20:,.0f} MB free{shared}; {workers} DataLoader worker(s) x {prefetch} "
+              f"prefetched batch(es) of {batch_bytes / 2**20:,.0f} MB need {need(workers, prefetch) / 2**20:,.0f} MB "
+              f"per process (a third of the free memory is used at most). Give the container more shared memory "
+              "(docker run --shm-size 16g), or lower --dataloader_num_workers, --dataloader_prefetch_factor or the "
+              "batch size.")
     if chosen:
         raise ValueError(advice)
     while workers > 1 and need(workers, prefetch) > room:

@@ -68,16 +68,25 @@ def random_resized_crop(images: torch.Tensor, size: int, sizes: torch.Tensor | N
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def center_crop(images: torch.Tensor, size: int, sizes: torch.Tensor | None = None, fraction: float = 1.0
-                ) -> torch.Tensor:
-    """The centre square of each image holding `fraction` of its short side, resized to `size` (bicubic,
-    antialiased; not resampled when it already has that size). Images of one crop size are cut out together."""
+def center_crop(images: torch.Tensor, size: int, sizes: torch.Tensor | None = None, fraction: float = 1.0,
+                antialias: bool = True) -> torch.Tensor:
+    """The centre square of each image holding `fraction` of its short side, resized to `size`: bicubic and
+    antialiased (not resampled when it already has that size; images of one crop size are cut out together, which
+    reads the crop sizes on the host), or with `antialias=False` bilinear in one `grid_sample` that never waits for
+    the device (for training without random crops, `--crop_min_scale 1`)."""
     batch, channels, canvas_height, canvas_width = images.shape
     if sizes is None and fraction == 1 and canvas_height == canvas_width:
         if canvas_height == size:
             return images
         return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
     height, width = valid_sizes(images, sizes)
+    if not antialias:
+        side = torch.minimum(height, width) * fraction
+        theta = torch.zeros(batch, 2, 3, device=images.device)
+        theta[:, 0, 0], theta[:, 0, 2] = side / canvas_width, width / canvas_width - 1  # centred on the image
+        theta[:, 1, 1], theta[:, 1, 2] = side / canvas_height, height / canvas_height - 1
+        grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     side = (torch.minimum(height, width) * fraction).round().clamp(min=1)
     top, left = ((height - side) / 2).floor().long(), ((width - side) / 2).floor().long()
     output = images.new_empty(batch, channels, size, size)
@@ -94,9 +103,15 @@ def center_crop(images: torch.Tensor, size: int, sizes: torch.Tensor | None = No
     return output
 
 
+def stored_short_side(image_size: int) -> int:
+    """The short side images are stored at for a model of `image_size` (never scaled up): room for the evaluation's
+    centre crop, 256 for 224 (ImageNet's convention)."""
+    return max(image_size, round(image_size / MIN_EVAL_CROP_FRACTION))
+
+
 def default_eval_crop_fraction(image_size: int, short_side: int) -> float:
-    """The evaluation crop's share of the short side: image size / stored short side, at least 0.875 (224 of 256)
-    and at most 1 (images stored at the model's size, e.g. CIFAR-10)."""
+    """The evaluation crop's share of the short side: image size / the images' (median) stored short side, at least
+    0.875 (224 of 256) and at most 1 (images no larger than the model's size, e.g. CIFAR-10)."""
     return min(1.0, max(MIN_EVAL_CROP_FRACTION, image_size / short_side))
 
 
@@ -106,13 +121,14 @@ class BatchTransform:
     Training (`crop_scale` given): random-resized crop and optional flip from the transform's own generator, then
     optional `augment` (a batch op on floats in [0, 1], e.g. `augment.RandAugment`), normalisation, and optional
     random erasing with probability `random_erasing` (in normalised space). Evaluation (no `crop_scale`): the centre
-    crop of `eval_crop_fraction` of the short side, and normalisation. Runs on whatever device the batch is on.
+    crop of `eval_crop_fraction` of the short side, and normalisation. Runs on whatever device the batch is on;
+    a `training` transform never waits for the device (see `center_crop`).
     """
 
     def __init__(self, image_size: int, mean, std, crop_scale: tuple[float, float] | None = None,
                  hflip: bool = False, augment=None, random_erasing: float = 0.0, eval_crop_fraction: float = 1.0,
-                 seed: int = 0):
-        self.image_size, self.crop_scale, self.hflip = image_size, crop_scale, hflip
+                 seed: int = 0, training: bool = False):
+        self.image_size, self.crop_scale, self.hflip, self.training = image_size, crop_scale, hflip, training
         self.augment, self.random_erasing = augment, random_erasing
         self.eval_crop_fraction = eval_crop_fraction
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -150,7 +166,7 @@ class BatchTransform:
             x = random_resized_crop(x, self.image_size, sizes, self.crop_scale, hflip=self.hflip,
                                     generator=self.generator_for(x.device))
         else:
-            x = center_crop(x, self.image_size, sizes, self.eval_crop_fraction)
+            x = center_crop(x, self.image_size, sizes, self.eval_crop_fraction, antialias=not self.training)
             if self.hflip:
                 flip = torch.rand(x.shape[0], device=x.device, generator=self.generator_for(x.device)) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -163,6 +179,6 @@ class BatchTransform:
 
     @classmethod
     def for_model(cls, config, crop_scale=None, hflip=False, augment=None, random_erasing=0.0,
-                  eval_crop_fraction: float = 1.0, seed: int = 0) -> "BatchTransform":
+                  eval_crop_fraction: float = 1.0, seed: int = 0, training: bool = False) -> "BatchTransform":
         return cls(config.image_size, config.image_mean, config.image_std, crop_scale, hflip, augment, random_erasing,
-                   eval_crop_fraction, seed)
+                   eval_crop_fraction, seed, training)
