@@ -264,8 +264,10 @@ def memory_suite(args) -> dict:
         peak = next(int(line.split()[-1]) * 1024 for line in result.stderr.splitlines()
                     if "Maximum resident set size" in line)
         rows.append({"images": count, "peak_rss_bytes": peak, **json.loads(result.stdout.splitlines()[-1])})
+    from .data.transforms import stored_short_side
+
     print(f"\nDecoding N JPEGs (short side 256, four aspect ratios) into memory for a {args.data_image_size} px "
-          "model (aspect kept: short side scaled to the model's size)\n")
+          f"model (aspect kept, stored at short side <= {stored_short_side(args.data_image_size)})\n")
     print("| images | pixels | held in memory | peak RSS |\n|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['images']:,} | {row['pixels'] / 2**20:,.0f} MB | {row['decoded_bytes'] / 2**20:,.0f} MB | "
