@@ -37,7 +37,9 @@ Two more suites, same flags:
 """
 
 import argparse
+import copy
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -116,62 +118,213 @@ def timed_chunk(model, optimizer, pixel_values, autocast, steps: int, device: st
     return seconds, (torch.cuda.max_memory_allocated() - base if cuda else None)
 
 
+MODES = {"fp32": (False, False), "bf16": (True, False), "fp32+compile": (False, True), "bf16+compile": (True, True)}
+
+
+def mode_name(bf16: bool, compile: bool) -> str:
+    return ("bf16" if bf16 else "fp32") + ("+compile" if compile else "")
+
+
+def autocast_for_mode(device: str, bf16: bool):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def make_optimizer(model, kind: str):
+    """AdamW as the Trainer builds it (`adamw_torch_fused`, its default), or the foreach / for-loop variants."""
+    options = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[kind]
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, **options)
+
+
+def step_flops(model, pixel_values) -> float:
+    """Floating-point operations of one forward + backward (matrix products: linear layers and attention), counted
+    by `torch.utils.flop_counter` with sdpa's math backend (so that attention is counted as the products it is)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        model(pixel_values=pixel_values).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def gemm_shapes(config: MAEConfig, batch: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the largest matrix products of a train step: the encoder's and the decoder's MLP inputs."""
+    kept = 1 + int(config.num_patches * (1 - config.mask_ratio))
+    return [(batch * kept, config.hidden_size, config.intermediate_size),
+            (batch * (1 + config.num_patches), config.decoder_hidden_size, config.decoder_intermediate_size)]
+
+
+def gemm_rate(shapes, dtype, device: str, seconds: float = 0.3) -> float:
+    """Matrix-product FLOP/s at the step's own largest shapes (the best of them): the GEMM limit of this machine."""
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
+        a @ b  # warm up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / len(shapes):
+            a @ b
+            count += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = max(best, 2 * m * k * n * count / (time.perf_counter() - start))
+    return best
+
+
+def print_profiles(runs: dict, pixel_values, steps: int, mode: str, top: int = 25) -> None:
+    """torch.profiler over `steps` train steps of each model (alternating): per operator, the smallest self CPU time
+    of one step (the least disturbed by other load) and its calls, the models side by side."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {name: {} for name in runs}
+    for step in range(steps):
+        for name in list(runs) if step % 2 == 0 else list(runs)[::-1]:
+            run = runs[name]
+            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
+            for event in profiler.key_averages():
+                value = (event.self_cpu_time_total / 1e3, event.count)
+                if event.key not in tables[name] or value[0] < tables[name][event.key][0]:
+                    tables[name][event.key] = value
+    names = list(runs)
+    keys = sorted(set().union(*tables.values()), key=lambda key: -max(table.get(key, (0, 0))[0]
+                                                                     for table in tables.values()))
+    print(f"\nprofile, {mode}, {torch.get_num_threads()} threads: self CPU ms per step (min over {steps}) and calls\n")
+    print("| operator | " + " | ".join(f"{name} ms | calls" for name in names) + " |")
+    print("|---|" + "---:|---:|" * len(names))
+    print("| (sum of all) | " + " | ".join(f"{sum(v[0] for v in tables[name].values()):.1f} | " for name in names)
+          + " |")
+    for key in keys[:top]:
+        print(f"| {key} | " + " | ".join("{:.1f} | {}".format(*tables[name].get(key, (0.0, 0))) for name in names)
+              + " |")
+    print()
+
+
 def model_suite(args, config, bf16, autocast):
-    """mae_hf against transformers' ViTMAE: train-step images/s and memory, alternating."""
-    models = build_models(config, args.seed, args.device)
+    """mae_hf against transformers' ViTMAE in each of `--modes` (precision, torch.compile): train-step images/s,
+    CPU time, percent of the GEMM limit and memory, every (model, mode) in turn in each round."""
+    modes = args.modes or [mode_name(bf16, args.compile)]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise ValueError(f"--modes: unknown mode(s) {unknown}; choose from {list(MODES)}.")
+    load_before = os.getloadavg()
+    base = build_models(config, args.seed, args.device)
     pixel_values = torch.randn(args.batch_size, config.num_channels, config.image_size, config.image_size,
                                generator=torch.Generator().manual_seed(args.seed)).to(args.device)
-    optimizers, results = {}, {}
-    for name, model in models.items():
-        optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        train_step(model, optimizers[name], pixel_values, autocast)  # creates the AdamW state
-        results[name] = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                         "train_state_mb": train_state_bytes(model, optimizers[name], pixel_values, autocast) / MB,
-                         "images_per_s_rounds": [], "cuda_peak_mb": None}
-    steppers = {name: torch.compile(model) if args.compile else model for name, model in models.items()}
-    for name, stepper in steppers.items():
+    flops = {name: step_flops(model, pixel_values) / args.batch_size for name, model in base.items()}
+    shapes = gemm_shapes(config, args.batch_size)
+    runs = {}  # (model, mode) -> what a run needs and what it measured
+    for mode in modes:
+        mode_bf16, compiled = MODES[mode]
+        for name, model in base.items():
+            model = copy.deepcopy(model)
+            optimizer = make_optimizer(model, args.optimizer)
+            context = autocast_for_mode(args.device, mode_bf16)
+            train_step(model, optimizer, pixel_values, context)  # creates the AdamW state
+            runs[name, mode] = {
+                "model": model, "optimizer": optimizer, "autocast": context,
+                "stepper": torch.compile(model) if compiled else model,
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "train_state_mb": train_state_bytes(model, optimizer, pixel_values, context) / MB,
+                "images_per_s_rounds": [], "cpu_ms_per_image_rounds": [], "cuda_peak_mb": None,
+                "first_step_seconds": None}
+    for run in runs.values():  # the first call of a compiled model compiles it
+        start = time.perf_counter()
+        train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
+        run["first_step_seconds"] = time.perf_counter() - start
         for _ in range(args.warmup):
-            train_step(stepper, optimizers[name], pixel_values, autocast)
+            train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
 
+    gemm = {"fp32": [], "bf16": []}
+    keys = list(runs)
     for round_index in range(args.rounds):
-        order = list(steppers) if round_index % 2 == 0 else list(steppers)[::-1]  # alternate who goes first
-        for name in order:
-            seconds, peak_rise = timed_chunk(steppers[name], optimizers[name], pixel_values, autocast, args.steps,
-                                             args.device)
-            results[name]["images_per_s_rounds"].append(args.batch_size * args.steps / seconds)
+        shift = round_index % len(keys)  # rotate who goes first
+        for key in keys[shift:] + keys[:shift]:
+            run = runs[key]
+            cpu_start = time.process_time()
+            seconds, peak_rise = timed_chunk(run["stepper"], run["optimizer"], pixel_values, run["autocast"],
+                                             args.steps, args.device)
+            run["cpu_ms_per_image_rounds"].append(1000 * (time.process_time() - cpu_start) /
+                                                  (args.batch_size * args.steps))
+            run["images_per_s_rounds"].append(args.batch_size * args.steps / seconds)
             if peak_rise is not None:
-                peak = (resident_bytes(models[name], optimizers[name]) + peak_rise) / MB
-                results[name]["cuda_peak_mb"] = max(results[name]["cuda_peak_mb"] or 0.0, peak)
+                peak = (resident_bytes(run["model"], run["optimizer"]) + peak_rise) / MB
+                run["cuda_peak_mb"] = max(run["cuda_peak_mb"] or 0.0, peak)
+        if args.gemm:
+            for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                gemm[precision].append(gemm_rate(shapes, dtype, args.device))
+    load_after = os.getloadavg()
+    if args.profile_steps:
+        for mode in modes:
+            print_profiles({name: runs[name, mode] for name in base}, pixel_values, args.profile_steps, mode)
+
+    def per_round(values, reference):
+        ratios = [a / b for a, b in zip(values, reference)]
+        return statistics.median(ratios), ratios
+
+    results = {}
+    for (name, mode), run in runs.items():
+        rounds = run["images_per_s_rounds"]
+        step_seconds = args.batch_size / statistics.median(rounds)
+        result = {key: run[key] for key in ("trainable_parameters", "train_state_mb", "images_per_s_rounds",
+                                            "cpu_ms_per_image_rounds", "cuda_peak_mb", "first_step_seconds")}
+        result.update(model=name, mode=mode, images_per_s=statistics.median(rounds),
+                      cpu_ms_per_image=statistics.median(run["cpu_ms_per_image_rounds"]),
+                      train_gflop_per_image=flops[name] / 1e9)
+        result["over_vit_mae"], result["over_vit_mae_per_round"] = per_round(
+            rounds, runs["ViTMAE", mode]["images_per_s_rounds"])
+        result["over_mae_hf_first_mode"], _ = per_round(rounds, runs["mae_hf", modes[0]]["images_per_s_rounds"])
+        if gemm["fp32"]:
+            rates = gemm["bf16" if MODES[mode][0] else "fp32"]
+            result["percent_of_gemm_limit"] = statistics.median(
+                100 * images * flops[name] / rate for images, rate in zip(rounds, rates))
+        if MODES[mode][1]:  # compile time, and after how many steps it has paid for itself
+            eager = runs.get((name, mode_name(MODES[mode][0], False)))
+            result["compile_seconds"] = run["first_step_seconds"] - step_seconds
+            if eager is not None:
+                saved = args.batch_size / statistics.median(eager["images_per_s_rounds"]) - step_seconds
+                result["break_even_steps"] = result["compile_seconds"] / saved if saved > 0 else None
+        results[f"{name} {mode}"] = result
+
+    limits = {}
+    if gemm["fp32"]:
+        gflop = flops["mae_hf"] / 1e9
+        limits = {precision: statistics.median(rates) / flops["mae_hf"] for precision, rates in gemm.items()}
+        print(f"matrix products at the step's largest shapes {shapes}: fp32 {statistics.median(gemm['fp32']) / 1e9:,.0f}"
+              f" GFLOP/s, bf16 {statistics.median(gemm['bf16']) / 1e9:,.0f} GFLOP/s (medians over rounds); a train step "
+              f"is {gflop:.2f} GFLOP per image, so the GEMM limit is {limits['fp32']:,.1f} images/s in fp32, "
+              f"{limits['bf16']:,.1f} in bf16\n")
+    print(f"{args.device}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps, "
+          f"{torch.get_num_threads()} threads, AdamW {args.optimizer}; load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after (1 min; {os.cpu_count()} CPUs)\n")
+    memory_columns = ["train_state_mb"] + (["cuda_peak_mb"] if any(r["cuda_peak_mb"] for r in results.values()) else [])
+    print("| model | mode | images/s (median) | min | max | CPU ms/image | / ViTMAE | / mae_hf " + modes[0] +
+          " | % of GEMM limit | compile s | pays after (steps) | " + " | ".join(memory_columns) + " |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(memory_columns))
     for result in results.values():
-        result["images_per_s"] = statistics.median(result["images_per_s_rounds"])
-
-    ours, theirs = results["mae_hf"], results["ViTMAE"]
-    memory_columns = ["train_state_mb"] + (["cuda_peak_mb"] if ours["cuda_peak_mb"] is not None else [])
-    ratios = {key: ours[key] / theirs[key] for key in ["images_per_s"] + memory_columns}
-    paired = [a / b for a, b in zip(ours["images_per_s_rounds"], theirs["images_per_s_rounds"])]
-    ratios["images_per_s_per_round"], ratios["images_per_s_per_round_median"] = paired, statistics.median(paired)
-    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, "
-          f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads, compile={args.compile}\n")
-    print("| model | trainable parameters | images/s (median) | min | max | " + " | ".join(memory_columns) + " |")
-    print("|---|---:|---:|---:|---:|" + "---:|" * len(memory_columns))
-    for name, result in results.items():
         rounds = result["images_per_s_rounds"]
-        print(f"| {name} | {result['trainable_parameters']:,} | {result['images_per_s']:.1f} | {min(rounds):.1f} | "
-              f"{max(rounds):.1f} | " + " | ".join(f"{result[key]:.1f}" for key in memory_columns) + " |")
-    print("| ratio mae_hf / ViTMAE | | " + f"{ratios['images_per_s']:.2f} | | | "
-          + " | ".join(f"{ratios[key]:.2f}" for key in memory_columns) + " |")
-    print(f"\nmedian of per-round ratios (noise-robust): {ratios['images_per_s_per_round_median']:.2f}")
-
-    record = {
-        "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-        "models": results, "ratio_mae_hf_over_vit_mae": ratios,
-        "memory_notes": {"train_state_mb": "parameters, buffers + gradients + AdamW state + unique storages saved for "
-                         "backward in one eager forward (those not counted twice); lower bound of the peak",
-                         "cuda_peak_mb": "parameters, buffers + AdamW state + rise of "
-                         "torch.cuda.max_memory_allocated over one timed chunk; max over rounds (CUDA only)"},
-    }
-    print(f"\nratio (mae_hf / ViTMAE) images/s: {ratios['images_per_s']:.2f}")
-    return record
+        percent = result.get("percent_of_gemm_limit")
+        compile_seconds = result.get("compile_seconds")
+        pays = ("" if compile_seconds is None or "break_even_steps" not in result
+                else "never" if result["break_even_steps"] is None else f"{result['break_even_steps']:,.0f}")
+        print(f"| {result['model']} | {result['mode']} | {result['images_per_s']:.1f} | {min(rounds):.1f} | "
+              f"{max(rounds):.1f} | {result['cpu_ms_per_image']:.1f} | {result['over_vit_mae']:.2f} | "
+              f"{result['over_mae_hf_first_mode']:.2f} | {'' if percent is None else f'{percent:.0f} %'} | "
+              f"{'' if compile_seconds is None else f'{compile_seconds:.0f}'} | {pays} | "
+              + " | ".join(f"{result[key]:.1f}" for key in memory_columns) + " |")
+    print("\n(ratios and percentages: medians of the per-round values, noise-robust)")
+    for mode in modes:
+        print(f"mae_hf / ViTMAE, {mode}: {results[f'mae_hf {mode}']['over_vit_mae']:.2f}")
+    return {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+            "modes": modes, "optimizer": args.optimizer, "load_average_before": load_before,
+            "load_average_after": load_after, "gemm_shapes": shapes,
+            "gemm_flops_per_s_rounds": gemm, "gemm_limit_images_per_s": limits, "results": results,
+            "memory_notes": {"train_state_mb": "parameters, buffers + gradients + AdamW state + unique storages saved "
+                             "for backward in one eager forward (those not counted twice); lower bound of the peak",
+                             "cuda_peak_mb": "parameters, buffers + AdamW state + rise of "
+                             "torch.cuda.max_memory_allocated over one timed chunk; max over rounds (CUDA only)"}}
 
 
 def pipeline_suite(args, config, bf16, autocast):
@@ -368,6 +521,16 @@ def main(argv=None):
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="Autocast to bfloat16 (default: on for CUDA, off otherwise).")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
+    parser.add_argument("--modes", nargs="+", metavar="MODE",
+                        help=f"Model suite: time every model in each of these modes, in turn in each round ({', '.join(MODES)}); "
+                             "overrides --bf16/--compile.")
+    parser.add_argument("--optimizer", choices=("fused", "foreach", "for_loop"), default="fused",
+                        help="AdamW implementation (default fused: the Trainer's adamw_torch_fused).")
+    parser.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=True,
+                        help="Model suite: measure fp32 and bf16 matrix-product FLOP/s in each round (the GEMM limit).")
+    parser.add_argument("--profile_steps", type=int, default=0,
+                        help="Model suite: afterwards, profile this many steps of each model in each mode (torch.profiler) "
+                             "and print the operators side by side.")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", help="Also write the figures to this JSON file.")

@@ -135,7 +135,7 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention written out: `softmax(q k^T * scaling) v`, the softmax in float32 for half-precision models.
+    """Attention written out: `softmax(q k^T * scaling) v`.
 
     Takes `(batch, heads, tokens, head_dim)` tensors and returns the output as `(batch, tokens, heads, head_dim)`
     (the layout of transformers' attention functions) and the `(batch, heads, tokens, tokens)` weights.
@@ -143,9 +143,15 @@ def eager_attention_forward(
     scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    # In the scores' dtype: torch's softmax kernels already compute bf16 and float16 in float32 and round only the
+    # output, so an explicit float32 softmax would give the same weights and cost a float32 copy of them (a tenth
+    # of a bf16 train step on a CPU).
+    weights = scores.softmax(dim=-1)
     output = torch.matmul(nn.functional.dropout(weights, p=dropout, training=module.training), value)
     return output.transpose(1, 2).contiguous(), weights
+
+
+CPU_BF16_FORMULA_MAX_TOKENS = 577  # measured: the formula trains faster up to 577 tokens (a 24 x 24 grid), slower from 769
 
 
 class MAEAttention(nn.Module):
@@ -170,12 +176,22 @@ class MAEAttention(nn.Module):
         batch, length, width = x.shape
         # unbind (not permute + unpack): backward then writes the fused q/k/v gradient without an extra copy.
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(batch, length, 3, self.heads, -1).unbind(2))
-        attention: Callable = eager_attention_forward
-        if not kwargs.get("output_attentions"):  # only the eager formula yields the weights someone asked for
-            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attention = self.attention_function(q, kwargs.get("output_attentions"))
         output, weights = attention(self, q, k, v, None, scaling=self.scaling,
                                     dropout=self.dropout if self.training else 0.0, **kwargs)
         return self.proj(output.reshape(batch, length, width)), weights
+
+    def attention_function(self, query: torch.Tensor, output_attentions: bool | None) -> Callable:
+        """The backend of `config._attn_implementation`, except: the eager formula when the weights are asked for
+        (only it computes them), and when training with `sdpa` in bf16 on a CPU with at most
+        `CPU_BF16_FORMULA_MAX_TOKENS` tokens: there torch's flash-attention backward takes 1.3-5x the time of the
+        formula's matrix products (docs/cpu_speed.md); longer sequences, inference and fp32 keep sdpa's kernel."""
+        implementation = self.config._attn_implementation
+        if output_attentions or (
+                implementation == "sdpa" and query.device.type == "cpu" and query.dtype == torch.bfloat16
+                and query.requires_grad and query.shape[2] <= CPU_BF16_FORMULA_MAX_TOKENS):
+            return eager_attention_forward
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
 class MAEMLP(nn.Module):
