@@ -44,7 +44,6 @@ import shlex
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -55,6 +54,7 @@ from .cli import parse_overrides
 from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
 from .modeling_mae import MAEForPreTraining
+from .precision import autocast_for, decide_bf16
 
 MB = 2**20
 
@@ -123,10 +123,6 @@ MODES = {"fp32": (False, False), "bf16": (True, False), "fp32+compile": (False, 
 
 def mode_name(bf16: bool, compile: bool) -> str:
     return ("bf16" if bf16 else "fp32") + ("+compile" if compile else "")
-
-
-def autocast_for_mode(device: str, bf16: bool):
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def make_optimizer(model, kind: str):
@@ -205,10 +201,7 @@ def print_profiles(runs: dict, pixel_values, steps: int, mode: str, top: int = 2
 def model_suite(args, config, bf16, autocast):
     """mae_hf against transformers' ViTMAE in each of `--modes` (precision, torch.compile): train-step images/s,
     CPU time, percent of the GEMM limit and memory, every (model, mode) in turn in each round."""
-    modes = args.modes or [mode_name(bf16, args.compile)]
-    unknown = [mode for mode in modes if mode not in MODES]
-    if unknown:
-        raise ValueError(f"--modes: unknown mode(s) {unknown}; choose from {list(MODES)}.")
+    modes = list(dict.fromkeys(args.modes or [mode_name(bf16, args.compile)]))
     load_before = os.getloadavg()
     base = build_models(config, args.seed, args.device)
     pixel_values = torch.randn(args.batch_size, config.num_channels, config.image_size, config.image_size,
@@ -221,7 +214,7 @@ def model_suite(args, config, bf16, autocast):
         for name, model in base.items():
             model = copy.deepcopy(model)
             optimizer = make_optimizer(model, args.optimizer)
-            context = autocast_for_mode(args.device, mode_bf16)
+            context = autocast_for(args.device, mode_bf16)
             train_step(model, optimizer, pixel_values, context)  # creates the AdamW state
             runs[name, mode] = {
                 "model": model, "optimizer": optimizer, "autocast": context,
@@ -292,8 +285,9 @@ def model_suite(args, config, bf16, autocast):
     if gemm["fp32"]:
         gflop = flops["mae_hf"] / 1e9
         limits = {precision: statistics.median(rates) / flops["mae_hf"] for precision, rates in gemm.items()}
-        print(f"matrix products at the step's largest shapes {shapes}: fp32 {statistics.median(gemm['fp32']) / 1e9:,.0f}"
-              f" GFLOP/s, bf16 {statistics.median(gemm['bf16']) / 1e9:,.0f} GFLOP/s (medians over rounds); a train step "
+        rates = {precision: statistics.median(values) / 1e9 for precision, values in gemm.items()}
+        print(f"matrix products at the step's largest shapes {shapes}: fp32 {rates['fp32']:,.0f} GFLOP/s, bf16 "
+              f"{rates['bf16']:,.0f} GFLOP/s (medians over rounds); a train step "
               f"is {gflop:.2f} GFLOP per image, so the GEMM limit is {limits['fp32']:,.1f} images/s in fp32, "
               f"{limits['bf16']:,.1f} in bf16\n")
     print(f"{args.device}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps, "
@@ -339,7 +333,7 @@ def pipeline_suite(args, config, bf16, autocast):
                            dtype=torch.uint8)
     model = MAEForPreTraining(config).to(args.device).train()
     stepper = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, args.optimizer)
     pixel_values = BatchTransform.for_model(config)(images[:args.batch_size]).to(args.device)
     for _ in range(args.warmup):
         train_step(stepper, optimizer, pixel_values, autocast)
@@ -437,7 +431,7 @@ def augment_suite(args, config, bf16, autocast):
     torch.manual_seed(args.seed)
     config.update({"num_labels": num_labels, "drop_path_rate": recipe.drop_path_rate, "pooling": recipe.pooling})
     model = MAEForImageClassification(config).to(args.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, args.optimizer)
     images = torch.randint(0, 256, (args.batch_size, config.num_channels, config.image_size, config.image_size),
                            dtype=torch.uint8).to(args.device)
     labels = torch.randint(0, num_labels, (args.batch_size,)).to(args.device)
@@ -519,18 +513,20 @@ def main(argv=None):
     parser.add_argument("--config_overrides", help='MAEConfig fields, e.g. "hidden_size=128,num_attention_heads=4".')
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="Autocast to bfloat16 (default: on for CUDA, off otherwise).")
+                        help="Autocast to bfloat16 (default: on where the device computes bf16 natively: a CUDA GPU "
+                             "that supports it, a CPU with AMX or AVX512-BF16; mae_hf/precision.py).")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
     parser.add_argument("--modes", nargs="+", metavar="MODE",
-                        help=f"Model suite: time every model in each of these modes, in turn in each round ({', '.join(MODES)}); "
-                             "overrides --bf16/--compile.")
+                        help=f"Model suite: time every model in each of these modes, in turn in each round "
+                             f"({', '.join(MODES)}); overrides --bf16/--compile.")
     parser.add_argument("--optimizer", choices=("fused", "foreach", "for_loop"), default="fused",
                         help="AdamW implementation (default fused: the Trainer's adamw_torch_fused).")
     parser.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=True,
-                        help="Model suite: measure fp32 and bf16 matrix-product FLOP/s in each round (the GEMM limit).")
+                        help="Model suite: measure fp32 and bf16 matrix-product FLOP/s in each round (the GEMM "
+                             "limit).")
     parser.add_argument("--profile_steps", type=int, default=0,
-                        help="Model suite: afterwards, profile this many steps of each model in each mode (torch.profiler) "
-                             "and print the operators side by side.")
+                        help="Model suite: afterwards, profile this many steps of each model in each mode "
+                             "(torch.profiler) and print the operators side by side.")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", help="Also write the figures to this JSON file.")
@@ -543,13 +539,16 @@ def main(argv=None):
     parser.add_argument("--probe_images", type=int, default=1024, help="Synthetic images (probe suite).")
     parser.add_argument("--probe_epochs", type=int, nargs="+", default=[10, 20], help="Head epochs (probe suite).")
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0:
-        parser.error("--batch_size, --steps and --rounds must be positive, --warmup non-negative.")
+    if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0 or args.profile_steps < 0:
+        parser.error("--batch_size, --steps and --rounds must be positive, --warmup and --profile_steps "
+                     "non-negative.")
+    unknown_modes = sorted(set(args.modes or ()) - set(MODES))
+    if unknown_modes:
+        parser.error(f"--modes: unknown mode(s) {unknown_modes}; choose from {', '.join(MODES)}.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    bf16 = args.device.startswith("cuda") if args.bf16 is None else args.bf16
-    device_type = torch.device(args.device).type
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    bf16, _ = decide_bf16(args.bf16, args.device)
+    autocast = autocast_for(args.device, bf16)
 
     config = MAEConfig()
     overrides = parse_overrides(args.config_overrides)
@@ -565,7 +564,8 @@ def main(argv=None):
     suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite}
     record = suites[args.suite](args, config, bf16, autocast)
     record.update(command=shlex.join(["python", *sys.argv]), suite=args.suite, device=args.device,
-                  dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, threads=torch.get_num_threads(),
+                  dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, modes=args.modes,
+                  threads=torch.get_num_threads(),
                   torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
     if args.output_json:
         with open(args.output_json, "w") as handle:

@@ -151,7 +151,7 @@ def eager_attention_forward(
     return output.transpose(1, 2).contiguous(), weights
 
 
-CPU_BF16_FORMULA_MAX_TOKENS = 577  # measured: the formula trains faster up to 577 tokens (a 24 x 24 grid), slower from 769
+CPU_BF16_FORMULA_MAX_TOKENS = 577  # measured: the formula trains faster up to 577 tokens (24 x 24 + 1), slower from 769
 
 
 class MAEAttention(nn.Module):

@@ -213,10 +213,13 @@ def test_two_process_ddp(tmp_path, repo_root, tiny_overrides, parquet_folder, la
     assert MAEForPreTraining.from_pretrained(output).config.hidden_size == 16
 
 
-def test_cpu_defaults_are_fp32_without_compile(tmp_path):
-    args = PretrainingArguments(output_dir=str(tmp_path))
-    assert (args.bf16, args.torch_compile, args.device.type) == (False, False, "cpu")
+def test_cpu_defaults_bf16_where_native_without_compile(tmp_path):
+    from mae_hf.precision import native_bf16
+
+    args = PretrainingArguments(output_dir=str(tmp_path))  # the precision rule itself: tests/test_precision.py
+    assert (args.bf16, args.torch_compile, args.device.type) == (native_bf16("cpu") is not None, False, "cpu")
     assert PretrainingArguments(output_dir=str(tmp_path), bf16=True).bf16  # the normal flag still works
+    assert not PretrainingArguments(output_dir=str(tmp_path), bf16=False).bf16
     with pytest.raises(ValueError, match="crop_min_scale"):
         PretrainingArguments(output_dir=str(tmp_path), crop_min_scale=0)
 
