@@ -19,12 +19,22 @@ Memory columns:
     python scripts/benchmark.py --device cpu --threads 2 --warmup 2 --steps 3 --rounds 5
     python scripts/benchmark.py --config_overrides "hidden_size=128,num_attention_heads=4,num_hidden_layers=4" --compile
 
+--modes times both models in several modes in one run (every model and mode in turn in each round), with the CPU
+time per image, the percent of the GEMM limit (fp32 and bf16 matrix-product FLOP/s measured at the step's largest
+shapes in each round, against the step's FLOPs counted by torch.utils.flop_counter), the compile time and the steps
+after which compiling has paid; --profile_steps adds torch.profiler tables of both models side by side:
+
+    python scripts/benchmark.py --device cpu --modes fp32 bf16 bf16+compile --warmup 2 --steps 2 --rounds 8
+
 Two more suites, same flags:
   --suite pipeline  the whole pretraining pipeline (MAEPretrainer: uint8 batches gathered from a tensor, crop/flip/
                     normalise on the device, train step, grad clipping, schedule) against the model-only train step,
                     alternating; the pipeline must keep >= 90 % of the model-only images/s.
   --suite probe     linear probe wall time with features computed once (mae_hf) against re-running the frozen encoder
                     for every head epoch (the reference's approach), at the same epochs (--probe_epochs).
+  --suite attention one block's attention, torch's sdpa kernel against the formula's matrix products, fp32 and bf16,
+                    train (forward + backward) and inference, for --attention_tokens token counts: the evidence for
+                    CPU_BF16_FORMULA_MAX_TOKENS (modeling_mae.py).
   --suite augment   the fine-tuning recipe's training augmentation (--recipe: crop/flip, RandAugment, normalise,
                     random erasing, mixup/cutmix) against the fine-tune train step of MAEForImageClassification
                     (forward, soft-target loss, backward, AdamW), alternating; today's crop + flip for reference.
@@ -504,6 +514,64 @@ def augment_suite(args, config, bf16, autocast):
             "cpu_ratio_to_train_step_per_round": cpu_per_round, "cpu_ratio_to_train_step": cpu_ratios}
 
 
+def attention_suite(args, config, bf16, autocast):
+    """The attention of one block, torch's sdpa kernel against the formula (`eager_attention_forward`: matrix
+    products and a softmax), for several token counts: a train step's forward + backward and inference, in fp32 and
+    bf16, alternating. The evidence behind `CPU_BF16_FORMULA_MAX_TOKENS` in modeling_mae.py."""
+    import torch.nn.functional as F
+
+    from .modeling_mae import eager_attention_forward
+
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    module = torch.nn.Module().train()
+
+    def formula(q, k, v):
+        return eager_attention_forward(module, q, k, v, None, scaling=head_dim ** -0.5)[0]
+
+    def kernel(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    def timed(function, qkv, train: bool) -> float:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            with torch.set_grad_enabled(train):
+                batch, length = qkv.shape[:2]
+                q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
+                output = function(q, k, v)
+                if train:
+                    output.sum().backward()
+        return (time.perf_counter() - start) / args.steps
+
+    rows = []
+    for tokens in args.attention_tokens:
+        batch = max(1, args.batch_size * 65 // tokens)  # about the same number of tokens per call
+        for dtype in (torch.float32, torch.bfloat16):
+            qkv = torch.randn(batch, tokens, 3 * heads * head_dim, dtype=dtype, device=args.device,
+                              requires_grad=True)
+            for train in (True, False):
+                seconds = {"sdpa": [], "formula": []}
+                runs = [("sdpa", kernel), ("formula", formula)]
+                for round_index in range(args.rounds):
+                    for name, function in runs if round_index % 2 == 0 else runs[::-1]:
+                        if round_index == 0:
+                            timed(function, qkv, train)  # warm up
+                        seconds[name].append(timed(function, qkv, train))
+                ratio = statistics.median(a / b for a, b in zip(seconds["sdpa"], seconds["formula"]))
+                rows.append({"tokens": tokens, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+                             "pass": "forward + backward" if train else "inference", "seconds": seconds,
+                             "sdpa_over_formula": ratio})
+    print(f"{args.device}, {heads} heads of {head_dim}, {args.rounds} rounds x {args.steps} calls, "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}\n")
+    print("| tokens | batch | dtype | pass | sdpa ms | formula ms | sdpa / formula |\n"
+          "|---:|---:|---|---|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['tokens']} | {row['batch']} | {row['dtype']} | {row['pass']} | "
+              f"{1000 * statistics.median(row['seconds']['sdpa']):.1f} | "
+              f"{1000 * statistics.median(row['seconds']['formula']):.1f} | {row['sdpa_over_formula']:.2f} |")
+    print("\n(sdpa / formula > 1: the formula is faster; medians of the per-round ratios)")
+    return {"heads": heads, "head_dim": head_dim, "rows": rows}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -530,9 +598,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", help="Also write the figures to this JSON file.")
-    parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment"), default="model",
+    parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment", "attention"), default="model",
                         help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model step; "
-                             "probe, augment: see above.")
+                             "probe, augment, attention: see above.")
+    parser.add_argument("--attention_tokens", type=int, nargs="+", default=[17, 65, 257, 577, 769, 1025],
+                        help="Token counts (attention suite).")
     parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "configs/finetune_strong.yaml"),
                         help="Fine-tuning config file whose augmentation the augment suite times.")
     parser.add_argument("--pipeline_images", type=int, default=4096, help="Synthetic uint8 images (pipeline suite).")
@@ -561,7 +631,8 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
 
-    suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite}
+    suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite,
+              "attention": attention_suite}
     record = suites[args.suite](args, config, bf16, autocast)
     record.update(command=shlex.join(["python", *sys.argv]), suite=args.suite, device=args.device,
                   dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, modes=args.modes,

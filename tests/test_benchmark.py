@@ -35,3 +35,13 @@ def test_unknown_mode_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--device", "cpu", "--modes", "fp32", "fp8"])
     assert exit_info.value.code == 2 and "--modes: unknown mode(s) ['fp8']" in capsys.readouterr().err
+
+
+def test_attention_suite_times_sdpa_against_the_formula(tmp_path):
+    main(["--device", "cpu", "--suite", "attention", "--config_overrides", TINY, "--batch_size", "2", "--steps", "1",
+          "--rounds", "2", "--attention_tokens", "5", "9", "--output_json", str(tmp_path / "record.json")])
+    rows = json.loads((tmp_path / "record.json").read_text())["rows"]
+    assert [(row["tokens"], row["dtype"], row["pass"]) for row in rows] == [
+        (tokens, dtype, step) for tokens in (5, 9) for dtype in ("float32", "bfloat16")
+        for step in ("forward + backward", "inference")]
+    assert all(len(row["seconds"]["sdpa"]) == 2 and row["sdpa_over_formula"] > 0 for row in rows)
