@@ -39,7 +39,8 @@ def test_eval_loss_is_comparable_between_evaluations(pretrained_run, parquet_fol
     _, evaluation = load_image_splits(DataArguments(dataset_name=str(parquet_folder)), model.config.image_size)
     noise = fixed_noise(len(evaluation), model.config.num_patches, seed=42)
     pixel_values = BatchTransform.for_model(model.config)(evaluation.images)
-    with torch.no_grad():
+    bf16 = json.loads((folder / "pretraining_summary.json").read_text())["bf16"]  # the run's own precision
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         losses = [model(pixel_values, noise=noise).loss.item() for _ in range(2)]
     assert losses[0] == losses[1]
     recorded = json.loads((folder / "eval_results.json").read_text())["eval_loss"]
