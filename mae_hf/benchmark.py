@@ -69,11 +69,34 @@ from .precision import autocast_for, decide_bf16
 MB = 2**20
 
 
-def build_models(config: MAEConfig, seed: int, device: str) -> dict:
+def build_models(config: MAEConfig, seed: int, device: str, baseline_dir: str | None = None) -> dict:
+    """mae_hf and ViTMAE with identical weights (so both compute the same function); with `baseline_dir`, also the
+    mae_hf of that checkout ("baseline": e.g. `git archive <commit> | tar -x -C DIR`), with the same weights."""
     torch.manual_seed(seed)
     ours = MAEForPreTraining(config)
-    theirs = to_vit_mae(ours)  # identical weights, so both compute the same function
-    return {"mae_hf": ours.to(device).train(), "ViTMAE": theirs.to(device).train()}
+    models = {"mae_hf": ours, "ViTMAE": to_vit_mae(ours)}
+    if baseline_dir is not None:
+        package = import_baseline(baseline_dir)
+        models["baseline"] = package.MAEForPreTraining(package.MAEConfig.from_dict(config.to_dict()))
+        models["baseline"].load_state_dict(ours.state_dict())
+    return {name: model.to(device).train() for name, model in models.items()}
+
+
+def import_baseline(folder: str):
+    """The model file of another checkout (`folder`/mae_hf/modeling_mae.py), imported beside this one as
+    `mae_hf_baseline.modeling_mae`, without that package's `__init__` (which would register its classes with the Auto
+    classes in place of ours)."""
+    import importlib
+    import types
+
+    package = os.path.join(folder, "mae_hf")
+    if not os.path.isfile(os.path.join(package, "modeling_mae.py")):
+        raise ValueError(f"--baseline_dir {folder}: no mae_hf/modeling_mae.py there; extract a checkout first, e.g. "
+                         f"git archive <commit> | tar -x -C {folder}")
+    module = types.ModuleType("mae_hf_baseline")
+    module.__path__ = [package]
+    sys.modules.setdefault("mae_hf_baseline", module)
+    return importlib.import_module("mae_hf_baseline.modeling_mae")
 
 
 def train_step(model, optimizer, pixel_values, autocast):
@@ -213,7 +236,7 @@ def model_suite(args, config, bf16, autocast):
     CPU time, percent of the GEMM limit and memory, every (model, mode) in turn in each round."""
     modes = list(dict.fromkeys(args.modes or [mode_name(bf16, args.compile)]))
     load_before = os.getloadavg()
-    base = build_models(config, args.seed, args.device)
+    base = build_models(config, args.seed, args.device, args.baseline_dir)
     pixel_values = torch.randn(args.batch_size, config.num_channels, config.image_size, config.image_size,
                                generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     flops = {name: step_flops(model, pixel_values) / args.batch_size for name, model in base.items()}
@@ -279,6 +302,9 @@ def model_suite(args, config, bf16, autocast):
         result["over_vit_mae"], result["over_vit_mae_per_round"] = per_round(
             rounds, runs["ViTMAE", mode]["images_per_s_rounds"])
         result["over_mae_hf_first_mode"], _ = per_round(rounds, runs["mae_hf", modes[0]]["images_per_s_rounds"])
+        if "baseline" in base:
+            result["over_baseline_first_mode"], _ = per_round(rounds,
+                                                              runs["baseline", modes[0]]["images_per_s_rounds"])
         if gemm["fp32"]:
             rates = gemm["bf16" if MODES[mode][0] else "fp32"]
             result["percent_of_gemm_limit"] = statistics.median(
@@ -304,9 +330,11 @@ def model_suite(args, config, bf16, autocast):
           f"{torch.get_num_threads()} threads, AdamW {args.optimizer}; load average {load_before[0]:.1f} before, "
           f"{load_after[0]:.1f} after (1 min; {os.cpu_count()} CPUs)\n")
     memory_columns = ["train_state_mb"] + (["cuda_peak_mb"] if any(r["cuda_peak_mb"] for r in results.values()) else [])
-    print("| model | mode | images/s (median) | min | max | CPU ms/image | / ViTMAE | / mae_hf " + modes[0] +
-          " | % of GEMM limit | compile s | pays after (steps) | " + " | ".join(memory_columns) + " |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(memory_columns))
+    baseline = "baseline" in base
+    print("| model | mode | images/s (median) | min | max | CPU ms/image | / ViTMAE | / mae_hf " + modes[0] + " | "
+          + (f"/ baseline {modes[0]} | " if baseline else "") + "% of GEMM limit | compile s | pays after (steps) | "
+          + " | ".join(memory_columns) + " |")
+    print("|---|---|" + "---:|" * (9 + baseline + len(memory_columns)))
     for result in results.values():
         rounds = result["images_per_s_rounds"]
         percent = result.get("percent_of_gemm_limit")
@@ -315,7 +343,9 @@ def model_suite(args, config, bf16, autocast):
                 else "never" if result["break_even_steps"] is None else f"{result['break_even_steps']:,.0f}")
         print(f"| {result['model']} | {result['mode']} | {result['images_per_s']:.1f} | {min(rounds):.1f} | "
               f"{max(rounds):.1f} | {result['cpu_ms_per_image']:.1f} | {result['over_vit_mae']:.2f} | "
-              f"{result['over_mae_hf_first_mode']:.2f} | {'' if percent is None else f'{percent:.0f} %'} | "
+              f"{result['over_mae_hf_first_mode']:.2f} | "
+              + (f"{result['over_baseline_first_mode']:.2f} | " if baseline else "")
+              + f"{'' if percent is None else f'{percent:.0f} %'} | "
               f"{'' if compile_seconds is None else f'{compile_seconds:.0f}'} | {pays} | "
               + " | ".join(f"{result[key]:.1f}" for key in memory_columns) + " |")
     print("\n(ratios and percentages: medians of the per-round values, noise-robust)")
@@ -595,6 +625,9 @@ def main(argv=None):
     parser.add_argument("--profile_steps", type=int, default=0,
                         help="Model suite: afterwards, profile this many steps of each model in each mode "
                              "(torch.profiler) and print the operators side by side.")
+    parser.add_argument("--baseline_dir",
+                        help="Model suite: also time the mae_hf of this checkout (a folder holding its mae_hf/, e.g. "
+                             "from `git archive <commit> | tar -x -C DIR`), as the model 'baseline'.")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", help="Also write the figures to this JSON file.")
