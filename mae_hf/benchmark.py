@@ -64,7 +64,7 @@ from .cli import parse_overrides
 from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
 from .modeling_mae import MAEForPreTraining
-from .precision import autocast_for, decide_bf16
+from .precision import autocast_for, decide_bf16, native_bf16
 
 MB = 2**20
 
@@ -326,9 +326,9 @@ def model_suite(args, config, bf16, autocast):
               f"{rates['bf16']:,.0f} GFLOP/s (medians over rounds); a train step "
               f"is {gflop:.2f} GFLOP per image, so the GEMM limit is {limits['fp32']:,.1f} images/s in fp32, "
               f"{limits['bf16']:,.1f} in bf16\n")
-    print(f"{args.device}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps, "
-          f"{torch.get_num_threads()} threads, AdamW {args.optimizer}; load average {load_before[0]:.1f} before, "
-          f"{load_after[0]:.1f} after (1 min; {os.cpu_count()} CPUs)\n")
+    print(f"{args.device} (native bf16: {native_bf16(args.device) or 'none'}), batch {args.batch_size}, "
+          f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads, AdamW {args.optimizer}; load "
+          f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after (1 min; {os.cpu_count()} CPUs)\n")
     memory_columns = ["train_state_mb"] + (["cuda_peak_mb"] if any(r["cuda_peak_mb"] for r in results.values()) else [])
     baseline = "baseline" in base
     print("| model | mode | images/s (median) | min | max | CPU ms/image | / ViTMAE | / mae_hf " + modes[0] + " | "
@@ -352,7 +352,8 @@ def model_suite(args, config, bf16, autocast):
     for mode in modes:
         print(f"mae_hf / ViTMAE, {mode}: {results[f'mae_hf {mode}']['over_vit_mae']:.2f}")
     return {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-            "modes": modes, "optimizer": args.optimizer, "load_average_before": load_before,
+            "modes": modes, "optimizer": args.optimizer, "native_bf16": native_bf16(args.device),
+            "load_average_before": load_before,
             "load_average_after": load_after, "gemm_shapes": shapes,
             "gemm_flops_per_s_rounds": gemm, "gemm_limit_images_per_s": limits, "results": results,
             "memory_notes": {"train_state_mb": "parameters, buffers + gradients + AdamW state + unique storages saved "
