@@ -97,11 +97,14 @@ def read_mae_config(folder: str, source: str) -> dict:
 class Demo:
     """The models of one folder: encoder + decoder when it has a decoder, and each trained classifier head (the
     folder's own, a probe or a fine-tune, and a published folder's `finetuned/`), on the CPU, in bf16 by default
-    where the CPU computes it natively (`bf16`: None for that default, True or False to choose)."""
+    where the CPU computes it natively (`bf16`: None for that default, True or False to choose). In bf16 the weights
+    are converted once: autocast would cast every weight again for each image, which costs a one-image forward about
+    what bf16 saves."""
 
     def __init__(self, source: str, bf16: bool | None = None):
         self.source = source
         self.bf16, self.precision = precision.decide_bf16(bf16, "cpu")
+        self.precision = self.precision.replace("bf16 autocast", "bf16 weights")
         folder = local_folder(source)
         config = read_mae_config(folder, source)
         names = weight_names(folder)
@@ -121,6 +124,10 @@ class Demo:
                                            AutoImageProcessor.from_pretrained(path))
         if self.mae is None and not self.classifiers:
             raise ValueError(f"{source} has neither a decoder nor a classifier head: nothing to show.")
+        if self.bf16:
+            for model in [self.mae] + [model for model, _ in self.classifiers.values()]:
+                if model is not None:
+                    model.to(torch.bfloat16)
 
     def describe(self) -> str:
         parts = []
@@ -141,15 +148,14 @@ class Demo:
         if self.mae is not None:
             pixel_values = self.processor(images=image, return_tensors="pt").pixel_values
             noise = torch.rand(1, self.mae.config.num_patches, generator=torch.Generator().manual_seed(int(seed)))
-            rows, loss = drawing.reconstruct(self.mae, pixel_values, noise, mask_ratio=mask_ratio, bf16=self.bf16)
+            rows, loss = drawing.reconstruct(self.mae, pixel_values, noise, mask_ratio=mask_ratio)
             scale = max(1, DISPLAY_PIXELS // self.mae.config.image_size)
             pictures = [drawing.to_pil(row[0], scale) for row in rows]
             loss_text = (f"**Masked-patch loss** {loss.item():.4f} (mean squared error over the hidden patches"
                          + (", per-patch normalised pixels)" if self.mae.config.norm_pix_loss else ")"))
         top5 = {}
         for title, (model, processor) in self.classifiers.items():
-            with precision.autocast_for("cpu", self.bf16):
-                logits = model(processor(images=image, return_tensors="pt").pixel_values).logits
+            logits = model(processor(images=image, return_tensors="pt").pixel_values).logits
             probabilities = logits.float().softmax(-1)[0]
             values, indices = probabilities.topk(min(5, len(probabilities)))
             top5[title] = {model.config.id2label[i]: v for v, i in zip(values.tolist(), indices.tolist())}
@@ -252,7 +258,7 @@ def main(argv=None):
                              "busy or shared CPU more threads wait on each other; measured in README.md).")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (--bf16 / --no-bf16); default: on where the CPU computes bf16 natively "
-                             "(AMX or AVX512-BF16), about 1.6x faster per image there.")
+                             "(AMX or AVX512-BF16): 1.5x faster per image there (docs/cpu_speed.md).")
     parser.add_argument("--measure", type=int, metavar="N",
                         help="Print the median seconds per image over N images instead of serving.")
     args = parser.parse_args(argv)

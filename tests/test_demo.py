@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from mae_hf import MAEForImageClassification, MAEForPreTraining
@@ -217,8 +218,11 @@ def test_demo_takes_the_precision_rule(tmp_path, tiny_config, monkeypatch, capsy
         monkeypatch.setattr(app.precision, "cpu_capabilities", lambda capabilities=capabilities: capabilities)
         demo = app.Demo(str(folder), bf16)
         assert demo.precision in demo.describe()
+        expected = torch.bfloat16 if demo.precision.startswith("bf16") else torch.float32
+        assert {next(model.parameters()).dtype for model in [demo.mae, demo.classifiers["linear probe"][0]]} == {
+            expected}  # converted once, not cast again for every image
         results[demo.precision] = demo.run(image, 0.5, 0)
-    assert list(results) == ["bf16 autocast (default: this CPU computes bf16 natively, AVX512-BF16)",
+    assert list(results) == ["bf16 weights (default: this CPU computes bf16 natively, AVX512-BF16)",
                              "fp32 (default: this CPU has no native bf16, where bf16 runs slower than fp32)",
                              "fp32 (--bf16 false)"]
     (bf16_pictures, _, bf16_top5), (fp32_pictures, _, fp32_top5), _ = results.values()
