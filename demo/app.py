@@ -257,7 +257,7 @@ def main(argv=None):
                         help="Torch threads (default 1: one small image is too little work to share out, and on a "
                              "busy or shared CPU more threads wait on each other; measured in README.md).")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (--bf16 / --no-bf16); default: on where the CPU computes bf16 natively "
+                        help="bf16 weights (--bf16 / --no-bf16); default: on where the CPU computes bf16 natively "
                              "(AMX or AVX512-BF16): 1.5x faster per image there (docs/cpu_speed.md).")
     parser.add_argument("--measure", type=int, metavar="N",
                         help="Print the median seconds per image over N images instead of serving.")

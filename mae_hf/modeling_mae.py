@@ -144,8 +144,8 @@ def eager_attention_forward(
     if attention_mask is not None:
         scores = scores + attention_mask
     # In the scores' dtype: torch's softmax kernels already compute bf16 and float16 in float32 and round only the
-    # output, so an explicit float32 softmax would give the same weights and cost a float32 copy of them (a tenth
-    # of a bf16 train step on a CPU).
+    # output, so an explicit float32 softmax gives the same weights at the cost of a float32 copy of them (on a CPU in
+    # bf16 that nearly doubled the time of a 257-token attention's forward and backward).
     weights = scores.softmax(dim=-1)
     output = torch.matmul(nn.functional.dropout(weights, p=dropout, training=module.training), value)
     return output.transpose(1, 2).contiguous(), weights
@@ -184,7 +184,7 @@ class MAEAttention(nn.Module):
     def attention_function(self, query: torch.Tensor, output_attentions: bool | None) -> Callable:
         """The backend of `config._attn_implementation`, except: the eager formula when the weights are asked for
         (only it computes them), and when training with `sdpa` in bf16 on a CPU with at most
-        `CPU_BF16_FORMULA_MAX_TOKENS` tokens: there torch's flash-attention backward takes 1.3-5x the time of the
+        `CPU_BF16_FORMULA_MAX_TOKENS` tokens: there torch's flash-attention kernel trains 1.8-11x slower than the
         formula's matrix products (docs/cpu_speed.md); longer sequences, inference and fp32 keep sdpa's kernel."""
         implementation = self.config._attn_implementation
         if output_attentions or (
