@@ -10,8 +10,9 @@ shows the head's top-5 classes too.
 The bundled examples are CIFAR-10 training images (the public CIFAR-10 release, via the project's local copy).
 
 The model loads through the Auto classes with `trust_remote_code=True`, from the folder's own code files, so the
-app needs torch, transformers and gradio but not mae_hf. The drawing code is mae_hf/visualize.py, loaded by path:
-from this folder (a Space) or from the repository.
+app needs torch, transformers and gradio but not mae_hf. The drawing code is mae_hf/visualize.py and the precision
+rule (bf16 where the CPU computes it natively) mae_hf/precision.py, both loaded by path: from this folder (a Space)
+or from the repository.
 """
 
 import argparse
@@ -32,19 +33,20 @@ DISPLAY_PIXELS = 256  # pictures are shown upscaled (nearest) to about this size
 TITLES = ("original (model size)", "masked input", "reconstruction", "reconstruction + visible")
 
 
-def load_drawing_code():
-    """mae_hf/visualize.py, by path: importing the package instead would register its classes and shadow the
-    folder's own code (and a Space does not have it)."""
-    for path in (os.path.join(HERE, "visualize.py"), os.path.join(HERE, os.pardir, "mae_hf", "visualize.py")):
+def load_package_file(name: str):
+    """mae_hf/<name>.py, by path: importing the package instead would register its classes and shadow the folder's
+    own code (and a Space does not have it)."""
+    for path in (os.path.join(HERE, f"{name}.py"), os.path.join(HERE, os.pardir, "mae_hf", f"{name}.py")):
         if os.path.isfile(path):
-            spec = importlib.util.spec_from_file_location("mae_drawing", path)
+            spec = importlib.util.spec_from_file_location(f"mae_demo_{name}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
-    raise ImportError(f"visualize.py is neither next to {__file__} nor in the repository's mae_hf/.")
+    raise ImportError(f"{name}.py is neither next to {__file__} nor in the repository's mae_hf/.")
 
 
-drawing = load_drawing_code()
+drawing = load_package_file("visualize")
+precision = load_package_file("precision")
 
 
 def default_model() -> str | None:
@@ -101,10 +103,15 @@ def read_mae_config(folder: str, source: str) -> dict:
 
 class Demo:
     """The models of one folder: encoder + decoder when it has a decoder, and each trained classifier head (the
-    folder's own, a probe or a fine-tune, and a published folder's `finetuned/`)."""
+    folder's own, a probe or a fine-tune, and a published folder's `finetuned/`), on the CPU, in bf16 by default
+    where the CPU computes it natively (`bf16`: None for that default, True or False to choose). In bf16 the weights
+    are converted once: autocast would cast every weight again for each image, which costs a one-image forward about
+    what bf16 saves."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, bf16: bool | None = None):
         self.source = source
+        self.bf16, self.precision = precision.decide_bf16(bf16, "cpu")
+        self.precision = self.precision.replace("bf16 autocast", "bf16 weights")
         folder = local_folder(source)
         config = read_mae_config(folder, source)
         names = weight_names(folder)
@@ -124,6 +131,10 @@ class Demo:
                                            AutoImageProcessor.from_pretrained(path))
         if self.mae is None and not self.classifiers:
             raise ValueError(f"{source} has neither a decoder nor a classifier head: nothing to show.")
+        if self.bf16:
+            for model in [self.mae] + [model for model, _ in self.classifiers.values()]:
+                if model is not None:
+                    model.to(torch.bfloat16)
 
     def describe(self) -> str:
         parts = []
@@ -135,7 +146,7 @@ class Demo:
             parts.append("no decoder in this folder (a classifier checkpoint): no reconstructions")
         parts += [f"{title} head over {model.config.num_labels} classes"
                   for title, (model, _) in self.classifiers.items()]
-        return f"**Model** `{self.source}`: " + "; ".join(parts) + "."
+        return f"**Model** `{self.source}`: " + "; ".join(parts) + f"; {self.precision}."
 
     @torch.no_grad()
     def run(self, image: Image.Image, mask_ratio: float, seed: int):
@@ -151,7 +162,8 @@ class Demo:
                          + (", per-patch normalised pixels)" if self.mae.config.norm_pix_loss else ")"))
         top5 = {}
         for title, (model, processor) in self.classifiers.items():
-            probabilities = model(processor(images=image, return_tensors="pt").pixel_values).logits.softmax(-1)[0]
+            logits = model(processor(images=image, return_tensors="pt").pixel_values).logits
+            probabilities = logits.float().softmax(-1)[0]
             values, indices = probabilities.topk(min(5, len(probabilities)))
             top5[title] = {model.config.id2label[i]: v for v, i in zip(values.tolist(), indices.tolist())}
         return pictures, loss_text, top5
@@ -169,13 +181,13 @@ def open_image(path: str | None) -> Image.Image:
                          "WebP, GIF or BMP file.") from None
 
 
-def build(source: str | None) -> gr.Blocks:
+def build(source: str | None, bf16: bool | None = None) -> gr.Blocks:
     """The page. A model that fails to load still gives a page, which says why."""
     demo, load_error = None, None
     try:
         if source is None:
             raise ValueError(f"no model given: pass --model FOLDER_OR_HUB_ID or set {MODEL_ENV}.")
-        demo = Demo(source)
+        demo = Demo(source, bf16)
     except (ValueError, OSError) as error:
         load_error = f"**Error:** {' '.join(str(error).split())}"
     heads = list(demo.classifiers) if demo else []
@@ -227,10 +239,11 @@ def build(source: str | None) -> gr.Blocks:
     return page
 
 
-def seconds_per_image(source: str, count: int) -> tuple[float, float]:
+def seconds_per_image(source: str, count: int, bf16: bool | None = None) -> tuple[float, float, str]:
     """Medians over `count` random 32 px images of `Demo.run` (reconstruction + every head): wall seconds, and CPU
-    seconds of this process (all threads; on a busy machine the wall time also counts waiting for a core)."""
-    demo, wall, cpu = Demo(source), [], []
+    seconds of this process (all threads; on a busy machine the wall time also counts waiting for a core); and the
+    precision it ran in."""
+    demo, wall, cpu = Demo(source, bf16), [], []
     generator = torch.Generator().manual_seed(0)
     for index in range(count + 1):  # the first call warms up
         pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=generator).numpy()
@@ -238,7 +251,7 @@ def seconds_per_image(source: str, count: int) -> tuple[float, float]:
         demo.run(Image.fromarray(pixels), 0.75, index)
         wall.append(time.perf_counter() - started)
         cpu.append(time.process_time() - started_cpu)
-    return statistics.median(wall[1:]), statistics.median(cpu[1:])
+    return statistics.median(wall[1:]), statistics.median(cpu[1:]), demo.precision
 
 
 def main(argv=None):
@@ -251,6 +264,9 @@ def main(argv=None):
                         help="Torch threads (default 1: one small image is too little work to share out, and on a "
                              "busy or shared CPU more threads wait on each other; measured in mae_hf's "
                              "docs/publishing.md).")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 weights (--bf16 / --no-bf16); default: on where the CPU computes bf16 natively "
+                             "(AMX or AVX512-BF16): 1.5x faster per image there (docs/cpu_speed.md).")
     parser.add_argument("--measure", type=int, metavar="N",
                         help="Print the median seconds per image over N images instead of serving.")
     args = parser.parse_args(argv)
@@ -260,13 +276,13 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.measure:
         try:
-            wall, cpu = seconds_per_image(args.model, args.measure)
+            wall, cpu, precision_used = seconds_per_image(args.model, args.measure, args.bf16)
         except ValueError as error:
             parser.exit(1, f"error: {error}\n")
         print(f"[demo] per image (median of {args.measure}): {wall:.3f} s wall, {cpu:.3f} s CPU time "
-              f"({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f})")
+              f"({torch.get_num_threads()} threads, {precision_used}, load average {os.getloadavg()[0]:.1f})")
         return
-    build(args.model).launch(server_name=args.host, server_port=args.port)
+    build(args.model, args.bf16).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

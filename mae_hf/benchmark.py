@@ -22,12 +22,22 @@ Memory columns:
     python scripts/benchmark.py --device cpu --threads 2 --warmup 2 --steps 3 --rounds 5
     python scripts/benchmark.py --config_overrides "hidden_size=128,num_attention_heads=4,num_hidden_layers=4" --compile
 
+--modes times both models in several modes in one run (every model and mode in turn in each round), with the CPU
+time per image, the percent of the GEMM limit (fp32 and bf16 matrix-product FLOP/s measured at the step's largest
+shapes in each round, against the step's FLOPs counted by torch.utils.flop_counter), the compile time and the steps
+after which compiling has paid; --profile_steps adds torch.profiler tables of both models side by side:
+
+    python scripts/benchmark.py --device cpu --modes fp32 bf16 bf16+compile --warmup 2 --steps 2 --rounds 8
+
 More suites, same flags:
   --suite pipeline  the whole pretraining pipeline (MAEPretrainer: uint8 batches gathered from a tensor, crop/flip/
                     normalise on the device, train step, grad clipping, schedule) against the model-only train step,
                     alternating; the pipeline must keep >= 90 % of the model-only images/s.
   --suite probe     linear probe wall time with features computed once (mae_hf) against re-running the frozen encoder
                     for every head epoch (the reference's approach), at the same epochs (--probe_epochs).
+  --suite attention one block's attention, torch's sdpa kernel against the formula's matrix products, fp32 and bf16,
+                    train (forward + backward) and inference, for --attention_tokens token counts: the evidence for
+                    CPU_BF16_FORMULA_MAX_TOKENS (modeling_mae.py).
   --suite augment   the fine-tuning recipe's training augmentation (--recipe: crop/flip, RandAugment, normalise,
                     random erasing, mixup/cutmix) against the fine-tune train step of MAEForImageClassification
                     (forward, soft-target loss, backward, AdamW), alternating; today's crop + flip for reference.
@@ -45,10 +55,12 @@ More suites, same flags:
 """
 
 import argparse
+import copy
 import json
+import os
 import statistics
+import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -59,16 +71,40 @@ from .cli import parse_overrides
 from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
 from .modeling_mae import MAEForPreTraining
+from .precision import autocast_for, decide_bf16, native_bf16
 from .redaction import recorded_command
 
 MB = 2**20
 
 
-def build_models(config: MAEConfig, seed: int, device: str) -> dict:
+def build_models(config: MAEConfig, seed: int, device: str, baseline_dir: str | None = None) -> dict:
+    """mae_hf and ViTMAE with identical weights (so both compute the same function); with `baseline_dir`, also the
+    mae_hf of that checkout ("baseline": e.g. `git archive <commit> | tar -x -C DIR`), with the same weights."""
     torch.manual_seed(seed)
     ours = MAEForPreTraining(config)
-    theirs = to_vit_mae(ours)  # identical weights, so both compute the same function
-    return {"mae_hf": ours.to(device).train(), "ViTMAE": theirs.to(device).train()}
+    models = {"mae_hf": ours, "ViTMAE": to_vit_mae(ours)}
+    if baseline_dir is not None:
+        package = import_baseline(baseline_dir)
+        models["baseline"] = package.MAEForPreTraining(package.MAEConfig.from_dict(config.to_dict()))
+        models["baseline"].load_state_dict(ours.state_dict())
+    return {name: model.to(device).train() for name, model in models.items()}
+
+
+def import_baseline(folder: str):
+    """The model file of another checkout (`folder`/mae_hf/modeling_mae.py), imported beside this one as
+    `mae_hf_baseline.modeling_mae`, without that package's `__init__` (which would register its classes with the Auto
+    classes in place of ours)."""
+    import importlib
+    import types
+
+    package = os.path.join(folder, "mae_hf")
+    if not os.path.isfile(os.path.join(package, "modeling_mae.py")):
+        raise ValueError(f"--baseline_dir {folder}: no mae_hf/modeling_mae.py there; extract a checkout first, e.g. "
+                         f"git archive <commit> | tar -x -C {folder}")
+    module = types.ModuleType("mae_hf_baseline")
+    module.__path__ = [package]
+    sys.modules.setdefault("mae_hf_baseline", module)
+    return importlib.import_module("mae_hf_baseline.modeling_mae")
 
 
 def train_step(model, optimizer, pixel_values, autocast):
@@ -123,62 +159,222 @@ def timed_chunk(model, optimizer, pixel_values, autocast, steps: int, device: st
     return seconds, (torch.cuda.max_memory_allocated() - base if cuda else None)
 
 
+MODES = {"fp32": (False, False), "bf16": (True, False), "fp32+compile": (False, True), "bf16+compile": (True, True)}
+
+
+def mode_name(bf16: bool, compile: bool) -> str:
+    return ("bf16" if bf16 else "fp32") + ("+compile" if compile else "")
+
+
+def make_optimizer(model, kind: str):
+    """AdamW as the Trainer builds it (`adamw_torch_fused`, its default), or the foreach / for-loop variants."""
+    options = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[kind]
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, **options)
+
+
+def step_flops(model, pixel_values) -> float:
+    """Floating-point operations of one forward + backward (matrix products: linear layers and attention), counted
+    by `torch.utils.flop_counter` with sdpa's math backend (so that attention is counted as the products it is)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        model(pixel_values=pixel_values).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def gemm_shapes(config: MAEConfig, batch: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the largest matrix products of a train step: the encoder's and the decoder's MLP inputs."""
+    kept = 1 + int(config.num_patches * (1 - config.mask_ratio))
+    return [(batch * kept, config.hidden_size, config.intermediate_size),
+            (batch * (1 + config.num_patches), config.decoder_hidden_size, config.decoder_intermediate_size)]
+
+
+def gemm_rate(shapes, dtype, device: str, seconds: float = 0.3) -> float:
+    """Matrix-product FLOP/s at the step's own largest shapes (the best of them): the GEMM limit of this machine."""
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
+        a @ b  # warm up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / len(shapes):
+            a @ b
+            count += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = max(best, 2 * m * k * n * count / (time.perf_counter() - start))
+    return best
+
+
+def print_profiles(runs: dict, pixel_values, steps: int, mode: str, top: int = 25) -> None:
+    """torch.profiler over `steps` train steps of each model (alternating): per operator, the smallest self CPU time
+    of one step (the least disturbed by other load) and its calls, the models side by side."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {name: {} for name in runs}
+    for step in range(steps):
+        for name in list(runs) if step % 2 == 0 else list(runs)[::-1]:
+            run = runs[name]
+            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
+            for event in profiler.key_averages():
+                value = (event.self_cpu_time_total / 1e3, event.count)
+                if event.key not in tables[name] or value[0] < tables[name][event.key][0]:
+                    tables[name][event.key] = value
+    names = list(runs)
+    keys = sorted(set().union(*tables.values()), key=lambda key: -max(table.get(key, (0, 0))[0]
+                                                                     for table in tables.values()))
+    print(f"\nprofile, {mode}, {torch.get_num_threads()} threads: self CPU ms per step (min over {steps}) and calls\n")
+    print("| operator | " + " | ".join(f"{name} ms | calls" for name in names) + " |")
+    print("|---|" + "---:|---:|" * len(names))
+    print("| (sum of all) | " + " | ".join(f"{sum(v[0] for v in tables[name].values()):.1f} | " for name in names)
+          + " |")
+    for key in keys[:top]:
+        print(f"| {key} | " + " | ".join("{:.1f} | {}".format(*tables[name].get(key, (0.0, 0))) for name in names)
+              + " |")
+    print()
+
+
 def model_suite(args, config, bf16, autocast):
-    """mae_hf against transformers' ViTMAE: train-step images/s and memory, alternating."""
-    models = build_models(config, args.seed, args.device)
+    """mae_hf against transformers' ViTMAE in each of `--modes` (precision, torch.compile): train-step images/s,
+    CPU time, percent of the GEMM limit and memory, every (model, mode) in turn in each round."""
+    modes = list(dict.fromkeys(args.modes or [mode_name(bf16, args.compile)]))
+    load_before = os.getloadavg()
+    base = build_models(config, args.seed, args.device, args.baseline_dir)
     pixel_values = torch.randn(args.batch_size, config.num_channels, config.image_size, config.image_size,
                                generator=torch.Generator().manual_seed(args.seed)).to(args.device)
-    optimizers, results = {}, {}
-    for name, model in models.items():
-        optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        train_step(model, optimizers[name], pixel_values, autocast)  # creates the AdamW state
-        results[name] = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                         "train_state_mb": train_state_bytes(model, optimizers[name], pixel_values, autocast) / MB,
-                         "images_per_s_rounds": [], "cuda_peak_mb": None}
-    steppers = {name: torch.compile(model) if args.compile else model for name, model in models.items()}
-    for name, stepper in steppers.items():
+    flops = {name: step_flops(model, pixel_values) / args.batch_size for name, model in base.items()}
+    shapes = gemm_shapes(config, args.batch_size)
+    runs = {}  # (model, mode) -> what a run needs and what it measured
+    for mode in modes:
+        mode_bf16, compiled = MODES[mode]
+        for name, model in base.items():
+            model = copy.deepcopy(model)
+            optimizer = make_optimizer(model, args.optimizer)
+            context = autocast_for(args.device, mode_bf16)
+            train_step(model, optimizer, pixel_values, context)  # creates the AdamW state
+            runs[name, mode] = {
+                "model": model, "optimizer": optimizer, "autocast": context,
+                "stepper": torch.compile(model) if compiled else model,
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "train_state_mb": train_state_bytes(model, optimizer, pixel_values, context) / MB,
+                "images_per_s_rounds": [], "cpu_ms_per_image_rounds": [], "cuda_peak_mb": None,
+                "first_step_seconds": None}
+    for run in runs.values():  # the first call of a compiled model compiles it
+        start = time.perf_counter()
+        train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
+        run["first_step_seconds"] = time.perf_counter() - start
         for _ in range(args.warmup):
-            train_step(stepper, optimizers[name], pixel_values, autocast)
+            train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
 
+    gemm = {"fp32": [], "bf16": []}
+    keys = list(runs)
     for round_index in range(args.rounds):
-        order = list(steppers) if round_index % 2 == 0 else list(steppers)[::-1]  # alternate who goes first
-        for name in order:
-            seconds, peak_rise = timed_chunk(steppers[name], optimizers[name], pixel_values, autocast, args.steps,
-                                             args.device)
-            results[name]["images_per_s_rounds"].append(args.batch_size * args.steps / seconds)
+        shift = round_index % len(keys)  # rotate who goes first
+        for key in keys[shift:] + keys[:shift]:
+            run = runs[key]
+            cpu_start = time.process_time()
+            seconds, peak_rise = timed_chunk(run["stepper"], run["optimizer"], pixel_values, run["autocast"],
+                                             args.steps, args.device)
+            run["cpu_ms_per_image_rounds"].append(1000 * (time.process_time() - cpu_start) /
+                                                  (args.batch_size * args.steps))
+            run["images_per_s_rounds"].append(args.batch_size * args.steps / seconds)
             if peak_rise is not None:
-                peak = (resident_bytes(models[name], optimizers[name]) + peak_rise) / MB
-                results[name]["cuda_peak_mb"] = max(results[name]["cuda_peak_mb"] or 0.0, peak)
+                peak = (resident_bytes(run["model"], run["optimizer"]) + peak_rise) / MB
+                run["cuda_peak_mb"] = max(run["cuda_peak_mb"] or 0.0, peak)
+        if args.gemm:
+            for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                gemm[precision].append(gemm_rate(shapes, dtype, args.device))
+    load_after = os.getloadavg()
+    if args.profile_steps:
+        for mode in modes:
+            print_profiles({name: runs[name, mode] for name in base}, pixel_values, args.profile_steps, mode)
+
+    def per_round(values, reference):
+        ratios = [a / b for a, b in zip(values, reference)]
+        return statistics.median(ratios), ratios
+
+    results = {}
+    for (name, mode), run in runs.items():
+        rounds = run["images_per_s_rounds"]
+        step_seconds = args.batch_size / statistics.median(rounds)
+        result = {key: run[key] for key in ("trainable_parameters", "train_state_mb", "images_per_s_rounds",
+                                            "cpu_ms_per_image_rounds", "cuda_peak_mb", "first_step_seconds")}
+        result.update(model=name, mode=mode, images_per_s=statistics.median(rounds),
+                      cpu_ms_per_image=statistics.median(run["cpu_ms_per_image_rounds"]),
+                      train_gflop_per_image=flops[name] / 1e9)
+        for key, reference in (("vit_mae", ("ViTMAE", mode)), ("mae_hf_first_mode", ("mae_hf", modes[0])),
+                               ("baseline_first_mode", ("baseline", modes[0]))):
+            if reference in runs:
+                reference_rounds = runs[reference]["images_per_s_rounds"]
+                result[f"over_{key}"], result[f"over_{key}_per_round"] = per_round(rounds, reference_rounds)
+                result[f"best_over_{key}"] = max(rounds) / max(reference_rounds)
+        if gemm["fp32"]:
+            rates = gemm["bf16" if MODES[mode][0] else "fp32"]
+            result["percent_of_gemm_limit"] = statistics.median(
+                100 * images * flops[name] / rate for images, rate in zip(rounds, rates))
+        if MODES[mode][1]:  # compile time, and after how many steps it has paid for itself
+            eager = runs.get((name, mode_name(MODES[mode][0], False)))
+            result["compile_seconds"] = run["first_step_seconds"] - step_seconds
+            if eager is not None:
+                saved = args.batch_size / statistics.median(eager["images_per_s_rounds"]) - step_seconds
+                result["break_even_steps"] = result["compile_seconds"] / saved if saved > 0 else None
+        results[f"{name} {mode}"] = result
+
+    limits = {}
+    if gemm["fp32"]:
+        gflop = flops["mae_hf"] / 1e9
+        limits = {precision: statistics.median(rates) / flops["mae_hf"] for precision, rates in gemm.items()}
+        rates = {precision: statistics.median(values) / 1e9 for precision, values in gemm.items()}
+        print(f"matrix products at the step's largest shapes {shapes}: fp32 {rates['fp32']:,.0f} GFLOP/s, bf16 "
+              f"{rates['bf16']:,.0f} GFLOP/s (medians over rounds); a train step "
+              f"is {gflop:.2f} GFLOP per image, so the GEMM limit is {limits['fp32']:,.1f} images/s in fp32, "
+              f"{limits['bf16']:,.1f} in bf16\n")
+    print(f"{args.device} (native bf16: {native_bf16(args.device) or 'none'}), batch {args.batch_size}, "
+          f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads, AdamW {args.optimizer}; load "
+          f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after (1 min; {os.cpu_count()} CPUs)\n")
+    memory_columns = ["train_state_mb"] + (["cuda_peak_mb"] if any(r["cuda_peak_mb"] for r in results.values()) else [])
+    baseline = "baseline" in base
+    print("| model | mode | images/s (median) | min | max | CPU ms/image | / ViTMAE | / mae_hf " + modes[0] + " | "
+          + (f"/ baseline {modes[0]} | " if baseline else "") + "% of GEMM limit | compile s | pays after (steps) | "
+          + " | ".join(memory_columns) + " |")
+    print("|---|---|" + "---:|" * (9 + baseline + len(memory_columns)))
     for result in results.values():
-        result["images_per_s"] = statistics.median(result["images_per_s_rounds"])
-
-    ours, theirs = results["mae_hf"], results["ViTMAE"]
-    memory_columns = ["train_state_mb"] + (["cuda_peak_mb"] if ours["cuda_peak_mb"] is not None else [])
-    ratios = {key: ours[key] / theirs[key] for key in ["images_per_s"] + memory_columns}
-    paired = [a / b for a, b in zip(ours["images_per_s_rounds"], theirs["images_per_s_rounds"])]
-    ratios["images_per_s_per_round"], ratios["images_per_s_per_round_median"] = paired, statistics.median(paired)
-    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, "
-          f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads, compile={args.compile}\n")
-    print("| model | trainable parameters | images/s (median) | min | max | " + " | ".join(memory_columns) + " |")
-    print("|---|---:|---:|---:|---:|" + "---:|" * len(memory_columns))
-    for name, result in results.items():
         rounds = result["images_per_s_rounds"]
-        print(f"| {name} | {result['trainable_parameters']:,} | {result['images_per_s']:.1f} | {min(rounds):.1f} | "
-              f"{max(rounds):.1f} | " + " | ".join(f"{result[key]:.1f}" for key in memory_columns) + " |")
-    print("| ratio mae_hf / ViTMAE | | " + f"{ratios['images_per_s']:.2f} | | | "
-          + " | ".join(f"{ratios[key]:.2f}" for key in memory_columns) + " |")
-    print(f"\nmedian of per-round ratios (noise-robust): {ratios['images_per_s_per_round_median']:.2f}")
-
-    record = {
-        "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-        "models": results, "ratio_mae_hf_over_vit_mae": ratios,
-        "memory_notes": {"train_state_mb": "parameters, buffers + gradients + AdamW state + unique storages saved for "
-                         "backward in one eager forward (those not counted twice); lower bound of the peak",
-                         "cuda_peak_mb": "parameters, buffers + AdamW state + rise of "
-                         "torch.cuda.max_memory_allocated over one timed chunk; max over rounds (CUDA only)"},
-    }
-    print(f"\nratio (mae_hf / ViTMAE) images/s: {ratios['images_per_s']:.2f}")
-    return record
+        percent = result.get("percent_of_gemm_limit")
+        compile_seconds = result.get("compile_seconds")
+        pays = ("" if compile_seconds is None or "break_even_steps" not in result
+                else "never" if result["break_even_steps"] is None else f"{result['break_even_steps']:,.0f}")
+        print(f"| {result['model']} | {result['mode']} | {result['images_per_s']:.1f} | {min(rounds):.1f} | "
+              f"{max(rounds):.1f} | {result['cpu_ms_per_image']:.1f} | {result['over_vit_mae']:.2f} | "
+              f"{result['over_mae_hf_first_mode']:.2f} | "
+              + (f"{result['over_baseline_first_mode']:.2f} | " if baseline else "")
+              + f"{'' if percent is None else f'{percent:.0f} %'} | "
+              f"{'' if compile_seconds is None else f'{compile_seconds:.0f}'} | {pays} | "
+              + " | ".join(f"{result[key]:.1f}" for key in memory_columns) + " |")
+    print("\n(ratios and percentages: medians of the per-round values, noise-robust while the load hits every model "
+          "alike; on a CPU shared with bursty jobs the best round of each is the least disturbed measurement)")
+    for mode in modes:
+        print(f"mae_hf / ViTMAE, {mode}: {results[f'mae_hf {mode}']['over_vit_mae']:.2f} (best rounds: "
+              f"{results[f'mae_hf {mode}']['best_over_vit_mae']:.2f})")
+    reference = "baseline" if baseline else "mae_hf"
+    for mode in modes[1:] if reference == "mae_hf" else modes:
+        result = results[f"mae_hf {mode}"]
+        print(f"mae_hf {mode} / {reference} {modes[0]}: {result[f'over_{reference}_first_mode']:.2f} (best rounds: "
+              f"{result[f'best_over_{reference}_first_mode']:.2f})")
+    return {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+            "modes": modes, "optimizer": args.optimizer, "native_bf16": native_bf16(args.device),
+            "load_average_before": load_before,
+            "load_average_after": load_after, "gemm_shapes": shapes,
+            "gemm_flops_per_s_rounds": gemm, "gemm_limit_images_per_s": limits, "results": results,
+            "memory_notes": {"train_state_mb": "parameters, buffers + gradients + AdamW state + unique storages saved "
+                             "for backward in one eager forward (those not counted twice); lower bound of the peak",
+                             "cuda_peak_mb": "parameters, buffers + AdamW state + rise of "
+                             "torch.cuda.max_memory_allocated over one timed chunk; max over rounds (CUDA only)"}}
 
 
 def pipeline_suite(args, config, bf16, autocast):
@@ -207,7 +403,7 @@ def pipeline_suite(args, config, bf16, autocast):
         workers = 0
     model = MAEForPreTraining(config).to(args.device).train()
     stepper = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, args.optimizer)
     pixel_values = BatchTransform.for_model(config)(*data.read(range(args.batch_size))).to(args.device)
     for _ in range(args.warmup):
         train_step(stepper, optimizer, pixel_values, autocast)
@@ -306,7 +502,7 @@ def augment_suite(args, config, bf16, autocast):
     torch.manual_seed(args.seed)
     config.update({"num_labels": num_labels, "drop_path_rate": recipe.drop_path_rate, "pooling": recipe.pooling})
     model = MAEForImageClassification(config).to(args.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, args.optimizer)
     images = torch.randint(0, 256, (args.batch_size, config.num_channels, config.image_size, config.image_size),
                            dtype=torch.uint8).to(args.device)
     labels = torch.randint(0, num_labels, (args.batch_size,)).to(args.device)
@@ -379,6 +575,64 @@ def augment_suite(args, config, bf16, autocast):
             "cpu_ratio_to_train_step_per_round": cpu_per_round, "cpu_ratio_to_train_step": cpu_ratios}
 
 
+def attention_suite(args, config, bf16, autocast):
+    """The attention of one block, torch's sdpa kernel against the formula (`eager_attention_forward`: matrix
+    products and a softmax), for several token counts: a train step's forward + backward and inference, in fp32 and
+    bf16, alternating. The evidence behind `CPU_BF16_FORMULA_MAX_TOKENS` in modeling_mae.py."""
+    import torch.nn.functional as F
+
+    from .modeling_mae import eager_attention_forward
+
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    module = torch.nn.Module().train()
+
+    def formula(q, k, v):
+        return eager_attention_forward(module, q, k, v, None, scaling=head_dim ** -0.5)[0]
+
+    def kernel(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    def timed(function, qkv, train: bool) -> float:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            with torch.set_grad_enabled(train):
+                batch, length = qkv.shape[:2]
+                q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
+                output = function(q, k, v)
+                if train:
+                    output.sum().backward()
+        return (time.perf_counter() - start) / args.steps
+
+    rows = []
+    for tokens in args.attention_tokens:
+        batch = max(1, args.batch_size * 65 // tokens)  # about the same number of tokens per call
+        for dtype in (torch.float32, torch.bfloat16):
+            qkv = torch.randn(batch, tokens, 3 * heads * head_dim, dtype=dtype, device=args.device,
+                              requires_grad=True)
+            for train in (True, False):
+                seconds = {"sdpa": [], "formula": []}
+                runs = [("sdpa", kernel), ("formula", formula)]
+                for round_index in range(args.rounds):
+                    for name, function in runs if round_index % 2 == 0 else runs[::-1]:
+                        if round_index == 0:
+                            timed(function, qkv, train)  # warm up
+                        seconds[name].append(timed(function, qkv, train))
+                ratio = statistics.median(a / b for a, b in zip(seconds["sdpa"], seconds["formula"]))
+                rows.append({"tokens": tokens, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+                             "pass": "forward + backward" if train else "inference", "seconds": seconds,
+                             "sdpa_over_formula": ratio})
+    print(f"{args.device}, {heads} heads of {head_dim}, {args.rounds} rounds x {args.steps} calls, "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}\n")
+    print("| tokens | batch | dtype | pass | sdpa ms | formula ms | sdpa / formula |\n"
+          "|---:|---:|---|---|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['tokens']} | {row['batch']} | {row['dtype']} | {row['pass']} | "
+              f"{1000 * statistics.median(row['seconds']['sdpa']):.1f} | "
+              f"{1000 * statistics.median(row['seconds']['formula']):.1f} | {row['sdpa_over_formula']:.2f} |")
+    print("\n(sdpa / formula > 1: the formula is faster; medians of the per-round ratios)")
+    return {"heads": heads, "head_dim": head_dim, "rows": rows}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -388,14 +642,32 @@ def main(argv=None):
     parser.add_argument("--config_overrides", help='MAEConfig fields, e.g. "hidden_size=128,num_attention_heads=4".')
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="Autocast to bfloat16 (default: on for CUDA, off otherwise).")
+                        help="Autocast to bfloat16 (default: on where the device computes bf16 natively: a CUDA GPU "
+                             "that supports it, a CPU with AMX or AVX512-BF16; mae_hf/precision.py).")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
+    parser.add_argument("--modes", nargs="+", metavar="MODE",
+                        help=f"Model suite: time every model in each of these modes, in turn in each round "
+                             f"({', '.join(MODES)}); overrides --bf16/--compile.")
+    parser.add_argument("--optimizer", choices=("fused", "foreach", "for_loop"), default="fused",
+                        help="AdamW implementation (default fused: the Trainer's adamw_torch_fused).")
+    parser.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=True,
+                        help="Model suite: measure fp32 and bf16 matrix-product FLOP/s in each round (the GEMM "
+                             "limit).")
+    parser.add_argument("--profile_steps", type=int, default=0,
+                        help="Model suite: afterwards, profile this many steps of each model in each mode "
+                             "(torch.profiler) and print the operators side by side.")
+    parser.add_argument("--baseline_dir",
+                        help="Model suite: also time the mae_hf of this checkout (a folder holding its mae_hf/, e.g. "
+                             "from `git archive <commit> | tar -x -C DIR`), as the model 'baseline'.")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", help="Also write the figures to this JSON file.")
-    parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment", "data", "listing", "memory"),
+    parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment", "attention", "data", "listing",
+                                             "memory"),
                         default="model", help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model "
-                                              "step; probe, augment, data, listing, memory: see above.")
+                                              "step; probe, augment, attention, data, listing, memory: see above.")
+    parser.add_argument("--attention_tokens", type=int, nargs="+", default=[17, 65, 257, 577, 769, 1025],
+                        help="Token counts (attention suite).")
     parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "configs/finetune_strong.yaml"),
                         help="Fine-tuning config file whose augmentation the augment suite times.")
     parser.add_argument("--pipeline_images", type=int, default=4096, help="Synthetic uint8 images (pipeline suite).")
@@ -415,13 +687,16 @@ def main(argv=None):
     parser.add_argument("--memory_sizes", type=int, nargs="+", default=[100, 5000],
                         help="Images decoded into memory (memory suite).")
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0:
-        parser.error("--batch_size, --steps and --rounds must be positive, --warmup non-negative.")
+    if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0 or args.profile_steps < 0:
+        parser.error("--batch_size, --steps and --rounds must be positive, --warmup and --profile_steps "
+                     "non-negative.")
+    unknown_modes = sorted(set(args.modes or ()) - set(MODES))
+    if unknown_modes:
+        parser.error(f"--modes: unknown mode(s) {unknown_modes}; choose from {', '.join(MODES)}.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    bf16 = args.device.startswith("cuda") if args.bf16 is None else args.bf16
-    device_type = torch.device(args.device).type
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    bf16, _ = decide_bf16(args.bf16, args.device)
+    autocast = autocast_for(args.device, bf16)
 
     config = MAEConfig.from_pretrained(args.config_name) if args.config_name else MAEConfig()
     overrides = parse_overrides(args.config_overrides)
@@ -434,7 +709,8 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
 
-    suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite}
+    suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite,
+              "attention": attention_suite}
     if args.suite in ("data", "listing", "memory"):  # the data path: no model involved
         from . import benchmark_data
 
@@ -442,7 +718,8 @@ def main(argv=None):
     else:
         record = suites[args.suite](args, config, bf16, autocast)
     record.update(command=recorded_command(), suite=args.suite, device=args.device,
-                  dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, threads=torch.get_num_threads(),
+                  dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, modes=args.modes,
+                  threads=torch.get_num_threads(),
                   torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
     if args.output_json:
         with open(args.output_json, "w") as handle:

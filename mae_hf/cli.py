@@ -78,6 +78,30 @@ def error_message(error: BaseException) -> str:
     return text.removeprefix("error: ")
 
 
+KEEP_FREED_MEMORY_ENV = "MAE_HF_KEEP_FREED_MEMORY"  # 0: leave the C library's memory settings as they are
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel (no mmap for large blocks,
+    no trimming). A train step frees and allocates the same hundreds of megabytes of activations every step; handed
+    back, every page of them returns as a page fault that zero-fills it: a CPU train step runs 1.18x faster without
+    them in fp32, 1.11x in bf16 (docs/cpu_speed.md). The process then holds on to its peak memory, as a caching
+    allocator does. MAE_HF_KEEP_FREED_MEMORY=0 turns it off; elsewhere than glibc nothing changes. Returns whether it
+    was applied."""
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip().lower() in ("0", "false", "no"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc's; other C libraries' mallopt take other numbers, or none
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    trim_threshold, mmap_max = -1, -4  # M_TRIM_THRESHOLD (-1: never trim), M_MMAP_MAX (0: never mmap)
+    return bool(mallopt(mmap_max, 0)) and bool(mallopt(trim_threshold, -1))
+
+
 def close_progress_bars() -> None:
     """Close every progress bar still open (the Trainer's training or evaluation bar when an error stops it, a
     feature-extraction bar, ...), so that the line printed next is the last thing on the terminal: otherwise tqdm
@@ -96,7 +120,9 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
     (removed before `main` parses the flags) or MAE_HF_DEBUG=1 show tracebacks; otherwise a usage error (the
     parser's own, or `UsageError`) ends with exit code 2, a user error (`user_errors()`) as `error: <message>` on
     stderr with exit code 1, and Ctrl-C as one line with exit code 130; anything else is a bug and keeps its
-    traceback. Progress bars still open are closed first, so that the error is the last line on the terminal."""
+    traceback. Progress bars still open are closed first, so that the error is the last line on the terminal. Freed
+    memory is kept for reuse (`keep_freed_memory`)."""
+    keep_freed_memory()
     argv, flag_given = strip_debug_flag(list(sys.argv[1:] if argv is None else argv))
     debug = debug_enabled(flag_given)
     try:

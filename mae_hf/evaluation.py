@@ -15,6 +15,7 @@ from .data.streaming import fit_workers_to_shared_memory
 from .features import knn_predict
 from .metrics import accuracy
 from .modeling_mae import MAEForImageClassification
+from .precision import decide_bf16
 from .results import encoder_fingerprint, write_results
 from .training import build_config, load_pretrained
 
@@ -65,7 +66,10 @@ class FrozenEvalArguments:
                           "this process's share of the CPUs, one left for it); images held in memory need none."})
     seed: int = field(default=42, metadata={"help": "Seed of random init and probe training."})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for features; default on CUDA."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast for the features (and the attentive probe); default: on where the device "
+                          "computes bf16 natively (a GPU that supports it, a CPU with AMX or AVX512-BF16)."})
     disable_tqdm: bool = field(
         default=False, metadata={"help": "No progress bars (feature extraction, probe epochs), as the Trainer's flag."})
 
@@ -148,7 +152,7 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
     if not args.knn_k or min(args.knn_k) < 1:
         raise UsageError(f"--knn_k takes positive neighbour counts, got {args.knn_k}.")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    bf16, precision = decide_bf16(args.bf16, device)
 
     config = build_config(model_args)
     if not 1 <= args.feature_blocks <= config.num_hidden_layers:
@@ -182,6 +186,8 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
     crop_fraction = eval_crop_fraction(data_args, image_size, train)
     plain = BatchTransform.for_model(model.config, eval_crop_fraction=crop_fraction)
     multiblock = args.linear_probe and args.feature_blocks > 1
+    print(f"[plan] frozen encoder on {device}, {precision}: features of {len(train)} training and {len(evaluation)} "
+          "evaluation images, once", flush=True)
     caches = {name: probes.token_cache_for(len(split), model.config, device, args.token_cache, args.output_dir, name)
               for name, split in (("train", train), ("eval", evaluation))} if args.attentive_probe else {}
     started = time.perf_counter()

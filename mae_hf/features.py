@@ -1,18 +1,11 @@
 """A frozen encoder's features, computed once, and weighted kNN votes on them: what pretraining's kNN monitor and
 the evaluation protocols share."""
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from .data import sequential_batches
-
-
-def autocast_for(device: torch.device, bf16: bool):
-    if bf16 and device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from .precision import autocast_for
 
 
 def image_batches(images, batch_size: int, device: torch.device):

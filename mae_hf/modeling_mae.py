@@ -135,7 +135,7 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention written out: `softmax(q k^T * scaling) v`, the softmax in float32 for half-precision models.
+    """Attention written out: `softmax(q k^T * scaling) v`.
 
     Takes `(batch, heads, tokens, head_dim)` tensors and returns the output as `(batch, tokens, heads, head_dim)`
     (the layout of transformers' attention functions) and the `(batch, heads, tokens, tokens)` weights.
@@ -143,9 +143,15 @@ def eager_attention_forward(
     scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    # In the scores' dtype: torch's softmax kernels already compute bf16 and float16 in float32 and round only the
+    # output, so an explicit float32 softmax gives the same weights at the cost of a float32 copy of them (on a CPU in
+    # bf16 that nearly doubled the time of a 257-token attention's forward and backward).
+    weights = scores.softmax(dim=-1)
     output = torch.matmul(nn.functional.dropout(weights, p=dropout, training=module.training), value)
     return output.transpose(1, 2).contiguous(), weights
+
+
+CPU_BF16_FORMULA_MAX_TOKENS = 577  # measured: the formula trains faster up to 577 tokens (24 x 24 + 1), slower from 769
 
 
 class MAEAttention(nn.Module):
@@ -170,12 +176,22 @@ class MAEAttention(nn.Module):
         batch, length, width = x.shape
         # unbind (not permute + unpack): backward then writes the fused q/k/v gradient without an extra copy.
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(batch, length, 3, self.heads, -1).unbind(2))
-        attention: Callable = eager_attention_forward
-        if not kwargs.get("output_attentions"):  # only the eager formula yields the weights someone asked for
-            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attention = self.attention_function(q, kwargs.get("output_attentions"))
         output, weights = attention(self, q, k, v, None, scaling=self.scaling,
                                     dropout=self.dropout if self.training else 0.0, **kwargs)
         return self.proj(output.reshape(batch, length, width)), weights
+
+    def attention_function(self, query: torch.Tensor, output_attentions: bool | None) -> Callable:
+        """The backend of `config._attn_implementation`, except: the eager formula when the weights are asked for
+        (only it computes them), and when training with `sdpa` in bf16 on a CPU with at most
+        `CPU_BF16_FORMULA_MAX_TOKENS` tokens: there torch's flash-attention kernel trains 1.8-11x slower than the
+        formula's matrix products (docs/cpu_speed.md); longer sequences, inference and fp32 keep sdpa's kernel."""
+        implementation = self.config._attn_implementation
+        if output_attentions or (
+                implementation == "sdpa" and query.device.type == "cpu" and query.dtype == torch.bfloat16
+                and query.requires_grad and query.shape[2] <= CPU_BF16_FORMULA_MAX_TOKENS):
+            return eager_attention_forward
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
 class MAEMLP(nn.Module):
@@ -404,10 +420,11 @@ class MAEDecoder(MAEPreTrainedModel, SinCosPositions):
                 **kwargs: Unpack[TransformersKwargs]) -> MAEDecoderOutput:
         kwargs["output_attentions"] = kwargs.get("output_attentions", self.config.output_attentions)
         x = self.embed(latent)
-        batch, num_patches, width = ids_restore.shape[0], ids_restore.shape[1], x.shape[-1]
-        mask_tokens = self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
-        patches = torch.gather(patches, 1, ids_restore[:, :, None].expand(-1, -1, width))
+        batch, num_kept, width = x.shape[0], x.shape[1] - 1, x.shape[-1]
+        # The kept tokens and one mask token, then back in image order: every hidden patch gathers that mask token
+        # (its gradient is then one scatter-add, not a sum over a strided view of hundreds of copies: 2x faster).
+        patches = torch.cat([x[:, 1:], self.mask_token.expand(batch, 1, -1)], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.clamp(max=num_kept)[:, :, None].expand(-1, -1, width))
         x = torch.cat([x[:, :1], patches], dim=1) + self.positions(grid)
         for layer in self.layers:
             x = layer(x, **kwargs)

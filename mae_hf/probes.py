@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .features import autocast_for, image_batches
+from .features import image_batches
+from .precision import autocast_for
 
 TOKEN_DTYPE = torch.float16  # numpy has float16 (not bfloat16), so one dtype serves memory and memmap caches
 MEMORY_CACHE_LIMIT = 2 * 2 ** 30  # bytes of cached tokens kept in host memory under --token_cache auto

@@ -33,10 +33,12 @@ from .results import (
 PICTURES = ("reconstructions.png", "loss_curve.png")
 DEFAULT_DATASET_ID = "uoft-cs/cifar10"
 DATASET_TITLES = {"uoft-cs/cifar10": "CIFAR-10", "cifar10": "CIFAR-10"}
-# The Space: the demo app, its requirements and bundled examples, and the drawing code the app imports (one source,
-# mae_hf/visualize.py, which imports nothing from mae_hf so that it runs next to the app without the package).
+# The Space: the demo app, its requirements and bundled examples, and the package files the app loads by path (one
+# source each: mae_hf/visualize.py draws, mae_hf/precision.py picks bf16 or fp32; neither imports mae_hf, so they run
+# next to the app without the package).
 SPACE_FILES = ("app.py", "requirements.txt", "examples")
-DRAWING_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "visualize.py")
+PACKAGE_FILES_FOR_SPACE = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+                                for name in ("visualize.py", "precision.py"))
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
@@ -287,8 +289,9 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
         "dataset_title": dataset_title,
         "model_index": model_index(model_name, dataset_id, dataset_title, results),
         "space_metadata": space_metadata,
-        "space_note": ("- `app.py`, `visualize.py`, `requirements.txt`, `examples/`: a Gradio demo of this model "
-                       "(`python app.py`); pushed as a Space, this folder serves it.\n") if space_metadata else "",
+        "space_note": ("- `app.py`, `visualize.py`, `precision.py`, `requirements.txt`, `examples/`: a Gradio demo of "
+                       "this model (`python app.py`); pushed as a Space, this folder serves it.\n")
+        if space_metadata else "",
         "head_description": head_description,
         "finetuned_note": finetuned_note,
         "parameters": f"{sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M",
@@ -374,14 +377,15 @@ def space_check(space_dir: str) -> str:
 
 
 def add_space(space_dir: str, output_dir: str) -> None:
-    """Copy the demo app, its requirements and examples, and the drawing code next to the model."""
+    """Copy the demo app, its requirements and examples, and the package files it loads next to the model."""
     for name in SPACE_FILES:
         source, target = os.path.join(space_dir, name), os.path.join(output_dir, name)
         if os.path.isdir(source):
             shutil.copytree(source, target)
         else:
             shutil.copy(source, target)
-    shutil.copy(DRAWING_CODE, os.path.join(output_dir, "visualize.py"))
+    for path in PACKAGE_FILES_FOR_SPACE:
+        shutil.copy(path, os.path.join(output_dir, os.path.basename(path)))
 
 
 def tokens_in_use(token: str | None = None) -> set[str]:

@@ -20,6 +20,7 @@ from .configuration_mae import MAEConfig
 from .data import BatchTransform
 from .inputs import check_weights_fit, model_folder_config, read_json_object
 from .paths import folder_listing, looks_local
+from .precision import decide_bf16
 from .redaction import is_token_name
 from .runs import LOCK_NAME, SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, saved_whole, write_json
 
@@ -260,7 +261,10 @@ class ImageTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Keep DataLoader workers between epochs and evaluations (default: on when there are "
                           "workers)."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; default: on when a GPU supports it."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast; default: on where the hardware computes bf16 natively (a GPU that supports "
+                          "it, a CPU with AMX or AVX512-BF16), off elsewhere (the plan line says which and why)."})
     torch_compile: bool | None = field(default=None, metadata={"help": "torch.compile; default: on with CUDA."})
     per_device_eval_batch_size: int = field(default=512, metadata={"help": "Evaluation batch per device."})
     weight_decay: float = field(
@@ -312,8 +316,7 @@ class ImageTrainingArguments(TrainingArguments):
         if not torch.accelerator.is_available():
             self.use_cpu = True  # makes torchrun/accelerate launch run DDP over gloo on CPU-only machines
         gpu = torch.cuda.is_available() and not self.use_cpu
-        if self.bf16 is None:
-            self.bf16 = gpu and torch.cuda.is_bf16_supported()
+        self.decide_precision("cpu" if self.use_cpu else torch.accelerator.current_accelerator().type)
         if self.torch_compile is None:
             self.torch_compile = gpu
         if not gpu:
@@ -354,6 +357,17 @@ class ImageTrainingArguments(TrainingArguments):
         saved model and checkpoint, and --push_to_hub uploads those folders."""
         return {name: None if is_token_name(name) and isinstance(value, str) else value
                 for name, value in self.__dict__.items()}
+
+    def decide_precision(self, device_type: str) -> None:
+        """--bf16 by mae_hf/precision.py's rule (default: native bf16 or not); `precision` says which and why."""
+        if self.fp16 and device_type == "cpu":
+            raise ValueError("--fp16 is half-precision training for GPUs (with loss scaling); on a CPU use bf16 "
+                             "(--bf16 true: fp32's range, no loss scaling; the default on CPUs with AMX or "
+                             "AVX512-BF16) or fp32 (--bf16 false).")
+        if self.fp16:
+            self.bf16, self.precision = False, "fp16 (--fp16)"
+        else:
+            self.bf16, self.precision = decide_bf16(self.bf16, device_type)
 
     def _upstream_conventions(self):
         """Flags of transformers' example scripts, with their meaning where it exists here."""
@@ -847,7 +861,7 @@ class MAEPretrainer(ImageTrainer):
         if self.preview is not None:
             images, sizes, noise = self.preview
             pixel_values = self.eval_transform(images.to(self.args.device), sizes.to(self.args.device))
-            grid = grid_image(reconstruction_rows(model, pixel_values, noise))
+            grid = grid_image(reconstruction_rows(model, pixel_values, noise, bf16=self.args.bf16))
             grid.save(os.path.join(output_dir, "reconstructions.png"))
             grid.save(os.path.join(history, f"step_{self.state.global_step:07d}.png"))
         save_loss_curve(self.state.log_history, os.path.join(output_dir, "loss_curve.png"))
@@ -880,7 +894,8 @@ class ThroughputCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         if state.is_world_process_zero:
-            precision = "bf16 autocast" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+            precision = getattr(args, "precision", None) or (
+                "bf16 autocast" if args.bf16 else ("fp16" if args.fp16 else "fp32"))
             say(f"[plan] device {args.device} x{args.world_size}, {precision}, torch_compile={args.torch_compile}; "
                 f"{state.max_steps} steps of {self.images_per_step} images ({_epochs(args, train_dataloader)}), "
                 f"peak learning rate {args.learning_rate:.3g}")

@@ -4,6 +4,8 @@ This file imports nothing from mae_hf (only torch, numpy, PIL; matplotlib where 
 path, next to a published model or from this repository, and a Space runs it without the package installed.
 """
 
+import contextlib
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -12,17 +14,21 @@ ROW_TITLES = ("original", "masked input", "reconstruction", "reconstruction + vi
 
 
 @torch.no_grad()
-def reconstruct(model, pixel_values: torch.Tensor, noise: torch.Tensor, mask_ratio: float | None = None):
+def reconstruct(model, pixel_values: torch.Tensor, noise: torch.Tensor, mask_ratio: float | None = None,
+                bf16: bool = False):
     """`(pictures, loss)`: pictures `(4, B, C, H, W)` in [0, 1] (original, masked input, reconstruction,
     reconstruction with the visible patches pasted back) and the masked-patch loss of the batch, masking
-    `mask_ratio` of the patches (default: the model's). Predictions of a `norm_pix_loss` model get each patch's
-    mean/std back from the original."""
+    `mask_ratio` of the patches (default: the model's), the model run under bf16 autocast when `bf16` (on a CPU or
+    GPU). Predictions of a `norm_pix_loss` model get each patch's mean/std back from the original."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pixel_values, noise = pixel_values.to(device).float(), noise.to(device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and device.type in ("cpu", "cuda")
+                else contextlib.nullcontext())
     try:  # the ratio goes with the call, not into the shared config: safe for a model serving several requests
-        outputs = model(pixel_values, noise=noise, **({} if mask_ratio is None else {"mask_ratio": mask_ratio}))
+        with autocast:
+            outputs = model(pixel_values, noise=noise, **({} if mask_ratio is None else {"mask_ratio": mask_ratio}))
     finally:
         model.train(was_training)
 
@@ -47,9 +53,9 @@ def reconstruct(model, pixel_values: torch.Tensor, noise: torch.Tensor, mask_rat
     return pictures.clamp(0, 1).cpu(), outputs.loss
 
 
-def reconstruction_rows(model, pixel_values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def reconstruction_rows(model, pixel_values: torch.Tensor, noise: torch.Tensor, bf16: bool = False) -> torch.Tensor:
     """The pictures of `reconstruct` at the model's own mask ratio."""
-    return reconstruct(model, pixel_values, noise)[0]
+    return reconstruct(model, pixel_values, noise, bf16=bf16)[0]
 
 
 def to_pil(picture: torch.Tensor, scale: int = 1) -> Image.Image:
@@ -74,8 +80,8 @@ def grid_image(rows: torch.Tensor, titles=ROW_TITLES, scale: int = 4, gap: int =
     return canvas
 
 
-def save_reconstructions(model, pixel_values: torch.Tensor, noise: torch.Tensor, path: str) -> None:
-    grid_image(reconstruction_rows(model, pixel_values, noise)).save(path)
+def save_reconstructions(model, pixel_values: torch.Tensor, noise: torch.Tensor, path: str, bf16: bool = False) -> None:
+    grid_image(reconstruction_rows(model, pixel_values, noise, bf16)).save(path)
 
 
 def save_loss_curve(log_history: list[dict], path: str) -> bool:

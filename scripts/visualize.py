@@ -16,6 +16,7 @@ from mae_hf import MAEForPreTraining
 from mae_hf.cli import parse_args, run_script
 from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed_noise, load_image_splits
 from mae_hf.inputs import check_pretraining_folder, read_json_object
+from mae_hf.precision import decide_bf16
 from mae_hf.runs import SETTINGS_NAME
 from mae_hf.visualize import save_reconstructions
 
@@ -25,6 +26,9 @@ class VisualizeArguments:
     output: str | None = field(default=None, metadata={"help": "PNG to write (default MODEL_DIR/reconstructions.png)."})
     num_images: int = field(default=8, metadata={"help": "Images (columns) in the grid."})
     seed: int = field(default=42, metadata={"help": "Seed of the fixed masks (pretrain.py uses its --seed)."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast; default: on where the CPU computes bf16 natively (AMX or AVX512-BF16)."})
 
     def __post_init__(self):
         if self.num_images < 1:
@@ -75,8 +79,9 @@ def main(argv=None):
     transform = BatchTransform.for_model(model.config, eval_crop_fraction=crop_fraction)
     pixel_values = transform(*evaluation.read(range(len(evaluation))))
     output = args.output or f"{model_dir.rstrip('/')}/reconstructions.png"
-    save_reconstructions(model, pixel_values, noise, output)
-    print(f"[visualize] {output}")
+    bf16, precision = decide_bf16(args.bf16, model.device)
+    save_reconstructions(model, pixel_values, noise, output, bf16=bf16)
+    print(f"[visualize] {output} ({precision})")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from mae_hf import MAEForImageClassification, MAEForPreTraining
@@ -207,3 +208,29 @@ def test_demo_flags_and_one_queue(tmp_path, tiny_config, capsys):
     page = app.build(str(published_folder(tmp_path / "hub", tiny_config)))
     runs = [block for block in page.fns.values() if block.fn.__name__ == "predict"]
     assert len(runs) == 4 and {(block.concurrency_id, block.concurrency_limit) for block in runs} == {("model", 1)}
+
+
+def test_demo_takes_the_precision_rule(tmp_path, tiny_config, monkeypatch, capsys):
+    app = load_app()
+    assert Path(app.precision.__file__).resolve() == ROOT / "mae_hf" / "precision.py"  # the package's own rule
+    folder = published_folder(tmp_path / "hub", tiny_config)
+    assert (folder / "precision.py").read_bytes() == (ROOT / "mae_hf" / "precision.py").read_bytes()  # the Space's
+    image = Image.open(ROOT / "demo" / "examples" / "cat.png")
+    results = {}
+    for capabilities, bf16 in (({"avx512_bf16": True}, None), ({"avx2": True}, None), ({"avx2": True}, False)):
+        monkeypatch.setattr(app.precision, "cpu_capabilities", lambda capabilities=capabilities: capabilities)
+        demo = app.Demo(str(folder), bf16)
+        assert demo.precision in demo.describe()
+        expected = torch.bfloat16 if demo.precision.startswith("bf16") else torch.float32
+        assert {next(model.parameters()).dtype for model in [demo.mae, demo.classifiers["linear probe"][0]]} == {
+            expected}  # converted once, not cast again for every image
+        results[demo.precision] = demo.run(image, 0.5, 0)
+    assert list(results) == ["bf16 weights (default: this CPU computes bf16 natively, AVX512-BF16)",
+                             "fp32 (default: this CPU has no native bf16, where bf16 runs slower than fp32)",
+                             "fp32 (--bf16 false)"]
+    (bf16_pictures, _, bf16_top5), (fp32_pictures, _, fp32_top5), _ = results.values()
+    assert [picture.size for picture in bf16_pictures] == [picture.size for picture in fp32_pictures]
+    assert set(bf16_top5["linear probe"]) == set(fp32_top5["linear probe"]) == set(LABELS.values())
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", str(folder), "--bf16", "maybe"])
+    assert exit_info.value.code == 2 and "--bf16" in capsys.readouterr().err

@@ -41,7 +41,8 @@ def test_eval_loss_is_comparable_between_evaluations(pretrained_run, parquet_fol
     noise = fixed_noise(len(evaluation), model.config.num_patches, seed=42)
     crop = eval_crop_fraction(data_args, model.config.image_size, train)
     pixel_values = BatchTransform.for_model(model.config, eval_crop_fraction=crop)(evaluation.images, evaluation.sizes)
-    with torch.no_grad():
+    bf16 = json.loads((folder / "pretraining_summary.json").read_text())["bf16"]  # the run's own precision
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         losses = [model(pixel_values, noise=noise).loss.item() for _ in range(2)]
     assert losses[0] == losses[1]
     recorded = json.loads((folder / "eval_results.json").read_text())["eval_loss"]
@@ -221,10 +222,13 @@ def test_two_process_ddp(tmp_path, repo_root, tiny_overrides, parquet_folder, la
     assert MAEForPreTraining.from_pretrained(output).config.hidden_size == 16
 
 
-def test_cpu_defaults_are_fp32_without_compile(tmp_path):
-    args = PretrainingArguments(output_dir=str(tmp_path))
-    assert (args.bf16, args.torch_compile, args.device.type) == (False, False, "cpu")
+def test_cpu_defaults_bf16_where_native_without_compile(tmp_path):
+    from mae_hf.precision import native_bf16
+
+    args = PretrainingArguments(output_dir=str(tmp_path))  # the precision rule itself: tests/test_precision.py
+    assert (args.bf16, args.torch_compile, args.device.type) == (native_bf16("cpu") is not None, False, "cpu")
     assert PretrainingArguments(output_dir=str(tmp_path), bf16=True).bf16  # the normal flag still works
+    assert not PretrainingArguments(output_dir=str(tmp_path), bf16=False).bf16
     with pytest.raises(ValueError, match="crop_min_scale"):
         PretrainingArguments(output_dir=str(tmp_path), crop_min_scale=0)
 

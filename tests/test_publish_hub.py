@@ -89,7 +89,7 @@ def test_push_sends_the_whole_folder_with_the_flags(pretrained_run, scripts, tmp
     assert hub.uploaded == local
     for name in ("model.safetensors", "config.json", "configuration_mae.py", "modeling_mae.py",
                  "preprocessor_config.json", "README.md", "reconstructions.png", "loss_curve.png",
-                 "results/pretraining_summary.json", "app.py", "visualize.py", "requirements.txt",
+                 "results/pretraining_summary.json", "app.py", "visualize.py", "precision.py", "requirements.txt",
                  "examples/cat.png"):
         assert name in hub.uploaded, name
     card = hub.uploaded["README.md"].decode()

@@ -1,0 +1,65 @@
+"""bf16 or fp32: the one place that decides how the models compute, for every script (pretraining, fine-tuning, the
+probes and kNN, visualize.py, the benchmark) and the demo.
+
+By default bf16 autocast is on where the hardware computes bf16 natively: a CUDA GPU that supports it, and a CPU with
+bf16 matrix instructions (AMX or AVX512-BF16 on x86, the BF16 extension on Arm): there a train step of the default
+model runs 2.3-2.5x as fast as in fp32, to the same loss (docs/cpu_speed.md, on AMX). Elsewhere bf16 is emulated,
+slower than fp32, and fp32 is the default; asking for bf16 there still runs it, after a one-line warning.
+
+This file imports only torch: the demo loads it by path, next to its app, where mae_hf is not installed.
+"""
+
+import contextlib
+import sys
+
+import torch
+
+# CPU capabilities (`torch.cpu.get_capabilities()`) that compute bf16 matrix products in hardware, best first.
+CPU_BF16_FEATURES = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("sve_bf16", "Arm SVE BF16"),
+                     ("bf16", "Arm BF16"))
+
+
+def cpu_capabilities() -> dict:
+    """`torch.cpu.get_capabilities()` (torch >= 2.9); on older torch, the two x86 probes it had."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        return dict(torch.cpu.get_capabilities())
+    return {"amx_bf16": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()}
+
+
+def native_bf16(device) -> str | None:
+    """What computes bf16 natively on `device` ("AMX", "AVX512-BF16", ..., "CUDA"), or None where it is emulated
+    (or not known to be native: devices other than CPUs and CUDA GPUs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "CUDA" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        capabilities = cpu_capabilities()
+        return next((name for key, name in CPU_BF16_FEATURES if capabilities.get(key)), None)
+    return None
+
+
+def decide_bf16(requested: bool | None, device, flag: str = "--bf16") -> tuple[bool, str]:
+    """`(bf16, precision)`: whether to autocast to bf16 on `device`, and the precision in words with the reason, for
+    plan lines and results. `requested` None means the default (native bf16 or not); True on a CPU without native
+    bf16 runs bf16 after a one-line warning on stderr."""
+    device = torch.device(device)
+    native = native_bf16(device)
+    where = "this CPU" if device.type == "cpu" else f"this {device.type} device"
+    if requested is None:
+        if native:
+            return True, f"bf16 autocast (default: {where} computes bf16 natively, {native})"
+        slower = ", where bf16 runs slower than fp32" if device.type == "cpu" else ""
+        return False, f"fp32 (default: {where} has no native bf16{slower})"
+    if requested and native is None and device.type == "cpu":
+        print(f"warning: {flag} true on a CPU without native bf16 (no AMX, AVX512-BF16 or Arm BF16): bf16 is emulated "
+              "there and runs slower than fp32.", file=sys.stderr, flush=True)
+        return True, f"bf16 autocast ({flag} true; emulated on this CPU, slower than fp32)"
+    return bool(requested), f"{'bf16 autocast' if requested else 'fp32'} ({flag} {str(bool(requested)).lower()})"
+
+
+def autocast_for(device, bf16: bool):
+    """bf16 autocast on `device` when `bf16` (CUDA and CPU), else a context that changes nothing."""
+    device = torch.device(device)
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,59 @@
+"""scripts/benchmark.py's model suite as a matrix: both models in several modes in one run, with CPU time, the GEMM
+limit and the profile; on a tiny model (the figures themselves are measured by hand, docs/cpu_speed.md)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mae_hf.benchmark import main
+
+TINY = "image_size=8,patch_size=2,hidden_size=16,num_hidden_layers=2,num_attention_heads=2,decoder_hidden_size=16," \
+       "decoder_num_hidden_layers=1,decoder_num_attention_heads=2"
+
+
+def test_matrix_of_modes_in_one_run(tmp_path, capsys):
+    main(["--device", "cpu", "--config_overrides", TINY, "--batch_size", "4", "--warmup", "0", "--steps", "1",
+          "--rounds", "2", "--modes", "fp32", "bf16", "--profile_steps", "1", "--output_json",
+          str(tmp_path / "record.json"), "--baseline_dir", str(Path(__file__).resolve().parents[1])])
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["modes"] == ["fp32", "bf16"] and record["optimizer"] == "fused"
+    assert set(record["results"]) == {f"{model} {mode}" for model in ("mae_hf", "ViTMAE", "baseline")
+                                      for mode in ("fp32", "bf16")}
+    assert record["results"]["baseline fp32"]["over_baseline_first_mode"] == 1.0
+    from transformers import AutoConfig
+
+    from mae_hf import MAEConfig
+    assert AutoConfig.for_model("mae_hf").__class__ is MAEConfig  # the baseline registered nothing
+    for result in record["results"].values():
+        assert len(result["images_per_s_rounds"]) == len(result["cpu_ms_per_image_rounds"]) == 2
+        assert result["images_per_s"] > 0 and result["cpu_ms_per_image"] > 0 and result["percent_of_gemm_limit"] > 0
+        assert result["train_gflop_per_image"] > 0
+    assert record["results"]["ViTMAE bf16"]["over_vit_mae"] == 1.0
+    assert record["results"]["mae_hf fp32"]["over_mae_hf_first_mode"] == 1.0
+    assert len(record["load_average_before"]) == 3
+    assert record["gemm_limit_images_per_s"]["bf16"] > 0 and record["gemm_limit_images_per_s"]["fp32"] > 0
+    printed = capsys.readouterr().out
+    assert "GEMM limit" in printed and "| mae_hf | bf16 |" in printed and "profile, bf16" in printed
+    assert "mae_hf / ViTMAE, fp32:" in printed and "load average" in printed
+
+
+def test_unknown_mode_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--modes", "fp32", "fp8"])
+    assert exit_info.value.code == 2 and "--modes: unknown mode(s) ['fp8']" in capsys.readouterr().err
+
+
+def test_baseline_dir_without_a_package_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--baseline_dir .*: no mae_hf/modeling_mae.py there"):
+        main(["--device", "cpu", "--config_overrides", TINY, "--batch_size", "2", "--baseline_dir", str(tmp_path)])
+
+
+def test_attention_suite_times_sdpa_against_the_formula(tmp_path):
+    main(["--device", "cpu", "--suite", "attention", "--config_overrides", TINY, "--batch_size", "2", "--steps", "1",
+          "--rounds", "2", "--attention_tokens", "5", "9", "--output_json", str(tmp_path / "record.json")])
+    rows = json.loads((tmp_path / "record.json").read_text())["rows"]
+    assert [(row["tokens"], row["dtype"], row["pass"]) for row in rows] == [
+        (tokens, dtype, step) for tokens in (5, 9) for dtype in ("float32", "bfloat16")
+        for step in ("forward + backward", "inference")]
+    assert all(len(row["seconds"]["sdpa"]) == 2 and row["sdpa_over_formula"] > 0 for row in rows)
