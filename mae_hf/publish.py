@@ -18,14 +18,15 @@ import torch
 from .cli import MAEHFError, UsageError
 from .inputs import weight_shapes
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
-from .paths import looks_local
 from .redaction import redact
 from .results import (
     NOT_SETTINGS,
     TITLES,
     accuracy_rows,
     collect_results,
+    dataset_keys,
     encoder_fingerprint,
+    is_local_dataset,
     results_table,
     unique_results,
 )
@@ -33,6 +34,7 @@ from .results import (
 PICTURES = ("reconstructions.png", "loss_curve.png")
 DEFAULT_DATASET_ID = "uoft-cs/cifar10"
 DATASET_TITLES = {"uoft-cs/cifar10": "CIFAR-10", "cifar10": "CIFAR-10"}
+CIFAR10_CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # The Space: the demo app, its requirements and bundled examples, and the package files the app loads by path (one
 # source each: mae_hf/visualize.py draws, mae_hf/precision.py picks bf16 or fp32; neither imports mae_hf, so they run
 # next to the app without the package).
@@ -117,19 +119,19 @@ def check_measured_on(results: list[dict], pretrained, pretrained_dir: str) -> N
                 f"results of this model (random-init baselines may come from anywhere).")
 
 
-def is_local_dataset(name: str) -> bool:
-    return os.path.exists(os.path.expanduser(name)) or looks_local(name)
-
-
-def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str:
+def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str | None:
     """The Hub dataset the card names (metadata and data row alike): the run's own Hub id, or for a run on a local
-    copy `dataset_id` (default CIFAR-10's). A `dataset_id` that contradicts the run's Hub id is an error."""
+    copy `dataset_id`, or CIFAR-10's id when the local data has CIFAR-10's classes. None: a local dataset the card
+    can only describe by its folder (no Hub dataset in the metadata). A `dataset_id` that contradicts the run's Hub
+    id is an error."""
     trained_on = summary["dataset_name"]
     source = (summary.get("prepared_from") or {}).get("dataset_name")
     if is_local_dataset(trained_on) and source and not is_local_dataset(source):
         trained_on = source  # a folder prepared from a Hub dataset: that dataset
     if is_local_dataset(trained_on):
-        return dataset_id or DEFAULT_DATASET_ID
+        if dataset_id:
+            return dataset_id
+        return DEFAULT_DATASET_ID if summary.get("class_names") == CIFAR10_CLASS_NAMES else None
     if dataset_id and dataset_id != trained_on and DATASET_TITLES.get(dataset_id, dataset_id) != \
             DATASET_TITLES.get(trained_on, trained_on):
         raise ValueError(f"--dataset_id {dataset_id}: the run was pretrained on the Hub dataset {trained_on}; the "
@@ -137,12 +139,35 @@ def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str:
     return dataset_id or trained_on
 
 
-def data_description(summary: dict, dataset_id: str) -> str:
+def dataset_title(summary: dict, dataset_id: str | None) -> str:
+    if dataset_id:
+        return DATASET_TITLES.get(dataset_id, dataset_id)
+    return f"the local dataset `{os.path.basename(os.path.normpath(summary['dataset_name']))}`"
+
+
+def data_description(summary: dict, dataset_id: str | None) -> str:
     """The data row: the Hub dataset, and where the run read it from when that was a local copy."""
     trained_on = summary["dataset_name"]
     prepared = " prepared" if summary.get("prepared_from") else ""
-    where = f"{dataset_id} (local{prepared} copy at `{trained_on}`)" if is_local_dataset(trained_on) else dataset_id
+    if dataset_id is None:
+        where = f"a local{prepared} dataset at `{trained_on}` (not on the Hub)"
+    else:
+        where = (f"{dataset_id} (local{prepared} copy at `{trained_on}`)" if is_local_dataset(trained_on)
+                 else dataset_id)
     return f"{where}: {summary['train_split']} ({summary['train_samples']} images)"
+
+
+def check_same_dataset(results: list[dict], summary: dict) -> None:
+    """The card describes one dataset: every result must have been measured on the data the model was pretrained
+    on (the same Hub dataset, a local copy of it, or a folder prepared from it)."""
+    pretrained_on = dataset_keys(summary["dataset_name"], summary.get("prepared_from"))
+    for result in results:
+        name = result.get("dataset_name")
+        if name and not dataset_keys(name) & pretrained_on:
+            raise ValueError(
+                f"{result['source']} was measured on {name}, but the model was pretrained on "
+                f"{summary['dataset_name']}: the card describes one dataset. Pass results measured on "
+                f"{summary['dataset_name']} (or a copy of it), and report the others separately (compare.py).")
 
 
 def pretraining_text(summary: dict, dataset_id: str) -> str:
@@ -228,10 +253,15 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     with open(summary_path) as handle:
         summary = redact(json.load(handle))  # a summary written before tokens were redacted may hold one
     dataset_id = resolve_dataset_id(summary, dataset_id)
+    check_same_dataset(results, summary)
+    if dataset_id is None:
+        print(f"note: the run read the local dataset {summary['dataset_name']}, which is not CIFAR-10 by its classes: "
+              "the card describes it by its folder and names no Hub dataset in its metadata (no model-index); "
+              "--dataset_id names the Hub dataset it is a copy of.", flush=True)
     finetuned_protocol = finetuned and collect_results([os.path.join(finetune_dir, "finetune_results.json")])[0][
         "protocol"]  # the recipe the fine-tuned model in finetuned/ was trained with
     card = render_card(template_path, pretrained, summary, results, probe, finetuned_protocol,
-                       model_id or os.path.basename(target), dataset_id, DATASET_TITLES.get(dataset_id, dataset_id),
+                       model_id or os.path.basename(target), dataset_id, dataset_title(summary, dataset_id),
                        space_metadata)
 
     if overwrite and os.path.isdir(output_dir):
@@ -267,7 +297,7 @@ def write_redacted_copy(source: str, target: str) -> None:
 
 def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe,
                 finetuned_protocol: str | None,
-                model_id: str, dataset_id: str, dataset_title: str, space_metadata: str = "") -> str:
+                model_id: str, dataset_id: str | None, dataset_title: str, space_metadata: str = "") -> str:
     """`model_card.md` filled from the model, the pretraining summary and the result files. `finetuned_protocol`:
     the protocol of the fine-tuned model in `finetuned/` ("finetune" or "finetune_strong"), None without one."""
     config = pretrained.config
@@ -285,9 +315,10 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
     return render(template, {
         "model_id": model_id,
         "model_name": model_name,
-        "dataset_id": dataset_id,
+        "dataset_id": dataset_id or "",
+        "datasets_metadata": f"datasets:\n- {dataset_id}" if dataset_id else "",
         "dataset_title": dataset_title,
-        "model_index": model_index(model_name, dataset_id, dataset_title, results),
+        "model_index": model_index(model_name, dataset_id, dataset_title, results) if dataset_id else "",
         "space_metadata": space_metadata,
         "space_note": ("- `app.py`, `visualize.py`, `precision.py`, `requirements.txt`, `examples/`: a Gradio demo of "
                        "this model (`python app.py`); pushed as a Space, this folder serves it.\n")

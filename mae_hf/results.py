@@ -9,7 +9,9 @@ import os
 
 import torch
 
+from .data.prepared import prepared_source
 from .inputs import read_json_object
+from .paths import looks_local
 from .redaction import redact
 
 PROTOCOLS = ("linear_probe", "linear_probe_multiblock", "attentive_probe", "knn", "finetune",
@@ -70,6 +72,20 @@ def write_results(output_dir: str, name: str, results: dict) -> str:
     return path
 
 
+def is_local_dataset(name: str) -> bool:
+    return os.path.exists(os.path.expanduser(name)) or looks_local(name)
+
+
+def dataset_keys(name: str | None, prepared_from: dict | None = None) -> set[str]:
+    """Names under which one dataset may appear in different records: the last part of a Hub id or folder
+    (`uoft-cs/cifar10` and a local copy `../data/cifar10` alike), and for a prepared folder also its source's."""
+    if prepared_from is None and name and is_local_dataset(name):
+        prepared_from = prepared_source(os.path.expanduser(name))
+    source = prepared_from or {}
+    return {os.path.basename(os.path.normpath(os.path.expanduser(str(value)))).lower()
+            for value in (name, source.get("dataset_name"), source.get("train_dir")) if value}
+
+
 def collect_results(paths) -> list[dict]:
     """Results from result files or from folders searched recursively for `*_results.json` that have a
     `protocol` (the Trainer's own train/eval_results.json files are skipped). A fine-tune is named by the recipe it
@@ -123,7 +139,30 @@ def accuracy_rows(results: list[dict]) -> dict:
         protocol = PROTOCOLS[index]
         title = TITLES.get(protocol) or f"kNN, k = {k}" + (KNN_DESCRIPTION if k == first_k else "")
         rows.setdefault(title, {})[encoder] = cell
+    for cells in rows.values():
+        check_comparable([result for _, result in cells.values()])
     return rows
+
+
+def evaluation_data(result: dict) -> str:
+    return (f"{result.get('dataset_name')}, {result.get('eval_split')} ({result.get('eval_samples')} images)")
+
+
+def check_comparable(results: list[dict]) -> None:
+    """Two cells of one row (random init against pretrained) must be measured on the same images: the same dataset
+    (or a copy of it), evaluation split and number of evaluation images; otherwise the gain would compare two
+    evaluations rather than two encoders."""
+    first = results[0]
+    for other in results[1:]:
+        same_split = (first.get("eval_split"), first.get("eval_samples")) == \
+            (other.get("eval_split"), other.get("eval_samples"))
+        same_data = not (first.get("dataset_name") and other.get("dataset_name")) or \
+            dataset_keys(first["dataset_name"]) & dataset_keys(other["dataset_name"])
+        if not (same_split and same_data):
+            raise ValueError(
+                f"{first['protocol']}: {first.get('source')} was evaluated on {evaluation_data(first)} and "
+                f"{other.get('source')} on {evaluation_data(other)}; one row compares encoders on the same images. "
+                f"Run both with the same data flags (--dataset_name, --eval_split, --max_eval_samples).")
 
 
 def unique_results(results: list[dict]) -> list[dict]:

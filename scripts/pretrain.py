@@ -177,7 +177,8 @@ def pretrain(run, model_args, data_args, args):
     if trainer.is_world_process_zero():
         summary = {
             "dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
-            "train_samples": len(train), "eval_samples": len(evaluation), **run.record(trainer.state),
+            "train_samples": len(train), "eval_samples": len(evaluation), "class_names": train.class_names,
+            **run.record(trainer.state),
             "data_in_memory": train.in_memory, "dataloader_num_workers": args.dataloader_num_workers,
             "data": data_args.recorded(),  # every data flag: visualize.py and the card read the run's own data
             **({"prepared_from": prepared_source(data_args.dataset_name)} if prepared_source(data_args.dataset_name)

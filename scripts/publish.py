@@ -39,8 +39,10 @@ def main(argv=None):
     parser.add_argument("--output_dir", required=True, help="The folder to assemble.")
     boolean("--overwrite", "Replace a non-empty --output_dir.")
     parser.add_argument("--template", default=TEMPLATE, help="Model card template (default: model_card.md).")
-    parser.add_argument("--dataset_id", help="Hub dataset the card names when the run read a local copy (default "
-                                             "uoft-cs/cifar10); a run on a Hub dataset names its own.")
+    parser.add_argument("--dataset_id", help="Hub dataset the card names when the run read a local copy of it "
+                                             "(default: uoft-cs/cifar10 for local data with CIFAR-10's classes, else "
+                                             "none: the card describes the folder); a run on a Hub dataset names its "
+                                             "own.")
     boolean("--space", "Add the Gradio demo (app.py, requirements.txt, examples/) and Space metadata.")
     boolean("--push_to_hub", "Upload the folder to the Hub.")
     parser.add_argument("--hub_model_id", help="Hub repository, e.g. user/mae-cifar10 (needed to push).")

@@ -219,7 +219,8 @@ def test_publish_folder_and_card(evaluated, scripts, tmp_path):
     folder, root = evaluated
     out = tmp_path / "hub"
     scripts.publish.main([str(folder), "--probe", str(root / "probe"), "--finetune", str(root / "finetune"),
-                          "--results", str(root / "random"), "--output_dir", str(out), "--hub_model_id", "me/mae"])
+                          "--results", str(root / "random"), "--output_dir", str(out), "--hub_model_id", "me/mae",
+                          "--dataset_id", "uoft-cs/cifar10"])  # the tiny dataset stands in for a copy of CIFAR-10
     for name in ("model.safetensors", "config.json", "modeling_mae.py", "configuration_mae.py",
                  "preprocessor_config.json", "README.md", "reconstructions.png", "loss_curve.png",
                  "finetuned/model.safetensors", "results/pretraining_summary.json"):
@@ -308,6 +309,63 @@ def test_publish_card_names_the_hub_dataset_the_run_used(evaluated, scripts, tmp
     card = (tmp_path / "hub" / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["datasets"] == ["user/pets"]
     assert "| Data | user/pets: train (48 images) |" in card and "local copy" not in card
+
+
+def test_a_card_never_names_a_dataset_the_model_did_not_see(evaluated, scripts, tmp_path, capsys):
+    """Local data is CIFAR-10 only when it has CIFAR-10's classes (or --dataset_id says whose copy it is); other
+    local data is described by its folder, without Hub dataset metadata. The card states the model's image size."""
+    from mae_hf.publish import CIFAR10_CLASS_NAMES, resolve_dataset_id
+
+    folder, root = evaluated
+    trained_on = read(folder / "pretraining_summary.json")["dataset_name"]
+    assert read(folder / "pretraining_summary.json")["class_names"] == ["cat", "dog", "ship"]  # recorded by the run
+    scripts.publish.main([str(folder), "--probe", str(root / "probe"), "--output_dir", str(tmp_path / "hub")])
+    assert "names no Hub dataset" in capsys.readouterr().out
+    card = (tmp_path / "hub" / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert "datasets" not in metadata and "model-index" not in metadata
+    assert "CIFAR" not in card and "cifar10" not in card
+    name = os.path.basename(trained_on)
+    assert f"pretrained self-supervised on\nthe local dataset `{name}`" in card
+    assert f"| Data | a local dataset at `{trained_on}` (not on the Hub): train (48 images) |" in card
+    size = read(folder / "config.json")["image_size"]
+    assert f"{size}×{size} crops of the local dataset" in card and "images far from the\ndomain or resolution" in card
+    summary = {"dataset_name": "../data/cifar10", "class_names": CIFAR10_CLASS_NAMES}
+    assert resolve_dataset_id(summary, None) == "uoft-cs/cifar10"
+    assert resolve_dataset_id(dict(summary, class_names=None), None) is None  # unlabelled: not known to be CIFAR-10
+    assert resolve_dataset_id({"dataset_name": "../data/cifar10"}, None) is None  # a summary from before class_names
+    assert resolve_dataset_id(dict(summary, class_names=None), "me/photos") == "me/photos"
+
+
+def test_numbers_measured_on_other_images_are_refused_in_a_row_and_on_a_card(evaluated, scripts, tmp_path, capsys):
+    """A random-init baseline evaluated on other images than the pretrained encoder is not a baseline: compare.py and
+    publish.py say so instead of printing a gain; a card refuses results measured on another dataset than the
+    pretraining's (a local copy of the same dataset counts as the same)."""
+    folder, root = evaluated
+    probe = read(root / "probe" / "linear_probe_results.json")
+    random_probe = read(root / "random" / "probe" / "linear_probe_results.json")
+    for change, message in (({"eval_samples": random_probe["eval_samples"] - 1}, "on the same images"),
+                            ({"eval_split": "validation"}, "on the same images"),
+                            ({"dataset_name": "user/other_pets"}, "on the same images")):
+        (tmp_path / "baseline").mkdir(exist_ok=True)
+        (tmp_path / "baseline" / "linear_probe_results.json").write_text(json.dumps(dict(random_probe, **change)))
+        with pytest.raises(ValueError, match=message):
+            results_table(collect_results([root / "probe", tmp_path / "baseline"]))
+        with pytest.raises(SystemExit) as exit_:
+            run_script(scripts.compare.main, [str(root / "probe"), str(tmp_path / "baseline")])
+        assert message in (exit_.value.code if isinstance(exit_.value.code, str) else capsys.readouterr().err)
+    # the same dataset under another name of the same folder (a Hub id and a local copy) is the same data
+    copy = dict(random_probe, dataset_name="someone/" + os.path.basename(random_probe["dataset_name"]))
+    (tmp_path / "baseline" / "linear_probe_results.json").write_text(json.dumps(copy))
+    assert "| Linear probe" in results_table(collect_results([root / "probe", tmp_path / "baseline"]))
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "linear_probe_results.json").write_text(
+        json.dumps(dict(probe, dataset_name="uoft-cs/cifar100")))
+    with pytest.raises(SystemExit, match="the card describes one dataset"):
+        scripts.publish.main([str(folder), "--results", str(tmp_path / "elsewhere"),
+                              "--output_dir", str(tmp_path / "hub")])
+    assert not (tmp_path / "hub").exists()
 
 
 def test_publish_without_network_fails_before_anything(evaluated, scripts, tmp_path, monkeypatch):
