@@ -86,6 +86,10 @@ class Step:
         argv = self.argv + self.prepare_redo()
         print(f"[reproduce] {self.name}: {recorded_command([f'scripts/{self.script}.py', *argv])}", flush=True)
         advice = "Fix it and run the same command again: the finished steps are skipped."
+        program = sys.argv
+        # The step's own command line, for what it records and advises (summaries, "resume with: ..."): this
+        # command's would not run the step, and reproduce.py takes no --resume_from_checkpoint.
+        sys.argv = [f"scripts/{self.script}.py", *argv]
         try:
             load_script(self.script).main(argv)
         except UsageError as error:  # a bad flag in --<step>_args: a usage error of this command too
@@ -95,6 +99,8 @@ class Step:
                 reason = exit.code if isinstance(exit.code, str) else f"exit code {exit.code}"
                 error = UsageError if exit.code == 2 else ValueError  # 2: the step's parser refused a flag
                 raise error(f"step {self.name} failed ({reason.removeprefix('error: ')}). {advice}") from None
+        finally:
+            sys.argv = program
         if not self.is_done():
             raise ValueError(f"step {self.name} ended without writing {', '.join(self.done)} in {self.folder}.")
 

@@ -45,7 +45,12 @@ def test_every_step_writes_its_output(reproduced, capsys):
     for row in ("| Linear probe", "| Multi-block linear probe", "| Attentive probe", "| kNN, k = 5",
                 "| Fine-tune, strong recipe"):
         assert row in table, row
+    # what a step records is its own command, which runs on its own (reproduce.py's flags would not)
+    command = json.loads((output_dir / "mae" / "pretraining_summary.json").read_text())["command"]
+    assert command.startswith("python scripts/pretrain.py ") and f"--output_dir {output_dir / 'mae'}" in command
+    assert "--cpu_small" not in command and "--pretrain_args" not in command
     card = (output_dir / "hub" / "README.md").read_text()
+    assert f"Command: `{command}`" in card
     assert "Attentive probe" in card and (output_dir / "hub" / "finetuned" / "model.safetensors").is_file()
     assert '`finetuned/`: the classifier of the "Fine-tune, strong recipe' in card
 
@@ -80,6 +85,25 @@ def test_an_interrupted_run_continues(reproduced, scripts, capsys):
     assert (output_dir / "random_init" / "finetune" / "finetune_results.json").is_file()
     assert (output_dir / "pretrained" / "mae_probes" / "attentive_probe_results.json").is_file()
     assert os.path.getmtime(kept) == kept_time
+
+
+def test_a_stopped_step_advises_its_own_resume_command(scripts, tmp_path, monkeypatch):
+    """The advice printed when a step stops names the step's script, not reproduce.py (which takes no
+    --resume_from_checkpoint); sys.argv is reproduce's own again afterwards."""
+    import sys
+
+    import mae_hf.runs
+
+    advised = []
+    step = scripts.reproduce.Step("pretrain", "pretrain", ["--output_dir", str(tmp_path / "mae")], str(tmp_path),
+                                  ("never",), trainer=True)
+    monkeypatch.setattr(scripts.reproduce, "load_script", lambda name: type("Script", (), {
+        "main": staticmethod(lambda argv: advised.append(mae_hf.runs.resume_command()))}))
+    before = list(sys.argv)
+    with pytest.raises(ValueError, match="ended without writing never"):
+        step.run()
+    assert advised == [f"python scripts/pretrain.py --output_dir {tmp_path / 'mae'} --resume_from_checkpoint last"]
+    assert sys.argv == before
 
 
 def test_a_failing_step_names_itself(scripts, parquet_folder, tmp_path):
