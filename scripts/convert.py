@@ -22,6 +22,16 @@ from mae_hf.inputs import read_json_object, weight_shapes
 TARGET = {"vit_mae": "mae_hf", "mae_hf": "vit_mae"}  # source model_type -> target model_type
 
 
+def source_model_type(src: Path) -> str:
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{src} has no config.json: not a save_pretrained folder")
+    model_type = read_json_object(str(config_file), "a model config").get("model_type")
+    if model_type not in TARGET:
+        raise ValueError(f"{config_file}: model_type {model_type!r} is neither 'vit_mae' nor 'mae_hf'")
+    return model_type
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, metavar="SRC_DIR", help="folder written by save_pretrained")
@@ -31,15 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     args.to = "mae_hf" if args.to == "mae" else args.to
-    config_file = args.src / "config.json"
-    if not config_file.is_file():
-        parser.error(f"{args.src} has no config.json: not a save_pretrained folder")
-    try:
-        model_type = read_json_object(str(config_file), "a model config").get("model_type")
-    except ValueError as error:
-        parser.error(str(error))
-    if model_type not in TARGET:
-        parser.error(f"{config_file}: model_type {model_type!r} is neither 'vit_mae' nor 'mae_hf'")
+    model_type = source_model_type(args.src)  # a SRC_DIR that is not a model folder: exit code 1, like a bad file
     if (args.to or TARGET[model_type]) != TARGET[model_type]:
         parser.error(f"{args.src} already holds a {model_type} model; nothing to convert with --to {args.to}")
     args.to = TARGET[model_type]

@@ -118,16 +118,25 @@ def test_script_round_trip(tmp_path, tiny_config, perturb, pixel_values, noise, 
 
 
 def test_script_refusals(tmp_path, tiny_config, convert_script, capsys):
+    from mae_hf.cli import run_script
+
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit):
-        convert_script.main([str(tmp_path / "empty"), str(tmp_path / "out")])
-    assert "config.json" in capsys.readouterr().err
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "config.json").write_text('{"model_type": "vit')
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    for source, message in (("empty", "has no config.json"), ("torn", "is not valid JSON"),
+                            ("bert", "neither 'vit_mae' nor 'mae_hf'")):  # a folder of the wrong kind: exit code 1
+        with pytest.raises(SystemExit) as exit_:
+            run_script(convert_script.main, [str(tmp_path / source), str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
     MAEForPreTraining(tiny_config()).save_pretrained(tmp_path / "ours")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:  # the command line contradicts the folder: a usage error
         convert_script.main([str(tmp_path / "ours"), str(tmp_path / "out"), "--to", "mae"])
-    assert "already holds" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "already holds" in capsys.readouterr().err
 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")

@@ -508,7 +508,7 @@ def test_every_script_fails_with_one_error_paragraph_in_a_real_process(tmp_path,
         "scripts/visualize.py": ([models / "probe", "--dataset_name", data], 1, "has no decoder"),
         "scripts/compare.py": ([tmp_path / "torn_results.json"], 1, "is not valid JSON"),
         "scripts/publish.py": ([missing, "--output_dir", tmp_path / "hub"], 1, str(missing)),
-        "scripts/convert.py": ([missing, tmp_path / "converted"], 2, "config.json"),
+        "scripts/convert.py": ([missing, tmp_path / "converted"], 1, "config.json"),
         "scripts/benchmark.py": (["--batch_size", 0], 2, "--batch_size"),
     }
     lines = "\n".join("\t".join(map(str, [script, *argv])) for script, (argv, _, _) in cases.items())
