@@ -330,7 +330,10 @@ def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> di
     _JOB.update(datasets=splits, folder=args.output_dir, num_shards=num_shards, counter=counter, geometry=geometry,
                 encoding=args.encoding, quality=args.jpeg_quality, skip_bad_images=source.skip_bad_images,
                 features={name: _features(dataset, label) for name, (dataset, _, label) in splits.items()})
-    print(f"[prepare] {total:,} images of {source.dataset_name} ({', '.join(splits)}) -> {args.output_dir}: short "
+    where = f"{source.train_dir} and {source.validation_dir}" if source.train_dir and source.validation_dir \
+        else source.dataset_name
+    counts = ", ".join(f"{name} {len(dataset):,}" for name, (dataset, _, _) in splits.items())
+    print(f"[prepare] {total:,} images of {where} ({counts}) -> {args.output_dir}: short "
           f"side <= {args.short_side}, long side <= {args.max_long_side}, {args.encoding}"
           f"{f' quality {args.jpeg_quality}' if args.encoding == 'jpeg' else ''}, {args.shard_size} images per shard, "
           f"{workers} process(es)", flush=True)

@@ -12,7 +12,7 @@ import torch
 
 from .decode import BadImage, paste
 from .memory import cpus_per_process, repeat_edges
-from .policy import processes_on_this_machine
+from .policy import processes_on_this_machine, say
 from .splits import ImageData
 
 MAX_WORKERS = 16
@@ -160,6 +160,5 @@ def fit_workers_to_shared_memory(workers: int, prefetch: int, batch_bytes: int, 
         prefetch = 1
     if need(workers, prefetch) > room:
         raise ValueError(advice)
-    print(f"warning: {advice} Using {workers} worker(s) x {prefetch} prefetched batch(es) instead.",
-          file=sys.stderr, flush=True)
+    say(f"warning: {advice} Using {workers} worker(s) x {prefetch} prefetched batch(es) instead.", file=sys.stderr)
     return workers, prefetch
