@@ -142,7 +142,7 @@ def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str | None:
 def dataset_title(summary: dict, dataset_id: str | None) -> str:
     if dataset_id:
         return DATASET_TITLES.get(dataset_id, dataset_id)
-    return f"the local dataset `{os.path.basename(os.path.normpath(summary['dataset_name']))}`"
+    return f"the local dataset `{os.path.normpath(summary['dataset_name'])}`"
 
 
 def data_description(summary: dict, dataset_id: str | None) -> str:

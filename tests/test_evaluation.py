@@ -325,8 +325,7 @@ def test_a_card_never_names_a_dataset_the_model_did_not_see(evaluated, scripts, 
     metadata = yaml.safe_load(card.split("---")[1])
     assert "datasets" not in metadata and "model-index" not in metadata
     assert "CIFAR" not in card and "cifar10" not in card
-    name = os.path.basename(trained_on)
-    assert f"pretrained self-supervised on\nthe local dataset `{name}`" in card
+    assert f"pretrained self-supervised on\nthe local dataset `{trained_on}`" in card
     assert f"| Data | a local dataset at `{trained_on}` (not on the Hub): train (48 images) |" in card
     size = read(folder / "config.json")["image_size"]
     assert f"{size}×{size} crops of the local dataset" in card and "images far from the\ndomain or resolution" in card
