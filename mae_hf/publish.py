@@ -172,7 +172,15 @@ def check_same_dataset(results: list[dict], summary: dict) -> None:
 
 def pretraining_text(summary: dict, dataset_id: str) -> str:
     """The recipe and outcome of the pretraining run, from its `pretraining_summary.json`."""
-    precision = "bf16 autocast" if summary.get("bf16") else "fp32"
+    def named(bf16) -> str:
+        return "bf16 autocast" if bf16 else "fp32"
+
+    precision = named(summary.get("bf16"))
+    changes = [(resume["step"], resume["changed"]["recipe.bf16"]) for resume in summary.get("resumes") or []
+               if "recipe.bf16" in (resume.get("changed") or {})]  # accepted with --allow_config_change
+    if changes:
+        precision = ", ".join([named(changes[0][1]["checkpoint"])]
+                              + [f"{named(change['now'])} from step {step}" for step, change in changes])
     decayed = "every parameter" if summary.get("decay_all_parameters") else "linear weights only"
     clipping = ""  # summaries before `max_grad_norm` was recorded leave it unsaid
     if "max_grad_norm" in summary:

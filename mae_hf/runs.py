@@ -45,7 +45,10 @@ INCOMPLETE_PREFIX = "incomplete-"  # torn checkpoints are renamed so that neithe
 RECIPE_FIELDS = ("learning_rate", "weight_decay", "decay_all_parameters", "adam_beta1", "adam_beta2", "adam_epsilon",
                  "optim", "max_grad_norm", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps",
                  "gradient_accumulation_steps", "crop_min_scale", "horizontal_flip", "seed", "layer_decay",
-                 "label_smoothing_factor", "drop_path_rate", "pooling", "random_init")
+                 "label_smoothing_factor", "drop_path_rate", "pooling", "random_init", "bf16", "fp16", "torch_compile")
+# Settings a resume may change without --allow_config_change (how fast, not what: the same weights train alike);
+# the change is still recorded with the resume.
+FREELY_CHANGED = ("recipe.torch_compile",)
 # Where and how fast, not what: the batches are the same (a run may resume reading from disk what it held in memory).
 DATA_FIELDS_IGNORED = ("cache_dir", "preprocessing_num_workers", "data_in_memory", "decode_on_device")
 
@@ -671,13 +674,14 @@ class Run:
         if self.resume_from is not None:
             saved = _saved_settings(self.resume_from)
             differences = settings_differences(saved, current)
-            if differences and not self.args.allow_config_change:
+            refused = {key: value for key, value in differences.items() if key not in FREELY_CHANGED}
+            if refused and not self.args.allow_config_change:
                 listed = "; ".join(f"{key}: {value['checkpoint']!r} in the checkpoint, {value['now']!r} now"
-                                   for key, value in differences.items())
+                                   for key, value in refused.items())
                 raise RunError(f"Resuming {self.resume_from} with different settings: {listed}. Resume with the "
                                "checkpoint's settings, or pass --allow_config_change true to continue with the new "
                                "ones (both are then recorded in the run's summary).")
-            if differences:  # accepted: its weights must still fit the model (a size change cannot be resumed)
+            if refused:  # accepted: its weights must still fit the model (a size change cannot be resumed)
                 check_weights_fit(self.resume_from, config, option="--resume_from_checkpoint")
             self.resumes = saved.get("resumes", []) + [{
                 "checkpoint": self.resume_from, "step": _step_of(self.resume_from), "changed": differences}]

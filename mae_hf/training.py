@@ -364,10 +364,15 @@ class ImageTrainingArguments(TrainingArguments):
             raise ValueError("--fp16 is half-precision training for GPUs (with loss scaling); on a CPU use bf16 "
                              "(--bf16 true: fp32's range, no loss scaling; the default on CPUs with AMX or "
                              "AVX512-BF16) or fp32 (--bf16 false).")
+        if self.fp16_full_eval and device_type == "cpu":
+            raise ValueError("--fp16_full_eval evaluates in half precision, which is for GPUs; on a CPU evaluate in "
+                             "bf16 (--bf16_full_eval true) or in the training precision (leave it out).")
         if self.fp16:
             self.bf16, self.precision = False, "fp16 (--fp16)"
         else:
             self.bf16, self.precision = decide_bf16(self.bf16, device_type)
+        if self.bf16_full_eval or self.fp16_full_eval:
+            self.precision += f"; evaluation with the model cast to {'bf16' if self.bf16_full_eval else 'fp16'}"
 
     def _upstream_conventions(self):
         """Flags of transformers' example scripts, with their meaning where it exists here."""

@@ -70,9 +70,10 @@ def evaluate_only(model_args, config, num_labels, class_names, evaluation, args,
                            eval_dataset=ImageDataset(evaluation, labels=True, encoded=decoder is not None),
                            train_transform=eval_transform, eval_transform=eval_transform, device_decoder=decoder)
     metrics = trainer.evaluate()
-    trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation)))
-    print(f"[eval] {model_args.model_name_or_path} on {evaluation.split}: eval_accuracy {metrics['eval_accuracy']:.4f} "
-          f"({len(evaluation)} images) -> {args.output_dir}/eval_results.json", flush=True)
+    trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation), bf16=args.bf16, precision=args.precision))
+    print(f"[eval] {model_args.model_name_or_path} on {evaluation.split} ({args.precision}): eval_accuracy "
+          f"{metrics['eval_accuracy']:.4f} ({len(evaluation)} images) -> {args.output_dir}/eval_results.json",
+          flush=True)
 
 
 def main(argv=None):
@@ -180,6 +181,7 @@ def finetune(run, model_args, data_args, args):
             **args.recipe(),
             "device": f"{args.world_size} x {args.device.type}",
             "bf16": args.bf16,
+            "precision": args.precision,
             "seed": args.seed,
         })
 

@@ -154,9 +154,11 @@ def pretrain(run, model_args, data_args, args):
     )
     if not args.do_train:  # --do_train false: evaluate the saved model only, as transformers' run_mae.py
         metrics = trainer.evaluate()
-        trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation)))
+        trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation), bf16=args.bf16,
+                                          precision=args.precision))
         knn = metrics.get("eval_knn_accuracy")
-        print(f"[eval] {model_args.model_name_or_path} on {evaluation.split}: eval_loss {metrics['eval_loss']:.4f}"
+        print(f"[eval] {model_args.model_name_or_path} on {evaluation.split} ({args.precision}): "
+              f"eval_loss {metrics['eval_loss']:.4f}"
               f"{'' if knn is None else f', kNN accuracy {knn:.4f}'} -> {args.output_dir}/eval_results.json",
               flush=True)
         return
@@ -194,7 +196,8 @@ def pretrain(run, model_args, data_args, args):
             "warmup_steps": args.warmup_steps, "crop_min_scale": args.crop_min_scale,
             "horizontal_flip": args.horizontal_flip, "mask_ratio": config.mask_ratio,
             "norm_pix_loss": config.norm_pix_loss, "seed": args.seed, "device": str(args.device),
-            "world_size": args.world_size, "bf16": args.bf16, "torch_compile": args.torch_compile,
+            "world_size": args.world_size, "bf16": args.bf16, "precision": args.precision,
+            "torch_compile": args.torch_compile,
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_runtime_seconds": train_metrics.get("train_runtime"),
             "pipeline_images_per_second": train_metrics.get("pipeline_images_per_second"),

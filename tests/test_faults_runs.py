@@ -267,6 +267,30 @@ def test_resume_with_changed_settings_is_refused_with_the_differences(stopped_ru
     assert sorted(os.listdir(folder)) == before
 
 
+def test_resume_in_another_precision_is_refused_then_recorded(stopped_run, scripts, tiny_overrides, parquet_folder):
+    """bf16 is a setting of the run like the others: a resume in the other precision is refused with the difference,
+    and once accepted (--allow_config_change) the summary and the card say which steps ran in which precision."""
+    from mae_hf.publish import pretraining_text
+
+    folder, last, step = stopped_run
+    original = json.loads((last / "run_settings.json").read_text())["recipe"]["bf16"]
+    other = "false" if original else "true"
+    before = sorted(os.listdir(folder))
+    code, _, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", "100000",
+                                          "--logging_steps", "50", "--resume_from_checkpoint", "last", "--bf16", other))
+    assert code == 1 and f"recipe.bf16: {original!r} in the checkpoint, {not original!r} now" in err, err
+    assert sorted(os.listdir(folder)) == before  # nothing written
+    code, out, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", str(step + 2),
+                                            "--logging_steps", "50", "--resume_from_checkpoint", "last", "--bf16",
+                                            other, "--allow_config_change", "true"))
+    assert code == 0, err
+    summary = json.loads((folder / "pretraining_summary.json").read_text())
+    assert summary["bf16"] is (not original)
+    assert summary["resumes"][-1]["changed"]["recipe.bf16"] == {"checkpoint": original, "now": not original}
+    named = {True: "bf16 autocast", False: "fp32"}
+    assert f"{named[original]}, {named[not original]} from step {step}" in pretraining_text(summary, "data")
+
+
 def test_accepted_change_is_recorded_and_a_finished_run_trains_no_extra_step(stopped_run, scripts, tiny_overrides,
                                                                              parquet_folder):
     folder, last, step = stopped_run

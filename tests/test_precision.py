@@ -87,6 +87,29 @@ def test_fp16_on_a_cpu_is_refused_with_what_to_use_instead(tmp_path, scripts, ca
         error = capsys.readouterr().err
         assert "--fp16 is half-precision training for GPUs" in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()
+    for script in (scripts.pretrain, scripts.finetune):  # the same for half-precision evaluation
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(["--output_dir", str(tmp_path / "out"), "--dataset_name", str(parquet_folder),
+                         "--fp16_full_eval", "true"])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "--fp16_full_eval evaluates in half precision" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_evaluation_only_run_says_and_records_its_precision(cpu_with, pretrained_run, scripts, parquet_folder,
+                                                               tmp_path, capsys):
+    cpu_with(AMX)
+    folder, _ = pretrained_run
+    common = ["--model_name_or_path", str(folder), "--dataset_name", str(parquet_folder), "--do_train", "false",
+              "--knn_eval", "false", "--disable_tqdm", "true"]
+    for extra, precision in (([], "bf16 autocast (default: this CPU computes bf16 natively, AMX)"),
+                             (["--bf16", "false", "--bf16_full_eval", "true"],
+                              "fp32 (--bf16 false); evaluation with the model cast to bf16")):
+        output = tmp_path / f"eval{len(extra)}"
+        scripts.pretrain.main([*common, "--output_dir", str(output), *extra])
+        assert f"({precision}): eval_loss" in capsys.readouterr().out
+        results = json.loads((output / "eval_results.json").read_text())
+        assert results["precision"] == precision and results["bf16"] is (not extra)
 
 
 class _State:
