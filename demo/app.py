@@ -110,7 +110,7 @@ class Demo:
 
     def __init__(self, source: str, bf16: bool | None = None):
         self.source = source
-        self.bf16, self.precision = precision.decide_bf16(bf16, "cpu")
+        self.bf16, self.precision = precision.decide_bf16(bf16, "cpu", switch=True)
         self.precision = self.precision.replace("bf16 autocast", "bf16 weights")
         folder = local_folder(source)
         config = read_mae_config(folder, source)

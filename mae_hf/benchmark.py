@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from .cli import parse_overrides
+from .cli import keep_freed_memory_requested, parse_overrides
 from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
 from .modeling_mae import MAEForPreTraining
@@ -695,7 +695,14 @@ def main(argv=None):
         parser.error(f"--modes: unknown mode(s) {unknown_modes}; choose from {', '.join(MODES)}.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    bf16, _ = decide_bf16(args.bf16, args.device)
+    if args.modes:  # each mode names its precision; --bf16/--compile do not apply
+        bf16 = False
+        emulated = [mode for mode in args.modes if MODES[mode][0]]
+        if emulated and torch.device(args.device).type == "cpu" and native_bf16(args.device) is None:
+            print(f"warning: --modes {' '.join(emulated)} on a CPU without native bf16 (no AMX, AVX512-BF16 or Arm "
+                  "BF16): bf16 is emulated there and runs slower than fp32.", file=sys.stderr, flush=True)
+    else:
+        bf16, _ = decide_bf16(args.bf16, args.device, switch=True)
     autocast = autocast_for(args.device, bf16)
 
     config = MAEConfig.from_pretrained(args.config_name) if args.config_name else MAEConfig()
@@ -718,8 +725,11 @@ def main(argv=None):
     else:
         record = suites[args.suite](args, config, bf16, autocast)
     record.update(command=recorded_command(), suite=args.suite, device=args.device,
-                  dtype="bf16 autocast" if bf16 else "fp32", compile=args.compile, modes=args.modes,
+                  # with --modes, each mode names its precision and compilation (no single one for the run)
+                  dtype=None if args.modes else "bf16 autocast" if bf16 else "fp32",
+                  compile=None if args.modes else args.compile, modes=args.modes,
                   threads=torch.get_num_threads(),
+                  keep_freed_memory=keep_freed_memory_requested(),
                   torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
     if args.output_json:
         with open(args.output_json, "w") as handle:

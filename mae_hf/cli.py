@@ -81,6 +81,19 @@ def error_message(error: BaseException) -> str:
 KEEP_FREED_MEMORY_ENV = "MAE_HF_KEEP_FREED_MEMORY"  # 0: leave the C library's memory settings as they are
 
 
+def keep_freed_memory_requested(warn: bool = False) -> bool:
+    """MAE_HF_KEEP_FREED_MEMORY: 1 (the default; also true/yes/on) or 0 (false/no/off). Another value keeps the
+    default, with a warning when `warn`."""
+    setting = os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if warn and setting not in ("1", "true", "yes", "on", ""):
+        print(f"warning: {KEEP_FREED_MEMORY_ENV}={os.environ[KEEP_FREED_MEMORY_ENV]!r} is neither 1 (keep freed "
+              "memory, the default) nor 0 (leave the C library's settings alone): kept the default.",
+              file=sys.stderr, flush=True)
+    return True
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel (no mmap for large blocks,
     no trimming). A train step frees and allocates the same hundreds of megabytes of activations every step; handed
@@ -88,7 +101,7 @@ def keep_freed_memory() -> bool:
     them in fp32, 1.11x in bf16 (docs/cpu_speed.md). The process then holds on to its peak memory, as a caching
     allocator does. MAE_HF_KEEP_FREED_MEMORY=0 turns it off; elsewhere than glibc nothing changes. Returns whether it
     was applied."""
-    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip().lower() in ("0", "false", "no"):
+    if not keep_freed_memory_requested(warn=True):
         return False
     import ctypes
 
@@ -154,6 +167,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     flag's default (HfArgumentParser's own formatter would run the example commands together into one paragraph)."""
 
 
+def bool_or_auto(value: str) -> bool | None:
+    """A `bool | None` flag's value: true/false (and yes/no, 1/0), or `auto` for the script's own decision."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    return string_to_bool(value)
+
+
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None,
                defaults: dict | None = None):
     """`script.py [CONFIG.json|CONFIG.yaml] [--flag value ...]`: the file gives defaults, flags win. `defaults`
@@ -164,6 +184,8 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
     for action in parser._actions:  # `bool | None` flags (unset = decided later) also work bare, as bool flags do:
         if action.type is string_to_bool and action.nargs is None:  # `--do_train` = `--do_train true`
             action.nargs, action.const = "?", True
+            if action.default is None:  # `--bf16 auto`: the default decision, also over a config file's value
+                action.type = bool_or_auto
     if defaults:
         known = {action.dest for action in parser._actions}
         parser.set_defaults(**{key: value for key, value in defaults.items() if key in known})

@@ -38,10 +38,12 @@ def native_bf16(device) -> str | None:
     return None
 
 
-def decide_bf16(requested: bool | None, device, flag: str = "--bf16") -> tuple[bool, str]:
+def decide_bf16(requested: bool | None, device, switch: bool = False) -> tuple[bool, str]:
     """`(bf16, precision)`: whether to autocast to bf16 on `device`, and the precision in words with the reason, for
     plan lines and results. `requested` None means the default (native bf16 or not); True on a CPU without native
-    bf16 runs bf16 after a one-line warning on stderr."""
+    bf16 runs bf16 after a one-line warning on stderr. `switch`: the script spells the flag `--bf16` / `--no-bf16`
+    (argparse's BooleanOptionalAction) rather than `--bf16 true` / `--bf16 false`."""
+    on, off = ("--bf16", "--no-bf16") if switch else ("--bf16 true", "--bf16 false")
     device = torch.device(device)
     native = native_bf16(device)
     where = "this CPU" if device.type == "cpu" else f"this {device.type} device"
@@ -51,10 +53,10 @@ def decide_bf16(requested: bool | None, device, flag: str = "--bf16") -> tuple[b
         slower = ", where bf16 runs slower than fp32" if device.type == "cpu" else ""
         return False, f"fp32 (default: {where} has no native bf16{slower})"
     if requested and native is None and device.type == "cpu":
-        print(f"warning: {flag} true on a CPU without native bf16 (no AMX, AVX512-BF16 or Arm BF16): bf16 is emulated "
+        print(f"warning: {on} on a CPU without native bf16 (no AMX, AVX512-BF16 or Arm BF16): bf16 is emulated "
               "there and runs slower than fp32.", file=sys.stderr, flush=True)
-        return True, f"bf16 autocast ({flag} true; emulated on this CPU, slower than fp32)"
-    return bool(requested), f"{'bf16 autocast' if requested else 'fp32'} ({flag} {str(bool(requested)).lower()})"
+        return True, f"bf16 autocast ({on}; emulated on this CPU, slower than fp32)"
+    return bool(requested), f"bf16 autocast ({on})" if requested else f"fp32 ({off})"
 
 
 def autocast_for(device, bf16: bool):

@@ -263,9 +263,11 @@ class ImageTrainingArguments(TrainingArguments):
                           "workers)."})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 autocast; default: on where the hardware computes bf16 natively (a GPU that supports "
-                          "it, a CPU with AMX or AVX512-BF16), off elsewhere (the plan line says which and why)."})
-    torch_compile: bool | None = field(default=None, metadata={"help": "torch.compile; default: on with CUDA."})
+        metadata={"help": "bf16 autocast: true, false or auto (the default: on where the hardware computes bf16 "
+                          "natively — a GPU that supports it, a CPU with AMX, AVX512-BF16 or Arm's BF16 — off "
+                          "elsewhere; the plan line says which and why)."})
+    torch_compile: bool | None = field(
+        default=None, metadata={"help": "torch.compile: true, false or auto (the default: on with CUDA)."})
     per_device_eval_batch_size: int = field(default=512, metadata={"help": "Evaluation batch per device."})
     weight_decay: float = field(
         default=0.05, metadata={"help": "AdamW weight decay, on linear weights only unless --decay_all_parameters."})

@@ -28,7 +28,8 @@ class VisualizeArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the fixed masks (pretrain.py uses its --seed)."})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 autocast; default: on where the CPU computes bf16 natively (AMX or AVX512-BF16)."})
+        metadata={"help": "bf16 autocast: true, false or auto (the default: on where the device computes bf16 "
+                          "natively — a GPU that supports it, a CPU with AMX, AVX512-BF16 or Arm's BF16)."})
 
     def __post_init__(self):
         if self.num_images < 1:

@@ -18,6 +18,7 @@ def test_matrix_of_modes_in_one_run(tmp_path, capsys):
           str(tmp_path / "record.json"), "--baseline_dir", str(Path(__file__).resolve().parents[1])])
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["modes"] == ["fp32", "bf16"] and record["optimizer"] == "fused"
+    assert record["dtype"] is None and record["compile"] is None  # each mode names its own, not the run
     assert set(record["results"]) == {f"{model} {mode}" for model in ("mae_hf", "ViTMAE", "baseline")
                                       for mode in ("fp32", "bf16")}
     assert record["results"]["baseline fp32"]["over_baseline_first_mode"] == 1.0
@@ -57,3 +58,20 @@ def test_attention_suite_times_sdpa_against_the_formula(tmp_path):
         (tokens, dtype, step) for tokens in (5, 9) for dtype in ("float32", "bfloat16")
         for step in ("forward + backward", "inference")]
     assert all(len(row["seconds"]["sdpa"]) == 2 and row["sdpa_over_formula"] > 0 for row in rows)
+
+
+def test_modes_on_a_cpu_without_native_bf16_warn_for_the_bf16_modes_only(tmp_path, capsys, monkeypatch):
+    import mae_hf.precision
+
+    monkeypatch.setattr(mae_hf.precision, "cpu_capabilities", lambda: {"avx2": True})
+    common = ["--device", "cpu", "--config_overrides", TINY, "--batch_size", "2", "--warmup", "0", "--steps", "1",
+              "--rounds", "1", "--no-gemm", "--output_json", str(tmp_path / "record.json")]
+    main([*common, "--bf16", "--modes", "fp32"])
+    assert "without native bf16" not in capsys.readouterr().err  # --modes decides: fp32 only
+    main([*common, "--modes", "fp32", "bf16"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "without native bf16" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --modes bf16 on a CPU without native bf16")
+    main([*common, "--bf16"])  # the flag as this script spells it
+    err = capsys.readouterr().err
+    assert "warning: --bf16 on a CPU without native bf16" in err and "--bf16 true" not in err
+    assert json.loads((tmp_path / "record.json").read_text())["dtype"] == "bf16 autocast"

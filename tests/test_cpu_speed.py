@@ -37,3 +37,16 @@ def test_freed_memory_is_reused_without_page_faults():
     assert kept[0] == "True" and default[0] == "False"
     assert default[1] > 2 * 30_000  # 144 MB of fresh pages per round
     assert kept[1] < 1_000
+
+
+def test_the_memory_setting_reads_on_and_off_and_names_a_value_it_does_not_know(monkeypatch, capsys):
+    from mae_hf.cli import keep_freed_memory_requested
+
+    for value, kept in (("0", False), ("off", False), ("No", False), ("1", True), ("on", True), ("", True)):
+        monkeypatch.setenv("MAE_HF_KEEP_FREED_MEMORY", value)
+        assert keep_freed_memory_requested(warn=True) is kept, value
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("MAE_HF_KEEP_FREED_MEMORY", "garbage")
+    assert keep_freed_memory_requested(warn=True) is True
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "'garbage' is neither 1" in warning and "kept the default" in warning
