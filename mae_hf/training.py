@@ -18,6 +18,7 @@ from transformers.utils import logging
 from .cli import UsageError, parse_overrides
 from .configuration_mae import MAEConfig
 from .data import BatchTransform
+from .data.policy import say as print_once
 from .inputs import check_weights_fit, model_folder_config, read_json_object
 from .paths import folder_listing, looks_local
 from .precision import decide_bf16
@@ -230,7 +231,7 @@ def load_pretrained(model_class, model_args: ModelArguments, config, new_head: s
         hold.release()
     elif expected and new_head:
         replaced = " (the checkpoint's head, of another label count, is replaced)" if mismatched else ""
-        print(f"[model] {model_args.model_name_or_path}: encoder loaded; {new_head}{replaced}.", flush=True)
+        print_once(f"[model] {model_args.model_name_or_path}: encoder loaded; {new_head}{replaced}.")
     return model
 
 
@@ -384,8 +385,8 @@ class ImageTrainingArguments(TrainingArguments):
             self.eval_strategy = "no"
         self.do_train, self.do_eval = bool(self.do_train), bool(self.do_eval)
         if self.remove_unused_columns:
-            print("note: --remove_unused_columns is ignored: batches here are prebuilt tensors (pixel_values, labels) "
-                  "with no unused columns to remove.", file=sys.stderr, flush=True)
+            print_once("note: --remove_unused_columns is ignored: batches here are prebuilt tensors (pixel_values, "
+                       "labels) with no unused columns to remove.", file=sys.stderr)
             self.remove_unused_columns = False
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
@@ -511,8 +512,8 @@ class PretrainingArguments(ImageTrainingArguments):
 
     def __post_init__(self):
         if self.label_names != ["pixel_values"]:  # e.g. "bool_masked_pos" from older transformers examples
-            print(f"note: --label_names {' '.join(self.label_names or [])} is ignored: the MAE's target is its input, "
-                  "pixel_values (the evaluation loss needs it).", file=sys.stderr, flush=True)
+            print_once(f"note: --label_names {' '.join(self.label_names or [])} is ignored: the MAE's target is its "
+                       "input, pixel_values (the evaluation loss needs it).", file=sys.stderr)
             self.label_names = ["pixel_values"]
         # 0 would fail only at the first evaluation, or (knn_k) report the accuracy of votes from no neighbour
         for flag in ("knn_k", "knn_max_train_samples", "num_reconstructions"):
@@ -903,12 +904,13 @@ class ThroughputCallback(TrainerCallback):
         if state.is_world_process_zero:
             precision = getattr(args, "precision", None) or (
                 "bf16 autocast" if args.bf16 else ("fp16" if args.fp16 else "fp32"))
-            say(f"[plan] device {args.device} x{args.world_size}, {precision}, torch_compile={args.torch_compile}; "
-                f"{state.max_steps} steps of {self.images_per_step} images ({_epochs(args, train_dataloader)}), "
-                f"peak learning rate {args.learning_rate:.3g}")
+            write_line(f"[plan] device {args.device} x{args.world_size}, {precision}, "
+                       f"torch_compile={args.torch_compile}; "
+                       f"{state.max_steps} steps of {self.images_per_step} images ({_epochs(args, train_dataloader)}), "
+                       f"peak learning rate {args.learning_rate:.3g}")
             # Before any measurement: a GPU-sized run (millions of images) on a CPU is days, whatever the model.
             if self.slow_hint and args.device.type == "cpu" and state.max_steps * self.images_per_step > 2_000_000:
-                say(f"[plan] {self.slow_hint}")
+                write_line(f"[plan] {self.slow_hint}")
                 self.slow_hint = None  # said once
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -920,8 +922,8 @@ class ThroughputCallback(TrainerCallback):
         if not self.reported and state.is_world_process_zero and self.seconds >= self.measure_seconds:
             self.reported = True
             remaining = (state.max_steps - state.global_step) * self.seconds / self.steps
-            say(f"[plan] measured {self.images_per_second:,.0f} images/s over {self.steps} steps; about "
-                f"{_duration(remaining)} of training left (evaluations add to it)")
+            write_line(f"[plan] measured {self.images_per_second:,.0f} images/s over {self.steps} steps; about "
+                       f"{_duration(remaining)} of training left (evaluations add to it)")
 
     def _skip_interval(self, *args, **kwargs):
         self.last_time = None
@@ -929,7 +931,7 @@ class ThroughputCallback(TrainerCallback):
     on_evaluate = on_save = _skip_interval
 
 
-def say(line: str) -> None:
+def write_line(line: str) -> None:
     """Print a line of our own during training: on a line of its own above the Trainer's progress bar."""
     from tqdm.auto import tqdm
 
