@@ -23,7 +23,15 @@ from .inputs import check_weights_fit, model_folder_config, read_json_object
 from .paths import folder_listing, looks_local
 from .precision import decide_bf16
 from .redaction import is_token_name
-from .runs import LOCK_NAME, SETTINGS_NAME, DivergenceGuard, removed_if_incomplete, saved_whole, write_json
+from .runs import (
+    LOCK_NAME,
+    SETTINGS_NAME,
+    DivergenceGuard,
+    _DropMessage,
+    removed_if_incomplete,
+    saved_whole,
+    write_json,
+)
 
 logger = logging.get_logger("mae_hf")
 
@@ -340,7 +348,15 @@ class ImageTrainingArguments(TrainingArguments):
         learning_rate_given = self.learning_rate is not None
         if not learning_rate_given:
             self.learning_rate = 0.0  # placeholder until the world size is known
-        super().__post_init__()  # also: do_eval becomes True when eval_strategy is not "no" (TrainingArguments' rule)
+        # TrainingArguments warns that compile's speedups need an Ampere GPU whenever it finds no TF32; on a CPU
+        # (where --torch_compile true is measured and documented: docs/cpu_speed.md) that reads as a fault.
+        compile_warning = _DropMessage("The speedups for torchdynamo mostly come with GPU")
+        upstream_logger = std_logging.getLogger("transformers.training_args")
+        upstream_logger.addFilter(compile_warning)
+        try:
+            super().__post_init__()  # also: do_eval becomes True when eval_strategy is not "no" (TrainingArguments')
+        finally:
+            upstream_logger.removeFilter(compile_warning)
         if not (self.do_train or self.do_eval):
             raise ValueError("--do_train and --do_eval are both off: nothing to do. Pass --do_train true and/or "
                              "--do_eval true (or neither: train, then evaluate).")
