@@ -227,7 +227,7 @@ def test_demo_takes_the_precision_rule(tmp_path, tiny_config, monkeypatch, capsy
         results[demo.precision] = demo.run(image, 0.5, 0)
     assert list(results) == ["bf16 weights (default: this CPU computes bf16 natively, AVX512-BF16)",
                              "fp32 (default: this CPU has no native bf16, where bf16 runs slower than fp32)",
-                             "fp32 (--bf16 false)"]
+                             "fp32 (--no-bf16)"]  # the flag as the demo spells it
     (bf16_pictures, _, bf16_top5), (fp32_pictures, _, fp32_top5), _ = results.values()
     assert [picture.size for picture in bf16_pictures] == [picture.size for picture in fp32_pictures]
     assert set(bf16_top5["linear probe"]) == set(fp32_top5["linear probe"]) == set(LABELS.values())
