@@ -332,3 +332,14 @@ def test_a_folder_inside_a_prepared_folder_and_a_link_loop_are_named(tmp_path):
     (looped / "b" / "back").symlink_to("../b")
     with pytest.raises(ValueError, match=r"b/back is a symbolic link to .*b, a folder that holds the link.*Remove"):
         load_raw_dataset(DataArguments(train_dir=str(looped)))
+
+
+def test_disable_tqdm_silences_the_decoding_bars_and_both_folders_are_named(tmp_path, capsys):
+    tree = image_tree(tmp_path, ["train/a/0.png", "train/b/1.png", "val/a/2.png", "val/b/3.png"])
+    data = DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val"), data_in_memory="true")
+    load_image_splits(data, 8, progress=False)
+    printed = capsys.readouterr()
+    assert "Decoding images" not in printed.err
+    assert f"images of {tree}/train and {tree}/val" in printed.out
+    load_image_splits(data, 8)
+    assert "Decoding images (train)" in capsys.readouterr().err
