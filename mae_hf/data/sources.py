@@ -41,7 +41,7 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
             check_not_split_tree(option, folder)
         return datasets.DatasetDict({split: list_image_folder(folder) for split, folder in folders.items()})
     name = args.dataset_name
-    if not is_prepared(name):
+    if os.path.exists(name) and not is_prepared(name):  # a Hub id is no path, whatever folder it is run from
         check_not_prepared("--dataset_name", name)
     if os.path.isfile(name):
         if not name.endswith(".parquet"):
