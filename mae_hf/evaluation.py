@@ -170,7 +170,7 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
 
     train, evaluation = load_image_splits(data_args, image_size, config.num_channels, require_labels=True,
                                           token=model_args.token, num_workers=args.dataloader_num_workers,
-                                          check=before_decoding)
+                                          check=before_decoding, progress=not args.disable_tqdm)
     for split in (train, evaluation):  # one pass at a time, each with its workers' batches in shared memory
         if split.num_workers:
             split.num_workers, _ = fit_workers_to_shared_memory(

@@ -98,7 +98,8 @@ def finetune(run, model_args, data_args, args):
         train, evaluation = load_image_splits(
             data_args, config.image_size, config.num_channels, require_labels=True, token=model_args.token,
             num_workers=args.requested_workers(),
-            check=lambda train, _: args.check_enough_images(len(train)) if args.do_train else None)
+            check=lambda train, _: args.check_enough_images(len(train)) if args.do_train else None,
+            progress=not args.disable_tqdm)
         args.configure_loaders(train, evaluation)
         decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
     except (ValueError, OSError) as error:

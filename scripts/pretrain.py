@@ -114,7 +114,7 @@ def pretrain(run, model_args, data_args, args):
 
         train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
                                               token=model_args.token, num_workers=args.requested_workers(),
-                                              check=before_decoding)
+                                              check=before_decoding, progress=not args.disable_tqdm)
         args.configure_loaders(train, evaluation)
         decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
     except (ValueError, OSError) as error:

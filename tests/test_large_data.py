@@ -14,6 +14,7 @@ import torch
 from fixtures_runs import TINY_MODEL
 from PIL import Image
 
+from mae_hf.cli import UsageError
 from mae_hf.data import DataArguments, load_image_splits
 from mae_hf.data.prepared import PREPARED_MANIFEST
 from mae_hf.data.sources import list_image_folder
@@ -263,19 +264,19 @@ def test_a_half_prepared_folder_is_refused_then_finished_keeping_its_shards(tmp_
 def test_a_finished_folder_is_never_overwritten_silently(tmp_path, scripts, prepared, mixed_source, capsys):
     before = (prepared / PREPARED_MANIFEST).read_text()
     flags = ["--dataset_name", str(mixed_source), "--short_side", "8", "--disable_tqdm", "true"]
-    with pytest.raises(ValueError, match="already holds a finished prepared folder"):
+    with pytest.raises(UsageError, match="already holds a finished prepared folder"):
         scripts.prepare_data.main([*flags, "--output_dir", str(prepared)])
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="is not a prepared folder"):
+    with pytest.raises(UsageError, match="is not a prepared folder"):
         scripts.prepare_data.main([*flags, "--output_dir", str(other), "--overwrite", "true"])
     assert (other / "notes.txt").read_text() == "mine" and (prepared / PREPARED_MANIFEST).read_text() == before
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(prepared), str(copy)], check=True)
     scripts.prepare_data.main([*flags, "--output_dir", str(copy), "--short_side", "6", "--overwrite", "true"])
     assert json.loads((copy / PREPARED_MANIFEST).read_text())["settings"]["short_side"] == 6
-    with pytest.raises(ValueError, match="lies inside --dataset_name"):
+    with pytest.raises(UsageError, match="lies inside --dataset_name"):
         scripts.prepare_data.main([*flags, "--output_dir", str(mixed_source / "prepared")])
 
 
@@ -607,3 +608,123 @@ def test_a_prepared_folder_s_labels_are_its_label_column(tmp_path, scripts, prep
         load_image_splits(DataArguments(dataset_name=str(tmp_path / "prepared_unlabelled")), 8, require_labels=True)
     train, _ = load_image_splits(DataArguments(dataset_name=str(tmp_path / "prepared_unlabelled")), 8)
     assert train.labels is None
+
+
+def image_tree(root, paths):
+    """Tiny PNGs at `paths` (relative to `root`); a path ending in "/" is an empty folder."""
+    for index, path in enumerate(paths):
+        if path.endswith("/"):
+            (root / path).mkdir(parents=True, exist_ok=True)
+            continue
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (10, 12), (index * 20 % 256, 0, 0)).save(root / path)
+    return root
+
+
+def test_output_folder_problems_are_usage_errors_before_the_source_is_read(tmp_path, scripts, monkeypatch):
+    flags = ["--dataset_name", "nobody/no-such-dataset", "--disable_tqdm", "true"]  # never read: no network
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        scripts.prepare_data.main([*flags, "--output_dir", str(tmp_path / "file")])
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(UsageError, match=rf"--output_dir {tmp_path}/new/out: {tmp_path} cannot be written"):
+        scripts.prepare_data.main([*flags, "--output_dir", str(tmp_path / "new" / "out")])
+    with pytest.raises(SystemExit) as stop:  # a flag out of range is named
+        scripts.prepare_data.main([*flags, "--output_dir", str(tmp_path / "out"), "--short_side", "0"])
+    assert stop.value.code == 2
+
+
+def test_preparing_refuses_class_folders_that_differ_between_splits(tmp_path, scripts):
+    tree = image_tree(tmp_path / "tree", ["train/cat/0.png", "train/dog/1.png", "train/empty_class/",
+                                          "val/cat/2.png", "val/dog/3.png"])
+    flags = ["--train_dir", str(tree / "train"), "--validation_dir", str(tree / "val"), "--short_side", "8",
+             "--num_proc", "1", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=rf"class folders of {tree}/train and {tree}/val differ \(only in "
+                                         rf"{tree}/train: empty_class\).*{tree}/train/empty_class: empty class "
+                                         "folder.*remove or fill"):
+        scripts.prepare_data.main(flags)
+    (tree / "train" / "empty_class").rmdir()
+    image_tree(tree, ["train/frog/4.png"])
+    with pytest.raises(ValueError, match=rf"only in {tree}/train: frog\): labels are numbered by class folder"):
+        scripts.prepare_data.main(flags)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="only in .*frog"):  # training says the same
+        load_image_splits(DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val")), 8)
+
+
+def test_an_unlabelled_validation_folder_beside_a_labelled_training_folder(tmp_path, scripts, capsys):
+    tree = image_tree(tmp_path / "imagenet", [f"train/{name}/{index}.png" for name in "ab" for index in range(3)]
+                      + [f"val/{index}.png" for index in range(4)])
+    data = DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val"))
+    train, evaluation = load_image_splits(data, 8)  # pretraining: evaluated on, unlabelled (no kNN monitor)
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and evaluation.labels.tolist() == [-1] * 4
+    layout = rf"--validation_dir {tree}/val has no class subfolders.*{tree}/val/<class>/image.jpg"
+    with pytest.raises(ValueError, match=layout):  # the probes, kNN and fine-tuning: up front
+        load_image_splits(data, 8, require_labels=True)
+    output = tmp_path / "prepared"
+    scripts.prepare_data.main(["--train_dir", str(tree / "train"), "--validation_dir", str(tree / "val"),
+                               "--output_dir", str(output), "--short_side", "8", "--num_proc", "1",
+                               "--disable_tqdm", "true"])
+    assert "note: " in capsys.readouterr().err
+    prepared = DataArguments(dataset_name=str(output))
+    assert load_image_splits(prepared, 8)[1].labels.tolist() == [-1] * 4
+    with pytest.raises(ValueError, match=layout + ".*prepare"):
+        load_image_splits(prepared, 8, require_labels=True)
+
+
+def test_a_bad_image_then_skip_bad_images_continues_and_other_settings_are_named(tmp_path, scripts, capsys):
+    tree = image_tree(tmp_path / "tree", [f"{name}/{index}.png" for name in "ab" for index in range(4)])
+    (tree / "b" / "9.png").write_bytes(b"not a png")
+    flags = ["--train_dir", str(tree), "--short_side", "8", "--shard_size", "2", "--num_proc", "1",
+             "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"9.png\) cannot be decoded.* The 4 finished shard\(s\) in .* are kept: "
+                                         "the same command \\(with --skip_bad_images true added"):
+        scripts.prepare_data.main(flags)
+    with pytest.raises(UsageError, match=r"other data or settings \(max_long_side: 12 there, 9 now; short_side: 8 "
+                                         r"there, 6 now\)\. Continue"):
+        scripts.prepare_data.main([*flags, "--short_side", "6"])
+    scripts.prepare_data.main([*flags, "--skip_bad_images", "true"])
+    assert "4 finished shard(s) (8 images) kept" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / PREPARED_MANIFEST).read_text())
+    assert manifest["splits"]["train"]["num_skipped"] == 1 and "--skip_bad_images true" in manifest["command"]
+
+
+PREPARE_SLOWLY = """
+import os, sys, time
+sys.path.insert(0, os.path.join(os.getcwd(), "scripts"))
+import prepare_data
+from mae_hf.data import prepare
+
+shard = prepare.prepare_shard
+
+def slow(task):
+    time.sleep(0.3)
+    return shard(task)
+
+prepare.prepare_shard = slow
+prepare_data.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL])
+def test_stopping_a_parallel_preparation_prints_no_worker_traceback(tmp_path, repo_root, stop):
+    import time
+
+    tree = image_tree(tmp_path / "tree", [f"{name}/{index}.png" for name in "ab" for index in range(12)])
+    (tmp_path / "slow.py").write_text(PREPARE_SLOWLY)
+    output = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), "--train_dir", str(tree), "--output_dir",
+                                str(output), "--short_side", "8", "--shard_size", "1", "--num_proc", "2",
+                                "--disable_tqdm", "true"], cwd=repo_root, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while len(list((output / "_progress").glob("*.json")) if (output / "_progress").is_dir() else []) < 2:
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT) if stop == signal.SIGINT else process.kill()  # Ctrl-C: the whole group
+    _, err = process.communicate(timeout=60)
+    assert "Traceback" not in err and "ForkPoolWorker" not in err, err
+    if stop == signal.SIGINT:
+        assert process.returncode == 130
+        kept = len(list((output / "_progress").glob("*.json")))
+        assert f"error: interrupted: {kept} of 24 shards are finished and kept" in err, err

@@ -165,6 +165,19 @@ def _prepared_label_column(args: DataArguments, manifest: dict, columns, require
     return None
 
 
+def _unlabelled_evaluation(args: DataArguments, manifest: dict | None, name: str, column: str, columns) -> str:
+    """Why a labelled training split's evaluation split has no labels, and how to give it some."""
+    folder = args.validation_dir or (manifest or {}).get("identity", {}).get("source", {}).get("validation_dir")
+    if folder:
+        prepared = f", then prepare it again ({args.dataset_name} holds its images unlabelled)" if manifest else ""
+        return (f"--validation_dir {folder} has no class subfolders (its images lie directly in it), so the evaluation "
+                "images have no labels, and this script needs them. Lay it out like the training folder, one "
+                f"subfolder per class: {folder}/<class>/image.jpg{prepared}.")
+    return (f"The evaluation split ({name}) has no labels (no column {column!r}; its columns: {list(columns)}), and "
+            "this script needs them. Use a labelled evaluation split (--eval_split), or hold out part of the training "
+            "split (--validation_split_percentage).")
+
+
 def _selected_splits(args: DataArguments, image_size: int, num_channels: int, require_labels: bool, token):
     """The two `_Split`s, their geometry and class names; all checks that need no decoding."""
     raw = load_raw_dataset(args, token=token)
@@ -187,11 +200,14 @@ def _selected_splits(args: DataArguments, image_size: int, num_channels: int, re
     else:
         image_column = find_column(train, "image", args.image_column_name)
         label_column = find_column(train, "label", args.label_column_name, required=require_labels)
-    for column in (image_column, label_column):
-        if column is not None and column not in evaluation.column_names:
-            raise ValueError(f"The evaluation split ({names[1]}) has no column {column!r}; its columns: "
-                             f"{list(evaluation.column_names)}.")
-    class_names, unseen = check_labels(train, evaluation, label_column, names, allow_unlabelled=not require_labels)
+    if image_column not in evaluation.column_names:
+        raise ValueError(f"The evaluation split ({names[1]}) has no column {image_column!r}; its columns: "
+                         f"{list(evaluation.column_names)}.")
+    evaluation_labelled = label_column is None or label_column in evaluation.column_names
+    if not evaluation_labelled and require_labels:
+        raise ValueError(_unlabelled_evaluation(args, manifest, names[1], label_column, evaluation.column_names))
+    class_names, unseen = check_labels(train, evaluation if evaluation_labelled else None, label_column, names,
+                                       allow_unlabelled=not require_labels)
     if prepared:
         geometry = Geometry(**{**geometry_of(manifest).__dict__, "num_channels": num_channels})
         stored_channels = manifest["settings"]["num_channels"]
@@ -207,7 +223,9 @@ def _selected_splits(args: DataArguments, image_size: int, num_channels: int, re
     splits = []
     for dataset, name, key, chosen in zip((train, evaluation), names, keys, rows):
         labels = None
-        if label_column is not None:
+        if label_column is not None and label_column not in dataset.column_names:
+            labels = torch.full((len(dataset),), -1, dtype=torch.long)  # pretraining: unlabelled, no kNN monitor
+        elif label_column is not None:
             values = label_values(dataset, label_column)
             if unseen and dataset is evaluation:
                 values = np.where(np.isin(values, sorted(unseen)), -1, values)
@@ -223,17 +241,19 @@ def _selected_splits(args: DataArguments, image_size: int, num_channels: int, re
 
 def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 3, require_labels: bool = False,
                       token: str | None = None, num_workers: int | None = None, first: int | None = None,
-                      check=None) -> tuple[ImageData, ImageData]:
+                      check=None, progress: bool = True) -> tuple[ImageData, ImageData]:
     """Train and eval splits as `ImageData`, decoded in memory or streamed from disk as --data_in_memory and the
     memory budget say (one decision for all processes of a run, printed). `num_workers`: DataLoader workers of a
     streamed split (None: this process's share of the CPUs). `first`: only the first N images of each split are
     wanted (pictures): they are decoded, nothing else. `check(train, evaluation)` (their `len()` and `labels`) runs
-    before any image is decoded. Every bad flag and input fails here, before any training starts."""
+    before any image is decoded. `progress`: progress bars while reading and decoding (--disable_tqdm turns them
+    off). Every bad flag and input fails here, before any training starts."""
     splits, geometry, class_names, prepared = _selected_splits(args, image_size, num_channels, require_labels, token)
     if first is not None:
         for split in splits:
             split.keep(np.arange(min(first, len(split.reader))))
-        return tuple(_image_data(split, geometry, class_names, True, 0, 0, args.skip_bad_images) for split in splits)
+        return tuple(_image_data(split, geometry, class_names, True, 0, 0, args.skip_bad_images, progress)
+                     for split in splits)
     if check is not None:
         check(*splits)
     decoded = sum(split.estimated_bytes(num_channels) for split in splits)
@@ -243,7 +263,8 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
         in_memory = all_processes_agree(fits)
     else:
         in_memory = args.data_in_memory == "true"
-    source = f"prepared folder {args.dataset_name}" if prepared else args.dataset_name
+    source = f"prepared folder {args.dataset_name}" if prepared else \
+        f"{args.train_dir} and {args.validation_dir}" if args.validation_dir else args.dataset_name
     size = f"{'' if prepared else 'about '}{gigabytes(decoded)} decoded"
     if in_memory:
         why = ("--data_in_memory true" + ("" if fits else f", although over the budget of {gigabytes(budget)}")
@@ -274,14 +295,14 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     decode_workers = args.preprocessing_num_workers
     if decode_workers is None:
         decode_workers = min(8, cpus_per_process()) if max(len(split) for split in splits) > 2048 else 0
-    return tuple(_image_data(split, geometry, class_names, in_memory, workers, decode_workers, args.skip_bad_images)
-                 for split in splits)
+    return tuple(_image_data(split, geometry, class_names, in_memory, workers, decode_workers, args.skip_bad_images,
+                             progress) for split in splits)
 
 
 def _image_data(split: _Split, geometry: Geometry, class_names, in_memory: bool, workers: int, decode_workers: int,
-                skip_bad_images: bool) -> ImageData:
+                skip_bad_images: bool, progress: bool = True) -> ImageData:
     sizes, problems = header_sizes(split.reader, np.arange(len(split.reader)), decode_workers,
-                                   progress=f"Reading headers ({split.name})")
+                                   progress=f"Reading headers ({split.name})" if progress else None)
     sizes = sizes[split.leave_out(problems, skip_bad_images)]
     short_side = int(np.median(sizes.min(axis=1)))  # what the evaluation crop is relative to
     if not in_memory:
@@ -290,7 +311,7 @@ def _image_data(split: _Split, geometry: Geometry, class_names, in_memory: bool,
                               short_side, workers)
     images, decoded, problems, storage = decode_into_memory(
         split.reader, np.arange(len(sizes)), sizes, geometry.num_channels, decode_workers,
-        progress=f"Decoding images ({split.name})")
+        progress=f"Decoding images ({split.name})" if progress else None)
     if problems:  # a header that reads, pixels that do not (a truncated file)
         images, decoded, storage = keep_rows(images, decoded, split.leave_out(problems, skip_bad_images), storage)
     data = InMemoryImages(images, decoded, split.labels, class_names, split.name, split.skipped, short_side,

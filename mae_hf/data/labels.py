@@ -2,12 +2,13 @@
 splits, no evaluation class the training split lacks (where that matters), -1 / None for "unlabelled" only where a
 script accepts unlabelled images (pretraining)."""
 
+import os
 import sys
 
 import numpy as np
 
 from .policy import say
-from .sources import source_rows
+from .sources import _holds_images, image_folder_of, source_rows
 
 
 def label_values(dataset, column: str) -> np.ndarray:
@@ -72,21 +73,52 @@ def validate_labels(dataset, column: str, split: str, class_names: list[str] | N
                 f"{how[0].upper()}{how[1:]}.")
 
 
+def class_names_of(dataset, column: str) -> list[str] | None:
+    import datasets
+
+    feature = dataset.features[column]
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def check_same_class_names(splits) -> None:
+    """Refuse splits ((name, dataset, label column) each) whose class names differ: a label is an index into them,
+    so the same label would mean different classes. Image folders are named with the class folders that differ."""
+    named = [(name, dataset, class_names_of(dataset, column)) for name, dataset, column in splits if column]
+    named = [entry for entry in named if entry[2] is not None]
+    for (name, dataset, names), (other_name, other, other_names) in zip(named, named[1:]):
+        if names == other_names:
+            continue
+        folders = image_folder_of(dataset), image_folder_of(other)
+        if None in folders:
+            raise ValueError(f"The class names of split {name!r} ({names}) and split {other_name!r} ({other_names}) "
+                             "differ: the same label would mean different classes. Use splits with the same "
+                             "ClassLabel names.")
+        parts, empty = [], []
+        for folder, mine, theirs in ((folders[0], names, other_names), (folders[1], other_names, names)):
+            only = [name for name in mine if name not in theirs]
+            if only:
+                parts.append(f"only in {folder}: {', '.join(only[:10])}{' ...' if len(only) > 10 else ''}")
+                empty += [os.path.join(folder, name) for name in only[:10]
+                          if not _holds_images(os.path.join(folder, name))]
+        emptied = f" {', '.join(empty)}: empty class folder(s): remove or fill them." if empty else ""
+        raise ValueError(f"The class folders of {folders[0]} and {folders[1]} differ ({'; '.join(parts)}): labels "
+                         f"are numbered by class folder, so the same label would mean different classes.{emptied} "
+                         "Give both the same class folders.")
+
+
 def check_labels(train, evaluation, column: str | None, names, allow_unlabelled: bool):
     """Validate both splits' labels (`validate_labels`) and that their class names agree. Returns (class names,
     evaluation labels the training split lacks). A classifier refuses those; pretraining (`allow_unlabelled`) only
-    uses labels for its kNN monitor, so it is told, and the monitor leaves those images out."""
-    import datasets
-
+    uses labels for its kNN monitor, so it is told, and the monitor leaves those images out. `evaluation` None: an
+    evaluation split without labels (pretraining only), whose training split's labels are still checked."""
     if column is None:
         return None, set()
-    class_names = [list(split.features[column].names) if isinstance(split.features[column], datasets.ClassLabel)
-                   else None for split in (train, evaluation)]
-    if None not in class_names and class_names[0] != class_names[1]:
-        raise ValueError(f"The class names of split {names[0]!r} ({class_names[0]}) and split {names[1]!r} "
-                         f"({class_names[1]}) differ: the same label would mean different classes. Use splits with "
-                         "the same ClassLabel names.")
-    class_names = class_names[0] or class_names[1]
+    if evaluation is None:
+        class_names = class_names_of(train, column)
+        validate_labels(train, column, names[0], class_names, allow_unlabelled=allow_unlabelled)
+        return class_names, set()
+    check_same_class_names([(names[0], train, column), (names[1], evaluation, column)])
+    class_names = class_names_of(train, column) or class_names_of(evaluation, column)
     validate_labels(train, column, names[0], class_names, allow_unlabelled=allow_unlabelled)
     seen = set(label_values(train, column).tolist()) - {-1}
     if not allow_unlabelled:

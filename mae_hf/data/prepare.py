@@ -17,10 +17,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..cli import UsageError
 from .arguments import SourceArguments
 from .decode import LONG_SIDE_FACTOR, BadImage, Geometry, channels_first, decode_image, open_image, orientation
-from .labels import validate_labels
+from .labels import check_same_class_names, validate_labels
 from .memory import cpus_per_process
+from .policy import say
 from .prepared import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -74,7 +76,12 @@ class PrepareArguments:
         if self.output_dir is None:
             raise ValueError("--output_dir is required (the prepared folder to write).")
         self.output_dir = os.path.expanduser(self.output_dir)
+        if self.short_side < 1:
+            raise ValueError(f"--short_side must be at least 1 (pixels), got {self.short_side}.")
         self.max_long_side = self.max_long_side or round(LONG_SIDE_FACTOR * self.short_side)
+        if self.max_long_side < self.short_side:
+            raise ValueError(f"--max_long_side ({self.max_long_side}) must be at least --short_side "
+                             f"({self.short_side}).")
         Geometry(self.short_side, self.max_long_side, self.num_channels)  # checks sides and channels
         if self.encoding == "auto":
             self.encoding = "raw" if self.short_side <= RAW_UP_TO else "jpeg"
@@ -126,6 +133,24 @@ def encode(value, geometry: Geometry, encoding: str, quality: int) -> tuple[byte
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue(), image.height, image.width
+
+
+def _worker_signals() -> None:
+    """In each pool worker: Ctrl-C (sent to the whole process group) is the parent's to handle, which stops the
+    workers; and a worker ends with its parent (kill -9 of it), instead of finishing its shard into a closed pipe
+    and printing a BrokenPipeError traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux): SIGTERM when the parent dies
+    except (OSError, AttributeError):  # not Linux: a worker may still finish its shard after a kill -9
+        pass
+    if os.getppid() == 1:  # the parent died before the request
+        os._exit(0)
 
 
 def prepare_shard(task: tuple[str, int, int, int]) -> dict:
@@ -210,6 +235,18 @@ def _source_splits(source: SourceArguments, args: PrepareArguments) -> dict:
             validate_labels(dataset, label_column, name, list(getattr(feature, "names", None) or []) or None,
                             allow_unlabelled=True)
         chosen[name] = (as_undecoded_images(dataset, image_column), image_column, label_column)
+    # Training checks the same: a label is an index into the class names, which must agree across splits.
+    check_same_class_names([(name, raw[name], label) for name, (_, _, label) in chosen.items()])
+    labelled = [name for name, (_, _, label) in chosen.items() if label is not None]
+    unlabelled = [name for name, (_, _, label) in chosen.items() if label is None]
+    if labelled and unlabelled:
+        folder = source.validation_dir if source.train_dir and "validation" in unlabelled else None
+        what = f"--validation_dir {folder} has no class subfolders (its images lie directly in it)" if folder else \
+            f"split(s) {', '.join(unlabelled)} have no labels"
+        say(f"note: {what}: its images are prepared unlabelled beside the labelled {', '.join(labelled)}. Pretraining "
+            "evaluates on them without a kNN monitor; the probes, kNN and fine-tuning refuse an unlabelled evaluation "
+            "split. To label them, lay them out one subfolder per class"
+            f"{f' ({folder}/<class>/image.jpg)' if folder else ''} and prepare again.", file=sys.stderr)
     return chosen
 
 
@@ -224,37 +261,63 @@ def _features(dataset, label_column: str | None):
     return datasets.Features(features)
 
 
-def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
-    """The manifest of an unfinished preparation of the same data and settings (to continue), or None for a new
-    one. A finished folder, another folder's contents or other settings are refused (unless --overwrite, for a
-    prepared folder only)."""
+def _check_output_dir(args: PrepareArguments) -> None:
+    """Refuse an --output_dir that cannot be used, before the source is read (a Hub id would be downloaded first):
+    a file, a folder of other files, a finished prepared folder (without --overwrite), a folder that cannot be
+    written. Usage errors: the command line must change."""
     folder = args.output_dir
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"--output_dir {folder} is a file, not a folder.")
+        raise UsageError(f"--output_dir {folder} is a file, not a folder. Give a folder path (created if missing).")
+    existing = folder
+    while not os.path.exists(existing):  # the folder is created below its nearest existing parent
+        existing = os.path.dirname(os.path.abspath(existing))
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(existing, os.W_OK):
+        raise UsageError(f"--output_dir {folder}: {existing} cannot be written "
+                         f"({'a read-only file system' if read_only else 'no permission'}). Choose a folder you can "
+                         "write to.")
     if not os.path.isdir(folder) or not os.listdir(folder):
-        return None
+        return
     if not is_prepared(folder):
-        raise ValueError(f"--output_dir {folder} holds other files ({', '.join(sorted(os.listdir(folder))[:3])}) "
+        raise UsageError(f"--output_dir {folder} holds other files ({', '.join(sorted(os.listdir(folder))[:3])}) "
                          "and is not a prepared folder: choose a new or empty folder (nothing is overwritten).")
-    try:
-        manifest = read_manifest(folder, require_complete=False)
-    except ValueError:
-        if args.overwrite:
-            return _cleared(folder)
-        raise
     if args.overwrite:
-        return _cleared(folder)
+        return
+    manifest = read_manifest(folder, require_complete=False)
     if manifest.get("complete"):
-        raise ValueError(f"--output_dir {folder} already holds a finished prepared folder "
+        raise UsageError(f"--output_dir {folder} already holds a finished prepared folder "
                          f"({sum(s['num_images'] for s in manifest['splits'].values()):,} images). Use it as "
                          f"--dataset_name {folder}, choose another --output_dir, or pass --overwrite true to "
                          "prepare it again.")
-    differences = {key: (manifest["identity"].get(key), value) for key, value in identity.items()
-                   if manifest["identity"].get(key) != value}
+
+
+def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
+    """The manifest of an unfinished preparation of the same data and settings (to continue), or None for a new
+    one (`_check_output_dir` has refused what cannot be used). Other data or settings are refused (unless
+    --overwrite, for a prepared folder only), except --skip_bad_images added: the shards finished without it hold
+    no bad image, so they stay right with it."""
+    folder = args.output_dir
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return None
+    if args.overwrite:
+        return _cleared(folder)
+    manifest = read_manifest(folder, require_complete=False)
+    differences = {}
+    for section, values in identity.items():
+        before = manifest["identity"].get(section) or {}
+        for key in sorted(set(values) | set(before)):
+            if before.get(key) != values.get(key):
+                named = f"images in split {key}" if section == "splits" else key
+                differences[named] = (before.get(key), values.get(key))
+    if differences == {"skip_bad_images": (False, True)}:
+        print(f"[prepare] {folder}: continuing with --skip_bad_images true (the shards finished without it hold no "
+              "bad image)", flush=True)
+        return manifest
     if differences:
         listed = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differences.items())
-        raise ValueError(f"--output_dir {folder} holds an unfinished preparation of other data or settings ({listed}). "
-                         "Continue it with its own flags, choose another --output_dir, or pass --overwrite true.")
+        raise UsageError(f"--output_dir {folder} holds an unfinished preparation of other data or settings "
+                         f"({listed}). Continue it with its own flags, choose another --output_dir, or pass "
+                         "--overwrite true.")
     return manifest
 
 
@@ -291,7 +354,7 @@ def _check_output_outside_sources(args: PrepareArguments, source: SourceArgument
         if path and os.path.isdir(path):
             inside = os.path.realpath(path)
             if output == inside or output.startswith(inside + os.sep):
-                raise ValueError(f"--output_dir {args.output_dir} lies inside {option} {path}: the prepared files "
+                raise UsageError(f"--output_dir {args.output_dir} lies inside {option} {path}: the prepared files "
                                  "would mix with the images. Choose a folder outside it.")
 
 
@@ -299,6 +362,7 @@ def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> di
     """Prepare the source's splits into `args.output_dir`; returns the finished manifest."""
     from tqdm.auto import tqdm
 
+    _check_output_dir(args)
     _check_output_outside_sources(args, source)
     splits = _source_splits(source, args)
     geometry = Geometry(args.short_side, args.max_long_side, args.num_channels)
@@ -306,12 +370,19 @@ def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> di
                 "settings": args.settings(source.skip_bad_images),
                 "splits": {name: len(dataset) for name, (dataset, _, _) in splits.items()}}
     manifest = _claim_folder(args, identity)
+    if manifest is not None and manifest["identity"] != identity:  # --skip_bad_images added: its command now
+        manifest.update(identity=identity, settings=identity["settings"], command=command)
+        write_manifest(args.output_dir, manifest)
     num_shards = {name: math.ceil(len(dataset) / args.shard_size) for name, (dataset, _, _) in splits.items()}
     if manifest is None:
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False, "identity": identity,
                     "settings": identity["settings"], "command": command}
-        os.makedirs(args.output_dir, exist_ok=True)
-        write_manifest(args.output_dir, manifest)
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            write_manifest(args.output_dir, manifest)
+        except OSError as error:  # what the up-front check cannot see (a special file system, a full disk)
+            raise UsageError(f"--output_dir {args.output_dir} cannot be written ({error.strerror}). Choose a folder "
+                             "you can write to.") from None
     for name in splits:
         os.makedirs(os.path.join(args.output_dir, name), exist_ok=True)
     os.makedirs(os.path.join(args.output_dir, PROGRESS_FOLDER), exist_ok=True)
@@ -341,21 +412,28 @@ def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> di
     bar = tqdm(total=total, initial=done_before, unit="img", desc="Preparing", disable=args.disable_tqdm)
     records = dict(finished)
     try:
-        if workers == 1:
-            for task in tasks:
-                records[(task[0], task[1])] = prepare_shard(task)
-                bar.update(counter.value - (bar.n - done_before))
-        else:
-            with context.Pool(workers) as pool:
-                pending = {(task[0], task[1]): pool.apply_async(prepare_shard, (task,)) for task in tasks}
-                while pending:
-                    time.sleep(0.2)
+        try:
+            if workers == 1:
+                for task in tasks:
+                    records[(task[0], task[1])] = prepare_shard(task)
                     bar.update(counter.value - (bar.n - done_before))
-                    for key in [key for key, result in pending.items() if result.ready()]:
-                        records[key] = pending.pop(key).get()  # a worker's error is raised here
+            else:
+                with context.Pool(workers, initializer=_worker_signals) as pool:
+                    pending = {(task[0], task[1]): pool.apply_async(prepare_shard, (task,)) for task in tasks}
+                    while pending:
+                        time.sleep(0.2)
+                        bar.update(counter.value - (bar.n - done_before))
+                        for key in [key for key, result in pending.items() if result.ready()]:
+                            records[key] = pending.pop(key).get()  # a worker's error is raised here
+        except BadImage as error:  # the pool has stopped: what it finished is on disk
+            kept = len(_finished_shards(args.output_dir))
+            raise BadImage(f"{error} The {kept} finished shard(s) in {args.output_dir} are kept: the same command "
+                           "(with --skip_bad_images true added, or once the image is fixed) continues from them.") \
+                from None
     except KeyboardInterrupt:
         bar.close()
-        print(f"error: interrupted: {len(records)} of {sum(num_shards.values())} shards are finished and kept. Run "
+        kept = len(_finished_shards(args.output_dir))  # after the pool stopped: what a new run will keep
+        print(f"error: interrupted: {kept} of {sum(num_shards.values())} shards are finished and kept. Run "
               f"the same command again to continue: {command}", file=sys.stderr, flush=True)
         sys.exit(130)
     finally:

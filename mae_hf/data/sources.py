@@ -12,14 +12,16 @@ import os
 
 import numpy as np
 
+from ..cli import UsageError
 from ..paths import folder_listing, looks_local
 from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
-from .prepared import PREPARED_MANIFEST, load_prepared
+from .prepared import PREPARED_MANIFEST, is_prepared, load_prepared
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
 IGNORED_FILES = ("readme", "license", ".")  # beside image folders: not data
 PREPARED_COLUMNS = {"image", "height", "width", "source_row"}  # a prepared folder's shards, wherever they are
+IMAGE_FOLDER_INFO = "mae_hf image folder: "  # a listed folder's Dataset names it in its description (kept by select)
 
 
 def load_raw_dataset(args: SourceArguments, token: str | None = None):
@@ -32,11 +34,15 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
         if args.validation_dir is not None:
             folders["validation"] = args.validation_dir
         for split, folder in folders.items():
+            option = "--train_dir" if split == "train" else "--validation_dir"
             if not os.path.isdir(folder):
-                option = "--train_dir" if split == "train" else "--validation_dir"
                 raise ValueError(f"{option} {folder}: no such folder. {folder_listing(folder)}")
+            check_not_prepared(option, folder)
+            check_not_split_tree(option, folder)
         return datasets.DatasetDict({split: list_image_folder(folder) for split, folder in folders.items()})
     name = args.dataset_name
+    if os.path.exists(name) and not is_prepared(name):  # a Hub id is no path, whatever folder it is run from
+        check_not_prepared("--dataset_name", name)
     if os.path.isfile(name):
         if not name.endswith(".parquet"):
             raise ValueError(f"--dataset_name {name}: a single file must be a .parquet file.")
@@ -119,15 +125,33 @@ def _entries(folder: str):
     return sorted(subfolders), sorted(images), sorted(others)
 
 
-def _holds_images(folder: str) -> bool:
-    """Whether a class folder holds image files (the first entries are enough to tell)."""
-    with os.scandir(folder) as scan:
-        for count, entry in enumerate(scan):
-            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                return True
-            if count > 64:
-                return False
+def _holds_images(folder: str, limit: int = 256) -> bool:
+    """Whether a class folder holds image files, directly or in deeper folders (whose images belong to the class);
+    the first `limit` entries, breadth first, are enough to tell."""
+    pending, seen = [folder], 0
+    while pending and seen < limit:
+        try:
+            scan = os.scandir(pending.pop(0))
+        except OSError:  # unreadable, or a link loop: list_image_folder names it
+            continue
+        with scan:
+            for entry in scan:
+                seen += 1
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                    return True
+                if seen >= limit:
+                    break
     return False
+
+
+def _holds_classes(folder: str, classes: list[str]) -> bool:
+    """Whether any of `classes` (subfolders of `folder`) holds images: the first class may be empty, or hold only
+    subfolders; the next ones are looked at only then."""
+    return any(_holds_images(os.path.join(folder, name)) for name in classes)
 
 
 def image_folder_layout(folder: str) -> dict[str, str] | None:
@@ -141,11 +165,67 @@ def image_folder_layout(folder: str) -> dict[str, str] | None:
         layout = {}
         for name in subfolders:
             classes, loose, extra = _entries(os.path.join(folder, name))
-            if extra or not classes or not _holds_images(os.path.join(folder, name, classes[0])):
+            if extra or not classes or not _holds_classes(os.path.join(folder, name), classes):
                 return None
             layout["train" if name.lower() == "training" else name] = os.path.join(folder, name)
         return layout
-    return {"train": folder} if _holds_images(os.path.join(folder, subfolders[0])) else None
+    return {"train": folder} if _holds_classes(folder, subfolders) else None
+
+
+def split_folders(folder: str) -> list[str]:
+    """The subfolders of `folder` when they are split folders (train/, val/, ...) rather than classes: every one is
+    named like a split and one at least holds class folders of images. (Real classes named "train" and "test"
+    would hold their images, or folders of them; a split folder holds class folders.)"""
+    subfolders, images, _ = _entries(folder)
+    if images or not subfolders or not all(name.lower() in SPLIT_FOLDER_NAMES for name in subfolders):
+        return []
+    for name in subfolders:
+        classes, loose, _ = _entries(os.path.join(folder, name))
+        if classes and not loose and _holds_classes(os.path.join(folder, name), classes):
+            return subfolders
+    return []
+
+
+def check_not_split_tree(option: str, folder: str) -> None:
+    """Refuse a tree of split folders given as one split: its splits would be read as classes named "train" and
+    "val", and the model would train on the validation images under the label "val"."""
+    splits = split_folders(folder)
+    if not splits:
+        return
+    train = next((name for name in splits if name.lower() in ("train", "training")), splits[0])
+    held = next((name for wanted in EVAL_SPLIT_NAMES for name in splits if name.lower() == wanted), None)
+    if option == "--validation_dir":
+        fix = f"--validation_dir {os.path.join(folder, held or splits[0])}"
+    else:
+        fix = f"--train_dir {os.path.join(folder, train)}" + (
+            f" --validation_dir {os.path.join(folder, held)}" if held else "")
+    raise UsageError(f"{option} {folder} holds split folders ({', '.join(splits)}), not class folders: they would be "
+                     f"read as classes named {' and '.join(splits)}. Pass {fix} (or --dataset_name {folder}).")
+
+
+def prepared_folder_above(path: str) -> str | None:
+    """The prepared folder (scripts/prepare_data.py) that `path` is or lies inside, named as the user named `path`
+    (relative stays relative); None if none."""
+    current = os.path.abspath(path)
+    while True:
+        if is_prepared(current):
+            return current if os.path.isabs(path) else os.path.relpath(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
+def check_not_prepared(option: str, path: str) -> None:
+    """Refuse a prepared folder, or a folder inside one, where it would be read as images or parquet files: its
+    shards hold stored bytes, which would read as "cannot be decoded" or "no image files"."""
+    prepared = prepared_folder_above(path)
+    if prepared is None:
+        return
+    where = "is a prepared folder (made by scripts/prepare_data.py)" if os.path.samefile(prepared, path) else \
+        f"lies inside the prepared folder {prepared} (made by scripts/prepare_data.py)"
+    raise UsageError(f"{option} {path} {where}, not a folder of images. Pass --dataset_name {prepared}: its splits "
+                     "are read from it (--train_split / --eval_split choose them).")
 
 
 def list_image_folder(folder: str):
@@ -164,11 +244,14 @@ def list_image_folder(folder: str):
         found = []
         pending = [os.path.join(folder, name)]
         while pending:
-            with os.scandir(pending.pop()) as scan:
+            current = pending.pop()
+            with os.scandir(current) as scan:
                 for entry in scan:
                     if entry.name.startswith("."):
                         continue
                     if entry.is_dir():
+                        if entry.is_symlink():
+                            _check_no_loop(entry.path, current)
                         pending.append(entry.path)
                     elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
                         found.append(entry.path)
@@ -185,7 +268,22 @@ def list_image_folder(folder: str):
         features["label"] = datasets.ClassLabel(names=classes)
         columns["label"] = pa.array(labels, pa.int64())
     table = datasets.table.InMemoryTable(pa.table(columns))
-    return datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features(features)))
+    info = datasets.DatasetInfo(features=datasets.Features(features), description=IMAGE_FOLDER_INFO + folder)
+    return datasets.Dataset(table, info=info)
+
+
+def _check_no_loop(link: str, parent: str) -> None:
+    """A link to a folder that holds it would be listed forever (until the OS stops at 40 levels of links)."""
+    target, inside = os.path.realpath(link), os.path.realpath(parent)
+    if inside == target or inside.startswith(target + os.sep):
+        raise ValueError(f"{link} is a symbolic link to {target}, a folder that holds the link itself: a loop, whose "
+                         "images would be listed again and again. Remove the link (or point it elsewhere).")
+
+
+def image_folder_of(dataset) -> str | None:
+    """The folder an image-folder split was listed from (`list_image_folder`), or None for other data."""
+    description = getattr(dataset.info, "description", None) or ""
+    return description[len(IMAGE_FOLDER_INFO):] if description.startswith(IMAGE_FOLDER_INFO) else None
 
 
 # ---- columns and splits ----------------------------------------------------------------------------------------
