@@ -18,7 +18,7 @@ from transformers.utils import logging
 from .cli import UsageError, parse_overrides
 from .configuration_mae import MAEConfig
 from .data import BatchTransform
-from .data.policy import say as print_once
+from .data.policy import print_once
 from .inputs import check_weights_fit, model_folder_config, read_json_object
 from .paths import folder_listing, looks_local
 from .precision import decide_bf16

@@ -26,7 +26,7 @@ from .arguments import DataArguments, SourceArguments
 from .decode import Geometry
 from .labels import check_labels, label_values
 from .memory import CANVAS_WASTE, InMemoryImages, cpus_per_process, decode_into_memory, header_sizes, keep_rows
-from .policy import all_processes_agree, gigabytes, memory_budget, say
+from .policy import all_processes_agree, gigabytes, memory_budget, print_once
 from .prepared import IMAGE_COLUMN, geometry_of, is_prepared, read_manifest
 from .readers import DatasetReader, prepared_reader
 from .sources import as_undecoded_images, find_column, load_raw_dataset, select_splits, source_rows
@@ -125,8 +125,8 @@ class _Split:
                 f"{described[0]}: {problems[bad[0]]}. Fix or remove them, or pass --skip_bad_images true to leave "
                 "them out (they are then counted and listed in the results).")
         described += [f"row {row}" for row in source_rows(self.dataset, self.positions[bad[1000:]])]
-        say(f"[data] split {self.name!r}: skipped {len(bad)} image(s) that cannot be decoded (--skip_bad_images): "
-            f"{', '.join(described[:5])}{', ...' if len(bad) > 5 else ''}")
+        print_once(f"[data] split {self.name!r}: skipped {len(bad)} image(s) that cannot be decoded "
+                   f"(--skip_bad_images): {', '.join(described[:5])}{', ...' if len(bad) > 5 else ''}")
         self.skipped += described
         kept = np.setdiff1d(kept, np.asarray(bad))
         if not len(kept):
@@ -189,9 +189,9 @@ def _selected_splits(args: DataArguments, image_size: int, num_channels: int, re
         source_rows_of = lambda key: (manifest["splits"][key]["num_source_images"], stored_rows[key])  # noqa: E731
     train, evaluation, names, keys, rows = select_splits(raw, args, source_rows_of)
     if 0 < len(evaluation) < MIN_EVAL_IMAGES:
-        say(f"warning: the evaluation split ({names[1]}) has only {len(evaluation)} image(s): one image moves its "
-            f"accuracy by {100 / len(evaluation):.0f} points, so its numbers mean little. Evaluate on more images "
-            "(a larger --train_val_split, --max_eval_samples, or an evaluation split).", file=sys.stderr)
+        print_once(f"warning: the evaluation split ({names[1]}) has only {len(evaluation)} image(s): one image moves "
+                   f"its accuracy by {100 / len(evaluation):.0f} points, so its numbers mean little. Evaluate on more "
+                   "images (a larger --train_val_split, --max_eval_samples, or an evaluation split).", file=sys.stderr)
     if len(train) == 0 or len(evaluation) == 0:
         raise ValueError(f"Empty split: {len(train)} training and {len(evaluation)} evaluation images.")
     if prepared:
@@ -212,12 +212,12 @@ def _selected_splits(args: DataArguments, image_size: int, num_channels: int, re
         geometry = Geometry(**{**geometry_of(manifest).__dict__, "num_channels": num_channels})
         stored_channels = manifest["settings"]["num_channels"]
         if geometry.short_side < image_size:
-            say(f"warning: {args.dataset_name} was prepared with short side {geometry.short_side}, below the model's "
-                f"{image_size} px: every image is scaled up (blurred). Prepare it again with --short_side "
-                f"{stored_short_side(image_size)} for this model.", file=sys.stderr)
+            print_once(f"warning: {args.dataset_name} was prepared with short side {geometry.short_side}, below the "
+                       f"model's {image_size} px: every image is scaled up (blurred). Prepare it again with "
+                       f"--short_side {stored_short_side(image_size)} for this model.", file=sys.stderr)
         if stored_channels != num_channels:
-            say(f"warning: {args.dataset_name} holds {'RGB' if stored_channels == 3 else 'grey'} images and the "
-                f"model takes {num_channels} channel(s): each image is converted when read.", file=sys.stderr)
+            print_once(f"warning: {args.dataset_name} holds {'RGB' if stored_channels == 3 else 'grey'} images and the "
+                       f"model takes {num_channels} channel(s): each image is converted when read.", file=sys.stderr)
     else:
         geometry = Geometry.for_short_side(stored_short_side(image_size), num_channels)
     splits = []
@@ -269,7 +269,7 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     if in_memory:
         why = ("--data_in_memory true" + ("" if fits else f", although over the budget of {gigabytes(budget)}")
                if args.data_in_memory == "true" else f"fits the budget of {gigabytes(budget)} = {explained}")
-        say(f"[data] in memory: {len(splits[0]):,} + {len(splits[1]):,} images of {source} ({size}; {why})")
+        print_once(f"[data] in memory: {len(splits[0]):,} + {len(splits[1]):,} images of {source} ({size}; {why})")
     elif not prepared and args.data_in_memory == "auto":
         raise ValueError(
             f"The images of {args.dataset_name} take {size}, more than this process may hold in memory "
@@ -287,11 +287,11 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     if not in_memory:
         why = "--data_in_memory false" if args.data_in_memory == "false" else \
             f"over the memory budget of {gigabytes(budget)} = {explained}"
-        say(f"[data] from disk: {len(splits[0]):,} + {len(splits[1]):,} images of {source}, read by {workers} "
-            f"DataLoader worker(s) per process ({size}; {why})")
+        print_once(f"[data] from disk: {len(splits[0]):,} + {len(splits[1]):,} images of {source}, read by {workers} "
+                   f"DataLoader worker(s) per process ({size}; {why})")
         if not prepared:
-            say("note: the images are decoded and scaled from the source in every epoch; preparing them once is "
-                f"faster: {suggested_prepare_command(args, image_size)}", file=sys.stderr)
+            print_once("note: the images are decoded and scaled from the source in every epoch; preparing them once is "
+                       f"faster: {suggested_prepare_command(args, image_size)}", file=sys.stderr)
     decode_workers = args.preprocessing_num_workers
     if decode_workers is None:
         decode_workers = min(8, cpus_per_process()) if max(len(split) for split in splits) > 2048 else 0

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from .policy import say
+from .policy import print_once
 from .sources import _holds_images, image_folder_of, source_rows
 
 
@@ -129,7 +129,7 @@ def check_labels(train, evaluation, column: str | None, names, allow_unlabelled:
     if unseen:
         shown = sorted(unseen)[:10]
         named = [class_names[label] if class_names else label for label in shown]
-        say(f"warning: the evaluation split ({names[1]}) has {len(unseen)} class(es) that the training split "
-            f"({names[0]}) lacks: {named}{' ...' if len(unseen) > 10 else ''}. Pretraining does not use labels; "
-            "the kNN monitor leaves those images out (it could never predict them).", file=sys.stderr)
+        print_once(f"warning: the evaluation split ({names[1]}) has {len(unseen)} class(es) that the training split "
+                   f"({names[0]}) lacks: {named}{' ...' if len(unseen) > 10 else ''}. Pretraining does not use labels; "
+                   "the kNN monitor leaves those images out (it could never predict them).", file=sys.stderr)
     return class_names, unseen

@@ -62,7 +62,7 @@ def free_memory() -> tuple[int, str]:
     return available, "available memory"
 
 
-def say(message: str, file=None) -> None:
+def print_once(message: str, file=None) -> None:
     """Print once per run: every process of a torchrun / accelerate run loads the same data and would print the
     same line (on one terminal, interleaved)."""
     if int(os.environ.get("RANK", "0")) == 0:

@@ -22,7 +22,7 @@ from .arguments import SourceArguments
 from .decode import LONG_SIDE_FACTOR, BadImage, Geometry, channels_first, decode_image, open_image, orientation
 from .labels import check_same_class_names, validate_labels
 from .memory import cpus_per_process
-from .policy import say
+from .policy import print_once
 from .prepared import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -243,10 +243,10 @@ def _source_splits(source: SourceArguments, args: PrepareArguments) -> dict:
         folder = source.validation_dir if source.train_dir and "validation" in unlabelled else None
         what = f"--validation_dir {folder} has no class subfolders (its images lie directly in it)" if folder else \
             f"split(s) {', '.join(unlabelled)} have no labels"
-        say(f"note: {what}: its images are prepared unlabelled beside the labelled {', '.join(labelled)}. Pretraining "
-            "evaluates on them without a kNN monitor; the probes, kNN and fine-tuning refuse an unlabelled evaluation "
-            "split. To label them, lay them out one subfolder per class"
-            f"{f' ({folder}/<class>/image.jpg)' if folder else ''} and prepare again.", file=sys.stderr)
+        print_once(f"note: {what}: its images are prepared unlabelled beside the labelled {', '.join(labelled)}. "
+                   "Pretraining evaluates on them without a kNN monitor; the probes, kNN and fine-tuning refuse an "
+                   "unlabelled evaluation split. To label them, lay them out one subfolder per class"
+                   f"{f' ({folder}/<class>/image.jpg)' if folder else ''} and prepare again.", file=sys.stderr)
     return chosen
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .decode import BadImage, paste
 from .memory import cpus_per_process, repeat_edges
-from .policy import processes_on_this_machine, say
+from .policy import print_once, processes_on_this_machine
 from .splits import ImageData
 
 MAX_WORKERS = 16
@@ -160,5 +160,6 @@ def fit_workers_to_shared_memory(workers: int, prefetch: int, batch_bytes: int, 
         prefetch = 1
     if need(workers, prefetch) > room:
         raise ValueError(advice)
-    say(f"warning: {advice} Using {workers} worker(s) x {prefetch} prefetched batch(es) instead.", file=sys.stderr)
+    print_once(f"warning: {advice} Using {workers} worker(s) x {prefetch} prefetched batch(es) instead.",
+               file=sys.stderr)
     return workers, prefetch
