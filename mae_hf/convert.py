@@ -20,6 +20,9 @@ SHARED_FIELDS = (
     "attention_probs_dropout_prob",
 )
 
+# Ours only, kept in a converted ViTMAE config (which ignores them) so that converting back restores them.
+CARRIED_FIELDS = ("pooling", "drop_path_rate", "image_mean", "image_std")
+
 # Per block: (our name, ViTMAE's name), for parameters whose tensors are identical.
 BLOCK_PARAMS = (
     ("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attention.proj", "attention.o_proj"),
@@ -31,8 +34,10 @@ def config_from_vit_mae(config: ViTMAEConfig) -> MAEConfig:
     for field in ("image_size", "patch_size"):
         if not isinstance(getattr(config, field), int):
             raise ValueError(f"Only square images and patches convert: ViTMAEConfig.{field}={getattr(config, field)}.")
+    carried = {field: getattr(config, field) for field in CARRIED_FIELDS if hasattr(config, field)}
     return MAEConfig(
         **{field: getattr(config, field) for field in SHARED_FIELDS},
+        **carried,
         mlp_ratio=config.intermediate_size / config.hidden_size,
         decoder_mlp_ratio=config.decoder_intermediate_size / config.decoder_hidden_size,
     )
@@ -41,6 +46,7 @@ def config_from_vit_mae(config: ViTMAEConfig) -> MAEConfig:
 def config_to_vit_mae(config: MAEConfig) -> ViTMAEConfig:
     return ViTMAEConfig(
         **{field: getattr(config, field) for field in SHARED_FIELDS},
+        **{field: getattr(config, field) for field in CARRIED_FIELDS},
         intermediate_size=config.intermediate_size,
         decoder_intermediate_size=config.decoder_intermediate_size,
     )
@@ -94,8 +100,10 @@ def from_vit_mae(model: ViTMAEForPreTraining) -> MAEForPreTraining:
             state[f"{key}.bias"] = torch.cat([theirs[f"{vit_key}.{n}_proj.bias"] for n in "qkv"])
     for ours_table, vit_key in ((ours.mae.embeddings.position_embeddings, "vit.embeddings.position_embeddings"),
                                 (ours.decoder.position_embeddings, "decoder.decoder_pos_embed")):
-        difference = (ours_table - theirs[vit_key].float().cpu()).abs().max().item()
-        if difference > 1e-5:
+        stored = theirs[vit_key]
+        # Compared at the precision the checkpoint stores it in (a bf16 checkpoint holds the table rounded).
+        difference = (ours_table.to(stored.dtype).float() - stored.float().cpu()).abs().max().item()
+        if difference > (1e-5 if stored.dtype == torch.float32 else torch.finfo(stored.dtype).eps):
             raise ValueError(
                 f"{vit_key} is not the fixed 2D sin-cos table (largest difference {difference:.3g}), so the model "
                 "cannot be converted exactly. (A ViTMAEForPreTraining built from a config by transformers 5.x leaves "

@@ -32,6 +32,19 @@ def source_model_type(src: Path) -> str:
     return model_type
 
 
+def check_has_decoder(src: Path) -> None:
+    """Only a pretraining model (encoder + decoder) converts: from an encoder or a classifier folder the converted
+    model's decoder would be freshly initialised, and its reconstructions meaningless."""
+    shapes = weight_shapes(str(src), "SRC_DIR")  # missing, truncated or garbage weights: named, before any loading
+    architectures = read_json_object(str(src / "config.json"), "a model config").get("architectures") or []
+    has_decoder = any(name.startswith("decoder.") for name in shapes) if shapes is not None else \
+        any(name.endswith("ForPreTraining") for name in architectures)
+    if not has_decoder:
+        held = f" ({', '.join(architectures)})" if architectures else ""
+        raise ValueError(f"{src} holds no decoder weights{held}: only a pretraining model (encoder + decoder) "
+                         "converts. Convert the pretraining run's folder (its decoder is part of the model).")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, metavar="SRC_DIR", help="folder written by save_pretrained")
@@ -54,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    weight_shapes(str(args.src), "SRC_DIR")  # missing, truncated or garbage weights: named, before any loading
+    check_has_decoder(args.src)
     if args.to == "vit_mae":
         ours = mae_hf.MAEForPreTraining.from_pretrained(args.src)
         to_vit_mae(ours).save_pretrained(args.out)

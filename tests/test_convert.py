@@ -178,3 +178,31 @@ def test_broken_weights_are_named_not_a_traceback(tmp_path, tiny_config, convert
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {weights} is ") and "again" in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_and_ours_only_settings_survive_the_round_trip(tiny_config, perturb, pixel_values, noise):
+    """A bf16 model converts both ways (its stored sin-cos tables are the rounded ones), and the settings ViTMAE has
+    no field for (pooling, drop path, normalisation statistics) come back instead of the defaults."""
+    ours = perturb(MAEForPreTraining(tiny_config(pooling="mean", drop_path_rate=0.1, image_mean=[0.1, 0.2, 0.3],
+                                                 **OVERRIDES))).to(torch.bfloat16)
+    back = from_vit_mae(to_vit_mae(ours))
+    assert next(back.parameters()).dtype == torch.bfloat16
+    assert_same_state(back, ours)
+    for field in ("pooling", "drop_path_rate", "image_mean", "image_std"):
+        assert getattr(back.config, field) == getattr(ours.config, field), field
+
+
+def test_an_encoder_or_classifier_folder_is_refused(tmp_path, tiny_config, convert_script, capsys):
+    """Without decoder weights the converted model's decoder would be random: refused, naming what the folder holds,
+    before anything is written."""
+    from mae_hf import MAEForImageClassification, MAEModel
+    from mae_hf.cli import run_script
+
+    for model_class in (MAEModel, MAEForImageClassification):
+        folder = tmp_path / model_class.__name__
+        model_class(tiny_config()).save_pretrained(folder)
+        with pytest.raises(SystemExit) as exit_:
+            run_script(convert_script.main, [str(folder), str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and f"holds no decoder weights ({model_class.__name__})" in err, err
+        assert not (tmp_path / "out").exists()
