@@ -20,11 +20,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mae import MAEConfig
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -458,19 +460,22 @@ class MAEModel(MAEPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
-        mask_ratio: float = 0.0,
+        mask_ratio: float | None = None,
         interpolate_pos_encoding: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MAEModelOutput:
         r"""
         pixel_values: `(batch, num_channels, image_size, image_size)` floats, as the image processor makes them.
-        noise: `(batch, num_patches)`; with `mask_ratio > 0`, the patches with the lowest noise are kept, so a given
-            noise makes the masking deterministic.
-        mask_ratio: fraction of patches to hide (0 = none, the default; pretraining uses `config.mask_ratio`).
+        noise: `(batch, num_patches)`: the patches with the lowest noise are kept, so a given noise makes the
+            masking deterministic. Given alone, it masks `config.mask_ratio` of the patches (as ViTMAEModel does).
+        mask_ratio: fraction of patches to hide; default 0 (every patch seen, deterministic features), or
+            `config.mask_ratio` when `noise` is given.
         interpolate_pos_encoding: accept images of any height and width divisible by the patch size, with the
             sin-cos positions of their patch grid.
         output_hidden_states, output_attentions, return_dict: as in every transformers model.
         """
+        if mask_ratio is None:
+            mask_ratio = self.config.mask_ratio if noise is not None else 0.0
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}.")
         kwargs["output_attentions"] = kwargs.get("output_attentions", self.config.output_attentions)
@@ -576,24 +581,34 @@ class MAEForImageClassification(MAEPreTrainedModel):
 
     def check_labels(self, labels: torch.Tensor, batch: int) -> None:
         """Labels must fit the problem type (`config.problem_type`, or inferred as transformers does)."""
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
         problem = self.config.problem_type or (
             "regression" if self.num_labels == 1
             else "multi_label_classification" if labels.is_floating_point() else "single_label_classification")
         if problem == "single_label_classification":
-            expected = f"(batch,) = ({batch},), integer class indices"
-            fits = labels.dim() == 1 and not labels.is_floating_point()
+            # Any integer type (cross-entropy wants int64: converted in forward). The range is not checked here:
+            # that would read the labels on the host, a device sync in every training step.
+            expected = f"(batch,) = ({batch},), integer class indices in [0, {self.num_labels})"
+            fits = labels.dim() == 1 and not labels.is_floating_point() and not labels.is_complex() and \
+                labels.dtype != torch.bool
         elif problem == "multi_label_classification":
             expected = f"(batch, num_labels) = ({batch}, {self.num_labels}), floats"
             fits = labels.dim() == 2 and labels.is_floating_point()
-        else:
-            expected = f"(batch,) = ({batch},) or (batch, num_labels) = ({batch}, {self.num_labels}), floats"
-            fits = labels.is_floating_point() and labels.dim() in (1, 2)
+        else:  # (batch,) against (batch, num_labels > 1) logits would broadcast into a wrong loss
+            expected = f"(batch,) = ({batch},) floats" if self.num_labels == 1 else \
+                f"(batch, num_labels) = ({batch}, {self.num_labels}) floats"
+            fits = labels.is_floating_point() and (labels.dim() == 2 or self.num_labels == 1) and labels.dim() in (1, 2)
         if not fits or labels.shape[0] != batch or (labels.dim() == 2 and labels.shape[1] != self.num_labels):
             raise ValueError(f"labels for {problem} must have shape {expected}; got {tuple(labels.shape)} "
                              f"{labels.dtype}.")
 
     def classify_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """Logits from pooled encoder features: lets a probe train the head on cached features."""
+        if self.config.linear_probe and self.training and pooled.shape[0] == 1:
+            raise ValueError("linear_probe=True normalises features over the batch (BatchNorm) while training: a "
+                             "training batch needs at least 2 images, got 1. Drop the last incomplete batch "
+                             "(dataloader_drop_last=True) or choose a batch size that does not leave one image.")
         return self.classifier(self.head_norm(pooled))
 
     @can_return_tuple
@@ -610,6 +625,10 @@ class MAEForImageClassification(MAEPreTrainedModel):
             and `(batch,)` floats with `num_labels=1` for regression (mean squared error).
         interpolate_pos_encoding: accept images of any height and width divisible by the patch size.
         """
+        if self.config.linear_probe and self.mae.embeddings.cls_token.requires_grad:
+            logger.warning_once("linear_probe=True runs the encoder without gradients: parameters set back to "
+                                "requires_grad=True are not trained. Build the model with linear_probe=False to "
+                                "fine-tune the encoder.")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.linear_probe):
             encoded = self.mae(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True,
                                **kwargs)
@@ -617,6 +636,8 @@ class MAEForImageClassification(MAEPreTrainedModel):
         loss = None
         if labels is not None:
             self.check_labels(labels, logits.shape[0])  # before loss_function, which settles config.problem_type
+            if not labels.is_floating_point():
+                labels = labels.long()  # cross-entropy's index type (a no-op for int64)
             loss = self.loss_function(labels, logits.float(), self.config)
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states,
                                      attentions=encoded.attentions)

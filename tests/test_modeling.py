@@ -388,9 +388,42 @@ def test_bad_labels(tiny_config, pixel_values):
             model(pixel_values, labels=labels)
     with pytest.raises(ValueError, match=re.escape("(batch, num_labels) = (2, 3)")):  # floats: multi-label
         model(pixel_values, labels=torch.tensor([0.0, 1.0]))
+    for labels, shown in (([0, 1], "torch.Tensor, got list"), (torch.tensor([True, False]), "torch.bool")):
+        with pytest.raises(ValueError, match=re.escape(shown)):
+            model(pixel_values, labels=labels)
     assert model.config.problem_type is None  # a refused call settles nothing
-    model(pixel_values, labels=torch.tensor([0, 2]))
+    expected = model(pixel_values, labels=torch.tensor([0, 2])).loss
     assert model.config.problem_type == "single_label_classification"
+    for dtype in (torch.int32, torch.uint8):  # any integer type: the same loss as int64
+        torch.testing.assert_close(model(pixel_values, labels=torch.tensor([0, 2], dtype=dtype)).loss, expected)
+    regression = MAEForImageClassification(tiny_config(num_labels=2, problem_type="regression"))
+    with pytest.raises(ValueError, match=re.escape("(batch, num_labels) = (2, 2) floats")):  # would broadcast
+        regression(pixel_values, labels=torch.tensor([0.5, 1.0]))
+
+
+def test_a_linear_probe_names_a_training_batch_of_one_and_an_unfrozen_encoder(tiny_config, pixel_values, caplog):
+    probe = MAEForImageClassification(tiny_config(num_labels=3, linear_probe=True)).train()
+    with pytest.raises(ValueError, match="a training batch needs at least 2 images"):
+        probe(pixel_values[:1], labels=torch.tensor([1]))
+    probe.eval()(pixel_values[:1])  # evaluation normalises with the running statistics: one image is fine
+    probe.requires_grad_(True)
+    from transformers.utils import logging
+
+    logging.get_logger("transformers").propagate = True
+    with caplog.at_level("WARNING"):
+        probe(pixel_values)
+    assert "parameters set back to requires_grad=True are not trained" in caplog.text
+
+
+def test_noise_alone_masks_the_configured_ratio_as_vit_mae_does(tiny_config, pixel_values):
+    encoder = MAEModel(tiny_config())
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))
+    alone, explicit = encoder(pixel_values, noise=noise), encoder(pixel_values, noise=noise,
+                                                                  mask_ratio=encoder.config.mask_ratio)
+    torch.testing.assert_close(alone.last_hidden_state, explicit.last_hidden_state)
+    assert torch.equal(alone.mask, explicit.mask) and alone.mask.sum() > 0
+    unmasked = encoder(pixel_values, mask_ratio=None)  # None: the default, every patch
+    assert unmasked.last_hidden_state.shape[1] == 1 + 16 and unmasked.mask.sum() == 0
 
 
 # ---------------------------------------------------------------- classification
@@ -504,7 +537,7 @@ def test_pretraining_refuses_mask_ratio_zero(tiny_config):
 
 def test_noise_without_masking_keeps_image_order(tiny_config, pixel_values, noise):
     model = MAEModel(tiny_config()).eval()
-    with_noise, without = model(pixel_values, noise=noise), model(pixel_values)
+    with_noise, without = model(pixel_values, noise=noise, mask_ratio=0.0), model(pixel_values)
     assert torch.equal(with_noise.last_hidden_state, without.last_hidden_state)
     assert torch.equal(with_noise.ids_restore, torch.arange(N).expand(2, -1))
 
