@@ -634,7 +634,8 @@ def attention_suite(args, config, bf16, autocast):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [--suite SUITE] [--flag value ...]   (--help lists every flag)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="Train steps per timed chunk.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed train steps per model before the rounds.")

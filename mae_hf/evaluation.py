@@ -16,7 +16,7 @@ from .features import knn_predict
 from .metrics import accuracy
 from .modeling_mae import MAEForImageClassification
 from .precision import decide_bf16
-from .results import encoder_fingerprint, write_results
+from .results import architecture, encoder_fingerprint, write_results
 from .training import build_config, load_pretrained
 
 
@@ -209,6 +209,7 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
             "train_samples": len(train),
             "eval_samples": len(evaluation),
             "encoder_fingerprint": encoder_fingerprint(model.mae),
+            "architecture": architecture(model.config),
             "seed": args.seed,
             "device": str(device),
             "bf16": bf16,

@@ -332,6 +332,15 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
                        "this model (`python app.py`); pushed as a Space, this folder serves it.\n")
         if space_metadata else "",
         "head_description": head_description,
+        "pipeline_tag": "image-classification" if probe is not None else "image-feature-extraction",
+        "classifier_line": "classifier = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True)"
+                           "  # the linear probe\n" if probe is not None else "",
+        "classification_pipeline": f'pipeline("image-classification", model="{model_id}", trust_remote_code=True)'
+                                   "(image)\n" if probe is not None else "",
+        "head_limitation": ("- The classification head at the top level is a linear probe" if probe is not None else
+                            "- There is no trained classification head at the top level (no probe was published), so "
+                            "the image-classification pipeline would use an untrained one") +
+                           ("; the fine-tuned classifier is in `finetuned/`." if finetuned_protocol else "."),
         "finetuned_note": finetuned_note,
         "parameters": f"{sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M",
         "image_size": config.image_size,

@@ -39,7 +39,7 @@ ENCODERS = (("random_init", "Random-init encoder"), ("pretrained", "MAE-pretrain
 # what a result file records besides its settings: everything else in it is a setting of the protocol
 NOT_SETTINGS = {"protocol", "encoder", "eval_accuracy", "eval_loss", "model_name_or_path", "encoder_fingerprint",
                 "dataset_name", "train_split", "eval_split", "train_samples", "eval_samples", "source",
-                "skipped_images", "eval_ema_accuracy", "eval_ema_loss", "ema_model", "versions"}
+                "skipped_images", "eval_ema_accuracy", "eval_ema_loss", "ema_model", "versions", "architecture"}
 
 
 def software_versions() -> dict:
@@ -49,6 +49,15 @@ def software_versions() -> dict:
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+ARCHITECTURE_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
+                      "num_attention_heads", "mlp_ratio", "qkv_bias", "hidden_act")
+
+
+def architecture(config) -> dict:
+    """The encoder's shape as a result file records it: a random-init baseline must match the pretrained model."""
+    return {field: getattr(config, field) for field in ARCHITECTURE_FIELDS}
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -100,12 +109,45 @@ def collect_results(paths) -> list[dict]:
             raise ValueError(f"{path}: no such file or folder.")
     results = []
     for file in dict.fromkeys(os.path.realpath(file) for file in files):  # each file once, in order
+        if os.path.basename(file) in TRAINER_FILES:
+            continue
         result = read_json_object(file, "a result file written by the scripts")
-        if "protocol" in result and "eval_accuracy" in result:
+        if result:  # an empty {} is no result; anything else must be one
+            check_result(result, file)
             if result["protocol"] == "finetune":  # files written before "finetune_strong": the recipe they record
                 result["protocol"] = finetune_protocol(result)
             results.append(dict(result, source=file))
     return results
+
+
+# The Trainer's own metric files (beside a fine-tune's finetune_results.json): not protocol results.
+TRAINER_FILES = ("all_results.json", "train_results.json", "eval_results.json", "test_results.json",
+                 "predict_results.json")
+
+
+def check_result(result: dict, file: str) -> None:
+    """A result file's numbers and names as the scripts write them: an accuracy that is no fraction, or a protocol
+    or encoder this project does not name, would otherwise reach a table or a model card as if measured."""
+    def refuse(key: str, expected: str) -> None:
+        raise ValueError(f"{file}: {key} is {result.get(key)!r}; expected {expected}. A result file holds what a "
+                         "script measured: run that script again rather than editing the file.")
+
+    if result.get("protocol") not in (*PROTOCOLS, "finetune"):
+        refuse("protocol", f"one of {', '.join(PROTOCOLS)}")
+    if "encoder" in result and result["encoder"] not in dict(ENCODERS):
+        refuse("encoder", f"one of {', '.join(dict(ENCODERS))}")
+    accuracies = ["eval_accuracy", *(key for key in result if key.startswith("eval_accuracy_")
+                                     or key == "eval_ema_accuracy")]
+    for key in accuracies:
+        value = result.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            refuse(key, "a fraction in [0, 1] (NaN and percentages are not)")
+    for key in ("dataset_name", "eval_split", "train_split"):
+        if key in result and not isinstance(result[key], str):
+            refuse(key, "a string")
+    for key in ("eval_samples", "train_samples"):
+        if key in result and (isinstance(result[key], bool) or not isinstance(result[key], int)):
+            refuse(key, "a whole number of images")
 
 
 def _cells(result: dict):
@@ -141,19 +183,51 @@ def accuracy_rows(results: list[dict]) -> dict:
         rows.setdefault(title, {})[encoder] = cell
     for cells in rows.values():
         check_comparable([result for _, result in cells.values()])
+    check_one_table(results)
     return rows
+
+
+def check_one_table(results: list[dict]) -> None:
+    """A table has one pretrained column and no dataset column: its pretrained results must measure one encoder
+    (a fine-tune records the encoder it started from, so it counts as the same), and all results one dataset."""
+    pretrained = [result for result in results if result.get("encoder", "pretrained") == "pretrained"
+                  and result.get("encoder_fingerprint")]
+    for result in pretrained[1:]:
+        if result["encoder_fingerprint"] != pretrained[0]["encoder_fingerprint"]:
+            raise ValueError(
+                f"{pretrained[0].get('source')} and {result.get('source')} measured two different encoders "
+                f"({pretrained[0].get('model_name_or_path')}, {result.get('model_name_or_path')}): a table's "
+                "pretrained column is one model. Compare them in two tables.")
+    named = [result for result in results if result.get("dataset_name")]
+    for result in named[1:]:
+        if not dataset_keys(named[0]["dataset_name"]) & dataset_keys(result["dataset_name"]):
+            raise ValueError(
+                f"{named[0].get('source')} was measured on {named[0]['dataset_name']} and {result.get('source')} on "
+                f"{result['dataset_name']}: a table holds the results of one dataset. Compare them in two tables.")
 
 
 def evaluation_data(result: dict) -> str:
     return (f"{result.get('dataset_name')}, {result.get('eval_split')} ({result.get('eval_samples')} images)")
 
 
+# What a row's cells must share besides the images: the same architecture at the same image size, the same
+# features (pooling, blocks). Recorded by the scripts; files written before a key was recorded are not checked on it.
+SAME_IN_A_ROW = ("architecture", "pooling", "feature_blocks")
+
+
 def check_comparable(results: list[dict]) -> None:
     """Two cells of one row (random init against pretrained) must be measured on the same images: the same dataset
     (or a copy of it), evaluation split and number of evaluation images; otherwise the gain would compare two
-    evaluations rather than two encoders."""
+    evaluations rather than two encoders. And of the same architecture and features (`SAME_IN_A_ROW`)."""
     first = results[0]
     for other in results[1:]:
+        for key in SAME_IN_A_ROW:
+            if key in first and key in other and first[key] != other[key]:
+                raise ValueError(
+                    f"{first['protocol']}: {first.get('source')} has {key} {first[key]} and {other.get('source')} "
+                    f"has {key} {other[key]}; one row compares encoders of the same architecture with the same "
+                    "features. Run the baseline with the pretrained model's settings (--random_init true with "
+                    "--model_name_or_path of that model takes its architecture).")
         same_split = (first.get("eval_split"), first.get("eval_samples")) == \
             (other.get("eval_split"), other.get("eval_samples"))
         same_data = not (first.get("dataset_name") and other.get("dataset_name")) or \

@@ -32,7 +32,7 @@ from mae_hf.data import (
 )
 from mae_hf.evaluation import is_classifier, load_classifier
 from mae_hf.metrics import accuracy
-from mae_hf.results import encoder_fingerprint, finetune_protocol, write_results
+from mae_hf.results import architecture, encoder_fingerprint, finetune_protocol, write_results
 from mae_hf.runs import Run
 from mae_hf.training import (
     FinetuneArguments,
@@ -154,6 +154,7 @@ def finetune(run, model_args, data_args, args):
             "encoder": "random_init" if random_init else "pretrained",
             "model_name_or_path": model_args.model_name_or_path,
             "encoder_fingerprint": fingerprint,
+            "architecture": architecture(model.config),
             "dataset_name": data_args.dataset_name,
             "train_split": train.split,
             "eval_split": evaluation.split,

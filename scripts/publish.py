@@ -27,7 +27,9 @@ DEMO = os.path.join(ROOT, "demo")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s PRETRAINED_DIR --output_dir DIR [--flag value ...]   (--help "
+                                           "lists every flag)")
 
     def boolean(name, help):
         parser.add_argument(name, type=string_to_bool, nargs="?", const=True, default=False, help=help)
@@ -54,6 +56,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. user/mae-cifar10).")
+    if args.dataset_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.dataset_id)
+        except HFValidationError:
+            parser.error(f"--dataset_id {args.dataset_id!r} is not a Hub dataset id (name or owner/name, e.g. "
+                         "uoft-cs/cifar10).")
     try:
         if args.push_to_hub:
             hub_preflight(args.hub_model_id, args.hub_token)

@@ -367,6 +367,76 @@ def test_numbers_measured_on_other_images_are_refused_in_a_row_and_on_a_card(eva
     assert not (tmp_path / "hub").exists()
 
 
+def test_a_result_file_that_no_script_wrote_is_named(evaluated, scripts, tmp_path, capsys):
+    """Accuracies that are no fraction, unknown protocols or encoders, wrong types: one error naming the file and the
+    key, in compare.py and publish.py, never a number in a table or a card."""
+    folder, root = evaluated
+    probe = read(root / "probe" / "linear_probe_results.json")
+    for change, key in (({"eval_accuracy": float("nan")}, "eval_accuracy"), ({"eval_accuracy": 1.5}, "eval_accuracy"),
+                        ({"eval_accuracy": 87.5}, "eval_accuracy"), ({"eval_accuracy": True}, "eval_accuracy"),
+                        ({"eval_accuracy": "0.5"}, "eval_accuracy"), ({"protocol": "linear"}, "protocol"),
+                        ({"encoder": "mine"}, "encoder"), ({"dataset_name": 123}, "dataset_name"),
+                        ({"eval_samples": "64"}, "eval_samples")):
+        edited = tmp_path / "edited"
+        edited.mkdir(exist_ok=True)
+        (edited / "linear_probe_results.json").write_text(json.dumps(dict(probe, **change)))
+        with pytest.raises(SystemExit) as exit_:
+            run_script(scripts.compare.main, [str(edited)])
+        err = capsys.readouterr().err
+        code = exit_.value.code  # sys.exit("error: ...") is exit status 1 with that line
+        message = code if isinstance(code, str) else err
+        assert (code == 1 or message.startswith("error: ")) and f"linear_probe_results.json: {key} is " in message
+        assert "Traceback" not in err
+    missing = {key: value for key, value in probe.items() if key != "eval_accuracy"}
+    (edited / "linear_probe_results.json").write_text(json.dumps(missing))
+    with pytest.raises(SystemExit) as exit_:
+        run_script(scripts.publish.main, [str(folder), "--results", str(edited), "--output_dir", str(tmp_path / "hub")])
+    code = exit_.value.code
+    assert "eval_accuracy is None" in (code if isinstance(code, str) else capsys.readouterr().err)
+    assert not (tmp_path / "hub").exists()
+
+
+def test_a_table_compares_one_architecture_one_encoder_and_one_dataset(evaluated, tmp_path):
+    _, root = evaluated
+    probe = read(root / "probe" / "linear_probe_results.json")
+    random_probe = read(root / "random" / "probe" / "linear_probe_results.json")
+    assert probe["architecture"] == random_probe["architecture"]  # recorded by the scripts
+    cases = (
+        ({"architecture": dict(random_probe["architecture"], image_size=64)}, "architecture"),
+        ({"pooling": "mean" if probe.get("pooling") != "mean" else "cls"}, "pooling"))
+    for change, message in cases:  # the random-init baseline changed: no gain between different things
+        (tmp_path / "baseline").mkdir(exist_ok=True)
+        (tmp_path / "baseline" / "linear_probe_results.json").write_text(json.dumps(dict(random_probe, **change)))
+        with pytest.raises(ValueError, match=f"has {message} "):
+            results_table(collect_results([root / "probe", tmp_path / "baseline"]))
+    (tmp_path / "other").mkdir()  # a probe of another (e.g. fine-tuned) model beside this model's fine-tune
+    (tmp_path / "other" / "linear_probe_results.json").write_text(
+        json.dumps(dict(probe, encoder_fingerprint="0" * 16, model_name_or_path="runs/other")))
+    with pytest.raises(ValueError, match="measured two different encoders"):
+        results_table(collect_results([tmp_path / "other", root / "finetune"]))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "knn_results.json").write_text(json.dumps(dict(
+        read(root / "probe" / "knn_results.json"), dataset_name="user/other_pets")))
+    with pytest.raises(ValueError, match="a table holds the results of one dataset"):
+        results_table(collect_results([root / "probe" / "linear_probe_results.json", tmp_path / "elsewhere"]))
+    assert "| Fine-tune" in results_table(collect_results([root]))  # the fixture's own runs: one table
+
+
+def test_a_card_without_a_probe_offers_no_untrained_classifier(evaluated, scripts, tmp_path):
+    folder, root = evaluated
+    scripts.publish.main([str(folder), "--results", str(root / "random"), "--output_dir", str(tmp_path / "hub"),
+                          "--dataset_id", "uoft-cs/cifar10"])
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["pipeline_tag"] == "image-feature-extraction"
+    assert 'pipeline("image-classification"' not in card and "AutoModelForImageClassification.from_pretrained" \
+        not in card
+    assert "There is no trained classification head at the top level" in card
+    assert "is a linear probe" not in card
+    with pytest.raises(SystemExit) as exit_:
+        scripts.publish.main([str(folder), "--output_dir", str(tmp_path / "hub2"), "--dataset_id", "not an id!"])
+    assert exit_.value.code == 2 and not (tmp_path / "hub2").exists()
+
+
 def test_publish_without_network_fails_before_anything(evaluated, scripts, tmp_path, monkeypatch):
     folder, root = evaluated
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
