@@ -43,6 +43,7 @@ import threading
 import time
 
 from mae_hf.cli import UsageError, run_script
+from mae_hf.evaluation import check_feature_blocks
 from mae_hf.redaction import recorded_command, redact_argv
 from mae_hf.runs import write_json
 
@@ -286,6 +287,34 @@ def run_steps(steps: list[Step], redo: set[str], record: dict, record_path: str,
         print(f"    {name:<24} {'skipped' if seconds is None else f'{seconds:.1f} s'}")
 
 
+def pretrained_layers(step: Step) -> int | None:
+    """The encoder depth pretraining makes (its finished model's, else from its config file and flags), so that
+    --feature_blocks is checked before hours of pretraining; None when the flags do not resolve here (the step
+    then reports them itself)."""
+    import contextlib
+    import io
+
+    from transformers import HfArgumentParser
+
+    from mae_hf.cli import read_config_file
+    from mae_hf.training import ModelArguments, build_config
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            if step.is_done():
+                return build_config(ModelArguments(model_name_or_path=step.folder)).num_hidden_layers
+            argv = list(step.argv)
+            parser = HfArgumentParser(ModelArguments)
+            if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+                known = {action.dest for action in parser._actions}
+                parser.set_defaults(**{key: value for key, value in read_config_file(argv.pop(0), parser).items()
+                                       if key in known})
+            model_args, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+            return build_config(model_args, norm_pix_loss=True).num_hidden_layers
+    except (Exception, SystemExit):
+        return None
+
+
 def stop_step(signum, frame):
     raise StepStopped()
 
@@ -303,6 +332,9 @@ def main(argv=None):
         parser.error("--feature_blocks must be at least 2 (the plain linear probe is its own step).")
 
     steps = plan(args)
+    layers = pretrained_layers(steps[0])
+    if layers is not None:
+        check_feature_blocks(args.feature_blocks, layers)
     record = read_record(os.path.join(args.output_dir, RECORD))
     redo = check_unchanged(steps, record, args.output_dir)
     main_thread = threading.current_thread() is threading.main_thread()

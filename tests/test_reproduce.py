@@ -150,3 +150,12 @@ def test_a_step_stopped_by_a_signal_ends_with_its_code(scripts, tmp_path, monkey
     assert exit.value.code == code
     printed = capsys.readouterr().err
     assert printed.count("error:") == 1 and "same reproduce.py command again to continue" in printed
+
+
+def test_feature_blocks_beyond_the_pretrained_encoder_fail_before_pretraining(scripts, parquet_folder, tiny_overrides,
+                                                                               tmp_path):
+    argv = reproduce_argv(tmp_path / "run", parquet_folder, tiny_overrides)
+    argv[argv.index("--feature_blocks") + 1] = "4"
+    with pytest.raises(UsageError, match=r"--feature_blocks 4: the encoder has 2 layer\(s\), so it takes 1 to 2"):
+        scripts.reproduce.main(argv)
+    assert not (tmp_path / "run").exists()
