@@ -202,6 +202,18 @@ def test_visualize_script(pretrained_run, scripts, parquet_folder, tmp_path):
     assert height == 4 * (8 * 4 + 2) and width == 150 + 3 * (8 * 4 + 2)
 
 
+def test_visualize_creates_the_output_folder_and_takes_disable_tqdm(pretrained_run, scripts, parquet_folder,
+                                                                    tmp_path):
+    folder, _ = pretrained_run
+    output = tmp_path / "viz" / "deeper" / "c.png"
+    scripts.visualize.main([str(folder), "--dataset_name", str(parquet_folder), "--output", str(output),
+                            "--num_images", "2", "--disable_tqdm", "true"])
+    assert output.is_file()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        scripts.visualize.main([str(folder), "--output", str(tmp_path / "file" / "c.png")])
+
+
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_perfect_prediction_reconstructs_the_original(tiny_config, pixel_values, noise, norm_pix_loss):
     class Oracle(MAEForPreTraining):
