@@ -25,6 +25,10 @@ class FrozenEvalArguments:
     """Evaluation of a frozen encoder: linear probe and/or kNN on features computed once."""
 
     output_dir: str = field(default=None, metadata={"help": "Where results (and the probe model) go. Required."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the results of an earlier evaluation in --output_dir (its result files and saved "
+                          "probes are removed first). Without it such a folder is refused."})
     random_init: bool = field(
         default=False,
         metadata={"help": "Evaluate a randomly initialised encoder of the same config (the baseline row). Also the "
@@ -133,6 +137,44 @@ def check_output_folder(folder: str) -> None:
         raise ValueError(f"--output_dir {folder}: {existing} is not writable. Give a folder you can write to.")
 
 
+PROTOCOLS = ("knn", "linear_probe", "linear_probe_multiblock", "attentive_probe")  # what this module writes
+PROBE_MODEL_FILES = ("config.json", "model.safetensors")  # the linear probe's saved classifier
+
+
+def check_feature_blocks(feature_blocks: int, num_hidden_layers: int) -> None:
+    """--feature_blocks against the encoder's depth, as soon as the config is known (a usage error: the flag must
+    change)."""
+    if not 1 <= feature_blocks <= num_hidden_layers:
+        raise UsageError(f"--feature_blocks {feature_blocks}: the encoder has {num_hidden_layers} layer(s), so it "
+                         f"takes 1 to {num_hidden_layers}. Pass --feature_blocks {num_hidden_layers} or less.")
+
+
+def previous_results(folder: str) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.endswith("_results.json")) \
+        if os.path.isdir(folder) else []
+
+
+def check_previous_results(args) -> list[str]:
+    """Before any work: an --output_dir with result files of an earlier run is refused (new results beside them would
+    mix two runs' settings) unless --overwrite_output_dir true. Returns the earlier evaluation's files to remove."""
+    found = previous_results(args.output_dir)
+    if not found:
+        return []
+    ours = {f"{protocol}_results.json" for protocol in PROTOCOLS}
+    others = [name for name in found if name not in ours]
+    if others:  # another script's run (a fine-tune, a pretraining): never ours to delete
+        raise UsageError(f"--output_dir {args.output_dir} holds {', '.join(others)} of another kind of run. Give "
+                         "the evaluation a folder of its own, e.g. --output_dir <that folder>/probe.")
+    if not args.overwrite_output_dir:
+        raise UsageError(f"--output_dir {args.output_dir} already holds results of an earlier evaluation "
+                         f"({', '.join(found)}). Give a new --output_dir, or pass --overwrite_output_dir true to "
+                         "replace them (the earlier result files and probes are removed first).")
+    names = [*found, *(f"{protocol}_head.{ext}" for protocol in PROTOCOLS for ext in ("safetensors", "json"))]
+    if "linear_probe_results.json" in found:
+        names += PROBE_MODEL_FILES
+    return [path for path in (os.path.join(args.output_dir, name) for name in names) if os.path.isfile(path)]
+
+
 def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> dict:
     """The frozen encoder runs once per image; then kNN, the linear probe (pooled or multi-block features) and/or the
     attentive probe (cached patch tokens, `mae_hf/probes.py`) train on its outputs. Returns {protocol: results}."""
@@ -156,12 +198,12 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
     bf16, precision = decide_bf16(args.bf16, device)
 
     config = build_config(model_args)
-    if not 1 <= args.feature_blocks <= config.num_hidden_layers:
-        raise ValueError(f"--feature_blocks must lie between 1 and the encoder's {config.num_hidden_layers} blocks, "
-                         f"got {args.feature_blocks}.")
+    check_feature_blocks(args.feature_blocks, config.num_hidden_layers)
     if args.attentive_probe and config.hidden_size % args.attentive_heads:
         raise ValueError(f"--attentive_heads {args.attentive_heads} must divide the encoder's hidden size "
                          f"{config.hidden_size}.")
+    for path in check_previous_results(args):  # last of the checks: nothing is removed for a command refused
+        os.remove(path)
     image_size = config.image_size
     def before_decoding(train, _):
         if args.knn and max(args.knn_k) > len(train):

@@ -58,8 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.to or TARGET[model_type]) != TARGET[model_type]:
         parser.error(f"{args.src} already holds a {model_type} model; nothing to convert with --to {args.to}")
     args.to = TARGET[model_type]
-    if args.out.exists() and args.out.resolve() == args.src.resolve():
+    src, out = args.src.resolve(), args.out.resolve()
+    if out == src:
         parser.error("OUT_DIR must differ from SRC_DIR")
+    if out in src.parents or src in out.parents:  # --overwrite would write over (or inside) the model it reads
+        parser.error(f"OUT_DIR {args.out} overlaps SRC_DIR {args.src} (one contains the other); choose a separate "
+                     "folder.")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
         parser.error(f"{args.out} exists and is not empty (pass --overwrite to write into it)")
     return args

@@ -95,6 +95,9 @@ def finetune(run, model_args, data_args, args):
     random_init = args.random_init
     try:
         config = build_config(model_args)
+        if not args.do_train and not is_classifier(config):  # the folder's kind is known now: before any data
+            raise ValueError(f"--do_train false: {model_args.model_name_or_path} is not a classifier (no trained "
+                             "head); evaluate a fine-tuning run's folder, or train one first.")
         train, evaluation = load_image_splits(
             data_args, config.image_size, config.num_channels, require_labels=True, token=model_args.token,
             num_workers=args.requested_workers(),

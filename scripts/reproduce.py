@@ -20,6 +20,11 @@ Steps and what they write under --output_dir (the step is skipped when its "done
     compare                      comparison.md
     publish                      hub/                     (the Hub folder; --publish_args "--push_to_hub true ...")
 
+Each step's command is recorded in <output_dir>/reproduce_steps.json. A run again with other settings (another
+--dataset_name, other --probe_args, ...) is refused before anything runs when a finished (or resumable) step would
+keep the old ones: use a new --output_dir, or remove those steps' folders to redo them. Compare and publish are
+simply redone when their own flags changed.
+
 Recipes: the GPU defaults are pretrain.py's defaults and configs/finetune_strong.yaml; --cpu_small uses
 configs/cpu_small.yaml and configs/cpu_small_finetune_strong.yaml. --pretrain_args, --probe_args,
 --finetune_args and --publish_args append flags to those steps (e.g. --pretrain_args "--num_train_epochs 3").
@@ -28,17 +33,24 @@ configs/cpu_small.yaml and configs/cpu_small_finetune_strong.yaml. --pretrain_ar
 import argparse
 import glob
 import importlib.util
+import json
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 
 from mae_hf.cli import UsageError, run_script
-from mae_hf.redaction import recorded_command
+from mae_hf.evaluation import check_feature_blocks
+from mae_hf.redaction import recorded_command, redact_argv
+from mae_hf.runs import write_json
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = os.path.join(SCRIPTS, os.pardir, "configs")
+CONFIGS = os.path.normpath(os.path.join(SCRIPTS, os.pardir, "configs"))
+RECORD = "reproduce_steps.json"  # in --output_dir: the command each step was last started with
+STOPPED = (130, 143)  # a step stopped by SIGINT / SIGTERM (128 + signal number)
 RECIPES = {  # (pretraining config or None for the defaults, fine-tune config)
     "gpu": (None, "finetune_strong.yaml"),
     "cpu_small": ("cpu_small.yaml", "cpu_small_finetune_strong.yaml"),
@@ -56,6 +68,48 @@ def load_script(name: str):
     return module
 
 
+class PathArg(str):
+    """A path reproduce.py puts in a step's command: recorded absolute, so that the same folder named from another
+    current directory is the same command."""
+
+
+def shown_path(path: str) -> str:
+    """`path` as a printed command should name it to run from the current directory: relative when it lies below
+    it, else absolute (a relative path that climbs out reads as if it were somewhere else)."""
+    path = os.path.abspath(path)
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return path
+    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
+def flag_values(argv: list[str]) -> dict[str, list[str]]:
+    values, flag = {}, "(positional)"
+    for token in argv:
+        if token.startswith("--"):
+            flag = token
+            values.setdefault(flag, [])
+        else:
+            values.setdefault(flag, []).append(token)
+    return values
+
+
+def differing_flags(before: list[str], now: list[str]) -> str:
+    """`--flag (was X, now Y)` for each flag whose values differ between two commands."""
+    old, new = flag_values(before), flag_values(now)
+    shown = []
+    for flag in dict.fromkeys([*old, *new]):
+        if old.get(flag) != new.get(flag):
+            was, now_ = (shlex.join(side[flag]) if flag in side else "absent" for side in (old, new))
+            shown.append(f"{flag} (was {was or 'given'}, now {now_ or 'given'})")
+    return ", ".join(shown)
+
+
+class StepStopped(BaseException):
+    """SIGTERM while a step without its own signal handling (a probe, compare, publish) runs."""
+
+
 class Step:
     """One script call: `argv` for `scripts/<script>.py`, done when every file of `done` exists in `folder`."""
 
@@ -64,6 +118,15 @@ class Step:
         self.name, self.script, self.argv, self.folder, self.done = name, script, argv, folder, done
         self.trainer = trainer  # a Trainer run: resumable from its checkpoints
         self.derived = derived  # made from earlier steps' outputs: redone when any of them ran
+
+    def recorded(self) -> list[str]:
+        """The command as compared between runs: reproduce's own paths absolute, tokens redacted."""
+        return redact_argv([os.path.abspath(token) if isinstance(token, PathArg) else str(token)
+                            for token in self.argv])
+
+    def resumable(self) -> bool:
+        """A Trainer step with a checkpoint: a redo would continue it, so its settings are the old run's."""
+        return self.trainer and bool(glob.glob(os.path.join(self.folder, "checkpoint-*")))
 
     def is_done(self) -> bool:
         return all(os.path.isfile(os.path.join(self.folder, name)) for name in self.done)
@@ -86,15 +149,23 @@ class Step:
         argv = self.argv + self.prepare_redo()
         print(f"[reproduce] {self.name}: {recorded_command([f'scripts/{self.script}.py', *argv])}", flush=True)
         advice = "Fix it and run the same command again: the finished steps are skipped."
+        again = "run the same reproduce.py command again to continue: the finished steps are skipped."
         program = sys.argv
         # The step's own command line, for what it records and advises (summaries, "resume with: ..."): this
         # command's would not run the step, and reproduce.py takes no --resume_from_checkpoint.
         sys.argv = [f"scripts/{self.script}.py", *argv]
         try:
             load_script(self.script).main(argv)
+        except (KeyboardInterrupt, StepStopped) as stop:  # a step that handles no signal itself: one line here
+            name = "SIGTERM" if isinstance(stop, StepStopped) else "Ctrl-C (SIGINT)"
+            print(f"error: step {self.name} stopped by {name}; {again}", file=sys.stderr, flush=True)
+            raise SystemExit(143 if isinstance(stop, StepStopped) else 130) from None
         except UsageError as error:  # a bad flag in --<step>_args: a usage error of this command too
             raise UsageError(f"step {self.name} failed ({error}). {advice}") from None
         except SystemExit as exit:
+            if exit.code in STOPPED:  # the step printed its `error:` line and how to resume it on its own
+                print(f"[reproduce] step {self.name} stopped: {again}", file=sys.stderr, flush=True)
+                raise
             if exit.code not in (None, 0):
                 reason = exit.code if isinstance(exit.code, str) else f"exit code {exit.code}"
                 error = UsageError if exit.code == 2 else ValueError  # 2: the step's parser refused a flag
@@ -107,45 +178,145 @@ class Step:
 
 def plan(args) -> list[Step]:
     pretrain_config, finetune_config = RECIPES["cpu_small" if args.cpu_small else "gpu"]
-    data = ["--dataset_name", args.dataset_name] if args.dataset_name else []
+    dataset = args.dataset_name and (PathArg(args.dataset_name) if os.path.exists(args.dataset_name)
+                                     else args.dataset_name)  # else a Hub name
+    data = ["--dataset_name", dataset] if dataset else []
     out = args.output_dir
-    model = os.path.join(out, "mae")
+
+    def under(*parts: str) -> PathArg:
+        return PathArg(os.path.join(out, *parts))
+
+    def config(name: str) -> PathArg:
+        return PathArg(shown_path(os.path.join(CONFIGS, name)))
+
+    model = under("mae")
     split = shlex.split
     steps = [Step("pretrain", "pretrain",
-                  ([os.path.join(CONFIGS, pretrain_config)] if pretrain_config else [])
+                  ([config(pretrain_config)] if pretrain_config else [])
                   + ["--output_dir", model, *data, *split(args.pretrain_args)],
                   model, ("pretraining_summary.json",), trainer=True)]
     for encoder in ENCODERS:
         source = ["--model_name_or_path", model] + (["--random_init", "true"] if encoder == "random_init" else [])
-        folder = os.path.join(out, encoder)
         steps += [
             Step(f"probe_{encoder}", "linear_probe",
-                 [*source, "--output_dir", os.path.join(folder, "probe"), *data, *split(args.probe_args)],
-                 os.path.join(folder, "probe"), ("linear_probe_results.json", "knn_results.json")),
+                 [*source, "--output_dir", under(encoder, "probe"), *data, *split(args.probe_args)],
+                 under(encoder, "probe"), ("linear_probe_results.json", "knn_results.json")),
             Step(f"mae_probes_{encoder}", "linear_probe",
-                 [*source, "--output_dir", os.path.join(folder, "mae_probes"), "--feature_blocks",
+                 [*source, "--output_dir", under(encoder, "mae_probes"), "--feature_blocks",
                   str(args.feature_blocks), "--attentive_probe", "true", "--knn", "false", *data,
                   *split(args.probe_args)],
-                 os.path.join(folder, "mae_probes"), ("linear_probe_multiblock_results.json",
-                                                      "attentive_probe_results.json")),
+                 under(encoder, "mae_probes"), ("linear_probe_multiblock_results.json",
+                                                "attentive_probe_results.json")),
         ]
     for encoder in ENCODERS:
         source = ["--model_name_or_path", model] + (["--random_init", "true"] if encoder == "random_init" else [])
-        folder = os.path.join(out, encoder, "finetune")
+        folder = under(encoder, "finetune")
         steps.append(Step(f"finetune_{encoder}", "finetune",
-                          [os.path.join(CONFIGS, finetune_config), *source, "--output_dir", folder, *data,
+                          [config(finetune_config), *source, "--output_dir", folder, *data,
                            *split(args.finetune_args)], folder, ("finetune_results.json",), trainer=True))
-    pretrained, random_init = (os.path.join(out, encoder) for encoder in ENCODERS)
+    pretrained, random_init = (under(encoder) for encoder in ENCODERS)
     steps += [
-        Step("compare", "compare", [random_init, pretrained, "--output", os.path.join(out, "comparison.md")], out,
+        Step("compare", "compare", [random_init, pretrained, "--output", under("comparison.md")], out,
              ("comparison.md",), derived=True),
         Step("publish", "publish",
-             [model, "--probe", os.path.join(pretrained, "probe"), "--finetune", os.path.join(pretrained, "finetune"),
-              "--results", random_init, os.path.join(pretrained, "mae_probes"), "--output_dir",
-              os.path.join(out, "hub"), "--overwrite", "true", *split(args.publish_args)],
-             os.path.join(out, "hub"), ("README.md",), derived=True),
+             [model, "--probe", under("pretrained", "probe"), "--finetune", under("pretrained", "finetune"),
+              "--results", random_init, under("pretrained", "mae_probes"), "--output_dir", under("hub"),
+              "--overwrite", "true", *split(args.publish_args)],
+             under("hub"), ("README.md",), derived=True),
     ]
     return steps
+
+
+def read_record(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as handle:
+            record = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} does not read ({' '.join(str(error).split())}): it records the command of each "
+                         "step of this folder. Use a new --output_dir.") from None
+    if not isinstance(record, dict) or not all(isinstance(argv, list) for argv in record.values()):
+        raise ValueError(f"{path} is not reproduce.py's record of step commands. Use a new --output_dir.")
+    return record
+
+
+def check_unchanged(steps: list[Step], record: dict, output_dir: str) -> set[str]:
+    """Refuse (before anything runs) a command whose finished or resumable steps ran with other settings: skipped,
+    they would leave results of the old settings under the new command. Returns the derived steps to redo because
+    their own flags changed (they only read earlier outputs, so redoing them is always right)."""
+    changed, redo = [], set()
+    for step in steps:
+        before = record.get(step.name)
+        if before is None or before == step.recorded():
+            continue
+        if step.derived:
+            redo.add(step.name)
+        elif step.is_done() or step.resumable():
+            changed.append(step)
+    if changed:
+        what = "; ".join(f"{step.name} in {step.folder}: {differing_flags(record[step.name], step.recorded())}"
+                         for step in changed)
+        fix = ("a new --output_dir (pretraining's model feeds every later step)" if changed[0].name == "pretrain"
+               else "a new --output_dir, or remove those steps' folders to redo them")
+        raise UsageError(f"--output_dir {output_dir} holds steps run with other settings than this command's: "
+                         f"{what}. Skipped, they would keep the old settings. Use {fix}.")
+    return redo
+
+
+def run_steps(steps: list[Step], redo: set[str], record: dict, record_path: str, output_dir: str) -> None:
+    times, ran = [], False
+    started = time.perf_counter()
+    for step in steps:
+        if step.is_done() and not (step.derived and (ran or step.name in redo)):
+            print(f"[reproduce] {step.name}: done already ({os.path.join(step.folder, step.done[0])}), skipped",
+                  flush=True)
+            times.append((step.name, None))
+            continue
+        record[step.name] = step.recorded()
+        os.makedirs(output_dir, exist_ok=True)
+        write_json(record_path, record)
+        step_started = time.perf_counter()
+        step.run()
+        ran = True
+        times.append((step.name, time.perf_counter() - step_started))
+        print(f"[reproduce] {step.name}: {times[-1][1]:.1f} s", flush=True)
+    print(f"[reproduce] all steps done in {time.perf_counter() - started:.1f} s; comparison: "
+          f"{os.path.join(output_dir, 'comparison.md')}, Hub folder: {os.path.join(output_dir, 'hub')}")
+    for name, seconds in times:
+        print(f"    {name:<24} {'skipped' if seconds is None else f'{seconds:.1f} s'}")
+
+
+def pretrained_layers(step: Step) -> int | None:
+    """The encoder depth pretraining makes (its finished model's, else from its config file and flags), so that
+    --feature_blocks is checked before hours of pretraining; None when the flags do not resolve here (the step
+    then reports them itself)."""
+    import contextlib
+    import io
+
+    from transformers import HfArgumentParser
+
+    from mae_hf.cli import read_config_file
+    from mae_hf.training import ModelArguments, build_config
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            if step.is_done():
+                return build_config(ModelArguments(model_name_or_path=step.folder)).num_hidden_layers
+            argv = list(step.argv)
+            parser = HfArgumentParser(ModelArguments)
+            if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+                known = {action.dest for action in parser._actions}
+                parser.set_defaults(**{key: value for key, value in read_config_file(argv.pop(0), parser).items()
+                                       if key in known})
+            model_args, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+            return build_config(model_args, norm_pix_loss=True).num_hidden_layers
+    except (Exception, SystemExit):
+        return None
+
+
+def stop_step(signum, frame):
+    raise StepStopped()
 
 
 def main(argv=None):
@@ -160,24 +331,19 @@ def main(argv=None):
     if args.feature_blocks < 2:
         parser.error("--feature_blocks must be at least 2 (the plain linear probe is its own step).")
 
-    times, ran = [], False
-    started = time.perf_counter()
-    for step in plan(args):
-        if step.is_done() and not (step.derived and ran):
-            print(f"[reproduce] {step.name}: done already ({os.path.join(step.folder, step.done[0])}), skipped",
-                  flush=True)
-            times.append((step.name, None))
-            continue
-        step_started = time.perf_counter()
-        step.run()
-        ran = True
-        times.append((step.name, time.perf_counter() - step_started))
-        print(f"[reproduce] {step.name}: {times[-1][1]:.1f} s", flush=True)
-    print(f"[reproduce] all steps done in {time.perf_counter() - started:.1f} s; comparison: "
-          f"{os.path.join(args.output_dir, 'comparison.md')}, Hub folder: {os.path.join(args.output_dir, 'hub')}")
-    for name, seconds in times:
-        print(f"    {name:<24} {'skipped' if seconds is None else f'{seconds:.1f} s'}")
-
+    steps = plan(args)
+    layers = pretrained_layers(steps[0])
+    if layers is not None:
+        check_feature_blocks(args.feature_blocks, layers)
+    record = read_record(os.path.join(args.output_dir, RECORD))
+    redo = check_unchanged(steps, record, args.output_dir)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop_step) if main_thread else None  # Trainer steps set their own
+    try:
+        run_steps(steps, redo, record, os.path.join(args.output_dir, RECORD), args.output_dir)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 if __name__ == "__main__":
     run_script(main)

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from mae_hf import MAEForPreTraining
-from mae_hf.cli import parse_args, run_script
+from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed_noise, load_image_splits
 from mae_hf.inputs import check_pretraining_folder, read_json_object
 from mae_hf.precision import decide_bf16
@@ -30,6 +30,7 @@ class VisualizeArguments:
         default=None,
         metadata={"help": "bf16 autocast: true, false or auto (the default: on where the device computes bf16 "
                           "natively — a GPU that supports it, a CPU with AMX, AVX512-BF16 or Arm's BF16)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars (decoding), as the other scripts."})
 
     def __post_init__(self):
         if self.num_images < 1:
@@ -59,6 +60,17 @@ def recorded_settings(model_dir: str | None) -> dict:
     return {key: value for key, value in recorded.items() if value is not None}
 
 
+def check_output_parent(output: str) -> None:
+    """Before decoding: --output's folder must exist or be creatable (it is created, as users expect)."""
+    existing = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output {output}: {existing} is a file, not a folder. Give a PNG path in a folder.")
+    if os.path.isdir(output):
+        raise UsageError(f"--output {output} is a folder. Give a PNG file path, e.g. {output.rstrip('/')}/grid.png.")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     model_dir = argv.pop(0) if argv and not argv[0].startswith("-") else None
@@ -69,17 +81,19 @@ def main(argv=None):
               "visualize.py: error: MODEL_DIR (a pretraining output folder) is required.", file=sys.stderr)
         sys.exit(2)
     check_pretraining_folder(model_dir)  # before loading: a probe would get a random decoder
+    output = args.output or f"{model_dir.rstrip('/')}/reconstructions.png"
+    check_output_parent(output)
     try:
         model = MAEForPreTraining.from_pretrained(model_dir)
         train, evaluation = load_image_splits(data_args, model.config.image_size, model.config.num_channels,
-                                              first=args.num_images)
+                                              first=args.num_images, progress=not args.disable_tqdm)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     noise = fixed_noise(len(evaluation), model.config.num_patches, seed=args.seed)
     crop_fraction = eval_crop_fraction(data_args, model.config.image_size, train)
     transform = BatchTransform.for_model(model.config, eval_crop_fraction=crop_fraction)
     pixel_values = transform(*evaluation.read(range(len(evaluation))))
-    output = args.output or f"{model_dir.rstrip('/')}/reconstructions.png"
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     bf16, precision = decide_bf16(args.bf16, model.device)
     save_reconstructions(model, pixel_values, noise, output, bf16=bf16)
     print(f"[visualize] {output} ({precision})")

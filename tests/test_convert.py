@@ -145,6 +145,12 @@ def test_script_refusals(tmp_path, tiny_config, convert_script, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
 
+    for out in (tmp_path, tmp_path / "ours" / "vit"):  # OUT_DIR holding SRC_DIR, or inside it
+        with pytest.raises(SystemExit) as exit_:
+            convert_script.main([str(tmp_path / "ours"), str(out), "--overwrite"])
+        assert exit_.value.code == 2 and "overlaps SRC_DIR" in capsys.readouterr().err
+    assert not (tmp_path / "ours" / "vit").exists()
+
     convert_script.main([str(tmp_path / "ours"), str(tmp_path / "full"), "--overwrite"])
     assert (tmp_path / "full" / "model.safetensors").is_file()
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+import mae_hf.evaluation
 import mae_hf.modeling_mae
 from mae_hf import MAEForImageClassification, MAEForPreTraining, MAEModel
 from mae_hf.cli import UsageError, run_script
@@ -86,6 +87,42 @@ def test_boolean_flags_parse_as_booleans(pretrained_run, scripts, parquet_folder
                      linear_probe=False)
     assert read(tmp_path / "knn" / "knn_results.json")["encoder"] == "pretrained"
     assert not (tmp_path / "knn" / "linear_probe_results.json").exists()
+
+
+def test_a_folder_with_results_is_refused_unless_overwritten(pretrained_run, scripts, parquet_folder, tmp_path):
+    """A second evaluation into the same folder would leave the first one's result files beside its own."""
+    folder, _ = pretrained_run
+    common = ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "probe"), "--knn_k", "20",
+              "--dataset_name", str(parquet_folder)]
+    scripts.knn.main(common)
+    before = (tmp_path / "probe" / "knn_results.json").read_text()
+    with pytest.raises(UsageError, match=r"already holds results .*knn_results.json.*--overwrite_output_dir true"):
+        scripts.linear_probe.main([*common, "--knn", "false", "--probe_epochs", "1"])
+    assert (tmp_path / "probe" / "knn_results.json").read_text() == before
+    scripts.linear_probe.main([*common, "--knn", "false", "--probe_epochs", "1", "--overwrite_output_dir", "true"])
+    assert sorted(path.name for path in (tmp_path / "probe").glob("*_results.json")) == ["linear_probe_results.json"]
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "finetune_results.json").write_text("{}")
+    with pytest.raises(UsageError, match="finetune_results.json of another kind of run"):
+        scripts.knn.main([*common[:3], str(tmp_path / "finetune"), *common[4:], "--overwrite_output_dir", "true"])
+
+
+def test_feature_blocks_beyond_the_encoder_fail_before_any_data(pretrained_run, scripts, parquet_folder, tmp_path,
+                                                               monkeypatch):
+    folder, _ = pretrained_run
+    monkeypatch.setattr(mae_hf.evaluation, "load_image_splits", lambda *args, **kwargs: pytest.fail("data read"))
+    with pytest.raises(UsageError, match=r"--feature_blocks 4: the encoder has 2 layer\(s\), so it takes 1 to 2"):
+        scripts.linear_probe.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "probe"),
+                                   "--feature_blocks", "4", "--dataset_name", str(parquet_folder)])
+
+
+def test_evaluating_a_pretraining_run_as_a_classifier_fails_before_any_data(pretrained_run, scripts, parquet_folder,
+                                                                           tmp_path, monkeypatch):
+    folder, _ = pretrained_run
+    monkeypatch.setattr(scripts.finetune, "load_image_splits", lambda *args, **kwargs: pytest.fail("data read"))
+    with pytest.raises(SystemExit, match="--do_train false: .* is not a classifier"):
+        scripts.finetune.main(["--model_name_or_path", str(folder), "--do_train", "false", "--output_dir",
+                               str(tmp_path / "eval"), "--dataset_name", str(parquet_folder)])
 
 
 def test_knn_k_larger_than_the_training_set_fails_early(pretrained_run, scripts, parquet_folder, tmp_path):
@@ -172,6 +209,18 @@ def test_visualize_script(pretrained_run, scripts, parquet_folder, tmp_path):
 
     width, height = Image.open(tmp_path / "r.png").size
     assert height == 4 * (8 * 4 + 2) and width == 150 + 3 * (8 * 4 + 2)
+
+
+def test_visualize_creates_the_output_folder_and_takes_disable_tqdm(pretrained_run, scripts, parquet_folder,
+                                                                    tmp_path):
+    folder, _ = pretrained_run
+    output = tmp_path / "viz" / "deeper" / "c.png"
+    scripts.visualize.main([str(folder), "--dataset_name", str(parquet_folder), "--output", str(output),
+                            "--num_images", "2", "--disable_tqdm", "true"])
+    assert output.is_file()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        scripts.visualize.main([str(folder), "--output", str(tmp_path / "file" / "c.png")])
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])

@@ -2,8 +2,11 @@
 
 import json
 import os
+import sys
 
 import pytest
+
+from mae_hf.cli import UsageError
 
 TINY_RUN = "--per_device_train_batch_size 16 --num_train_epochs 1 --disable_tqdm true"
 
@@ -65,8 +68,23 @@ def test_a_second_run_skips_every_step(reproduced, scripts, capsys):
     assert modification_times(output_dir) == before
 
 
-def test_an_interrupted_run_continues(reproduced, scripts, capsys):
+def test_other_settings_are_refused_before_any_step(reproduced, scripts, capsys):
+    """A finished step is not skipped under a command that now says otherwise: refused, naming step and flag."""
     output_dir, argv = reproduced
+    before = modification_times(output_dir)
+    changed = [value.replace("--knn_k 5", "--knn_k 3") for value in argv]
+    with pytest.raises(UsageError, match=r"probe_pretrained in .*--knn_k \(was 5, now 3\).*new --output_dir"):
+        scripts.reproduce.main(changed)
+    other_data = [*argv, "--dataset_name", str(output_dir / "elsewhere")]
+    with pytest.raises(UsageError, match=r"pretrain in .*--dataset_name \(was .*, now .*elsewhere\)"):
+        scripts.reproduce.main(other_data)
+    assert "python scripts/" not in capsys.readouterr().out
+    assert modification_times(output_dir) == before
+
+
+def test_an_interrupted_run_continues(reproduced, scripts, capsys, repo_root, monkeypatch):
+    output_dir, argv = reproduced
+    monkeypatch.chdir(repo_root)  # the printed config path is relative to the current folder
     # a fine-tune killed after its checkpoints, a probe folder left without one of its two results
     (output_dir / "random_init" / "finetune" / "finetune_results.json").unlink()
     (output_dir / "pretrained" / "mae_probes" / "attentive_probe_results.json").unlink()
@@ -75,6 +93,8 @@ def test_an_interrupted_run_continues(reproduced, scripts, capsys):
     capsys.readouterr()
     scripts.reproduce.main(argv)
     printed = capsys.readouterr().out
+    # the printed step command runs as printed: its config path relative to the current folder
+    assert f"finetune.py {os.path.join('configs', 'cpu_small_finetune_strong.yaml')} " in printed
     assert "finetune_random_init: incomplete, resuming from its last complete checkpoint" in printed
     assert "mae_probes_pretrained: incomplete, starting over" in printed
     assert (output_dir / "pretrained" / "mae_probes.incomplete").is_dir()
@@ -112,3 +132,30 @@ def test_a_failing_step_names_itself(scripts, parquet_folder, tmp_path):
                                 "--cpu_small"])
     with pytest.raises(SystemExit):
         scripts.reproduce.main(["--output_dir", str(tmp_path / "run"), "--feature_blocks", "1"])
+
+
+@pytest.mark.parametrize("stop, code", [(SystemExit(143), 143), (KeyboardInterrupt(), 130)])
+def test_a_step_stopped_by_a_signal_ends_with_its_code(scripts, tmp_path, monkeypatch, capsys, stop, code):
+    """One `error:` line (the step's own when it reports the stop itself), and the step's exit code."""
+    def stopped(argv):
+        if isinstance(stop, SystemExit):
+            print("error: stopped by SIGTERM after step 2; resume with: python scripts/pretrain.py ...",
+                  file=sys.stderr)
+        raise stop
+
+    monkeypatch.setattr(scripts.reproduce, "load_script", lambda name: type("Script", (), {
+        "main": staticmethod(stopped)}))
+    with pytest.raises(SystemExit) as exit:
+        scripts.reproduce.main(["--output_dir", str(tmp_path / "run")])
+    assert exit.value.code == code
+    printed = capsys.readouterr().err
+    assert printed.count("error:") == 1 and "same reproduce.py command again to continue" in printed
+
+
+def test_feature_blocks_beyond_the_pretrained_encoder_fail_before_pretraining(scripts, parquet_folder, tiny_overrides,
+                                                                               tmp_path):
+    argv = reproduce_argv(tmp_path / "run", parquet_folder, tiny_overrides)
+    argv[argv.index("--feature_blocks") + 1] = "4"
+    with pytest.raises(UsageError, match=r"--feature_blocks 4: the encoder has 2 layer\(s\), so it takes 1 to 2"):
+        scripts.reproduce.main(argv)
+    assert not (tmp_path / "run").exists()
