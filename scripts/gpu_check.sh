@@ -19,7 +19,8 @@
 # Results go to $OUT (or ./gpu_check), eleven files and one archive: gpu.txt,
 # benchmark_{model,pipeline,vit_b,data}.{txt,json}, reproduce.txt (every step's output and time), comparison.md and
 # results.tar.gz (the result JSON files); the runs themselves (models, checkpoints, the synthetic prepared folders)
-# stay in $RUNS (./gpu_check_runs; remove it for a fresh run: reproduce.py skips the steps it finds done).
+# stay in $RUNS (./gpu_check_runs; remove it for a fresh run: reproduce.py skips the steps it finds done, in one
+# folder per PRETRAIN_EPOCHS/FINETUNE_EPOCHS setting, as it refuses to continue a run with other settings).
 # SKIP_BENCHMARKS=1 runs steps 1 and 6 alone. Run it from the repository root.
 #
 # Dry run, on a CPU, before a GPU is lent (a test runs it): `DRY=1 bash scripts/gpu_check.sh` or
@@ -169,15 +170,17 @@ step_benchmark_data() {  # the data path alone, on this machine's CPUs: prepared
 }
 
 step_reproduce() {
-    python scripts/reproduce.py --output_dir "$RUNS/reproduce" --dataset_name "$DATA" \
+    # One folder per epoch setting: reproduce.py continues a run with the same settings and refuses other ones.
+    local run="$RUNS/reproduce_pretrain${PRETRAIN_EPOCHS}_finetune${FINETUNE_EPOCHS}"
+    python scripts/reproduce.py --output_dir "$run" --dataset_name "$DATA" \
         --pretrain_args "--num_train_epochs $PRETRAIN_EPOCHS --eval_steps 0.5 --save_steps 0.5 --disable_tqdm true \
 $PRETRAIN_SIZES" \
         --probe_args "--disable_tqdm true $PROBE_SIZES" \
         --finetune_args "--num_train_epochs $FINETUNE_EPOCHS --eval_steps 0.5 --save_steps 0.5 --disable_tqdm true \
 $FINETUNE_SIZES" \
         2>&1 | grep -v "examples/s" | tee "$OUT/reproduce.txt"
-    cp "$RUNS/reproduce/comparison.md" "$OUT/comparison.md"
-    (cd "$RUNS/reproduce" && find pretrained random_init -name "*_results.json" -not -path "*checkpoint*" | sort \
+    cp "$run/comparison.md" "$OUT/comparison.md"
+    (cd "$run" && find pretrained random_init -name "*_results.json" -not -path "*checkpoint*" | sort \
         | tar -czf - -T -) > "$OUT/results.tar.gz"
     cat "$OUT/comparison.md"
 }
