@@ -166,7 +166,7 @@ def test_memmap_token_cache_gives_the_same_probe(model_folder, scripts, parquet_
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--feature_blocks", "3"], "--feature_blocks must lie between 1 and the encoder's 2 blocks"),
+    (["--feature_blocks", "3"], "--feature_blocks 3: the encoder has 2 layer\\(s\\), so it takes 1 to 2"),
     (["--attentive_probe", "true", "--attentive_heads", "3"], "--attentive_heads 3 must divide"),
     (["--attentive_probe", "true", "--token_cache", "ssd"], "--token_cache must be 'auto', 'memory' or 'disk'"),
     (["--linear_probe", "false", "--knn", "false"], "Nothing to do"),
