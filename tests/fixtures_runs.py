@@ -71,3 +71,16 @@ def pretrained_run(tmp_path_factory, scripts, parquet_folder, tiny_overrides):
                                "--num_train_epochs", "2", "--eval_steps", "3", "--save_steps", "3",
                                "--disable_tqdm", "true"])
     return folder, printed.getvalue()
+
+
+def image_tree(root, paths, size=(10, 12)):
+    """Tiny PNGs at `paths` (relative to `root`), each of another colour; a path ending in "/" is an empty folder."""
+    from PIL import Image
+
+    for index, path in enumerate(paths):
+        if path.endswith("/"):
+            (root / path).mkdir(parents=True, exist_ok=True)
+            continue
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (index * 20 % 256, 0, 0)).save(root / path)
+    return root

@@ -6,6 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from fixtures_runs import image_tree
 
 from mae_hf.data import BatchTransform, DataArguments, ImageDataset, collate, load_image_splits
 from mae_hf.data.memory import InMemoryImages
@@ -274,24 +275,15 @@ def test_a_training_transform_without_random_crops_never_reads_device_values():
     torch.testing.assert_close(training(images, sizes), evaluation(images, sizes), atol=0.2, rtol=0)
 
 
-def image_tree(root, paths):
-    """Tiny PNGs at `paths` (relative to `root`); a path ending in "/" is an empty folder."""
-    from PIL import Image
-
-    for index, path in enumerate(paths):
-        if path.endswith("/"):
-            (root / path).mkdir(parents=True, exist_ok=True)
-            continue
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (6, 6), (index * 20 % 256, 0, 0)).save(root / path)
-    return root
+def image_tree6(root, paths):
+    return image_tree(root, paths, size=(6, 6))
 
 
 def test_a_tree_of_split_folders_given_as_one_split_is_refused(tmp_path):
     from mae_hf.cli import UsageError
     from mae_hf.data.sources import load_raw_dataset
 
-    tree = image_tree(tmp_path / "tree", ["train/cat/0.png", "train/dog/1.png", "val/cat/2.png", "val/dog/3.png"])
+    tree = image_tree6(tmp_path / "tree", ["train/cat/0.png", "train/dog/1.png", "val/cat/2.png", "val/dog/3.png"])
     with pytest.raises(UsageError, match=rf"--train_dir {tree} holds split folders \(train, val\).*read as classes "
                                          rf"named train and val. Pass --train_dir {tree}/train --validation_dir "
                                          rf"{tree}/val \(or --dataset_name {tree}\)"):
@@ -299,7 +291,7 @@ def test_a_tree_of_split_folders_given_as_one_split_is_refused(tmp_path):
     with pytest.raises(UsageError, match=rf"Pass --validation_dir {tree}/val"):
         load_raw_dataset(DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree)))
     # Real classes named like splits hold their images (or folders of them), not class folders: no false alarm.
-    classes = image_tree(tmp_path / "classes", ["test/0.png", "train/steam/1.png", "train/2.png"])
+    classes = image_tree6(tmp_path / "classes", ["test/0.png", "train/steam/1.png", "train/2.png"])
     assert load_raw_dataset(DataArguments(train_dir=str(classes)))["train"].features["label"].names == [
         "test", "train"]
 
@@ -307,11 +299,11 @@ def test_a_tree_of_split_folders_given_as_one_split_is_refused(tmp_path):
 def test_a_first_class_folder_without_images_keeps_the_labels(tmp_path):
     from mae_hf.data.sources import load_raw_dataset
 
-    nest = image_tree(tmp_path / "nest", ["train/aaa/", "train/bbb/0.png", "train/bbb/1.png", "train/ccc/deep/2.png"])
+    nest = image_tree6(tmp_path / "nest", ["train/aaa/", "train/bbb/0.png", "train/bbb/1.png", "train/ccc/deep/2.png"])
     for args in (DataArguments(dataset_name=str(nest)), DataArguments(train_dir=str(nest / "train"))):
         split = load_raw_dataset(args)["train"]
         assert split.features["label"].names == ["aaa", "bbb", "ccc"] and split["label"] == [1, 1, 2]
-    deep = image_tree(tmp_path / "deep", ["train/aaa/sub/0.png", "train/bbb/1.png"])
+    deep = image_tree6(tmp_path / "deep", ["train/aaa/sub/0.png", "train/bbb/1.png"])
     assert load_raw_dataset(DataArguments(dataset_name=str(deep)))["train"]["label"] == [0, 1]
 
 
@@ -328,14 +320,14 @@ def test_a_folder_inside_a_prepared_folder_and_a_link_loop_are_named(tmp_path):
         load_raw_dataset(DataArguments(dataset_name=str(prepared / "train")))
     with pytest.raises(UsageError, match=rf"--train_dir {prepared} is a prepared folder .*Pass --dataset_name"):
         load_raw_dataset(DataArguments(train_dir=str(prepared)))
-    looped = image_tree(tmp_path / "looped", ["a/0.png", "b/1.png"])
+    looped = image_tree6(tmp_path / "looped", ["a/0.png", "b/1.png"])
     (looped / "b" / "back").symlink_to("../b")
     with pytest.raises(ValueError, match=r"b/back is a symbolic link to .*b, a folder that holds the link.*Remove"):
         load_raw_dataset(DataArguments(train_dir=str(looped)))
 
 
 def test_disable_tqdm_silences_the_decoding_bars_and_both_folders_are_named(tmp_path, capsys):
-    tree = image_tree(tmp_path, ["train/a/0.png", "train/b/1.png", "val/a/2.png", "val/b/3.png"])
+    tree = image_tree6(tmp_path, ["train/a/0.png", "train/b/1.png", "val/a/2.png", "val/b/3.png"])
     data = DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val"), data_in_memory="true")
     load_image_splits(data, 8, progress=False)
     printed = capsys.readouterr()

@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from fixtures_runs import TINY_MODEL
+from fixtures_runs import TINY_MODEL, image_tree
 from PIL import Image
 
 from mae_hf.cli import UsageError
@@ -608,17 +608,6 @@ def test_a_prepared_folder_s_labels_are_its_label_column(tmp_path, scripts, prep
         load_image_splits(DataArguments(dataset_name=str(tmp_path / "prepared_unlabelled")), 8, require_labels=True)
     train, _ = load_image_splits(DataArguments(dataset_name=str(tmp_path / "prepared_unlabelled")), 8)
     assert train.labels is None
-
-
-def image_tree(root, paths):
-    """Tiny PNGs at `paths` (relative to `root`); a path ending in "/" is an empty folder."""
-    for index, path in enumerate(paths):
-        if path.endswith("/"):
-            (root / path).mkdir(parents=True, exist_ok=True)
-            continue
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (10, 12), (index * 20 % 256, 0, 0)).save(root / path)
-    return root
 
 
 def test_output_folder_problems_are_usage_errors_before_the_source_is_read(tmp_path, scripts, monkeypatch):
