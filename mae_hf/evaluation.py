@@ -16,6 +16,7 @@ from .features import knn_predict
 from .metrics import accuracy
 from .modeling_mae import MAEForImageClassification
 from .precision import decide_bf16
+from .results import PROTOCOLS as ALL_PROTOCOLS
 from .results import architecture, encoder_fingerprint, write_results
 from .training import build_config, load_pretrained
 
@@ -137,8 +138,10 @@ def check_output_folder(folder: str) -> None:
         raise ValueError(f"--output_dir {folder}: {existing} is not writable. Give a folder you can write to.")
 
 
-PROTOCOLS = ("knn", "linear_probe", "linear_probe_multiblock", "attentive_probe")  # what this module writes
-PROBE_MODEL_FILES = ("config.json", "model.safetensors")  # the linear probe's saved classifier
+PROTOCOLS = tuple(protocol for protocol in ALL_PROTOCOLS if not protocol.startswith("finetune"))  # what it writes
+# the linear probe's saved classifier (save_pretrained: weights, config, processor, the code files beside them)
+PROBE_MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "configuration_mae.py",
+                     "modeling_mae.py")
 
 
 def check_feature_blocks(feature_blocks: int, num_hidden_layers: int) -> None:

@@ -546,16 +546,15 @@ class DivergenceGuard(TrainerCallback):
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 class _DropMessage(logging.Filter):
-    """Drops log records starting with `prefix`. Used for the Trainer's resume warning on logging/eval/save steps
-    and batch size: it compares fractional steps (0.01) with the step counts they became (1), so it fires on every
-    resume with these scripts' defaults; the batch size is among the settings `Run.check_settings` compares."""
+    """Drops log records starting with one of `prefixes`: transformers' messages that read as faults here but are
+    not (see where it is used)."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, *prefixes: str):
         super().__init__()
-        self.prefix = prefix
+        self.prefixes = prefixes
 
     def filter(self, record) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+        return not record.getMessage().startswith(self.prefixes)
 
 
 class Run:
@@ -699,7 +698,12 @@ class Run:
         trainer.add_callback(self.stop)
         trainer.add_callback(NoStepPastTheEnd())
         start = 0 if self.resume_from is None else _step_of(self.resume_from)  # before rotation may remove it
-        checkpoint_args_warning = _DropMessage("Warning: The following arguments do not match")
+        # The resume warning compares fractional logging/eval/save steps (0.01) with the step counts they became
+        # (1), so it fires on every resume with these scripts' defaults (the batch size it also compares is among
+        # the settings `check_settings` compares). Checkpoints saved within a second of each other (small runs) make
+        # it say that mtime "may not be reliable" before it orders them by step, which is the right order anyway.
+        checkpoint_args_warning = _DropMessage("Warning: The following arguments do not match",
+                                               "mtime may not be reliable")
         comparer = logging.getLogger("transformers.trainer_utils")
         comparer.addFilter(checkpoint_args_warning)  # see _DropMessage
         try:
