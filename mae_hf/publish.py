@@ -16,7 +16,7 @@ import shutil
 import torch
 
 from .cli import MAEHFError, UsageError
-from .inputs import weight_shapes
+from .inputs import read_json_object, weight_shapes
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
 from .redaction import redact
 from .results import (
@@ -24,12 +24,13 @@ from .results import (
     TITLES,
     accuracy_rows,
     collect_results,
-    dataset_keys,
     encoder_fingerprint,
     is_local_dataset,
     results_table,
+    same_dataset,
     unique_results,
 )
+from .runs import write_json
 
 PICTURES = ("reconstructions.png", "loss_curve.png")
 DEFAULT_DATASET_ID = "uoft-cs/cifar10"
@@ -160,10 +161,9 @@ def data_description(summary: dict, dataset_id: str | None) -> str:
 def check_same_dataset(results: list[dict], summary: dict) -> None:
     """The card describes one dataset: every result must have been measured on the data the model was pretrained
     on (the same Hub dataset, a local copy of it, or a folder prepared from it)."""
-    pretrained_on = dataset_keys(summary["dataset_name"], summary.get("prepared_from"))
     for result in results:
         name = result.get("dataset_name")
-        if name and not dataset_keys(name) & pretrained_on:
+        if name and not same_dataset(summary["dataset_name"], name, summary.get("prepared_from")):
             raise ValueError(
                 f"{result['source']} was measured on {name}, but the model was pretrained on "
                 f"{summary['dataset_name']}: the card describes one dataset. Pass results measured on "
@@ -284,23 +284,15 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     for picture in PICTURES:
         shutil.copy(os.path.join(pretrained_dir, picture), os.path.join(output_dir, picture))
     for index, result in enumerate(results):  # the files as written, tokens redacted
-        write_redacted_copy(result["source"], os.path.join(output_dir, "results", f"{index:02d}_{result['protocol']}_"
-                                                                                  f"{result.get('encoder', 'x')}.json"))
-    write_redacted_copy(summary_path, os.path.join(output_dir, "results", "pretraining_summary.json"))
+        write_json(os.path.join(output_dir, "results", f"{index:02d}_{result['protocol']}_"
+                                f"{result.get('encoder', 'x')}.json"), read_json_object(result["source"]))
+    write_json(os.path.join(output_dir, "results", "pretraining_summary.json"), read_json_object(summary_path))
     if space_dir:
         add_space(space_dir, output_dir)
     card_path = os.path.join(output_dir, "README.md")
     with open(card_path, "w") as handle:
         handle.write(card)
     return card_path
-
-
-def write_redacted_copy(source: str, target: str) -> None:
-    """Copy a JSON record (a result file, a pretraining summary) without any Hub token it may hold."""
-    with open(source) as handle:
-        value = json.load(handle)
-    with open(target, "w") as handle:
-        json.dump(redact(value), handle, indent=2)
 
 
 def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe,

@@ -85,14 +85,40 @@ def is_local_dataset(name: str) -> bool:
     return os.path.exists(os.path.expanduser(name)) or looks_local(name)
 
 
-def dataset_keys(name: str | None, prepared_from: dict | None = None) -> set[str]:
-    """Names under which one dataset may appear in different records: the last part of a Hub id or folder
-    (`uoft-cs/cifar10` and a local copy `../data/cifar10` alike), and for a prepared folder also its source's."""
-    if prepared_from is None and name and is_local_dataset(name):
+# Folder names that say which split, not which dataset: a local dataset in such a folder is named with its parent.
+SPLIT_FOLDERS = ("train", "training", "val", "valid", "validation", "test", "eval")
+
+
+def _dataset_names(name: str, prepared_from: dict | None = None) -> list[tuple[str, str]]:
+    """("hub", id) or ("local", key) for a dataset and, for a prepared folder, the source it was prepared from. A
+    local key is the folder's name, or parent/name for a split folder (`imagenet/train`)."""
+    if prepared_from is None and is_local_dataset(name):
         prepared_from = prepared_source(os.path.expanduser(name))
-    source = prepared_from or {}
-    return {os.path.basename(os.path.normpath(os.path.expanduser(str(value)))).lower()
-            for value in (name, source.get("dataset_name"), source.get("train_dir")) if value}
+    names = []
+    for value in (name, *((prepared_from or {}).get(key) for key in ("dataset_name", "train_dir"))):
+        if not value:
+            continue
+        if not is_local_dataset(str(value)):
+            names.append(("hub", str(value).lower()))
+            continue
+        parts = os.path.normpath(os.path.abspath(os.path.expanduser(str(value)))).lower().split(os.sep)
+        names.append(("local", "/".join(parts[-2:]) if parts[-1] in SPLIT_FOLDERS else parts[-1]))
+    return names
+
+
+def _match(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Two Hub ids when equal; two folders when their keys are; a folder and a Hub id when the folder is named like
+    the dataset (`../data/cifar10`, `../data/cifar10/train` as copies of `uoft-cs/cifar10`)."""
+    if a[0] == b[0]:
+        return a[1] == b[1]
+    local, hub = (a, b) if a[0] == "local" else (b, a)
+    dataset = local[1].split("/")[0] if "/" in local[1] else local[1]
+    return dataset == hub[1].split("/")[-1]
+
+
+def same_dataset(name: str, other: str, prepared_from: dict | None = None) -> bool:
+    """Whether two records name one dataset (see `_match`); a prepared folder also by the source it came from."""
+    return any(_match(a, b) for a in _dataset_names(name, prepared_from) for b in _dataset_names(other))
 
 
 def collect_results(paths) -> list[dict]:
@@ -132,7 +158,7 @@ def check_result(result: dict, file: str) -> None:
         raise ValueError(f"{file}: {key} is {result.get(key)!r}; expected {expected}. A result file holds what a "
                          "script measured: run that script again rather than editing the file.")
 
-    if result.get("protocol") not in (*PROTOCOLS, "finetune"):
+    if result.get("protocol") not in PROTOCOLS:
         refuse("protocol", f"one of {', '.join(PROTOCOLS)}")
     if "encoder" in result and result["encoder"] not in dict(ENCODERS):
         refuse("encoder", f"one of {', '.join(dict(ENCODERS))}")
@@ -200,7 +226,7 @@ def check_one_table(results: list[dict]) -> None:
                 "pretrained column is one model. Compare them in two tables.")
     named = [result for result in results if result.get("dataset_name")]
     for result in named[1:]:
-        if not dataset_keys(named[0]["dataset_name"]) & dataset_keys(result["dataset_name"]):
+        if not same_dataset(named[0]["dataset_name"], result["dataset_name"]):
             raise ValueError(
                 f"{named[0].get('source')} was measured on {named[0]['dataset_name']} and {result.get('source')} on "
                 f"{result['dataset_name']}: a table holds the results of one dataset. Compare them in two tables.")
@@ -231,7 +257,7 @@ def check_comparable(results: list[dict]) -> None:
         same_split = (first.get("eval_split"), first.get("eval_samples")) == \
             (other.get("eval_split"), other.get("eval_samples"))
         same_data = not (first.get("dataset_name") and other.get("dataset_name")) or \
-            dataset_keys(first["dataset_name"]) & dataset_keys(other["dataset_name"])
+            same_dataset(first["dataset_name"], other["dataset_name"])
         if not (same_split and same_data):
             raise ValueError(
                 f"{first['protocol']}: {first.get('source')} was evaluated on {evaluation_data(first)} and "

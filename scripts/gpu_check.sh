@@ -172,6 +172,7 @@ step_benchmark_data() {  # the data path alone, on this machine's CPUs: prepared
 step_reproduce() {
     # One folder per epoch setting: reproduce.py continues a run with the same settings and refuses other ones.
     local run="$RUNS/reproduce_pretrain${PRETRAIN_EPOCHS}_finetune${FINETUNE_EPOCHS}"
+    if [ "$DRY" = 1 ]; then run="${run}_dry"; fi  # a dry run's tiny sizes are other settings
     python scripts/reproduce.py --output_dir "$run" --dataset_name "$DATA" \
         --pretrain_args "--num_train_epochs $PRETRAIN_EPOCHS --eval_steps 0.5 --save_steps 0.5 --disable_tqdm true \
 $PRETRAIN_SIZES" \

@@ -13,13 +13,14 @@ import sys
 
 from mae_hf.cli import parse_args, run_script
 from mae_hf.data.arguments import SourceArguments
-from mae_hf.data.prepare import PrepareArguments, command_line, prepare
+from mae_hf.data.prepare import PrepareArguments, prepare
+from mae_hf.redaction import recorded_command
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     source, args = parse_args((SourceArguments, PrepareArguments), argv, description=__doc__)
-    prepare(source, args, command_line(argv))
+    prepare(source, args, recorded_command(["scripts/prepare_data.py", *argv]))  # tokens redacted
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ class Step:
         """Flags to add for a step whose folder holds an incomplete run; moves a leftover folder aside."""
         if not os.path.isdir(self.folder) or self.derived:
             return []
-        if self.trainer and glob.glob(os.path.join(self.folder, "checkpoint-*")):
+        if self.resumable():
             print(f"[reproduce] {self.name}: incomplete, resuming from its last complete checkpoint", flush=True)
             return ["--resume_from_checkpoint", "last"]
         if self.trainer or os.listdir(self.folder):

@@ -48,6 +48,9 @@ def recorded_settings(model_dir: str | None) -> dict:
     if model_dir is not None and os.path.isfile(summary_path):
         summary = read_json_object(summary_path, "the pretraining summary of the run")
         recorded = dict(summary.get("data") or {"dataset_name": summary.get("dataset_name")})
+        if recorded.get("eval_crop_fraction") is None and summary.get("eval_crop_fraction"):
+            # the crop the run resolved from all its images: the first --num_images alone could give another
+            recorded["eval_crop_fraction"] = summary["eval_crop_fraction"]
         if "seed" in summary:
             recorded["seed"] = summary["seed"]
     elif model_dir is not None and os.path.isfile(settings_path):

@@ -49,7 +49,7 @@ def test_dry_run_makes_every_output_file(repo_root, tmp_path, parquet_folder):
     with tarfile.open(folder / "results.tar.gz") as archive:
         names = sorted(archive.getnames())
     assert len(names) == 10 and all(name.endswith("_results.json") for name in names)
-    assert (tmp_path / "runs" / "reproduce_pretrain1_finetune1" / "hub" / "README.md").is_file()  # the dry sizes
+    assert (tmp_path / "runs" / "reproduce_pretrain1_finetune1_dry" / "hub" / "README.md").is_file()  # the dry sizes
     for step in ("gpu", "benchmark_model", "benchmark_pipeline", "benchmark_vit_b", "benchmark_data", "reproduce"):
         assert f"[gpu_check] {step}: " in out, step
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .decode import BadImage, channels_first, paste
+from .policy import processes_on_this_machine
 from .splits import ImageData
 
 CHUNK = 256  # images a decoding worker handles at a time (fewer when they are large: see `chunk_size`)
@@ -19,7 +20,7 @@ def cpus_per_process() -> int:
     """The CPUs this process may use, shared with the other training processes on this machine (torchrun's
     LOCAL_WORLD_SIZE)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, cpus // processes_on_this_machine())
 
 
 def repeat_edges(canvases: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ import json
 import math
 import multiprocessing
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -462,19 +461,3 @@ def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> di
           f"{f', {skipped} skipped (listed in {PREPARED_MANIFEST})' if skipped else ''}, "
           f"{seconds:,.0f} s this run. Train from it: --dataset_name {args.output_dir}", flush=True)
     return manifest
-
-
-def command_line(argv: list[str]) -> str:
-    """The command as run, for the manifest (a continuation runs it again): token values hidden."""
-    shown, hide = [], False
-    for token in argv:
-        if hide:
-            shown.append("<token>")
-            hide = False
-        elif token.split("=", 1)[0].endswith("token") and token.startswith("--"):
-            hide = "=" not in token
-            shown.append(token.split("=", 1)[0] + ("=<token>" if "=" in token else ""))
-        else:
-            shown.append(token)
-    return shlex.join(["python", "scripts/prepare_data.py", *shown])
-

@@ -133,9 +133,16 @@ class BatchTransform:
         self.eval_crop_fraction = eval_crop_fraction
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._statistics = {}  # device -> (mean, std) there
         self.seed = seed
         self.generator = None  # made on the device of the first batch
         self._pending_state = None
+
+    def statistics_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std on `device`, copied there once: a host-to-device copy in every batch waits for the device."""
+        if device not in self._statistics:
+            self._statistics[device] = self.mean.to(device), self.std.to(device)
+        return self._statistics[device]
 
     def generator_for(self, device: torch.device) -> torch.Generator | None:
         if device.type == "meta":  # shapes only (tests that trace the transform): nothing to draw
@@ -172,7 +179,8 @@ class BatchTransform:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.augment is not None:
             x = self.augment(x)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        mean, std = self.statistics_on(x.device)
+        x = (x - mean) / std
         if self.random_erasing > 0:
             x = random_erasing(x, self.random_erasing)
         return x
