@@ -15,7 +15,7 @@ import numpy as np
 from ..cli import UsageError
 from ..paths import folder_listing, looks_local
 from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
-from .prepared import PREPARED_MANIFEST, is_prepared, load_prepared
+from .prepared import PREPARED_MANIFEST, is_prepared, load_prepared, shards_without_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
@@ -52,8 +52,9 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
         except Exception as error:
             raise ValueError(f"--dataset_name {name}: could not read this parquet file ({error}).") from error
     if os.path.isdir(name):
-        if os.path.exists(os.path.join(name, PREPARED_MANIFEST)):
+        if is_prepared(name):
             return load_prepared(name)
+        check_manifest_present(name)
         check_parquet_files(glob.glob(os.path.join(name, "**", "*.parquet"), recursive=True))
         if os.path.exists(os.path.join(name, "dataset_dict.json")):
             return datasets.load_from_disk(name)
@@ -85,6 +86,17 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
                          "shards are read from a local copy. Download it (hf download "
                          f"{name} --repo-type dataset --local-dir {name.split('/')[-1]}) and pass that folder.")
     return loaded
+
+
+def check_manifest_present(folder: str) -> None:
+    """Refuse prepared shards without their manifest: read as a plain dataset, their stored bytes would be "images
+    that cannot be decoded", or train unchecked."""
+    shards = shards_without_manifest(folder)
+    if shards:
+        raise ValueError(f"--dataset_name {folder} holds prepared shards ({shards[0]}, ...: {len(shards)} in all) but no "
+                         f"manifest ({PREPARED_MANIFEST}, which says what they hold): it was deleted or not copied. "
+                         "Copy the folder again whole, or prepare it again into a new folder with "
+                         "scripts/prepare_data.py.")
 
 
 def check_parquet_files(paths) -> None:
