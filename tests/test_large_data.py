@@ -245,7 +245,8 @@ def test_a_half_prepared_folder_is_refused_then_finished_keeping_its_shards(tmp_
     killed = subprocess.run([sys.executable, str(tmp_path / "killed.py"), *flags], cwd=repo_root,
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
-    first = sorted((output / "train").iterdir())
+    assert sorted(path.name for path in output.iterdir()) == [".preparing", ".run.lock"]  # no dataset yet
+    first = sorted((output / ".preparing" / "train").iterdir())
     assert [path.name for path in first] == ["data-00000-of-00004.arrow", "data-00001-of-00004.arrow"]
     inodes = [path.stat().st_ino for path in first]
     with pytest.raises(SystemExit) as stop:  # training from it: one clear error naming what to run
@@ -258,7 +259,7 @@ def test_a_half_prepared_folder_is_refused_then_finished_keeping_its_shards(tmp_
     assert "continuing" in out and "2 finished shard(s) (32 images) kept, 3 to go" in out
     assert [path.stat().st_ino for path in sorted((output / "train").iterdir())[:2]] == inodes  # not rewritten
     assert json.loads((output / PREPARED_MANIFEST).read_text())["complete"]
-    assert not (output / "_progress").exists()
+    assert sorted(path.name for path in output.iterdir()) == [PREPARED_MANIFEST, "test", "train"]
 
 
 def test_a_finished_folder_is_never_overwritten_silently(tmp_path, scripts, prepared, mixed_source, capsys):
@@ -707,7 +708,8 @@ def test_stopping_a_parallel_preparation_prints_no_worker_traceback(tmp_path, re
                                 "--disable_tqdm", "true"], cwd=repo_root, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
-    while len(list((output / "_progress").glob("*.json")) if (output / "_progress").is_dir() else []) < 2:
+    progress = output / ".preparing" / "progress"
+    while len(list(progress.glob("*.json")) if progress.is_dir() else []) < 2:
         assert time.time() < deadline and process.poll() is None
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT) if stop == signal.SIGINT else process.kill()  # Ctrl-C: the whole group
@@ -715,5 +717,5 @@ def test_stopping_a_parallel_preparation_prints_no_worker_traceback(tmp_path, re
     assert "Traceback" not in err and "ForkPoolWorker" not in err, err
     if stop == signal.SIGINT:
         assert process.returncode == 130
-        kept = len(list((output / "_progress").glob("*.json")))
+        kept = len(list(progress.glob("*.json")))
         assert f"error: interrupted: {kept} of 24 shards are finished and kept" in err, err
