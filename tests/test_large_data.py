@@ -19,6 +19,7 @@ from mae_hf.data import DataArguments, load_image_splits
 from mae_hf.data.prepared import PREPARED_MANIFEST
 from mae_hf.data.sources import list_image_folder
 from mae_hf.data.streaming import fit_workers_to_shared_memory
+from mae_hf.runs import LOCK_NAME, RunError
 
 SIZES = [(10, 14), (14, 10), (12, 12), (9, 16)]  # (height, width): landscape, portrait, square, wide
 TINY = ",".join(f"{key}={value}" for key, value in TINY_MODEL.items())
@@ -719,3 +720,69 @@ def test_stopping_a_parallel_preparation_prints_no_worker_traceback(tmp_path, re
         assert process.returncode == 130
         kept = len(list(progress.glob("*.json")))
         assert f"error: interrupted: {kept} of 24 shards are finished and kept" in err, err
+
+
+def test_a_second_preparation_into_the_same_folder_is_refused_naming_the_first(tmp_path, repo_root, scripts,
+                                                                                capsys):
+    import time
+
+    tree = image_tree(tmp_path / "tree", [f"{name}/{index}.png" for name in "ab" for index in range(6)])
+    (tmp_path / "slow.py").write_text(PREPARE_SLOWLY)
+    output = tmp_path / "out"
+    flags = ["--train_dir", str(tree), "--output_dir", str(output), "--short_side", "8", "--shard_size", "1",
+             "--num_proc", "1", "--disable_tqdm", "true"]
+    first = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), *flags], cwd=repo_root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress, deadline = output / ".preparing" / "progress", time.time() + 60
+    while len(list(progress.glob("*.json")) if progress.is_dir() else []) < 1:
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.05)
+    with pytest.raises(RunError, match=rf"--output_dir {output} is in use by another run \(pid {first.pid} on "):
+        scripts.prepare_data.main(flags)
+    first.kill()
+    first.communicate(timeout=60)
+    assert f"pid {first.pid} on " in (output / LOCK_NAME).read_text()  # a dead process's lock: taken over
+    scripts.prepare_data.main(flags)
+    assert "continuing" in capsys.readouterr().out
+    assert sorted(path.name for path in output.iterdir()) == [PREPARED_MANIFEST, "train"]
+    assert len(list((output / "train").iterdir())) == 12
+
+
+def test_a_full_disk_while_preparing_leaves_no_temporaries_and_no_dataset_until_complete(tmp_path, scripts,
+                                                                                          mixed_source, monkeypatch,
+                                                                                          capsys):
+    import errno
+
+    from datasets.arrow_writer import ArrowWriter
+
+    output = tmp_path / "out"
+    flags = ["--dataset_name", str(mixed_source), "--output_dir", str(output), "--short_side", "8", "--shard_size",
+             "16", "--num_proc", "1", "--disable_tqdm", "true"]
+    write_batch, calls = ArrowWriter.write_batch, []
+
+    def disk_full_at_the_third_shard(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            self.stream.write(b"half a shard")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrowWriter, "write_batch", disk_full_at_the_third_shard)
+    with pytest.raises(RunError, match=rf"Writing {output} failed \(No space left on device\). The 2 finished "
+                                       "shard\\(s\\) are kept and the half-written files removed"):
+        scripts.prepare_data.main(flags)
+    assert not [path for path in output.rglob("*") if ".tmp-" in path.name]
+    assert sorted(path.name for path in output.iterdir()) == [".preparing"]  # nothing `datasets` would load
+    with pytest.raises(datasets.data_files.EmptyDatasetError):
+        datasets.load_dataset(str(output), cache_dir=str(tmp_path / "cache"))
+    for left in (".preparing/train/data-00002-of-00004.arrow.tmp-99999", ".preparing/progress/x.json.tmp-99999"):
+        (output / left).write_bytes(b"what a killed worker left")
+    monkeypatch.undo()
+    scripts.prepare_data.main(flags)  # room made: the same command
+    out = capsys.readouterr().out
+    assert "removed 2 half-written file(s)" in out and "2 finished shard(s) (32 images) kept" in out
+    assert sorted(path.name for path in output.rglob("*")) == sorted(
+        [PREPARED_MANIFEST, "train", "test", *(f"data-0000{index}-of-00004.arrow" for index in range(4)),
+         "data-00000-of-00001.arrow"])
+    loaded = datasets.load_dataset(str(output), cache_dir=str(tmp_path / "cache"))
+    assert (loaded["train"].num_rows, loaded["test"].num_rows) == (50, 12)
