@@ -10,6 +10,7 @@ is a dataset (for `datasets` too) exactly when its manifest says complete.
 """
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -507,10 +508,9 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
                            "(with --skip_bad_images true added, or once the image is fixed) continues from them.") \
                 from None
         except OSError as error:
-            raise _write_failed(error, folder, command) from error
+            raise _write_failed(error, folder, command)
     except KeyboardInterrupt:
         bar.close()
-        _swept(folder)
         kept = len(_finished_shards(folder))  # after the pool stopped: what a new run will keep
         print(f"error: interrupted: {kept} of {sum(num_shards.values())} shards are finished and kept. Run "
               f"the same command again to continue: {command}", file=sys.stderr, flush=True)
@@ -520,9 +520,9 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
         _JOB.clear()
         _swept(folder)  # the pool has stopped: what its workers left half-written goes
     try:
-        _finished(folder, manifest, splits, records, num_shards)
+        _completed(folder, manifest, splits, records, num_shards)
     except OSError as error:
-        raise _write_failed(error, folder, command) from error
+        raise _write_failed(error, folder, command)
     seconds = time.perf_counter() - started
     stored = sum(shard["bytes"] for split in manifest["splits"].values() for shard in split["shards"])
     skipped = sum(split["num_skipped"] for split in manifest["splits"].values())
@@ -538,15 +538,19 @@ def _unwritable(folder: str, error: OSError) -> UsageError:
     return UsageError(f"--output_dir {folder} cannot be written ({error.strerror}). Choose a folder you can write to.")
 
 
-def _write_failed(error: OSError, folder: str, command: str) -> RunError:
-    """A failed write while preparing (a full disk): what is kept, and the command that continues."""
+def _write_failed(error: OSError, folder: str, command: str) -> OSError:
+    """A failed write while preparing (a full disk): what is kept, and the command that continues. Any other
+    `OSError` (a source image that cannot be read) as it is: it names its file."""
+    written = error.filename and os.path.realpath(error.filename).startswith(os.path.realpath(folder) + os.sep)
+    if not (written or error.errno in (errno.ENOSPC, errno.EDQUOT) or os.strerror(errno.ENOSPC) in str(error)):
+        return error  # pyarrow's write errors may carry no errno: their text names the cause
     kept = len(_finished_shards(folder))
     return RunError(f"Writing {folder} failed ({write_failure(error, folder)}). The {kept} finished shard(s) are kept "
                     "and the half-written files removed; make room (or fix the cause) and run the same command again "
                     f"to continue: {command}")
 
 
-def _finished(folder: str, manifest: dict, splits: dict, records: dict, num_shards: dict) -> None:
+def _completed(folder: str, manifest: dict, splits: dict, records: dict, num_shards: dict) -> None:
     """Every shard written: the manifest's splits and fingerprint, the shards moved into place, then the finished
     manifest (from here on the folder is a dataset) and the unfinished folder removed."""
     manifest["splits"] = {}

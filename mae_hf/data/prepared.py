@@ -27,6 +27,8 @@ UNFINISHED_FOLDER = ".preparing"  # an unfinished preparation: its shards, progr
 FORMAT_NAME = "mae_hf prepared images"
 FORMAT_VERSION = 1  # fingerprints were added within version 1: a folder prepared before them is read unchecked
 IMAGE_COLUMN = "image"
+PREPARED_COLUMNS = {IMAGE_COLUMN, "height", "width", "source_row"}  # a prepared folder's shards, wherever they are
+SAVE_TO_DISK_FILES = ("dataset_dict.json", "state.json")  # `datasets`' save_to_disk folders hold shards named alike
 SHARD_NAME = re.compile(r"data-\d{5}-of-\d{5}\.arrow")
 ENDS_BYTES = 1 << 16  # a shard's first and last bytes checked at every start: its first images, labels and rows
 # What a manifest holds, checked on read: {key: type} of the manifest, its settings, each split and each shard.
@@ -57,16 +59,27 @@ def is_prepared(folder: str) -> bool:
 
 def shards_without_manifest(folder: str) -> list[str]:
     """The prepared shards (`<split>/data-00000-of-00042.arrow`) of a folder that has no manifest (deleted, or not
-    copied): without it they would be read as a plain dataset of image bytes."""
-    if not os.path.isdir(folder) or is_prepared(folder):
+    copied): without it they would be read as a plain dataset of image bytes. Told by their names and columns."""
+    import pyarrow as pa
+
+    if not os.path.isdir(folder) or is_prepared(folder) or \
+            any(os.path.exists(os.path.join(folder, name)) for name in SAVE_TO_DISK_FILES):
         return []
     found = []
     with os.scandir(folder) as scan:
         for entry in scan:
-            if entry.is_dir() and not entry.name.startswith("."):
+            if entry.is_dir() and not entry.name.startswith(".") and \
+                    not os.path.exists(os.path.join(entry.path, SAVE_TO_DISK_FILES[1])):
                 found += sorted(os.path.join(entry.name, name) for name in os.listdir(entry.path)
                                 if SHARD_NAME.fullmatch(name))
-    return found
+    if not found:
+        return []
+    try:
+        with pa.OSFile(os.path.join(folder, found[0])) as source:
+            columns = set(pa.ipc.open_stream(source).schema.names)
+    except (OSError, pa.ArrowInvalid):
+        return []  # not an Arrow stream: whatever it is, not prepared shards
+    return found if PREPARED_COLUMNS <= columns else []
 
 
 def prepared_source(folder: str) -> dict | None:

@@ -15,12 +15,11 @@ import numpy as np
 from ..cli import UsageError
 from ..paths import folder_listing, looks_local
 from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
-from .prepared import PREPARED_MANIFEST, is_prepared, load_prepared, shards_without_manifest
+from .prepared import PREPARED_COLUMNS, PREPARED_MANIFEST, is_prepared, load_prepared, shards_without_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
 IGNORED_FILES = ("readme", "license", ".")  # beside image folders: not data
-PREPARED_COLUMNS = {"image", "height", "width", "source_row"}  # a prepared folder's shards, wherever they are
 IMAGE_FOLDER_INFO = "mae_hf image folder: "  # a listed folder's Dataset names it in its description (kept by select)
 
 
@@ -93,9 +92,9 @@ def check_manifest_present(folder: str) -> None:
     that cannot be decoded", or train unchecked."""
     shards = shards_without_manifest(folder)
     if shards:
-        raise ValueError(f"--dataset_name {folder} holds prepared shards ({shards[0]}, ...: {len(shards)} in all) but no "
-                         f"manifest ({PREPARED_MANIFEST}, which says what they hold): it was deleted or not copied. "
-                         "Copy the folder again whole, or prepare it again into a new folder with "
+        raise ValueError(f"--dataset_name {folder} holds prepared shards ({shards[0]}, ...: {len(shards)} in all) "
+                         f"but no manifest ({PREPARED_MANIFEST}, which says what they hold): it was deleted or not "
+                         "copied. Copy the folder again whole, or prepare it again into a new folder with "
                          "scripts/prepare_data.py.")
 
 
