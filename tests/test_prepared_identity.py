@@ -133,7 +133,9 @@ def test_a_folder_prepared_before_fingerprints_is_read_as_before(tmp_path, prepa
     (copy / PREPARED_MANIFEST).write_text(json.dumps(recorded))
     train, evaluation = load(copy)
     assert (len(train), len(evaluation)) == (48, 16)
-    assert f"note: {copy} was prepared by an earlier mae_hf, without shard fingerprints" in capsys.readouterr().out
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {copy} was prepared by an earlier mae_hf, without fingerprints: its shards are checked "
+                     "by their sizes only, and a resume cannot tell whether it was prepared again."]
 
 
 def test_resume_refuses_a_folder_prepared_again(tmp_path, scripts, sources):

@@ -211,6 +211,9 @@ def _selected_splits(args: DataArguments, image_size: int, num_channels: int, re
     if prepared:
         geometry = Geometry(**{**geometry_of(manifest).__dict__, "num_channels": num_channels})
         stored_channels = manifest["settings"]["num_channels"]
+        if manifest.get("fingerprint") is None:
+            print_once(f"note: {args.dataset_name} was prepared by an earlier mae_hf, without fingerprints: its shards "
+                       "are checked by their sizes only, and a resume cannot tell whether it was prepared again.")
         if geometry.short_side < image_size:
             print_once(f"warning: {args.dataset_name} was prepared with short side {geometry.short_side}, below the "
                        f"model's {image_size} px: every image is scaled up (blurred). Prepare it again with "

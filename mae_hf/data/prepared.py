@@ -20,7 +20,6 @@ import shlex
 
 from ..inputs import read_json_object
 from .decode import Geometry
-from .policy import print_once
 
 PREPARED_MANIFEST = "mae_hf_prepared.json"
 UNFINISHED_FOLDER = ".preparing"  # an unfinished preparation: its shards, progress and manifest (hidden from datasets)
@@ -202,11 +201,7 @@ def split_files(folder: str, manifest: dict, split: str) -> tuple[list[str], lis
     """(shard paths, row counts) of a split, each shard checked against the manifest: its size, and (a folder
     prepared with fingerprints) its first and last bytes, so that a foreign or damaged shard is named."""
     files, counts = [], []
-    shards = manifest["splits"][split]["shards"]
-    if any("ends_sha256" not in shard for shard in shards):
-        print_once(f"note: {folder} was prepared by an earlier mae_hf, without shard fingerprints: its shards are "
-                   "checked by their sizes only, and a resume cannot tell whether it was prepared again.")
-    for shard in shards:
+    for shard in manifest["splits"][split]["shards"]:
         path = os.path.join(folder, shard["file"])
         problem = None
         if not os.path.isfile(path):
