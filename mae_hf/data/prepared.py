@@ -24,7 +24,7 @@ from .decode import Geometry
 PREPARED_MANIFEST = "mae_hf_prepared.json"
 UNFINISHED_FOLDER = ".preparing"  # an unfinished preparation: its shards, progress and manifest (hidden from datasets)
 FORMAT_NAME = "mae_hf prepared images"
-FORMAT_VERSION = 1  # fingerprints were added within version 1: a folder prepared before them is read unchecked
+FORMAT_VERSION = 1  # fingerprints came within version 1: a folder prepared before them is checked by sizes only
 IMAGE_COLUMN = "image"
 PREPARED_COLUMNS = {IMAGE_COLUMN, "height", "width", "source_row"}  # a prepared folder's shards, wherever they are
 SAVE_TO_DISK_FILES = ("dataset_dict.json", "state.json")  # `datasets`' save_to_disk folders hold shards named alike
@@ -93,9 +93,11 @@ def prepared_source(folder: str) -> dict | None:
 def prepare_command(manifest: dict, folder: str, overwrite: bool = False) -> str:
     """The recorded command that prepared the folder, writing into `folder`: the folder at hand (a copy is prepared
     in place, never its original), with `--overwrite true` when it replaces what is there."""
-    recorded = manifest.get("command")
-    words = shlex.split(recorded) if isinstance(recorded, str) and recorded.strip() else \
-        ["python", "scripts/prepare_data.py", "...", "(the flags that made it)"]
+    try:
+        words = shlex.split(manifest["command"])
+    except (KeyError, TypeError, ValueError):  # an edited or damaged manifest: the flags are the user's to give
+        words = []
+    words = words or ["python", "scripts/prepare_data.py", "..."]
     kept, skip = [], False
     for word in words:
         if skip or word.startswith(("--output_dir=", "--overwrite=")):
