@@ -344,9 +344,9 @@ def test_fsdp_full_shard_trains_resumes_and_saves_like_ddp(tmp_path, repo_root):
 
     worker = tmp_path / "fsdp_worker.py"
     worker.write_text(FSDP_WORKER)
-    result = subprocess.run([sys.executable, *LAUNCHERS["torchrun"], str(worker), str(tmp_path), json.dumps(TINY_MODEL)],
-                            cwd=repo_root, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root)),
-                            capture_output=True, text=True)
+    command = [sys.executable, *LAUNCHERS["torchrun"], str(worker), str(tmp_path), json.dumps(TINY_MODEL)]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root))
+    result = subprocess.run(command, cwd=repo_root, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["losses"] == pytest.approx(report["reference"], abs=1e-5)  # same losses as DDP, step by step
