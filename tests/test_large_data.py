@@ -3,6 +3,8 @@ one memory policy, exact resumes after kill -9, each image at most once per epoc
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -276,8 +278,27 @@ def test_a_finished_folder_is_never_overwritten_silently(tmp_path, scripts, prep
     subprocess.run(["cp", "-r", str(prepared), str(copy)], check=True)
     scripts.prepare_data.main([*flags, "--output_dir", str(copy), "--short_side", "6", "--overwrite", "true"])
     assert json.loads((copy / PREPARED_MANIFEST).read_text())["settings"]["short_side"] == 6
-    with pytest.raises(UsageError, match="lies inside --dataset_name"):
+    with pytest.raises(UsageError, match=f"lies inside {mixed_source}, the folder --dataset_name reads"):
         scripts.prepare_data.main([*flags, "--output_dir", str(mixed_source / "prepared")])
+
+
+def test_a_single_file_s_prepared_folder_goes_beside_its_folder_never_inside(monkeypatch, scripts, mixed_source):
+    import mae_hf.data as data
+
+    monkeypatch.setattr(data, "memory_budget", lambda: (1000, "a test's budget"))
+    single = mixed_source / "train.parquet"
+    with pytest.raises(ValueError) as error:  # too large for memory: the printed command writes outside its folder
+        load_image_splits(DataArguments(dataset_name=str(single)), 8)
+    command = re.search(r"python scripts/prepare_data.py .*? --output_dir [^\s,]+", str(error.value)).group(0)
+    assert command.endswith(f"--output_dir {mixed_source}_train_prepared")
+    flags = ["--num_proc", "1", "--disable_tqdm", "true"]
+    with pytest.raises(UsageError, match=rf"--output_dir {mixed_source}/prepared lies inside {mixed_source}, the "
+                                         rf"folder --dataset_name reads.*--output_dir {mixed_source}_train_prepared"):
+        scripts.prepare_data.main([*shlex.split(command)[2:-2], "--output_dir", str(mixed_source / "prepared"), *flags])
+    scripts.prepare_data.main([*shlex.split(command)[2:], *flags])
+    assert sorted(path.name for path in mixed_source.iterdir()) == ["test.parquet", "train.parquet"]
+    train, test = load_image_splits(DataArguments(dataset_name=str(mixed_source), data_in_memory="true"), 8)
+    assert (len(train), len(test)) == (50, 12)  # the folder still reads as itself
 
 
 def test_bad_images_in_a_source_to_prepare(tmp_path, scripts, capsys):

@@ -216,6 +216,44 @@ def prepared_folder_above(path: str) -> str | None:
         current = parent
 
 
+def source_folders(args: SourceArguments) -> list[tuple[str, str]]:
+    """(option, folder) of each local folder the images are read from; a single file's folder counts, since
+    `--dataset_name` of that folder reads every file in it."""
+    if args.train_dir:
+        return [(option, folder) for option, folder in (("--train_dir", args.train_dir),
+                                                         ("--validation_dir", args.validation_dir)) if folder]
+    name = args.dataset_name
+    if not os.path.exists(name):  # a Hub id
+        return []
+    return [("--dataset_name", name if os.path.isdir(name) else os.path.dirname(os.path.abspath(name)))]
+
+
+def source_holding(path: str, args: SourceArguments) -> tuple[str, str] | None:
+    """The (option, folder) of the source folder that `path` is or lies inside, or None: a prepared folder written
+    there would be read as part of the source."""
+    real = os.path.realpath(path)
+    for option, folder in source_folders(args):
+        inside = os.path.realpath(folder)
+        if real == inside or real.startswith(inside + os.sep):
+            return option, folder
+    return None
+
+
+def default_prepared_folder(args: SourceArguments) -> str:
+    """Where a prepared copy of the source goes by default: beside its folder, never inside a source (a Hub id's
+    under prepared/ here)."""
+    local = source_folders(args)
+    if not local:
+        return f"prepared/{args.dataset_name.replace('/', '_')}"
+    name = args.train_dir or args.dataset_name
+    folder = os.path.abspath(local[0][1])
+    stem = "" if os.path.isdir(name) else "_" + os.path.splitext(os.path.basename(name))[0]
+    output = os.path.join(os.path.dirname(folder), f"{os.path.basename(folder)}{stem}_prepared")
+    while source_holding(output, args) and os.path.dirname(output) != os.path.dirname(os.path.dirname(output)):
+        output = os.path.join(os.path.dirname(os.path.dirname(output)), os.path.basename(output))  # train/ in val/
+    return output if os.path.isabs(os.path.expanduser(name)) else os.path.relpath(output)
+
+
 def check_not_prepared(option: str, path: str) -> None:
     """Refuse a prepared folder, or a folder inside one, where it would be read as images or parquet files: its
     shards hold stored bytes, which would read as "cannot be decoded" or "no image files"."""
