@@ -9,19 +9,21 @@ files. Everything stays undecoded: `memory.py` decodes what fits in memory, `str
 import glob
 import math
 import os
+import sys
 
 import numpy as np
 
 from ..cli import UsageError
 from ..paths import folder_listing, looks_local
 from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
+from .policy import print_once
 from .prepared import PREPARED_MANIFEST, is_prepared, load_prepared
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
 IGNORED_FILES = ("readme", "license", ".")  # beside image folders: not data
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")  # what only `datasets`' imagefolder reads
 PREPARED_COLUMNS = {"image", "height", "width", "source_row"}  # a prepared folder's shards, wherever they are
-IMAGE_FOLDER_INFO = "mae_hf image folder: "  # a listed folder's Dataset names it in its description (kept by select)
 
 
 def load_raw_dataset(args: SourceArguments, token: str | None = None):
@@ -39,7 +41,7 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
                 raise ValueError(f"{option} {folder}: no such folder. {folder_listing(folder)}")
             check_not_prepared(option, folder)
             check_not_split_tree(option, folder)
-        return datasets.DatasetDict({split: list_image_folder(folder) for split, folder in folders.items()})
+        return list_image_folders(folders)
     name = args.dataset_name
     if os.path.exists(name) and not is_prepared(name):  # a Hub id is no path, whatever folder it is run from
         check_not_prepared("--dataset_name", name)
@@ -61,7 +63,7 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
             return datasets.DatasetDict({"train": datasets.load_from_disk(name)})
         layout = image_folder_layout(name)
         if layout:
-            return datasets.DatasetDict({split: list_image_folder(folder) for split, folder in layout.items()})
+            return list_image_folders(layout)
         try:
             return datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir)
         except Exception as error:
@@ -157,17 +159,19 @@ def _holds_classes(folder: str, classes: list[str]) -> bool:
 def image_folder_layout(folder: str) -> dict[str, str] | None:
     """{split: folder} when `folder` is a plain image-folder tree — split folders (train/, test/, ...) of class
     folders of images, or class folders directly (one "train" split) — with no metadata files that only
-    `datasets`' imagefolder builder understands; else None."""
+    `datasets`' imagefolder builder understands; else None. Other files beside a split's class folders (a
+    classes.txt) are left out, and `list_image_folder` says so."""
     subfolders, images, others = _entries(folder)
     if images or not subfolders or any(not name.lower().startswith(IGNORED_FILES) for name in others):
         return None
     if all(name.lower() in SPLIT_FOLDER_NAMES for name in subfolders):
         layout = {}
         for name in subfolders:
-            classes, loose, extra = _entries(os.path.join(folder, name))
-            if extra or not classes or not _holds_classes(os.path.join(folder, name), classes):
+            split = os.path.join(folder, name)
+            classes, _, extra = _entries(split)
+            if any(file.lower() in METADATA_FILES for file in extra) or not _holds_classes(split, classes):
                 return None
-            layout["train" if name.lower() == "training" else name] = os.path.join(folder, name)
+            layout["train" if name.lower() == "training" else name] = split
         return layout
     return {"train": folder} if _holds_classes(folder, subfolders) else None
 
@@ -266,19 +270,44 @@ def check_not_prepared(option: str, path: str) -> None:
                      "are read from it (--train_split / --eval_split choose them).")
 
 
-def list_image_folder(folder: str):
+def list_image_folders(folders: dict[str, str]):
+    """A `DatasetDict` of image folders ({split: folder}), their labels numbered by the class folders of all splits
+    together, as `datasets`' imagefolder numbers them: a small evaluation split without a rare class shifts nothing.
+    A split that lacks classes is named with them."""
+    import datasets
+
+    classes = {split: _entries(folder)[0] for split, folder in folders.items()}
+    union = sorted(set().union(*classes.values()))
+    for split, folder in folders.items():
+        missing = [name for name in union if name not in classes[split]]
+        if classes[split] and missing:  # a folder of loose images is unlabelled: it lacks no class
+            print_once(f"warning: {folder} has no folder for {len(missing)} class(es) of the other split(s): "
+                       f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. Labels are numbered by the "
+                       "class folders of all splits together, so they mean the same classes in each.",
+                       file=sys.stderr)
+    return datasets.DatasetDict({split: list_image_folder(folder, union) for split, folder in folders.items()})
+
+
+def list_image_folder(folder: str, class_names: list[str] | None = None):
     """A `Dataset` of undecoded images {bytes: None, path} and labels from one class folder per label
-    (folder/cat/1.png, ...; deeper folders belong to their class), in one `os.scandir` pass, sorted by name. A
-    folder of images without class folders gives unlabelled images (label None)."""
+    (folder/cat/1.png, ...; deeper folders belong to their class), in one `os.scandir` pass, sorted by name; the
+    labels index `class_names` (default: this folder's classes). A folder of images without class folders gives
+    unlabelled images (label None)."""
     import datasets
     import pyarrow as pa
 
-    classes, loose, _ = _entries(folder)
+    classes, loose, others = _entries(folder)
+    others = [name for name in others if not name.lower().startswith(IGNORED_FILES)]
+    if classes and others:
+        print_once(f"note: {folder}: {len(others)} file(s) beside the class folders are not images and are left out: "
+                   f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}", file=sys.stderr)
     if classes and loose:
         raise ValueError(f"{folder} holds both image files ({loose[0]}, ...) and class folders ({classes[0]}, ...): "
                          "put every image into the folder of its class.")
     paths, labels = [os.path.join(folder, name) for name in loose], []
-    for label, name in enumerate(classes):
+    class_names = class_names or classes
+    number = {name: label for label, name in enumerate(class_names)}
+    for name in classes:
         found = []
         pending = [os.path.join(folder, name)]
         while pending:
@@ -295,7 +324,7 @@ def list_image_folder(folder: str):
                         found.append(entry.path)
         found.sort()
         paths += found
-        labels += [label] * len(found)
+        labels += [number[name]] * len(found)
     if not paths:
         raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); expected one subfolder "
                          "per class holding the images (folder/cat/1.png, ...).")
@@ -303,11 +332,10 @@ def list_image_folder(folder: str):
     columns = {"image": pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), pa.array(paths)],
                                                    names=["bytes", "path"])}
     if classes:
-        features["label"] = datasets.ClassLabel(names=classes)
+        features["label"] = datasets.ClassLabel(names=class_names)
         columns["label"] = pa.array(labels, pa.int64())
     table = datasets.table.InMemoryTable(pa.table(columns))
-    info = datasets.DatasetInfo(features=datasets.Features(features), description=IMAGE_FOLDER_INFO + folder)
-    return datasets.Dataset(table, info=info)
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features(features)))
 
 
 def _check_no_loop(link: str, parent: str) -> None:
@@ -316,12 +344,6 @@ def _check_no_loop(link: str, parent: str) -> None:
     if inside == target or inside.startswith(target + os.sep):
         raise ValueError(f"{link} is a symbolic link to {target}, a folder that holds the link itself: a loop, whose "
                          "images would be listed again and again. Remove the link (or point it elsewhere).")
-
-
-def image_folder_of(dataset) -> str | None:
-    """The folder an image-folder split was listed from (`list_image_folder`), or None for other data."""
-    description = getattr(dataset.info, "description", None) or ""
-    return description[len(IMAGE_FOLDER_INFO):] if description.startswith(IMAGE_FOLDER_INFO) else None
 
 
 # ---- columns and splits ----------------------------------------------------------------------------------------
