@@ -22,6 +22,7 @@ from .prepared import PREPARED_MANIFEST, is_prepared, load_prepared
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
 IGNORED_FILES = ("readme", "license", ".")  # beside image folders: not data
+HUB_TIMEOUT = 10  # seconds: an unreachable Hub is said at once
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")  # what only `datasets`' imagefolder reads
 PREPARED_COLUMNS = {"image", "height", "width", "source_row"}  # a prepared folder's shards, wherever they are
 
@@ -74,8 +75,10 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
             ) from error
     if looks_local(name):
         raise ValueError(f"--dataset_name {name}: no such file or folder. {folder_listing(name)}")
+    source, revision = hub_snapshot(args, token)
     try:
-        loaded = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, token=token)
+        loaded = datasets.load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir, token=token,
+                                       revision=revision)
     except Exception as error:
         raise ValueError(
             f"--dataset_name {name}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
@@ -87,6 +90,44 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
                          "shards are read from a local copy. Download it (hf download "
                          f"{name} --repo-type dataset --local-dir {name.split('/')[-1]}) and pass that folder.")
     return loaded
+
+
+def hub_snapshot(args: SourceArguments, token: str | None) -> tuple[str, str | None]:
+    """(what `datasets.load_dataset` reads, the revision to ask for) for the Hub id --dataset_name, with
+    `args.dataset_revision` set to the commit it is (recorded with the run: a resume compares it): asked of the Hub,
+    or, offline, a snapshot downloaded from the Hub earlier (huggingface_hub's cache). Never `datasets`' own cache
+    of that name, which `datasets` falls back to offline, after 30 s of retries, and which a local folder of the
+    same name writes too."""
+    import datasets
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    name, revision = args.dataset_name, args.dataset_revision
+    if datasets.config.HF_HUB_OFFLINE:
+        unreachable = "HF_HUB_OFFLINE=1 is set"
+    else:
+        try:
+            info = HfApi().dataset_info(name, revision=revision, token=token, timeout=HUB_TIMEOUT)
+        except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+            raise ValueError(f"--dataset_name {name}: could not load it from the Hugging Face Hub ("
+                             f"{' '.join(str(error).split())[:300]}). A local folder or file needs a path that exists "
+                             "here.") from None
+        except Exception as error:  # no network: the Hub cannot be asked
+            unreachable = f"the Hub cannot be reached: {type(error).__name__}: {error}"
+        else:
+            args.dataset_revision = info.sha
+            return name, info.sha
+    try:
+        folder = snapshot_download(name, repo_type="dataset", revision=revision, local_files_only=True)
+    except Exception:
+        raise ValueError(
+            f"--dataset_name {name}: could not load it from the Hugging Face Hub ({unreachable}), and no copy "
+            "downloaded from the Hub is cached here. Run once with network access, or pass a local folder of parquet "
+            "files (train.parquet, test.parquet), an imagefolder tree or a save_to_disk folder.") from None
+    args.dataset_revision = os.path.basename(folder)  # .../snapshots/<commit>
+    print_once(f"[data] {name}: {unreachable}; reading commit {args.dataset_revision[:12]}, downloaded from the Hub "
+               f"earlier ({folder})", file=sys.stderr)
+    return folder, None
 
 
 def check_parquet_files(paths) -> None:
