@@ -63,10 +63,7 @@ class SourceArguments:
             return f"--train_dir {self.train_dir}" + (f" --validation_dir {self.validation_dir}"
                                                       if self.validation_dir else "")
         flags = f"--dataset_name {self.dataset_name}"
-        for option in ("dataset_config_name", "dataset_revision"):
-            if getattr(self, option):
-                flags += f" --{option} {getattr(self, option)}"
-        for option in ("image_column_name", "label_column_name"):
+        for option in ("dataset_config_name", "dataset_revision", "image_column_name", "label_column_name"):
             if getattr(self, option):
                 flags += f" --{option} {getattr(self, option)}"
         return flags
