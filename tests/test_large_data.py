@@ -282,8 +282,10 @@ def test_a_finished_folder_is_never_overwritten_silently(tmp_path, scripts, prep
         scripts.prepare_data.main([*flags, "--output_dir", str(mixed_source / "prepared")])
 
 
-def test_a_single_file_s_prepared_folder_goes_beside_its_folder_never_inside(monkeypatch, scripts, mixed_source):
+def test_a_single_file_s_prepared_folder_goes_beside_its_folder_never_inside(tmp_path, monkeypatch, scripts,
+                                                                            mixed_source):
     import mae_hf.data as data
+    from mae_hf.data.sources import default_prepared_folder
 
     monkeypatch.setattr(data, "memory_budget", lambda: (1000, "a test's budget"))
     single = mixed_source / "train.parquet"
@@ -299,6 +301,9 @@ def test_a_single_file_s_prepared_folder_goes_beside_its_folder_never_inside(mon
     assert sorted(path.name for path in mixed_source.iterdir()) == ["test.parquet", "train.parquet"]
     train, test = load_image_splits(DataArguments(dataset_name=str(mixed_source), data_in_memory="true"), 8)
     assert (len(train), len(test)) == (50, 12)  # the folder still reads as itself
+    tree = image_tree(tmp_path / "imagenet", ["train/a/0.png", "val/a/1.png"])  # beside the tree, not among its splits
+    folders = DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val"))
+    assert default_prepared_folder(folders) == f"{tree}_prepared"
 
 
 def test_bad_images_in_a_source_to_prepare(tmp_path, scripts, capsys):

@@ -285,14 +285,17 @@ def source_holding(path: str, args: SourceArguments) -> tuple[str, str] | None:
 
 
 def default_prepared_folder(args: SourceArguments) -> str:
-    """Where a prepared copy of the source goes by default: beside its folder, never inside a source (a Hub id's
-    under prepared/ here)."""
+    """Where a prepared copy of the source goes by default: beside its folder (beside the tree, for a split folder
+    such as imagenet/train: a folder among the splits would no longer read as a tree of splits), never inside a
+    source; a Hub id's under prepared/ here."""
     local = source_folders(args)
     if not local:
         return f"prepared/{args.dataset_name.replace('/', '_')}"
     name = args.train_dir or args.dataset_name
     folder = os.path.abspath(local[0][1])
     stem = "" if os.path.isdir(name) else "_" + os.path.splitext(os.path.basename(name))[0]
+    if os.path.basename(folder).lower() in SPLIT_FOLDER_NAMES:
+        folder = os.path.dirname(folder)
     output = os.path.join(os.path.dirname(folder), f"{os.path.basename(folder)}{stem}_prepared")
     while source_holding(output, args) and os.path.dirname(output) != os.path.dirname(os.path.dirname(output)):
         output = os.path.join(os.path.dirname(os.path.dirname(output)), os.path.basename(output))  # train/ in val/
