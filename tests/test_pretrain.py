@@ -335,6 +335,7 @@ if rank == 0:
     difference = max((loaded.state_dict()[name] - value).abs().max().item() for name, value in whole.items())
     print(json.dumps({"losses": losses, "resumed": resumed_losses, "reference": reference_losses,
                       "loaded_vs_saved": difference, "loaded_class": type(loaded).__name__}))
+dist.barrier()  # both processes end together: neither leaves while the other still talks to it
 dist.destroy_process_group()
 """
 
