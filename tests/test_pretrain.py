@@ -327,9 +327,6 @@ if rank == 0:
         reference_losses.append(loss.item())
     saved = mae_hf.MAEForPreTraining(config)
     saved.load_state_dict(whole)
-    saved.config.auto_map = None
-    mae_hf.MAEConfig.register_for_auto_class()
-    mae_hf.MAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     saved.save_pretrained(f"{folder}/saved")
     loaded = AutoModelForPreTraining.from_pretrained(f"{folder}/saved", trust_remote_code=True)
     difference = max((loaded.state_dict()[name] - value).abs().max().item() for name, value in whole.items())
