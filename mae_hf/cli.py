@@ -47,7 +47,15 @@ def worker_died(error: BaseException) -> WorkerDied | None:
     elif isinstance(error, (ConnectionError, EOFError)) and any(
             f"{os.sep}torch{os.sep}utils{os.sep}data{os.sep}" in frame.filename
             for frame in traceback.extract_tb(error.__traceback__)):
-        what = f"A DataLoader worker died ({type(error).__name__}: {error})"
+        from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+
+        try:  # which worker: the check torch's SIGCHLD handler makes, which may not have run yet
+            _error_if_any_worker_fails()
+        except RuntimeError as named:
+            if WORKER_DEATH.search(str(named)):
+                return worker_died(named)
+        what = f"A DataLoader worker died (its batch's connection broke: {type(error).__name__} {error})".replace(
+            " )", ")")
     else:
         return None
     return WorkerDied(

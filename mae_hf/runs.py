@@ -595,8 +595,13 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
-        self.stop.restore()
-        self._release()
+        try:
+            self.stop.restore()
+            self._release()
+        except RuntimeError as late:  # torch's SIGCHLD handler raises a worker's death wherever the process is
+            if worker_died(late) is None:
+                raise
+            error = late  # names the worker, where the broken pipe that came first does not
         if isinstance(error, Interrupted):
             close_progress_bars()
             saved = error.saved or (
