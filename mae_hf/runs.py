@@ -33,7 +33,7 @@ import zipfile
 import torch
 from transformers import TrainerCallback
 
-from .cli import MAEHFError, UsageError, close_progress_bars
+from .cli import MAEHFError, UsageError, close_progress_bars, worker_died
 from .data.prepared import is_prepared, read_manifest
 from .inputs import SAFETENSORS_FIX, check_weights_fit, safetensors_shapes
 from .redaction import REDACTED, recorded_command, redact
@@ -599,8 +599,13 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
-        self.stop.restore()
-        self._release()
+        try:
+            self.stop.restore()
+            self._release()
+        except RuntimeError as late:  # torch's SIGCHLD handler raises a worker's death wherever the process is
+            if worker_died(late) is None:
+                raise
+            error = late  # names the worker, where the broken pipe that came first does not
         if isinstance(error, Interrupted):
             close_progress_bars()
             saved = error.saved or (
@@ -609,6 +614,9 @@ class Run:
             if self.is_main:
                 print(f"error: {error}; {saved}. {resume_advice(self.args.output_dir)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + error.signum)
+        died = worker_died(error) if error is not None else None
+        if died is not None:  # the checkpoints are intact: say where to continue from
+            raise RunError(f"{died} {resume_advice(self.args.output_dir)}") from error
         return False
 
     def _release(self) -> None:

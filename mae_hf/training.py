@@ -357,6 +357,12 @@ class ImageTrainingArguments(TrainingArguments):
             super().__post_init__()  # also: do_eval becomes True when eval_strategy is not "no" (TrainingArguments')
         finally:
             upstream_logger.removeFilter(compile_warning)
+        # accelerate builds no FSDP plugin for CPU processes (only for GPU-like devices): they would train as plain
+        # DDP. One process is refused by the Trainer itself ("fsdp only works in distributed training").
+        if self.fsdp and self.use_cpu and self.world_size > 1:
+            raise UsageError("--fsdp shards the model over GPU processes; on CPU processes accelerate trains without "
+                             "it (plain DDP, every process holding the whole model), so it would not save the memory "
+                             "it promises. Leave --fsdp out on a CPU, or run on GPUs (docs/pretraining.md).")
         if not (self.do_train or self.do_eval):
             raise ValueError("--do_train and --do_eval are both off: nothing to do. Pass --do_train true and/or "
                              "--do_eval true (or neither: train, then evaluate).")

@@ -296,6 +296,19 @@ def test_a_tree_of_split_folders_given_as_one_split_is_refused(tmp_path):
         "test", "train"]
 
 
+def test_a_stray_file_beside_a_split_s_class_folders_keeps_it_a_class_tree(tmp_path, capsys):
+    from mae_hf.data.sources import load_raw_dataset
+
+    tree = image_tree6(tmp_path / "tree", ["train/cat/0.png", "train/dog/1.png", "test/cat/2.png", "test/dog/3.png"])
+    (tree / "train" / "classes.txt").write_text("cat\ndog\n")
+    for args in (DataArguments(dataset_name=str(tree)), DataArguments(train_dir=str(tree / "train"))):
+        split = load_raw_dataset(args)["train"]  # listed here (undecoded images), not by datasets' imagefolder
+        assert split.features["label"].names == ["cat", "dog"] and split["label"] == [0, 1]
+        assert split.features["image"].decode is False
+        assert (f"note: {tree}/train: 1 file(s) beside the class folders are not images and are left out: "
+                "classes.txt") in capsys.readouterr().err
+
+
 def test_a_first_class_folder_without_images_keeps_the_labels(tmp_path):
     from mae_hf.data.sources import load_raw_dataset
 

@@ -3,6 +3,8 @@ one memory policy, exact resumes after kill -9, each image at most once per epoc
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -278,8 +280,32 @@ def test_a_finished_folder_is_never_overwritten_silently(tmp_path, scripts, prep
     subprocess.run(["cp", "-r", str(prepared), str(copy)], check=True)
     scripts.prepare_data.main([*flags, "--output_dir", str(copy), "--short_side", "6", "--overwrite", "true"])
     assert json.loads((copy / PREPARED_MANIFEST).read_text())["settings"]["short_side"] == 6
-    with pytest.raises(UsageError, match="lies inside --dataset_name"):
+    with pytest.raises(UsageError, match=f"lies inside {mixed_source}, the folder --dataset_name reads"):
         scripts.prepare_data.main([*flags, "--output_dir", str(mixed_source / "prepared")])
+
+
+def test_a_single_file_s_prepared_folder_goes_beside_its_folder_never_inside(tmp_path, monkeypatch, scripts,
+                                                                            mixed_source):
+    import mae_hf.data as data
+    from mae_hf.data.sources import default_prepared_folder
+
+    monkeypatch.setattr(data, "memory_budget", lambda: (1000, "a test's budget"))
+    single = mixed_source / "train.parquet"
+    with pytest.raises(ValueError) as error:  # too large for memory: the printed command writes outside its folder
+        load_image_splits(DataArguments(dataset_name=str(single)), 8)
+    command = re.search(r"python scripts/prepare_data.py .*? --output_dir [^\s,]+", str(error.value)).group(0)
+    assert command.endswith(f"--output_dir {mixed_source}_train_prepared")
+    flags = ["--num_proc", "1", "--disable_tqdm", "true"]
+    with pytest.raises(UsageError, match=rf"--output_dir {mixed_source}/prepared lies inside {mixed_source}, the "
+                                         rf"folder --dataset_name reads.*--output_dir {mixed_source}_train_prepared"):
+        scripts.prepare_data.main([*shlex.split(command)[2:-2], "--output_dir", str(mixed_source / "prepared"), *flags])
+    scripts.prepare_data.main([*shlex.split(command)[2:], *flags])
+    assert sorted(path.name for path in mixed_source.iterdir()) == ["test.parquet", "train.parquet"]
+    train, test = load_image_splits(DataArguments(dataset_name=str(mixed_source), data_in_memory="true"), 8)
+    assert (len(train), len(test)) == (50, 12)  # the folder still reads as itself
+    tree = image_tree(tmp_path / "imagenet", ["train/a/0.png", "val/a/1.png"])  # beside the tree, not among its splits
+    folders = DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val"))
+    assert default_prepared_folder(folders) == f"{tree}_prepared"
 
 
 def test_bad_images_in_a_source_to_prepare(tmp_path, scripts, capsys):
@@ -625,22 +651,22 @@ def test_output_folder_problems_are_usage_errors_before_the_source_is_read(tmp_p
     assert stop.value.code == 2
 
 
-def test_preparing_refuses_class_folders_that_differ_between_splits(tmp_path, scripts):
-    tree = image_tree(tmp_path / "tree", ["train/cat/0.png", "train/dog/1.png", "train/empty_class/",
-                                          "val/cat/2.png", "val/dog/3.png"])
-    flags = ["--train_dir", str(tree / "train"), "--validation_dir", str(tree / "val"), "--short_side", "8",
-             "--num_proc", "1", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(ValueError, match=rf"class folders of {tree}/train and {tree}/val differ \(only in "
-                                         rf"{tree}/train: empty_class\).*{tree}/train/empty_class: empty class "
-                                         "folder.*remove or fill"):
-        scripts.prepare_data.main(flags)
-    (tree / "train" / "empty_class").rmdir()
-    image_tree(tree, ["train/frog/4.png"])
-    with pytest.raises(ValueError, match=rf"only in {tree}/train: frog\): labels are numbered by class folder"):
-        scripts.prepare_data.main(flags)
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(ValueError, match="only in .*frog"):  # training says the same
-        load_image_splits(DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val")), 8)
+def test_an_evaluation_folder_without_a_rare_class_is_numbered_by_the_union(tmp_path, scripts, capsys):
+    tree = image_tree(tmp_path / "tree", ["train/cat/0.png", "train/dog/1.png", "train/rare/2.png",
+                                          "val/cat/3.png", "val/dog/4.png"])
+    data = DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val"))
+    train, evaluation = load_image_splits(data, 8, require_labels=True)  # a classifier: cat, dog, rare everywhere
+    assert train.class_names == evaluation.class_names == ["cat", "dog", "rare"]
+    assert train.labels.tolist() == [0, 1, 2] and evaluation.labels.tolist() == [0, 1]
+    assert f"warning: {tree}/val has no folder for 1 class(es) of the other split(s): rare." in capsys.readouterr().err
+    scripts.prepare_data.main(["--dataset_name", str(tree), "--short_side", "8", "--num_proc", "1",
+                               "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out")])
+    assert "val has no folder for 1 class(es) of the other split(s): rare" in capsys.readouterr().err
+    prepared_train, prepared_val = load_image_splits(DataArguments(dataset_name=str(tmp_path / "out")), 8)
+    assert prepared_val.class_names == ["cat", "dog", "rare"] and prepared_val.labels.tolist() == [0, 1]
+    image_tree(tree, ["val/frog/5.png"])  # a class only the evaluation split has: a classifier could never predict it
+    with pytest.raises(ValueError, match="classes that the training split does not have"):
+        load_image_splits(data, 8, require_labels=True)
 
 
 def test_an_unlabelled_validation_folder_beside_a_labelled_training_folder(tmp_path, scripts, capsys):

@@ -29,7 +29,14 @@ from .memory import CANVAS_WASTE, InMemoryImages, cpus_per_process, decode_into_
 from .policy import all_processes_agree, gigabytes, memory_budget, print_once
 from .prepared import IMAGE_COLUMN, geometry_of, is_prepared, read_manifest
 from .readers import DatasetReader, prepared_reader
-from .sources import as_undecoded_images, find_column, load_raw_dataset, select_splits, source_rows
+from .sources import (
+    as_undecoded_images,
+    default_prepared_folder,
+    find_column,
+    load_raw_dataset,
+    select_splits,
+    source_rows,
+)
 from .splits import ImageData, ImageDataset, collate, fixed_noise, sequential_batches
 from .streaming import StreamedImages, default_workers
 from .transforms import BatchTransform, default_eval_crop_fraction, stored_short_side
@@ -75,11 +82,8 @@ def device_decoder(args: DataArguments, num_channels: int, device, *splits: Imag
 
 def suggested_prepare_command(args: DataArguments, image_size: int) -> str:
     """The prepare_data.py command for this data, at the short side a model of `image_size` wants (256 for 224)."""
-    name = args.dataset_name.rstrip("/")
-    output = f"{name}_prepared" if args.train_dir or "/" not in name or name.startswith((".", "/", "~")) \
-        else f"prepared/{name.replace('/', '_')}"
     return (f"python scripts/prepare_data.py {args.command_flags()} --short_side {stored_short_side(image_size)} "
-            f"--output_dir {output}")
+            f"--output_dir {default_prepared_folder(args)}")
 
 
 class _Split:

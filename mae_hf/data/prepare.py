@@ -42,7 +42,7 @@ from .prepared import (
     shard_fingerprints,
     write_manifest,
 )
-from .sources import as_undecoded_images, find_column, load_raw_dataset
+from .sources import as_undecoded_images, default_prepared_folder, find_column, load_raw_dataset, source_holding
 
 PROGRESS_FOLDER = "progress"  # inside UNFINISHED_FOLDER: one record per finished shard
 TEMPORARY_MARK = ".tmp-"  # a file being written: `<name>.tmp-<pid>`, renamed to <name> when whole
@@ -405,14 +405,12 @@ def _moved_into_place(folder: str, shards: list[dict]) -> None:
 
 
 def _check_output_outside_sources(args: PrepareArguments, source: SourceArguments) -> None:
-    output = os.path.realpath(args.output_dir)
-    for option, path in (("--train_dir", source.train_dir), ("--validation_dir", source.validation_dir),
-                         ("--dataset_name", source.dataset_name)):
-        if path and os.path.isdir(path):
-            inside = os.path.realpath(path)
-            if output == inside or output.startswith(inside + os.sep):
-                raise UsageError(f"--output_dir {args.output_dir} lies inside {option} {path}: the prepared files "
-                                 "would mix with the images. Choose a folder outside it.")
+    holding = source_holding(args.output_dir, source)
+    if holding:
+        option, folder = holding
+        raise UsageError(f"--output_dir {args.output_dir} lies inside {folder}, the folder {option} reads: the "
+                         f"prepared files would be read as part of it. Choose a folder outside it, e.g. --output_dir "
+                         f"{default_prepared_folder(source)}")
 
 
 def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> dict:
