@@ -114,22 +114,14 @@ def check_packages(notes: list) -> str | None:
 
     with open("pyproject.toml", "rb") as handle:
         dependencies = tomllib.load(handle)["project"]["dependencies"]
-    # in a fresh process, as the steps will import them (one process: importing mae_hf alone takes seconds)
-    code = """import importlib, json
-found = {}
-for module in ("torch", "transformers", "datasets", "evaluate", "accelerate", "mae_hf"):
-    try:
-        found[module] = [True, importlib.import_module(module).__file__]
-    except Exception as error:
-        found[module] = [False, f"{type(error).__name__}: {' '.join(str(error).split())}"]
-        break
-print(json.dumps(found))"""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if result.returncode != 0:
-        return f"importing the packages crashed Python: {' '.join(result.stderr.split()[-30:])}"
-    for module, (imported, where) in json.loads(result.stdout.strip().splitlines()[-1]).items():
-        if not imported:
-            return f"`import {module}` fails here ({where}). Carry its wheels (scripts/build_gpu_carry.sh)."
+    import importlib
+
+    for module in ("torch", "transformers", "datasets", "evaluate", "accelerate", "mae_hf"):
+        try:
+            where = importlib.import_module(module).__file__
+        except Exception as error:
+            return (f"`import {module}` fails here ({type(error).__name__}: {' '.join(str(error).split())}). Carry "
+                    "its wheels (scripts/build_gpu_carry.sh).")
         if module == "mae_hf" and os.path.dirname(where) != os.path.abspath("mae_hf"):
             return f"mae_hf imports from {where}, not this checkout's: run from the repository root."
     for line in dependencies:
@@ -210,6 +202,9 @@ def preflight(args) -> int:
     record = results["preflight"]
     record["versions"] = {name: str(installed_version(name) or "absent") for name in VERSIONS}
     record["python"] = sys.version.split()[0]
+    record["installed_from_carry"] = sorted(name.removesuffix(".dist-info") for name in
+                                            (os.listdir(args.site) if os.path.isdir(args.site) else [])
+                                            if name.endswith(".dist-info"))
     problem = check_packages(notes)
     device = "cpu" if args.dry else "cuda"
     if problem is None and not args.dry:
@@ -360,8 +355,9 @@ def finish(args) -> int:
     """results.tar.gz: every result JSON of the runs (benchmarks, summaries, results, trainer states)."""
     names = []
     for folder, _, files in os.walk(args.runs):
-        if re.search(r"checkpoint-\d+|/data(/|$)", folder):
-            continue
+        parts = os.path.relpath(folder, args.runs).split(os.sep)
+        if parts[0] in ("data", "site") or any(re.fullmatch(r"checkpoint-\d+", part) for part in parts):
+            continue  # the synthetic images, the installed wheels, the checkpoints' copies
         names += [os.path.join(folder, name) for name in files
                   if name.endswith(".json") and name not in ("config.json", "preprocessor_config.json")]
     with tarfile.open(os.path.join(args.out, "results.tar.gz"), "w:gz") as archive:
@@ -385,6 +381,7 @@ def main(argv=None) -> int:
     command.add_argument("runs")
     command.add_argument("--data", required=True)
     command.add_argument("--dry", action="store_true")
+    command.add_argument("--site", default="", help="Where the carried wheels were installed (recorded).")
     command.add_argument("--workers", type=int, required=True, help="ViT-B step: DataLoader workers wished.")
     command.add_argument("--batch", type=int, required=True, help="ViT-B step: batch size.")
     command.add_argument("--compile_seconds", type=int, default=90, help="Time allowed to the compile smoke test.")

@@ -49,7 +49,6 @@ RUNS=${RUNS:-gpu_check_runs}
 CARRY=${CARRY:-gpu_carry}
 DATA=${DATA:-$( [ -d "$CARRY/cifar10" ] && echo "$CARRY/cifar10" || echo ../shared/data/cifar10 )}
 WHEELS=${WHEELS:-$CARRY/wheels}
-SITE=${SITE:-/tmp/gpu_check_site}  # where carried wheels are installed (put first on PYTHONPATH)
 PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-3}
 FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-1}
 FINETUNE_COMPILE=${FINETUNE_COMPILE:-0}
@@ -103,9 +102,11 @@ echo "[gpu_check] $([ "$DRY" = 1 ] && echo "dry run on the CPU, tiny sizes" || e
      "(within $TOTAL_SECONDS s)"
 
 # ---- preflight -------------------------------------------------------------------------------------------------
+SITE=$(cd "$RUNS" && pwd)/site  # the carried wheels installed, put first on PYTHONPATH; fresh each run
+rm -rf "$SITE"
 python3 scripts/gpu_check.py install "$WHEELS" "$SITE" || exit 2
 if [ -d "$SITE" ]; then export PYTHONPATH=$SITE:$PYTHONPATH; fi
-python3 scripts/gpu_check.py preflight "$OUT" "$RUNS" --data "$DATA" $([ "$DRY" = 1 ] && echo --dry) \
+python3 scripts/gpu_check.py preflight "$OUT" "$RUNS" --data "$DATA" --site "$SITE" $([ "$DRY" = 1 ] && echo --dry) \
     --workers "$VIT_B_WORKERS" --batch "$VIT_B_BATCH" --compile_seconds 45 --compile_backend "$SMOKE_BACKEND" \
     ${SHM_FREE_MB:+--shm_free_mb "$SHM_FREE_MB"} || exit 2
 . "$RUNS/plan.sh"  # COMPILE, DATA_OK, VIT_B_WORKERS: the preflight's decisions
