@@ -23,7 +23,8 @@
 #   finetune  ... and a short fine-tune, strong recipe (FINETUNE_EPOCHS, default 1; eager unless FINETUNE_COMPILE=1:
 #             a cold compile of the classifier costs more than its epoch)
 #   vit_b     ViT-B/16 at 224 px: the pipeline reading a prepared folder of synthetic JPEGs from disk with workers
-# STEPS="pipeline model" runs only those (in this order).
+# STEPS="pipeline model" runs only those, in the order given (STEPS=preflight: the preflight alone);
+# CAP_<STEP>=seconds changes a step's budget (CAP_VIT_B=120), TOTAL_SECONDS the whole run's limit.
 #
 # What comes back, in $OUT (default ./gpu_check), four files rewritten as each step ends: summary.md (each step's
 # status, time, cap and figures), results.json (the same, all figures), log.txt (everything printed) and, at the
@@ -31,7 +32,8 @@
 #
 # Dry run (DRY=1 or --dry): the same steps, commands, recipes and files at tiny sizes on the CPU (a model of width
 # 16 and depth 4 on 8 px images, 48 training and 16 evaluation images, one epoch, no torch.compile in the steps;
-# the preflight's compile test still runs, on the CPU). SHM_FREE_MB=N rehearses a machine with N MB of /dev/shm.
+# the preflight's compile test still runs, on the CPU, with SMOKE_BACKEND=aot_eager). SHM_FREE_MB=N rehearses a
+# machine with N MB of /dev/shm; DRY_VIT_B_WORKERS=N asks the ViT-B step for N workers (1 by default).
 set -uo pipefail  # no -e: a failed step is recorded and the next one runs
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # this header, without running anything
     sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -78,12 +80,13 @@ else
     PIPELINE="--batch_size 512 --warmup 5 --rounds 3 --steps 30 --pipeline_images 50000 --sync_debug_steps 20"
     MODEL="--batch_size 512 --warmup 3 --rounds 3 --steps 20"
     VIT_B_BATCH=256
-    VIT_B="--batch_size $VIT_B_BATCH --warmup 3 --rounds 2 --steps 20 --pipeline_prepared 8000"
+    VIT_B="--batch_size $VIT_B_BATCH --warmup 3 --rounds 2 --steps 15 --pipeline_prepared 8000"
     VIT_B="$VIT_B --config_name configs/models/mae_vit_base_patch16.json"
     PRETRAIN_SIZES="" PROBE_SIZES="" FINETUNE_SIZES=""
     SMOKE_BACKEND=${SMOKE_BACKEND:-inductor}
-    TOTAL_SECONDS=${TOTAL_SECONDS:-420}  # 7 minutes: the preflight's ~40 s and these budgets' 350 s fit in it
-    declare -A BUDGET=([pipeline]=70 [model]=55 [pretrain]=85 [probe]=35 [finetune]=40 [vit_b]=65)
+    TOTAL_SECONDS=${TOTAL_SECONDS:-420}  # 7 minutes: no step's cap reaches past it
+    # Estimated H100 times (docs/gpu.md#predicted-times) with a margin; together with the preflight's ~35 s, 6.5 min
+    declare -A BUDGET=([pipeline]=80 [model]=55 [pretrain]=75 [probe]=35 [finetune]=35 [vit_b]=75)
 fi
 for step in $ALL_STEPS; do  # CAP_<STEP>=seconds overrides a budget (CAP_VIT_B=120)
     override=CAP_${step^^}
