@@ -1,14 +1,21 @@
-"""The Python half of scripts/gpu_check.sh: the carried wheels' install, the preflight, and the result files.
+"""The Python half of scripts/gpu_check.sh: the carried wheels' install, the preflight and the result files.
 
-    python scripts/gpu_check.py install WHEELS TARGET          # carried wheels the machine lacks or has older
-    python scripts/gpu_check.py preflight OUT RUNS --data DATA [--dry] [--workers N --batch B]
-    python scripts/gpu_check.py record OUT RUNS STEP STATUS SECONDS CAP [COMMAND]
-    python scripts/gpu_check.py finish OUT RUNS
+    python scripts/gpu_check.py --install gpu_carry/wheels --site /tmp/gpu_check_site
+
+gpu_check.sh calls it four ways (the folders are its $OUT and $RUNS):
+    --install WHEELS --site DIR      pip install --no-index --no-deps into DIR the carried wheels whose package this
+                                     Python lacks or has in an older version
+    --preflight --out OUT --runs RUNS --data DATA [--dry] --vit_b_workers N --vit_b_batch B
+                                     packages, GPU, compiler + compile smoke test, data, /dev/shm; its decisions go to
+                                     RUNS/plan.sh for the shell (exit code 2: nothing can run)
+    --record STEP --status S --seconds N --cap N --step_command C --out OUT --runs RUNS
+                                     a step's status, time and figures (read from its result files under RUNS)
+    --finish --out OUT --runs RUNS   results.tar.gz: the result JSON files of the runs
 
 OUT receives four files, rewritten as each step ends (a run stopped half-way still leaves what it measured):
 summary.md (a table of the steps, their status and figures), results.json (the same, every figure), log.txt (written
-by gpu_check.sh) and results.tar.gz (the result JSON files of the runs, at the end). The preflight writes its
-decisions for the shell to RUNS/plan.sh (not OUT: only what comes back belongs there).
+by gpu_check.sh) and results.tar.gz. Nothing else goes there: only what comes back from the GPU machine belongs.
+It imports no mae_hf before the carried wheels are installed (an old transformers there would break it).
 """
 
 import argparse
@@ -16,7 +23,6 @@ import importlib.metadata
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -203,7 +209,7 @@ def preflight(args) -> int:
     record["versions"] = {name: str(installed_version(name) or "absent") for name in VERSIONS}
     record["python"] = sys.version.split()[0]
     record["installed_from_carry"] = sorted(name.removesuffix(".dist-info") for name in
-                                            (os.listdir(args.site) if os.path.isdir(args.site) else [])
+                                            (os.listdir(args.site) if args.site and os.path.isdir(args.site) else [])
                                             if name.endswith(".dist-info"))
     problem = check_packages(notes)
     device = "cpu" if args.dry else "cuda"
@@ -238,9 +244,9 @@ def preflight(args) -> int:
 
         canvas = (3, max(h for h, _ in ASPECTS), max(w for _, w in ASPECTS))  # the synthetic prepared folder's
         free = int(args.shm_free_mb * 2**20) if args.shm_free_mb is not None else None
-        plan["VIT_B_WORKERS"], said = plan_workers(args.workers, args.batch, canvas, free)
-        record["shared_memory"] = {"workers_asked": args.workers, "workers": plan["VIT_B_WORKERS"], "why": said}
-        if plan["VIT_B_WORKERS"] < args.workers:
+        plan["VIT_B_WORKERS"], said = plan_workers(args.vit_b_workers, args.vit_b_batch, canvas, free)
+        record["shared_memory"] = {"workers_asked": args.vit_b_workers, "workers": plan["VIT_B_WORKERS"], "why": said}
+        if plan["VIT_B_WORKERS"] < args.vit_b_workers:
             notes.append(f"ViT-B step: {said}")
     record.update(status="ok" if problem is None else "failed", problem=problem, notes=notes,
                   seconds=round(time.perf_counter() - started, 1))
@@ -340,13 +346,14 @@ def summary(results: dict) -> str:
 def record_step(args) -> int:
     results = load_results(args.out)
     status = args.status
+    step = args.record
     record = {"status": status, "seconds": args.seconds, "cap_seconds": args.cap, "command": args.step_command,
-              "figures": figures(args.step, args.runs) if status == "ok" else {}}
+              "figures": figures(step, args.runs) if status == "ok" else {}}
     if status == "ok" and not record["figures"]:
-        record["status"] = f"ok, but {', '.join(RESULT_FILES[args.step])} missing"
-    results["steps"][args.step] = record
+        record["status"] = f"ok, but {', '.join(RESULT_FILES[step])} missing"
+    results["steps"][step] = record
     save_results(args.out, results)
-    print(f"[gpu_check] {args.step}: {record['status']} in {args.seconds} s (cap {args.cap} s)"
+    print(f"[gpu_check] {step}: {record['status']} in {args.seconds} s (cap {args.cap} s)"
           + "".join(f"\n    {key}: {shown(value)}" for key, value in record["figures"].items()))
     return 0
 
@@ -372,38 +379,39 @@ def finish(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="action", required=True)
-    command = commands.add_parser("install")
-    command.add_argument("wheels")
-    command.add_argument("target")
-    command = commands.add_parser("preflight")
-    command.add_argument("out")
-    command.add_argument("runs")
-    command.add_argument("--data", required=True)
-    command.add_argument("--dry", action="store_true")
-    command.add_argument("--site", default="", help="Where the carried wheels were installed (recorded).")
-    command.add_argument("--workers", type=int, required=True, help="ViT-B step: DataLoader workers wished.")
-    command.add_argument("--batch", type=int, required=True, help="ViT-B step: batch size.")
-    command.add_argument("--compile_seconds", type=int, default=90, help="Time allowed to the compile smoke test.")
-    command.add_argument("--compile_backend", default="inductor",
-                         help="torch.compile backend of the smoke test (inductor: the steps'; a dry run on the CPU "
-                              "takes aot_eager, which needs no minute of C++ compiling).")
-    command.add_argument("--shm_free_mb", type=float, help="Take /dev/shm to have this much free (a rehearsal).")
-    command = commands.add_parser("record")
-    for name in ("out", "runs", "step", "status"):
-        command.add_argument(name)
-    command.add_argument("seconds", type=int)
-    command.add_argument("cap", type=int)
-    command.add_argument("step_command", nargs="?", default="", help="The step's command line, as shown.")
-    command = commands.add_parser("finish")
-    command.add_argument("out")
-    command.add_argument("runs")
+    actions = parser.add_mutually_exclusive_group(required=True)
+    actions.add_argument("--install", metavar="WHEELS", help="Install the carried wheels of this folder (see above).")
+    actions.add_argument("--preflight", action="store_true", help="Check and plan before the steps (see above).")
+    actions.add_argument("--record", metavar="STEP", choices=list(STEPS), help="Record a step that ended.")
+    actions.add_argument("--finish", action="store_true", help="Write results.tar.gz.")
+    parser.add_argument("--site", help="--install: the folder the wheels go to (put first on PYTHONPATH after).")
+    parser.add_argument("--out", help="Where the files that come back go (gpu_check.sh's $OUT).")
+    parser.add_argument("--runs", help="Where the runs write (gpu_check.sh's $RUNS).")
+    parser.add_argument("--data", help="--preflight: the CIFAR-10 folder (train.parquet).")
+    parser.add_argument("--dry", action="store_true", help="--preflight: a dry run on the CPU (no GPU looked for).")
+    parser.add_argument("--vit_b_workers", type=int, default=12, help="--preflight: the ViT-B step's workers wished.")
+    parser.add_argument("--vit_b_batch", type=int, default=256, help="--preflight: the ViT-B step's batch size.")
+    parser.add_argument("--compile_seconds", type=int, default=90, help="--preflight: time for the compile test.")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="--preflight: torch.compile backend of the smoke test (inductor: the steps'; a dry run on "
+                             "the CPU takes aot_eager, which needs no minute of C++ compiling).")
+    parser.add_argument("--shm_free_mb", type=float, help="--preflight: take /dev/shm to have this much free.")
+    parser.add_argument("--status", help="--record: ok, failed (exit code N), stopped at its cap, skipped: why.")
+    parser.add_argument("--seconds", type=int, default=0, help="--record: the step's wall time.")
+    parser.add_argument("--cap", type=int, default=0, help="--record: the step's time cap.")
+    parser.add_argument("--step_command", default="", help="--record: the step's command line, as shown.")
     args = parser.parse_args(argv)
-    if args.action == "install":
-        return install(args.wheels, args.target)
-    if args.action == "preflight":
+    needed = {"install": ["site"], "preflight": ["out", "runs", "data"], "record": ["out", "runs", "status"],
+              "finish": ["out", "runs"]}
+    action = next(name for name in needed if getattr(args, name))
+    missing = [f"--{name}" for name in needed[action] if getattr(args, name) is None]
+    if missing:
+        parser.error(f"--{action} needs {', '.join(missing)}.")
+    if action == "install":
+        return install(args.install, args.site)
+    if action == "preflight":
         return preflight(args)
-    if args.action == "record":
+    if action == "record":
         return record_step(args)
     return finish(args)
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU measurement the project records, as ONE command sized for a short GPU loan: it ends within 7 minutes on
-# one H100 (TOTAL_SECONDS), so that a rerun still fits a 15-minute loan. docs/gpu.md says how to run it.
+# Every GPU measurement the project records, in one command that ends within 7 minutes on one H100.
 #
-#   bash scripts/build_gpu_carry.sh        # here, once: gpu_carry/ (CIFAR-10 parquet + the wheels the GPU lacks)
-#   DRY=1 bash scripts/gpu_check.sh        # here, on the CPU: every step at tiny sizes (a test runs it)
 #   bash scripts/gpu_check.sh              # on the GPU machine, with gpu_carry carried along
+#   bash scripts/build_gpu_carry.sh        # before, here: gpu_carry/ (CIFAR-10 parquet + the wheels the GPU lacks)
+#   DRY=1 bash scripts/gpu_check.sh        # before, here, on the CPU: every step at tiny sizes (a test runs it)
+#
+# Sized for a short GPU loan (TOTAL_SECONDS, 420 by default), so that a rerun still fits 15 minutes of device time.
+# docs/gpu.md says how to run it with the device tool and what comes back.
 #
 # Preflight (checks and adapts before anything long): installs the carried wheels the machine lacks or has older
 # (--no-index --no-deps, into a folder put on PYTHONPATH); torch, transformers (this project's minimum), datasets,
@@ -107,10 +109,11 @@ echo "[gpu_check] $([ "$DRY" = 1 ] && echo "dry run on the CPU, tiny sizes" || e
 # ---- preflight -------------------------------------------------------------------------------------------------
 SITE=$(cd "$RUNS" && pwd)/site  # the carried wheels installed, put first on PYTHONPATH; fresh each run
 rm -rf "$SITE"
-python3 scripts/gpu_check.py install "$WHEELS" "$SITE" || exit 2
+python3 scripts/gpu_check.py --install "$WHEELS" --site "$SITE" || exit 2
 if [ -d "$SITE" ]; then export PYTHONPATH=$SITE:$PYTHONPATH; fi
-python3 scripts/gpu_check.py preflight "$OUT" "$RUNS" --data "$DATA" --site "$SITE" $([ "$DRY" = 1 ] && echo --dry) \
-    --workers "$VIT_B_WORKERS" --batch "$VIT_B_BATCH" --compile_seconds 45 --compile_backend "$SMOKE_BACKEND" \
+python3 scripts/gpu_check.py --preflight --out "$OUT" --runs "$RUNS" --data "$DATA" --site "$SITE" \
+    $([ "$DRY" = 1 ] && echo --dry) --vit_b_workers "$VIT_B_WORKERS" --vit_b_batch "$VIT_B_BATCH" \
+    --compile_seconds 45 --compile_backend "$SMOKE_BACKEND" \
     ${SHM_FREE_MB:+--shm_free_mb "$SHM_FREE_MB"} || exit 2
 . "$RUNS/plan.sh"  # COMPILE, DATA_OK, VIT_B_WORKERS: the preflight's decisions
 COMPILE_FLAG=$([ "$COMPILE" = 1 ] && [ "$DRY" != 1 ] && echo --compile)
@@ -168,7 +171,8 @@ for step in $STEPS; do
     if [ -z "$reason" ] && [ "$cap" -lt 10 ]; then reason="no time left of the $TOTAL_SECONDS s"; fi
     if [ -n "$reason" ]; then
         echo "[gpu_check] $step: skipped: $reason"
-        python3 scripts/gpu_check.py record "$OUT" "$RUNS" "$step" "skipped: $reason" 0 0 "$command"
+        python3 scripts/gpu_check.py --record "$step" --status "skipped: $reason" --step_command "$command" \
+            --out "$OUT" --runs "$RUNS"
         continue
     fi
     echo "[gpu_check] $step (cap $cap s): $command"
@@ -183,9 +187,10 @@ for step in $STEPS; do
         *) status="failed (exit code $code)" ;;
     esac
     BANK=$((cap - used > 0 ? cap - used : 0))
-    python3 scripts/gpu_check.py record "$OUT" "$RUNS" "$step" "$status" "$used" "$cap" "$command"
+    python3 scripts/gpu_check.py --record "$step" --status "$status" --seconds "$used" --cap "$cap" \
+        --step_command "$command" --out "$OUT" --runs "$RUNS"
 done
-python3 scripts/gpu_check.py finish "$OUT" "$RUNS"
+python3 scripts/gpu_check.py --finish --out "$OUT" --runs "$RUNS"
 echo "[gpu_check] done in $((SECONDS - START)) s: $OUT/summary.md"
 exec >&- 2>&-
 wait "$LOG_WRITER"  # log.txt complete before the command returns
