@@ -9,7 +9,7 @@
 #                                     Python 3.12 on x86-64 (pip download --no-deps): transformers at this project's
 #                                     minimum (pyproject.toml; the image has 5.17), and datasets and evaluate with the
 #                                     two packages of theirs the image lacks (dill, multiprocess), at the versions the
-#                                     test suite runs against.
+#                                     test suite runs against; and regex (see EXTRA_WHEELS).
 #
 # Every requirement of the carried wheels is then checked against the carry and the image's packages (IMAGE_HAS
 # below, from the device tool's package list of 2026-11-17; versions where the list gives them): a requirement met
@@ -20,11 +20,13 @@ CARRY=${CARRY:-gpu_carry}
 SOURCE=${SOURCE:-../shared/data/cifar10}
 CIFAR_IMAGES=${CIFAR_IMAGES:-}
 LIMIT_MIB=64
-# Pinned: the versions the test suite runs against (datasets, evaluate) and what they need that the image lacks.
-EXTRA_WHEELS=(datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19)
+# Pinned: the versions the test suite runs against (datasets, evaluate) and what they need that the image lacks;
+# regex because transformers refuses to import beside one older than 2025.10.22 and the image's version is not known
+# here (gpu_check.sh installs a carried wheel only where the machine's own is missing or older).
+EXTRA_WHEELS=(datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19 regex==2026.12.2)
 # The GPU image's packages that the carried wheels need (name or name==version where the list gives a version).
 IMAGE_HAS="filelock numpy==2.5.2 pyarrow pandas tqdm xxhash fsspec huggingface-hub==1.33.0 packaging pyyaml requests
-regex tokenizers==0.23.2 typer safetensors==0.8.0 aiohttp torch==2.11.0"
+tokenizers==0.23.2 typer safetensors==0.8.0 aiohttp torch==2.11.0"
 
 fail() { echo "error: $*" >&2; exit 2; }
 
