@@ -87,7 +87,7 @@ else
     PRETRAIN_SIZES="" PROBE_SIZES="" FINETUNE_SIZES=""
     SMOKE_BACKEND=${SMOKE_BACKEND:-inductor}
     TOTAL_SECONDS=${TOTAL_SECONDS:-420}  # 7 minutes: no step's cap reaches past it
-    # Estimated H100 times (docs/gpu.md#predicted-times) with a margin; together with the preflight's ~35 s, 6.5 min
+    # Estimated H100 times (docs/gpu.md, "Predicted times") with a margin; together with the preflight's ~35 s, 6.5 min
     declare -A BUDGET=([pipeline]=80 [model]=55 [pretrain]=75 [probe]=35 [finetune]=35 [vit_b]=75)
 fi
 for step in $ALL_STEPS; do  # CAP_<STEP>=seconds overrides a budget (CAP_VIT_B=120)
@@ -102,6 +102,7 @@ mkdir -p "$OUT" "$RUNS"
 rm -f "$OUT/summary.md" "$OUT/results.json" "$OUT/log.txt" "$OUT/results.tar.gz" "$RUNS/plan.sh"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 LOG_WRITER=$!
+trap 'exec >&- 2>&-; wait "$LOG_WRITER"' EXIT  # log.txt complete before the command returns, whatever the exit
 START=$SECONDS
 echo "[gpu_check] $([ "$DRY" = 1 ] && echo "dry run on the CPU, tiny sizes" || echo "GPU run"): $STEPS" \
      "(within $TOTAL_SECONDS s)"
@@ -111,10 +112,15 @@ SITE=$(cd "$RUNS" && pwd)/site  # the carried wheels installed, put first on PYT
 rm -rf "$SITE"
 python3 scripts/gpu_check.py --install "$WHEELS" --site "$SITE" || exit 2
 if [ -d "$SITE" ]; then export PYTHONPATH=$SITE:$PYTHONPATH; fi
-python3 scripts/gpu_check.py --preflight --out "$OUT" --runs "$RUNS" --data "$DATA" --site "$SITE" \
+timeout --kill-after=5 150 python3 scripts/gpu_check.py --preflight --out "$OUT" --runs "$RUNS" --data "$DATA" --site "$SITE" \
     $([ "$DRY" = 1 ] && echo --dry) --vit_b_workers "$VIT_B_WORKERS" --vit_b_batch "$VIT_B_BATCH" \
     --compile_seconds 45 --compile_backend "$SMOKE_BACKEND" \
-    ${SHM_FREE_MB:+--shm_free_mb "$SHM_FREE_MB"} || exit 2
+    ${SHM_FREE_MB:+--shm_free_mb "$SHM_FREE_MB"}
+code=$?
+if [ "$code" = 124 ] || [ "$code" = 137 ]; then
+    echo "error: the preflight took over 150 s (importing the packages or the compile test hung); see above." >&2
+fi
+[ "$code" = 0 ] || exit 2
 . "$RUNS/plan.sh"  # COMPILE, DATA_OK, VIT_B_WORKERS: the preflight's decisions
 COMPILE_FLAG=$([ "$COMPILE" = 1 ] && [ "$DRY" != 1 ] && echo --compile)
 TRAINER_COMPILE=$([ "$COMPILE" = 1 ] && [ "$DRY" != 1 ] && echo true || echo false)
@@ -192,5 +198,3 @@ for step in $STEPS; do
 done
 python3 scripts/gpu_check.py --finish --out "$OUT" --runs "$RUNS"
 echo "[gpu_check] done in $((SECONDS - START)) s: $OUT/summary.md"
-exec >&- 2>&-
-wait "$LOG_WRITER"  # log.txt complete before the command returns

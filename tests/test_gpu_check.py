@@ -142,3 +142,13 @@ def test_unknown_arguments_and_steps_are_refused(repo_root, tmp_path):
     assert code == 2 and output.startswith("usage: ")
     code, output = gpu_check(repo_root, tmp_path, "--dry", STEPS="pipeline reproduce")
     assert code == 2 and "error: STEPS: unknown step reproduce" in output
+
+
+def test_carry_builder_refuses_a_missing_source_before_touching_the_carry(repo_root, tmp_path):
+    carry = tmp_path / "carry"
+    carry.mkdir()
+    (carry / "kept").write_text("an earlier carry")
+    result = subprocess.run(["bash", "scripts/build_gpu_carry.sh"], cwd=repo_root, capture_output=True, text=True,
+                            env=dict(os.environ, CARRY=str(carry), SOURCE=str(tmp_path / "missing")), timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: no {tmp_path / 'missing'}/train.parquet")
+    assert (carry / "kept").read_text() == "an earlier carry"
