@@ -481,8 +481,8 @@ class ImageTrainingArguments(TrainingArguments):
         from .data.streaming import fit_workers_to_shared_memory
 
         # the training loader's prefetched batches wait while the persistent evaluation loader fills its own
-        batch_bytes = (self.per_device_train_batch_size * math.prod(train.canvas)
-                       + (self.per_device_eval_batch_size * math.prod(evaluation.canvas) if evaluation is not None else 0))
+        evaluation_bytes = 0 if evaluation is None else self.per_device_eval_batch_size * math.prod(evaluation.canvas)
+        batch_bytes = self.per_device_train_batch_size * math.prod(train.canvas) + evaluation_bytes
         self.dataloader_num_workers, self.dataloader_prefetch_factor = fit_workers_to_shared_memory(
             self.dataloader_num_workers, self.dataloader_prefetch_factor or 2, batch_bytes,
             chosen=self.workers_chosen)

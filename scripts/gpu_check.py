@@ -19,6 +19,7 @@ It imports no mae_hf before the carried wheels are installed (an old transformer
 """
 
 import argparse
+import importlib
 import importlib.metadata
 import json
 import os
@@ -115,12 +116,10 @@ def check_packages(notes: list) -> str | None:
     """None when torch, transformers (at this project's minimum), datasets, evaluate and this checkout's mae_hf
     import; else the error."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     with open("pyproject.toml", "rb") as handle:
         dependencies = tomllib.load(handle)["project"]["dependencies"]
-    import importlib
 
     for module in ("torch", "transformers", "datasets", "evaluate", "accelerate", "mae_hf"):
         try:
@@ -229,10 +228,9 @@ def preflight(args) -> int:
                                     "no cc, gcc or clang on PATH") + "): Triton cannot build its kernels"
                if compiler is None else compile_smoke_test(device, args.compile_seconds, args.compile_backend))
         plan["COMPILE"] = int(why is None)
-        record["compile"] = {"on": why is None, "compiler": compiler,
-                             "why": why or f"{compiler} found and a one-line torch.compile ({args.compile_backend}) ran "
-                                           f"on {device}" + (" (a dry run's steps run eager all the same)" if args.dry
-                                                              else "")}
+        ran = f"{compiler} found and a one-line torch.compile ({args.compile_backend}) ran on {device}"
+        dry = " (a dry run's steps run eager all the same)" if args.dry else ""
+        record["compile"] = {"on": why is None, "compiler": compiler, "why": why or ran + dry}
         if why is not None:
             notes.append(f"torch.compile off for every step: {why}")
         data_problem, rows = check_data(args.data)
@@ -256,7 +254,7 @@ def preflight(args) -> int:
     save_results(args.out, results)
     for note in notes:
         print(f"[gpu_check] note: {note}")
-    print(f"[gpu_check] versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()))
+    print("[gpu_check] versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()))
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2

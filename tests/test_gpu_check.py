@@ -11,6 +11,7 @@ import tarfile
 import zipfile
 
 import pytest
+import torch
 
 OUTPUT_FILES = {"summary.md", "results.json", "log.txt", "results.tar.gz"}
 ALL_STEPS = ("pipeline", "model", "pretrain", "probe", "finetune", "vit_b")
@@ -130,7 +131,7 @@ def test_packages_that_do_not_import_stop_before_any_step(repo_root, tmp_path, c
     assert "preflight failed: `import datasets` fails here" in (tmp_path / "out" / "summary.md").read_text()
 
 
-@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU is here: a GPU run would start for real")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: a GPU run would start for real")
 def test_a_gpu_run_without_a_gpu_stops_at_once(repo_root, tmp_path, carry):
     code, output = gpu_check(repo_root, tmp_path, CARRY=carry)
     assert code == 2 and "error: torch sees no CUDA GPU" in output, output[-3000:]
