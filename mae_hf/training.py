@@ -474,9 +474,11 @@ class ImageTrainingArguments(TrainingArguments):
         """DataLoader settings for how the splits are held: images in one tensor need no workers; images read
         from disk (or pasted onto canvases from packed memory) get the split's workers, kept between epochs
         (persistent), with their batches in flight checked against the free shared memory (/dev/shm). The passes
-        over a split (kNN monitor, features) use the same number of workers."""
+        over a split (kNN monitor, features) use the same number of workers. `evaluation` None: no evaluation
+        loader is made (its batches need no room)."""
+        splits = [split for split in (train, evaluation) if split is not None]
         if not self.workers_chosen:
-            self.dataloader_num_workers = max(train.num_workers, evaluation.num_workers)
+            self.dataloader_num_workers = max(split.num_workers for split in splits)
         if self.dataloader_num_workers == 0:
             self.dataloader_persistent_workers, self.dataloader_prefetch_factor = False, None
             return
@@ -485,12 +487,12 @@ class ImageTrainingArguments(TrainingArguments):
         from .data.streaming import fit_workers_to_shared_memory
 
         # the training loader's prefetched batches wait while the persistent evaluation loader fills its own
-        batch_bytes = (self.per_device_train_batch_size * math.prod(train.canvas)
-                       + self.per_device_eval_batch_size * math.prod(evaluation.canvas))
+        evaluation_bytes = 0 if evaluation is None else self.per_device_eval_batch_size * math.prod(evaluation.canvas)
+        batch_bytes = self.per_device_train_batch_size * math.prod(train.canvas) + evaluation_bytes
         self.dataloader_num_workers, self.dataloader_prefetch_factor = fit_workers_to_shared_memory(
             self.dataloader_num_workers, self.dataloader_prefetch_factor or 2, batch_bytes,
             chosen=self.workers_chosen)
-        for split in (train, evaluation):
+        for split in splits:
             if split.num_workers:
                 split.num_workers = self.dataloader_num_workers
 
