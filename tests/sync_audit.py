@@ -368,10 +368,13 @@ def quiet_sections(audit: SyncAudit, prefix: str, first: int = 2) -> list[str]:
 
 @contextmanager
 def sections_per_call(audit: SyncAudit, module_class=None, prefix: str = "step", optimizer_steps: bool = False):
-    """Opens the section `prefix N` at each forward of a `module_class` module, or (`optimizer_steps`) at each
-    optimizer step: the hot loops that no Trainer runs (feature passes, probe heads)."""
-    def open_section(*_args, **_kwargs):
-        if optimizer_steps or isinstance(_args[0], module_class):
+    """Opens the section `prefix N` at each forward of a `module_class` module, or (`optimizer_steps`) the section
+    `<optimizer class> step N` at each optimizer step: the hot loops that no Trainer runs (feature passes, probe
+    heads)."""
+    def open_section(owner, *_args, **_kwargs):
+        if optimizer_steps:
+            audit.open_next(f"{type(owner).__name__} step")
+        elif isinstance(owner, module_class):
             audit.open_next(prefix)
 
     if optimizer_steps:

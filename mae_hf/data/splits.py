@@ -5,6 +5,8 @@ batches from, and a sequential pass for feature extraction."""
 import numpy as np
 import torch
 
+from ..transfer import to_device
+
 
 class ImageData:
     """One split: `len()` images on `(channels, height, width)` canvases (see decode.py), `labels` `(N,)` int64
@@ -23,7 +25,8 @@ class ImageData:
         raise NotImplementedError
 
     def read(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 `(n, C, H, W)` canvases, int32 `(n, 2)` heights and widths) of the images at `positions`."""
+        """(uint8 `(n, C, H, W)` canvases, int32 `(n, 2)` heights and widths on the host) of the images at
+        `positions`."""
         raise NotImplementedError
 
     def subset(self, positions) -> "ImageData":
@@ -55,7 +58,7 @@ class ImageData:
 
 class ImageDataset(torch.utils.data.Dataset):
     """An `ImageData` for DataLoaders, fetched a whole batch at a time (`__getitems__`): `pixel_values` (uint8
-    canvases, transformed on the device by the trainer), `image_sizes`, and optional `labels` and `noise` (fixed
+    canvases, transformed on the device by the trainer), `image_sizes` (a host numpy array), and optional `labels` and `noise` (fixed
     masking noise, so that evaluation losses are comparable). With `encoded` (a streamed prepared folder of JPEGs,
     --decode_on_device), `encoded_images` (the JPEG bytes) replace `pixel_values`: the trainer decodes them on the
     GPU (`streaming.DeviceJPEGDecoder`)."""
@@ -76,14 +79,17 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices):
         if self.encoded:
             encoded, sizes = self.data.read_encoded(indices)
-            batch = {"encoded_images": encoded, "image_sizes": sizes}
+            batch = {"encoded_images": encoded}
         else:
             images, sizes = self.data.read(indices)
-            batch = {"pixel_values": images, "image_sizes": sizes}
+            batch = {"pixel_values": images}
+        # A numpy array, which the Trainer's loader leaves on the host: the transforms read the sizes there (the
+        # evaluation crop groups images by them) and copy them to the device without waiting.
+        batch["image_sizes"] = sizes.numpy()
         if self.labels is not None or self.noise is not None:
             index = torch.as_tensor(indices)
-            if self.labels is not None:
-                batch["labels"] = self.labels[index]
+            if self.labels is not None:  # on the device when the split is (InMemoryImages.to)
+                batch["labels"] = self.labels[to_device(index, self.labels.device)]
             if self.noise is not None:
                 batch["noise"] = self.noise[index]
         return batch
@@ -112,4 +118,4 @@ def sequential_batches(data: ImageData, batch_size: int, pin_memory: bool = Fals
                                          collate_fn=collate, pin_memory=pin_memory,
                                          generator=torch.Generator())  # leaves the global random state alone
     for batch in loader:
-        yield batch["pixel_values"], batch["image_sizes"]
+        yield batch["pixel_values"], torch.from_numpy(batch["image_sizes"])
