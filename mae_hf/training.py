@@ -696,6 +696,10 @@ class ImageTrainer(Trainer):
             super().__init__(*args, **kwargs)
         finally:
             trainer_logger.removeFilter(unpinned)
+        # The evaluation loop pads every batch's labels and logits along dim 1 to gather sequences of other lengths,
+        # reading each tensor's shape back from the device to do so (a wait per batch). Image labels (batch,) and
+        # logits (batch, classes) or (batch, patches, values) have the same sizes on every process: nothing to pad.
+        self.accelerator.pad_across_processes = lambda tensor, *args, **kwargs: tensor
         self.device_decoder = device_decoder  # JPEG bytes -> canvases on the GPU (--decode_on_device)
         # Every training loss here is a mean over its micro-batch (the model's, the label smoother's, the soft-target
         # one), so the Trainer must divide it by the accumulation steps. It would not if it took the model (whose

@@ -45,7 +45,10 @@ DATA_DEPENDENT = {aten.nonzero.default, aten.nonzero_numpy.default, aten.argwher
                   aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
                   aten.unique_dim_consecutive.default, aten.masked_select.default, aten.bincount.default,
                   aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
-WATCHED = SCALAR_READS | HOST_COPIES | {"__get__", "to", "copy_", "tensor", "as_tensor", "asarray"}
+# Operations whose CPU kernels read values on the host where their CUDA kernels do not: `one_hot` with a class count
+# checks the labels' range on a CPU only (CUDA's scatter asserts on the device).
+CPU_ONLY_CHECKS = {"one_hot"}
+WATCHED = SCALAR_READS | HOST_COPIES | CPU_ONLY_CHECKS | {"__get__", "to", "copy_", "tensor", "as_tensor", "asarray"}
 INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 
 
@@ -211,6 +214,9 @@ class _FunctionMode(TorchFunctionMode):
             with self._quiet():
                 result = func(*args, **kwargs)
             return take_off_device(result) if name == "cpu" else result
+        if name in CPU_ONLY_CHECKS and on_device(self_tensor):
+            with self._quiet():
+                return put_on_device(func(*args, **kwargs))
         if name == "to" and self_tensor is not None:
             return self._to(func, self_tensor, args, kwargs)
         if name == "copy_" and self_tensor is not None and len(args) > 1 and isinstance(args[1], torch.Tensor):
@@ -388,9 +394,10 @@ def sections_per_call(audit: SyncAudit, module_class=None, prefix: str = "step",
 
 
 def middle_sections(audit: SyncAudit, prefix: str) -> list[str]:
-    """The sections `prefix N` but the first (one-time set-up) and the last (it runs on to what follows the loop)."""
+    """The sections `prefix N` but the first (one-time set-up), the last (it runs on to what follows the loop) and
+    those that logged, saved or evaluated."""
     numbers = sorted(int(name.rsplit(" ", 1)[1]) for name in audit.marks if name.rsplit(" ", 1)[0] == prefix)
-    return [f"{prefix} {number}" for number in numbers[1:-1]]
+    return [f"{prefix} {number}" for number in numbers[1:-1] if not audit.marks[f"{prefix} {number}"]]
 
 
 def report(events) -> str:

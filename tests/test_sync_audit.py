@@ -34,9 +34,9 @@ def _print_counts():
         print(f"[sync audit] {loop}: {counts}", file=sys.stderr)
 
 
-def tiny_run_flags(folder, overrides, steps=6):
+def tiny_run_flags(folder, overrides, steps=5):
     return ["--config_overrides", overrides, "--per_device_train_batch_size", "8", "--max_steps", str(steps),
-            "--logging_steps", "3", "--save_steps", "100", "--eval_strategy", "no", "--per_device_eval_batch_size",
+            "--logging_steps", str(steps), "--save_steps", "100", "--eval_strategy", "no", "--per_device_eval_batch_size",
             "4", "--disable_tqdm", "true", "--report_to", "none", "--output_dir", str(folder)]
 
 
@@ -70,7 +70,7 @@ def assert_quiet(audit: SyncAudit, loop: str, sections: list[str]) -> None:
 
 def check_training(audit: SyncAudit, loop: str) -> None:
     quiet = quiet_sections(audit, "train step")
-    assert len(quiet) >= 3 and all(audit.marks[f"train step {n}"] for n in (3, 6)), audit.marks  # logged steps
+    assert len(quiet) >= 3 and "log" in audit.marks["train step 5"], audit.marks  # steps 2-4 quiet, 5 logs
     assert_quiet(audit, loop, quiet + middle_sections(audit, "eval batch"))
 
 
