@@ -8,7 +8,8 @@ which the audit turns into a real copy, as on a GPU) or computed from tensors on
 buffers are put there at the start. Everything else is on the host. Recorded (`Event.kind`):
 
 - `scalar read`: `.item()`, `bool()` / `if tensor:`, `int()`, `float()` of a device tensor (a wait for the device);
-- `copy to host`: `.tolist()`, `.numpy()`, `.cpu()`, `.to("cpu")`, a copy into a host tensor;
+- `copy to host`: `.tolist()`, `.numpy()`, `.cpu()`, `.to("cpu")`, a copy into a host tensor (but for copies with
+  `non_blocking=True`, which land in pinned memory without waiting);
 - `data-dependent shape`: `nonzero`, `unique`, `masked_select`, boolean-mask indexing, `repeat_interleave` with
   tensor repeats, `bincount` (the host needs the result's size);
 - `blocking copy to device`: `.to(device)` / `copy_` of a host tensor without `non_blocking=True`;
@@ -48,7 +49,8 @@ DATA_DEPENDENT = {aten.nonzero.default, aten.nonzero_numpy.default, aten.argwher
 # Operations whose CPU kernels read values on the host where their CUDA kernels do not: `one_hot` with a class count
 # checks the labels' range on a CPU only (CUDA's scatter asserts on the device).
 CPU_ONLY_CHECKS = {"one_hot"}
-WATCHED = SCALAR_READS | HOST_COPIES | CPU_ONLY_CHECKS | {"__get__", "to", "copy_", "tensor", "as_tensor", "asarray"}
+WATCHED = SCALAR_READS | HOST_COPIES | CPU_ONLY_CHECKS | {"__get__", "__set__", "to", "copy_", "tensor", "as_tensor",
+                                                     "asarray"}
 INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 
 
@@ -209,6 +211,12 @@ class _FunctionMode(TorchFunctionMode):
             if descriptor == "data" and on_device(self_tensor):  # `.data` is made without a dispatched operation
                 put_on_device(result)
             return result
+        if name == "__set__":  # `param.data = moved`, as `Module.to` does: the parameter is where `moved` is
+            result = func(*args, **kwargs)
+            descriptor = getattr(getattr(func, "__self__", None), "__name__", "")
+            if descriptor == "data" and self_tensor is not None and len(args) > 1:
+                (put_on_device if on_device(args[1]) else take_off_device)(self_tensor)
+            return result
         if self_tensor is not None and on_device(self_tensor) and name in SCALAR_READS | HOST_COPIES:
             self.audit.record("scalar read" if name in SCALAR_READS else "copy to host", f".{name}()")
             with self._quiet():
@@ -224,8 +232,9 @@ class _FunctionMode(TorchFunctionMode):
             if on_device(self_tensor) and not on_device(source) and source.dim() > 0 \
                     and not kwargs.get("non_blocking", args[2] if len(args) > 2 else False):
                 self.audit.record("blocking copy to device", "copy_ of a host tensor")
-            elif on_device(source) and not on_device(self_tensor):
-                self.audit.record("copy to host", "copy_ into a host tensor")
+            elif on_device(source) and not on_device(self_tensor) \
+                    and not kwargs.get("non_blocking", args[2] if len(args) > 2 else False):
+                self.audit.record("copy to host", "blocking copy_ into a host tensor")
             with self._quiet():
                 return func(*args, **kwargs)
         if name in ("tensor", "as_tensor", "asarray") and is_device(kwargs.get("device")):
@@ -262,7 +271,8 @@ class _FunctionMode(TorchFunctionMode):
             # is the host's here; on a GPU that is the GPU: no copy
             return tensor if dtype in (None, tensor.dtype) else tensor.to(dtype)
         if on_device(tensor):
-            self.audit.record("copy to host", ".to('cpu')")
+            if not non_blocking:  # a non-blocking copy to the host lands in pinned memory, without waiting
+                self.audit.record("copy to host", ".to('cpu')")
             with self._quiet():
                 return take_off_device(tensor.to(dtype=dtype or tensor.dtype, copy=True))
         return func(*args, **kwargs)
@@ -384,7 +394,9 @@ def sections_per_call(audit: SyncAudit, module_class=None, prefix: str = "step",
             audit.open_next(prefix)
 
     if optimizer_steps:
-        handle = torch.optim.optimizer.register_optimizer_step_pre_hook(open_section)
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        handle = register_optimizer_step_pre_hook(open_section)
     else:
         handle = torch.nn.modules.module.register_module_forward_pre_hook(open_section)
     try:
