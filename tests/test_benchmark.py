@@ -75,3 +75,18 @@ def test_modes_on_a_cpu_without_native_bf16_warn_for_the_bf16_modes_only(tmp_pat
     err = capsys.readouterr().err
     assert "warning: --bf16 on a CPU without native bf16" in err and "--bf16 true" not in err
     assert json.loads((tmp_path / "record.json").read_text())["dtype"] == "bf16 autocast"
+
+
+def test_device_timings_wait_for_the_device(monkeypatch):
+    """CUDA runs asynchronously: a time read without draining its queue measures the queueing, not the work."""
+    import torch
+
+    from mae_hf.benchmark import device_seconds
+
+    happened = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: happened.append("synchronize"))
+    device_seconds("cuda", lambda value: happened.append(value), "work")
+    assert happened == ["synchronize", "work", "synchronize"]
+    happened.clear()
+    device_seconds("cpu", lambda value: happened.append(value), "work")
+    assert happened == ["work"]

@@ -8,8 +8,10 @@ import contextlib
 import io
 import sys
 
+import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_config
 
 import mae_hf.runs as runs
 from mae_hf.training import ImageTrainingArguments
@@ -17,6 +19,7 @@ from sync_audit import (
     DEVICE,
     SyncAudit,
     middle_sections,
+    on_device,
     quiet_sections,
     report,
     sections_per_call,
@@ -272,3 +275,47 @@ def test_compiles_once_without_graph_breaks(monkeypatch, scripts, parquet_folder
     COUNTS[f"compile, {script}"] = frames
 
 
+
+
+def test_a_split_on_the_device_takes_its_labels_with_it():
+    """`InMemoryImages.to`: pixels and labels on the device (a batch and its labels are one gather there, with the
+    index copied without waiting), sizes on the host (for the transforms)."""
+    from mae_hf.data import ImageDataset
+    from mae_hf.data.memory import InMemoryImages
+
+    data = InMemoryImages(torch.zeros(6, 3, 4, 4, dtype=torch.uint8), torch.full((6, 2), 4, dtype=torch.int32),
+                          labels=torch.arange(6))
+    audit = SyncAudit()
+    with audit:
+        data.to(DEVICE)
+        audit.section("batch")
+        batch = ImageDataset(data, labels=True).__getitems__([4, 1, 2])
+    assert not audit.events, report(audit.events)
+    assert on_device(batch["pixel_values"]) and on_device(batch["labels"]) and batch["labels"].tolist() == [4, 1, 2]
+    assert isinstance(batch["image_sizes"], np.ndarray)  # the Trainer's loader leaves it on the host
+
+
+def test_multiblock_features_go_to_the_host_as_they_are_extracted():
+    from mae_hf import MAEModel
+    from mae_hf.data import BatchTransform
+    from mae_hf.probes import encode_frozen
+
+    config = make_tiny_config()
+    encoder, transform = MAEModel(config), BatchTransform.for_model(config)
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
+    audit = SyncAudit()
+    with audit, sections_per_call(audit, MAEModel, "features"):
+        encoder.to(DEVICE)
+        pooled, blocks = encode_frozen(encoder, images, transform, batch_size=3, feature_blocks=2)
+    assert on_device(pooled) and not on_device(blocks) and blocks.shape == (12, 2 * 2 * config.hidden_size)
+    assert_quiet(audit, "multi-block features", middle_sections(audit, "features"))
+
+
+def test_gpu_settings_copy_batches_without_waiting_and_leave_constant_buffers(tmp_path):
+    from mae_hf.training import FinetuneArguments, PretrainingArguments
+
+    for arguments in (PretrainingArguments, FinetuneArguments):
+        args = arguments(output_dir=str(tmp_path))
+        assert args.accelerator_config.non_blocking and args.ddp_broadcast_buffers is False
+    chosen = PretrainingArguments(output_dir=str(tmp_path), accelerator_config={"non_blocking": False})
+    assert not chosen.accelerator_config.non_blocking  # a config given is kept

@@ -99,7 +99,8 @@ def collate(batch):
     """Batches from `ImageDataset.__getitems__` are already stacked; single items (other loaders) get stacked."""
     if isinstance(batch, dict):
         return batch
-    return {key: torch.stack([item[key] for item in batch]) for key in batch[0]}
+    stack = {key: np.stack if isinstance(value, np.ndarray) else torch.stack for key, value in batch[0].items()}
+    return {key: stack[key]([item[key] for item in batch]) for key in batch[0]}
 
 
 def fixed_noise(num_images: int, num_patches: int, seed: int = 0) -> torch.Tensor:
