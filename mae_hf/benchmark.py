@@ -72,8 +72,8 @@ from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
 from .modeling_mae import MAEForPreTraining
 from .precision import autocast_for, decide_bf16, native_bf16
-from .transfer import synchronize
 from .redaction import recorded_command
+from .transfer import synchronize
 
 MB = 2**20
 
@@ -648,8 +648,8 @@ def main(argv=None):
     parser.add_argument("--config_overrides", help='MAEConfig fields, e.g. "hidden_size=128,num_attention_heads=4".')
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="Autocast to bfloat16 (default: on where the device computes bf16 natively: a CUDA GPU "
-                             "that supports it, a CPU with AMX or AVX512-BF16; mae_hf/precision.py).")
+                        help="Autocast to bfloat16 (default: on where the device computes bf16 natively: an NVIDIA GPU "
+                             "of compute capability 8.0 or newer, a CPU with AMX or AVX512-BF16; mae_hf/precision.py).")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
     parser.add_argument("--modes", nargs="+", metavar="MODE",
                         help=f"Model suite: time every model in each of these modes, in turn in each round "

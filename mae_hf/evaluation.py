@@ -74,8 +74,8 @@ class FrozenEvalArguments:
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 autocast for the encoder's features (and linear_probe.py's attentive probe): true, "
-                          "false or auto (the default: on where the device computes bf16 natively — a GPU that "
-                          "supports it, a CPU with AMX, AVX512-BF16 or Arm's BF16)."})
+                          "false or auto (the default: on where the device computes bf16 natively — an NVIDIA GPU "
+                          "of compute capability 8.0 or newer, a CPU with AMX, AVX512-BF16 or Arm's BF16)."})
     disable_tqdm: bool = field(
         default=False, metadata={"help": "No progress bars (feature extraction, probe epochs), as the Trainer's flag."})
 

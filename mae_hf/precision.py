@@ -3,11 +3,11 @@ probes and kNN, visualize.py, the benchmark) and the demo.
 
 By default bf16 autocast is on where the hardware computes bf16 natively: an NVIDIA GPU of compute capability 8.0 or
 newer (Ampere on; older GPUs emulate bf16, which `torch.cuda.is_bf16_supported()` counts) or a ROCm GPU that supports
-it, and a CPU with bf16 matrix instructions (AMX or AVX512-BF16 on x86, the BF16 extension on Arm): there a train step of the default
-model runs 2.3-2.5x as fast as in fp32, to the same loss (docs/cpu_speed.md, on AMX). Elsewhere bf16 is emulated,
-slower than fp32, and fp32 is the default; asking for bf16 there still runs it, after a one-line warning. fp32 runs
-on those GPUs compute their matrix products in TF32 (`torch.set_float32_matmul_precision("high")`), as the plan line
-says.
+it, and a CPU with bf16 matrix instructions (AMX or AVX512-BF16 on x86, the BF16 extension on Arm): there a train step
+of the default model runs 2.3-2.5x as fast as in fp32, to the same loss (docs/cpu_speed.md, on AMX). Elsewhere bf16 is
+emulated, slower than fp32, and fp32 is the default; asking for bf16 there still runs it, after a one-line warning.
+fp32 runs on those NVIDIA GPUs compute their matrix products in TF32 (`torch.set_float32_matmul_precision("high")`),
+as the plan line says.
 
 This file imports only torch: the demo loads it by path, next to its app, where mae_hf is not installed.
 """

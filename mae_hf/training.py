@@ -273,8 +273,9 @@ class ImageTrainingArguments(TrainingArguments):
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 autocast: true, false or auto (the default: on where the hardware computes bf16 "
-                          "natively — a GPU that supports it, a CPU with AMX, AVX512-BF16 or Arm's BF16 — off "
-                          "elsewhere; the plan line says which and why)."})
+                          "natively — an NVIDIA GPU of compute capability 8.0 or newer, a CPU with AMX, AVX512-BF16 or "
+                          "Arm's BF16 — off elsewhere; fp32 on those GPUs computes matrix products in TF32 unless "
+                          "--tf32 false; the plan line says which and why)."})
     torch_compile: bool | None = field(
         default=None, metadata={"help": "torch.compile: true, false or auto (the default: on with CUDA)."})
     per_device_eval_batch_size: int = field(default=512, metadata={"help": "Evaluation batch per device."})

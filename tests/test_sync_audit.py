@@ -12,9 +12,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_config
-
-import mae_hf.runs as runs
-from mae_hf.training import ImageTrainingArguments
 from sync_audit import (
     DEVICE,
     SyncAudit,
@@ -27,6 +24,9 @@ from sync_audit import (
     trainer_on_device,
 )
 
+import mae_hf.runs as runs
+from mae_hf.training import ImageTrainingArguments
+
 COUNTS = {}  # hot loop -> events per section, printed at the end (pytest -s) for the record
 
 
@@ -38,9 +38,11 @@ def _print_counts():
 
 
 def tiny_run_flags(folder, overrides, steps=5):
+    """`steps` steps of 8 images, logging at the last one only, never saving or evaluating during training."""
     return ["--config_overrides", overrides, "--per_device_train_batch_size", "8", "--max_steps", str(steps),
-            "--logging_steps", str(steps), "--save_steps", "100", "--eval_strategy", "no", "--per_device_eval_batch_size",
-            "4", "--disable_tqdm", "true", "--report_to", "none", "--output_dir", str(folder)]
+            "--logging_steps", str(steps), "--save_steps", "100", "--eval_strategy", "no",
+            "--per_device_eval_batch_size", "4", "--disable_tqdm", "true", "--report_to", "none",
+            "--output_dir", str(folder)]
 
 
 def audited_training(monkeypatch, main, argv) -> SyncAudit:

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import torch
 
+from ..transfer import to_device
 from .decode import BadImage, channels_first, paste
 from .policy import processes_on_this_machine
-from ..transfer import to_device
 from .splits import ImageData
 
 CHUNK = 256  # images a decoding worker handles at a time (fewer when they are large: see `chunk_size`)
@@ -39,10 +39,10 @@ def repeat_edges(canvases: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
 
 class InMemoryImages(ImageData):
     """Decoded images in memory (host, or GPU with `to`) with their sizes `(N, 2)` int32 (on the host), stored one of
-    two ways: as canvases `(N, C, H, W)` (`images`) when they waste little (every CIFAR-10 image fills its 32 x 32 canvas; a
-    batch is one gather), or packed (`packed`: every image's channels-first pixels end to end from `offsets`) when
-    sizes vary so much that canvases would take more than `CANVAS_WASTE` x the pixels; a batch is then pasted onto
-    canvases of the split's `canvas` shape."""
+    two ways: as canvases `(N, C, H, W)` (`images`) when they waste little (every CIFAR-10 image fills its 32 x 32
+    canvas; a batch is one gather), or packed (`packed`: every image's channels-first pixels end to end from
+    `offsets`) when sizes vary so much that canvases would take more than `CANVAS_WASTE` x the pixels; a batch is
+    then pasted onto canvases of the split's `canvas` shape."""
 
     in_memory = True
 

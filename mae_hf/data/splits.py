@@ -57,11 +57,11 @@ class ImageData:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """An `ImageData` for DataLoaders, fetched a whole batch at a time (`__getitems__`): `pixel_values` (uint8
-    canvases, transformed on the device by the trainer), `image_sizes` (a host numpy array), and optional `labels` and `noise` (fixed
-    masking noise, so that evaluation losses are comparable). With `encoded` (a streamed prepared folder of JPEGs,
-    --decode_on_device), `encoded_images` (the JPEG bytes) replace `pixel_values`: the trainer decodes them on the
-    GPU (`streaming.DeviceJPEGDecoder`)."""
+    """An `ImageData` for DataLoaders, fetched a whole batch at a time (`__getitems__`): `pixel_values` (uint8 canvases,
+    transformed on the device by the trainer), `image_sizes` (a host numpy array), and optional `labels` and `noise`
+    (fixed masking noise, so that evaluation losses are comparable). With `encoded` (a streamed prepared folder of
+    JPEGs, --decode_on_device), `encoded_images` (the JPEG bytes) replace `pixel_values`: the trainer decodes them
+    on the GPU (`streaming.DeviceJPEGDecoder`)."""
 
     def __init__(self, data: ImageData, labels: bool = False, noise: torch.Tensor | None = None,
                  encoded: bool = False):
