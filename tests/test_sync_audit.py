@@ -267,16 +267,47 @@ def compiled_training(monkeypatch, main, argv):
 
 @pytest.mark.parametrize("script", ["pretrain", "finetune"])
 def test_compiles_once_without_graph_breaks(monkeypatch, scripts, parquet_folder, tiny_overrides, tmp_path, script):
-    extra = ["--knn_eval", "false"] if script == "pretrain" else ["--random_init", "true"]
+    # Fine-tuning without label smoothing: the model computes its own loss (with it, the Trainer's label smoother
+    # does), where transformers would settle `config.problem_type` at the first step and compile again at the second.
+    extra = ["--knn_eval", "false"] if script == "pretrain" else ["--random_init", "true",
+                                                                  "--label_smoothing_factor", "0"]
     frames, breaks = compiled_training(monkeypatch, getattr(scripts, script).main,
                                        ["--dataset_name", str(parquet_folder)] + extra
                                        + tiny_run_flags(tmp_path / "run", tiny_overrides, steps=4))
     assert breaks == 0
     assert frames[2] > 0 and frames[2] == frames[4] == frames["before evaluation"], frames  # compiled in step 1 only
-    assert frames["after a second evaluation"] == frames["after evaluation"], frames  # evaluation compiles once
+    assert frames["after a second evaluation"] == frames["after evaluation"], frames  # (the Trainer evaluates eagerly)
     COUNTS[f"compile, {script}"] = frames
 
 
+def test_a_compiled_evaluation_compiles_once_without_graph_breaks(monkeypatch, scripts, parquet_folder, tiny_overrides,
+                                                                  tmp_path):
+    """An evaluation of a saved classifier (--do_train false) runs the compiled model: one compile, then none."""
+    from torch._dynamo.utils import counters
+
+    from mae_hf.training import ImageTrainer
+
+    flags = ["--dataset_name", str(parquet_folder), "--torch_compile", "true", "--torch_compile_backend", "aot_eager"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        scripts.finetune.main(flags + ["--random_init", "true", "--do_train", "true", "--do_eval", "false"]
+                              + tiny_run_flags(tmp_path / "run", tiny_overrides, steps=1))
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    prediction_step = ImageTrainer.prediction_step
+
+    def counted(self, *args, **kwargs):
+        result = prediction_step(self, *args, **kwargs)
+        graphs.append(compile_counts())
+        return result
+
+    monkeypatch.setattr(ImageTrainer, "prediction_step", counted)
+    with contextlib.redirect_stdout(io.StringIO()):
+        scripts.finetune.main(flags + ["--do_train", "false", "--model_name_or_path", str(tmp_path / "run"),
+                                       "--output_dir", str(tmp_path / "eval"), "--per_device_eval_batch_size", "4",
+                                       "--report_to", "none", "--disable_tqdm", "true"])
+    assert len(graphs) == 4 and graphs == [(1, 0)] * 4, graphs  # 16 images, 4 batches: compiled in the first only
+    COUNTS["compile, evaluation of a saved classifier"] = graphs
 
 
 def test_a_split_on_the_device_takes_its_labels_with_it():
