@@ -415,6 +415,3 @@ def middle_sections(audit: SyncAudit, prefix: str) -> list[str]:
 def report(events) -> str:
     return "\n".join(str(event) for event in events) or "(none)"
 
-
-if __name__ == "__main__":  # pragma: no cover - a manual look: python tests/sync_audit.py
-    print(__doc__, file=sys.stderr)

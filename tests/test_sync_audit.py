@@ -328,9 +328,12 @@ def test_a_split_on_the_device_takes_its_labels_with_it():
     assert isinstance(batch["image_sizes"], np.ndarray)  # the Trainer's loader leaves it on the host
 
 
-def test_multiblock_features_go_to_the_host_as_they_are_extracted():
+def test_feature_passes_and_multiblock_features_on_the_host():
+    """The kNN monitor's feature pass (`extract_features`) and the probes' (`encode_frozen`), whose multi-block
+    features go to the host as they are extracted."""
     from mae_hf import MAEModel
     from mae_hf.data import BatchTransform
+    from mae_hf.features import extract_features
     from mae_hf.probes import encode_frozen
 
     config = make_tiny_config()
@@ -340,8 +343,10 @@ def test_multiblock_features_go_to_the_host_as_they_are_extracted():
     with audit, sections_per_call(audit, MAEModel, "features"):
         encoder.to(DEVICE)
         pooled, blocks = encode_frozen(encoder, images, transform, batch_size=3, feature_blocks=2)
+        monitor = extract_features(encoder, images, transform, batch_size=3)
     assert on_device(pooled) and not on_device(blocks) and blocks.shape == (12, 2 * 2 * config.hidden_size)
-    assert_quiet(audit, "multi-block features", middle_sections(audit, "features"))
+    assert on_device(monitor) and monitor.shape == pooled.shape
+    assert_quiet(audit, "feature passes", middle_sections(audit, "features"))
 
 
 def test_gpu_settings_copy_batches_without_waiting_and_leave_constant_buffers(tmp_path):
