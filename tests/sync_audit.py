@@ -19,7 +19,8 @@ buffers are put there at the start. Everything else is on the host. Recorded (`E
   it, blocking, or fails; host scalars are fine).
 
 What the CPU cannot show: whether a `non_blocking=True` copy comes from pinned memory (code paths that pin only on
-CUDA never run here); scripts/gpu_check.sh's `torch.cuda.set_sync_debug_mode` covers that on a GPU.
+CUDA never run here); on a GPU, `torch.cuda.set_sync_debug_mode("warn")` does. Where a CPU kernel reads values that
+its CUDA kernel does not (`CPU_ONLY_CHECKS`), the audit follows CUDA.
 """
 
 import dataclasses
