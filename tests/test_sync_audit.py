@@ -2,7 +2,8 @@
 (tests/sync_audit.py), which plays a GPU and records every operation that would wait for it or copy from pageable
 memory, with the project line that caused it. Steps that neither log, save nor evaluate must record nothing. Also a
 compile audit: torch.compile (the aot_eager backend, on the CPU) of pretraining and fine-tuning compiles in the first
-step and never again, without graph breaks."""
+step and never again, without graph breaks; so does the evaluation of a saved classifier (the Trainer evaluates a
+training run with the uncompiled model)."""
 
 import contextlib
 import io
