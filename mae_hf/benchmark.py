@@ -73,6 +73,7 @@ from .convert import to_vit_mae
 from .modeling_mae import MAEForPreTraining
 from .precision import autocast_for, decide_bf16, native_bf16
 from .redaction import recorded_command
+from .transfer import synchronize
 
 MB = 2**20
 
@@ -143,6 +144,16 @@ def train_state_bytes(model, optimizer, pixel_values, autocast) -> int:
     return resident_bytes(model, optimizer) + grads + sum(saved.values())
 
 
+def device_seconds(device, function, *args) -> float:
+    """Wall seconds of `function(*args)`, the device's queue drained before and after: CUDA runs asynchronously, and
+    without that the clock would stop when the work is queued, not done."""
+    synchronize(device)
+    start = time.perf_counter()
+    function(*args)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def timed_chunk(model, optimizer, pixel_values, autocast, steps: int, device: str):
     """Seconds for `steps` train steps, and the CUDA peak rise over the chunk (None on other devices)."""
     cuda = device.startswith("cuda")
@@ -198,14 +209,12 @@ def gemm_rate(shapes, dtype, device: str, seconds: float = 0.3) -> float:
         a = torch.randn(m, k, dtype=dtype, device=device)
         b = torch.randn(k, n, dtype=dtype, device=device)
         a @ b  # warm up
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / len(shapes):
             a @ b
             count += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         best = max(best, 2 * m * k * n * count / (time.perf_counter() - start))
     return best
 
@@ -265,9 +274,8 @@ def model_suite(args, config, bf16, autocast):
                 "images_per_s_rounds": [], "cpu_ms_per_image_rounds": [], "cuda_peak_mb": None,
                 "first_step_seconds": None}
     for run in runs.values():  # the first call of a compiled model compiles it
-        start = time.perf_counter()
-        train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
-        run["first_step_seconds"] = time.perf_counter() - start
+        run["first_step_seconds"] = device_seconds(args.device, train_step, run["stepper"], run["optimizer"],
+                                                   pixel_values, run["autocast"])
         for _ in range(args.warmup):
             train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
 
@@ -538,9 +546,7 @@ def probe_suite(args, config, bf16, autocast):
         for round_index in range(args.rounds):
             runs = [("features_once", cached), ("encoder_every_epoch", rerun)]
             for name, run in runs if round_index % 2 == 0 else runs[::-1]:
-                start = time.perf_counter()
-                run(epochs)
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(device_seconds(args.device, run, epochs))
         medians = {name: statistics.median(values) for name, values in seconds.items()}
         results[epochs] = {"seconds": seconds, "median_seconds": medians,
                            "speedup": medians["encoder_every_epoch"] / medians["features_once"]}
@@ -602,13 +608,11 @@ def augment_suite(args, config, bf16, autocast):
     for round_index in range(args.rounds):
         names = list(parts) if round_index % 2 == 0 else list(parts)[::-1]  # alternate who goes first
         for name in names:
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(args.device)
             start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 parts[name]()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(args.device)
             seconds[name].append((time.perf_counter() - start) / args.steps)
             cpu_seconds[name].append((time.process_time() - cpu_start) / args.steps)
 
@@ -659,8 +663,7 @@ def attention_suite(args, config, bf16, autocast):
     def kernel(q, k, v):
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
-    def timed(function, qkv, train: bool) -> float:
-        start = time.perf_counter()
+    def calls(function, qkv, train: bool) -> None:
         for _ in range(args.steps):
             with torch.set_grad_enabled(train):
                 batch, length = qkv.shape[:2]
@@ -668,7 +671,9 @@ def attention_suite(args, config, bf16, autocast):
                 output = function(q, k, v)
                 if train:
                     output.sum().backward()
-        return (time.perf_counter() - start) / args.steps
+
+    def timed(function, qkv, train: bool) -> float:
+        return device_seconds(args.device, calls, function, qkv, train) / args.steps
 
     rows = []
     for tokens in args.attention_tokens:
@@ -710,8 +715,8 @@ def main(argv=None):
     parser.add_argument("--config_overrides", help='MAEConfig fields, e.g. "hidden_size=128,num_attention_heads=4".')
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="Autocast to bfloat16 (default: on where the device computes bf16 natively: a CUDA GPU "
-                             "that supports it, a CPU with AMX or AVX512-BF16; mae_hf/precision.py).")
+                        help="Autocast to bfloat16 (default: on where the device computes bf16 natively: an NVIDIA GPU "
+                             "of compute capability 8.0 or newer, a CPU with AMX or AVX512-BF16; mae_hf/precision.py).")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
     parser.add_argument("--modes", nargs="+", metavar="MODE",
                         help=f"Model suite: time every model in each of these modes, in turn in each round "

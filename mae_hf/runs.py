@@ -414,11 +414,16 @@ def write_json(path: str, value: dict) -> None:
 
 # ---- signals ---------------------------------------------------------------------------------------------------
 
+STOP_CHECK_STEPS = 16  # steps between the processes' agreement on a stop: a host collective, cheap but not free
+
+
 class StopOnSignal(TrainerCallback):
-    """The first SIGINT/SIGTERM during training asks for a stop at the end of the current optimizer step: no save
-    or evaluation starts after it. Outside the training loop, or a second signal, stops at once (`Interrupted`).
-    In a distributed run the processes agree every step (a one-number all-reduce on the CPU, no device sync) so
-    that all stop at the same step."""
+    """The first SIGINT/SIGTERM during training asks for a stop at the end of an optimizer step: no save or
+    evaluation starts after it. Outside the training loop, or a second signal, stops at once (`Interrupted`).
+    In a distributed run the processes agree on it (a one-number all-reduce on the CPU, no device sync) every
+    `STOP_CHECK_STEPS` steps and at every step that logs, evaluates or saves, at an epoch's end and at the last
+    step, so that all stop at the same step, within `STOP_CHECK_STEPS` steps of the signal and before anything
+    more is saved."""
 
     def __init__(self):
         self.signum = self.step = None
@@ -449,21 +454,29 @@ class StopOnSignal(TrainerCallback):
             backend = torch.distributed.get_backend()
             self.group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
 
-    def _stop_requested(self, args) -> bool:
+    def _stop_requested(self, args, due: bool) -> bool:
+        """Whether to stop now; in a distributed run decided together at `due` steps only (the same on every
+        process: they follow from the step number and the Trainer's own schedule)."""
         if args.world_size > 1 and torch.distributed.is_initialized():
+            if not due:
+                return False
             signum = torch.tensor([self.signum or 0])
             torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX, group=self.group)
             self.signum = int(signum) or None
         return self.signum is not None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._stop_requested(args):
+        due = (state.global_step % STOP_CHECK_STEPS == 0 or state.global_step >= state.max_steps
+               or control.should_log or control.should_evaluate or control.should_save)
+        if self._stop_requested(args, due):
             self.step = state.global_step
             control.should_training_stop = True
             control.should_save = control.should_evaluate = False
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
+        if self._stop_requested(args, due=True):
+            self.step = state.global_step if self.step is None else self.step
+            control.should_training_stop = True
             control.should_save = control.should_evaluate = False
 
     def on_train_end(self, args, state, control, **kwargs):

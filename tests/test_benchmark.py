@@ -109,3 +109,18 @@ def test_sync_debug_window_counts_the_synchronising_calls_by_line():
     assert record["warnings"] == 2 and record["steps"] == 2
     [(place, count)] = record["places"].items()
     assert place.startswith("tests/test_benchmark.py:") and count == 2
+
+
+def test_device_timings_wait_for_the_device(monkeypatch):
+    """CUDA runs asynchronously: a time read without draining its queue measures the queueing, not the work."""
+    import torch
+
+    from mae_hf.benchmark import device_seconds
+
+    happened = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: happened.append("synchronize"))
+    device_seconds("cuda", lambda value: happened.append(value), "work")
+    assert happened == ["synchronize", "work", "synchronize"]
+    happened.clear()
+    device_seconds("cpu", lambda value: happened.append(value), "work")
+    assert happened == ["work"]

@@ -348,3 +348,45 @@ def test_disable_tqdm_silences_the_decoding_bars_and_both_folders_are_named(tmp_
     assert f"images of {tree}/train and {tree}/val" in printed.out
     load_image_splits(data, 8)
     assert "Decoding images (train)" in capsys.readouterr().err
+
+
+def largest_float_tensor(function, *args):
+    """(`function(*args)`, the most elements of any floating-point tensor an operation made while it ran)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for tensor in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    Largest.numel = max(Largest.numel, tensor.numel())
+            return result
+
+    with Largest():
+        result = function(*args)
+    return result, Largest.numel
+
+
+def test_canvases_become_floats_only_as_they_are_cropped(monkeypatch):
+    """Large canvases (mostly padding around the images) are never converted to floats as a whole batch: the crops
+    are sampled a few canvases at a time, the evaluation's centre crops cut out as uint8; the results are those of
+    converting everything first."""
+    from mae_hf.data import transforms
+
+    canvases = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    sizes = torch.tensor([[40, 60], [60, 40]] * 8)
+    whole_batch = canvases.numel()
+    monkeypatch.setattr(transforms, "FLOAT_CHUNK_BYTES", 2 * 4 * 3 * 64 * 64)  # two canvases at a time
+    train = BatchTransform(8, [0.5] * 3, [0.25] * 3, crop_scale=(0.2, 1.0), hflip=True, seed=3, training=True)
+    crops, largest = largest_float_tensor(train, canvases, sizes.numpy())
+    assert largest <= 2 * 3 * 64 * 64
+    reference = BatchTransform(8, [0.5] * 3, [0.25] * 3, crop_scale=(0.2, 1.0), hflip=True, seed=3, training=True)
+    monkeypatch.setattr(transforms, "FLOAT_CHUNK_BYTES", 2**40)  # everything at once, as before
+    torch.testing.assert_close(crops, reference(canvases, sizes), rtol=0, atol=0)
+    evaluation = BatchTransform(8, [0.5] * 3, [0.25] * 3, eval_crop_fraction=0.875)
+    centre, largest = largest_float_tensor(evaluation, canvases, sizes.numpy())
+    assert largest <= 16 * 3 * 35 * 35 < whole_batch / 3  # the crops (0.875 of 40), not the canvases
+    expected = center_crop(canvases.float() / 255, 8, sizes, fraction=0.875)
+    torch.testing.assert_close(centre, (expected - 0.5) / 0.25)

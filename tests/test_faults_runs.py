@@ -584,3 +584,35 @@ def test_a_worker_killed_during_training_names_the_resume_command(tmp_path, repo
     assert line.startswith(f"error: DataLoader worker (pid {workers[0]})") and "/dev/shm" in line
     assert re.search(rf"The last complete checkpoint is {output}/checkpoint-\d+ \(step \d+\); resume with: python "
                      r"scripts/pretrain.py .* --resume_from_checkpoint last$", line), line
+
+
+def test_processes_agree_on_a_stop_at_a_cadence_not_every_step(monkeypatch):
+    """In a distributed run the stop is agreed by an all-reduce every STOP_CHECK_STEPS steps and at the steps that
+    log, evaluate or save (the same on every process), not at every step; a signal on another process stops this
+    one at the next of them, before anything more is saved."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from mae_hf.runs import STOP_CHECK_STEPS, StopOnSignal
+
+    agreed_at, other = [], {"signum": 0}
+
+    def all_reduce(tensor, op=None, group=None):
+        agreed_at.append(state.global_step)
+        tensor.fill_(max(int(tensor), other["signum"]))
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    stop, args = StopOnSignal(), SimpleNamespace(world_size=2)
+    state = SimpleNamespace(global_step=0, max_steps=10 * STOP_CHECK_STEPS)
+    for step in range(1, 2 * STOP_CHECK_STEPS + 1):
+        state.global_step, control = step, TrainerControl(should_save=step == 5)
+        if step == STOP_CHECK_STEPS + 2:
+            other["signum"] = signal.SIGTERM  # another process was signalled
+        stop.on_step_end(args, state, control)
+        if control.should_training_stop:
+            break
+    assert agreed_at == [5, STOP_CHECK_STEPS, 2 * STOP_CHECK_STEPS]
+    assert stop.step == 2 * STOP_CHECK_STEPS and stop.signum == signal.SIGTERM
+    assert not control.should_save and not control.should_evaluate
