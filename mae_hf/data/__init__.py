@@ -15,7 +15,6 @@
 `load_image_splits` is the one entry point: every bad flag or input fails there, before any training starts.
 """
 
-import re
 import sys
 
 import numpy as np
@@ -24,19 +23,11 @@ import torch
 from ..cli import UsageError
 from .arguments import DataArguments, SourceArguments
 from .decode import Geometry
-from .labels import check_labels, label_values
-from .memory import CANVAS_WASTE, InMemoryImages, cpus_per_process, decode_into_memory, header_sizes, keep_rows
+from .labels import check_labels
+from .memory import InMemoryImages, cpus_per_process, decode_into_memory, header_sizes, keep_rows, storage_plan
 from .policy import all_processes_agree, gigabytes, memory_budget, print_once
-from .prepared import IMAGE_COLUMN, geometry_of, is_prepared, read_manifest
-from .readers import DatasetReader, prepared_reader
-from .sources import (
-    as_undecoded_images,
-    default_prepared_folder,
-    find_column,
-    load_raw_dataset,
-    select_splits,
-    source_rows,
-)
+from .readers import ImageReader, ImageSource, open_source
+from .sources import default_prepared_folder, select_splits, source_rows
 from .splits import ImageData, ImageDataset, collate, fixed_noise, sequential_batches
 from .streaming import StreamedImages, default_workers
 from .transforms import BatchTransform, default_eval_crop_fraction, stored_short_side
@@ -46,7 +37,13 @@ HEADER_SAMPLE = 256  # images whose headers estimate an unprepared split's decod
 
 __all__ = ["BatchTransform", "DataArguments", "ImageData", "ImageDataset", "SourceArguments", "collate",
            "device_decoder", "eval_crop_fraction", "fixed_noise", "load_image_splits", "sequential_batches",
-           "skipped_images"]
+           "skipped_images", "source_identity"]
+
+
+def source_identity(args: DataArguments) -> dict:
+    """What pins the data's content beyond its flags, recorded in a run's settings: a prepared folder's
+    `prepared_fingerprint`, a Hub id's `dataset_revision` (the commit its loading settled on), {} otherwise."""
+    return open_source(args).identity()
 
 
 def skipped_images(*splits: ImageData) -> dict:
@@ -66,11 +63,10 @@ def device_decoder(args: DataArguments, num_channels: int, device, *splits: Imag
     if not args.decode_on_device:
         return None
     for split in splits:
-        encoding = getattr(getattr(split, "reader", None), "encoding", None)
         if split.in_memory:
             raise UsageError("--decode_on_device true decodes the JPEGs of a prepared folder read from disk; these "
                              "images are held in memory (--data_in_memory false reads them from disk).")
-        if encoding != "jpeg":
+        if split.reader.encoding != "jpeg":
             raise ValueError(f"--decode_on_device true decodes the JPEGs of a prepared folder read from disk; "
                              f"{args.dataset_name} is not a prepared folder of JPEGs (scripts/prepare_data.py "
                              "--encoding jpeg).")
@@ -90,9 +86,9 @@ class _Split:
     """One selected split on its way to `ImageData`: its reader, labels and description; `positions` are the rows of
     `dataset` still kept (bad images are left out along the way)."""
 
-    def __init__(self, dataset, name: str, key: str, reader, labels, prepared_skipped=()):
+    def __init__(self, dataset, name: str, key: str, reader: ImageReader, labels, skipped=()):
         self.dataset, self.name, self.key, self.reader, self.labels = dataset, name, key, reader, labels
-        self.skipped = list(prepared_skipped)
+        self.skipped = list(skipped)  # left out before (when preparing); those left out here are added
         self.positions = np.arange(len(dataset))
 
     def __len__(self):
@@ -111,9 +107,7 @@ class _Split:
         good = sizes[np.setdiff1d(np.arange(len(indices)), np.asarray(sorted(problems), dtype=np.int64))]
         if not len(good):
             return 0
-        canvas = channels * int(good[:, 0].max()) * int(good[:, 1].max())
-        pixels = channels * float((good[:, 0].astype(np.int64) * good[:, 1]).mean())
-        return int(len(self.reader) * (canvas if canvas <= CANVAS_WASTE * pixels else pixels))
+        return int(len(self.reader) * storage_plan(good, channels)[2] / len(good))
 
     def leave_out(self, problems: dict, skip_bad_images: bool) -> np.ndarray:
         """{index: why} of images that cannot be decoded: an error naming the first, or (--skip_bad_images) they are
@@ -144,106 +138,47 @@ class _Split:
         self.labels = None if self.labels is None else self.labels[torch.as_tensor(indices)]
 
 
-SKIPPED_ROW = re.compile(r"^row (\d+)")
-
-
-def _skipped_in(manifest: dict, key: str, rows: np.ndarray) -> list[str]:
-    """The images left out while preparing split `key` whose source rows are among `rows` (a selection)."""
-    chosen = set(rows.tolist())
-    entries = [entry for shard in manifest["splits"][key]["shards"] for entry in shard["skipped"]]
-    return [entry for entry in entries if int(SKIPPED_ROW.match(entry).group(1)) in chosen]
-
-
-def _prepared_label_column(args: DataArguments, manifest: dict, columns, require_labels: bool) -> str | None:
-    """A prepared folder's labels are in its column `label` (whatever the source called it), if it has any."""
-    asked, source_name = args.label_column_name, manifest["identity"]["source"].get("label_column_name")
-    if asked not in (None, "label", source_name):
-        raise ValueError(f"--label_column_name {asked}: {args.dataset_name} is a prepared folder, whose labels are its "
-                         "column 'label' (the source's label column, renamed). Leave the flag out.")
-    if "label" in columns:
-        return "label"
-    if require_labels:
-        raise ValueError(f"{args.dataset_name} was prepared without labels (its source had no label column), and this "
-                         "script needs labels. Prepare it again from a labelled source (--label_column_name when "
-                         "preparing names the column).")
-    return None
-
-
-def _unlabelled_evaluation(args: DataArguments, manifest: dict | None, name: str, column: str, columns) -> str:
+def _unlabelled_evaluation(source: ImageSource, name: str, column: str, columns) -> str:
     """Why a labelled training split's evaluation split has no labels, and how to give it some."""
-    folder = args.validation_dir or (manifest or {}).get("identity", {}).get("source", {}).get("validation_dir")
+    folder = source.validation_dir
     if folder:
-        prepared = f", then prepare it again ({args.dataset_name} holds its images unlabelled)" if manifest else ""
+        again = f", then prepare it again ({source.args.dataset_name} holds its images unlabelled)" if source.stored \
+            else ""
         return (f"--validation_dir {folder} has no class subfolders (its images lie directly in it), so the evaluation "
                 "images have no labels, and this script needs them. Lay it out like the training folder, one "
-                f"subfolder per class: {folder}/<class>/image.jpg{prepared}.")
+                f"subfolder per class: {folder}/<class>/image.jpg{again}.")
     return (f"The evaluation split ({name}) has no labels (no column {column!r}; its columns: {list(columns)}), and "
             "this script needs them. Use a labelled evaluation split (--eval_split), or hold out part of the training "
             "split (--validation_split_percentage).")
 
 
-def _selected_splits(args: DataArguments, image_size: int, num_channels: int, require_labels: bool, token):
+def _selected_splits(source: ImageSource, image_size: int, num_channels: int, require_labels: bool):
     """The two `_Split`s, their geometry and class names; all checks that need no decoding."""
-    raw = load_raw_dataset(args, token=token)
-    prepared = args.train_dir is None and is_prepared(args.dataset_name)
-    manifest, source_rows_of = (read_manifest(args.dataset_name), None) if prepared else (None, None)
-    if prepared:
-        stored_rows = {key: raw[key].select_columns(["source_row"]).with_format("numpy")[:]["source_row"]
-                       for key in raw}
-        source_rows_of = lambda key: (manifest["splits"][key]["num_source_images"], stored_rows[key])  # noqa: E731
-    train, evaluation, names, keys, rows = select_splits(raw, args, source_rows_of)
+    train, evaluation, names, keys, rows = select_splits(source.raw, source.args, source.source_rows())
     if 0 < len(evaluation) < MIN_EVAL_IMAGES:
         print_once(f"warning: the evaluation split ({names[1]}) has only {len(evaluation)} image(s): one image moves "
                    f"its accuracy by {100 / len(evaluation):.0f} points, so its numbers mean little. Evaluate on more "
                    "images (a larger --train_val_split, --max_eval_samples, or an evaluation split).", file=sys.stderr)
     if len(train) == 0 or len(evaluation) == 0:
         raise ValueError(f"Empty split: {len(train)} training and {len(evaluation)} evaluation images.")
-    if prepared:
-        image_column = IMAGE_COLUMN
-        label_column = _prepared_label_column(args, manifest, train.column_names, require_labels)
-    else:
-        image_column = find_column(train, "image", args.image_column_name)
-        label_column = find_column(train, "label", args.label_column_name, required=require_labels)
+    image_column, label_column = source.columns(train, evaluation, require_labels)
     if image_column not in evaluation.column_names:
         raise ValueError(f"The evaluation split ({names[1]}) has no column {image_column!r}; its columns: "
                          f"{list(evaluation.column_names)}.")
     evaluation_labelled = label_column is None or label_column in evaluation.column_names
     if not evaluation_labelled and require_labels:
-        raise ValueError(_unlabelled_evaluation(args, manifest, names[1], label_column, evaluation.column_names))
-    class_names, unseen = check_labels(train, evaluation if evaluation_labelled else None, label_column, names,
+        raise ValueError(_unlabelled_evaluation(source, names[1], label_column, evaluation.column_names))
+    class_names, labels = check_labels(train, evaluation if evaluation_labelled else None, label_column, names,
                                        allow_unlabelled=not require_labels)
-    if prepared:
-        geometry = Geometry(**{**geometry_of(manifest).__dict__, "num_channels": num_channels})
-        stored_channels = manifest["settings"]["num_channels"]
-        if manifest.get("fingerprint") is None:
-            print_once(f"note: {args.dataset_name} was prepared by an earlier mae_hf, without fingerprints: its shards "
-                       "are checked by their sizes only, and a resume cannot tell whether it was prepared again.")
-        if geometry.short_side < image_size:
-            print_once(f"warning: {args.dataset_name} was prepared with short side {geometry.short_side}, below the "
-                       f"model's {image_size} px: every image is scaled up (blurred). Prepare it again with "
-                       f"--short_side {stored_short_side(image_size)} for this model.", file=sys.stderr)
-        if stored_channels != num_channels:
-            print_once(f"warning: {args.dataset_name} holds {'RGB' if stored_channels == 3 else 'grey'} images and the "
-                       f"model takes {num_channels} channel(s): each image is converted when read.", file=sys.stderr)
-    else:
-        geometry = Geometry.for_short_side(stored_short_side(image_size), num_channels)
+    geometry = source.geometry(image_size, num_channels)
     splits = []
-    for dataset, name, key, chosen in zip((train, evaluation), names, keys, rows):
-        labels = None
-        if label_column is not None and label_column not in dataset.column_names:
-            labels = torch.full((len(dataset),), -1, dtype=torch.long)  # pretraining: unlabelled, no kNN monitor
-        elif label_column is not None:
-            values = label_values(dataset, label_column)
-            if unseen and dataset is evaluation:
-                values = np.where(np.isin(values, sorted(unseen)), -1, values)
-            labels = torch.as_tensor(values, dtype=torch.long)
-        if prepared:
-            reader = prepared_reader(args.dataset_name, key, dataset, num_channels)
-            splits.append(_Split(dataset, name, key, reader, labels, _skipped_in(manifest, key, chosen)))
-        else:
-            reader = DatasetReader(as_undecoded_images(dataset, image_column), image_column, geometry)
-            splits.append(_Split(dataset, name, key, reader, labels))
-    return splits, geometry, class_names, prepared
+    for dataset, name, key, chosen, values in zip((train, evaluation), names, keys, rows, labels):
+        if label_column is not None and values is None:
+            values = np.full(len(dataset), -1)  # pretraining: an unlabelled evaluation split, no kNN monitor
+        splits.append(_Split(dataset, name, key, source.reader(dataset, key, image_column, geometry),
+                             None if values is None else torch.as_tensor(values, dtype=torch.long),
+                             source.skipped(key, chosen)))
+    return splits, geometry, class_names
 
 
 def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 3, require_labels: bool = False,
@@ -255,7 +190,8 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     wanted (pictures): they are decoded, nothing else. `check(train, evaluation)` (their `len()` and `labels`) runs
     before any image is decoded. `progress`: progress bars while reading and decoding (--disable_tqdm turns them
     off). Every bad flag and input fails here, before any training starts."""
-    splits, geometry, class_names, prepared = _selected_splits(args, image_size, num_channels, require_labels, token)
+    source = open_source(args, token)
+    splits, geometry, class_names = _selected_splits(source, image_size, num_channels, require_labels)
     if first is not None:
         for split in splits:
             split.keep(np.arange(min(first, len(split.reader))))
@@ -270,21 +206,20 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
         in_memory = all_processes_agree(fits)
     else:
         in_memory = args.data_in_memory == "true"
-    source = f"prepared folder {args.dataset_name}" if prepared else \
-        f"{args.train_dir} and {args.validation_dir}" if args.validation_dir else args.dataset_name
-    size = f"{'' if prepared else 'about '}{gigabytes(decoded)} decoded"
+    size = f"{'' if source.stored else 'about '}{gigabytes(decoded)} decoded"
     if in_memory:
         why = ("--data_in_memory true" + ("" if fits else f", although over the budget of {gigabytes(budget)}")
                if args.data_in_memory == "true" else f"fits the budget of {gigabytes(budget)} = {explained}")
-        print_once(f"[data] in memory: {len(splits[0]):,} + {len(splits[1]):,} images of {source} ({size}; {why})")
-    elif not prepared and args.data_in_memory == "auto":
+        print_once(f"[data] in memory: {len(splits[0]):,} + {len(splits[1]):,} images of {source.description} "
+                   f"({size}; {why})")
+    elif not source.stored and args.data_in_memory == "auto":
         raise ValueError(
             f"The images of {args.dataset_name} take {size}, more than this process may hold in memory "
             f"({gigabytes(budget)} = {explained}). Prepare them once (scaled, stored for fast reading) and train "
             f"from the prepared folder: {suggested_prepare_command(args, image_size)}, then pass that --output_dir "
             "as --dataset_name. (--data_in_memory false reads them from the source instead, decoding and scaling "
             "every image in every epoch.)")
-    elif not prepared and args.skip_bad_images:
+    elif not source.stored and args.skip_bad_images:
         raise ValueError(
             "--skip_bad_images true with images read from their source in every epoch (--data_in_memory false): a "
             "bad image would only show up during training, where it cannot be left out. Prepare the data once, "
@@ -294,9 +229,9 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     if not in_memory:
         why = "--data_in_memory false" if args.data_in_memory == "false" else \
             f"over the memory budget of {gigabytes(budget)} = {explained}"
-        print_once(f"[data] from disk: {len(splits[0]):,} + {len(splits[1]):,} images of {source}, read by {workers} "
-                   f"DataLoader worker(s) per process ({size}; {why})")
-        if not prepared:
+        print_once(f"[data] from disk: {len(splits[0]):,} + {len(splits[1]):,} images of {source.description}, read "
+                   f"by {workers} DataLoader worker(s) per process ({size}; {why})")
+        if not source.stored:
             print_once("note: the images are decoded and scaled from the source in every epoch; preparing them once is "
                        f"faster: {suggested_prepare_command(args, image_size)}", file=sys.stderr)
     decode_workers = args.preprocessing_num_workers

@@ -21,6 +21,11 @@ LONG_SIDE_FACTOR = 1.5  # default long-side cap: 384 for 256 keeps ImageNet's 4:
 class BadImage(ValueError):
     """An image that cannot be decoded; its message says why."""
 
+    @classmethod
+    def of(cls, error: Exception) -> "BadImage":
+        """The error a library raised for a bad file, as one line naming its type."""
+        return cls(" ".join(f"{type(error).__name__}: {error}".split()))
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -34,12 +39,14 @@ class Geometry:
     def for_short_side(cls, short_side: int, num_channels: int = 3, max_long_side: int | None = None) -> "Geometry":
         return cls(short_side, max_long_side or round(LONG_SIDE_FACTOR * short_side), num_channels)
 
-    def __post_init__(self):
-        if self.short_side < 1 or self.max_long_side < self.short_side:
-            raise ValueError(f"image geometry: the short side ({self.short_side}) must be >= 1 and at most the long "
-                             f"side's cap ({self.max_long_side}).")
+    def __post_init__(self):  # the flags that set it when preparing (scripts/prepare_data.py)
+        if self.short_side < 1:
+            raise ValueError(f"--short_side must be at least 1 (pixels), got {self.short_side}.")
+        if self.max_long_side < self.short_side:
+            raise ValueError(f"--max_long_side ({self.max_long_side}) must be at least --short_side "
+                             f"({self.short_side}).")
         if self.num_channels not in (1, 3):
-            raise ValueError(f"images have 1 (grey) or 3 (RGB) channels, not {self.num_channels}.")
+            raise ValueError(f"--num_channels: images have 1 (grey) or 3 (RGB) channels, not {self.num_channels}.")
 
     @property
     def mode(self) -> str:
@@ -87,7 +94,7 @@ def open_image(value):
     except BadImage:
         raise
     except Exception as error:  # PIL and the file system raise many types for a bad file: all mean "bad"
-        raise BadImage(" ".join(f"{type(error).__name__}: {error}".split())) from None
+        raise BadImage.of(error) from None
 
 
 ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
@@ -150,7 +157,7 @@ def decode_image(value, geometry: Geometry):
     except BadImage:
         raise
     except Exception as error:  # a truncated or corrupt file fails while decoding
-        raise BadImage(" ".join(f"{type(error).__name__}: {error}".split())) from None
+        raise BadImage.of(error) from None
 
 
 def bands(image) -> list[np.ndarray]:
@@ -190,7 +197,7 @@ def decode_stored(data, height: int, width: int, encoding: str, num_channels: in
             image = image.convert("L" if num_channels == 1 else "RGB")
         return image
     except Exception as error:
-        raise BadImage(" ".join(f"{type(error).__name__}: {error}".split())) from None
+        raise BadImage.of(error) from None
 
 
 def picture_size(picture) -> tuple[int, int]:

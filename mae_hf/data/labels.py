@@ -10,13 +10,6 @@ from .policy import print_once
 from .sources import source_rows
 
 
-def label_values(dataset, column: str) -> np.ndarray:
-    """The labels as int64, -1 for a missing one (None, NaN); `validate_labels` has checked them before."""
-    values = dataset.select_columns(column).with_format("arrow")[:].column(column).to_numpy(zero_copy_only=False)
-    values = np.asarray(values, dtype=np.float64)
-    return np.where(np.isnan(values), -1, values).astype(np.int64)
-
-
 def shorten(value, limit: int = 60) -> str:
     """repr of a value for an error message, cut to `limit` characters (a label column may hold image bytes)."""
     text = repr(value)
@@ -24,8 +17,8 @@ def shorten(value, limit: int = 60) -> str:
 
 
 def validate_labels(dataset, column: str, split: str, class_names: list[str] | None = None,
-                    allowed: set[int] | None = None, allow_unlabelled: bool = False) -> None:
-    """Check one split's labels before any decoding or training.
+                    allowed: set[int] | None = None, allow_unlabelled: bool = False) -> np.ndarray:
+    """Check one split's labels before any decoding or training; returns them as int64, -1 for a missing one (None).
 
     Labels must be integer class indices in [0, len(class_names)) (or >= 0 without class names) and, with
     `allowed` (the training split's labels, for the evaluation split), one of those. A missing label (None) or -1
@@ -70,6 +63,7 @@ def validate_labels(dataset, column: str, split: str, class_names: list[str] | N
                 f"Split {split!r}, label column {column!r}: {len(bad)} of {len(values)} labels {what}; the first "
                 f"is row {source_rows(dataset, [first])[0]} ({shorten(array[first].as_py())}). "
                 f"{how[0].upper()}{how[1:]}.")
+    return np.where(missing, -1, values).astype(np.int64)
 
 
 def class_names_of(dataset, column: str) -> list[str] | None:
@@ -94,28 +88,30 @@ def check_same_class_names(splits) -> None:
 
 def check_labels(train, evaluation, column: str | None, names, allow_unlabelled: bool):
     """Validate both splits' labels (`validate_labels`) and that their class names agree. Returns (class names,
-    evaluation labels the training split lacks). A classifier refuses those; pretraining (`allow_unlabelled`) only
-    uses labels for its kNN monitor, so it is told, and the monitor leaves those images out. `evaluation` None: an
-    evaluation split without labels (pretraining only), whose training split's labels are still checked."""
+    (training labels, evaluation labels)), each column read once. A classifier refuses evaluation classes the training
+    split lacks; pretraining (`allow_unlabelled`) only uses labels for its kNN monitor, so it is told, and those
+    labels become -1 (the monitor leaves their images out). `evaluation` None: an evaluation split without labels
+    (pretraining only), whose training split's labels are still checked (its labels: None)."""
     if column is None:
-        return None, set()
+        return None, (None, None)
     if evaluation is None:
         class_names = class_names_of(train, column)
-        validate_labels(train, column, names[0], class_names, allow_unlabelled=allow_unlabelled)
-        return class_names, set()
+        return class_names, (validate_labels(train, column, names[0], class_names,
+                                             allow_unlabelled=allow_unlabelled), None)
     check_same_class_names([(names[0], train, column), (names[1], evaluation, column)])
     class_names = class_names_of(train, column) or class_names_of(evaluation, column)
-    validate_labels(train, column, names[0], class_names, allow_unlabelled=allow_unlabelled)
-    seen = set(label_values(train, column).tolist()) - {-1}
+    train_labels = validate_labels(train, column, names[0], class_names, allow_unlabelled=allow_unlabelled)
+    seen = set(train_labels.tolist()) - {-1}
     if not allow_unlabelled:
-        validate_labels(evaluation, column, names[1], class_names, allowed=seen or None)
-        return class_names, set()
-    validate_labels(evaluation, column, names[1], class_names, allow_unlabelled=True)
-    unseen = set(label_values(evaluation, column).tolist()) - {-1} - seen if seen else set()
+        return class_names, (train_labels, validate_labels(evaluation, column, names[1], class_names,
+                                                           allowed=seen or None))
+    evaluation_labels = validate_labels(evaluation, column, names[1], class_names, allow_unlabelled=True)
+    unseen = set(evaluation_labels.tolist()) - {-1} - seen if seen else set()
     if unseen:
         shown = sorted(unseen)[:10]
         named = [class_names[label] if class_names else label for label in shown]
         print_once(f"warning: the evaluation split ({names[1]}) has {len(unseen)} class(es) that the training split "
                    f"({names[0]}) lacks: {named}{' ...' if len(unseen) > 10 else ''}. Pretraining does not use labels; "
                    "the kNN monitor leaves those images out (it could never predict them).", file=sys.stderr)
-    return class_names, unseen
+        evaluation_labels = np.where(np.isin(evaluation_labels, sorted(unseen)), -1, evaluation_labels)
+    return class_names, (train_labels, evaluation_labels)

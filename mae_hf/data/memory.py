@@ -2,6 +2,7 @@
 The storage is allocated once at its final size and filled in place, chunk by chunk (by DataLoader worker
 processes when there are many images), so decoding costs little memory beyond the pixels themselves."""
 
+import math
 import os
 
 import numpy as np
@@ -22,6 +23,15 @@ def cpus_per_process() -> int:
     LOCAL_WORLD_SIZE)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cpus // processes_on_this_machine())
+
+
+def storage_plan(sizes: np.ndarray, channels: int) -> tuple[tuple[int, int, int], bool, int]:
+    """How images of stored `sizes` (n, 2) are held in memory: (their canvas, whether on canvases (else packed: see
+    `InMemoryImages`), the bytes they then take)."""
+    pixels = channels * int((sizes[:, 0].astype(np.int64) * sizes[:, 1]).sum())
+    canvas = (channels, int(sizes[:, 0].max()), int(sizes[:, 1].max()))
+    dense = len(sizes) * math.prod(canvas) <= CANVAS_WASTE * pixels
+    return canvas, dense, len(sizes) * math.prod(canvas) if dense else pixels
 
 
 def repeat_edges(canvases: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -177,8 +187,7 @@ def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channel
     from tqdm.auto import tqdm
 
     pixels = channels * sizes[:, 0].astype(np.int64) * sizes[:, 1]
-    canvas = (channels, int(sizes[:, 0].max()), int(sizes[:, 1].max()))
-    dense = len(sizes) * int(np.prod(canvas)) <= CANVAS_WASTE * pixels.sum()
+    canvas, dense, _ = storage_plan(sizes, channels)
     offsets = np.concatenate([[0], np.cumsum(pixels)[:-1]]).astype(np.int64)
     images = torch.empty((len(positions), *canvas), dtype=torch.uint8) if dense else None
     packed = None if dense else torch.empty(int(pixels.sum()), dtype=torch.uint8)

@@ -87,13 +87,8 @@ class PrepareArguments:
         if self.output_dir is None:
             raise ValueError("--output_dir is required (the prepared folder to write).")
         self.output_dir = os.path.expanduser(self.output_dir)
-        if self.short_side < 1:
-            raise ValueError(f"--short_side must be at least 1 (pixels), got {self.short_side}.")
-        self.max_long_side = self.max_long_side or round(LONG_SIDE_FACTOR * self.short_side)
-        if self.max_long_side < self.short_side:
-            raise ValueError(f"--max_long_side ({self.max_long_side}) must be at least --short_side "
-                             f"({self.short_side}).")
-        Geometry(self.short_side, self.max_long_side, self.num_channels)  # checks sides and channels
+        self.geometry = Geometry.for_short_side(self.short_side, self.num_channels, self.max_long_side)
+        self.max_long_side = self.geometry.max_long_side
         if self.encoding == "auto":
             self.encoding = "raw" if self.short_side <= RAW_UP_TO else "jpeg"
         if self.encoding not in ("jpeg", "raw"):
@@ -132,7 +127,7 @@ def encode(value, geometry: Geometry, encoding: str, quality: int) -> tuple[byte
         try:
             image.load()  # a truncated file fails here, as it would in training
         except Exception as error:
-            raise BadImage(" ".join(f"{type(error).__name__}: {error}".split())) from None
+            raise BadImage.of(error) from None
         data = value if isinstance(value, bytes) else value.get("bytes")
         if data is None:
             with open(value["path"], "rb") as handle:
@@ -439,7 +434,6 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
     from tqdm.auto import tqdm
 
     folder, unfinished = args.output_dir, os.path.join(args.output_dir, UNFINISHED_FOLDER)
-    geometry = Geometry(args.short_side, args.max_long_side, args.num_channels)
     identity = {"source": {key: getattr(source, key) for key in SOURCE_FIELDS},
                 "settings": args.settings(source.skip_bad_images),
                 "splits": {name: len(dataset) for name, (dataset, _, _) in splits.items()}}
@@ -473,7 +467,7 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
     workers = min(args.num_proc or cpus_per_process(), max(1, len(tasks)))
     context = multiprocessing.get_context("fork")
     counter = context.Value("q", 0)
-    _JOB.update(datasets=splits, folder=args.output_dir, num_shards=num_shards, counter=counter, geometry=geometry,
+    _JOB.update(datasets=splits, folder=args.output_dir, num_shards=num_shards, counter=counter, geometry=args.geometry,
                 encoding=args.encoding, quality=args.jpeg_quality, skip_bad_images=source.skip_bad_images,
                 features={name: _features(dataset, label) for name, (dataset, _, label) in splits.items()})
     where = f"{source.train_dir} and {source.validation_dir}" if source.train_dir and source.validation_dir \

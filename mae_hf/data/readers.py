@@ -1,24 +1,69 @@
-"""Random access to one split's stored images, by position: from a `datasets` split of undecoded images (decoded
-and scaled to the geometry on reading), or from the shards of a prepared folder (stored at their final size).
+"""The two interfaces every kind of image source is read through, and their two implementations:
 
+    ImageReader  random access to one split's stored images, by position: `DatasetReader` (a `datasets` split of
+                 undecoded images, decoded and scaled to the geometry on reading) or `PreparedReader` (the shards
+                 of a prepared folder, stored at their final size)
+    ImageSource  one data set as the scripts read it (splits, columns, geometry, a reader per split, what was left
+                 out, what identifies it): `DatasetSource` or `PreparedSource`; `sources.open_source` picks one
+
+A new kind of source is one `ImageReader` and one `ImageSource` here, and its recognition in `open_source`.
 Readers are made in the main process and forked into DataLoader workers: each process opens the files it reads
 itself, lazily.
 """
 
+import functools
 import os
+import sys
+from typing import Protocol
 
 import numpy as np
 
+from .arguments import DataArguments
 from .decode import BadImage, Geometry, decode_image, decode_stored, stored_size
-from .prepared import IMAGE_COLUMN, read_manifest, split_files
-from .sources import source_rows
+from .policy import print_once
+from .prepared import (
+    IMAGE_COLUMN,
+    geometry_of,
+    is_prepared,
+    load_prepared,
+    prepare_command,
+    read_manifest,
+    split_files,
+)
+from .sources import as_undecoded_images, find_column, load_raw_dataset, source_rows
+from .transforms import stored_short_side
+
+
+class ImageReader(Protocol):
+    """Random access to one split's stored images, by position (what memory.py and streaming.py read through)."""
+
+    stored: bool  # sizes are known without reading the images (a prepared folder's), not only from their headers
+    encoding: str | None  # how `values` are stored: "jpeg" / "raw" (a prepared folder), None (undecoded images)
+
+    def __len__(self) -> int: ...
+
+    def subset(self, positions) -> "ImageReader":
+        """The images at `positions` only."""
+
+    def values(self, positions) -> list:
+        """The stored (undecoded) values of the images at `positions`."""
+
+    def sizes(self, positions) -> tuple[np.ndarray, dict]:
+        """(n, 2) stored heights and widths, and {index in `positions`: why unreadable}."""
+
+    def read(self, positions) -> list:
+        """Pictures (decode.py: PIL images or uint8 (C, h, w) arrays), or the `BadImage` of an image that cannot be
+        decoded."""
+
+    def describe(self, position: int) -> str:
+        """Where the image at `position` lies (" (path)"), for messages; "" if nothing more is known."""
 
 
 class DatasetReader:
     """Undecoded images ({bytes, path}) of a `datasets` split, by position among `positions` of that split (default:
     all); each is decoded and scaled to `geometry` when read."""
 
-    stored = False  # sizes are known only from the images' headers
+    stored, encoding = False, None  # sizes are known only from the images' headers
 
     def __init__(self, dataset, column: str, geometry: Geometry, positions: np.ndarray | None = None):
         self.dataset, self.column, self.geometry = dataset.select_columns([column]), column, geometry
@@ -36,7 +81,6 @@ class DatasetReader:
         return self.dataset[self.positions[np.asarray(positions, dtype=np.int64)].tolist()][self.column]
 
     def sizes(self, positions) -> tuple[np.ndarray, dict]:
-        """(n, 2) stored heights and widths from the images' headers, and {index in `positions`: why unreadable}."""
         sizes, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
         for index, value in enumerate(self.values(positions)):
             try:
@@ -46,8 +90,6 @@ class DatasetReader:
         return sizes, problems
 
     def read(self, positions) -> list:
-        """Pictures (decode.py: PIL images or uint8 (C, h, w) arrays), or the `BadImage` of an image that cannot be
-        decoded."""
         decoded = []
         for value in self.values(positions):
             try:
@@ -108,7 +150,6 @@ class PreparedReader:
         return self._handles[shard]
 
     def values(self, positions) -> list:
-        """The stored bytes of the images at `positions`."""
         positions = np.asarray(positions, dtype=np.int64)
         shards = np.searchsorted(self.starts, self.rows[positions], side="right") - 1
         return [os.pread(self._handle(shard), length, offset) for shard, offset, length in
@@ -118,8 +159,6 @@ class PreparedReader:
         return self.stored_sizes[np.asarray(positions, dtype=np.int64)], {}
 
     def read(self, positions) -> list:
-        """Pictures (decode.py: PIL images or uint8 (C, h, w) arrays), or the `BadImage` of an image that cannot be
-        decoded."""
         decoded = []
         sizes = self.stored_sizes[np.asarray(positions, dtype=np.int64)].tolist()
         for data, (height, width) in zip(self.values(positions), sizes):
@@ -155,12 +194,167 @@ def value_index(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(offsets), np.concatenate(lengths)
 
 
-def prepared_reader(folder: str, split: str, selected, num_channels: int) -> PreparedReader:
-    """A `PreparedReader` over the rows `selected` (a selection of the prepared split) for a model with
-    `num_channels`."""
-    manifest = read_manifest(folder)
-    files, counts = split_files(folder, manifest, split)
-    table = selected.select_columns(["height", "width"]).with_format("numpy")[:]
-    sizes = np.stack([table["height"], table["width"]], axis=1).astype(np.int32)
-    return PreparedReader(files, counts, source_rows(selected), sizes, manifest["settings"]["encoding"],
-                          num_channels)
+# ---- sources ----------------------------------------------------------------------------------------------------
+
+class ImageSource:
+    """One data set as the scripts read it: its splits (`raw`, loaded when first asked for), the columns that hold
+    images and labels, the geometry its images are stored in, a reader per selected split, the images left out
+    before it was read, and what identifies its content beyond its flags (recorded with a run)."""
+
+    stored = False  # images stored at their final size (exact sizes, checked once): no note on decoding every epoch
+
+    def __init__(self, args: DataArguments, token: str | None = None):
+        self.args, self.token = args, token
+
+    @functools.cached_property
+    def raw(self):
+        return load_raw_dataset(self.args, token=self.token)
+
+    @property
+    def description(self) -> str:
+        """The data as the [data] line names it."""
+        args = self.args
+        return f"{args.train_dir} and {args.validation_dir}" if args.validation_dir else args.dataset_name
+
+    @property
+    def validation_dir(self) -> str | None:
+        """The folder the evaluation images were listed from, if any."""
+        return self.args.validation_dir
+
+    def source_rows(self):
+        """None, or `key -> (rows of the source split, the source row of each stored row)` (`select_splits`)."""
+        return None
+
+    def columns(self, train, evaluation, require_labels: bool) -> tuple[str, str | None]:
+        """(image column, label column or None) of the selected splits."""
+        raise NotImplementedError
+
+    def geometry(self, image_size: int, num_channels: int) -> Geometry:
+        raise NotImplementedError
+
+    def reader(self, dataset, key: str, image_column: str, geometry: Geometry) -> ImageReader:
+        """An `ImageReader` of `dataset`, the rows selected from split `key`."""
+        raise NotImplementedError
+
+    def skipped(self, key: str, rows: np.ndarray) -> list[str]:
+        """The images among the source rows `rows` of split `key` left out before this run (when preparing)."""
+        return []
+
+    def identity(self) -> dict:
+        """What pins the images' content beyond the data flags, for the run's settings (a resume compares it)."""
+        return {}
+
+
+class DatasetSource(ImageSource):
+    """A Hub id, a local dataset folder or file, or image folders: read by `datasets` (or listed), decoded and scaled
+    as they are read."""
+
+    def columns(self, train, evaluation, require_labels: bool) -> tuple[str, str | None]:
+        return (find_column(train, "image", self.args.image_column_name),
+                find_column(train, "label", self.args.label_column_name, required=require_labels))
+
+    def geometry(self, image_size: int, num_channels: int) -> Geometry:
+        return Geometry.for_short_side(stored_short_side(image_size), num_channels)
+
+    def reader(self, dataset, key: str, image_column: str, geometry: Geometry) -> DatasetReader:
+        return DatasetReader(as_undecoded_images(dataset, image_column), image_column, geometry)
+
+    def identity(self) -> dict:
+        # A Hub id's commit (`hub_snapshot` sets it when the data is loaded); a local path is identified by its flags.
+        hub = self.args.train_dir is None and not os.path.exists(self.args.dataset_name)
+        return {"dataset_revision": self.args.dataset_revision} if hub else {}
+
+
+class PreparedSource(ImageSource):
+    """A folder made by scripts/prepare_data.py: images already decoded, scaled and checked, read from its shards."""
+
+    stored = True
+
+    @functools.cached_property
+    def raw(self):
+        return load_prepared(self.args.dataset_name)
+
+    @functools.cached_property
+    def manifest(self) -> dict:
+        return read_manifest(self.args.dataset_name)
+
+    @functools.cached_property
+    def stored_rows(self) -> dict:
+        """{split: the source row of each stored row} (ascending: shards hold their rows in source order)."""
+        return {key: split.select_columns(["source_row"]).with_format("numpy")[:]["source_row"]
+                for key, split in self.raw.items()}
+
+    @property
+    def description(self) -> str:
+        return f"prepared folder {self.args.dataset_name}"
+
+    @property
+    def validation_dir(self) -> str | None:
+        return self.args.validation_dir or self.manifest["identity"]["source"].get("validation_dir")
+
+    def source_rows(self):
+        return lambda key: (self.manifest["splits"][key]["num_source_images"], self.stored_rows[key])
+
+    def columns(self, train, evaluation, require_labels: bool) -> tuple[str, str | None]:
+        """A prepared folder's labels are in its column `label` (whatever the source called it), if it has any."""
+        args = self.args
+        asked, source_name = args.label_column_name, self.manifest["identity"]["source"].get("label_column_name")
+        if asked not in (None, "label", source_name):
+            raise ValueError(f"--label_column_name {asked}: {args.dataset_name} is a prepared folder, whose labels are "
+                             "its column 'label' (the source's label column, renamed). Leave the flag out.")
+        if "label" in train.column_names:
+            return IMAGE_COLUMN, "label"
+        if require_labels:
+            raise ValueError(f"{args.dataset_name} was prepared without labels (its source had no label column), and "
+                             "this script needs labels. Prepare it again from a labelled source (--label_column_name "
+                             "when preparing names the column).")
+        return IMAGE_COLUMN, None
+
+    def geometry(self, image_size: int, num_channels: int) -> Geometry:
+        """The folder's geometry, read at the model's channel count; said when the folder does not suit the model."""
+        folder, manifest = self.args.dataset_name, self.manifest
+        geometry = Geometry(**{**geometry_of(manifest).__dict__, "num_channels": num_channels})
+        stored_channels = manifest["settings"]["num_channels"]
+        if manifest.get("fingerprint") is None:
+            print_once(f"note: {folder} was prepared by an earlier mae_hf, without fingerprints: its shards are "
+                       "checked by their sizes only, and a resume cannot tell whether it was prepared again.")
+        if geometry.short_side < image_size:
+            print_once(f"warning: {folder} was prepared with short side {geometry.short_side}, below the model's "
+                       f"{image_size} px: every image is scaled up (blurred). Prepare it again with --short_side "
+                       f"{stored_short_side(image_size)} for this model.", file=sys.stderr)
+        if stored_channels != num_channels:
+            print_once(f"warning: {folder} holds {'RGB' if stored_channels == 3 else 'grey'} images and the model "
+                       f"takes {num_channels} channel(s): each image is converted when read.", file=sys.stderr)
+        return geometry
+
+    def reader(self, dataset, key: str, image_column: str, geometry: Geometry) -> PreparedReader:
+        files, counts = split_files(self.args.dataset_name, self.manifest, key)
+        table = dataset.select_columns(["height", "width"]).with_format("numpy")[:]
+        sizes = np.stack([table["height"], table["width"]], axis=1).astype(np.int32)
+        return PreparedReader(files, counts, source_rows(dataset), sizes, self.manifest["settings"]["encoding"],
+                              geometry.num_channels)
+
+    def skipped(self, key: str, rows: np.ndarray) -> list[str]:
+        """The shards' `skipped` entries, in shard (= source row) order, belong to the source rows that no shard
+        stores, in order."""
+        split = self.manifest["splits"][key]
+        entries = [entry for shard in split["shards"] for entry in shard["skipped"]]
+        missing = np.setdiff1d(np.arange(split["num_source_images"]), self.stored_rows[key])
+        if len(missing) != len(entries):
+            folder = self.args.dataset_name
+            raise ValueError(f"{folder}: split {key!r} lists {len(entries)} skipped image(s) in its manifest, but "
+                             f"{len(missing)} of its {split['num_source_images']} source rows are not stored: the "
+                             f"folder was edited or damaged. Copy {folder} again from where it came, or prepare it "
+                             f"again: {prepare_command(self.manifest, folder, overwrite=True)}")
+        chosen = np.isin(missing, rows)
+        return [entry for entry, kept in zip(entries, chosen.tolist()) if kept]
+
+    def identity(self) -> dict:
+        # what the folder holds, not only where: a folder prepared again (other images, another size) is a change
+        return {"prepared_fingerprint": self.manifest.get("fingerprint")}
+
+
+def open_source(args: DataArguments, token: str | None = None) -> ImageSource:
+    """The `ImageSource` the data flags name (nothing is read yet): the one place that tells the kinds apart."""
+    prepared = args.train_dir is None and is_prepared(args.dataset_name)
+    return (PreparedSource if prepared else DatasetSource)(args, token)
