@@ -42,7 +42,8 @@ from .prepared import (
     shard_fingerprints,
     write_manifest,
 )
-from .sources import as_undecoded_images, default_prepared_folder, find_column, load_raw_dataset, source_holding
+from .readers import open_source
+from .sources import as_undecoded_images, default_prepared_folder, source_holding
 
 PROGRESS_FOLDER = "progress"  # inside UNFINISHED_FOLDER: one record per finished shard
 TEMPORARY_MARK = ".tmp-"  # a file being written: `<name>.tmp-<pid>`, renamed to <name> when whole
@@ -233,12 +234,13 @@ def _written_whole(path: str):
 
 def _source_splits(source: SourceArguments, args: PrepareArguments) -> dict:
     """{split: (undecoded dataset, image column, label column)} of the splits to prepare."""
-    if source.train_dir is None and is_prepared(source.dataset_name):
+    images = open_source(source, token=args.token)
+    if images.stored:
         manifest = read_manifest(source.dataset_name, require_complete=False)
         raise ValueError(f"--dataset_name {source.dataset_name} is already a prepared folder. To prepare the images "
                          "again (another size, quality, ...), prepare them from its source with the new flags: "
                          f"{prepare_command(manifest, args.output_dir)}")
-    raw = load_raw_dataset(source, token=args.token)
+    raw = images.raw
     names = args.splits or list(raw.keys())
     missing = [name for name in names if name not in raw]
     if missing:
@@ -248,8 +250,7 @@ def _source_splits(source: SourceArguments, args: PrepareArguments) -> dict:
         dataset = raw[name]
         if len(dataset) == 0:
             raise ValueError(f"Split {name!r} holds no images: leave it out with --splits.")
-        image_column = find_column(dataset, "image", source.image_column_name)
-        label_column = find_column(dataset, "label", source.label_column_name, required=False)
+        image_column, label_column = images.columns(dataset, dataset, require_labels=False)
         if label_column is not None:  # checked before any work: a label the training scripts would refuse
             feature = dataset.features[label_column]
             validate_labels(dataset, label_column, name, list(getattr(feature, "names", None) or []) or None,
@@ -470,10 +471,8 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
     _JOB.update(datasets=splits, folder=args.output_dir, num_shards=num_shards, counter=counter, geometry=args.geometry,
                 encoding=args.encoding, quality=args.jpeg_quality, skip_bad_images=source.skip_bad_images,
                 features={name: _features(dataset, label) for name, (dataset, _, label) in splits.items()})
-    where = f"{source.train_dir} and {source.validation_dir}" if source.train_dir and source.validation_dir \
-        else source.dataset_name
     counts = ", ".join(f"{name} {len(dataset):,}" for name, (dataset, _, _) in splits.items())
-    print(f"[prepare] {total:,} images of {where} ({counts}) -> {args.output_dir}: short "
+    print(f"[prepare] {total:,} images of {open_source(source).description} ({counts}) -> {args.output_dir}: short "
           f"side <= {args.short_side}, long side <= {args.max_long_side}, {args.encoding}"
           f"{f' quality {args.jpeg_quality}' if args.encoding == 'jpeg' else ''}, {args.shard_size} images per shard, "
           f"{workers} process(es)", flush=True)

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .arguments import DataArguments
+from .arguments import SourceArguments
 from .decode import BadImage, Geometry, decode_image, decode_stored, stored_size
 from .policy import print_once
 from .prepared import (
@@ -203,7 +203,7 @@ class ImageSource:
 
     stored = False  # images stored at their final size (exact sizes, checked once): no note on decoding every epoch
 
-    def __init__(self, args: DataArguments, token: str | None = None):
+    def __init__(self, args: SourceArguments, token: str | None = None):
         self.args, self.token = args, token
 
     @functools.cached_property
@@ -354,7 +354,7 @@ class PreparedSource(ImageSource):
         return {"prepared_fingerprint": self.manifest.get("fingerprint")}
 
 
-def open_source(args: DataArguments, token: str | None = None) -> ImageSource:
+def open_source(args: SourceArguments, token: str | None = None) -> ImageSource:
     """The `ImageSource` the data flags name (nothing is read yet): the one place that tells the kinds apart."""
     prepared = args.train_dir is None and is_prepared(args.dataset_name)
     return (PreparedSource if prepared else DatasetSource)(args, token)

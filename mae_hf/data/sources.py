@@ -17,7 +17,7 @@ from ..cli import UsageError
 from ..paths import folder_listing, looks_local
 from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
 from .policy import print_once
-from .prepared import PREPARED_COLUMNS, PREPARED_MANIFEST, is_prepared, load_prepared, shards_without_manifest
+from .prepared import PREPARED_COLUMNS, PREPARED_MANIFEST, is_prepared, shards_without_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
@@ -27,8 +27,8 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")  # what 
 
 
 def load_raw_dataset(args: SourceArguments, token: str | None = None):
-    """A `DatasetDict` of undecoded images from image folders, a prepared folder, a Hub id (read with `token`, if
-    given), a local dataset folder or a parquet file."""
+    """A `DatasetDict` of undecoded images from image folders, a Hub id (read with `token`, if given), a local dataset
+    folder or a parquet file (a prepared folder is read by `readers.PreparedSource`)."""
     import datasets
 
     if args.train_dir is not None:
@@ -43,7 +43,7 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
             check_not_split_tree(option, folder)
         return list_image_folders(folders)
     name = args.dataset_name
-    if os.path.exists(name) and not is_prepared(name):  # a Hub id is no path, whatever folder it is run from
+    if os.path.exists(name):  # a Hub id is no path, whatever folder it is run from
         check_not_prepared("--dataset_name", name)
     if os.path.isfile(name):
         if not name.endswith(".parquet"):
@@ -54,8 +54,6 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
         except Exception as error:
             raise ValueError(f"--dataset_name {name}: could not read this parquet file ({error}).") from error
     if os.path.isdir(name):
-        if is_prepared(name):
-            return load_prepared(name)
         check_manifest_present(name)
         check_parquet_files(glob.glob(os.path.join(name, "**", "*.parquet"), recursive=True))
         if os.path.exists(os.path.join(name, "dataset_dict.json")):
