@@ -4,7 +4,8 @@
     sources.py    a DatasetDict from a Hub id, dataset folder or file, image folders (one scandir pass) or a prepared
                   folder; splits, columns, rows      (labels.py: labels checked before any decoding)
     decode.py     one image's bytes -> uint8 pixels in the shared geometry, on a fixed canvas
-    readers.py    random access to a split's stored images
+    readers.py    the interfaces every kind of source is read through (`ImageSource`: splits, columns, geometry;
+                  `ImageReader`: random access to a split's stored images) and `open_source`, which picks the kind
     memory.py     a split decoded once into one tensor (fits in memory)
     streaming.py  a split decoded batch by batch in DataLoader workers (does not)
     splits.py     one split however held (ImageData), the Dataset loaders read, a sequential pass

@@ -30,7 +30,7 @@ from .prepared import (
     read_manifest,
     split_files,
 )
-from .sources import as_undecoded_images, find_column, load_raw_dataset, source_rows
+from .sources import as_undecoded_images, find_column, load_raw_dataset, source_folders, source_rows
 from .transforms import stored_short_side
 
 
@@ -261,8 +261,7 @@ class DatasetSource(ImageSource):
 
     def identity(self) -> dict:
         # A Hub id's commit (`hub_snapshot` sets it when the data is loaded); a local path is identified by its flags.
-        hub = self.args.train_dir is None and not os.path.exists(self.args.dataset_name)
-        return {"dataset_revision": self.args.dataset_revision} if hub else {}
+        return {} if source_folders(self.args) else {"dataset_revision": self.args.dataset_revision}
 
 
 class PreparedSource(ImageSource):
