@@ -87,8 +87,8 @@ class _Split:
     """One selected split on its way to `ImageData`: its reader, labels and description; `positions` are the rows of
     `dataset` still kept (bad images are left out along the way)."""
 
-    def __init__(self, dataset, name: str, key: str, reader: ImageReader, labels, skipped=()):
-        self.dataset, self.name, self.key, self.reader, self.labels = dataset, name, key, reader, labels
+    def __init__(self, dataset, name: str, reader: ImageReader, labels, skipped=()):
+        self.dataset, self.name, self.reader, self.labels = dataset, name, reader, labels
         self.skipped = list(skipped)  # left out before (when preparing); those left out here are added
         self.positions = np.arange(len(dataset))
 
@@ -176,7 +176,7 @@ def _selected_splits(source: ImageSource, image_size: int, num_channels: int, re
     for dataset, name, key, chosen, values in zip((train, evaluation), names, keys, rows, labels):
         if label_column is not None and values is None:
             values = np.full(len(dataset), -1)  # pretraining: an unlabelled evaluation split, no kNN monitor
-        splits.append(_Split(dataset, name, key, source.reader(dataset, key, image_column, geometry),
+        splits.append(_Split(dataset, name, source.reader(dataset, key, image_column, geometry),
                              None if values is None else torch.as_tensor(values, dtype=torch.long),
                              source.skipped(key, chosen)))
     return splits, geometry, class_names
