@@ -421,8 +421,10 @@ class StopOnSignal(TrainerCallback):
         self.in_loop = False
         self.previous = {}
         self.group = None
+        self.pid = None  # the process that installed the handler
 
     def install(self) -> None:
+        self.pid = os.getpid()
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.previous[signum] = signal.signal(signum, self._handle)
 
@@ -432,6 +434,8 @@ class StopOnSignal(TrainerCallback):
         self.previous = {}
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:
+            return  # a DataLoader worker (forked, with this handler): Ctrl-C reaches it too; the run itself stops
         if not self.in_loop or self.signum is not None:
             raise Interrupted(signum, "during a training step (a second signal)" if self.in_loop
                               else "outside the training loop")

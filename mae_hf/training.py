@@ -27,6 +27,7 @@ from .runs import (
     LOCK_NAME,
     SETTINGS_NAME,
     DivergenceGuard,
+    StopOnSignal,
     _DropMessage,
     removed_if_incomplete,
     saved_whole,
@@ -851,6 +852,13 @@ class ImageTrainer(Trainer):
             if self.run_settings is not None:
                 write_json(os.path.join(staging, SETTINGS_NAME), self.run_settings)
         self.final_model_saved = True
+
+    def log(self, logs, start_time=None):
+        stop = next((callback for callback in self.callback_handler.callbacks if isinstance(callback, StopOnSignal)),
+                    None)
+        if "train_runtime" in logs and stop is not None and stop.signum is not None:
+            return  # a run stopped by a signal: its train metrics would read like a finished run's
+        super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
