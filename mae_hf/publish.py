@@ -30,7 +30,7 @@ from .results import (
     same_dataset,
     unique_results,
 )
-from .runs import write_json
+from .runs import segment_totals, write_json
 
 PICTURES = ("reconstructions.png", "loss_curve.png")
 DEFAULT_DATASET_ID = "uoft-cs/cifar10"
@@ -186,7 +186,6 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
     if "max_grad_norm" in summary:
         norm = summary["max_grad_norm"]
         clipping = f", gradients clipped at norm {norm:g}" if norm and norm > 0 else ", no gradient clipping"
-    images_per_second = summary.get("pipeline_images_per_second")
     rows = [
         ("Data", data_description(summary, dataset_id)),
         ("Epochs / global batch", f"{summary['epochs']:g} / {summary['global_batch_size']}"),
@@ -196,9 +195,7 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
         ("Augmentation", f"random-resized-crop (area {summary['crop_min_scale']}-1), "
                          f"horizontal flip {summary['horizontal_flip']}"),
         ("Hardware", f"{summary['world_size']} x {summary['device']}, {precision}"),
-        ("Training time", ("not recorded" if summary.get("train_runtime_seconds") is None
-                           else f"{summary['train_runtime_seconds']:.0f} s")
-                          + (f" ({images_per_second:,.0f} images/s)" if images_per_second else "")),
+        ("Training time", training_time(summary)),
         ("Final eval loss (masked patches)", f"{summary['eval_loss']:.4f}"),
     ]
     if summary.get("versions"):  # summaries before versions were recorded leave it unsaid
@@ -206,7 +203,40 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
     if summary.get("eval_knn_accuracy") is not None:
         rows.append(("kNN accuracy at the end (k=20)", f"{100 * summary['eval_knn_accuracy']:.2f} %"))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
-    return f"{table}\n\nCommand: `{summary['command']}`"
+    return f"{table}\n\n{commands(summary)}"
+
+
+def training_time(summary: dict) -> str:
+    """The run's training time and images over all its segments (a stopped and resumed run has several), and the
+    data + step speed measured in its last one."""
+    segments = summary.get("segments") or []
+    seconds, images = segment_totals(segments) if segments else (summary.get("train_runtime_seconds"), None)
+    speed = summary.get("pipeline_images_per_second")
+    text = "not recorded" if seconds is None else f"{seconds:.0f} s"
+    if images is not None:
+        text += f" for {images:,} images"
+    if len(segments) > 1:
+        text += (f" in {len(segments)} segments (stopped and resumed at step "
+                 f"{', '.join(str(segment['steps'][0]) for segment in segments[1:])}; the steps after a segment's "
+                 "last checkpoint were trained again and are not counted)")
+    if speed:
+        text += f"; {speed:,.0f} images/s through data loading and training steps" + (
+            " (measured after the last resume)" if len(segments) > 1 else "")
+    return text
+
+
+def commands(summary: dict) -> str:
+    """The command that started the run and each one that resumed it, with the steps it trained."""
+    segments = summary.get("segments") or []
+    if len(segments) < 2:
+        return f"Command: `{summary['command']}`"
+    lines = ["Commands:"]
+    for index, segment in enumerate(segments):
+        first, last = segment["steps"]
+        what = "started" if index == 0 else f"resumed from step {first}"
+        command = f"`{segment['command']}`" if segment["command"] else "(not recorded)"
+        lines.append(f"- {what}, trained to step {last}: {command}")
+    return "\n".join(lines)
 
 
 def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None, finetune_dir: str | None = None,

@@ -400,6 +400,13 @@ def settings_differences(saved: dict, current: dict) -> dict:
     return differences
 
 
+def segment_totals(segments: list[dict]) -> tuple[float | None, int | None]:
+    """(seconds, images) of a run's training over all its segments (`Run.segments`); None where one is unknown."""
+    seconds = [segment["seconds"] for segment in segments]
+    images = [segment["images"] for segment in segments]
+    return (None if None in seconds else round(sum(seconds), 1)), (None if None in images else sum(images))
+
+
 def write_json(path: str, value: dict) -> None:
     """Write whole or not at all (a temporary file renamed over the target), without Hub tokens (`redact`)."""
     temporary = f"{path}.tmp"
@@ -572,6 +579,9 @@ class Run:
         self.resume_from = None
         self.settings = None
         self.resumes = []
+        self.earlier_segments = []  # the run's training before this process: from the checkpoint resumed
+        self.clock = None  # (step, time.monotonic()) when this process's training began
+        self.trained = None  # (step, seconds) when it ended
         self.stop = StopOnSignal()
         self.trainer = None  # the one `train` ran: it knows whether the final model was saved
 
@@ -686,8 +696,12 @@ class Run:
                                "ones (both are then recorded in the run's summary).")
             if refused:  # accepted: its weights must still fit the model (a size change cannot be resumed)
                 check_weights_fit(self.resume_from, config, option="--resume_from_checkpoint")
+            step = _step_of(self.resume_from)
             self.resumes = saved.get("resumes", []) + [{
-                "checkpoint": self.resume_from, "step": _step_of(self.resume_from), "changed": differences}]
+                "checkpoint": self.resume_from, "step": step, "changed": differences}]
+            # a checkpoint written before segments were recorded: its steps' time and command are unknown
+            self.earlier_segments = saved.get("segments") or [{"steps": [0, step], "seconds": None, "images": None,
+                                                               "command": None}]
         self.settings = {**current, "resumes": self.resumes}
         if self.is_main:
             write_json(os.path.join(self.args.output_dir, SETTINGS_NAME), self.settings)
@@ -698,7 +712,7 @@ class Run:
         from transformers.trainer_utils import TrainOutput
 
         self.trainer = trainer
-        trainer.run_settings = self.settings
+        trainer.run_settings = self.settings_now
         trainer.add_callback(self.stop)
         trainer.add_callback(NoStepPastTheEnd())
         start = 0 if self.resume_from is None else _step_of(self.resume_from)  # before rotation may remove it
@@ -710,6 +724,7 @@ class Run:
                                                "mtime may not be reliable")
         comparer = logging.getLogger("transformers.trainer_utils")
         comparer.addFilter(checkpoint_args_warning)  # see _DropMessage
+        self.clock = (start, time.monotonic())
         try:
             result = trainer.train(resume_from_checkpoint=self.resume_from)
         except _NothingLeftToTrain:
@@ -724,12 +739,45 @@ class Run:
                 print(f"[resume] {self.resume_from} is the run's last step ({state.global_step} of "
                       f"{state.max_steps}): nothing left to train", flush=True)
             result = TrainOutput(state.global_step, None, {})
+            self.clock = None  # no segment: nothing was trained
+        else:
+            self.trained = (trainer.state.global_step, time.monotonic() - self.clock[1])
         if self.stop.signum is not None:
             raise Interrupted(self.stop.signum, f"after step {self.stop.step}")
         return result
 
+    def segments(self) -> list[dict]:
+        """The run's training, one entry per process that trained it, up to now (to the last checkpoint for the
+        earlier ones: what came after it was trained again): {"steps": [first, last], "seconds", "images",
+        "command"}. Seconds are wall time in the training loop, evaluations during training included."""
+        if self.clock is None:
+            return list(self.earlier_segments)
+        start, began = self.clock
+        step, seconds = self.trained or (self.trainer.state.global_step, time.monotonic() - began)
+        images = (step - start) * self.settings["recipe"]["global_batch_size"]
+        return self.earlier_segments + [{"steps": [start, step], "seconds": round(seconds, 1), "images": images,
+                                         "command": recorded_command()}]
+
+    def settings_now(self) -> dict:
+        """`run_settings.json` as a model saved now has it: the settings and the training that led to it."""
+        return {**self.settings, "segments": self.segments()}
+
     def record(self, state) -> dict:
-        """For the run's summary: what actually ran, besides what was asked."""
+        """For the run's summary: what actually ran, besides what was asked, with every segment of the run."""
         return {"epochs": state.epoch, "epochs_requested": self.args.num_train_epochs, "steps": state.global_step,
-                "max_steps": state.max_steps, "resumes": self.resumes}
+                "max_steps": state.max_steps, "resumes": self.resumes, "segments": self.segments()}
+
+    def train_metrics(self, metrics: dict) -> dict:
+        """The Trainer's train metrics over the whole run: its own cover only this process's training, so for a
+        resumed run its time, speeds and mean loss move under "last_segment" and the run's totals take their place."""
+        if not self.resumes:
+            return metrics
+        segments = self.segments()
+        seconds, images = segment_totals(segments)
+        per_segment = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss")
+        return {**{key: value for key, value in metrics.items() if key not in per_segment},
+                "train_runtime": seconds, "train_images": images,
+                "train_samples_per_second": round(images / seconds, 3) if seconds else None,
+                "segments": segments,
+                "last_segment": {key: metrics[key] for key in per_segment if key in metrics}}
 

@@ -166,8 +166,8 @@ def pretrain(run, model_args, data_args, args):
 
     trainer.save_model()
     if result.metrics:
-        train_metrics = dict(result.metrics, pipeline_images_per_second=throughput.images_per_second,
-                             train_samples=len(train))
+        train_metrics = run.train_metrics(dict(result.metrics, pipeline_images_per_second=throughput.images_per_second,
+                                               train_samples=len(train)))
         trainer.save_metrics("train", train_metrics)
     else:  # a resumed run with nothing left to train: the run's own train results stay, and the summary keeps them
         kept = os.path.join(args.output_dir, "train_results.json")
