@@ -911,16 +911,22 @@ class MAEPretrainer(ImageTrainer):
 
 
 class ThroughputCallback(TrainerCallback):
-    """Says the plan before training (device, precision, steps), then after the first steps the measured images/s
-    of the whole pipeline (data + step) and the estimated time to finish. Intervals containing an evaluation or a
+    """Says the plan before training (device, precision, steps), then the measured images/s of the whole pipeline
+    (data + step) and the estimated time to finish: first after `measure_seconds` (and `MIN_STEPS` steps) past the
+    warm-up, then again each time the measured time has grown `WINDOW_GROWTH`-fold, from the steps since the last
+    estimate (a machine that gets busier, or idler, shows in the next one). Intervals containing an evaluation or a
     save are left out of the measurement."""
+
+    WARMUP_STEPS = 2  # the first steps warm up (and compile)
+    MIN_STEPS = 3
+    WINDOW_GROWTH = 4  # estimates after 10 s, 40 s, 160 s, ... of measured steps: a few lines in a long run
 
     def __init__(self, images_per_step: int, slow_hint: str | None = None, measure_seconds: float = 10.0):
         self.images_per_step, self.slow_hint, self.measure_seconds = images_per_step, slow_hint, measure_seconds
         self.last_time = None
         self.steps = 0
         self.seconds = 0.0
-        self.reported = False
+        self.estimated = None  # (steps, seconds) measured at the last estimate
 
     @property
     def images_per_second(self) -> float | None:
@@ -941,15 +947,21 @@ class ThroughputCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
-        if self.last_time is not None and state.global_step > 2:  # the first steps warm up (and compile)
+        if self.last_time is not None and state.global_step > self.WARMUP_STEPS:
             self.steps += 1
             self.seconds += now - self.last_time
         self.last_time = now
-        if not self.reported and state.is_world_process_zero and self.seconds >= self.measure_seconds:
-            self.reported = True
-            remaining = (state.max_steps - state.global_step) * self.seconds / self.steps
-            write_line(f"[plan] measured {self.images_per_second:,.0f} images/s over {self.steps} steps; about "
-                       f"{_duration(remaining)} of training left (evaluations add to it)")
+        steps, seconds = self.estimated or (0, 0.0)
+        due = self.measure_seconds if self.estimated is None else self.WINDOW_GROWTH * seconds
+        if not state.is_world_process_zero or self.steps < self.MIN_STEPS or self.seconds < due or \
+                state.global_step >= state.max_steps:
+            return
+        window_steps, window_seconds = self.steps - steps, self.seconds - seconds
+        remaining = (state.max_steps - state.global_step) * window_seconds / window_steps
+        write_line(f"[plan] {'measured' if self.estimated is None else 're-measured'} "
+                   f"{window_steps * self.images_per_step / window_seconds:,.0f} images/s over {window_steps} steps; "
+                   f"about {_duration(remaining)} of training left (evaluations add to it)")
+        self.estimated = (self.steps, self.seconds)
 
     def _skip_interval(self, *args, **kwargs):
         self.last_time = None

@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained MAE encoder end to end for image classification with the Hugging Face Trainer.
+r"""Fine-tune a pretrained MAE encoder end to end for image classification with the Hugging Face Trainer.
 
     python scripts/finetune.py --model_name_or_path runs/mae --output_dir runs/mae/finetune
     python scripts/finetune.py --model_name_or_path runs/mae --random_init true --output_dir runs/random/finetune

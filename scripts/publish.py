@@ -1,4 +1,4 @@
-"""Assemble a Hub-ready folder, its model card filled from measured results; optionally add the demo and push it.
+r"""Assemble a Hub-ready folder, its model card filled from measured results; optionally add the demo and push it.
 
     python scripts/publish.py runs/mae --probe runs/mae/probe --finetune runs/mae/finetune --results runs/random \
         --output_dir runs/hub

@@ -1,4 +1,4 @@
-"""Draw what the fine-tuned model sees: a few training images through a fine-tuning recipe's augmentation.
+r"""Draw what the fine-tuned model sees: a few training images through a fine-tuning recipe's augmentation.
 
     python scripts/show_augmentations.py configs/cpu_small_finetune_strong.yaml --dataset_name ../shared/data/cifar10 \
         --max_train_samples 64 --output_dir docs
