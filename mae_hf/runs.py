@@ -575,7 +575,7 @@ class Run:
     def __init__(self, args):
         self.args = args
         self.lock = None
-        self.created = False
+        self.created = []  # the folders this run made for --output_dir, deepest first (parents included)
         self.resume_from = None
         self.settings = None
         self.resumes = []
@@ -625,8 +625,12 @@ class Run:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-        if self.created and os.path.isdir(self.args.output_dir) and not os.listdir(self.args.output_dir):
-            os.rmdir(self.args.output_dir)  # a run that failed before writing anything leaves nothing behind
+        for folder in self.created:  # a run that failed before writing anything leaves nothing behind, parents included
+            if os.path.isdir(folder):
+                if os.listdir(folder):
+                    break
+                os.rmdir(folder)
+        self.created = []
 
     def _claim_output_dir(self) -> None:
         folder = self.args.output_dir
@@ -634,12 +638,15 @@ class Run:
             raise OutputDirUsageError(f"--output_dir {folder} is a file, not a folder. Give a folder path (created if "
                                       "missing).")
         if not os.path.exists(folder):
+            missing = os.path.abspath(folder)
+            while not os.path.exists(missing):
+                self.created.append(missing)
+                missing = os.path.dirname(missing)
             try:
                 os.makedirs(folder)
             except OSError as error:
                 raise RunError(f"--output_dir {folder} cannot be created ({error.strerror}). Give a folder you can "
                                "write to.") from None
-            self.created = True
         try:
             self.lock = OutputLock(folder).acquire()  # also the write test: nothing trains into a folder it can't save
         except OSError as error:

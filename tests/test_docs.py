@@ -43,7 +43,8 @@ def docs_cwd(tmp_path_factory):
     """An empty working folder holding only `configs` (a link to the repository's): documented commands name config
     files relative to the repository root, and nothing a command reads or writes lands in the checkout."""
     folder = tmp_path_factory.mktemp("docs_cwd")
-    (folder / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+    for name in ("configs", "demo"):  # config files; the demo's example images, which snippets open
+        (folder / name).symlink_to(ROOT / name, target_is_directory=True)
     previous = os.getcwd()
     os.chdir(folder)
     yield folder
@@ -177,21 +178,29 @@ def quick_start_block(text: str):
     return blocks[0], offset
 
 
-def test_cpu_quick_start_runs_end_to_end(parquet_folder, docs_cwd, monkeypatch):
-    """The README's CPU quick start, command by command as written, on a tiny dataset (the block's `D`) with tiny
-    model sizes and one epoch appended; every step must leave its results."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture(scope="module")
+def quick_start(parquet_folder, docs_cwd):
+    """The README's CPU quick start run in `docs_cwd`, command by command as written, on a tiny dataset (the block's
+    `D`) with tiny model sizes and one epoch appended: [(script, argv, what it printed)]."""
     block, offset = quick_start_block(README.read_text())
     commands = commands_of_shell(block.text, "README.md", block.first_line + offset,
                                  overrides={"D": str(parquet_folder)})
     ran = []
-    for command in commands:
-        script, argv = command.words[1], command.words[2:]
-        assert command.words[0] == "python" and script in project_scripts(), f"not a script of ours: {command}"
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-            load(script).main(argv + TINY_FLAGS.get(script, []))
-        ran.append((script, argv, printed.getvalue()))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        for command in commands:
+            script, argv = command.words[1], command.words[2:]
+            assert command.words[0] == "python" and script in project_scripts(), f"not a script of ours: {command}"
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                load(script).main(argv + TINY_FLAGS.get(script, []))
+            ran.append((script, argv, printed.getvalue()))
+    return ran
+
+
+def test_cpu_quick_start_runs_end_to_end(quick_start, parquet_folder, docs_cwd):
+    """Every step of the quick start leaves its results."""
+    ran = quick_start
     assert {"scripts/pretrain.py", "scripts/linear_probe.py"} <= {script for script, _, _ in ran}
     for script, argv, printed in ran:
         if script == "scripts/pretrain.py":
@@ -205,6 +214,21 @@ def test_cpu_quick_start_runs_end_to_end(parquet_folder, docs_cwd, monkeypatch):
             assert "| Linear probe" in printed
         if script == "scripts/visualize.py":
             assert (docs_cwd / argv[argv.index("--output") + 1]).is_file()
+
+
+def test_readme_python_runs_as_pasted_after_the_quick_start(quick_start, docs_cwd, monkeypatch):
+    """Every Python block of the README, in order and in one namespace, in the folder where the quick start ran (as a
+    user pastes it after the quick start's commands): it must run, with nothing defined beforehand."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    blocks = [block for block in fenced_blocks(README.read_text(), "README.md") if block.language == "python"]
+    assert blocks, "README.md has no Python block"
+    namespace = {"__name__": "__main__"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for block in blocks:
+            exec(compile(block.text, block.source, "exec"), namespace)
+    assert tuple(namespace["features"].shape) == (1, TINY_MODEL["hidden_size"])
+    assert printed.getvalue().strip() in {"cat", "dog", "ship"}  # the tiny dataset's classes
 
 
 # --- the check itself fails on broken commands ------------------------------------------------------------------

@@ -428,6 +428,18 @@ def test_unusable_output_dir_is_refused_before_training(tmp_path, scripts, tiny_
     assert a_file.read_text() == "not a folder"
 
 
+def test_a_refused_start_leaves_no_folder_it_made(tmp_path, scripts, parquet_folder):
+    """A fine-tune of a folder that is no model stops before any work: neither --output_dir nor the parents the run
+    made for it stay behind ("nothing written"); a parent that existed before stays."""
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "notes.txt").write_text("not weights")
+    output = tmp_path / "made" / "by" / "the_run"
+    code, _, err = run(scripts, ["--model_name_or_path", str(tmp_path / "not_a_model"), "--output_dir", str(output),
+                                 "--dataset_name", str(parquet_folder)], script="finetune")
+    assert code == 1 and "is not a saved model" in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["not_a_model"]
+
+
 @pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs sysfs: a folder nobody may write to, root included")
 def test_unwritable_output_dir_is_refused(scripts, tiny_overrides, parquet_folder):
     code, _, err = run(scripts, tiny_args("/sys/kernel", tiny_overrides, parquet_folder))
