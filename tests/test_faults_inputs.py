@@ -306,7 +306,8 @@ def test_broken_model_folder(tmp_path, scripts, capsys, models, change, message)
     ("", None),  # an empty file: no options, the flags alone decide (then --output_dir is missing)
     ("learning_rate: ten\n", "config file {}: learning_rate: 'ten' is not a valid float value"),
     ("bf16: maybe\n", "config file {}: bf16: 'maybe' is not a valid true/false value"),
-    ("output_dir: out\nlr_scheduler_type: wobbly\n", "config file {}: lr_scheduler_type: wobbly is not a valid SchedulerType"),
+    ("output_dir: out\nlr_scheduler_type: wobbly\n",
+     "config file {}: lr_scheduler_type: wobbly is not a valid SchedulerType"),
 ])
 def test_bad_config_file_is_a_usage_error(tmp_path, scripts, capsys, content, message):
     config = tmp_path / "config.yaml"
