@@ -1,4 +1,4 @@
-"""Speed and memory benchmarks: mae_hf against transformers' ViTMAE, the pipeline, the probe, the augmentation.
+r"""Speed and memory benchmarks: mae_hf against transformers' ViTMAE, the pipeline, the probe, the augmentation.
 
     python scripts/benchmark.py --device cpu --warmup 2 --steps 2 --rounds 12
 

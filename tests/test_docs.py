@@ -3,6 +3,7 @@ says what is checked), the CPU quick start runs end to end at tiny scale, links 
 the README, every --help starts with what the script does and an example, and no user-facing text names an internal
 issue number. The negative tests show that the check fails on a broken command and on a flag renamed in a parser."""
 
+import ast
 import contextlib
 import dataclasses
 import io
@@ -128,6 +129,18 @@ def test_help_starts_with_what_the_script_does_and_an_example(script):
         example
     assert help_text(script).strip().splitlines()[0] == summary.strip(), "the description is the module docstring"
     assert not ISSUE_NUMBER.search(printed), "internal issue numbers in --help"
+
+
+@pytest.mark.parametrize("script", [*project_scripts(), "mae_hf/benchmark.py"])
+def test_help_keeps_the_line_breaks_of_its_examples(script):
+    """A continued example command (a line ending in `\\`) shows in --help as written: in a docstring that is not
+    raw, backslash-newline joins the lines into one."""
+    source = (ROOT / script).read_text()
+    node = ast.parse(source).body[0]
+    if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+        return  # no docstring (a shell script or an app without one): nothing to keep
+    written = ast.get_source_segment(source, node)
+    assert written.count("\\\n") == node.value.value.count("\\\n"), f"{script}: make the docstring raw (r\"\"\"...)"
 
 
 def test_gpu_check_help_runs_nothing(tmp_path):
