@@ -166,6 +166,25 @@ def test_user_facing_text_names_no_issue_numbers():
     assert found == []
 
 
+TIMES_TABLE = ("docs/benchmarks.md", "## How long the documented CPU runs take")
+DURATION = re.compile(r"(\d[\d,.]*(?:\s*[–-]\s*\d[\d,.]*)?)\s*(?:s|min|minutes|hours)\b(?!/)")
+
+
+def test_every_stated_time_comes_from_the_measured_table():
+    """The times the README, the config files and evaluation.md state are all in one measured table (with its
+    machine and load), so that they cannot disagree with each other or with the runs behind them."""
+    path, heading = TIMES_TABLE
+    table = (ROOT / path).read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+    measured = set(re.findall(r"\d[\d,.]*", table))
+    stated = [(relative(file), match.group(0)) for file in [README, ROOT / "docs" / "evaluation.md",
+                                                             *sorted((ROOT / "configs").glob("*.yaml"))]
+              for match in DURATION.finditer(file.read_text())]
+    assert len(stated) >= 4
+    unmeasured = [(file, text) for file, text in stated
+                  if not set(re.findall(r"\d[\d,.]*", text)) <= measured]
+    assert unmeasured == []
+
+
 # --- the CPU quick start, end to end at tiny scale ------------------------------------------------------------
 
 QUICK_START = "## Quick start on a CPU"
