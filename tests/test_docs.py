@@ -248,19 +248,34 @@ def test_cpu_quick_start_runs_end_to_end(quick_start, parquet_folder, docs_cwd):
             assert (docs_cwd / argv[argv.index("--output") + 1]).is_file()
 
 
-def test_readme_python_runs_as_pasted_after_the_quick_start(quick_start, docs_cwd, monkeypatch):
-    """Every Python block of the README, in order and in one namespace, in the folder where the quick start ran (as a
-    user pastes it after the quick start's commands): it must run, with nothing defined beforehand."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    blocks = [block for block in fenced_blocks(README.read_text(), "README.md") if block.language == "python"]
-    assert blocks, "README.md has no Python block"
+def run_python_blocks(path: Path) -> tuple[dict, str]:
+    """Every Python block of a guide, in order and in one namespace, in the current folder: (namespace, printed)."""
+    blocks = [block for block in fenced_blocks(path.read_text(), relative(path)) if block.language == "python"]
+    assert blocks, f"{relative(path)} has no Python block"
     namespace = {"__name__": "__main__"}
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         for block in blocks:
             exec(compile(block.text, block.source, "exec"), namespace)
+    return namespace, printed.getvalue()
+
+
+def test_readme_python_runs_as_pasted_after_the_quick_start(quick_start, docs_cwd, monkeypatch):
+    """The README's Python, in the folder where the quick start ran (as a user pastes it after the quick start's
+    commands): it must run, with nothing defined beforehand."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace, printed = run_python_blocks(README)
     assert tuple(namespace["features"].shape) == (1, TINY_MODEL["hidden_size"])
-    assert printed.getvalue().strip() in {"cat", "dog", "ship"}  # the tiny dataset's classes
+    assert printed.strip() in {"cat", "dog", "ship"}  # the tiny dataset's classes
+
+
+def test_models_guide_python_runs_as_pasted(quick_start, docs_cwd, monkeypatch):
+    """docs/models.md's Python blocks, one after the other, after the quick start (its probe folder has the trained
+    head the classification pipeline needs)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace, _ = run_python_blocks(ROOT / "docs" / "models.md")
+    assert namespace["features"].shape == (5, 192)  # the exported encoder's, on 5 images
+    assert type(namespace["theirs"]).__name__ == "ViTMAEForPreTraining"
 
 
 # --- the check itself fails on broken commands ------------------------------------------------------------------
