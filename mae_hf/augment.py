@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
+from .transfer import to_device
+
 # The RandAugment / TrivialAugment operations. Colour ops act pixel-wise or through image statistics; geometric ops
 # are affine warps.
 COLOUR_OPS = ("identity", "autocontrast", "equalize", "posterize", "solarize", "color", "contrast", "brightness",
@@ -37,11 +39,16 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
 
+_GREY_WEIGHTS_ON = {}  # (device, dtype) -> the weights there: a tensor built from Python data waits for a GPU
+
+
 def _grey(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
-    weights = torch.tensor(GREY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * weights).sum(1, keepdim=True)
+    key = (x.device, x.dtype)
+    if key not in _GREY_WEIGHTS_ON:
+        _GREY_WEIGHTS_ON[key] = torch.tensor(GREY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * _GREY_WEIGHTS_ON[key]).sum(1, keepdim=True)
 
 
 def blend(image: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -146,13 +153,6 @@ def warp(x: torch.Tensor, matrix: torch.Tensor, fill: float = 0.5) -> torch.Tens
     grid = F.affine_grid(matrix[:, :2], list(x.shape), align_corners=False)
     # Zero padding of (x - fill), shifted back: a constant fill without a second sampling pass.
     return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
-
-
-def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU through pinned memory, so the copy does not wait for the GPU's queue."""
-    if torch.device(device).type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 class RandAugment:

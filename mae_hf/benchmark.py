@@ -73,6 +73,7 @@ from .convert import to_vit_mae
 from .modeling_mae import MAEForPreTraining
 from .precision import autocast_for, decide_bf16, native_bf16
 from .redaction import recorded_command
+from .transfer import synchronize
 
 MB = 2**20
 
@@ -143,6 +144,16 @@ def train_state_bytes(model, optimizer, pixel_values, autocast) -> int:
     return resident_bytes(model, optimizer) + grads + sum(saved.values())
 
 
+def device_seconds(device, function, *args) -> float:
+    """Wall seconds of `function(*args)`, the device's queue drained before and after: CUDA runs asynchronously, and
+    without that the clock would stop when the work is queued, not done."""
+    synchronize(device)
+    start = time.perf_counter()
+    function(*args)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def timed_chunk(model, optimizer, pixel_values, autocast, steps: int, device: str):
     """Seconds for `steps` train steps, and the CUDA peak rise over the chunk (None on other devices)."""
     cuda = device.startswith("cuda")
@@ -198,14 +209,12 @@ def gemm_rate(shapes, dtype, device: str, seconds: float = 0.3) -> float:
         a = torch.randn(m, k, dtype=dtype, device=device)
         b = torch.randn(k, n, dtype=dtype, device=device)
         a @ b  # warm up
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / len(shapes):
             a @ b
             count += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         best = max(best, 2 * m * k * n * count / (time.perf_counter() - start))
     return best
 
@@ -265,9 +274,8 @@ def model_suite(args, config, bf16, autocast):
                 "images_per_s_rounds": [], "cpu_ms_per_image_rounds": [], "cuda_peak_mb": None,
                 "first_step_seconds": None}
     for run in runs.values():  # the first call of a compiled model compiles it
-        start = time.perf_counter()
-        train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
-        run["first_step_seconds"] = time.perf_counter() - start
+        run["first_step_seconds"] = device_seconds(args.device, train_step, run["stepper"], run["optimizer"],
+                                                   pixel_values, run["autocast"])
         for _ in range(args.warmup):
             train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
 
@@ -395,12 +403,10 @@ def pipeline_suite(args, config, bf16, autocast):
         data, _ = load_image_splits(DataArguments(dataset_name=folder, data_in_memory="false",
                                                   validation_split_percentage=1), config.image_size,
                                     num_workers=args.data_workers)
-        workers = args.data_workers
     else:
         images = torch.randint(0, 256, (args.pipeline_images, config.num_channels, config.image_size,
                                         config.image_size), dtype=torch.uint8)
         data = InMemoryImages(images, torch.full((len(images), 2), config.image_size, dtype=torch.int32))
-        workers = 0
     model = MAEForPreTraining(config).to(args.device).train()
     stepper = torch.compile(model) if args.compile else model
     optimizer = make_optimizer(model, args.optimizer)
@@ -408,35 +414,104 @@ def pipeline_suite(args, config, bf16, autocast):
     for _ in range(args.warmup):
         train_step(stepper, optimizer, pixel_values, autocast)
     rounds = {"model_only": [], "pipeline": []}
+
+    def pipeline_run(output_dir: str, steps: int, seed: int, callbacks: list) -> PretrainingArguments:
+        nonlocal data
+        # The workers are a wish (lowered to fit /dev/shm, with a warning), sized by the one loader this run makes.
+        training = PretrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=args.batch_size, max_steps=steps,
+            eval_strategy="no", save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=bf16,
+            torch_compile=args.compile, use_cpu=args.device == "cpu", seed=seed, knn_eval=False)
+        training.configure_loaders(data, None)
+        train_transform, eval_transform = training.batch_transforms(config)
+        if training.place_data_on_device(data):
+            data = InMemoryImages(data.images, data.sizes).to(training.device)
+        MAEPretrainer(model=model, args=training, train_dataset=ImageDataset(data), data_collator=collate,
+                      train_transform=train_transform, eval_transform=eval_transform, callbacks=callbacks).train()
+        return training
+
     with tempfile.TemporaryDirectory() as output_dir:
         for round_index in range(args.rounds):
             seconds, _ = timed_chunk(stepper, optimizer, pixel_values, autocast, args.steps, args.device)
             rounds["model_only"].append(args.batch_size * args.steps / seconds)
-            training = PretrainingArguments(
-                output_dir=output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps + 2,
-                eval_strategy="no", save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=bf16,
-                torch_compile=args.compile, use_cpu=args.device == "cpu", seed=args.seed + round_index,
-                knn_eval=False, dataloader_num_workers=workers)
-            training.configure_loaders(data, data)
             callback = ThroughputCallback(args.batch_size, measure_seconds=float("inf"))  # steps 3.. are timed
-            train_transform, eval_transform = training.batch_transforms(config)
-            if training.place_data_on_device(data):
-                data = InMemoryImages(data.images, data.sizes).to(training.device)
-            trainer = MAEPretrainer(model=model, args=training, train_dataset=ImageDataset(data),
-                                    data_collator=collate, train_transform=train_transform,
-                                    eval_transform=eval_transform, callbacks=[callback])
-            trainer.train()
+            training = pipeline_run(output_dir, args.steps + 2, args.seed + round_index, [callback])
             rounds["pipeline"].append(callback.images_per_second)
+        sync_debug = None
+        if args.sync_debug_steps:
+            window = SyncDebugWindow(first_step=3, steps=args.sync_debug_steps, device=args.device)
+            with window.recording():  # one step after the window: the end of training syncs, and may
+                pipeline_run(output_dir, 2 + args.sync_debug_steps + 1, args.seed + args.rounds, [window])
+            sync_debug = window.record()
     medians = {name: statistics.median(values) for name, values in rounds.items()}
     ratio = medians["pipeline"] / medians["model_only"]
+    workers = training.dataloader_num_workers
     print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, {args.rounds} rounds x "
-          f"{args.steps} steps, compile={args.compile}\n")
+          f"{args.steps} steps, compile={args.compile}, {workers} DataLoader worker(s)\n")
     print("| | images/s (median) | min | max |\n|---|---:|---:|---:|")
     for name, values in rounds.items():
         print(f"| {name} | {medians[name]:,.0f} | {min(values):,.0f} | {max(values):,.0f} |")
     print(f"\npipeline / model-only images/s: {ratio:.3f}")
+    if sync_debug is not None:
+        print(f"synchronizing CUDA operations over {sync_debug['steps']} pipeline steps: "
+              + ("not measurable here (CUDA only)" if sync_debug["warnings"] is None
+                 else f"{sync_debug['warnings']} (torch.cuda.set_sync_debug_mode('warn'))"))
+        for place, count in sync_debug["places"].items():
+            print(f"    {count} x {place}")
     return {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "images_per_s": rounds,
-            "median_images_per_s": medians, "ratio_pipeline_over_model_only": ratio}
+            "median_images_per_s": medians, "ratio_pipeline_over_model_only": ratio,
+            "data_workers_asked": args.data_workers if args.pipeline_prepared else 0, "data_workers": workers,
+            "sync_debug": sync_debug}
+
+
+class SyncDebugWindow(transformers.TrainerCallback):
+    """Counts the operations that make the host wait for the GPU over `steps` training steps from `first_step` (the
+    steps before warm up and compile): `torch.cuda.set_sync_debug_mode("warn")` turns each into a warning, recorded
+    here with the Python line that caused it. CUDA only: elsewhere the record says so (None), not zero."""
+
+    def __init__(self, first_step: int, steps: int, device: str):
+        self.first_step, self.steps = first_step, steps
+        self.cuda = torch.device(device).type == "cuda"
+        self.warnings = []
+        self.active = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.cuda and state.global_step + 1 == self.first_step:
+            torch.cuda.synchronize()  # what came before the window stays out of it
+            self.active = True
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.active and state.global_step == self.first_step + self.steps - 1:
+            torch.cuda.set_sync_debug_mode(0)
+            self.active = False
+
+    def recording(self):
+        import contextlib
+        import warnings
+
+        @contextlib.contextmanager
+        def record():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    yield
+                finally:
+                    if self.active:  # training stopped inside the window
+                        torch.cuda.set_sync_debug_mode(0)
+                        self.active = False
+                    self.warnings = [w for w in caught if "synchroniz" in str(w.message)]
+
+        return record()
+
+    def record(self) -> dict:
+        places = {}
+        for warning in self.warnings:
+            place = f"{os.path.relpath(warning.filename)}:{warning.lineno}"
+            places[place] = places.get(place, 0) + 1
+        return {"steps": self.steps, "first_step": self.first_step, "mode": "warn",
+                "warnings": len(self.warnings) if self.cuda else None,
+                "places": dict(sorted(places.items(), key=lambda item: -item[1]))}
 
 
 def probe_suite(args, config, bf16, autocast):
@@ -471,9 +546,7 @@ def probe_suite(args, config, bf16, autocast):
         for round_index in range(args.rounds):
             runs = [("features_once", cached), ("encoder_every_epoch", rerun)]
             for name, run in runs if round_index % 2 == 0 else runs[::-1]:
-                start = time.perf_counter()
-                run(epochs)
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(device_seconds(args.device, run, epochs))
         medians = {name: statistics.median(values) for name, values in seconds.items()}
         results[epochs] = {"seconds": seconds, "median_seconds": medians,
                            "speedup": medians["encoder_every_epoch"] / medians["features_once"]}
@@ -535,13 +608,11 @@ def augment_suite(args, config, bf16, autocast):
     for round_index in range(args.rounds):
         names = list(parts) if round_index % 2 == 0 else list(parts)[::-1]  # alternate who goes first
         for name in names:
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(args.device)
             start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 parts[name]()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(args.device)
             seconds[name].append((time.perf_counter() - start) / args.steps)
             cpu_seconds[name].append((time.process_time() - cpu_start) / args.steps)
 
@@ -592,8 +663,7 @@ def attention_suite(args, config, bf16, autocast):
     def kernel(q, k, v):
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
-    def timed(function, qkv, train: bool) -> float:
-        start = time.perf_counter()
+    def calls(function, qkv, train: bool) -> None:
         for _ in range(args.steps):
             with torch.set_grad_enabled(train):
                 batch, length = qkv.shape[:2]
@@ -601,7 +671,9 @@ def attention_suite(args, config, bf16, autocast):
                 output = function(q, k, v)
                 if train:
                     output.sum().backward()
-        return (time.perf_counter() - start) / args.steps
+
+    def timed(function, qkv, train: bool) -> float:
+        return device_seconds(args.device, calls, function, qkv, train) / args.steps
 
     rows = []
     for tokens in args.attention_tokens:
@@ -643,8 +715,8 @@ def main(argv=None):
     parser.add_argument("--config_overrides", help='MAEConfig fields, e.g. "hidden_size=128,num_attention_heads=4".')
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="Autocast to bfloat16 (default: on where the device computes bf16 natively: a CUDA GPU "
-                             "that supports it, a CPU with AMX or AVX512-BF16; mae_hf/precision.py).")
+                        help="Autocast to bfloat16 (default: on where the device computes bf16 natively: an NVIDIA GPU "
+                             "of compute capability 8.0 or newer, a CPU with AMX or AVX512-BF16; mae_hf/precision.py).")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
     parser.add_argument("--modes", nargs="+", metavar="MODE",
                         help=f"Model suite: time every model in each of these modes, in turn in each round "
@@ -672,6 +744,9 @@ def main(argv=None):
     parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "configs/finetune_strong.yaml"),
                         help="Fine-tuning config file whose augmentation the augment suite times.")
     parser.add_argument("--pipeline_images", type=int, default=4096, help="Synthetic uint8 images (pipeline suite).")
+    parser.add_argument("--sync_debug_steps", type=int, default=0,
+                        help="Pipeline suite, CUDA: afterwards, count the host-device synchronisations over this many "
+                             "pipeline steps (torch.cuda.set_sync_debug_mode('warn')); recorded as sync_debug.")
     parser.add_argument("--pipeline_prepared", type=int, default=0,
                         help="Pipeline suite on a prepared folder of this many synthetic JPEGs read from disk by "
                              "--data_workers workers (0: random images in memory).")
@@ -681,16 +756,19 @@ def main(argv=None):
     parser.add_argument("--probe_epochs", type=int, nargs="+", default=[10, 20], help="Head epochs (probe suite).")
     parser.add_argument("--data_sizes", type=int, nargs="+", default=[2000, 8000],
                         help="Images of the prepared folders compared (data suite).")
-    parser.add_argument("--data_workers", type=int, default=2, help="DataLoader workers (data suite).")
+    parser.add_argument("--data_workers", type=int, default=2,
+                        help="DataLoader workers (data suite; pipeline suite with --pipeline_prepared, lowered with a "
+                             "warning where /dev/shm cannot hold their batches).")
     parser.add_argument("--data_image_size", type=int, default=224, help="Model input size (data, memory suites).")
     parser.add_argument("--data_dir", help="Where the synthetic images and folders go (reused; default: a temp dir).")
     parser.add_argument("--listing_files", type=int, default=200_000, help="Empty image files listed (listing).")
     parser.add_argument("--memory_sizes", type=int, nargs="+", default=[100, 5000],
                         help="Images decoded into memory (memory suite).")
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0 or args.profile_steps < 0:
-        parser.error("--batch_size, --steps and --rounds must be positive, --warmup and --profile_steps "
-                     "non-negative.")
+    if min(args.batch_size, args.steps, args.rounds) < 1 or min(args.warmup, args.profile_steps,
+                                                                   args.sync_debug_steps) < 0:
+        parser.error("--batch_size, --steps and --rounds must be positive, --warmup, --profile_steps and "
+                     "--sync_debug_steps non-negative.")
     unknown_modes = sorted(set(args.modes or ()) - set(MODES))
     if unknown_modes:
         parser.error(f"--modes: unknown mode(s) {unknown_modes}; choose from {', '.join(MODES)}.")

@@ -5,6 +5,7 @@ into one `error: ...` paragraph instead of a traceback."""
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -27,6 +28,41 @@ class UsageError(MAEHFError):
     already holds other output. Reported by `run_script` as `error: <message>` with exit code 2, as the parser does
     its own usage errors. Not a ValueError, so that a script's handler of failing inputs (`except ValueError`) lets
     it through."""
+
+
+class WorkerDied(MAEHFError):
+    """A DataLoader worker process died under the script (the kernel's OOM killer, a full /dev/shm, kill -9)."""
+
+
+WORKER_DEATH = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (exited unexpectedly|is killed by signal: "
+                          r"[^.]+)")
+
+
+def worker_died(error: BaseException) -> WorkerDied | None:
+    """The one-paragraph `WorkerDied` for an error that says a DataLoader worker died (torch's RuntimeError, or the
+    broken pipe its batch arrived through), else None."""
+    found = WORKER_DEATH.search(str(error)) if isinstance(error, RuntimeError) else None
+    if found:
+        what = f"DataLoader worker (pid {found.group(1)}) {found.group(2)}"
+    elif isinstance(error, (ConnectionError, EOFError)) and any(
+            f"{os.sep}torch{os.sep}utils{os.sep}data{os.sep}" in frame.filename
+            for frame in traceback.extract_tb(error.__traceback__)):
+        from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+
+        try:  # which worker: the check torch's SIGCHLD handler makes, which may not have run yet
+            _error_if_any_worker_fails()
+        except RuntimeError as named:
+            if WORKER_DEATH.search(str(named)):
+                return worker_died(named)
+        what = f"A DataLoader worker died (its batch's connection broke: {type(error).__name__} {error})".replace(
+            " )", ")")
+    else:
+        return None
+    return WorkerDied(
+        f"{what}, which stops the script. The likely cause is memory: the kernel's out-of-memory killer ends the "
+        "largest process (dmesg names it), or /dev/shm, through which workers hand their batches over, is full (df -h "
+        "/dev/shm; a container's is often 64 MB: docker run --shm-size). Fewer DataLoader workers "
+        "(--dataloader_num_workers) or a smaller batch need less.")
 
 
 def user_errors() -> tuple:
@@ -131,15 +167,18 @@ def close_progress_bars() -> None:
 def run_script(main, argv: list[str] | None = None, **kwargs):
     """Run a script's `main(argv, **kwargs)` as the command line does (`argv` defaults to sys.argv[1:]): `--debug`
     (removed before `main` parses the flags) or MAE_HF_DEBUG=1 show tracebacks; otherwise a usage error (the
-    parser's own, or `UsageError`) ends with exit code 2, a user error (`user_errors()`) as `error: <message>` on
-    stderr with exit code 1, and Ctrl-C as one line with exit code 130; anything else is a bug and keeps its
-    traceback. Progress bars still open are closed first, so that the error is the last line on the terminal. Freed
-    memory is kept for reuse (`keep_freed_memory`)."""
+    parser's own, or `UsageError`) ends with exit code 2, a user error (`user_errors()`, or a DataLoader worker's
+    death: `worker_died`) as `error: <message>` on stderr with exit code 1, and Ctrl-C as one line with exit code
+    130; anything else is a bug and keeps its traceback. Progress bars still open are closed first, so that the
+    error is the last line on the terminal. Freed memory is kept for reuse (`keep_freed_memory`)."""
     keep_freed_memory()
     argv, flag_given = strip_debug_flag(list(sys.argv[1:] if argv is None else argv))
     debug = debug_enabled(flag_given)
     try:
-        return main(argv, **kwargs)
+        try:
+            return main(argv, **kwargs)
+        except (RuntimeError, ConnectionError, EOFError) as error:
+            raise worker_died(error) or error
     except SystemExit as exit:  # a script that reported an error itself: --debug still shows where it came from
         close_progress_bars()
         if debug and exit.__context__ is not None:

@@ -74,8 +74,8 @@ class FrozenEvalArguments:
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 autocast for the encoder's features (and linear_probe.py's attentive probe): true, "
-                          "false or auto (the default: on where the device computes bf16 natively — a GPU that "
-                          "supports it, a CPU with AMX, AVX512-BF16 or Arm's BF16)."})
+                          "false or auto (the default: on where the device computes bf16 natively — an NVIDIA GPU "
+                          "of compute capability 8.0 or newer, a CPU with AMX, AVX512-BF16 or Arm's BF16)."})
     disable_tqdm: bool = field(
         default=False, metadata={"help": "No progress bars (feature extraction, probe epochs), as the Trainer's flag."})
 
@@ -114,6 +114,8 @@ def load_classifier(model_args, random_init: bool, seed: int, new_head: str | No
                          f"has {num_labels}. Pass --ignore_mismatched_sizes true to replace its head with a new one "
                          "(the encoder is kept).")
     config.update(config_changes)
+    if config.problem_type is None:  # as transformers' loss would settle it at the first step (a second compile)
+        config.problem_type = "single_label_classification"
     config.check()
     torch.manual_seed(seed)  # a new head (or encoder) is drawn from the seed, whatever ran before in this process
     if model_args.model_name_or_path and not random_init:
@@ -277,7 +279,8 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
         probe_settings = dict(probe_epochs=args.probe_epochs, probe_batch_size=args.probe_batch_size,
                               probe_learning_rate=args.probe_learning_rate, probe_weight_decay=args.probe_weight_decay)
         if args.linear_probe and train_blocks is not None:
-            head, seconds = probes.timed(probes.train_multiblock_probe, train_blocks, train.labels, num_labels, args)
+            head, seconds = probes.timed(probes.train_multiblock_probe, train_blocks, train.labels, num_labels, args,
+                                         device)
             features = (f"class token + mean patch token of each of the last {args.feature_blocks} blocks, after the "
                         "encoder's final LayerNorm, concatenated")
             results["linear_probe_multiblock"] = dict(

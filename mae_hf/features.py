@@ -6,17 +6,19 @@ import torch.nn.functional as F
 
 from .data import sequential_batches
 from .precision import autocast_for
+from .transfer import to_device
 
 
 def image_batches(images, batch_size: int, device: torch.device):
-    """(uint8 canvases, sizes or None) on `device`, `batch_size` at a time and in order, of a uint8 tensor of
-    images or of an `ImageData` split (streamed splits are read by their DataLoader workers meanwhile)."""
+    """(uint8 canvases on `device`, their sizes on the host or None), `batch_size` at a time and in order, of a
+    uint8 tensor of images or of an `ImageData` split (streamed splits are read by their DataLoader workers
+    meanwhile)."""
     if isinstance(images, torch.Tensor):
         for batch in images.split(batch_size):
-            yield batch.to(device, non_blocking=True), None
+            yield to_device(batch, device), None
         return
     for batch, sizes in sequential_batches(images, batch_size, pin_memory=device.type == "cuda"):
-        yield batch.to(device, non_blocking=True), sizes.to(device, non_blocking=True)
+        yield to_device(batch, device), sizes
 
 
 @torch.no_grad()

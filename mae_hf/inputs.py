@@ -15,9 +15,14 @@ SAFETENSORS_FIX = "Save or copy the model again."
 
 
 def read_json_object(path: str, what: str = "a JSON object") -> dict:
-    """The JSON object in `path`; an empty, torn or non-object file is a ValueError naming it."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    """The JSON object in `path`; an empty, torn, binary or non-object file is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:  # binary bytes: the codec's message names no file
+        raise ValueError(f"{path} is not text (byte {error.object[error.start]:#04x} at position {error.start} is "
+                         f"not UTF-8); expected {what}. It was overwritten or damaged: write or copy it "
+                         "again.") from None
     if not text.strip():
         raise ValueError(f"{path} is empty; expected {what}. It may be an interrupted write: write it again.")
     try:

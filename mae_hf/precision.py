@@ -1,10 +1,13 @@
 """bf16 or fp32: the one place that decides how the models compute, for every script (pretraining, fine-tuning, the
 probes and kNN, visualize.py, the benchmark) and the demo.
 
-By default bf16 autocast is on where the hardware computes bf16 natively: a CUDA GPU that supports it, and a CPU with
-bf16 matrix instructions (AMX or AVX512-BF16 on x86, the BF16 extension on Arm): there a train step of the default
-model runs 2.3-2.5x as fast as in fp32, to the same loss (docs/cpu_speed.md, on AMX). Elsewhere bf16 is emulated,
-slower than fp32, and fp32 is the default; asking for bf16 there still runs it, after a one-line warning.
+By default bf16 autocast is on where the hardware computes bf16 natively: an NVIDIA GPU of compute capability 8.0 or
+newer (Ampere on; older GPUs emulate bf16, which `torch.cuda.is_bf16_supported()` counts) or a ROCm GPU that supports
+it, and a CPU with bf16 matrix instructions (AMX or AVX512-BF16 on x86, the BF16 extension on Arm): there a train step
+of the default model runs 2.3-2.5x as fast as in fp32, to the same loss (docs/cpu_speed.md, on AMX). Elsewhere bf16 is
+emulated, slower than fp32, and fp32 is the default; asking for bf16 there still runs it, after a one-line warning.
+fp32 runs on those NVIDIA GPUs compute their matrix products in TF32 (`torch.set_float32_matmul_precision("high")`),
+as the plan line says.
 
 This file imports only torch: the demo loads it by path, next to its app, where mae_hf is not installed.
 """
@@ -26,23 +29,46 @@ def cpu_capabilities() -> dict:
     return {"amx_bf16": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()}
 
 
+AMPERE = (8, 0)  # the first NVIDIA compute capability with bf16 and TF32 tensor cores
+
+
+def ampere_or_newer(device) -> bool:
+    """An NVIDIA GPU of compute capability 8.0 or newer (not ROCm, whose GPUs report other capabilities)."""
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.is_available() and torch.version.hip is None
+            and tuple(torch.cuda.get_device_capability(device)) >= AMPERE)
+
+
 def native_bf16(device) -> str | None:
     """What computes bf16 natively on `device` ("AMX", "AVX512-BF16", ..., "CUDA"), or None where it is emulated
     (or not known to be native: devices other than CPUs and CUDA GPUs)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return "CUDA" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+        if not torch.cuda.is_available():
+            return None
+        if torch.version.hip is not None:  # ROCm: its own answer (MI200 and newer)
+            return "ROCm" if torch.cuda.is_bf16_supported() else None
+        return "CUDA" if ampere_or_newer(device) else None
     if device.type == "cpu":
         capabilities = cpu_capabilities()
         return next((name for key, name in CPU_BF16_FEATURES if capabilities.get(key)), None)
     return None
 
 
-def decide_bf16(requested: bool | None, device, switch: bool = False) -> tuple[bool, str]:
+def decide_bf16(requested: bool | None, device, switch: bool = False, tf32: bool | None = None) -> tuple[bool, str]:
     """`(bf16, precision)`: whether to autocast to bf16 on `device`, and the precision in words with the reason, for
     plan lines and results. `requested` None means the default (native bf16 or not); True on a CPU without native
     bf16 runs bf16 after a one-line warning on stderr. `switch`: the script spells the flag `--bf16` / `--no-bf16`
-    (argparse's BooleanOptionalAction) rather than `--bf16 true` / `--bf16 false`."""
+    (argparse's BooleanOptionalAction) rather than `--bf16 true` / `--bf16 false`. An fp32 run on an Ampere or newer
+    GPU gets TF32 matrix products (turned on here) unless `tf32` is False."""
+    bf16, precision = _decide_bf16(requested, device, switch)
+    if not bf16 and tf32 is not False and ampere_or_newer(device):
+        torch.set_float32_matmul_precision("high")
+        precision += ", matrix products in TF32 (Ampere or newer)"
+    return bf16, precision
+
+
+def _decide_bf16(requested: bool | None, device, switch: bool) -> tuple[bool, str]:
     on, off = ("--bf16", "--no-bf16") if switch else ("--bf16 true", "--bf16 false")
     device = torch.device(device)
     native = native_bf16(device)

@@ -32,6 +32,7 @@ from torch import nn
 from .features import image_batches
 from .modeling_mae import follow_umask
 from .precision import autocast_for
+from .transfer import synchronize, to_device
 
 TOKEN_DTYPE = torch.float16  # numpy has float16 (not bfloat16), so one dtype serves memory and memmap caches
 MEMORY_CACHE_LIMIT = 2 * 2 ** 30  # bytes of cached tokens kept in host memory under --token_cache auto
@@ -61,10 +62,10 @@ class TokenCache:
             self.array[start:start + len(tokens)] = tokens.to("cpu", TOKEN_DTYPE).numpy()
 
     def read(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Rows `index` (ascending reads are fastest from disk), float16 on `device`."""
+        """Rows `index` (a host tensor; ascending reads are fastest from disk), float16 on `device`."""
         if self.tensor is not None:
-            return self.tensor[index.to(self.tensor.device)].to(device, non_blocking=True)
-        return torch.from_numpy(self.array[index.cpu().numpy()]).to(device, non_blocking=True)
+            return to_device(self.tensor[to_device(index, self.tensor.device)], device)
+        return to_device(torch.from_numpy(self.array[index.numpy()]), device)
 
     def close(self) -> None:
         """Free the memory, or delete the file."""
@@ -102,15 +103,17 @@ def encode_frozen(encoder, images, transform, batch_size: int = 512, bf16: bool 
                   feature_blocks: int = 1, token_cache: TokenCache | None = None, progress: str | None = None):
     """One pass of the frozen encoder over uint8 `images` (a tensor, or an `ImageData` split: a streamed one is
     read by its DataLoader workers while the encoder runs) without masking. Returns `(pooled, multiblock)`: the
-    `pooler_output` features `(N, hidden)` and, when `feature_blocks > 1`, the multi-block features (else None),
-    float32 on the encoder's device; writes the patch tokens of the last block into `token_cache` when given.
-    `progress`: the label of a progress bar over the images (None: no bar)."""
+    `pooler_output` features `(N, hidden)`, float32 on the encoder's device, and, when `feature_blocks > 1`, the
+    multi-block features (else None), float32 on the host (pinned when the encoder is on a GPU): copied there batch
+    by batch without waiting, as they would fill the GPU at ImageNet scale (31 GB for ViT-B, 4 blocks); writes the
+    patch tokens of the last block into `token_cache` when given. `progress`: the label of a progress bar over the
+    images (None: no bar)."""
     from tqdm.auto import tqdm
 
     device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
-    pooled, multiblock = [], []
+    pooled, multiblock = [], None
     bar = tqdm(total=len(images), desc=progress, unit="img", disable=progress is None)
     start = 0
     for canvases, sizes in image_batches(images, batch_size, device):
@@ -119,14 +122,18 @@ def encode_frozen(encoder, images, transform, batch_size: int = 512, bf16: bool 
             output = encoder(batch, output_hidden_states=feature_blocks > 1, return_dict=True)
             pooled.append(output.pooler_output.float())
             if feature_blocks > 1:
-                multiblock.append(multiblock_features(encoder, output.hidden_states, feature_blocks).float())
+                features = multiblock_features(encoder, output.hidden_states, feature_blocks).float()
+                if multiblock is None:
+                    multiblock = torch.empty((len(images), features.shape[1]), pin_memory=device.type == "cuda")
+                multiblock[start:start + len(batch)].copy_(features, non_blocking=True)
         if token_cache is not None:
             token_cache.write(start, output.last_hidden_state[:, 1:])
         start += len(batch)
         bar.update(len(batch))
     bar.close()
     encoder.train(was_training)
-    return torch.cat(pooled), (torch.cat(multiblock) if multiblock else None)
+    synchronize(device)  # the non-blocking copies into `multiblock` are complete before anyone reads it
+    return torch.cat(pooled), multiblock
 
 
 def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor, epochs: int = 90,
@@ -148,26 +155,28 @@ def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor,
 
 def fit_head(module, classify, parameters, train_features: torch.Tensor, train_labels: torch.Tensor,
              epochs: int = 90, batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0,
-             seed: int = 42, feature_sampler=None, progress: bool = False):
+             seed: int = 42, feature_sampler=None, progress: bool = False, device=None):
     """The linear probe's training loop: `classify(features)` gives logits, `parameters` are trained with SGD
-    (momentum 0.9) and a cosine schedule over shuffled batches of cached features. Returns `module` in eval mode.
+    (momentum 0.9) and a cosine schedule over shuffled batches of cached features, on `device` (default: the
+    features'; features on the host are then copied there a batch at a time). Returns `module` in eval mode.
     `progress`: a progress bar over the epochs (with the time left)."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    device = train_features.device
+    device = train_features.device if device is None else torch.device(device)
     optimizer = torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = max(1, train_features.shape[0] // batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     module.train()
     for epoch in tqdm(range(epochs), desc="Probe head", unit="epoch", disable=not progress):
         features, labels = feature_sampler(epoch) if feature_sampler else (train_features, train_labels)
-        labels = labels.to(device)
-        order = torch.randperm(features.shape[0], generator=generator).to(device)
+        labels = to_device(labels, features.device)
+        order = to_device(torch.randperm(features.shape[0], generator=generator), features.device)
         for step in range(steps_per_epoch):
             index = order[step * batch_size:(step + 1) * batch_size]
-            loss = F.cross_entropy(classify(features[index]), labels[index])
+            batch, batch_labels = to_device(features[index], device), to_device(labels[index], device)
+            loss = F.cross_entropy(classify(batch), batch_labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -253,13 +262,16 @@ def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
     return head.eval(), info
 
 
-def train_multiblock_probe(train_features, train_labels, num_labels: int, args) -> LinearHead:
-    """The linear probe's recipe (epochs, batch, SGD learning rate, weight decay) on multi-block features."""
+def train_multiblock_probe(train_features, train_labels, num_labels: int, args, device=None) -> LinearHead:
+    """The linear probe's recipe (epochs, batch, SGD learning rate, weight decay) on multi-block features (on the
+    host: each batch is copied to `device`, default the features')."""
     torch.manual_seed(args.seed)  # the head's initial weights: from the seed, whatever ran before in this process
-    head = LinearHead(train_features.shape[1], num_labels).to(train_features.device)
+    device = train_features.device if device is None else device
+    head = LinearHead(train_features.shape[1], num_labels).to(device)
     return fit_head(head, head, list(head.parameters()), train_features, train_labels, epochs=args.probe_epochs,
                     batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
-                    weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
+                    weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm,
+                    device=device)
 
 
 def train_attentive_probe(tokens: TokenCache, labels: torch.Tensor, num_labels: int, hidden_size: int, args,
@@ -279,7 +291,7 @@ def train_attentive_probe(tokens: TokenCache, labels: torch.Tensor, num_labels: 
     warmup = max(1, total // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
         (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))))
-    labels = labels.to(device)
+    labels = to_device(labels, device)
     probe.train()
     for _ in range(args.attentive_epochs):
         order = torch.randperm(len(tokens), generator=generator)
@@ -287,7 +299,7 @@ def train_attentive_probe(tokens: TokenCache, labels: torch.Tensor, num_labels: 
             index = order[step * batch_size:(step + 1) * batch_size].sort().values  # ascending: sequential reads
             with autocast_for(device, bf16):
                 logits = probe(tokens.read(index, device))
-            loss = F.cross_entropy(logits.float(), labels[index.to(device)])
+            loss = F.cross_entropy(logits.float(), labels[to_device(index, device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -303,16 +315,18 @@ def predict_tokens(probe: AttentiveProbe, tokens: TokenCache, device: torch.devi
     for start in range(0, len(tokens), batch_size):
         index = torch.arange(start, min(start + batch_size, len(tokens)))
         with autocast_for(device, bf16):
-            predictions.append(probe(tokens.read(index, device)).argmax(dim=1).cpu())
-    return torch.cat(predictions)
+            predictions.append(probe(tokens.read(index, device)).argmax(dim=1))
+    return torch.cat(predictions).cpu()  # read once, at the end
 
 
 @torch.no_grad()
 def predict_features(head: nn.Module, features: torch.Tensor, batch_size: int = 4096, classify=None) -> torch.Tensor:
-    """Predicted classes of cached features: `classify(features)` (default: the head itself) gives the logits."""
+    """Predicted classes of cached features (on the host or the head's device): `classify(features)` (default: the
+    head itself) gives the logits."""
     head.eval()
     classify = classify or head
-    return torch.cat([classify(chunk).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
+    device = next(head.parameters()).device
+    return torch.cat([classify(to_device(chunk, device)).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
 
 
 def timed(function, *args, **kwargs):

@@ -33,7 +33,8 @@ import zipfile
 import torch
 from transformers import TrainerCallback
 
-from .cli import MAEHFError, UsageError, close_progress_bars
+from .cli import MAEHFError, UsageError, close_progress_bars, worker_died
+from .data.prepared import is_prepared, read_manifest
 from .inputs import SAFETENSORS_FIX, check_weights_fit, safetensors_shapes
 from .redaction import REDACTED, recorded_command, redact
 
@@ -366,6 +367,9 @@ def run_settings(config, data_args, args, model_args) -> dict:
     model["model_name_or_path"] = _where(model_args.model_name_or_path)  # the weights the run started from
     data = {field.name: _where(getattr(data_args, field.name)) for field in dataclasses.fields(data_args)
             if field.name not in DATA_FIELDS_IGNORED}
+    if data_args.train_dir is None and is_prepared(data_args.dataset_name):
+        # what the folder holds, not only where: a folder prepared again (other images, another size) is a change
+        data["prepared_fingerprint"] = read_manifest(data_args.dataset_name).get("fingerprint")
     recipe = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
     if hasattr(args, "recipe"):  # fine-tuning's augmentation recipe
         recipe.update(args.recipe())
@@ -417,11 +421,16 @@ def write_json(path: str, value: dict) -> None:
 
 # ---- signals ---------------------------------------------------------------------------------------------------
 
+STOP_CHECK_STEPS = 16  # steps between the processes' agreement on a stop: a host collective, cheap but not free
+
+
 class StopOnSignal(TrainerCallback):
-    """The first SIGINT/SIGTERM during training asks for a stop at the end of the current optimizer step: no save
-    or evaluation starts after it. Outside the training loop, or a second signal, stops at once (`Interrupted`).
-    In a distributed run the processes agree every step (a one-number all-reduce on the CPU, no device sync) so
-    that all stop at the same step."""
+    """The first SIGINT/SIGTERM during training asks for a stop at the end of an optimizer step: no save or
+    evaluation starts after it. Outside the training loop, or a second signal, stops at once (`Interrupted`).
+    In a distributed run the processes agree on it (a one-number all-reduce on the CPU, no device sync) every
+    `STOP_CHECK_STEPS` steps and at every step that logs, evaluates or saves, at an epoch's end and at the last
+    step, so that all stop at the same step, within `STOP_CHECK_STEPS` steps of the signal and before anything
+    more is saved."""
 
     def __init__(self):
         self.signum = self.step = None
@@ -456,21 +465,29 @@ class StopOnSignal(TrainerCallback):
             backend = torch.distributed.get_backend()
             self.group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
 
-    def _stop_requested(self, args) -> bool:
+    def _stop_requested(self, args, due: bool) -> bool:
+        """Whether to stop now; in a distributed run decided together at `due` steps only (the same on every
+        process: they follow from the step number and the Trainer's own schedule)."""
         if args.world_size > 1 and torch.distributed.is_initialized():
+            if not due:
+                return False
             signum = torch.tensor([self.signum or 0])
             torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX, group=self.group)
             self.signum = int(signum) or None
         return self.signum is not None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._stop_requested(args):
+        due = (state.global_step % STOP_CHECK_STEPS == 0 or state.global_step >= state.max_steps
+               or control.should_log or control.should_evaluate or control.should_save)
+        if self._stop_requested(args, due):
             self.step = state.global_step
             control.should_training_stop = True
             control.should_save = control.should_evaluate = False
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
+        if self._stop_requested(args, due=True):
+            self.step = state.global_step if self.step is None else self.step
+            control.should_training_stop = True
             control.should_save = control.should_evaluate = False
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -609,8 +626,13 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
-        self.stop.restore()
-        self._release()
+        try:
+            self.stop.restore()
+            self._release()
+        except RuntimeError as late:  # torch's SIGCHLD handler raises a worker's death wherever the process is
+            if worker_died(late) is None:
+                raise
+            error = late  # names the worker, where the broken pipe that came first does not
         if isinstance(error, Interrupted):
             close_progress_bars()
             saved = error.saved or (
@@ -619,6 +641,9 @@ class Run:
             if self.is_main:
                 print(f"error: {error}; {saved}. {resume_advice(self.args.output_dir)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + error.signum)
+        died = worker_died(error) if error is not None else None
+        if died is not None:  # the checkpoints are intact: say where to continue from
+            raise RunError(f"{died} {resume_advice(self.args.output_dir)}") from error
         return False
 
     def _release(self) -> None:

@@ -274,8 +274,9 @@ class ImageTrainingArguments(TrainingArguments):
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 autocast: true, false or auto (the default: on where the hardware computes bf16 "
-                          "natively — a GPU that supports it, a CPU with AMX, AVX512-BF16 or Arm's BF16 — off "
-                          "elsewhere; the plan line says which and why)."})
+                          "natively — an NVIDIA GPU of compute capability 8.0 or newer, a CPU with AMX, AVX512-BF16 or "
+                          "Arm's BF16 — off elsewhere; fp32 on those GPUs computes matrix products in TF32 unless "
+                          "--tf32 false; the plan line says which and why)."})
     torch_compile: bool | None = field(
         default=None, metadata={"help": "torch.compile: true, false or auto (the default: on with CUDA)."})
     per_device_eval_batch_size: int = field(default=512, metadata={"help": "Evaluation batch per device."})
@@ -313,6 +314,10 @@ class ImageTrainingArguments(TrainingArguments):
         metadata={"help": "transformers 4.x's name for a warmup fraction: the same as --warmup_steps with a value "
                           "< 1."})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "See TrainingArguments."})
+    ddp_broadcast_buffers: bool | None = field(
+        default=False,
+        metadata={"help": "DDP: copy the buffers from the first process before every forward. Off: the models' "
+                          "buffers (sin-cos positions) never change, so the copy would only cost time."})
     logging_nan_inf_filter: bool = field(
         default=False,
         metadata={"help": "Kept False: the Trainer's filter tests every step's loss on the host (a GPU sync per "
@@ -349,6 +354,10 @@ class ImageTrainingArguments(TrainingArguments):
         learning_rate_given = self.learning_rate is not None
         if not learning_rate_given:
             self.learning_rate = 0.0  # placeholder until the world size is known
+        if self.accelerator_config is None:
+            # Batches go to the GPU without making the host wait (from the loader's pinned memory); accelerate's
+            # default copies block. A no-op on a CPU, where transformers' warning about unpinned memory means nothing.
+            self.accelerator_config = {"non_blocking": True}
         # TrainingArguments warns that compile's speedups need an Ampere GPU whenever it finds no TF32; on a CPU
         # (where --torch_compile true is measured and documented: docs/cpu_speed.md) that reads as a fault.
         compile_warning = _DropMessage("The speedups for torchdynamo mostly come with GPU")
@@ -358,6 +367,12 @@ class ImageTrainingArguments(TrainingArguments):
             super().__post_init__()  # also: do_eval becomes True when eval_strategy is not "no" (TrainingArguments')
         finally:
             upstream_logger.removeFilter(compile_warning)
+        # accelerate builds no FSDP plugin for CPU processes (only for GPU-like devices): they would train as plain
+        # DDP. One process is refused by the Trainer itself ("fsdp only works in distributed training").
+        if self.fsdp and self.use_cpu and self.world_size > 1:
+            raise UsageError("--fsdp shards the model over GPU processes; on CPU processes accelerate trains without "
+                             "it (plain DDP, every process holding the whole model), so it would not save the memory "
+                             "it promises. Leave --fsdp out on a CPU, or run on GPUs (docs/pretraining.md).")
         if not (self.do_train or self.do_eval):
             raise ValueError("--do_train and --do_eval are both off: nothing to do. Pass --do_train true and/or "
                              "--do_eval true (or neither: train, then evaluate).")
@@ -390,7 +405,7 @@ class ImageTrainingArguments(TrainingArguments):
         if self.fp16:
             self.bf16, self.precision = False, "fp16 (--fp16)"
         else:
-            self.bf16, self.precision = decide_bf16(self.bf16, device_type)
+            self.bf16, self.precision = decide_bf16(self.bf16, device_type, tf32=self.tf32)
         if self.bf16_full_eval or self.fp16_full_eval:
             self.precision += f"; evaluation with the model cast to {'bf16' if self.bf16_full_eval else 'fp16'}"
 
@@ -469,9 +484,11 @@ class ImageTrainingArguments(TrainingArguments):
         """DataLoader settings for how the splits are held: images in one tensor need no workers; images read
         from disk (or pasted onto canvases from packed memory) get the split's workers, kept between epochs
         (persistent), with their batches in flight checked against the free shared memory (/dev/shm). The passes
-        over a split (kNN monitor, features) use the same number of workers."""
+        over a split (kNN monitor, features) use the same number of workers. `evaluation` None: no evaluation
+        loader is made (its batches need no room)."""
+        splits = [split for split in (train, evaluation) if split is not None]
         if not self.workers_chosen:
-            self.dataloader_num_workers = max(train.num_workers, evaluation.num_workers)
+            self.dataloader_num_workers = max(split.num_workers for split in splits)
         if self.dataloader_num_workers == 0:
             self.dataloader_persistent_workers, self.dataloader_prefetch_factor = False, None
             return
@@ -480,12 +497,12 @@ class ImageTrainingArguments(TrainingArguments):
         from .data.streaming import fit_workers_to_shared_memory
 
         # the training loader's prefetched batches wait while the persistent evaluation loader fills its own
-        batch_bytes = (self.per_device_train_batch_size * math.prod(train.canvas)
-                       + self.per_device_eval_batch_size * math.prod(evaluation.canvas))
+        evaluation_bytes = 0 if evaluation is None else self.per_device_eval_batch_size * math.prod(evaluation.canvas)
+        batch_bytes = self.per_device_train_batch_size * math.prod(train.canvas) + evaluation_bytes
         self.dataloader_num_workers, self.dataloader_prefetch_factor = fit_workers_to_shared_memory(
             self.dataloader_num_workers, self.dataloader_prefetch_factor or 2, batch_bytes,
             chosen=self.workers_chosen)
-        for split in (train, evaluation):
+        for split in splits:
             if split.num_workers:
                 split.num_workers = self.dataloader_num_workers
 
@@ -680,7 +697,19 @@ class ImageTrainer(Trainer):
 
     def __init__(self, *args, train_transform, eval_transform, layer_decay: float = 1.0, mixer=None,
                  repeated_augmentations: int = 1, ema_decay: float = 0.0, device_decoder=None, **kwargs):
-        super().__init__(*args, **kwargs)
+        # `non_blocking` without pinned memory (a CPU, data already on the GPU) is asked for on purpose: see
+        # ImageTrainingArguments.
+        unpinned = _DropMessage("`non_blocking` is enabled but `dataloader_pin_memory` is not")
+        trainer_logger = std_logging.getLogger("transformers.trainer")
+        trainer_logger.addFilter(unpinned)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            trainer_logger.removeFilter(unpinned)
+        # The evaluation loop pads every batch's labels and logits along dim 1 to gather sequences of other lengths,
+        # reading each tensor's shape back from the device to do so (a wait per batch). Image labels (batch,) and
+        # logits (batch, classes) or (batch, patches, values) have the same sizes on every process: nothing to pad.
+        self.accelerator.pad_across_processes = lambda tensor, *args, **kwargs: tensor
         self.device_decoder = device_decoder  # JPEG bytes -> canvases on the GPU (--decode_on_device)
         # Every training loss here is a mean over its micro-batch (the model's, the label smoother's, the soft-target
         # one), so the Trainer must divide it by the accumulation steps. It would not if it took the model (whose
@@ -716,7 +745,7 @@ class ImageTrainer(Trainer):
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(self._decoded(inputs))
-        sizes = inputs.pop("image_sizes", None)  # where each image lies in its canvas: for the transform only
+        sizes = inputs.pop("image_sizes", None)  # where each image lies in its canvas (host): for the transform only
         if not self.model.training:
             return {**inputs, "pixel_values": self.eval_transform(inputs["pixel_values"], sizes)}
         inputs = {**inputs, "pixel_values": self.train_transform(inputs["pixel_values"], sizes)}
@@ -894,7 +923,7 @@ class MAEPretrainer(ImageTrainer):
         os.makedirs(history, exist_ok=True)
         if self.preview is not None:
             images, sizes, noise = self.preview
-            pixel_values = self.eval_transform(images.to(self.args.device), sizes.to(self.args.device))
+            pixel_values = self.eval_transform(images.to(self.args.device), sizes)  # sizes: on the host
             grid = grid_image(reconstruction_rows(model, pixel_values, noise, bf16=self.args.bf16))
             grid.save(os.path.join(output_dir, "reconstructions.png"))
             grid.save(os.path.join(history, f"step_{self.state.global_step:07d}.png"))

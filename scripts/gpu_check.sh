@@ -1,51 +1,42 @@
 #!/usr/bin/env bash
-# Run every GPU measurement the project records, in one go (sized for about 10 minutes on one H200).
+# Every GPU measurement the project records, in one command that ends within 7 minutes on one H100.
 #
-#   bash scripts/gpu_check.sh          # on the GPU machine, with gpu_carry/ (below) carried along
+#   bash scripts/gpu_check.sh              # on the GPU machine, with gpu_carry carried along
+#   bash scripts/build_gpu_carry.sh        # before, here: gpu_carry/ (CIFAR-10 parquet + the wheels the GPU lacks)
+#   DRY=1 bash scripts/gpu_check.sh        # before, here, on the CPU: every step at tiny sizes (a test runs it)
 #
-# What it runs:
-#   1. gpu: the GPU's name and memory (nvidia-smi);
-#   2. benchmark_model: mae_hf vs transformers' ViTMAE train step, bf16 + torch.compile, default model, batch 512;
-#   3. benchmark_pipeline: whole pretraining pipeline vs model-only step (target: >= 90 %, >= 18,000 images/s);
-#   4. benchmark_vit_b: the ViT-B/16 MAE (configs/models/mae_vit_base_patch16.json, 224 px, batch 256) model-only
-#      step, then the whole pipeline reading a prepared folder of 20,000 synthetic JPEGs from disk with 12 DataLoader
-#      workers (targets: >= 90 % of the model-only step, >= 5,000 images/s);
-#   5. benchmark_data: the data path alone on this machine's CPUs: images per worker CPU-second from a prepared
-#      folder against run_mae.py's per-image transform, and the workers' memory, at 2,000 and 20,000 images;
-#   6. reproduce: a short real run of scripts/reproduce.py on CIFAR-10 from a local parquet folder: pretraining
-#      (PRETRAIN_EPOCHS, default 5; its plan line gives the images/s and the time 320 epochs would take), linear
-#      probe + kNN, multi-block and attentive probes, the strong fine-tune (FINETUNE_EPOCHS, default 2), each for
-#      the pretrained and a random-init encoder, then the comparison table of their accuracies and the Hub folder.
-# Results go to $OUT (or ./gpu_check), eleven files and one archive: gpu.txt,
-# benchmark_{model,pipeline,vit_b,data}.{txt,json}, reproduce.txt (every step's output and time), comparison.md and
-# results.tar.gz (the result JSON files); the runs themselves (models, checkpoints, the synthetic prepared folders)
-# stay in $RUNS (./gpu_check_runs; remove it for a fresh run: reproduce.py skips the steps it finds done, in one
-# folder per PRETRAIN_EPOCHS/FINETUNE_EPOCHS setting, as it refuses to continue a run with other settings).
-# SKIP_BENCHMARKS=1 runs steps 1 and 6 alone. Run it from the repository root.
+# Sized for a short GPU loan (TOTAL_SECONDS, 420 by default), so that a rerun still fits 15 minutes of device time.
+# docs/gpu.md says how to run it with the device tool and what comes back.
 #
-# Dry run, on a CPU, before a GPU is lent (a test runs it): `DRY=1 bash scripts/gpu_check.sh` or
-# `bash scripts/gpu_check.sh --dry`. The same steps, commands, recipes and output files, at tiny sizes: a model of
-# width 16 and depth 4 (reproduce.py's 4-block probe) on 8 px images, 48 training and 16 evaluation images
-# (--max_train_samples/--max_eval_samples), one epoch, no torch.compile; nvidia-smi is optional. It catches a typo, a
-# renamed flag, a recipe that does not fit or a missing carried file in a minute or two instead of in the GPU's 15.
+# Preflight (checks and adapts before anything long): installs the carried wheels the machine lacks or has older
+# (--no-index --no-deps, into a folder put on PYTHONPATH); torch, transformers (this project's minimum), datasets,
+# evaluate and this checkout's mae_hf must import, and on a GPU run torch must see the GPU: else it stops with
+# `error: ...` and exit code 2. It adapts the rest: no C compiler, or a one-line torch.compile that fails, turns
+# torch.compile off for every step (said); the ViT-B step's DataLoader workers are lowered to what /dev/shm holds
+# (said); a missing or wrong CIFAR-10 parquet skips the three CIFAR-10 steps (said).
 #
-# Before the first long step (both modes) the preflight checks what the run needs and stops with `error: ...` and
-# exit code 2 when something is missing: the Python packages (installing the carried wheels if needed), this
-# checkout's mae_hf, the CIFAR-10 parquet folder (train.parquet readable, with rows, an image and a label column)
-# and, on a GPU run, the GPU (nvidia-smi and torch.cuda).
+# Steps, in the order of what they prove, each under its own time cap (`timeout`; what a step leaves of its cap
+# goes to the later ones, and no cap reaches past the 7 minutes), a failed or stopped step not stopping the next:
+#   pipeline  the default CIFAR-10 pretraining pipeline against the model-only step, bf16 + compile, batch 512:
+#             images/s, their ratio, and the host-device syncs counted over 20 steps (set_sync_debug_mode "warn")
+#   model     mae_hf against transformers' ViTMAE, one train step, bf16 + compile, batch 512
+#   pretrain  a short real pretraining on CIFAR-10 (PRETRAIN_EPOCHS, default 3) ...
+#   probe     ... its linear probe + kNN ...
+#   finetune  ... and a short fine-tune, strong recipe (FINETUNE_EPOCHS, default 1; eager unless FINETUNE_COMPILE=1:
+#             a cold compile of the classifier costs more than its epoch)
+#   vit_b     ViT-B/16 at 224 px: the pipeline reading a prepared folder of synthetic JPEGs from disk with workers
+# STEPS="pipeline model" runs only those, in the order given (STEPS=preflight: the preflight alone);
+# CAP_<STEP>=seconds changes a step's budget (CAP_VIT_B=120), TOTAL_SECONDS the whole run's limit.
 #
-# The GPU machine has torch, transformers, accelerate, einops, safetensors, pyarrow, pillow and matplotlib but not
-# `datasets` or `evaluate`, and reaches no network; nor does ../shared (the data) travel with the checkout. Carry
-# both in an ignored folder of the checkout, prepared on this machine:
-#   echo /gpu_carry/ >> .git/info/exclude
-#   mkdir -p gpu_carry/cifar10 && cp ../shared/data/cifar10/train.parquet gpu_carry/cifar10/
-#   pip download datasets evaluate -d gpu_carry/wheels       # with the GPU machine's Python version if it differs
-#   DRY=1 bash scripts/gpu_check.sh                           # here, with the carried folder: the whole run, tiny
-# then run `bash scripts/gpu_check.sh` there with gpu_carry carried (DATA defaults to gpu_carry/cifar10 when present).
+# What comes back, in $OUT (default ./gpu_check), four files rewritten as each step ends: summary.md (each step's
+# status, time, cap and figures), results.json (the same, all figures), log.txt (everything printed) and, at the
+# end, results.tar.gz (every result JSON of the runs). The runs themselves stay in $RUNS (./gpu_check_runs).
 #
-# Adding a step: write a function `step_<name>` that writes its files into $OUT (using $DRY for its tiny sizes),
-# add <name> to STEPS, and check anything it needs that must be carried in `preflight`.
-set -euo pipefail
+# Dry run (DRY=1 or --dry): the same steps, commands, recipes and files at tiny sizes on the CPU (a model of width
+# 16 and depth 4 on 8 px images, 48 training and 16 evaluation images, one epoch, no torch.compile in the steps;
+# the preflight's compile test still runs, on the CPU, with SMOKE_BACKEND=aot_eager). SHM_FREE_MB=N rehearses a
+# machine with N MB of /dev/shm; DRY_VIT_B_WORKERS=N asks the ViT-B step for N workers (1 by default).
+set -uo pipefail  # no -e: a failed step is recorded and the next one runs
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # this header, without running anything
     sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
     exit 0
@@ -53,150 +44,157 @@ fi
 DRY=${DRY:-0}
 if [ "${1:-}" = "--dry" ]; then DRY=1; shift; fi
 if [ $# -gt 0 ]; then
-    echo "usage: [DRY=1] bash scripts/gpu_check.sh [--dry]   (settings are environment variables: see the top)" >&2
+    echo "usage: [DRY=1] bash scripts/gpu_check.sh [--dry]   (settings are environment variables: see --help)" >&2
     exit 2
 fi
+[ -f scripts/gpu_check.py ] || { echo "error: run this from the repository root." >&2; exit 2; }
 OUT=${OUT:-gpu_check}
 RUNS=${RUNS:-gpu_check_runs}
-DATA=${DATA:-$( [ -d gpu_carry/cifar10 ] && echo gpu_carry/cifar10 || echo ../shared/data/cifar10 )}
-WHEELS=${WHEELS:-gpu_carry/wheels}
-PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-5}
-FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-2}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+CARRY=${CARRY:-gpu_carry}
+DATA=${DATA:-$( [ -d "$CARRY/cifar10" ] && echo "$CARRY/cifar10" || echo ../shared/data/cifar10 )}
+WHEELS=${WHEELS:-$CARRY/wheels}
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-3}
+FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-1}
+FINETUNE_COMPILE=${FINETUNE_COMPILE:-0}
+VIT_B_WORKERS=${VIT_B_WORKERS:-12}
+ALL_STEPS="pipeline model pretrain probe finetune vit_b"
+STEPS=${STEPS:-$ALL_STEPS}
+if [ "$STEPS" = preflight ]; then STEPS=""; fi  # the preflight alone
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "$DRY" = 1 ]; then  # tiny sizes on the CPU; everything else as on the GPU
     TINY="image_size=8,patch_size=2,hidden_size=16,num_hidden_layers=4,num_attention_heads=2,decoder_hidden_size=16"
     TINY="$TINY,decoder_num_hidden_layers=1,decoder_num_attention_heads=2"
     SAMPLES="--max_train_samples 48 --max_eval_samples 16"
-    BENCHMARK="--device cpu --batch_size 8 --warmup 1 --rounds 1 --config_overrides $TINY"
-    MODEL_STEPS=1 PIPELINE_STEPS=2 PIPELINE_IMAGES=64
-    VIT_B="--device cpu --batch_size 8 --warmup 1 --rounds 1 --steps 2 --config_overrides $TINY"
-    PREPARED_IMAGES=64 DATA_WORKERS=1 DATA_SIZES="24 48" DATA_BATCH=8
-    PRETRAIN_EPOCHS=1 FINETUNE_EPOCHS=1
+    PIPELINE="--device cpu --batch_size 8 --warmup 1 --rounds 1 --steps 2 --pipeline_images 64 --sync_debug_steps 2"
+    PIPELINE="$PIPELINE --config_overrides $TINY"
+    MODEL="--device cpu --batch_size 8 --warmup 1 --rounds 1 --steps 1 --config_overrides $TINY"
+    VIT_B="--device cpu --batch_size 8 --warmup 1 --rounds 1 --steps 2 --pipeline_prepared 64 --config_overrides $TINY"
+    VIT_B_BATCH=8 VIT_B_WORKERS=${DRY_VIT_B_WORKERS:-1} PRETRAIN_EPOCHS=1 FINETUNE_EPOCHS=1
     PRETRAIN_SIZES="--config_overrides $TINY --per_device_train_batch_size 16 --per_device_eval_batch_size 16 $SAMPLES"
-    PROBE_SIZES="--knn_k 5 --probe_epochs 1 --attentive_epochs 1 --attentive_heads 2 --feature_batch_size 16 $SAMPLES"
+    PROBE_SIZES="--knn_k 5 --probe_epochs 1 --feature_batch_size 16 $SAMPLES"
     FINETUNE_SIZES="--per_device_train_batch_size 16 --per_device_eval_batch_size 16 $SAMPLES"
+    TOTAL_SECONDS=${TOTAL_SECONDS:-1800}
+    SMOKE_BACKEND=${SMOKE_BACKEND:-aot_eager}  # inductor's C++ build of the smoke test takes a minute on a CPU
+    declare -A BUDGET=([pipeline]=240 [model]=240 [pretrain]=240 [probe]=240 [finetune]=240 [vit_b]=240)
 else
-    BENCHMARK="--batch_size 512 --compile --warmup 5 --rounds 3"
-    MODEL_STEPS=20 PIPELINE_STEPS=50 PIPELINE_IMAGES=50000
-    VIT_B="--batch_size 256 --compile --warmup 5 --rounds 3 --steps 30"
-    PREPARED_IMAGES=20000 DATA_WORKERS=12 DATA_SIZES="2000 20000" DATA_BATCH=256
+    PIPELINE="--batch_size 512 --warmup 5 --rounds 3 --steps 30 --pipeline_images 50000 --sync_debug_steps 20"
+    MODEL="--batch_size 512 --warmup 3 --rounds 3 --steps 20"
+    VIT_B_BATCH=256
+    VIT_B="--batch_size $VIT_B_BATCH --warmup 3 --rounds 2 --steps 15 --pipeline_prepared 8000"
+    VIT_B="$VIT_B --config_name configs/models/mae_vit_base_patch16.json"
     PRETRAIN_SIZES="" PROBE_SIZES="" FINETUNE_SIZES=""
+    SMOKE_BACKEND=${SMOKE_BACKEND:-inductor}
+    TOTAL_SECONDS=${TOTAL_SECONDS:-420}  # 7 minutes: no step's cap reaches past it
+    # Estimated H100 times (docs/gpu.md, "Predicted times") with a margin; together with the preflight's ~35 s, 6.5 min
+    declare -A BUDGET=([pipeline]=80 [model]=55 [pretrain]=75 [probe]=35 [finetune]=35 [vit_b]=75)
 fi
+for step in $ALL_STEPS; do  # CAP_<STEP>=seconds overrides a budget (CAP_VIT_B=120)
+    override=CAP_${step^^}
+    if [ -n "${!override:-}" ]; then BUDGET[$step]=${!override}; fi
+done
+for step in $STEPS; do
+    [ -n "${BUDGET[$step]:-}" ] || { echo "error: STEPS: unknown step $step (steps: $ALL_STEPS)." >&2; exit 2; }
+done
 
-fail() {  # a missing prerequisite: before any long step, so no GPU time is spent on a run that cannot finish
-    echo "error: $*" >&2
-    exit 2
-}
+mkdir -p "$OUT" "$RUNS"
+rm -f "$OUT/summary.md" "$OUT/results.json" "$OUT/log.txt" "$OUT/results.tar.gz" "$RUNS/plan.sh"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+LOG_WRITER=$!
+trap 'exec >&- 2>&-; wait "$LOG_WRITER"' EXIT  # log.txt complete before the command returns, whatever the exit
+START=$SECONDS
+echo "[gpu_check] $([ "$DRY" = 1 ] && echo "dry run on the CPU, tiny sizes" || echo "GPU run"): $STEPS" \
+     "(within $TOTAL_SECONDS s)"
 
 # ---- preflight -------------------------------------------------------------------------------------------------
+SITE=$(cd "$RUNS" && pwd)/site  # the carried wheels installed, put first on PYTHONPATH; fresh each run
+rm -rf "$SITE"
+python3 scripts/gpu_check.py --install "$WHEELS" --site "$SITE" || exit 2
+if [ -d "$SITE" ]; then export PYTHONPATH=$SITE:$PYTHONPATH; fi
+timeout --kill-after=5 150 python3 scripts/gpu_check.py --preflight --out "$OUT" --runs "$RUNS" --data "$DATA" --site "$SITE" \
+    $([ "$DRY" = 1 ] && echo --dry) --vit_b_workers "$VIT_B_WORKERS" --vit_b_batch "$VIT_B_BATCH" \
+    --compile_seconds 45 --compile_backend "$SMOKE_BACKEND" \
+    ${SHM_FREE_MB:+--shm_free_mb "$SHM_FREE_MB"}
+code=$?
+if [ "$code" = 124 ] || [ "$code" = 137 ]; then
+    echo "error: the preflight took over 150 s (importing the packages or the compile test hung); see above." >&2
+fi
+[ "$code" = 0 ] || exit 2
+. "$RUNS/plan.sh"  # COMPILE, DATA_OK, VIT_B_WORKERS: the preflight's decisions
+COMPILE_FLAG=$([ "$COMPILE" = 1 ] && [ "$DRY" != 1 ] && echo --compile)
+TRAINER_COMPILE=$([ "$COMPILE" = 1 ] && [ "$DRY" != 1 ] && echo true || echo false)
+FINETUNE_TRAINER_COMPILE=$([ "$FINETUNE_COMPILE" = 1 ] && echo "$TRAINER_COMPILE" || echo false)
 
-preflight() {
-    [ -f scripts/reproduce.py ] || fail "run this script from the repository root (scripts/reproduce.py not found)."
-    if ! python -c "import datasets, evaluate" 2>/dev/null; then
-        [ -d "$WHEELS" ] || fail "this machine lacks the datasets/evaluate packages and $WHEELS does not exist." \
-            "Carry the wheels: pip download datasets evaluate -d $WHEELS (see the top of this script)."
-        ls "$WHEELS"/datasets-*.whl "$WHEELS"/evaluate-*.whl >/dev/null 2>&1 \
-            || fail "$WHEELS holds no datasets-*.whl and evaluate-*.whl. Carry them: pip download datasets" \
-                    "evaluate -d $WHEELS (see the top of this script)."
-        pip install -q --no-index --find-links "$WHEELS" datasets evaluate 2>"$OUT/.pip.log" \
-            || fail "installing datasets and evaluate from $WHEELS failed (a missing dependency or another Python" \
-                    "version?): $(tail -n 3 "$OUT/.pip.log" | tr '\n' ' ')"
-        python -c "import datasets, evaluate" 2>"$OUT/.pip.log" \
-            || fail "datasets/evaluate from $WHEELS do not import: $(tail -n 1 "$OUT/.pip.log")"
+# ---- the steps: each writes its result files under $RUNS ----------------------------------------------------------
+# Each sets STEP_COMMAND, the step's command line (an array).
+command_pipeline() {
+    STEP_COMMAND=(python3 scripts/benchmark.py --suite pipeline $PIPELINE $COMPILE_FLAG
+                  --output_json "$RUNS/benchmark_pipeline.json")
+}
+command_model() {
+    STEP_COMMAND=(python3 scripts/benchmark.py $MODEL $COMPILE_FLAG --output_json "$RUNS/benchmark_model.json")
+}
+command_pretrain() {
+    STEP_COMMAND=(python3 scripts/pretrain.py --output_dir "$RUNS/pretrain" --dataset_name "$DATA"
+                  --num_train_epochs "$PRETRAIN_EPOCHS" --eval_steps 0.5 --save_steps 0.5 --disable_tqdm true
+                  --torch_compile "$TRAINER_COMPILE" $PRETRAIN_SIZES)
+}
+command_probe() {
+    STEP_COMMAND=(python3 scripts/linear_probe.py --model_name_or_path "$RUNS/pretrain" --output_dir "$RUNS/probe"
+                  --dataset_name "$DATA" --disable_tqdm true $PROBE_SIZES)
+}
+command_finetune() {
+    STEP_COMMAND=(python3 scripts/finetune.py configs/finetune_strong.yaml --model_name_or_path "$RUNS/pretrain"
+                  --output_dir "$RUNS/finetune" --dataset_name "$DATA" --num_train_epochs "$FINETUNE_EPOCHS"
+                  --eval_steps 0.5 --save_steps 0.5 --disable_tqdm true
+                  --torch_compile "$FINETUNE_TRAINER_COMPILE" $FINETUNE_SIZES)
+}
+command_vit_b() {
+    STEP_COMMAND=(python3 scripts/benchmark.py --suite pipeline $VIT_B $COMPILE_FLAG --data_workers "$VIT_B_WORKERS"
+                  --data_dir "$RUNS/data" --output_json "$RUNS/benchmark_vit_b.json")
+}
+
+skip_reason() {  # why a step cannot run, or nothing
+    case $1 in
+        pretrain) [ "$DATA_OK" = 1 ] || echo "no CIFAR-10 parquet (see the preflight)" ;;
+        probe|finetune)
+            if [ "$DATA_OK" != 1 ]; then echo "no CIFAR-10 parquet (see the preflight)"
+            elif [ ! -f "$RUNS/pretrain/pretraining_summary.json" ]; then echo "no pretrained model (pretrain did not finish)"
+            fi ;;
+    esac
+}
+
+rm -rf "$RUNS/pretrain" "$RUNS/probe" "$RUNS/finetune" "$RUNS"/benchmark_*.json  # each run measures afresh
+BANK=0  # seconds earlier steps left of their caps
+for step in $STEPS; do
+    cap=$((BUDGET[$step] + BANK))
+    left=$((TOTAL_SECONDS - (SECONDS - START)))
+    if [ "$cap" -gt "$left" ]; then cap=$left; fi
+    "command_$step"
+    command=${STEP_COMMAND[*]}
+    reason=$(skip_reason "$step")
+    if [ -z "$reason" ] && [ "$cap" -lt 10 ]; then reason="no time left of the $TOTAL_SECONDS s"; fi
+    if [ -n "$reason" ]; then
+        echo "[gpu_check] $step: skipped: $reason"
+        python3 scripts/gpu_check.py --record "$step" --status "skipped: $reason" --step_command "$command" \
+            --out "$OUT" --runs "$RUNS"
+        continue
     fi
-    if ! python -c "import mae_hf, os, sys; sys.exit(os.path.dirname(mae_hf.__file__) != os.path.abspath('mae_hf'))" \
-            2>/dev/null; then  # not this checkout's: install it, or put it on the path
-        pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
-            || export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-    fi
-    python -c "import mae_hf" 2>/dev/null || fail "this checkout's mae_hf does not import: python -c 'import mae_hf'."
-    [ -e "$DATA" ] || fail "no CIFAR-10 copy at $DATA. Carry one (see the top of this script) or set DATA."
-    python - "$DATA" <<'PYTHON' || exit 2
-import sys
-
-import pyarrow.parquet as parquet
-
-folder = sys.argv[1]
-try:
-    table = parquet.ParquetFile(f"{folder}/train.parquet")
-except Exception as error:
-    sys.exit(f"error: {folder}/train.parquet does not read as a parquet file ({type(error).__name__}: {error}); "
-             "carry the CIFAR-10 training split there (see the top of this script).")
-names, rows = table.schema_arrow.names, table.metadata.num_rows
-if rows == 0 or not {"img", "image"} & set(names) or "label" not in names:
-    sys.exit(f"error: {folder}/train.parquet holds {rows} rows with columns {names}; expected CIFAR-10's training "
-             "split (columns img and label).")
-print(f"[gpu_check] data: {folder}/train.parquet, {rows:,} images")
-PYTHON
-    if [ "$DRY" != 1 ]; then
-        command -v nvidia-smi >/dev/null || fail "nvidia-smi is missing: no GPU here. Check on a CPU with DRY=1."
-        python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
-            || fail "torch sees no CUDA GPU (torch.cuda.is_available() is False). Check on a CPU with DRY=1."
-    fi
-}
-
-# ---- the steps: each writes its files into $OUT ------------------------------------------------------------------
-
-step_gpu() {
-    if command -v nvidia-smi >/dev/null; then
-        nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-    else  # a dry run without a GPU
-        echo "no GPU: dry run on the CPU ($(nproc) cores)" | tee "$OUT/gpu.txt"
-    fi
-}
-
-step_benchmark_model() {
-    python scripts/benchmark.py $BENCHMARK --steps "$MODEL_STEPS" \
-        --output_json "$OUT/benchmark_model.json" | tee "$OUT/benchmark_model.txt"
-}
-
-step_benchmark_pipeline() {
-    python scripts/benchmark.py --suite pipeline $BENCHMARK --steps "$PIPELINE_STEPS" \
-        --pipeline_images "$PIPELINE_IMAGES" --output_json "$OUT/benchmark_pipeline.json" \
-        | tee "$OUT/benchmark_pipeline.txt"
-}
-
-step_benchmark_vit_b() {  # ViT-B/16 at 224 px: the model-only step, then the whole pipeline reading a prepared folder
-    python scripts/benchmark.py --suite pipeline --config_name configs/models/mae_vit_base_patch16.json $VIT_B \
-        --pipeline_prepared "$PREPARED_IMAGES" --data_workers "$DATA_WORKERS" --data_dir "$RUNS/data" \
-        --output_json "$OUT/benchmark_vit_b.json" | tee "$OUT/benchmark_vit_b.txt"
-}
-
-step_benchmark_data() {  # the data path alone, on this machine's CPUs: prepared folder against run_mae.py's way
-    python scripts/benchmark.py --suite data --data_sizes $DATA_SIZES --data_workers "$DATA_WORKERS" \
-        --batch_size "$DATA_BATCH" --data_dir "$RUNS/data" --output_json "$OUT/benchmark_data.json" \
-        | grep -v "^\[" | tee "$OUT/benchmark_data.txt"
-}
-
-step_reproduce() {
-    # One folder per epoch setting: reproduce.py continues a run with the same settings and refuses other ones.
-    local run="$RUNS/reproduce_pretrain${PRETRAIN_EPOCHS}_finetune${FINETUNE_EPOCHS}"
-    if [ "$DRY" = 1 ]; then run="${run}_dry"; fi  # a dry run's tiny sizes are other settings
-    python scripts/reproduce.py --output_dir "$run" --dataset_name "$DATA" \
-        --pretrain_args "--num_train_epochs $PRETRAIN_EPOCHS --eval_steps 0.5 --save_steps 0.5 --disable_tqdm true \
-$PRETRAIN_SIZES" \
-        --probe_args "--disable_tqdm true $PROBE_SIZES" \
-        --finetune_args "--num_train_epochs $FINETUNE_EPOCHS --eval_steps 0.5 --save_steps 0.5 --disable_tqdm true \
-$FINETUNE_SIZES" \
-        2>&1 | grep -v "examples/s" | tee "$OUT/reproduce.txt"
-    cp "$run/comparison.md" "$OUT/comparison.md"
-    (cd "$run" && find pretrained random_init -name "*_results.json" -not -path "*checkpoint*" | sort \
-        | tar -czf - -T -) > "$OUT/results.tar.gz"
-    cat "$OUT/comparison.md"
-}
-
-STEPS=(gpu benchmark_model benchmark_pipeline benchmark_vit_b benchmark_data reproduce)
-if [ "${SKIP_BENCHMARKS:-0}" = 1 ]; then STEPS=(gpu reproduce); fi
-
-mkdir -p "$OUT"
-echo "[gpu_check] $([ "$DRY" = 1 ] && echo "dry run on the CPU, tiny sizes" || echo "GPU run"): ${STEPS[*]}"
-preflight
-rm -f "$OUT/.pip.log"
-for step in "${STEPS[@]}"; do
+    echo "[gpu_check] $step (cap $cap s): $command"
     started=$SECONDS
-    echo "[gpu_check] $step"
-    "step_$step"
-    echo "[gpu_check] $step: $((SECONDS - started)) s"
+    # TERM at cap - 10 s (the Trainer saves and stops on it), KILL 10 s later: the step never outlasts its cap
+    timeout --kill-after=10 $((cap - 10)) "${STEP_COMMAND[@]}"
+    code=$?
+    used=$((SECONDS - started))
+    case $code in
+        0) status=ok ;;
+        124|137) status="stopped at its cap ($((cap - 10)) s)" ;;
+        *) status="failed (exit code $code)" ;;
+    esac
+    BANK=$((cap - used > 0 ? cap - used : 0))
+    python3 scripts/gpu_check.py --record "$step" --status "$status" --seconds "$used" --cap "$cap" \
+        --step_command "$command" --out "$OUT" --runs "$RUNS"
 done
-echo "[gpu_check] done: $OUT"
+python3 scripts/gpu_check.py --finish --out "$OUT" --runs "$RUNS"
+echo "[gpu_check] done in $((SECONDS - START)) s: $OUT/summary.md"

@@ -29,7 +29,8 @@ class VisualizeArguments:
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 autocast: true, false or auto (the default: on where the device computes bf16 "
-                          "natively — a GPU that supports it, a CPU with AMX, AVX512-BF16 or Arm's BF16)."})
+                          "natively — an NVIDIA GPU of compute capability 8.0 or newer, a CPU with AMX, AVX512-BF16 "
+                          "or Arm's BF16)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars (decoding), as the other scripts."})
 
     def __post_init__(self):

@@ -75,3 +75,52 @@ def test_modes_on_a_cpu_without_native_bf16_warn_for_the_bf16_modes_only(tmp_pat
     err = capsys.readouterr().err
     assert "warning: --bf16 on a CPU without native bf16" in err and "--bf16 true" not in err
     assert json.loads((tmp_path / "record.json").read_text())["dtype"] == "bf16 autocast"
+
+
+def test_pipeline_from_a_prepared_folder_lowers_its_workers_to_fit_shared_memory(tmp_path, monkeypatch, capsys):
+    # 8 canvases of 3 x 341 x 384 (3.1 MB a batch): 2 workers x 2 prefetched batches + 1 need 15.7 MB, 1 worker 9.4
+    # MB; a third of 30 MB holds the latter. The training loader is the only one the benchmark makes: counting an
+    # evaluation loader's batches too, or taking --data_workers as a setting to refuse, would stop the run.
+    import mae_hf.data.streaming as streaming
+
+    monkeypatch.setattr(streaming, "shared_memory_free", lambda path="/dev/shm": 30 * 2**20)
+    main(["--suite", "pipeline", "--device", "cpu", "--config_overrides", TINY, "--batch_size", "8", "--warmup", "0",
+          "--steps", "1", "--rounds", "1", "--pipeline_prepared", "16", "--data_workers", "2", "--data_dir",
+          str(tmp_path), "--output_json", str(tmp_path / "record.json")])
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["data_workers_asked"] == 2 and record["data_workers"] == 1
+    assert "Using 1 worker(s) x 2 prefetched batch(es) instead." in capsys.readouterr().err
+    assert record["sync_debug"] is None  # not asked for
+
+
+def test_sync_debug_window_counts_the_synchronising_calls_by_line():
+    import warnings
+
+    from mae_hf.benchmark import SyncDebugWindow
+
+    window = SyncDebugWindow(first_step=3, steps=2, device="cpu")
+    with window.recording():
+        for _ in range(2):  # one line, twice
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+    assert window.record()["warnings"] is None  # a CPU run cannot count them: none, not zero
+    window.cuda = True  # as a CUDA run records the same warnings
+    record = window.record()
+    assert record["warnings"] == 2 and record["steps"] == 2
+    [(place, count)] = record["places"].items()
+    assert place.startswith("tests/test_benchmark.py:") and count == 2
+
+
+def test_device_timings_wait_for_the_device(monkeypatch):
+    """CUDA runs asynchronously: a time read without draining its queue measures the queueing, not the work."""
+    import torch
+
+    from mae_hf.benchmark import device_seconds
+
+    happened = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: happened.append("synchronize"))
+    device_seconds("cuda", lambda value: happened.append(value), "work")
+    assert happened == ["synchronize", "work", "synchronize"]
+    happened.clear()
+    device_seconds("cpu", lambda value: happened.append(value), "work")
+    assert happened == ["work"]

@@ -296,6 +296,19 @@ def test_a_tree_of_split_folders_given_as_one_split_is_refused(tmp_path):
         "test", "train"]
 
 
+def test_a_stray_file_beside_a_split_s_class_folders_keeps_it_a_class_tree(tmp_path, capsys):
+    from mae_hf.data.sources import load_raw_dataset
+
+    tree = image_tree6(tmp_path / "tree", ["train/cat/0.png", "train/dog/1.png", "test/cat/2.png", "test/dog/3.png"])
+    (tree / "train" / "classes.txt").write_text("cat\ndog\n")
+    for args in (DataArguments(dataset_name=str(tree)), DataArguments(train_dir=str(tree / "train"))):
+        split = load_raw_dataset(args)["train"]  # listed here (undecoded images), not by datasets' imagefolder
+        assert split.features["label"].names == ["cat", "dog"] and split["label"] == [0, 1]
+        assert split.features["image"].decode is False
+        assert (f"note: {tree}/train: 1 file(s) beside the class folders are not images and are left out: "
+                "classes.txt") in capsys.readouterr().err
+
+
 def test_a_first_class_folder_without_images_keeps_the_labels(tmp_path):
     from mae_hf.data.sources import load_raw_dataset
 
@@ -335,3 +348,45 @@ def test_disable_tqdm_silences_the_decoding_bars_and_both_folders_are_named(tmp_
     assert f"images of {tree}/train and {tree}/val" in printed.out
     load_image_splits(data, 8)
     assert "Decoding images (train)" in capsys.readouterr().err
+
+
+def largest_float_tensor(function, *args):
+    """(`function(*args)`, the most elements of any floating-point tensor an operation made while it ran)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for tensor in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    Largest.numel = max(Largest.numel, tensor.numel())
+            return result
+
+    with Largest():
+        result = function(*args)
+    return result, Largest.numel
+
+
+def test_canvases_become_floats_only_as_they_are_cropped(monkeypatch):
+    """Large canvases (mostly padding around the images) are never converted to floats as a whole batch: the crops
+    are sampled a few canvases at a time, the evaluation's centre crops cut out as uint8; the results are those of
+    converting everything first."""
+    from mae_hf.data import transforms
+
+    canvases = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    sizes = torch.tensor([[40, 60], [60, 40]] * 8)
+    whole_batch = canvases.numel()
+    monkeypatch.setattr(transforms, "FLOAT_CHUNK_BYTES", 2 * 4 * 3 * 64 * 64)  # two canvases at a time
+    train = BatchTransform(8, [0.5] * 3, [0.25] * 3, crop_scale=(0.2, 1.0), hflip=True, seed=3, training=True)
+    crops, largest = largest_float_tensor(train, canvases, sizes.numpy())
+    assert largest <= 2 * 3 * 64 * 64
+    reference = BatchTransform(8, [0.5] * 3, [0.25] * 3, crop_scale=(0.2, 1.0), hflip=True, seed=3, training=True)
+    monkeypatch.setattr(transforms, "FLOAT_CHUNK_BYTES", 2**40)  # everything at once, as before
+    torch.testing.assert_close(crops, reference(canvases, sizes), rtol=0, atol=0)
+    evaluation = BatchTransform(8, [0.5] * 3, [0.25] * 3, eval_crop_fraction=0.875)
+    centre, largest = largest_float_tensor(evaluation, canvases, sizes.numpy())
+    assert largest <= 16 * 3 * 35 * 35 < whole_batch / 3  # the crops (0.875 of 40), not the canvases
+    expected = center_crop(canvases.float() / 255, 8, sizes, fraction=0.875)
+    torch.testing.assert_close(centre, (expected - 0.5) / 0.25)

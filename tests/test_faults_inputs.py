@@ -432,6 +432,69 @@ def test_config_name_folder_without_config_is_refused(tmp_path, scripts, capsys,
     assert not (tmp_path / "out").exists()
 
 
+def hub_snapshot(hub, name, commit, train_labels):
+    """A dataset as huggingface_hub caches what it downloaded from the Hub: snapshots/<commit>/, refs/main."""
+    repository = hub / f"datasets--{name.replace('/', '--')}"
+    snapshot = repository / "snapshots" / commit / "plain_text"
+    snapshot.mkdir(parents=True)
+    write_split(snapshot / "train-00000-of-00001.parquet", train_labels)
+    write_split(snapshot / "test-00000-of-00001.parquet", [0, 1, 2, 0], seed=1)
+    (repository / "refs").mkdir(exist_ok=True)
+    (repository / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_id_reads_the_hub_s_data_never_a_cache_a_local_folder_left(tmp_path, scripts, monkeypatch, capsys):
+    import time
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from mae_hf.data.sources import load_raw_dataset
+
+    cache = str(tmp_path / "datasets_cache")  # where a local folder named cifar10 leaves datasets' cache "cifar10"
+    local = make_dataset(tmp_path / "elsewhere" / "cifar10", [i % 3 for i in range(30)])
+    assert len(load_raw_dataset(DataArguments(dataset_name=local, cache_dir=cache))["train"]) == 30
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"--dataset_name cifar10: could not load it from the Hugging Face Hub "
+                                         r"\(HF_HUB_OFFLINE=1 is set\), and no copy downloaded from the Hub is cached"):
+        load_raw_dataset(DataArguments(dataset_name="cifar10", cache_dir=cache))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_network)
+    with pytest.raises(ValueError, match=r"\(the Hub cannot be reached: ConnectionError: \[Errno -2\] Name or service"):
+        load_raw_dataset(DataArguments(dataset_name="cifar10", cache_dir=cache))
+    assert time.perf_counter() - start < 10  # said at once, not after datasets' 30 s of retries
+    # Downloaded from the Hub earlier: read offline from that snapshot, its commit recorded with the run.
+    hub_snapshot(tmp_path / "hub", "cifar10", "a" * 40, [i % 3 for i in range(12)])
+    args = DataArguments(dataset_name="cifar10", cache_dir=cache)
+    assert {split: len(rows) for split, rows in load_raw_dataset(args).items()} == {"train": 12, "test": 4}
+    assert args.dataset_revision == "a" * 40
+    assert "the Hub cannot be reached" in capsys.readouterr().err
+    flags = ["--output_dir", tmp_path / "run", "--dataset_name", "cifar10", "--cache_dir", cache, "--config_overrides",
+             TINY, "--per_device_train_batch_size", 4, "--num_train_epochs", 1, "--knn_eval", "false",
+             "--disable_tqdm", "true"]
+    call(scripts.pretrain.main, flags)
+    settings = json.loads((tmp_path / "run" / "run_settings.json").read_text())
+    assert settings["data"]["dataset_revision"] == "a" * 40
+    hub_snapshot(tmp_path / "hub", "cifar10", "b" * 40, [i % 3 for i in range(16)])  # the Hub's data changed
+    err = run(scripts.pretrain.main, [*flags, "--resume_from_checkpoint", "last"], capsys)
+    assert f"data.dataset_revision: {'a' * 40!r} in the checkpoint, {'b' * 40!r} now" in err
+    # Online, the Hub names the commit, which datasets is asked for.
+    asked = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda *args, **kwargs: SimpleNamespace(sha="c" * 40))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: asked.update(kwargs) or
+                        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"x": [1]})}))
+    args = DataArguments(dataset_name="someone/images")
+    load_raw_dataset(args)
+    assert asked["revision"] == args.dataset_revision == "c" * 40
+
+
 def test_hub_id_while_offline(tmp_path, scripts, capsys, data, monkeypatch):
     import huggingface_hub.constants
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import termios
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -613,3 +614,83 @@ def test_ctrl_c_after_the_final_save_says_the_model_was_saved(tmp_path, scripts,
     assert f"error: stopped by SIGINT outside the training loop; the model was saved in {output}; the run's results " \
            "and summary were not written." in err
     assert (output / "model.safetensors").is_file() and not (output / "pretraining_summary.json").exists()
+
+
+class _DiesInItsWorker(torch.utils.data.Dataset):
+    """A dataset whose DataLoader worker is killed (as the OOM killer does) when it reads an item."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_dataloader_worker_is_one_error_naming_the_likely_cause(capsys):
+    def main(argv):
+        list(torch.utils.data.DataLoader(_DiesInItsWorker(), num_workers=1))
+
+    with pytest.raises(SystemExit) as stop:
+        run_script(main, [])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "Traceback" not in err
+    assert re.fullmatch(r"error: DataLoader worker \(pid \d+\) (exited unexpectedly|is killed by signal: Killed), "
+                        r"which stops the script\. "
+                        r"The likely cause is memory: .*/dev/shm.*--dataloader_num_workers.*\n", err)
+
+
+def test_a_worker_killed_during_training_names_the_resume_command(tmp_path, repo_root, tiny_overrides,
+                                                                  parquet_folder):
+    output = tmp_path / "run"
+    command = [sys.executable, "scripts/pretrain.py", "--output_dir", str(output), "--dataset_name",
+               str(parquet_folder), "--config_overrides", tiny_overrides, "--per_device_train_batch_size", "8",
+               "--num_train_epochs", "100", "--save_steps", "3", "--eval_steps", "1000", "--knn_eval", "false",
+               "--disable_tqdm", "true", "--data_in_memory", "false", "--dataloader_num_workers", "1"]
+    process = subprocess.Popen(command, cwd=repo_root, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (output / "checkpoint-3" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    children = (Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split())
+    workers = [pid for pid in map(int, children)
+               if "pt_data_worker" in Path(f"/proc/{pid}/comm").read_text() or len(children) == 1]
+    os.kill(workers[0], signal.SIGKILL)  # as the OOM killer does
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: DataLoader worker (pid {workers[0]})") and "/dev/shm" in line
+    assert re.search(rf"The last complete checkpoint is {output}/checkpoint-\d+ \(step \d+\); resume with: python "
+                     r"scripts/pretrain.py .* --resume_from_checkpoint last$", line), line
+
+
+def test_processes_agree_on_a_stop_at_a_cadence_not_every_step(monkeypatch):
+    """In a distributed run the stop is agreed by an all-reduce every STOP_CHECK_STEPS steps and at the steps that
+    log, evaluate or save (the same on every process), not at every step; a signal on another process stops this
+    one at the next of them, before anything more is saved."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from mae_hf.runs import STOP_CHECK_STEPS, StopOnSignal
+
+    agreed_at, other = [], {"signum": 0}
+
+    def all_reduce(tensor, op=None, group=None):
+        agreed_at.append(state.global_step)
+        tensor.fill_(max(int(tensor), other["signum"]))
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    stop, args = StopOnSignal(), SimpleNamespace(world_size=2)
+    state = SimpleNamespace(global_step=0, max_steps=10 * STOP_CHECK_STEPS)
+    for step in range(1, 2 * STOP_CHECK_STEPS + 1):
+        state.global_step, control = step, TrainerControl(should_save=step == 5)
+        if step == STOP_CHECK_STEPS + 2:
+            other["signum"] = signal.SIGTERM  # another process was signalled
+        stop.on_step_end(args, state, control)
+        if control.should_training_stop:
+            break
+    assert agreed_at == [5, STOP_CHECK_STEPS, 2 * STOP_CHECK_STEPS]
+    assert stop.step == 2 * STOP_CHECK_STEPS and stop.signum == signal.SIGTERM
+    assert not control.should_save and not control.should_evaluate

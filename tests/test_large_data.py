@@ -3,6 +3,8 @@ one memory policy, exact resumes after kill -9, each image at most once per epoc
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from mae_hf.data import DataArguments, load_image_splits
 from mae_hf.data.prepared import PREPARED_MANIFEST
 from mae_hf.data.sources import list_image_folder
 from mae_hf.data.streaming import fit_workers_to_shared_memory
+from mae_hf.runs import LOCK_NAME, RunError
 
 SIZES = [(10, 14), (14, 10), (12, 12), (9, 16)]  # (height, width): landscape, portrait, square, wide
 TINY = ",".join(f"{key}={value}" for key, value in TINY_MODEL.items())
@@ -245,7 +248,8 @@ def test_a_half_prepared_folder_is_refused_then_finished_keeping_its_shards(tmp_
     killed = subprocess.run([sys.executable, str(tmp_path / "killed.py"), *flags], cwd=repo_root,
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
-    first = sorted((output / "train").iterdir())
+    assert sorted(path.name for path in output.iterdir()) == [".preparing", ".run.lock"]  # no dataset yet
+    first = sorted((output / ".preparing" / "train").iterdir())
     assert [path.name for path in first] == ["data-00000-of-00004.arrow", "data-00001-of-00004.arrow"]
     inodes = [path.stat().st_ino for path in first]
     with pytest.raises(SystemExit) as stop:  # training from it: one clear error naming what to run
@@ -258,7 +262,7 @@ def test_a_half_prepared_folder_is_refused_then_finished_keeping_its_shards(tmp_
     assert "continuing" in out and "2 finished shard(s) (32 images) kept, 3 to go" in out
     assert [path.stat().st_ino for path in sorted((output / "train").iterdir())[:2]] == inodes  # not rewritten
     assert json.loads((output / PREPARED_MANIFEST).read_text())["complete"]
-    assert not (output / "_progress").exists()
+    assert sorted(path.name for path in output.iterdir()) == [PREPARED_MANIFEST, "test", "train"]
 
 
 def test_a_finished_folder_is_never_overwritten_silently(tmp_path, scripts, prepared, mixed_source, capsys):
@@ -276,8 +280,32 @@ def test_a_finished_folder_is_never_overwritten_silently(tmp_path, scripts, prep
     subprocess.run(["cp", "-r", str(prepared), str(copy)], check=True)
     scripts.prepare_data.main([*flags, "--output_dir", str(copy), "--short_side", "6", "--overwrite", "true"])
     assert json.loads((copy / PREPARED_MANIFEST).read_text())["settings"]["short_side"] == 6
-    with pytest.raises(UsageError, match="lies inside --dataset_name"):
+    with pytest.raises(UsageError, match=f"lies inside {mixed_source}, the folder --dataset_name reads"):
         scripts.prepare_data.main([*flags, "--output_dir", str(mixed_source / "prepared")])
+
+
+def test_a_single_file_s_prepared_folder_goes_beside_its_folder_never_inside(tmp_path, monkeypatch, scripts,
+                                                                            mixed_source):
+    import mae_hf.data as data
+    from mae_hf.data.sources import default_prepared_folder
+
+    monkeypatch.setattr(data, "memory_budget", lambda: (1000, "a test's budget"))
+    single = mixed_source / "train.parquet"
+    with pytest.raises(ValueError) as error:  # too large for memory: the printed command writes outside its folder
+        load_image_splits(DataArguments(dataset_name=str(single)), 8)
+    command = re.search(r"python scripts/prepare_data.py .*? --output_dir [^\s,]+", str(error.value)).group(0)
+    assert command.endswith(f"--output_dir {mixed_source}_train_prepared")
+    flags = ["--num_proc", "1", "--disable_tqdm", "true"]
+    with pytest.raises(UsageError, match=rf"--output_dir {mixed_source}/prepared lies inside {mixed_source}, the "
+                                         rf"folder --dataset_name reads.*--output_dir {mixed_source}_train_prepared"):
+        scripts.prepare_data.main([*shlex.split(command)[2:-2], "--output_dir", str(mixed_source / "prepared"), *flags])
+    scripts.prepare_data.main([*shlex.split(command)[2:], *flags])
+    assert sorted(path.name for path in mixed_source.iterdir()) == ["test.parquet", "train.parquet"]
+    train, test = load_image_splits(DataArguments(dataset_name=str(mixed_source), data_in_memory="true"), 8)
+    assert (len(train), len(test)) == (50, 12)  # the folder still reads as itself
+    tree = image_tree(tmp_path / "imagenet", ["train/a/0.png", "val/a/1.png"])  # beside the tree, not among its splits
+    folders = DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val"))
+    assert default_prepared_folder(folders) == f"{tree}_prepared"
 
 
 def test_bad_images_in_a_source_to_prepare(tmp_path, scripts, capsys):
@@ -623,22 +651,22 @@ def test_output_folder_problems_are_usage_errors_before_the_source_is_read(tmp_p
     assert stop.value.code == 2
 
 
-def test_preparing_refuses_class_folders_that_differ_between_splits(tmp_path, scripts):
-    tree = image_tree(tmp_path / "tree", ["train/cat/0.png", "train/dog/1.png", "train/empty_class/",
-                                          "val/cat/2.png", "val/dog/3.png"])
-    flags = ["--train_dir", str(tree / "train"), "--validation_dir", str(tree / "val"), "--short_side", "8",
-             "--num_proc", "1", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(ValueError, match=rf"class folders of {tree}/train and {tree}/val differ \(only in "
-                                         rf"{tree}/train: empty_class\).*{tree}/train/empty_class: empty class "
-                                         "folder.*remove or fill"):
-        scripts.prepare_data.main(flags)
-    (tree / "train" / "empty_class").rmdir()
-    image_tree(tree, ["train/frog/4.png"])
-    with pytest.raises(ValueError, match=rf"only in {tree}/train: frog\): labels are numbered by class folder"):
-        scripts.prepare_data.main(flags)
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(ValueError, match="only in .*frog"):  # training says the same
-        load_image_splits(DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val")), 8)
+def test_an_evaluation_folder_without_a_rare_class_is_numbered_by_the_union(tmp_path, scripts, capsys):
+    tree = image_tree(tmp_path / "tree", ["train/cat/0.png", "train/dog/1.png", "train/rare/2.png",
+                                          "val/cat/3.png", "val/dog/4.png"])
+    data = DataArguments(train_dir=str(tree / "train"), validation_dir=str(tree / "val"))
+    train, evaluation = load_image_splits(data, 8, require_labels=True)  # a classifier: cat, dog, rare everywhere
+    assert train.class_names == evaluation.class_names == ["cat", "dog", "rare"]
+    assert train.labels.tolist() == [0, 1, 2] and evaluation.labels.tolist() == [0, 1]
+    assert f"warning: {tree}/val has no folder for 1 class(es) of the other split(s): rare." in capsys.readouterr().err
+    scripts.prepare_data.main(["--dataset_name", str(tree), "--short_side", "8", "--num_proc", "1",
+                               "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out")])
+    assert "val has no folder for 1 class(es) of the other split(s): rare" in capsys.readouterr().err
+    prepared_train, prepared_val = load_image_splits(DataArguments(dataset_name=str(tmp_path / "out")), 8)
+    assert prepared_val.class_names == ["cat", "dog", "rare"] and prepared_val.labels.tolist() == [0, 1]
+    image_tree(tree, ["val/frog/5.png"])  # a class only the evaluation split has: a classifier could never predict it
+    with pytest.raises(ValueError, match="classes that the training split does not have"):
+        load_image_splits(data, 8, require_labels=True)
 
 
 def test_an_unlabelled_validation_folder_beside_a_labelled_training_folder(tmp_path, scripts, capsys):
@@ -707,7 +735,8 @@ def test_stopping_a_parallel_preparation_prints_no_worker_traceback(tmp_path, re
                                 "--disable_tqdm", "true"], cwd=repo_root, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
-    while len(list((output / "_progress").glob("*.json")) if (output / "_progress").is_dir() else []) < 2:
+    progress = output / ".preparing" / "progress"
+    while len(list(progress.glob("*.json")) if progress.is_dir() else []) < 2:
         assert time.time() < deadline and process.poll() is None
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT) if stop == signal.SIGINT else process.kill()  # Ctrl-C: the whole group
@@ -715,5 +744,71 @@ def test_stopping_a_parallel_preparation_prints_no_worker_traceback(tmp_path, re
     assert "Traceback" not in err and "ForkPoolWorker" not in err, err
     if stop == signal.SIGINT:
         assert process.returncode == 130
-        kept = len(list((output / "_progress").glob("*.json")))
+        kept = len(list(progress.glob("*.json")))
         assert f"error: interrupted: {kept} of 24 shards are finished and kept" in err, err
+
+
+def test_a_second_preparation_into_the_same_folder_is_refused_naming_the_first(tmp_path, repo_root, scripts,
+                                                                                capsys):
+    import time
+
+    tree = image_tree(tmp_path / "tree", [f"{name}/{index}.png" for name in "ab" for index in range(6)])
+    (tmp_path / "slow.py").write_text(PREPARE_SLOWLY)
+    output = tmp_path / "out"
+    flags = ["--train_dir", str(tree), "--output_dir", str(output), "--short_side", "8", "--shard_size", "1",
+             "--num_proc", "1", "--disable_tqdm", "true"]
+    first = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), *flags], cwd=repo_root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress, deadline = output / ".preparing" / "progress", time.time() + 60
+    while len(list(progress.glob("*.json")) if progress.is_dir() else []) < 1:
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.05)
+    with pytest.raises(RunError, match=rf"--output_dir {output} is in use by another run \(pid {first.pid} on "):
+        scripts.prepare_data.main(flags)
+    first.kill()
+    first.communicate(timeout=60)
+    assert f"pid {first.pid} on " in (output / LOCK_NAME).read_text()  # a dead process's lock: taken over
+    scripts.prepare_data.main(flags)
+    assert "continuing" in capsys.readouterr().out
+    assert sorted(path.name for path in output.iterdir()) == [PREPARED_MANIFEST, "train"]
+    assert len(list((output / "train").iterdir())) == 12
+
+
+def test_a_full_disk_while_preparing_leaves_no_temporaries_and_no_dataset_until_complete(tmp_path, scripts,
+                                                                                          mixed_source, monkeypatch,
+                                                                                          capsys):
+    import errno
+
+    from datasets.arrow_writer import ArrowWriter
+
+    output = tmp_path / "out"
+    flags = ["--dataset_name", str(mixed_source), "--output_dir", str(output), "--short_side", "8", "--shard_size",
+             "16", "--num_proc", "1", "--disable_tqdm", "true"]
+    write_batch, calls = ArrowWriter.write_batch, []
+
+    def disk_full_at_the_third_shard(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            self.stream.write(b"half a shard")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrowWriter, "write_batch", disk_full_at_the_third_shard)
+    with pytest.raises(RunError, match=rf"Writing {output} failed \(No space left on device\). The 2 finished "
+                                       "shard\\(s\\) are kept and the half-written files removed"):
+        scripts.prepare_data.main(flags)
+    assert not [path for path in output.rglob("*") if ".tmp-" in path.name]
+    assert sorted(path.name for path in output.iterdir()) == [".preparing"]  # nothing `datasets` would load
+    with pytest.raises(datasets.data_files.EmptyDatasetError):
+        datasets.load_dataset(str(output), cache_dir=str(tmp_path / "cache"))
+    for left in (".preparing/train/data-00002-of-00004.arrow.tmp-99999", ".preparing/progress/x.json.tmp-99999"):
+        (output / left).write_bytes(b"what a killed worker left")
+    monkeypatch.undo()
+    scripts.prepare_data.main(flags)  # room made: the same command
+    out = capsys.readouterr().out
+    assert "removed 2 half-written file(s)" in out and "2 finished shard(s) (32 images) kept" in out
+    assert sorted(path.name for path in output.rglob("*")) == sorted(
+        [PREPARED_MANIFEST, "train", "test", *(f"data-0000{index}-of-00004.arrow" for index in range(4)),
+         "data-00000-of-00001.arrow"])
+    loaded = datasets.load_dataset(str(output), cache_dir=str(tmp_path / "cache"))
+    assert (loaded["train"].num_rows, loaded["test"].num_rows) == (50, 12)

@@ -232,3 +232,37 @@ def test_eager_softmax_matches_a_float32_softmax_in_bf16():
     assert weights.dtype == torch.bfloat16
     torch.testing.assert_close(weights, scores.softmax(-1, dtype=torch.float32).to(torch.bfloat16), atol=4e-3,
                                rtol=0)
+
+
+@pytest.fixture
+def nvidia_gpu(monkeypatch):
+    """Pretend a CUDA GPU of a compute capability is there; returns the calls to torch's TF32 switch."""
+    switched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # counts emulated bf16 too
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", switched.append)
+
+    def with_capability(capability):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        return switched
+    return with_capability
+
+
+def test_gpus_before_ampere_default_to_fp32_without_tf32(nvidia_gpu):
+    switched = nvidia_gpu((7, 5))  # a T4: torch.cuda.is_bf16_supported() says True, but bf16 is emulated there
+    assert native_bf16("cuda") is None
+    assert decide_bf16(None, "cuda") == (False, "fp32 (default: this cuda device has no native bf16)")
+    assert switched == []
+
+
+def test_ampere_gets_bf16_by_default_and_tf32_in_fp32(nvidia_gpu):
+    switched = nvidia_gpu((8, 0))
+    assert native_bf16("cuda") == "CUDA"
+    assert decide_bf16(None, "cuda") == (True, "bf16 autocast (default: this cuda device computes bf16 natively, "
+                                               "CUDA)")
+    assert switched == []  # bf16: nothing to switch
+    assert decide_bf16(False, "cuda") == (False, "fp32 (--bf16 false), matrix products in TF32 (Ampere or newer)")
+    assert switched == ["high"]
+    assert decide_bf16(False, "cuda", tf32=False) == (False, "fp32 (--bf16 false)")  # --tf32 false
+    assert switched == ["high"]

@@ -276,3 +276,102 @@ def test_config_files_parse_and_reference_is_the_reference_recipe(tmp_path, repo
     assert (args.global_batch_size, args.seed, args.num_train_epochs, args.lr_scheduler_type) == (128, 42, 320,
                                                                                                    "cosine")
     assert (args.adam_beta1, args.adam_beta2, args.warmup_steps) == (0.9, 0.999, 0.05)
+
+
+def test_fsdp_on_cpu_processes_is_refused_not_silently_ddp(tmp_path, repo_root, tiny_overrides, parquet_folder):
+    # accelerate builds FSDP only for GPU-like devices: on CPU processes --fsdp would train as plain DDP
+    command = [sys.executable, *LAUNCHERS["torchrun"], "scripts/pretrain.py",
+               *_command(tmp_path / "fsdp", tiny_overrides, parquet_folder, "--fsdp", "full_shard auto_wrap")[2:]]
+    result = subprocess.run(command, cwd=repo_root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "error: --fsdp shards the model over GPU processes" in result.stderr
+    assert "Traceback" not in result.stderr.split("error: --fsdp")[0]
+    assert not (tmp_path / "fsdp").exists()  # refused before anything was written
+
+
+# What `--fsdp "full_shard auto_wrap"` does on GPUs, run by hand on two CPU processes (gloo): FSDP2's fully_shard on
+# every `_no_split_modules` block, then the root (accelerate's transformer-based auto wrap), trained on each rank's
+# half of the batch; its losses compared with the unsharded model's on the whole batch (DDP's gradients), its weights
+# gathered, saved whole and loaded with the Auto classes, and resumed from a sharded checkpoint
+# (torch.distributed.checkpoint, as the Trainer's SHARDED_STATE_DICT).
+FSDP_WORKER = r"""
+import json, sys
+import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+import mae_hf
+from transformers import AutoModelForPreTraining
+
+folder, overrides = sys.argv[1], json.loads(sys.argv[2])
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+config = mae_hf.MAEConfig(**overrides)
+pixels = torch.rand(4, 8, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # 4 steps of 8 images
+noise = torch.rand(4, 8, 16, generator=torch.Generator().manual_seed(1))
+
+def sharded(state=None):
+    torch.manual_seed(0)
+    model = mae_hf.MAEForPreTraining(config)
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module)
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+def step(model, optimizer, index):
+    half = slice(4 * rank, 4 * rank + 4)
+    loss = model(pixel_values=pixels[index, half], noise=noise[index, half]).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    return mean.item() / 2
+
+model, optimizer = sharded()
+assert all(type(p).__name__ == "DTensor" for p in model.parameters())  # really sharded
+losses = [step(model, optimizer, index) for index in range(2)]
+dcp.save(dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))), checkpoint_id=f"{folder}/checkpoint")
+losses += [step(model, optimizer, index) for index in range(2, 4)]
+resumed, resumed_optimizer = sharded()
+state = dict(zip(("model", "optimizer"), get_state_dict(resumed, resumed_optimizer)))
+dcp.load(state, checkpoint_id=f"{folder}/checkpoint")
+set_state_dict(resumed, resumed_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+resumed_losses = [step(resumed, resumed_optimizer, index) for index in range(2, 4)]
+whole, _ = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    torch.manual_seed(0)
+    reference = mae_hf.MAEForPreTraining(config)  # one process on the whole batch: DDP's losses and gradients
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    reference_losses = []
+    for index in range(4):
+        loss = reference(pixel_values=pixels[index], noise=noise[index]).loss
+        loss.backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+        reference_losses.append(loss.item())
+    saved = mae_hf.MAEForPreTraining(config)
+    saved.load_state_dict(whole)
+    saved.save_pretrained(f"{folder}/saved")
+    loaded = AutoModelForPreTraining.from_pretrained(f"{folder}/saved", trust_remote_code=True)
+    difference = max((loaded.state_dict()[name] - value).abs().max().item() for name, value in whole.items())
+    print(json.dumps({"losses": losses, "resumed": resumed_losses, "reference": reference_losses,
+                      "loaded_vs_saved": difference, "loaded_class": type(loaded).__name__}))
+dist.barrier()  # both processes end together: neither leaves while the other still talks to it
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_full_shard_trains_resumes_and_saves_like_ddp(tmp_path, repo_root):
+    from fixtures_runs import TINY_MODEL
+
+    worker = tmp_path / "fsdp_worker.py"
+    worker.write_text(FSDP_WORKER)
+    command = [sys.executable, *LAUNCHERS["torchrun"], str(worker), str(tmp_path), json.dumps(TINY_MODEL)]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root))
+    result = subprocess.run(command, cwd=repo_root, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["losses"] == pytest.approx(report["reference"], abs=1e-5)  # same losses as DDP, step by step
+    assert report["resumed"] == pytest.approx(report["losses"][2:], abs=1e-6)  # from the sharded checkpoint
+    assert report["loaded_vs_saved"] == 0 and report["loaded_class"] == "MAEForPreTraining"

@@ -29,7 +29,14 @@ from .memory import CANVAS_WASTE, InMemoryImages, cpus_per_process, decode_into_
 from .policy import all_processes_agree, gigabytes, memory_budget, print_once
 from .prepared import IMAGE_COLUMN, geometry_of, is_prepared, read_manifest
 from .readers import DatasetReader, prepared_reader
-from .sources import as_undecoded_images, find_column, load_raw_dataset, select_splits, source_rows
+from .sources import (
+    as_undecoded_images,
+    default_prepared_folder,
+    find_column,
+    load_raw_dataset,
+    select_splits,
+    source_rows,
+)
 from .splits import ImageData, ImageDataset, collate, fixed_noise, sequential_batches
 from .streaming import StreamedImages, default_workers
 from .transforms import BatchTransform, default_eval_crop_fraction, stored_short_side
@@ -75,11 +82,8 @@ def device_decoder(args: DataArguments, num_channels: int, device, *splits: Imag
 
 def suggested_prepare_command(args: DataArguments, image_size: int) -> str:
     """The prepare_data.py command for this data, at the short side a model of `image_size` wants (256 for 224)."""
-    name = args.dataset_name.rstrip("/")
-    output = f"{name}_prepared" if args.train_dir or "/" not in name or name.startswith((".", "/", "~")) \
-        else f"prepared/{name.replace('/', '_')}"
     return (f"python scripts/prepare_data.py {args.command_flags()} --short_side {stored_short_side(image_size)} "
-            f"--output_dir {output}")
+            f"--output_dir {default_prepared_folder(args)}")
 
 
 class _Split:
@@ -211,6 +215,9 @@ def _selected_splits(args: DataArguments, image_size: int, num_channels: int, re
     if prepared:
         geometry = Geometry(**{**geometry_of(manifest).__dict__, "num_channels": num_channels})
         stored_channels = manifest["settings"]["num_channels"]
+        if manifest.get("fingerprint") is None:
+            print_once(f"note: {args.dataset_name} was prepared by an earlier mae_hf, without fingerprints: its shards "
+                       "are checked by their sizes only, and a resume cannot tell whether it was prepared again.")
         if geometry.short_side < image_size:
             print_once(f"warning: {args.dataset_name} was prepared with short side {geometry.short_side}, below the "
                        f"model's {image_size} px: every image is scaled up (blurred). Prepare it again with "

@@ -24,6 +24,10 @@ class SourceArguments:
                           "train.parquet/test.parquet, an imagefolder tree, a `save_to_disk` folder, or a folder "
                           "made by scripts/prepare_data.py), or a single .parquet file. Not with --train_dir."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_revision: str | None = field(
+        default=None,
+        metadata={"help": "A Hub dataset's revision (branch, tag or commit). Unset: the latest commit, which the run "
+                          "records, so that a resume reads the same data."})
     train_dir: str | None = field(
         default=None,
         metadata={"help": "A folder of training images, one subfolder per class (train_dir/cat/1.png, ...); instead "
@@ -59,9 +63,7 @@ class SourceArguments:
             return f"--train_dir {self.train_dir}" + (f" --validation_dir {self.validation_dir}"
                                                       if self.validation_dir else "")
         flags = f"--dataset_name {self.dataset_name}"
-        if self.dataset_config_name:
-            flags += f" --dataset_config_name {self.dataset_config_name}"
-        for option in ("image_column_name", "label_column_name"):
+        for option in ("dataset_config_name", "dataset_revision", "image_column_name", "label_column_name"):
             if getattr(self, option):
                 flags += f" --{option} {getattr(self, option)}"
         return flags

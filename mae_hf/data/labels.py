@@ -2,13 +2,12 @@
 splits, no evaluation class the training split lacks (where that matters), -1 / None for "unlabelled" only where a
 script accepts unlabelled images (pretraining)."""
 
-import os
 import sys
 
 import numpy as np
 
 from .policy import print_once
-from .sources import _holds_images, image_folder_of, source_rows
+from .sources import source_rows
 
 
 def label_values(dataset, column: str) -> np.ndarray:
@@ -82,28 +81,15 @@ def class_names_of(dataset, column: str) -> list[str] | None:
 
 def check_same_class_names(splits) -> None:
     """Refuse splits ((name, dataset, label column) each) whose class names differ: a label is an index into them,
-    so the same label would mean different classes. Image folders are named with the class folders that differ."""
-    named = [(name, dataset, class_names_of(dataset, column)) for name, dataset, column in splits if column]
-    named = [entry for entry in named if entry[2] is not None]
-    for (name, dataset, names), (other_name, other, other_names) in zip(named, named[1:]):
-        if names == other_names:
-            continue
-        folders = image_folder_of(dataset), image_folder_of(other)
-        if None in folders:
+    so the same label would mean different classes. (Image folders never differ: their labels are numbered by the
+    class folders of all splits together, `list_image_folders`.)"""
+    named = [(name, class_names_of(dataset, column)) for name, dataset, column in splits if column]
+    named = [entry for entry in named if entry[1] is not None]
+    for (name, names), (other_name, other_names) in zip(named, named[1:]):
+        if names != other_names:
             raise ValueError(f"The class names of split {name!r} ({names}) and split {other_name!r} ({other_names}) "
                              "differ: the same label would mean different classes. Use splits with the same "
                              "ClassLabel names.")
-        parts, empty = [], []
-        for folder, mine, theirs in ((folders[0], names, other_names), (folders[1], other_names, names)):
-            only = [name for name in mine if name not in theirs]
-            if only:
-                parts.append(f"only in {folder}: {', '.join(only[:10])}{' ...' if len(only) > 10 else ''}")
-                empty += [os.path.join(folder, name) for name in only[:10]
-                          if not _holds_images(os.path.join(folder, name))]
-        emptied = f" {', '.join(empty)}: empty class folder(s): remove or fill them." if empty else ""
-        raise ValueError(f"The class folders of {folders[0]} and {folders[1]} differ ({'; '.join(parts)}): labels "
-                         f"are numbered by class folder, so the same label would mean different classes.{emptied} "
-                         "Give both the same class folders.")
 
 
 def check_labels(train, evaluation, column: str | None, names, allow_unlabelled: bool):

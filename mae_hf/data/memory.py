@@ -7,6 +7,7 @@ import os
 import numpy as np
 import torch
 
+from ..transfer import to_device
 from .decode import BadImage, channels_first, paste
 from .policy import processes_on_this_machine
 from .splits import ImageData
@@ -28,7 +29,7 @@ def repeat_edges(canvases: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     gather (for canvases on a GPU, where a loop over images would launch a kernel per image)."""
     batch, channels, height, width = canvases.shape
     device = canvases.device
-    sizes = sizes.to(device, non_blocking=True).long()
+    sizes = to_device(sizes, device).long()
     rows = torch.minimum(torch.arange(height, device=device)[None], sizes[:, :1] - 1)
     cols = torch.minimum(torch.arange(width, device=device)[None], sizes[:, 1:] - 1)
     return canvases[torch.arange(batch, device=device)[:, None, None, None],
@@ -37,11 +38,11 @@ def repeat_edges(canvases: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
 
 
 class InMemoryImages(ImageData):
-    """Decoded images in memory (host, or GPU with `to`) with their sizes `(N, 2)` int32, stored one of two ways:
-    as canvases `(N, C, H, W)` (`images`) when they waste little (every CIFAR-10 image fills its 32 x 32 canvas; a
-    batch is one gather), or packed (`packed`: every image's channels-first pixels end to end from `offsets`) when
-    sizes vary so much that canvases would take more than `CANVAS_WASTE` x the pixels; a batch is then pasted onto
-    canvases of the split's `canvas` shape."""
+    """Decoded images in memory (host, or GPU with `to`) with their sizes `(N, 2)` int32 (on the host), stored one of
+    two ways: as canvases `(N, C, H, W)` (`images`) when they waste little (every CIFAR-10 image fills its 32 x 32
+    canvas; a batch is one gather), or packed (`packed`: every image's channels-first pixels end to end from
+    `offsets`) when sizes vary so much that canvases would take more than `CANVAS_WASTE` x the pixels; a batch is
+    then pasted onto canvases of the split's `canvas` shape."""
 
     in_memory = True
 
@@ -52,7 +53,7 @@ class InMemoryImages(ImageData):
         super().__init__(labels, class_names, split, skipped, canvas, short_side or min(canvas[1:]))
         self.images, self.sizes, self.packed = images, sizes, packed
         self.offsets = None if offsets is None else np.asarray(offsets, dtype=np.int64)
-        self.host_sizes = sizes.cpu().numpy()  # for packed reads: slicing needs them on the host
+        self.host_sizes = sizes.numpy()  # for packed reads: slicing needs them as numbers
 
     def __len__(self):
         return len(self.sizes)
@@ -63,41 +64,39 @@ class InMemoryImages(ImageData):
 
     def read(self, positions):
         index = torch.as_tensor(positions)
-        device = self.sizes.device
-        if device.type == "cuda":  # from pinned memory the copy is asynchronous: no wait for the GPU
-            on_device = index.pin_memory().to(device, non_blocking=True)
-        else:
-            on_device = index
+        sizes = self.sizes[index]  # on the host, where the transforms want them
+        pixels = self.images if self.images is not None else self.packed
         if self.images is not None:
-            return self.images[on_device], self.sizes[on_device]
+            return self.images[to_device(index, pixels.device)], sizes
         chosen = index.numpy().reshape(-1)
-        canvases = torch.empty((len(chosen), *self.canvas), dtype=torch.uint8, device=self.packed.device)
+        canvases = torch.empty((len(chosen), *self.canvas), dtype=torch.uint8, device=pixels.device)
         channels = self.canvas[0]
         for row, (start, (height, width)) in enumerate(zip(self.offsets[chosen], self.host_sizes[chosen])):
-            pixels = self.packed[start:start + channels * height * width].view(channels, height, width)
-            if device.type == "cpu":
-                paste(canvases[row].numpy(), pixels.numpy())
+            pixels_of_image = self.packed[start:start + channels * height * width].view(channels, height, width)
+            if pixels.device.type == "cpu":
+                paste(canvases[row].numpy(), pixels_of_image.numpy())
             else:
-                canvases[row, :, :height, :width] = pixels
-        sizes = self.sizes[on_device]
-        return (canvases if device.type == "cpu" else repeat_edges(canvases, sizes)), sizes
+                canvases[row, :, :height, :width] = pixels_of_image
+        return (canvases if pixels.device.type == "cpu" else repeat_edges(canvases, sizes)), sizes
 
     def subset(self, positions) -> "InMemoryImages":
-        index = torch.as_tensor(positions)
-        on_device = index.to(self.sizes.device)
-        labels = None if self.labels is None else self.labels[index]
+        index = torch.as_tensor(positions).cpu()  # e.g. from labels on the device: a selection made once, not per step
+        labels = None if self.labels is None else self.labels[to_device(index, self.labels.device)]
         if self.images is not None:
-            return InMemoryImages(self.images[on_device], self.sizes[on_device], labels, self.class_names,
-                                  self.split, self.skipped, self.short_side)
-        return InMemoryImages(None, self.sizes[on_device], labels, self.class_names, self.split, self.skipped,
+            return InMemoryImages(self.images[to_device(index, self.images.device)], self.sizes[index], labels,
+                                  self.class_names, self.split, self.skipped, self.short_side)
+        return InMemoryImages(None, self.sizes[index], labels, self.class_names, self.split, self.skipped,
                               self.short_side, self.packed, self.offsets[index.numpy()], self.canvas)
 
     def to(self, device) -> "InMemoryImages":
-        self.sizes = self.sizes.to(device)
+        """The pixels and labels on `device` (a batch is then one gather there, its labels with it); the sizes stay
+        on the host, where the transforms read them without waiting for the device."""
         if self.images is not None:
             self.images = self.images.to(device)
         else:
             self.packed = self.packed.to(device)
+        if self.labels is not None:
+            self.labels = self.labels.to(device)
         return self
 
 

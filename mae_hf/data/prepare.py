@@ -1,11 +1,16 @@
 """Writing a prepared folder (the format is in prepared.py): every image of the chosen splits decoded once, scaled
 to the geometry, stored as JPEG (or raw bytes when small) in shards of a fixed number of images.
 
-Shards are independent tasks for a pool of processes. Each is written to a temporary file and renamed when
-complete, then recorded in `_progress/`, so an interrupted preparation continues where it stopped: the same command
-again skips every finished shard. The manifest says `complete` only once all of them are there.
+Preparing is a transaction. One run at a time holds the folder (a lock naming its process). Shards are independent
+tasks for a pool of processes; each is written to a temporary file, renamed when complete and fingerprinted, then
+recorded in `progress/`, all inside the hidden `.preparing/`: an interrupted preparation continues where it stopped
+(the same command again skips every finished shard), and what a failed or killed run left half-written is removed.
+Only when every shard is there are they moved into their split folders and the finished manifest written: the folder
+is a dataset (for `datasets` too) exactly when its manifest says complete.
 """
 
+import contextlib
+import errno
 import io
 import json
 import math
@@ -17,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..cli import UsageError
+from ..runs import LOCK_NAME, OutputLock, RunError, write_failure
 from .arguments import SourceArguments
 from .decode import LONG_SIDE_FACTOR, BadImage, Geometry, channels_first, decode_image, open_image, orientation
 from .labels import check_same_class_names, validate_labels
@@ -27,14 +33,20 @@ from .prepared import (
     FORMAT_VERSION,
     IMAGE_COLUMN,
     PREPARED_MANIFEST,
+    UNFINISHED_FOLDER,
+    folder_fingerprint,
     is_prepared,
+    prepare_command,
     read_manifest,
     shard_file,
+    shard_fingerprints,
     write_manifest,
 )
-from .sources import as_undecoded_images, find_column, load_raw_dataset
+from .sources import as_undecoded_images, default_prepared_folder, find_column, load_raw_dataset, source_holding
 
-PROGRESS_FOLDER = "_progress"
+PROGRESS_FOLDER = "progress"  # inside UNFINISHED_FOLDER: one record per finished shard
+TEMPORARY_MARK = ".tmp-"  # a file being written: `<name>.tmp-<pid>`, renamed to <name> when whole
+LEGACY_PROGRESS = "_progress"  # where earlier versions kept the progress records, beside the shards
 RAW_UP_TO = 64  # short sides up to this are stored raw: JPEG would blur such small images and saves little
 READ_BATCH = 64  # source rows read at a time by a worker
 SOURCE_FIELDS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "image_column_name",
@@ -189,23 +201,37 @@ def prepare_shard(task: tuple[str, int, int, int]) -> dict:
         with counter.get_lock():
             counter.value += min(READ_BATCH, end - first)
     relative = shard_file(split, shard, num_shards)
-    path = os.path.join(folder, relative)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    writer = ArrowWriter(features=job["features"][split], path=temporary)
-    try:
-        writer.write_batch(columns)
-        writer.finalize()
-    finally:
-        writer.close()
-    os.replace(temporary, path)
+    unfinished = os.path.join(folder, UNFINISHED_FOLDER)
+    path = os.path.join(unfinished, relative)
+    with _written_whole(path) as temporary:
+        writer = ArrowWriter(features=job["features"][split], path=temporary)
+        try:
+            writer.write_batch(columns)
+            writer.finalize()
+        finally:
+            writer.close()
+    # fingerprinted by its writer, from the page cache: training then checks it without reading it whole
     record = {"file": relative, "rows": len(columns[IMAGE_COLUMN]), "bytes": os.path.getsize(path), "skipped": skipped,
               "max_height": max(columns["height"], default=0), "max_width": max(columns["width"], default=0),
-              "image_bytes": sum(len(data) for data in columns[IMAGE_COLUMN])}
-    progress = os.path.join(folder, PROGRESS_FOLDER, f"{split}-{shard:05d}.json")
-    with open(f"{progress}.tmp-{os.getpid()}", "w") as handle:
-        json.dump(record, handle)
-    os.replace(f"{progress}.tmp-{os.getpid()}", progress)
+              "image_bytes": sum(len(data) for data in columns[IMAGE_COLUMN]), **shard_fingerprints(path)}
+    with _written_whole(os.path.join(unfinished, PROGRESS_FOLDER, f"{split}-{shard:05d}.json")) as temporary:
+        with open(temporary, "w") as handle:
+            json.dump(record, handle)
     return record
+
+
+@contextlib.contextmanager
+def _written_whole(path: str):
+    """Yields a temporary path to write `path` to; renamed to `path` when the block ends, removed if it fails (a full
+    disk): a file is whole or absent. (A killed process's temporaries are swept by the next run.)"""
+    temporary = f"{path}{TEMPORARY_MARK}{os.getpid()}"
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 # ---- the whole job -------------------------------------------------------------------------------------------------
@@ -216,7 +242,7 @@ def _source_splits(source: SourceArguments, args: PrepareArguments) -> dict:
         manifest = read_manifest(source.dataset_name, require_complete=False)
         raise ValueError(f"--dataset_name {source.dataset_name} is already a prepared folder. To prepare the images "
                          "again (another size, quality, ...), prepare them from its source with the new flags: "
-                         f"{manifest.get('command', 'the command that made it')}")
+                         f"{prepare_command(manifest, args.output_dir)}")
     raw = load_raw_dataset(source, token=args.token)
     names = args.splits or list(raw.keys())
     missing = [name for name in names if name not in raw]
@@ -275,19 +301,26 @@ def _check_output_dir(args: PrepareArguments) -> None:
         raise UsageError(f"--output_dir {folder}: {existing} cannot be written "
                          f"({'a read-only file system' if read_only else 'no permission'}). Choose a folder you can "
                          "write to.")
-    if not os.path.isdir(folder) or not os.listdir(folder):
-        return
+    contents = _contents(folder)
     if not is_prepared(folder):
-        raise UsageError(f"--output_dir {folder} holds other files ({', '.join(sorted(os.listdir(folder))[:3])}) "
-                         "and is not a prepared folder: choose a new or empty folder (nothing is overwritten).")
+        others = [name for name in contents if name != UNFINISHED_FOLDER]  # a run killed before its manifest
+        if others:
+            raise UsageError(f"--output_dir {folder} holds other files ({', '.join(others[:3])}) and is not a "
+                             "prepared folder: choose a new or empty folder (nothing is overwritten).")
+        return
     if args.overwrite:
         return
     manifest = read_manifest(folder, require_complete=False)
-    if manifest.get("complete"):
+    if manifest["complete"]:
         raise UsageError(f"--output_dir {folder} already holds a finished prepared folder "
                          f"({sum(s['num_images'] for s in manifest['splits'].values()):,} images). Use it as "
                          f"--dataset_name {folder}, choose another --output_dir, or pass --overwrite true to "
                          "prepare it again.")
+
+
+def _contents(folder: str) -> list[str]:
+    """What a folder holds, besides the lock of the run that holds it."""
+    return sorted(name for name in os.listdir(folder) if name != LOCK_NAME) if os.path.isdir(folder) else []
 
 
 def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
@@ -296,9 +329,7 @@ def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
     --overwrite, for a prepared folder only), except --skip_bad_images added: the shards finished without it hold
     no bad image, so they stay right with it."""
     folder = args.output_dir
-    if not os.path.isdir(folder) or not os.listdir(folder):
-        return None
-    if args.overwrite:
+    if args.overwrite or not is_prepared(folder):  # not prepared: empty, or what a run killed before its manifest left
         return _cleared(folder)
     manifest = read_manifest(folder, require_complete=False)
     differences = {}
@@ -321,16 +352,33 @@ def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
 
 
 def _cleared(folder: str) -> None:
-    for name in os.listdir(folder):
+    for name in _contents(folder):
         path = os.path.join(folder, name)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     return None
 
 
+def _swept(folder: str) -> int:
+    """Remove what interrupted runs left half-written (`*.tmp-<pid>`, the progress folder of earlier versions);
+    returns how many files. Only the run holding the folder's lock calls this: no live writer owns them."""
+    removed = 0
+    legacy = os.path.join(folder, LEGACY_PROGRESS)
+    if os.path.isdir(legacy):
+        removed += len(os.listdir(legacy))
+        shutil.rmtree(legacy)
+    for where, _, names in os.walk(folder):
+        for name in names:
+            if TEMPORARY_MARK in name:
+                os.remove(os.path.join(where, name))
+                removed += 1
+    return removed
+
+
 def _finished_shards(folder: str) -> dict:
-    """{(split, shard): record} of the shards an earlier run finished."""
+    """{(split, shard): record} of the shards an earlier run finished (still in the unfinished folder, or already
+    moved into place by a run that stopped while finishing)."""
     found = {}
-    progress = os.path.join(folder, PROGRESS_FOLDER)
+    progress = os.path.join(folder, UNFINISHED_FOLDER, PROGRESS_FOLDER)
     for name in os.listdir(progress) if os.path.isdir(progress) else []:
         if not name.endswith(".json"):
             continue
@@ -340,52 +388,80 @@ def _finished_shards(folder: str) -> dict:
                 record = json.load(handle)
         except (OSError, ValueError):
             continue  # torn: the shard is written again
-        if os.path.isfile(os.path.join(folder, record["file"])) and \
-                os.path.getsize(os.path.join(folder, record["file"])) == record["bytes"]:
-            found[(split, int(shard))] = record
+        for where in (os.path.join(folder, UNFINISHED_FOLDER), folder):
+            path = os.path.join(where, record["file"])
+            if os.path.isfile(path) and os.path.getsize(path) == record["bytes"]:
+                found[(split, int(shard))] = record
     return found
 
 
+def _moved_into_place(folder: str, shards: list[dict]) -> None:
+    """The finished shards from the unfinished folder into their split folders (renames: each whole)."""
+    for shard in shards:
+        staged, final = os.path.join(folder, UNFINISHED_FOLDER, shard["file"]), os.path.join(folder, shard["file"])
+        if os.path.isfile(staged):
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(staged, final)
+
+
 def _check_output_outside_sources(args: PrepareArguments, source: SourceArguments) -> None:
-    output = os.path.realpath(args.output_dir)
-    for option, path in (("--train_dir", source.train_dir), ("--validation_dir", source.validation_dir),
-                         ("--dataset_name", source.dataset_name)):
-        if path and os.path.isdir(path):
-            inside = os.path.realpath(path)
-            if output == inside or output.startswith(inside + os.sep):
-                raise UsageError(f"--output_dir {args.output_dir} lies inside {option} {path}: the prepared files "
-                                 "would mix with the images. Choose a folder outside it.")
+    holding = source_holding(args.output_dir, source)
+    if holding:
+        option, folder = holding
+        raise UsageError(f"--output_dir {args.output_dir} lies inside {folder}, the folder {option} reads: the "
+                         f"prepared files would be read as part of it. Choose a folder outside it, e.g. --output_dir "
+                         f"{default_prepared_folder(source)}")
 
 
 def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> dict:
     """Prepare the source's splits into `args.output_dir`; returns the finished manifest."""
-    from tqdm.auto import tqdm
-
     _check_output_dir(args)
     _check_output_outside_sources(args, source)
     splits = _source_splits(source, args)
+    folder = args.output_dir
+    created = not os.path.exists(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(folder, error) from None
+    lock = OutputLock(folder)
+    try:
+        lock.acquire()  # a second preparation into the folder is refused, naming the first's process
+        return _prepare_held(source, args, command, splits)
+    finally:
+        lock.release()
+        if created and not os.listdir(folder):  # refused or failed before writing anything
+            os.rmdir(folder)
+
+
+def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str, splits: dict) -> dict:
+    """`prepare`, holding the folder's lock."""
+    from tqdm.auto import tqdm
+
+    folder, unfinished = args.output_dir, os.path.join(args.output_dir, UNFINISHED_FOLDER)
     geometry = Geometry(args.short_side, args.max_long_side, args.num_channels)
     identity = {"source": {key: getattr(source, key) for key in SOURCE_FIELDS},
                 "settings": args.settings(source.skip_bad_images),
                 "splits": {name: len(dataset) for name, (dataset, _, _) in splits.items()}}
+    _check_output_dir(args)  # again: another run may have finished the folder while this one read its source
     manifest = _claim_folder(args, identity)
-    if manifest is not None and manifest["identity"] != identity:  # --skip_bad_images added: its command now
-        manifest.update(identity=identity, settings=identity["settings"], command=command)
-        write_manifest(args.output_dir, manifest)
+    swept = _swept(folder)
+    if swept:
+        print(f"[prepare] {folder}: removed {swept} half-written file(s) an interrupted run left", flush=True)
     num_shards = {name: math.ceil(len(dataset) / args.shard_size) for name, (dataset, _, _) in splits.items()}
-    if manifest is None:
-        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False, "identity": identity,
-                    "settings": identity["settings"], "command": command}
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            write_manifest(args.output_dir, manifest)
-        except OSError as error:  # what the up-front check cannot see (a special file system, a full disk)
-            raise UsageError(f"--output_dir {args.output_dir} cannot be written ({error.strerror}). Choose a folder "
-                             "you can write to.") from None
-    for name in splits:
-        os.makedirs(os.path.join(args.output_dir, name), exist_ok=True)
-    os.makedirs(os.path.join(args.output_dir, PROGRESS_FOLDER), exist_ok=True)
-    finished = _finished_shards(args.output_dir)
+    try:
+        for name in (*splits, PROGRESS_FOLDER):
+            os.makedirs(os.path.join(unfinished, name), exist_ok=True)
+        if manifest is None:
+            manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False, "identity": identity,
+                        "settings": identity["settings"], "command": command}
+            write_manifest(folder, manifest)
+        elif manifest["identity"] != identity:  # --skip_bad_images added: its command now
+            manifest.update(identity=identity, settings=identity["settings"], command=command)
+            write_manifest(folder, manifest)
+    except OSError as error:
+        raise _unwritable(folder, error) from None
+    finished = _finished_shards(folder)
     tasks = [(name, shard, shard * args.shard_size, min((shard + 1) * args.shard_size, len(dataset)))
              for name, (dataset, _, _) in splits.items() for shard in range(num_shards[name])
              if (name, shard) not in finished]
@@ -425,19 +501,56 @@ def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> di
                         for key in [key for key, result in pending.items() if result.ready()]:
                             records[key] = pending.pop(key).get()  # a worker's error is raised here
         except BadImage as error:  # the pool has stopped: what it finished is on disk
-            kept = len(_finished_shards(args.output_dir))
-            raise BadImage(f"{error} The {kept} finished shard(s) in {args.output_dir} are kept: the same command "
+            kept = len(_finished_shards(folder))
+            raise BadImage(f"{error} The {kept} finished shard(s) in {folder} are kept: the same command "
                            "(with --skip_bad_images true added, or once the image is fixed) continues from them.") \
                 from None
+        except OSError as error:
+            raise _write_failed(error, folder, command)
     except KeyboardInterrupt:
         bar.close()
-        kept = len(_finished_shards(args.output_dir))  # after the pool stopped: what a new run will keep
+        kept = len(_finished_shards(folder))  # after the pool stopped: what a new run will keep
         print(f"error: interrupted: {kept} of {sum(num_shards.values())} shards are finished and kept. Run "
               f"the same command again to continue: {command}", file=sys.stderr, flush=True)
         sys.exit(130)
     finally:
         bar.close()
         _JOB.clear()
+        _swept(folder)  # the pool has stopped: what its workers left half-written goes
+    try:
+        _completed(folder, manifest, splits, records, num_shards)
+    except OSError as error:
+        raise _write_failed(error, folder, command)
+    seconds = time.perf_counter() - started
+    stored = sum(shard["bytes"] for split in manifest["splits"].values() for shard in split["shards"])
+    skipped = sum(split["num_skipped"] for split in manifest["splits"].values())
+    print(f"[prepare] done: {sum(s['num_images'] for s in manifest['splits'].values()):,} images in "
+          f"{sum(num_shards.values())} shards, {stored / 2**20:,.0f} MB"
+          f"{f', {skipped} skipped (listed in {PREPARED_MANIFEST})' if skipped else ''}, "
+          f"{seconds:,.0f} s this run. Train from it: --dataset_name {folder}", flush=True)
+    return manifest
+
+
+def _unwritable(folder: str, error: OSError) -> UsageError:
+    """What the up-front check cannot see (a special file system, a full disk)."""
+    return UsageError(f"--output_dir {folder} cannot be written ({error.strerror}). Choose a folder you can write to.")
+
+
+def _write_failed(error: OSError, folder: str, command: str) -> OSError:
+    """A failed write while preparing (a full disk): what is kept, and the command that continues. Any other
+    `OSError` (a source image that cannot be read) as it is: it names its file."""
+    written = error.filename and os.path.realpath(error.filename).startswith(os.path.realpath(folder) + os.sep)
+    if not (written or error.errno in (errno.ENOSPC, errno.EDQUOT) or os.strerror(errno.ENOSPC) in str(error)):
+        return error  # pyarrow's write errors may carry no errno: their text names the cause
+    kept = len(_finished_shards(folder))
+    return RunError(f"Writing {folder} failed ({write_failure(error, folder)}). The {kept} finished shard(s) are kept "
+                    "and the half-written files removed; make room (or fix the cause) and run the same command again "
+                    f"to continue: {command}")
+
+
+def _completed(folder: str, manifest: dict, splits: dict, records: dict, num_shards: dict) -> None:
+    """Every shard written: the manifest's splits and fingerprint, the shards moved into place, then the finished
+    manifest (from here on the folder is a dataset) and the unfinished folder removed."""
     manifest["splits"] = {}
     for name, (dataset, _, label_column) in splits.items():
         shards = [records[(name, shard)] for shard in range(num_shards[name])]
@@ -450,14 +563,8 @@ def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> di
             "max_width": max(shard["max_width"] for shard in shards), "shards": shards}
         if manifest["splits"][name]["num_images"] == 0:
             raise ValueError(f"Split {name!r}: none of its {len(dataset)} images can be decoded.")
+    manifest["fingerprint"] = folder_fingerprint(manifest["splits"])
+    _moved_into_place(folder, [shard for split in manifest["splits"].values() for shard in split["shards"]])
     manifest["complete"] = True
-    write_manifest(args.output_dir, manifest)
-    shutil.rmtree(os.path.join(args.output_dir, PROGRESS_FOLDER), ignore_errors=True)
-    seconds = time.perf_counter() - started
-    stored = sum(shard["bytes"] for split in manifest["splits"].values() for shard in split["shards"])
-    skipped = sum(split["num_skipped"] for split in manifest["splits"].values())
-    print(f"[prepare] done: {sum(s['num_images'] for s in manifest['splits'].values()):,} images in "
-          f"{sum(num_shards.values())} shards, {stored / 2**20:,.0f} MB"
-          f"{f', {skipped} skipped (listed in {PREPARED_MANIFEST})' if skipped else ''}, "
-          f"{seconds:,.0f} s this run. Train from it: --dataset_name {args.output_dir}", flush=True)
-    return manifest
+    write_manifest(folder, manifest)
+    shutil.rmtree(os.path.join(folder, UNFINISHED_FOLDER), ignore_errors=True)

@@ -1,24 +1,41 @@
 """The prepared folder: images decoded and scaled once (scripts/prepare_data.py) and stored in shards that
 `datasets` can memory-map, so that training reads each image with one `pread`, one cheap decode and no resize.
 
-    PREPARED/mae_hf_prepared.json              what was prepared, from what, how; complete or not
+    PREPARED/mae_hf_prepared.json              what was prepared, from what, how; each shard's size and fingerprints
+                                               and the folder's fingerprint (written last: the folder is finished)
     PREPARED/<split>/data-00000-of-00042.arrow  Arrow IPC streams (what `datasets` writes and memory-maps) with the
                                                columns image (JPEG or raw channels-first bytes), height, width,
                                                label (when the source has labels) and source_row
+    PREPARED/.preparing/                       an unfinished preparation: its manifest, shards and progress, moved
+                                               into place when all are written (hidden: `datasets` sees no data)
 
-`datasets.load_dataset(PREPARED)` reads it too (as plain columns), and the folder can be pushed to the Hub as it is.
-"""
+`datasets.load_dataset(PREPARED)` reads a finished folder too (as plain columns), and it can be pushed to the Hub as
+it is."""
 
+import hashlib
 import json
 import os
+import re
+import shlex
 
 from ..inputs import read_json_object
 from .decode import Geometry
 
 PREPARED_MANIFEST = "mae_hf_prepared.json"
+UNFINISHED_FOLDER = ".preparing"  # an unfinished preparation: its shards, progress and manifest (hidden from datasets)
 FORMAT_NAME = "mae_hf prepared images"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # fingerprints came within version 1: a folder prepared before them is checked by sizes only
 IMAGE_COLUMN = "image"
+PREPARED_COLUMNS = {IMAGE_COLUMN, "height", "width", "source_row"}  # a prepared folder's shards, wherever they are
+SAVE_TO_DISK_FILES = ("dataset_dict.json", "state.json")  # `datasets`' save_to_disk folders hold shards named alike
+SHARD_NAME = re.compile(r"data-\d{5}-of-\d{5}\.arrow")
+ENDS_BYTES = 1 << 16  # a shard's first and last bytes checked at every start: its first images, labels and rows
+# What a manifest holds, checked on read: {key: type} of the manifest, its settings, each split and each shard.
+MANIFEST_FIELDS = {"complete": bool, "identity": dict, "settings": dict, "command": str}
+SETTINGS_FIELDS = {"short_side": int, "max_long_side": int, "num_channels": int, "encoding": str}
+SPLIT_FIELDS = {"num_source_images": int, "num_images": int, "num_skipped": int, "max_height": int, "max_width": int,
+                "shards": list}
+SHARD_FIELDS = {"file": str, "rows": int, "bytes": int, "skipped": list}
 
 
 def shard_file(split: str, shard: int, num_shards: int) -> str:
@@ -26,8 +43,42 @@ def shard_file(split: str, shard: int, num_shards: int) -> str:
     return os.path.join(split, f"data-{shard:05d}-of-{num_shards:05d}.arrow")
 
 
+def manifest_file(folder: str) -> str | None:
+    """The manifest of a prepared folder: the finished folder's, else an unfinished preparation's; None if none."""
+    for path in (os.path.join(folder, PREPARED_MANIFEST), os.path.join(folder, UNFINISHED_FOLDER, PREPARED_MANIFEST)):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def is_prepared(folder: str) -> bool:
-    return os.path.isdir(folder) and os.path.isfile(os.path.join(folder, PREPARED_MANIFEST))
+    """A folder made by scripts/prepare_data.py, finished or not."""
+    return os.path.isdir(folder) and manifest_file(folder) is not None
+
+
+def shards_without_manifest(folder: str) -> list[str]:
+    """The prepared shards (`<split>/data-00000-of-00042.arrow`) of a folder that has no manifest (deleted, or not
+    copied): without it they would be read as a plain dataset of image bytes. Told by their names and columns."""
+    import pyarrow as pa
+
+    if not os.path.isdir(folder) or is_prepared(folder) or \
+            any(os.path.exists(os.path.join(folder, name)) for name in SAVE_TO_DISK_FILES):
+        return []
+    found = []
+    with os.scandir(folder) as scan:
+        for entry in scan:
+            if entry.is_dir() and not entry.name.startswith(".") and \
+                    not os.path.exists(os.path.join(entry.path, SAVE_TO_DISK_FILES[1])):
+                found += sorted(os.path.join(entry.name, name) for name in os.listdir(entry.path)
+                                if SHARD_NAME.fullmatch(name))
+    if not found:
+        return []
+    try:
+        with pa.OSFile(os.path.join(folder, found[0])) as source:
+            columns = set(pa.ipc.open_stream(source).schema.names)
+    except (OSError, pa.ArrowInvalid):
+        return []  # not an Arrow stream: whatever it is, not prepared shards
+    return found if PREPARED_COLUMNS <= columns else []
 
 
 def prepared_source(folder: str) -> dict | None:
@@ -35,28 +86,112 @@ def prepared_source(folder: str) -> dict | None:
     other data."""
     if not is_prepared(folder):
         return None
-    source = read_json_object(os.path.join(folder, PREPARED_MANIFEST)).get("identity", {}).get("source", {})
+    source = read_manifest(folder, require_complete=False)["identity"].get("source", {})
     return {key: value for key, value in source.items() if value is not None} or None
 
 
-def prepare_command(manifest: dict) -> str:
-    return manifest.get("command") or "python scripts/prepare_data.py ... (the command that started it)"
+def prepare_command(manifest: dict, folder: str, overwrite: bool = False) -> str:
+    """The recorded command that prepared the folder, writing into `folder`: the folder at hand (a copy is prepared
+    in place, never its original), with `--overwrite true` when it replaces what is there."""
+    try:
+        words = shlex.split(manifest["command"])
+    except (KeyError, TypeError, ValueError):  # an edited or damaged manifest: the flags are the user's to give
+        words = []
+    words = words or ["python", "scripts/prepare_data.py", "..."]
+    kept, skip = [], False
+    for word in words:
+        if skip or word.startswith(("--output_dir=", "--overwrite=")):
+            skip = False
+            continue
+        skip = word in ("--output_dir", "--overwrite")
+        if not skip:
+            kept.append(word)
+    return shlex.join([*kept, "--output_dir", folder, *(["--overwrite", "true"] if overwrite else [])])
+
+
+def _fields_problem(value, fields: dict, where: str) -> str | None:
+    if not isinstance(value, dict):
+        return f"{where} is not an object"
+    for key, kind in fields.items():
+        if not isinstance(value.get(key), kind) or (kind is int and isinstance(value.get(key), bool)):
+            return f"{where} has no {kind.__name__} {key!r}"
+    return None
+
+
+def _structure_problem(manifest: dict) -> str | None:
+    """What a manifest of this version lacks (None: nothing): everything its readers use, a finished folder's splits
+    and shards included, so that no reader fails on a missing key."""
+    problem = _fields_problem(manifest, MANIFEST_FIELDS, "the manifest") or \
+        _fields_problem(manifest["settings"], SETTINGS_FIELDS, "its settings") or \
+        next((f"its identity has no object {key!r}" for key in ("source", "settings", "splits")
+              if not isinstance(manifest["identity"].get(key), dict)), None)
+    if problem or not manifest["complete"]:
+        return problem
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        return "it says complete but lists no splits"
+    for name, split in splits.items():
+        problem = _fields_problem(split, SPLIT_FIELDS, f"split {name!r}")
+        if problem:
+            return problem
+        if not split["shards"]:
+            return f"split {name!r} lists no shards"
+        for index, shard in enumerate(split["shards"]):
+            problem = _fields_problem(shard, SHARD_FIELDS, f"shard {index} of split {name!r}")
+            if problem:
+                return problem
+            if os.path.dirname(shard["file"]) != name or not SHARD_NAME.fullmatch(os.path.basename(shard["file"])):
+                return f"shard {index} of split {name!r} is {shard['file']!r}, not {name}/data-*-of-*.arrow"
+    return None
 
 
 def read_manifest(folder: str, require_complete: bool = True) -> dict:
-    """The manifest of a prepared folder, checked: this format and version, and (`require_complete`) finished."""
-    path = os.path.join(folder, PREPARED_MANIFEST)
+    """The manifest of a prepared folder, checked: this format and version, all it must hold, and
+    (`require_complete`) finished."""
+    path = manifest_file(folder) or os.path.join(folder, PREPARED_MANIFEST)
     manifest = read_json_object(path, "the manifest of a prepared folder")
     if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
         raise ValueError(
             f"{folder} was prepared by another version of mae_hf (format {manifest.get('format')!r} version "
             f"{manifest.get('version')!r}; this one reads version {FORMAT_VERSION}). Prepare it again from its "
-            f"source: {prepare_command(manifest)} --overwrite true")
-    if require_complete and not manifest.get("complete"):
+            f"source: {prepare_command(manifest, folder, overwrite=True)}")
+    problem = _structure_problem(manifest)
+    if problem:
+        raise ValueError(f"{path} is not a whole prepared-folder manifest ({problem}): it was edited or damaged. Copy "
+                         f"{folder} again from where it came, or prepare it again: "
+                         f"{prepare_command(manifest, folder, overwrite=True)}")
+    if require_complete and not manifest["complete"]:
         raise ValueError(
             f"{folder} is only partly prepared: its preparation was interrupted. Finish it by running the same "
-            f"command again (finished shards are kept): {prepare_command(manifest)}")
+            f"command again (finished shards are kept): {prepare_command(manifest, folder)}")
     return manifest
+
+
+def shard_fingerprints(path: str) -> dict:
+    """A shard file's fingerprints: `sha256` of all its bytes (computed once, when it is written) and `ends_sha256`
+    of its first and last ENDS_BYTES (checked at every start: a foreign shard of the same size has other images,
+    labels or rows there)."""
+    with open(path, "rb") as handle:
+        whole = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"sha256": whole, "ends_sha256": _ends_digest(path)}
+
+
+def _ends_digest(path: str) -> str:
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = os.pread(handle.fileno(), ENDS_BYTES, 0)
+        tail = os.pread(handle.fileno(), ENDS_BYTES, max(0, size - ENDS_BYTES))
+    return hashlib.sha256(head + tail).hexdigest()
+
+
+def folder_fingerprint(splits: dict) -> str | None:
+    """The identity of a folder's images, recorded in its manifest (`fingerprint`): a hash of its splits' shard
+    fingerprints (their content, labels and rows); None unless every shard has its fingerprint."""
+    shards = [(name, shard["file"], shard["rows"], shard.get("sha256"))
+              for name, split in splits.items() for shard in split["shards"]]
+    if any(digest is None for *_, digest in shards):
+        return None
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
 
 
 def geometry_of(manifest: dict) -> Geometry:
@@ -65,16 +200,23 @@ def geometry_of(manifest: dict) -> Geometry:
 
 
 def split_files(folder: str, manifest: dict, split: str) -> tuple[list[str], list[int]]:
-    """(shard paths, row counts) of a split, each shard checked to exist with the size the manifest records."""
+    """(shard paths, row counts) of a split, each shard checked against the manifest: its size, and (a folder
+    prepared with fingerprints) its first and last bytes, so that a foreign or damaged shard is named."""
     files, counts = [], []
     for shard in manifest["splits"][split]["shards"]:
         path = os.path.join(folder, shard["file"])
-        if not os.path.isfile(path) or os.path.getsize(path) != shard["bytes"]:
-            found = ("missing" if not os.path.isfile(path)
-                     else f"{os.path.getsize(path):,} bytes, not {shard['bytes']:,}")
-            raise ValueError(f"{folder}: shard {shard['file']} is {found}: the folder is damaged (an interrupted "
-                             f"copy?). Copy it again, or prepare it again: {prepare_command(manifest)} "
-                             "--overwrite true")
+        problem = None
+        if not os.path.isfile(path):
+            problem = "is missing: the folder is incomplete (an interrupted copy?)"
+        elif os.path.getsize(path) != shard["bytes"]:
+            problem = (f"is {os.path.getsize(path):,} bytes, not {shard['bytes']:,}: the folder is damaged (an "
+                       "interrupted copy?)")
+        elif "ends_sha256" in shard and _ends_digest(path) != shard["ends_sha256"]:
+            problem = ("holds other images, labels or rows than the manifest records (at the same size): a shard "
+                       "of another prepared folder copied in, or a damaged one")
+        if problem:
+            raise ValueError(f"{folder}: shard {shard['file']} {problem}. Copy {folder} again whole, or prepare it "
+                             f"again: {prepare_command(manifest, folder, overwrite=True)}")
         files.append(path)
         counts.append(shard["rows"])
     return files, counts
@@ -94,11 +236,18 @@ def load_prepared(folder: str):
 
 
 def write_manifest(folder: str, manifest: dict) -> None:
-    """Write the manifest whole or not at all (a new file renamed over the old one)."""
-    path = os.path.join(folder, PREPARED_MANIFEST)
+    """Write the manifest whole or not at all (a new file renamed over the old one): an unfinished preparation's in
+    UNFINISHED_FOLDER (a folder `datasets` cannot load), the finished folder's beside its splits."""
+    where = folder if manifest["complete"] else os.path.join(folder, UNFINISHED_FOLDER)
+    path = os.path.join(where, PREPARED_MANIFEST)
     temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(manifest, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as handle:
+            json.dump(manifest, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

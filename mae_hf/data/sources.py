@@ -9,19 +9,21 @@ files. Everything stays undecoded: `memory.py` decodes what fits in memory, `str
 import glob
 import math
 import os
+import sys
 
 import numpy as np
 
 from ..cli import UsageError
 from ..paths import folder_listing, looks_local
 from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
-from .prepared import PREPARED_MANIFEST, is_prepared, load_prepared
+from .policy import print_once
+from .prepared import PREPARED_COLUMNS, PREPARED_MANIFEST, is_prepared, load_prepared, shards_without_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
 IGNORED_FILES = ("readme", "license", ".")  # beside image folders: not data
-PREPARED_COLUMNS = {"image", "height", "width", "source_row"}  # a prepared folder's shards, wherever they are
-IMAGE_FOLDER_INFO = "mae_hf image folder: "  # a listed folder's Dataset names it in its description (kept by select)
+HUB_TIMEOUT = 10  # seconds: an unreachable Hub is said at once
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")  # what only `datasets`' imagefolder reads
 
 
 def load_raw_dataset(args: SourceArguments, token: str | None = None):
@@ -39,7 +41,7 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
                 raise ValueError(f"{option} {folder}: no such folder. {folder_listing(folder)}")
             check_not_prepared(option, folder)
             check_not_split_tree(option, folder)
-        return datasets.DatasetDict({split: list_image_folder(folder) for split, folder in folders.items()})
+        return list_image_folders(folders)
     name = args.dataset_name
     if os.path.exists(name) and not is_prepared(name):  # a Hub id is no path, whatever folder it is run from
         check_not_prepared("--dataset_name", name)
@@ -52,8 +54,9 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
         except Exception as error:
             raise ValueError(f"--dataset_name {name}: could not read this parquet file ({error}).") from error
     if os.path.isdir(name):
-        if os.path.exists(os.path.join(name, PREPARED_MANIFEST)):
+        if is_prepared(name):
             return load_prepared(name)
+        check_manifest_present(name)
         check_parquet_files(glob.glob(os.path.join(name, "**", "*.parquet"), recursive=True))
         if os.path.exists(os.path.join(name, "dataset_dict.json")):
             return datasets.load_from_disk(name)
@@ -61,7 +64,7 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
             return datasets.DatasetDict({"train": datasets.load_from_disk(name)})
         layout = image_folder_layout(name)
         if layout:
-            return datasets.DatasetDict({split: list_image_folder(folder) for split, folder in layout.items()})
+            return list_image_folders(layout)
         try:
             return datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir)
         except Exception as error:
@@ -72,8 +75,10 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
             ) from error
     if looks_local(name):
         raise ValueError(f"--dataset_name {name}: no such file or folder. {folder_listing(name)}")
+    source, revision = hub_snapshot(args, token)
     try:
-        loaded = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, token=token)
+        loaded = datasets.load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir, token=token,
+                                       revision=revision)
     except Exception as error:
         raise ValueError(
             f"--dataset_name {name}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
@@ -85,6 +90,55 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
                          "shards are read from a local copy. Download it (hf download "
                          f"{name} --repo-type dataset --local-dir {name.split('/')[-1]}) and pass that folder.")
     return loaded
+
+
+def check_manifest_present(folder: str) -> None:
+    """Refuse prepared shards without their manifest: read as a plain dataset, their stored bytes would be "images
+    that cannot be decoded", or train unchecked."""
+    shards = shards_without_manifest(folder)
+    if shards:
+        raise ValueError(f"--dataset_name {folder} holds prepared shards ({shards[0]}, ...: {len(shards)} in all) "
+                         f"but no manifest ({PREPARED_MANIFEST}, which says what they hold): it was deleted or not "
+                         "copied. Copy the folder again whole, or prepare it again into a new folder with "
+                         "scripts/prepare_data.py.")
+
+
+def hub_snapshot(args: SourceArguments, token: str | None) -> tuple[str, str | None]:
+    """(what `datasets.load_dataset` reads, the revision to ask for) for the Hub id --dataset_name, with
+    `args.dataset_revision` set to the commit it is (recorded with the run: a resume compares it): asked of the Hub,
+    or, offline, a snapshot downloaded from the Hub earlier (huggingface_hub's cache). Never `datasets`' own cache
+    of that name, which `datasets` falls back to offline, after 30 s of retries, and which a local folder of the
+    same name writes too."""
+    import datasets
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    name, revision = args.dataset_name, args.dataset_revision
+    if datasets.config.HF_HUB_OFFLINE:
+        unreachable = "HF_HUB_OFFLINE=1 is set"
+    else:
+        try:
+            info = HfApi().dataset_info(name, revision=revision, token=token, timeout=HUB_TIMEOUT)
+        except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+            raise ValueError(f"--dataset_name {name}: could not load it from the Hugging Face Hub ("
+                             f"{' '.join(str(error).split())[:300]}). A local folder or file needs a path that exists "
+                             "here.") from None
+        except Exception as error:  # no network: the Hub cannot be asked
+            unreachable = f"the Hub cannot be reached: {type(error).__name__}: {error}"
+        else:
+            args.dataset_revision = info.sha
+            return name, info.sha
+    try:
+        folder = snapshot_download(name, repo_type="dataset", revision=revision, local_files_only=True)
+    except Exception:
+        raise ValueError(
+            f"--dataset_name {name}: could not load it from the Hugging Face Hub ({unreachable}), and no copy "
+            "downloaded from the Hub is cached here. Run once with network access, or pass a local folder of parquet "
+            "files (train.parquet, test.parquet), an imagefolder tree or a save_to_disk folder.") from None
+    args.dataset_revision = os.path.basename(folder)  # .../snapshots/<commit>
+    print_once(f"[data] {name}: {unreachable}; reading commit {args.dataset_revision[:12]}, downloaded from the Hub "
+               f"earlier ({folder})", file=sys.stderr)
+    return folder, None
 
 
 def check_parquet_files(paths) -> None:
@@ -157,17 +211,19 @@ def _holds_classes(folder: str, classes: list[str]) -> bool:
 def image_folder_layout(folder: str) -> dict[str, str] | None:
     """{split: folder} when `folder` is a plain image-folder tree — split folders (train/, test/, ...) of class
     folders of images, or class folders directly (one "train" split) — with no metadata files that only
-    `datasets`' imagefolder builder understands; else None."""
+    `datasets`' imagefolder builder understands; else None. Other files beside a split's class folders (a
+    classes.txt) are left out, and `list_image_folder` says so."""
     subfolders, images, others = _entries(folder)
     if images or not subfolders or any(not name.lower().startswith(IGNORED_FILES) for name in others):
         return None
     if all(name.lower() in SPLIT_FOLDER_NAMES for name in subfolders):
         layout = {}
         for name in subfolders:
-            classes, loose, extra = _entries(os.path.join(folder, name))
-            if extra or not classes or not _holds_classes(os.path.join(folder, name), classes):
+            split = os.path.join(folder, name)
+            classes, _, extra = _entries(split)
+            if any(file.lower() in METADATA_FILES for file in extra) or not _holds_classes(split, classes):
                 return None
-            layout["train" if name.lower() == "training" else name] = os.path.join(folder, name)
+            layout["train" if name.lower() == "training" else name] = split
         return layout
     return {"train": folder} if _holds_classes(folder, subfolders) else None
 
@@ -216,6 +272,47 @@ def prepared_folder_above(path: str) -> str | None:
         current = parent
 
 
+def source_folders(args: SourceArguments) -> list[tuple[str, str]]:
+    """(option, folder) of each local folder the images are read from; a single file's folder counts, since
+    `--dataset_name` of that folder reads every file in it."""
+    if args.train_dir:
+        return [(option, folder) for option, folder in (("--train_dir", args.train_dir),
+                                                         ("--validation_dir", args.validation_dir)) if folder]
+    name = args.dataset_name
+    if not os.path.exists(name):  # a Hub id
+        return []
+    return [("--dataset_name", name if os.path.isdir(name) else os.path.dirname(os.path.abspath(name)))]
+
+
+def source_holding(path: str, args: SourceArguments) -> tuple[str, str] | None:
+    """The (option, folder) of the source folder that `path` is or lies inside, or None: a prepared folder written
+    there would be read as part of the source."""
+    real = os.path.realpath(path)
+    for option, folder in source_folders(args):
+        inside = os.path.realpath(folder)
+        if real == inside or real.startswith(inside + os.sep):
+            return option, folder
+    return None
+
+
+def default_prepared_folder(args: SourceArguments) -> str:
+    """Where a prepared copy of the source goes by default: beside its folder (beside the tree, for a split folder
+    such as imagenet/train: a folder among the splits would no longer read as a tree of splits), never inside a
+    source; a Hub id's under prepared/ here."""
+    local = source_folders(args)
+    if not local:
+        return f"prepared/{args.dataset_name.replace('/', '_')}"
+    name = args.train_dir or args.dataset_name
+    folder = os.path.abspath(local[0][1])
+    stem = "" if os.path.isdir(name) else "_" + os.path.splitext(os.path.basename(name))[0]
+    if os.path.basename(folder).lower() in SPLIT_FOLDER_NAMES:
+        folder = os.path.dirname(folder)
+    output = os.path.join(os.path.dirname(folder), f"{os.path.basename(folder)}{stem}_prepared")
+    while source_holding(output, args) and os.path.dirname(output) != os.path.dirname(os.path.dirname(output)):
+        output = os.path.join(os.path.dirname(os.path.dirname(output)), os.path.basename(output))  # train/ in val/
+    return output if os.path.isabs(os.path.expanduser(name)) else os.path.relpath(output)
+
+
 def check_not_prepared(option: str, path: str) -> None:
     """Refuse a prepared folder, or a folder inside one, where it would be read as images or parquet files: its
     shards hold stored bytes, which would read as "cannot be decoded" or "no image files"."""
@@ -228,19 +325,44 @@ def check_not_prepared(option: str, path: str) -> None:
                      "are read from it (--train_split / --eval_split choose them).")
 
 
-def list_image_folder(folder: str):
+def list_image_folders(folders: dict[str, str]):
+    """A `DatasetDict` of image folders ({split: folder}), their labels numbered by the class folders of all splits
+    together, as `datasets`' imagefolder numbers them: a small evaluation split without a rare class shifts nothing.
+    A split that lacks classes is named with them."""
+    import datasets
+
+    classes = {split: _entries(folder)[0] for split, folder in folders.items()}
+    union = sorted(set().union(*classes.values()))
+    for split, folder in folders.items():
+        missing = [name for name in union if name not in classes[split]]
+        if classes[split] and missing:  # a folder of loose images is unlabelled: it lacks no class
+            print_once(f"warning: {folder} has no folder for {len(missing)} class(es) of the other split(s): "
+                       f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. Labels are numbered by the "
+                       "class folders of all splits together, so they mean the same classes in each.",
+                       file=sys.stderr)
+    return datasets.DatasetDict({split: list_image_folder(folder, union) for split, folder in folders.items()})
+
+
+def list_image_folder(folder: str, class_names: list[str] | None = None):
     """A `Dataset` of undecoded images {bytes: None, path} and labels from one class folder per label
-    (folder/cat/1.png, ...; deeper folders belong to their class), in one `os.scandir` pass, sorted by name. A
-    folder of images without class folders gives unlabelled images (label None)."""
+    (folder/cat/1.png, ...; deeper folders belong to their class), in one `os.scandir` pass, sorted by name; the
+    labels index `class_names` (default: this folder's classes). A folder of images without class folders gives
+    unlabelled images (label None)."""
     import datasets
     import pyarrow as pa
 
-    classes, loose, _ = _entries(folder)
+    classes, loose, others = _entries(folder)
+    others = [name for name in others if not name.lower().startswith(IGNORED_FILES)]
+    if classes and others:
+        print_once(f"note: {folder}: {len(others)} file(s) beside the class folders are not images and are left out: "
+                   f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}", file=sys.stderr)
     if classes and loose:
         raise ValueError(f"{folder} holds both image files ({loose[0]}, ...) and class folders ({classes[0]}, ...): "
                          "put every image into the folder of its class.")
     paths, labels = [os.path.join(folder, name) for name in loose], []
-    for label, name in enumerate(classes):
+    class_names = class_names or classes
+    number = {name: label for label, name in enumerate(class_names)}
+    for name in classes:
         found = []
         pending = [os.path.join(folder, name)]
         while pending:
@@ -257,7 +379,7 @@ def list_image_folder(folder: str):
                         found.append(entry.path)
         found.sort()
         paths += found
-        labels += [label] * len(found)
+        labels += [number[name]] * len(found)
     if not paths:
         raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); expected one subfolder "
                          "per class holding the images (folder/cat/1.png, ...).")
@@ -265,11 +387,10 @@ def list_image_folder(folder: str):
     columns = {"image": pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), pa.array(paths)],
                                                    names=["bytes", "path"])}
     if classes:
-        features["label"] = datasets.ClassLabel(names=classes)
+        features["label"] = datasets.ClassLabel(names=class_names)
         columns["label"] = pa.array(labels, pa.int64())
     table = datasets.table.InMemoryTable(pa.table(columns))
-    info = datasets.DatasetInfo(features=datasets.Features(features), description=IMAGE_FOLDER_INFO + folder)
-    return datasets.Dataset(table, info=info)
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features(features)))
 
 
 def _check_no_loop(link: str, parent: str) -> None:
@@ -278,12 +399,6 @@ def _check_no_loop(link: str, parent: str) -> None:
     if inside == target or inside.startswith(target + os.sep):
         raise ValueError(f"{link} is a symbolic link to {target}, a folder that holds the link itself: a loop, whose "
                          "images would be listed again and again. Remove the link (or point it elsewhere).")
-
-
-def image_folder_of(dataset) -> str | None:
-    """The folder an image-folder split was listed from (`list_image_folder`), or None for other data."""
-    description = getattr(dataset.info, "description", None) or ""
-    return description[len(IMAGE_FOLDER_INFO):] if description.startswith(IMAGE_FOLDER_INFO) else None
 
 
 # ---- columns and splits ----------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ batches from, and a sequential pass for feature extraction."""
 import numpy as np
 import torch
 
+from ..transfer import to_device
+
 
 class ImageData:
     """One split: `len()` images on `(channels, height, width)` canvases (see decode.py), `labels` `(N,)` int64
@@ -23,7 +25,8 @@ class ImageData:
         raise NotImplementedError
 
     def read(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 `(n, C, H, W)` canvases, int32 `(n, 2)` heights and widths) of the images at `positions`."""
+        """(uint8 `(n, C, H, W)` canvases, int32 `(n, 2)` heights and widths on the host) of the images at
+        `positions`."""
         raise NotImplementedError
 
     def subset(self, positions) -> "ImageData":
@@ -54,11 +57,11 @@ class ImageData:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """An `ImageData` for DataLoaders, fetched a whole batch at a time (`__getitems__`): `pixel_values` (uint8
-    canvases, transformed on the device by the trainer), `image_sizes`, and optional `labels` and `noise` (fixed
-    masking noise, so that evaluation losses are comparable). With `encoded` (a streamed prepared folder of JPEGs,
-    --decode_on_device), `encoded_images` (the JPEG bytes) replace `pixel_values`: the trainer decodes them on the
-    GPU (`streaming.DeviceJPEGDecoder`)."""
+    """An `ImageData` for DataLoaders, fetched a whole batch at a time (`__getitems__`): `pixel_values` (uint8 canvases,
+    transformed on the device by the trainer), `image_sizes` (a host numpy array), and optional `labels` and `noise`
+    (fixed masking noise, so that evaluation losses are comparable). With `encoded` (a streamed prepared folder of
+    JPEGs, --decode_on_device), `encoded_images` (the JPEG bytes) replace `pixel_values`: the trainer decodes them
+    on the GPU (`streaming.DeviceJPEGDecoder`)."""
 
     def __init__(self, data: ImageData, labels: bool = False, noise: torch.Tensor | None = None,
                  encoded: bool = False):
@@ -76,14 +79,17 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices):
         if self.encoded:
             encoded, sizes = self.data.read_encoded(indices)
-            batch = {"encoded_images": encoded, "image_sizes": sizes}
+            batch = {"encoded_images": encoded}
         else:
             images, sizes = self.data.read(indices)
-            batch = {"pixel_values": images, "image_sizes": sizes}
+            batch = {"pixel_values": images}
+        # A numpy array, which the Trainer's loader leaves on the host: the transforms read the sizes there (the
+        # evaluation crop groups images by them) and copy them to the device without waiting.
+        batch["image_sizes"] = sizes.numpy()
         if self.labels is not None or self.noise is not None:
             index = torch.as_tensor(indices)
-            if self.labels is not None:
-                batch["labels"] = self.labels[index]
+            if self.labels is not None:  # on the device when the split is (InMemoryImages.to)
+                batch["labels"] = self.labels[to_device(index, self.labels.device)]
             if self.noise is not None:
                 batch["noise"] = self.noise[index]
         return batch
@@ -93,7 +99,8 @@ def collate(batch):
     """Batches from `ImageDataset.__getitems__` are already stacked; single items (other loaders) get stacked."""
     if isinstance(batch, dict):
         return batch
-    return {key: torch.stack([item[key] for item in batch]) for key in batch[0]}
+    stack = {key: np.stack if isinstance(value, np.ndarray) else torch.stack for key, value in batch[0].items()}
+    return {key: stack[key]([item[key] for item in batch]) for key in batch[0]}
 
 
 def fixed_noise(num_images: int, num_patches: int, seed: int = 0) -> torch.Tensor:
@@ -112,4 +119,4 @@ def sequential_batches(data: ImageData, batch_size: int, pin_memory: bool = Fals
                                          collate_fn=collate, pin_memory=pin_memory,
                                          generator=torch.Generator())  # leaves the global random state alone
     for batch in loader:
-        yield batch["pixel_values"], batch["image_sizes"]
+        yield batch["pixel_values"], torch.from_numpy(batch["image_sizes"])

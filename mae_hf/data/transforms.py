@@ -13,26 +13,49 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import random_erasing
+from ..transfer import to_device
 
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop: tries before falling back to a centre crop
 MIN_EVAL_CROP_FRACTION = 0.875  # 224 of 256: ImageNet's evaluation crop
+# uint8 canvases become floats this many bytes at a time, as they are sampled: a ViT-B batch of 256 large canvases
+# from a prepared folder would take about 450 MB as one float tensor, most of it padding the crops never read.
+FLOAT_CHUNK_BYTES = 64 * 2**20
 
 
-def valid_sizes(images: torch.Tensor, sizes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(heights, widths) as float tensors on the images' device: `sizes` (B, 2), or the whole canvas."""
+def as_floats(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as floats in [0, 1]; float images as they are."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
+def valid_sizes(images: torch.Tensor, sizes) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heights, widths) as float tensors on the images' device: `sizes` (B, 2; best on the host, from where they
+    are copied without waiting), or the whole canvas."""
     batch, _, height, width = images.shape
     if sizes is None:
         full = torch.ones(batch, device=images.device)
         return full * height, full * width
-    sizes = sizes.to(images.device, non_blocking=True).float()
+    sizes = to_device(sizes, images.device).float()
     return sizes[:, 0], sizes[:, 1]
 
 
-def random_resized_crop(images: torch.Tensor, size: int, sizes: torch.Tensor | None = None, scale=(0.2, 1.0),
+def sampled(images: torch.Tensor, grid: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
+    """`grid_sample` (bilinear) of canvases at `grid`, uint8 canvases converted to floats a few at a time."""
+    chunk = max(1, FLOAT_CHUNK_BYTES // (4 * math.prod(images.shape[1:])))
+    if images.dtype != torch.uint8 or chunk >= len(images):
+        return F.grid_sample(as_floats(images), grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    output = torch.empty((len(images), images.shape[1], *grid.shape[1:3]), device=images.device)
+    for start in range(0, len(images), chunk):
+        part = slice(start, start + chunk)
+        output[part] = F.grid_sample(as_floats(images[part]), grid[part], mode="bilinear", padding_mode=padding_mode,
+                                     align_corners=False)
+    return output
+
+
+def random_resized_crop(images: torch.Tensor, size: int, sizes=None, scale=(0.2, 1.0),
                         ratio=(3 / 4, 4 / 3), hflip: bool = False, generator: torch.Generator | None = None
                         ) -> torch.Tensor:
-    """Random-resized crop (and optional horizontal flip) of a float batch of canvases, resampled bilinearly to
-    `size` x `size` with one `grid_sample`.
+    """Random-resized crop (and optional horizontal flip) of a batch of canvases (uint8, or floats), resampled
+    bilinearly to `size` x `size` by `grid_sample`, as floats in [0, 1] for uint8 input.
 
     As torchvision's RandomResizedCrop, in each image's own pixels (`sizes`: its height and width in the canvas,
     None = the whole canvas): up to 10 draws of an area fraction in `scale` and a log-uniform aspect ratio in
@@ -65,41 +88,56 @@ def random_resized_crop(images: torch.Tensor, size: int, sizes: torch.Tensor | N
     theta[:, 0, 0], theta[:, 0, 2] = scale_x, 2 * (left + crop_w / 2) / canvas_width - 1
     theta[:, 1, 1], theta[:, 1, 2] = scale_y, 2 * (top + crop_h / 2) / canvas_height - 1
     grid = F.affine_grid(theta, [batch, images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled(images, grid)
 
 
-def center_crop(images: torch.Tensor, size: int, sizes: torch.Tensor | None = None, fraction: float = 1.0,
+def host_sizes(sizes) -> torch.Tensor | None:
+    """`sizes` as a float tensor on the host. Sizes on a device are read back, which waits for it: pass the host's
+    (the batches' `image_sizes` are host arrays)."""
+    if sizes is None:
+        return None
+    sizes = torch.as_tensor(sizes)
+    return (sizes.cpu() if sizes.device.type != "cpu" else sizes).float()
+
+
+def center_crop(images: torch.Tensor, size: int, sizes=None, fraction: float = 1.0,
                 antialias: bool = True) -> torch.Tensor:
-    """The centre square of each image holding `fraction` of its short side, resized to `size`: bicubic and
-    antialiased (not resampled when it already has that size; images of one crop size are cut out together, which
-    reads the crop sizes on the host), or with `antialias=False` bilinear in one `grid_sample` that never waits for
-    the device (for training without random crops, `--crop_min_scale 1`)."""
+    """The centre square of each image holding `fraction` of its short side, resized to `size` (floats in [0, 1]
+    for uint8 canvases): bicubic and antialiased (not resampled when it already has that size; the images of one
+    crop size are cut out together, as uint8, grouped by their sizes on the host), or with `antialias=False` bilinear
+    in one `grid_sample` (for training without random crops, `--crop_min_scale 1`). Neither waits for the device
+    when `sizes` are on the host."""
     batch, channels, canvas_height, canvas_width = images.shape
-    if sizes is None and fraction == 1 and canvas_height == canvas_width:
-        if canvas_height == size:
-            return images
-        return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
-    height, width = valid_sizes(images, sizes)
+    device = images.device
     if not antialias:
+        height, width = valid_sizes(images, sizes)
         side = torch.minimum(height, width) * fraction
-        theta = torch.zeros(batch, 2, 3, device=images.device)
+        theta = torch.zeros(batch, 2, 3, device=device)
         theta[:, 0, 0], theta[:, 0, 2] = side / canvas_width, width / canvas_width - 1  # centred on the image
         theta[:, 1, 1], theta[:, 1, 2] = side / canvas_height, height / canvas_height - 1
-        grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    side = (torch.minimum(height, width) * fraction).round().clamp(min=1)
-    top, left = ((height - side) / 2).floor().long(), ((width - side) / 2).floor().long()
-    output = images.new_empty(batch, channels, size, size)
+        return sampled(images, F.affine_grid(theta, [batch, channels, size, size], align_corners=False))
+    sizes = host_sizes(sizes)
+    whole = sizes is None or bool((sizes == torch.tensor([canvas_height, canvas_width])).all())
+    if whole and fraction == 1 and canvas_height == canvas_width:
+        if canvas_height == size:
+            return as_floats(images)
+        return F.interpolate(as_floats(images), size=(size, size), mode="bicubic", antialias=True)
+    if sizes is None:
+        sizes = torch.tensor([[canvas_height, canvas_width]], dtype=torch.float32).expand(batch, 2)
+    side = (sizes.min(dim=1).values * fraction).round().clamp(min=1)
+    top, left = ((sizes[:, 0] - side) / 2).floor().long(), ((sizes[:, 1] - side) / 2).floor().long()
+    output = torch.empty((batch, channels, size, size), device=device)
+    channel = torch.arange(channels, device=device)[:, None, None]
     for crop in side.unique().tolist():  # usually one or a few sizes per batch
         chosen = (side == crop).nonzero()[:, 0]
-        steps = torch.arange(int(crop), device=images.device)
-        rows = (top[chosen, None] + steps)[:, None, :, None]
-        cols = (left[chosen, None] + steps)[:, None, None, :]
-        crops = images[chosen[:, None, None, None], torch.arange(channels, device=images.device)[:, None, None],
-                       rows, cols]
+        index, rows, cols = to_device(torch.stack([chosen, top[chosen], left[chosen]]), device)
+        steps = torch.arange(int(crop), device=device)
+        rows = (rows[:, None] + steps)[:, None, :, None]
+        cols = (cols[:, None] + steps)[:, None, None, :]
+        crops = as_floats(images[index[:, None, None, None], channel, rows, cols])
         if crop != size:
             crops = F.interpolate(crops, size=(size, size), mode="bicubic", antialias=True)
-        output[chosen] = crops
+        output[index] = crops
     return output
 
 
@@ -121,8 +159,9 @@ class BatchTransform:
     Training (`crop_scale` given): random-resized crop and optional flip from the transform's own generator, then
     optional `augment` (a batch op on floats in [0, 1], e.g. `augment.RandAugment`), normalisation, and optional
     random erasing with probability `random_erasing` (in normalised space). Evaluation (no `crop_scale`): the centre
-    crop of `eval_crop_fraction` of the short side, and normalisation. Runs on whatever device the batch is on;
-    a `training` transform never waits for the device (see `center_crop`).
+    crop of `eval_crop_fraction` of the short side, and normalisation. Runs on whatever device the batch is on, and
+    never waits for it when the sizes are on the host (see `center_crop`); the canvases become floats only as they
+    are cropped.
     """
 
     def __init__(self, image_size: int, mean, std, crop_scale: tuple[float, float] | None = None,
@@ -168,12 +207,11 @@ class BatchTransform:
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise ValueError(f"BatchTransform expects uint8 images, got {images.dtype}.")
-        x = images.float().div_(255)
-        if self.crop_scale is not None:
-            x = random_resized_crop(x, self.image_size, sizes, self.crop_scale, hflip=self.hflip,
-                                    generator=self.generator_for(x.device))
+        if self.crop_scale is not None:  # uint8 canvases in, the crops' floats out
+            x = random_resized_crop(images, self.image_size, sizes, self.crop_scale, hflip=self.hflip,
+                                    generator=self.generator_for(images.device))
         else:
-            x = center_crop(x, self.image_size, sizes, self.eval_crop_fraction, antialias=not self.training)
+            x = center_crop(images, self.image_size, sizes, self.eval_crop_fraction, antialias=not self.training)
             if self.hflip:
                 flip = torch.rand(x.shape[0], device=x.device, generator=self.generator_for(x.device)) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
