@@ -233,9 +233,12 @@ def build(source: str | None, bf16: bool | None = None) -> gr.Blocks:
         inputs = [upload, ratio, seed]
         # One run at a time, stated rather than left to Gradio's defaults (GRADIO_DEFAULT_CONCURRENCY_LIMIT can raise
         # them): on a CPU Space, runs at once only compete for the same cores (the mask ratio goes with each call).
+        # One API endpoint, named: the other controls call the same function, so they stay out of the API.
         for trigger in (button.click, upload.change, ratio.change, seed.submit):
+            named = trigger == button.click
             trigger(predict, inputs, outputs, trigger_mode="always_last",  # while dragging: the latest value
-                    concurrency_limit=1, concurrency_id="model")
+                    concurrency_limit=1, concurrency_id="model", api_name="reconstruct" if named else None,
+                    api_visibility="public" if named else "private")
     return page
 
 
@@ -260,6 +263,8 @@ def main(argv=None):
                         help=f"Model folder or Hub id (default: ${MODEL_ENV}, else this folder if it holds one).")
     parser.add_argument("--host", help="Address to serve on (default: Gradio's, 127.0.0.1 or $GRADIO_SERVER_NAME).")
     parser.add_argument("--port", type=int, help="Port (default: Gradio's, 7860 or $GRADIO_SERVER_PORT).")
+    parser.add_argument("--share", action=argparse.BooleanOptionalAction, default=False,
+                        help="Also serve on a temporary public gradio.live link (needs network access).")
     parser.add_argument("--threads", type=int, default=1,
                         help="Torch threads (default 1: one small image is too little work to share out, and on a "
                              "busy or shared CPU more threads wait on each other; measured in mae_hf's "
@@ -282,7 +287,12 @@ def main(argv=None):
         print(f"[demo] per image (median of {args.measure}): {wall:.3f} s wall, {cpu:.3f} s CPU time "
               f"({torch.get_num_threads()} threads, {precision_used}, load average {os.getloadavg()[0]:.1f})")
         return
-    build(args.model, args.bf16).launch(server_name=args.host, server_port=args.port)
+    page = build(args.model, args.bf16)
+    # quiet: Gradio's own lines would tell to set `share=True` in `launch()`, which a user of this app cannot do
+    page.launch(server_name=args.host, server_port=args.port, share=args.share, quiet=True, prevent_thread_lock=True)
+    print(f"[demo] serving on {page.local_url}" + (f" and {page.share_url}" if page.share_url else
+                                                   " (--share: also on a public link)"), flush=True)
+    page.block_thread()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Command-line parsing shared by the scripts: `HfArgumentParser` over dataclasses, from flags, from a JSON/YAML
-file, or from a file followed by flags that override it; and `run_script`, which turns the errors a user can fix
-into one `error: ...` paragraph instead of a traceback."""
+file, or from a file followed by flags that override it; `run_script`, which turns the errors a user can fix
+into one `error: ...` paragraph instead of a traceback; and what the scripts print (`print_once`) or keep
+transformers from printing (`DropMessages`)."""
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -219,6 +221,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
     (e.g. the settings a run recorded) come before both."""
     argv = list(sys.argv[1:] if argv is None else argv)
     hide_instant_progress_bars()
+    path, values = None, {}
     parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
     for action in parser._actions:  # `bool | None` flags (unset = decided later) also work bare, as bool flags do:
         if action.type is string_to_bool and action.nargs is None:  # `--do_train` = `--do_train true`
@@ -241,11 +244,69 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
+                values[action.dest] = _typed(action, values[action.dest], path, parser)
         parser.set_defaults(**values)
+    check_renamed_flags(argv, parser)
     try:
         return parser.parse_args_into_dataclasses(argv)
     except ValueError as error:  # an argument dataclass refused a value: a usage error, not a traceback
-        parser.error(str(error))
+        from_file = [key for key, value in values.items() if isinstance(value, str) and value and value in str(error)
+                     and f"--{key}" not in argv]
+        parser.error(f"config file {path}: {from_file[0]}: {error}" if from_file else str(error))
+
+
+def _typed(action, value, path: str, parser):
+    """A config file's text value as its flag's type, converted here so that a bad one is reported with the file's
+    name (argparse would convert it later as a default and name only the flag)."""
+    if not isinstance(value, str) or action.type is None:
+        return value
+    try:
+        value = action.type(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        kind = "true/false" if action.type in (string_to_bool, bool_or_auto) else getattr(action.type, "__name__", "")
+        parser.error(f"config file {path}: {action.dest}: {value!r} is not a valid {kind} value.".replace("  ", " "))
+    if action.choices is not None and value not in action.choices:
+        parser.error(f"config file {path}: {action.dest}: {value!r} is not one of {list(action.choices)}.")
+    return value
+
+
+# Flags of transformers 4 that transformers 5 renamed or removed (docs/migrating.md lists them): named with what to
+# use instead, where the parser would only say that they are not used.
+RENAMED_FLAGS = {
+    "--evaluation_strategy": "transformers 5 calls it --eval_strategy",
+    "--overwrite_output_dir": "transformers 5 removed it; here an existing run is continued with "
+                              "--resume_from_checkpoint last, or give another --output_dir",
+    "--push_to_hub_model_id": "transformers 5 calls it --hub_model_id",
+    "--no_cuda": "transformers 5 calls it --use_cpu",
+    "--logging_dir": "transformers 5 removed it; logs go to --output_dir",
+}
+
+
+def check_renamed_flags(argv: list[str], parser) -> None:
+    known = {option for action in parser._actions for option in action.option_strings}
+    used = [token.split("=", 1)[0] for token in argv if token.startswith("--")]
+    for flag in used:
+        if flag in RENAMED_FLAGS and flag not in known:
+            parser.error(f"{flag} is a transformers 4 flag: {RENAMED_FLAGS[flag]} (docs/migrating.md).")
+
+
+def print_once(message: str, file=None) -> None:
+    """Print once per run: every process of a torchrun / accelerate run loads the same data and would print the
+    same line (on one terminal, interleaved)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=file or sys.stdout, flush=True)
+
+
+class DropMessages(logging.Filter):
+    """Drops log records starting with one of `prefixes`: transformers' messages that read as faults here but are
+    not (see where it is used)."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
 
 
 INSTANT_PROGRESS_BARS = ("Loading weights", "Writing model shards")  # transformers' bars for steps of a second

@@ -7,6 +7,7 @@ This file is copied next to saved weights, so that `trust_remote_code=True` load
 installed: it imports `mae_hf` code only relatively, and needs nothing beyond torch and transformers.
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,6 +78,15 @@ class MAEForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def follow_umask(path: str) -> None:
+    """Give `path` the permissions a newly created file gets (0666 less the umask). safetensors writes through a
+    private temporary file (0600), which would leave the weights unreadable by the other users of a shared
+    machine while every other file of the folder is readable."""
+    umask = os.umask(0)
+    os.umask(umask)  # read without changing it: the only portable way
+    os.chmod(path, 0o666 & ~umask)
 
 
 def sincos_position_embedding(grid_size: int | tuple[int, int], dim: int) -> torch.Tensor:
@@ -387,7 +397,11 @@ class MAEPreTrainedModel(PreTrainedModel):
         pipelines load the folder too."""
         if kwargs.get("is_main_process", True):
             self.image_processor().save_pretrained(save_directory)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        for name in os.listdir(save_directory):
+            if name.endswith(".safetensors"):
+                follow_umask(os.path.join(save_directory, name))
+        return saved
 
 
 class MAEDecoder(MAEPreTrainedModel, SinCosPositions):

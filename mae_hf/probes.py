@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from .features import image_batches
+from .modeling_mae import follow_umask
 from .precision import autocast_for
 from .transfer import synchronize, to_device
 
@@ -238,8 +239,9 @@ def save_head(head: nn.Module, folder: str, protocol: str, init: dict, info: dic
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    save_file({key: value.contiguous().cpu() for key, value in head.state_dict().items()},
-              os.path.join(folder, f"{protocol}_head.safetensors"))
+    weights = os.path.join(folder, f"{protocol}_head.safetensors")
+    save_file({key: value.contiguous().cpu() for key, value in head.state_dict().items()}, weights)
+    follow_umask(weights)
     with open(os.path.join(folder, f"{protocol}_head.json"), "w") as handle:
         json.dump({"protocol": protocol, "init": init, **info}, handle, indent=2, sort_keys=True)
 

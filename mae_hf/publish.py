@@ -16,7 +16,8 @@ import shutil
 import torch
 
 from .cli import MAEHFError, UsageError
-from .inputs import read_json_object, weight_shapes
+from .inputs import read_json_object, weight_shapes, write_json
+from .loading import ModelArguments
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
 from .redaction import redact
 from .results import (
@@ -25,17 +26,16 @@ from .results import (
     accuracy_rows,
     collect_results,
     encoder_fingerprint,
+    folder_name,
     is_local_dataset,
     results_table,
     same_dataset,
     unique_results,
 )
-from .runs import write_json
+from .runs import LOCK_NAME, segment_totals
 
 PICTURES = ("reconstructions.png", "loss_curve.png")
-DEFAULT_DATASET_ID = "uoft-cs/cifar10"
 DATASET_TITLES = {"uoft-cs/cifar10": "CIFAR-10", "cifar10": "CIFAR-10"}
-CIFAR10_CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # The Space: the demo app, its requirements and bundled examples, and the package files the app loads by path (one
 # source each: mae_hf/visualize.py draws, mae_hf/precision.py picks bf16 or fp32; neither imports mae_hf, so they run
 # next to the app without the package).
@@ -121,18 +121,16 @@ def check_measured_on(results: list[dict], pretrained, pretrained_dir: str) -> N
 
 
 def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str | None:
-    """The Hub dataset the card names (metadata and data row alike): the run's own Hub id, or for a run on a local
-    copy `dataset_id`, or CIFAR-10's id when the local data has CIFAR-10's classes. None: a local dataset the card
-    can only describe by its folder (no Hub dataset in the metadata). A `dataset_id` that contradicts the run's Hub
-    id is an error."""
+    """The Hub dataset the card names (metadata and data row alike): the run's own Hub id (for a prepared folder,
+    the Hub dataset it was prepared from), or for a run on local data `dataset_id`, the user's word that it is a
+    copy of that dataset. None: local data the card describes by its folder (no Hub dataset in the metadata), whatever
+    its class names suggest. A `dataset_id` that contradicts the run's Hub id is an error."""
     trained_on = summary["dataset_name"]
     source = (summary.get("prepared_from") or {}).get("dataset_name")
     if is_local_dataset(trained_on) and source and not is_local_dataset(source):
         trained_on = source  # a folder prepared from a Hub dataset: that dataset
     if is_local_dataset(trained_on):
-        if dataset_id:
-            return dataset_id
-        return DEFAULT_DATASET_ID if summary.get("class_names") == CIFAR10_CLASS_NAMES else None
+        return dataset_id
     if dataset_id and dataset_id != trained_on and DATASET_TITLES.get(dataset_id, dataset_id) != \
             DATASET_TITLES.get(trained_on, trained_on):
         raise ValueError(f"--dataset_id {dataset_id}: the run was pretrained on the Hub dataset {trained_on}; the "
@@ -140,14 +138,18 @@ def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str | None:
     return dataset_id or trained_on
 
 
-def dataset_title(summary: dict, dataset_id: str | None) -> str:
+def dataset_title(summary: dict, dataset_id: str | None, dataset_source: str | None = None) -> str:
+    """The data's name in the card's text: the Hub dataset's title, else the local folder's own name (and where it
+    came from, when the user says so: `dataset_source`)."""
     if dataset_id:
         return DATASET_TITLES.get(dataset_id, dataset_id)
-    return f"the local dataset `{os.path.normpath(summary['dataset_name'])}`"
+    return f"the local dataset `{folder_name(summary['dataset_name'])}`" + (
+        f" ({dataset_source})" if dataset_source else "")
 
 
 def data_description(summary: dict, dataset_id: str | None) -> str:
-    """The data row: the Hub dataset, and where the run read it from when that was a local copy."""
+    """The data row: the Hub dataset, and where the run read it from when that was a local copy; the training
+    images."""
     trained_on = summary["dataset_name"]
     prepared = " prepared" if summary.get("prepared_from") else ""
     if dataset_id is None:
@@ -155,7 +157,24 @@ def data_description(summary: dict, dataset_id: str | None) -> str:
     else:
         where = (f"{dataset_id} (local{prepared} copy at `{trained_on}`)" if is_local_dataset(trained_on)
                  else dataset_id)
-    return f"{where}: {summary['train_split']} ({summary['train_samples']} images)"
+    return f"{where}: {summary['train_split']} ({summary['train_samples']:,} images)"
+
+
+def is_held_out(split: str) -> bool:
+    """Whether an evaluation split is a held-out part of the training split (as `select_splits` names it)."""
+    return " held out" in split
+
+
+def evaluation_data(summary: dict) -> str:
+    """The images the run evaluated on, as they were: a separate folder, a separate split, or a held-out part of the
+    training images."""
+    split, count = summary["eval_split"], f"{summary['eval_samples']:,} images"
+    validation_dir = (summary.get("data") or {}).get("validation_dir")
+    if validation_dir:
+        return f"the separate folder `{folder_name(validation_dir)}` ({count}, given as --validation_dir)"
+    if is_held_out(split):
+        return f"a held-out part of the training images ({split}; {count}), not a separate test set"
+    return f"the `{split}` split, separate from the training images ({count})"
 
 
 def check_same_dataset(results: list[dict], summary: dict) -> None:
@@ -186,9 +205,9 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
     if "max_grad_norm" in summary:
         norm = summary["max_grad_norm"]
         clipping = f", gradients clipped at norm {norm:g}" if norm and norm > 0 else ", no gradient clipping"
-    images_per_second = summary.get("pipeline_images_per_second")
     rows = [
         ("Data", data_description(summary, dataset_id)),
+        ("Evaluation data", evaluation_data(summary)),
         ("Epochs / global batch", f"{summary['epochs']:g} / {summary['global_batch_size']}"),
         ("Optimiser", f"AdamW, betas {tuple(summary['adam_betas'])}, peak lr {summary['learning_rate']:.3g}, "
                       f"weight decay {summary['weight_decay']} ({decayed}){clipping}"),
@@ -196,9 +215,7 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
         ("Augmentation", f"random-resized-crop (area {summary['crop_min_scale']}-1), "
                          f"horizontal flip {summary['horizontal_flip']}"),
         ("Hardware", f"{summary['world_size']} x {summary['device']}, {precision}"),
-        ("Training time", ("not recorded" if summary.get("train_runtime_seconds") is None
-                           else f"{summary['train_runtime_seconds']:.0f} s")
-                          + (f" ({images_per_second:,.0f} images/s)" if images_per_second else "")),
+        ("Training time", training_time(summary)),
         ("Final eval loss (masked patches)", f"{summary['eval_loss']:.4f}"),
     ]
     if summary.get("versions"):  # summaries before versions were recorded leave it unsaid
@@ -206,14 +223,50 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
     if summary.get("eval_knn_accuracy") is not None:
         rows.append(("kNN accuracy at the end (k=20)", f"{100 * summary['eval_knn_accuracy']:.2f} %"))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
-    return f"{table}\n\nCommand: `{summary['command']}`"
+    return f"{table}\n\n{commands(summary)}"
+
+
+def training_time(summary: dict) -> str:
+    """The run's training time and images over all its segments (a stopped and resumed run has several), and the
+    data + step speed measured in its last one."""
+    segments = summary.get("segments") or []
+    seconds, images = segment_totals(segments) if segments else (summary.get("train_runtime_seconds"), None)
+    speed = summary.get("pipeline_images_per_second")
+    text = "not recorded" if seconds is None else f"{seconds:.0f} s"
+    if images is not None:
+        text += f" for {images:,} images"
+    if len(segments) > 1:
+        text += (f" in {len(segments)} segments (stopped and resumed at step "
+                 f"{', '.join(str(segment['steps'][0]) for segment in segments[1:])}; the steps after a segment's "
+                 "last checkpoint were trained again and are not counted)")
+    if speed:
+        text += f"; {speed:,.0f} images/s through data loading and training steps" + (
+            " (measured after the last resume)" if len(segments) > 1 else "")
+    return text
+
+
+def commands(summary: dict) -> str:
+    """The command that started the run and each one that resumed it, with the steps it trained."""
+    segments = summary.get("segments") or []
+    if len(segments) < 2:
+        return f"Command: `{summary['command']}`"
+    lines = ["Commands:"]
+    for index, segment in enumerate(segments):
+        first, last = segment["steps"]
+        what = "started" if index == 0 else f"resumed from step {first}"
+        command = f"`{segment['command']}`" if segment["command"] else "(not recorded)"
+        lines.append(f"- {what}, trained to step {last}: {command}")
+    return "\n".join(lines)
 
 
 def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None, finetune_dir: str | None = None,
              result_paths=(), template_path: str | None = None, model_id: str | None = None,
-             dataset_id: str | None = None, overwrite: bool = False, space_dir: str | None = None) -> str:
+             dataset_id: str | None = None, overwrite: bool = False, space_dir: str | None = None,
+             dataset_source: str | None = None) -> str:
     """Write the Hub-ready folder. Everything is read, checked and rendered first; only then is anything written
-    (or an old folder replaced). `dataset_id`: the Hub dataset to name when the run read a local copy. `space_dir`:
+    (or an old folder replaced). `model_id`: the Hub repository the card's code loads (default: the folder's path).
+    `dataset_id`: the Hub dataset to name when the run read a local copy; `dataset_source`: where local data without
+    one came from, in the user's words. `space_dir`:
     the demo folder (app.py, requirements.txt, examples/) to add, so that the folder can also become a Gradio Space.
     Returns the card's path."""
     _require_run(pretrained_dir, "pretraining_summary.json", "pretrained run")
@@ -263,13 +316,14 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     dataset_id = resolve_dataset_id(summary, dataset_id)
     check_same_dataset(results, summary)
     if dataset_id is None:
-        print(f"note: the run read the local dataset {summary['dataset_name']}, which is not CIFAR-10 by its classes: "
-              "the card describes it by its folder and names no Hub dataset in its metadata (no model-index); "
-              "--dataset_id names the Hub dataset it is a copy of.", flush=True)
+        print(f"note: the run read the local dataset {summary['dataset_name']}: the card describes it by its folder "
+              "and names no Hub dataset in its metadata (no model-index); --dataset_id names the Hub dataset it is a "
+              "copy of, --dataset_source says where it came from.", flush=True)
     finetuned_protocol = finetuned and collect_results([os.path.join(finetune_dir, "finetune_results.json")])[0][
         "protocol"]  # the recipe the fine-tuned model in finetuned/ was trained with
     card = render_card(template_path, pretrained, summary, results, probe, finetuned_protocol,
-                       model_id or os.path.basename(target), dataset_id, dataset_title(summary, dataset_id),
+                       model_id or os.path.abspath(output_dir), dataset_id,
+                       dataset_title(summary, dataset_id, dataset_source),
                        space_metadata)
 
     if overwrite and os.path.isdir(output_dir):
@@ -298,8 +352,9 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
 def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe,
                 finetuned_protocol: str | None,
                 model_id: str, dataset_id: str | None, dataset_title: str, space_metadata: str = "") -> str:
-    """`model_card.md` filled from the model, the pretraining summary and the result files. `finetuned_protocol`:
-    the protocol of the fine-tuned model in `finetuned/` ("finetune" or "finetune_strong"), None without one."""
+    """`model_card.md` filled from the model, the pretraining summary and the result files. `model_id`: the Hub id or
+    the folder's path, which the card's code loads. `finetuned_protocol`: the protocol of the fine-tuned model in
+    `finetuned/` ("finetune" or "finetune_strong"), None without one."""
     config = pretrained.config
     head_description = "no classification head (the classifier class adds an untrained one)"
     if probe is not None:
@@ -309,9 +364,12 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
     finetuned_note = (f"- `finetuned/`: the classifier of the \"{TITLES[finetuned_protocol]}\" row below (its own "
                       "encoder); load it with `subfolder=\"finetuned\"`.\n") if finetuned_protocol else ""
     eval_splits = sorted({r["eval_split"] for r in results if r.get("eval_split")})
+    # a result's split is the pretraining run's evaluation images when named alike (a probe or fine-tune on its data)
+    evaluated_on = [evaluation_data(summary) if split == summary["eval_split"] else f"`{split}`"
+                    for split in eval_splits]
     with open(template_path) as handle:
         template = handle.read()
-    model_name = model_id.split("/")[-1]
+    model_name = model_id.split("/")[-1] if not os.path.isabs(model_id) else model_id
     return render(template, {
         "model_id": model_id,
         "model_name": model_name,
@@ -327,7 +385,7 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
         "pipeline_tag": "image-classification" if probe is not None else "image-feature-extraction",
         "classifier_line": "classifier = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True)"
                            "  # the linear probe\n" if probe is not None else "",
-        "classification_pipeline": f'pipeline("image-classification", model="{model_id}", trust_remote_code=True)'
+        "classification_pipeline": 'pipeline("image-classification", model=repo, trust_remote_code=True)'
                                    "(image)\n" if probe is not None else "",
         "head_limitation": ("- The classification head at the top level is a linear probe" if probe is not None else
                             "- There is no trained classification head at the top level (no probe was published), so "
@@ -347,7 +405,8 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
         "mask_ratio": config.mask_ratio,
         "target": "per-patch normalised pixels (norm_pix_loss)" if config.norm_pix_loss else "raw (normalised) pixels",
         "pretraining": pretraining_text(summary, dataset_id),
-        "eval_split": " / ".join(f"`{split}`" for split in eval_splits) or "the evaluation split",
+        "eval_split": " / ".join(evaluated_on) or "the evaluation split",
+        "evaluation_data": evaluation_data(summary),
         "results_table": results_table(results) if results else "No evaluation results were given.",
         "evaluation": evaluation_text(results),
     })
@@ -484,3 +543,22 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
             f"{folder} is complete: upload it later with `{retry}` (log in first with `hf auth login`)."
         ) from error
     return commit.pr_url if create_pr and commit.pr_url else commit.commit_url
+
+
+def check_hub_access(args, model_args: ModelArguments) -> None:
+    """--push_to_hub: can --hub_model_id be written with this token? Asked before any work (a clear error, no
+    training that ends in a failed upload)."""
+    if args.push_output_to_hub:
+        hub_preflight(args.hub_model_id, token=args.hub_token or model_args.token)
+
+
+def push_output(args, model_args: ModelArguments) -> None:
+    """--push_to_hub: upload the script's own --output_dir (model, code files, processor, results, pictures) to
+    --hub_model_id, once, from the main process."""
+    if not args.push_output_to_hub or args.process_index != 0:
+        return
+    url = push(args.output_dir, args.hub_model_id, private=bool(args.hub_private_repo),
+               token=args.hub_token or model_args.token, revision=getattr(args, "hub_revision", None),
+               commit_message=f"Upload {os.path.basename(os.path.abspath(args.output_dir))}",
+               exclude=(LOCK_NAME,))  # this run's own lock, held while it uploads
+    print(f"[push] {args.output_dir} -> {url}", flush=True)

@@ -101,9 +101,14 @@ def _dataset_names(name: str, prepared_from: dict | None = None) -> list[tuple[s
         if not is_local_dataset(str(value)):
             names.append(("hub", str(value).lower()))
             continue
-        parts = os.path.normpath(os.path.abspath(os.path.expanduser(str(value)))).lower().split(os.sep)
-        names.append(("local", "/".join(parts[-2:]) if parts[-1] in SPLIT_FOLDERS else parts[-1]))
+        names.append(("local", folder_name(str(value)).lower()))
     return names
+
+
+def folder_name(path: str) -> str:
+    """A local dataset's own name: its folder's, or parent/name for a split folder (`imagenet/train`)."""
+    parts = os.path.normpath(os.path.abspath(os.path.expanduser(path))).split(os.sep)
+    return "/".join(parts[-2:]) if parts[-1].lower() in SPLIT_FOLDERS else parts[-1]
 
 
 def _match(a: tuple[str, str], b: tuple[str, str]) -> bool:

@@ -1,4 +1,4 @@
-"""Assemble a Hub-ready folder, its model card filled from measured results; optionally add the demo and push it.
+r"""Assemble a Hub-ready folder, its model card filled from measured results; optionally add the demo and push it.
 
     python scripts/publish.py runs/mae --probe runs/mae/probe --finetune runs/mae/finetune --results runs/random \
         --output_dir runs/hub
@@ -42,9 +42,10 @@ def main(argv=None):
     boolean("--overwrite", "Replace a non-empty --output_dir.")
     parser.add_argument("--template", default=TEMPLATE, help="Model card template (default: model_card.md).")
     parser.add_argument("--dataset_id", help="Hub dataset the card names when the run read a local copy of it "
-                                             "(default: uoft-cs/cifar10 for local data with CIFAR-10's classes, else "
-                                             "none: the card describes the folder); a run on a Hub dataset names its "
-                                             "own.")
+                                             "(default: none, the card describes the local folder); a run on a Hub "
+                                             "dataset names its own.")
+    parser.add_argument("--dataset_source", help="Where local data without --dataset_id came from, stated on the "
+                                                 "card with the folder's name (e.g. 'a JPEG copy of CIFAR-10').")
     boolean("--space", "Add the Gradio demo (app.py, requirements.txt, examples/) and Space metadata.")
     boolean("--push_to_hub", "Upload the folder to the Hub.")
     parser.add_argument("--hub_model_id", help="Hub repository, e.g. user/mae-cifar10 (needed to push).")
@@ -69,7 +70,8 @@ def main(argv=None):
             hub_preflight(args.hub_model_id, args.hub_token)
         card = assemble(args.pretrained_dir, args.output_dir, args.probe, args.finetune, args.results,
                         template_path=args.template, model_id=args.hub_model_id, dataset_id=args.dataset_id,
-                        overwrite=args.overwrite, space_dir=DEMO if args.space else None)
+                        overwrite=args.overwrite, space_dir=DEMO if args.space else None,
+                        dataset_source=args.dataset_source)
         print(f"[publish] {args.output_dir} is complete (model card: {card})")
         if args.push_to_hub:
             url = push(args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,

@@ -5,6 +5,7 @@ Needs the `demo` extra (gradio, selenium) and Debian's chromium + chromium-drive
 """
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -208,6 +209,17 @@ def test_demo_flags_and_one_queue(tmp_path, tiny_config, capsys):
     page = app.build(str(published_folder(tmp_path / "hub", tiny_config)))
     runs = [block for block in page.fns.values() if block.fn.__name__ == "predict"]
     assert len(runs) == 4 and {(block.concurrency_id, block.concurrency_limit) for block in runs} == {("model", 1)}
+
+
+def test_demo_serves_one_named_endpoint_and_offers_share(served_app, tmp_path):
+    """The page's API has one endpoint, named (/reconstruct, not /predict, /predict_1, ...); the app says where it
+    serves and offers its own --share flag instead of Gradio's "set `share=True` in `launch()`", which a user of the
+    app cannot do."""
+    info = json.loads(urllib.request.urlopen(served_app + "gradio_api/info", timeout=10).read())
+    assert list(info["named_endpoints"]) == ["/reconstruct"] and not info["unnamed_endpoints"]
+    log = wait_for(lambda: "[demo] serving on" in (tmp_path / "app.log").read_text() and
+                   (tmp_path / "app.log").read_text(), "the app's serving line")
+    assert f"[demo] serving on {served_app}" in log and "--share" in log and "share=True" not in log
 
 
 def test_demo_takes_the_precision_rule(tmp_path, tiny_config, monkeypatch, capsys):

@@ -3,6 +3,7 @@ says what is checked), the CPU quick start runs end to end at tiny scale, links 
 the README, every --help starts with what the script does and an example, and no user-facing text names an internal
 issue number. The negative tests show that the check fails on a broken command and on a flag renamed in a parser."""
 
+import ast
 import contextlib
 import dataclasses
 import io
@@ -43,7 +44,8 @@ def docs_cwd(tmp_path_factory):
     """An empty working folder holding only `configs` (a link to the repository's): documented commands name config
     files relative to the repository root, and nothing a command reads or writes lands in the checkout."""
     folder = tmp_path_factory.mktemp("docs_cwd")
-    (folder / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+    for name in ("configs", "demo"):  # config files; the demo's example images, which snippets open
+        (folder / name).symlink_to(ROOT / name, target_is_directory=True)
     previous = os.getcwd()
     os.chdir(folder)
     yield folder
@@ -129,6 +131,18 @@ def test_help_starts_with_what_the_script_does_and_an_example(script):
     assert not ISSUE_NUMBER.search(printed), "internal issue numbers in --help"
 
 
+@pytest.mark.parametrize("script", [*project_scripts(), "mae_hf/benchmark.py"])
+def test_help_keeps_the_line_breaks_of_its_examples(script):
+    """A continued example command (a line ending in `\\`) shows in --help as written: in a docstring that is not
+    raw, backslash-newline joins the lines into one."""
+    source = (ROOT / script).read_text()
+    node = ast.parse(source).body[0]
+    if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+        return  # no docstring (a shell script or an app without one): nothing to keep
+    written = ast.get_source_segment(source, node)
+    assert written.count("\\\n") == node.value.value.count("\\\n"), f"{script}: make the docstring raw (r\"\"\"...)"
+
+
 def test_gpu_check_help_runs_nothing(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "--help"], capture_output=True, text=True,
                             cwd=tmp_path, timeout=60)
@@ -150,6 +164,25 @@ def test_user_facing_text_names_no_issue_numbers():
     found += [f"{path} docstring: {match[0]}" for path in project_scripts() + ["mae_hf/benchmark.py"]
               for match in ISSUE_NUMBER.finditer(docstring(path))]
     assert found == []
+
+
+TIMES_TABLE = ("docs/benchmarks.md", "## How long the documented CPU runs take")
+DURATION = re.compile(r"(\d[\d,.]*(?:\s*[–-]\s*\d[\d,.]*)?)\s*(?:s|min|minutes|hours)\b(?!/)")
+
+
+def test_every_stated_time_comes_from_the_measured_table():
+    """The times the README, the config files and evaluation.md state are all in one measured table (with its
+    machine and load), so that they cannot disagree with each other or with the runs behind them."""
+    path, heading = TIMES_TABLE
+    table = (ROOT / path).read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+    measured = set(re.findall(r"\d[\d,.]*", table))
+    stated = [(relative(file), match.group(0)) for file in [README, ROOT / "docs" / "evaluation.md",
+                                                             *sorted((ROOT / "configs").glob("*.yaml"))]
+              for match in DURATION.finditer(file.read_text())]
+    assert len(stated) >= 4
+    unmeasured = [(file, text) for file, text in stated
+                  if not set(re.findall(r"\d[\d,.]*", text)) <= measured]
+    assert unmeasured == []
 
 
 # --- the CPU quick start, end to end at tiny scale ------------------------------------------------------------
@@ -177,21 +210,29 @@ def quick_start_block(text: str):
     return blocks[0], offset
 
 
-def test_cpu_quick_start_runs_end_to_end(parquet_folder, docs_cwd, monkeypatch):
-    """The README's CPU quick start, command by command as written, on a tiny dataset (the block's `D`) with tiny
-    model sizes and one epoch appended; every step must leave its results."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture(scope="module")
+def quick_start(parquet_folder, docs_cwd):
+    """The README's CPU quick start run in `docs_cwd`, command by command as written, on a tiny dataset (the block's
+    `D`) with tiny model sizes and one epoch appended: [(script, argv, what it printed)]."""
     block, offset = quick_start_block(README.read_text())
     commands = commands_of_shell(block.text, "README.md", block.first_line + offset,
                                  overrides={"D": str(parquet_folder)})
     ran = []
-    for command in commands:
-        script, argv = command.words[1], command.words[2:]
-        assert command.words[0] == "python" and script in project_scripts(), f"not a script of ours: {command}"
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-            load(script).main(argv + TINY_FLAGS.get(script, []))
-        ran.append((script, argv, printed.getvalue()))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        for command in commands:
+            script, argv = command.words[1], command.words[2:]
+            assert command.words[0] == "python" and script in project_scripts(), f"not a script of ours: {command}"
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                load(script).main(argv + TINY_FLAGS.get(script, []))
+            ran.append((script, argv, printed.getvalue()))
+    return ran
+
+
+def test_cpu_quick_start_runs_end_to_end(quick_start, parquet_folder, docs_cwd):
+    """Every step of the quick start leaves its results."""
+    ran = quick_start
     assert {"scripts/pretrain.py", "scripts/linear_probe.py"} <= {script for script, _, _ in ran}
     for script, argv, printed in ran:
         if script == "scripts/pretrain.py":
@@ -205,6 +246,36 @@ def test_cpu_quick_start_runs_end_to_end(parquet_folder, docs_cwd, monkeypatch):
             assert "| Linear probe" in printed
         if script == "scripts/visualize.py":
             assert (docs_cwd / argv[argv.index("--output") + 1]).is_file()
+
+
+def run_python_blocks(path: Path) -> tuple[dict, str]:
+    """Every Python block of a guide, in order and in one namespace, in the current folder: (namespace, printed)."""
+    blocks = [block for block in fenced_blocks(path.read_text(), relative(path)) if block.language == "python"]
+    assert blocks, f"{relative(path)} has no Python block"
+    namespace = {"__name__": "__main__"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for block in blocks:
+            exec(compile(block.text, block.source, "exec"), namespace)
+    return namespace, printed.getvalue()
+
+
+def test_readme_python_runs_as_pasted_after_the_quick_start(quick_start, docs_cwd, monkeypatch):
+    """The README's Python, in the folder where the quick start ran (as a user pastes it after the quick start's
+    commands): it must run, with nothing defined beforehand."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace, printed = run_python_blocks(README)
+    assert tuple(namespace["features"].shape) == (1, TINY_MODEL["hidden_size"])
+    assert printed.strip() in {"cat", "dog", "ship"}  # the tiny dataset's classes
+
+
+def test_models_guide_python_runs_as_pasted(quick_start, docs_cwd, monkeypatch):
+    """docs/models.md's Python blocks, one after the other, after the quick start (its probe folder has the trained
+    head the classification pipeline needs)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace, _ = run_python_blocks(ROOT / "docs" / "models.md")
+    assert namespace["features"].shape == (5, 192)  # the exported encoder's, on 5 images
+    assert type(namespace["theirs"]).__name__ == "ViTMAEForPreTraining"
 
 
 # --- the check itself fails on broken commands ------------------------------------------------------------------

@@ -166,7 +166,8 @@ def test_finetune_results_and_layer_decay(evaluated, scripts):
 
 def test_layer_decay_groups(tiny_config, tmp_path):
     from mae_hf.data import BatchTransform
-    from mae_hf.training import ImageTrainer, ImageTrainingArguments
+    from mae_hf.training import ImageTrainer
+    from mae_hf.training_args import ImageTrainingArguments
 
     model = MAEForImageClassification(tiny_config(num_labels=3))
     args = ImageTrainingArguments(output_dir=str(tmp_path), learning_rate=1.0, weight_decay=0.1, eval_strategy="no")
@@ -361,9 +362,11 @@ def test_publish_card_names_the_hub_dataset_the_run_used(evaluated, scripts, tmp
 
 
 def test_a_card_never_names_a_dataset_the_model_did_not_see(evaluated, scripts, tmp_path, capsys):
-    """Local data is CIFAR-10 only when it has CIFAR-10's classes (or --dataset_id says whose copy it is); other
-    local data is described by its folder, without Hub dataset metadata. The card states the model's image size."""
-    from mae_hf.publish import CIFAR10_CLASS_NAMES, resolve_dataset_id
+    """Local data is a Hub dataset only when --dataset_id says whose copy it is (or it was prepared from one), never
+    by its class names; otherwise it is described by its folder, without Hub dataset metadata. The card states the
+    model's image size."""
+    from mae_hf.publish import resolve_dataset_id
+    from mae_hf.results import folder_name
 
     folder, root = evaluated
     trained_on = read(folder / "pretraining_summary.json")["dataset_name"]
@@ -374,15 +377,51 @@ def test_a_card_never_names_a_dataset_the_model_did_not_see(evaluated, scripts, 
     metadata = yaml.safe_load(card.split("---")[1])
     assert "datasets" not in metadata and "model-index" not in metadata
     assert "CIFAR" not in card and "cifar10" not in card
-    assert f"pretrained self-supervised on\nthe local dataset `{trained_on}`" in card
+    assert f"pretrained self-supervised on\nthe local dataset `{folder_name(trained_on)}`" in card
     assert f"| Data | a local dataset at `{trained_on}` (not on the Hub): train (48 images) |" in card
     size = read(folder / "config.json")["image_size"]
     assert f"{size}×{size} crops of the local dataset" in card and "images far from the\ndomain or resolution" in card
-    summary = {"dataset_name": "../data/cifar10", "class_names": CIFAR10_CLASS_NAMES}
-    assert resolve_dataset_id(summary, None) == "uoft-cs/cifar10"
-    assert resolve_dataset_id(dict(summary, class_names=None), None) is None  # unlabelled: not known to be CIFAR-10
-    assert resolve_dataset_id({"dataset_name": "../data/cifar10"}, None) is None  # a summary from before class_names
-    assert resolve_dataset_id(dict(summary, class_names=None), "me/photos") == "me/photos"
+    cifar10_classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    summary = {"dataset_name": "../data/cifar10", "class_names": cifar10_classes}
+    assert resolve_dataset_id(summary, None) is None  # CIFAR-10's classes make no copy of the Hub's CIFAR-10
+    assert resolve_dataset_id(summary, "me/photos") == "me/photos"  # the user's word
+
+
+def test_a_card_for_a_local_jpeg_tree_says_what_the_run_saw(tmp_path, scripts, tiny_overrides):
+    """A JPEG image-folder tree with CIFAR-10's class names, trained with --train_dir and evaluated on a separate
+    --validation_dir: the card names no Hub dataset (no guess from the class names), describes the folders by their
+    own names and image counts, says where they came from when told (--dataset_source), and its evaluation lines and
+    Limitations name the separate folder, not a held-out part of the training images."""
+    import numpy as np
+    from PIL import Image
+
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 3), ("test", 1)):
+        for name in classes:
+            (tmp_path / "cifar10_jpg" / split / name).mkdir(parents=True)
+            for index in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                    tmp_path / "cifar10_jpg" / split / name / f"{index}.jpg", quality=90)
+    run = tmp_path / "run"
+    scripts.pretrain.main(["--train_dir", str(tmp_path / "cifar10_jpg" / "train"), "--validation_dir",
+                           str(tmp_path / "cifar10_jpg" / "test"), "--output_dir", str(run), "--config_overrides",
+                           tiny_overrides, "--per_device_train_batch_size", "10", "--num_train_epochs", "1",
+                           "--knn_k", "5", "--disable_tqdm", "true"])
+    summary = read(run / "pretraining_summary.json")
+    assert summary["class_names"] == classes and summary["eval_samples"] == 10
+    scripts.publish.main([str(run), "--output_dir", str(tmp_path / "hub"), "--dataset_source",
+                          "a JPEG copy of CIFAR-10 from a public mirror"])
+    card = (tmp_path / "hub" / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert "datasets" not in metadata and "model-index" not in metadata and "uoft-cs" not in card
+    assert "the local dataset `cifar10_jpg/train` (a JPEG copy of CIFAR-10 from a public mirror)" in card
+    assert f"| Data | a local dataset at `{tmp_path / 'cifar10_jpg' / 'train'}` (not on the Hub): train (30 images) |" \
+        in card
+    separate = "the separate folder `cifar10_jpg/test` (10 images, given as --validation_dir)"
+    assert f"| Evaluation data | {separate} |" in card
+    assert f"the\n  pretraining run evaluated on {separate}." in card and "held-out" not in card
+    assert f'repo = "{tmp_path / "hub"}"' in card and "# hub\n" not in card  # the folder's path, not its base name
 
 
 def test_numbers_measured_on_other_images_are_refused_in_a_row_and_on_a_card(evaluated, scripts, tmp_path, capsys):

@@ -304,6 +304,10 @@ def test_broken_model_folder(tmp_path, scripts, capsys, models, change, message)
     ("a: [1,\n", "config file {} is not valid YAML"),
     ("- 1\n- 2\n", "config file {} must hold a mapping of options"),
     ("", None),  # an empty file: no options, the flags alone decide (then --output_dir is missing)
+    ("learning_rate: ten\n", "config file {}: learning_rate: 'ten' is not a valid float value"),
+    ("bf16: maybe\n", "config file {}: bf16: 'maybe' is not a valid true/false value"),
+    ("output_dir: out\nlr_scheduler_type: wobbly\n",
+     "config file {}: lr_scheduler_type: wobbly is not a valid SchedulerType"),
 ])
 def test_bad_config_file_is_a_usage_error(tmp_path, scripts, capsys, content, message):
     config = tmp_path / "config.yaml"
@@ -312,6 +316,24 @@ def test_bad_config_file_is_a_usage_error(tmp_path, scripts, capsys, content, me
     assert (message.format(config) if message else "--output_dir is required") in err
     (tmp_path / "config.json").write_text('{"output_dir": ')
     assert "config.json is not valid JSON" in run(scripts.pretrain.main, [tmp_path / "config.json"], capsys, code=2)
+
+
+@pytest.mark.parametrize("script, flag", [("pretrain", "--evaluation_strategy"), ("finetune", "--overwrite_output_dir"),
+                                          ("pretrain", "--push_to_hub_model_id=me/mae"), ("finetune", "--no_cuda"),
+                                          ("linear_probe", "--logging_dir")])
+def test_transformers_4_flags_get_their_5_names(tmp_path, scripts, capsys, script, flag):
+    """A transformers 4 flag is named with what transformers 5 calls it (or that it is gone), as docs/migrating.md
+    lists it, instead of "not used by the HfArgumentParser"."""
+    from mae_hf.cli import RENAMED_FLAGS
+
+    name = flag.split("=")[0]
+    err = run(getattr(scripts, script).main, ["--output_dir", tmp_path / "out", flag], capsys, code=2)
+    assert f"{name} is a transformers 4 flag: {RENAMED_FLAGS[name]}" in err and not (tmp_path / "out").exists()
+    migrating = (ROOT / "docs" / "migrating.md").read_text()
+    for old, instead in RENAMED_FLAGS.items():  # the guide lists each with its new name
+        assert f"`{old}`" in migrating, old
+        new_name = re.search(r"calls it (--\w+)", instead)
+        assert new_name is None or f"`{new_name.group(1)}`" in migrating, instead
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -631,7 +653,7 @@ def test_ctrl_c_outside_a_training_run_is_one_line(capsys):
 def test_data_on_the_gpu_is_not_given_to_worker_processes(tmp_path, monkeypatch):
     from mae_hf.data.memory import InMemoryImages
     from mae_hf.data.streaming import StreamedImages
-    from mae_hf.training import PretrainingArguments
+    from mae_hf.training_args import PretrainingArguments
 
     in_memory = InMemoryImages(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.full((1, 2), 2))
     workers = PretrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=2)

@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file
 
 from mae_hf.cli import run_script
-from mae_hf.runs import LOCK_NAME, DivergenceGuard, NonFiniteError, Run, checkpoint_problem
-from mae_hf.training import PretrainingArguments
+from mae_hf.runs import LOCK_NAME, NonFiniteError, Run, checkpoint_problem
+from mae_hf.training import DivergenceGuard
+from mae_hf.training_args import PretrainingArguments
 
 STEPS_PER_EPOCH = 6  # 48 images, batch 8
 
@@ -174,10 +175,11 @@ def test_finetune_divergence_is_caught_too(tmp_path, scripts, tiny_overrides, pa
 
 # ---- items 3 and 6: signals and a second run on the same folder (real processes) ----------------------------------
 
-def _start(repo_root, output, tiny_overrides, parquet_folder):
+def _start(repo_root, output, tiny_overrides, parquet_folder, *extra):
     command = [sys.executable, "scripts/pretrain.py",
-               *tiny_args(output, tiny_overrides, parquet_folder, "--max_steps", "100000", "--logging_steps", "50")]
-    return subprocess.Popen(command, cwd=repo_root, env=dict(os.environ, OMP_NUM_THREADS="1"),
+               *tiny_args(output, tiny_overrides, parquet_folder, "--max_steps", "100000", "--logging_steps", "50",
+                          *extra)]
+    return subprocess.Popen(command, cwd=repo_root, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -185,18 +187,21 @@ def _start(repo_root, output, tiny_overrides, parquet_folder):
 def signalled_runs(tmp_path_factory, repo_root, tiny_overrides, parquet_folder, scripts):
     """Two runs in their own processes, stopped by SIGTERM and SIGINT after their second checkpoint; while they run,
     a second run is started on the first one's folder. {signal name: (folder, exit code, stdout, stderr),
-    "second": (exit code, stderr, pid it had to name)}."""
+    "second": (exit code, stderr, pid it had to name)}. The SIGINT run reads through a DataLoader worker and gets
+    its signal as Ctrl-C in a terminal sends it: to the whole process group, worker included."""
     root = tmp_path_factory.mktemp("signals")
     folders = {"SIGTERM": root / "term", "SIGINT": root / "int"}
-    processes = {name: _start(repo_root, folder, tiny_overrides, parquet_folder) for name, folder in folders.items()}
+    processes = {name: _start(repo_root, folder, tiny_overrides, parquet_folder,
+                              *(["--dataloader_num_workers", "1"] if name == "SIGINT" else []))
+                 for name, folder in folders.items()}
     deadline = time.time() + 180
     while not all(len(list(folder.glob("checkpoint-*/trainer_state.json"))) >= 2 for folder in folders.values()):
         assert all(p.poll() is None for p in processes.values()) and time.time() < deadline, "a run ended early"
         time.sleep(0.05)
     code, _, err = run(scripts, tiny_args(folders["SIGTERM"], tiny_overrides, parquet_folder))
     results = {"second": (code, err, processes["SIGTERM"].pid)}
-    for name, process in processes.items():
-        process.send_signal(getattr(signal, name))
+    processes["SIGTERM"].send_signal(signal.SIGTERM)
+    os.killpg(processes["SIGINT"].pid, signal.SIGINT)
     for name, process in processes.items():
         out, err = process.communicate(timeout=120)
         results[name] = (folders[name], process.returncode, out, err)
@@ -214,7 +219,8 @@ def test_signal_stops_at_a_step_and_says_how_to_resume(signalled_runs, name, cod
     folder, returncode, out, err = signalled_runs[name]
     assert returncode == code, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert f"[stop] {name} received: stopping at the end of this step" in err
+    assert err.count(f"[stop] {name} received: stopping at the end of this step") == 1  # not again by a worker
+    assert "train_runtime" not in out + err  # no train metrics that read like a finished run
     assert f"error: stopped by {name} after step" in err
     last = folder / checkpoint_names(folder)[-1]
     assert f"The last complete checkpoint is {last} (step {step_of(last)}); resume with: python scripts/pretrain.py" \
@@ -322,6 +328,67 @@ def test_accepted_change_is_recorded_and_a_finished_run_trains_no_extra_step(sto
     assert summary["train_runtime_seconds"] == json.loads(train_results)["train_runtime"]  # the run's, kept
 
 
+def test_a_resumed_runs_summary_and_card_describe_the_whole_run(stopped_run, scripts, tiny_overrides,
+                                                               parquet_folder, tmp_path):
+    """Stopped after a checkpoint and resumed: the summary, train_results.json and the card give the time and images
+    of both segments (up to the checkpoint the resume started from, then to the end) with each segment's command."""
+    folder, last, step = stopped_run
+    first = json.loads((last / "run_settings.json").read_text())["segments"]
+    assert len(first) == 1 and first[0]["steps"] == [0, step] and first[0]["seconds"] > 0
+    assert first[0]["images"] == 8 * step and "--max_steps 100000" in first[0]["command"]
+    end = step + 3
+    code, _, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", str(end),
+                                          "--logging_steps", "50", "--resume_from_checkpoint", "last",
+                                          "--allow_config_change", "true", "--eval_steps", str(end)))
+    assert code == 0, err
+    summary = json.loads((folder / "pretraining_summary.json").read_text())
+    segments = summary["segments"]
+    assert [segment["steps"] for segment in segments] == [[0, step], [step, end]]
+    assert [segment["images"] for segment in segments] == [8 * step, 8 * 3]
+    assert segments[1]["command"] == summary["command"] and segments[0] == first[0]  # the resume's, then the first
+    total = round(first[0]["seconds"] + segments[1]["seconds"], 1)
+    assert summary["train_runtime_seconds"] == total
+    train_results = json.loads((folder / "train_results.json").read_text())
+    assert train_results["train_runtime"] == total and train_results["train_images"] == 8 * end
+    assert train_results["segments"] == segments and "train_loss" in train_results["last_segment"]
+    assert "train_loss" not in train_results  # the Trainer's mean covers the last segment only
+
+    out = tmp_path / "hub"
+    scripts.publish.main([str(folder), "--output_dir", str(out)])
+    card = (out / "README.md").read_text()
+    assert (f"| Training time | {total:.0f} s for {8 * end:,} images in 2 segments (stopped and resumed at step "
+            f"{step};") in card
+    assert f"- started, trained to step {step}: `{first[0]['command']}`" in card
+    assert f"- resumed from step {step}, trained to step {end}: `{segments[1]['command']}`" in card
+
+
+def test_weights_follow_the_umask(stopped_run, scripts, tiny_overrides, parquet_folder, tmp_path):
+    """model.safetensors (written by safetensors through a private temporary file) is readable like every other
+    file the run writes: in the run, its checkpoints, a probe and a published folder."""
+    from mae_hf.probes import save_head
+
+    folder, _, step = stopped_run
+    code, _, err = run(scripts, tiny_args(folder, tiny_overrides, parquet_folder, "--max_steps", str(step + 3),
+                                          "--logging_steps", "50", "--resume_from_checkpoint", "last",
+                                          "--allow_config_change", "true"))
+    assert code == 0, err
+    code, _, err = run(scripts, ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "probe"),
+                                 "--probe_epochs", "1", "--knn_k", "5", "--dataset_name", str(parquet_folder)],
+                       script="linear_probe")
+    assert code == 0, err
+    scripts.publish.main([str(folder), "--probe", str(tmp_path / "probe"), "--output_dir", str(tmp_path / "hub")])
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    weights = [folder / "model.safetensors", folder / f"checkpoint-{step + 3}" / "model.safetensors",
+               tmp_path / "probe" / "model.safetensors", tmp_path / "hub" / "model.safetensors",
+               tmp_path / "head" / "linear_probe_head.safetensors"]
+    save_head(torch.nn.Linear(2, 2), str(tmp_path / "head"), "linear_probe", {}, {})  # a probe's saved head
+    for path in weights:
+        assert path.stat().st_mode & 0o777 == expected, path
+    assert (folder / "config.json").stat().st_mode & 0o777 == expected
+
+
 @pytest.mark.parametrize("tear", ["empty_state", "truncated_state", "state_without_step", "truncated_weights",
                                   "truncated_optimizer"])
 def test_torn_checkpoint_is_detected(stopped_run, tear):
@@ -361,6 +428,18 @@ def test_unusable_output_dir_is_refused_before_training(tmp_path, scripts, tiny_
     code, _, err = run(scripts, tiny_args(a_file / "run", tiny_overrides, parquet_folder))
     assert code == 1 and f"--output_dir {a_file / 'run'} cannot be created (Not a directory)" in err
     assert a_file.read_text() == "not a folder"
+
+
+def test_a_refused_start_leaves_no_folder_it_made(tmp_path, scripts, parquet_folder):
+    """A fine-tune of a folder that is no model stops before any work: neither --output_dir nor the parents the run
+    made for it stay behind ("nothing written"); a parent that existed before stays."""
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "notes.txt").write_text("not weights")
+    output = tmp_path / "made" / "by" / "the_run"
+    code, _, err = run(scripts, ["--model_name_or_path", str(tmp_path / "not_a_model"), "--output_dir", str(output),
+                                 "--dataset_name", str(parquet_folder)], script="finetune")
+    assert code == 1 and "is not a saved model" in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["not_a_model"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs sysfs: a folder nobody may write to, root included")

@@ -13,8 +13,9 @@ import torch
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import UsageError, parse_args, parse_overrides, run_script
 from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed_noise, load_image_splits
+from mae_hf.loading import ModelArguments, build_config
 from mae_hf.runs import RunError
-from mae_hf.training import ModelArguments, PretrainingArguments, build_config
+from mae_hf.training_args import PretrainingArguments
 
 
 def test_run_leaves_a_complete_folder(pretrained_run):
@@ -149,10 +150,35 @@ def test_long_cpu_run_of_a_small_model_gets_no_hint_to_use_the_small_config(tmp_
     callback = ThroughputCallback(128, slow_hint="use the small config", measure_seconds=0.0)
     state = SimpleNamespace(is_world_process_zero=True, max_steps=3710, global_step=3)
     callback.on_train_begin(args, state, None)
-    callback.last_time, callback.seconds, callback.steps = 0.0, 10.0, 1  # 10 s a step: hours left
+    callback.last_time, callback.seconds, callback.steps = 0.0, 10.0, 2  # 10 s a step: hours left
     callback.on_step_end(args, state, None)
     printed = capsys.readouterr().out
     assert "[plan] measured" in printed and "use the small config" not in printed
+
+
+def test_the_plan_line_re_estimates_from_a_longer_window(tmp_path, capsys, monkeypatch):
+    """The first estimate comes after the warm-up and a few steps; later ones, each time the measured time has grown
+    fourfold, from the steps since the last one: a machine that got busier (steps 5x slower) shows in the next line
+    instead of leaving the first, far too short, estimate standing."""
+    from types import SimpleNamespace
+
+    from mae_hf import training
+    from mae_hf.training import ThroughputCallback
+
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+    args = PretrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    callback = ThroughputCallback(100, measure_seconds=10.0)
+    callback.on_train_begin(args, SimpleNamespace(is_world_process_zero=True, max_steps=1000), None)
+    capsys.readouterr()
+    for step in range(1, 101):
+        clock[0] += 30.0 if step <= 2 else (2.0 if step <= 10 else 10.0)  # warm-up, then idle, then busy
+        callback.on_step_end(args, SimpleNamespace(is_world_process_zero=True, max_steps=1000, global_step=step), None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[plan]")]
+    assert lines[0] == "[plan] measured 50 images/s over 5 steps; about 33 min of training left (evaluations add to it)"
+    assert lines[1].startswith("[plan] re-measured ") and " images/s over " in lines[1]
+    assert lines[-1].startswith("[plan] re-measured 10 images/s over ")  # the busy machine's speed
+    assert len(lines) <= 4  # a few lines, not one per step
 
 
 def test_bad_column_fails_before_training(tmp_path, scripts, tiny_overrides, parquet_folder):
@@ -234,7 +260,7 @@ def test_cpu_defaults_bf16_where_native_without_compile(tmp_path):
 
 
 def test_config_files_parse_and_reference_is_the_reference_recipe(tmp_path, repo_root):
-    from mae_hf.training import FinetuneArguments
+    from mae_hf.training_args import FinetuneArguments
 
     configs = repo_root / "configs"
     for name, arguments in (("reference", PretrainingArguments), ("cpu_small", PretrainingArguments),

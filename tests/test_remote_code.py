@@ -7,12 +7,17 @@ site-packages and transformers with it, `-I` keeps site-packages. So the child f
 of all others that refuses `mae_hf`, and checks that `import mae_hf` fails.
 """
 
+import importlib.metadata
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
 from mae_hf import MAEForImageClassification, MAEForPreTraining, MAEModel
@@ -142,3 +147,72 @@ def test_remote_code_loads_without_mae_hf(tmp_path, tiny_config, perturb, pixel_
     assert [entry["label"] for entry in classification] == [id2label[i] for i in ranking]
     torch.testing.assert_close(torch.tensor([entry["score"] for entry in classification]),
                                probabilities[ranking], rtol=0, atol=1e-5)
+
+
+# ---- the card's install claim ------------------------------------------------------------------------------------
+
+def installed_with(names) -> set[str]:
+    """The distributions `pip install NAMES` brings: the named ones and, transitively, what they require (extras
+    left out), as installed here."""
+    wanted, found = [canonicalize_name(name) for name in names], set()
+    while wanted:
+        name = wanted.pop()
+        if name in found:
+            continue
+        found.add(name)
+        for line in importlib.metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                wanted.append(canonicalize_name(requirement.name))
+    return found
+
+
+def environment_of(names, folder) -> str:
+    """A site-packages folder holding only the files of `installed_with(names)` (links to this environment's), for a
+    `python -S` that adds it to its path: an environment with exactly those packages, as `importlib` and
+    `importlib.metadata` see it."""
+    os.makedirs(folder)
+    for distribution in installed_with(names):
+        for file in importlib.metadata.distribution(distribution).files or []:
+            top = file.parts[0]
+            source = file.locate().parents[len(file.parts) - 1] / top
+            if top != ".." and source.exists() and not os.path.lexists(os.path.join(folder, top)):
+                os.symlink(source, os.path.join(folder, top))
+    return str(folder)
+
+
+def card_usage(card: str) -> tuple[list[str], str]:
+    """(the packages the card's `pip install` line names, its Python blocks in order)."""
+    install = re.search(r"^pip install (.+)$", card, re.MULTILINE).group(1)
+    names = [re.split(r"[<>=!~\[; ]", word, maxsplit=1)[0] for word in shlex.split(install)]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", card, re.DOTALL))
+    return names, code
+
+
+def run_with_only(names, code, tmp_path, tag) -> subprocess.CompletedProcess:
+    site = environment_of(names, tmp_path / f"site_{tag}")
+    (tmp_path / f"usage_{tag}").mkdir()
+    script = tmp_path / f"usage_{tag}" / "usage.py"
+    script.write_text(f"import sys\nsys.path.append({site!r})\n{code}\nprint('features', tuple(features.shape))\n")
+    env = dict(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / f"hf_home_{tag}"), PATH=os.environ.get("PATH", ""))
+    return subprocess.run([sys.executable, "-S", str(script)], cwd=script.parent, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_cards_usage_runs_with_exactly_the_packages_it_names(pretrained_run, scripts, parquet_folder, tmp_path):
+    """The published card's install line and code, run as a user would: a Python with only the packages the card
+    names (and what pip installs with them) and no mae_hf, loading the folder by the path the card's code names. One
+    package fewer (pillow, which the image processor needs and neither torch nor transformers requires) fails, so
+    the claim is checked, not assumed."""
+    folder, _ = pretrained_run
+    scripts.linear_probe.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "probe"),
+                               "--probe_epochs", "1", "--knn", "false", "--dataset_name", str(parquet_folder)])
+    scripts.publish.main([str(folder), "--probe", str(tmp_path / "probe"), "--output_dir", str(tmp_path / "hub")])
+    names, code = card_usage((tmp_path / "hub" / "README.md").read_text())
+    assert names == ["torch", "transformers", "pillow"]
+    assert "mae_hf" not in installed_with(names) and "datasets" not in installed_with(names)
+    result = run_with_only(names, code, tmp_path, "card")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "features (1, 16)" in result.stdout
+    result = run_with_only(["torch", "transformers"], code, tmp_path, "without_pillow")
+    assert result.returncode != 0 and "PIL" in result.stderr

@@ -21,12 +21,12 @@ import sys
 import numpy as np
 import torch
 
-from ..cli import UsageError
+from ..cli import UsageError, print_once
 from .arguments import DataArguments, SourceArguments
 from .decode import Geometry
 from .labels import check_labels
 from .memory import InMemoryImages, cpus_per_process, decode_into_memory, header_sizes, keep_rows, storage_plan
-from .policy import all_processes_agree, gigabytes, memory_budget, print_once
+from .policy import all_processes_agree, gigabytes, memory_budget
 from .readers import ImageReader, ImageSource, open_source
 from .sources import default_prepared_folder, select_splits, source_rows
 from .splits import ImageData, ImageDataset, collate, fixed_noise, sequential_batches

@@ -18,9 +18,9 @@ from typing import Protocol
 
 import numpy as np
 
+from ..cli import print_once
 from .arguments import SourceArguments
 from .decode import BadImage, Geometry, decode_image, decode_stored, stored_size
-from .policy import print_once
 from .prepared import (
     IMAGE_COLUMN,
     geometry_of,
