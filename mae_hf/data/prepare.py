@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass, field
 
 from ..cli import UsageError, print_once
-from ..inputs import TEMPORARY_MARK, write_failure, written_whole
-from ..runs import LOCK_NAME, OutputLock, RunError
+from ..inputs import TEMPORARY_MARK, write_failure, write_json, written_whole
+from ..paths import check_output_folder
+from ..runs import LOCK_NAME, OutputLock, RunError, differences
 from .arguments import SourceArguments
 from .decode import LONG_SIDE_FACTOR, BadImage, Geometry, channels_first, decode_image, open_image, orientation
 from .labels import check_same_class_names, validate_labels
@@ -208,9 +209,7 @@ def prepare_shard(task: tuple[str, int, int, int]) -> dict:
     record = {"file": relative, "rows": len(columns[IMAGE_COLUMN]), "bytes": os.path.getsize(path), "skipped": skipped,
               "max_height": max(columns["height"], default=0), "max_width": max(columns["width"], default=0),
               "image_bytes": sum(len(data) for data in columns[IMAGE_COLUMN]), **shard_fingerprints(path)}
-    with written_whole(os.path.join(unfinished, PROGRESS_FOLDER, f"{split}-{shard:05d}.json")) as temporary:
-        with open(temporary, "w") as handle:
-            json.dump(record, handle)
+    write_json(os.path.join(unfinished, PROGRESS_FOLDER, f"{split}-{shard:05d}.json"), record)
     return record
 
 
@@ -271,16 +270,7 @@ def _check_output_dir(args: PrepareArguments) -> None:
     a file, a folder of other files, a finished prepared folder (without --overwrite), a folder that cannot be
     written. Usage errors: the command line must change."""
     folder = args.output_dir
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UsageError(f"--output_dir {folder} is a file, not a folder. Give a folder path (created if missing).")
-    existing = folder
-    while not os.path.exists(existing):  # the folder is created below its nearest existing parent
-        existing = os.path.dirname(os.path.abspath(existing))
-    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
-    if read_only or not os.access(existing, os.W_OK):
-        raise UsageError(f"--output_dir {folder}: {existing} cannot be written "
-                         f"({'a read-only file system' if read_only else 'no permission'}). Choose a folder you can "
-                         "write to.")
+    check_output_folder(folder)
     contents = _contents(folder)
     if not is_prepared(folder):
         others = [name for name in contents if name != UNFINISHED_FOLDER]  # a run killed before its manifest
@@ -312,19 +302,14 @@ def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
     if args.overwrite or not is_prepared(folder):  # not prepared: empty, or what a run killed before its manifest left
         return _cleared(folder)
     manifest = read_manifest(folder, require_complete=False)
-    differences = {}
-    for section, values in identity.items():
-        before = manifest["identity"].get(section) or {}
-        for key in sorted(set(values) | set(before)):
-            if before.get(key) != values.get(key):
-                named = f"images in split {key}" if section == "splits" else key
-                differences[named] = (before.get(key), values.get(key))
-    if differences == {"skip_bad_images": (False, True)}:
+    changes = {f"images in split {key}" if section == "splits" else key: both for section, values in identity.items()
+               for key, both in differences(manifest["identity"].get(section) or {}, values, both_only=False).items()}
+    if changes == {"skip_bad_images": (False, True)}:
         print(f"[prepare] {folder}: continuing with --skip_bad_images true (the shards finished without it hold no "
               "bad image)", flush=True)
         return manifest
-    if differences:
-        listed = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differences.items())
+    if changes:
+        listed = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in changes.items())
         raise UsageError(f"--output_dir {folder} holds an unfinished preparation of other data or settings "
                          f"({listed}). Continue it with its own flags, choose another --output_dir, or pass "
                          "--overwrite true.")

@@ -18,7 +18,7 @@ import os
 import re
 import shlex
 
-from ..inputs import read_json_object
+from ..inputs import read_json_object, write_json
 from .decode import Geometry
 
 PREPARED_MANIFEST = "mae_hf_prepared.json"
@@ -239,15 +239,4 @@ def write_manifest(folder: str, manifest: dict) -> None:
     """Write the manifest whole or not at all (a new file renamed over the old one): an unfinished preparation's in
     UNFINISHED_FOLDER (a folder `datasets` cannot load), the finished folder's beside its splits."""
     where = folder if manifest["complete"] else os.path.join(folder, UNFINISHED_FOLDER)
-    path = os.path.join(where, PREPARED_MANIFEST)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w") as handle:
-            json.dump(manifest, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    write_json(os.path.join(where, PREPARED_MANIFEST), manifest)
