@@ -55,23 +55,24 @@ More suites, same flags:
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 from .cli import keep_freed_memory_requested, parse_overrides
 from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
 from .modeling_mae import MAEForPreTraining
-from .precision import autocast_for, decide_bf16, native_bf16
+from .precision import BF16_AUTO_HELP, autocast_for, decide_bf16, native_bf16
 from .redaction import recorded_command
 from .transfer import synchronize
 
@@ -219,35 +220,6 @@ def gemm_rate(shapes, dtype, device: str, seconds: float = 0.3) -> float:
     return best
 
 
-def print_profiles(runs: dict, pixel_values, steps: int, mode: str, top: int = 25) -> None:
-    """torch.profiler over `steps` train steps of each model (alternating): per operator, the smallest self CPU time
-    of one step (the least disturbed by other load) and its calls, the models side by side."""
-    from torch.profiler import ProfilerActivity, profile
-
-    tables = {name: {} for name in runs}
-    for step in range(steps):
-        for name in list(runs) if step % 2 == 0 else list(runs)[::-1]:
-            run = runs[name]
-            with profile(activities=[ProfilerActivity.CPU]) as profiler:
-                train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
-            for event in profiler.key_averages():
-                value = (event.self_cpu_time_total / 1e3, event.count)
-                if event.key not in tables[name] or value[0] < tables[name][event.key][0]:
-                    tables[name][event.key] = value
-    names = list(runs)
-    keys = sorted(set().union(*tables.values()), key=lambda key: -max(table.get(key, (0, 0))[0]
-                                                                     for table in tables.values()))
-    print(f"\nprofile, {mode}, {torch.get_num_threads()} threads: self CPU ms per step (min over {steps}) and calls\n")
-    print("| operator | " + " | ".join(f"{name} ms | calls" for name in names) + " |")
-    print("|---|" + "---:|---:|" * len(names))
-    print("| (sum of all) | " + " | ".join(f"{sum(v[0] for v in tables[name].values()):.1f} | " for name in names)
-          + " |")
-    for key in keys[:top]:
-        print(f"| {key} | " + " | ".join("{:.1f} | {}".format(*tables[name].get(key, (0.0, 0))) for name in names)
-              + " |")
-    print()
-
-
 def model_suite(args, config, bf16, autocast):
     """mae_hf against transformers' ViTMAE in each of `--modes` (precision, torch.compile): train-step images/s,
     CPU time, percent of the GEMM limit and memory, every (model, mode) in turn in each round."""
@@ -299,6 +271,8 @@ def model_suite(args, config, bf16, autocast):
                 gemm[precision].append(gemm_rate(shapes, dtype, args.device))
     load_after = os.getloadavg()
     if args.profile_steps:
+        from .benchmark_suites import print_profiles
+
         for mode in modes:
             print_profiles({name: runs[name, mode] for name in base}, pixel_values, args.profile_steps, mode)
 
@@ -487,23 +461,17 @@ class SyncDebugWindow(transformers.TrainerCallback):
             torch.cuda.set_sync_debug_mode(0)
             self.active = False
 
+    @contextlib.contextmanager
     def recording(self):
-        import contextlib
-        import warnings
-
-        @contextlib.contextmanager
-        def record():
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    yield
-                finally:
-                    if self.active:  # training stopped inside the window
-                        torch.cuda.set_sync_debug_mode(0)
-                        self.active = False
-                    self.warnings = [w for w in caught if "synchroniz" in str(w.message)]
-
-        return record()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                if self.active:  # training stopped inside the window
+                    torch.cuda.set_sync_debug_mode(0)
+                    self.active = False
+                self.warnings = [w for w in caught if "synchroniz" in str(w.message)]
 
     def record(self) -> dict:
         places = {}
@@ -513,197 +481,6 @@ class SyncDebugWindow(transformers.TrainerCallback):
         return {"steps": self.steps, "first_step": self.first_step, "mode": "warn",
                 "warnings": len(self.warnings) if self.cuda else None,
                 "places": dict(sorted(places.items(), key=lambda item: -item[1]))}
-
-
-def probe_suite(args, config, bf16, autocast):
-    """Linear probe on features computed once, against re-running the frozen encoder for every head epoch."""
-    from .data import BatchTransform
-    from .features import extract_features
-    from .modeling_mae import MAEForImageClassification
-    from .probes import train_probe
-
-    torch.manual_seed(args.seed)
-    config.update({"linear_probe": True, "num_labels": 10})
-    model = MAEForImageClassification(config).to(args.device)
-    images = torch.randint(0, 256, (args.probe_images, config.num_channels, config.image_size, config.image_size),
-                           dtype=torch.uint8)
-    labels = torch.randint(0, 10, (args.probe_images,)).to(args.device)
-    transform = BatchTransform.for_model(config)
-
-    def features():
-        return extract_features(model.mae, images, transform, batch_size=256, bf16=bf16)
-
-    def cached(epochs):
-        train_probe(model, features(), labels, epochs=epochs)
-
-    def rerun(epochs):
-        first = features()
-        train_probe(model, first, labels, epochs=epochs,
-                    feature_sampler=lambda epoch: (first if epoch == 0 else features(), labels))
-
-    results = {}
-    for epochs in args.probe_epochs:
-        seconds = {"features_once": [], "encoder_every_epoch": []}
-        for round_index in range(args.rounds):
-            runs = [("features_once", cached), ("encoder_every_epoch", rerun)]
-            for name, run in runs if round_index % 2 == 0 else runs[::-1]:
-                seconds[name].append(device_seconds(args.device, run, epochs))
-        medians = {name: statistics.median(values) for name, values in seconds.items()}
-        results[epochs] = {"seconds": seconds, "median_seconds": medians,
-                           "speedup": medians["encoder_every_epoch"] / medians["features_once"]}
-    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, {args.probe_images} images, {args.rounds} rounds\n")
-    print("| head epochs | features once (s) | encoder every epoch (s) | speedup |\n|---:|---:|---:|---:|")
-    for epochs, result in results.items():
-        medians = result["median_seconds"]
-        print(f"| {epochs} | {medians['features_once']:.2f} | {medians['encoder_every_epoch']:.2f} | "
-              f"{result['speedup']:.1f}x |")
-    return {"probe_images": args.probe_images, "rounds": args.rounds, "results": results}
-
-
-def augment_suite(args, config, bf16, autocast):
-    """The recipe's training augmentation against the fine-tune train step, alternating, per batch."""
-    import tempfile
-
-    from .augment import soft_target_cross_entropy
-    from .cli import parse_args
-    from .data import BatchTransform, DataArguments
-    from .modeling_mae import MAEForImageClassification
-    from .training_args import FinetuneArguments
-
-    with tempfile.TemporaryDirectory() as output_dir:  # the recipe's arguments want one; nothing is written
-        _, recipe = parse_args((DataArguments, FinetuneArguments), [args.recipe, "--output_dir", output_dir])
-    num_labels = 10
-    torch.manual_seed(args.seed)
-    config.update({"num_labels": num_labels, "drop_path_rate": recipe.drop_path_rate, "pooling": recipe.pooling})
-    model = MAEForImageClassification(config).to(args.device).train()
-    optimizer = make_optimizer(model, args.optimizer)
-    images = torch.randint(0, 256, (args.batch_size, config.num_channels, config.image_size, config.image_size),
-                           dtype=torch.uint8).to(args.device)
-    labels = torch.randint(0, num_labels, (args.batch_size,)).to(args.device)
-    strong_transform, _ = recipe.batch_transforms(config)
-    mixer = recipe.mixer(num_labels)
-    crop = (recipe.crop_min_scale, 1.0) if recipe.crop_min_scale < 1 else None
-    baseline_transform = BatchTransform.for_model(config, crop_scale=crop, hflip=recipe.horizontal_flip)
-    pixel_values, targets = mixer(strong_transform(images), labels) if mixer else (strong_transform(images), None)
-    targets = F.one_hot(labels, num_labels).float() if targets is None else targets
-
-    def strong():
-        x = strong_transform(images)
-        return mixer(x, labels) if mixer is not None else x
-
-    def step():
-        with autocast:
-            logits = model(pixel_values=pixel_values).logits
-        soft_target_cross_entropy(logits, targets).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    parts = {"strong_augmentation": strong, "crop_flip_only": lambda: baseline_transform(images), "train_step": step}
-    for run in parts.values():
-        for _ in range(args.warmup):
-            run()
-    # Per batch, one entry per round: wall time, and the process's CPU time (on a shared CPU the wall time also
-    # holds waiting for cores, which hits many small ops harder than a few large ones).
-    seconds = {name: [] for name in parts}
-    cpu_seconds = {name: [] for name in parts}
-    for round_index in range(args.rounds):
-        names = list(parts) if round_index % 2 == 0 else list(parts)[::-1]  # alternate who goes first
-        for name in names:
-            synchronize(args.device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(args.steps):
-                parts[name]()
-            synchronize(args.device)
-            seconds[name].append((time.perf_counter() - start) / args.steps)
-            cpu_seconds[name].append((time.process_time() - cpu_start) / args.steps)
-
-    def ratios_to_step(values):
-        per_round = {name: [a / b for a, b in zip(times, values["train_step"])]
-                     for name, times in values.items() if name != "train_step"}
-        return per_round, {name: statistics.median(ratios) for name, ratios in per_round.items()}
-
-    per_round, ratios = ratios_to_step(seconds)
-    cpu_per_round, cpu_ratios = ratios_to_step(cpu_seconds)
-    medians = {name: statistics.median(values) for name, values in seconds.items()}
-    cpu_medians = {name: statistics.median(values) for name, values in cpu_seconds.items()}
-    mixing = f"mixup {recipe.mixup_alpha} / cutmix {recipe.cutmix_alpha}" if mixer else "none"
-    print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, {args.rounds} rounds x "
-          f"{args.steps} batches, {torch.get_num_threads()} threads; recipe {args.recipe}: "
-          f"{strong_transform.augment!r}, random erasing {recipe.random_erasing}, mixing {mixing}\n")
-    print("| per batch | wall ms (median) | min | max | / train step | CPU ms (median) | / train step |\n"
-          "|---|---:|---:|---:|---:|---:|---:|")
-    for name, values in seconds.items():
-        ratio = f"{100 * ratios[name]:.1f} %" if name in ratios else ""
-        cpu_ratio = f"{100 * cpu_ratios[name]:.1f} %" if name in cpu_ratios else ""
-        print(f"| {name} | {1000 * medians[name]:.1f} | {1000 * min(values):.1f} | {1000 * max(values):.1f} | "
-              f"{ratio} | {1000 * cpu_medians[name]:.1f} | {cpu_ratio} |")
-    print("\n(ratios: medians of the per-round ratios)")
-    print(f"strong augmentation / train step: {100 * ratios['strong_augmentation']:.1f} % wall, "
-          f"{100 * cpu_ratios['strong_augmentation']:.1f} % CPU time (limit 10 %)")
-    return {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "recipe": args.recipe,
-            "seconds_per_batch": seconds, "median_seconds_per_batch": medians,
-            "ratio_to_train_step_per_round": per_round, "ratio_to_train_step": ratios,
-            "cpu_seconds_per_batch": cpu_seconds, "median_cpu_seconds_per_batch": cpu_medians,
-            "cpu_ratio_to_train_step_per_round": cpu_per_round, "cpu_ratio_to_train_step": cpu_ratios}
-
-
-def attention_suite(args, config, bf16, autocast):
-    """The attention of one block, torch's sdpa kernel against the formula (`eager_attention_forward`: matrix
-    products and a softmax), for several token counts: a train step's forward + backward and inference, in fp32 and
-    bf16, alternating. The evidence behind `CPU_BF16_FORMULA_MAX_TOKENS` in modeling_mae.py."""
-    import torch.nn.functional as F
-
-    from .modeling_mae import eager_attention_forward
-
-    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-    module = torch.nn.Module().train()
-
-    def formula(q, k, v):
-        return eager_attention_forward(module, q, k, v, None, scaling=head_dim ** -0.5)[0]
-
-    def kernel(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-
-    def calls(function, qkv, train: bool) -> None:
-        for _ in range(args.steps):
-            with torch.set_grad_enabled(train):
-                batch, length = qkv.shape[:2]
-                q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
-                output = function(q, k, v)
-                if train:
-                    output.sum().backward()
-
-    def timed(function, qkv, train: bool) -> float:
-        return device_seconds(args.device, calls, function, qkv, train) / args.steps
-
-    rows = []
-    for tokens in args.attention_tokens:
-        batch = max(1, args.batch_size * 65 // tokens)  # about the same number of tokens per call
-        for dtype in (torch.float32, torch.bfloat16):
-            qkv = torch.randn(batch, tokens, 3 * heads * head_dim, dtype=dtype, device=args.device,
-                              requires_grad=True)
-            for train in (True, False):
-                seconds = {"sdpa": [], "formula": []}
-                runs = [("sdpa", kernel), ("formula", formula)]
-                for round_index in range(args.rounds):
-                    for name, function in runs if round_index % 2 == 0 else runs[::-1]:
-                        if round_index == 0:
-                            timed(function, qkv, train)  # warm up
-                        seconds[name].append(timed(function, qkv, train))
-                ratio = statistics.median(a / b for a, b in zip(seconds["sdpa"], seconds["formula"]))
-                rows.append({"tokens": tokens, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
-                             "pass": "forward + backward" if train else "inference", "seconds": seconds,
-                             "sdpa_over_formula": ratio})
-    print(f"{args.device}, {heads} heads of {head_dim}, {args.rounds} rounds x {args.steps} calls, "
-          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}\n")
-    print("| tokens | batch | dtype | pass | sdpa ms | formula ms | sdpa / formula |\n"
-          "|---:|---:|---|---|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['tokens']} | {row['batch']} | {row['dtype']} | {row['pass']} | "
-              f"{1000 * statistics.median(row['seconds']['sdpa']):.1f} | "
-              f"{1000 * statistics.median(row['seconds']['formula']):.1f} | {row['sdpa_over_formula']:.2f} |")
-    print("\n(sdpa / formula > 1: the formula is faster; medians of the per-round ratios)")
-    return {"heads": heads, "head_dim": head_dim, "rows": rows}
 
 
 def main(argv=None):
@@ -716,8 +493,7 @@ def main(argv=None):
     parser.add_argument("--config_overrides", help='MAEConfig fields, e.g. "hidden_size=128,num_attention_heads=4".')
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="Autocast to bfloat16 (default: on where the device computes bf16 natively: an NVIDIA GPU "
-                             "of compute capability 8.0 or newer, a CPU with AMX or AVX512-BF16; mae_hf/precision.py).")
+                        help=f"Autocast to bfloat16: {BF16_AUTO_HELP}")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
     parser.add_argument("--modes", nargs="+", metavar="MODE",
                         help=f"Model suite: time every model in each of these modes, in turn in each round "
@@ -795,6 +571,8 @@ def main(argv=None):
         config.check()
     except ValueError as error:
         parser.error(str(error))
+
+    from .benchmark_suites import attention_suite, augment_suite, probe_suite  # they use this module's timers
 
     suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite,
               "attention": attention_suite}

@@ -23,6 +23,25 @@ class DefaultStatistics(list):
     when that changes later. Saved as a plain list (a loaded config's values count as given)."""
 
 
+# The fraction of patches hidden from the encoder that each use accepts: the encoder may see every patch (features);
+# pretraining learns from the masked patches only. In either, some patch must stay visible.
+MASK_RATIO_RULES = {
+    "encoder": (lambda ratio: 0 <= ratio < 1, "must lie in [0, 1)"),
+    "pretraining": (lambda ratio: 0 < ratio < 1,
+                    "pretraining needs mask_ratio in (0, 1), as its loss is over the masked patches (mask_ratio > 0)"),
+}
+
+
+def mask_ratio_problem(mask_ratio: float, num_patches: int | None = None, use: str = "encoder") -> str | None:
+    """What is wrong with `mask_ratio` for `use` (a `MASK_RATIO_RULES` key) on `num_patches` patches, or None."""
+    holds, rule = MASK_RATIO_RULES[use]
+    if not holds(mask_ratio):
+        return rule
+    if num_patches is not None and int(num_patches * (1 - mask_ratio)) < 1:
+        return f"leaves no visible patch out of {num_patches}"
+    return None
+
+
 class MAEConfig(PreTrainedConfig):
     r"""
     Configuration of a ViT masked autoencoder. The defaults are the small CIFAR-10 model (32 px images, patch 2,
@@ -127,11 +146,6 @@ class MAEConfig(PreTrainedConfig):
     def decoder_intermediate_size(self) -> int:
         return int(round(self.decoder_hidden_size * self.decoder_mlp_ratio))
 
-    @property
-    def num_visible_patches(self) -> int:
-        """Patches the encoder sees during pretraining."""
-        return int(self.num_patches * (1 - self.mask_ratio))
-
     def check(self):
         """Raise `ValueError` naming the field when the configuration cannot describe a working model. Also fills
         `image_mean` / `image_std` left unset (or chosen for another channel count) with the default of
@@ -161,10 +175,9 @@ class MAEConfig(PreTrainedConfig):
                 fail(prefix + "hidden_size", "must be divisible by 4 for the 2D sin-cos position embedding")
             if getattr(self, prefix + "mlp_ratio") <= 0:
                 fail(prefix + "mlp_ratio", "must be positive")
-        if not 0 <= self.mask_ratio < 1:
-            fail("mask_ratio", "must lie in [0, 1)")
-        if self.num_visible_patches < 1:
-            fail("mask_ratio", f"leaves no visible patch out of {self.num_patches}")
+        problem = mask_ratio_problem(self.mask_ratio, self.num_patches)
+        if problem:
+            fail("mask_ratio", problem)
         for field in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             if not 0 <= getattr(self, field) < 1:
                 fail(field, "must lie in [0, 1)")

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_mae import MAEConfig
+from .configuration_mae import MAEConfig, mask_ratio_problem
 
 logger = logging.get_logger(__name__)
 
@@ -112,14 +112,15 @@ def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor 
     Returns the kept tokens (in shuffled order), the mask (1 = removed, image order) and `ids_restore`.
     """
     batch, length, dim = tokens.shape
+    problem = mask_ratio_problem(mask_ratio, length)
+    if problem:
+        raise ValueError(f"invalid mask_ratio={mask_ratio}: {problem}.")
     num_keep = int(length * (1 - mask_ratio))
     if noise is not None and noise.shape != (batch, length):
         raise ValueError(f"noise must have shape (batch, num_patches) = {(batch, length)}, got {tuple(noise.shape)}.")
     if num_keep == length:  # nothing to hide: keep image order, so features are deterministic
         ids_restore = torch.arange(length, device=tokens.device).expand(batch, -1)
         return tokens, tokens.new_zeros(batch, length, dtype=torch.float32), ids_restore
-    if num_keep < 1:
-        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {length}.")
     if noise is None:
         noise = torch.rand(batch, length, device=tokens.device)
     ids_shuffle = torch.argsort(noise.to(tokens.device), dim=1)
@@ -365,7 +366,11 @@ class MAEPreTrainedModel(PreTrainedModel):
         """`(batch, channels, H, W)` -> `(batch, rows * columns, patch_size**2 * channels)`, patches in row-major
         order, each flattened as (row in patch, column in patch, channel). H and W are the config's image size, or
         with `interpolate_pos_encoding` any multiples of the patch size."""
-        rows, columns = self.patch_grid(pixel_values, interpolate_pos_encoding)
+        return self._patches(pixel_values, self.patch_grid(pixel_values, interpolate_pos_encoding))
+
+    def _patches(self, pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """`patchify` of pixels already checked by `patch_grid` (once per forward)."""
+        rows, columns = grid
         p, c = self.config.patch_size, self.config.num_channels
         x = pixel_values.reshape(pixel_values.shape[0], c, rows, p, columns, p).permute(0, 2, 4, 3, 5, 1)
         return x.reshape(pixel_values.shape[0], rows * columns, p * p * c)
@@ -488,14 +493,11 @@ class MAEModel(MAEPreTrainedModel):
             sin-cos positions of their patch grid.
         output_hidden_states, output_attentions, return_dict: as in every transformers model.
         """
-        if mask_ratio is None:
+        if mask_ratio is None:  # checked by `random_masking`, against the patches of these images
             mask_ratio = self.config.mask_ratio if noise is not None else 0.0
-        if not 0 <= mask_ratio < 1:
-            raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}.")
         kwargs["output_attentions"] = kwargs.get("output_attentions", self.config.output_attentions)
         grid = self.patch_grid(pixel_values, interpolate_pos_encoding)
-        x, mask, ids_restore = self.embeddings(self.patchify(pixel_values, interpolate_pos_encoding), grid,
-                                               mask_ratio, noise)
+        x, mask, ids_restore = self.embeddings(self._patches(pixel_values, grid), grid, mask_ratio, noise)
         for layer in self.layers:
             x = layer(x, **kwargs)
         x = self.norm(x)
@@ -510,17 +512,24 @@ class MAEForPreTraining(MAEPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^head_norm\.", r"^classifier\."]
 
     def __init__(self, config: MAEConfig):
-        if config.mask_ratio == 0:
-            raise ValueError("MAEForPreTraining needs mask_ratio > 0: its loss is over the masked patches.")
+        self.check_mask_ratio(config.mask_ratio)
         super().__init__(config)
         self.mae = MAEModel(config)
         self.decoder = MAEDecoder(config)
         self.post_init()
 
+    @staticmethod
+    def check_mask_ratio(mask_ratio: float) -> None:
+        problem = mask_ratio_problem(mask_ratio, use="pretraining")
+        if problem:
+            raise ValueError(f"MAEForPreTraining: invalid mask_ratio={mask_ratio}: {problem}.")
+
     def forward_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
                      interpolate_pos_encoding: bool | None = False) -> torch.Tensor:
         """Mean squared error per patch, averaged over the masked patches only."""
-        target = self.patchify(pixel_values, interpolate_pos_encoding)
+        return self._masked_loss(self.patchify(pixel_values, interpolate_pos_encoding), logits, mask)
+
+    def _masked_loss(self, target: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.config.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
@@ -545,13 +554,12 @@ class MAEForPreTraining(MAEPreTrainedModel):
         output_hidden_states, output_attentions: also for the decoder (`decoder_hidden_states`, `decoder_attentions`).
         """
         mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-        if not 0 < mask_ratio < 1:  # the loss is over the masked patches: there must be some, and some visible
-            raise ValueError(f"MAEForPreTraining needs mask_ratio in (0, 1), got {mask_ratio}.")
-        grid = self.patch_grid(pixel_values, interpolate_pos_encoding)
+        self.check_mask_ratio(mask_ratio)
         encoded = self.mae(pixel_values, noise=noise, mask_ratio=mask_ratio,
                            interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
+        grid = tuple(side // self.config.patch_size for side in pixel_values.shape[2:])  # checked by the encoder
         decoded = self.decoder(encoded.last_hidden_state, encoded.ids_restore, grid, return_dict=True, **kwargs)
-        loss = self.forward_loss(pixel_values, decoded.logits, encoded.mask, interpolate_pos_encoding)
+        loss = self._masked_loss(self._patches(pixel_values, grid), decoded.logits, encoded.mask)
         return MAEForPreTrainingOutput(
             loss=loss, logits=decoded.logits, mask=encoded.mask, ids_restore=encoded.ids_restore,
             hidden_states=encoded.hidden_states, attentions=encoded.attentions,

@@ -214,7 +214,7 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
         ("Schedule", f"{summary['lr_scheduler_type']}, warmup {summary['warmup_steps']:g}"),
         ("Augmentation", f"random-resized-crop (area {summary['crop_min_scale']}-1), "
                          f"horizontal flip {summary['horizontal_flip']}"),
-        ("Hardware", f"{summary['world_size']} x {summary['device']}, {precision}"),
+        ("Hardware", f"{devices(summary)}, {precision}"),
         ("Training time", training_time(summary)),
         ("Final eval loss (masked patches)", f"{summary['eval_loss']:.4f}"),
     ]
@@ -224,6 +224,12 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
         rows.append(("kNN accuracy at the end (k=20)", f"{100 * summary['eval_knn_accuracy']:.2f} %"))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
     return f"{table}\n\n{commands(summary)}"
+
+
+def devices(summary: dict) -> str:
+    """"2 x cuda": as results record the device now, or from an older record's device ("cuda:0") and world size."""
+    device = str(summary["device"])
+    return device if " x " in device else f"{summary.get('world_size', 1)} x {device}"
 
 
 def training_time(summary: dict) -> str:

@@ -14,12 +14,11 @@ it is checked before anything is assembled.
 
 import argparse
 import os
-import sys
 
 from transformers.hf_argparser import string_to_bool
 
 from mae_hf.cli import run_script
-from mae_hf.publish import HubPushError, assemble, hub_preflight, push
+from mae_hf.publish import assemble, hub_preflight, push
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 TEMPLATE = os.path.join(ROOT, "model_card.md")
@@ -65,20 +64,17 @@ def main(argv=None):
         except HFValidationError:
             parser.error(f"--dataset_id {args.dataset_id!r} is not a Hub dataset id (name or owner/name, e.g. "
                          "uoft-cs/cifar10).")
-    try:
-        if args.push_to_hub:
-            hub_preflight(args.hub_model_id, args.hub_token)
-        card = assemble(args.pretrained_dir, args.output_dir, args.probe, args.finetune, args.results,
-                        template_path=args.template, model_id=args.hub_model_id, dataset_id=args.dataset_id,
-                        overwrite=args.overwrite, space_dir=DEMO if args.space else None,
-                        dataset_source=args.dataset_source)
-        print(f"[publish] {args.output_dir} is complete (model card: {card})")
-        if args.push_to_hub:
-            url = push(args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
-                       commit_message=args.commit_message, revision=args.hub_revision, create_pr=args.create_pr)
-            print(f"[publish] pushed: {url}")
-    except (ValueError, HubPushError) as error:
-        sys.exit(f"error: {error}")
+    if args.push_to_hub:
+        hub_preflight(args.hub_model_id, args.hub_token)
+    card = assemble(args.pretrained_dir, args.output_dir, args.probe, args.finetune, args.results,
+                    template_path=args.template, model_id=args.hub_model_id, dataset_id=args.dataset_id,
+                    overwrite=args.overwrite, space_dir=DEMO if args.space else None,
+                    dataset_source=args.dataset_source)
+    print(f"[publish] {args.output_dir} is complete (model card: {card})")
+    if args.push_to_hub:
+        url = push(args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+                   commit_message=args.commit_message, revision=args.hub_revision, create_pr=args.create_pr)
+        print(f"[publish] pushed: {url}")
 
 
 if __name__ == "__main__":

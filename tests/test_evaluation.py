@@ -353,7 +353,7 @@ def test_publish_card_names_the_hub_dataset_the_run_used(evaluated, scripts, tmp
     shutil.copytree(folder, run, ignore=shutil.ignore_patterns("checkpoint-*"))
     summary = read(run / "pretraining_summary.json")
     (run / "pretraining_summary.json").write_text(json.dumps(dict(summary, dataset_name="user/pets")))
-    with pytest.raises(SystemExit, match="pretrained on the Hub dataset user/pets; the card must name that one"):
+    with pytest.raises(ValueError, match="pretrained on the Hub dataset user/pets; the card must name that one"):
         scripts.publish.main([str(run), "--output_dir", str(tmp_path / "hub"), "--dataset_id", "uoft-cs/cifar10"])
     scripts.publish.main([str(run), "--output_dir", str(tmp_path / "hub")])
     card = (tmp_path / "hub" / "README.md").read_text()
@@ -449,7 +449,7 @@ def test_numbers_measured_on_other_images_are_refused_in_a_row_and_on_a_card(eva
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "linear_probe_results.json").write_text(
         json.dumps(dict(probe, dataset_name="uoft-cs/cifar100")))
-    with pytest.raises(SystemExit, match="the card describes one dataset"):
+    with pytest.raises(ValueError, match="the card describes one dataset"):
         scripts.publish.main([str(folder), "--results", str(tmp_path / "elsewhere"),
                               "--output_dir", str(tmp_path / "hub")])
     assert not (tmp_path / "hub").exists()
@@ -531,7 +531,7 @@ def test_publish_without_network_fails_before_anything(evaluated, scripts, tmp_p
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SystemExit, match="cannot push to the Hub: HF_HUB_OFFLINE is set"):
+    with pytest.raises(ValueError, match="cannot push to the Hub: HF_HUB_OFFLINE is set"):
         scripts.publish.main([str(folder), "--probe", str(root / "probe"), "--output_dir", str(tmp_path / "hub"),
                               "--push_to_hub", "true", "--hub_model_id", "me/mae"])
     assert not (tmp_path / "hub").exists()  # nothing assembled, nothing half-written

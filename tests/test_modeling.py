@@ -381,6 +381,31 @@ def test_bad_noise_and_mask_ratio(tiny_config, pixel_values):
             encoder(pixel_values, mask_ratio=ratio)
 
 
+def test_pixel_values_are_checked_once_per_forward(tiny_config, pixel_values, noise, monkeypatch):
+    """One `patch_grid` check per forward, however many parts (encoder, decoder, loss) use the patches."""
+    from mae_hf.modeling_mae import MAEPreTrainedModel
+
+    checks = []
+    patch_grid = MAEPreTrainedModel.patch_grid
+    monkeypatch.setattr(MAEPreTrainedModel, "patch_grid",
+                        lambda self, *args: checks.append(1) or patch_grid(self, *args))
+    for model_class, kwargs in ((MAEForPreTraining, {"noise": noise}), (MAEModel, {}), (MAEForImageClassification, {})):
+        checks.clear()
+        model_class(tiny_config())(pixel_values, **kwargs)
+        assert len(checks) == 1, model_class.__name__
+
+
+def test_one_mask_ratio_rule_for_the_config_and_every_call(tiny_config, pixel_values, noise):
+    """The config and each call are checked by the same rule (configuration_mae.MASK_RATIO_RULES)."""
+    with pytest.raises(ValueError, match=re.escape("invalid mask_ratio=0.95: leaves no visible patch out of 16")):
+        tiny_config(mask_ratio=0.95)
+    for model in (MAEModel(tiny_config()), MAEForPreTraining(tiny_config())):
+        with pytest.raises(ValueError, match=re.escape("invalid mask_ratio=0.95: leaves no visible patch out of 16")):
+            model(pixel_values, noise=noise, mask_ratio=0.95)
+    with pytest.raises(ValueError, match=re.escape("invalid mask_ratio=0.95: leaves no visible patch out of 4")):
+        MAEModel(tiny_config(patch_size=4))(pixel_values, mask_ratio=0.95)  # the patches of these images
+
+
 def test_bad_labels(tiny_config, pixel_values):
     model = MAEForImageClassification(tiny_config(num_labels=3))
     for labels in (torch.tensor([[0], [1]]), torch.tensor([0, 1, 2]), torch.tensor(1)):

@@ -15,6 +15,7 @@ import huggingface_hub.constants
 import pytest
 
 from mae_hf.cli import UsageError
+from mae_hf.publish import HubPushError
 
 TOKEN = "hf_test_token_0123456789"
 COMMIT = "0123abcd" * 5  # a commit id as the Hub gives one (40 hex digits)
@@ -124,7 +125,7 @@ def test_push_preflight_fails_before_anything(pretrained_run, scripts, tmp_path,
     message = {"offline": "HF_HUB_OFFLINE is set", "no token": "not logged in. Run `hf auth login`, set HF_TOKEN",
                "no network": "checking the token with the Hub failed (ConnectionError",
                "malformed id": "is not a valid Hub repository id"}[case]
-    with pytest.raises(UsageError if case == "malformed id" else SystemExit, match=re.escape(message)) as error:
+    with pytest.raises(UsageError if case == "malformed id" else ValueError, match=re.escape(message)) as error:
         scripts.publish.main(args)  # a malformed id is a usage error: run_script exits 2 for it
     assert "\n" not in str(error.value)  # one line
     assert not (tmp_path / "hub").exists()
@@ -134,7 +135,7 @@ def test_push_preflight_fails_before_anything(pretrained_run, scripts, tmp_path,
 def test_failed_upload_leaves_the_folder_complete(pretrained_run, scripts, tmp_path, monkeypatch, online):
     hub = FakeHub(fail="upload_folder")
     hub.install(monkeypatch)
-    with pytest.raises(SystemExit, match=r"Pushing to the Hub failed \(ConnectionError.*is complete: upload it later "
+    with pytest.raises(HubPushError, match=r"Pushing to the Hub failed \(ConnectionError.*is complete: upload it later "
                                          r"with `hf upload me/mae-tiny \S+ --revision dev --private`"):
         scripts.publish.main(publish_args(pretrained_run, tmp_path / "hub", "--hub_token", TOKEN,
                                           "--hub_revision", "dev", "--hub_private_repo", "true"))
@@ -182,3 +183,18 @@ def test_pushed_files_load_by_hub_id_like_the_folder(pretrained_run, scripts, tm
     result = subprocess.run([sys.executable, "-c", LOAD_BY_ID, str(tmp_path / "hub")], cwd=tmp_path, env=environment,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "same", result.stderr[-3000:]
+
+
+def test_the_card_reads_the_device_as_recorded_now_and_before(pretrained_run):
+    """Results record the device as "<processes> x <type>"; summaries written before held the device alone, beside
+    world_size: the card's Hardware line reads both."""
+    import json
+
+    from mae_hf.publish import pretraining_text
+
+    folder, _ = pretrained_run
+    summary = json.loads((folder / "pretraining_summary.json").read_text())
+    for device, world_size, shown in (("1 x cpu", 1, "1 x cpu"), ("2 x cuda", 2, "2 x cuda"),
+                                      ("cuda:0", 2, "2 x cuda:0"), ("cpu", 1, "1 x cpu")):
+        text = pretraining_text(dict(summary, device=device, world_size=world_size), None)
+        assert f"| Hardware | {shown}, " in text, text
