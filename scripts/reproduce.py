@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 
-from mae_hf.cli import UsageError, run_script
+from mae_hf.cli import UsageError, error_message, run_script, user_errors
 from mae_hf.evaluation import check_feature_blocks
 from mae_hf.redaction import recorded_command, redact_argv
 from mae_hf.runs import write_json
@@ -162,6 +162,8 @@ class Step:
             raise SystemExit(143 if isinstance(stop, StepStopped) else 130) from None
         except UsageError as error:  # a bad flag in --<step>_args: a usage error of this command too
             raise UsageError(f"step {self.name} failed ({error}). {advice}") from None
+        except user_errors() as error:
+            raise ValueError(f"step {self.name} failed ({error_message(error)}). {advice}") from None
         except SystemExit as exit:
             if exit.code in STOPPED:  # the step printed its `error:` line and how to resume it on its own
                 print(f"[reproduce] step {self.name} stopped: {again}", file=sys.stderr, flush=True)

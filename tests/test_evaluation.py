@@ -157,7 +157,7 @@ def test_evaluating_a_pretraining_run_as_a_classifier_fails_before_any_data(pret
 
 def test_knn_k_larger_than_the_training_set_fails_early(pretrained_run, scripts, parquet_folder, tmp_path):
     folder, _ = pretrained_run
-    with pytest.raises(SystemExit, match="--knn_k 200 needs at least that many training images; .* has 48"):
+    with pytest.raises(ValueError, match="--knn_k 200 needs at least that many training images; .* has 48"):
         scripts.knn.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "knn"),
                           "--dataset_name", str(parquet_folder)], linear_probe=False)
     assert not (tmp_path / "knn").exists()
@@ -227,7 +227,7 @@ def test_compare_table(evaluated, scripts, capsys):
     random_probe = read(root / "random" / "probe" / "linear_probe_results.json")["eval_accuracy"]
     row = next(line for line in table.splitlines() if line.startswith("| Linear probe"))
     assert f"| {100 * random_probe:.2f} | {100 * probe:.2f} | {100 * (probe - random_probe):+.2f} |" in row
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError):
         scripts.compare.main([str(root / "does-not-exist")])
 
 
