@@ -13,13 +13,11 @@ from .data import skipped_images
 from .data.prepared import prepared_source
 from .inputs import read_json_object
 from .paths import looks_local
+from .probes import FROZEN_PROTOCOLS
 from .redaction import redact
 
-PROTOCOLS = ("linear_probe", "linear_probe_multiblock", "attentive_probe", "knn", "finetune",
-             "finetune_strong")  # table order
-TITLES = {"linear_probe": "Linear probe (frozen encoder, BatchNorm + linear head)",
-          "linear_probe_multiblock": "Multi-block linear probe (class + mean patch token of the last blocks)",
-          "attentive_probe": "Attentive probe (cross-attention pooling of frozen patch tokens + linear head)",
+PROTOCOLS = (*(protocol.name for protocol in FROZEN_PROTOCOLS), "finetune", "finetune_strong")  # table order
+TITLES = {**{protocol.name: protocol.title for protocol in FROZEN_PROTOCOLS if protocol.title},
           "finetune": "Fine-tune (whole encoder trained)",
           "finetune_strong": "Fine-tune, strong recipe (+ RandAugment, mixup/cutmix, random erasing, repeated "
                              "augmentation, weight EMA)"}

@@ -44,6 +44,7 @@ import time
 
 from mae_hf.cli import UsageError, error_message, run_script, user_errors
 from mae_hf.evaluation import check_feature_blocks
+from mae_hf.probes import FROZEN_PROTOCOLS
 from mae_hf.redaction import recorded_command, redact_argv
 from mae_hf.runs import write_json
 
@@ -193,6 +194,18 @@ def plan(args) -> list[Step]:
 
     model = under("mae")
     split = shlex.split
+    # the probe step runs the protocols on by default; mae_probes the others, with the default ones switched off
+    default = [protocol for protocol in FROZEN_PROTOCOLS if protocol.reproduce_flags is None]
+    others = [protocol for protocol in FROZEN_PROTOCOLS if protocol.reproduce_flags is not None]
+    mae_probes_flags = [flag.format(feature_blocks=args.feature_blocks) for protocol in others
+                        for flag in protocol.reproduce_flags]
+    for switch in dict.fromkeys(protocol.switch for protocol in default):
+        if switch not in {protocol.switch for protocol in others}:
+            mae_probes_flags += [f"--{switch}", "false"]
+
+    def results_of(protocols) -> tuple[str, ...]:
+        return tuple(f"{protocol.name}_results.json" for protocol in protocols)
+
     steps = [Step("pretrain", "pretrain",
                   ([config(pretrain_config)] if pretrain_config else [])
                   + ["--output_dir", model, *data, *split(args.pretrain_args)],
@@ -202,13 +215,11 @@ def plan(args) -> list[Step]:
         steps += [
             Step(f"probe_{encoder}", "linear_probe",
                  [*source, "--output_dir", under(encoder, "probe"), *data, *split(args.probe_args)],
-                 under(encoder, "probe"), ("linear_probe_results.json", "knn_results.json")),
+                 under(encoder, "probe"), results_of(default)),
             Step(f"mae_probes_{encoder}", "linear_probe",
-                 [*source, "--output_dir", under(encoder, "mae_probes"), "--feature_blocks",
-                  str(args.feature_blocks), "--attentive_probe", "true", "--knn", "false", *data,
+                 [*source, "--output_dir", under(encoder, "mae_probes"), *mae_probes_flags, *data,
                   *split(args.probe_args)],
-                 under(encoder, "mae_probes"), ("linear_probe_multiblock_results.json",
-                                                "attentive_probe_results.json")),
+                 under(encoder, "mae_probes"), results_of(others)),
         ]
     for encoder in ENCODERS:
         source = ["--model_name_or_path", model] + (["--random_init", "true"] if encoder == "random_init" else [])
