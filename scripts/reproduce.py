@@ -33,7 +33,6 @@ configs/cpu_small.yaml and configs/cpu_small_finetune_strong.yaml. --pretrain_ar
 import argparse
 import glob
 import importlib.util
-import json
 import os
 import shlex
 import shutil
@@ -44,6 +43,7 @@ import time
 
 from mae_hf.cli import UsageError, error_message, run_script, user_errors
 from mae_hf.evaluation import check_feature_blocks
+from mae_hf.inputs import read_json_object
 from mae_hf.probes import FROZEN_PROTOCOLS
 from mae_hf.redaction import recorded_command, redact_argv
 from mae_hf.runs import write_json
@@ -243,13 +243,9 @@ def plan(args) -> list[Step]:
 def read_record(path: str) -> dict:
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path) as handle:
-            record = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} does not read ({' '.join(str(error).split())}): it records the command of each "
-                         "step of this folder. Use a new --output_dir.") from None
-    if not isinstance(record, dict) or not all(isinstance(argv, list) for argv in record.values()):
+    record = read_json_object(path, "reproduce.py's record of the command of each step of this folder (or use a new "
+                                    "--output_dir)")
+    if not all(isinstance(argv, list) for argv in record.values()):
         raise ValueError(f"{path} is not reproduce.py's record of step commands. Use a new --output_dir.")
     return record
 
