@@ -30,20 +30,13 @@ from mae_hf.data import (
     load_image_splits,
     skipped_images,
 )
-from mae_hf.evaluation import is_classifier, load_classifier
+from mae_hf.loading import ModelArguments, build_config, is_classifier, load_classifier, load_pretrained
 from mae_hf.metrics import accuracy
+from mae_hf.publish import check_hub_access, push_output
 from mae_hf.results import architecture, encoder_fingerprint, finetune_protocol, write_results
 from mae_hf.runs import Run
-from mae_hf.training import (
-    FinetuneArguments,
-    ImageTrainer,
-    ModelArguments,
-    ThroughputCallback,
-    build_config,
-    check_hub_access,
-    load_pretrained,
-    push_output,
-)
+from mae_hf.training import ImageTrainer, ThroughputCallback
+from mae_hf.training_args import FinetuneArguments
 
 
 def compute_metrics(prediction):

@@ -27,20 +27,14 @@ from mae_hf.data import (
     skipped_images,
 )
 from mae_hf.data.prepared import prepared_source
-from mae_hf.inputs import read_json_object
+from mae_hf.inputs import read_json_object, write_json
+from mae_hf.loading import ModelArguments, build_config, load_pretrained
+from mae_hf.publish import check_hub_access, push_output
 from mae_hf.redaction import recorded_command
 from mae_hf.results import software_versions
-from mae_hf.runs import Run, write_json
-from mae_hf.training import (
-    MAEPretrainer,
-    ModelArguments,
-    PretrainingArguments,
-    ThroughputCallback,
-    build_config,
-    check_hub_access,
-    load_pretrained,
-    push_output,
-)
+from mae_hf.runs import Run
+from mae_hf.training import MAEPretrainer, ThroughputCallback
+from mae_hf.training_args import PretrainingArguments
 
 
 def slow_hint(data_args) -> str:

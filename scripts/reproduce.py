@@ -43,10 +43,9 @@ import time
 
 from mae_hf.cli import UsageError, error_message, run_script, user_errors
 from mae_hf.evaluation import check_feature_blocks
-from mae_hf.inputs import read_json_object
+from mae_hf.inputs import read_json_object, write_json
 from mae_hf.probes import FROZEN_PROTOCOLS
 from mae_hf.redaction import recorded_command, redact_argv
-from mae_hf.runs import write_json
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.normpath(os.path.join(SCRIPTS, os.pardir, "configs"))
@@ -306,7 +305,7 @@ def pretrained_layers(step: Step) -> int | None:
     from transformers import HfArgumentParser
 
     from mae_hf.cli import read_config_file
-    from mae_hf.training import ModelArguments, build_config
+    from mae_hf.loading import ModelArguments, build_config
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
