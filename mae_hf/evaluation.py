@@ -1,5 +1,6 @@
-"""Evaluating a frozen encoder: features once, then kNN votes or a linear probe trained on the cached features
-(the multi-block and attentive probes, on the same single pass, are in `probes.py`)."""
+"""Evaluating a frozen encoder: its flags and the runner, which checks them, runs the encoder once per image and
+hands what that pass leaves to each wanted protocol of `probes.FROZEN_PROTOCOLS` (linear probe, multi-block linear
+probe, attentive probe, kNN)."""
 
 import math
 import os
@@ -13,6 +14,7 @@ from .cli import UsageError
 from .data import BatchTransform, eval_crop_fraction, load_image_splits
 from .data.streaming import fit_workers_to_shared_memory
 from .loading import build_config, load_classifier
+from .paths import check_output_folder
 from .precision import BF16_AUTO_HELP, decide_bf16
 from .results import architecture, encoder_fingerprint, run_record, write_results
 
@@ -97,18 +99,6 @@ class FrozenEvalArguments:
                                  "--device cpu (or auto).")
 
 
-def check_output_folder(folder: str) -> None:
-    """Before any work: --output_dir must be a folder, or creatable in a folder this process can write to."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"--output_dir {folder}: {existing} is a file, not a folder. Give a folder path (created "
-                         "if missing).")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output_dir {folder}: {existing} is not writable. Give a folder you can write to.")
-
-
 PROTOCOLS = tuple(protocol.name for protocol in probes.FROZEN_PROTOCOLS)  # what it writes
 
 
@@ -148,11 +138,12 @@ def check_previous_results(args) -> list[str]:
 
 
 def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> dict:
-    """The frozen encoder runs once per image; then kNN, the linear probe (pooled or multi-block features) and/or the
-    attentive probe (cached patch tokens, `mae_hf/probes.py`) train on its outputs. Returns {protocol: results}."""
+    """The frozen encoder runs once per image, keeping what the wanted protocols need (pooled features, multi-block
+    features, cached patch tokens); then each protocol, in table order, trains on them and writes its result file.
+    Returns {protocol: results}."""
     if args.output_dir is None:
         raise UsageError("--output_dir is required.")
-    check_output_folder(args.output_dir)
+    check_output_folder(args.output_dir)  # before any work
     if model_args.model_name_or_path and os.path.realpath(args.output_dir) == os.path.realpath(
             model_args.model_name_or_path):
         raise UsageError("--output_dir is the model folder itself; the probe would overwrite that model. Use a "

@@ -21,7 +21,6 @@ Every frozen-feature protocol, the plain linear probe and kNN included, is one e
 evaluation runner, the result tables, reproduce.py and the model card read that table.
 """
 
-import json
 import math
 import os
 import time
@@ -35,6 +34,7 @@ from einops import rearrange
 from torch import nn
 
 from .features import image_batches, knn_predict
+from .inputs import read_json_object, write_json
 from .metrics import accuracy
 from .modeling_mae import follow_umask
 from .precision import autocast_for
@@ -248,8 +248,8 @@ def save_head(head: nn.Module, folder: str, protocol: str, init: dict, info: dic
     weights = os.path.join(folder, f"{protocol}_head.safetensors")
     save_file({key: value.contiguous().cpu() for key, value in head.state_dict().items()}, weights)
     follow_umask(weights)
-    with open(os.path.join(folder, f"{protocol}_head.json"), "w") as handle:
-        json.dump({"protocol": protocol, "init": init, **info}, handle, indent=2, sort_keys=True)
+    write_json(os.path.join(folder, f"{protocol}_head.json"), {"protocol": protocol, "init": init, **info},
+               sort_keys=True)
 
 
 def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
@@ -261,8 +261,7 @@ def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
     path = os.path.join(folder, f"{protocol}_head.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file; is {folder} the output folder of a {protocol} run?")
-    with open(path) as handle:
-        info = json.load(handle)
+    info = read_json_object(path, f"the record of a saved {protocol} head")
     head = HEADS[protocol](**info["init"])
     head.load_state_dict(load_file(os.path.join(folder, f"{protocol}_head.safetensors")))
     return head.eval(), info

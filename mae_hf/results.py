@@ -4,17 +4,15 @@ Every number in a table or model card comes from these files, which the scripts 
 
 import glob
 import hashlib
-import json
 import os
 
 import torch
 
 from .data import skipped_images
 from .data.prepared import prepared_source
-from .inputs import read_json_object
+from .inputs import read_json_object, write_json
 from .paths import looks_local
 from .probes import FROZEN_PROTOCOLS
-from .redaction import redact
 
 PROTOCOLS = (*(protocol.name for protocol in FROZEN_PROTOCOLS), "finetune", "finetune_strong")  # table order
 TITLES = {**{protocol.name: protocol.title for protocol in FROZEN_PROTOCOLS if protocol.title},
@@ -90,8 +88,7 @@ def write_results(output_dir: str, name: str, results: dict) -> str:
     summary."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name}_results.json")
-    with open(path, "w") as handle:
-        json.dump(redact({**results, "versions": software_versions()}), handle, indent=2, sort_keys=True)
+    write_json(path, {**results, "versions": software_versions()}, sort_keys=True)
     print(f"[{name}] {results.get('encoder', '')} encoder: eval_accuracy {results['eval_accuracy']:.4f} "
           f"({results.get('eval_samples', '?')} images) -> {path}", flush=True)
     return path

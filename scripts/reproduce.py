@@ -46,6 +46,7 @@ from mae_hf.evaluation import check_feature_blocks
 from mae_hf.inputs import read_json_object, write_json
 from mae_hf.probes import FROZEN_PROTOCOLS
 from mae_hf.redaction import recorded_command, redact_argv
+from mae_hf.runs import differences
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.normpath(os.path.join(SCRIPTS, os.pardir, "configs"))
@@ -97,12 +98,9 @@ def flag_values(argv: list[str]) -> dict[str, list[str]]:
 
 def differing_flags(before: list[str], now: list[str]) -> str:
     """`--flag (was X, now Y)` for each flag whose values differ between two commands."""
-    old, new = flag_values(before), flag_values(now)
-    shown = []
-    for flag in dict.fromkeys([*old, *new]):
-        if old.get(flag) != new.get(flag):
-            was, now_ = (shlex.join(side[flag]) if flag in side else "absent" for side in (old, new))
-            shown.append(f"{flag} (was {was or 'given'}, now {now_ or 'given'})")
+    shown = (f"{flag} (was {'absent' if was is None else shlex.join(was) or 'given'}, "
+             f"now {'absent' if new is None else shlex.join(new) or 'given'})"
+             for flag, (was, new) in differences(flag_values(before), flag_values(now), both_only=False).items())
     return ", ".join(shown)
 
 
@@ -254,10 +252,8 @@ def check_unchanged(steps: list[Step], record: dict, output_dir: str) -> set[str
     they would leave results of the old settings under the new command. Returns the derived steps to redo because
     their own flags changed (they only read earlier outputs, so redoing them is always right)."""
     changed, redo = [], set()
-    for step in steps:
-        before = record.get(step.name)
-        if before is None or before == step.recorded():
-            continue
+    differing = differences(record, {step.name: step.recorded() for step in steps})
+    for step in (step for step in steps if step.name in differing):
         if step.derived:
             redo.add(step.name)
         elif step.is_done() or step.resumable():
