@@ -1,5 +1,6 @@
-"""Evaluating a frozen encoder: features once, then kNN votes or a linear probe trained on the cached features
-(the multi-block and attentive probes, on the same single pass, are in `probes.py`)."""
+"""Evaluating a frozen encoder: its flags and the runner, which checks them, runs the encoder once per image and
+hands what that pass leaves to each wanted protocol of `probes.FROZEN_PROTOCOLS` (linear probe, multi-block linear
+probe, attentive probe, kNN)."""
 
 import math
 import os
@@ -10,14 +11,12 @@ import torch
 
 from . import probes
 from .cli import UsageError
-from .data import BatchTransform, eval_crop_fraction, load_image_splits, skipped_images
+from .data import BatchTransform, eval_crop_fraction, load_image_splits
 from .data.streaming import fit_workers_to_shared_memory
-from .features import knn_predict
 from .loading import build_config, load_classifier
-from .metrics import accuracy
+from .paths import check_output_folder
 from .precision import BF16_AUTO_HELP, decide_bf16
-from .results import PROTOCOLS as ALL_PROTOCOLS
-from .results import architecture, encoder_fingerprint, write_results
+from .results import architecture, encoder_fingerprint, run_record, write_results
 
 
 @dataclass
@@ -100,22 +99,7 @@ class FrozenEvalArguments:
                                  "--device cpu (or auto).")
 
 
-def check_output_folder(folder: str) -> None:
-    """Before any work: --output_dir must be a folder, or creatable in a folder this process can write to."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"--output_dir {folder}: {existing} is a file, not a folder. Give a folder path (created "
-                         "if missing).")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output_dir {folder}: {existing} is not writable. Give a folder you can write to.")
-
-
-PROTOCOLS = tuple(protocol for protocol in ALL_PROTOCOLS if not protocol.startswith("finetune"))  # what it writes
-# the linear probe's saved classifier (save_pretrained: weights, config, processor, the code files beside them)
-PROBE_MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "configuration_mae.py",
-                     "modeling_mae.py")
+PROTOCOLS = tuple(protocol.name for protocol in probes.FROZEN_PROTOCOLS)  # what it writes
 
 
 def check_feature_blocks(feature_blocks: int, num_hidden_layers: int) -> None:
@@ -146,24 +130,29 @@ def check_previous_results(args) -> list[str]:
         raise UsageError(f"--output_dir {args.output_dir} already holds results of an earlier evaluation "
                          f"({', '.join(found)}). Give a new --output_dir, or pass --overwrite_output_dir true to "
                          "replace them (the earlier result files and probes are removed first).")
-    names = [*found, *(f"{protocol}_head.{ext}" for protocol in PROTOCOLS for ext in ("safetensors", "json"))]
-    if "linear_probe_results.json" in found:
-        names += PROBE_MODEL_FILES
+    names = list(found)
+    for protocol in probes.FROZEN_PROTOCOLS:  # files named after it always; a saved model's only beside its result
+        names += [name for name in protocol.saves
+                  if name.startswith(protocol.name) or f"{protocol.name}_results.json" in found]
     return [path for path in (os.path.join(args.output_dir, name) for name in names) if os.path.isfile(path)]
 
 
 def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> dict:
-    """The frozen encoder runs once per image; then kNN, the linear probe (pooled or multi-block features) and/or the
-    attentive probe (cached patch tokens, `mae_hf/probes.py`) train on its outputs. Returns {protocol: results}."""
+    """The frozen encoder runs once per image, keeping what the wanted protocols need (pooled features, multi-block
+    features, cached patch tokens); then each protocol, in table order, trains on them and writes its result file.
+    Returns {protocol: results}."""
     if args.output_dir is None:
         raise UsageError("--output_dir is required.")
-    check_output_folder(args.output_dir)
+    check_output_folder(args.output_dir)  # before any work
     if model_args.model_name_or_path and os.path.realpath(args.output_dir) == os.path.realpath(
             model_args.model_name_or_path):
         raise UsageError("--output_dir is the model folder itself; the probe would overwrite that model. Use a "
                          "subfolder, e.g. --output_dir <model>/probe.")
-    if not (args.linear_probe or args.knn or args.attentive_probe):
-        raise UsageError("Nothing to do: --linear_probe, --knn and --attentive_probe are all false.")
+    wanted = [protocol for protocol in probes.FROZEN_PROTOCOLS if protocol.wanted(args)]
+    if not wanted:
+        switches = [f"--{switch}" for switch in dict.fromkeys(p.switch for p in probes.FROZEN_PROTOCOLS)]
+        raise UsageError(f"Nothing to do: {', '.join(switches[:-1])} and {switches[-1]} are all false.")
+    needs = {protocol.needs for protocol in wanted}
     if args.pooling not in ("cls", "mean"):
         raise UsageError(f"--pooling must be 'cls' or 'mean', got {args.pooling!r}.")
     if args.token_cache not in ("auto", "memory", "disk"):
@@ -205,97 +194,34 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
 
     crop_fraction = eval_crop_fraction(data_args, image_size, train)
     plain = BatchTransform.for_model(model.config, eval_crop_fraction=crop_fraction)
-    multiblock = args.linear_probe and args.feature_blocks > 1
     print(f"[plan] frozen encoder on {device}, {precision}: features of {len(train)} training and {len(evaluation)} "
           "evaluation images, once", flush=True)
     caches = {name: probes.token_cache_for(len(split), model.config, device, args.token_cache, args.output_dir, name)
-              for name, split in (("train", train), ("eval", evaluation))} if args.attentive_probe else {}
+              for name, split in (("train", train), ("eval", evaluation))} if "tokens" in needs else {}
     started = time.perf_counter()
     try:
-        (train_features, train_blocks), (eval_features, eval_blocks) = (
-            probes.encode_frozen(model.mae, split, plain, args.feature_batch_size, bf16,
-                                 args.feature_blocks if multiblock else 1, caches.get(name),
-                                 progress=None if args.disable_tqdm else f"Features ({name})")
-            for name, split in (("train", train), ("eval", evaluation)))
-        feature_seconds = time.perf_counter() - started
+        pooled, blocks = {}, {}
+        for name, split in (("train", train), ("eval", evaluation)):
+            pooled[name], blocks[name] = probes.encode_frozen(
+                model.mae, split, plain, args.feature_batch_size, bf16, args.feature_blocks if "blocks" in needs
+                else 1, caches.get(name), progress=None if args.disable_tqdm else f"Features ({name})")
+        feature_seconds = round(time.perf_counter() - started, 2)
+        inputs = probes.FrozenInputs(model, train, evaluation, pooled, blocks, caches, device, bf16,
+                                     encoder_fingerprint(model.mae))
         common = {
             "encoder": "random_init" if random_init else "pretrained",
             "model_name_or_path": None if random_init and not model_args.model_name_or_path
             else model_args.model_name_or_path,
-            "dataset_name": data_args.dataset_name,
-            "train_split": train.split,
-            "eval_split": evaluation.split,
-            "train_samples": len(train),
-            "eval_samples": len(evaluation),
-            "encoder_fingerprint": encoder_fingerprint(model.mae),
+            "encoder_fingerprint": inputs.encoder_fingerprint,
             "architecture": architecture(model.config),
-            "seed": args.seed,
-            "device": str(device),
-            "bf16": bf16,
-            "feature_seconds": round(feature_seconds, 2),
-            "eval_crop_fraction": crop_fraction,
-            "stored_short_side": train.short_side,
+            "feature_seconds": feature_seconds,
+            **run_record(data_args, train, evaluation, device=device, world_size=1, bf16=bf16, seed=args.seed,
+                         crop_fraction=crop_fraction),
         }
-        if data_args.skip_bad_images or train.skipped or evaluation.skipped:
-            common["skipped_images"] = skipped_images(train, evaluation)
         results = {}
-        if args.knn:
-            predictions = knn_predict(train_features, train.labels, eval_features, ks=tuple(args.knn_k),
-                                      temperature=args.knn_temperature, num_classes=num_labels)
-            by_k = {f"eval_accuracy_k{k}": accuracy(p, evaluation.labels) for k, p in predictions.items()}
-            results["knn"] = dict(common, protocol="knn", pooling=args.pooling,
-                                  eval_accuracy=by_k[f"eval_accuracy_k{args.knn_k[0]}"], knn_k=list(args.knn_k),
-                                  knn_temperature=args.knn_temperature, **by_k)
-            write_results(args.output_dir, "knn", results["knn"])
-
-        probe_settings = dict(probe_epochs=args.probe_epochs, probe_batch_size=args.probe_batch_size,
-                              probe_learning_rate=args.probe_learning_rate, probe_weight_decay=args.probe_weight_decay)
-        if args.linear_probe and train_blocks is not None:
-            head, seconds = probes.timed(probes.train_multiblock_probe, train_blocks, train.labels, num_labels, args,
-                                         device)
-            features = (f"class token + mean patch token of each of the last {args.feature_blocks} blocks, after the "
-                        "encoder's final LayerNorm, concatenated")
-            results["linear_probe_multiblock"] = dict(
-                common, protocol="linear_probe_multiblock",
-                eval_accuracy=accuracy(probes.predict_features(head, eval_blocks), evaluation.labels),
-                feature_blocks=args.feature_blocks, features=features, feature_size=train_blocks.shape[1],
-                probe_seconds=seconds, **probe_settings)
-            probes.save_head(head, args.output_dir, "linear_probe_multiblock",
-                             init={"feature_size": train_blocks.shape[1], "num_labels": num_labels},
-                             info={"feature_blocks": args.feature_blocks, "features": features,
-                                   "id2label": model.config.id2label,
-                                   "encoder_fingerprint": common["encoder_fingerprint"]})
-            write_results(args.output_dir, "linear_probe_multiblock", results["linear_probe_multiblock"])
-        elif args.linear_probe:
-            started = time.perf_counter()
-            probes.train_probe(model, train_features, train.labels, epochs=args.probe_epochs,
-                               batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
-                               weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
-            probe_seconds = time.perf_counter() - started
-            predictions = probes.predict_features(model, eval_features, classify=model.classify_features)
-            results["linear_probe"] = dict(
-                common, protocol="linear_probe", eval_accuracy=accuracy(predictions, evaluation.labels),
-                pooling=args.pooling, probe_seconds=round(probe_seconds, 2), **probe_settings)
-            model.save_pretrained(args.output_dir)
-            write_results(args.output_dir, "linear_probe", results["linear_probe"])
-
-        if args.attentive_probe:
-            head, seconds = probes.timed(probes.train_attentive_probe, caches["train"], train.labels, num_labels,
-                                         model.config.hidden_size, args, device, bf16)
-            features = "patch tokens of the last block, after the encoder's final LayerNorm, cached as float16"
-            results["attentive_probe"] = dict(
-                common, protocol="attentive_probe",
-                eval_accuracy=accuracy(probes.predict_tokens(head, caches["eval"], device, bf16), evaluation.labels),
-                features=features, token_cache=caches["train"].storage, attentive_heads=args.attentive_heads,
-                attentive_epochs=args.attentive_epochs, attentive_batch_size=args.attentive_batch_size,
-                attentive_learning_rate=args.attentive_learning_rate,
-                attentive_weight_decay=args.attentive_weight_decay, probe_seconds=seconds)
-            probes.save_head(head, args.output_dir, "attentive_probe",
-                             init={"hidden_size": model.config.hidden_size, "num_labels": num_labels,
-                                   "num_heads": args.attentive_heads},
-                             info={"features": features, "id2label": model.config.id2label,
-                                   "encoder_fingerprint": common["encoder_fingerprint"]})
-            write_results(args.output_dir, "attentive_probe", results["attentive_probe"])
+        for protocol in wanted:
+            results[protocol.name] = {**common, "protocol": protocol.name, **protocol.fit(inputs, args)}
+            write_results(args.output_dir, protocol.name, results[protocol.name])
         return results
     finally:  # the token caches hold gigabytes at full scale: free memory, delete memmap files
         for cache in caches.values():

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from .data import sequential_batches
-from .precision import autocast_for
 from .transfer import to_device
 
 
@@ -21,20 +20,12 @@ def image_batches(images, batch_size: int, device: torch.device):
         yield to_device(batch, device), sizes
 
 
-@torch.no_grad()
 def extract_features(encoder, images, transform, batch_size: int = 512, bf16: bool = False) -> torch.Tensor:
-    """Pooled features `(N, hidden_size)` (float32, on the encoder's device) of uint8 `images` (a tensor or an
-    `ImageData` split), without masking: the encoder's `pooler_output` (class token or mean of patch tokens, as its
-    `config.pooling` says)."""
-    device = next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    features = []
-    for batch, sizes in image_batches(images, batch_size, device):
-        with autocast_for(device, bf16):
-            features.append(encoder(transform(batch, sizes)).pooler_output.float())
-    encoder.train(was_training)
-    return torch.cat(features)
+    """Pooled features `(N, hidden_size)` (float32, on the encoder's device) of uint8 `images`: the pooled part of
+    `probes.encode_frozen`, the one frozen-feature pass."""
+    from .probes import encode_frozen  # probes builds on this module
+
+    return encode_frozen(encoder, images, transform, batch_size, bf16)[0]
 
 
 @torch.no_grad()

@@ -16,12 +16,16 @@ tokens and in earlier blocks. Two protocols use it, both with the encoder frozen
 
 A trained head is saved as `<protocol>_head.safetensors` (its state dict) + `<protocol>_head.json` (what it
 was built with, which features it takes, the labels); `load_head(folder, protocol)` rebuilds it.
+
+Every frozen-feature protocol, the plain linear probe and kNN included, is one entry of `FROZEN_PROTOCOLS`: the
+evaluation runner, the result tables, reproduce.py and the model card read that table.
 """
 
-import json
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +33,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .features import image_batches
+from .features import image_batches, knn_predict
+from .inputs import read_json_object, write_json
+from .metrics import accuracy
 from .modeling_mae import follow_umask
 from .precision import autocast_for
 from .transfer import synchronize, to_device
@@ -132,7 +138,7 @@ def encode_frozen(encoder, images, transform, batch_size: int = 512, bf16: bool 
         bar.update(len(batch))
     bar.close()
     encoder.train(was_training)
-    synchronize(device)  # the non-blocking copies into `multiblock` are complete before anyone reads it
+    synchronize(device)  # the non-blocking copies into `multiblock` are complete, and a clock read next times the whole pass
     return torch.cat(pooled), multiblock
 
 
@@ -242,8 +248,8 @@ def save_head(head: nn.Module, folder: str, protocol: str, init: dict, info: dic
     weights = os.path.join(folder, f"{protocol}_head.safetensors")
     save_file({key: value.contiguous().cpu() for key, value in head.state_dict().items()}, weights)
     follow_umask(weights)
-    with open(os.path.join(folder, f"{protocol}_head.json"), "w") as handle:
-        json.dump({"protocol": protocol, "init": init, **info}, handle, indent=2, sort_keys=True)
+    write_json(os.path.join(folder, f"{protocol}_head.json"), {"protocol": protocol, "init": init, **info},
+               sort_keys=True)
 
 
 def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
@@ -255,8 +261,7 @@ def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
     path = os.path.join(folder, f"{protocol}_head.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file; is {folder} the output folder of a {protocol} run?")
-    with open(path) as handle:
-        info = json.load(handle)
+    info = read_json_object(path, f"the record of a saved {protocol} head")
     head = HEADS[protocol](**info["init"])
     head.load_state_dict(load_file(os.path.join(folder, f"{protocol}_head.safetensors")))
     return head.eval(), info
@@ -333,3 +338,126 @@ def timed(function, *args, **kwargs):
     started = time.perf_counter()
     result = function(*args, **kwargs)
     return result, round(time.perf_counter() - started, 2)
+
+
+@dataclass
+class FrozenInputs:
+    """What the one pass of the frozen encoder leaves for the protocols: the classifier around the encoder (its
+    linear-probe head untrained), both splits, and per split ("train", "eval") the pooled features, the multi-block
+    features (when a protocol needs "blocks") and the patch-token caches (when one needs "tokens")."""
+
+    model: nn.Module
+    train: object
+    evaluation: object
+    pooled: dict
+    blocks: dict
+    tokens: dict
+    device: torch.device
+    bf16: bool
+    encoder_fingerprint: str
+
+    @property
+    def num_labels(self) -> int:
+        return self.model.config.num_labels
+
+
+@dataclass(frozen=True)
+class FrozenProtocol:
+    """One frozen-feature protocol: `wanted(args)` from `FrozenEvalArguments` (`switch` is the flag that turns it
+    off); `needs` is what the encoder pass keeps for it ("pooled", "blocks" or "tokens"); `fit(inputs, args)` trains,
+    evaluates and saves it, returning its own result fields; `saves` are the files it writes beside its result file;
+    `reproduce_flags` its flags in reproduce.py's mae_probes step (None: the plain probe step, on by default)."""
+
+    name: str
+    title: str | None  # its row in the tables; None: kNN's rows are titled per k
+    switch: str
+    wanted: Callable
+    needs: str
+    fit: Callable
+    saves: tuple[str, ...] = ()
+    reproduce_flags: tuple[str, ...] | None = None
+
+
+def probe_settings(args) -> dict:
+    return dict(probe_epochs=args.probe_epochs, probe_batch_size=args.probe_batch_size,
+                probe_learning_rate=args.probe_learning_rate, probe_weight_decay=args.probe_weight_decay)
+
+
+def fit_linear_probe(inputs: FrozenInputs, args) -> dict:
+    """The classifier's own head on the pooled features; saved as an `MAEForImageClassification`."""
+    model = inputs.model
+    started = time.perf_counter()
+    train_probe(model, inputs.pooled["train"], inputs.train.labels, epochs=args.probe_epochs,
+                batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
+                weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
+    probe_seconds = time.perf_counter() - started
+    predictions = predict_features(model, inputs.pooled["eval"], classify=model.classify_features)
+    model.save_pretrained(args.output_dir)
+    return dict(eval_accuracy=accuracy(predictions, inputs.evaluation.labels), pooling=args.pooling,
+                probe_seconds=round(probe_seconds, 2), **probe_settings(args))
+
+
+def fit_multiblock_probe(inputs: FrozenInputs, args) -> dict:
+    train_blocks = inputs.blocks["train"]
+    head, seconds = timed(train_multiblock_probe, train_blocks, inputs.train.labels, inputs.num_labels, args,
+                          inputs.device)
+    features = (f"class token + mean patch token of each of the last {args.feature_blocks} blocks, after the "
+                "encoder's final LayerNorm, concatenated")
+    save_head(head, args.output_dir, "linear_probe_multiblock",
+              init={"feature_size": train_blocks.shape[1], "num_labels": inputs.num_labels},
+              info={"feature_blocks": args.feature_blocks, "features": features,
+                    "id2label": inputs.model.config.id2label, "encoder_fingerprint": inputs.encoder_fingerprint})
+    return dict(eval_accuracy=accuracy(predict_features(head, inputs.blocks["eval"]), inputs.evaluation.labels),
+                feature_blocks=args.feature_blocks, features=features, feature_size=train_blocks.shape[1],
+                probe_seconds=seconds, **probe_settings(args))
+
+
+def fit_attentive_probe(inputs: FrozenInputs, args) -> dict:
+    hidden_size = inputs.model.config.hidden_size
+    head, seconds = timed(train_attentive_probe, inputs.tokens["train"], inputs.train.labels, inputs.num_labels,
+                          hidden_size, args, inputs.device, inputs.bf16)
+    features = "patch tokens of the last block, after the encoder's final LayerNorm, cached as float16"
+    save_head(head, args.output_dir, "attentive_probe",
+              init={"hidden_size": hidden_size, "num_labels": inputs.num_labels, "num_heads": args.attentive_heads},
+              info={"features": features, "id2label": inputs.model.config.id2label,
+                    "encoder_fingerprint": inputs.encoder_fingerprint})
+    predictions = predict_tokens(head, inputs.tokens["eval"], inputs.device, inputs.bf16)
+    return dict(eval_accuracy=accuracy(predictions, inputs.evaluation.labels), features=features,
+                token_cache=inputs.tokens["train"].storage, attentive_heads=args.attentive_heads,
+                attentive_epochs=args.attentive_epochs, attentive_batch_size=args.attentive_batch_size,
+                attentive_learning_rate=args.attentive_learning_rate,
+                attentive_weight_decay=args.attentive_weight_decay, probe_seconds=seconds)
+
+
+def fit_knn(inputs: FrozenInputs, args) -> dict:
+    """Weighted kNN votes of the training features for each --knn_k; eval_accuracy is the first k's."""
+    predictions = knn_predict(inputs.pooled["train"], inputs.train.labels, inputs.pooled["eval"],
+                              ks=tuple(args.knn_k), temperature=args.knn_temperature, num_classes=inputs.num_labels)
+    by_k = {f"eval_accuracy_k{k}": accuracy(p, inputs.evaluation.labels) for k, p in predictions.items()}
+    return dict(pooling=args.pooling, eval_accuracy=by_k[f"eval_accuracy_k{args.knn_k[0]}"], knn_k=list(args.knn_k),
+                knn_temperature=args.knn_temperature, **by_k)
+
+
+def head_files(protocol: str) -> tuple[str, ...]:
+    return tuple(f"{protocol}_head.{ext}" for ext in ("safetensors", "json"))
+
+
+# the linear probe's saved classifier (save_pretrained: weights, config, processor, the code files beside them)
+PROBE_MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "configuration_mae.py",
+                     "modeling_mae.py")
+
+FROZEN_PROTOCOLS = (  # table order: the rows of compare's table and the order they run in
+    FrozenProtocol("linear_probe", "Linear probe (frozen encoder, BatchNorm + linear head)", "linear_probe",
+                   lambda args: args.linear_probe and args.feature_blocks == 1, "pooled", fit_linear_probe,
+                   saves=PROBE_MODEL_FILES),
+    FrozenProtocol("linear_probe_multiblock",
+                   "Multi-block linear probe (class + mean patch token of the last blocks)", "linear_probe",
+                   lambda args: args.linear_probe and args.feature_blocks > 1, "blocks", fit_multiblock_probe,
+                   saves=head_files("linear_probe_multiblock"),
+                   reproduce_flags=("--feature_blocks", "{feature_blocks}")),
+    FrozenProtocol("attentive_probe",
+                   "Attentive probe (cross-attention pooling of frozen patch tokens + linear head)", "attentive_probe",
+                   lambda args: args.attentive_probe, "tokens", fit_attentive_probe,
+                   saves=head_files("attentive_probe"), reproduce_flags=("--attentive_probe", "true")),
+    FrozenProtocol("knn", None, "knn", lambda args: args.knn, "pooled", fit_knn),
+)

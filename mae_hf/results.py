@@ -4,21 +4,18 @@ Every number in a table or model card comes from these files, which the scripts 
 
 import glob
 import hashlib
-import json
 import os
 
 import torch
 
+from .data import skipped_images
 from .data.prepared import prepared_source
-from .inputs import read_json_object
+from .inputs import read_json_object, write_json
 from .paths import looks_local
-from .redaction import redact
+from .probes import FROZEN_PROTOCOLS
 
-PROTOCOLS = ("linear_probe", "linear_probe_multiblock", "attentive_probe", "knn", "finetune",
-             "finetune_strong")  # table order
-TITLES = {"linear_probe": "Linear probe (frozen encoder, BatchNorm + linear head)",
-          "linear_probe_multiblock": "Multi-block linear probe (class + mean patch token of the last blocks)",
-          "attentive_probe": "Attentive probe (cross-attention pooling of frozen patch tokens + linear head)",
+PROTOCOLS = (*(protocol.name for protocol in FROZEN_PROTOCOLS), "finetune", "finetune_strong")  # table order
+TITLES = {**{protocol.name: protocol.title for protocol in FROZEN_PROTOCOLS if protocol.title},
           "finetune": "Fine-tune (whole encoder trained)",
           "finetune_strong": "Fine-tune, strong recipe (+ RandAugment, mixup/cutmix, random erasing, repeated "
                              "augmentation, weight EMA)"}
@@ -69,13 +66,29 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def run_record(data_args, train, evaluation, *, device, world_size: int, bf16: bool, seed: int,
+               crop_fraction: float, precision: str | None = None) -> dict:
+    """What every result file records of its run: the data (splits, sizes, images skipped as undecodable, how they
+    were stored and cropped), the device as `"<processes> x <type>"`, the precision and the seed. Each script adds its
+    own keys; `write_results` adds the software versions."""
+    record = {"dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
+              "train_samples": len(train), "eval_samples": len(evaluation)}
+    if data_args.skip_bad_images or train.skipped or evaluation.skipped:
+        record["skipped_images"] = skipped_images(train, evaluation)
+    record.update(eval_crop_fraction=crop_fraction, stored_short_side=train.short_side,
+                  device=f"{world_size} x {torch.device(device).type}", bf16=bf16)
+    if precision is not None:
+        record["precision"] = precision
+    record["seed"] = seed
+    return record
+
+
 def write_results(output_dir: str, name: str, results: dict) -> str:
     """Write `<output_dir>/<name>_results.json` (with the software versions, without Hub tokens) and print a one-line
     summary."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name}_results.json")
-    with open(path, "w") as handle:
-        json.dump(redact({**results, "versions": software_versions()}), handle, indent=2, sort_keys=True)
+    write_json(path, {**results, "versions": software_versions()}, sort_keys=True)
     print(f"[{name}] {results.get('encoder', '')} encoder: eval_accuracy {results['eval_accuracy']:.4f} "
           f"({results.get('eval_samples', '?')} images) -> {path}", flush=True)
     return path

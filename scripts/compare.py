@@ -6,7 +6,6 @@ Arguments are result files or folders searched recursively for the scripts' *_re
 """
 
 import argparse
-import sys
 
 from mae_hf.cli import run_script
 from mae_hf.results import collect_results, results_table
@@ -17,10 +16,7 @@ def main(argv=None):
     parser.add_argument("paths", nargs="+", help="Result files or folders holding *_results.json.")
     parser.add_argument("--output", help="Also write the table to this Markdown file.")
     args = parser.parse_args(argv)
-    try:
-        table = results_table(collect_results(args.paths))
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    table = results_table(collect_results(args.paths))
     print(table)
     if args.output:
         with open(args.output, "w") as handle:

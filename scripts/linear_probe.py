@@ -21,8 +21,6 @@ Probes that suit MAE (mae_hf/probes.py), from the same single pass of the encode
 <protocol>_head.safetensors + <protocol>_head.json (mae_hf.probes.load_head reloads them).
 """
 
-import sys
-
 from mae_hf.cli import parse_args, run_script
 from mae_hf.data import DataArguments
 from mae_hf.evaluation import FrozenEvalArguments, run_frozen_evaluation
@@ -34,10 +32,7 @@ def main(argv=None, description=__doc__, **defaults):
                                              description=description)
     for key, value in defaults.items():
         setattr(args, key, value)
-    try:
-        run_frozen_evaluation(model_args, data_args, args)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    run_frozen_evaluation(model_args, data_args, args)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ configs/cpu_small.yaml and configs/cpu_small_finetune_strong.yaml. --pretrain_ar
 import argparse
 import glob
 import importlib.util
-import json
 import os
 import shlex
 import shutil
@@ -42,10 +41,12 @@ import sys
 import threading
 import time
 
-from mae_hf.cli import UsageError, run_script
+from mae_hf.cli import UsageError, error_message, run_script, user_errors
 from mae_hf.evaluation import check_feature_blocks
-from mae_hf.inputs import write_json
+from mae_hf.inputs import read_json_object, write_json
+from mae_hf.probes import FROZEN_PROTOCOLS
 from mae_hf.redaction import recorded_command, redact_argv
+from mae_hf.runs import differences
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.normpath(os.path.join(SCRIPTS, os.pardir, "configs"))
@@ -97,12 +98,9 @@ def flag_values(argv: list[str]) -> dict[str, list[str]]:
 
 def differing_flags(before: list[str], now: list[str]) -> str:
     """`--flag (was X, now Y)` for each flag whose values differ between two commands."""
-    old, new = flag_values(before), flag_values(now)
-    shown = []
-    for flag in dict.fromkeys([*old, *new]):
-        if old.get(flag) != new.get(flag):
-            was, now_ = (shlex.join(side[flag]) if flag in side else "absent" for side in (old, new))
-            shown.append(f"{flag} (was {was or 'given'}, now {now_ or 'given'})")
+    shown = (f"{flag} (was {'absent' if was is None else shlex.join(was) or 'given'}, "
+             f"now {'absent' if new is None else shlex.join(new) or 'given'})"
+             for flag, (was, new) in differences(flag_values(before), flag_values(now), both_only=False).items())
     return ", ".join(shown)
 
 
@@ -162,6 +160,8 @@ class Step:
             raise SystemExit(143 if isinstance(stop, StepStopped) else 130) from None
         except UsageError as error:  # a bad flag in --<step>_args: a usage error of this command too
             raise UsageError(f"step {self.name} failed ({error}). {advice}") from None
+        except user_errors() as error:
+            raise ValueError(f"step {self.name} failed ({error_message(error)}). {advice}") from None
         except SystemExit as exit:
             if exit.code in STOPPED:  # the step printed its `error:` line and how to resume it on its own
                 print(f"[reproduce] step {self.name} stopped: {again}", file=sys.stderr, flush=True)
@@ -191,6 +191,18 @@ def plan(args) -> list[Step]:
 
     model = under("mae")
     split = shlex.split
+    # the probe step runs the protocols on by default; mae_probes the others, with the default ones switched off
+    default = [protocol for protocol in FROZEN_PROTOCOLS if protocol.reproduce_flags is None]
+    others = [protocol for protocol in FROZEN_PROTOCOLS if protocol.reproduce_flags is not None]
+    mae_probes_flags = [flag.format(feature_blocks=args.feature_blocks) for protocol in others
+                        for flag in protocol.reproduce_flags]
+    for switch in dict.fromkeys(protocol.switch for protocol in default):
+        if switch not in {protocol.switch for protocol in others}:
+            mae_probes_flags += [f"--{switch}", "false"]
+
+    def results_of(protocols) -> tuple[str, ...]:
+        return tuple(f"{protocol.name}_results.json" for protocol in protocols)
+
     steps = [Step("pretrain", "pretrain",
                   ([config(pretrain_config)] if pretrain_config else [])
                   + ["--output_dir", model, *data, *split(args.pretrain_args)],
@@ -200,13 +212,11 @@ def plan(args) -> list[Step]:
         steps += [
             Step(f"probe_{encoder}", "linear_probe",
                  [*source, "--output_dir", under(encoder, "probe"), *data, *split(args.probe_args)],
-                 under(encoder, "probe"), ("linear_probe_results.json", "knn_results.json")),
+                 under(encoder, "probe"), results_of(default)),
             Step(f"mae_probes_{encoder}", "linear_probe",
-                 [*source, "--output_dir", under(encoder, "mae_probes"), "--feature_blocks",
-                  str(args.feature_blocks), "--attentive_probe", "true", "--knn", "false", *data,
+                 [*source, "--output_dir", under(encoder, "mae_probes"), *mae_probes_flags, *data,
                   *split(args.probe_args)],
-                 under(encoder, "mae_probes"), ("linear_probe_multiblock_results.json",
-                                                "attentive_probe_results.json")),
+                 under(encoder, "mae_probes"), results_of(others)),
         ]
     for encoder in ENCODERS:
         source = ["--model_name_or_path", model] + (["--random_init", "true"] if encoder == "random_init" else [])
@@ -230,13 +240,9 @@ def plan(args) -> list[Step]:
 def read_record(path: str) -> dict:
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path) as handle:
-            record = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} does not read ({' '.join(str(error).split())}): it records the command of each "
-                         "step of this folder. Use a new --output_dir.") from None
-    if not isinstance(record, dict) or not all(isinstance(argv, list) for argv in record.values()):
+    record = read_json_object(path, "reproduce.py's record of the command of each step of this folder (or use a new "
+                                    "--output_dir)")
+    if not all(isinstance(argv, list) for argv in record.values()):
         raise ValueError(f"{path} is not reproduce.py's record of step commands. Use a new --output_dir.")
     return record
 
@@ -246,10 +252,8 @@ def check_unchanged(steps: list[Step], record: dict, output_dir: str) -> set[str
     they would leave results of the old settings under the new command. Returns the derived steps to redo because
     their own flags changed (they only read earlier outputs, so redoing them is always right)."""
     changed, redo = [], set()
-    for step in steps:
-        before = record.get(step.name)
-        if before is None or before == step.recorded():
-            continue
+    differing = differences(record, {step.name: step.recorded() for step in steps})
+    for step in (step for step in steps if step.name in differing):
         if step.derived:
             redo.add(step.name)
         elif step.is_done() or step.resumable():
