@@ -138,7 +138,7 @@ def encode_frozen(encoder, images, transform, batch_size: int = 512, bf16: bool 
         bar.update(len(batch))
     bar.close()
     encoder.train(was_training)
-    synchronize(device)  # the non-blocking copies into `multiblock` are complete, and a clock read next times the whole pass
+    synchronize(device)  # the non-blocking copies into `multiblock` done: a clock read next times the whole pass
     return torch.cat(pooled), multiblock
 
 
