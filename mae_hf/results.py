@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from .augment import STRONG_RECIPE_OFF
 from .data.prepared import prepared_source
 from .inputs import read_json_object
 from .paths import looks_local
@@ -22,9 +23,6 @@ TITLES = {"linear_probe": "Linear probe (frozen encoder, BatchNorm + linear head
           "finetune": "Fine-tune (whole encoder trained)",
           "finetune_strong": "Fine-tune, strong recipe (+ RandAugment, mixup/cutmix, random erasing, repeated "
                              "augmentation, weight EMA)"}
-# The parts of fine-tuning's strong recipe (configs/finetune_strong.yaml) with the values that leave each one off.
-STRONG_RECIPE_OFF = {"augment_policy": "none", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "random_erasing": 0.0,
-                     "repeated_augmentations": 1, "ema_decay": 0.0}
 
 
 def finetune_protocol(settings: dict) -> str:
