@@ -28,14 +28,13 @@ import socket
 import sys
 import threading
 import time
-import zipfile
 
 import torch
 from transformers import TrainerCallback
 
 from .cli import MAEHFError, UsageError, close_progress_bars, worker_died
 from .data.prepared import is_prepared, read_manifest
-from .inputs import SAFETENSORS_FIX, check_weights_fit, safetensors_shapes
+from .inputs import check_torch_file, check_weights_fit, file_problem, read_json_object, safetensors_shapes
 from .redaction import REDACTED, recorded_command, redact
 
 LOCK_NAME = ".run.lock"
@@ -68,12 +67,11 @@ class NonFiniteError(RunError):
 
 class Interrupted(BaseException):
     """SIGINT/SIGTERM outside the step boundary (before training, or a second signal): like KeyboardInterrupt, not
-    caught by `except Exception`. `saved`: what was saved, for the message (default: what the run knows)."""
+    caught by `except Exception`."""
 
-    def __init__(self, signum: int, when: str, saved: str | None = None):
+    def __init__(self, signum: int, when: str):
         super().__init__(f"stopped by {signal.Signals(signum).name} {when}")
         self.signum = signum
-        self.saved = saved
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
@@ -93,44 +91,11 @@ def checkpoints(output_dir: str) -> list[str]:
     return sorted(found, key=checkpoint_step, reverse=True)
 
 
-def _json_problem(path: str) -> str | None:
-    try:
-        with open(path) as handle:
-            value = json.load(handle)
-    except FileNotFoundError:
-        return f"{os.path.basename(path)} is missing"
-    except (OSError, ValueError) as error:
-        return f"{os.path.basename(path)} does not parse ({' '.join(str(error).split())})"
-    return None if isinstance(value, dict) else f"{os.path.basename(path)} holds no mapping"
-
-
-def _safetensors_problem(path: str) -> str | None:
-    if not os.path.isfile(path):
-        return f"{os.path.basename(path)} is missing"
-    try:
-        safetensors_shapes(path)
-    except (OSError, ValueError) as error:
-        return str(error).removesuffix(f" {SAFETENSORS_FIX}")
-    return None
-
-
-def _torch_file_problem(path: str) -> str | None:
-    """`torch.save` writes a zip archive whose directory sits at the end: a truncated file has none."""
-    try:
-        with zipfile.ZipFile(path):
-            return None
-    except FileNotFoundError:
-        return f"{os.path.basename(path)} is missing"
-    except (OSError, zipfile.BadZipFile) as error:
-        return f"{os.path.basename(path)} is not a complete torch file ({error})"
-
-
 def _trainer_state_problem(path: str) -> str | None:
     """trainer_state.json parses and names the step it was saved at (the step every message and resume reads)."""
-    problem = _json_problem(path)
+    problem = file_problem(read_json_object, path)
     if problem is None:
-        with open(path) as handle:
-            step = json.load(handle).get("global_step")
+        step = read_json_object(path).get("global_step")
         if not isinstance(step, int) or isinstance(step, bool):
             problem = f"{os.path.basename(path)} has no global_step"
     return problem
@@ -141,11 +106,11 @@ def checkpoint_problem(folder: str) -> str | None:
     `config.json` parse, `model.safetensors` is whole, the optimizer and scheduler files (and any RNG states) are
     whole torch files."""
     problems = [_trainer_state_problem(os.path.join(folder, "trainer_state.json")),
-                _json_problem(os.path.join(folder, "config.json")),
-                _safetensors_problem(os.path.join(folder, "model.safetensors"))]
+                file_problem(read_json_object, os.path.join(folder, "config.json")),
+                file_problem(safetensors_shapes, os.path.join(folder, "model.safetensors"))]
     torch_files = {"optimizer.pt", "scheduler.pt"} | {name for name in os.listdir(folder)
                                                       if name.endswith((".pt", ".pth"))}
-    problems += [_torch_file_problem(os.path.join(folder, name)) for name in sorted(torch_files)]
+    problems += [file_problem(check_torch_file, os.path.join(folder, name)) for name in sorted(torch_files)]
     problems = [problem for problem in problems if problem]
     return "; ".join(problems) if problems else None
 
@@ -237,6 +202,8 @@ def saved_whole(folder: str, args):
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread \
         else {}
+    run_stop = getattr(previous.get(signal.SIGINT), "__self__", None)  # inside a Run: its StopOnSignal
+    run_stop = run_stop if isinstance(run_stop, StopOnSignal) else None
     try:
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
         os.makedirs(staging)
@@ -247,6 +214,9 @@ def saved_whole(folder: str, args):
                 shutil.rmtree(os.path.join(folder, name))
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
         os.rmdir(staging)
+        if run_stop is not None:  # what a later stop reports as saved
+            run_stop.saved = (f"the model was saved whole in {folder} first" if received else
+                              f"the model was saved in {folder}") + "; the run's results and summary were not written"
     except Exception as error:
         reason = write_failure(error, staging)
         shutil.rmtree(staging, ignore_errors=True)
@@ -259,10 +229,8 @@ def saved_whole(folder: str, args):
             if handler is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(signum, handler)
     if received:  # the save is whole: now stop as the signal asks
-        if isinstance(getattr(previous.get(received[0]), "__self__", None), StopOnSignal):  # inside a Run
-            raise Interrupted(received[0], "while the final model was being saved",
-                              saved=f"the model was saved whole in {folder} first; the run's results and summary "
-                                    "were not written")
+        if run_stop is not None:
+            raise Interrupted(received[0], "while the final model was being saved")
         signal.raise_signal(received[0])  # no Run: the handler in place before decides
 
 
@@ -438,6 +406,7 @@ class StopOnSignal(TrainerCallback):
         self.previous = {}
         self.group = None
         self.pid = None  # the process that installed the handler
+        self.saved = "nothing was saved after the last checkpoint"  # for the stop message; set by `saved_whole`
 
     def install(self) -> None:
         self.pid = os.getpid()
@@ -600,7 +569,6 @@ class Run:
         self.clock = None  # (step, time.monotonic()) when this process's training began
         self.trained = None  # (step, seconds) when it ended
         self.stop = StopOnSignal()
-        self.trainer = None  # the one `train` ran: it knows whether the final model was saved
 
     @property
     def is_main(self) -> bool:
@@ -635,11 +603,9 @@ class Run:
             error = late  # names the worker, where the broken pipe that came first does not
         if isinstance(error, Interrupted):
             close_progress_bars()
-            saved = error.saved or (
-                f"the model was saved in {self.args.output_dir}; the run's results and summary were not written"
-                if getattr(self.trainer, "final_model_saved", False) else "nothing was saved after the last checkpoint")
             if self.is_main:
-                print(f"error: {error}; {saved}. {resume_advice(self.args.output_dir)}", file=sys.stderr, flush=True)
+                print(f"error: {error}; {self.stop.saved}. {resume_advice(self.args.output_dir)}", file=sys.stderr,
+                      flush=True)
             raise SystemExit(128 + error.signum)
         died = worker_died(error) if error is not None else None
         if died is not None:  # the checkpoints are intact: say where to continue from
@@ -743,7 +709,6 @@ class Run:
         A resume with nothing left to train returns empty metrics."""
         from transformers.trainer_utils import TrainOutput
 
-        self.trainer = trainer
         trainer.run_settings = self.settings_now
         trainer.add_callback(self.stop)
         trainer.add_callback(NoStepPastTheEnd())
@@ -778,21 +743,21 @@ class Run:
             raise Interrupted(self.stop.signum, f"after step {self.stop.step}")
         return result
 
-    def segments(self) -> list[dict]:
-        """The run's training, one entry per process that trained it, up to now (to the last checkpoint for the
-        earlier ones: what came after it was trained again): {"steps": [first, last], "seconds", "images",
-        "command"}. Seconds are wall time in the training loop, evaluations during training included."""
+    def segments(self, step: int | None = None) -> list[dict]:
+        """The run's training, one entry per process that trained it, up to now (at `step`, during training; to the
+        last checkpoint for the earlier ones: what came after it was trained again): {"steps": [first, last],
+        "seconds", "images", "command"}. Seconds are wall time in the training loop, evaluations included."""
         if self.clock is None:
             return list(self.earlier_segments)
         start, began = self.clock
-        step, seconds = self.trained or (self.trainer.state.global_step, time.monotonic() - began)
+        step, seconds = self.trained or (step, time.monotonic() - began)
         images = (step - start) * self.settings["recipe"]["global_batch_size"]
         return self.earlier_segments + [{"steps": [start, step], "seconds": round(seconds, 1), "images": images,
                                          "command": recorded_command()}]
 
-    def settings_now(self) -> dict:
-        """`run_settings.json` as a model saved now has it: the settings and the training that led to it."""
-        return {**self.settings, "segments": self.segments()}
+    def settings_now(self, step: int) -> dict:
+        """`run_settings.json` as a model saved now, at `step`, has it: the settings and the training that led to it."""
+        return {**self.settings, "segments": self.segments(step)}
 
     def record(self, state) -> dict:
         """For the run's summary: what actually ran, besides what was asked, with every segment of the run."""

@@ -721,7 +721,6 @@ class ImageTrainer(Trainer):
         self.add_callback(self.divergence)
         self.add_callback(PerProcessSeed())
         self.run_settings = None  # set by runs.Run (a function: the settings now): written beside every saved model
-        self.final_model_saved = False
         # Fine-tuning recipe (mae_hf/augment.py): batch mixing with soft targets, repeated augmentation, weight EMA.
         self.mixer, self.repeated_augmentations = mixer, repeated_augmentations
         self.ema = None
@@ -874,13 +873,12 @@ class ImageTrainer(Trainer):
         if _internal_call or not self.args.should_save:
             super().save_model(output_dir, _internal_call)
             if self.run_settings is not None and self.args.should_save:
-                write_json(os.path.join(target, SETTINGS_NAME), self.run_settings())
+                write_json(os.path.join(target, SETTINGS_NAME), self.run_settings(self.state.global_step))
             return
         with saved_whole(target, self.args) as staging:
             super().save_model(staging, _internal_call)
             if self.run_settings is not None:
-                write_json(os.path.join(staging, SETTINGS_NAME), self.run_settings())
-        self.final_model_saved = True
+                write_json(os.path.join(staging, SETTINGS_NAME), self.run_settings(self.state.global_step))
 
     def log(self, logs, start_time=None):
         stop = next((callback for callback in self.callback_handler.callbacks if isinstance(callback, StopOnSignal)),
