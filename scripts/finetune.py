@@ -15,7 +15,6 @@ Writes finetune_results.json and the fine-tuned MAEForImageClassification to --o
 """
 
 import os
-import sys
 
 from transformers import set_seed
 
@@ -93,20 +92,17 @@ def main(argv=None):
 
 def finetune(run, model_args, data_args, args):
     random_init = args.random_init
-    try:
-        config = build_config(model_args)
-        if not args.do_train and not is_classifier(config):  # the folder's kind is known now: before any data
-            raise ValueError(f"--do_train false: {model_args.model_name_or_path} is not a classifier (no trained "
-                             "head); evaluate a fine-tuning run's folder, or train one first.")
-        train, evaluation = load_image_splits(
-            data_args, config.image_size, config.num_channels, require_labels=True, token=model_args.token,
-            num_workers=args.requested_workers(),
-            check=lambda train, _: args.check_enough_images(len(train)) if args.do_train else None,
-            progress=not args.disable_tqdm)
-        args.configure_loaders(train, evaluation)
-        decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    config = build_config(model_args)
+    if not args.do_train and not is_classifier(config):  # the folder's kind is known now: before any data
+        raise ValueError(f"--do_train false: {model_args.model_name_or_path} is not a classifier (no trained "
+                         "head); evaluate a fine-tuning run's folder, or train one first.")
+    train, evaluation = load_image_splits(
+        data_args, config.image_size, config.num_channels, require_labels=True, token=model_args.token,
+        num_workers=args.requested_workers(),
+        check=lambda train, _: args.check_enough_images(len(train)) if args.do_train else None,
+        progress=not args.disable_tqdm)
+    args.configure_loaders(train, evaluation)
+    decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
     set_seed(args.seed)  # before the head is initialised
     num_labels = train.num_classes  # the class names when the label column has them: validated at load
     names = train.class_names or [str(i) for i in range(num_labels)]

@@ -10,7 +10,6 @@ reconstructions.png, loss_curve.png, train_results.json and eval_results.json. F
 """
 
 import os
-import sys
 
 from transformers import set_seed
 
@@ -105,20 +104,18 @@ def knn_monitor_data(args, train, evaluation):
 
 def pretrain(run, model_args, data_args, args):
     set_seed(args.seed)  # before the model is initialised
-    try:
-        config = build_config(model_args, norm_pix_loss=True)
-        def before_decoding(train, evaluation):  # a run that cannot train fails before the images are decoded
-            if args.do_train:
-                args.check_enough_images(len(train))
-            check_knn_bank(args, train.labels)
+    config = build_config(model_args, norm_pix_loss=True)
 
-        train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
-                                              token=model_args.token, num_workers=args.requested_workers(),
-                                              check=before_decoding, progress=not args.disable_tqdm)
-        args.configure_loaders(train, evaluation)
-        decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    def before_decoding(train, evaluation):  # a run that cannot train fails before the images are decoded
+        if args.do_train:
+            args.check_enough_images(len(train))
+        check_knn_bank(args, train.labels)
+
+    train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
+                                          token=model_args.token, num_workers=args.requested_workers(),
+                                          check=before_decoding, progress=not args.disable_tqdm)
+    args.configure_loaders(train, evaluation)
+    decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
     run.check_settings(config, data_args, model_args)
 
     if args.place_data_on_device(train):

@@ -87,12 +87,9 @@ def main(argv=None):
     check_pretraining_folder(model_dir)  # before loading: a probe would get a random decoder
     output = args.output or f"{model_dir.rstrip('/')}/reconstructions.png"
     check_output_parent(output)
-    try:
-        model = MAEForPreTraining.from_pretrained(model_dir)
-        train, evaluation = load_image_splits(data_args, model.config.image_size, model.config.num_channels,
-                                              first=args.num_images, progress=not args.disable_tqdm)
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    model = MAEForPreTraining.from_pretrained(model_dir)
+    train, evaluation = load_image_splits(data_args, model.config.image_size, model.config.num_channels,
+                                          first=args.num_images, progress=not args.disable_tqdm)
     noise = fixed_noise(len(evaluation), model.config.num_patches, seed=args.seed)
     crop_fraction = eval_crop_fraction(data_args, model.config.image_size, train)
     transform = BatchTransform.for_model(model.config, eval_crop_fraction=crop_fraction)

@@ -120,7 +120,7 @@ def test_evaluating_a_pretraining_run_as_a_classifier_fails_before_any_data(pret
                                                                            tmp_path, monkeypatch):
     folder, _ = pretrained_run
     monkeypatch.setattr(scripts.finetune, "load_image_splits", lambda *args, **kwargs: pytest.fail("data read"))
-    with pytest.raises(SystemExit, match="--do_train false: .* is not a classifier"):
+    with pytest.raises(ValueError, match="--do_train false: .* is not a classifier"):
         scripts.finetune.main(["--model_name_or_path", str(folder), "--do_train", "false", "--output_dir",
                                str(tmp_path / "eval"), "--dataset_name", str(parquet_folder)])
 
