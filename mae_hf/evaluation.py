@@ -10,14 +10,14 @@ import torch
 
 from . import probes
 from .cli import UsageError
-from .data import BatchTransform, eval_crop_fraction, load_image_splits, skipped_images
+from .data import BatchTransform, eval_crop_fraction, load_image_splits
 from .data.streaming import fit_workers_to_shared_memory
 from .features import knn_predict
 from .metrics import accuracy
 from .modeling_mae import MAEForImageClassification
 from .precision import decide_bf16
 from .results import PROTOCOLS as ALL_PROTOCOLS
-from .results import architecture, encoder_fingerprint, write_results
+from .results import architecture, encoder_fingerprint, run_record, write_results
 from .training import build_config, load_pretrained
 
 
@@ -250,22 +250,12 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
             "encoder": "random_init" if random_init else "pretrained",
             "model_name_or_path": None if random_init and not model_args.model_name_or_path
             else model_args.model_name_or_path,
-            "dataset_name": data_args.dataset_name,
-            "train_split": train.split,
-            "eval_split": evaluation.split,
-            "train_samples": len(train),
-            "eval_samples": len(evaluation),
             "encoder_fingerprint": encoder_fingerprint(model.mae),
             "architecture": architecture(model.config),
-            "seed": args.seed,
-            "device": str(device),
-            "bf16": bf16,
             "feature_seconds": round(feature_seconds, 2),
-            "eval_crop_fraction": crop_fraction,
-            "stored_short_side": train.short_side,
+            **run_record(data_args, train, evaluation, device=device, world_size=1, bf16=bf16, seed=args.seed,
+                         crop_fraction=crop_fraction),
         }
-        if data_args.skip_bad_images or train.skipped or evaluation.skipped:
-            common["skipped_images"] = skipped_images(train, evaluation)
         results = {}
         if args.knn:
             predictions = knn_predict(train_features, train.labels, eval_features, ks=tuple(args.knn_k),

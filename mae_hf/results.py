@@ -10,6 +10,7 @@ import os
 import torch
 
 from .augment import STRONG_RECIPE_OFF
+from .data import skipped_images
 from .data.prepared import prepared_source
 from .inputs import read_json_object
 from .paths import looks_local
@@ -65,6 +66,23 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def run_record(data_args, train, evaluation, *, device, world_size: int, bf16: bool, seed: int,
+               crop_fraction: float, precision: str | None = None) -> dict:
+    """What every result file records of its run: the data (splits, sizes, images skipped as undecodable, how they
+    were stored and cropped), the device as `"<processes> x <type>"`, the precision and the seed. Each script adds its
+    own keys; `write_results` adds the software versions."""
+    record = {"dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
+              "train_samples": len(train), "eval_samples": len(evaluation)}
+    if data_args.skip_bad_images or train.skipped or evaluation.skipped:
+        record["skipped_images"] = skipped_images(train, evaluation)
+    record.update(eval_crop_fraction=crop_fraction, stored_short_side=train.short_side,
+                  device=f"{world_size} x {torch.device(device).type}", bf16=bf16)
+    if precision is not None:
+        record["precision"] = precision
+    record["seed"] = seed
+    return record
 
 
 def write_results(output_dir: str, name: str, results: dict) -> str:

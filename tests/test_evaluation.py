@@ -52,6 +52,36 @@ def test_probe_and_knn_results(evaluated):
     assert read(root / "random" / "probe" / "linear_probe_results.json")["encoder"] == "random_init"
 
 
+def test_every_result_file_records_its_run_one_way(evaluated):
+    _, root = evaluated
+    finetune = read(root / "finetune" / "finetune_results.json")
+    for name in ("linear_probe", "knn"):
+        probe = read(root / "probe" / f"{name}_results.json")
+        assert probe["device"] == "1 x cpu" and "precision" not in probe  # a probe states its bf16, no more
+        for key in ("dataset_name", "train_split", "eval_split", "train_samples", "eval_samples",
+                    "eval_crop_fraction", "stored_short_side", "seed"):
+            assert probe[key] == finetune[key], key
+
+
+def test_run_record_lists_skipped_images_only_when_asked_or_found():
+    from types import SimpleNamespace
+
+    from mae_hf.results import run_record
+
+    class Split(list):
+        def __init__(self, name, skipped):
+            super().__init__(range(4))
+            self.split, self.skipped, self.short_side = name, skipped, 32
+
+    data = SimpleNamespace(dataset_name="d", skip_bad_images=False)
+    settings = dict(device=torch.device("cuda", 1), world_size=2, bf16=True, seed=3, crop_fraction=1.0)
+    record = run_record(data, Split("train", []), Split("test", []), **settings)
+    assert record["device"] == "2 x cuda" and "skipped_images" not in record and "precision" not in record
+    record = run_record(data, Split("train", ["row 5"]), Split("test", []), precision="bf16 autocast", **settings)
+    assert record["skipped_images"] == {"train": ["row 5"], "test": []} and record["precision"] == "bf16 autocast"
+    assert record["train_samples"] == 4 and record["eval_split"] == "test"
+
+
 def test_probe_keeps_the_pretrained_encoder_and_loads_as_a_classifier(evaluated):
     folder, root = evaluated
     probe = MAEForImageClassification.from_pretrained(root / "probe")
