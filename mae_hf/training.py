@@ -17,7 +17,7 @@ from transformers.utils import logging
 
 from .cli import UsageError, parse_overrides
 from .configuration_mae import MAEConfig
-from .data import BatchTransform
+from .data import BatchTransform, load_image_splits  # load_image_splits: patched by tests
 from .data.policy import print_once
 from .inputs import check_weights_fit, model_folder_config, read_json_object
 from .paths import folder_listing, looks_local
@@ -1004,3 +1004,60 @@ def _duration(seconds: float) -> str:
     if seconds < 3 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
+
+# ---- the setup both training scripts share ---------------------------------------------------------------------------
+
+@dataclass
+class TrainingData:
+    """What a training script trains and evaluates on: the model config, both splits (checked, maybe decoded), the
+    GPU JPEG decoder (--decode_on_device, else None) and the evaluation crop."""
+
+    config: MAEConfig
+    train: object  # data.ImageData
+    evaluation: object
+    decoder: object
+    crop_fraction: float
+
+    def place(self, args) -> None:
+        """--data_on_device: the training split moves to the GPU (its batches are then gathered there, unpinned)."""
+        if args.place_data_on_device(self.train):
+            self.train.to(args.device)
+            args.dataloader_pin_memory = False
+
+    def trainer_inputs(self, args, config, labels: bool, eval_noise=None) -> dict:
+        """The Trainer's datasets, collator, batch transforms (for `config`'s size and normalisation) and decoder."""
+        from .data import ImageDataset, collate
+
+        encoded = self.decoder is not None
+        train_transform, eval_transform = args.batch_transforms(config, self.crop_fraction)
+        return {"train_dataset": ImageDataset(self.train, labels=labels, encoded=encoded),
+                "eval_dataset": ImageDataset(self.evaluation, labels=labels, noise=eval_noise, encoded=encoded),
+                "data_collator": collate, "train_transform": train_transform, "eval_transform": eval_transform,
+                "device_decoder": self.decoder}
+
+
+def prepare_training(model_args, data_args, args, *, require_labels: bool = False, check=None, check_config=None,
+                     **fresh_defaults) -> TrainingData:
+    """Config (`fresh_defaults` for a model trained from scratch; `check_config(config)` before any data), then the
+    splits (`check(train, evaluation)` and, when training, one full batch checked before any image is decoded), their
+    DataLoader settings, the device decoder and the evaluation crop."""
+    from .data import device_decoder, eval_crop_fraction
+
+    config = build_config(model_args, **fresh_defaults)
+    if check_config is not None:
+        check_config(config)
+
+    def before_decoding(train, evaluation):
+        if args.do_train:
+            args.check_enough_images(len(train))
+        if check is not None:
+            check(train, evaluation)
+
+    train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
+                                          require_labels=require_labels, token=model_args.token,
+                                          num_workers=args.requested_workers(), check=before_decoding,
+                                          progress=not args.disable_tqdm)
+    args.configure_loaders(train, evaluation)
+    decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
+    return TrainingData(config, train, evaluation, decoder, eval_crop_fraction(data_args, config.image_size, train))
