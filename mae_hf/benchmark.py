@@ -393,7 +393,8 @@ def pipeline_suite(args, config, bf16, autocast):
 
     from .data import BatchTransform, DataArguments, ImageDataset, collate, load_image_splits
     from .data.memory import InMemoryImages
-    from .training import MAEPretrainer, PretrainingArguments, ThroughputCallback
+    from .training import MAEPretrainer, ThroughputCallback
+    from .training_args import PretrainingArguments
 
     torch.manual_seed(args.seed)
     if args.pipeline_prepared:
@@ -567,7 +568,7 @@ def augment_suite(args, config, bf16, autocast):
     from .cli import parse_args
     from .data import BatchTransform, DataArguments
     from .modeling_mae import MAEForImageClassification
-    from .training import FinetuneArguments
+    from .training_args import FinetuneArguments
 
     with tempfile.TemporaryDirectory() as output_dir:  # the recipe's arguments want one; nothing is written
         _, recipe = parse_args((DataArguments, FinetuneArguments), [args.recipe, "--output_dir", output_dir])

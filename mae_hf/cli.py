@@ -1,9 +1,11 @@
 """Command-line parsing shared by the scripts: `HfArgumentParser` over dataclasses, from flags, from a JSON/YAML
-file, or from a file followed by flags that override it; and `run_script`, which turns the errors a user can fix
-into one `error: ...` paragraph instead of a traceback."""
+file, or from a file followed by flags that override it; `run_script`, which turns the errors a user can fix
+into one `error: ...` paragraph instead of a traceback; and what the scripts print (`print_once`) or keep
+transformers from printing (`DropMessages`)."""
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -286,6 +288,25 @@ def check_renamed_flags(argv: list[str], parser) -> None:
     for flag in used:
         if flag in RENAMED_FLAGS and flag not in known:
             parser.error(f"{flag} is a transformers 4 flag: {RENAMED_FLAGS[flag]} (docs/migrating.md).")
+
+
+def print_once(message: str, file=None) -> None:
+    """Print once per run: every process of a torchrun / accelerate run loads the same data and would print the
+    same line (on one terminal, interleaved)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=file or sys.stdout, flush=True)
+
+
+class DropMessages(logging.Filter):
+    """Drops log records starting with one of `prefixes`: transformers' messages that read as faults here but are
+    not (see where it is used)."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
 
 
 INSTANT_PROGRESS_BARS = ("Loading weights", "Writing model shards")  # transformers' bars for steps of a second

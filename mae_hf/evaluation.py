@@ -13,12 +13,11 @@ from .cli import UsageError
 from .data import BatchTransform, eval_crop_fraction, load_image_splits
 from .data.streaming import fit_workers_to_shared_memory
 from .features import knn_predict
+from .loading import build_config, load_classifier
 from .metrics import accuracy
-from .modeling_mae import MAEForImageClassification
-from .precision import decide_bf16
+from .precision import BF16_AUTO_HELP, decide_bf16
 from .results import PROTOCOLS as ALL_PROTOCOLS
 from .results import architecture, encoder_fingerprint, run_record, write_results
-from .training import build_config, load_pretrained
 
 
 @dataclass
@@ -73,9 +72,8 @@ class FrozenEvalArguments:
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 autocast for the encoder's features (and linear_probe.py's attentive probe): true, "
-                          "false or auto (the default: on where the device computes bf16 natively — an NVIDIA GPU "
-                          "of compute capability 8.0 or newer, a CPU with AMX, AVX512-BF16 or Arm's BF16)."})
+        metadata={"help": f"bf16 autocast for the encoder's features (and linear_probe.py's attentive probe): "
+                          f"{BF16_AUTO_HELP}"})
     disable_tqdm: bool = field(
         default=False, metadata={"help": "No progress bars (feature extraction, probe epochs), as the Trainer's flag."})
 
@@ -100,32 +98,6 @@ class FrozenEvalArguments:
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"--device {self.device}: this machine has no CUDA GPU that torch can use; pass "
                                  "--device cpu (or auto).")
-
-
-def load_classifier(model_args, random_init: bool, seed: int, new_head: str | None = None, **config_changes):
-    """`MAEForImageClassification` with a pretrained encoder (from any of our checkpoints) or a random one of the
-    same config; `config_changes` (num_labels, id2label, linear_probe, pooling, ...) are applied to the config.
-    `new_head` is said when the checkpoint brings no head (see `training.load_pretrained`)."""
-    config = build_config(model_args)
-    num_labels = config_changes.get("num_labels", config.num_labels)
-    if (model_args.model_name_or_path and not random_init and is_classifier(config)
-            and config.num_labels != num_labels and not model_args.ignore_mismatched_sizes):
-        raise ValueError(f"{model_args.model_name_or_path} is a classifier with {config.num_labels} labels; this data "
-                         f"has {num_labels}. Pass --ignore_mismatched_sizes true to replace its head with a new one "
-                         "(the encoder is kept).")
-    config.update(config_changes)
-    if config.problem_type is None:  # as transformers' loss would settle it at the first step (a second compile)
-        config.problem_type = "single_label_classification"
-    config.check()
-    torch.manual_seed(seed)  # a new head (or encoder) is drawn from the seed, whatever ran before in this process
-    if model_args.model_name_or_path and not random_init:
-        return load_pretrained(MAEForImageClassification, model_args, config, new_head=new_head)
-    return MAEForImageClassification(config)
-
-
-def is_classifier(config) -> bool:
-    """Whether a checkpoint's config was saved by a classifier (so that its folder holds a trained head)."""
-    return "MAEForImageClassification" in (config.architectures or [])
 
 
 def check_output_folder(folder: str) -> None:

@@ -1,17 +1,24 @@
 """Checks of the files a user names on the command line (model folders, their config.json and weights, result
-files): a bad one is an error naming it, before any work starts, instead of a traceback from deep inside a loader."""
+files): a bad one is an error naming it, before any work starts, instead of a traceback from deep inside a loader.
+And the other side: files written whole or not at all (`written_whole`, `write_json`), and what a failed write
+means (`write_failure`)."""
 
+import contextlib
+import errno
 import json
 import os
+import re
 import zipfile
 
 from .paths import folder_listing
+from .redaction import redact
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TORCH_WEIGHTS_FILE = "pytorch_model.bin"  # older checkpoints (ViTMAE's included): a torch.save file
 OTHER_WEIGHTS_FILES = (TORCH_WEIGHTS_FILE, "pytorch_model.bin.index.json")  # shapes not read, only intactness
 SAFETENSORS_FIX = "Save or copy the model again."
+TEMPORARY_MARK = ".tmp-"  # a file being written: `<name>.tmp-<pid>`, renamed to <name> when whole
 
 
 class FileProblem(ValueError):
@@ -173,3 +180,52 @@ def check_weights_fit(folder: str, config, option: str = "--model_name_or_path")
                          f"has shape {shape}, the config asks for {needed}. A trained model's sizes cannot change: "
                          "drop size changes from --config_overrides (or train fresh weights with --config_name); "
                          "without any, the folder's config.json does not belong to its weights.")
+
+
+# ---- writing ------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def written_whole(path: str):
+    """Yields a temporary path to write `path` to; renamed to `path` when the block ends, removed if it fails (a full
+    disk): a file is whole or absent. (A killed process's temporaries are swept by the next run.)"""
+    temporary = f"{path}{TEMPORARY_MARK}{os.getpid()}"
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def write_json(path: str, value: dict, *, sort_keys: bool = False) -> None:
+    """Write whole or not at all (`written_whole`), without Hub tokens (`redact`)."""
+    with written_whole(path) as temporary:
+        with open(temporary, "w") as handle:
+            json.dump(redact(value), handle, indent=2, sort_keys=sort_keys)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _free_bytes(path: str) -> int:
+    while not os.path.exists(path):
+        path = os.path.dirname(path) or "."
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def write_failure(error: BaseException, folder: str) -> str | None:
+    """Why writing into `folder` failed, when `error` is a failed write; None for anything else (a bug keeps its
+    traceback). Each writer fails in its own way on a full disk: open/json an OSError, safetensors a SafetensorError
+    ("I/O error: No space left on device (os error 28)"), torch.save a RuntimeError of its zip writer that names no
+    cause (then the free space tells)."""
+    if isinstance(error, OSError):
+        return os.strerror(error.errno) if error.errno else str(error)
+    text = " ".join(str(error).split())
+    if type(error).__name__ != "SafetensorError" and not (
+            isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)):
+        return None
+    cause = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    if cause:
+        return cause.group(1)
+    return os.strerror(errno.ENOSPC) if _free_bytes(folder) < 2**20 else text

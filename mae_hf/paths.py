@@ -21,3 +21,25 @@ def folder_listing(path: str) -> str:
     entries = sorted(os.listdir(parent))
     shown = ", ".join(entries[:20]) + (f", ... ({len(entries)} in all)" if len(entries) > 20 else "")
     return f"{parent} holds: {shown or 'nothing'}."
+
+
+def check_output_folder(path: str, option: str = "--output_dir", give: str = "a folder path (created if missing)",
+                        writable: bool = True) -> str:
+    """Before any work: `path` must be a folder, or creatable below its nearest existing folder, which is returned;
+    with `writable`, that folder must be writable too. A `UsageError` naming `option` otherwise."""
+    from .cli import UsageError  # imported here: this module depends on nothing of ours at import time
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a file, not a folder. Give {give}.")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # created below its nearest existing ancestor
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{option} {path}: {existing} is a file, not a folder. Give {give}.")
+    if writable:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        if read_only or not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"{option} {path}: {existing} cannot be written "
+                             f"({'a read-only file system' if read_only else 'no permission'}). Choose a folder you "
+                             "can write to.")
+    return existing

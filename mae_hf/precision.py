@@ -17,6 +17,9 @@ import sys
 
 import torch
 
+BF16_AUTO_HELP = ("true, false or auto (the default: on where the device computes bf16 natively — an NVIDIA GPU of "
+                  "compute capability 8.0 or newer, a CPU with AMX, AVX512-BF16 or Arm's BF16; off elsewhere).")
+
 # CPU capabilities (`torch.cpu.get_capabilities()`) that compute bf16 matrix products in hardware, best first.
 CPU_BF16_FEATURES = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("sve_bf16", "Arm SVE BF16"),
                      ("bf16", "Arm BF16"))

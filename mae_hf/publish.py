@@ -16,7 +16,8 @@ import shutil
 import torch
 
 from .cli import MAEHFError, UsageError
-from .inputs import read_json_object, weight_shapes
+from .inputs import read_json_object, weight_shapes, write_json
+from .loading import ModelArguments
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining
 from .redaction import redact
 from .results import (
@@ -31,7 +32,7 @@ from .results import (
     same_dataset,
     unique_results,
 )
-from .runs import segment_totals, write_json
+from .runs import LOCK_NAME, segment_totals
 
 PICTURES = ("reconstructions.png", "loss_curve.png")
 DATASET_TITLES = {"uoft-cs/cifar10": "CIFAR-10", "cifar10": "CIFAR-10"}
@@ -542,3 +543,22 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
             f"{folder} is complete: upload it later with `{retry}` (log in first with `hf auth login`)."
         ) from error
     return commit.pr_url if create_pr and commit.pr_url else commit.commit_url
+
+
+def check_hub_access(args, model_args: ModelArguments) -> None:
+    """--push_to_hub: can --hub_model_id be written with this token? Asked before any work (a clear error, no
+    training that ends in a failed upload)."""
+    if args.push_output_to_hub:
+        hub_preflight(args.hub_model_id, token=args.hub_token or model_args.token)
+
+
+def push_output(args, model_args: ModelArguments) -> None:
+    """--push_to_hub: upload the script's own --output_dir (model, code files, processor, results, pictures) to
+    --hub_model_id, once, from the main process."""
+    if not args.push_output_to_hub or args.process_index != 0:
+        return
+    url = push(args.output_dir, args.hub_model_id, private=bool(args.hub_private_repo),
+               token=args.hub_token or model_args.token, revision=getattr(args, "hub_revision", None),
+               commit_message=f"Upload {os.path.basename(os.path.abspath(args.output_dir))}",
+               exclude=(LOCK_NAME,))  # this run's own lock, held while it uploads
+    print(f"[push] {args.output_dir} -> {url}", flush=True)

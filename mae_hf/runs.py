@@ -9,19 +9,15 @@
 - `removed_if_incomplete` / `saved_whole`: a checkpoint that fails to save is removed; the final model is saved
   aside and moved into place with signals held. A failed write (`write_failure`: a full disk, whichever writer hit
   it) becomes one clear error with the resume command.
-- `DivergenceGuard`: a non-finite loss or gradient norm is recorded on the device every step (no host sync) and
-  read on the host only at logging/evaluation/save steps; weights are checked before every save, so no
-  non-finite model or checkpoint is ever written.
+- `NonFiniteError`: what training.DivergenceGuard raises when the loss, gradient norm or weights become non-finite.
 """
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -32,9 +28,17 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .cli import MAEHFError, UsageError, close_progress_bars, worker_died
+from .cli import DropMessages, MAEHFError, UsageError, close_progress_bars, worker_died
 from .data.prepared import is_prepared, read_manifest
-from .inputs import check_torch_file, check_weights_fit, file_problem, read_json_object, safetensors_shapes
+from .inputs import (
+    check_torch_file,
+    check_weights_fit,
+    file_problem,
+    read_json_object,
+    safetensors_shapes,
+    write_failure,
+    write_json,
+)
 from .redaction import REDACTED, recorded_command, redact
 
 LOCK_NAME = ".run.lock"
@@ -119,50 +123,9 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return next((folder for folder in checkpoints(output_dir) if checkpoint_problem(folder) is None), None)
 
 
-def weights_are_finite(folder: str) -> bool:
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as weights:
-        for key in weights.keys():
-            tensor = weights.get_tensor(key)
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                return False
-    return True
-
-
-def last_finite_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint whose weights, loaded, are all finite."""
-    return next((folder for folder in checkpoints(output_dir)
-                 if checkpoint_problem(folder) is None and weights_are_finite(folder)), None)
-
-
 def _step_of(folder: str) -> int:
     with open(os.path.join(folder, "trainer_state.json")) as handle:
         return json.load(handle)["global_step"]
-
-
-def _free_bytes(path: str) -> int:
-    while not os.path.exists(path):
-        path = os.path.dirname(path) or "."
-    stats = os.statvfs(path)
-    return stats.f_bavail * stats.f_frsize
-
-
-def write_failure(error: BaseException, folder: str) -> str | None:
-    """Why writing into `folder` failed, when `error` is a failed write; None for anything else (a bug keeps its
-    traceback). Each writer fails in its own way on a full disk: open/json an OSError, safetensors a SafetensorError
-    ("I/O error: No space left on device (os error 28)"), torch.save a RuntimeError of its zip writer that names no
-    cause (then the free space tells)."""
-    if isinstance(error, OSError):
-        return os.strerror(error.errno) if error.errno else str(error)
-    text = " ".join(str(error).split())
-    if type(error).__name__ != "SafetensorError" and not (
-            isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)):
-        return None
-    cause = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
-    if cause:
-        return cause.group(1)
-    return os.strerror(errno.ENOSPC) if _free_bytes(folder) < 2**20 else text
 
 
 @contextlib.contextmanager
@@ -361,15 +324,17 @@ def _saved_settings(checkpoint: str) -> dict:
     return {"model": {key: config[key] for key in sorted(MAEConfig.__annotations__) if key in config}}
 
 
+def differences(before: dict, now: dict, *, both_only: bool = True) -> dict[str, tuple]:
+    """{key: (before's value, now's value)} for every key whose values differ, in key order: of the keys both
+    record (`both_only`), else of either (a missing value is None)."""
+    keys = set(before) & set(now) if both_only else set(before) | set(now)
+    return {key: (before.get(key), now.get(key)) for key in sorted(keys) if before.get(key) != now.get(key)}
+
+
 def settings_differences(saved: dict, current: dict) -> dict:
     """`{"model.mask_ratio": {"checkpoint": 0.75, "now": 0.6}, ...}` for every setting the two both record."""
-    differences = {}
-    for group in ("model", "data", "recipe"):
-        before, now = saved.get(group, {}), current.get(group, {})
-        for key in sorted(set(before) & set(now)):
-            if before[key] != now[key]:
-                differences[f"{group}.{key}"] = {"checkpoint": before[key], "now": now[key]}
-    return differences
+    return {f"{group}.{key}": {"checkpoint": old, "now": new} for group in ("model", "data", "recipe")
+            for key, (old, new) in differences(saved.get(group, {}), current.get(group, {})).items()}
 
 
 def segment_totals(segments: list[dict]) -> tuple[float | None, int | None]:
@@ -377,14 +342,6 @@ def segment_totals(segments: list[dict]) -> tuple[float | None, int | None]:
     seconds = [segment["seconds"] for segment in segments]
     images = [segment["images"] for segment in segments]
     return (None if None in seconds else round(sum(seconds), 1)), (None if None in images else sum(images))
-
-
-def write_json(path: str, value: dict) -> None:
-    """Write whole or not at all (a temporary file renamed over the target), without Hub tokens (`redact`)."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(redact(value), handle, indent=2)
-    os.replace(temporary, path)
 
 
 # ---- signals ---------------------------------------------------------------------------------------------------
@@ -479,79 +436,7 @@ class NoStepPastTheEnd(TrainerCallback):
     on_step_begin = on_train_begin
 
 
-# ---- divergence ------------------------------------------------------------------------------------------------
-
-class DivergenceGuard(TrainerCallback):
-    """Records on the device whether any loss or gradient norm since the last check was non-finite (`observe_*`,
-    every step, no host sync); `check` reads that on the host, with the weights, at the steps that log, evaluate
-    or save, and before every save. On a non-finite value it raises `NonFiniteError` naming the last checkpoint
-    whose weights are finite (loaded to verify)."""
-
-    def __init__(self):
-        self.flags = None  # [loss non-finite, gradient norm non-finite] since the start
-        self.checked_step = 0
-
-    def _record(self, index: int, value) -> None:
-        if value is None:
-            return
-        if not isinstance(value, torch.Tensor):  # DeepSpeed reports the gradient norm as a float
-            value = torch.tensor(float(value), device=None if self.flags is None else self.flags.device)
-        if self.flags is None:
-            self.flags = torch.zeros(2, dtype=torch.bool, device=value.device)
-        self.flags[index].logical_or_(value.detach().isfinite().logical_not_())  # in place: a few tiny kernels
-
-    def observe_loss(self, loss) -> None:
-        self._record(0, loss)
-
-    def observe_grad_norm(self, grad_norm) -> None:
-        self._record(1, grad_norm)
-
-    def check(self, args, step: int, model) -> None:
-        loss_bad = grad_bad = False
-        if self.flags is not None:
-            flags = self.flags.to(torch.int32)
-            if args.world_size > 1 and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            loss_bad, grad_bad = (bool(flag) for flag in flags.tolist())  # the one host read
-        weights_bad = not torch.stack([parameter.isfinite().all() for parameter in model.parameters()]).all()
-        if loss_bad or grad_bad or weights_bad:
-            what = [name for name, bad in (("the loss", loss_bad), ("the gradient norm", grad_bad),
-                                           ("the weights", weights_bad)) if bad]
-            raise NonFiniteError(self._message(args, " and ".join(what), step))
-        self.checked_step = step
-
-    def _message(self, args, what: str, step: int) -> str:
-        finite = last_finite_checkpoint(args.output_dir)
-        if finite is None:
-            kept = (f"No checkpoint with finite weights exists in {args.output_dir}; start again with a lower "
-                    "--learning_rate, more --warmup_steps or fp32.")
-        else:
-            kept = (f"The last checkpoint with finite weights is {finite} (step {_step_of(finite)}); continue from "
-                    f"it with a lower --learning_rate, more --warmup_steps or fp32: add --resume_from_checkpoint "
-                    f"{finite} --allow_config_change true.")
-        when = f"at step {step}" if step == self.checked_step + 1 else \
-            f"between steps {self.checked_step + 1} and {step}"
-        return f"Training diverged: {what} became non-finite {when}. Nothing was saved from that state. {kept}"
-
-    def _check_if_due(self, args, state, control, model=None, **kwargs):
-        if control.should_log or control.should_evaluate or control.should_save:
-            self.check(args, state.global_step, model)
-
-    on_step_end = on_epoch_end = _check_if_due
-
-
 # ---- the run ---------------------------------------------------------------------------------------------------
-
-class _DropMessage(logging.Filter):
-    """Drops log records starting with one of `prefixes`: transformers' messages that read as faults here but are
-    not (see where it is used)."""
-
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
 
 
 class Run:
@@ -717,10 +602,10 @@ class Run:
         # (1), so it fires on every resume with these scripts' defaults (the batch size it also compares is among
         # the settings `check_settings` compares). Checkpoints saved within a second of each other (small runs) make
         # it say that mtime "may not be reliable" before it orders them by step, which is the right order anyway.
-        checkpoint_args_warning = _DropMessage("Warning: The following arguments do not match",
+        checkpoint_args_warning = DropMessages("Warning: The following arguments do not match",
                                                "mtime may not be reliable")
         comparer = logging.getLogger("transformers.trainer_utils")
-        comparer.addFilter(checkpoint_args_warning)  # see _DropMessage
+        comparer.addFilter(checkpoint_args_warning)  # see DropMessages
         self.clock = (start, time.monotonic())
         try:
             result = trainer.train(resume_from_checkpoint=self.resume_from)

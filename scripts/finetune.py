@@ -21,20 +21,13 @@ from transformers import set_seed
 from mae_hf import MAEForImageClassification
 from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import DataArguments
-from mae_hf.evaluation import is_classifier, load_classifier
+from mae_hf.loading import ModelArguments, is_classifier, load_classifier, load_pretrained
 from mae_hf.metrics import accuracy
+from mae_hf.publish import check_hub_access, push_output
 from mae_hf.results import architecture, encoder_fingerprint, finetune_protocol, run_record, write_results
 from mae_hf.runs import Run
-from mae_hf.training import (
-    FinetuneArguments,
-    ImageTrainer,
-    ModelArguments,
-    ThroughputCallback,
-    check_hub_access,
-    load_pretrained,
-    prepare_training,
-    push_output,
-)
+from mae_hf.training import ImageTrainer, ThroughputCallback, prepare_training
+from mae_hf.training_args import FinetuneArguments
 
 
 def compute_metrics(prediction):

@@ -26,7 +26,7 @@ import sys
 from mae_hf.cli import parse_args, run_script
 from mae_hf.data import DataArguments
 from mae_hf.evaluation import FrozenEvalArguments, run_frozen_evaluation
-from mae_hf.training import ModelArguments
+from mae_hf.loading import ModelArguments
 
 
 def main(argv=None, description=__doc__, **defaults):

@@ -17,20 +17,14 @@ from mae_hf import MAEForPreTraining
 from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import DataArguments, fixed_noise
 from mae_hf.data.prepared import prepared_source
-from mae_hf.inputs import read_json_object
+from mae_hf.inputs import read_json_object, write_json
+from mae_hf.loading import ModelArguments, load_pretrained
+from mae_hf.publish import check_hub_access, push_output
 from mae_hf.redaction import recorded_command
 from mae_hf.results import run_record, software_versions
-from mae_hf.runs import Run, write_json
-from mae_hf.training import (
-    MAEPretrainer,
-    ModelArguments,
-    PretrainingArguments,
-    ThroughputCallback,
-    check_hub_access,
-    load_pretrained,
-    prepare_training,
-    push_output,
-)
+from mae_hf.runs import Run
+from mae_hf.training import MAEPretrainer, ThroughputCallback, prepare_training
+from mae_hf.training_args import PretrainingArguments
 
 
 def slow_hint(data_args) -> str:

@@ -44,8 +44,8 @@ import time
 
 from mae_hf.cli import UsageError, run_script
 from mae_hf.evaluation import check_feature_blocks
+from mae_hf.inputs import write_json
 from mae_hf.redaction import recorded_command, redact_argv
-from mae_hf.runs import write_json
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.normpath(os.path.join(SCRIPTS, os.pardir, "configs"))
@@ -297,7 +297,7 @@ def pretrained_layers(step: Step) -> int | None:
     from transformers import HfArgumentParser
 
     from mae_hf.cli import read_config_file
-    from mae_hf.training import ModelArguments, build_config
+    from mae_hf.loading import ModelArguments, build_config
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):

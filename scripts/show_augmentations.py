@@ -18,7 +18,8 @@ from transformers import set_seed
 
 from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import DataArguments, eval_crop_fraction, load_image_splits
-from mae_hf.training import FinetuneArguments, ModelArguments, build_config
+from mae_hf.loading import ModelArguments, build_config
+from mae_hf.training_args import FinetuneArguments
 from mae_hf.visualize import grid_image
 
 

@@ -16,7 +16,7 @@ from mae_hf import MAEForPreTraining
 from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed_noise, load_image_splits
 from mae_hf.inputs import check_pretraining_folder, read_json_object
-from mae_hf.precision import decide_bf16
+from mae_hf.precision import BF16_AUTO_HELP, decide_bf16
 from mae_hf.runs import SETTINGS_NAME
 from mae_hf.visualize import save_reconstructions
 
@@ -28,9 +28,7 @@ class VisualizeArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the fixed masks (pretrain.py uses its --seed)."})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 autocast: true, false or auto (the default: on where the device computes bf16 "
-                          "natively — an NVIDIA GPU of compute capability 8.0 or newer, a CPU with AMX, AVX512-BF16 "
-                          "or Arm's BF16)."})
+        metadata={"help": f"bf16 autocast: {BF16_AUTO_HELP}"})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars (decoding), as the other scripts."})
 
     def __post_init__(self):

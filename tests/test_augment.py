@@ -254,7 +254,8 @@ def test_repeated_augmentation_layout():
 def test_trainer_batches_repeat_each_image(tiny_config, tmp_path):
     from mae_hf.data import ImageDataset, collate
     from mae_hf.data.memory import InMemoryImages
-    from mae_hf.training import ImageTrainer, ImageTrainingArguments
+    from mae_hf.training import ImageTrainer
+    from mae_hf.training_args import ImageTrainingArguments
 
     model = MAEForImageClassification(tiny_config(num_labels=3))
     args = ImageTrainingArguments(output_dir=str(tmp_path), eval_strategy="no", per_device_train_batch_size=6)
@@ -324,7 +325,8 @@ def test_weight_ema_continues_from_a_checkpoint(tmp_path):
 
 
 def test_trainer_loss_on_mixed_batches_is_soft_cross_entropy(tiny_config, tmp_path):
-    from mae_hf.training import ImageTrainer, ImageTrainingArguments
+    from mae_hf.training import ImageTrainer
+    from mae_hf.training_args import ImageTrainingArguments
 
     model = MAEForImageClassification(tiny_config(num_labels=3))
     args = ImageTrainingArguments(output_dir=str(tmp_path), eval_strategy="no", label_smoothing_factor=0.1)
@@ -342,7 +344,8 @@ def test_trainer_loss_on_mixed_batches_is_soft_cross_entropy(tiny_config, tmp_pa
 def test_accumulated_loss_is_divided_by_the_accumulation_steps(tiny_config, tmp_path, mixer):
     """Each micro-batch's loss is a mean over that micro-batch: the Trainer must divide it by the accumulation steps,
     also when its training loop has counted the batch's labels (it passes that count as `num_items_in_batch`)."""
-    from mae_hf.training import ImageTrainer, ImageTrainingArguments
+    from mae_hf.training import ImageTrainer
+    from mae_hf.training_args import ImageTrainingArguments
 
     model = MAEForImageClassification(tiny_config(num_labels=3))
     args = ImageTrainingArguments(output_dir=str(tmp_path), eval_strategy="no", gradient_accumulation_steps=2)

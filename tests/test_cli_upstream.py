@@ -16,8 +16,10 @@ from fixtures_runs import TINY_MODEL, tiny_split
 from mae_hf import MAEConfig, MAEForImageClassification, MAEForPreTraining
 from mae_hf.cli import UsageError, parse_args
 from mae_hf.data import DataArguments, load_image_splits
+from mae_hf.loading import ModelArguments, load_pretrained
 from mae_hf.results import encoder_fingerprint
-from mae_hf.training import ModelArguments, PretrainingArguments, ThroughputCallback, load_pretrained
+from mae_hf.training import ThroughputCallback
+from mae_hf.training_args import PretrainingArguments
 
 # examples/pytorch/image-pretraining/README.md (run_mae.py), "own data" form: --train_dir instead of --dataset_name
 RUN_MAE = ["--model_type", "mae_hf", "--remove_unused_columns", "False", "--label_names", "pixel_values",

@@ -196,7 +196,8 @@ def test_finetune_results_and_layer_decay(evaluated, scripts):
 
 def test_layer_decay_groups(tiny_config, tmp_path):
     from mae_hf.data import BatchTransform
-    from mae_hf.training import ImageTrainer, ImageTrainingArguments
+    from mae_hf.training import ImageTrainer
+    from mae_hf.training_args import ImageTrainingArguments
 
     model = MAEForImageClassification(tiny_config(num_labels=3))
     args = ImageTrainingArguments(output_dir=str(tmp_path), learning_rate=1.0, weight_decay=0.1, eval_strategy="no")

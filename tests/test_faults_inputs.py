@@ -653,7 +653,7 @@ def test_ctrl_c_outside_a_training_run_is_one_line(capsys):
 def test_data_on_the_gpu_is_not_given_to_worker_processes(tmp_path, monkeypatch):
     from mae_hf.data.memory import InMemoryImages
     from mae_hf.data.streaming import StreamedImages
-    from mae_hf.training import PretrainingArguments
+    from mae_hf.training_args import PretrainingArguments
 
     in_memory = InMemoryImages(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.full((1, 2), 2))
     workers = PretrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=2)

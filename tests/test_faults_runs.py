@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file
 
 from mae_hf.cli import run_script
-from mae_hf.runs import LOCK_NAME, DivergenceGuard, NonFiniteError, Run, checkpoint_problem
-from mae_hf.training import PretrainingArguments
+from mae_hf.runs import LOCK_NAME, NonFiniteError, Run, checkpoint_problem
+from mae_hf.training import DivergenceGuard
+from mae_hf.training_args import PretrainingArguments
 
 STEPS_PER_EPOCH = 6  # 48 images, batch 8
 

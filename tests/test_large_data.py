@@ -475,7 +475,8 @@ PUBLISHED = {"base": (768, 12, 12, 3072, 16), "large": (1024, 24, 16, 4096, 16),
 def test_imagenet_presets_are_the_papers_recipes_on_the_published_architectures(tmp_path, repo_root, size):
     from mae_hf.cli import parse_args
     from mae_hf.convert import config_to_vit_mae
-    from mae_hf.training import ModelArguments, PretrainingArguments, build_config
+    from mae_hf.loading import ModelArguments, build_config
+    from mae_hf.training_args import PretrainingArguments
 
     model_args, _, args = parse_args((ModelArguments, DataArguments, PretrainingArguments), [
         str(repo_root / "configs" / f"imagenet_mae_vit_{size}_pretrain.yaml"), "--output_dir", str(tmp_path)])
@@ -493,7 +494,8 @@ def test_imagenet_presets_are_the_papers_recipes_on_the_published_architectures(
 
 def test_imagenet_finetune_preset_and_the_total_batch(tmp_path, repo_root):
     from mae_hf.cli import parse_args
-    from mae_hf.training import FinetuneArguments, ModelArguments
+    from mae_hf.loading import ModelArguments
+    from mae_hf.training_args import FinetuneArguments
 
     preset = str(repo_root / "configs" / "imagenet_mae_vit_base_finetune.yaml")
     _, _, args = parse_args((ModelArguments, DataArguments, FinetuneArguments), [preset, "--output_dir",

@@ -10,7 +10,8 @@ import mae_hf.precision
 from mae_hf import MAEForPreTraining
 from mae_hf.modeling_mae import CPU_BF16_FORMULA_MAX_TOKENS, eager_attention_forward
 from mae_hf.precision import decide_bf16, native_bf16
-from mae_hf.training import FinetuneArguments, PretrainingArguments, ThroughputCallback
+from mae_hf.training import ThroughputCallback
+from mae_hf.training_args import FinetuneArguments, PretrainingArguments
 from mae_hf.visualize import reconstruct
 
 AMX = {"amx_bf16": True, "amx_tile": True, "avx512_bf16": True}

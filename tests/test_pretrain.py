@@ -13,8 +13,9 @@ import torch
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import UsageError, parse_args, parse_overrides, run_script
 from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed_noise, load_image_splits
+from mae_hf.loading import ModelArguments, build_config
 from mae_hf.runs import RunError
-from mae_hf.training import ModelArguments, PretrainingArguments, build_config
+from mae_hf.training_args import PretrainingArguments
 
 
 def test_run_leaves_a_complete_folder(pretrained_run):
@@ -259,7 +260,7 @@ def test_cpu_defaults_bf16_where_native_without_compile(tmp_path):
 
 
 def test_config_files_parse_and_reference_is_the_reference_recipe(tmp_path, repo_root):
-    from mae_hf.training import FinetuneArguments
+    from mae_hf.training_args import FinetuneArguments
 
     configs = repo_root / "configs"
     for name, arguments in (("reference", PretrainingArguments), ("cpu_small", PretrainingArguments),

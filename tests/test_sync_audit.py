@@ -26,7 +26,7 @@ from sync_audit import (
 )
 
 import mae_hf.runs as runs
-from mae_hf.training import ImageTrainingArguments
+from mae_hf.training_args import ImageTrainingArguments
 
 COUNTS = {}  # hot loop -> events per section, printed at the end (pytest -s) for the record
 
@@ -351,7 +351,7 @@ def test_feature_passes_and_multiblock_features_on_the_host():
 
 
 def test_gpu_settings_copy_batches_without_waiting_and_leave_constant_buffers(tmp_path):
-    from mae_hf.training import FinetuneArguments, PretrainingArguments
+    from mae_hf.training_args import FinetuneArguments, PretrainingArguments
 
     for arguments in (PretrainingArguments, FinetuneArguments):
         args = arguments(output_dir=str(tmp_path))

@@ -21,12 +21,12 @@ import sys
 import numpy as np
 import torch
 
-from ..cli import UsageError
+from ..cli import UsageError, print_once
 from .arguments import DataArguments, SourceArguments
 from .decode import Geometry
 from .labels import check_labels, label_values
 from .memory import CANVAS_WASTE, InMemoryImages, cpus_per_process, decode_into_memory, header_sizes, keep_rows
-from .policy import all_processes_agree, gigabytes, memory_budget, print_once
+from .policy import all_processes_agree, gigabytes, memory_budget
 from .prepared import IMAGE_COLUMN, geometry_of, is_prepared, read_manifest
 from .readers import DatasetReader, prepared_reader
 from .sources import (

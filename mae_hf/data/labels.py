@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from .policy import print_once
+from ..cli import print_once
 from .sources import source_rows
 
 

@@ -2,7 +2,6 @@
 the data's decoded size and the memory this process may use, and said out loud."""
 
 import os
-import sys
 
 import torch
 
@@ -60,13 +59,6 @@ def free_memory() -> tuple[int, str]:
     if container is not None and container < available:
         return container, "free under the container's memory limit"
     return available, "available memory"
-
-
-def print_once(message: str, file=None) -> None:
-    """Print once per run: every process of a torchrun / accelerate run loads the same data and would print the
-    same line (on one terminal, interleaved)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(message, file=file or sys.stdout, flush=True)
 
 
 def processes_on_this_machine() -> int:

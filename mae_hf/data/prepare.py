@@ -9,7 +9,6 @@ Only when every shard is there are they moved into their split folders and the f
 is a dataset (for `datasets` too) exactly when its manifest says complete.
 """
 
-import contextlib
 import errno
 import io
 import json
@@ -21,13 +20,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..cli import UsageError
-from ..runs import LOCK_NAME, OutputLock, RunError, write_failure
+from ..cli import UsageError, print_once
+from ..inputs import TEMPORARY_MARK, write_failure, written_whole
+from ..runs import LOCK_NAME, OutputLock, RunError
 from .arguments import SourceArguments
 from .decode import LONG_SIDE_FACTOR, BadImage, Geometry, channels_first, decode_image, open_image, orientation
 from .labels import check_same_class_names, validate_labels
 from .memory import cpus_per_process
-from .policy import print_once
 from .prepared import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -45,7 +44,6 @@ from .prepared import (
 from .sources import as_undecoded_images, default_prepared_folder, find_column, load_raw_dataset, source_holding
 
 PROGRESS_FOLDER = "progress"  # inside UNFINISHED_FOLDER: one record per finished shard
-TEMPORARY_MARK = ".tmp-"  # a file being written: `<name>.tmp-<pid>`, renamed to <name> when whole
 LEGACY_PROGRESS = "_progress"  # where earlier versions kept the progress records, beside the shards
 RAW_UP_TO = 64  # short sides up to this are stored raw: JPEG would blur such small images and saves little
 READ_BATCH = 64  # source rows read at a time by a worker
@@ -203,7 +201,7 @@ def prepare_shard(task: tuple[str, int, int, int]) -> dict:
     relative = shard_file(split, shard, num_shards)
     unfinished = os.path.join(folder, UNFINISHED_FOLDER)
     path = os.path.join(unfinished, relative)
-    with _written_whole(path) as temporary:
+    with written_whole(path) as temporary:
         writer = ArrowWriter(features=job["features"][split], path=temporary)
         try:
             writer.write_batch(columns)
@@ -214,24 +212,10 @@ def prepare_shard(task: tuple[str, int, int, int]) -> dict:
     record = {"file": relative, "rows": len(columns[IMAGE_COLUMN]), "bytes": os.path.getsize(path), "skipped": skipped,
               "max_height": max(columns["height"], default=0), "max_width": max(columns["width"], default=0),
               "image_bytes": sum(len(data) for data in columns[IMAGE_COLUMN]), **shard_fingerprints(path)}
-    with _written_whole(os.path.join(unfinished, PROGRESS_FOLDER, f"{split}-{shard:05d}.json")) as temporary:
+    with written_whole(os.path.join(unfinished, PROGRESS_FOLDER, f"{split}-{shard:05d}.json")) as temporary:
         with open(temporary, "w") as handle:
             json.dump(record, handle)
     return record
-
-
-@contextlib.contextmanager
-def _written_whole(path: str):
-    """Yields a temporary path to write `path` to; renamed to `path` when the block ends, removed if it fails (a full
-    disk): a file is whole or absent. (A killed process's temporaries are swept by the next run.)"""
-    temporary = f"{path}{TEMPORARY_MARK}{os.getpid()}"
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
 
 
 # ---- the whole job -------------------------------------------------------------------------------------------------

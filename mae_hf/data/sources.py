@@ -13,10 +13,9 @@ import sys
 
 import numpy as np
 
-from ..cli import UsageError
+from ..cli import UsageError, print_once
 from ..paths import folder_listing, looks_local
 from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
-from .policy import print_once
 from .prepared import PREPARED_COLUMNS, PREPARED_MANIFEST, is_prepared, load_prepared, shards_without_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")

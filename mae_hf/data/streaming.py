@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import torch
 
+from ..cli import print_once
 from .decode import BadImage, paste
 from .memory import cpus_per_process, repeat_edges
-from .policy import print_once, processes_on_this_machine
+from .policy import processes_on_this_machine
 from .splits import ImageData
 
 MAX_WORKERS = 16
