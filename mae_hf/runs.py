@@ -39,6 +39,7 @@ from .inputs import (
     write_failure,
     write_json,
 )
+from .paths import check_output_folder
 from .redaction import REDACTED, recorded_command, redact
 
 LOCK_NAME = ".run.lock"
@@ -95,21 +96,14 @@ def checkpoints(output_dir: str) -> list[str]:
     return sorted(found, key=checkpoint_step, reverse=True)
 
 
-def _trainer_state_problem(path: str) -> str | None:
-    """trainer_state.json parses and names the step it was saved at (the step every message and resume reads)."""
-    problem = file_problem(read_json_object, path)
-    if problem is None:
-        step = read_json_object(path).get("global_step")
-        if not isinstance(step, int) or isinstance(step, bool):
-            problem = f"{os.path.basename(path)} has no global_step"
-    return problem
-
-
 def checkpoint_problem(folder: str) -> str | None:
     """Why `folder` is not a complete checkpoint, or None when it is: `trainer_state.json` (with its step) and
     `config.json` parse, `model.safetensors` is whole, the optimizer and scheduler files (and any RNG states) are
     whole torch files."""
-    problems = [_trainer_state_problem(os.path.join(folder, "trainer_state.json")),
+    state = os.path.join(folder, "trainer_state.json")  # the step every message and resume reads must be there
+    problems = [file_problem(read_json_object, state) or (
+                    None if type(read_json_object(state).get("global_step")) is int else
+                    "trainer_state.json has no global_step"),
                 file_problem(read_json_object, os.path.join(folder, "config.json")),
                 file_problem(safetensors_shapes, os.path.join(folder, "model.safetensors"))]
     torch_files = {"optimizer.pt", "scheduler.pt"} | {name for name in os.listdir(folder)
@@ -124,8 +118,7 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 
 
 def _step_of(folder: str) -> int:
-    with open(os.path.join(folder, "trainer_state.json")) as handle:
-        return json.load(handle)["global_step"]
+    return read_json_object(os.path.join(folder, "trainer_state.json"))["global_step"]
 
 
 @contextlib.contextmanager
@@ -315,12 +308,10 @@ def _saved_settings(checkpoint: str) -> dict:
     """The checkpoint's settings file; from a checkpoint written before it existed, its model config alone."""
     path = os.path.join(checkpoint, SETTINGS_NAME)
     if os.path.isfile(path):
-        with open(path) as handle:
-            return json.load(handle)
+        return read_json_object(path)
     from .configuration_mae import MAEConfig
 
-    with open(os.path.join(checkpoint, "config.json")) as handle:
-        config = json.load(handle)
+    config = read_json_object(os.path.join(checkpoint, "config.json"))
     return {"model": {key: config[key] for key in sorted(MAEConfig.__annotations__) if key in config}}
 
 
@@ -467,9 +458,9 @@ class Run:
                 self._claim_output_dir()
             except Exception as error:  # any failure reaches every process: none may wait for rank 0 forever
                 self._release()
-                problem = str(error) if isinstance(error, RunError) else f"{type(error).__name__}: {error}"
+                problem = str(error) if isinstance(error, MAEHFError) else f"{type(error).__name__}: {error}"
                 usage = isinstance(error, UsageError)
-                if self.args.world_size == 1 and not isinstance(error, RunError):
+                if self.args.world_size == 1 and not isinstance(error, MAEHFError):
                     raise
         problem, usage, self.resume_from = _from_main_process((problem, usage, self.resume_from))
         if problem:
@@ -510,10 +501,9 @@ class Run:
 
     def _claim_output_dir(self) -> None:
         folder = self.args.output_dir
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise OutputDirUsageError(f"--output_dir {folder} is a file, not a folder. Give a folder path (created if "
-                                      "missing).")
-        if not os.path.exists(folder):
+        if os.path.exists(folder):
+            check_output_folder(folder, writable=False)  # the lock below is the write test
+        else:
             missing = os.path.abspath(folder)
             while not os.path.exists(missing):
                 self.created.append(missing)
@@ -598,10 +588,8 @@ class Run:
         trainer.add_callback(self.stop)
         trainer.add_callback(NoStepPastTheEnd())
         start = 0 if self.resume_from is None else _step_of(self.resume_from)  # before rotation may remove it
-        # The resume warning compares fractional logging/eval/save steps (0.01) with the step counts they became
-        # (1), so it fires on every resume with these scripts' defaults (the batch size it also compares is among
-        # the settings `check_settings` compares). Checkpoints saved within a second of each other (small runs) make
-        # it say that mtime "may not be reliable" before it orders them by step, which is the right order anyway.
+        # Both false alarms here: the resume warning compares fractional logging/eval/save steps with the counts they
+        # became (`check_settings` compares what matters); checkpoints are ordered by step, whatever their mtimes.
         checkpoint_args_warning = DropMessages("Warning: The following arguments do not match",
                                                "mtime may not be reliable")
         comparer = logging.getLogger("transformers.trainer_utils")
