@@ -396,13 +396,13 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         due = (state.global_step % STOP_CHECK_STEPS == 0 or state.global_step >= state.max_steps
                or control.should_log or control.should_evaluate or control.should_save)
-        if self._stop_requested(args, due):
-            self.step = state.global_step
-            control.should_training_stop = True
-            control.should_save = control.should_evaluate = False
+        self._stop_if_requested(args, state, control, due)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self._stop_requested(args, due=True):
+        self._stop_if_requested(args, state, control, due=True)
+
+    def _stop_if_requested(self, args, state, control, due: bool) -> None:
+        if self._stop_requested(args, due):
             self.step = state.global_step if self.step is None else self.step
             control.should_training_stop = True
             control.should_save = control.should_evaluate = False
