@@ -1,21 +1,15 @@
 """What can go wrong around a training run, and how each fault ends (shared by pretrain.py and finetune.py).
 
-- `Run`: the run's hold on its `--output_dir` for its whole lifetime. It refuses a file, an unwritable folder, a
-  previous run that is not being resumed, and a folder another live run holds (a `flock` on `.run.lock`, released
-  by the kernel on any exit, so a dead run leaves no stale lock). It resolves `--resume_from_checkpoint` to a
-  complete checkpoint, compares the settings with the checkpoint's, and turns SIGINT/SIGTERM into a stop at the
-  step boundary with the exact resume command.
-- `checkpoint_problem`: what "complete" means for a checkpoint folder, checked from headers and sizes.
+- `Run`: the run's hold on its `--output_dir` for its whole lifetime: it refuses a file, an unwritable folder, a
+  previous run not being resumed, and a folder another live run holds (`OutputLock`, a `flock` the kernel drops on
+  any exit). It resolves `--resume_from_checkpoint` to a complete checkpoint (`checkpoint_problem`), compares the
+  settings with the checkpoint's, and turns SIGINT/SIGTERM into a stop at a step boundary with the resume command.
 - `removed_if_incomplete` / `saved_whole`: a checkpoint that fails to save is removed; the final model is saved
-  aside and moved into place with signals held. A failed write (`write_failure`: a full disk, whichever writer hit
-  it) becomes one clear error with the resume command.
-- `NonFiniteError`: what training.DivergenceGuard raises when the loss, gradient norm or weights become non-finite.
+  aside and moved into place with signals held; a failed write becomes one clear error with the resume command.
 """
 
 import contextlib
-import dataclasses
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -29,7 +23,6 @@ import torch
 from transformers import TrainerCallback
 
 from .cli import DropMessages, MAEHFError, UsageError, close_progress_bars, worker_died
-from .data.prepared import is_prepared, read_manifest
 from .inputs import (
     check_torch_file,
     check_weights_fit,
@@ -40,22 +33,15 @@ from .inputs import (
     write_json,
 )
 from .paths import check_output_folder
-from .redaction import REDACTED, recorded_command, redact
+from .redaction import REDACTED, recorded_command
+from .settings import SETTINGS_NAME, run_settings, saved_settings
 
 LOCK_NAME = ".run.lock"
-SETTINGS_NAME = "run_settings.json"  # what the run was started with (and its resumes); copied into each checkpoint
 CHECKPOINT_PREFIX = "checkpoint-"
 INCOMPLETE_PREFIX = "incomplete-"  # torn checkpoints are renamed so that neither resume nor rotation picks them
-# TrainingArguments that shape the result: a resume that changes one of them is not the run that was started.
-RECIPE_FIELDS = ("learning_rate", "weight_decay", "decay_all_parameters", "adam_beta1", "adam_beta2", "adam_epsilon",
-                 "optim", "max_grad_norm", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps",
-                 "gradient_accumulation_steps", "crop_min_scale", "horizontal_flip", "seed", "layer_decay",
-                 "label_smoothing_factor", "drop_path_rate", "pooling", "random_init", "bf16", "fp16", "torch_compile")
 # Settings a resume may change without --allow_config_change (how fast, not what: the same weights train alike);
 # the change is still recorded with the resume.
 FREELY_CHANGED = ("recipe.torch_compile",)
-# Where and how fast, not what: the batches are the same (a run may resume reading from disk what it held in memory).
-DATA_FIELDS_IGNORED = ("cache_dir", "preprocessing_num_workers", "data_in_memory", "decode_on_device")
 
 
 class RunError(MAEHFError):
@@ -67,7 +53,7 @@ class OutputDirUsageError(RunError, UsageError):
 
 
 class NonFiniteError(RunError):
-    pass
+    """The loss, gradient norm or weights became non-finite (raised by training.DivergenceGuard)."""
 
 
 class Interrupted(BaseException):
@@ -272,48 +258,6 @@ def _from_main_process(value):
 
 
 # ---- settings compared on resume ----------------------------------------------------------------------------------
-
-def _where(value):
-    """A local path as an absolute one, so that resuming from another working folder compares the same data and
-    weights; anything else (Hub ids, numbers, None) as it is."""
-    if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
-        return os.path.realpath(os.path.expanduser(value))
-    return value
-
-
-def run_settings(config, data_args, args, model_args) -> dict:
-    """The settings that make a run what it is: the model config and starting point, the data and the recipe."""
-    from .configuration_mae import MAEConfig
-
-    config_values = config.to_dict()
-    model = {key: config_values[key] for key in sorted(MAEConfig.__annotations__) if key in config_values}
-    model["num_labels"] = config.num_labels  # the classifier's head
-    model["model_name_or_path"] = _where(model_args.model_name_or_path)  # the weights the run started from
-    data = {field.name: _where(getattr(data_args, field.name)) for field in dataclasses.fields(data_args)
-            if field.name not in DATA_FIELDS_IGNORED}
-    if data_args.train_dir is None and is_prepared(data_args.dataset_name):
-        # what the folder holds, not only where: a folder prepared again (other images, another size) is a change
-        data["prepared_fingerprint"] = read_manifest(data_args.dataset_name).get("fingerprint")
-    recipe = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
-    if hasattr(args, "recipe"):  # fine-tuning's augmentation recipe
-        recipe.update(args.recipe())
-    recipe["lr_scheduler_type"] = getattr(recipe.get("lr_scheduler_type"), "value", recipe.get("lr_scheduler_type"))
-    recipe["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
-        args.world_size
-    # as written (JSON values, tokens redacted), so that a resume compares like with like
-    return redact(json.loads(json.dumps({"model": model, "data": data, "recipe": recipe}, default=str)))
-
-
-def _saved_settings(checkpoint: str) -> dict:
-    """The checkpoint's settings file; from a checkpoint written before it existed, its model config alone."""
-    path = os.path.join(checkpoint, SETTINGS_NAME)
-    if os.path.isfile(path):
-        return read_json_object(path)
-    from .configuration_mae import MAEConfig
-
-    config = read_json_object(os.path.join(checkpoint, "config.json"))
-    return {"model": {key: config[key] for key in sorted(MAEConfig.__annotations__) if key in config}}
-
 
 def differences(before: dict, now: dict, *, both_only: bool = True) -> dict[str, tuple]:
     """{key: (before's value, now's value)} for every key whose values differ, in key order: of the keys both
@@ -558,7 +502,7 @@ class Run:
         `--allow_config_change true`, then recorded. Writes `run_settings.json` (also into every checkpoint)."""
         current = run_settings(config, data_args, self.args, model_args)
         if self.resume_from is not None:
-            saved = _saved_settings(self.resume_from)
+            saved = saved_settings(self.resume_from)
             differences = settings_differences(saved, current)
             refused = {key: value for key, value in differences.items() if key not in FREELY_CHANGED}
             if refused and not self.args.allow_config_change:

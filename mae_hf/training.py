@@ -18,7 +18,6 @@ from .data import load_image_splits  # looked up here at each call: tests replac
 from .inputs import write_json
 from .loading import build_config
 from .runs import (
-    SETTINGS_NAME,
     NonFiniteError,
     StopOnSignal,
     _step_of,
@@ -27,6 +26,7 @@ from .runs import (
     removed_if_incomplete,
     saved_whole,
 )
+from .settings import SETTINGS_NAME
 
 
 def linear_weight_names(model: nn.Module) -> list[str]:

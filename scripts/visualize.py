@@ -18,7 +18,7 @@ from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed
 from mae_hf.inputs import check_pretraining_folder, read_json_object
 from mae_hf.paths import check_output_folder
 from mae_hf.precision import BF16_AUTO_HELP, decide_bf16
-from mae_hf.runs import SETTINGS_NAME
+from mae_hf.settings import SETTINGS_NAME
 from mae_hf.visualize import save_reconstructions
 
 
