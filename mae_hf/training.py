@@ -361,7 +361,8 @@ class MAEPretrainer(ImageTrainer):
         return metrics
 
     def pretraining_extras(self, prefix: str = "eval") -> dict:
-        from .features import extract_features, knn_predict
+        from .features import knn_predict
+        from .probes import encode_frozen
         from .visualize import grid_image, reconstruction_rows, save_loss_curve
 
         model, output_dir = self.model, self.args.output_dir
@@ -379,8 +380,8 @@ class MAEPretrainer(ImageTrainer):
         from .metrics import accuracy
 
         bank, bank_labels, queries, query_labels = self.knn_data
-        features = [extract_features(model.mae, images, self.eval_transform, self.args.per_device_eval_batch_size,
-                                     bf16=self.args.bf16) for images in (bank, queries)]
+        features = [encode_frozen(model.mae, images, self.eval_transform, self.args.per_device_eval_batch_size,
+                                  bf16=self.args.bf16)[0] for images in (bank, queries)]
         predictions = knn_predict(features[0], bank_labels, features[1], ks=(self.knn_k,))[self.knn_k]
         return {f"{prefix}_knn_accuracy": accuracy(predictions, query_labels)}
 
