@@ -14,7 +14,14 @@ from transformers import Trainer, TrainerCallback
 
 from .cli import DropMessages
 from .configuration_mae import MAEConfig
-from .data import load_image_splits  # looked up here at each call: tests replace it
+from .data import (  # load_image_splits: looked up here at each call (tests replace it)
+    ImageData,
+    ImageDataset,
+    collate,
+    device_decoder,
+    eval_crop_fraction,
+    load_image_splits,
+)
 from .inputs import write_json
 from .loading import build_config
 from .runs import (
@@ -479,9 +486,9 @@ class TrainingData:
     GPU JPEG decoder (--decode_on_device, else None) and the evaluation crop."""
 
     config: MAEConfig
-    train: object  # data.ImageData
-    evaluation: object
-    decoder: object
+    train: ImageData
+    evaluation: ImageData
+    decoder: object  # streaming.DeviceJPEGDecoder, or None
     crop_fraction: float
 
     def place(self, args) -> None:
@@ -492,8 +499,6 @@ class TrainingData:
 
     def trainer_inputs(self, args, config, labels: bool, eval_noise=None) -> dict:
         """The Trainer's datasets, collator, batch transforms (for `config`'s size and normalisation) and decoder."""
-        from .data import ImageDataset, collate
-
         encoded = self.decoder is not None
         train_transform, eval_transform = args.batch_transforms(config, self.crop_fraction)
         return {"train_dataset": ImageDataset(self.train, labels=labels, encoded=encoded),
@@ -507,8 +512,6 @@ def prepare_training(model_args, data_args, args, *, require_labels: bool = Fals
     """Config (`fresh_defaults` for a model trained from scratch; `check_config(config)` before any data), then the
     splits (`check(train, evaluation)` and, when training, one full batch checked before any image is decoded), their
     DataLoader settings, the device decoder and the evaluation crop."""
-    from .data import device_decoder, eval_crop_fraction
-
     config = build_config(model_args, **fresh_defaults)
     if check_config is not None:
         check_config(config)
