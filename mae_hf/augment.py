@@ -11,12 +11,15 @@ through pinned memory; random erasing draws on the device and selects with `torc
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
+from .data.transforms import random_erasing  # noqa: F401  (a device batch op like the crops; part of the recipe)
 from .transfer import to_device
 
 # The RandAugment / TrivialAugment operations. Colour ops act pixel-wise or through image statistics; geometric ops
@@ -230,29 +233,6 @@ class RandAugment:
         return warp(x, to_device(matrix, x.device).to(x.dtype), self.fill)
 
 
-def random_erasing(x: torch.Tensor, probability: float = 0.25, area=(0.02, 1 / 3), ratio=(0.3, 3.3),
-                   generator=None) -> torch.Tensor:
-    """Random erasing (Zhong et al. 2017) of a normalised batch: with `probability`, a sample gets one rectangle of
-    area fraction in `area` and log-uniform aspect ratio in `ratio` (clipped to the image) replaced by standard
-    normal noise per pixel and channel."""
-    batch, _, height, width = x.shape
-    device = x.device
-    draws = torch.rand(5, batch, 1, 1, device=device, generator=generator)  # one call: few small ops
-    erase = draws[0] < probability
-    target = draws[1] * (area[1] - area[0]) + area[0]
-    aspect = (draws[2] * math.log(ratio[1] / ratio[0]) + math.log(ratio[0])).exp()
-    box_h = ((target * aspect).sqrt() * height).round().clamp(1, height)
-    box_w = ((target / aspect).sqrt() * width).round().clamp(1, width)
-    top = (draws[3] * (height - box_h + 1)).floor()
-    left = (draws[4] * (width - box_w + 1)).floor()
-    rows = torch.arange(height, device=device).view(1, height, 1)
-    cols = torch.arange(width, device=device).view(1, 1, width)
-    # Row and column tests are small; only their product has the image's size.
-    inside = ((rows >= top) & (rows < top + box_h) & erase) & ((cols >= left) & (cols < left + box_w))
-    noise = torch.randn(x.shape, device=device, generator=generator, dtype=x.dtype)
-    return torch.where(inside[:, None], noise, x)
-
-
 def smooth_one_hot(labels: torch.Tensor, num_labels: int, smoothing: float = 0.0) -> torch.Tensor:
     """`(B, num_labels)` targets: 1 - smoothing + smoothing / num_labels on the label, smoothing / num_labels
     elsewhere (the same targets as the Trainer's label smoothing)."""
@@ -412,3 +392,58 @@ class WeightEMA(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.update()
+
+
+def _check_policy(args) -> None:
+    if args.augment_policy not in AUGMENT_POLICIES:
+        raise ValueError(f"--augment_policy must be {', '.join(AUGMENT_POLICIES[:-1])} or {AUGMENT_POLICIES[-1]}, "
+                         f"got {args.augment_policy!r}.")
+    RandAugment(args.randaugment_num_ops, args.randaugment_magnitude, args.randaugment_magnitude_std,
+                op_prob=args.randaugment_op_prob)
+
+
+def _check_mixing(args) -> None:
+    if args.mixup_alpha or args.cutmix_alpha:
+        MixupCutmix(2, args.mixup_alpha, args.cutmix_alpha, args.mixup_switch_prob, args.mixup_prob,
+                    args.label_smoothing_factor)
+    elif args.mixup_alpha < 0 or args.cutmix_alpha < 0:
+        raise ValueError("--mixup_alpha and --cutmix_alpha must be >= 0.")
+
+
+def _check_range(flag: str, valid: Callable, message: str) -> Callable:
+    """A check that `valid(value of --flag)`, else ValueError(f"--{flag} {message}") with {value} filled in."""
+    def check(args) -> None:
+        value = getattr(args, flag)
+        if not valid(value):
+            raise ValueError(f"--{flag} " + message.format(value=value))
+    return check
+
+
+AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment")
+
+
+@dataclass(frozen=True)
+class RecipePart:
+    """One part of the strong fine-tuning recipe (configs/finetune_strong.yaml): its `FinetuneArguments` flag, the
+    value that leaves it off, the flags that tune it, and the check of their values (`args` -> raises ValueError).
+    A run with any part on is labelled finetune_strong; `FinetuneArguments.recipe()` records every flag named here."""
+
+    flag: str
+    off: object
+    settings: tuple[str, ...] = ()
+    check: Callable | None = None
+
+
+STRONG_RECIPE = (
+    RecipePart("augment_policy", "none", ("randaugment_num_ops", "randaugment_magnitude", "randaugment_magnitude_std",
+                                          "randaugment_op_prob"), _check_policy),
+    RecipePart("mixup_alpha", 0.0, check=_check_mixing),  # checks cutmix's settings too: one mixer does both
+    RecipePart("cutmix_alpha", 0.0, ("mixup_switch_prob", "mixup_prob")),
+    RecipePart("random_erasing", 0.0, check=_check_range("random_erasing", lambda p: 0 <= p <= 1,
+                                                         "is a probability in [0, 1], got {value}.")),
+    RecipePart("repeated_augmentations", 1, check=_check_range("repeated_augmentations", lambda k: k >= 1,
+                                                               "must be >= 1, got {value}.")),
+    RecipePart("ema_decay", 0.0, check=_check_range("ema_decay", lambda d: d == 0 or 0 < d < 1,
+                                                    "must lie in (0, 1), or be 0 for no EMA; got {value}.")),
+)
+STRONG_RECIPE_OFF = {part.flag: part.off for part in STRONG_RECIPE}

@@ -21,25 +21,51 @@ SAFETENSORS_FIX = "Save or copy the model again."
 TEMPORARY_MARK = ".tmp-"  # a file being written: `<name>.tmp-<pid>`, renamed to <name> when whole
 
 
+class FileProblem(ValueError):
+    """A file that is not what it should be: its message names the path, what was expected and the fix; `short`
+    says it in a few words naming the file alone, for a list of one folder's problems (a checkpoint's)."""
+
+    def __init__(self, message: str, short: str):
+        super().__init__(message)
+        self.short = short
+
+
 def read_json_object(path: str, what: str = "a JSON object") -> dict:
-    """The JSON object in `path`; an empty, torn, binary or non-object file is a ValueError naming it."""
+    """The JSON object in `path`; an empty, torn, binary or non-object file is a `FileProblem` naming it."""
+    name = os.path.basename(path)
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except UnicodeDecodeError as error:  # binary bytes: the codec's message names no file
-        raise ValueError(f"{path} is not text (byte {error.object[error.start]:#04x} at position {error.start} is "
-                         f"not UTF-8); expected {what}. It was overwritten or damaged: write or copy it "
-                         "again.") from None
+        raise FileProblem(f"{path} is not text (byte {error.object[error.start]:#04x} at position {error.start} is "
+                          f"not UTF-8); expected {what}. It was overwritten or damaged: write or copy it again.",
+                          f"{name} does not parse (not UTF-8 text)") from None
     if not text.strip():
-        raise ValueError(f"{path} is empty; expected {what}. It may be an interrupted write: write it again.")
+        raise FileProblem(f"{path} is empty; expected {what}. It may be an interrupted write: write it again.",
+                          f"{name} does not parse (empty)")
     try:
         value = json.loads(text)
     except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); expected {what}. It may be torn by an interrupted "
-                         "write: write it again.") from None
+        raise FileProblem(f"{path} is not valid JSON ({error}); expected {what}. It may be torn by an interrupted "
+                          "write: write it again.", f"{name} does not parse ({' '.join(str(error).split())})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; expected {what}.")
+        raise FileProblem(f"{path} holds a JSON {type(value).__name__}, not an object; expected {what}.",
+                          f"{name} holds no mapping")
     return value
+
+
+def file_problem(check, path: str) -> str | None:
+    """Why `check(path)` (`read_json_object`, `safetensors_shapes`, `check_torch_file`) refuses the file, in a few
+    words naming it ("config.json is missing"), or None when it passes."""
+    if not os.path.isfile(path):
+        return f"{os.path.basename(path)} is missing"
+    try:
+        check(path)
+    except FileProblem as error:
+        return error.short
+    except (OSError, ValueError) as error:
+        return str(error).removesuffix(f" {SAFETENSORS_FIX}")
+    return None
 
 
 def safetensors_shapes(path: str) -> dict[str, list[int]]:
@@ -78,10 +104,10 @@ def check_torch_file(path: str) -> None:
     try:
         with zipfile.ZipFile(path):
             return
-    except (zipfile.BadZipFile, OSError, ValueError):
-        pass
-    raise ValueError(f"{path} is truncated or not a PyTorch weights file (torch.save's zip archive). "
-                     f"{SAFETENSORS_FIX}")
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise FileProblem(f"{path} is truncated or not a PyTorch weights file (torch.save's zip archive). "
+                          f"{SAFETENSORS_FIX}", f"{os.path.basename(path)} is not a complete torch file ({error})"
+                          ) from None
 
 
 def weight_shapes(folder: str, option: str) -> dict[str, list[int]] | None:

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from .augment import STRONG_RECIPE_OFF
 from .data import skipped_images
 from .data.prepared import prepared_source
 from .inputs import read_json_object, write_json
@@ -19,9 +20,6 @@ TITLES = {**{protocol.name: protocol.title for protocol in FROZEN_PROTOCOLS if p
           "finetune": "Fine-tune (whole encoder trained)",
           "finetune_strong": "Fine-tune, strong recipe (+ RandAugment, mixup/cutmix, random erasing, repeated "
                              "augmentation, weight EMA)"}
-# The parts of fine-tuning's strong recipe (configs/finetune_strong.yaml) with the values that leave each one off.
-STRONG_RECIPE_OFF = {"augment_policy": "none", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "random_erasing": 0.0,
-                     "repeated_augmentations": 1, "ema_decay": 0.0}
 
 
 def finetune_protocol(settings: dict) -> str:

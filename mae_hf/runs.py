@@ -1,21 +1,15 @@
 """What can go wrong around a training run, and how each fault ends (shared by pretrain.py and finetune.py).
 
-- `Run`: the run's hold on its `--output_dir` for its whole lifetime. It refuses a file, an unwritable folder, a
-  previous run that is not being resumed, and a folder another live run holds (a `flock` on `.run.lock`, released
-  by the kernel on any exit, so a dead run leaves no stale lock). It resolves `--resume_from_checkpoint` to a
-  complete checkpoint, compares the settings with the checkpoint's, and turns SIGINT/SIGTERM into a stop at the
-  step boundary with the exact resume command.
-- `checkpoint_problem`: what "complete" means for a checkpoint folder, checked from headers and sizes.
+- `Run`: the run's hold on its `--output_dir` for its whole lifetime: it refuses a file, an unwritable folder, a
+  previous run not being resumed, and a folder another live run holds (`OutputLock`, a `flock` the kernel drops on
+  any exit). It resolves `--resume_from_checkpoint` to a complete checkpoint (`checkpoint_problem`), compares the
+  settings with the checkpoint's, and turns SIGINT/SIGTERM into a stop at a step boundary with the resume command.
 - `removed_if_incomplete` / `saved_whole`: a checkpoint that fails to save is removed; the final model is saved
-  aside and moved into place with signals held. A failed write (`write_failure`: a full disk, whichever writer hit
-  it) becomes one clear error with the resume command.
-- `NonFiniteError`: what training.DivergenceGuard raises when the loss, gradient norm or weights become non-finite.
+  aside and moved into place with signals held; a failed write becomes one clear error with the resume command.
 """
 
 import contextlib
-import dataclasses
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -24,30 +18,30 @@ import socket
 import sys
 import threading
 import time
-import zipfile
 
 import torch
 from transformers import TrainerCallback
 
 from .cli import DropMessages, MAEHFError, UsageError, close_progress_bars, worker_died
-from .data.prepared import is_prepared, read_manifest
-from .inputs import SAFETENSORS_FIX, check_weights_fit, safetensors_shapes, write_failure, write_json
-from .redaction import REDACTED, recorded_command, redact
+from .inputs import (
+    check_torch_file,
+    check_weights_fit,
+    file_problem,
+    read_json_object,
+    safetensors_shapes,
+    write_failure,
+    write_json,
+)
+from .paths import check_output_folder
+from .redaction import REDACTED, recorded_command
+from .settings import SETTINGS_NAME, run_settings, saved_settings
 
 LOCK_NAME = ".run.lock"
-SETTINGS_NAME = "run_settings.json"  # what the run was started with (and its resumes); copied into each checkpoint
 CHECKPOINT_PREFIX = "checkpoint-"
 INCOMPLETE_PREFIX = "incomplete-"  # torn checkpoints are renamed so that neither resume nor rotation picks them
-# TrainingArguments that shape the result: a resume that changes one of them is not the run that was started.
-RECIPE_FIELDS = ("learning_rate", "weight_decay", "decay_all_parameters", "adam_beta1", "adam_beta2", "adam_epsilon",
-                 "optim", "max_grad_norm", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps",
-                 "gradient_accumulation_steps", "crop_min_scale", "horizontal_flip", "seed", "layer_decay",
-                 "label_smoothing_factor", "drop_path_rate", "pooling", "random_init", "bf16", "fp16", "torch_compile")
 # Settings a resume may change without --allow_config_change (how fast, not what: the same weights train alike);
 # the change is still recorded with the resume.
 FREELY_CHANGED = ("recipe.torch_compile",)
-# Where and how fast, not what: the batches are the same (a run may resume reading from disk what it held in memory).
-DATA_FIELDS_IGNORED = ("cache_dir", "preprocessing_num_workers", "data_in_memory", "decode_on_device")
 
 
 class RunError(MAEHFError):
@@ -59,17 +53,16 @@ class OutputDirUsageError(RunError, UsageError):
 
 
 class NonFiniteError(RunError):
-    pass
+    """The loss, gradient norm or weights became non-finite (raised by training.DivergenceGuard)."""
 
 
 class Interrupted(BaseException):
     """SIGINT/SIGTERM outside the step boundary (before training, or a second signal): like KeyboardInterrupt, not
-    caught by `except Exception`. `saved`: what was saved, for the message (default: what the run knows)."""
+    caught by `except Exception`."""
 
-    def __init__(self, signum: int, when: str, saved: str | None = None):
+    def __init__(self, signum: int, when: str):
         super().__init__(f"stopped by {signal.Signals(signum).name} {when}")
         self.signum = signum
-        self.saved = saved
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
@@ -89,59 +82,19 @@ def checkpoints(output_dir: str) -> list[str]:
     return sorted(found, key=checkpoint_step, reverse=True)
 
 
-def _json_problem(path: str) -> str | None:
-    try:
-        with open(path) as handle:
-            value = json.load(handle)
-    except FileNotFoundError:
-        return f"{os.path.basename(path)} is missing"
-    except (OSError, ValueError) as error:
-        return f"{os.path.basename(path)} does not parse ({' '.join(str(error).split())})"
-    return None if isinstance(value, dict) else f"{os.path.basename(path)} holds no mapping"
-
-
-def _safetensors_problem(path: str) -> str | None:
-    if not os.path.isfile(path):
-        return f"{os.path.basename(path)} is missing"
-    try:
-        safetensors_shapes(path)
-    except (OSError, ValueError) as error:
-        return str(error).removesuffix(f" {SAFETENSORS_FIX}")
-    return None
-
-
-def _torch_file_problem(path: str) -> str | None:
-    """`torch.save` writes a zip archive whose directory sits at the end: a truncated file has none."""
-    try:
-        with zipfile.ZipFile(path):
-            return None
-    except FileNotFoundError:
-        return f"{os.path.basename(path)} is missing"
-    except (OSError, zipfile.BadZipFile) as error:
-        return f"{os.path.basename(path)} is not a complete torch file ({error})"
-
-
-def _trainer_state_problem(path: str) -> str | None:
-    """trainer_state.json parses and names the step it was saved at (the step every message and resume reads)."""
-    problem = _json_problem(path)
-    if problem is None:
-        with open(path) as handle:
-            step = json.load(handle).get("global_step")
-        if not isinstance(step, int) or isinstance(step, bool):
-            problem = f"{os.path.basename(path)} has no global_step"
-    return problem
-
-
 def checkpoint_problem(folder: str) -> str | None:
     """Why `folder` is not a complete checkpoint, or None when it is: `trainer_state.json` (with its step) and
     `config.json` parse, `model.safetensors` is whole, the optimizer and scheduler files (and any RNG states) are
     whole torch files."""
-    problems = [_trainer_state_problem(os.path.join(folder, "trainer_state.json")),
-                _json_problem(os.path.join(folder, "config.json")),
-                _safetensors_problem(os.path.join(folder, "model.safetensors"))]
+    state = os.path.join(folder, "trainer_state.json")  # the step every message and resume reads must be there
+    problems = [file_problem(read_json_object, state) or (
+                    None if type(read_json_object(state).get("global_step")) is int else
+                    "trainer_state.json has no global_step"),
+                file_problem(read_json_object, os.path.join(folder, "config.json")),
+                file_problem(safetensors_shapes, os.path.join(folder, "model.safetensors"))]
     torch_files = {"optimizer.pt", "scheduler.pt"} | {name for name in os.listdir(folder)
                                                       if name.endswith((".pt", ".pth"))}
-    problems += [_torch_file_problem(os.path.join(folder, name)) for name in sorted(torch_files)]
+    problems += [file_problem(check_torch_file, os.path.join(folder, name)) for name in sorted(torch_files)]
     problems = [problem for problem in problems if problem]
     return "; ".join(problems) if problems else None
 
@@ -151,8 +104,7 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 
 
 def _step_of(folder: str) -> int:
-    with open(os.path.join(folder, "trainer_state.json")) as handle:
-        return json.load(handle)["global_step"]
+    return read_json_object(os.path.join(folder, "trainer_state.json"))["global_step"]
 
 
 @contextlib.contextmanager
@@ -192,6 +144,8 @@ def saved_whole(folder: str, args):
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread \
         else {}
+    run_stop = getattr(previous.get(signal.SIGINT), "__self__", None)  # inside a Run: its StopOnSignal
+    run_stop = run_stop if isinstance(run_stop, StopOnSignal) else None
     try:
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
         os.makedirs(staging)
@@ -202,6 +156,9 @@ def saved_whole(folder: str, args):
                 shutil.rmtree(os.path.join(folder, name))
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
         os.rmdir(staging)
+        if run_stop is not None:  # what a later stop reports as saved
+            run_stop.saved = (f"the model was saved whole in {folder} first" if received else
+                              f"the model was saved in {folder}") + "; the run's results and summary were not written"
     except Exception as error:
         reason = write_failure(error, staging)
         shutil.rmtree(staging, ignore_errors=True)
@@ -214,10 +171,8 @@ def saved_whole(folder: str, args):
             if handler is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(signum, handler)
     if received:  # the save is whole: now stop as the signal asks
-        if isinstance(getattr(previous.get(received[0]), "__self__", None), StopOnSignal):  # inside a Run
-            raise Interrupted(received[0], "while the final model was being saved",
-                              saved=f"the model was saved whole in {folder} first; the run's results and summary "
-                                    "were not written")
+        if run_stop is not None:
+            raise Interrupted(received[0], "while the final model was being saved")
         signal.raise_signal(received[0])  # no Run: the handler in place before decides
 
 
@@ -304,50 +259,6 @@ def _from_main_process(value):
 
 # ---- settings compared on resume ----------------------------------------------------------------------------------
 
-def _where(value):
-    """A local path as an absolute one, so that resuming from another working folder compares the same data and
-    weights; anything else (Hub ids, numbers, None) as it is."""
-    if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
-        return os.path.realpath(os.path.expanduser(value))
-    return value
-
-
-def run_settings(config, data_args, args, model_args) -> dict:
-    """The settings that make a run what it is: the model config and starting point, the data and the recipe."""
-    from .configuration_mae import MAEConfig
-
-    config_values = config.to_dict()
-    model = {key: config_values[key] for key in sorted(MAEConfig.__annotations__) if key in config_values}
-    model["num_labels"] = config.num_labels  # the classifier's head
-    model["model_name_or_path"] = _where(model_args.model_name_or_path)  # the weights the run started from
-    data = {field.name: _where(getattr(data_args, field.name)) for field in dataclasses.fields(data_args)
-            if field.name not in DATA_FIELDS_IGNORED}
-    if data_args.train_dir is None and is_prepared(data_args.dataset_name):
-        # what the folder holds, not only where: a folder prepared again (other images, another size) is a change
-        data["prepared_fingerprint"] = read_manifest(data_args.dataset_name).get("fingerprint")
-    recipe = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
-    if hasattr(args, "recipe"):  # fine-tuning's augmentation recipe
-        recipe.update(args.recipe())
-    recipe["lr_scheduler_type"] = getattr(recipe.get("lr_scheduler_type"), "value", recipe.get("lr_scheduler_type"))
-    recipe["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
-        args.world_size
-    # as written (JSON values, tokens redacted), so that a resume compares like with like
-    return redact(json.loads(json.dumps({"model": model, "data": data, "recipe": recipe}, default=str)))
-
-
-def _saved_settings(checkpoint: str) -> dict:
-    """The checkpoint's settings file; from a checkpoint written before it existed, its model config alone."""
-    path = os.path.join(checkpoint, SETTINGS_NAME)
-    if os.path.isfile(path):
-        with open(path) as handle:
-            return json.load(handle)
-    from .configuration_mae import MAEConfig
-
-    with open(os.path.join(checkpoint, "config.json")) as handle:
-        config = json.load(handle)
-    return {"model": {key: config[key] for key in sorted(MAEConfig.__annotations__) if key in config}}
-
-
 def differences(before: dict, now: dict, *, both_only: bool = True) -> dict[str, tuple]:
     """{key: (before's value, now's value)} for every key whose values differ, in key order: of the keys both
     record (`both_only`), else of either (a missing value is None)."""
@@ -387,6 +298,7 @@ class StopOnSignal(TrainerCallback):
         self.previous = {}
         self.group = None
         self.pid = None  # the process that installed the handler
+        self.saved = "nothing was saved after the last checkpoint"  # for the stop message; set by `saved_whole`
 
     def install(self) -> None:
         self.pid = os.getpid()
@@ -428,13 +340,13 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         due = (state.global_step % STOP_CHECK_STEPS == 0 or state.global_step >= state.max_steps
                or control.should_log or control.should_evaluate or control.should_save)
-        if self._stop_requested(args, due):
-            self.step = state.global_step
-            control.should_training_stop = True
-            control.should_save = control.should_evaluate = False
+        self._stop_if_requested(args, state, control, due)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self._stop_requested(args, due=True):
+        self._stop_if_requested(args, state, control, due=True)
+
+    def _stop_if_requested(self, args, state, control, due: bool) -> None:
+        if self._stop_requested(args, due):
             self.step = state.global_step if self.step is None else self.step
             control.should_training_stop = True
             control.should_save = control.should_evaluate = False
@@ -477,7 +389,6 @@ class Run:
         self.clock = None  # (step, time.monotonic()) when this process's training began
         self.trained = None  # (step, seconds) when it ended
         self.stop = StopOnSignal()
-        self.trainer = None  # the one `train` ran: it knows whether the final model was saved
 
     @property
     def is_main(self) -> bool:
@@ -491,9 +402,9 @@ class Run:
                 self._claim_output_dir()
             except Exception as error:  # any failure reaches every process: none may wait for rank 0 forever
                 self._release()
-                problem = str(error) if isinstance(error, RunError) else f"{type(error).__name__}: {error}"
+                problem = str(error) if isinstance(error, MAEHFError) else f"{type(error).__name__}: {error}"
                 usage = isinstance(error, UsageError)
-                if self.args.world_size == 1 and not isinstance(error, RunError):
+                if self.args.world_size == 1 and not isinstance(error, MAEHFError):
                     raise
         problem, usage, self.resume_from = _from_main_process((problem, usage, self.resume_from))
         if problem:
@@ -512,11 +423,9 @@ class Run:
             error = late  # names the worker, where the broken pipe that came first does not
         if isinstance(error, Interrupted):
             close_progress_bars()
-            saved = error.saved or (
-                f"the model was saved in {self.args.output_dir}; the run's results and summary were not written"
-                if getattr(self.trainer, "final_model_saved", False) else "nothing was saved after the last checkpoint")
             if self.is_main:
-                print(f"error: {error}; {saved}. {resume_advice(self.args.output_dir)}", file=sys.stderr, flush=True)
+                print(f"error: {error}; {self.stop.saved}. {resume_advice(self.args.output_dir)}", file=sys.stderr,
+                      flush=True)
             raise SystemExit(128 + error.signum)
         died = worker_died(error) if error is not None else None
         if died is not None:  # the checkpoints are intact: say where to continue from
@@ -536,10 +445,9 @@ class Run:
 
     def _claim_output_dir(self) -> None:
         folder = self.args.output_dir
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise OutputDirUsageError(f"--output_dir {folder} is a file, not a folder. Give a folder path (created if "
-                                      "missing).")
-        if not os.path.exists(folder):
+        if os.path.exists(folder):
+            check_output_folder(folder, writable=False)  # the lock below is the write test
+        else:
             missing = os.path.abspath(folder)
             while not os.path.exists(missing):
                 self.created.append(missing)
@@ -594,7 +502,7 @@ class Run:
         `--allow_config_change true`, then recorded. Writes `run_settings.json` (also into every checkpoint)."""
         current = run_settings(config, data_args, self.args, model_args)
         if self.resume_from is not None:
-            saved = _saved_settings(self.resume_from)
+            saved = saved_settings(self.resume_from)
             differences = settings_differences(saved, current)
             refused = {key: value for key, value in differences.items() if key not in FREELY_CHANGED}
             if refused and not self.args.allow_config_change:
@@ -620,15 +528,12 @@ class Run:
         A resume with nothing left to train returns empty metrics."""
         from transformers.trainer_utils import TrainOutput
 
-        self.trainer = trainer
         trainer.run_settings = self.settings_now
         trainer.add_callback(self.stop)
         trainer.add_callback(NoStepPastTheEnd())
         start = 0 if self.resume_from is None else _step_of(self.resume_from)  # before rotation may remove it
-        # The resume warning compares fractional logging/eval/save steps (0.01) with the step counts they became
-        # (1), so it fires on every resume with these scripts' defaults (the batch size it also compares is among
-        # the settings `check_settings` compares). Checkpoints saved within a second of each other (small runs) make
-        # it say that mtime "may not be reliable" before it orders them by step, which is the right order anyway.
+        # Both false alarms here: the resume warning compares fractional logging/eval/save steps with the counts they
+        # became (`check_settings` compares what matters); checkpoints are ordered by step, whatever their mtimes.
         checkpoint_args_warning = DropMessages("Warning: The following arguments do not match",
                                                "mtime may not be reliable")
         comparer = logging.getLogger("transformers.trainer_utils")
@@ -655,21 +560,21 @@ class Run:
             raise Interrupted(self.stop.signum, f"after step {self.stop.step}")
         return result
 
-    def segments(self) -> list[dict]:
-        """The run's training, one entry per process that trained it, up to now (to the last checkpoint for the
-        earlier ones: what came after it was trained again): {"steps": [first, last], "seconds", "images",
-        "command"}. Seconds are wall time in the training loop, evaluations during training included."""
+    def segments(self, step: int | None = None) -> list[dict]:
+        """The run's training, one entry per process that trained it, up to now (at `step`, during training; to the
+        last checkpoint for the earlier ones: what came after it was trained again): {"steps": [first, last],
+        "seconds", "images", "command"}. Seconds are wall time in the training loop, evaluations included."""
         if self.clock is None:
             return list(self.earlier_segments)
         start, began = self.clock
-        step, seconds = self.trained or (self.trainer.state.global_step, time.monotonic() - began)
+        step, seconds = self.trained or (step, time.monotonic() - began)
         images = (step - start) * self.settings["recipe"]["global_batch_size"]
         return self.earlier_segments + [{"steps": [start, step], "seconds": round(seconds, 1), "images": images,
                                          "command": recorded_command()}]
 
-    def settings_now(self) -> dict:
-        """`run_settings.json` as a model saved now has it: the settings and the training that led to it."""
-        return {**self.settings, "segments": self.segments()}
+    def settings_now(self, step: int) -> dict:
+        """`run_settings.json` as a model saved now, at `step`, has it: the settings and the training that led to it."""
+        return {**self.settings, "segments": self.segments(step)}
 
     def record(self, state) -> dict:
         """For the run's summary: what actually ran, besides what was asked, with every segment of the run."""

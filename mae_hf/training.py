@@ -6,15 +6,25 @@ import logging as std_logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .cli import DropMessages
+from .configuration_mae import MAEConfig
+from .data import (  # load_image_splits: looked up here at each call (tests replace it)
+    ImageData,
+    ImageDataset,
+    collate,
+    device_decoder,
+    eval_crop_fraction,
+    load_image_splits,
+)
 from .inputs import write_json
+from .loading import build_config
 from .runs import (
-    SETTINGS_NAME,
     NonFiniteError,
     StopOnSignal,
     _step_of,
@@ -23,6 +33,7 @@ from .runs import (
     removed_if_incomplete,
     saved_whole,
 )
+from .settings import SETTINGS_NAME
 
 
 def linear_weight_names(model: nn.Module) -> list[str]:
@@ -165,7 +176,6 @@ class ImageTrainer(Trainer):
         self.add_callback(self.divergence)
         self.add_callback(PerProcessSeed())
         self.run_settings = None  # set by runs.Run (a function: the settings now): written beside every saved model
-        self.final_model_saved = False
         # Fine-tuning recipe (mae_hf/augment.py): batch mixing with soft targets, repeated augmentation, weight EMA.
         self.mixer, self.repeated_augmentations = mixer, repeated_augmentations
         self.ema = None
@@ -318,13 +328,12 @@ class ImageTrainer(Trainer):
         if _internal_call or not self.args.should_save:
             super().save_model(output_dir, _internal_call)
             if self.run_settings is not None and self.args.should_save:
-                write_json(os.path.join(target, SETTINGS_NAME), self.run_settings())
+                write_json(os.path.join(target, SETTINGS_NAME), self.run_settings(self.state.global_step))
             return
         with saved_whole(target, self.args) as staging:
             super().save_model(staging, _internal_call)
             if self.run_settings is not None:
-                write_json(os.path.join(staging, SETTINGS_NAME), self.run_settings())
-        self.final_model_saved = True
+                write_json(os.path.join(staging, SETTINGS_NAME), self.run_settings(self.state.global_step))
 
     def log(self, logs, start_time=None):
         stop = next((callback for callback in self.callback_handler.callbacks if isinstance(callback, StopOnSignal)),
@@ -359,7 +368,8 @@ class MAEPretrainer(ImageTrainer):
         return metrics
 
     def pretraining_extras(self, prefix: str = "eval") -> dict:
-        from .features import extract_features, knn_predict
+        from .features import knn_predict
+        from .probes import encode_frozen
         from .visualize import grid_image, reconstruction_rows, save_loss_curve
 
         model, output_dir = self.model, self.args.output_dir
@@ -377,8 +387,8 @@ class MAEPretrainer(ImageTrainer):
         from .metrics import accuracy
 
         bank, bank_labels, queries, query_labels = self.knn_data
-        features = [extract_features(model.mae, images, self.eval_transform, self.args.per_device_eval_batch_size,
-                                     bf16=self.args.bf16) for images in (bank, queries)]
+        features = [encode_frozen(model.mae, images, self.eval_transform, self.args.per_device_eval_batch_size,
+                                  bf16=self.args.bf16)[0] for images in (bank, queries)]
         predictions = knn_predict(features[0], bank_labels, features[1], ks=(self.knn_k,))[self.knn_k]
         return {f"{prefix}_knn_accuracy": accuracy(predictions, query_labels)}
 
@@ -466,3 +476,56 @@ def _duration(seconds: float) -> str:
     if seconds < 3 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
+
+# ---- the setup both training scripts share ---------------------------------------------------------------------------
+
+@dataclass
+class TrainingData:
+    """What a training script trains and evaluates on: the model config, both splits (checked, maybe decoded), the
+    GPU JPEG decoder (--decode_on_device, else None) and the evaluation crop."""
+
+    config: MAEConfig
+    train: ImageData
+    evaluation: ImageData
+    decoder: object  # streaming.DeviceJPEGDecoder, or None
+    crop_fraction: float
+
+    def place(self, args) -> None:
+        """--data_on_device: the training split moves to the GPU (its batches are then gathered there, unpinned)."""
+        if args.place_data_on_device(self.train):
+            self.train.to(args.device)
+            args.dataloader_pin_memory = False
+
+    def trainer_inputs(self, args, config, labels: bool, eval_noise=None) -> dict:
+        """The Trainer's datasets, collator, batch transforms (for `config`'s size and normalisation) and decoder."""
+        encoded = self.decoder is not None
+        train_transform, eval_transform = args.batch_transforms(config, self.crop_fraction)
+        return {"train_dataset": ImageDataset(self.train, labels=labels, encoded=encoded),
+                "eval_dataset": ImageDataset(self.evaluation, labels=labels, noise=eval_noise, encoded=encoded),
+                "data_collator": collate, "train_transform": train_transform, "eval_transform": eval_transform,
+                "device_decoder": self.decoder}
+
+
+def prepare_training(model_args, data_args, args, *, require_labels: bool = False, check=None, check_config=None,
+                     **fresh_defaults) -> TrainingData:
+    """Config (`fresh_defaults` for a model trained from scratch; `check_config(config)` before any data), then the
+    splits (`check(train, evaluation)` and, when training, one full batch checked before any image is decoded), their
+    DataLoader settings, the device decoder and the evaluation crop."""
+    config = build_config(model_args, **fresh_defaults)
+    if check_config is not None:
+        check_config(config)
+
+    def before_decoding(train, evaluation):
+        if args.do_train:
+            args.check_enough_images(len(train))
+        if check is not None:
+            check(train, evaluation)
+
+    train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
+                                          require_labels=require_labels, token=model_args.token,
+                                          num_workers=args.requested_workers(), check=before_decoding,
+                                          progress=not args.disable_tqdm)
+    args.configure_loaders(train, evaluation)
+    decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
+    return TrainingData(config, train, evaluation, decoder, eval_crop_fraction(data_args, config.image_size, train))

@@ -376,23 +376,11 @@ class FinetuneArguments(ImageTrainingArguments):
             raise ValueError(f"--layer_decay must be > 0 (1 disables it), got {self.layer_decay}.")
         if not 0 <= self.label_smoothing_factor < 1:
             raise ValueError(f"--label_smoothing_factor must lie in [0, 1), got {self.label_smoothing_factor}.")
-        if self.augment_policy not in ("none", "randaugment", "trivialaugment"):
-            raise ValueError(f"--augment_policy must be none, randaugment or trivialaugment, got "
-                             f"{self.augment_policy!r}.")
-        from .augment import RandAugment
+        from .augment import STRONG_RECIPE
 
-        RandAugment(self.randaugment_num_ops, self.randaugment_magnitude, self.randaugment_magnitude_std,
-                    op_prob=self.randaugment_op_prob)  # checks
-        if self.mixup_alpha or self.cutmix_alpha:
-            self.mixer(num_labels=2)  # checks the mixup/cutmix settings
-        elif self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ValueError("--mixup_alpha and --cutmix_alpha must be >= 0.")
-        if not 0 <= self.random_erasing <= 1:
-            raise ValueError(f"--random_erasing is a probability in [0, 1], got {self.random_erasing}.")
-        if self.repeated_augmentations < 1:
-            raise ValueError(f"--repeated_augmentations must be >= 1, got {self.repeated_augmentations}.")
-        if self.ema_decay and not 0 < self.ema_decay < 1:
-            raise ValueError(f"--ema_decay must lie in (0, 1), or be 0 for no EMA; got {self.ema_decay}.")
+        for part in STRONG_RECIPE:
+            if part.check is not None:
+                part.check(self)
 
     def augmenter(self):
         from .augment import RandAugment
@@ -417,11 +405,7 @@ class FinetuneArguments(ImageTrainingArguments):
         return train, evaluation
 
     def recipe(self) -> dict:
-        """Every setting of the fine-tuning recipe, for the results file."""
-        return {"augment_policy": self.augment_policy, "randaugment_num_ops": self.randaugment_num_ops,
-                "randaugment_magnitude": self.randaugment_magnitude,
-                "randaugment_magnitude_std": self.randaugment_magnitude_std,
-                "randaugment_op_prob": self.randaugment_op_prob, "mixup_alpha": self.mixup_alpha,
-                "cutmix_alpha": self.cutmix_alpha, "mixup_switch_prob": self.mixup_switch_prob,
-                "mixup_prob": self.mixup_prob, "random_erasing": self.random_erasing,
-                "repeated_augmentations": self.repeated_augmentations, "ema_decay": self.ema_decay}
+        """Every setting of the strong recipe's parts (`augment.STRONG_RECIPE`), for the results file."""
+        from .augment import STRONG_RECIPE
+
+        return {flag: getattr(self, flag) for part in STRONG_RECIPE for flag in (part.flag, *part.settings)}

@@ -15,27 +15,18 @@ Writes finetune_results.json and the fine-tuned MAEForImageClassification to --o
 """
 
 import os
-import sys
 
 from transformers import set_seed
 
 from mae_hf import MAEForImageClassification
 from mae_hf.cli import UsageError, parse_args, run_script
-from mae_hf.data import (
-    DataArguments,
-    ImageDataset,
-    collate,
-    device_decoder,
-    eval_crop_fraction,
-    load_image_splits,
-    skipped_images,
-)
-from mae_hf.loading import ModelArguments, build_config, is_classifier, load_classifier, load_pretrained
+from mae_hf.data import DataArguments
+from mae_hf.loading import ModelArguments, is_classifier, load_classifier, load_pretrained
 from mae_hf.metrics import accuracy
 from mae_hf.publish import check_hub_access, push_output
-from mae_hf.results import architecture, encoder_fingerprint, finetune_protocol, write_results
+from mae_hf.results import architecture, encoder_fingerprint, finetune_protocol, run_record, write_results
 from mae_hf.runs import Run
-from mae_hf.training import ImageTrainer, ThroughputCallback
+from mae_hf.training import ImageTrainer, ThroughputCallback, prepare_training
 from mae_hf.training_args import FinetuneArguments
 
 
@@ -43,12 +34,9 @@ def compute_metrics(prediction):
     return {"accuracy": accuracy(prediction.predictions.argmax(-1), prediction.label_ids)}
 
 
-def evaluate_only(model_args, config, num_labels, class_names, evaluation, args, crop_fraction: float,
-                  decoder=None) -> None:
+def evaluate_only(model_args, num_labels, class_names, data, args) -> None:
     """--do_train false: the saved classifier, unchanged, on the evaluation split -> eval_results.json."""
-    if not is_classifier(config):
-        raise ValueError(f"--do_train false: {model_args.model_name_or_path} is not a classifier (no trained head); "
-                         "evaluate a fine-tuning run's folder, or train one first.")
+    config, evaluation = data.config, data.evaluation
     if config.num_labels != num_labels:
         raise ValueError(f"--do_train false: {model_args.model_name_or_path} predicts {config.num_labels} classes; "
                          f"this data has {num_labels}.")
@@ -58,10 +46,9 @@ def evaluate_only(model_args, config, num_labels, class_names, evaluation, args,
         raise ValueError(f"--do_train false: {model_args.model_name_or_path} predicts the classes {saved}, this data "
                          f"has {class_names} (in label order): evaluate it on the data it was trained for.")
     model = load_pretrained(MAEForImageClassification, model_args, config)
-    _, eval_transform = args.batch_transforms(model.config, crop_fraction)
-    trainer = ImageTrainer(model=model, args=args, data_collator=collate, compute_metrics=compute_metrics,
-                           eval_dataset=ImageDataset(evaluation, labels=True, encoded=decoder is not None),
-                           train_transform=eval_transform, eval_transform=eval_transform, device_decoder=decoder)
+    inputs = data.trainer_inputs(args, model.config, labels=True)
+    inputs["train_dataset"], inputs["train_transform"] = None, inputs["eval_transform"]  # nothing is trained
+    trainer = ImageTrainer(model=model, args=args, compute_metrics=compute_metrics, **inputs)
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation), bf16=args.bf16, precision=args.precision))
     print(f"[eval] {model_args.model_name_or_path} on {evaluation.split} ({args.precision}): eval_accuracy "
@@ -84,55 +71,40 @@ def main(argv=None):
         push_output(args, model_args)  # inside the lock: no other run writes into the folder being uploaded
 
 
+def require_classifier(model_args, config) -> None:
+    """--do_train false evaluates a saved classifier: known from its config, before any data is read."""
+    if not is_classifier(config):
+        raise ValueError(f"--do_train false: {model_args.model_name_or_path} is not a classifier (no trained head); "
+                         "evaluate a fine-tuning run's folder, or train one first.")
+
+
 def finetune(run, model_args, data_args, args):
     random_init = args.random_init
-    try:
-        config = build_config(model_args)
-        if not args.do_train and not is_classifier(config):  # the folder's kind is known now: before any data
-            raise ValueError(f"--do_train false: {model_args.model_name_or_path} is not a classifier (no trained "
-                             "head); evaluate a fine-tuning run's folder, or train one first.")
-        train, evaluation = load_image_splits(
-            data_args, config.image_size, config.num_channels, require_labels=True, token=model_args.token,
-            num_workers=args.requested_workers(),
-            check=lambda train, _: args.check_enough_images(len(train)) if args.do_train else None,
-            progress=not args.disable_tqdm)
-        args.configure_loaders(train, evaluation)
-        decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    data = prepare_training(model_args, data_args, args, require_labels=True, check_config=None if args.do_train
+                            else lambda config: require_classifier(model_args, config))
+    train, evaluation = data.train, data.evaluation
     set_seed(args.seed)  # before the head is initialised
     num_labels = train.num_classes  # the class names when the label column has them: validated at load
     names = train.class_names or [str(i) for i in range(num_labels)]
-    crop_fraction = eval_crop_fraction(data_args, config.image_size, train)
     if not args.do_train:
-        return evaluate_only(model_args, config, num_labels, train.class_names, evaluation, args, crop_fraction,
-                             decoder)
+        return evaluate_only(model_args, num_labels, train.class_names, data, args)
     model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                             linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate,
                             new_head="the classification head is new and trained here")
     run.check_settings(model.config, data_args, model_args)
     fingerprint = encoder_fingerprint(model.mae)  # the encoder this run starts from, before training changes it
-    if args.place_data_on_device(train):
-        train.to(args.device)
-        args.dataloader_pin_memory = False
-    train_set = ImageDataset(train, labels=True, encoded=decoder is not None)
-    train_transform, eval_transform = args.batch_transforms(model.config, crop_fraction)
+    data.place(args)
     trainer = ImageTrainer(
         model=model,
         args=args,
-        train_dataset=train_set,
-        eval_dataset=ImageDataset(evaluation, labels=True, encoded=decoder is not None),
-        data_collator=collate,
         compute_metrics=compute_metrics,
-        train_transform=train_transform,
-        eval_transform=eval_transform,
         layer_decay=args.layer_decay,
         mixer=args.mixer(num_labels),
         repeated_augmentations=args.repeated_augmentations,
         ema_decay=args.ema_decay,
         callbacks=[ThroughputCallback(args.global_batch_size)],
-        device_decoder=decoder,
+        **data.trainer_inputs(args, model.config, labels=True),
     )
     run.train(trainer)
     trainer.save_model()
@@ -151,15 +123,6 @@ def finetune(run, model_args, data_args, args):
             "model_name_or_path": model_args.model_name_or_path,
             "encoder_fingerprint": fingerprint,
             "architecture": architecture(model.config),
-            "dataset_name": data_args.dataset_name,
-            "train_split": train.split,
-            "eval_split": evaluation.split,
-            "train_samples": len(train),
-            "eval_samples": len(evaluation),
-            **({"skipped_images": skipped_images(train, evaluation)}
-               if data_args.skip_bad_images or train.skipped or evaluation.skipped else {}),
-            "eval_crop_fraction": crop_fraction,
-            "stored_short_side": train.short_side,
             "eval_accuracy": metrics["eval_accuracy"],
             "eval_loss": metrics["eval_loss"],
             **({"eval_ema_accuracy": metrics["eval_ema_accuracy"], "eval_ema_loss": metrics["eval_ema_loss"],
@@ -177,10 +140,8 @@ def finetune(run, model_args, data_args, args):
             "crop_min_scale": args.crop_min_scale,
             "horizontal_flip": args.horizontal_flip,
             **args.recipe(),
-            "device": f"{args.world_size} x {args.device.type}",
-            "bf16": args.bf16,
-            "precision": args.precision,
-            "seed": args.seed,
+            **run_record(data_args, train, evaluation, device=args.device, world_size=args.world_size,
+                         bf16=args.bf16, seed=args.seed, crop_fraction=data.crop_fraction, precision=args.precision),
         })
 
 

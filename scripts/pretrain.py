@@ -10,30 +10,20 @@ reconstructions.png, loss_curve.png, train_results.json and eval_results.json. F
 """
 
 import os
-import sys
 
 from transformers import set_seed
 
 from mae_hf import MAEForPreTraining
 from mae_hf.cli import UsageError, parse_args, run_script
-from mae_hf.data import (
-    DataArguments,
-    ImageDataset,
-    collate,
-    device_decoder,
-    eval_crop_fraction,
-    fixed_noise,
-    load_image_splits,
-    skipped_images,
-)
+from mae_hf.data import DataArguments, fixed_noise
 from mae_hf.data.prepared import prepared_source
 from mae_hf.inputs import read_json_object, write_json
-from mae_hf.loading import ModelArguments, build_config, load_pretrained
+from mae_hf.loading import ModelArguments, load_pretrained
 from mae_hf.publish import check_hub_access, push_output
 from mae_hf.redaction import recorded_command
-from mae_hf.results import software_versions
+from mae_hf.results import run_record, software_versions
 from mae_hf.runs import Run
-from mae_hf.training import MAEPretrainer, ThroughputCallback
+from mae_hf.training import MAEPretrainer, ThroughputCallback, prepare_training
 from mae_hf.training_args import PretrainingArguments
 
 
@@ -99,28 +89,12 @@ def knn_monitor_data(args, train, evaluation):
 
 def pretrain(run, model_args, data_args, args):
     set_seed(args.seed)  # before the model is initialised
-    try:
-        config = build_config(model_args, norm_pix_loss=True)
-        def before_decoding(train, evaluation):  # a run that cannot train fails before the images are decoded
-            if args.do_train:
-                args.check_enough_images(len(train))
-            check_knn_bank(args, train.labels)
-
-        train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
-                                              token=model_args.token, num_workers=args.requested_workers(),
-                                              check=before_decoding, progress=not args.disable_tqdm)
-        args.configure_loaders(train, evaluation)
-        decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    data = prepare_training(model_args, data_args, args, check=lambda train, _: check_knn_bank(args, train.labels),
+                            norm_pix_loss=True)
+    config, train, evaluation = data.config, data.train, data.evaluation
     run.check_settings(config, data_args, model_args)
-
-    if args.place_data_on_device(train):
-        train.to(args.device)
-        args.dataloader_pin_memory = False
-    train_set = ImageDataset(train, encoded=decoder is not None)
+    data.place(args)
     eval_noise = fixed_noise(len(evaluation), config.num_patches, seed=args.seed)
-    eval_set = ImageDataset(evaluation, noise=eval_noise, encoded=decoder is not None)
     knn_data = knn_monitor_data(args, train, evaluation)
     shown = range(min(args.num_reconstructions, len(evaluation)))
     preview = (*evaluation.read(shown), eval_noise[:len(shown)])
@@ -129,23 +103,9 @@ def pretrain(run, model_args, data_args, args):
         model = load_pretrained(MAEForPreTraining, model_args, config)
     else:
         model = MAEForPreTraining(config)
-    train_transform, eval_transform = args.batch_transforms(
-        config, eval_crop_fraction(data_args, config.image_size, train))
     throughput = ThroughputCallback(args.global_batch_size, slow_hint=slow_hint(data_args))
-    trainer = MAEPretrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=collate,
-        train_transform=train_transform,
-        eval_transform=eval_transform,
-        callbacks=[throughput],
-        preview=preview,
-        knn_data=knn_data,
-        device_decoder=decoder,
-        knn_k=args.knn_k,
-    )
+    trainer = MAEPretrainer(model=model, args=args, callbacks=[throughput], preview=preview, knn_data=knn_data,
+                            knn_k=args.knn_k, **data.trainer_inputs(args, config, labels=False, eval_noise=eval_noise))
     if not args.do_train:  # --do_train false: evaluate the saved model only, as transformers' run_mae.py
         metrics = trainer.evaluate()
         trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation), bf16=args.bf16,
@@ -172,26 +132,20 @@ def pretrain(run, model_args, data_args, args):
     trainer.save_state()
     if trainer.is_world_process_zero():
         summary = {
-            "dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
-            "train_samples": len(train), "eval_samples": len(evaluation), "class_names": train.class_names,
-            **run.record(trainer.state),
+            **run_record(data_args, train, evaluation, device=args.device, world_size=args.world_size, bf16=args.bf16,
+                         seed=args.seed, crop_fraction=data.crop_fraction, precision=args.precision),
+            "class_names": train.class_names, **run.record(trainer.state),
             "data_in_memory": train.in_memory, "dataloader_num_workers": args.dataloader_num_workers,
             "data": data_args.recorded(),  # every data flag: visualize.py and the card read the run's own data
             **({"prepared_from": prepared_source(data_args.dataset_name)} if prepared_source(data_args.dataset_name)
                else {}),
-            **({"skipped_images": skipped_images(train, evaluation)}
-               if data_args.skip_bad_images or train.skipped or evaluation.skipped else {}),
-            "eval_crop_fraction": eval_crop_fraction(data_args, config.image_size, train),
-            "stored_short_side": train.short_side,
             "global_batch_size": args.global_batch_size, "learning_rate": args.learning_rate,
             "weight_decay": args.weight_decay, "decay_all_parameters": args.decay_all_parameters,
             "max_grad_norm": args.max_grad_norm, "adam_betas": [args.adam_beta1, args.adam_beta2],
             "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
             "warmup_steps": args.warmup_steps, "crop_min_scale": args.crop_min_scale,
             "horizontal_flip": args.horizontal_flip, "mask_ratio": config.mask_ratio,
-            "norm_pix_loss": config.norm_pix_loss, "seed": args.seed, "device": str(args.device),
-            "world_size": args.world_size, "bf16": args.bf16, "precision": args.precision,
-            "torch_compile": args.torch_compile,
+            "norm_pix_loss": config.norm_pix_loss, "world_size": args.world_size, "torch_compile": args.torch_compile,
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_runtime_seconds": train_metrics.get("train_runtime"),
             "pipeline_images_per_second": train_metrics.get("pipeline_images_per_second"),

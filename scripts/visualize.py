@@ -16,8 +16,9 @@ from mae_hf import MAEForPreTraining
 from mae_hf.cli import UsageError, parse_args, run_script
 from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed_noise, load_image_splits
 from mae_hf.inputs import check_pretraining_folder, read_json_object
+from mae_hf.paths import check_output_folder
 from mae_hf.precision import BF16_AUTO_HELP, decide_bf16
-from mae_hf.runs import SETTINGS_NAME
+from mae_hf.settings import SETTINGS_NAME
 from mae_hf.visualize import save_reconstructions
 
 
@@ -63,12 +64,9 @@ def recorded_settings(model_dir: str | None) -> dict:
 
 
 def check_output_parent(output: str) -> None:
-    """Before decoding: --output's folder must exist or be creatable (it is created, as users expect)."""
-    existing = os.path.dirname(os.path.abspath(output))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"--output {output}: {existing} is a file, not a folder. Give a PNG path in a folder.")
+    """Before decoding: --output is a PNG path whose folder exists or can be created (it is, as users expect)."""
+    check_output_folder(os.path.dirname(os.path.abspath(output)), option="--output's folder",
+                        give="a PNG path in a folder", writable=False)
     if os.path.isdir(output):
         raise UsageError(f"--output {output} is a folder. Give a PNG file path, e.g. {output.rstrip('/')}/grid.png.")
 
@@ -85,12 +83,9 @@ def main(argv=None):
     check_pretraining_folder(model_dir)  # before loading: a probe would get a random decoder
     output = args.output or f"{model_dir.rstrip('/')}/reconstructions.png"
     check_output_parent(output)
-    try:
-        model = MAEForPreTraining.from_pretrained(model_dir)
-        train, evaluation = load_image_splits(data_args, model.config.image_size, model.config.num_channels,
-                                              first=args.num_images, progress=not args.disable_tqdm)
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    model = MAEForPreTraining.from_pretrained(model_dir)
+    train, evaluation = load_image_splits(data_args, model.config.image_size, model.config.num_channels,
+                                          first=args.num_images, progress=not args.disable_tqdm)
     noise = fixed_noise(len(evaluation), model.config.num_patches, seed=args.seed)
     crop_fraction = eval_crop_fraction(data_args, model.config.image_size, train)
     transform = BatchTransform.for_model(model.config, eval_crop_fraction=crop_fraction)

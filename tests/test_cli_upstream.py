@@ -160,7 +160,7 @@ def test_2_split_and_sample_flags_mean_what_upstream_means(parquet_folder, scrip
     assert torch.equal(subset.images, whole.images[drawn]) and drawn != list(range(5))
     assert "only 3 image(s)" in capsys.readouterr().err and len(small) == 3
 
-    with pytest.raises(SystemExit, match="fewer than --knn_k 100 neighbours"):  # kNN with k > its bank
+    with pytest.raises(ValueError, match="fewer than --knn_k 100 neighbours"):  # kNN with k > its bank
         scripts.pretrain.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(parquet_folder),
                                "--config_overrides", tiny_overrides, "--per_device_train_batch_size", "16",
                                "--knn_k", "100"])

@@ -149,8 +149,8 @@ def test_feature_blocks_beyond_the_encoder_fail_before_any_data(pretrained_run, 
 def test_evaluating_a_pretraining_run_as_a_classifier_fails_before_any_data(pretrained_run, scripts, parquet_folder,
                                                                            tmp_path, monkeypatch):
     folder, _ = pretrained_run
-    monkeypatch.setattr(scripts.finetune, "load_image_splits", lambda *args, **kwargs: pytest.fail("data read"))
-    with pytest.raises(SystemExit, match="--do_train false: .* is not a classifier"):
+    monkeypatch.setattr("mae_hf.training.load_image_splits", lambda *args, **kwargs: pytest.fail("data read"))
+    with pytest.raises(ValueError, match="--do_train false: .* is not a classifier"):
         scripts.finetune.main(["--model_name_or_path", str(folder), "--do_train", "false", "--output_dir",
                                str(tmp_path / "eval"), "--dataset_name", str(parquet_folder)])
 

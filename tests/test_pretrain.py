@@ -98,7 +98,7 @@ def test_refuses_to_overwrite_a_previous_run(pretrained_run, scripts, tiny_overr
 
 
 def test_too_few_images_for_one_batch_fail_before_training(tmp_path, scripts, tiny_overrides, parquet_folder):
-    with pytest.raises(SystemExit, match="has 48 images, fewer than one batch of 512"):
+    with pytest.raises(ValueError, match="has 48 images, fewer than one batch of 512"):
         scripts.pretrain.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(parquet_folder),
                                "--config_overrides", tiny_overrides])
     assert not (tmp_path / "run").exists()
@@ -107,7 +107,7 @@ def test_too_few_images_for_one_batch_fail_before_training(tmp_path, scripts, ti
 def test_missing_model_folder_lists_what_exists(tmp_path, scripts, parquet_folder):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "mae").mkdir()
-    with pytest.raises(SystemExit, match="mea: no such file or folder.*holds: mae"):
+    with pytest.raises(ValueError, match="mea: no such file or folder.*holds: mae"):
         scripts.pretrain.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(parquet_folder),
                                "--model_name_or_path", str(tmp_path / "runs" / "mea")])
 
@@ -182,7 +182,7 @@ def test_the_plan_line_re_estimates_from_a_longer_window(tmp_path, capsys, monke
 
 
 def test_bad_column_fails_before_training(tmp_path, scripts, tiny_overrides, parquet_folder):
-    with pytest.raises(SystemExit, match=r"'img', 'label'"):
+    with pytest.raises(ValueError, match=r"'img', 'label'"):
         scripts.pretrain.main(["--output_dir", str(tmp_path / "run"), "--dataset_name", str(parquet_folder),
                                "--config_overrides", tiny_overrides, "--image_column_name", "photo"])
     assert not (tmp_path / "run").exists()

@@ -12,7 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..augment import random_erasing
 from ..transfer import to_device
 
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop: tries before falling back to a centre crop
@@ -89,6 +88,29 @@ def random_resized_crop(images: torch.Tensor, size: int, sizes=None, scale=(0.2,
     theta[:, 1, 1], theta[:, 1, 2] = scale_y, 2 * (top + crop_h / 2) / canvas_height - 1
     grid = F.affine_grid(theta, [batch, images.shape[1], size, size], align_corners=False)
     return sampled(images, grid)
+
+
+def random_erasing(x: torch.Tensor, probability: float = 0.25, area=(0.02, 1 / 3), ratio=(0.3, 3.3),
+                   generator=None) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017) of a normalised batch: with `probability`, a sample gets one rectangle of
+    area fraction in `area` and log-uniform aspect ratio in `ratio` (clipped to the image) replaced by standard
+    normal noise per pixel and channel."""
+    batch, _, height, width = x.shape
+    device = x.device
+    draws = torch.rand(5, batch, 1, 1, device=device, generator=generator)  # one call: few small ops
+    erase = draws[0] < probability
+    target = draws[1] * (area[1] - area[0]) + area[0]
+    aspect = (draws[2] * math.log(ratio[1] / ratio[0]) + math.log(ratio[0])).exp()
+    box_h = ((target * aspect).sqrt() * height).round().clamp(1, height)
+    box_w = ((target / aspect).sqrt() * width).round().clamp(1, width)
+    top = (draws[3] * (height - box_h + 1)).floor()
+    left = (draws[4] * (width - box_w + 1)).floor()
+    rows = torch.arange(height, device=device).view(1, height, 1)
+    cols = torch.arange(width, device=device).view(1, 1, width)
+    # Row and column tests are small; only their product has the image's size.
+    inside = ((rows >= top) & (rows < top + box_h) & erase) & ((cols >= left) & (cols < left + box_w))
+    noise = torch.randn(x.shape, device=device, generator=generator, dtype=x.dtype)
+    return torch.where(inside[:, None], noise, x)
 
 
 def host_sizes(sizes) -> torch.Tensor | None:
@@ -224,7 +246,6 @@ class BatchTransform:
         return x
 
     @classmethod
-    def for_model(cls, config, crop_scale=None, hflip=False, augment=None, random_erasing=0.0,
-                  eval_crop_fraction: float = 1.0, seed: int = 0, training: bool = False) -> "BatchTransform":
-        return cls(config.image_size, config.image_mean, config.image_std, crop_scale, hflip, augment, random_erasing,
-                   eval_crop_fraction, seed, training)
+    def for_model(cls, config, **options) -> "BatchTransform":
+        """The transform for `config`'s image size and normalisation; `options` are `__init__`'s keywords."""
+        return cls(config.image_size, config.image_mean, config.image_std, **options)
