@@ -1,5 +1,5 @@
-"""A frozen encoder's features, computed once, and weighted kNN votes on them: what pretraining's kNN monitor and
-the evaluation protocols share."""
+"""What pretraining's kNN monitor and the evaluation protocols share beside the frozen-feature pass
+(`probes.encode_frozen`): image batches in order, and weighted kNN votes on features."""
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +18,6 @@ def image_batches(images, batch_size: int, device: torch.device):
         return
     for batch, sizes in sequential_batches(images, batch_size, pin_memory=device.type == "cuda"):
         yield to_device(batch, device), sizes
-
-
-def extract_features(encoder, images, transform, batch_size: int = 512, bf16: bool = False) -> torch.Tensor:
-    """Pooled features `(N, hidden_size)` (float32, on the encoder's device) of uint8 `images`: the pooled part of
-    `probes.encode_frozen`, the one frozen-feature pass."""
-    from .probes import encode_frozen  # probes builds on this module
-
-    return encode_frozen(encoder, images, transform, batch_size, bf16)[0]
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import dataclasses
 import json
 import os
 
-from .data.prepared import is_prepared, read_manifest
+from .data import source_identity
 from .inputs import read_json_object
 from .redaction import redact
 
@@ -37,9 +37,7 @@ def run_settings(config, data_args, args, model_args) -> dict:
     model["model_name_or_path"] = _where(model_args.model_name_or_path)  # the weights the run started from
     data = {field.name: _where(getattr(data_args, field.name)) for field in dataclasses.fields(data_args)
             if field.name not in DATA_FIELDS_IGNORED}
-    if data_args.train_dir is None and is_prepared(data_args.dataset_name):
-        # what the folder holds, not only where: a folder prepared again (other images, another size) is a change
-        data["prepared_fingerprint"] = read_manifest(data_args.dataset_name).get("fingerprint")
+    data.update(source_identity(data_args))  # what the data holds, not only where (a resume compares it)
     recipe = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
     if hasattr(args, "recipe"):  # fine-tuning's augmentation recipe
         recipe.update(args.recipe())

@@ -286,7 +286,7 @@ class ImageTrainingArguments(TrainingArguments):
         num_bytes = data.decoded_bytes
         if self.device.type == "cpu" or self.data_on_device == "false":
             return False
-        if getattr(data, "images", True) is None and self.data_on_device != "true":
+        if data.packed is not None and self.data_on_device != "true":
             return False  # packed images (sizes vary): on the GPU each batch would be pasted image by image
         if self.dataloader_num_workers > 0:  # forked worker processes cannot index tensors on the GPU
             if self.data_on_device == "true":

@@ -330,11 +330,10 @@ def test_a_split_on_the_device_takes_its_labels_with_it():
 
 
 def test_feature_passes_and_multiblock_features_on_the_host():
-    """The kNN monitor's feature pass (`extract_features`) and the probes' (`encode_frozen`), whose multi-block
-    features go to the host as they are extracted."""
+    """The one frozen-feature pass (`encode_frozen`, also the kNN monitor's): pooled features stay on the device,
+    multi-block features go to the host as they are extracted."""
     from mae_hf import MAEModel
     from mae_hf.data import BatchTransform
-    from mae_hf.features import extract_features
     from mae_hf.probes import encode_frozen
 
     config = make_tiny_config()
@@ -344,7 +343,7 @@ def test_feature_passes_and_multiblock_features_on_the_host():
     with audit, sections_per_call(audit, MAEModel, "features"):
         encoder.to(DEVICE)
         pooled, blocks = encode_frozen(encoder, images, transform, batch_size=3, feature_blocks=2)
-        monitor = extract_features(encoder, images, transform, batch_size=3)
+        monitor, _ = encode_frozen(encoder, images, transform, batch_size=3)
     assert on_device(pooled) and not on_device(blocks) and blocks.shape == (12, 2 * 2 * config.hidden_size)
     assert on_device(monitor) and monitor.shape == pooled.shape
     assert_quiet(audit, "feature passes", middle_sections(audit, "features"))
