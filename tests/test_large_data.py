@@ -16,7 +16,7 @@ import torch
 from fixtures_runs import TINY_MODEL, image_tree
 from PIL import Image
 
-from mae_hf.cli import UsageError
+from mae_hf.cli import UsageError, run_script
 from mae_hf.data import DataArguments, load_image_splits
 from mae_hf.data.prepared import PREPARED_MANIFEST
 from mae_hf.data.sources import list_image_folder
@@ -253,9 +253,9 @@ def test_a_half_prepared_folder_is_refused_then_finished_keeping_its_shards(tmp_
     assert [path.name for path in first] == ["data-00000-of-00004.arrow", "data-00001-of-00004.arrow"]
     inodes = [path.stat().st_ino for path in first]
     with pytest.raises(SystemExit) as stop:  # training from it: one clear error naming what to run
-        scripts.pretrain.main(pretrain_args(tmp_path / "run", output, "--num_train_epochs", "1"))
-    message = str(stop.value.code)
-    assert message.startswith("error: ") and "is only partly prepared" in message
+        run_script(scripts.pretrain.main, pretrain_args(tmp_path / "run", output, "--num_train_epochs", "1"))
+    message = capsys.readouterr().err
+    assert stop.value.code == 1 and message.startswith("error: ") and "is only partly prepared" in message
     assert "python scripts/prepare_data.py --dataset_name" in message
     scripts.prepare_data.main(flags)  # the same command again finishes it
     out = capsys.readouterr().out
@@ -442,7 +442,7 @@ def test_decoding_on_the_device_gives_the_batches_of_the_workers(tmp_path, scrip
     scripts.prepare_data.main(["--dataset_name", str(mixed_source), "--output_dir", str(jpegs), "--short_side", "8",
                                "--encoding", "jpeg", "--num_proc", "1", "--disable_tqdm", "true"])
     flags = ("--num_train_epochs", "1", "--data_in_memory", "false", "--dataloader_num_workers", "1")
-    with pytest.raises(SystemExit, match="decodes JPEGs on a CUDA GPU; this run's device is cpu"):
+    with pytest.raises(ValueError, match="decodes JPEGs on a CUDA GPU; this run's device is cpu"):
         scripts.pretrain.main(pretrain_args(tmp_path / "refused", jpegs, *flags, "--decode_on_device", "true"))
     from mae_hf.cli import UsageError
 
@@ -598,7 +598,7 @@ def test_a_bad_image_read_from_its_source_during_training_is_one_clear_line(tmp_
     flags = ["--output_dir", str(tmp_path / "run"), "--train_dir", str(source), "--config_overrides", TINY,
              "--data_in_memory", "false", "--validation_split_percentage", "25", "--knn_eval", "false",
              "--disable_tqdm", "true", "--per_device_train_batch_size", "4"]
-    with pytest.raises(SystemExit, match="--skip_bad_images true with images read from their source"):
+    with pytest.raises(ValueError, match="--skip_bad_images true with images read from their source"):
         scripts.pretrain.main([*flags, "--skip_bad_images", "true"])
     result = subprocess.run([sys.executable, "scripts/pretrain.py", *flags, "--num_train_epochs", "2",
                              "--dataloader_num_workers", "1"],
