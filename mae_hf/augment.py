@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from .data.transforms import random_erasing  # noqa: F401  (a device batch op like the crops; part of the recipe)
 from .transfer import to_device
 
 # The RandAugment / TrivialAugment operations. Colour ops act pixel-wise or through image statistics; geometric ops

@@ -139,6 +139,11 @@ class MAEConfig(PreTrainedConfig):
         return self.grid_size**2
 
     @property
+    def num_visible_patches(self) -> int:
+        """Patches the encoder sees during pretraining."""
+        return int(self.num_patches * (1 - self.mask_ratio))
+
+    @property
     def intermediate_size(self) -> int:
         return int(round(self.hidden_size * self.mlp_ratio))
 

@@ -219,7 +219,8 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
                          crop_fraction=crop_fraction),
         }
         results = {}
-        for protocol in wanted:
+        for protocol in sorted(wanted, key=lambda protocol: protocol.name != "knn"):  # kNN's seconds first: its
+            # result is on disk before a long probe can fail or be stopped
             results[protocol.name] = {**common, "protocol": protocol.name, **protocol.fit(inputs, args)}
             write_results(args.output_dir, protocol.name, results[protocol.name])
         return results

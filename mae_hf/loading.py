@@ -204,7 +204,7 @@ def load_pretrained(model_class, model_args: ModelArguments, config, new_head: s
 def load_classifier(model_args, random_init: bool, seed: int, new_head: str | None = None, **config_changes):
     """`MAEForImageClassification` with a pretrained encoder (from any of our checkpoints) or a random one of the
     same config; `config_changes` (num_labels, id2label, linear_probe, pooling, ...) are applied to the config.
-    `new_head` is said when the checkpoint brings no head (see `training.load_pretrained`)."""
+    `new_head` is said when the checkpoint brings no head (see `load_pretrained`)."""
     config = build_config(model_args)
     num_labels = config_changes.get("num_labels", config.num_labels)
     if (model_args.model_name_or_path and not random_init and is_classifier(config)

@@ -30,7 +30,6 @@ from mae_hf.augment import (
     contrast,
     equalize,
     posterize,
-    random_erasing,
     sharpness,
     smooth_one_hot,
     soft_target_cross_entropy,
@@ -38,6 +37,7 @@ from mae_hf.augment import (
     warp,
 )
 from mae_hf.data import BatchTransform
+from mae_hf.data.transforms import random_erasing
 
 
 def generator(seed: int) -> torch.Generator:
