@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import traceback
+from dataclasses import MISSING, field
 
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
@@ -206,6 +207,11 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the description (the script's docstring: what it does, then examples) as written, and shows each
     flag's default (HfArgumentParser's own formatter would run the example commands together into one paragraph)."""
+
+
+def flag(default=MISSING, help: str = "", **kwargs):
+    """An argument dataclass field: its default (or `default_factory=`) and its --help text."""
+    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 def bool_or_auto(value: str) -> bool | None:
