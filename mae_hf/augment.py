@@ -1,13 +1,11 @@
 """The strong fine-tuning recipe's augmentations (the DeiT family: RandAugment, mixup + cutmix, random erasing,
-repeated augmentation, weight EMA), on whole batches with torch on the training device.
+repeated augmentation, weight EMA) on whole batches on the training device, and the table of its parts.
 
-Random draws come from the given `generator`, or from torch's global random state, which `transformers.set_seed`
-seeds and the Trainer saves in and restores from checkpoints: a run is repeatable for a given seed, and a resumed
-run continues the same stream. Nothing here waits for the device (no per-step host sync): RandAugment's per-sample
-choices and mixup/cutmix's per-batch coefficient are drawn on the host from the CPU generator and sent to the device
-through pinned memory; random erasing draws on the device and selects with `torch.where`.
-"""
+Draws come from the given `generator`, else torch's global random state (seeded by `set_seed`, saved in checkpoints):
+repeatable for a seed, and a resumed run continues the stream. Per-sample and per-batch choices are drawn on the host
+and reach the device through pinned memory: nothing here waits for the device."""
 
+import functools
 import math
 import os
 from contextlib import contextmanager
@@ -21,8 +19,7 @@ from transformers import TrainerCallback
 
 from .transfer import to_device
 
-# The RandAugment / TrivialAugment operations. Colour ops act pixel-wise or through image statistics; geometric ops
-# are affine warps.
+# The RandAugment / TrivialAugment operations: colour ops (pixel-wise or image statistics), then affine warps.
 COLOUR_OPS = ("identity", "autocontrast", "equalize", "posterize", "solarize", "color", "contrast", "brightness",
               "sharpness")
 GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -158,18 +155,11 @@ def warp(x: torch.Tensor, matrix: torch.Tensor, fill: float = 0.5) -> torch.Tens
 
 
 class RandAugment:
-    """RandAugment (Cubuk et al. 2019) on a float batch in [0, 1]: each sample applies `num_ops` operations drawn
-    uniformly from `OPS` (independently per sample) at magnitude `magnitude` of 10, jittered per sample by a normal
-    of std `magnitude_std` (timm's "rand-m9-mstd0.5"). With `trivial=True`, TrivialAugment (Müller & Hutter 2021):
-    one op per sample at a magnitude uniform in [0, 10].
-
-    The per-sample draws are made on the host (torch's CPU generator, or `generator`), so the batch can be grouped
-    by operation without asking the device anything: each round sends the samples' order by op to the device (one
-    index copy), and each colour op runs on its own group only (`index_select`, op, `index_copy_`). All geometric ops
-    of the rounds compose into one affine warp of the batch, applied after the colour ops; colour ops are
-    pixel-wise or use whole-image statistics, so moving the warp last changes only the fill region's share of
-    those statistics.
-    """
+    """RandAugment (Cubuk et al. 2019) on a float batch in [0, 1]: each sample applies `num_ops` ops drawn uniformly
+    from `OPS` at magnitude `magnitude` of 10, jittered per sample by a normal of std `magnitude_std` (timm's
+    "rand-m9-mstd0.5"). `trivial=True`: TrivialAugment (Müller & Hutter 2021), one op at a magnitude uniform in
+    [0, 10]. Draws are made on the host; each colour op runs on its own group of samples, and all geometric ops of
+    the rounds compose into one warp applied last (docs/evaluation.md, the strong fine-tuning recipe)."""
 
     def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, trivial: bool = False,
                  fill: float = 0.5, op_prob: float = 1.0):
@@ -240,13 +230,10 @@ def smooth_one_hot(labels: torch.Tensor, num_labels: int, smoothing: float = 0.0
 
 
 class MixupCutmix:
-    """Mixup (Zhang et al. 2017) or cutmix (Yun et al. 2019) of a batch with its reverse, one draw per batch as in
-    DeiT: with probability `prob` the batch is mixed, by cutmix with probability `switch_prob` (when both alphas are
-    on), with a coefficient lambda ~ Beta(alpha, alpha). Targets are the label-smoothed one-hots mixed by the
-    pixel fraction each image contributes (for cutmix, the box actually pasted after clipping to the image).
-
-    The per-batch draws happen on the host from torch's CPU generator (or `generator`), so the device never waits.
-    """
+    """Mixup (Zhang et al. 2017) or cutmix (Yun et al. 2019) of a batch with its reverse, one host draw per batch as
+    in DeiT: with probability `prob` the batch is mixed, by cutmix with probability `switch_prob` (when both alphas
+    are on), with lambda ~ Beta(alpha, alpha). Targets are the label-smoothed one-hots mixed by the pixel fraction
+    each image contributes (for cutmix, the box actually pasted after clipping to the image)."""
 
     def __init__(self, num_labels: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  switch_prob: float = 0.5, prob: float = 1.0, label_smoothing: float = 0.1):
@@ -301,11 +288,8 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 
 class RepeatedAugmentationSampler(torch.utils.data.Sampler):
     """Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler): each epoch draws a permutation, keeps its first
-    ceil(N / repeats) images and yields each `repeats` times in a row, N indices in all. So an epoch keeps its
-    length (N samples, the same number of steps) and a batch its size, while it holds about batch / repeats distinct
-    images, each under different random augmentations. The permutation depends only on (seed, epoch): every process
-    of a distributed run draws the same one, and the Trainer's batch sharding gives each process different batches.
-    """
+    ceil(N / repeats) images and yields each `repeats` times in a row, N indices in all (an epoch keeps its steps).
+    The permutation depends only on (seed, epoch): every process draws the same one; the Trainer shards the batches."""
 
     def __init__(self, num_samples: int, repeats: int = 3, seed: int = 0):
         if repeats < 1:
@@ -326,13 +310,9 @@ class RepeatedAugmentationSampler(torch.utils.data.Sampler):
 
 
 class WeightEMA(TrainerCallback):
-    """Exponential moving average of a model's floating-point weights (parameters and buffers), updated on the
-    device after every optimizer step with one fused `lerp` (no host sync). The decay warms up as
-    min(decay, (1 + step) / (10 + step)), so short runs average their recent weights rather than their start.
-
-    `applied()` swaps the averaged weights in (for an evaluation) and restores the trained ones after. Checkpoints
-    hold the average (`ema_state.pt`), so a resumed run continues it.
-    """
+    """Exponential moving average of a model's floating-point weights (parameters and buffers), one fused `lerp` on
+    the device per optimizer step, decay warmed up as min(decay, (1 + step) / (10 + step)). `applied()` swaps the
+    average in for an evaluation; checkpoints hold it (`ema_state.pt`), so a resumed run continues it."""
 
     STATE_FILE = "ema_state.pt"
 
@@ -393,6 +373,13 @@ class WeightEMA(TrainerCallback):
         self.update()
 
 
+def chained(ops: list) -> Callable | None:
+    """The batch ops `ops` as one, applied in turn (None when there are none)."""
+    if len(ops) < 2:
+        return ops[0] if ops else None
+    return functools.partial(functools.reduce, lambda x, op: op(x), ops)
+
+
 def _check_policy(args) -> None:
     if args.augment_policy not in AUGMENT_POLICIES:
         raise ValueError(f"--augment_policy must be {', '.join(AUGMENT_POLICIES[:-1])} or {AUGMENT_POLICIES[-1]}, "
@@ -402,20 +389,9 @@ def _check_policy(args) -> None:
 
 
 def _check_mixing(args) -> None:
-    if args.mixup_alpha or args.cutmix_alpha:
+    if args.mixup_alpha or args.cutmix_alpha:  # both 0 otherwise: nothing to check
         MixupCutmix(2, args.mixup_alpha, args.cutmix_alpha, args.mixup_switch_prob, args.mixup_prob,
                     args.label_smoothing_factor)
-    elif args.mixup_alpha < 0 or args.cutmix_alpha < 0:
-        raise ValueError("--mixup_alpha and --cutmix_alpha must be >= 0.")
-
-
-def _check_range(flag: str, valid: Callable, message: str) -> Callable:
-    """A check that `valid(value of --flag)`, else ValueError(f"--{flag} {message}") with {value} filled in."""
-    def check(args) -> None:
-        value = getattr(args, flag)
-        if not valid(value):
-            raise ValueError(f"--{flag} " + message.format(value=value))
-    return check
 
 
 AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment")
@@ -424,25 +400,31 @@ AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment")
 @dataclass(frozen=True)
 class RecipePart:
     """One part of the strong fine-tuning recipe (configs/finetune_strong.yaml): its `FinetuneArguments` flag, the
-    value that leaves it off, the flags that tune it, and the check of their values (`args` -> raises ValueError).
-    A run with any part on is labelled finetune_strong; `FinetuneArguments.recipe()` records every flag named here."""
+    value that leaves it off, the flags that tune it; their check: `valid(flag's value)` (else "--flag {rule}") or
+    `check(args)` (raises ValueError); and for a batch op on images in [0, 1] (after crop/flip, in table order), how
+    it is built from `args` when on. A run with any part on is labelled finetune_strong; `FinetuneArguments.recipe()`
+    records every flag named here."""
 
     flag: str
     off: object
     settings: tuple[str, ...] = ()
     check: Callable | None = None
+    valid: Callable | None = None
+    rule: str = ""
+    build: Callable | None = None
 
 
 STRONG_RECIPE = (
     RecipePart("augment_policy", "none", ("randaugment_num_ops", "randaugment_magnitude", "randaugment_magnitude_std",
-                                          "randaugment_op_prob"), _check_policy),
+                                          "randaugment_op_prob"), _check_policy,
+               build=lambda args: RandAugment(args.randaugment_num_ops, args.randaugment_magnitude,
+                                              args.randaugment_magnitude_std, op_prob=args.randaugment_op_prob,
+                                              trivial=args.augment_policy == "trivialaugment")),
     RecipePart("mixup_alpha", 0.0, check=_check_mixing),  # checks cutmix's settings too: one mixer does both
     RecipePart("cutmix_alpha", 0.0, ("mixup_switch_prob", "mixup_prob")),
-    RecipePart("random_erasing", 0.0, check=_check_range("random_erasing", lambda p: 0 <= p <= 1,
-                                                         "is a probability in [0, 1], got {value}.")),
-    RecipePart("repeated_augmentations", 1, check=_check_range("repeated_augmentations", lambda k: k >= 1,
-                                                               "must be >= 1, got {value}.")),
-    RecipePart("ema_decay", 0.0, check=_check_range("ema_decay", lambda d: d == 0 or 0 < d < 1,
-                                                    "must lie in (0, 1), or be 0 for no EMA; got {value}.")),
+    RecipePart("random_erasing", 0.0, valid=lambda p: 0 <= p <= 1, rule="is a probability in [0, 1], got {value}."),
+    RecipePart("repeated_augmentations", 1, valid=lambda k: k >= 1, rule="must be >= 1, got {value}."),
+    RecipePart("ema_decay", 0.0, valid=lambda d: d == 0 or 0 < d < 1,
+               rule="must lie in (0, 1), or be 0 for no EMA; got {value}."),
 )
 STRONG_RECIPE_OFF = {part.flag: part.off for part in STRONG_RECIPE}

@@ -6,22 +6,17 @@ import logging as std_logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .augment import RepeatedAugmentationSampler, WeightEMA, soft_target_cross_entropy
 from .cli import DropMessages
 from .configuration_mae import MAEConfig
-from .data import (  # load_image_splits: looked up here at each call (tests replace it)
-    ImageData,
-    ImageDataset,
-    collate,
-    device_decoder,
-    eval_crop_fraction,
-    load_image_splits,
-)
+from .data import ImageData, ImageDataset, collate, device_decoder, eval_crop_fraction, load_image_splits
 from .inputs import write_json
 from .loading import build_config
 from .runs import (
@@ -52,21 +47,16 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def weights_are_finite(folder: str) -> bool:
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as weights:
-        for key in weights.keys():
-            tensor = weights.get_tensor(key)
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                return False
-    return True
-
-
 def last_finite_checkpoint(output_dir: str) -> str | None:
     """The newest complete checkpoint whose weights, loaded, are all finite."""
-    return next((folder for folder in checkpoints(output_dir)
-                 if checkpoint_problem(folder) is None and weights_are_finite(folder)), None)
+    from safetensors.torch import load_file
+
+    def finite(folder):
+        weights = load_file(os.path.join(folder, "model.safetensors")).values()
+        return all(tensor.isfinite().all() for tensor in weights if tensor.is_floating_point())
+
+    return next((folder for folder in checkpoints(output_dir) if checkpoint_problem(folder) is None and finite(folder)),
+                None)
 
 
 class DivergenceGuard(TrainerCallback):
@@ -129,10 +119,9 @@ class DivergenceGuard(TrainerCallback):
 
 
 class PerProcessSeed(TrainerCallback):
-    """Under DDP, give each process its own random stream for training (seed + process index), as DeiT does:
-    `set_seed` seeds every process alike, so otherwise all ranks would draw the same crops, flips, augmentations,
-    mixing coefficients, drop-path and masking noise for their batches. The model is initialised before this (alike
-    on every rank), and a resumed run then restores each rank's own saved random state."""
+    """Under DDP, each process trains on its own random stream (seed + process index, as DeiT): `set_seed` seeds all
+    alike, so every rank would draw the same crops, augmentations, drop-path and masking noise. Runs after the model
+    is initialised (alike on every rank); a resumed run restores each rank's own saved state."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.world_size > 1:
@@ -140,20 +129,15 @@ class PerProcessSeed(TrainerCallback):
 
 
 class ImageTrainer(Trainer):
-    """`Trainer` for `ImageDataset` batches: uint8 canvases (`pixel_values`, with `image_sizes`) are moved to the
-    device, then cropped and augmented (training) or centre-cropped (evaluation) there. Weight decay on linear
-    weights only; optional layer-wise learning-rate decay. Every step's loss and gradient norm feed a
-    `DivergenceGuard` on the device; it is read at logging/evaluation/save steps and before every save, so
-    non-finite weights are never saved. A checkpoint that fails to save is removed, not left half-written.
-
-    Fine-tuning recipe (mae_hf/augment.py): `mixer` mixes each training batch into soft targets, trained with a
-    soft-target cross-entropy; `repeated_augmentations` puts every image k times in a batch; `ema_decay` keeps a
-    weight EMA, evaluated beside the trained weights (`eval_ema_*` metrics)."""
+    """`Trainer` for `ImageDataset` batches: uint8 canvases (`pixel_values`, with `image_sizes`) are cropped and
+    augmented (training) or centre-cropped (evaluation) on the device. Weight decay on linear weights only; optional
+    layer-wise lr decay; a `DivergenceGuard` keeps non-finite weights from ever being saved; a checkpoint that fails
+    to save is removed. Fine-tuning (mae_hf/augment.py): `mixer` gives soft targets (soft-target cross-entropy),
+    `repeated_augmentations` puts each image k times in a batch, `ema_decay` keeps a weight EMA (`eval_ema_*`)."""
 
     def __init__(self, *args, train_transform, eval_transform, layer_decay: float = 1.0, mixer=None,
                  repeated_augmentations: int = 1, ema_decay: float = 0.0, device_decoder=None, **kwargs):
-        # `non_blocking` without pinned memory (a CPU, data already on the GPU) is asked for on purpose: see
-        # ImageTrainingArguments.
+        # `non_blocking` without pinned memory (a CPU, data already on the GPU) is on purpose: ImageTrainingArguments
         unpinned = DropMessages("`non_blocking` is enabled but `dataloader_pin_memory` is not")
         trainer_logger = std_logging.getLogger("transformers.trainer")
         trainer_logger.addFilter(unpinned)
@@ -161,14 +145,10 @@ class ImageTrainer(Trainer):
             super().__init__(*args, **kwargs)
         finally:
             trainer_logger.removeFilter(unpinned)
-        # The evaluation loop pads every batch's labels and logits along dim 1 to gather sequences of other lengths,
-        # reading each tensor's shape back from the device to do so (a wait per batch). Image labels (batch,) and
-        # logits (batch, classes) or (batch, patches, values) have the same sizes on every process: nothing to pad.
+        # Nothing to pad: image labels and logits have the same sizes on every process (padding reads shapes back).
         self.accelerator.pad_across_processes = lambda tensor, *args, **kwargs: tensor
         self.device_decoder = device_decoder  # JPEG bytes -> canvases on the GPU (--decode_on_device)
-        # Every training loss here is a mean over its micro-batch (the model's, the label smoother's, the soft-target
-        # one), so the Trainer must divide it by the accumulation steps. It would not if it took the model (whose
-        # forward has **kwargs) for one that normalises by the Trainer's label count itself.
+        # Every loss here is a micro-batch mean: the Trainer must divide it by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.layer_decay = layer_decay
@@ -176,12 +156,9 @@ class ImageTrainer(Trainer):
         self.add_callback(self.divergence)
         self.add_callback(PerProcessSeed())
         self.run_settings = None  # set by runs.Run (a function: the settings now): written beside every saved model
-        # Fine-tuning recipe (mae_hf/augment.py): batch mixing with soft targets, repeated augmentation, weight EMA.
         self.mixer, self.repeated_augmentations = mixer, repeated_augmentations
         self.ema = None
         if ema_decay:
-            from .augment import WeightEMA
-
             self.ema = WeightEMA(ema_decay)
             self.add_callback(self.ema)
 
@@ -233,10 +210,8 @@ class ImageTrainer(Trainer):
             self.train_transform.load_state(torch.load(path, weights_only=True))
 
     def _leave_global_random_state_alone(self, loader):
-        """A DataLoader draws its workers' base seed from torch's global random state each time it starts an
-        epoch — except with persistent workers, whose epochs after the first draw nothing. A resumed run starts a
-        new one, so the draws (and every random value after them: masking, augmentation) would differ from the
-        uninterrupted run's. With a generator of its own, the loader takes nothing from the global state."""
+        """A generator of the loader's own: its workers' seeds (drawn each epoch, but not by persistent workers)
+        would otherwise shift the global stream, and a resumed run would mask and augment differently."""
         base = getattr(loader, "base_dataloader", loader)  # accelerate's loaders wrap the DataLoader that draws
         base.generator = torch.Generator().manual_seed(self.args.seed)
         return loader
@@ -250,8 +225,6 @@ class ImageTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Mixed batches: soft targets (label smoothing already folded in) and a soft-target cross-entropy; the
         # model's own loss would read float (batch, num_labels) labels as multi-label.
-        from .augment import soft_target_cross_entropy
-
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         loss = soft_target_cross_entropy(outputs["logits"], labels)
         return (loss, outputs) if return_outputs else loss
@@ -259,8 +232,6 @@ class ImageTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         if self.repeated_augmentations == 1:
             return super()._get_train_sampler(train_dataset)
-        from .augment import RepeatedAugmentationSampler
-
         dataset = self.train_dataset if train_dataset is None else train_dataset
         seed = self.args.seed if self.args.data_seed is None else self.args.data_seed  # as the Trainer's own sampler
         return RepeatedAugmentationSampler(len(dataset), self.repeated_augmentations, seed)
@@ -321,19 +292,14 @@ class ImageTrainer(Trainer):
 
     def save_model(self, output_dir=None, _internal_call=False):
         """Checks the weights first (nothing non-finite is ever saved). A checkpoint's model is saved in place (a
-        checkpoint that fails is removed whole); the final model goes through `runs.saved_whole`: written aside,
-        then moved into place, with signals held, so that neither Ctrl-C nor a full disk leaves a torn file."""
+        checkpoint that fails is removed whole); the final model goes through `runs.saved_whole` (no torn file)."""
         self.divergence.check(self.args, self.state.global_step, self.model)
         target = output_dir or self.args.output_dir
-        if _internal_call or not self.args.should_save:
-            super().save_model(output_dir, _internal_call)
+        final = not _internal_call and self.args.should_save
+        with saved_whole(target, self.args) if final else nullcontext(target) as folder:
+            super().save_model(folder, _internal_call)
             if self.run_settings is not None and self.args.should_save:
-                write_json(os.path.join(target, SETTINGS_NAME), self.run_settings(self.state.global_step))
-            return
-        with saved_whole(target, self.args) as staging:
-            super().save_model(staging, _internal_call)
-            if self.run_settings is not None:
-                write_json(os.path.join(staging, SETTINGS_NAME), self.run_settings(self.state.global_step))
+                write_json(os.path.join(folder, SETTINGS_NAME), self.run_settings(self.state.global_step))
 
     def log(self, logs, start_time=None):
         stop = next((callback for callback in self.callback_handler.callbacks if isinstance(callback, StopOnSignal)),
@@ -395,10 +361,8 @@ class MAEPretrainer(ImageTrainer):
 
 class ThroughputCallback(TrainerCallback):
     """Says the plan before training (device, precision, steps), then the measured images/s of the whole pipeline
-    (data + step) and the estimated time to finish: first after `measure_seconds` (and `MIN_STEPS` steps) past the
-    warm-up, then again each time the measured time has grown `WINDOW_GROWTH`-fold, from the steps since the last
-    estimate (a machine that gets busier, or idler, shows in the next one). Intervals containing an evaluation or a
-    save are left out of the measurement."""
+    and the time left: after `measure_seconds` (and `MIN_STEPS` steps) past the warm-up, then each time the measured
+    time has grown `WINDOW_GROWTH`-fold, from the steps since the last estimate. Evaluations and saves are left out."""
 
     WARMUP_STEPS = 2  # the first steps warm up (and compile)
     MIN_STEPS = 3
@@ -482,8 +446,7 @@ def _duration(seconds: float) -> str:
 
 @dataclass
 class TrainingData:
-    """What a training script trains and evaluates on: the model config, both splits (checked, maybe decoded), the
-    GPU JPEG decoder (--decode_on_device, else None) and the evaluation crop."""
+    """What a training script trains and evaluates on (`prepare_training`)."""
 
     config: MAEConfig
     train: ImageData
@@ -522,6 +485,7 @@ def prepare_training(model_args, data_args, args, *, require_labels: bool = Fals
         if check is not None:
             check(train, evaluation)
 
+    # load_image_splits: this module's name, which tests replace
     train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
                                           require_labels=require_labels, token=model_args.token,
                                           num_workers=args.requested_workers(), check=before_decoding,

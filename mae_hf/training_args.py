@@ -5,12 +5,13 @@ transformers keeps its training_args apart from its Trainer)."""
 import logging as std_logging
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import TrainingArguments
 
-from .cli import DropMessages, UsageError, print_once
+from .augment import STRONG_RECIPE, MixupCutmix, chained
+from .cli import DropMessages, UsageError, flag, print_once
 from .data import BatchTransform
 from .precision import BF16_AUTO_HELP, decide_bf16
 from .redaction import is_token_name
@@ -21,81 +22,59 @@ class ImageTrainingArguments(TrainingArguments):
     """`TrainingArguments` for image batches served from tensors and augmented on the device, with the MAE
     learning-rate rule (peak lr = base lr x total batch / 256) and the defaults both recipes share."""
 
-    output_dir: str | None = field(default=None, metadata={"help": "Where the model, checkpoints and results go."})
-    learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak learning rate. Default: --base_learning_rate x total batch / 256."})
-    base_learning_rate: float = field(
-        default=1.5e-4,
-        metadata={"help": "Learning rate per 256 images of total batch (used without --learning_rate)."})
-    crop_min_scale: float = field(
-        default=0.2, metadata={"help": "Random-resized-crop area range [crop_min_scale, 1]; 1 disables cropping."})
-    horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
-    data_on_device: str = field(
-        default="auto",
-        metadata={"help": "Keep the decoded uint8 training set on the GPU: 'auto' (when it fits easily), 'true', "
-                          "'false'. Only for images held in memory (--data_in_memory)."})
-    dataloader_num_workers: int | None = field(
-        default=None,
-        metadata={"help": "DataLoader worker processes per training process. Images read from disk are decoded by "
-                          "them (default: this process's share of the CPUs, one left for it); images held in "
-                          "memory need none (default 0)."})
-    dataloader_persistent_workers: bool | None = field(
-        default=None,
-        metadata={"help": "Keep DataLoader workers between epochs and evaluations (default: on when there are "
-                          "workers)."})
-    bf16: bool | None = field(
-        default=None,
-        metadata={"help": f"bf16 autocast: {BF16_AUTO_HELP} fp32 on those GPUs computes matrix products in TF32 "
-                          "unless --tf32 false; the plan line says which and why."})
-    torch_compile: bool | None = field(
-        default=None, metadata={"help": "torch.compile: true, false or auto (the default: on with CUDA)."})
-    per_device_eval_batch_size: int = field(default=512, metadata={"help": "Evaluation batch per device."})
-    weight_decay: float = field(
-        default=0.05, metadata={"help": "AdamW weight decay, on linear weights only unless --decay_all_parameters."})
-    decay_all_parameters: bool = field(
-        default=False,
-        metadata={"help": "Apply weight decay to every parameter (biases, norms, tokens too), as plain AdamW does."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warmup."})
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup: steps, or a fraction of all steps if < 1."})
-    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate."})
-    eval_steps: float | None = field(default=0.1, metadata={"help": "Evaluate every N steps (fraction if < 1)."})
-    save_steps: float = field(default=0.1, metadata={"help": "Checkpoint every N steps (fraction if < 1)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
-    logging_steps: float = field(default=0.01, metadata={"help": "Log every N steps (fraction if < 1)."})
-    total_train_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "The batch of one optimizer step, across processes: sets --gradient_accumulation_steps "
-                          "to this / (--per_device_train_batch_size x processes), which must divide it (the MAE "
-                          "recipes' 4096 on any number of GPUs)."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Always False here: batches are prebuilt tensors with no unused columns."})
-    do_train: bool | None = field(
-        default=None,
-        metadata={"help": "Train. With neither --do_train nor --do_eval: train, then evaluate. --do_eval alone does "
-                          "not train (--do_eval --model_name_or_path DIR evaluates a saved model); evaluation is on "
-                          "unless --do_eval false (the default --eval_strategy steps turns it on, as in "
-                          "TrainingArguments)."})
-    do_eval: bool | None = field(
-        default=None,
-        metadata={"help": "Evaluate (see --do_train). Evaluations also run during training by --eval_strategy; "
-                          "--do_eval false turns those off too."})
-    warmup_ratio: float | None = field(
-        default=None,
-        metadata={"help": "transformers 4.x's name for a warmup fraction: the same as --warmup_steps with a value "
-                          "< 1."})
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "See TrainingArguments."})
-    ddp_broadcast_buffers: bool | None = field(
-        default=False,
-        metadata={"help": "DDP: copy the buffers from the first process before every forward. Off: the models' "
-                          "buffers (sin-cos positions) never change, so the copy would only cost time."})
-    logging_nan_inf_filter: bool = field(
-        default=False,
-        metadata={"help": "Kept False: the Trainer's filter tests every step's loss on the host (a GPU sync per "
-                          "step); a non-finite loss stops the run instead (checked on the device)."})
-    allow_config_change: bool = field(
-        default=False,
-        metadata={"help": "Resume even though the model, data or recipe settings differ from the checkpoint's "
-                          "(both are recorded in the run's summary)."})
+    output_dir: str | None = flag(None, "Where the model, checkpoints and results go.")
+    learning_rate: float | None = flag(None, "Peak learning rate. Default: --base_learning_rate x total batch / 256.")
+    base_learning_rate: float = flag(
+        1.5e-4, "Learning rate per 256 images of total batch (used without --learning_rate).")
+    crop_min_scale: float = flag(0.2, "Random-resized-crop area range [crop_min_scale, 1]; 1 disables cropping.")
+    horizontal_flip: bool = flag(True, "Random horizontal flips.")
+    data_on_device: str = flag(
+        "auto", "Keep the decoded uint8 training set on the GPU: 'auto' (when it fits easily), 'true', 'false'. Only "
+        "for images held in memory (--data_in_memory).")
+    dataloader_num_workers: int | None = flag(
+        None, "DataLoader worker processes per training process. Images read from disk are decoded by them (default: "
+        "this process's share of the CPUs, one left for it); images held in memory need none (default 0).")
+    dataloader_persistent_workers: bool | None = flag(
+        None, "Keep DataLoader workers between epochs and evaluations (default: on when there are workers).")
+    bf16: bool | None = flag(
+        None, f"bf16 autocast: {BF16_AUTO_HELP} fp32 on those GPUs computes matrix products in TF32 unless --tf32 "
+        "false; the plan line says which and why.")
+    torch_compile: bool | None = flag(None, "torch.compile: true, false or auto (the default: on with CUDA).")
+    per_device_eval_batch_size: int = flag(512, "Evaluation batch per device.")
+    weight_decay: float = flag(0.05, "AdamW weight decay, on linear weights only unless --decay_all_parameters.")
+    decay_all_parameters: bool = flag(
+        False, "Apply weight decay to every parameter (biases, norms, tokens too), as plain AdamW does.")
+    lr_scheduler_type: str = flag("cosine", "Schedule after warmup.")
+    warmup_steps: float = flag(0.05, "Warmup: steps, or a fraction of all steps if < 1.")
+    eval_strategy: str = flag("steps", "When to evaluate.")
+    eval_steps: float | None = flag(0.1, "Evaluate every N steps (fraction if < 1).")
+    save_steps: float = flag(0.1, "Checkpoint every N steps (fraction if < 1).")
+    save_total_limit: int | None = flag(2, "Checkpoints kept.")
+    logging_steps: float = flag(0.01, "Log every N steps (fraction if < 1).")
+    total_train_batch_size: int | None = flag(
+        None, "The batch of one optimizer step, across processes: sets --gradient_accumulation_steps to this / "
+        "(--per_device_train_batch_size x processes), which must divide it (the MAE recipes' 4096 on any number of "
+        "GPUs).")
+    remove_unused_columns: bool = flag(False, "Always False here: batches are prebuilt tensors with no unused columns.")
+    do_train: bool | None = flag(
+        None, "Train. With neither --do_train nor --do_eval: train, then evaluate. --do_eval alone does not train "
+        "(--do_eval --model_name_or_path DIR evaluates a saved model); evaluation is on unless --do_eval false (the "
+        "default --eval_strategy steps turns it on, as in TrainingArguments).")
+    do_eval: bool | None = flag(
+        None, "Evaluate (see --do_train). Evaluations also run during training by --eval_strategy; --do_eval false "
+        "turns those off too.")
+    warmup_ratio: float | None = flag(
+        None, "transformers 4.x's name for a warmup fraction: the same as --warmup_steps with a value < 1.")
+    ddp_find_unused_parameters: bool | None = flag(False, "See TrainingArguments.")
+    ddp_broadcast_buffers: bool | None = flag(
+        False, "DDP: copy the buffers from the first process before every forward. Off: the models' buffers (sin-cos "
+        "positions) never change, so the copy would only cost time.")
+    logging_nan_inf_filter: bool = flag(
+        False, "Kept False: the Trainer's filter tests every step's loss on the host (a GPU sync per step); a "
+        "non-finite loss stops the run instead (checked on the device).")
+    allow_config_change: bool = flag(
+        False, "Resume even though the model, data or recipe settings differ from the checkpoint's (both are recorded "
+        "in the run's summary).")
 
     def __post_init__(self):
         if self.output_dir is None:  # transformers would quietly write to ./trainer_output
@@ -203,18 +182,18 @@ class ImageTrainingArguments(TrainingArguments):
     def check_numbers(self) -> None:
         """Sizes, step counts and rates that transformers or torch would only refuse later (or never: --max_steps 0
         trained for the epochs), each named as the flag."""
-        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"--max_steps must be a positive number of steps (or -1: train for --num_train_epochs), "
                              f"got {self.max_steps}.")
         if self.max_steps == -1 and not self.num_train_epochs > 0:
             raise ValueError(f"--num_train_epochs must be positive, got {self.num_train_epochs}.")
-        for flag in ("learning_rate", "base_learning_rate", "weight_decay", "max_grad_norm"):
-            value = getattr(self, flag)
+        for name in ("learning_rate", "base_learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
             if value is not None and (value < 0 or value != value or value == float("inf")):
-                raise ValueError(f"--{flag} must be a finite number >= 0, got {value}.")
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value}.")
 
     def accumulation_for(self, total: int) -> int:
         """The gradient accumulation steps that make a step of `total` images with this batch and world size."""
@@ -305,16 +284,15 @@ class ImageTrainingArguments(TrainingArguments):
 class PretrainingArguments(ImageTrainingArguments):
     """The MAE paper's pretraining recipe (He et al. 2021, Table 8), scaled to CIFAR-10."""
 
-    per_device_train_batch_size: int = field(default=512, metadata={"help": "Batch per device."})
-    num_train_epochs: float = field(default=320, metadata={"help": "Epochs."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
-    label_names: list[str] | None = field(
-        default_factory=lambda: ["pixel_values"], metadata={"help": "The MAE's target is its input."})
-    knn_eval: bool = field(default=True, metadata={"help": "kNN accuracy (k=--knn_k) at each evaluation, if labels."})
-    knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN evaluation."})
-    knn_max_train_samples: int | None = field(
-        default=None, metadata={"help": "Training images in the kNN bank (all by default)."})
-    num_reconstructions: int = field(default=8, metadata={"help": "Images in reconstructions.png."})
+    per_device_train_batch_size: int = flag(512, "Batch per device.")
+    num_train_epochs: float = flag(320, "Epochs.")
+    adam_beta2: float = flag(0.95, "AdamW beta2.")
+    label_names: list[str] | None = flag(
+        help="The MAE's target is its input.", default_factory=lambda: ["pixel_values"])
+    knn_eval: bool = flag(True, "kNN accuracy (k=--knn_k) at each evaluation, if labels.")
+    knn_k: int = flag(20, "Neighbours of the kNN evaluation.")
+    knn_max_train_samples: int | None = flag(None, "Training images in the kNN bank (all by default).")
+    num_reconstructions: int = flag(8, "Images in reconstructions.png.")
 
     def __post_init__(self):
         if self.label_names != ["pixel_values"]:  # e.g. "bool_masked_pos" from older transformers examples
@@ -322,9 +300,9 @@ class PretrainingArguments(ImageTrainingArguments):
                        "input, pixel_values (the evaluation loss needs it).", file=sys.stderr)
             self.label_names = ["pixel_values"]
         # 0 would fail only at the first evaluation, or (knn_k) report the accuracy of votes from no neighbour
-        for flag in ("knn_k", "knn_max_train_samples", "num_reconstructions"):
-            if getattr(self, flag) is not None and getattr(self, flag) < 1:
-                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}.")
+        for name in ("knn_k", "knn_max_train_samples", "num_reconstructions"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         super().__post_init__()
 
 
@@ -334,41 +312,34 @@ class FinetuneArguments(ImageTrainingArguments):
     RandAugment, which the strong-recipe flags below add (with random erasing, repeated augmentation and a weight
     EMA; configs/finetune_strong.yaml)."""
 
-    random_init: bool = field(default=False, metadata={"help": "Fine-tune a randomly initialised encoder instead."})
-    pooling: str = field(default="mean", metadata={"help": "'mean' of patch tokens (MAE paper) or 'cls'."})
-    layer_decay: float = field(default=0.75, metadata={"help": "Layer-wise lr decay (1 disables)."})
-    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the encoder."})
-    crop_min_scale: float = field(default=0.25, metadata={"help": "Random-resized-crop area range [min, 1]."})
-    base_learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate per 256 images of batch."})
-    per_device_train_batch_size: int = field(default=256, metadata={"help": "Batch per device."})
-    num_train_epochs: float = field(default=100, metadata={"help": "Epochs."})
-    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing."})
+    random_init: bool = flag(False, "Fine-tune a randomly initialised encoder instead.")
+    pooling: str = flag("mean", "'mean' of patch tokens (MAE paper) or 'cls'.")
+    layer_decay: float = flag(0.75, "Layer-wise lr decay (1 disables).")
+    drop_path_rate: float = flag(0.1, "Stochastic depth of the encoder.")
+    crop_min_scale: float = flag(0.25, "Random-resized-crop area range [min, 1].")
+    base_learning_rate: float = flag(5e-4, "Learning rate per 256 images of batch.")
+    per_device_train_batch_size: int = flag(256, "Batch per device.")
+    num_train_epochs: float = flag(100, "Epochs.")
+    label_smoothing_factor: float = flag(0.1, "Label smoothing.")
     # The strong recipe (configs/finetune_strong.yaml); the defaults leave each part off.
-    augment_policy: str = field(
-        default="none",
-        metadata={"help": "'randaugment' (--randaugment_num_ops ops per image at --randaugment_magnitude), "
-                          "'trivialaugment' (one op, random magnitude) or 'none'. After crop/flip, on the device."})
-    randaugment_num_ops: int = field(default=2, metadata={"help": "RandAugment: operations per image."})
-    randaugment_magnitude: float = field(default=9.0, metadata={"help": "RandAugment: magnitude in [0, 10]."})
-    randaugment_magnitude_std: float = field(
-        default=0.5, metadata={"help": "RandAugment: std of the per-image normal jitter of the magnitude."})
-    randaugment_op_prob: float = field(
-        default=1.0, metadata={"help": "RandAugment: probability that each drawn op is applied (timm/DeiT: 0.5)."})
-    mixup_alpha: float = field(default=0.0, metadata={"help": "Mixup Beta(alpha, alpha); 0 disables mixup."})
-    cutmix_alpha: float = field(default=0.0, metadata={"help": "Cutmix Beta(alpha, alpha); 0 disables cutmix."})
-    mixup_switch_prob: float = field(
-        default=0.5, metadata={"help": "With both mixup and cutmix on: probability that a batch uses cutmix."})
-    mixup_prob: float = field(default=1.0, metadata={"help": "Probability that a batch is mixed at all."})
-    random_erasing: float = field(
-        default=0.0, metadata={"help": "Probability of erasing a random rectangle of an image (normal noise)."})
-    repeated_augmentations: int = field(
-        default=1,
-        metadata={"help": "Each batch holds every image this many times, differently augmented; an epoch still has "
-                          "as many samples as images (so it sees 1/k of them, k times each)."})
-    ema_decay: float = field(
-        default=0.0,
-        metadata={"help": "Keep an exponential moving average of the weights with this decay (e.g. 0.9999) and "
-                          "evaluate it beside the trained weights (eval_ema_accuracy); 0 disables."})
+    augment_policy: str = flag(
+        "none", "'randaugment' (--randaugment_num_ops ops per image at --randaugment_magnitude), 'trivialaugment' "
+        "(one op, random magnitude) or 'none'. After crop/flip, on the device.")
+    randaugment_num_ops: int = flag(2, "RandAugment: operations per image.")
+    randaugment_magnitude: float = flag(9.0, "RandAugment: magnitude in [0, 10].")
+    randaugment_magnitude_std: float = flag(0.5, "RandAugment: std of the per-image normal jitter of the magnitude.")
+    randaugment_op_prob: float = flag(1.0, "RandAugment: probability that each drawn op is applied (timm/DeiT: 0.5).")
+    mixup_alpha: float = flag(0.0, "Mixup Beta(alpha, alpha); 0 disables mixup.")
+    cutmix_alpha: float = flag(0.0, "Cutmix Beta(alpha, alpha); 0 disables cutmix.")
+    mixup_switch_prob: float = flag(0.5, "With both mixup and cutmix on: probability that a batch uses cutmix.")
+    mixup_prob: float = flag(1.0, "Probability that a batch is mixed at all.")
+    random_erasing: float = flag(0.0, "Probability of erasing a random rectangle of an image (normal noise).")
+    repeated_augmentations: int = flag(
+        1, "Each batch holds every image this many times, differently augmented; an epoch still has as many samples "
+        "as images (so it sees 1/k of them, k times each).")
+    ema_decay: float = flag(
+        0.0, "Keep an exponential moving average of the weights with this decay (e.g. 0.9999) and evaluate it beside "
+        "the trained weights (eval_ema_accuracy); 0 disables.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -376,24 +347,20 @@ class FinetuneArguments(ImageTrainingArguments):
             raise ValueError(f"--layer_decay must be > 0 (1 disables it), got {self.layer_decay}.")
         if not 0 <= self.label_smoothing_factor < 1:
             raise ValueError(f"--label_smoothing_factor must lie in [0, 1), got {self.label_smoothing_factor}.")
-        from .augment import STRONG_RECIPE
-
         for part in STRONG_RECIPE:
+            value = getattr(self, part.flag)
+            if part.valid is not None and not part.valid(value):
+                raise ValueError(f"--{part.flag} {part.rule.format(value=value)}")
             if part.check is not None:
                 part.check(self)
 
     def augmenter(self):
-        from .augment import RandAugment
-
-        if self.augment_policy == "none":
-            return None
-        return RandAugment(self.randaugment_num_ops, self.randaugment_magnitude, self.randaugment_magnitude_std,
-                           trivial=self.augment_policy == "trivialaugment", op_prob=self.randaugment_op_prob)
+        """The strong recipe's batch ops that are on (`augment.STRONG_RECIPE`), as one, or None."""
+        return chained([part.build(self) for part in STRONG_RECIPE
+                        if part.build is not None and getattr(self, part.flag) != part.off])
 
     def mixer(self, num_labels: int):
         """The batch mixer (`augment.MixupCutmix`, label smoothing folded into its soft targets), or None."""
-        from .augment import MixupCutmix
-
         if not (self.mixup_alpha or self.cutmix_alpha):
             return None
         return MixupCutmix(num_labels, self.mixup_alpha, self.cutmix_alpha, self.mixup_switch_prob, self.mixup_prob,
@@ -406,6 +373,4 @@ class FinetuneArguments(ImageTrainingArguments):
 
     def recipe(self) -> dict:
         """Every setting of the strong recipe's parts (`augment.STRONG_RECIPE`), for the results file."""
-        from .augment import STRONG_RECIPE
-
         return {flag: getattr(self, flag) for part in STRONG_RECIPE for flag in (part.flag, *part.settings)}
