@@ -17,8 +17,12 @@ from .augment import RepeatedAugmentationSampler, WeightEMA, soft_target_cross_e
 from .cli import DropMessages
 from .configuration_mae import MAEConfig
 from .data import ImageData, ImageDataset, collate, device_decoder, eval_crop_fraction, load_image_splits
+from .features import knn_predict
 from .inputs import write_json
 from .loading import build_config
+from .metrics import accuracy
+from .probes import encode_frozen
+from .results import run_record
 from .runs import (
     NonFiniteError,
     StopOnSignal,
@@ -29,6 +33,7 @@ from .runs import (
     saved_whole,
 )
 from .settings import SETTINGS_NAME
+from .visualize import grid_image, reconstruction_rows, save_loss_curve
 
 
 def linear_weight_names(model: nn.Module) -> list[str]:
@@ -334,10 +339,6 @@ class MAEPretrainer(ImageTrainer):
         return metrics
 
     def pretraining_extras(self, prefix: str = "eval") -> dict:
-        from .features import knn_predict
-        from .probes import encode_frozen
-        from .visualize import grid_image, reconstruction_rows, save_loss_curve
-
         model, output_dir = self.model, self.args.output_dir
         history = os.path.join(output_dir, "reconstructions")
         os.makedirs(history, exist_ok=True)
@@ -350,8 +351,6 @@ class MAEPretrainer(ImageTrainer):
         save_loss_curve(self.state.log_history, os.path.join(output_dir, "loss_curve.png"))
         if self.knn_data is None:
             return {}
-        from .metrics import accuracy
-
         bank, bank_labels, queries, query_labels = self.knn_data
         features = [encode_frozen(model.mae, images, self.eval_transform, self.args.per_device_eval_batch_size,
                                   bf16=self.args.bf16)[0] for images in (bank, queries)]
@@ -469,6 +468,17 @@ class TrainingData:
                 "data_collator": collate, "train_transform": train_transform, "eval_transform": eval_transform,
                 "device_decoder": self.decoder}
 
+    def record(self, data_args, args) -> dict:
+        """What both training scripts' result files record: the data, device and precision (`results.run_record`)
+        and the recipe settings they share."""
+        return {**run_record(data_args, self.train, self.evaluation, device=args.device, world_size=args.world_size,
+                             bf16=args.bf16, seed=args.seed, crop_fraction=self.crop_fraction,
+                             precision=args.precision),
+                "global_batch_size": args.global_batch_size, "learning_rate": args.learning_rate,
+                "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
+                "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+                "crop_min_scale": args.crop_min_scale, "horizontal_flip": args.horizontal_flip}
+
 
 def prepare_training(model_args, data_args, args, *, require_labels: bool = False, check=None, check_config=None,
                      **fresh_defaults) -> TrainingData:
@@ -488,7 +498,8 @@ def prepare_training(model_args, data_args, args, *, require_labels: bool = Fals
     # load_image_splits: this module's name, which tests replace
     train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
                                           require_labels=require_labels, token=model_args.token,
-                                          num_workers=args.requested_workers(), check=before_decoding,
+                                          num_workers=args.dataloader_num_workers if args.workers_chosen else None,
+                                          check=before_decoding,
                                           progress=not args.disable_tqdm)
     args.configure_loaders(train, evaluation)
     decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)

@@ -126,15 +126,19 @@ class ImageTrainingArguments(TrainingArguments):
             raise ValueError("--do_train and --do_eval are both off: nothing to do. Pass --do_train true and/or "
                              "--do_eval true (or neither: train, then evaluate).")
         if self.total_train_batch_size is not None:
-            steps = self.accumulation_for(self.total_train_batch_size)
+            total, per_step = self.total_train_batch_size, self.per_device_train_batch_size * self.world_size
+            if total < 1 or total % per_step:
+                raise ValueError(f"--total_train_batch_size {total} is not a multiple of --per_device_train_batch_size "
+                                 f"{self.per_device_train_batch_size} x {self.world_size} process(es) = {per_step}: "
+                                 "pick a per-device batch that divides it.")
+            steps = total // per_step
             if self.gradient_accumulation_steps not in (1, steps):
                 raise ValueError(f"--gradient_accumulation_steps {self.gradient_accumulation_steps} and "
                                  f"--total_train_batch_size {self.total_train_batch_size} (= {steps} step(s) here) "
                                  "disagree; give one of them.")
             self.gradient_accumulation_steps = steps
         if not learning_rate_given:
-            total_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
-            self.learning_rate = self.base_learning_rate * total_batch / 256
+            self.learning_rate = self.base_learning_rate * self.global_batch_size / 256
 
     def __getstate__(self):
         """A pickled copy holds no Hub token: the Trainer pickles the arguments into training_args.bin beside every
@@ -195,15 +199,6 @@ class ImageTrainingArguments(TrainingArguments):
             if value is not None and (value < 0 or value != value or value == float("inf")):
                 raise ValueError(f"--{name} must be a finite number >= 0, got {value}.")
 
-    def accumulation_for(self, total: int) -> int:
-        """The gradient accumulation steps that make a step of `total` images with this batch and world size."""
-        per_step = self.per_device_train_batch_size * self.world_size
-        if total < 1 or total % per_step:
-            raise ValueError(f"--total_train_batch_size {total} is not a multiple of --per_device_train_batch_size "
-                             f"{self.per_device_train_batch_size} x {self.world_size} process(es) = {per_step}: pick a "
-                             "per-device batch that divides it.")
-        return total // per_step
-
     @property
     def global_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
@@ -224,10 +219,6 @@ class ImageTrainingArguments(TrainingArguments):
         return (BatchTransform.for_model(config, crop_scale=crop, hflip=self.horizontal_flip,
                                          seed=self.seed + self.process_index, training=True),
                 BatchTransform.for_model(config, eval_crop_fraction=eval_crop_fraction))
-
-    def requested_workers(self) -> int | None:
-        """--dataloader_num_workers as given (None: decided from the data's path)."""
-        return self.dataloader_num_workers if self.workers_chosen else None
 
     def configure_loaders(self, train, evaluation) -> None:
         """DataLoader settings for how the splits are held: images in one tensor need no workers; images read
@@ -262,7 +253,6 @@ class ImageTrainingArguments(TrainingArguments):
                 raise UsageError("--data_on_device true needs the images in memory; these are read from disk "
                                  "(--data_in_memory).")
             return False
-        num_bytes = data.decoded_bytes
         if self.device.type == "cpu" or self.data_on_device == "false":
             return False
         if data.packed is not None and self.data_on_device != "true":
@@ -277,7 +267,7 @@ class ImageTrainingArguments(TrainingArguments):
         if self.device.type != "cuda":
             return False
         free, _ = torch.cuda.mem_get_info(self.device)
-        return num_bytes < 0.2 * free
+        return data.decoded_bytes < 0.2 * free
 
 
 @dataclass

@@ -24,7 +24,7 @@ from mae_hf.data import DataArguments
 from mae_hf.loading import ModelArguments, is_classifier, load_classifier, load_pretrained
 from mae_hf.metrics import accuracy
 from mae_hf.publish import check_hub_access, push_output
-from mae_hf.results import architecture, encoder_fingerprint, finetune_protocol, run_record, write_results
+from mae_hf.results import architecture, encoder_fingerprint, finetune_protocol, write_results
 from mae_hf.runs import Run
 from mae_hf.training import ImageTrainer, ThroughputCallback, prepare_training
 from mae_hf.training_args import FinetuneArguments
@@ -82,7 +82,7 @@ def finetune(run, model_args, data_args, args):
     random_init = args.random_init
     data = prepare_training(model_args, data_args, args, require_labels=True, check_config=None if args.do_train
                             else lambda config: require_classifier(model_args, config))
-    train, evaluation = data.train, data.evaluation
+    train = data.train
     set_seed(args.seed)  # before the head is initialised
     num_labels = train.num_classes  # the class names when the label column has them: validated at load
     names = train.class_names or [str(i) for i in range(num_labels)]
@@ -128,20 +128,12 @@ def finetune(run, model_args, data_args, args):
             **({"eval_ema_accuracy": metrics["eval_ema_accuracy"], "eval_ema_loss": metrics["eval_ema_loss"],
                 "ema_model": "ema"} if trainer.ema is not None else {}),
             **run.record(trainer.state),
-            "global_batch_size": args.global_batch_size,
-            "learning_rate": args.learning_rate,
-            "weight_decay": args.weight_decay,
-            "warmup_steps": args.warmup_steps,
-            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
             "layer_decay": args.layer_decay,
             "label_smoothing_factor": args.label_smoothing_factor,
             "drop_path_rate": args.drop_path_rate,
             "pooling": args.pooling,
-            "crop_min_scale": args.crop_min_scale,
-            "horizontal_flip": args.horizontal_flip,
             **args.recipe(),
-            **run_record(data_args, train, evaluation, device=args.device, world_size=args.world_size,
-                         bf16=args.bf16, seed=args.seed, crop_fraction=data.crop_fraction, precision=args.precision),
+            **data.record(data_args, args),
         })
 
 

@@ -21,7 +21,7 @@ from mae_hf.inputs import read_json_object, write_json
 from mae_hf.loading import ModelArguments, load_pretrained
 from mae_hf.publish import check_hub_access, push_output
 from mae_hf.redaction import recorded_command
-from mae_hf.results import run_record, software_versions
+from mae_hf.results import software_versions
 from mae_hf.runs import Run
 from mae_hf.training import MAEPretrainer, ThroughputCallback, prepare_training
 from mae_hf.training_args import PretrainingArguments
@@ -132,19 +132,13 @@ def pretrain(run, model_args, data_args, args):
     trainer.save_state()
     if trainer.is_world_process_zero():
         summary = {
-            **run_record(data_args, train, evaluation, device=args.device, world_size=args.world_size, bf16=args.bf16,
-                         seed=args.seed, crop_fraction=data.crop_fraction, precision=args.precision),
-            "class_names": train.class_names, **run.record(trainer.state),
+            **data.record(data_args, args), "class_names": train.class_names, **run.record(trainer.state),
             "data_in_memory": train.in_memory, "dataloader_num_workers": args.dataloader_num_workers,
             "data": data_args.recorded(),  # every data flag: visualize.py and the card read the run's own data
             **({"prepared_from": prepared_source(data_args.dataset_name)} if prepared_source(data_args.dataset_name)
                else {}),
-            "global_batch_size": args.global_batch_size, "learning_rate": args.learning_rate,
-            "weight_decay": args.weight_decay, "decay_all_parameters": args.decay_all_parameters,
-            "max_grad_norm": args.max_grad_norm, "adam_betas": [args.adam_beta1, args.adam_beta2],
-            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
-            "warmup_steps": args.warmup_steps, "crop_min_scale": args.crop_min_scale,
-            "horizontal_flip": args.horizontal_flip, "mask_ratio": config.mask_ratio,
+            "decay_all_parameters": args.decay_all_parameters, "max_grad_norm": args.max_grad_norm,
+            "adam_betas": [args.adam_beta1, args.adam_beta2], "mask_ratio": config.mask_ratio,
             "norm_pix_loss": config.norm_pix_loss, "world_size": args.world_size, "torch_compile": args.torch_compile,
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_runtime_seconds": train_metrics.get("train_runtime"),
