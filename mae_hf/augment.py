@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
+from .inputs import written_whole
 from .transfer import to_device
 
 # The RandAugment / TrivialAugment operations: colour ops (pixel-wise or image statistics), then affine warps.
@@ -38,16 +39,13 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
 
-_GREY_WEIGHTS_ON = {}  # (device, dtype) -> the weights there: a tensor built from Python data waits for a GPU
+@functools.cache
+def _grey_weights(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(GREY_WEIGHTS, device=device, dtype=dtype).view(1, 3, 1, 1)  # once: this waits for a GPU
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 1:
-        return x
-    key = (x.device, x.dtype)
-    if key not in _GREY_WEIGHTS_ON:
-        _GREY_WEIGHTS_ON[key] = torch.tensor(GREY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * _GREY_WEIGHTS_ON[key]).sum(1, keepdim=True)
+    return x if x.shape[1] == 1 else (x * _grey_weights(x.device, x.dtype)).sum(1, keepdim=True)
 
 
 def blend(image: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -92,8 +90,7 @@ def solarize(x, threshold):
 def autocontrast(x):
     """Stretch each channel of each image to [0, 1]; constant channels stay as they are."""
     low = x.amin(dim=(2, 3), keepdim=True)
-    high = x.amax(dim=(2, 3), keepdim=True)
-    span = high - low
+    span = x.amax(dim=(2, 3), keepdim=True) - low
     return torch.where(span > 0, (x - low) / span.clamp(min=1e-12), x)
 
 
@@ -365,9 +362,8 @@ class WeightEMA(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if state.is_world_process_zero and self.shadow is not None and os.path.isdir(folder):
-            path = os.path.join(folder, self.STATE_FILE)
-            torch.save([t.cpu() for t in self.shadow], path + ".partial")
-            os.replace(path + ".partial", path)  # whole or absent: a torn file would make the checkpoint incomplete
+            with written_whole(os.path.join(folder, self.STATE_FILE)) as temporary:  # a torn file: no checkpoint
+                torch.save([t.cpu() for t in self.shadow], temporary)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.update()
@@ -380,21 +376,9 @@ def chained(ops: list) -> Callable | None:
     return functools.partial(functools.reduce, lambda x, op: op(x), ops)
 
 
-def _check_policy(args) -> None:
-    if args.augment_policy not in AUGMENT_POLICIES:
-        raise ValueError(f"--augment_policy must be {', '.join(AUGMENT_POLICIES[:-1])} or {AUGMENT_POLICIES[-1]}, "
-                         f"got {args.augment_policy!r}.")
-    RandAugment(args.randaugment_num_ops, args.randaugment_magnitude, args.randaugment_magnitude_std,
-                op_prob=args.randaugment_op_prob)
-
-
-def _check_mixing(args) -> None:
-    if args.mixup_alpha or args.cutmix_alpha:  # both 0 otherwise: nothing to check
-        MixupCutmix(2, args.mixup_alpha, args.cutmix_alpha, args.mixup_switch_prob, args.mixup_prob,
-                    args.label_smoothing_factor)
-
-
-AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment")
+def _rand_augment(args, trivial: bool = False) -> RandAugment:
+    return RandAugment(args.randaugment_num_ops, args.randaugment_magnitude, args.randaugment_magnitude_std,
+                       trivial=trivial, op_prob=args.randaugment_op_prob)
 
 
 @dataclass(frozen=True)
@@ -416,11 +400,12 @@ class RecipePart:
 
 STRONG_RECIPE = (
     RecipePart("augment_policy", "none", ("randaugment_num_ops", "randaugment_magnitude", "randaugment_magnitude_std",
-                                          "randaugment_op_prob"), _check_policy,
-               build=lambda args: RandAugment(args.randaugment_num_ops, args.randaugment_magnitude,
-                                              args.randaugment_magnitude_std, op_prob=args.randaugment_op_prob,
-                                              trivial=args.augment_policy == "trivialaugment")),
-    RecipePart("mixup_alpha", 0.0, check=_check_mixing),  # checks cutmix's settings too: one mixer does both
+                                          "randaugment_op_prob"),
+               _rand_augment,  # every RandAugment setting is checked, even with the policy off
+               valid=lambda policy: policy in ("none", "randaugment", "trivialaugment"),
+               rule="must be none, randaugment or trivialaugment, got {value!r}.",
+               build=lambda args: _rand_augment(args, trivial=args.augment_policy == "trivialaugment")),
+    RecipePart("mixup_alpha", 0.0, check=lambda args: args.mixer(2)),  # checks cutmix's too: one mixer does both
     RecipePart("cutmix_alpha", 0.0, ("mixup_switch_prob", "mixup_prob")),
     RecipePart("random_erasing", 0.0, valid=lambda p: 0 <= p <= 1, rule="is a probability in [0, 1], got {value}."),
     RecipePart("repeated_augmentations", 1, valid=lambda k: k >= 1, rule="must be >= 1, got {value}."),

@@ -36,12 +36,6 @@ from .settings import SETTINGS_NAME
 from .visualize import grid_image, reconstruction_rows, save_loss_curve
 
 
-def linear_weight_names(model: nn.Module) -> list[str]:
-    """Parameters that get weight decay: weights of linear layers (not biases, norms, class/mask tokens)."""
-    return [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
-            if isinstance(module, nn.Linear)]
-
-
 def layer_id(name: str, num_layers: int) -> int:
     """Depth of an encoder parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest on top."""
     if ".embeddings." in f".{name}":
@@ -65,10 +59,9 @@ def last_finite_checkpoint(output_dir: str) -> str | None:
 
 
 class DivergenceGuard(TrainerCallback):
-    """Records on the device whether any loss or gradient norm since the last check was non-finite (`observe_*`,
-    every step, no host sync); `check` reads that on the host, with the weights, at the steps that log, evaluate
-    or save, and before every save. On a non-finite value it raises `NonFiniteError` naming the last checkpoint
-    whose weights are finite (loaded to verify)."""
+    """Records on the device, every step, whether a loss or gradient norm was non-finite (`observe_*`); `check`
+    reads that and the weights at the steps that log, evaluate or save, and before every save, and raises
+    `NonFiniteError` naming the last checkpoint whose weights are finite (loaded to verify)."""
 
     def __init__(self):
         self.flags = None  # [loss non-finite, gradient norm non-finite] since the start
@@ -162,9 +155,8 @@ class ImageTrainer(Trainer):
         self.add_callback(PerProcessSeed())
         self.run_settings = None  # set by runs.Run (a function: the settings now): written beside every saved model
         self.mixer, self.repeated_augmentations = mixer, repeated_augmentations
-        self.ema = None
-        if ema_decay:
-            self.ema = WeightEMA(ema_decay)
+        self.ema = WeightEMA(ema_decay) if ema_decay else None
+        if self.ema is not None:
             self.add_callback(self.ema)
 
     def _decoded(self, inputs):
@@ -259,7 +251,9 @@ class ImageTrainer(Trainer):
     def get_decay_parameter_names(self, model):
         if self.args.decay_all_parameters:
             return [name for name, _ in model.named_parameters()]
-        return linear_weight_names(model)
+        # weights of linear layers only (not biases, norms, class/mask tokens)
+        return [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+                if isinstance(module, nn.Linear)]
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or self.layer_decay == 1.0:
@@ -307,9 +301,8 @@ class ImageTrainer(Trainer):
                 write_json(os.path.join(folder, SETTINGS_NAME), self.run_settings(self.state.global_step))
 
     def log(self, logs, start_time=None):
-        stop = next((callback for callback in self.callback_handler.callbacks if isinstance(callback, StopOnSignal)),
-                    None)
-        if "train_runtime" in logs and stop is not None and stop.signum is not None:
+        if "train_runtime" in logs and any(isinstance(callback, StopOnSignal) and callback.signum is not None
+                                           for callback in self.callback_handler.callbacks):
             return  # a run stopped by a signal: its train metrics would read like a finished run's
         super().log(logs, start_time)
 
@@ -331,14 +324,8 @@ class MAEPretrainer(ImageTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.is_world_process_zero():
-            extra = self.pretraining_extras(metric_key_prefix)
-            if extra:
-                self.log(extra)
-                metrics.update(extra)
-        return metrics
-
-    def pretraining_extras(self, prefix: str = "eval") -> dict:
+        if not self.is_world_process_zero():
+            return metrics
         model, output_dir = self.model, self.args.output_dir
         history = os.path.join(output_dir, "reconstructions")
         os.makedirs(history, exist_ok=True)
@@ -349,13 +336,15 @@ class MAEPretrainer(ImageTrainer):
             grid.save(os.path.join(output_dir, "reconstructions.png"))
             grid.save(os.path.join(history, f"step_{self.state.global_step:07d}.png"))
         save_loss_curve(self.state.log_history, os.path.join(output_dir, "loss_curve.png"))
-        if self.knn_data is None:
-            return {}
-        bank, bank_labels, queries, query_labels = self.knn_data
-        features = [encode_frozen(model.mae, images, self.eval_transform, self.args.per_device_eval_batch_size,
-                                  bf16=self.args.bf16)[0] for images in (bank, queries)]
-        predictions = knn_predict(features[0], bank_labels, features[1], ks=(self.knn_k,))[self.knn_k]
-        return {f"{prefix}_knn_accuracy": accuracy(predictions, query_labels)}
+        if self.knn_data is not None:
+            bank, bank_labels, queries, query_labels = self.knn_data
+            features = [encode_frozen(model.mae, images, self.eval_transform, self.args.per_device_eval_batch_size,
+                                      bf16=self.args.bf16)[0] for images in (bank, queries)]
+            predictions = knn_predict(features[0], bank_labels, features[1], ks=(self.knn_k,))[self.knn_k]
+            knn = {f"{metric_key_prefix}_knn_accuracy": accuracy(predictions, query_labels)}
+            self.log(knn)
+            metrics.update(knn)
+        return metrics
 
 
 class ThroughputCallback(TrainerCallback):
@@ -380,9 +369,7 @@ class ThroughputCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         if state.is_world_process_zero:
-            precision = getattr(args, "precision", None) or (
-                "bf16 autocast" if args.bf16 else ("fp16" if args.fp16 else "fp32"))
-            write_line(f"[plan] device {args.device} x{args.world_size}, {precision}, "
+            write_line(f"[plan] device {args.device} x{args.world_size}, {args.precision}, "
                        f"torch_compile={args.torch_compile}; "
                        f"{state.max_steps} steps of {self.images_per_step} images ({_epochs(args, train_dataloader)}), "
                        f"peak learning rate {args.learning_rate:.3g}")
@@ -504,3 +491,12 @@ def prepare_training(model_args, data_args, args, *, require_labels: bool = Fals
     args.configure_loaders(train, evaluation)
     decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
     return TrainingData(config, train, evaluation, decoder, eval_crop_fraction(data_args, config.image_size, train))
+
+
+def evaluate_saved(trainer, model_args, evaluation, scores) -> None:
+    """--do_train false: the loaded model, unchanged, on the evaluation split -> eval_results.json, and a line with
+    `scores(metrics)`."""
+    args, metrics = trainer.args, trainer.evaluate()
+    trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation), bf16=args.bf16, precision=args.precision))
+    print(f"[eval] {model_args.model_name_or_path} on {evaluation.split} ({args.precision}): {scores(metrics)} -> "
+          f"{args.output_dir}/eval_results.json", flush=True)

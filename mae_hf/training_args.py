@@ -1,6 +1,5 @@
-"""`TrainingArguments` of the two recipes: the shared image-training settings (`ImageTrainingArguments`: batches
-augmented on the device, the MAE learning-rate rule, precision, loaders), pretraining's and fine-tuning's own (as
-transformers keeps its training_args apart from its Trainer)."""
+"""`TrainingArguments` of the two recipes: the image-training settings they share (`ImageTrainingArguments`: batches
+augmented on the device, the MAE learning-rate rule, precision, loaders), and pretraining's and fine-tuning's own."""
 
 import logging as std_logging
 import math
@@ -221,11 +220,9 @@ class ImageTrainingArguments(TrainingArguments):
                 BatchTransform.for_model(config, eval_crop_fraction=eval_crop_fraction))
 
     def configure_loaders(self, train, evaluation) -> None:
-        """DataLoader settings for how the splits are held: images in one tensor need no workers; images read
-        from disk (or pasted onto canvases from packed memory) get the split's workers, kept between epochs
-        (persistent), with their batches in flight checked against the free shared memory (/dev/shm). The passes
-        over a split (kNN monitor, features) use the same number of workers. `evaluation` None: no evaluation
-        loader is made (its batches need no room)."""
+        """DataLoader settings for how the splits are held: images in one tensor need no workers; images read from
+        disk (or pasted from packed memory) get the split's persistent workers, fitted to the free /dev/shm, also
+        for the passes over a split (kNN monitor, features). `evaluation` None: no evaluation loader is made."""
         splits = [split for split in (train, evaluation) if split is not None]
         if not self.workers_chosen:
             self.dataloader_num_workers = max(split.num_workers for split in splits)

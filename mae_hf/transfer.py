@@ -4,8 +4,7 @@ import torch
 
 
 def to_device(tensor, device) -> torch.Tensor:
-    """A host tensor (or numpy array) on `device`: to a GPU through pinned memory and without blocking, so the copy
-    waits neither for the GPU's queue nor makes the host wait for it; unchanged when it is there already."""
+    """A host tensor (or numpy array) on `device`, copied to a GPU from pinned memory without blocking either side."""
     tensor = torch.as_tensor(tensor)
     device = torch.device(device)
     if tensor.device == device:
@@ -16,8 +15,7 @@ def to_device(tensor, device) -> torch.Tensor:
 
 
 def synchronize(device) -> None:
-    """Wait for the work queued on `device` (a CUDA GPU; nothing to wait for elsewhere): before reading a clock, or
-    host memory that a non-blocking copy from the device fills."""
+    """Wait for the work queued on a CUDA `device`: before reading a clock, or what a non-blocking copy fills."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -26,7 +26,7 @@ from mae_hf.metrics import accuracy
 from mae_hf.publish import check_hub_access, push_output
 from mae_hf.results import architecture, encoder_fingerprint, finetune_protocol, write_results
 from mae_hf.runs import Run
-from mae_hf.training import ImageTrainer, ThroughputCallback, prepare_training
+from mae_hf.training import ImageTrainer, ThroughputCallback, evaluate_saved, prepare_training
 from mae_hf.training_args import FinetuneArguments
 
 
@@ -49,11 +49,8 @@ def evaluate_only(model_args, num_labels, class_names, data, args) -> None:
     inputs = data.trainer_inputs(args, model.config, labels=True)
     inputs["train_dataset"], inputs["train_transform"] = None, inputs["eval_transform"]  # nothing is trained
     trainer = ImageTrainer(model=model, args=args, compute_metrics=compute_metrics, **inputs)
-    metrics = trainer.evaluate()
-    trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation), bf16=args.bf16, precision=args.precision))
-    print(f"[eval] {model_args.model_name_or_path} on {evaluation.split} ({args.precision}): eval_accuracy "
-          f"{metrics['eval_accuracy']:.4f} ({len(evaluation)} images) -> {args.output_dir}/eval_results.json",
-          flush=True)
+    evaluate_saved(trainer, model_args, evaluation,
+                   lambda metrics: f"eval_accuracy {metrics['eval_accuracy']:.4f} ({len(evaluation)} images)")
 
 
 def main(argv=None):
@@ -79,7 +76,6 @@ def require_classifier(model_args, config) -> None:
 
 
 def finetune(run, model_args, data_args, args):
-    random_init = args.random_init
     data = prepare_training(model_args, data_args, args, require_labels=True, check_config=None if args.do_train
                             else lambda config: require_classifier(model_args, config))
     train = data.train
@@ -88,24 +84,17 @@ def finetune(run, model_args, data_args, args):
     names = train.class_names or [str(i) for i in range(num_labels)]
     if not args.do_train:
         return evaluate_only(model_args, num_labels, train.class_names, data, args)
-    model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
+    model = load_classifier(model_args, args.random_init, args.seed, num_labels=num_labels,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                             linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate,
                             new_head="the classification head is new and trained here")
     run.check_settings(model.config, data_args, model_args)
     fingerprint = encoder_fingerprint(model.mae)  # the encoder this run starts from, before training changes it
     data.place(args)
-    trainer = ImageTrainer(
-        model=model,
-        args=args,
-        compute_metrics=compute_metrics,
-        layer_decay=args.layer_decay,
-        mixer=args.mixer(num_labels),
-        repeated_augmentations=args.repeated_augmentations,
-        ema_decay=args.ema_decay,
-        callbacks=[ThroughputCallback(args.global_batch_size)],
-        **data.trainer_inputs(args, model.config, labels=True),
-    )
+    trainer = ImageTrainer(model=model, args=args, compute_metrics=compute_metrics, layer_decay=args.layer_decay,
+                           mixer=args.mixer(num_labels), repeated_augmentations=args.repeated_augmentations,
+                           ema_decay=args.ema_decay, callbacks=[ThroughputCallback(args.global_batch_size)],
+                           **data.trainer_inputs(args, model.config, labels=True))
     run.train(trainer)
     trainer.save_model()
     if trainer.ema is not None and trainer.is_world_process_zero():  # the averaged weights, as a model of their own
@@ -119,21 +108,16 @@ def finetune(run, model_args, data_args, args):
     if trainer.is_world_process_zero():
         write_results(args.output_dir, "finetune", {
             "protocol": finetune_protocol(args.recipe()),  # "finetune_strong" with the strong recipe's parts
-            "encoder": "random_init" if random_init else "pretrained",
+            "encoder": "random_init" if args.random_init else "pretrained",
             "model_name_or_path": model_args.model_name_or_path,
-            "encoder_fingerprint": fingerprint,
-            "architecture": architecture(model.config),
-            "eval_accuracy": metrics["eval_accuracy"],
-            "eval_loss": metrics["eval_loss"],
+            "encoder_fingerprint": fingerprint, "architecture": architecture(model.config),
+            "eval_accuracy": metrics["eval_accuracy"], "eval_loss": metrics["eval_loss"],
             **({"eval_ema_accuracy": metrics["eval_ema_accuracy"], "eval_ema_loss": metrics["eval_ema_loss"],
                 "ema_model": "ema"} if trainer.ema is not None else {}),
             **run.record(trainer.state),
-            "layer_decay": args.layer_decay,
-            "label_smoothing_factor": args.label_smoothing_factor,
-            "drop_path_rate": args.drop_path_rate,
-            "pooling": args.pooling,
-            **args.recipe(),
-            **data.record(data_args, args),
+            "layer_decay": args.layer_decay, "label_smoothing_factor": args.label_smoothing_factor,
+            "drop_path_rate": args.drop_path_rate, "pooling": args.pooling,
+            **args.recipe(), **data.record(data_args, args),
         })
 
 

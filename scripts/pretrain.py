@@ -23,7 +23,7 @@ from mae_hf.publish import check_hub_access, push_output
 from mae_hf.redaction import recorded_command
 from mae_hf.results import software_versions
 from mae_hf.runs import Run
-from mae_hf.training import MAEPretrainer, ThroughputCallback, prepare_training
+from mae_hf.training import MAEPretrainer, ThroughputCallback, evaluate_saved, prepare_training
 from mae_hf.training_args import PretrainingArguments
 
 
@@ -107,15 +107,9 @@ def pretrain(run, model_args, data_args, args):
     trainer = MAEPretrainer(model=model, args=args, callbacks=[throughput], preview=preview, knn_data=knn_data,
                             knn_k=args.knn_k, **data.trainer_inputs(args, config, labels=False, eval_noise=eval_noise))
     if not args.do_train:  # --do_train false: evaluate the saved model only, as transformers' run_mae.py
-        metrics = trainer.evaluate()
-        trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation), bf16=args.bf16,
-                                          precision=args.precision))
-        knn = metrics.get("eval_knn_accuracy")
-        print(f"[eval] {model_args.model_name_or_path} on {evaluation.split} ({args.precision}): "
-              f"eval_loss {metrics['eval_loss']:.4f}"
-              f"{'' if knn is None else f', kNN accuracy {knn:.4f}'} -> {args.output_dir}/eval_results.json",
-              flush=True)
-        return
+        return evaluate_saved(trainer, model_args, evaluation, lambda metrics: (
+            f"eval_loss {metrics['eval_loss']:.4f}" + ("" if metrics.get("eval_knn_accuracy") is None
+                                                       else f", kNN accuracy {metrics['eval_knn_accuracy']:.4f}")))
     result = run.train(trainer)
 
     trainer.save_model()
