@@ -25,8 +25,7 @@ COLOUR_OPS = ("identity", "autocontrast", "equalize", "posterize", "solarize", "
               "sharpness")
 GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 OPS = COLOUR_OPS + GEOMETRIC_OPS
-# Strength of each op at level 1 (magnitude 10 of 10), the "increasing" RandAugment variant: larger is stronger
-# for every op. Signed ops get a random sign per sample.
+# Strength of each op at level 1 (magnitude 10), the "increasing" variant; signed ops get a random sign per sample.
 MAX_ROTATE_DEGREES = 30.0
 MAX_SHEAR = 0.3
 MAX_TRANSLATE = 0.45  # fraction of the image side
@@ -152,11 +151,9 @@ def warp(x: torch.Tensor, matrix: torch.Tensor, fill: float = 0.5) -> torch.Tens
 
 
 class RandAugment:
-    """RandAugment (Cubuk et al. 2019) on a float batch in [0, 1]: each sample applies `num_ops` ops drawn uniformly
-    from `OPS` at magnitude `magnitude` of 10, jittered per sample by a normal of std `magnitude_std` (timm's
-    "rand-m9-mstd0.5"). `trivial=True`: TrivialAugment (Müller & Hutter 2021), one op at a magnitude uniform in
-    [0, 10]. Draws are made on the host; each colour op runs on its own group of samples, and all geometric ops of
-    the rounds compose into one warp applied last (docs/evaluation.md, the strong fine-tuning recipe)."""
+    """RandAugment (Cubuk et al. 2019) on a float batch in [0, 1]: each sample applies `num_ops` ops drawn from `OPS`
+    at magnitude `magnitude` of 10, jittered per sample by a normal of std `magnitude_std` (timm's "rand-m9-mstd0.5").
+    `trivial=True`: TrivialAugment (Müller & Hutter 2021), one op at a magnitude uniform in [0, 10]."""
 
     def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, trivial: bool = False,
                  fill: float = 0.5, op_prob: float = 1.0):
@@ -193,8 +190,7 @@ class RandAugment:
 
     @staticmethod
     def colour_round_(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-        """Apply to each sample of `x`, in place, the colour op it drew (host tensors `op`, `level`, `sign`); other
-        samples stay as they are. Each group reads only its own samples, so writing in place is safe."""
+        """Apply to each sample of `x`, in place, the colour op it drew (host tensors `op`, `level`, `sign`)."""
         order = torch.argsort(op, stable=True)  # samples grouped by op; group sizes known on the host
         counts = torch.bincount(op, minlength=len(OPS)).tolist()
         index = to_device(order, x.device)
@@ -220,17 +216,14 @@ class RandAugment:
 
 
 def smooth_one_hot(labels: torch.Tensor, num_labels: int, smoothing: float = 0.0) -> torch.Tensor:
-    """`(B, num_labels)` targets: 1 - smoothing + smoothing / num_labels on the label, smoothing / num_labels
-    elsewhere (the same targets as the Trainer's label smoothing)."""
-    off = smoothing / num_labels
-    return F.one_hot(labels, num_labels).float() * (1 - smoothing) + off
+    """`(B, num_labels)` targets, label-smoothed as the Trainer's label smoothing does."""
+    return F.one_hot(labels, num_labels).float() * (1 - smoothing) + smoothing / num_labels
 
 
 class MixupCutmix:
     """Mixup (Zhang et al. 2017) or cutmix (Yun et al. 2019) of a batch with its reverse, one host draw per batch as
-    in DeiT: with probability `prob` the batch is mixed, by cutmix with probability `switch_prob` (when both alphas
-    are on), with lambda ~ Beta(alpha, alpha). Targets are the label-smoothed one-hots mixed by the pixel fraction
-    each image contributes (for cutmix, the box actually pasted after clipping to the image)."""
+    in DeiT: mixed with probability `prob`, by cutmix with probability `switch_prob`, lambda ~ Beta(alpha, alpha);
+    targets are the smoothed one-hots mixed by each image's share of the pixels (cutmix: the box actually pasted)."""
 
     def __init__(self, num_labels: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  switch_prob: float = 0.5, prob: float = 1.0, label_smoothing: float = 0.1):
@@ -284,9 +277,8 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 
 
 class RepeatedAugmentationSampler(torch.utils.data.Sampler):
-    """Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler): each epoch draws a permutation, keeps its first
-    ceil(N / repeats) images and yields each `repeats` times in a row, N indices in all (an epoch keeps its steps).
-    The permutation depends only on (seed, epoch): every process draws the same one; the Trainer shards the batches."""
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler): each epoch yields the first ceil(N / repeats)
+    images of a permutation of (seed, epoch), each `repeats` times in a row, N indices in all."""
 
     def __init__(self, num_samples: int, repeats: int = 3, seed: int = 0):
         if repeats < 1:
@@ -307,9 +299,8 @@ class RepeatedAugmentationSampler(torch.utils.data.Sampler):
 
 
 class WeightEMA(TrainerCallback):
-    """Exponential moving average of a model's floating-point weights (parameters and buffers), one fused `lerp` on
-    the device per optimizer step, decay warmed up as min(decay, (1 + step) / (10 + step)). `applied()` swaps the
-    average in for an evaluation; checkpoints hold it (`ema_state.pt`), so a resumed run continues it."""
+    """Moving average of a model's floating-point weights, one `lerp` on the device per optimizer step, its decay warmed
+    up as min(decay, (1 + step) / (10 + step)); `applied()` swaps it in; checkpoints hold it (`ema_state.pt`)."""
 
     STATE_FILE = "ema_state.pt"
 
@@ -352,8 +343,7 @@ class WeightEMA(TrainerCallback):
         if self.shadow is None:
             self.start(model)
             self.updates = state.global_step
-            # A resumed run continues the average saved with its checkpoint (if there is none, it starts again
-            # from the checkpoint's weights).
+            # A resume continues its checkpoint's average (without one, it restarts from the checkpoint's weights).
             saved = os.path.join(args.resume_from_checkpoint or "", self.STATE_FILE)
             if args.resume_from_checkpoint and os.path.isfile(saved):
                 with torch.no_grad():
@@ -383,11 +373,10 @@ def _rand_augment(args, trivial: bool = False) -> RandAugment:
 
 @dataclass(frozen=True)
 class RecipePart:
-    """One part of the strong fine-tuning recipe (configs/finetune_strong.yaml): its `FinetuneArguments` flag, the
-    value that leaves it off, the flags that tune it; their check: `valid(flag's value)` (else "--flag {rule}") or
-    `check(args)` (raises ValueError); and for a batch op on images in [0, 1] (after crop/flip, in table order), how
-    it is built from `args` when on. A run with any part on is labelled finetune_strong; `FinetuneArguments.recipe()`
-    records every flag named here."""
+    """One part of the strong fine-tuning recipe: its `FinetuneArguments` flag, the value that leaves it off, the flags
+    that tune it (all recorded by `FinetuneArguments.recipe()`; any part on labels a run finetune_strong); their check,
+    `valid(flag's value)` (else "--flag {rule}") or `check(args)`; and `build(args)` for a batch op on images in
+    [0, 1], run after crop/flip in table order when the part is on."""
 
     flag: str
     off: object

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from .augment import RepeatedAugmentationSampler, WeightEMA, soft_target_cross_entropy
@@ -59,9 +60,8 @@ def last_finite_checkpoint(output_dir: str) -> str | None:
 
 
 class DivergenceGuard(TrainerCallback):
-    """Records on the device, every step, whether a loss or gradient norm was non-finite (`observe_*`); `check`
-    reads that and the weights at the steps that log, evaluate or save, and before every save, and raises
-    `NonFiniteError` naming the last checkpoint whose weights are finite (loaded to verify)."""
+    """Records on the device, every step, whether a loss or gradient norm was non-finite (`observe_*`); `check` reads
+    that and the weights when logging, evaluating or saving, and raises `NonFiniteError` naming the last finite save."""
 
     def __init__(self):
         self.flags = None  # [loss non-finite, gradient norm non-finite] since the start
@@ -117,9 +117,8 @@ class DivergenceGuard(TrainerCallback):
 
 
 class PerProcessSeed(TrainerCallback):
-    """Under DDP, each process trains on its own random stream (seed + process index, as DeiT): `set_seed` seeds all
-    alike, so every rank would draw the same crops, augmentations, drop-path and masking noise. Runs after the model
-    is initialised (alike on every rank); a resumed run restores each rank's own saved state."""
+    """Under DDP, each process trains on its own random stream (seed + process index, as DeiT), set after the model
+    is initialised: `set_seed` seeds all alike, so every rank would draw the same crops, drop-path and masks."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.world_size > 1:
@@ -127,11 +126,9 @@ class PerProcessSeed(TrainerCallback):
 
 
 class ImageTrainer(Trainer):
-    """`Trainer` for `ImageDataset` batches: uint8 canvases (`pixel_values`, with `image_sizes`) are cropped and
-    augmented (training) or centre-cropped (evaluation) on the device. Weight decay on linear weights only; optional
-    layer-wise lr decay; a `DivergenceGuard` keeps non-finite weights from ever being saved; a checkpoint that fails
-    to save is removed. Fine-tuning (mae_hf/augment.py): `mixer` gives soft targets (soft-target cross-entropy),
-    `repeated_augmentations` puts each image k times in a batch, `ema_decay` keeps a weight EMA (`eval_ema_*`)."""
+    """`Trainer` for `ImageDataset` batches (uint8 canvases, cropped and augmented on the device), with weight decay
+    on linear weights, optional layer-wise lr decay, a `DivergenceGuard`, and the fine-tuning recipe's batch `mixer`,
+    `repeated_augmentations` and weight EMA (`ema_decay`: `eval_ema_*` metrics; mae_hf/augment.py)."""
 
     def __init__(self, *args, train_transform, eval_transform, layer_decay: float = 1.0, mixer=None,
                  repeated_augmentations: int = 1, ema_decay: float = 0.0, device_decoder=None, **kwargs):
@@ -148,8 +145,7 @@ class ImageTrainer(Trainer):
         self.device_decoder = device_decoder  # JPEG bytes -> canvases on the GPU (--decode_on_device)
         # Every loss here is a micro-batch mean: the Trainer must divide it by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
-        self.train_transform, self.eval_transform = train_transform, eval_transform
-        self.layer_decay = layer_decay
+        self.train_transform, self.eval_transform, self.layer_decay = train_transform, eval_transform, layer_decay
         self.divergence = DivergenceGuard()
         self.add_callback(self.divergence)
         self.add_callback(PerProcessSeed())
@@ -188,8 +184,7 @@ class ImageTrainer(Trainer):
             return 6 * pixels * self.model.num_parameters(exclude_embeddings=True)
         return super().floating_point_ops(inputs)
 
-    # The crops' own random stream is part of the run's state: saved with the Trainer's random states in every
-    # checkpoint, and restored with them, so a resumed run draws the crops the uninterrupted one would have.
+    # The crops' own random stream is saved and restored with the Trainer's: a resumed run draws the same crops.
     def _augmentation_state_file(self, folder: str) -> str:
         suffix = f"_{self.args.process_index}" if self.args.world_size > 1 else ""
         return os.path.join(folder, f"augmentation_rng_state{suffix}.pth")
@@ -202,13 +197,11 @@ class ImageTrainer(Trainer):
 
     def _load_rng_state(self, checkpoint) -> None:
         super()._load_rng_state(checkpoint)
-        path = None if checkpoint is None else self._augmentation_state_file(checkpoint)
-        if path is not None and os.path.isfile(path):
+        if checkpoint is not None and os.path.isfile(path := self._augmentation_state_file(checkpoint)):
             self.train_transform.load_state(torch.load(path, weights_only=True))
 
     def _leave_global_random_state_alone(self, loader):
-        """A generator of the loader's own: its workers' seeds (drawn each epoch, but not by persistent workers)
-        would otherwise shift the global stream, and a resumed run would mask and augment differently."""
+        """A generator of the loader's own, so that its seeds (drawn per epoch) leave the global stream alone."""
         base = getattr(loader, "base_dataloader", loader)  # accelerate's loaders wrap the DataLoader that draws
         base.generator = torch.Generator().manual_seed(self.args.seed)
         return loader
@@ -220,8 +213,7 @@ class ImageTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is None or not labels.is_floating_point() or labels.dim() != 2 or self.mixer is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Mixed batches: soft targets (label smoothing already folded in) and a soft-target cross-entropy; the
-        # model's own loss would read float (batch, num_labels) labels as multi-label.
+        # Mixed batches' soft targets (smoothing folded in): the model's loss would read them as multi-label.
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         loss = soft_target_cross_entropy(outputs["logits"], labels)
         return (loss, outputs) if return_outputs else loss
@@ -272,8 +264,7 @@ class ImageTrainer(Trainer):
                                "lr": self.args.learning_rate * self.layer_decay ** (num_layers + 1 - depth)}
             groups[key]["params"].append(parameter)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-        # Deepest (peak lr) groups first: the Trainer logs its first group's learning rate, which users read as the
-        # run's learning rate; the layer-decayed ones are lower.
+        # Peak-lr groups first: the Trainer logs the first group's learning rate, which users read as the run's.
         ordered = [groups[key] for key in sorted(groups, key=lambda key: -key[0])]
         self.optimizer = optimizer_cls(ordered, **optimizer_kwargs)
         return self.optimizer
@@ -290,8 +281,7 @@ class ImageTrainer(Trainer):
         return grad_norm
 
     def save_model(self, output_dir=None, _internal_call=False):
-        """Checks the weights first (nothing non-finite is ever saved). A checkpoint's model is saved in place (a
-        checkpoint that fails is removed whole); the final model goes through `runs.saved_whole` (no torn file)."""
+        """Nothing non-finite is saved; the final model goes through `runs.saved_whole`, a checkpoint's in place."""
         self.divergence.check(self.args, self.state.global_step, self.model)
         target = output_dir or self.args.output_dir
         final = not _internal_call and self.args.should_save
@@ -313,8 +303,7 @@ class ImageTrainer(Trainer):
 
 
 class MAEPretrainer(ImageTrainer):
-    """Adds to each evaluation: `reconstructions.png` of fixed images and masks, `loss_curve.png`, and the kNN
-    accuracy of the frozen encoder (cosine, temperature-weighted votes) when labels exist."""
+    """Adds to each evaluation `reconstructions.png`, `loss_curve.png` and, with labels, the encoder's kNN accuracy."""
 
     def __init__(self, *args, preview=None, knn_data=None, knn_k: int = 20, **kwargs):
         super().__init__(*args, **kwargs)
@@ -348,9 +337,8 @@ class MAEPretrainer(ImageTrainer):
 
 
 class ThroughputCallback(TrainerCallback):
-    """Says the plan before training (device, precision, steps), then the measured images/s of the whole pipeline
-    and the time left: after `measure_seconds` (and `MIN_STEPS` steps) past the warm-up, then each time the measured
-    time has grown `WINDOW_GROWTH`-fold, from the steps since the last estimate. Evaluations and saves are left out."""
+    """Says the plan before training, then the measured images/s and the time left: after `measure_seconds` past the
+    warm-up, then from the steps since, each time the measured time has grown `WINDOW_GROWTH`-fold."""
 
     WARMUP_STEPS = 2  # the first steps warm up (and compile)
     MIN_STEPS = 3
@@ -358,9 +346,7 @@ class ThroughputCallback(TrainerCallback):
 
     def __init__(self, images_per_step: int, slow_hint: str | None = None, measure_seconds: float = 10.0):
         self.images_per_step, self.slow_hint, self.measure_seconds = images_per_step, slow_hint, measure_seconds
-        self.last_time = None
-        self.steps = 0
-        self.seconds = 0.0
+        self.last_time, self.steps, self.seconds = None, 0, 0.0
         self.estimated = None  # (steps, seconds) measured at the last estimate
 
     @property
@@ -404,8 +390,6 @@ class ThroughputCallback(TrainerCallback):
 
 def write_line(line: str) -> None:
     """Print a line of our own during training: on a line of its own above the Trainer's progress bar."""
-    from tqdm.auto import tqdm
-
     tqdm.write(line)
     sys.stdout.flush()
 
@@ -456,8 +440,7 @@ class TrainingData:
                 "device_decoder": self.decoder}
 
     def record(self, data_args, args) -> dict:
-        """What both training scripts' result files record: the data, device and precision (`results.run_record`)
-        and the recipe settings they share."""
+        """What both scripts' result files record: `results.run_record` and the recipe settings they share."""
         return {**run_record(data_args, self.train, self.evaluation, device=args.device, world_size=args.world_size,
                              bf16=args.bf16, seed=args.seed, crop_fraction=self.crop_fraction,
                              precision=args.precision),
@@ -469,9 +452,8 @@ class TrainingData:
 
 def prepare_training(model_args, data_args, args, *, require_labels: bool = False, check=None, check_config=None,
                      **fresh_defaults) -> TrainingData:
-    """Config (`fresh_defaults` for a model trained from scratch; `check_config(config)` before any data), then the
-    splits (`check(train, evaluation)` and, when training, one full batch checked before any image is decoded), their
-    DataLoader settings, the device decoder and the evaluation crop."""
+    """Config (`fresh_defaults` for a new model; `check_config(config)`), then the splits (`check(train, evaluation)`
+    and one full batch checked before any image is decoded), their loaders, the device decoder and evaluation crop."""
     config = build_config(model_args, **fresh_defaults)
     if check_config is not None:
         check_config(config)
@@ -494,8 +476,7 @@ def prepare_training(model_args, data_args, args, *, require_labels: bool = Fals
 
 
 def evaluate_saved(trainer, model_args, evaluation, scores) -> None:
-    """--do_train false: the loaded model, unchanged, on the evaluation split -> eval_results.json, and a line with
-    `scores(metrics)`."""
+    """--do_train false: the loaded model on the evaluation split -> eval_results.json, and `scores(metrics)` said."""
     args, metrics = trainer.args, trainer.evaluate()
     trainer.save_metrics("eval", dict(metrics, eval_samples=len(evaluation), bf16=args.bf16, precision=args.precision))
     print(f"[eval] {model_args.model_name_or_path} on {evaluation.split} ({args.precision}): {scores(metrics)} -> "

@@ -12,14 +12,14 @@ from transformers import TrainingArguments
 from .augment import STRONG_RECIPE, MixupCutmix, chained
 from .cli import DropMessages, UsageError, flag, print_once
 from .data import BatchTransform
+from .data.streaming import fit_workers_to_shared_memory
 from .precision import BF16_AUTO_HELP, decide_bf16
 from .redaction import is_token_name
 
 
 @dataclass
 class ImageTrainingArguments(TrainingArguments):
-    """`TrainingArguments` for image batches served from tensors and augmented on the device, with the MAE
-    learning-rate rule (peak lr = base lr x total batch / 256) and the defaults both recipes share."""
+    """Both recipes' settings: batches augmented on the device, the MAE rule peak lr = base lr x total batch / 256."""
 
     output_dir: str | None = flag(None, "Where the model, checkpoints and results go.")
     learning_rate: float | None = flag(None, "Peak learning rate. Default: --base_learning_rate x total batch / 256.")
@@ -103,11 +103,9 @@ class ImageTrainingArguments(TrainingArguments):
         if not learning_rate_given:
             self.learning_rate = 0.0  # placeholder until the world size is known
         if self.accelerator_config is None:
-            # Batches go to the GPU without making the host wait (from the loader's pinned memory); accelerate's
-            # default copies block. A no-op on a CPU, where transformers' warning about unpinned memory means nothing.
+            # Batches reach the GPU without the host waiting (accelerate's default copies block); a no-op on a CPU.
             self.accelerator_config = {"non_blocking": True}
-        # TrainingArguments warns that compile's speedups need an Ampere GPU whenever it finds no TF32; on a CPU
-        # (where --torch_compile true is measured and documented: docs/cpu_speed.md) that reads as a fault.
+        # The warning that compile's speedups need an Ampere GPU reads as a fault on a CPU (docs/cpu_speed.md).
         compile_warning = DropMessages("The speedups for torchdynamo mostly come with GPU")
         upstream_logger = std_logging.getLogger("transformers.training_args")
         upstream_logger.addFilter(compile_warning)
@@ -115,8 +113,7 @@ class ImageTrainingArguments(TrainingArguments):
             super().__post_init__()  # also: do_eval becomes True when eval_strategy is not "no" (TrainingArguments')
         finally:
             upstream_logger.removeFilter(compile_warning)
-        # accelerate builds no FSDP plugin for CPU processes (only for GPU-like devices): they would train as plain
-        # DDP. One process is refused by the Trainer itself ("fsdp only works in distributed training").
+        # accelerate builds no FSDP for CPU processes (they would train as plain DDP); the Trainer refuses one process.
         if self.fsdp and self.use_cpu and self.world_size > 1:
             raise UsageError("--fsdp shards the model over GPU processes; on CPU processes accelerate trains without "
                              "it (plain DDP, every process holding the whole model), so it would not save the memory "
@@ -140,8 +137,7 @@ class ImageTrainingArguments(TrainingArguments):
             self.learning_rate = self.base_learning_rate * self.global_batch_size / 256
 
     def __getstate__(self):
-        """A pickled copy holds no Hub token: the Trainer pickles the arguments into training_args.bin beside every
-        saved model and checkpoint, and --push_to_hub uploads those folders."""
+        """A pickled copy (training_args.bin, beside every saved model and checkpoint) holds no Hub token."""
         return {name: None if is_token_name(name) and isinstance(value, str) else value
                 for name, value in self.__dict__.items()}
 
@@ -176,15 +172,13 @@ class ImageTrainingArguments(TrainingArguments):
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio is a fraction of all steps in [0, 1), got {self.warmup_ratio}.")
             self.warmup_steps = self.warmup_ratio
-        # --push_to_hub: the script pushes its own output folder at the end (model, code files, processor, results);
-        # the Trainer's push would upload a bare folder with its own card, so it stays off.
+        # --push_to_hub: the script pushes its finished folder at the end (the Trainer's push would upload a bare one).
         self.push_output_to_hub, self.push_to_hub = self.push_to_hub, False
         if self.push_output_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/mae-cifar10).")
 
     def check_numbers(self) -> None:
-        """Sizes, step counts and rates that transformers or torch would only refuse later (or never: --max_steps 0
-        trained for the epochs), each named as the flag."""
+        """Sizes, steps and rates that transformers or torch would refuse late, or never, each named as the flag."""
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
@@ -212,17 +206,15 @@ class ImageTrainingArguments(TrainingArguments):
                 "use more images.")
 
     def batch_transforms(self, config, eval_crop_fraction: float = 1.0):
-        """(train, eval) `BatchTransform`s: crop + flip for training as configured (drawn from a generator seeded
-        with --seed and the process index), the centre crop and normalisation for eval."""
+        """(train, eval) `BatchTransform`s: crop + flip seeded with --seed and the process index; the centre crop."""
         crop = (self.crop_min_scale, 1.0) if self.crop_min_scale < 1 else None
         return (BatchTransform.for_model(config, crop_scale=crop, hflip=self.horizontal_flip,
                                          seed=self.seed + self.process_index, training=True),
                 BatchTransform.for_model(config, eval_crop_fraction=eval_crop_fraction))
 
     def configure_loaders(self, train, evaluation) -> None:
-        """DataLoader settings for how the splits are held: images in one tensor need no workers; images read from
-        disk (or pasted from packed memory) get the split's persistent workers, fitted to the free /dev/shm, also
-        for the passes over a split (kNN monitor, features). `evaluation` None: no evaluation loader is made."""
+        """Loader workers for how the splits are held: none for one tensor, else the split's, persistent and fitted to
+        the free /dev/shm (also for the passes over a split). `evaluation` None: no evaluation loader is made."""
         splits = [split for split in (train, evaluation) if split is not None]
         if not self.workers_chosen:
             self.dataloader_num_workers = max(split.num_workers for split in splits)
@@ -231,8 +223,6 @@ class ImageTrainingArguments(TrainingArguments):
             return
         if not self.persistent_workers_chosen:
             self.dataloader_persistent_workers = True
-        from .data.streaming import fit_workers_to_shared_memory
-
         # the training loader's prefetched batches wait while the persistent evaluation loader fills its own
         evaluation_bytes = 0 if evaluation is None else self.per_device_eval_batch_size * math.prod(evaluation.canvas)
         batch_bytes = self.per_device_train_batch_size * math.prod(train.canvas) + evaluation_bytes
@@ -261,10 +251,7 @@ class ImageTrainingArguments(TrainingArguments):
             return False
         if self.data_on_device == "true":
             return True
-        if self.device.type != "cuda":
-            return False
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return data.decoded_bytes < 0.2 * free
+        return self.device.type == "cuda" and data.decoded_bytes < 0.2 * torch.cuda.mem_get_info(self.device)[0]
 
 
 @dataclass
@@ -295,9 +282,8 @@ class PretrainingArguments(ImageTrainingArguments):
 
 @dataclass
 class FinetuneArguments(ImageTrainingArguments):
-    """The MAE paper's fine-tuning recipe (Table 9) scaled to CIFAR-10; by default without its mixup/cutmix and
-    RandAugment, which the strong-recipe flags below add (with random erasing, repeated augmentation and a weight
-    EMA; configs/finetune_strong.yaml)."""
+    """The MAE paper's fine-tuning recipe (Table 9) scaled to CIFAR-10; the strong recipe's parts
+    (`augment.STRONG_RECIPE`, configs/finetune_strong.yaml) are flags below, off by default."""
 
     random_init: bool = flag(False, "Fine-tune a randomly initialised encoder instead.")
     pooling: str = flag("mean", "'mean' of patch tokens (MAE paper) or 'cls'.")

@@ -33,8 +33,7 @@ def slow_hint(data_args) -> str:
 
 
 def final_evaluation(trainer) -> dict:
-    """The evaluation of the final step: the one the Trainer already ran there, else a new one (always a new one
-    when the best checkpoint was loaded at the end: the saved model is then not the last step's)."""
+    """The final step's evaluation: the Trainer's own if it ran one there and kept the last step's model, else new."""
     if trainer.args.load_best_model_at_end:
         return trainer.evaluate()
     logged = {}
