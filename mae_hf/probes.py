@@ -1,25 +1,8 @@
-"""Frozen-feature protocols that suit MAE encoders, trained on what one pass of the encoder leaves behind.
-
-MAE features are known to be weak for a linear probe of the last class token: the information sits in the patch
-tokens and in earlier blocks. Two protocols use it, both with the encoder frozen and run exactly once per image
-(`encode_frozen`); their heads train for many epochs on the cached outputs:
-
-- **multi-block linear probe** (`linear_probe_multiblock`): for each of the last k blocks, the class token and the
-  mean of the patch tokens, each block's output passed through the encoder's final LayerNorm first (the one that
-  normalises the last block for `pooler_output`, so the blocks are on one scale), concatenated into a
-  `2 * k * hidden_size` vector; then the linear probe's head (BatchNorm without affine + linear, SGD).
-- **attentive probe** (`attentive_probe`): a learned query attends over the frozen patch tokens of the last
-  block (multi-head cross-attention), then LayerNorm + linear classifier, trained with AdamW and a cosine
-  schedule. The patch tokens are cached as float16, in memory (on the GPU when there is room) or in a
-  `np.memmap` file in the output folder when large (50,000 x 256 x 192 tokens are 4.9 GB); the file is deleted
-  when the probe is done.
-
-A trained head is saved as `<protocol>_head.safetensors` (its state dict) + `<protocol>_head.json` (what it
-was built with, which features it takes, the labels); `load_head(folder, protocol)` rebuilds it.
-
-Every frozen-feature protocol, the plain linear probe and kNN included, is one entry of `FROZEN_PROTOCOLS`: the
-evaluation runner, the result tables, reproduce.py and the model card read that table.
-"""
+"""Frozen-feature protocols (linear probe, multi-block linear probe, attentive probe, kNN), trained on what one pass
+of the frozen encoder leaves behind (`encode_frozen`): pooled features, multi-block features, patch tokens cached as
+float16 (`TokenCache`). Each protocol is one entry of `FROZEN_PROTOCOLS`, which the evaluation runner, the result
+tables, reproduce.py and the model card read; docs/evaluation.md describes the protocols and their recipes. A
+trained head is saved as `<protocol>_head.safetensors` + `<protocol>_head.json`; `load_head` rebuilds it."""
 
 import math
 import os
@@ -33,6 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .cli import UsageError
 from .features import image_batches, knn_predict
 from .inputs import read_json_object, write_json
 from .metrics import accuracy
@@ -94,26 +78,14 @@ def token_cache_for(num_images: int, config, device: torch.device, choice: str, 
     return TokenCache(shape, device, os.path.join(folder, f"attentive_probe_tokens_{name}.f16"))
 
 
-def multiblock_features(encoder, hidden_states: tuple, blocks: int) -> torch.Tensor:
-    """`(batch, 2 * blocks * hidden)`: class token and mean patch token of each of the last `blocks` blocks' outputs,
-    after the encoder's final LayerNorm, earliest block first."""
-    parts = []
-    for block_output in hidden_states[-blocks:]:
-        normed = encoder.norm(block_output)
-        parts += [normed[:, 0], normed[:, 1:].mean(dim=1)]
-    return torch.cat(parts, dim=1)
-
-
 @torch.no_grad()
 def encode_frozen(encoder, images, transform, batch_size: int = 512, bf16: bool = False,
                   feature_blocks: int = 1, token_cache: TokenCache | None = None, progress: str | None = None):
-    """One pass of the frozen encoder over uint8 `images` (a tensor, or an `ImageData` split: a streamed one is
-    read by its DataLoader workers while the encoder runs) without masking. Returns `(pooled, multiblock)`: the
-    `pooler_output` features `(N, hidden)`, float32 on the encoder's device, and, when `feature_blocks > 1`, the
-    multi-block features (else None), float32 on the host (pinned when the encoder is on a GPU): copied there batch
-    by batch without waiting, as they would fill the GPU at ImageNet scale (31 GB for ViT-B, 4 blocks); writes the
-    patch tokens of the last block into `token_cache` when given. `progress`: the label of a progress bar over the
-    images (None: no bar)."""
+    """One pass of the frozen encoder, unmasked, over uint8 `images` (a tensor or an `ImageData` split). Returns
+    `(pooled, multiblock)`: the `pooler_output` features `(N, hidden)`, float32 on the encoder's device, and when
+    `feature_blocks > 1` the multi-block features `(N, 2 * feature_blocks * hidden)` (else None), float32 on the host
+    (at ImageNet scale they would fill the GPU); writes the last block's patch tokens into `token_cache` when given.
+    `progress`: the label of a progress bar over the images (None: no bar)."""
     from tqdm.auto import tqdm
 
     device = next(encoder.parameters()).device
@@ -127,8 +99,10 @@ def encode_frozen(encoder, images, transform, batch_size: int = 512, bf16: bool 
         with autocast_for(device, bf16):
             output = encoder(batch, output_hidden_states=feature_blocks > 1, return_dict=True)
             pooled.append(output.pooler_output.float())
-            if feature_blocks > 1:
-                features = multiblock_features(encoder, output.hidden_states, feature_blocks).float()
+            if feature_blocks > 1:  # class token and mean patch token of each of the last blocks, earliest first
+                normed = [encoder.norm(block) for block in output.hidden_states[-feature_blocks:]]
+                features = torch.cat([part for block in normed for part in (block[:, 0], block[:, 1:].mean(dim=1))],
+                                     dim=1).float()
                 if multiblock is None:
                     multiblock = torch.empty((len(images), features.shape[1]), pin_memory=device.type == "cuda")
                 multiblock[start:start + len(batch)].copy_(features, non_blocking=True)
@@ -142,21 +116,13 @@ def encode_frozen(encoder, images, transform, batch_size: int = 512, bf16: bool 
     return torch.cat(pooled), multiblock
 
 
-def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor, epochs: int = 90,
-                batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0, seed: int = 42,
-                feature_sampler=None, progress: bool = False):
+def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor, **recipe):
     """Train the head of a linear-probe `MAEForImageClassification` (BatchNorm without affine + linear) on cached
-    features of its frozen encoder (`fit_head`). The encoder never runs here.
-
-    `feature_sampler(epoch)`, when given, returns that epoch's `(features, labels)` (the benchmark uses it to time
-    re-running the encoder every epoch); otherwise every epoch uses `train_features`.
-    """
+    features of its frozen encoder, which never runs here; `recipe`: `fit_head`'s keyword arguments."""
     if not model.config.linear_probe:
         raise ValueError("train_probe needs a model with config.linear_probe=True.")
     head = [*model.head_norm.parameters(), *model.classifier.parameters()]
-    return fit_head(model, model.classify_features, head, train_features, train_labels, epochs=epochs,
-                    batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
-                    feature_sampler=feature_sampler, progress=progress)
+    return fit_head(model, model.classify_features, head, train_features, train_labels, **recipe)
 
 
 def fit_head(module, classify, parameters, train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -164,8 +130,8 @@ def fit_head(module, classify, parameters, train_features: torch.Tensor, train_l
              seed: int = 42, feature_sampler=None, progress: bool = False, device=None):
     """The linear probe's training loop: `classify(features)` gives logits, `parameters` are trained with SGD
     (momentum 0.9) and a cosine schedule over shuffled batches of cached features, on `device` (default: the
-    features'; features on the host are then copied there a batch at a time). Returns `module` in eval mode.
-    `progress`: a progress bar over the epochs (with the time left)."""
+    features'; host features are copied there a batch at a time). Returns `module` in eval mode. `feature_sampler
+    (epoch)`, when given, returns that epoch's `(features, labels)` (the benchmark times re-running the encoder)."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
@@ -204,6 +170,11 @@ class LinearHead(nn.Module):
         return self.classifier(self.norm(features))
 
 
+def check_heads(hidden_size: int, num_heads: int) -> None:
+    if hidden_size % num_heads:
+        raise ValueError(f"--attentive_heads {num_heads} must divide the encoder's hidden size {hidden_size}.")
+
+
 class AttentiveProbe(nn.Module):
     """Cross-attention pooling + linear classifier over frozen patch tokens `(batch, patches, hidden)`: one learned
     query attends (multi-head) over the LayerNorm'd tokens; the pooled vector (query + projected attention output)
@@ -211,8 +182,7 @@ class AttentiveProbe(nn.Module):
 
     def __init__(self, hidden_size: int, num_labels: int, num_heads: int = 4):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"--attentive_heads {num_heads} must divide the encoder's hidden size {hidden_size}.")
+        check_heads(hidden_size, num_heads)
         self.num_heads = num_heads
         self.query = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.token_norm = nn.LayerNorm(hidden_size)
@@ -240,7 +210,7 @@ HEADS = {"linear_probe_multiblock": LinearHead, "attentive_probe": AttentiveProb
 
 
 def save_head(head: nn.Module, folder: str, protocol: str, init: dict, info: dict) -> None:
-    """`<protocol>_head.safetensors` (state dict) + `<protocol>_head.json` ({"protocol", "init": constructor
+    """`<protocol>_head.safetensors` (state dict) + `<protocol>_head.json` ({"protocol", "init": the constructor's
     arguments, **info})."""
     from safetensors.torch import save_file
 
@@ -268,8 +238,7 @@ def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
 
 
 def train_multiblock_probe(train_features, train_labels, num_labels: int, args, device=None) -> LinearHead:
-    """The linear probe's recipe (epochs, batch, SGD learning rate, weight decay) on multi-block features (on the
-    host: each batch is copied to `device`, default the features')."""
+    """The linear probe's recipe (--probe_* flags) on multi-block features; each batch is copied to `device`."""
     torch.manual_seed(args.seed)  # the head's initial weights: from the seed, whatever ran before in this process
     device = train_features.device if device is None else device
     head = LinearHead(train_features.shape[1], num_labels).to(device)
@@ -281,8 +250,8 @@ def train_multiblock_probe(train_features, train_labels, num_labels: int, args, 
 
 def train_attentive_probe(tokens: TokenCache, labels: torch.Tensor, num_labels: int, hidden_size: int, args,
                           device: torch.device, bf16: bool) -> AttentiveProbe:
-    """AdamW (weight decay on the linear weights only), 5 % linear warmup then cosine, on cached tokens; each step
-    reads a batch of tokens from the cache, never the encoder."""
+    """AdamW (weight decay on the linear weights only), 5 % linear warmup then cosine, on batches read from the
+    token cache."""
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     probe = AttentiveProbe(hidden_size, num_labels, args.attentive_heads).to(device)
@@ -342,9 +311,8 @@ def timed(function, *args, **kwargs):
 
 @dataclass
 class FrozenInputs:
-    """What the one pass of the frozen encoder leaves for the protocols: the classifier around the encoder (its
-    linear-probe head untrained), both splits, and per split ("train", "eval") the pooled features, the multi-block
-    features (when a protocol needs "blocks") and the patch-token caches (when one needs "tokens")."""
+    """What the encoder pass leaves for the protocols: the classifier around the encoder (its head untrained), both
+    splits, and per split ("train", "eval") the pooled and multi-block features and the patch-token caches."""
 
     model: nn.Module
     train: object
@@ -366,7 +334,9 @@ class FrozenProtocol:
     """One frozen-feature protocol: `wanted(args)` from `FrozenEvalArguments` (`switch` is the flag that turns it
     off); `needs` is what the encoder pass keeps for it ("pooled", "blocks" or "tokens"); `fit(inputs, args)` trains,
     evaluates and saves it, returning its own result fields; `saves` are the files it writes beside its result file;
-    `reproduce_flags` its flags in reproduce.py's mae_probes step (None: the plain probe step, on by default)."""
+    `reproduce_flags` its flags in reproduce.py's mae_probes step (None: the plain probe step, on by default);
+    `check(args, config, train)` refuses its flags before any work: once the config is known (train None), then with
+    the training split before any image is decoded."""
 
     name: str
     title: str | None  # its row in the tables; None: kNN's rows are titled per k
@@ -376,6 +346,7 @@ class FrozenProtocol:
     fit: Callable
     saves: tuple[str, ...] = ()
     reproduce_flags: tuple[str, ...] | None = None
+    check: Callable = lambda args, config, train: None
 
 
 def probe_settings(args) -> dict:
@@ -386,15 +357,13 @@ def probe_settings(args) -> dict:
 def fit_linear_probe(inputs: FrozenInputs, args) -> dict:
     """The classifier's own head on the pooled features; saved as an `MAEForImageClassification`."""
     model = inputs.model
-    started = time.perf_counter()
-    train_probe(model, inputs.pooled["train"], inputs.train.labels, epochs=args.probe_epochs,
-                batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
-                weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
-    probe_seconds = time.perf_counter() - started
+    _, seconds = timed(train_probe, model, inputs.pooled["train"], inputs.train.labels, epochs=args.probe_epochs,
+                       batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
+                       weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
     predictions = predict_features(model, inputs.pooled["eval"], classify=model.classify_features)
     model.save_pretrained(args.output_dir)
     return dict(eval_accuracy=accuracy(predictions, inputs.evaluation.labels), pooling=args.pooling,
-                probe_seconds=round(probe_seconds, 2), **probe_settings(args))
+                probe_seconds=seconds, **probe_settings(args))
 
 
 def fit_multiblock_probe(inputs: FrozenInputs, args) -> dict:
@@ -429,6 +398,14 @@ def fit_attentive_probe(inputs: FrozenInputs, args) -> dict:
                 attentive_weight_decay=args.attentive_weight_decay, probe_seconds=seconds)
 
 
+def check_knn(args, config, train) -> None:
+    if not args.knn_k or min(args.knn_k) < 1:
+        raise UsageError(f"--knn_k takes positive neighbour counts, got {args.knn_k}.")
+    if train is not None and max(args.knn_k) > len(train):
+        raise ValueError(f"--knn_k {max(args.knn_k)} needs at least that many training images; the training "
+                         f"split has {len(train)}. Pass smaller values, e.g. --knn_k {min(20, len(train))}.")
+
+
 def fit_knn(inputs: FrozenInputs, args) -> dict:
     """Weighted kNN votes of the training features for each --knn_k; eval_accuracy is the first k's."""
     predictions = knn_predict(inputs.pooled["train"], inputs.train.labels, inputs.pooled["eval"],
@@ -458,6 +435,7 @@ FROZEN_PROTOCOLS = (  # table order: the rows of compare's table and the order t
     FrozenProtocol("attentive_probe",
                    "Attentive probe (cross-attention pooling of frozen patch tokens + linear head)", "attentive_probe",
                    lambda args: args.attentive_probe, "tokens", fit_attentive_probe,
-                   saves=head_files("attentive_probe"), reproduce_flags=("--attentive_probe", "true")),
-    FrozenProtocol("knn", None, "knn", lambda args: args.knn, "pooled", fit_knn),
+                   saves=head_files("attentive_probe"), reproduce_flags=("--attentive_probe", "true"),
+                   check=lambda args, config, train: check_heads(config.hidden_size, args.attentive_heads)),
+    FrozenProtocol("knn", None, "knn", lambda args: args.knn, "pooled", fit_knn, check=check_knn),
 )

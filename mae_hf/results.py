@@ -101,19 +101,14 @@ SPLIT_FOLDERS = ("train", "training", "val", "valid", "validation", "test", "eva
 
 
 def _dataset_names(name: str, prepared_from: dict | None = None) -> list[tuple[str, str]]:
-    """("hub", id) or ("local", key) for a dataset and, for a prepared folder, the source it was prepared from. A
-    local key is the folder's name, or parent/name for a split folder (`imagenet/train`)."""
+    """("hub", id) or ("local", `folder_name`) for a dataset and, for a prepared folder, the source it was prepared
+    from."""
     if prepared_from is None and is_local_dataset(name):
         prepared_from = prepared_source(os.path.expanduser(name))
-    names = []
-    for value in (name, *((prepared_from or {}).get(key) for key in ("dataset_name", "train_dir"))):
-        if not value:
-            continue
-        if not is_local_dataset(str(value)):
-            names.append(("hub", str(value).lower()))
-            continue
-        names.append(("local", folder_name(str(value)).lower()))
-    return names
+    values = [str(value) for value in (name, *((prepared_from or {}).get(key) for key in ("dataset_name", "train_dir")))
+              if value]
+    return [("local", folder_name(value).lower()) if is_local_dataset(value) else ("hub", value.lower())
+            for value in values]
 
 
 def folder_name(path: str) -> str:
@@ -128,8 +123,7 @@ def _match(a: tuple[str, str], b: tuple[str, str]) -> bool:
     if a[0] == b[0]:
         return a[1] == b[1]
     local, hub = (a, b) if a[0] == "local" else (b, a)
-    dataset = local[1].split("/")[0] if "/" in local[1] else local[1]
-    return dataset == hub[1].split("/")[-1]
+    return local[1].split("/")[0] == hub[1].split("/")[-1]
 
 
 def same_dataset(name: str, other: str, prepared_from: dict | None = None) -> bool:
