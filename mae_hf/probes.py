@@ -68,10 +68,9 @@ def token_cache_for(num_images: int, config, device: torch.device, choice: str, 
     """A cache for one split's patch tokens. `choice` 'memory', 'disk' or 'auto': on a GPU in its memory while the
     cache takes at most half of the free memory, on a CPU in host memory up to `MEMORY_CACHE_LIMIT`, else on disk."""
     shape = (num_images, config.num_patches, config.hidden_size)
-    nbytes = math.prod(shape) * 2
     if choice == "auto":
         room = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else MEMORY_CACHE_LIMIT
-        choice = "memory" if nbytes <= room else "disk"
+        choice = "memory" if math.prod(shape) * 2 <= room else "disk"
     if choice == "memory":
         return TokenCache(shape, device)
     os.makedirs(folder, exist_ok=True)
@@ -295,11 +294,10 @@ def predict_tokens(probe: AttentiveProbe, tokens: TokenCache, device: torch.devi
 
 @torch.no_grad()
 def predict_features(head: nn.Module, features: torch.Tensor, batch_size: int = 4096, classify=None) -> torch.Tensor:
-    """Predicted classes of cached features (on the host or the head's device): `classify(features)` (default: the
-    head itself) gives the logits."""
+    """Predicted classes of cached features (on the host or the head's device); `classify` (default: the head) gives
+    the logits."""
     head.eval()
-    classify = classify or head
-    device = next(head.parameters()).device
+    classify, device = classify or head, next(head.parameters()).device
     return torch.cat([classify(to_device(chunk, device)).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
 
 

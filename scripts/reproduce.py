@@ -31,8 +31,10 @@ configs/cpu_small.yaml and configs/cpu_small_finetune_strong.yaml. --pretrain_ar
 """
 
 import argparse
+import contextlib
 import glob
 import importlib.util
+import io
 import os
 import shlex
 import shutil
@@ -41,9 +43,12 @@ import sys
 import threading
 import time
 
-from mae_hf.cli import UsageError, error_message, run_script, user_errors
+from transformers import HfArgumentParser
+
+from mae_hf.cli import UsageError, error_message, read_config_file, run_script, user_errors
 from mae_hf.evaluation import check_feature_blocks
 from mae_hf.inputs import read_json_object, write_json
+from mae_hf.loading import ModelArguments, build_config
 from mae_hf.probes import FROZEN_PROTOCOLS
 from mae_hf.redaction import recorded_command, redact_argv
 from mae_hf.runs import differences
@@ -52,11 +57,8 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.normpath(os.path.join(SCRIPTS, os.pardir, "configs"))
 RECORD = "reproduce_steps.json"  # in --output_dir: the command each step was last started with
 STOPPED = (130, 143)  # a step stopped by SIGINT / SIGTERM (128 + signal number)
-RECIPES = {  # (pretraining config or None for the defaults, fine-tune config)
-    "gpu": (None, "finetune_strong.yaml"),
-    "cpu_small": ("cpu_small.yaml", "cpu_small_finetune_strong.yaml"),
-}
-ENCODERS = ("pretrained", "random_init")
+RECIPES = {"gpu": (None, "finetune_strong.yaml"),  # (pretraining config, None for the defaults; fine-tune config)
+           "cpu_small": ("cpu_small.yaml", "cpu_small_finetune_strong.yaml")}
 
 
 def load_script(name: str):
@@ -199,32 +201,23 @@ def plan(args) -> list[Step]:
     for switch in dict.fromkeys(protocol.switch for protocol in default):
         if switch not in {protocol.switch for protocol in others}:
             mae_probes_flags += [f"--{switch}", "false"]
-
-    def results_of(protocols) -> tuple[str, ...]:
-        return tuple(f"{protocol.name}_results.json" for protocol in protocols)
-
+    sources = {"pretrained": ["--model_name_or_path", model],
+               "random_init": ["--model_name_or_path", model, "--random_init", "true"]}
     steps = [Step("pretrain", "pretrain",
                   ([config(pretrain_config)] if pretrain_config else [])
                   + ["--output_dir", model, *data, *split(args.pretrain_args)],
                   model, ("pretraining_summary.json",), trainer=True)]
-    for encoder in ENCODERS:
-        source = ["--model_name_or_path", model] + (["--random_init", "true"] if encoder == "random_init" else [])
-        steps += [
-            Step(f"probe_{encoder}", "linear_probe",
-                 [*source, "--output_dir", under(encoder, "probe"), *data, *split(args.probe_args)],
-                 under(encoder, "probe"), results_of(default)),
-            Step(f"mae_probes_{encoder}", "linear_probe",
-                 [*source, "--output_dir", under(encoder, "mae_probes"), *mae_probes_flags, *data,
-                  *split(args.probe_args)],
-                 under(encoder, "mae_probes"), results_of(others)),
-        ]
-    for encoder in ENCODERS:
-        source = ["--model_name_or_path", model] + (["--random_init", "true"] if encoder == "random_init" else [])
+    for encoder, source in sources.items():
+        for name, flags, protocols in (("probe", [], default), ("mae_probes", mae_probes_flags, others)):
+            steps.append(Step(f"{name}_{encoder}", "linear_probe",
+                              [*source, "--output_dir", under(encoder, name), *flags, *data, *split(args.probe_args)],
+                              under(encoder, name), tuple(f"{protocol.name}_results.json" for protocol in protocols)))
+    for encoder, source in sources.items():
         folder = under(encoder, "finetune")
         steps.append(Step(f"finetune_{encoder}", "finetune",
                           [config(finetune_config), *source, "--output_dir", folder, *data,
                            *split(args.finetune_args)], folder, ("finetune_results.json",), trainer=True))
-    pretrained, random_init = (under(encoder) for encoder in ENCODERS)
+    pretrained, random_init = under("pretrained"), under("random_init")
     steps += [
         Step("compare", "compare", [random_init, pretrained, "--output", under("comparison.md")], out,
              ("comparison.md",), derived=True),
@@ -295,14 +288,6 @@ def pretrained_layers(step: Step) -> int | None:
     """The encoder depth pretraining makes (its finished model's, else from its config file and flags), so that
     --feature_blocks is checked before hours of pretraining; None when the flags do not resolve here (the step
     then reports them itself)."""
-    import contextlib
-    import io
-
-    from transformers import HfArgumentParser
-
-    from mae_hf.cli import read_config_file
-    from mae_hf.loading import ModelArguments, build_config
-
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             if step.is_done():
@@ -348,6 +333,7 @@ def main(argv=None):
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
 
 if __name__ == "__main__":
     run_script(main)
