@@ -64,14 +64,13 @@ class FrozenEvalArguments:
     disable_tqdm: bool = flag(False, "No progress bars (feature extraction, probe epochs), as the Trainer's flag.")
 
     def __post_init__(self):  # sizes and rates torch would refuse later with a message that names no flag
-        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
-            raise ValueError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
         for name in ("probe_epochs", "probe_batch_size", "feature_batch_size", "attentive_epochs",
                      "attentive_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("probe_learning_rate", "probe_weight_decay", "attentive_learning_rate", "attentive_weight_decay"):
-            if getattr(self, name) < 0:
+        for name in ("dataloader_num_workers", "probe_learning_rate", "probe_weight_decay", "attentive_learning_rate",
+                     "attentive_weight_decay"):
+            if (getattr(self, name) or 0) < 0:  # dataloader_num_workers None: the default
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if not self.knn_temperature > 0:
             raise ValueError(f"--knn_temperature must be positive, got {self.knn_temperature}.")
@@ -118,9 +117,8 @@ def check_previous_results(args) -> list[str]:
 
 
 def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> dict:
-    """The frozen encoder runs once per image, keeping what the wanted protocols need (pooled features, multi-block
-    features, cached patch tokens); then each protocol, in table order, trains on them and writes its result file.
-    Returns {protocol: results}."""
+    """The frozen encoder runs once per image, keeping what the wanted protocols need; then each protocol trains on
+    that and writes its result file. Returns {protocol: results}."""
     if args.output_dir is None:
         raise UsageError("--output_dir is required.")
     check_output_folder(args.output_dir)  # before any work
@@ -183,15 +181,12 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
         feature_seconds = round(time.perf_counter() - started, 2)
         inputs = probes.FrozenInputs(model, train, evaluation, pooled, blocks, caches, device, bf16,
                                      encoder_fingerprint(model.mae))
-        common = {
-            "encoder": "random_init" if random_init else "pretrained",
-            "model_name_or_path": model_args.model_name_or_path or None,
-            "encoder_fingerprint": inputs.encoder_fingerprint,
-            "architecture": architecture(model.config),
-            "feature_seconds": feature_seconds,
-            **run_record(data_args, train, evaluation, device=device, world_size=1, bf16=bf16, seed=args.seed,
-                         crop_fraction=crop_fraction),
-        }
+        common = {"encoder": "random_init" if random_init else "pretrained",
+                  "model_name_or_path": model_args.model_name_or_path or None,
+                  "encoder_fingerprint": inputs.encoder_fingerprint, "architecture": architecture(model.config),
+                  "feature_seconds": feature_seconds,
+                  **run_record(data_args, train, evaluation, device=device, world_size=1, bf16=bf16, seed=args.seed,
+                               crop_fraction=crop_fraction)}
         results = {}
         for protocol in sorted(wanted, key=lambda protocol: protocol.name != "knn"):  # kNN's seconds first: its
             # result is on disk before a long probe can fail or be stopped

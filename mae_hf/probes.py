@@ -32,15 +32,11 @@ class TokenCache:
     """Patch tokens `(images, patches, hidden)` as float16: a tensor (host or GPU memory) or a np.memmap file."""
 
     def __init__(self, shape: tuple, device: torch.device, path: str | None = None):
-        self.shape, self.path = tuple(shape), path
+        self.shape, self.path, self.storage = tuple(shape), path, "memory" if path is None else "disk"
         if path is None:
             self.tensor, self.array = torch.empty(self.shape, dtype=TOKEN_DTYPE, device=device), None
         else:
             self.tensor, self.array = None, np.memmap(path, dtype=np.float16, mode="w+", shape=self.shape)
-
-    @property
-    def storage(self) -> str:
-        return "memory" if self.path is None else "disk"
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -127,10 +123,9 @@ def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor,
 def fit_head(module, classify, parameters, train_features: torch.Tensor, train_labels: torch.Tensor,
              epochs: int = 90, batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0,
              seed: int = 42, feature_sampler=None, progress: bool = False, device=None):
-    """The linear probe's training loop: `classify(features)` gives logits, `parameters` are trained with SGD
-    (momentum 0.9) and a cosine schedule over shuffled batches of cached features, on `device` (default: the
-    features'; host features are copied there a batch at a time). Returns `module` in eval mode. `feature_sampler
-    (epoch)`, when given, returns that epoch's `(features, labels)` (the benchmark times re-running the encoder)."""
+    """The linear probe's loop: `parameters` trained with SGD (momentum 0.9, cosine) on `classify(features)`'s logits
+    over shuffled batches, on `device` (default: the features'). Returns `module` in eval mode. `feature_sampler(epoch)`
+    gives that epoch's `(features, labels)` when given (the benchmark times re-running the encoder)."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
@@ -175,9 +170,8 @@ def check_heads(hidden_size: int, num_heads: int) -> None:
 
 
 class AttentiveProbe(nn.Module):
-    """Cross-attention pooling + linear classifier over frozen patch tokens `(batch, patches, hidden)`: one learned
-    query attends (multi-head) over the LayerNorm'd tokens; the pooled vector (query + projected attention output)
-    goes through a LayerNorm to the classifier."""
+    """Over frozen patch tokens `(batch, patches, hidden)`: one learned query attends (multi-head) over the normalised
+    tokens; the pooled vector (query + projected attention output) goes through a LayerNorm to the classifier."""
 
     def __init__(self, hidden_size: int, num_labels: int, num_heads: int = 4):
         super().__init__()
@@ -249,8 +243,7 @@ def train_multiblock_probe(train_features, train_labels, num_labels: int, args, 
 
 def train_attentive_probe(tokens: TokenCache, labels: torch.Tensor, num_labels: int, hidden_size: int, args,
                           device: torch.device, bf16: bool) -> AttentiveProbe:
-    """AdamW (weight decay on the linear weights only), 5 % linear warmup then cosine, on batches read from the
-    token cache."""
+    """AdamW (weight decay on the linear weights only), 5 % linear warmup then cosine, on the cached tokens."""
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     probe = AttentiveProbe(hidden_size, num_labels, args.attentive_heads).to(device)
@@ -294,8 +287,7 @@ def predict_tokens(probe: AttentiveProbe, tokens: TokenCache, device: torch.devi
 
 @torch.no_grad()
 def predict_features(head: nn.Module, features: torch.Tensor, batch_size: int = 4096, classify=None) -> torch.Tensor:
-    """Predicted classes of cached features (on the host or the head's device); `classify` (default: the head) gives
-    the logits."""
+    """Predicted classes of cached features (host or device); `classify` (default: the head) gives the logits."""
     head.eval()
     classify, device = classify or head, next(head.parameters()).device
     return torch.cat([classify(to_device(chunk, device)).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
@@ -329,27 +321,25 @@ class FrozenInputs:
 
 @dataclass(frozen=True)
 class FrozenProtocol:
-    """One frozen-feature protocol: `wanted(args)` from `FrozenEvalArguments` (`switch` is the flag that turns it
-    off); `needs` is what the encoder pass keeps for it ("pooled", "blocks" or "tokens"); `fit(inputs, args)` trains,
-    evaluates and saves it, returning its own result fields; `saves` are the files it writes beside its result file;
-    `reproduce_flags` its flags in reproduce.py's mae_probes step (None: the plain probe step, on by default);
-    `check(args, config, train)` refuses its flags before any work: once the config is known (train None), then with
-    the training split before any image is decoded."""
+    """One frozen-feature protocol; `args` are `FrozenEvalArguments`."""
 
     name: str
     title: str | None  # its row in the tables; None: kNN's rows are titled per k
-    switch: str
-    wanted: Callable
-    needs: str
-    fit: Callable
-    saves: tuple[str, ...] = ()
-    reproduce_flags: tuple[str, ...] | None = None
+    switch: str  # the flag that turns it off
+    wanted: Callable  # wanted(args)
+    needs: str  # what the encoder pass keeps for it: "pooled", "blocks" or "tokens"
+    fit: Callable  # fit(inputs, args) trains, evaluates and saves it; returns its own result fields
+    saves: tuple[str, ...] = ()  # the files it writes beside its result file
+    reproduce_flags: tuple[str, ...] | None = None  # in reproduce.py's mae_probes step; None: the default probe step
+    # check(args, config, train) refuses its flags before any work: with the config (train None), then with the
+    # training split before any image is decoded
     check: Callable = lambda args, config, train: None
 
 
-def probe_settings(args) -> dict:
-    return dict(probe_epochs=args.probe_epochs, probe_batch_size=args.probe_batch_size,
-                probe_learning_rate=args.probe_learning_rate, probe_weight_decay=args.probe_weight_decay)
+# the flags of each head's recipe, recorded in its result file
+PROBE_RECIPE = ("probe_epochs", "probe_batch_size", "probe_learning_rate", "probe_weight_decay")
+ATTENTIVE_RECIPE = ("attentive_heads", "attentive_epochs", "attentive_batch_size", "attentive_learning_rate",
+                    "attentive_weight_decay")
 
 
 def fit_linear_probe(inputs: FrozenInputs, args) -> dict:
@@ -361,7 +351,7 @@ def fit_linear_probe(inputs: FrozenInputs, args) -> dict:
     predictions = predict_features(model, inputs.pooled["eval"], classify=model.classify_features)
     model.save_pretrained(args.output_dir)
     return dict(eval_accuracy=accuracy(predictions, inputs.evaluation.labels), pooling=args.pooling,
-                probe_seconds=seconds, **probe_settings(args))
+                probe_seconds=seconds, **{name: getattr(args, name) for name in PROBE_RECIPE})
 
 
 def fit_multiblock_probe(inputs: FrozenInputs, args) -> dict:
@@ -376,7 +366,7 @@ def fit_multiblock_probe(inputs: FrozenInputs, args) -> dict:
                     "id2label": inputs.model.config.id2label, "encoder_fingerprint": inputs.encoder_fingerprint})
     return dict(eval_accuracy=accuracy(predict_features(head, inputs.blocks["eval"]), inputs.evaluation.labels),
                 feature_blocks=args.feature_blocks, features=features, feature_size=train_blocks.shape[1],
-                probe_seconds=seconds, **probe_settings(args))
+                probe_seconds=seconds, **{name: getattr(args, name) for name in PROBE_RECIPE})
 
 
 def fit_attentive_probe(inputs: FrozenInputs, args) -> dict:
@@ -390,10 +380,8 @@ def fit_attentive_probe(inputs: FrozenInputs, args) -> dict:
                     "encoder_fingerprint": inputs.encoder_fingerprint})
     predictions = predict_tokens(head, inputs.tokens["eval"], inputs.device, inputs.bf16)
     return dict(eval_accuracy=accuracy(predictions, inputs.evaluation.labels), features=features,
-                token_cache=inputs.tokens["train"].storage, attentive_heads=args.attentive_heads,
-                attentive_epochs=args.attentive_epochs, attentive_batch_size=args.attentive_batch_size,
-                attentive_learning_rate=args.attentive_learning_rate,
-                attentive_weight_decay=args.attentive_weight_decay, probe_seconds=seconds)
+                token_cache=inputs.tokens["train"].storage, probe_seconds=seconds,
+                **{name: getattr(args, name) for name in ATTENTIVE_RECIPE})
 
 
 def check_knn(args, config, train) -> None:

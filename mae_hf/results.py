@@ -72,15 +72,13 @@ def run_record(data_args, train, evaluation, *, device, world_size: int, bf16: b
     return record
 
 
-def write_results(output_dir: str, name: str, results: dict) -> str:
-    """Write `<output_dir>/<name>_results.json` (with the software versions, without Hub tokens) and print a one-line
-    summary."""
+def write_results(output_dir: str, name: str, results: dict) -> None:
+    """`<output_dir>/<name>_results.json` (with the software versions, without Hub tokens), and a one-line summary."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name}_results.json")
     write_json(path, {**results, "versions": software_versions()}, sort_keys=True)
     print(f"[{name}] {results.get('encoder', '')} encoder: eval_accuracy {results['eval_accuracy']:.4f} "
           f"({results.get('eval_samples', '?')} images) -> {path}", flush=True)
-    return path
 
 
 def is_local_dataset(name: str) -> bool:
@@ -92,8 +90,7 @@ SPLIT_FOLDERS = ("train", "training", "val", "valid", "validation", "test", "eva
 
 
 def _dataset_names(name: str, prepared_from: dict | None = None) -> list[tuple[str, str]]:
-    """("hub", id) or ("local", `folder_name`) for a dataset and, for a prepared folder, the source it was prepared
-    from."""
+    """("hub", id) or ("local", `folder_name`) of a dataset and, for a prepared folder, of its source."""
     if prepared_from is None and is_local_dataset(name):
         prepared_from = prepared_source(os.path.expanduser(name))
     source = prepared_from or {}
@@ -263,8 +260,7 @@ def check_comparable(results: list[dict]) -> None:
 
 
 def unique_results(results: list[dict]) -> list[dict]:
-    """The results with agreeing duplicates (one run's numbers found in two files) kept once; disagreeing ones
-    are an error (see `accuracy_rows`)."""
+    """The results with agreeing duplicates (one run's numbers in two files) once; disagreeing ones are an error."""
     accuracy_rows(results)
     seen, unique = set(), []
     for result in results:
