@@ -109,10 +109,9 @@ def check_previous_results(args) -> list[str]:
         raise UsageError(f"--output_dir {folder} already holds results of an earlier evaluation "
                          f"({', '.join(found)}). Give a new --output_dir, or pass --overwrite_output_dir true to "
                          "replace them (the earlier result files and probes are removed first).")
-    names = list(found)
-    for protocol in probes.FROZEN_PROTOCOLS:  # files named after it always; a saved model's only beside its result
-        names += [name for name in protocol.saves
-                  if name.startswith(protocol.name) or f"{protocol.name}_results.json" in found]
+    # a protocol's files named after it always; a saved model's only beside its result
+    names = found + [name for protocol in probes.FROZEN_PROTOCOLS for name in protocol.saves
+                     if name.startswith(protocol.name) or f"{protocol.name}_results.json" in found]
     return [path for path in (os.path.join(folder, name) for name in names) if os.path.isfile(path)]
 
 

@@ -76,44 +76,41 @@ def token_cache_for(num_images: int, config, device: torch.device, choice: str, 
 @torch.no_grad()
 def encode_frozen(encoder, images, transform, batch_size: int = 512, bf16: bool = False,
                   feature_blocks: int = 1, token_cache: TokenCache | None = None, progress: str | None = None):
-    """One pass of the frozen encoder, unmasked, over uint8 `images` (a tensor or an `ImageData` split). Returns
-    `(pooled, multiblock)`: the `pooler_output` features `(N, hidden)`, float32 on the encoder's device, and when
-    `feature_blocks > 1` the multi-block features `(N, 2 * feature_blocks * hidden)` (else None), float32 on the host
-    (at ImageNet scale they would fill the GPU); writes the last block's patch tokens into `token_cache` when given.
-    `progress`: the label of a progress bar over the images (None: no bar)."""
+    """One unmasked pass of the frozen encoder over uint8 `images` (a tensor or an `ImageData` split). Returns the
+    `pooler_output` features `(N, hidden)`, float32 on the encoder's device, and the multi-block features `(N, 2 *
+    feature_blocks * hidden)`, float32 on the host (None for one block); writes the last block's patch tokens into
+    `token_cache` when given. `progress`: the label of a progress bar over the images (None: no bar)."""
     from tqdm.auto import tqdm
 
     device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
     pooled, multiblock = [], None
-    bar = tqdm(total=len(images), desc=progress, unit="img", disable=progress is None)
     start = 0
-    for canvases, sizes in image_batches(images, batch_size, device):
-        batch = transform(canvases, sizes)
-        with autocast_for(device, bf16):
-            output = encoder(batch, output_hidden_states=feature_blocks > 1, return_dict=True)
-            pooled.append(output.pooler_output.float())
-            if feature_blocks > 1:  # class token and mean patch token of each of the last blocks, earliest first
-                normed = [encoder.norm(block) for block in output.hidden_states[-feature_blocks:]]
-                features = torch.cat([part for block in normed for part in (block[:, 0], block[:, 1:].mean(dim=1))],
-                                     dim=1).float()
-                if multiblock is None:
-                    multiblock = torch.empty((len(images), features.shape[1]), pin_memory=device.type == "cuda")
-                multiblock[start:start + len(batch)].copy_(features, non_blocking=True)
-        if token_cache is not None:
-            token_cache.write(start, output.last_hidden_state[:, 1:])
-        start += len(batch)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(images), desc=progress, unit="img", disable=progress is None) as bar:
+        for canvases, sizes in image_batches(images, batch_size, device):
+            batch = transform(canvases, sizes)
+            with autocast_for(device, bf16):
+                output = encoder(batch, output_hidden_states=feature_blocks > 1, return_dict=True)
+                pooled.append(output.pooler_output.float())
+                if feature_blocks > 1:  # class token and mean patch token of each of the last blocks, earliest first
+                    normed = [encoder.norm(block) for block in output.hidden_states[-feature_blocks:]]
+                    features = torch.cat([part for block in normed for part in (block[:, 0], block[:, 1:].mean(dim=1))],
+                                         dim=1).float()
+                    if multiblock is None:
+                        multiblock = torch.empty((len(images), features.shape[1]), pin_memory=device.type == "cuda")
+                    multiblock[start:start + len(batch)].copy_(features, non_blocking=True)
+            if token_cache is not None:
+                token_cache.write(start, output.last_hidden_state[:, 1:])
+            start += len(batch)
+            bar.update(len(batch))
     encoder.train(was_training)
     synchronize(device)  # the non-blocking copies into `multiblock` done: a clock read next times the whole pass
     return torch.cat(pooled), multiblock
 
 
 def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor, **recipe):
-    """Train the head of a linear-probe `MAEForImageClassification` (BatchNorm without affine + linear) on cached
-    features of its frozen encoder, which never runs here; `recipe`: `fit_head`'s keyword arguments."""
+    """Train a linear-probe `MAEForImageClassification`'s head on cached features (`recipe`: `fit_head`'s)."""
     if not model.config.linear_probe:
         raise ValueError("train_probe needs a model with config.linear_probe=True.")
     head = [*model.head_norm.parameters(), *model.classifier.parameters()]

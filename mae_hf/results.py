@@ -149,8 +149,7 @@ TRAINER_FILES = ("all_results.json", "train_results.json", "eval_results.json", 
 
 
 def check_result(result: dict, file: str) -> None:
-    """A result file's numbers and names as the scripts write them: an accuracy that is no fraction, or a protocol
-    or encoder this project does not name, would otherwise reach a table or a model card as if measured."""
+    """A result file's numbers and names as the scripts write them (anything else would reach a table as measured)."""
     def refuse(key: str, expected: str) -> None:
         raise ValueError(f"{file}: {key} is {result.get(key)!r}; expected {expected}. A result file holds what a "
                          "script measured: run that script again rather than editing the file.")
@@ -200,8 +199,7 @@ def accuracy_rows(results: list[dict]) -> dict:
     first_k = min((k for (index, k), _ in grid if PROTOCOLS[index] == "knn"), default=None)
     rows = {}
     for ((index, k), encoder), cell in sorted(grid.items()):
-        protocol = PROTOCOLS[index]
-        title = TITLES.get(protocol) or f"kNN, k = {k}" + (KNN_DESCRIPTION if k == first_k else "")
+        title = TITLES.get(PROTOCOLS[index]) or f"kNN, k = {k}" + (KNN_DESCRIPTION if k == first_k else "")
         rows.setdefault(title, {})[encoder] = cell
     for cells in rows.values():
         check_comparable([result for _, result in cells.values()])

@@ -72,18 +72,13 @@ def load_script(name: str):
 
 
 class PathArg(str):
-    """A path reproduce.py puts in a step's command: recorded absolute, so that the same folder named from another
-    current directory is the same command."""
+    """A path in a step's command: recorded absolute, so that one folder named from two directories is one command."""
 
 
 def shown_path(path: str) -> str:
     """`path` as a printed command should name it to run from the current directory: relative when it lies below
     it, else absolute (a relative path that climbs out reads as if it were somewhere else)."""
-    path = os.path.abspath(path)
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:  # another drive (Windows)
-        return path
+    path, relative = os.path.abspath(path), os.path.relpath(path)
     return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
@@ -203,8 +198,7 @@ def plan(args) -> list[Step]:
             mae_probes_flags += [f"--{switch}", "false"]
     sources = {"pretrained": ["--model_name_or_path", model],
                "random_init": ["--model_name_or_path", model, "--random_init", "true"]}
-    steps = [Step("pretrain", "pretrain",
-                  ([config(pretrain_config)] if pretrain_config else [])
+    steps = [Step("pretrain", "pretrain", ([config(pretrain_config)] if pretrain_config else [])
                   + ["--output_dir", model, *data, *split(args.pretrain_args)],
                   model, ("pretraining_summary.json",), trainer=True)]
     for encoder, source in sources.items():
@@ -242,8 +236,7 @@ def read_record(path: str) -> dict:
 
 def check_unchanged(steps: list[Step], record: dict, output_dir: str) -> set[str]:
     """Refuse (before anything runs) a command whose finished or resumable steps ran with other settings: skipped,
-    they would leave results of the old settings under the new command. Returns the derived steps to redo because
-    their own flags changed (they only read earlier outputs, so redoing them is always right)."""
+    they would keep the old settings. Returns the derived steps to redo because their own flags changed."""
     changed, redo = [], set()
     differing = differences(record, {step.name: step.recorded() for step in steps})
     for step in (step for step in steps if step.name in differing):
@@ -285,9 +278,8 @@ def run_steps(steps: list[Step], redo: set[str], record: dict, record_path: str,
 
 
 def pretrained_layers(step: Step) -> int | None:
-    """The encoder depth pretraining makes (its finished model's, else from its config file and flags), so that
-    --feature_blocks is checked before hours of pretraining; None when the flags do not resolve here (the step
-    then reports them itself)."""
+    """The encoder depth pretraining makes (its finished model's, else from its config file and flags), to check
+    --feature_blocks before hours of pretraining; None when the flags do not resolve here (the step reports them)."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             if step.is_done():
