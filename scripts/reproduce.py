@@ -286,11 +286,9 @@ def pretrained_layers(step: Step) -> int | None:
                 return build_config(ModelArguments(model_name_or_path=step.folder)).num_hidden_layers
             argv = list(step.argv)
             parser = HfArgumentParser(ModelArguments)
-            if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-                known = {action.dest for action in parser._actions}
-                parser.set_defaults(**{key: value for key, value in read_config_file(argv.pop(0), parser).items()
-                                       if key in known})
-            model_args, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+            if argv and argv[0].endswith((".yaml", ".yml", ".json")):  # the other dataclasses' options are left over
+                parser.set_defaults(**read_config_file(argv.pop(0), parser))
+            model_args, *_ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
             return build_config(model_args, norm_pix_loss=True).num_hidden_layers
     except (Exception, SystemExit):
         return None
