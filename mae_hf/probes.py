@@ -1,8 +1,6 @@
-"""Frozen-feature protocols (linear probe, multi-block linear probe, attentive probe, kNN), trained on what one pass
-of the frozen encoder leaves behind (`encode_frozen`): pooled features, multi-block features, patch tokens cached as
-float16 (`TokenCache`). Each protocol is one entry of `FROZEN_PROTOCOLS`, which the evaluation runner, the result
-tables, reproduce.py and the model card read; docs/evaluation.md describes the protocols and their recipes. A
-trained head is saved as `<protocol>_head.safetensors` + `<protocol>_head.json`; `load_head` rebuilds it."""
+"""Frozen-feature protocols (`FROZEN_PROTOCOLS`, read by the runner, the tables, reproduce.py and the model card; see
+docs/evaluation.md), trained on what one pass of the frozen encoder leaves (`encode_frozen`), and their saved heads
+(`<protocol>_head.safetensors` + `<protocol>_head.json`; `load_head` rebuilds one)."""
 
 import math
 import os

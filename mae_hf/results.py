@@ -108,10 +108,8 @@ def folder_name(path: str) -> str:
 def _match(a: tuple[str, str], b: tuple[str, str]) -> bool:
     """Two Hub ids when equal; two folders when their keys are; a folder and a Hub id when the folder is named like
     the dataset (`../data/cifar10`, `../data/cifar10/train` as copies of `uoft-cs/cifar10`)."""
-    if a[0] == b[0]:
-        return a[1] == b[1]
     local, hub = (a, b) if a[0] == "local" else (b, a)
-    return local[1].split("/")[0] == hub[1].split("/")[-1]
+    return a[1] == b[1] if a[0] == b[0] else local[1].split("/")[0] == hub[1].split("/")[-1]
 
 
 def same_dataset(name: str, other: str, prepared_from: dict | None = None) -> bool:
@@ -172,15 +170,13 @@ def check_result(result: dict, file: str) -> None:
             refuse(key, "a whole number of images")
 
 
-def _cells(result: dict):
+def _cells(result: dict) -> list:
     """((protocol position, k), accuracy key) of each table cell a result fills: one per protocol, one per k of kNN."""
-    protocol = result["protocol"]
-    if protocol == "knn":
-        for key in sorted(result):
-            if key.startswith("eval_accuracy_k"):
-                yield (PROTOCOLS.index(protocol), int(key.removeprefix("eval_accuracy_k"))), key
-    elif protocol in PROTOCOLS:
-        yield (PROTOCOLS.index(protocol), 0), "eval_accuracy"
+    position = PROTOCOLS.index(result["protocol"])  # a known one: `check_result` refused others
+    if result["protocol"] != "knn":
+        return [((position, 0), "eval_accuracy")]
+    return [((position, int(key.removeprefix("eval_accuracy_k"))), key) for key in sorted(result)
+            if key.startswith("eval_accuracy_k")]
 
 
 def accuracy_rows(results: list[dict]) -> dict:
