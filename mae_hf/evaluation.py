@@ -1,6 +1,5 @@
-"""Evaluating a frozen encoder: its flags and the runner, which checks them, runs the encoder once per image and
-hands what that pass leaves to each wanted protocol of `probes.FROZEN_PROTOCOLS` (linear probe, multi-block linear
-probe, attentive probe, kNN)."""
+"""Evaluating a frozen encoder: its flags, and the runner that checks them, runs the encoder once per image and hands
+what that pass leaves to each wanted protocol of `probes.FROZEN_PROTOCOLS`."""
 
 import math
 import os
@@ -187,8 +186,7 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
                   **run_record(data_args, train, evaluation, device=device, world_size=1, bf16=bf16, seed=args.seed,
                                crop_fraction=crop_fraction)}
         results = {}
-        for protocol in sorted(wanted, key=lambda protocol: protocol.name != "knn"):  # kNN's seconds first: its
-            # result is on disk before a long probe can fail or be stopped
+        for protocol in sorted(wanted, key=lambda p: p.name != "knn"):  # kNN first: saved before any long probe
             results[protocol.name] = {**common, "protocol": protocol.name, **protocol.fit(inputs, args)}
             write_results(args.output_dir, protocol.name, results[protocol.name])
         return results

@@ -198,8 +198,7 @@ HEADS = {"linear_probe_multiblock": LinearHead, "attentive_probe": AttentiveProb
 
 
 def save_head(head: nn.Module, folder: str, protocol: str, init: dict, info: dict) -> None:
-    """`<protocol>_head.safetensors` (state dict) + `<protocol>_head.json` ({"protocol", "init": the constructor's
-    arguments, **info})."""
+    """`<protocol>_head.safetensors` (state dict) + `<protocol>_head.json` ({"protocol", "init": kwargs, **info})."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)

@@ -118,8 +118,7 @@ def same_dataset(name: str, other: str, prepared_from: dict | None = None) -> bo
 
 
 def collect_results(paths) -> list[dict]:
-    """Results from result files or from folders searched recursively for `*_results.json` (not the Trainer's own);
-    a fine-tune is named by the recipe it records (`finetune_protocol`)."""
+    """The checked results in result files, or in folders searched recursively for `*_results.json` (not Trainer's)."""
     files = []
     for path in paths:
         if os.path.isdir(path):

@@ -145,10 +145,9 @@ class Step:
         print(f"[reproduce] {self.name}: {recorded_command([f'scripts/{self.script}.py', *argv])}", flush=True)
         advice = "Fix it and run the same command again: the finished steps are skipped."
         again = "run the same reproduce.py command again to continue: the finished steps are skipped."
-        program = sys.argv
-        # The step's own command line, for what it records and advises (summaries, "resume with: ..."): this
-        # command's would not run the step, and reproduce.py takes no --resume_from_checkpoint.
-        sys.argv = [f"scripts/{self.script}.py", *argv]
+        # The step's own command line, for what it records and advises ("resume with: ..."): reproduce.py's would not
+        # run the step, and takes no --resume_from_checkpoint.
+        program, sys.argv = sys.argv, [f"scripts/{self.script}.py", *argv]
         try:
             load_script(self.script).main(argv)
         except (KeyboardInterrupt, StepStopped) as stop:  # a step that handles no signal itself: one line here
