@@ -1,16 +1,15 @@
-"""Evaluating a frozen encoder: its flags and the runner, which checks them, runs the encoder once per image and
-hands what that pass leaves to each wanted protocol of `probes.FROZEN_PROTOCOLS` (linear probe, multi-block linear
-probe, attentive probe, kNN)."""
+"""Evaluating a frozen encoder: its flags, and the runner that checks them, runs the encoder once per image and hands
+what that pass leaves to each wanted protocol of `probes.FROZEN_PROTOCOLS`."""
 
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from . import probes
-from .cli import UsageError
+from .cli import UsageError, flag
 from .data import BatchTransform, eval_crop_fraction, load_image_splits
 from .data.streaming import fit_workers_to_shared_memory
 from .loading import build_config, load_classifier
@@ -23,69 +22,55 @@ from .results import architecture, encoder_fingerprint, run_record, write_result
 class FrozenEvalArguments:
     """Evaluation of a frozen encoder: linear probe and/or kNN on features computed once."""
 
-    output_dir: str = field(default=None, metadata={"help": "Where results (and the probe model) go. Required."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Replace the results of an earlier evaluation in --output_dir (its result files and saved "
-                          "probes are removed first). Without it such a folder is refused."})
-    random_init: bool = field(
-        default=False,
-        metadata={"help": "Evaluate a randomly initialised encoder of the same config (the baseline row). Also the "
-                          "case when no --model_name_or_path is given."})
-    pooling: str = field(default="cls", metadata={"help": "Features: 'cls' token or 'mean' of patch tokens."})
-    linear_probe: bool = field(default=True, metadata={"help": "Train and evaluate the linear probe."})
-    feature_blocks: int = field(
-        default=1,
-        metadata={"help": "1: the linear probe sees the pooled feature (--pooling). k > 1: class token and mean patch "
-                          "token of each of the last k blocks (each after the encoder's final LayerNorm), "
-                          "concatenated; protocol linear_probe_multiblock. kNN always uses the pooled feature."})
-    attentive_probe: bool = field(
-        default=False,
-        metadata={"help": "Also train the attentive probe (learned-query cross-attention over the cached patch "
-                          "tokens + linear classifier); protocol attentive_probe."})
-    attentive_heads: int = field(default=4, metadata={"help": "Attention heads of the attentive probe."})
-    attentive_epochs: int = field(default=20, metadata={"help": "Epochs of the attentive probe (on cached tokens)."})
-    attentive_batch_size: int = field(default=256, metadata={"help": "Batch of the attentive probe."})
-    attentive_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak lr of the attentive probe."})
-    attentive_weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (linear weights)."})
-    token_cache: str = field(
-        default="auto",
-        metadata={"help": "Where the attentive probe's float16 patch tokens are cached: 'memory', 'disk' (a np.memmap "
-                          "file in --output_dir, deleted afterwards) or 'auto' (GPU memory while they take at most "
-                          "half of it; host memory up to 2 GiB; otherwise disk)."})
-    knn: bool = field(default=True, metadata={"help": "Evaluate weighted kNN on the same features."})
-    knn_k: list[int] = field(
-        default_factory=lambda: [20, 200],
-        metadata={"help": "Neighbour counts for kNN; eval_accuracy is the first one's, all are recorded."})
-    knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the kNN vote weights."})
-    probe_epochs: int = field(default=90, metadata={"help": "Epochs of the probe head (on cached features)."})
-    probe_batch_size: int = field(default=256, metadata={"help": "Batch of the probe head."})
-    probe_learning_rate: float = field(default=0.1, metadata={"help": "SGD learning rate of the probe head."})
-    probe_weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay of the probe head."})
-    feature_batch_size: int = field(default=512, metadata={"help": "Batch of the feature extraction."})
-    dataloader_num_workers: int | None = field(
-        default=None,
-        metadata={"help": "DataLoader workers that decode images read from disk during the encoder pass (default: "
-                          "this process's share of the CPUs, one left for it); images held in memory need none."})
-    seed: int = field(default=42, metadata={"help": "Seed of random init and probe training."})
-    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
-    bf16: bool | None = field(
-        default=None,
-        metadata={"help": f"bf16 autocast for the encoder's features (and linear_probe.py's attentive probe): "
-                          f"{BF16_AUTO_HELP}"})
-    disable_tqdm: bool = field(
-        default=False, metadata={"help": "No progress bars (feature extraction, probe epochs), as the Trainer's flag."})
+    output_dir: str = flag(None, "Where results (and the probe model) go. Required.")
+    overwrite_output_dir: bool = flag(False, "Replace the results of an earlier evaluation in --output_dir (its result "
+                                             "files and saved probes are removed first). Without it such a folder is "
+                                             "refused.")
+    random_init: bool = flag(False, "Evaluate a randomly initialised encoder of the same config (the baseline row). "
+                                    "Also the case when no --model_name_or_path is given.")
+    pooling: str = flag("cls", "Features: 'cls' token or 'mean' of patch tokens.")
+    linear_probe: bool = flag(True, "Train and evaluate the linear probe.")
+    feature_blocks: int = flag(1, "1: the linear probe sees the pooled feature (--pooling). k > 1: class token and "
+                                  "mean patch token of each of the last k blocks (each after the encoder's final "
+                                  "LayerNorm), concatenated; protocol linear_probe_multiblock. kNN always uses the "
+                                  "pooled feature.")
+    attentive_probe: bool = flag(False, "Also train the attentive probe (learned-query cross-attention over the cached "
+                                        "patch tokens + linear classifier); protocol attentive_probe.")
+    attentive_heads: int = flag(4, "Attention heads of the attentive probe.")
+    attentive_epochs: int = flag(20, "Epochs of the attentive probe (on cached tokens).")
+    attentive_batch_size: int = flag(256, "Batch of the attentive probe.")
+    attentive_learning_rate: float = flag(1e-3, "AdamW peak lr of the attentive probe.")
+    attentive_weight_decay: float = flag(0.05, "AdamW weight decay (linear weights).")
+    token_cache: str = flag("auto", "Where the attentive probe's float16 patch tokens are cached: 'memory', 'disk' (a "
+                                    "np.memmap file in --output_dir, deleted afterwards) or 'auto' (GPU memory while "
+                                    "they take at most half of it; host memory up to 2 GiB; otherwise disk).")
+    knn: bool = flag(True, "Evaluate weighted kNN on the same features.")
+    knn_k: list[int] = flag(help="Neighbour counts for kNN; eval_accuracy is the first one's, all are recorded.",
+                            default_factory=lambda: [20, 200])
+    knn_temperature: float = flag(0.07, "Temperature of the kNN vote weights.")
+    probe_epochs: int = flag(90, "Epochs of the probe head (on cached features).")
+    probe_batch_size: int = flag(256, "Batch of the probe head.")
+    probe_learning_rate: float = flag(0.1, "SGD learning rate of the probe head.")
+    probe_weight_decay: float = flag(0.0, "SGD weight decay of the probe head.")
+    feature_batch_size: int = flag(512, "Batch of the feature extraction.")
+    dataloader_num_workers: int | None = flag(None, "DataLoader workers that decode images read from disk during the "
+                                                    "encoder pass (default: this process's share of the CPUs, one left "
+                                                    "for it); images held in memory need none.")
+    seed: int = flag(42, "Seed of random init and probe training.")
+    device: str = flag("auto", "'auto' (cuda if available), 'cpu', 'cuda', ...")
+    bf16: bool | None = flag(None, "bf16 autocast for the encoder's features (and linear_probe.py's attentive probe): "
+                                   f"{BF16_AUTO_HELP}")
+    disable_tqdm: bool = flag(False, "No progress bars (feature extraction, probe epochs), as the Trainer's flag.")
 
     def __post_init__(self):  # sizes and rates torch would refuse later with a message that names no flag
-        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
-            raise ValueError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
-        for flag in ("probe_epochs", "probe_batch_size", "feature_batch_size", "attentive_epochs",
+        for name in ("probe_epochs", "probe_batch_size", "feature_batch_size", "attentive_epochs",
                      "attentive_batch_size"):
-            if getattr(self, flag, 1) < 1:
-                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}.")
-        for flag in ("probe_learning_rate", "probe_weight_decay", "attentive_learning_rate", "attentive_weight_decay"):
-            if getattr(self, flag, 0) < 0:
-                raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}.")
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("dataloader_num_workers", "probe_learning_rate", "probe_weight_decay", "attentive_learning_rate",
+                     "attentive_weight_decay"):
+            if (getattr(self, name) or 0) < 0:  # dataloader_num_workers None: the default
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if not self.knn_temperature > 0:
             raise ValueError(f"--knn_temperature must be positive, got {self.knn_temperature}.")
         if self.device != "auto":
@@ -99,48 +84,39 @@ class FrozenEvalArguments:
                                  "--device cpu (or auto).")
 
 
-PROTOCOLS = tuple(protocol.name for protocol in probes.FROZEN_PROTOCOLS)  # what it writes
-
-
 def check_feature_blocks(feature_blocks: int, num_hidden_layers: int) -> None:
-    """--feature_blocks against the encoder's depth, as soon as the config is known (a usage error: the flag must
-    change)."""
+    """--feature_blocks against the encoder's depth, as soon as the config is known (a usage error)."""
     if not 1 <= feature_blocks <= num_hidden_layers:
         raise UsageError(f"--feature_blocks {feature_blocks}: the encoder has {num_hidden_layers} layer(s), so it "
                          f"takes 1 to {num_hidden_layers}. Pass --feature_blocks {num_hidden_layers} or less.")
 
 
-def previous_results(folder: str) -> list[str]:
-    return sorted(name for name in os.listdir(folder) if name.endswith("_results.json")) \
-        if os.path.isdir(folder) else []
-
-
 def check_previous_results(args) -> list[str]:
     """Before any work: an --output_dir with result files of an earlier run is refused (new results beside them would
     mix two runs' settings) unless --overwrite_output_dir true. Returns the earlier evaluation's files to remove."""
-    found = previous_results(args.output_dir)
+    folder = args.output_dir
+    found = sorted(name for name in os.listdir(folder) if name.endswith("_results.json")) \
+        if os.path.isdir(folder) else []
     if not found:
         return []
-    ours = {f"{protocol}_results.json" for protocol in PROTOCOLS}
-    others = [name for name in found if name not in ours]
+    others = [name for name in found
+              if name not in {f"{protocol.name}_results.json" for protocol in probes.FROZEN_PROTOCOLS}]
     if others:  # another script's run (a fine-tune, a pretraining): never ours to delete
-        raise UsageError(f"--output_dir {args.output_dir} holds {', '.join(others)} of another kind of run. Give "
+        raise UsageError(f"--output_dir {folder} holds {', '.join(others)} of another kind of run. Give "
                          "the evaluation a folder of its own, e.g. --output_dir <that folder>/probe.")
     if not args.overwrite_output_dir:
-        raise UsageError(f"--output_dir {args.output_dir} already holds results of an earlier evaluation "
+        raise UsageError(f"--output_dir {folder} already holds results of an earlier evaluation "
                          f"({', '.join(found)}). Give a new --output_dir, or pass --overwrite_output_dir true to "
                          "replace them (the earlier result files and probes are removed first).")
-    names = list(found)
-    for protocol in probes.FROZEN_PROTOCOLS:  # files named after it always; a saved model's only beside its result
-        names += [name for name in protocol.saves
-                  if name.startswith(protocol.name) or f"{protocol.name}_results.json" in found]
-    return [path for path in (os.path.join(args.output_dir, name) for name in names) if os.path.isfile(path)]
+    # a protocol's files named after it always; a saved model's only beside its result
+    names = found + [name for protocol in probes.FROZEN_PROTOCOLS for name in protocol.saves
+                     if name.startswith(protocol.name) or f"{protocol.name}_results.json" in found]
+    return [path for path in (os.path.join(folder, name) for name in names) if os.path.isfile(path)]
 
 
 def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> dict:
-    """The frozen encoder runs once per image, keeping what the wanted protocols need (pooled features, multi-block
-    features, cached patch tokens); then each protocol, in table order, trains on them and writes its result file.
-    Returns {protocol: results}."""
+    """The frozen encoder runs once per image, keeping what the wanted protocols need; then each protocol trains on
+    that and writes its result file. Returns {protocol: results}."""
     if args.output_dir is None:
         raise UsageError("--output_dir is required.")
     check_output_folder(args.output_dir)  # before any work
@@ -158,41 +134,36 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
     if args.token_cache not in ("auto", "memory", "disk"):
         raise UsageError(f"--token_cache must be 'auto', 'memory' or 'disk', got {args.token_cache!r}.")
     random_init = args.random_init or not model_args.model_name_or_path
-    if not args.knn_k or min(args.knn_k) < 1:
-        raise UsageError(f"--knn_k takes positive neighbour counts, got {args.knn_k}.")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     bf16, precision = decide_bf16(args.bf16, device)
 
     config = build_config(model_args)
     check_feature_blocks(args.feature_blocks, config.num_hidden_layers)
-    if args.attentive_probe and config.hidden_size % args.attentive_heads:
-        raise ValueError(f"--attentive_heads {args.attentive_heads} must divide the encoder's hidden size "
-                         f"{config.hidden_size}.")
+
+    def check_protocols(train=None):  # with the config, then again with the training split, before decoding
+        for protocol in wanted:
+            protocol.check(args, config, train)
+
+    check_protocols()
     for path in check_previous_results(args):  # last of the checks: nothing is removed for a command refused
         os.remove(path)
-    image_size = config.image_size
-    def before_decoding(train, _):
-        if args.knn and max(args.knn_k) > len(train):
-            raise ValueError(f"--knn_k {max(args.knn_k)} needs at least that many training images; the training "
-                             f"split has {len(train)}. Pass smaller values, e.g. --knn_k {min(20, len(train))}.")
-
-    train, evaluation = load_image_splits(data_args, image_size, config.num_channels, require_labels=True,
+    train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels, require_labels=True,
                                           token=model_args.token, num_workers=args.dataloader_num_workers,
-                                          check=before_decoding, progress=not args.disable_tqdm)
+                                          check=lambda train, _: check_protocols(train),
+                                          progress=not args.disable_tqdm)
     for split in (train, evaluation):  # one pass at a time, each with its workers' batches in shared memory
         if split.num_workers:
             split.num_workers, _ = fit_workers_to_shared_memory(
                 split.num_workers, 2, args.feature_batch_size * math.prod(split.canvas),
                 chosen=args.dataloader_num_workers is not None)
-    num_labels = train.num_classes  # the class names when the label column has them: validated at load
-    names = train.class_names or [str(i) for i in range(num_labels)]
-    model = load_classifier(model_args, random_init, args.seed, num_labels=num_labels,
+    names = train.class_names or [str(i) for i in range(train.num_classes)]  # class names: validated at load
+    model = load_classifier(model_args, random_init, args.seed, num_labels=train.num_classes,
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                             linear_probe=True, pooling=args.pooling,
                             new_head="the probe's head is new and trained here" if args.linear_probe else None
                             ).to(device)
 
-    crop_fraction = eval_crop_fraction(data_args, image_size, train)
+    crop_fraction = eval_crop_fraction(data_args, config.image_size, train)
     plain = BatchTransform.for_model(model.config, eval_crop_fraction=crop_fraction)
     print(f"[plan] frozen encoder on {device}, {precision}: features of {len(train)} training and {len(evaluation)} "
           "evaluation images, once", flush=True)
@@ -208,19 +179,14 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
         feature_seconds = round(time.perf_counter() - started, 2)
         inputs = probes.FrozenInputs(model, train, evaluation, pooled, blocks, caches, device, bf16,
                                      encoder_fingerprint(model.mae))
-        common = {
-            "encoder": "random_init" if random_init else "pretrained",
-            "model_name_or_path": None if random_init and not model_args.model_name_or_path
-            else model_args.model_name_or_path,
-            "encoder_fingerprint": inputs.encoder_fingerprint,
-            "architecture": architecture(model.config),
-            "feature_seconds": feature_seconds,
-            **run_record(data_args, train, evaluation, device=device, world_size=1, bf16=bf16, seed=args.seed,
-                         crop_fraction=crop_fraction),
-        }
+        common = {"encoder": "random_init" if random_init else "pretrained",
+                  "model_name_or_path": model_args.model_name_or_path or None,
+                  "encoder_fingerprint": inputs.encoder_fingerprint, "architecture": architecture(model.config),
+                  "feature_seconds": feature_seconds,
+                  **run_record(data_args, train, evaluation, device=device, world_size=1, bf16=bf16, seed=args.seed,
+                               crop_fraction=crop_fraction)}
         results = {}
-        for protocol in sorted(wanted, key=lambda protocol: protocol.name != "knn"):  # kNN's seconds first: its
-            # result is on disk before a long probe can fail or be stopped
+        for protocol in sorted(wanted, key=lambda p: p.name != "knn"):  # kNN first: saved before any long probe
             results[protocol.name] = {**common, "protocol": protocol.name, **protocol.fit(inputs, args)}
             write_results(args.output_dir, protocol.name, results[protocol.name])
         return results

@@ -10,13 +10,10 @@ from .transfer import to_device
 
 def image_batches(images, batch_size: int, device: torch.device):
     """(uint8 canvases on `device`, their sizes on the host or None), `batch_size` at a time and in order, of a
-    uint8 tensor of images or of an `ImageData` split (streamed splits are read by their DataLoader workers
-    meanwhile)."""
-    if isinstance(images, torch.Tensor):
-        for batch in images.split(batch_size):
-            yield to_device(batch, device), None
-        return
-    for batch, sizes in sequential_batches(images, batch_size, pin_memory=device.type == "cuda"):
+    uint8 tensor of images or of an `ImageData` split (a streamed one is read by its DataLoader workers meanwhile)."""
+    batches = ((batch, None) for batch in images.split(batch_size)) if isinstance(images, torch.Tensor) \
+        else sequential_batches(images, batch_size, pin_memory=device.type == "cuda")
+    for batch, sizes in batches:
         yield to_device(batch, device), sizes
 
 

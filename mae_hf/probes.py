@@ -1,25 +1,6 @@
-"""Frozen-feature protocols that suit MAE encoders, trained on what one pass of the encoder leaves behind.
-
-MAE features are known to be weak for a linear probe of the last class token: the information sits in the patch
-tokens and in earlier blocks. Two protocols use it, both with the encoder frozen and run exactly once per image
-(`encode_frozen`); their heads train for many epochs on the cached outputs:
-
-- **multi-block linear probe** (`linear_probe_multiblock`): for each of the last k blocks, the class token and the
-  mean of the patch tokens, each block's output passed through the encoder's final LayerNorm first (the one that
-  normalises the last block for `pooler_output`, so the blocks are on one scale), concatenated into a
-  `2 * k * hidden_size` vector; then the linear probe's head (BatchNorm without affine + linear, SGD).
-- **attentive probe** (`attentive_probe`): a learned query attends over the frozen patch tokens of the last
-  block (multi-head cross-attention), then LayerNorm + linear classifier, trained with AdamW and a cosine
-  schedule. The patch tokens are cached as float16, in memory (on the GPU when there is room) or in a
-  `np.memmap` file in the output folder when large (50,000 x 256 x 192 tokens are 4.9 GB); the file is deleted
-  when the probe is done.
-
-A trained head is saved as `<protocol>_head.safetensors` (its state dict) + `<protocol>_head.json` (what it
-was built with, which features it takes, the labels); `load_head(folder, protocol)` rebuilds it.
-
-Every frozen-feature protocol, the plain linear probe and kNN included, is one entry of `FROZEN_PROTOCOLS`: the
-evaluation runner, the result tables, reproduce.py and the model card read that table.
-"""
+"""Frozen-feature protocols (`FROZEN_PROTOCOLS`, read by the runner, the tables, reproduce.py and the model card; see
+docs/evaluation.md), trained on what one pass of the frozen encoder leaves (`encode_frozen`), and their saved heads
+(`<protocol>_head.safetensors` + `<protocol>_head.json`; `load_head` rebuilds one)."""
 
 import math
 import os
@@ -33,6 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .cli import UsageError
 from .features import image_batches, knn_predict
 from .inputs import read_json_object, write_json
 from .metrics import accuracy
@@ -48,15 +30,11 @@ class TokenCache:
     """Patch tokens `(images, patches, hidden)` as float16: a tensor (host or GPU memory) or a np.memmap file."""
 
     def __init__(self, shape: tuple, device: torch.device, path: str | None = None):
-        self.shape, self.path = tuple(shape), path
+        self.shape, self.path, self.storage = tuple(shape), path, "memory" if path is None else "disk"
         if path is None:
             self.tensor, self.array = torch.empty(self.shape, dtype=TOKEN_DTYPE, device=device), None
         else:
             self.tensor, self.array = None, np.memmap(path, dtype=np.float16, mode="w+", shape=self.shape)
-
-    @property
-    def storage(self) -> str:
-        return "memory" if self.path is None else "disk"
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -84,88 +62,65 @@ def token_cache_for(num_images: int, config, device: torch.device, choice: str, 
     """A cache for one split's patch tokens. `choice` 'memory', 'disk' or 'auto': on a GPU in its memory while the
     cache takes at most half of the free memory, on a CPU in host memory up to `MEMORY_CACHE_LIMIT`, else on disk."""
     shape = (num_images, config.num_patches, config.hidden_size)
-    nbytes = math.prod(shape) * 2
     if choice == "auto":
         room = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else MEMORY_CACHE_LIMIT
-        choice = "memory" if nbytes <= room else "disk"
+        choice = "memory" if math.prod(shape) * 2 <= room else "disk"
     if choice == "memory":
         return TokenCache(shape, device)
     os.makedirs(folder, exist_ok=True)
     return TokenCache(shape, device, os.path.join(folder, f"attentive_probe_tokens_{name}.f16"))
 
 
-def multiblock_features(encoder, hidden_states: tuple, blocks: int) -> torch.Tensor:
-    """`(batch, 2 * blocks * hidden)`: class token and mean patch token of each of the last `blocks` blocks' outputs,
-    after the encoder's final LayerNorm, earliest block first."""
-    parts = []
-    for block_output in hidden_states[-blocks:]:
-        normed = encoder.norm(block_output)
-        parts += [normed[:, 0], normed[:, 1:].mean(dim=1)]
-    return torch.cat(parts, dim=1)
-
-
 @torch.no_grad()
 def encode_frozen(encoder, images, transform, batch_size: int = 512, bf16: bool = False,
                   feature_blocks: int = 1, token_cache: TokenCache | None = None, progress: str | None = None):
-    """One pass of the frozen encoder over uint8 `images` (a tensor, or an `ImageData` split: a streamed one is
-    read by its DataLoader workers while the encoder runs) without masking. Returns `(pooled, multiblock)`: the
-    `pooler_output` features `(N, hidden)`, float32 on the encoder's device, and, when `feature_blocks > 1`, the
-    multi-block features (else None), float32 on the host (pinned when the encoder is on a GPU): copied there batch
-    by batch without waiting, as they would fill the GPU at ImageNet scale (31 GB for ViT-B, 4 blocks); writes the
-    patch tokens of the last block into `token_cache` when given. `progress`: the label of a progress bar over the
-    images (None: no bar)."""
+    """One unmasked pass of the frozen encoder over uint8 `images` (a tensor or an `ImageData` split). Returns the
+    `pooler_output` features `(N, hidden)`, float32 on the encoder's device, and the multi-block features `(N, 2 *
+    feature_blocks * hidden)`, float32 on the host (None for one block); writes the last block's patch tokens into
+    `token_cache` when given. `progress`: the label of a progress bar over the images (None: no bar)."""
     from tqdm.auto import tqdm
 
     device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
     pooled, multiblock = [], None
-    bar = tqdm(total=len(images), desc=progress, unit="img", disable=progress is None)
     start = 0
-    for canvases, sizes in image_batches(images, batch_size, device):
-        batch = transform(canvases, sizes)
-        with autocast_for(device, bf16):
-            output = encoder(batch, output_hidden_states=feature_blocks > 1, return_dict=True)
-            pooled.append(output.pooler_output.float())
-            if feature_blocks > 1:
-                features = multiblock_features(encoder, output.hidden_states, feature_blocks).float()
-                if multiblock is None:
-                    multiblock = torch.empty((len(images), features.shape[1]), pin_memory=device.type == "cuda")
-                multiblock[start:start + len(batch)].copy_(features, non_blocking=True)
-        if token_cache is not None:
-            token_cache.write(start, output.last_hidden_state[:, 1:])
-        start += len(batch)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(images), desc=progress, unit="img", disable=progress is None) as bar:
+        for canvases, sizes in image_batches(images, batch_size, device):
+            batch = transform(canvases, sizes)
+            with autocast_for(device, bf16):
+                output = encoder(batch, output_hidden_states=feature_blocks > 1, return_dict=True)
+                pooled.append(output.pooler_output.float())
+                if feature_blocks > 1:  # class token and mean patch token of each of the last blocks, earliest first
+                    normed = [encoder.norm(block) for block in output.hidden_states[-feature_blocks:]]
+                    features = torch.cat([part for block in normed for part in (block[:, 0], block[:, 1:].mean(dim=1))],
+                                         dim=1).float()
+                    if multiblock is None:
+                        multiblock = torch.empty((len(images), features.shape[1]), pin_memory=device.type == "cuda")
+                    multiblock[start:start + len(batch)].copy_(features, non_blocking=True)
+            if token_cache is not None:
+                token_cache.write(start, output.last_hidden_state[:, 1:])
+            start += len(batch)
+            bar.update(len(batch))
     encoder.train(was_training)
     synchronize(device)  # the non-blocking copies into `multiblock` done: a clock read next times the whole pass
     return torch.cat(pooled), multiblock
 
 
-def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor, epochs: int = 90,
-                batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0, seed: int = 42,
-                feature_sampler=None, progress: bool = False):
-    """Train the head of a linear-probe `MAEForImageClassification` (BatchNorm without affine + linear) on cached
-    features of its frozen encoder (`fit_head`). The encoder never runs here.
-
-    `feature_sampler(epoch)`, when given, returns that epoch's `(features, labels)` (the benchmark uses it to time
-    re-running the encoder every epoch); otherwise every epoch uses `train_features`.
-    """
+def train_probe(model, train_features: torch.Tensor, train_labels: torch.Tensor, **recipe):
+    """Train a linear-probe `MAEForImageClassification`'s head on cached features (`recipe`: `fit_head`'s)."""
     if not model.config.linear_probe:
         raise ValueError("train_probe needs a model with config.linear_probe=True.")
     head = [*model.head_norm.parameters(), *model.classifier.parameters()]
-    return fit_head(model, model.classify_features, head, train_features, train_labels, epochs=epochs,
-                    batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
-                    feature_sampler=feature_sampler, progress=progress)
+    return fit_head(model, model.classify_features, head, train_features, train_labels, **recipe)
 
 
 def fit_head(module, classify, parameters, train_features: torch.Tensor, train_labels: torch.Tensor,
              epochs: int = 90, batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0,
              seed: int = 42, feature_sampler=None, progress: bool = False, device=None):
-    """The linear probe's training loop: `classify(features)` gives logits, `parameters` are trained with SGD
-    (momentum 0.9) and a cosine schedule over shuffled batches of cached features, on `device` (default: the
-    features'; features on the host are then copied there a batch at a time). Returns `module` in eval mode.
-    `progress`: a progress bar over the epochs (with the time left)."""
+    """The linear probe's loop: `parameters` trained with SGD (momentum 0.9, cosine) on `classify(features)`'s logits
+    over shuffled batches, on `device` (default: the features'). Returns `module` in eval mode. `feature_sampler(epoch)`
+    gives that epoch's `(features, labels)` when given (the benchmark times re-running the encoder)."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
@@ -204,15 +159,18 @@ class LinearHead(nn.Module):
         return self.classifier(self.norm(features))
 
 
+def check_heads(hidden_size: int, num_heads: int) -> None:
+    if hidden_size % num_heads:
+        raise ValueError(f"--attentive_heads {num_heads} must divide the encoder's hidden size {hidden_size}.")
+
+
 class AttentiveProbe(nn.Module):
-    """Cross-attention pooling + linear classifier over frozen patch tokens `(batch, patches, hidden)`: one learned
-    query attends (multi-head) over the LayerNorm'd tokens; the pooled vector (query + projected attention output)
-    goes through a LayerNorm to the classifier."""
+    """Over frozen patch tokens `(batch, patches, hidden)`: one learned query attends (multi-head) over the normalised
+    tokens; the pooled vector (query + projected attention output) goes through a LayerNorm to the classifier."""
 
     def __init__(self, hidden_size: int, num_labels: int, num_heads: int = 4):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"--attentive_heads {num_heads} must divide the encoder's hidden size {hidden_size}.")
+        check_heads(hidden_size, num_heads)
         self.num_heads = num_heads
         self.query = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.token_norm = nn.LayerNorm(hidden_size)
@@ -240,8 +198,7 @@ HEADS = {"linear_probe_multiblock": LinearHead, "attentive_probe": AttentiveProb
 
 
 def save_head(head: nn.Module, folder: str, protocol: str, init: dict, info: dict) -> None:
-    """`<protocol>_head.safetensors` (state dict) + `<protocol>_head.json` ({"protocol", "init": constructor
-    arguments, **info})."""
+    """`<protocol>_head.safetensors` (state dict) + `<protocol>_head.json` ({"protocol", "init": kwargs, **info})."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
@@ -268,8 +225,7 @@ def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
 
 
 def train_multiblock_probe(train_features, train_labels, num_labels: int, args, device=None) -> LinearHead:
-    """The linear probe's recipe (epochs, batch, SGD learning rate, weight decay) on multi-block features (on the
-    host: each batch is copied to `device`, default the features')."""
+    """The linear probe's recipe (--probe_* flags) on multi-block features; each batch is copied to `device`."""
     torch.manual_seed(args.seed)  # the head's initial weights: from the seed, whatever ran before in this process
     device = train_features.device if device is None else device
     head = LinearHead(train_features.shape[1], num_labels).to(device)
@@ -281,8 +237,7 @@ def train_multiblock_probe(train_features, train_labels, num_labels: int, args, 
 
 def train_attentive_probe(tokens: TokenCache, labels: torch.Tensor, num_labels: int, hidden_size: int, args,
                           device: torch.device, bf16: bool) -> AttentiveProbe:
-    """AdamW (weight decay on the linear weights only), 5 % linear warmup then cosine, on cached tokens; each step
-    reads a batch of tokens from the cache, never the encoder."""
+    """AdamW (weight decay on the linear weights only), 5 % linear warmup then cosine, on the cached tokens."""
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     probe = AttentiveProbe(hidden_size, num_labels, args.attentive_heads).to(device)
@@ -326,11 +281,9 @@ def predict_tokens(probe: AttentiveProbe, tokens: TokenCache, device: torch.devi
 
 @torch.no_grad()
 def predict_features(head: nn.Module, features: torch.Tensor, batch_size: int = 4096, classify=None) -> torch.Tensor:
-    """Predicted classes of cached features (on the host or the head's device): `classify(features)` (default: the
-    head itself) gives the logits."""
+    """Predicted classes of cached features (host or device); `classify` (default: the head) gives the logits."""
     head.eval()
-    classify = classify or head
-    device = next(head.parameters()).device
+    classify, device = classify or head, next(head.parameters()).device
     return torch.cat([classify(to_device(chunk, device)).argmax(dim=1) for chunk in features.split(batch_size)]).cpu()
 
 
@@ -342,9 +295,8 @@ def timed(function, *args, **kwargs):
 
 @dataclass
 class FrozenInputs:
-    """What the one pass of the frozen encoder leaves for the protocols: the classifier around the encoder (its
-    linear-probe head untrained), both splits, and per split ("train", "eval") the pooled features, the multi-block
-    features (when a protocol needs "blocks") and the patch-token caches (when one needs "tokens")."""
+    """What the encoder pass leaves for the protocols: the classifier around the encoder (its head untrained), both
+    splits, and per split ("train", "eval") the pooled and multi-block features and the patch-token caches."""
 
     model: nn.Module
     train: object
@@ -363,38 +315,37 @@ class FrozenInputs:
 
 @dataclass(frozen=True)
 class FrozenProtocol:
-    """One frozen-feature protocol: `wanted(args)` from `FrozenEvalArguments` (`switch` is the flag that turns it
-    off); `needs` is what the encoder pass keeps for it ("pooled", "blocks" or "tokens"); `fit(inputs, args)` trains,
-    evaluates and saves it, returning its own result fields; `saves` are the files it writes beside its result file;
-    `reproduce_flags` its flags in reproduce.py's mae_probes step (None: the plain probe step, on by default)."""
+    """One frozen-feature protocol; `args` are `FrozenEvalArguments`."""
 
     name: str
     title: str | None  # its row in the tables; None: kNN's rows are titled per k
-    switch: str
-    wanted: Callable
-    needs: str
-    fit: Callable
-    saves: tuple[str, ...] = ()
-    reproduce_flags: tuple[str, ...] | None = None
+    switch: str  # the flag that turns it off
+    wanted: Callable  # wanted(args)
+    needs: str  # what the encoder pass keeps for it: "pooled", "blocks" or "tokens"
+    fit: Callable  # fit(inputs, args) trains, evaluates and saves it; returns its own result fields
+    saves: tuple[str, ...] = ()  # the files it writes beside its result file
+    reproduce_flags: tuple[str, ...] | None = None  # in reproduce.py's mae_probes step; None: the default probe step
+    # check(args, config, train) refuses its flags before any work: with the config (train None), then with the
+    # training split before any image is decoded
+    check: Callable = lambda args, config, train: None
 
 
-def probe_settings(args) -> dict:
-    return dict(probe_epochs=args.probe_epochs, probe_batch_size=args.probe_batch_size,
-                probe_learning_rate=args.probe_learning_rate, probe_weight_decay=args.probe_weight_decay)
+# the flags of each head's recipe, recorded in its result file
+PROBE_RECIPE = ("probe_epochs", "probe_batch_size", "probe_learning_rate", "probe_weight_decay")
+ATTENTIVE_RECIPE = ("attentive_heads", "attentive_epochs", "attentive_batch_size", "attentive_learning_rate",
+                    "attentive_weight_decay")
 
 
 def fit_linear_probe(inputs: FrozenInputs, args) -> dict:
     """The classifier's own head on the pooled features; saved as an `MAEForImageClassification`."""
     model = inputs.model
-    started = time.perf_counter()
-    train_probe(model, inputs.pooled["train"], inputs.train.labels, epochs=args.probe_epochs,
-                batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
-                weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
-    probe_seconds = time.perf_counter() - started
+    _, seconds = timed(train_probe, model, inputs.pooled["train"], inputs.train.labels, epochs=args.probe_epochs,
+                       batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
+                       weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
     predictions = predict_features(model, inputs.pooled["eval"], classify=model.classify_features)
     model.save_pretrained(args.output_dir)
     return dict(eval_accuracy=accuracy(predictions, inputs.evaluation.labels), pooling=args.pooling,
-                probe_seconds=round(probe_seconds, 2), **probe_settings(args))
+                probe_seconds=seconds, **{name: getattr(args, name) for name in PROBE_RECIPE})
 
 
 def fit_multiblock_probe(inputs: FrozenInputs, args) -> dict:
@@ -409,7 +360,7 @@ def fit_multiblock_probe(inputs: FrozenInputs, args) -> dict:
                     "id2label": inputs.model.config.id2label, "encoder_fingerprint": inputs.encoder_fingerprint})
     return dict(eval_accuracy=accuracy(predict_features(head, inputs.blocks["eval"]), inputs.evaluation.labels),
                 feature_blocks=args.feature_blocks, features=features, feature_size=train_blocks.shape[1],
-                probe_seconds=seconds, **probe_settings(args))
+                probe_seconds=seconds, **{name: getattr(args, name) for name in PROBE_RECIPE})
 
 
 def fit_attentive_probe(inputs: FrozenInputs, args) -> dict:
@@ -423,10 +374,16 @@ def fit_attentive_probe(inputs: FrozenInputs, args) -> dict:
                     "encoder_fingerprint": inputs.encoder_fingerprint})
     predictions = predict_tokens(head, inputs.tokens["eval"], inputs.device, inputs.bf16)
     return dict(eval_accuracy=accuracy(predictions, inputs.evaluation.labels), features=features,
-                token_cache=inputs.tokens["train"].storage, attentive_heads=args.attentive_heads,
-                attentive_epochs=args.attentive_epochs, attentive_batch_size=args.attentive_batch_size,
-                attentive_learning_rate=args.attentive_learning_rate,
-                attentive_weight_decay=args.attentive_weight_decay, probe_seconds=seconds)
+                token_cache=inputs.tokens["train"].storage, probe_seconds=seconds,
+                **{name: getattr(args, name) for name in ATTENTIVE_RECIPE})
+
+
+def check_knn(args, config, train) -> None:
+    if not args.knn_k or min(args.knn_k) < 1:
+        raise UsageError(f"--knn_k takes positive neighbour counts, got {args.knn_k}.")
+    if train is not None and max(args.knn_k) > len(train):
+        raise ValueError(f"--knn_k {max(args.knn_k)} needs at least that many training images; the training "
+                         f"split has {len(train)}. Pass smaller values, e.g. --knn_k {min(20, len(train))}.")
 
 
 def fit_knn(inputs: FrozenInputs, args) -> dict:
@@ -458,6 +415,7 @@ FROZEN_PROTOCOLS = (  # table order: the rows of compare's table and the order t
     FrozenProtocol("attentive_probe",
                    "Attentive probe (cross-attention pooling of frozen patch tokens + linear head)", "attentive_probe",
                    lambda args: args.attentive_probe, "tokens", fit_attentive_probe,
-                   saves=head_files("attentive_probe"), reproduce_flags=("--attentive_probe", "true")),
-    FrozenProtocol("knn", None, "knn", lambda args: args.knn, "pooled", fit_knn),
+                   saves=head_files("attentive_probe"), reproduce_flags=("--attentive_probe", "true"),
+                   check=lambda args, config, train: check_heads(config.hidden_size, args.attentive_heads)),
+    FrozenProtocol("knn", None, "knn", lambda args: args.knn, "pooled", fit_knn, check=check_knn),
 )

@@ -5,8 +5,10 @@ Every number in a table or model card comes from these files, which the scripts 
 import glob
 import hashlib
 import os
+import platform
 
 import torch
+import transformers
 
 from .augment import STRONG_RECIPE_OFF
 from .data import skipped_images
@@ -20,6 +22,12 @@ TITLES = {**{protocol.name: protocol.title for protocol in FROZEN_PROTOCOLS if p
           "finetune": "Fine-tune (whole encoder trained)",
           "finetune_strong": "Fine-tune, strong recipe (+ RandAugment, mixup/cutmix, random erasing, repeated "
                              "augmentation, weight EMA)"}
+KNN_DESCRIPTION = " (frozen encoder, cosine, weighted votes)"  # on the first kNN row only
+ENCODERS = (("random_init", "Random-init encoder"), ("pretrained", "MAE-pretrained encoder"))
+# what a result file records besides its settings: everything else in it is a setting of the protocol
+NOT_SETTINGS = {"protocol", "encoder", "eval_accuracy", "eval_loss", "model_name_or_path", "encoder_fingerprint",
+                "dataset_name", "train_split", "eval_split", "train_samples", "eval_samples", "source",
+                "skipped_images", "eval_ema_accuracy", "eval_ema_loss", "ema_model", "versions", "architecture"}
 
 
 def finetune_protocol(settings: dict) -> str:
@@ -27,32 +35,18 @@ def finetune_protocol(settings: dict) -> str:
     result file), else "finetune": the two recipes are two rows of a table, not one cell in conflict."""
     strong = any(settings.get(key, off) not in (off, None) for key, off in STRONG_RECIPE_OFF.items())
     return "finetune_strong" if strong else "finetune"
-KNN_DESCRIPTION = " (frozen encoder, cosine, weighted votes)"  # on the first kNN row only
-ENCODERS = (("random_init", "Random-init encoder"), ("pretrained", "MAE-pretrained encoder"))
-
-
-# what a result file records besides its settings: everything else in it is a setting of the protocol
-NOT_SETTINGS = {"protocol", "encoder", "eval_accuracy", "eval_loss", "model_name_or_path", "encoder_fingerprint",
-                "dataset_name", "train_split", "eval_split", "train_samples", "eval_samples", "source",
-                "skipped_images", "eval_ema_accuracy", "eval_ema_loss", "ema_model", "versions", "architecture"}
 
 
 def software_versions() -> dict:
     """The versions a number was measured with, recorded beside it (numbers move between releases)."""
-    import platform
-
-    import transformers
-
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-ARCHITECTURE_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
-                      "num_attention_heads", "mlp_ratio", "qkv_bias", "hidden_act")
 
 
 def architecture(config) -> dict:
     """The encoder's shape as a result file records it: a random-init baseline must match the pretrained model."""
-    return {field: getattr(config, field) for field in ARCHITECTURE_FIELDS}
+    return {field: getattr(config, field) for field in ("image_size", "patch_size", "num_channels", "hidden_size",
+                                                        "num_hidden_layers", "num_attention_heads", "mlp_ratio",
+                                                        "qkv_bias", "hidden_act")}
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -66,30 +60,25 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> str:
 
 def run_record(data_args, train, evaluation, *, device, world_size: int, bf16: bool, seed: int,
                crop_fraction: float, precision: str | None = None) -> dict:
-    """What every result file records of its run: the data (splits, sizes, images skipped as undecodable, how they
-    were stored and cropped), the device as `"<processes> x <type>"`, the precision and the seed. Each script adds its
-    own keys; `write_results` adds the software versions."""
+    """What every result file records of its run: the data (splits, sizes, skipped images, storage, crop), the device
+    as `"<processes> x <type>"`, the precision and the seed; `write_results` adds the software versions."""
     record = {"dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
               "train_samples": len(train), "eval_samples": len(evaluation)}
     if data_args.skip_bad_images or train.skipped or evaluation.skipped:
         record["skipped_images"] = skipped_images(train, evaluation)
     record.update(eval_crop_fraction=crop_fraction, stored_short_side=train.short_side,
-                  device=f"{world_size} x {torch.device(device).type}", bf16=bf16)
-    if precision is not None:
-        record["precision"] = precision
-    record["seed"] = seed
+                  device=f"{world_size} x {torch.device(device).type}", bf16=bf16,
+                  **({} if precision is None else {"precision": precision}), seed=seed)
     return record
 
 
-def write_results(output_dir: str, name: str, results: dict) -> str:
-    """Write `<output_dir>/<name>_results.json` (with the software versions, without Hub tokens) and print a one-line
-    summary."""
+def write_results(output_dir: str, name: str, results: dict) -> None:
+    """`<output_dir>/<name>_results.json` (with the software versions, without Hub tokens), and a one-line summary."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name}_results.json")
     write_json(path, {**results, "versions": software_versions()}, sort_keys=True)
     print(f"[{name}] {results.get('encoder', '')} encoder: eval_accuracy {results['eval_accuracy']:.4f} "
           f"({results.get('eval_samples', '?')} images) -> {path}", flush=True)
-    return path
 
 
 def is_local_dataset(name: str) -> bool:
@@ -101,19 +90,13 @@ SPLIT_FOLDERS = ("train", "training", "val", "valid", "validation", "test", "eva
 
 
 def _dataset_names(name: str, prepared_from: dict | None = None) -> list[tuple[str, str]]:
-    """("hub", id) or ("local", key) for a dataset and, for a prepared folder, the source it was prepared from. A
-    local key is the folder's name, or parent/name for a split folder (`imagenet/train`)."""
+    """("hub", id) or ("local", `folder_name`) of a dataset and, for a prepared folder, of its source."""
     if prepared_from is None and is_local_dataset(name):
         prepared_from = prepared_source(os.path.expanduser(name))
-    names = []
-    for value in (name, *((prepared_from or {}).get(key) for key in ("dataset_name", "train_dir"))):
-        if not value:
-            continue
-        if not is_local_dataset(str(value)):
-            names.append(("hub", str(value).lower()))
-            continue
-        names.append(("local", folder_name(str(value)).lower()))
-    return names
+    source = prepared_from or {}
+    values = [str(value) for value in (name, source.get("dataset_name"), source.get("train_dir")) if value]
+    return [("local", folder_name(value).lower()) if is_local_dataset(value) else ("hub", value.lower())
+            for value in values]
 
 
 def folder_name(path: str) -> str:
@@ -125,11 +108,8 @@ def folder_name(path: str) -> str:
 def _match(a: tuple[str, str], b: tuple[str, str]) -> bool:
     """Two Hub ids when equal; two folders when their keys are; a folder and a Hub id when the folder is named like
     the dataset (`../data/cifar10`, `../data/cifar10/train` as copies of `uoft-cs/cifar10`)."""
-    if a[0] == b[0]:
-        return a[1] == b[1]
     local, hub = (a, b) if a[0] == "local" else (b, a)
-    dataset = local[1].split("/")[0] if "/" in local[1] else local[1]
-    return dataset == hub[1].split("/")[-1]
+    return a[1] == b[1] if a[0] == b[0] else local[1].split("/")[0] == hub[1].split("/")[-1]
 
 
 def same_dataset(name: str, other: str, prepared_from: dict | None = None) -> bool:
@@ -138,9 +118,7 @@ def same_dataset(name: str, other: str, prepared_from: dict | None = None) -> bo
 
 
 def collect_results(paths) -> list[dict]:
-    """Results from result files or from folders searched recursively for `*_results.json` that have a
-    `protocol` (the Trainer's own train/eval_results.json files are skipped). A fine-tune is named by the recipe it
-    records (`finetune_protocol`)."""
+    """The checked results in result files, or in folders searched recursively for `*_results.json` (not Trainer's)."""
     files = []
     for path in paths:
         if os.path.isdir(path):
@@ -168,8 +146,7 @@ TRAINER_FILES = ("all_results.json", "train_results.json", "eval_results.json", 
 
 
 def check_result(result: dict, file: str) -> None:
-    """A result file's numbers and names as the scripts write them: an accuracy that is no fraction, or a protocol
-    or encoder this project does not name, would otherwise reach a table or a model card as if measured."""
+    """A result file's numbers and names as the scripts write them (anything else would reach a table as measured)."""
     def refuse(key: str, expected: str) -> None:
         raise ValueError(f"{file}: {key} is {result.get(key)!r}; expected {expected}. A result file holds what a "
                          "script measured: run that script again rather than editing the file.")
@@ -192,21 +169,18 @@ def check_result(result: dict, file: str) -> None:
             refuse(key, "a whole number of images")
 
 
-def _cells(result: dict):
+def _cells(result: dict) -> list:
     """((protocol position, k), accuracy key) of each table cell a result fills: one per protocol, one per k of kNN."""
-    protocol = result["protocol"]
-    if protocol == "knn":
-        for key in sorted(result):
-            if key.startswith("eval_accuracy_k"):
-                yield (PROTOCOLS.index(protocol), int(key.removeprefix("eval_accuracy_k"))), key
-    elif protocol in PROTOCOLS:
-        yield (PROTOCOLS.index(protocol), 0), "eval_accuracy"
+    position = PROTOCOLS.index(result["protocol"])  # a known one: `check_result` refused others
+    if result["protocol"] != "knn":
+        return [((position, 0), "eval_accuracy")]
+    return [((position, int(key.removeprefix("eval_accuracy_k"))), key) for key in sorted(result)
+            if key.startswith("eval_accuracy_k")]
 
 
 def accuracy_rows(results: list[dict]) -> dict:
-    """{row title: {encoder: (accuracy, result)}} in table order: the probes, kNN for each k, fine-tune. Two results for
-    one cell must agree (the same run found twice); otherwise the table would depend on file order, so that is an
-    error naming both files."""
+    """{row title: {encoder: (accuracy, result)}} in table order. Two results for one cell must agree (the same run
+    found twice); otherwise the table would depend on file order, so that is an error naming both files."""
     grid = {}
     for result in results:
         for position, key in _cells(result):
@@ -220,8 +194,7 @@ def accuracy_rows(results: list[dict]) -> dict:
     first_k = min((k for (index, k), _ in grid if PROTOCOLS[index] == "knn"), default=None)
     rows = {}
     for ((index, k), encoder), cell in sorted(grid.items()):
-        protocol = PROTOCOLS[index]
-        title = TITLES.get(protocol) or f"kNN, k = {k}" + (KNN_DESCRIPTION if k == first_k else "")
+        title = TITLES.get(PROTOCOLS[index]) or f"kNN, k = {k}" + (KNN_DESCRIPTION if k == first_k else "")
         rows.setdefault(title, {})[encoder] = cell
     for cells in rows.values():
         check_comparable([result for _, result in cells.values()])
@@ -252,15 +225,13 @@ def evaluation_data(result: dict) -> str:
     return (f"{result.get('dataset_name')}, {result.get('eval_split')} ({result.get('eval_samples')} images)")
 
 
-# What a row's cells must share besides the images: the same architecture at the same image size, the same
-# features (pooling, blocks). Recorded by the scripts; files written before a key was recorded are not checked on it.
+# What a row's cells must share besides the images; files written before a key was recorded are not checked on it.
 SAME_IN_A_ROW = ("architecture", "pooling", "feature_blocks")
 
 
 def check_comparable(results: list[dict]) -> None:
-    """Two cells of one row (random init against pretrained) must be measured on the same images: the same dataset
-    (or a copy of it), evaluation split and number of evaluation images; otherwise the gain would compare two
-    evaluations rather than two encoders. And of the same architecture and features (`SAME_IN_A_ROW`)."""
+    """The cells of one row (random init against pretrained) must be measured on the same images (dataset or a copy,
+    split, number of images) with the same `SAME_IN_A_ROW`; otherwise the gain would not compare two encoders."""
     first = results[0]
     for other in results[1:]:
         for key in SAME_IN_A_ROW:
@@ -282,8 +253,7 @@ def check_comparable(results: list[dict]) -> None:
 
 
 def unique_results(results: list[dict]) -> list[dict]:
-    """The results with agreeing duplicates (one run's numbers found in two files) kept once; disagreeing ones
-    are an error (see `accuracy_rows`)."""
+    """The results with agreeing duplicates (one run's numbers in two files) once; disagreeing ones are an error."""
     accuracy_rows(results)
     seen, unique = set(), []
     for result in results:

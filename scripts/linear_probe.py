@@ -30,8 +30,7 @@ from mae_hf.loading import ModelArguments
 def main(argv=None, description=__doc__, **defaults):
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, FrozenEvalArguments), argv,
                                              description=description)
-    for key, value in defaults.items():
-        setattr(args, key, value)
+    vars(args).update(defaults)
     run_frozen_evaluation(model_args, data_args, args)
 
 

@@ -31,8 +31,10 @@ configs/cpu_small.yaml and configs/cpu_small_finetune_strong.yaml. --pretrain_ar
 """
 
 import argparse
+import contextlib
 import glob
 import importlib.util
+import io
 import os
 import shlex
 import shutil
@@ -41,9 +43,12 @@ import sys
 import threading
 import time
 
-from mae_hf.cli import UsageError, error_message, run_script, user_errors
+from transformers import HfArgumentParser
+
+from mae_hf.cli import UsageError, error_message, read_config_file, run_script, user_errors
 from mae_hf.evaluation import check_feature_blocks
 from mae_hf.inputs import read_json_object, write_json
+from mae_hf.loading import ModelArguments, build_config
 from mae_hf.probes import FROZEN_PROTOCOLS
 from mae_hf.redaction import recorded_command, redact_argv
 from mae_hf.runs import differences
@@ -52,11 +57,8 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.normpath(os.path.join(SCRIPTS, os.pardir, "configs"))
 RECORD = "reproduce_steps.json"  # in --output_dir: the command each step was last started with
 STOPPED = (130, 143)  # a step stopped by SIGINT / SIGTERM (128 + signal number)
-RECIPES = {  # (pretraining config or None for the defaults, fine-tune config)
-    "gpu": (None, "finetune_strong.yaml"),
-    "cpu_small": ("cpu_small.yaml", "cpu_small_finetune_strong.yaml"),
-}
-ENCODERS = ("pretrained", "random_init")
+RECIPES = {"gpu": (None, "finetune_strong.yaml"),  # (pretraining config, None for the defaults; fine-tune config)
+           "cpu_small": ("cpu_small.yaml", "cpu_small_finetune_strong.yaml")}
 
 
 def load_script(name: str):
@@ -70,18 +72,13 @@ def load_script(name: str):
 
 
 class PathArg(str):
-    """A path reproduce.py puts in a step's command: recorded absolute, so that the same folder named from another
-    current directory is the same command."""
+    """A path in a step's command: recorded absolute, so that one folder named from two directories is one command."""
 
 
 def shown_path(path: str) -> str:
     """`path` as a printed command should name it to run from the current directory: relative when it lies below
     it, else absolute (a relative path that climbs out reads as if it were somewhere else)."""
-    path = os.path.abspath(path)
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:  # another drive (Windows)
-        return path
+    path, relative = os.path.abspath(path), os.path.relpath(path)
     return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
@@ -148,10 +145,9 @@ class Step:
         print(f"[reproduce] {self.name}: {recorded_command([f'scripts/{self.script}.py', *argv])}", flush=True)
         advice = "Fix it and run the same command again: the finished steps are skipped."
         again = "run the same reproduce.py command again to continue: the finished steps are skipped."
-        program = sys.argv
-        # The step's own command line, for what it records and advises (summaries, "resume with: ..."): this
-        # command's would not run the step, and reproduce.py takes no --resume_from_checkpoint.
-        sys.argv = [f"scripts/{self.script}.py", *argv]
+        # The step's own command line, for what it records and advises ("resume with: ..."): reproduce.py's would not
+        # run the step, and takes no --resume_from_checkpoint.
+        program, sys.argv = sys.argv, [f"scripts/{self.script}.py", *argv]
         try:
             load_script(self.script).main(argv)
         except (KeyboardInterrupt, StepStopped) as stop:  # a step that handles no signal itself: one line here
@@ -199,32 +195,22 @@ def plan(args) -> list[Step]:
     for switch in dict.fromkeys(protocol.switch for protocol in default):
         if switch not in {protocol.switch for protocol in others}:
             mae_probes_flags += [f"--{switch}", "false"]
-
-    def results_of(protocols) -> tuple[str, ...]:
-        return tuple(f"{protocol.name}_results.json" for protocol in protocols)
-
-    steps = [Step("pretrain", "pretrain",
-                  ([config(pretrain_config)] if pretrain_config else [])
+    sources = {"pretrained": ["--model_name_or_path", model],
+               "random_init": ["--model_name_or_path", model, "--random_init", "true"]}
+    steps = [Step("pretrain", "pretrain", ([config(pretrain_config)] if pretrain_config else [])
                   + ["--output_dir", model, *data, *split(args.pretrain_args)],
                   model, ("pretraining_summary.json",), trainer=True)]
-    for encoder in ENCODERS:
-        source = ["--model_name_or_path", model] + (["--random_init", "true"] if encoder == "random_init" else [])
-        steps += [
-            Step(f"probe_{encoder}", "linear_probe",
-                 [*source, "--output_dir", under(encoder, "probe"), *data, *split(args.probe_args)],
-                 under(encoder, "probe"), results_of(default)),
-            Step(f"mae_probes_{encoder}", "linear_probe",
-                 [*source, "--output_dir", under(encoder, "mae_probes"), *mae_probes_flags, *data,
-                  *split(args.probe_args)],
-                 under(encoder, "mae_probes"), results_of(others)),
-        ]
-    for encoder in ENCODERS:
-        source = ["--model_name_or_path", model] + (["--random_init", "true"] if encoder == "random_init" else [])
+    for encoder, source in sources.items():
+        for name, flags, protocols in (("probe", [], default), ("mae_probes", mae_probes_flags, others)):
+            steps.append(Step(f"{name}_{encoder}", "linear_probe",
+                              [*source, "--output_dir", under(encoder, name), *flags, *data, *split(args.probe_args)],
+                              under(encoder, name), tuple(f"{protocol.name}_results.json" for protocol in protocols)))
+    for encoder, source in sources.items():
         folder = under(encoder, "finetune")
         steps.append(Step(f"finetune_{encoder}", "finetune",
                           [config(finetune_config), *source, "--output_dir", folder, *data,
                            *split(args.finetune_args)], folder, ("finetune_results.json",), trainer=True))
-    pretrained, random_init = (under(encoder) for encoder in ENCODERS)
+    pretrained, random_init = under("pretrained"), under("random_init")
     steps += [
         Step("compare", "compare", [random_init, pretrained, "--output", under("comparison.md")], out,
              ("comparison.md",), derived=True),
@@ -249,8 +235,7 @@ def read_record(path: str) -> dict:
 
 def check_unchanged(steps: list[Step], record: dict, output_dir: str) -> set[str]:
     """Refuse (before anything runs) a command whose finished or resumable steps ran with other settings: skipped,
-    they would leave results of the old settings under the new command. Returns the derived steps to redo because
-    their own flags changed (they only read earlier outputs, so redoing them is always right)."""
+    they would keep the old settings. Returns the derived steps to redo because their own flags changed."""
     changed, redo = [], set()
     differing = differences(record, {step.name: step.recorded() for step in steps})
     for step in (step for step in steps if step.name in differing):
@@ -292,28 +277,17 @@ def run_steps(steps: list[Step], redo: set[str], record: dict, record_path: str,
 
 
 def pretrained_layers(step: Step) -> int | None:
-    """The encoder depth pretraining makes (its finished model's, else from its config file and flags), so that
-    --feature_blocks is checked before hours of pretraining; None when the flags do not resolve here (the step
-    then reports them itself)."""
-    import contextlib
-    import io
-
-    from transformers import HfArgumentParser
-
-    from mae_hf.cli import read_config_file
-    from mae_hf.loading import ModelArguments, build_config
-
+    """The encoder depth pretraining makes (its finished model's, else from its config file and flags), to check
+    --feature_blocks before hours of pretraining; None when the flags do not resolve here (the step reports them)."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             if step.is_done():
                 return build_config(ModelArguments(model_name_or_path=step.folder)).num_hidden_layers
             argv = list(step.argv)
             parser = HfArgumentParser(ModelArguments)
-            if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-                known = {action.dest for action in parser._actions}
-                parser.set_defaults(**{key: value for key, value in read_config_file(argv.pop(0), parser).items()
-                                       if key in known})
-            model_args, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+            if argv and argv[0].endswith((".yaml", ".yml", ".json")):  # the other dataclasses' options are left over
+                parser.set_defaults(**read_config_file(argv.pop(0), parser))
+            model_args, *_ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
             return build_config(model_args, norm_pix_loss=True).num_hidden_layers
     except (Exception, SystemExit):
         return None
@@ -348,6 +322,7 @@ def main(argv=None):
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
 
 if __name__ == "__main__":
     run_script(main)
