@@ -105,7 +105,7 @@ class _Split:
         if not self.reader.stored and len(indices) > HEADER_SAMPLE:
             indices = np.sort(np.random.default_rng(0).choice(indices, HEADER_SAMPLE, replace=False))
         sizes, problems = header_sizes(self.reader, indices, workers=0)
-        good = sizes[np.setdiff1d(np.arange(len(indices)), np.asarray(sorted(problems), dtype=np.int64))]
+        good = np.delete(sizes, sorted(problems), axis=0)
         if not len(good):
             return 0
         return int(len(self.reader) * storage_plan(good, channels)[2] / len(good))
@@ -203,10 +203,8 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     decoded = sum(split.estimated_bytes(num_channels) for split in splits)
     budget, explained = memory_budget()
     fits = decoded <= budget
-    if args.data_in_memory == "auto":
-        in_memory = all_processes_agree(fits)
-    else:
-        in_memory = args.data_in_memory == "true"
+    in_memory = all_processes_agree(fits) if args.data_in_memory == "auto" else args.data_in_memory == "true"
+    workers = default_workers() if num_workers is None else num_workers
     size = f"{'' if source.stored else 'about '}{gigabytes(decoded)} decoded"
     if in_memory:
         why = ("--data_in_memory true" + ("" if fits else f", although over the budget of {gigabytes(budget)}")
@@ -226,8 +224,7 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
             "bad image would only show up during training, where it cannot be left out. Prepare the data once, "
             "which checks every image and leaves the bad ones out: "
             f"{suggested_prepare_command(args, image_size)} --skip_bad_images true, then train from that folder.")
-    workers = default_workers() if num_workers is None else num_workers
-    if not in_memory:
+    else:
         why = "--data_in_memory false" if args.data_in_memory == "false" else \
             f"over the memory budget of {gigabytes(budget)} = {explained}"
         print_once(f"[data] from disk: {len(splits[0]):,} + {len(splits[1]):,} images of {source.description}, read "

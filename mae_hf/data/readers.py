@@ -1,14 +1,11 @@
-"""The two interfaces every kind of image source is read through, and their two implementations:
+"""The two interfaces every kind of image source is read through: `ImageSource` (one data set: splits, columns,
+geometry, a reader per split, what was left out, what identifies it) and `ImageReader` (random access to one split's
+stored images); `DatasetSource`/`DatasetReader` (what `datasets` loads, decoded as read) and `PreparedSource`/
+`PreparedReader` (a prepared folder's shards) implement them, and `open_source` picks one.
 
-    ImageReader  random access to one split's stored images, by position: `DatasetReader` (a `datasets` split of
-                 undecoded images, decoded and scaled to the geometry on reading) or `PreparedReader` (the shards
-                 of a prepared folder, stored at their final size)
-    ImageSource  one data set as the scripts read it (splits, columns, geometry, a reader per split, what was left
-                 out, what identifies it): `DatasetSource` or `PreparedSource`; `sources.open_source` picks one
-
-A new kind of source is one `ImageReader` and one `ImageSource` here, and its recognition in `open_source`.
-Readers are made in the main process and forked into DataLoader workers: each process opens the files it reads
-itself, lazily.
+A new kind of source is one `ImageSource` and one `ImageReader` here, and a line in `open_source`. Its `raw` is a
+`DatasetDict` of the rows its reader reads (for files `datasets` cannot load, a listing such as
+`sources.list_image_folder` makes). Readers are forked into DataLoader workers: each process opens its files lazily.
 """
 
 import functools
@@ -59,6 +56,17 @@ class ImageReader(Protocol):
         """Where the image at `position` lies (" (path)"), for messages; "" if nothing more is known."""
 
 
+def _each_or_bad(function, values) -> list:
+    """`function(value)` for each value, or the `BadImage` it raised."""
+    results = []
+    for value in values:
+        try:
+            results.append(function(value))
+        except BadImage as error:
+            results.append(error)
+    return results
+
+
 class DatasetReader:
     """Undecoded images ({bytes, path}) of a `datasets` split, by position among `positions` of that split (default:
     all); each is decoded and scaled to `geometry` when read."""
@@ -81,22 +89,13 @@ class DatasetReader:
         return self.dataset[self.positions[np.asarray(positions, dtype=np.int64)].tolist()][self.column]
 
     def sizes(self, positions) -> tuple[np.ndarray, dict]:
-        sizes, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
-        for index, value in enumerate(self.values(positions)):
-            try:
-                sizes[index] = stored_size(value, self.geometry)
-            except BadImage as error:
-                problems[index] = str(error)
-        return sizes, problems
+        found = _each_or_bad(lambda value: stored_size(value, self.geometry), self.values(positions))
+        problems = {index: str(size) for index, size in enumerate(found) if isinstance(size, BadImage)}
+        sizes = [(0, 0) if isinstance(size, BadImage) else size for size in found]
+        return np.array(sizes, dtype=np.int32).reshape(-1, 2), problems
 
     def read(self, positions) -> list:
-        decoded = []
-        for value in self.values(positions):
-            try:
-                decoded.append(decode_image(value, self.geometry))
-            except BadImage as error:
-                decoded.append(error)
-        return decoded
+        return _each_or_bad(lambda value: decode_image(value, self.geometry), self.values(positions))
 
     def describe(self, position: int) -> str:
         value = self.values([position])[0]
@@ -106,13 +105,8 @@ class DatasetReader:
 class PreparedReader:
     """Images of a prepared split (scripts/prepare_data.py), by position in the selected rows: `rows` are row
     numbers of the split's shards in order, `files`/`counts` the shards and their row counts, `sizes` the stored
-    heights and widths of the selected rows.
-
-    Each image's bytes are read with one `pread` at the place its shard holds them (`value_index`, found once from
-    the shards' Arrow metadata), not through a memory map: a mapped page stays in the reading process's resident
-    memory, and the kernel maps neighbouring pages too (fault-around), so a worker reading at random through maps
-    would grow by several times what it reads, up to the whole data set. Read this way, the workers' memory stays
-    flat however large the data set is; the kernel's page cache still keeps what was read."""
+    heights and widths of the selected rows. Each image is one `pread` at its place in its shard (`value_index`), not
+    read through a memory map, whose pages would stay resident in the worker (docs/data.md, "Reading it")."""
 
     stored = True
     OPEN_FILES = 64  # shard files a process keeps open (a million images are ~600 shards; file handles are few)
@@ -159,14 +153,9 @@ class PreparedReader:
         return self.stored_sizes[np.asarray(positions, dtype=np.int64)], {}
 
     def read(self, positions) -> list:
-        decoded = []
         sizes = self.stored_sizes[np.asarray(positions, dtype=np.int64)].tolist()
-        for data, (height, width) in zip(self.values(positions), sizes):
-            try:
-                decoded.append(decode_stored(data, height, width, self.encoding, self.num_channels))
-            except BadImage as error:
-                decoded.append(error)
-        return decoded
+        return _each_or_bad(lambda item: decode_stored(item[0], *item[1], self.encoding, self.num_channels),
+                            zip(self.values(positions), sizes))
 
     def describe(self, position: int) -> str:
         row = int(self.rows[position])

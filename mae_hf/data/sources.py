@@ -1,10 +1,6 @@
-"""Finding the images: a `DatasetDict` from a Hub id, a local dataset folder or file, image folders or a prepared
-folder; then the splits, the image and label columns and the rows a script uses.
-
-Image folders (`--train_dir`, or a folder laid out as split/class/image files) are listed here in one directory
-pass with `os.scandir`, not by `datasets`' imagefolder builder, whose file resolution takes minutes on a million
-files. Everything stays undecoded: `memory.py` decodes what fits in memory, `streaming.py` what does not.
-"""
+"""Finding the images, undecoded: a `DatasetDict` from a Hub id, a local dataset folder or file, or image folders
+(listed in one `os.scandir` pass, not by `datasets`' imagefolder builder: docs/data.md, "Sources"); then the splits,
+the image and label columns and the rows a script uses."""
 
 import glob
 import math
@@ -101,11 +97,9 @@ def check_manifest_present(folder: str) -> None:
 
 
 def hub_snapshot(args: SourceArguments, token: str | None) -> tuple[str, str | None]:
-    """(what `datasets.load_dataset` reads, the revision to ask for) for the Hub id --dataset_name, with
-    `args.dataset_revision` set to the commit it is (recorded with the run: a resume compares it): asked of the Hub,
-    or, offline, a snapshot downloaded from the Hub earlier (huggingface_hub's cache). Never `datasets`' own cache
-    of that name, which `datasets` falls back to offline, after 30 s of retries, and which a local folder of the
-    same name writes too."""
+    """(what `datasets.load_dataset` reads, the revision to ask for) for the Hub id --dataset_name; sets
+    `args.dataset_revision` to its commit (a resume compares it). Offline, a snapshot in huggingface_hub's cache, never
+    `datasets`' own cache of that name (docs/data.md, "Sources")."""
     import datasets
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -200,16 +194,14 @@ def _holds_images(folder: str, limit: int = 256) -> bool:
 
 
 def _holds_classes(folder: str, classes: list[str]) -> bool:
-    """Whether any of `classes` (subfolders of `folder`) holds images: the first class may be empty, or hold only
-    subfolders; the next ones are looked at only then."""
+    """Whether any of `classes` (subfolders of `folder`) holds images (the first may be empty)."""
     return any(_holds_images(os.path.join(folder, name)) for name in classes)
 
 
 def image_folder_layout(folder: str) -> dict[str, str] | None:
     """{split: folder} when `folder` is a plain image-folder tree — split folders (train/, test/, ...) of class
     folders of images, or class folders directly (one "train" split) — with no metadata files that only
-    `datasets`' imagefolder builder understands; else None. Other files beside a split's class folders (a
-    classes.txt) are left out, and `list_image_folder` says so."""
+    `datasets`' imagefolder builder understands; else None."""
     subfolders, images, others = _entries(folder)
     if images or not subfolders or any(not name.lower().startswith(IGNORED_FILES) for name in others):
         return None
@@ -225,25 +217,18 @@ def image_folder_layout(folder: str) -> dict[str, str] | None:
     return {"train": folder} if _holds_classes(folder, subfolders) else None
 
 
-def split_folders(folder: str) -> list[str]:
-    """The subfolders of `folder` when they are split folders (train/, val/, ...) rather than classes: every one is
-    named like a split and one at least holds class folders of images. (Real classes named "train" and "test"
-    would hold their images, or folders of them; a split folder holds class folders.)"""
-    subfolders, images, _ = _entries(folder)
-    if images or not subfolders or not all(name.lower() in SPLIT_FOLDER_NAMES for name in subfolders):
-        return []
-    for name in subfolders:
-        classes, loose, _ = _entries(os.path.join(folder, name))
-        if classes and not loose and _holds_classes(os.path.join(folder, name), classes):
-            return subfolders
-    return []
-
-
 def check_not_split_tree(option: str, folder: str) -> None:
     """Refuse a tree of split folders given as one split: its splits would be read as classes named "train" and
-    "val", and the model would train on the validation images under the label "val"."""
-    splits = split_folders(folder)
-    if not splits:
+    "val", and the model would train on the validation images under the label "val". Split folders are all named
+    like splits, and one at least holds class folders of images (classes named "train" would hold images)."""
+    splits, images, _ = _entries(folder)
+    if images or not splits or not all(name.lower() in SPLIT_FOLDER_NAMES for name in splits):
+        return
+    for name in splits:
+        classes, loose, _ = _entries(os.path.join(folder, name))
+        if classes and not loose and _holds_classes(os.path.join(folder, name), classes):
+            break
+    else:
         return
     train = next((name for name in splits if name.lower() in ("train", "training")), splits[0])
     held = next((name for wanted in EVAL_SPLIT_NAMES for name in splits if name.lower() == wanted), None)
@@ -256,22 +241,9 @@ def check_not_split_tree(option: str, folder: str) -> None:
                      f"read as classes named {' and '.join(splits)}. Pass {fix} (or --dataset_name {folder}).")
 
 
-def prepared_folder_above(path: str) -> str | None:
-    """The prepared folder (scripts/prepare_data.py) that `path` is or lies inside, named as the user named `path`
-    (relative stays relative); None if none."""
-    current = os.path.abspath(path)
-    while True:
-        if is_prepared(current):
-            return current if os.path.isabs(path) else os.path.relpath(current)
-        parent = os.path.dirname(current)
-        if parent == current:
-            return None
-        current = parent
-
-
 def source_folders(args: SourceArguments) -> list[tuple[str, str]]:
-    """(option, folder) of each local folder the images are read from; a single file's folder counts, since
-    `--dataset_name` of that folder reads every file in it."""
+    """(option, folder) of each local folder the images are read from (a single file's folder: reading it reads the
+    file)."""
     if args.train_dir:
         return [(option, folder) for option, folder in (("--train_dir", args.train_dir),
                                                          ("--validation_dir", args.validation_dir)) if folder]
@@ -294,8 +266,7 @@ def source_holding(path: str, args: SourceArguments) -> tuple[str, str] | None:
 
 def default_prepared_folder(args: SourceArguments) -> str:
     """Where a prepared copy of the source goes by default: beside its folder (beside the tree, for a split folder
-    such as imagenet/train: a folder among the splits would no longer read as a tree of splits), never inside a
-    source; a Hub id's under prepared/ here."""
+    such as imagenet/train, which stays a tree of splits), never inside a source; a Hub id's under prepared/ here."""
     local = source_folders(args)
     if not local:
         return f"prepared/{args.dataset_name.replace('/', '_')}"
@@ -313,9 +284,12 @@ def default_prepared_folder(args: SourceArguments) -> str:
 def check_not_prepared(option: str, path: str) -> None:
     """Refuse a prepared folder, or a folder inside one, where it would be read as images or parquet files: its
     shards hold stored bytes, which would read as "cannot be decoded" or "no image files"."""
-    prepared = prepared_folder_above(path)
-    if prepared is None:
-        return
+    prepared = os.path.abspath(path)
+    while not is_prepared(prepared):
+        if os.path.dirname(prepared) == prepared:
+            return
+        prepared = os.path.dirname(prepared)
+    prepared = prepared if os.path.isabs(path) else os.path.relpath(prepared)
     where = "is a prepared folder (made by scripts/prepare_data.py)" if os.path.samefile(prepared, path) else \
         f"lies inside the prepared folder {prepared} (made by scripts/prepare_data.py)"
     raise UsageError(f"{option} {path} {where}, not a folder of images. Pass --dataset_name {prepared}: its splits "
@@ -323,9 +297,8 @@ def check_not_prepared(option: str, path: str) -> None:
 
 
 def list_image_folders(folders: dict[str, str]):
-    """A `DatasetDict` of image folders ({split: folder}), their labels numbered by the class folders of all splits
-    together, as `datasets`' imagefolder numbers them: a small evaluation split without a rare class shifts nothing.
-    A split that lacks classes is named with them."""
+    """A `DatasetDict` of image folders ({split: folder}), labels numbered by the class folders of all splits together
+    (as `datasets`' imagefolder does: an evaluation split without a rare class shifts nothing)."""
     import datasets
 
     classes = {split: _entries(folder)[0] for split, folder in folders.items()}
@@ -341,10 +314,9 @@ def list_image_folders(folders: dict[str, str]):
 
 
 def list_image_folder(folder: str, class_names: list[str] | None = None):
-    """A `Dataset` of undecoded images {bytes: None, path} and labels from one class folder per label
-    (folder/cat/1.png, ...; deeper folders belong to their class), in one `os.scandir` pass, sorted by name; the
-    labels index `class_names` (default: this folder's classes). A folder of images without class folders gives
-    unlabelled images (label None)."""
+    """A `Dataset` of undecoded images {bytes: None, path}, sorted by name, and labels indexing `class_names` (default:
+    this folder's classes) from one class folder per label (deeper folders belong to their class); loose images
+    without class folders are unlabelled (no label column)."""
     import datasets
     import pyarrow as pa
 
@@ -401,8 +373,8 @@ def _check_no_loop(link: str, parent: str) -> None:
 # ---- columns and splits ----------------------------------------------------------------------------------------
 
 def find_column(dataset, kind: str, name: str | None = None, required: bool = True) -> str | None:
-    """The `kind` ("image" or "label") column: `name` if given (it must exist), else the first column of the
-    matching feature type (`Image` / `ClassLabel`), else the first conventional name."""
+    """The `kind` ("image" or "label") column: `name` if given, else the first of type `Image` / `ClassLabel`, else
+    the first conventional name."""
     import datasets
 
     feature_type, candidates = {"image": (datasets.Image, IMAGE_COLUMN_NAMES),
@@ -438,11 +410,9 @@ def select_splits(raw, args: DataArguments, source_rows_of=None):
     """(train, eval) `Dataset`s, their descriptions, the splits of `raw` they come from and the rows they select:
     the named splits, or train minus a held-out part with a fixed seed; then --max_*_samples random draws.
 
-    Rows are counted in the source: `source_rows_of(split)`, for a prepared folder, gives how many rows its source
-    split had and the source row of each stored row (images left out while preparing are missing); holding out and
-    drawing then happen among the source's rows, so that a source and its prepared copy select the same images. Only
-    index mappings are made (kept in memory: nothing is written beside the data, which may be a shared or read-only
-    prepared folder)."""
+    Rows are counted in the source: `source_rows_of(split)` (a prepared folder's) gives how many rows its source split
+    had and the source row of each stored row, so that a source and its prepared copy select the same images. The
+    selections are index mappings in memory: nothing is written beside the data (it may be read-only)."""
     splits = list(raw.keys())
     if args.train_split not in raw:
         raise ValueError(f"--train_split {args.train_split!r} does not exist; the dataset has splits {splits}.")
@@ -484,7 +454,7 @@ def select_splits(raw, args: DataArguments, source_rows_of=None):
 
 
 def _select(dataset, key: str, rows: np.ndarray, count: int, source_rows_of):
-    """The rows `rows` (source rows) of one split, as a `Dataset` (the split itself when that is all of it)."""
+    """The source rows `rows` of one split (the split itself when that is all of it)."""
     if source_rows_of is None:
         if len(rows) == count and np.array_equal(rows, np.arange(count)):
             return dataset
@@ -496,8 +466,7 @@ def _select(dataset, key: str, rows: np.ndarray, count: int, source_rows_of):
 
 
 def source_rows(dataset, positions=None) -> np.ndarray:
-    """Row numbers in the loaded split (file order) of `positions` (default: all) in `dataset`, which may be a
-    selection, a shuffle or a held-out part of it."""
+    """Row numbers in the loaded split (file order) of `positions` (default: all) in `dataset`, a selection of it."""
     if dataset._indices is None:  # not a selection: positions are rows
         rows = np.arange(len(dataset), dtype=np.int64)
     else:
