@@ -57,14 +57,9 @@ class SourceArguments:
 
     def command_flags(self) -> str:
         """The flags that name this data, for commands printed as hints."""
-        if self.train_dir:
-            return f"--train_dir {self.train_dir}" + (f" --validation_dir {self.validation_dir}"
-                                                      if self.validation_dir else "")
-        flags = f"--dataset_name {self.dataset_name}"
-        for option in ("dataset_config_name", "dataset_revision", "image_column_name", "label_column_name"):
-            if getattr(self, option):
-                flags += f" --{option} {getattr(self, option)}"
-        return flags
+        options = ("train_dir", "validation_dir") if self.train_dir else (
+            "dataset_name", "dataset_config_name", "dataset_revision", "image_column_name", "label_column_name")
+        return " ".join(f"--{option} {getattr(self, option)}" for option in options if getattr(self, option))
 
     def recorded(self) -> dict:
         """Every data flag as a run used it (for its summary; `visualize.py RUN` reads them back)."""

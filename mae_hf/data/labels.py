@@ -38,11 +38,11 @@ def validate_labels(dataset, column: str, split: str, class_names: list[str] | N
     values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)  # None -> NaN
     missing = np.isnan(values)
     fractional = ~missing & (values != np.round(values))
-    upper = len(class_names) if class_names else None
-    too_small = values < (0 if not allow_unlabelled else -1)  # -1 is "unlabelled" where that is allowed
-    out_of_range = ~missing & ~fractional & (too_small | ((values >= upper) if upper is not None else False))
-    range_text = (f"[0, {upper}) (the {upper} class names of the label column)" if upper is not None
-                  else "[0, number of classes)")
+    upper = len(class_names) if class_names else np.inf
+    lowest = -1 if allow_unlabelled else 0  # -1 is "unlabelled" where that is allowed
+    out_of_range = ~missing & ~fractional & ((values < lowest) | (values >= upper))
+    range_text = f"[0, {upper}) (the {upper} class names of the label column)" if class_names else \
+        "[0, number of classes)"
     checks = [(fractional, "are not integers", "labels are integer class indices")]
     if not allow_unlabelled:
         checks.append((missing, "are missing (None)",
@@ -94,13 +94,13 @@ def check_labels(train, evaluation, column: str | None, names, allow_unlabelled:
     (pretraining only), whose training split's labels are still checked (its labels: None)."""
     if column is None:
         return None, (None, None)
-    if evaluation is None:
-        class_names = class_names_of(train, column)
-        return class_names, (validate_labels(train, column, names[0], class_names,
-                                             allow_unlabelled=allow_unlabelled), None)
-    check_same_class_names([(names[0], train, column), (names[1], evaluation, column)])
-    class_names = class_names_of(train, column) or class_names_of(evaluation, column)
+    class_names = class_names_of(train, column)
+    if evaluation is not None:
+        check_same_class_names([(names[0], train, column), (names[1], evaluation, column)])
+        class_names = class_names or class_names_of(evaluation, column)
     train_labels = validate_labels(train, column, names[0], class_names, allow_unlabelled=allow_unlabelled)
+    if evaluation is None:
+        return class_names, (train_labels, None)
     seen = set(train_labels.tolist()) - {-1}
     if not allow_unlabelled:
         return class_names, (train_labels, validate_labels(evaluation, column, names[1], class_names,

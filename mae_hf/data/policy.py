@@ -36,27 +36,18 @@ def cgroup_free_memory() -> int | None:
     return None
 
 
-def free_memory() -> tuple[int, str]:
-    """(bytes, where the figure comes from): the machine's available memory, or the container's limit less its
-    usage when that is lower."""
-    available = _read_number("/proc/meminfo", "MemAvailable")  # in kB
-    if available is None:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    else:
-        available *= 1024
-    container = cgroup_free_memory()
-    if container is not None and container < available:
-        return container, "free under the container's memory limit"
-    return available, "available memory"
-
-
 def processes_on_this_machine() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def memory_budget() -> tuple[int, str]:
-    """(bytes, explanation) this process may fill with decoded images."""
-    free, source = free_memory()
+    """(bytes, explanation) this process may fill with decoded images: a share of the machine's available memory, or
+    of what the container's limit leaves when that is lower."""
+    free, source = _read_number("/proc/meminfo", "MemAvailable"), "available memory"  # in kB
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if free is None else free * 1024
+    container = cgroup_free_memory()
+    if container is not None and container < free:
+        free, source = container, "free under the container's memory limit"
     processes = processes_on_this_machine()
     budget = int(free * MEMORY_SHARE / processes)
     share = f" / {processes} processes on this machine" if processes > 1 else ""

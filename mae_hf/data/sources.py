@@ -332,22 +332,17 @@ def list_image_folder(folder: str, class_names: list[str] | None = None):
     class_names = class_names or classes
     number = {name: label for label, name in enumerate(class_names)}
     for name in classes:
-        found = []
-        pending = [os.path.join(folder, name)]
+        found, pending = [], [os.path.join(folder, name)]
         while pending:
             current = pending.pop()
-            with os.scandir(current) as scan:
-                for entry in scan:
-                    if entry.name.startswith("."):
-                        continue
-                    if entry.is_dir():
-                        if entry.is_symlink():
-                            _check_no_loop(entry.path, current)
-                        pending.append(entry.path)
-                    elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                        found.append(entry.path)
-        found.sort()
-        paths += found
+            subfolders, images, _ = _entries(current)
+            found += [os.path.join(current, image) for image in images]
+            for subfolder in subfolders:
+                path = os.path.join(current, subfolder)
+                if os.path.islink(path):
+                    _check_no_loop(path, current)
+                pending.append(path)
+        paths += sorted(found)
         labels += [number[name]] * len(found)
     if not paths:
         raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); expected one subfolder "
@@ -384,10 +379,10 @@ def find_column(dataset, kind: str, name: str | None = None, required: bool = Tr
         if name not in columns:
             raise ValueError(f"--{kind}_column_name {name!r} is not a column of the dataset; columns: {columns}.")
         return name
-    typed = [column for column, feature in dataset.features.items() if isinstance(feature, feature_type)]
-    named = [column for column in candidates if column in columns]
-    if typed or named:
-        return (typed + named)[0]
+    found = [column for column, feature in dataset.features.items() if isinstance(feature, feature_type)]
+    found += [column for column in candidates if column in columns]
+    if found:
+        return found[0]
     if required:
         raise ValueError(f"No {kind} column found among {columns}; pass --{kind}_column_name.")
     return None
