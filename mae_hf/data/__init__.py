@@ -1,19 +1,17 @@
-"""Image data for every script, from where it lies to the batch the model sees:
+"""Image data for every script, from where it lies to the batch the model sees. `load_image_splits` is the one entry
+point: every bad flag or input fails there, before any training starts.
 
     arguments.py  the data flags the scripts share
-    sources.py    a DatasetDict from a Hub id, dataset folder or file, image folders (one scandir pass) or a prepared
-                  folder; splits, columns, rows      (labels.py: labels checked before any decoding)
+    readers.py    the interfaces every kind of source is read through (`ImageSource`, `ImageReader`), `open_source`
+    sources.py    what `datasets` loads (a Hub id, a dataset folder or file) and image folders; splits, columns, rows
+    labels.py     labels checked before any decoding
     decode.py     one image's bytes -> uint8 pixels in the shared geometry, on a fixed canvas
-    readers.py    the interfaces every kind of source is read through (`ImageSource`: splits, columns, geometry;
-                  `ImageReader`: random access to a split's stored images) and `open_source`, which picks the kind
     memory.py     a split decoded once into one tensor (fits in memory)
     streaming.py  a split decoded batch by batch in DataLoader workers (does not)
+    policy.py     which of the two, decided once and said
     splits.py     one split however held (ImageData), the Dataset loaders read, a sequential pass
     prepared.py   the prepared-folder format (prepare.py writes it; scripts/prepare_data.py)
-    policy.py     which of the two, decided once and said
     transforms.py crop, flip, normalise whole batches on the training device
-
-`load_image_splits` is the one entry point: every bad flag or input fails there, before any training starts.
 """
 
 import sys
@@ -30,7 +28,7 @@ from .policy import all_processes_agree, gigabytes, memory_budget
 from .readers import ImageReader, ImageSource, open_source
 from .sources import default_prepared_folder, select_splits, source_rows
 from .splits import ImageData, ImageDataset, collate, fixed_noise, sequential_batches
-from .streaming import StreamedImages, default_workers
+from .streaming import DeviceJPEGDecoder, StreamedImages, default_workers
 from .transforms import BatchTransform, default_eval_crop_fraction, stored_short_side
 
 MIN_EVAL_IMAGES = 10  # fewer make every accuracy a coarse step (1 image = 10 % or more)
@@ -71,8 +69,6 @@ def device_decoder(args: DataArguments, num_channels: int, device, *splits: Imag
             raise ValueError(f"--decode_on_device true decodes the JPEGs of a prepared folder read from disk; "
                              f"{args.dataset_name} is not a prepared folder of JPEGs (scripts/prepare_data.py "
                              "--encoding jpeg).")
-    from .streaming import DeviceJPEGDecoder
-
     canvas = (num_channels, max(split.canvas[1] for split in splits), max(split.canvas[2] for split in splits))
     return DeviceJPEGDecoder(canvas, device)
 

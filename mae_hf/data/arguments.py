@@ -101,7 +101,25 @@ class DataArguments(SourceArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        self._reconcile_held_out_fraction()
+        # --train_val_split (a fraction, transformers' examples) and --validation_split_percentage (a percentage) are
+        # one setting, kept in `validation_split_percentage`; a percentage under 1 is taken for a mistaken fraction
+        percentage, fraction = self.validation_split_percentage, self.train_val_split
+        if self.validation_dir and (percentage is not None or fraction is not None):
+            raise ValueError("--validation_dir gives the evaluation images; --train_val_split / "
+                             "--validation_split_percentage would hold out others. Give one or the other.")
+        if fraction is None and percentage is not None and 0 < percentage < 1:
+            raise ValueError(
+                f"--validation_split_percentage {percentage:g} would hold out {percentage:g} % of the training split "
+                f"(1 image in {100 / percentage:,.0f}). It is a percentage (5 = 5 %); for a fraction use "
+                f"--train_val_split {percentage:g} (= {100 * percentage:g} %).")
+        if fraction is not None:
+            if not 0 < fraction < 1:
+                hint = f" For {fraction:g} % use --train_val_split {fraction / 100:g}." if 1 <= fraction < 100 else ""
+                raise ValueError(f"--train_val_split is a fraction in (0, 1) (0.15 = 15 %), got {fraction:g}.{hint}")
+            self.validation_split_percentage = round(100 * fraction, 10)
+            if percentage is not None and not math.isclose(percentage, self.validation_split_percentage):
+                raise ValueError(f"--train_val_split {fraction:g} ({self.validation_split_percentage:g} %) and "
+                                 f"--validation_split_percentage {percentage:g} disagree; give one of them.")
         if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 0:
             raise ValueError(f"--preprocessing_num_workers must be >= 0, got {self.preprocessing_num_workers}.")
         for option in ("max_train_samples", "max_eval_samples"):
@@ -113,27 +131,3 @@ class DataArguments(SourceArguments):
         if self.eval_crop_fraction is not None and not 0 < self.eval_crop_fraction <= 1:
             raise ValueError(f"--eval_crop_fraction is a fraction of the short side in (0, 1], got "
                              f"{self.eval_crop_fraction}.")
-
-    def _reconcile_held_out_fraction(self):
-        """--train_val_split (a fraction, transformers' examples) and --validation_split_percentage (a percentage)
-        are one setting: both end up in `validation_split_percentage`; a percentage under 1 is taken for a
-        mistaken fraction."""
-        percentage, fraction = self.validation_split_percentage, self.train_val_split
-        if self.validation_dir and (percentage is not None or fraction is not None):
-            raise ValueError("--validation_dir gives the evaluation images; --train_val_split / "
-                             "--validation_split_percentage would hold out others. Give one or the other.")
-        if fraction is None:
-            if percentage is not None and 0 < percentage < 1:
-                raise ValueError(
-                    f"--validation_split_percentage {percentage:g} would hold out {percentage:g} % of the training "
-                    f"split (1 image in {100 / percentage:,.0f}). It is a percentage (5 = 5 %); for a fraction use "
-                    f"--train_val_split {percentage:g} (= {100 * percentage:g} %).")
-            return
-        if not 0 < fraction < 1:
-            hint = f" For {fraction:g} % use --train_val_split {fraction / 100:g}." if 1 <= fraction < 100 else ""
-            raise ValueError(f"--train_val_split is a fraction in (0, 1) (0.15 = 15 %), got {fraction:g}.{hint}")
-        as_percentage = round(100 * fraction, 10)
-        if percentage is not None and not math.isclose(percentage, as_percentage):
-            raise ValueError(f"--train_val_split {fraction:g} ({as_percentage:g} %) and --validation_split_percentage "
-                             f"{percentage:g} disagree; give one of them.")
-        self.validation_split_percentage = as_percentage

@@ -8,6 +8,7 @@ A new kind of source is one `ImageSource` and one `ImageReader` here, and a line
 `sources.list_image_folder` makes). Readers are forked into DataLoader workers: each process opens its files lazily.
 """
 
+import copy
 import functools
 import os
 import sys
@@ -56,6 +57,14 @@ class ImageReader(Protocol):
         """Where the image at `position` lies (" (path)"), for messages; "" if nothing more is known."""
 
 
+def _subset(reader, positions, *indexed: str):
+    """A copy of `reader` whose arrays named `indexed` keep only the rows at `positions` (file handles: its own)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    subset = copy.copy(reader)  # through __getstate__, where a reader has one
+    subset.__dict__.update({name: getattr(reader, name)[positions] for name in indexed})
+    return subset
+
+
 def _each_or_bad(function, values) -> list:
     """`function(value)` for each value, or the `BadImage` it raised."""
     results = []
@@ -68,22 +77,20 @@ def _each_or_bad(function, values) -> list:
 
 
 class DatasetReader:
-    """Undecoded images ({bytes, path}) of a `datasets` split, by position among `positions` of that split (default:
-    all); each is decoded and scaled to `geometry` when read."""
+    """Undecoded images ({bytes, path}) of a `datasets` split, by position among `positions` of that split; each is
+    decoded and scaled to `geometry` when read."""
 
     stored, encoding = False, None  # sizes are known only from the images' headers
 
-    def __init__(self, dataset, column: str, geometry: Geometry, positions: np.ndarray | None = None):
+    def __init__(self, dataset, column: str, geometry: Geometry):
         self.dataset, self.column, self.geometry = dataset.select_columns([column]), column, geometry
-        self.positions = np.arange(len(dataset), dtype=np.int64) if positions is None else positions
+        self.positions = np.arange(len(dataset), dtype=np.int64)
 
     def __len__(self):
         return len(self.positions)
 
     def subset(self, positions) -> "DatasetReader":
-        subset = DatasetReader.__new__(DatasetReader)
-        subset.__dict__.update(self.__dict__, positions=self.positions[np.asarray(positions, dtype=np.int64)])
-        return subset
+        return _subset(self, positions, "positions")
 
     def values(self, positions) -> list:
         return self.dataset[self.positions[np.asarray(positions, dtype=np.int64)].tolist()][self.column]
@@ -112,14 +119,12 @@ class PreparedReader:
     OPEN_FILES = 64  # shard files a process keeps open (a million images are ~600 shards; file handles are few)
 
     def __init__(self, files: list[str], counts: list[int], rows: np.ndarray, sizes: np.ndarray, encoding: str,
-                 num_channels: int, value_offsets: np.ndarray | None = None,
-                 value_lengths: np.ndarray | None = None):
+                 num_channels: int):
         self.files, self.rows, self.stored_sizes = list(files), np.asarray(rows, dtype=np.int64), sizes
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.encoding, self.num_channels = encoding, num_channels
-        if value_offsets is None:  # the byte ranges of the selected rows' images in their shard files
-            value_offsets, value_lengths = (array[self.rows] for array in value_index(self.files))
-        self.value_offsets, self.value_lengths = value_offsets, value_lengths
+        # the byte ranges of the selected rows' images in their shard files
+        self.value_offsets, self.value_lengths = (array[self.rows] for array in value_index(self.files))
         self._handles, self._pid = {}, None
 
     def __getstate__(self):
@@ -129,10 +134,7 @@ class PreparedReader:
         return len(self.rows)
 
     def subset(self, positions) -> "PreparedReader":
-        positions = np.asarray(positions, dtype=np.int64)
-        return PreparedReader(self.files, np.diff(self.starts), self.rows[positions], self.stored_sizes[positions],
-                              self.encoding, self.num_channels, self.value_offsets[positions],
-                              self.value_lengths[positions])
+        return _subset(self, positions, "rows", "stored_sizes", "value_offsets", "value_lengths")
 
     def _handle(self, shard: int) -> int:
         if self._pid != os.getpid():  # a forked copy: its parent's file positions are not its own

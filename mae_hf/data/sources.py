@@ -49,7 +49,12 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
         except Exception as error:
             raise ValueError(f"--dataset_name {name}: could not read this parquet file ({error}).") from error
     if os.path.isdir(name):
-        check_manifest_present(name)
+        shards = shards_without_manifest(name)  # read as a plain dataset, they would be "images that cannot be decoded"
+        if shards:
+            raise ValueError(f"--dataset_name {name} holds prepared shards ({shards[0]}, ...: {len(shards)} in all) "
+                             f"but no manifest ({PREPARED_MANIFEST}, which says what they hold): it was deleted or not "
+                             "copied. Copy the folder again whole, or prepare it again into a new folder with "
+                             "scripts/prepare_data.py.")
         check_parquet_files(glob.glob(os.path.join(name, "**", "*.parquet"), recursive=True))
         if os.path.exists(os.path.join(name, "dataset_dict.json")):
             return datasets.load_from_disk(name)
@@ -83,17 +88,6 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
                          "shards are read from a local copy. Download it (hf download "
                          f"{name} --repo-type dataset --local-dir {name.split('/')[-1]}) and pass that folder.")
     return loaded
-
-
-def check_manifest_present(folder: str) -> None:
-    """Refuse prepared shards without their manifest: read as a plain dataset, their stored bytes would be "images
-    that cannot be decoded", or train unchecked."""
-    shards = shards_without_manifest(folder)
-    if shards:
-        raise ValueError(f"--dataset_name {folder} holds prepared shards ({shards[0]}, ...: {len(shards)} in all) "
-                         f"but no manifest ({PREPARED_MANIFEST}, which says what they hold): it was deleted or not "
-                         "copied. Copy the folder again whole, or prepare it again into a new folder with "
-                         "scripts/prepare_data.py.")
 
 
 def hub_snapshot(args: SourceArguments, token: str | None) -> tuple[str, str | None]:
