@@ -250,7 +250,6 @@ def _image_data(split: _Split, geometry: Geometry, class_names, in_memory: bool,
         progress=f"Decoding images ({split.name})" if progress else None)
     if problems:  # a header that reads, pixels that do not (a truncated file)
         images, decoded, storage = keep_rows(images, decoded, split.leave_out(problems, skip_bad_images), storage)
-    data = InMemoryImages(images, decoded, split.labels, class_names, split.name, split.skipped, short_side,
-                          **storage)
+    data = InMemoryImages(images, decoded, split.labels, class_names, split.name, split.skipped, short_side, **storage)
     data.num_workers = 0 if images is not None else workers  # packed images are pasted onto canvases by workers
     return data

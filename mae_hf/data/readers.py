@@ -336,8 +336,7 @@ class PreparedSource(ImageSource):
                              f"{len(missing)} of its {split['num_source_images']} source rows are not stored: the "
                              f"folder was edited or damaged. Copy {folder} again from where it came, or prepare it "
                              f"again: {prepare_command(self.manifest, folder, overwrite=True)}")
-        chosen = np.isin(missing, rows)
-        return [entry for entry, kept in zip(entries, chosen.tolist()) if kept]
+        return [entry for entry, chosen in zip(entries, np.isin(missing, rows).tolist()) if chosen]
 
     def identity(self) -> dict:
         # what the folder holds, not only where: a folder prepared again (other images, another size) is a change

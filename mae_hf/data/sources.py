@@ -3,6 +3,7 @@
 the image and label columns and the rows a script uses."""
 
 import glob
+import itertools
 import math
 import os
 import sys
@@ -27,11 +28,10 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
     import datasets
 
     if args.train_dir is not None:
-        folders = {"train": args.train_dir}
-        if args.validation_dir is not None:
-            folders["validation"] = args.validation_dir
+        folders = {"train": args.train_dir, "validation": args.validation_dir}
+        folders = {split: folder for split, folder in folders.items() if folder is not None}
         for split, folder in folders.items():
-            option = "--train_dir" if split == "train" else "--validation_dir"
+            option = f"--{split}_dir"
             if not os.path.isdir(folder):
                 raise ValueError(f"{option} {folder}: no such folder. {folder_listing(folder)}")
             check_not_prepared(option, folder)
@@ -150,18 +150,13 @@ def check_parquet_files(paths) -> None:
 
 def _entries(folder: str):
     """(subfolders, image files, other files) of a folder, each sorted by name, hidden entries left out."""
-    subfolders, images, others = [], [], []
+    found = ([], [], [])
     with os.scandir(folder) as scan:
         for entry in scan:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                subfolders.append(entry.name)
-            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(entry.name)
-            else:
-                others.append(entry.name)
-    return sorted(subfolders), sorted(images), sorted(others)
+            if not entry.name.startswith("."):
+                kind = 0 if entry.is_dir() else 1 if entry.name.lower().endswith(IMAGE_EXTENSIONS) else 2
+                found[kind].append(entry.name)
+    return tuple(sorted(names) for names in found)
 
 
 def _holds_images(folder: str, limit: int = 256) -> bool:
@@ -174,7 +169,7 @@ def _holds_images(folder: str, limit: int = 256) -> bool:
         except OSError:  # unreadable, or a link loop: list_image_folder names it
             continue
         with scan:
-            for entry in scan:
+            for entry in itertools.islice(scan, limit - seen):
                 seen += 1
                 if entry.name.startswith("."):
                     continue
@@ -182,8 +177,6 @@ def _holds_images(folder: str, limit: int = 256) -> bool:
                     pending.append(entry.path)
                 elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
                     return True
-                if seen >= limit:
-                    break
     return False
 
 

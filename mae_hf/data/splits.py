@@ -1,6 +1,5 @@
-"""One split's images as the scripts use them, however they are held: `ImageData` (labels, provenance, and
-`read(positions)` -> uint8 canvases + sizes), the torch `ImageDataset` that DataLoaders and the Trainer read whole
-batches from, and a sequential pass for feature extraction."""
+"""One split's images however they are held (`ImageData`: labels, provenance, `read(positions)` -> uint8 canvases +
+sizes), the `ImageDataset` that loaders read whole batches from, and a sequential pass for feature extraction."""
 
 import numpy as np
 import torch
@@ -58,13 +57,11 @@ class ImageData:
 
 class ImageDataset(torch.utils.data.Dataset):
     """An `ImageData` for DataLoaders, fetched a whole batch at a time (`__getitems__`): `pixel_values` (uint8 canvases,
-    transformed on the device by the trainer), `image_sizes` (a host numpy array), and optional `labels` and `noise`
-    (fixed masking noise, so that evaluation losses are comparable). With `encoded` (a streamed prepared folder of
-    JPEGs, --decode_on_device), `encoded_images` (the JPEG bytes) replace `pixel_values`: the trainer decodes them
-    on the GPU (`streaming.DeviceJPEGDecoder`)."""
+    transformed on the device by the trainer), `image_sizes` (a host numpy array), optional `labels` and `noise` (fixed
+    masking noise: comparable evaluation losses). With `encoded` (--decode_on_device), `encoded_images` (JPEG bytes,
+    decoded on the GPU by `streaming.DeviceJPEGDecoder`) replace `pixel_values`."""
 
-    def __init__(self, data: ImageData, labels: bool = False, noise: torch.Tensor | None = None,
-                 encoded: bool = False):
+    def __init__(self, data: ImageData, labels: bool = False, noise: torch.Tensor | None = None, encoded: bool = False):
         self.data, self.noise, self.encoded = data, noise, encoded
         self.labels = data.labels if labels else None
         if labels and data.labels is None:
