@@ -75,8 +75,7 @@ def class_names_of(dataset, column: str) -> list[str] | None:
 
 def check_same_class_names(splits) -> None:
     """Refuse splits ((name, dataset, label column) each) whose class names differ: a label is an index into them,
-    so the same label would mean different classes. (Image folders never differ: their labels are numbered by the
-    class folders of all splits together, `list_image_folders`.)"""
+    so the same label would mean different classes (image folders never differ: `list_image_folders`)."""
     named = [(name, class_names_of(dataset, column)) for name, dataset, column in splits if column]
     named = [entry for entry in named if entry[1] is not None]
     for (name, names), (other_name, other_names) in zip(named, named[1:]):
@@ -89,9 +88,8 @@ def check_same_class_names(splits) -> None:
 def check_labels(train, evaluation, column: str | None, names, allow_unlabelled: bool):
     """Validate both splits' labels (`validate_labels`) and that their class names agree. Returns (class names,
     (training labels, evaluation labels)), each column read once. A classifier refuses evaluation classes the training
-    split lacks; pretraining (`allow_unlabelled`) only uses labels for its kNN monitor, so it is told, and those
-    labels become -1 (the monitor leaves their images out). `evaluation` None: an evaluation split without labels
-    (pretraining only), whose training split's labels are still checked (its labels: None)."""
+    split lacks; for pretraining (`allow_unlabelled`: labels only feed its kNN monitor) they are said and become -1.
+    `evaluation` None: an evaluation split without labels (pretraining only; its labels: None)."""
     if column is None:
         return None, (None, None)
     class_names = class_names_of(train, column)

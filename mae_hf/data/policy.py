@@ -23,19 +23,6 @@ def _read_number(path: str, key: str | None = None) -> int | None:
     return None
 
 
-def cgroup_free_memory() -> int | None:
-    """Memory the container (cgroup v2 or v1) still allows this process tree, or None when it sets no limit. The
-    cgroup's usage counts the page cache of every file read, which the kernel gives back under pressure: its
-    inactive part is counted as free, as Docker and the kubelet do."""
-    for folder, limit_name, usage_name, stat_key in (
-            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
-            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
-        limit, usage = _read_number(f"{folder}/{limit_name}"), _read_number(f"{folder}/{usage_name}")
-        if limit is not None and usage is not None and limit < 2**60:  # v1 says "no limit" with a huge number
-            return max(0, limit - usage + (_read_number(f"{folder}/memory.stat", stat_key) or 0))
-    return None
-
-
 def processes_on_this_machine() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
@@ -45,9 +32,17 @@ def memory_budget() -> tuple[int, str]:
     of what the container's limit leaves when that is lower."""
     free, source = _read_number("/proc/meminfo", "MemAvailable"), "available memory"  # in kB
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if free is None else free * 1024
-    container = cgroup_free_memory()
-    if container is not None and container < free:
-        free, source = container, "free under the container's memory limit"
+    # A container's limit (cgroup v2, then v1) less its usage, whose page cache the kernel gives back under pressure:
+    # its inactive part counts as free, as Docker and the kubelet count it.
+    for folder, limit_name, usage_name, stat_key in (
+            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        limit, usage = _read_number(f"{folder}/{limit_name}"), _read_number(f"{folder}/{usage_name}")
+        if limit is not None and usage is not None and limit < 2**60:  # v1 says "no limit" with a huge number
+            container = max(0, limit - usage + (_read_number(f"{folder}/memory.stat", stat_key) or 0))
+            if container < free:
+                free, source = container, "free under the container's memory limit"
+            break
     processes = processes_on_this_machine()
     budget = int(free * MEMORY_SHARE / processes)
     share = f" / {processes} processes on this machine" if processes > 1 else ""

@@ -1,7 +1,5 @@
-"""The two interfaces every kind of image source is read through: `ImageSource` (one data set: splits, columns,
-geometry, a reader per split, what was left out, what identifies it) and `ImageReader` (random access to one split's
-stored images); `DatasetSource`/`DatasetReader` (what `datasets` loads, decoded as read) and `PreparedSource`/
-`PreparedReader` (a prepared folder's shards) implement them, and `open_source` picks one.
+"""The two interfaces every kind of image source is read through, `ImageSource` (one data set) and `ImageReader`
+(random access to one split's stored images); their `datasets` and prepared-folder kinds; `open_source` picks one.
 
 A new kind of source is one `ImageSource` and one `ImageReader` here, and a line in `open_source`. Its `raw` is a
 `DatasetDict` of the rows its reader reads (for files `datasets` cannot load, a listing such as
@@ -188,9 +186,9 @@ def value_index(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
 # ---- sources ----------------------------------------------------------------------------------------------------
 
 class ImageSource:
-    """One data set as the scripts read it: its splits (`raw`, loaded when first asked for), the columns that hold
-    images and labels, the geometry its images are stored in, a reader per selected split, the images left out
-    before it was read, and what identifies its content beyond its flags (recorded with a run)."""
+    """One data set as the scripts read it: its splits (`raw`, loaded when first asked for), image and label columns,
+    the geometry its images are stored in, a reader per selected split, the images left out before it was read, and
+    what identifies its content beyond its flags (recorded with a run)."""
 
     stored = False  # images stored at their final size (exact sizes, checked once): no note on decoding every epoch
 
@@ -237,8 +235,7 @@ class ImageSource:
 
 
 class DatasetSource(ImageSource):
-    """A Hub id, a local dataset folder or file, or image folders: read by `datasets` (or listed), decoded and scaled
-    as they are read."""
+    """A Hub id, a local dataset folder or file, or image folders: read by `datasets` (or listed), decoded as read."""
 
     def columns(self, train, evaluation, require_labels: bool) -> tuple[str, str | None]:
         return (find_column(train, "image", self.args.image_column_name),
@@ -325,8 +322,7 @@ class PreparedSource(ImageSource):
                               geometry.num_channels)
 
     def skipped(self, key: str, rows: np.ndarray) -> list[str]:
-        """The shards' `skipped` entries, in shard (= source row) order, belong to the source rows that no shard
-        stores, in order."""
+        """The shards' `skipped` entries belong, in order, to the source rows that no shard stores."""
         split = self.manifest["splits"][key]
         entries = [entry for shard in split["shards"] for entry in shard["skipped"]]
         missing = np.setdiff1d(np.arange(split["num_source_images"]), self.stored_rows[key])

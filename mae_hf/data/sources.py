@@ -13,7 +13,7 @@ import numpy as np
 from ..cli import UsageError, print_once
 from ..paths import folder_listing, looks_local
 from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
-from .prepared import PREPARED_COLUMNS, PREPARED_MANIFEST, is_prepared, shards_without_manifest
+from .prepared import PREPARED_COLUMNS, PREPARED_MANIFEST, SAVE_TO_DISK_FILES, is_prepared, shards_without_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
@@ -56,10 +56,9 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
                              "copied. Copy the folder again whole, or prepare it again into a new folder with "
                              "scripts/prepare_data.py.")
         check_parquet_files(glob.glob(os.path.join(name, "**", "*.parquet"), recursive=True))
-        if os.path.exists(os.path.join(name, "dataset_dict.json")):
-            return datasets.load_from_disk(name)
-        if os.path.exists(os.path.join(name, "state.json")):
-            return datasets.DatasetDict({"train": datasets.load_from_disk(name)})
+        if any(os.path.exists(os.path.join(name, file)) for file in SAVE_TO_DISK_FILES):
+            loaded = datasets.load_from_disk(name)  # a DatasetDict, or one Dataset: the training split
+            return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
         layout = image_folder_layout(name)
         if layout:
             return list_image_folders(layout)
@@ -186,9 +185,8 @@ def _holds_classes(folder: str, classes: list[str]) -> bool:
 
 
 def image_folder_layout(folder: str) -> dict[str, str] | None:
-    """{split: folder} when `folder` is a plain image-folder tree — split folders (train/, test/, ...) of class
-    folders of images, or class folders directly (one "train" split) — with no metadata files that only
-    `datasets`' imagefolder builder understands; else None."""
+    """{split: folder} when `folder` is a plain image-folder tree (split folders of class folders, or class folders:
+    one "train" split) with no metadata files that only `datasets`' imagefolder builder understands; else None."""
     subfolders, images, others = _entries(folder)
     if images or not subfolders or any(not name.lower().startswith(IGNORED_FILES) for name in others):
         return None
@@ -229,8 +227,7 @@ def check_not_split_tree(option: str, folder: str) -> None:
 
 
 def source_folders(args: SourceArguments) -> list[tuple[str, str]]:
-    """(option, folder) of each local folder the images are read from (a single file's folder: reading it reads the
-    file)."""
+    """(option, folder) of each local folder the images are read from (a single file's: the folder it lies in)."""
     if args.train_dir:
         return [(option, folder) for option, folder in (("--train_dir", args.train_dir),
                                                          ("--validation_dir", args.validation_dir)) if folder]
@@ -241,8 +238,7 @@ def source_folders(args: SourceArguments) -> list[tuple[str, str]]:
 
 
 def source_holding(path: str, args: SourceArguments) -> tuple[str, str] | None:
-    """The (option, folder) of the source folder that `path` is or lies inside, or None: a prepared folder written
-    there would be read as part of the source."""
+    """The (option, folder) of the source folder holding `path` (a prepared folder there joins the source), or None."""
     real = os.path.realpath(path)
     for option, folder in source_folders(args):
         inside = os.path.realpath(folder)
@@ -301,9 +297,8 @@ def list_image_folders(folders: dict[str, str]):
 
 
 def list_image_folder(folder: str, class_names: list[str] | None = None):
-    """A `Dataset` of undecoded images {bytes: None, path}, sorted by name, and labels indexing `class_names` (default:
-    this folder's classes) from one class folder per label (deeper folders belong to their class); loose images
-    without class folders are unlabelled (no label column)."""
+    """A `Dataset` of undecoded images {bytes: None, path}, sorted by name, labelled by their class folder's index in
+    `class_names` (default: this folder's classes); loose images without class folders have no label column."""
     import datasets
     import pyarrow as pa
 
@@ -355,8 +350,7 @@ def _check_no_loop(link: str, parent: str) -> None:
 # ---- columns and splits ----------------------------------------------------------------------------------------
 
 def find_column(dataset, kind: str, name: str | None = None, required: bool = True) -> str | None:
-    """The `kind` ("image" or "label") column: `name` if given, else the first of type `Image` / `ClassLabel`, else
-    the first conventional name."""
+    """The `kind` ("image"/"label") column: `name`, else the first of type `Image`/`ClassLabel`, else by its name."""
     import datasets
 
     feature_type, candidates = {"image": (datasets.Image, IMAGE_COLUMN_NAMES),
@@ -392,9 +386,9 @@ def select_splits(raw, args: DataArguments, source_rows_of=None):
     """(train, eval) `Dataset`s, their descriptions, the splits of `raw` they come from and the rows they select:
     the named splits, or train minus a held-out part with a fixed seed; then --max_*_samples random draws.
 
-    Rows are counted in the source: `source_rows_of(split)` (a prepared folder's) gives how many rows its source split
-    had and the source row of each stored row, so that a source and its prepared copy select the same images. The
-    selections are index mappings in memory: nothing is written beside the data (it may be read-only)."""
+    Rows are counted in the source (`source_rows_of(split)`, a prepared folder's: its source split's row count and the
+    source row of each stored row), so that a source and its prepared copy select the same images. Nothing is written
+    beside the data (it may be read-only)."""
     splits = list(raw.keys())
     if args.train_split not in raw:
         raise ValueError(f"--train_split {args.train_split!r} does not exist; the dataset has splits {splits}.")

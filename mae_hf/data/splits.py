@@ -24,8 +24,7 @@ class ImageData:
         raise NotImplementedError
 
     def read(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 `(n, C, H, W)` canvases, int32 `(n, 2)` heights and widths on the host) of the images at
-        `positions`."""
+        """(uint8 `(n, C, H, W)` canvases, host int32 `(n, 2)` heights and widths) of the images at `positions`."""
         raise NotImplementedError
 
     def subset(self, positions) -> "ImageData":
