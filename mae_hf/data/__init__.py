@@ -102,9 +102,7 @@ class _Split:
             indices = np.sort(np.random.default_rng(0).choice(indices, HEADER_SAMPLE, replace=False))
         sizes, problems = header_sizes(self.reader, indices, workers=0)
         good = np.delete(sizes, sorted(problems), axis=0)
-        if not len(good):
-            return 0
-        return int(len(self.reader) * storage_plan(good, channels)[2] / len(good))
+        return int(len(self.reader) * storage_plan(good, channels)[2] / len(good)) if len(good) else 0
 
     def leave_out(self, problems: dict, skip_bad_images: bool) -> np.ndarray:
         """{index: why} of images that cannot be decoded: an error naming the first, or (--skip_bad_images) they are
@@ -135,20 +133,6 @@ class _Split:
         self.labels = None if self.labels is None else self.labels[torch.as_tensor(indices)]
 
 
-def _unlabelled_evaluation(source: ImageSource, name: str, column: str, columns) -> str:
-    """Why a labelled training split's evaluation split has no labels, and how to give it some."""
-    folder = source.validation_dir
-    if folder:
-        again = f", then prepare it again ({source.args.dataset_name} holds its images unlabelled)" if source.stored \
-            else ""
-        return (f"--validation_dir {folder} has no class subfolders (its images lie directly in it), so the evaluation "
-                "images have no labels, and this script needs them. Lay it out like the training folder, one "
-                f"subfolder per class: {folder}/<class>/image.jpg{again}.")
-    return (f"The evaluation split ({name}) has no labels (no column {column!r}; its columns: {list(columns)}), and "
-            "this script needs them. Use a labelled evaluation split (--eval_split), or hold out part of the training "
-            "split (--validation_split_percentage).")
-
-
 def _selected_splits(source: ImageSource, image_size: int, num_channels: int, require_labels: bool):
     """The two `_Split`s, their geometry and class names; all checks that need no decoding."""
     train, evaluation, names, keys, rows = select_splits(source.raw, source.args, source.source_rows())
@@ -164,7 +148,18 @@ def _selected_splits(source: ImageSource, image_size: int, num_channels: int, re
                          f"{list(evaluation.column_names)}.")
     evaluation_labelled = label_column is None or label_column in evaluation.column_names
     if not evaluation_labelled and require_labels:
-        raise ValueError(_unlabelled_evaluation(source, names[1], label_column, evaluation.column_names))
+        folder = source.validation_dir  # the images were listed from it (or prepared from it)
+        if not folder:
+            raise ValueError(
+                f"The evaluation split ({names[1]}) has no labels (no column {label_column!r}; its columns: "
+                f"{list(evaluation.column_names)}), and this script needs them. Use a labelled evaluation split "
+                "(--eval_split), or hold out part of the training split (--validation_split_percentage).")
+        again = f", then prepare it again ({source.args.dataset_name} holds its images unlabelled)" if source.stored \
+            else ""
+        raise ValueError(
+            f"--validation_dir {folder} has no class subfolders (its images lie directly in it), so the evaluation "
+            "images have no labels, and this script needs them. Lay it out like the training folder, one subfolder "
+            f"per class: {folder}/<class>/image.jpg{again}.")
     class_names, labels = check_labels(train, evaluation if evaluation_labelled else None, label_column, names,
                                        allow_unlabelled=not require_labels)
     geometry = source.geometry(image_size, num_channels)
