@@ -40,14 +40,12 @@ __all__ = ["BatchTransform", "DataArguments", "ImageData", "ImageDataset", "Sour
 
 
 def source_identity(args: DataArguments) -> dict:
-    """What pins the data's content beyond its flags, recorded in a run's settings: a prepared folder's
-    `prepared_fingerprint`, a Hub id's `dataset_revision` (the commit its loading settled on), {} otherwise."""
+    """What pins the data's content beyond its flags, for a run's settings (`ImageSource.identity`)."""
     return open_source(args).identity()
 
 
 def skipped_images(*splits: ImageData) -> dict:
-    """{split: [skipped rows]} for the result files: the images left out as undecodable, by --skip_bad_images here
-    or when the folder was prepared (empty lists if none)."""
+    """{split: [rows left out as undecodable, here or when the folder was prepared]}, for the result files."""
     return {split.split: list(split.skipped) for split in splits}
 
 
@@ -95,8 +93,7 @@ class _Split:
         return f"row {source_rows(self.dataset, [self.positions[index]])[0]}{self.reader.describe(index)}"
 
     def estimated_bytes(self, channels: int) -> int:
-        """The memory the decoded images would take, as `memory.py` stores them (exact for prepared data; from a
-        sample of headers otherwise)."""
+        """The memory `memory.py` would take for the decoded images (exact when prepared, else from a sample)."""
         indices = np.arange(len(self.reader))
         if not self.reader.stored and len(indices) > HEADER_SAMPLE:
             indices = np.sort(np.random.default_rng(0).choice(indices, HEADER_SAMPLE, replace=False))
@@ -179,9 +176,8 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     """Train and eval splits as `ImageData`, decoded in memory or streamed from disk as --data_in_memory and the
     memory budget say (one decision for all processes of a run, printed). `num_workers`: DataLoader workers of a
     streamed split (None: this process's share of the CPUs). `first`: only the first N images of each split are
-    wanted (pictures): they are decoded, nothing else. `check(train, evaluation)` (their `len()` and `labels`) runs
-    before any image is decoded. `progress`: progress bars while reading and decoding (--disable_tqdm turns them
-    off). Every bad flag and input fails here, before any training starts."""
+    decoded (pictures), nothing else. `check(train, evaluation)` (their `len()` and `labels`) runs before any image
+    is decoded. `progress`: progress bars while reading and decoding. Every bad flag and input fails here."""
     source = open_source(args, token)
     splits, geometry, class_names = _selected_splits(source, image_size, num_channels, require_labels)
     if first is not None:

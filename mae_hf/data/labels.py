@@ -1,6 +1,5 @@
-"""Labels checked before any decoding or training: integer class indices in range, the same class names in both
-splits, no evaluation class the training split lacks (where that matters), -1 / None for "unlabelled" only where a
-script accepts unlabelled images (pretraining)."""
+"""Labels checked before any decoding or training: class indices in range, the same class names in both splits, no
+evaluation class the training split lacks (where that matters), "unlabelled" (-1 / None) only for pretraining."""
 
 import sys
 
@@ -18,12 +17,10 @@ def shorten(value, limit: int = 60) -> str:
 
 def validate_labels(dataset, column: str, split: str, class_names: list[str] | None = None,
                     allowed: set[int] | None = None, allow_unlabelled: bool = False) -> np.ndarray:
-    """Check one split's labels before any decoding or training; returns them as int64, -1 for a missing one (None).
-
-    Labels must be integer class indices in [0, len(class_names)) (or >= 0 without class names) and, with
-    `allowed` (the training split's labels, for the evaluation split), one of those. A missing label (None) or -1
-    means "unlabelled": an error for a classifier, accepted with `allow_unlabelled` (pretraining). Errors name the
-    split, the row of the first bad label and how many there are."""
+    """One split's labels as int64 (-1 for a missing one), checked: integer class indices in [0, len(class_names)) (or
+    >= 0 without class names) and, with `allowed` (the training split's labels, for the evaluation split), one of
+    those. A missing label (None) or -1 means "unlabelled": an error for a classifier, accepted with
+    `allow_unlabelled` (pretraining). Errors name the split, the row of the first bad label and how many there are."""
     import pyarrow as pa
 
     array = dataset.select_columns(column).with_format("arrow")[:].column(column).combine_chunks()

@@ -108,10 +108,9 @@ class DatasetReader:
 
 
 class PreparedReader:
-    """Images of a prepared split (scripts/prepare_data.py), by position in the selected rows: `rows` are row
-    numbers of the split's shards in order, `files`/`counts` the shards and their row counts, `sizes` the stored
-    heights and widths of the selected rows. Each image is one `pread` at its place in its shard (`value_index`), not
-    read through a memory map, whose pages would stay resident in the worker (docs/data.md, "Reading it")."""
+    """Images of a prepared split, by position in the selected `rows` (row numbers in the shards `files`, of `counts`
+    rows each), stored at `sizes`. Each is one `pread` at its place in its shard (`value_index`), not read through a
+    memory map, whose pages would stay resident in the worker (docs/data.md, "Reading it")."""
 
     stored = True
     OPEN_FILES = 64  # shard files a process keeps open (a million images are ~600 shards; file handles are few)
