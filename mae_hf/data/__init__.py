@@ -132,7 +132,7 @@ class _Split:
 
 def _selected_splits(source: ImageSource, image_size: int, num_channels: int, require_labels: bool):
     """The two `_Split`s, their geometry and class names; all checks that need no decoding."""
-    train, evaluation, names, keys, rows = select_splits(source.raw, source.args, source.source_rows())
+    train, evaluation, names, keys, rows = select_splits(source.raw, source.args, source.source_rows)
     if 0 < len(evaluation) < MIN_EVAL_IMAGES:
         print_once(f"warning: the evaluation split ({names[1]}) has only {len(evaluation)} image(s): one image moves "
                    f"its accuracy by {100 / len(evaluation):.0f} points, so its numbers mean little. Evaluate on more "

@@ -209,9 +209,9 @@ class ImageSource:
         """The folder the evaluation images were listed from, if any."""
         return self.args.validation_dir
 
-    def source_rows(self):
-        """None, or `key -> (rows of the source split, the source row of each stored row)` (`select_splits`)."""
-        return None
+    def source_rows(self, key: str) -> tuple[int, np.ndarray]:
+        """(rows of the source split `key`, the source row of each row of `raw[key]`, ascending)."""
+        return len(self.raw[key]), np.arange(len(self.raw[key]))
 
     def columns(self, train, evaluation, require_labels: bool) -> tuple[str, str | None]:
         """(image column, label column or None) of the selected splits."""
@@ -278,8 +278,8 @@ class PreparedSource(ImageSource):
     def validation_dir(self) -> str | None:
         return self.args.validation_dir or self.manifest["identity"]["source"].get("validation_dir")
 
-    def source_rows(self):
-        return lambda key: (self.manifest["splits"][key]["num_source_images"], self.stored_rows[key])
+    def source_rows(self, key: str) -> tuple[int, np.ndarray]:
+        return self.manifest["splits"][key]["num_source_images"], self.stored_rows[key]
 
     def columns(self, train, evaluation, require_labels: bool) -> tuple[str, str | None]:
         """A prepared folder's labels are in its column `label` (whatever the source called it), if it has any."""

@@ -382,18 +382,16 @@ def as_undecoded_images(dataset, column: str):
                      f"(columns: {list(dataset.column_names)}).")
 
 
-def select_splits(raw, args: DataArguments, source_rows_of=None):
+def select_splits(raw, args: DataArguments, source_rows_of):
     """(train, eval) `Dataset`s, their descriptions, the splits of `raw` they come from and the rows they select:
     the named splits, or train minus a held-out part with a fixed seed; then --max_*_samples random draws.
 
-    Rows are counted in the source (`source_rows_of(split)`, a prepared folder's: its source split's row count and the
-    source row of each stored row), so that a source and its prepared copy select the same images. Nothing is written
-    beside the data (it may be read-only)."""
+    Rows are counted in the source (`source_rows_of(split)`: `ImageSource.source_rows`), so that a source and its
+    prepared copy select the same images. Nothing is written beside the data (it may be read-only)."""
     splits = list(raw.keys())
     if args.train_split not in raw:
         raise ValueError(f"--train_split {args.train_split!r} does not exist; the dataset has splits {splits}.")
     keys, names = [args.train_split, args.train_split], [args.train_split]
-    count = (lambda key: source_rows_of(key)[0]) if source_rows_of else (lambda key: len(raw[key]))
     held_out = None
     if args.eval_split is not None:
         if args.eval_split not in raw:
@@ -407,7 +405,7 @@ def select_splits(raw, args: DataArguments, source_rows_of=None):
             held_out = 5.0 if args.validation_split_percentage is None else args.validation_split_percentage
             if not 0 < held_out < 100:
                 raise ValueError(f"--validation_split_percentage must lie in (0, 100), got {held_out}.")
-    rows = [np.arange(count(key)) for key in keys]
+    rows = [np.arange(source_rows_of(key)[0]) for key in keys]
     if held_out is None:
         names.append(keys[1])
     else:
@@ -425,19 +423,17 @@ def select_splits(raw, args: DataArguments, source_rows_of=None):
         if wanted is not None:
             rows[index] = rows[index][np.random.default_rng(args.split_seed).permutation(len(rows[index]))[:wanted]]
             names[index] += f", {len(rows[index])} drawn with seed {args.split_seed}"
-    selected = [_select(raw[key], key, chosen, count(key), source_rows_of) for key, chosen in zip(keys, rows)]
+    selected = [_select(raw[key], chosen, source_rows_of(key)[1]) for key, chosen in zip(keys, rows)]
     return selected[0], selected[1], names, keys, rows
 
 
-def _select(dataset, key: str, rows: np.ndarray, count: int, source_rows_of):
-    """The source rows `rows` of one split (the split itself when that is all of it)."""
-    if source_rows_of is None:
-        if len(rows) == count and np.array_equal(rows, np.arange(count)):
-            return dataset
-        return dataset.select(rows, keep_in_memory=True)
-    stored = source_rows_of(key)[1]  # ascending: shards hold their rows in source order
+def _select(dataset, rows: np.ndarray, stored: np.ndarray):
+    """The source rows `rows` of a split whose rows are the source rows `stored` (ascending; the split itself when
+    that is all of it)."""
     positions = np.minimum(np.searchsorted(stored, rows), max(len(stored) - 1, 0))
     kept = positions[stored[positions] == rows] if len(stored) else positions[:0]
+    if len(kept) == len(dataset) and np.array_equal(kept, np.arange(len(dataset))):
+        return dataset
     return dataset.select(kept, keep_in_memory=True)
 
 
