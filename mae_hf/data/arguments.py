@@ -17,8 +17,7 @@ IN_MEMORY_CHOICES = ("auto", "true", "false")
 
 @dataclass
 class SourceArguments:
-    """Where the images come from: a Hub dataset, a local dataset folder or file, image folders, or a prepared
-    folder (scripts/prepare_data.py)."""
+    """Where the images come from: a Hub dataset, a local dataset folder or file, image folders or a prepared folder."""
 
     dataset_name: str | None = flag(
         None, f"Hub dataset id (default {DEFAULT_DATASET}), or a local folder (parquet files such as "
@@ -68,8 +67,7 @@ class SourceArguments:
 
 @dataclass
 class DataArguments(SourceArguments):
-    """Where the images come from, which of them a script uses, and how they are held. Shared by all scripts, so
-    every protocol reads data the same way."""
+    """Where the images come from, which of them a script uses, and how they are held: the same for every script."""
 
     train_split: str = flag("train", "Split to train on.")
     eval_split: str | None = flag(

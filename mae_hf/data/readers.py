@@ -48,8 +48,7 @@ class ImageReader(Protocol):
         """(n, 2) stored heights and widths, and {index in `positions`: why unreadable}."""
 
     def read(self, positions) -> list:
-        """Pictures (decode.py: PIL images or uint8 (C, h, w) arrays), or the `BadImage` of an image that cannot be
-        decoded."""
+        """Pictures (decode.py: PIL images or uint8 (C, h, w) arrays), or the `BadImage` of one that cannot decode."""
 
     def describe(self, position: int) -> str:
         """Where the image at `position` lies (" (path)"), for messages; "" if nothing more is known."""
@@ -75,8 +74,7 @@ def _each_or_bad(function, values) -> list:
 
 
 class DatasetReader:
-    """Undecoded images ({bytes, path}) of a `datasets` split, by position among `positions` of that split; each is
-    decoded and scaled to `geometry` when read."""
+    """Undecoded images ({bytes, path}) of a `datasets` split, by position in `positions`, decoded to `geometry`."""
 
     stored, encoding = False, None  # sizes are known only from the images' headers
 

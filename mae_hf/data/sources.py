@@ -321,8 +321,12 @@ def list_image_folder(folder: str, class_names: list[str] | None = None):
             found += [os.path.join(current, image) for image in images]
             for subfolder in subfolders:
                 path = os.path.join(current, subfolder)
-                if os.path.islink(path):
-                    _check_no_loop(path, current)
+                if os.path.islink(path):  # to a folder that holds it: listed forever (until 40 levels of links)
+                    target, inside = os.path.realpath(path), os.path.realpath(current)
+                    if inside == target or inside.startswith(target + os.sep):
+                        raise ValueError(f"{path} is a symbolic link to {target}, a folder that holds the link "
+                                         "itself: a loop, whose images would be listed again and again. Remove the "
+                                         "link (or point it elsewhere).")
                 pending.append(path)
         paths += sorted(found)
         labels += [number[name]] * len(found)
@@ -337,14 +341,6 @@ def list_image_folder(folder: str, class_names: list[str] | None = None):
         columns["label"] = pa.array(labels, pa.int64())
     table = datasets.table.InMemoryTable(pa.table(columns))
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features(features)))
-
-
-def _check_no_loop(link: str, parent: str) -> None:
-    """A link to a folder that holds it would be listed forever (until the OS stops at 40 levels of links)."""
-    target, inside = os.path.realpath(link), os.path.realpath(parent)
-    if inside == target or inside.startswith(target + os.sep):
-        raise ValueError(f"{link} is a symbolic link to {target}, a folder that holds the link itself: a loop, whose "
-                         "images would be listed again and again. Remove the link (or point it elsewhere).")
 
 
 # ---- columns and splits ----------------------------------------------------------------------------------------

@@ -36,10 +36,6 @@ class ImageData:
         `validate_labels`, the evaluation split's labels are a subset of the training split's)."""
         return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
 
-    @property
-    def decoded_bytes(self) -> int:
-        return len(self) * int(np.prod(self.canvas))
-
     def labelled(self) -> "ImageData":
         """The images that have a label (pretraining accepts -1 / None as "unlabelled"; those are left out)."""
         keep = self.labels >= 0
