@@ -78,8 +78,8 @@ def suggested_prepare_command(args: DataArguments, image_size: int) -> str:
 
 
 class _Split:
-    """One selected split on its way to `ImageData`: its reader, labels and description; `positions` are the rows of
-    `dataset` still kept (bad images are left out along the way)."""
+    """One selected split on its way to `ImageData`: its reader and labels; `positions` are the rows of `dataset` still
+    kept (bad images are left out along the way)."""
 
     def __init__(self, dataset, name: str, reader: ImageReader, labels, skipped=()):
         self.dataset, self.name, self.reader, self.labels = dataset, name, reader, labels
@@ -88,9 +88,6 @@ class _Split:
 
     def __len__(self):
         return len(self.reader)
-
-    def describe(self, index: int) -> str:
-        return f"row {source_rows(self.dataset, [self.positions[index]])[0]}{self.reader.describe(index)}"
 
     def estimated_bytes(self, channels: int) -> int:
         """The memory `memory.py` would take for the decoded images (exact when prepared, else from a sample)."""
@@ -108,13 +105,14 @@ class _Split:
         if not problems:
             return kept
         bad = sorted(problems)
-        described = [self.describe(index) for index in bad[:1000]]
+        rows = source_rows(self.dataset, self.positions[bad])
+        described = [f"row {row}{self.reader.describe(index)}" for row, index in zip(rows[:1000], bad)]
         if not skip_bad_images:
             raise ValueError(
                 f"Split {self.name!r}: {len(bad)} of {len(self.dataset)} images cannot be decoded; the first is "
                 f"{described[0]}: {problems[bad[0]]}. Fix or remove them, or pass --skip_bad_images true to leave "
                 "them out (they are then counted and listed in the results).")
-        described += [f"row {row}" for row in source_rows(self.dataset, self.positions[bad[1000:]])]
+        described += [f"row {row}" for row in rows[1000:]]  # beyond 1000, their rows alone
         print_once(f"[data] split {self.name!r}: skipped {len(bad)} image(s) that cannot be decoded "
                    f"(--skip_bad_images): {', '.join(described[:5])}{', ...' if len(bad) > 5 else ''}")
         self.skipped += described

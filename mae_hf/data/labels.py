@@ -24,12 +24,11 @@ def validate_labels(dataset, column: str, split: str, class_names: list[str] | N
     import pyarrow as pa
 
     array = dataset.select_columns(column).with_format("arrow")[:].column(column).combine_chunks()
-    kind = array.type
-    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+    if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_null(array.type)):
         bad = np.flatnonzero(array.is_valid().to_numpy(zero_copy_only=False))
         if len(bad):
             raise ValueError(
-                f"Split {split!r}: the label column {column!r} holds {kind} values, not integer class indices "
+                f"Split {split!r}: the label column {column!r} holds {array.type} values, not integer class indices "
                 f"(row {source_rows(dataset, bad[:1])[0]}: {shorten(array[int(bad[0])].as_py())}). Pass "
                 "--label_column_name with the integer label column, or store the labels as a ClassLabel column.")
     values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)  # None -> NaN
@@ -103,8 +102,7 @@ def check_labels(train, evaluation, column: str | None, names, allow_unlabelled:
     evaluation_labels = validate_labels(evaluation, column, names[1], class_names, allow_unlabelled=True)
     unseen = set(evaluation_labels.tolist()) - {-1} - seen if seen else set()
     if unseen:
-        shown = sorted(unseen)[:10]
-        named = [class_names[label] if class_names else label for label in shown]
+        named = [class_names[label] if class_names else label for label in sorted(unseen)[:10]]
         print_once(f"warning: the evaluation split ({names[1]}) has {len(unseen)} class(es) that the training split "
                    f"({names[0]}) lacks: {named}{' ...' if len(unseen) > 10 else ''}. Pretraining does not use labels; "
                    "the kNN monitor leaves those images out (it could never predict them).", file=sys.stderr)
