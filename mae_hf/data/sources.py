@@ -90,17 +90,15 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
 
 
 def hub_snapshot(args: SourceArguments, token: str | None) -> tuple[str, str | None]:
-    """(what `datasets.load_dataset` reads, the revision to ask for) for the Hub id --dataset_name; sets
-    `args.dataset_revision` to its commit (a resume compares it). Offline, a snapshot in huggingface_hub's cache, never
-    `datasets`' own cache of that name (docs/data.md, "Sources")."""
+    """(what `datasets.load_dataset` reads, the revision to ask for) for the Hub id; sets `args.dataset_revision` to its
+    commit. Offline: a snapshot in huggingface_hub's cache, never `datasets`' own (docs/data.md, "Sources")."""
     import datasets
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     name, revision = args.dataset_name, args.dataset_revision
-    if datasets.config.HF_HUB_OFFLINE:
-        unreachable = "HF_HUB_OFFLINE=1 is set"
-    else:
+    unreachable = "HF_HUB_OFFLINE=1 is set" if datasets.config.HF_HUB_OFFLINE else None
+    if unreachable is None:
         try:
             info = HfApi().dataset_info(name, revision=revision, token=token, timeout=HUB_TIMEOUT)
         except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as error:
@@ -159,8 +157,7 @@ def _entries(folder: str):
 
 
 def _holds_images(folder: str, limit: int = 256) -> bool:
-    """Whether a class folder holds image files, directly or in deeper folders (whose images belong to the class);
-    the first `limit` entries, breadth first, are enough to tell."""
+    """Whether a class folder holds image files, directly or deeper (the first `limit` entries, breadth first, tell)."""
     pending, seen = [folder], 0
     while pending and seen < limit:
         try:
@@ -379,11 +376,10 @@ def as_undecoded_images(dataset, column: str):
 
 
 def select_splits(raw, args: DataArguments, source_rows_of):
-    """(train, eval) `Dataset`s, their descriptions, the splits of `raw` they come from and the rows they select:
-    the named splits, or train minus a held-out part with a fixed seed; then --max_*_samples random draws.
-
-    Rows are counted in the source (`source_rows_of(split)`: `ImageSource.source_rows`), so that a source and its
-    prepared copy select the same images. Nothing is written beside the data (it may be read-only)."""
+    """(train, eval) `Dataset`s, their descriptions, the splits of `raw` they come from and the rows they select: the
+    named splits, or train minus a held-out part with a fixed seed; then --max_*_samples random draws. Rows are counted
+    in the source (`source_rows_of(split)`: `ImageSource.source_rows`), so that a source and its prepared copy select
+    the same images. Nothing is written beside the data (it may be read-only)."""
     splits = list(raw.keys())
     if args.train_split not in raw:
         raise ValueError(f"--train_split {args.train_split!r} does not exist; the dataset has splits {splits}.")
@@ -435,8 +431,6 @@ def _select(dataset, rows: np.ndarray, stored: np.ndarray):
 
 def source_rows(dataset, positions=None) -> np.ndarray:
     """Row numbers in the loaded split (file order) of `positions` (default: all) in `dataset`, a selection of it."""
-    if dataset._indices is None:  # not a selection: positions are rows
-        rows = np.arange(len(dataset), dtype=np.int64)
-    else:
-        rows = dataset._indices.column(0).to_numpy()
+    indices = dataset._indices  # a selection's rows; None: positions are rows
+    rows = np.arange(len(dataset), dtype=np.int64) if indices is None else indices.column(0).to_numpy()
     return rows if positions is None else rows[np.asarray(positions, dtype=np.int64)]
