@@ -1,19 +1,17 @@
-"""Image data for every script, from where it lies to the batch the model sees:
+"""Image data for every script, from where it lies to the batch the model sees. `load_image_splits` is the one entry
+point: every bad flag or input fails there, before any training starts.
 
     arguments.py  the data flags the scripts share
-    sources.py    a DatasetDict from a Hub id, dataset folder or file, image folders (one scandir pass) or a prepared
-                  folder; splits, columns, rows      (labels.py: labels checked before any decoding)
+    readers.py    the interfaces every kind of source is read through (`ImageSource`, `ImageReader`), `open_source`
+    sources.py    what `datasets` loads (a Hub id, a dataset folder or file) and image folders; splits, columns, rows
+    labels.py     labels checked before any decoding
     decode.py     one image's bytes -> uint8 pixels in the shared geometry, on a fixed canvas
-    readers.py    the interfaces every kind of source is read through (`ImageSource`: splits, columns, geometry;
-                  `ImageReader`: random access to a split's stored images) and `open_source`, which picks the kind
     memory.py     a split decoded once into one tensor (fits in memory)
     streaming.py  a split decoded batch by batch in DataLoader workers (does not)
+    policy.py     which of the two, decided once and said
     splits.py     one split however held (ImageData), the Dataset loaders read, a sequential pass
     prepared.py   the prepared-folder format (prepare.py writes it; scripts/prepare_data.py)
-    policy.py     which of the two, decided once and said
     transforms.py crop, flip, normalise whole batches on the training device
-
-`load_image_splits` is the one entry point: every bad flag or input fails there, before any training starts.
 """
 
 import sys
@@ -30,7 +28,7 @@ from .policy import all_processes_agree, gigabytes, memory_budget
 from .readers import ImageReader, ImageSource, open_source
 from .sources import default_prepared_folder, select_splits, source_rows
 from .splits import ImageData, ImageDataset, collate, fixed_noise, sequential_batches
-from .streaming import StreamedImages, default_workers
+from .streaming import DeviceJPEGDecoder, StreamedImages, default_workers
 from .transforms import BatchTransform, default_eval_crop_fraction, stored_short_side
 
 MIN_EVAL_IMAGES = 10  # fewer make every accuracy a coarse step (1 image = 10 % or more)
@@ -42,14 +40,12 @@ __all__ = ["BatchTransform", "DataArguments", "ImageData", "ImageDataset", "Sour
 
 
 def source_identity(args: DataArguments) -> dict:
-    """What pins the data's content beyond its flags, recorded in a run's settings: a prepared folder's
-    `prepared_fingerprint`, a Hub id's `dataset_revision` (the commit its loading settled on), {} otherwise."""
+    """What pins the data's content beyond its flags, for a run's settings (`ImageSource.identity`)."""
     return open_source(args).identity()
 
 
 def skipped_images(*splits: ImageData) -> dict:
-    """{split: [skipped rows]} for the result files: the images left out as undecodable, by --skip_bad_images here
-    or when the folder was prepared (empty lists if none)."""
+    """{split: [rows left out as undecodable, here or when the folder was prepared]}, for the result files."""
     return {split.split: list(split.skipped) for split in splits}
 
 
@@ -71,8 +67,6 @@ def device_decoder(args: DataArguments, num_channels: int, device, *splits: Imag
             raise ValueError(f"--decode_on_device true decodes the JPEGs of a prepared folder read from disk; "
                              f"{args.dataset_name} is not a prepared folder of JPEGs (scripts/prepare_data.py "
                              "--encoding jpeg).")
-    from .streaming import DeviceJPEGDecoder
-
     canvas = (num_channels, max(split.canvas[1] for split in splits), max(split.canvas[2] for split in splits))
     return DeviceJPEGDecoder(canvas, device)
 
@@ -84,8 +78,8 @@ def suggested_prepare_command(args: DataArguments, image_size: int) -> str:
 
 
 class _Split:
-    """One selected split on its way to `ImageData`: its reader, labels and description; `positions` are the rows of
-    `dataset` still kept (bad images are left out along the way)."""
+    """One selected split on its way to `ImageData`: its reader and labels; `positions` are the rows of `dataset` still
+    kept (bad images are left out along the way)."""
 
     def __init__(self, dataset, name: str, reader: ImageReader, labels, skipped=()):
         self.dataset, self.name, self.reader, self.labels = dataset, name, reader, labels
@@ -95,20 +89,14 @@ class _Split:
     def __len__(self):
         return len(self.reader)
 
-    def describe(self, index: int) -> str:
-        return f"row {source_rows(self.dataset, [self.positions[index]])[0]}{self.reader.describe(index)}"
-
     def estimated_bytes(self, channels: int) -> int:
-        """The memory the decoded images would take, as `memory.py` stores them (exact for prepared data; from a
-        sample of headers otherwise)."""
+        """The memory `memory.py` would take for the decoded images (exact when prepared, else from a sample)."""
         indices = np.arange(len(self.reader))
         if not self.reader.stored and len(indices) > HEADER_SAMPLE:
             indices = np.sort(np.random.default_rng(0).choice(indices, HEADER_SAMPLE, replace=False))
         sizes, problems = header_sizes(self.reader, indices, workers=0)
-        good = sizes[np.setdiff1d(np.arange(len(indices)), np.asarray(sorted(problems), dtype=np.int64))]
-        if not len(good):
-            return 0
-        return int(len(self.reader) * storage_plan(good, channels)[2] / len(good))
+        good = np.delete(sizes, sorted(problems), axis=0)
+        return int(len(self.reader) * storage_plan(good, channels)[2] / len(good)) if len(good) else 0
 
     def leave_out(self, problems: dict, skip_bad_images: bool) -> np.ndarray:
         """{index: why} of images that cannot be decoded: an error naming the first, or (--skip_bad_images) they are
@@ -117,13 +105,14 @@ class _Split:
         if not problems:
             return kept
         bad = sorted(problems)
-        described = [self.describe(index) for index in bad[:1000]]
+        rows = source_rows(self.dataset, self.positions[bad])
+        described = [f"row {row}{self.reader.describe(index)}" for row, index in zip(rows[:1000], bad)]
         if not skip_bad_images:
             raise ValueError(
                 f"Split {self.name!r}: {len(bad)} of {len(self.dataset)} images cannot be decoded; the first is "
                 f"{described[0]}: {problems[bad[0]]}. Fix or remove them, or pass --skip_bad_images true to leave "
                 "them out (they are then counted and listed in the results).")
-        described += [f"row {row}" for row in source_rows(self.dataset, self.positions[bad[1000:]])]
+        described += [f"row {row}" for row in rows[1000:]]  # beyond 1000, their rows alone
         print_once(f"[data] split {self.name!r}: skipped {len(bad)} image(s) that cannot be decoded "
                    f"(--skip_bad_images): {', '.join(described[:5])}{', ...' if len(bad) > 5 else ''}")
         self.skipped += described
@@ -139,23 +128,9 @@ class _Split:
         self.labels = None if self.labels is None else self.labels[torch.as_tensor(indices)]
 
 
-def _unlabelled_evaluation(source: ImageSource, name: str, column: str, columns) -> str:
-    """Why a labelled training split's evaluation split has no labels, and how to give it some."""
-    folder = source.validation_dir
-    if folder:
-        again = f", then prepare it again ({source.args.dataset_name} holds its images unlabelled)" if source.stored \
-            else ""
-        return (f"--validation_dir {folder} has no class subfolders (its images lie directly in it), so the evaluation "
-                "images have no labels, and this script needs them. Lay it out like the training folder, one "
-                f"subfolder per class: {folder}/<class>/image.jpg{again}.")
-    return (f"The evaluation split ({name}) has no labels (no column {column!r}; its columns: {list(columns)}), and "
-            "this script needs them. Use a labelled evaluation split (--eval_split), or hold out part of the training "
-            "split (--validation_split_percentage).")
-
-
 def _selected_splits(source: ImageSource, image_size: int, num_channels: int, require_labels: bool):
     """The two `_Split`s, their geometry and class names; all checks that need no decoding."""
-    train, evaluation, names, keys, rows = select_splits(source.raw, source.args, source.source_rows())
+    train, evaluation, names, keys, rows = select_splits(source.raw, source.args, source.source_rows)
     if 0 < len(evaluation) < MIN_EVAL_IMAGES:
         print_once(f"warning: the evaluation split ({names[1]}) has only {len(evaluation)} image(s): one image moves "
                    f"its accuracy by {100 / len(evaluation):.0f} points, so its numbers mean little. Evaluate on more "
@@ -168,7 +143,18 @@ def _selected_splits(source: ImageSource, image_size: int, num_channels: int, re
                          f"{list(evaluation.column_names)}.")
     evaluation_labelled = label_column is None or label_column in evaluation.column_names
     if not evaluation_labelled and require_labels:
-        raise ValueError(_unlabelled_evaluation(source, names[1], label_column, evaluation.column_names))
+        folder = source.validation_dir  # the images were listed from it (or prepared from it)
+        if not folder:
+            raise ValueError(
+                f"The evaluation split ({names[1]}) has no labels (no column {label_column!r}; its columns: "
+                f"{list(evaluation.column_names)}), and this script needs them. Use a labelled evaluation split "
+                "(--eval_split), or hold out part of the training split (--validation_split_percentage).")
+        again = f", then prepare it again ({source.args.dataset_name} holds its images unlabelled)" if source.stored \
+            else ""
+        raise ValueError(
+            f"--validation_dir {folder} has no class subfolders (its images lie directly in it), so the evaluation "
+            "images have no labels, and this script needs them. Lay it out like the training folder, one subfolder "
+            f"per class: {folder}/<class>/image.jpg{again}.")
     class_names, labels = check_labels(train, evaluation if evaluation_labelled else None, label_column, names,
                                        allow_unlabelled=not require_labels)
     geometry = source.geometry(image_size, num_channels)
@@ -188,9 +174,8 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     """Train and eval splits as `ImageData`, decoded in memory or streamed from disk as --data_in_memory and the
     memory budget say (one decision for all processes of a run, printed). `num_workers`: DataLoader workers of a
     streamed split (None: this process's share of the CPUs). `first`: only the first N images of each split are
-    wanted (pictures): they are decoded, nothing else. `check(train, evaluation)` (their `len()` and `labels`) runs
-    before any image is decoded. `progress`: progress bars while reading and decoding (--disable_tqdm turns them
-    off). Every bad flag and input fails here, before any training starts."""
+    decoded (pictures), nothing else. `check(train, evaluation)` (their `len()` and `labels`) runs before any image
+    is decoded. `progress`: progress bars while reading and decoding. Every bad flag and input fails here."""
     source = open_source(args, token)
     splits, geometry, class_names = _selected_splits(source, image_size, num_channels, require_labels)
     if first is not None:
@@ -203,10 +188,8 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
     decoded = sum(split.estimated_bytes(num_channels) for split in splits)
     budget, explained = memory_budget()
     fits = decoded <= budget
-    if args.data_in_memory == "auto":
-        in_memory = all_processes_agree(fits)
-    else:
-        in_memory = args.data_in_memory == "true"
+    in_memory = all_processes_agree(fits) if args.data_in_memory == "auto" else args.data_in_memory == "true"
+    workers = default_workers() if num_workers is None else num_workers
     size = f"{'' if source.stored else 'about '}{gigabytes(decoded)} decoded"
     if in_memory:
         why = ("--data_in_memory true" + ("" if fits else f", although over the budget of {gigabytes(budget)}")
@@ -226,8 +209,7 @@ def load_image_splits(args: DataArguments, image_size: int, num_channels: int = 
             "bad image would only show up during training, where it cannot be left out. Prepare the data once, "
             "which checks every image and leaves the bad ones out: "
             f"{suggested_prepare_command(args, image_size)} --skip_bad_images true, then train from that folder.")
-    workers = default_workers() if num_workers is None else num_workers
-    if not in_memory:
+    else:
         why = "--data_in_memory false" if args.data_in_memory == "false" else \
             f"over the memory budget of {gigabytes(budget)} = {explained}"
         print_once(f"[data] from disk: {len(splits[0]):,} + {len(splits[1]):,} images of {source.description}, read "
@@ -257,7 +239,6 @@ def _image_data(split: _Split, geometry: Geometry, class_names, in_memory: bool,
         progress=f"Decoding images ({split.name})" if progress else None)
     if problems:  # a header that reads, pixels that do not (a truncated file)
         images, decoded, storage = keep_rows(images, decoded, split.leave_out(problems, skip_bad_images), storage)
-    data = InMemoryImages(images, decoded, split.labels, class_names, split.name, split.skipped, short_side,
-                          **storage)
+    data = InMemoryImages(images, decoded, split.labels, class_names, split.name, split.skipped, short_side, **storage)
     data.num_workers = 0 if images is not None else workers  # packed images are pasted onto canvases by workers
     return data

@@ -1,6 +1,5 @@
-"""Labels checked before any decoding or training: integer class indices in range, the same class names in both
-splits, no evaluation class the training split lacks (where that matters), -1 / None for "unlabelled" only where a
-script accepts unlabelled images (pretraining)."""
+"""Labels checked before any decoding or training: class indices in range, the same class names in both splits, no
+evaluation class the training split lacks (where that matters), "unlabelled" (-1 / None) only for pretraining."""
 
 import sys
 
@@ -18,31 +17,28 @@ def shorten(value, limit: int = 60) -> str:
 
 def validate_labels(dataset, column: str, split: str, class_names: list[str] | None = None,
                     allowed: set[int] | None = None, allow_unlabelled: bool = False) -> np.ndarray:
-    """Check one split's labels before any decoding or training; returns them as int64, -1 for a missing one (None).
-
-    Labels must be integer class indices in [0, len(class_names)) (or >= 0 without class names) and, with
-    `allowed` (the training split's labels, for the evaluation split), one of those. A missing label (None) or -1
-    means "unlabelled": an error for a classifier, accepted with `allow_unlabelled` (pretraining). Errors name the
-    split, the row of the first bad label and how many there are."""
+    """One split's labels as int64 (-1 for a missing one), checked: integer class indices in [0, len(class_names)) (or
+    >= 0 without class names) and, with `allowed` (the training split's labels, for the evaluation split), one of
+    those. A missing label (None) or -1 means "unlabelled": an error for a classifier, accepted with
+    `allow_unlabelled` (pretraining). Errors name the split, the row of the first bad label and how many there are."""
     import pyarrow as pa
 
     array = dataset.select_columns(column).with_format("arrow")[:].column(column).combine_chunks()
-    kind = array.type
-    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+    if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_null(array.type)):
         bad = np.flatnonzero(array.is_valid().to_numpy(zero_copy_only=False))
         if len(bad):
             raise ValueError(
-                f"Split {split!r}: the label column {column!r} holds {kind} values, not integer class indices "
+                f"Split {split!r}: the label column {column!r} holds {array.type} values, not integer class indices "
                 f"(row {source_rows(dataset, bad[:1])[0]}: {shorten(array[int(bad[0])].as_py())}). Pass "
                 "--label_column_name with the integer label column, or store the labels as a ClassLabel column.")
     values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)  # None -> NaN
     missing = np.isnan(values)
     fractional = ~missing & (values != np.round(values))
-    upper = len(class_names) if class_names else None
-    too_small = values < (0 if not allow_unlabelled else -1)  # -1 is "unlabelled" where that is allowed
-    out_of_range = ~missing & ~fractional & (too_small | ((values >= upper) if upper is not None else False))
-    range_text = (f"[0, {upper}) (the {upper} class names of the label column)" if upper is not None
-                  else "[0, number of classes)")
+    upper = len(class_names) if class_names else np.inf
+    lowest = -1 if allow_unlabelled else 0  # -1 is "unlabelled" where that is allowed
+    out_of_range = ~missing & ~fractional & ((values < lowest) | (values >= upper))
+    range_text = f"[0, {upper}) (the {upper} class names of the label column)" if class_names else \
+        "[0, number of classes)"
     checks = [(fractional, "are not integers", "labels are integer class indices")]
     if not allow_unlabelled:
         checks.append((missing, "are missing (None)",
@@ -75,8 +71,7 @@ def class_names_of(dataset, column: str) -> list[str] | None:
 
 def check_same_class_names(splits) -> None:
     """Refuse splits ((name, dataset, label column) each) whose class names differ: a label is an index into them,
-    so the same label would mean different classes. (Image folders never differ: their labels are numbered by the
-    class folders of all splits together, `list_image_folders`.)"""
+    so the same label would mean different classes (image folders never differ: `list_image_folders`)."""
     named = [(name, class_names_of(dataset, column)) for name, dataset, column in splits if column]
     named = [entry for entry in named if entry[1] is not None]
     for (name, names), (other_name, other_names) in zip(named, named[1:]):
@@ -89,18 +84,17 @@ def check_same_class_names(splits) -> None:
 def check_labels(train, evaluation, column: str | None, names, allow_unlabelled: bool):
     """Validate both splits' labels (`validate_labels`) and that their class names agree. Returns (class names,
     (training labels, evaluation labels)), each column read once. A classifier refuses evaluation classes the training
-    split lacks; pretraining (`allow_unlabelled`) only uses labels for its kNN monitor, so it is told, and those
-    labels become -1 (the monitor leaves their images out). `evaluation` None: an evaluation split without labels
-    (pretraining only), whose training split's labels are still checked (its labels: None)."""
+    split lacks; for pretraining (`allow_unlabelled`: labels only feed its kNN monitor) they are said and become -1.
+    `evaluation` None: an evaluation split without labels (pretraining only; its labels: None)."""
     if column is None:
         return None, (None, None)
-    if evaluation is None:
-        class_names = class_names_of(train, column)
-        return class_names, (validate_labels(train, column, names[0], class_names,
-                                             allow_unlabelled=allow_unlabelled), None)
-    check_same_class_names([(names[0], train, column), (names[1], evaluation, column)])
-    class_names = class_names_of(train, column) or class_names_of(evaluation, column)
+    class_names = class_names_of(train, column)
+    if evaluation is not None:
+        check_same_class_names([(names[0], train, column), (names[1], evaluation, column)])
+        class_names = class_names or class_names_of(evaluation, column)
     train_labels = validate_labels(train, column, names[0], class_names, allow_unlabelled=allow_unlabelled)
+    if evaluation is None:
+        return class_names, (train_labels, None)
     seen = set(train_labels.tolist()) - {-1}
     if not allow_unlabelled:
         return class_names, (train_labels, validate_labels(evaluation, column, names[1], class_names,
@@ -108,8 +102,7 @@ def check_labels(train, evaluation, column: str | None, names, allow_unlabelled:
     evaluation_labels = validate_labels(evaluation, column, names[1], class_names, allow_unlabelled=True)
     unseen = set(evaluation_labels.tolist()) - {-1} - seen if seen else set()
     if unseen:
-        shown = sorted(unseen)[:10]
-        named = [class_names[label] if class_names else label for label in shown]
+        named = [class_names[label] if class_names else label for label in sorted(unseen)[:10]]
         print_once(f"warning: the evaluation split ({names[1]}) has {len(unseen)} class(es) that the training split "
                    f"({names[0]}) lacks: {named}{' ...' if len(unseen) > 10 else ''}. Pretraining does not use labels; "
                    "the kNN monitor leaves those images out (it could never predict them).", file=sys.stderr)

@@ -8,57 +8,19 @@ import torch
 MEMORY_SHARE = 0.5  # of this process's share of the free memory, the rest for the model, workers and the system
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as handle:
-            text = handle.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _stat(path: str, key: str) -> int:
+def _read_number(path: str, key: str | None = None) -> int | None:
+    """The number a file holds, or (`key`) the one after `key` on its "key value" lines; None if none."""
     try:
         with open(path) as handle:
             for line in handle:
-                name, _, value = line.partition(" ")
+                name, *values = line.replace(":", " ").split()
+                if key is None and name.isdigit():
+                    return int(name)
                 if name == key:
-                    return int(value)
-    except (OSError, ValueError):
+                    return int(values[0])
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
-
-
-def cgroup_free_memory() -> int | None:
-    """Memory the container (cgroup v2 or v1) still allows this process tree, or None when it sets no limit. The
-    cgroup's usage counts the page cache of every file read, which the kernel gives back under pressure: its
-    inactive part is counted as free, as Docker and the kubelet do."""
-    for folder, limit_name, usage_name, stat_key in (
-            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
-            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
-        limit, usage = _read_int(f"{folder}/{limit_name}"), _read_int(f"{folder}/{usage_name}")
-        if limit is not None and usage is not None and limit < 2**60:  # v1 says "no limit" with a huge number
-            return max(0, limit - usage + _stat(f"{folder}/memory.stat", stat_key))
     return None
-
-
-def free_memory() -> tuple[int, str]:
-    """(bytes, where the figure comes from): the machine's available memory, or the container's limit less its
-    usage when that is lower."""
-    available = None
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if available is None:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    container = cgroup_free_memory()
-    if container is not None and container < available:
-        return container, "free under the container's memory limit"
-    return available, "available memory"
 
 
 def processes_on_this_machine() -> int:
@@ -66,8 +28,21 @@ def processes_on_this_machine() -> int:
 
 
 def memory_budget() -> tuple[int, str]:
-    """(bytes, explanation) this process may fill with decoded images."""
-    free, source = free_memory()
+    """(bytes, explanation) this process may fill with decoded images: a share of the machine's available memory, or
+    of what the container's limit leaves when that is lower."""
+    free, source = _read_number("/proc/meminfo", "MemAvailable"), "available memory"  # in kB
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if free is None else free * 1024
+    # A container's limit (cgroup v2, then v1) less its usage, whose page cache the kernel gives back under pressure:
+    # its inactive part counts as free, as Docker and the kubelet count it.
+    for folder, limit_name, usage_name, stat_key in (
+            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        limit, usage = _read_number(f"{folder}/{limit_name}"), _read_number(f"{folder}/{usage_name}")
+        if limit is not None and usage is not None and limit < 2**60:  # v1 says "no limit" with a huge number
+            container = max(0, limit - usage + (_read_number(f"{folder}/memory.stat", stat_key) or 0))
+            if container < free:
+                free, source = container, "free under the container's memory limit"
+            break
     processes = processes_on_this_machine()
     budget = int(free * MEMORY_SHARE / processes)
     share = f" / {processes} processes on this machine" if processes > 1 else ""

@@ -1,16 +1,12 @@
-"""The two interfaces every kind of image source is read through, and their two implementations:
+"""The two interfaces every kind of image source is read through, `ImageSource` (one data set) and `ImageReader`
+(random access to one split's stored images); their `datasets` and prepared-folder kinds; `open_source` picks one.
 
-    ImageReader  random access to one split's stored images, by position: `DatasetReader` (a `datasets` split of
-                 undecoded images, decoded and scaled to the geometry on reading) or `PreparedReader` (the shards
-                 of a prepared folder, stored at their final size)
-    ImageSource  one data set as the scripts read it (splits, columns, geometry, a reader per split, what was left
-                 out, what identifies it): `DatasetSource` or `PreparedSource`; `sources.open_source` picks one
-
-A new kind of source is one `ImageReader` and one `ImageSource` here, and its recognition in `open_source`.
-Readers are made in the main process and forked into DataLoader workers: each process opens the files it reads
-itself, lazily.
+A new kind of source is one `ImageSource` and one `ImageReader` here, and a line in `open_source`. Its `raw` is a
+`DatasetDict` of the rows its reader reads (for files `datasets` cannot load, a listing such as
+`sources.list_image_folder` makes). Readers are forked into DataLoader workers: each process opens its files lazily.
 """
 
+import copy
 import functools
 import os
 import sys
@@ -52,51 +48,57 @@ class ImageReader(Protocol):
         """(n, 2) stored heights and widths, and {index in `positions`: why unreadable}."""
 
     def read(self, positions) -> list:
-        """Pictures (decode.py: PIL images or uint8 (C, h, w) arrays), or the `BadImage` of an image that cannot be
-        decoded."""
+        """Pictures (decode.py: PIL images or uint8 (C, h, w) arrays), or the `BadImage` of one that cannot decode."""
 
     def describe(self, position: int) -> str:
         """Where the image at `position` lies (" (path)"), for messages; "" if nothing more is known."""
 
 
+def _subset(reader, positions, *indexed: str):
+    """A copy of `reader` whose arrays named `indexed` keep only the rows at `positions` (file handles: its own)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    subset = copy.copy(reader)  # through __getstate__, where a reader has one
+    subset.__dict__.update({name: getattr(reader, name)[positions] for name in indexed})
+    return subset
+
+
+def _each_or_bad(function, values) -> list:
+    """`function(value)` for each value, or the `BadImage` it raised."""
+    results = []
+    for value in values:
+        try:
+            results.append(function(value))
+        except BadImage as error:
+            results.append(error)
+    return results
+
+
 class DatasetReader:
-    """Undecoded images ({bytes, path}) of a `datasets` split, by position among `positions` of that split (default:
-    all); each is decoded and scaled to `geometry` when read."""
+    """Undecoded images ({bytes, path}) of a `datasets` split, by position in `positions`, decoded to `geometry`."""
 
     stored, encoding = False, None  # sizes are known only from the images' headers
 
-    def __init__(self, dataset, column: str, geometry: Geometry, positions: np.ndarray | None = None):
+    def __init__(self, dataset, column: str, geometry: Geometry):
         self.dataset, self.column, self.geometry = dataset.select_columns([column]), column, geometry
-        self.positions = np.arange(len(dataset), dtype=np.int64) if positions is None else positions
+        self.positions = np.arange(len(dataset), dtype=np.int64)
 
     def __len__(self):
         return len(self.positions)
 
     def subset(self, positions) -> "DatasetReader":
-        subset = DatasetReader.__new__(DatasetReader)
-        subset.__dict__.update(self.__dict__, positions=self.positions[np.asarray(positions, dtype=np.int64)])
-        return subset
+        return _subset(self, positions, "positions")
 
     def values(self, positions) -> list:
         return self.dataset[self.positions[np.asarray(positions, dtype=np.int64)].tolist()][self.column]
 
     def sizes(self, positions) -> tuple[np.ndarray, dict]:
-        sizes, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
-        for index, value in enumerate(self.values(positions)):
-            try:
-                sizes[index] = stored_size(value, self.geometry)
-            except BadImage as error:
-                problems[index] = str(error)
-        return sizes, problems
+        found = _each_or_bad(lambda value: stored_size(value, self.geometry), self.values(positions))
+        problems = {index: str(size) for index, size in enumerate(found) if isinstance(size, BadImage)}
+        sizes = [(0, 0) if isinstance(size, BadImage) else size for size in found]
+        return np.array(sizes, dtype=np.int32).reshape(-1, 2), problems
 
     def read(self, positions) -> list:
-        decoded = []
-        for value in self.values(positions):
-            try:
-                decoded.append(decode_image(value, self.geometry))
-            except BadImage as error:
-                decoded.append(error)
-        return decoded
+        return _each_or_bad(lambda value: decode_image(value, self.geometry), self.values(positions))
 
     def describe(self, position: int) -> str:
         value = self.values([position])[0]
@@ -104,28 +106,20 @@ class DatasetReader:
 
 
 class PreparedReader:
-    """Images of a prepared split (scripts/prepare_data.py), by position in the selected rows: `rows` are row
-    numbers of the split's shards in order, `files`/`counts` the shards and their row counts, `sizes` the stored
-    heights and widths of the selected rows.
-
-    Each image's bytes are read with one `pread` at the place its shard holds them (`value_index`, found once from
-    the shards' Arrow metadata), not through a memory map: a mapped page stays in the reading process's resident
-    memory, and the kernel maps neighbouring pages too (fault-around), so a worker reading at random through maps
-    would grow by several times what it reads, up to the whole data set. Read this way, the workers' memory stays
-    flat however large the data set is; the kernel's page cache still keeps what was read."""
+    """Images of a prepared split, by position in the selected `rows` (row numbers in the shards `files`, of `counts`
+    rows each), stored at `sizes`. Each is one `pread` at its place in its shard (`value_index`), not read through a
+    memory map, whose pages would stay resident in the worker (docs/data.md, "Reading it")."""
 
     stored = True
     OPEN_FILES = 64  # shard files a process keeps open (a million images are ~600 shards; file handles are few)
 
     def __init__(self, files: list[str], counts: list[int], rows: np.ndarray, sizes: np.ndarray, encoding: str,
-                 num_channels: int, value_offsets: np.ndarray | None = None,
-                 value_lengths: np.ndarray | None = None):
+                 num_channels: int):
         self.files, self.rows, self.stored_sizes = list(files), np.asarray(rows, dtype=np.int64), sizes
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.encoding, self.num_channels = encoding, num_channels
-        if value_offsets is None:  # the byte ranges of the selected rows' images in their shard files
-            value_offsets, value_lengths = (array[self.rows] for array in value_index(self.files))
-        self.value_offsets, self.value_lengths = value_offsets, value_lengths
+        # the byte ranges of the selected rows' images in their shard files
+        self.value_offsets, self.value_lengths = (array[self.rows] for array in value_index(self.files))
         self._handles, self._pid = {}, None
 
     def __getstate__(self):
@@ -135,10 +129,7 @@ class PreparedReader:
         return len(self.rows)
 
     def subset(self, positions) -> "PreparedReader":
-        positions = np.asarray(positions, dtype=np.int64)
-        return PreparedReader(self.files, np.diff(self.starts), self.rows[positions], self.stored_sizes[positions],
-                              self.encoding, self.num_channels, self.value_offsets[positions],
-                              self.value_lengths[positions])
+        return _subset(self, positions, "rows", "stored_sizes", "value_offsets", "value_lengths")
 
     def _handle(self, shard: int) -> int:
         if self._pid != os.getpid():  # a forked copy: its parent's file positions are not its own
@@ -159,14 +150,9 @@ class PreparedReader:
         return self.stored_sizes[np.asarray(positions, dtype=np.int64)], {}
 
     def read(self, positions) -> list:
-        decoded = []
         sizes = self.stored_sizes[np.asarray(positions, dtype=np.int64)].tolist()
-        for data, (height, width) in zip(self.values(positions), sizes):
-            try:
-                decoded.append(decode_stored(data, height, width, self.encoding, self.num_channels))
-            except BadImage as error:
-                decoded.append(error)
-        return decoded
+        return _each_or_bad(lambda item: decode_stored(item[0], *item[1], self.encoding, self.num_channels),
+                            zip(self.values(positions), sizes))
 
     def describe(self, position: int) -> str:
         row = int(self.rows[position])
@@ -197,9 +183,9 @@ def value_index(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
 # ---- sources ----------------------------------------------------------------------------------------------------
 
 class ImageSource:
-    """One data set as the scripts read it: its splits (`raw`, loaded when first asked for), the columns that hold
-    images and labels, the geometry its images are stored in, a reader per selected split, the images left out
-    before it was read, and what identifies its content beyond its flags (recorded with a run)."""
+    """One data set as the scripts read it: its splits (`raw`, loaded when first asked for), image and label columns,
+    the geometry its images are stored in, a reader per selected split, the images left out before it was read, and
+    what identifies its content beyond its flags (recorded with a run)."""
 
     stored = False  # images stored at their final size (exact sizes, checked once): no note on decoding every epoch
 
@@ -221,9 +207,9 @@ class ImageSource:
         """The folder the evaluation images were listed from, if any."""
         return self.args.validation_dir
 
-    def source_rows(self):
-        """None, or `key -> (rows of the source split, the source row of each stored row)` (`select_splits`)."""
-        return None
+    def source_rows(self, key: str) -> tuple[int, np.ndarray]:
+        """(rows of the source split `key`, the source row of each row of `raw[key]`, ascending)."""
+        return len(self.raw[key]), np.arange(len(self.raw[key]))
 
     def columns(self, train, evaluation, require_labels: bool) -> tuple[str, str | None]:
         """(image column, label column or None) of the selected splits."""
@@ -246,8 +232,7 @@ class ImageSource:
 
 
 class DatasetSource(ImageSource):
-    """A Hub id, a local dataset folder or file, or image folders: read by `datasets` (or listed), decoded and scaled
-    as they are read."""
+    """A Hub id, a local dataset folder or file, or image folders: read by `datasets` (or listed), decoded as read."""
 
     def columns(self, train, evaluation, require_labels: bool) -> tuple[str, str | None]:
         return (find_column(train, "image", self.args.image_column_name),
@@ -291,8 +276,8 @@ class PreparedSource(ImageSource):
     def validation_dir(self) -> str | None:
         return self.args.validation_dir or self.manifest["identity"]["source"].get("validation_dir")
 
-    def source_rows(self):
-        return lambda key: (self.manifest["splits"][key]["num_source_images"], self.stored_rows[key])
+    def source_rows(self, key: str) -> tuple[int, np.ndarray]:
+        return self.manifest["splits"][key]["num_source_images"], self.stored_rows[key]
 
     def columns(self, train, evaluation, require_labels: bool) -> tuple[str, str | None]:
         """A prepared folder's labels are in its column `label` (whatever the source called it), if it has any."""
@@ -334,8 +319,7 @@ class PreparedSource(ImageSource):
                               geometry.num_channels)
 
     def skipped(self, key: str, rows: np.ndarray) -> list[str]:
-        """The shards' `skipped` entries, in shard (= source row) order, belong to the source rows that no shard
-        stores, in order."""
+        """The shards' `skipped` entries belong, in order, to the source rows that no shard stores."""
         split = self.manifest["splits"][key]
         entries = [entry for shard in split["shards"] for entry in shard["skipped"]]
         missing = np.setdiff1d(np.arange(split["num_source_images"]), self.stored_rows[key])
@@ -345,8 +329,7 @@ class PreparedSource(ImageSource):
                              f"{len(missing)} of its {split['num_source_images']} source rows are not stored: the "
                              f"folder was edited or damaged. Copy {folder} again from where it came, or prepare it "
                              f"again: {prepare_command(self.manifest, folder, overwrite=True)}")
-        chosen = np.isin(missing, rows)
-        return [entry for entry, kept in zip(entries, chosen.tolist()) if kept]
+        return [entry for entry, chosen in zip(entries, np.isin(missing, rows).tolist()) if chosen]
 
     def identity(self) -> dict:
         # what the folder holds, not only where: a folder prepared again (other images, another size) is a change

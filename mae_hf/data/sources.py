@@ -1,12 +1,9 @@
-"""Finding the images: a `DatasetDict` from a Hub id, a local dataset folder or file, image folders or a prepared
-folder; then the splits, the image and label columns and the rows a script uses.
-
-Image folders (`--train_dir`, or a folder laid out as split/class/image files) are listed here in one directory
-pass with `os.scandir`, not by `datasets`' imagefolder builder, whose file resolution takes minutes on a million
-files. Everything stays undecoded: `memory.py` decodes what fits in memory, `streaming.py` what does not.
-"""
+"""Finding the images, undecoded: a `DatasetDict` from a Hub id, a local dataset folder or file, or image folders
+(listed in one `os.scandir` pass, not by `datasets`' imagefolder builder: docs/data.md, "Sources"); then the splits,
+the image and label columns and the rows a script uses."""
 
 import glob
+import itertools
 import math
 import os
 import sys
@@ -16,7 +13,7 @@ import numpy as np
 from ..cli import UsageError, print_once
 from ..paths import folder_listing, looks_local
 from .arguments import EVAL_SPLIT_NAMES, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataArguments, SourceArguments
-from .prepared import PREPARED_COLUMNS, PREPARED_MANIFEST, is_prepared, shards_without_manifest
+from .prepared import PREPARED_COLUMNS, PREPARED_MANIFEST, SAVE_TO_DISK_FILES, is_prepared, shards_without_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = ("train", "training", *EVAL_SPLIT_NAMES)
@@ -31,11 +28,10 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
     import datasets
 
     if args.train_dir is not None:
-        folders = {"train": args.train_dir}
-        if args.validation_dir is not None:
-            folders["validation"] = args.validation_dir
+        folders = {"train": args.train_dir, "validation": args.validation_dir}
+        folders = {split: folder for split, folder in folders.items() if folder is not None}
         for split, folder in folders.items():
-            option = "--train_dir" if split == "train" else "--validation_dir"
+            option = f"--{split}_dir"
             if not os.path.isdir(folder):
                 raise ValueError(f"{option} {folder}: no such folder. {folder_listing(folder)}")
             check_not_prepared(option, folder)
@@ -53,12 +49,16 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
         except Exception as error:
             raise ValueError(f"--dataset_name {name}: could not read this parquet file ({error}).") from error
     if os.path.isdir(name):
-        check_manifest_present(name)
+        shards = shards_without_manifest(name)  # read as a plain dataset, they would be "images that cannot be decoded"
+        if shards:
+            raise ValueError(f"--dataset_name {name} holds prepared shards ({shards[0]}, ...: {len(shards)} in all) "
+                             f"but no manifest ({PREPARED_MANIFEST}, which says what they hold): it was deleted or not "
+                             "copied. Copy the folder again whole, or prepare it again into a new folder with "
+                             "scripts/prepare_data.py.")
         check_parquet_files(glob.glob(os.path.join(name, "**", "*.parquet"), recursive=True))
-        if os.path.exists(os.path.join(name, "dataset_dict.json")):
-            return datasets.load_from_disk(name)
-        if os.path.exists(os.path.join(name, "state.json")):
-            return datasets.DatasetDict({"train": datasets.load_from_disk(name)})
+        if any(os.path.exists(os.path.join(name, file)) for file in SAVE_TO_DISK_FILES):
+            loaded = datasets.load_from_disk(name)  # a DatasetDict, or one Dataset: the training split
+            return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
         layout = image_folder_layout(name)
         if layout:
             return list_image_folders(layout)
@@ -89,31 +89,16 @@ def load_raw_dataset(args: SourceArguments, token: str | None = None):
     return loaded
 
 
-def check_manifest_present(folder: str) -> None:
-    """Refuse prepared shards without their manifest: read as a plain dataset, their stored bytes would be "images
-    that cannot be decoded", or train unchecked."""
-    shards = shards_without_manifest(folder)
-    if shards:
-        raise ValueError(f"--dataset_name {folder} holds prepared shards ({shards[0]}, ...: {len(shards)} in all) "
-                         f"but no manifest ({PREPARED_MANIFEST}, which says what they hold): it was deleted or not "
-                         "copied. Copy the folder again whole, or prepare it again into a new folder with "
-                         "scripts/prepare_data.py.")
-
-
 def hub_snapshot(args: SourceArguments, token: str | None) -> tuple[str, str | None]:
-    """(what `datasets.load_dataset` reads, the revision to ask for) for the Hub id --dataset_name, with
-    `args.dataset_revision` set to the commit it is (recorded with the run: a resume compares it): asked of the Hub,
-    or, offline, a snapshot downloaded from the Hub earlier (huggingface_hub's cache). Never `datasets`' own cache
-    of that name, which `datasets` falls back to offline, after 30 s of retries, and which a local folder of the
-    same name writes too."""
+    """(what `datasets.load_dataset` reads, the revision to ask for) for the Hub id; sets `args.dataset_revision` to its
+    commit. Offline: a snapshot in huggingface_hub's cache, never `datasets`' own (docs/data.md, "Sources")."""
     import datasets
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     name, revision = args.dataset_name, args.dataset_revision
-    if datasets.config.HF_HUB_OFFLINE:
-        unreachable = "HF_HUB_OFFLINE=1 is set"
-    else:
+    unreachable = "HF_HUB_OFFLINE=1 is set" if datasets.config.HF_HUB_OFFLINE else None
+    if unreachable is None:
         try:
             info = HfApi().dataset_info(name, revision=revision, token=token, timeout=HUB_TIMEOUT)
         except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as error:
@@ -162,23 +147,17 @@ def check_parquet_files(paths) -> None:
 
 def _entries(folder: str):
     """(subfolders, image files, other files) of a folder, each sorted by name, hidden entries left out."""
-    subfolders, images, others = [], [], []
+    found = ([], [], [])
     with os.scandir(folder) as scan:
         for entry in scan:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                subfolders.append(entry.name)
-            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(entry.name)
-            else:
-                others.append(entry.name)
-    return sorted(subfolders), sorted(images), sorted(others)
+            if not entry.name.startswith("."):
+                kind = 0 if entry.is_dir() else 1 if entry.name.lower().endswith(IMAGE_EXTENSIONS) else 2
+                found[kind].append(entry.name)
+    return tuple(sorted(names) for names in found)
 
 
 def _holds_images(folder: str, limit: int = 256) -> bool:
-    """Whether a class folder holds image files, directly or in deeper folders (whose images belong to the class);
-    the first `limit` entries, breadth first, are enough to tell."""
+    """Whether a class folder holds image files, directly or deeper (the first `limit` entries, breadth first, tell)."""
     pending, seen = [folder], 0
     while pending and seen < limit:
         try:
@@ -186,7 +165,7 @@ def _holds_images(folder: str, limit: int = 256) -> bool:
         except OSError:  # unreadable, or a link loop: list_image_folder names it
             continue
         with scan:
-            for entry in scan:
+            for entry in itertools.islice(scan, limit - seen):
                 seen += 1
                 if entry.name.startswith("."):
                     continue
@@ -194,22 +173,17 @@ def _holds_images(folder: str, limit: int = 256) -> bool:
                     pending.append(entry.path)
                 elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
                     return True
-                if seen >= limit:
-                    break
     return False
 
 
 def _holds_classes(folder: str, classes: list[str]) -> bool:
-    """Whether any of `classes` (subfolders of `folder`) holds images: the first class may be empty, or hold only
-    subfolders; the next ones are looked at only then."""
+    """Whether any of `classes` (subfolders of `folder`) holds images (the first may be empty)."""
     return any(_holds_images(os.path.join(folder, name)) for name in classes)
 
 
 def image_folder_layout(folder: str) -> dict[str, str] | None:
-    """{split: folder} when `folder` is a plain image-folder tree — split folders (train/, test/, ...) of class
-    folders of images, or class folders directly (one "train" split) — with no metadata files that only
-    `datasets`' imagefolder builder understands; else None. Other files beside a split's class folders (a
-    classes.txt) are left out, and `list_image_folder` says so."""
+    """{split: folder} when `folder` is a plain image-folder tree (split folders of class folders, or class folders:
+    one "train" split) with no metadata files that only `datasets`' imagefolder builder understands; else None."""
     subfolders, images, others = _entries(folder)
     if images or not subfolders or any(not name.lower().startswith(IGNORED_FILES) for name in others):
         return None
@@ -225,25 +199,18 @@ def image_folder_layout(folder: str) -> dict[str, str] | None:
     return {"train": folder} if _holds_classes(folder, subfolders) else None
 
 
-def split_folders(folder: str) -> list[str]:
-    """The subfolders of `folder` when they are split folders (train/, val/, ...) rather than classes: every one is
-    named like a split and one at least holds class folders of images. (Real classes named "train" and "test"
-    would hold their images, or folders of them; a split folder holds class folders.)"""
-    subfolders, images, _ = _entries(folder)
-    if images or not subfolders or not all(name.lower() in SPLIT_FOLDER_NAMES for name in subfolders):
-        return []
-    for name in subfolders:
-        classes, loose, _ = _entries(os.path.join(folder, name))
-        if classes and not loose and _holds_classes(os.path.join(folder, name), classes):
-            return subfolders
-    return []
-
-
 def check_not_split_tree(option: str, folder: str) -> None:
     """Refuse a tree of split folders given as one split: its splits would be read as classes named "train" and
-    "val", and the model would train on the validation images under the label "val"."""
-    splits = split_folders(folder)
-    if not splits:
+    "val", and the model would train on the validation images under the label "val". Split folders are all named
+    like splits, and one at least holds class folders of images (classes named "train" would hold images)."""
+    splits, images, _ = _entries(folder)
+    if images or not splits or not all(name.lower() in SPLIT_FOLDER_NAMES for name in splits):
+        return
+    for name in splits:
+        classes, loose, _ = _entries(os.path.join(folder, name))
+        if classes and not loose and _holds_classes(os.path.join(folder, name), classes):
+            break
+    else:
         return
     train = next((name for name in splits if name.lower() in ("train", "training")), splits[0])
     held = next((name for wanted in EVAL_SPLIT_NAMES for name in splits if name.lower() == wanted), None)
@@ -256,22 +223,8 @@ def check_not_split_tree(option: str, folder: str) -> None:
                      f"read as classes named {' and '.join(splits)}. Pass {fix} (or --dataset_name {folder}).")
 
 
-def prepared_folder_above(path: str) -> str | None:
-    """The prepared folder (scripts/prepare_data.py) that `path` is or lies inside, named as the user named `path`
-    (relative stays relative); None if none."""
-    current = os.path.abspath(path)
-    while True:
-        if is_prepared(current):
-            return current if os.path.isabs(path) else os.path.relpath(current)
-        parent = os.path.dirname(current)
-        if parent == current:
-            return None
-        current = parent
-
-
 def source_folders(args: SourceArguments) -> list[tuple[str, str]]:
-    """(option, folder) of each local folder the images are read from; a single file's folder counts, since
-    `--dataset_name` of that folder reads every file in it."""
+    """(option, folder) of each local folder the images are read from (a single file's: the folder it lies in)."""
     if args.train_dir:
         return [(option, folder) for option, folder in (("--train_dir", args.train_dir),
                                                          ("--validation_dir", args.validation_dir)) if folder]
@@ -282,8 +235,7 @@ def source_folders(args: SourceArguments) -> list[tuple[str, str]]:
 
 
 def source_holding(path: str, args: SourceArguments) -> tuple[str, str] | None:
-    """The (option, folder) of the source folder that `path` is or lies inside, or None: a prepared folder written
-    there would be read as part of the source."""
+    """The (option, folder) of the source folder holding `path` (a prepared folder there joins the source), or None."""
     real = os.path.realpath(path)
     for option, folder in source_folders(args):
         inside = os.path.realpath(folder)
@@ -294,8 +246,7 @@ def source_holding(path: str, args: SourceArguments) -> tuple[str, str] | None:
 
 def default_prepared_folder(args: SourceArguments) -> str:
     """Where a prepared copy of the source goes by default: beside its folder (beside the tree, for a split folder
-    such as imagenet/train: a folder among the splits would no longer read as a tree of splits), never inside a
-    source; a Hub id's under prepared/ here."""
+    such as imagenet/train, which stays a tree of splits), never inside a source; a Hub id's under prepared/ here."""
     local = source_folders(args)
     if not local:
         return f"prepared/{args.dataset_name.replace('/', '_')}"
@@ -313,9 +264,12 @@ def default_prepared_folder(args: SourceArguments) -> str:
 def check_not_prepared(option: str, path: str) -> None:
     """Refuse a prepared folder, or a folder inside one, where it would be read as images or parquet files: its
     shards hold stored bytes, which would read as "cannot be decoded" or "no image files"."""
-    prepared = prepared_folder_above(path)
-    if prepared is None:
-        return
+    prepared = os.path.abspath(path)
+    while not is_prepared(prepared):
+        if os.path.dirname(prepared) == prepared:
+            return
+        prepared = os.path.dirname(prepared)
+    prepared = prepared if os.path.isabs(path) else os.path.relpath(prepared)
     where = "is a prepared folder (made by scripts/prepare_data.py)" if os.path.samefile(prepared, path) else \
         f"lies inside the prepared folder {prepared} (made by scripts/prepare_data.py)"
     raise UsageError(f"{option} {path} {where}, not a folder of images. Pass --dataset_name {prepared}: its splits "
@@ -323,9 +277,8 @@ def check_not_prepared(option: str, path: str) -> None:
 
 
 def list_image_folders(folders: dict[str, str]):
-    """A `DatasetDict` of image folders ({split: folder}), their labels numbered by the class folders of all splits
-    together, as `datasets`' imagefolder numbers them: a small evaluation split without a rare class shifts nothing.
-    A split that lacks classes is named with them."""
+    """A `DatasetDict` of image folders ({split: folder}), labels numbered by the class folders of all splits together
+    (as `datasets`' imagefolder does: an evaluation split without a rare class shifts nothing)."""
     import datasets
 
     classes = {split: _entries(folder)[0] for split, folder in folders.items()}
@@ -341,10 +294,8 @@ def list_image_folders(folders: dict[str, str]):
 
 
 def list_image_folder(folder: str, class_names: list[str] | None = None):
-    """A `Dataset` of undecoded images {bytes: None, path} and labels from one class folder per label
-    (folder/cat/1.png, ...; deeper folders belong to their class), in one `os.scandir` pass, sorted by name; the
-    labels index `class_names` (default: this folder's classes). A folder of images without class folders gives
-    unlabelled images (label None)."""
+    """A `Dataset` of undecoded images {bytes: None, path}, sorted by name, labelled by their class folder's index in
+    `class_names` (default: this folder's classes); loose images without class folders have no label column."""
     import datasets
     import pyarrow as pa
 
@@ -360,22 +311,21 @@ def list_image_folder(folder: str, class_names: list[str] | None = None):
     class_names = class_names or classes
     number = {name: label for label, name in enumerate(class_names)}
     for name in classes:
-        found = []
-        pending = [os.path.join(folder, name)]
+        found, pending = [], [os.path.join(folder, name)]
         while pending:
             current = pending.pop()
-            with os.scandir(current) as scan:
-                for entry in scan:
-                    if entry.name.startswith("."):
-                        continue
-                    if entry.is_dir():
-                        if entry.is_symlink():
-                            _check_no_loop(entry.path, current)
-                        pending.append(entry.path)
-                    elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                        found.append(entry.path)
-        found.sort()
-        paths += found
+            subfolders, images, _ = _entries(current)
+            found += [os.path.join(current, image) for image in images]
+            for subfolder in subfolders:
+                path = os.path.join(current, subfolder)
+                if os.path.islink(path):  # to a folder that holds it: listed forever (until 40 levels of links)
+                    target, inside = os.path.realpath(path), os.path.realpath(current)
+                    if inside == target or inside.startswith(target + os.sep):
+                        raise ValueError(f"{path} is a symbolic link to {target}, a folder that holds the link "
+                                         "itself: a loop, whose images would be listed again and again. Remove the "
+                                         "link (or point it elsewhere).")
+                pending.append(path)
+        paths += sorted(found)
         labels += [number[name]] * len(found)
     if not paths:
         raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); expected one subfolder "
@@ -390,19 +340,10 @@ def list_image_folder(folder: str, class_names: list[str] | None = None):
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features(features)))
 
 
-def _check_no_loop(link: str, parent: str) -> None:
-    """A link to a folder that holds it would be listed forever (until the OS stops at 40 levels of links)."""
-    target, inside = os.path.realpath(link), os.path.realpath(parent)
-    if inside == target or inside.startswith(target + os.sep):
-        raise ValueError(f"{link} is a symbolic link to {target}, a folder that holds the link itself: a loop, whose "
-                         "images would be listed again and again. Remove the link (or point it elsewhere).")
-
-
 # ---- columns and splits ----------------------------------------------------------------------------------------
 
 def find_column(dataset, kind: str, name: str | None = None, required: bool = True) -> str | None:
-    """The `kind` ("image" or "label") column: `name` if given (it must exist), else the first column of the
-    matching feature type (`Image` / `ClassLabel`), else the first conventional name."""
+    """The `kind` ("image"/"label") column: `name`, else the first of type `Image`/`ClassLabel`, else by its name."""
     import datasets
 
     feature_type, candidates = {"image": (datasets.Image, IMAGE_COLUMN_NAMES),
@@ -412,10 +353,10 @@ def find_column(dataset, kind: str, name: str | None = None, required: bool = Tr
         if name not in columns:
             raise ValueError(f"--{kind}_column_name {name!r} is not a column of the dataset; columns: {columns}.")
         return name
-    typed = [column for column, feature in dataset.features.items() if isinstance(feature, feature_type)]
-    named = [column for column in candidates if column in columns]
-    if typed or named:
-        return (typed + named)[0]
+    found = [column for column, feature in dataset.features.items() if isinstance(feature, feature_type)]
+    found += [column for column in candidates if column in columns]
+    if found:
+        return found[0]
     if required:
         raise ValueError(f"No {kind} column found among {columns}; pass --{kind}_column_name.")
     return None
@@ -434,20 +375,15 @@ def as_undecoded_images(dataset, column: str):
                      f"(columns: {list(dataset.column_names)}).")
 
 
-def select_splits(raw, args: DataArguments, source_rows_of=None):
-    """(train, eval) `Dataset`s, their descriptions, the splits of `raw` they come from and the rows they select:
-    the named splits, or train minus a held-out part with a fixed seed; then --max_*_samples random draws.
-
-    Rows are counted in the source: `source_rows_of(split)`, for a prepared folder, gives how many rows its source
-    split had and the source row of each stored row (images left out while preparing are missing); holding out and
-    drawing then happen among the source's rows, so that a source and its prepared copy select the same images. Only
-    index mappings are made (kept in memory: nothing is written beside the data, which may be a shared or read-only
-    prepared folder)."""
+def select_splits(raw, args: DataArguments, source_rows_of):
+    """(train, eval) `Dataset`s, their descriptions, the splits of `raw` they come from and the rows they select: the
+    named splits, or train minus a held-out part with a fixed seed; then --max_*_samples random draws. Rows are counted
+    in the source (`source_rows_of(split)`: `ImageSource.source_rows`), so that a source and its prepared copy select
+    the same images. Nothing is written beside the data (it may be read-only)."""
     splits = list(raw.keys())
     if args.train_split not in raw:
         raise ValueError(f"--train_split {args.train_split!r} does not exist; the dataset has splits {splits}.")
     keys, names = [args.train_split, args.train_split], [args.train_split]
-    count = (lambda key: source_rows_of(key)[0]) if source_rows_of else (lambda key: len(raw[key]))
     held_out = None
     if args.eval_split is not None:
         if args.eval_split not in raw:
@@ -461,7 +397,7 @@ def select_splits(raw, args: DataArguments, source_rows_of=None):
             held_out = 5.0 if args.validation_split_percentage is None else args.validation_split_percentage
             if not 0 < held_out < 100:
                 raise ValueError(f"--validation_split_percentage must lie in (0, 100), got {held_out}.")
-    rows = [np.arange(count(key)) for key in keys]
+    rows = [np.arange(source_rows_of(key)[0]) for key in keys]
     if held_out is None:
         names.append(keys[1])
     else:
@@ -479,27 +415,22 @@ def select_splits(raw, args: DataArguments, source_rows_of=None):
         if wanted is not None:
             rows[index] = rows[index][np.random.default_rng(args.split_seed).permutation(len(rows[index]))[:wanted]]
             names[index] += f", {len(rows[index])} drawn with seed {args.split_seed}"
-    selected = [_select(raw[key], key, chosen, count(key), source_rows_of) for key, chosen in zip(keys, rows)]
+    selected = [_select(raw[key], chosen, source_rows_of(key)[1]) for key, chosen in zip(keys, rows)]
     return selected[0], selected[1], names, keys, rows
 
 
-def _select(dataset, key: str, rows: np.ndarray, count: int, source_rows_of):
-    """The rows `rows` (source rows) of one split, as a `Dataset` (the split itself when that is all of it)."""
-    if source_rows_of is None:
-        if len(rows) == count and np.array_equal(rows, np.arange(count)):
-            return dataset
-        return dataset.select(rows, keep_in_memory=True)
-    stored = source_rows_of(key)[1]  # ascending: shards hold their rows in source order
+def _select(dataset, rows: np.ndarray, stored: np.ndarray):
+    """The source rows `rows` of a split whose rows are the source rows `stored` (ascending; the split itself when
+    that is all of it)."""
     positions = np.minimum(np.searchsorted(stored, rows), max(len(stored) - 1, 0))
     kept = positions[stored[positions] == rows] if len(stored) else positions[:0]
+    if len(kept) == len(dataset) and np.array_equal(kept, np.arange(len(dataset))):
+        return dataset
     return dataset.select(kept, keep_in_memory=True)
 
 
 def source_rows(dataset, positions=None) -> np.ndarray:
-    """Row numbers in the loaded split (file order) of `positions` (default: all) in `dataset`, which may be a
-    selection, a shuffle or a held-out part of it."""
-    if dataset._indices is None:  # not a selection: positions are rows
-        rows = np.arange(len(dataset), dtype=np.int64)
-    else:
-        rows = dataset._indices.column(0).to_numpy()
+    """Row numbers in the loaded split (file order) of `positions` (default: all) in `dataset`, a selection of it."""
+    indices = dataset._indices  # a selection's rows; None: positions are rows
+    rows = np.arange(len(dataset), dtype=np.int64) if indices is None else indices.column(0).to_numpy()
     return rows if positions is None else rows[np.asarray(positions, dtype=np.int64)]

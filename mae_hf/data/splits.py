@@ -1,6 +1,5 @@
-"""One split's images as the scripts use them, however they are held: `ImageData` (labels, provenance, and
-`read(positions)` -> uint8 canvases + sizes), the torch `ImageDataset` that DataLoaders and the Trainer read whole
-batches from, and a sequential pass for feature extraction."""
+"""One split's images however they are held (`ImageData`: labels, provenance, `read(positions)` -> uint8 canvases +
+sizes), the `ImageDataset` that loaders read whole batches from, and a sequential pass for feature extraction."""
 
 import numpy as np
 import torch
@@ -25,8 +24,7 @@ class ImageData:
         raise NotImplementedError
 
     def read(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 `(n, C, H, W)` canvases, int32 `(n, 2)` heights and widths on the host) of the images at
-        `positions`."""
+        """(uint8 `(n, C, H, W)` canvases, host int32 `(n, 2)` heights and widths) of the images at `positions`."""
         raise NotImplementedError
 
     def subset(self, positions) -> "ImageData":
@@ -37,10 +35,6 @@ class ImageData:
         """Classes of the label column: its class names when it has them, else the largest label + 1 (after
         `validate_labels`, the evaluation split's labels are a subset of the training split's)."""
         return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
-
-    @property
-    def decoded_bytes(self) -> int:
-        return len(self) * int(np.prod(self.canvas))
 
     def labelled(self) -> "ImageData":
         """The images that have a label (pretraining accepts -1 / None as "unlabelled"; those are left out)."""
@@ -58,13 +52,11 @@ class ImageData:
 
 class ImageDataset(torch.utils.data.Dataset):
     """An `ImageData` for DataLoaders, fetched a whole batch at a time (`__getitems__`): `pixel_values` (uint8 canvases,
-    transformed on the device by the trainer), `image_sizes` (a host numpy array), and optional `labels` and `noise`
-    (fixed masking noise, so that evaluation losses are comparable). With `encoded` (a streamed prepared folder of
-    JPEGs, --decode_on_device), `encoded_images` (the JPEG bytes) replace `pixel_values`: the trainer decodes them
-    on the GPU (`streaming.DeviceJPEGDecoder`)."""
+    transformed on the device by the trainer), `image_sizes` (a host numpy array), optional `labels` and `noise` (fixed
+    masking noise: comparable evaluation losses). With `encoded` (--decode_on_device), `encoded_images` (JPEG bytes,
+    decoded on the GPU by `streaming.DeviceJPEGDecoder`) replace `pixel_values`."""
 
-    def __init__(self, data: ImageData, labels: bool = False, noise: torch.Tensor | None = None,
-                 encoded: bool = False):
+    def __init__(self, data: ImageData, labels: bool = False, noise: torch.Tensor | None = None, encoded: bool = False):
         self.data, self.noise, self.encoded = data, noise, encoded
         self.labels = data.labels if labels else None
         if labels and data.labels is None:
