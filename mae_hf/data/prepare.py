@@ -18,9 +18,9 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..cli import UsageError, print_once
+from ..cli import UsageError, flag, print_once
 from ..inputs import TEMPORARY_MARK, write_failure, write_json, written_whole
 from ..paths import check_output_folder
 from ..runs import LOCK_NAME, OutputLock, RunError, differences
@@ -57,31 +57,22 @@ SOURCE_FIELDS = ("dataset_name", "dataset_config_name", "train_dir", "validation
 class PrepareArguments:
     """What scripts/prepare_data.py writes, and how."""
 
-    output_dir: str | None = field(default=None, metadata={"help": "The prepared folder to write. Required."})
-    short_side: int = field(
-        default=256,
-        metadata={"help": "Scale every image so that its short side is at most this (256 for 224 px training; "
-                          "images are never scaled up)."})
-    max_long_side: int | None = field(
-        default=None,
-        metadata={"help": f"And its long side at most this (panoramas); default {LONG_SIDE_FACTOR:g} x --short_side. "
-                          "The aspect ratio is always kept."})
-    num_channels: int = field(default=3, metadata={"help": "3 (RGB) or 1 (grey)."})
-    encoding: str = field(
-        default="auto",
-        metadata={"help": f"'jpeg', 'raw' (uncompressed bytes) or 'auto': raw for short sides up to {RAW_UP_TO}, "
-                          "else JPEG."})
-    jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality (1-100)."})
-    shard_size: int = field(default=2048, metadata={"help": "Images per shard (the unit of work and of resuming)."})
-    num_proc: int | None = field(default=None, metadata={"help": "Worker processes (default: every CPU this process "
-                                                                 "may use)."})
-    splits: list[str] | None = field(
-        default=None, metadata={"help": "Splits to prepare (default: every split of the source)."})
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Replace a prepared folder (finished or not, of other settings); never another folder."})
-    token: str | None = field(default=None, metadata={"help": "Hugging Face token for private Hub datasets."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    output_dir: str | None = flag(None, "The prepared folder to write. Required.")
+    short_side: int = flag(256, "Scale every image so that its short side is at most this (256 for 224 px training; "
+                                "images are never scaled up).")
+    max_long_side: int | None = flag(None, f"And its long side at most this (panoramas); default {LONG_SIDE_FACTOR:g} "
+                                           "x --short_side. The aspect ratio is always kept.")
+    num_channels: int = flag(3, "3 (RGB) or 1 (grey).")
+    encoding: str = flag("auto", f"'jpeg', 'raw' (uncompressed bytes) or 'auto': raw for short sides up to {RAW_UP_TO}, "
+                                 "else JPEG.")
+    jpeg_quality: int = flag(90, "JPEG quality (1-100).")
+    shard_size: int = flag(2048, "Images per shard (the unit of work and of resuming).")
+    num_proc: int | None = flag(None, "Worker processes (default: every CPU this process may use).")
+    splits: list[str] | None = flag(None, "Splits to prepare (default: every split of the source).")
+    overwrite: bool = flag(False, "Replace a prepared folder (finished or not, of other settings); never another "
+                                  "folder.")
+    token: str | None = flag(None, "Hugging Face token for private Hub datasets.")
+    disable_tqdm: bool = flag(False, "No progress bar.")
 
     def __post_init__(self):
         if self.output_dir is None:
