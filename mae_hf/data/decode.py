@@ -1,12 +1,6 @@
-"""One image from its bytes to uint8 pixels: the geometry every data path shares, decoding (bad images named, 16-bit
-and float images scaled), and pasting into a fixed canvas.
-
-The geometry (one rule for in-memory and streamed data): the aspect ratio is kept; an image is scaled down so that
-its short side is at most `short_side` and its long side at most `max_long_side` (panoramas), never scaled up. Each
-image then sits in the top-left corner of a fixed `(channels, canvas height, canvas width)` canvas whose free part
-repeats its edge pixels (so that a bilinear crop near the edge never reads a colour the image does not have), with
-its own height and width kept beside it. The crop happens later, on the training device (transforms.py).
-"""
+"""One image from its bytes to uint8 pixels: the geometry every data path shares (docs/data.md, "Images"), decoding
+(bad images named, 16-bit and float images scaled), and pasting into the top left of a fixed canvas whose free part
+repeats the image's edge, so that a bilinear crop near the edge never reads a colour the image does not have."""
 
 import io
 import os
@@ -16,6 +10,7 @@ import numpy as np
 
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit samples (PNG "I" holds 16-bit ones too)
 LONG_SIDE_FACTOR = 1.5  # default long-side cap: 384 for 256 keeps ImageNet's 4:3 and 3:2 images whole
+ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
 
 
 class BadImage(ValueError):
@@ -97,9 +92,6 @@ def open_image(value):
         raise BadImage.of(error) from None
 
 
-ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
-
-
 def orientation(image) -> int | None:
     try:
         return image.getexif().get(0x0112)  # EXIF Orientation
@@ -120,14 +112,9 @@ def stored_size(value, geometry: Geometry) -> tuple[int, int]:
 
     path = value.get("path") if isinstance(value, dict) and value.get("bytes") is None else None
     try:
-        if path and os.path.isfile(path) and os.path.getsize(path):
-            with Image.open(path) as image:
-                width, height = _upright_size(image)
-        else:
-            width, height = _upright_size(open_image(value))
-    except BadImage:
-        raise
-    except Exception:  # the header cannot be read: let `open_image` name the problem
+        with Image.open(path) if path else open_image(value) as image:  # a file: its header only
+            width, height = _upright_size(image)
+    except Exception:  # a header that cannot be read: let `open_image` name the problem
         width, height = _upright_size(open_image(value))
     if not width or not height:
         raise BadImage(f"the image has no pixels ({width}x{height})")
@@ -200,18 +187,14 @@ def decode_stored(data, height: int, width: int, encoding: str, num_channels: in
         raise BadImage.of(error) from None
 
 
-def picture_size(picture) -> tuple[int, int]:
-    """(height, width) of a PIL image or a `(channels, height, width)` array."""
-    return picture.shape[1:] if isinstance(picture, np.ndarray) else picture.size[::-1]
-
-
 def paste(canvas: np.ndarray, picture) -> tuple[int, int]:
     """Copy a picture (a PIL image, or `(C, h, w)` uint8) into the top-left of a `(C, H, W)` canvas (h <= H,
     w <= W) and fill the rest with the image's last column and row; returns (h, w)."""
-    height, width = picture_size(picture)
     if isinstance(picture, np.ndarray):
+        height, width = picture.shape[1:]
         canvas[:, :height, :width] = picture
     else:
+        width, height = picture.size
         for channel, plane in enumerate(bands(picture)):
             canvas[channel, :height, :width] = plane
     if width < canvas.shape[2]:

@@ -2,6 +2,7 @@
 The storage is allocated once at its final size and filled in place, chunk by chunk (by DataLoader worker
 processes when there are many images), so decoding costs little memory beyond the pixels themselves."""
 
+import functools
 import math
 import os
 
@@ -75,19 +76,17 @@ class InMemoryImages(ImageData):
     def read(self, positions):
         index = torch.as_tensor(positions)
         sizes = self.sizes[index]  # on the host, where the transforms want them
-        pixels = self.images if self.images is not None else self.packed
         if self.images is not None:
-            return self.images[to_device(index, pixels.device)], sizes
-        chosen = index.numpy().reshape(-1)
-        canvases = torch.empty((len(chosen), *self.canvas), dtype=torch.uint8, device=pixels.device)
-        channels = self.canvas[0]
+            return self.images[to_device(index, self.images.device)], sizes
+        chosen, channels, on_host = index.numpy().reshape(-1), self.canvas[0], self.packed.device.type == "cpu"
+        canvases = torch.empty((len(chosen), *self.canvas), dtype=torch.uint8, device=self.packed.device)
         for row, (start, (height, width)) in enumerate(zip(self.offsets[chosen], self.host_sizes[chosen])):
-            pixels_of_image = self.packed[start:start + channels * height * width].view(channels, height, width)
-            if pixels.device.type == "cpu":
-                paste(canvases[row].numpy(), pixels_of_image.numpy())
+            image = self.packed[start:start + channels * height * width].view(channels, height, width)
+            if on_host:
+                paste(canvases[row].numpy(), image.numpy())
             else:
-                canvases[row, :, :height, :width] = pixels_of_image
-        return (canvases if pixels.device.type == "cpu" else repeat_edges(canvases, sizes)), sizes
+                canvases[row, :, :height, :width] = image
+        return (canvases if on_host else repeat_edges(canvases, sizes)), sizes
 
     def subset(self, positions) -> "InMemoryImages":
         index = torch.as_tensor(positions).cpu()  # e.g. from labels on the device: a selection made once, not per step
@@ -111,24 +110,25 @@ class InMemoryImages(ImageData):
 
 
 class _Chunks(torch.utils.data.Dataset):
-    """Chunk k of `positions`, decoded in a worker: (every image's channels-first pixels end to end, sizes,
-    {index: problem})."""
+    """`work(positions)` of chunk k of `positions` (in a DataLoader worker)."""
 
-    def __init__(self, reader, positions: np.ndarray, channels: int, size: int = CHUNK):
-        self.reader, self.positions, self.channels, self.size = reader, positions, channels, size
+    def __init__(self, work, positions: np.ndarray, size: int = CHUNK):
+        self.work, self.positions, self.size = work, positions, size
 
     def __len__(self):
         return -(-len(self.positions) // self.size)
 
     def __getitem__(self, chunk: int):
-        sizes, problems, parts = decode_chunk(self.reader, self.positions[chunk * self.size:(chunk + 1) * self.size],
-                                              self.channels)
-        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8)), torch.from_numpy(sizes), \
-            problems
+        return self.work(self.positions[chunk * self.size:(chunk + 1) * self.size])
 
 
-def decode_chunk(reader, positions, channels: int) -> tuple[np.ndarray, dict, list]:
-    """(sizes, {index: why undecodable}, the decoded images' flattened pixels in order) of `positions`."""
+def _headers(reader, positions) -> tuple[torch.Tensor, dict]:
+    sizes, problems = reader.sizes(positions)
+    return torch.from_numpy(sizes), problems
+
+
+def _decoded(reader, channels: int, positions) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(the decoded images' channels-first pixels end to end, sizes, {index: why undecodable}) of `positions`."""
     sizes, problems, parts = np.zeros((len(positions), 2), dtype=np.int32), {}, []
     for index, picture in enumerate(reader.read(positions)):
         if isinstance(picture, BadImage):
@@ -140,38 +140,28 @@ def decode_chunk(reader, positions, channels: int) -> tuple[np.ndarray, dict, li
         else:
             sizes[index] = pixels.shape[1:]
             parts.append(pixels.reshape(-1))
-    return sizes, problems, parts
+    pixels = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return torch.from_numpy(pixels), torch.from_numpy(sizes), problems
 
 
-def _chunk_results(dataset, workers: int):
+def _chunk_results(dataset: _Chunks, workers: int):
     """Each chunk's result in order, from `workers` processes (or this one)."""
     if workers == 0:
-        for chunk in range(len(dataset)):
-            yield dataset[chunk]
-        return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=lambda item: item,
-                                         generator=torch.Generator())  # leaves the global random state alone
-    yield from loader
+        return (dataset[chunk] for chunk in range(len(dataset)))
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=lambda item: item,
+                                       generator=torch.Generator())  # leaves the global random state alone
 
 
 def header_sizes(reader, positions: np.ndarray, workers: int, progress: str | None = None):
     """(sizes `(n, 2)`, {index: problem}) of the images at `positions` as they will be stored (headers only)."""
-    if reader.stored:
-        return reader.sizes(positions)
-
-    class Headers(torch.utils.data.Dataset):
-        def __len__(self):
-            return -(-len(positions) // CHUNK)
-
-        def __getitem__(self, chunk):
-            sizes, problems = reader.sizes(positions[chunk * CHUNK:(chunk + 1) * CHUNK])
-            return torch.from_numpy(sizes), problems
-
     from tqdm.auto import tqdm
 
+    if reader.stored:
+        return reader.sizes(positions)
     sizes, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
     bar = tqdm(total=len(positions), desc=progress, unit="img", disable=progress is None or len(positions) < 10_000)
-    for chunk, (chunk_sizes, chunk_problems) in enumerate(_chunk_results(Headers(), workers)):
+    results = _chunk_results(_Chunks(functools.partial(_headers, reader), positions), workers)
+    for chunk, (chunk_sizes, chunk_problems) in enumerate(results):
         sizes[chunk * CHUNK:chunk * CHUNK + len(chunk_sizes)] = chunk_sizes.numpy()
         problems.update({chunk * CHUNK + index: problem for index, problem in chunk_problems.items()})
         bar.update(len(chunk_sizes))
@@ -195,7 +185,7 @@ def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channel
     decoded, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
     bar = tqdm(total=len(positions), desc=progress, unit="img", disable=progress is None)
     chunk_size = int(np.clip(CHUNK_BYTES // max(1, int(pixels.mean())), 1, CHUNK))  # a chunk in flight: ~16 MB
-    results = _chunk_results(_Chunks(reader, positions, channels, chunk_size), workers)
+    results = _chunk_results(_Chunks(functools.partial(_decoded, reader, channels), positions, chunk_size), workers)
     for chunk, (flat, chunk_sizes, chunk_problems) in enumerate(results):
         start, flat, cursor = chunk * chunk_size, flat.numpy(), 0
         for index in range(len(chunk_sizes)):

@@ -1,13 +1,7 @@
 """Writing a prepared folder (the format is in prepared.py): every image of the chosen splits decoded once, scaled
-to the geometry, stored as JPEG (or raw bytes when small) in shards of a fixed number of images.
-
-Preparing is a transaction. One run at a time holds the folder (a lock naming its process). Shards are independent
-tasks for a pool of processes; each is written to a temporary file, renamed when complete and fingerprinted, then
-recorded in `progress/`, all inside the hidden `.preparing/`: an interrupted preparation continues where it stopped
-(the same command again skips every finished shard), and what a failed or killed run left half-written is removed.
-Only when every shard is there are they moved into their split folders and the finished manifest written: the folder
-is a dataset (for `datasets` too) exactly when its manifest says complete.
-"""
+to the geometry and stored in shards, as a resumable transaction under one run's lock (docs/data.md, "Preparing
+once"). Shards are a process pool's tasks, written and recorded in the hidden `.preparing/`, moved into place when
+all are there."""
 
 import errno
 import io
@@ -63,8 +57,8 @@ class PrepareArguments:
     max_long_side: int | None = flag(None, f"And its long side at most this (panoramas); default {LONG_SIDE_FACTOR:g} "
                                            "x --short_side. The aspect ratio is always kept.")
     num_channels: int = flag(3, "3 (RGB) or 1 (grey).")
-    encoding: str = flag("auto", f"'jpeg', 'raw' (uncompressed bytes) or 'auto': raw for short sides up to {RAW_UP_TO}, "
-                                 "else JPEG.")
+    encoding: str = flag("auto", "'jpeg', 'raw' (uncompressed bytes) or 'auto': raw for short sides up to "
+                                 f"{RAW_UP_TO}, else JPEG.")
     jpeg_quality: int = flag(90, "JPEG quality (1-100).")
     shard_size: int = flag(2048, "Images per shard (the unit of work and of resuming).")
     num_proc: int | None = flag(None, "Worker processes (default: every CPU this process may use).")
@@ -112,8 +106,7 @@ def encode(value, geometry: Geometry, encoding: str, quality: int) -> tuple[byte
     image = open_image(value)
     width, height = image.size
     unchanged = (encoding == "jpeg" and image.format == "JPEG" and image.mode == geometry.mode
-                 and geometry.stored_size(height, width) == (height, width)
-                 and orientation(image) in (None, 1))
+                 and geometry.stored_size(height, width) == (height, width) and orientation(image) in (None, 1))
     if unchanged:
         try:
             image.load()  # a truncated file fails here, as it would in training
@@ -133,9 +126,8 @@ def encode(value, geometry: Geometry, encoding: str, quality: int) -> tuple[byte
 
 
 def _worker_signals() -> None:
-    """In each pool worker: Ctrl-C (sent to the whole process group) is the parent's to handle, which stops the
-    workers; and a worker ends with its parent (kill -9 of it), instead of finishing its shard into a closed pipe
-    and printing a BrokenPipeError traceback."""
+    """In each pool worker: Ctrl-C is the parent's to handle, and a worker ends with its parent (kill -9 of it)
+    instead of finishing its shard into a closed pipe (a BrokenPipeError traceback)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -257,26 +249,22 @@ def _features(dataset, label_column: str | None):
 
 
 def _check_output_dir(args: PrepareArguments) -> None:
-    """Refuse an --output_dir that cannot be used, before the source is read (a Hub id would be downloaded first):
-    a file, a folder of other files, a finished prepared folder (without --overwrite), a folder that cannot be
-    written. Usage errors: the command line must change."""
+    """Refuse an --output_dir that cannot be used before the source is read (a Hub id would be downloaded first):
+    a file, a folder of other files, a finished prepared folder (without --overwrite), a folder not writable."""
     folder = args.output_dir
     check_output_folder(folder)
-    contents = _contents(folder)
     if not is_prepared(folder):
-        others = [name for name in contents if name != UNFINISHED_FOLDER]  # a run killed before its manifest
+        others = [name for name in _contents(folder) if name != UNFINISHED_FOLDER]  # a run killed before its manifest
         if others:
             raise UsageError(f"--output_dir {folder} holds other files ({', '.join(others[:3])}) and is not a "
                              "prepared folder: choose a new or empty folder (nothing is overwritten).")
-        return
-    if args.overwrite:
-        return
-    manifest = read_manifest(folder, require_complete=False)
-    if manifest["complete"]:
-        raise UsageError(f"--output_dir {folder} already holds a finished prepared folder "
-                         f"({sum(s['num_images'] for s in manifest['splits'].values()):,} images). Use it as "
-                         f"--dataset_name {folder}, choose another --output_dir, or pass --overwrite true to "
-                         "prepare it again.")
+    elif not args.overwrite:
+        manifest = read_manifest(folder, require_complete=False)
+        if manifest["complete"]:
+            raise UsageError(f"--output_dir {folder} already holds a finished prepared folder "
+                             f"({sum(s['num_images'] for s in manifest['splits'].values()):,} images). Use it as "
+                             f"--dataset_name {folder}, choose another --output_dir, or pass --overwrite true to "
+                             "prepare it again.")
 
 
 def _contents(folder: str) -> list[str]:
@@ -286,12 +274,14 @@ def _contents(folder: str) -> list[str]:
 
 def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
     """The manifest of an unfinished preparation of the same data and settings (to continue), or None for a new
-    one (`_check_output_dir` has refused what cannot be used). Other data or settings are refused (unless
-    --overwrite, for a prepared folder only), except --skip_bad_images added: the shards finished without it hold
-    no bad image, so they stay right with it."""
+    one. Other data or settings are refused (unless --overwrite), except --skip_bad_images added: the shards
+    finished without it hold no bad image."""
     folder = args.output_dir
     if args.overwrite or not is_prepared(folder):  # not prepared: empty, or what a run killed before its manifest left
-        return _cleared(folder)
+        for name in _contents(folder):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        return None
     manifest = read_manifest(folder, require_complete=False)
     changes = {f"images in split {key}" if section == "splits" else key: both for section, values in identity.items()
                for key, both in differences(manifest["identity"].get(section) or {}, values, both_only=False).items()}
@@ -305,13 +295,6 @@ def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
                          f"({listed}). Continue it with its own flags, choose another --output_dir, or pass "
                          "--overwrite true.")
     return manifest
-
-
-def _cleared(folder: str) -> None:
-    for name in _contents(folder):
-        path = os.path.join(folder, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    return None
 
 
 def _swept(folder: str) -> int:
@@ -351,28 +334,14 @@ def _finished_shards(folder: str) -> dict:
     return found
 
 
-def _moved_into_place(folder: str, shards: list[dict]) -> None:
-    """The finished shards from the unfinished folder into their split folders (renames: each whole)."""
-    for shard in shards:
-        staged, final = os.path.join(folder, UNFINISHED_FOLDER, shard["file"]), os.path.join(folder, shard["file"])
-        if os.path.isfile(staged):
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(staged, final)
-
-
-def _check_output_outside_sources(args: PrepareArguments, source: SourceArguments) -> None:
-    holding = source_holding(args.output_dir, source)
-    if holding:
-        option, folder = holding
-        raise UsageError(f"--output_dir {args.output_dir} lies inside {folder}, the folder {option} reads: the "
-                         f"prepared files would be read as part of it. Choose a folder outside it, e.g. --output_dir "
-                         f"{default_prepared_folder(source)}")
-
-
 def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> dict:
     """Prepare the source's splits into `args.output_dir`; returns the finished manifest."""
     _check_output_dir(args)
-    _check_output_outside_sources(args, source)
+    holding = source_holding(args.output_dir, source)
+    if holding:
+        raise UsageError(f"--output_dir {args.output_dir} lies inside {holding[1]}, the folder {holding[0]} reads: the "
+                         f"prepared files would be read as part of it. Choose a folder outside it, e.g. --output_dir "
+                         f"{default_prepared_folder(source)}")
     splits = _source_splits(source, args)
     folder = args.output_dir
     created = not os.path.exists(folder)
@@ -407,12 +376,9 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
     try:
         for name in (*splits, PROGRESS_FOLDER):
             os.makedirs(os.path.join(unfinished, name), exist_ok=True)
-        if manifest is None:
-            manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False, "identity": identity,
-                        "settings": identity["settings"], "command": command}
-            write_manifest(folder, manifest)
-        elif manifest["identity"] != identity:  # --skip_bad_images added: its command now
-            manifest.update(identity=identity, settings=identity["settings"], command=command)
+        if manifest is None or manifest["identity"] != identity:  # new, or --skip_bad_images added: its command now
+            manifest = {**(manifest or {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False}),
+                        "identity": identity, "settings": identity["settings"], "command": command}
             write_manifest(folder, manifest)
     except OSError as error:
         raise _unwritable(folder, error) from None
@@ -517,7 +483,11 @@ def _completed(folder: str, manifest: dict, splits: dict, records: dict, num_sha
         if manifest["splits"][name]["num_images"] == 0:
             raise ValueError(f"Split {name!r}: none of its {len(dataset)} images can be decoded.")
     manifest["fingerprint"] = folder_fingerprint(manifest["splits"])
-    _moved_into_place(folder, [shard for split in manifest["splits"].values() for shard in split["shards"]])
+    for shard in [shard for split in manifest["splits"].values() for shard in split["shards"]]:  # renames: each whole
+        staged, final = os.path.join(folder, UNFINISHED_FOLDER, shard["file"]), os.path.join(folder, shard["file"])
+        if os.path.isfile(staged):
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(staged, final)
     manifest["complete"] = True
     write_manifest(folder, manifest)
     shutil.rmtree(os.path.join(folder, UNFINISHED_FOLDER), ignore_errors=True)

@@ -80,18 +80,16 @@ class StreamedImages(ImageData):
 
 
 class DeviceJPEGDecoder:
-    """JPEG bytes of a batch (`StreamedImages.read_encoded`, on the host) -> uint8 canvases on `device`, decoded
-    there by torchvision (nvJPEG on a CUDA GPU), each image at the top left of its canvas, the rest repeating its
-    edge as decode.py's canvases do. `decode` (list of 1-D uint8 host tensors, channels -> list of CHW tensors on the
-    device) defaults to torchvision's."""
+    """JPEG bytes of a batch (`StreamedImages.read_encoded`, on the host) -> uint8 canvases on `device` as decode.py
+    makes them, decoded there by `decode` (1-D uint8 host tensors, channels -> CHW tensors on the device; default
+    torchvision's, nvJPEG on a CUDA GPU)."""
 
     def __init__(self, canvas: tuple[int, int, int], device, decode=None):
         self.canvas, self.device = tuple(canvas), torch.device(device)
         self.decode = decode or torchvision_jpeg_decoder(self.device)
 
     def __call__(self, encoded: list, sizes: torch.Tensor) -> torch.Tensor:
-        """Canvases of the fixed `canvas` shape (every split's largest image: static shapes, and nothing to read
-        back from the device); each image's size comes from its decoded tensor's shape."""
+        """Canvases of the fixed `canvas` shape: static shapes, and nothing to read back from the device."""
         datas = [torch.from_numpy(np.asarray(data)) for data in encoded]
         canvases = torch.empty((len(datas), *self.canvas), dtype=torch.uint8, device=self.device)
         for row, image in enumerate(self.decode(datas, self.canvas[0])):
@@ -126,19 +124,16 @@ def default_workers() -> int:
 def shared_memory_free(path: str = "/dev/shm") -> int | None:
     try:
         stats = os.statvfs(path)
+        return stats.f_bavail * stats.f_frsize
     except OSError:
         return None
-    return stats.f_bavail * stats.f_frsize
 
 
 def fit_workers_to_shared_memory(workers: int, prefetch: int, batch_bytes: int, chosen: bool,
                                  free: int | None = None, processes: int | None = None) -> tuple[int, int]:
-    """(workers, prefetch factor) whose batches in flight (workers x prefetch, plus one being handed over, of
-    `batch_bytes`: the bytes of one batch of every loader that can hold batches at once, e.g. training's and the
-    persistent evaluation loader's) fit in a third of this process's share of the free shared memory (/dev/shm,
-    shared by the `processes` training processes of the machine) — containers often have only 64 MB of it, and a
-    full /dev/shm kills a worker with a bus error. Settings the user `chosen` are kept or refused with what to
-    change; automatic ones are lowered."""
+    """(workers, prefetch factor) whose batches in flight (workers x prefetch + 1, of `batch_bytes`: one batch of
+    every loader that can hold batches at once) fit a third of this process's share of the free /dev/shm (a full one
+    kills a worker with a bus error). Settings the user `chosen` are kept or refused; automatic ones are lowered."""
     free = shared_memory_free() if free is None else free
     if free is None or workers == 0:
         return workers, prefetch
