@@ -3,7 +3,6 @@
 repeats the image's edge, so that a bilinear crop near the edge never reads a colour the image does not have."""
 
 import io
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,14 +75,12 @@ def open_image(value):
     if data is None and not path:
         raise BadImage("the image is missing (None)")
     try:
-        if data is not None:
-            if len(data) == 0:
-                raise BadImage("the image is an empty (0-byte) file")
-            return Image.open(io.BytesIO(data))
-        if os.path.isfile(path) and not os.path.getsize(path):
+        if data is None:
+            with open(path, "rb") as handle:  # read at once: no file handle stays open in a worker
+                data = handle.read()
+        if len(data) == 0:
             raise BadImage("the image is an empty (0-byte) file")
-        with open(path, "rb") as handle:  # read at once: no file handle stays open in a worker
-            return Image.open(io.BytesIO(handle.read()))
+        return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise BadImage("not an image in a format PIL reads (corrupt or not an image file)") from None
     except BadImage:
@@ -106,8 +103,7 @@ def _upright_size(image) -> tuple[int, int]:
 
 
 def stored_size(value, geometry: Geometry) -> tuple[int, int]:
-    """(height, width) an undecoded image will have once decoded with `decode`, from its header alone (a file is
-    not read past its header)."""
+    """(height, width) an undecoded image will have once decoded with `decode_image`, from its header alone."""
     from PIL import Image
 
     path = value.get("path") if isinstance(value, dict) and value.get("bytes") is None else None
@@ -123,8 +119,7 @@ def stored_size(value, geometry: Geometry) -> tuple[int, int]:
 
 def decode_image(value, geometry: Geometry):
     """The PIL image of an undecoded image in `geometry`: upright (EXIF orientation applied, as `datasets` does),
-    8-bit RGB or grey, scaled down as the geometry says. A JPEG is decoded at a reduced scale when that still
-    covers the stored size (cheap)."""
+    8-bit RGB or grey, scaled down; a JPEG decoded at a reduced scale when that still covers the stored size."""
     from PIL import Image, ImageOps
 
     image = open_image(value)
@@ -141,8 +136,6 @@ def decode_image(value, geometry: Geometry):
         if image.size != (target_width, target_height):
             image = image.resize((target_width, target_height), Image.Resampling.BICUBIC, reducing_gap=3.0)
         return image
-    except BadImage:
-        raise
     except Exception as error:  # a truncated or corrupt file fails while decoding
         raise BadImage.of(error) from None
 
@@ -157,15 +150,12 @@ def bands(image) -> list[np.ndarray]:
 
 def channels_first(picture) -> np.ndarray:
     """uint8 `(channels, height, width)` of a picture: a PIL image, or such an array already."""
-    if isinstance(picture, np.ndarray):
-        return picture
-    return np.stack(bands(picture))
+    return picture if isinstance(picture, np.ndarray) else np.stack(bands(picture))
 
 
 def decode_stored(data, height: int, width: int, encoding: str, num_channels: int):
-    """The picture of an image as a prepared folder stores it: uint8 `(channels, height, width)` from raw
-    channels-first bytes, or the decoded PIL image of a JPEG already at its stored size (converted when the
-    model's channel count differs from the folder's)."""
+    """An image as a prepared folder stores it: uint8 `(channels, height, width)` from raw bytes, or the decoded PIL
+    image of a JPEG, converted when the model's channel count differs from the folder's."""
     if encoding == "raw":
         pixels = np.frombuffer(data, dtype=np.uint8)
         channels = pixels.size // (height * width)

@@ -1,6 +1,5 @@
-"""A split decoded once into memory (`InMemoryImages`): the fastest path when the images fit (CIFAR-10 is 150 MB).
-The storage is allocated once at its final size and filled in place, chunk by chunk (by DataLoader worker
-processes when there are many images), so decoding costs little memory beyond the pixels themselves."""
+"""A split decoded once into memory (`InMemoryImages`): the fastest path when the images fit. The storage is
+allocated once at its final size and filled in place, chunk by chunk, so decoding costs little beyond the pixels."""
 
 import functools
 import math
@@ -20,15 +19,13 @@ CANVAS_WASTE = 1.25  # canvases may take this much more memory than the pixels; 
 
 
 def cpus_per_process() -> int:
-    """The CPUs this process may use, shared with the other training processes on this machine (torchrun's
-    LOCAL_WORLD_SIZE)."""
+    """The CPUs this process may use, shared with the other training processes on this machine."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cpus // processes_on_this_machine())
 
 
 def storage_plan(sizes: np.ndarray, channels: int) -> tuple[tuple[int, int, int], bool, int]:
-    """How images of stored `sizes` (n, 2) are held in memory: (their canvas, whether on canvases (else packed: see
-    `InMemoryImages`), the bytes they then take)."""
+    """(canvas, whether on canvases rather than packed, bytes taken) of images of stored `sizes` (n, 2) in memory."""
     pixels = channels * int((sizes[:, 0].astype(np.int64) * sizes[:, 1]).sum())
     canvas = (channels, int(sizes[:, 0].max()), int(sizes[:, 1].max()))
     dense = len(sizes) * math.prod(canvas) <= CANVAS_WASTE * pixels
@@ -49,11 +46,9 @@ def repeat_edges(canvases: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
 
 
 class InMemoryImages(ImageData):
-    """Decoded images in memory (host, or GPU with `to`) with their sizes `(N, 2)` int32 (on the host), stored one of
-    two ways: as canvases `(N, C, H, W)` (`images`) when they waste little (every CIFAR-10 image fills its 32 x 32
-    canvas; a batch is one gather), or packed (`packed`: every image's channels-first pixels end to end from
-    `offsets`) when sizes vary so much that canvases would take more than `CANVAS_WASTE` x the pixels; a batch is
-    then pasted onto canvases of the split's `canvas` shape."""
+    """Decoded images in memory (host, or GPU with `to`) with their sizes `(N, 2)` int32 (on the host): as canvases
+    `(N, C, H, W)` (`images`; a batch is one gather), or packed (`packed`: every image's channels-first pixels end to
+    end from `offsets`, pasted onto `canvas` per batch) when canvases would take over `CANVAS_WASTE` x the pixels."""
 
     in_memory = True
 
@@ -91,11 +86,10 @@ class InMemoryImages(ImageData):
     def subset(self, positions) -> "InMemoryImages":
         index = torch.as_tensor(positions).cpu()  # e.g. from labels on the device: a selection made once, not per step
         labels = None if self.labels is None else self.labels[to_device(index, self.labels.device)]
-        if self.images is not None:
-            return InMemoryImages(self.images[to_device(index, self.images.device)], self.sizes[index], labels,
-                                  self.class_names, self.split, self.skipped, self.short_side)
-        return InMemoryImages(None, self.sizes[index], labels, self.class_names, self.split, self.skipped,
-                              self.short_side, self.packed, self.offsets[index.numpy()], self.canvas)
+        images = None if self.images is None else self.images[to_device(index, self.images.device)]
+        offsets = None if self.offsets is None else self.offsets[index.numpy()]
+        return InMemoryImages(images, self.sizes[index], labels, self.class_names, self.split, self.skipped,
+                              self.short_side, self.packed, offsets, self.canvas)
 
     def to(self, device) -> "InMemoryImages":
         """The pixels and labels on `device` (a batch is then one gather there, its labels with it); the sizes stay
@@ -171,9 +165,8 @@ def header_sizes(reader, positions: np.ndarray, workers: int, progress: str | No
 
 def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channels: int, workers: int,
                        progress: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor, dict, dict]:
-    """Decode the images at `positions` (stored sizes `sizes`, from their headers) into memory at their final
-    size: canvases of the largest height and width, or packed (see `InMemoryImages`). Returns (canvases or None,
-    decoded sizes, {index: why undecodable}, {"packed": ..., "offsets": ..., "canvas": ...} or {})."""
+    """Decode the images at `positions` (stored sizes `sizes`, from their headers) into memory, on canvases or packed
+    (`InMemoryImages`): (canvases or None, sizes, {index: why undecodable}, {"packed", "offsets", "canvas"} or {})."""
     from tqdm.auto import tqdm
 
     pixels = channels * sizes[:, 0].astype(np.int64) * sizes[:, 1]

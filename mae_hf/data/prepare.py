@@ -5,7 +5,6 @@ all are there."""
 
 import errno
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -15,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from ..cli import UsageError, flag, print_once
-from ..inputs import TEMPORARY_MARK, write_failure, write_json, written_whole
+from ..inputs import TEMPORARY_MARK, read_json_object, write_failure, write_json, written_whole
 from ..paths import check_output_folder
 from ..runs import LOCK_NAME, OutputLock, RunError, differences
 from .arguments import SourceArguments
@@ -101,8 +100,7 @@ _JOB = {}  # what every shard task needs, set before the pool forks (datasets ar
 
 
 def encode(value, geometry: Geometry, encoding: str, quality: int) -> tuple[bytes, int, int]:
-    """(stored bytes, height, width) of one undecoded image. A JPEG that needs no change (right size, mode and
-    orientation) is kept byte for byte: no second compression."""
+    """(stored bytes, height, width) of one undecoded image; a JPEG that needs no change is kept byte for byte."""
     image = open_image(value)
     width, height = image.size
     unchanged = (encoding == "jpeg" and image.format == "JPEG" and image.mode == geometry.mode
@@ -150,9 +148,7 @@ def prepare_shard(task: tuple[str, int, int, int]) -> dict:
     job = _JOB
     dataset, image_column, label_column = job["datasets"][split]
     folder, num_shards, counter = job["folder"], job["num_shards"][split], job["counter"]
-    columns = {IMAGE_COLUMN: [], "height": [], "width": [], "source_row": []}
-    if label_column is not None:
-        columns["label"] = []
+    columns = {name: [] for name in job["features"][split]}  # image, height, width, source_row (, label)
     skipped = []
     for first in range(start, end, READ_BATCH):
         rows = dataset[first:min(first + READ_BATCH, end)]
@@ -298,8 +294,8 @@ def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
 
 
 def _swept(folder: str) -> int:
-    """Remove what interrupted runs left half-written (`*.tmp-<pid>`, the progress folder of earlier versions);
-    returns how many files. Only the run holding the folder's lock calls this: no live writer owns them."""
+    """Remove what interrupted runs left half-written (`*.tmp-<pid>`, earlier versions' progress); returns how many
+    files. Only the run holding the folder's lock calls this: no live writer owns them."""
     removed = 0
     legacy = os.path.join(folder, LEGACY_PROGRESS)
     if os.path.isdir(legacy):
@@ -314,8 +310,7 @@ def _swept(folder: str) -> int:
 
 
 def _finished_shards(folder: str) -> dict:
-    """{(split, shard): record} of the shards an earlier run finished (still in the unfinished folder, or already
-    moved into place by a run that stopped while finishing)."""
+    """{(split, shard): record} of the shards an earlier run finished (moved into place or not)."""
     found = {}
     progress = os.path.join(folder, UNFINISHED_FOLDER, PROGRESS_FOLDER)
     for name in os.listdir(progress) if os.path.isdir(progress) else []:
@@ -323,8 +318,7 @@ def _finished_shards(folder: str) -> dict:
             continue
         split, shard = name[:-len(".json")].rsplit("-", 1)
         try:
-            with open(os.path.join(progress, name)) as handle:
-                record = json.load(handle)
+            record = read_json_object(os.path.join(progress, name))
         except (OSError, ValueError):
             continue  # torn: the shard is written again
         for where in (os.path.join(folder, UNFINISHED_FOLDER), folder):
@@ -406,26 +400,24 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
     bar = tqdm(total=total, initial=done_before, unit="img", desc="Preparing", disable=args.disable_tqdm)
     records = dict(finished)
     try:
-        try:
-            if workers == 1:
-                for task in tasks:
-                    records[(task[0], task[1])] = prepare_shard(task)
+        if workers == 1:
+            for task in tasks:
+                records[(task[0], task[1])] = prepare_shard(task)
+                bar.update(counter.value - (bar.n - done_before))
+        else:
+            with context.Pool(workers, initializer=_worker_signals) as pool:
+                pending = {(task[0], task[1]): pool.apply_async(prepare_shard, (task,)) for task in tasks}
+                while pending:
+                    time.sleep(0.2)
                     bar.update(counter.value - (bar.n - done_before))
-            else:
-                with context.Pool(workers, initializer=_worker_signals) as pool:
-                    pending = {(task[0], task[1]): pool.apply_async(prepare_shard, (task,)) for task in tasks}
-                    while pending:
-                        time.sleep(0.2)
-                        bar.update(counter.value - (bar.n - done_before))
-                        for key in [key for key, result in pending.items() if result.ready()]:
-                            records[key] = pending.pop(key).get()  # a worker's error is raised here
-        except BadImage as error:  # the pool has stopped: what it finished is on disk
-            kept = len(_finished_shards(folder))
-            raise BadImage(f"{error} The {kept} finished shard(s) in {folder} are kept: the same command "
-                           "(with --skip_bad_images true added, or once the image is fixed) continues from them.") \
-                from None
-        except OSError as error:
-            raise _write_failed(error, folder, command)
+                    for key in [key for key, result in pending.items() if result.ready()]:
+                        records[key] = pending.pop(key).get()  # a worker's error is raised here
+    except BadImage as error:  # the pool has stopped: what it finished is on disk
+        kept = len(_finished_shards(folder))
+        raise BadImage(f"{error} The {kept} finished shard(s) in {folder} are kept: the same command (with "
+                       "--skip_bad_images true added, or once the image is fixed) continues from them.") from None
+    except OSError as error:
+        raise _write_failed(error, folder, command)
     except KeyboardInterrupt:
         bar.close()
         kept = len(_finished_shards(folder))  # after the pool stopped: what a new run will keep
@@ -468,8 +460,7 @@ def _write_failed(error: OSError, folder: str, command: str) -> OSError:
 
 
 def _completed(folder: str, manifest: dict, splits: dict, records: dict, num_shards: dict) -> None:
-    """Every shard written: the manifest's splits and fingerprint, the shards moved into place, then the finished
-    manifest (from here on the folder is a dataset) and the unfinished folder removed."""
+    """Every shard written: the shards moved into place, then the finished manifest (now the folder is a dataset)."""
     manifest["splits"] = {}
     for name, (dataset, _, label_column) in splits.items():
         shards = [records[(name, shard)] for shard in range(num_shards[name])]

@@ -1,16 +1,10 @@
-"""The prepared folder: images decoded and scaled once (scripts/prepare_data.py) and stored in shards that
-`datasets` can memory-map, so that training reads each image with one `pread`, one cheap decode and no resize.
+"""The prepared folder (scripts/prepare_data.py; docs/data.md, "Preparing once"), which `datasets` reads too:
 
-    PREPARED/mae_hf_prepared.json              what was prepared, from what, how; each shard's size and fingerprints
-                                               and the folder's fingerprint (written last: the folder is finished)
-    PREPARED/<split>/data-00000-of-00042.arrow  Arrow IPC streams (what `datasets` writes and memory-maps) with the
-                                               columns image (JPEG or raw channels-first bytes), height, width,
-                                               label (when the source has labels) and source_row
-    PREPARED/.preparing/                       an unfinished preparation: its manifest, shards and progress, moved
-                                               into place when all are written (hidden: `datasets` sees no data)
-
-`datasets.load_dataset(PREPARED)` reads a finished folder too (as plain columns), and it can be pushed to the Hub as
-it is."""
+    PREPARED/mae_hf_prepared.json               what was prepared, from what, how; each shard's size and fingerprints
+    PREPARED/<split>/data-00000-of-00042.arrow  Arrow streams: image (JPEG or raw channels-first bytes), height,
+                                                width, label (when the source has labels), source_row
+    PREPARED/.preparing/                        an unfinished preparation (hidden: `datasets` sees no data)
+"""
 
 import hashlib
 import json
@@ -98,13 +92,11 @@ def prepare_command(manifest: dict, folder: str, overwrite: bool = False) -> str
     except (KeyError, TypeError, ValueError):  # an edited or damaged manifest: the flags are the user's to give
         words = []
     words = words or ["python", "scripts/prepare_data.py", "..."]
-    kept, skip = [], False
+    kept, words = [], iter(words)
     for word in words:
-        if skip or word.startswith(("--output_dir=", "--overwrite=")):
-            skip = False
-            continue
-        skip = word in ("--output_dir", "--overwrite")
-        if not skip:
+        if word in ("--output_dir", "--overwrite"):
+            next(words, None)  # its value
+        elif not word.startswith(("--output_dir=", "--overwrite=")):
             kept.append(word)
     return shlex.join([*kept, "--output_dir", folder, *(["--overwrite", "true"] if overwrite else [])])
 
@@ -131,14 +123,12 @@ def _structure_problem(manifest: dict) -> str | None:
     if not isinstance(splits, dict) or not splits:
         return "it says complete but lists no splits"
     for name, split in splits.items():
-        problem = _fields_problem(split, SPLIT_FIELDS, f"split {name!r}")
-        if problem:
+        if problem := _fields_problem(split, SPLIT_FIELDS, f"split {name!r}"):
             return problem
         if not split["shards"]:
             return f"split {name!r} lists no shards"
         for index, shard in enumerate(split["shards"]):
-            problem = _fields_problem(shard, SHARD_FIELDS, f"shard {index} of split {name!r}")
-            if problem:
+            if problem := _fields_problem(shard, SHARD_FIELDS, f"shard {index} of split {name!r}"):
                 return problem
             if os.path.dirname(shard["file"]) != name or not SHARD_NAME.fullmatch(os.path.basename(shard["file"])):
                 return f"shard {index} of split {name!r} is {shard['file']!r}, not {name}/data-*-of-*.arrow"
@@ -168,9 +158,8 @@ def read_manifest(folder: str, require_complete: bool = True) -> dict:
 
 
 def shard_fingerprints(path: str) -> dict:
-    """A shard file's fingerprints: `sha256` of all its bytes (computed once, when it is written) and `ends_sha256`
-    of its first and last ENDS_BYTES (checked at every start: a foreign shard of the same size has other images,
-    labels or rows there)."""
+    """A shard file's `sha256` (of all its bytes, computed once, when it is written) and `ends_sha256` (of its first
+    and last ENDS_BYTES, checked at every start: a foreign shard of the same size has other images or labels there)."""
     with open(path, "rb") as handle:
         whole = hashlib.file_digest(handle, "sha256").hexdigest()
     return {"sha256": whole, "ends_sha256": _ends_digest(path)}

@@ -1,7 +1,6 @@
-"""A split read from disk batch by batch (`StreamedImages`): DataLoader worker processes read and decode the
-images of each batch onto fixed canvases in shared memory (no randomness: crops happen on the training device), so
-that memory stays flat however many images there are. Also the loader settings such a split needs (workers,
-persistent workers, prefetch) and a check that /dev/shm holds the batches in flight."""
+"""A split read from disk batch by batch (`StreamedImages`): DataLoader workers decode each batch onto canvases in
+shared memory (no randomness: crops happen on the training device), so memory stays flat however many images there
+are. Also the workers such a split gets, and a check that /dev/shm holds the batches in flight."""
 
 import math
 import os
@@ -20,8 +19,7 @@ MAX_WORKERS = 16
 
 
 def empty_canvases(count: int, canvas: tuple[int, int, int]) -> torch.Tensor:
-    """uint8 `(count, *canvas)`; in a DataLoader worker allocated in shared memory, which is where the batch goes
-    anyway (the DataLoader would otherwise copy it there)."""
+    """uint8 `(count, *canvas)`; in a DataLoader worker in shared memory, where the DataLoader would copy it anyway."""
     shape = (count, *canvas)
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
@@ -108,12 +106,8 @@ def torchvision_jpeg_decoder(device: torch.device):
         raise ValueError(f"--decode_on_device true needs torchvision with GPU JPEG decoding, which does not import "
                          f"here ({type(error).__name__}: {error}). Install the torchvision build that matches your "
                          "torch, or leave the flag off (the DataLoader workers decode).") from None
-
-    def decode(datas, channels):
-        mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-        return decode_jpeg(datas, mode=mode, device=device)
-
-    return decode
+    return lambda datas, channels: decode_jpeg(datas, mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY,
+                                               device=device)
 
 
 def default_workers() -> int:

@@ -157,26 +157,21 @@ def default_eval_crop_fraction(image_size: int, short_side: int) -> float:
 class BatchTransform:
     """uint8 canvases `(B, C, H, W)` (+ each image's height and width) -> normalised float batch at `image_size`.
 
-    Training (`crop_scale` given): random-resized crop and optional flip from the transform's own generator, then
-    optional `augment` (a batch op on floats in [0, 1], e.g. `augment.RandAugment`), normalisation, and optional
-    random erasing with probability `random_erasing` (in normalised space). Evaluation (no `crop_scale`): the centre
-    crop of `eval_crop_fraction` of the short side, and normalisation. Runs on whatever device the batch is on, and
-    never waits for it when the sizes are on the host (see `center_crop`); the canvases become floats only as they
-    are cropped.
+    Training (`crop_scale` given): random-resized crop and optional flip, then optional `augment` (a batch op on
+    floats in [0, 1], e.g. `augment.RandAugment`), normalisation and optional random erasing (probability
+    `random_erasing`). Evaluation: the centre crop of `eval_crop_fraction` of the short side, and normalisation.
+    Runs on the batch's device and never waits for it when the sizes are on the host.
     """
 
     def __init__(self, image_size: int, mean, std, crop_scale: tuple[float, float] | None = None,
                  hflip: bool = False, augment=None, random_erasing: float = 0.0, eval_crop_fraction: float = 1.0,
                  seed: int = 0, training: bool = False):
         self.image_size, self.crop_scale, self.hflip, self.training = image_size, crop_scale, hflip, training
-        self.augment, self.random_erasing = augment, random_erasing
-        self.eval_crop_fraction = eval_crop_fraction
+        self.augment, self.random_erasing, self.eval_crop_fraction = augment, random_erasing, eval_crop_fraction
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self._statistics = {}  # device -> (mean, std) there
-        self.seed = seed
-        self.generator = None  # made on the device of the first batch
-        self._pending_state = None
+        self.seed, self.generator, self._pending_state = seed, None, None  # generator: on the first batch's device
 
     def statistics_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std on `device`, copied there once: a host-to-device copy in every batch waits for the device."""
