@@ -103,19 +103,6 @@ class InMemoryImages(ImageData):
         return self
 
 
-class _Chunks(torch.utils.data.Dataset):
-    """`work(positions)` of chunk k of `positions` (in a DataLoader worker)."""
-
-    def __init__(self, work, positions: np.ndarray, size: int = CHUNK):
-        self.work, self.positions, self.size = work, positions, size
-
-    def __len__(self):
-        return -(-len(self.positions) // self.size)
-
-    def __getitem__(self, chunk: int):
-        return self.work(self.positions[chunk * self.size:(chunk + 1) * self.size])
-
-
 def _headers(reader, positions) -> tuple[torch.Tensor, dict]:
     sizes, problems = reader.sizes(positions)
     return torch.from_numpy(sizes), problems
@@ -138,28 +125,31 @@ def _decoded(reader, channels: int, positions) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(pixels), torch.from_numpy(sizes), problems
 
 
-def _chunk_results(dataset: _Chunks, workers: int):
-    """Each chunk's result in order, from `workers` processes (or this one)."""
-    if workers == 0:
-        return (dataset[chunk] for chunk in range(len(dataset)))
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=lambda item: item,
-                                       generator=torch.Generator())  # leaves the global random state alone
+def _chunk_results(work, positions: np.ndarray, workers: int, size: int, progress: str | None):
+    """(first index, `work(chunk)`) of each chunk of `size` positions in order, from `workers` DataLoader processes
+    (or this one), with a progress bar named `progress` (None: none)."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(positions), size)
+    chunks = [positions[start:start + size] for start in starts]
+    # batch_size=None: workers apply `collate_fn` to each chunk; a generator of its own leaves the global one alone
+    results = map(work, chunks) if workers == 0 else torch.utils.data.DataLoader(
+        chunks, batch_size=None, num_workers=workers, collate_fn=work, generator=torch.Generator())
+    with tqdm(total=len(positions), desc=progress, unit="img", disable=progress is None) as bar:
+        for start, chunk, result in zip(starts, chunks, results):
+            yield start, result
+            bar.update(len(chunk))
 
 
 def header_sizes(reader, positions: np.ndarray, workers: int, progress: str | None = None):
     """(sizes `(n, 2)`, {index: problem}) of the images at `positions` as they will be stored (headers only)."""
-    from tqdm.auto import tqdm
-
     if reader.stored:
         return reader.sizes(positions)
     sizes, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
-    bar = tqdm(total=len(positions), desc=progress, unit="img", disable=progress is None or len(positions) < 10_000)
-    results = _chunk_results(_Chunks(functools.partial(_headers, reader), positions), workers)
-    for chunk, (chunk_sizes, chunk_problems) in enumerate(results):
-        sizes[chunk * CHUNK:chunk * CHUNK + len(chunk_sizes)] = chunk_sizes.numpy()
-        problems.update({chunk * CHUNK + index: problem for index, problem in chunk_problems.items()})
-        bar.update(len(chunk_sizes))
-    bar.close()
+    for start, (chunk_sizes, chunk_problems) in _chunk_results(functools.partial(_headers, reader), positions, workers,
+                                                               CHUNK, progress if len(positions) >= 10_000 else None):
+        sizes[start:start + len(chunk_sizes)] = chunk_sizes.numpy()
+        problems.update({start + index: problem for index, problem in chunk_problems.items()})
     return sizes, problems
 
 
@@ -167,8 +157,6 @@ def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channel
                        progress: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor, dict, dict]:
     """Decode the images at `positions` (stored sizes `sizes`, from their headers) into memory, on canvases or packed
     (`InMemoryImages`): (canvases or None, sizes, {index: why undecodable}, {"packed", "offsets", "canvas"} or {})."""
-    from tqdm.auto import tqdm
-
     pixels = channels * sizes[:, 0].astype(np.int64) * sizes[:, 1]
     canvas, dense, _ = storage_plan(sizes, channels)
     offsets = np.concatenate([[0], np.cumsum(pixels)[:-1]]).astype(np.int64)
@@ -176,11 +164,10 @@ def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channel
     packed = None if dense else torch.empty(int(pixels.sum()), dtype=torch.uint8)
     target = images.numpy() if dense else packed.numpy()
     decoded, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
-    bar = tqdm(total=len(positions), desc=progress, unit="img", disable=progress is None)
     chunk_size = int(np.clip(CHUNK_BYTES // max(1, int(pixels.mean())), 1, CHUNK))  # a chunk in flight: ~16 MB
-    results = _chunk_results(_Chunks(functools.partial(_decoded, reader, channels), positions, chunk_size), workers)
-    for chunk, (flat, chunk_sizes, chunk_problems) in enumerate(results):
-        start, flat, cursor = chunk * chunk_size, flat.numpy(), 0
+    work = functools.partial(_decoded, reader, channels)
+    for start, (flat, chunk_sizes, chunk_problems) in _chunk_results(work, positions, workers, chunk_size, progress):
+        flat, cursor = flat.numpy(), 0
         for index in range(len(chunk_sizes)):
             row = start + index
             if index in chunk_problems:
@@ -196,8 +183,6 @@ def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channel
                 target[offsets[row]:offsets[row] + size] = flat[cursor:cursor + size]
             decoded[row] = height, width
             cursor += size
-        bar.update(len(chunk_sizes))
-    bar.close()
     storage = {} if dense else {"packed": packed, "offsets": offsets, "canvas": canvas}
     return images, torch.from_numpy(decoded), problems, storage
 
