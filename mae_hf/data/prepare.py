@@ -3,12 +3,15 @@ to the geometry and stored in shards, as a resumable transaction under one run's
 once"). Shards are a process pool's tasks, written and recorded in the hidden `.preparing/`, moved into place when
 all are there."""
 
+import ctypes
 import errno
+import glob
 import io
 import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -126,14 +129,9 @@ def encode(value, geometry: Geometry, encoding: str, quality: int) -> tuple[byte
 def _worker_signals() -> None:
     """In each pool worker: Ctrl-C is the parent's to handle, and a worker ends with its parent (kill -9 of it)
     instead of finishing its shard into a closed pipe (a BrokenPipeError traceback)."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux): SIGTERM when the parent dies
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent dies
     except (OSError, AttributeError):  # not Linux: a worker may still finish its shard after a kill -9
         pass
     if os.getppid() == 1:  # the parent died before the request
@@ -245,8 +243,7 @@ def _features(dataset, label_column: str | None):
 
 
 def _check_output_dir(args: PrepareArguments) -> None:
-    """Refuse an --output_dir that cannot be used before the source is read (a Hub id would be downloaded first):
-    a file, a folder of other files, a finished prepared folder (without --overwrite), a folder not writable."""
+    """Refuse an --output_dir that cannot be used, before the source is read (a Hub id would be downloaded first)."""
     folder = args.output_dir
     check_output_folder(folder)
     if not is_prepared(folder):
@@ -313,10 +310,8 @@ def _finished_shards(folder: str) -> dict:
     """{(split, shard): record} of the shards an earlier run finished (moved into place or not)."""
     found = {}
     progress = os.path.join(folder, UNFINISHED_FOLDER, PROGRESS_FOLDER)
-    for name in os.listdir(progress) if os.path.isdir(progress) else []:
-        if not name.endswith(".json"):
-            continue
-        split, shard = name[:-len(".json")].rsplit("-", 1)
+    for name in glob.glob("*.json", root_dir=progress):  # none when it does not exist
+        split, shard = name.removesuffix(".json").rsplit("-", 1)
         try:
             record = read_json_object(os.path.join(progress, name))
         except (OSError, ValueError):

@@ -39,10 +39,8 @@ def shard_file(split: str, shard: int, num_shards: int) -> str:
 
 def manifest_file(folder: str) -> str | None:
     """The manifest of a prepared folder: the finished folder's, else an unfinished preparation's; None if none."""
-    for path in (os.path.join(folder, PREPARED_MANIFEST), os.path.join(folder, UNFINISHED_FOLDER, PREPARED_MANIFEST)):
-        if os.path.isfile(path):
-            return path
-    return None
+    paths = (os.path.join(folder, PREPARED_MANIFEST), os.path.join(folder, UNFINISHED_FOLDER, PREPARED_MANIFEST))
+    return next((path for path in paths if os.path.isfile(path)), None)
 
 
 def is_prepared(folder: str) -> bool:
@@ -76,8 +74,7 @@ def shards_without_manifest(folder: str) -> list[str]:
 
 
 def prepared_source(folder: str) -> dict | None:
-    """What a prepared folder was prepared from (its source flags: dataset_name, train_dir, ...), or None for any
-    other data."""
+    """A prepared folder's source flags (dataset_name, train_dir, ...), or None for any other data."""
     if not is_prepared(folder):
         return None
     source = read_manifest(folder, require_complete=False)["identity"].get("source", {})
@@ -111,8 +108,7 @@ def _fields_problem(value, fields: dict, where: str) -> str | None:
 
 
 def _structure_problem(manifest: dict) -> str | None:
-    """What a manifest of this version lacks (None: nothing): everything its readers use, a finished folder's splits
-    and shards included, so that no reader fails on a missing key."""
+    """What a manifest of this version lacks of what its readers use (None: nothing), splits and shards included."""
     problem = _fields_problem(manifest, MANIFEST_FIELDS, "the manifest") or \
         _fields_problem(manifest["settings"], SETTINGS_FIELDS, "its settings") or \
         next((f"its identity has no object {key!r}" for key in ("source", "settings", "splits")
@@ -136,8 +132,7 @@ def _structure_problem(manifest: dict) -> str | None:
 
 
 def read_manifest(folder: str, require_complete: bool = True) -> dict:
-    """The manifest of a prepared folder, checked: this format and version, all it must hold, and
-    (`require_complete`) finished."""
+    """The manifest of a prepared folder, checked: this format and version, all it must hold, and finished."""
     path = manifest_file(folder) or os.path.join(folder, PREPARED_MANIFEST)
     manifest = read_json_object(path, "the manifest of a prepared folder")
     if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
@@ -225,7 +220,7 @@ def load_prepared(folder: str):
 
 
 def write_manifest(folder: str, manifest: dict) -> None:
-    """Write the manifest whole or not at all (a new file renamed over the old one): an unfinished preparation's in
-    UNFINISHED_FOLDER (a folder `datasets` cannot load), the finished folder's beside its splits."""
+    """Write the manifest whole or not at all: an unfinished preparation's in UNFINISHED_FOLDER, hidden from
+    `datasets`; the finished folder's beside its splits."""
     where = folder if manifest["complete"] else os.path.join(folder, UNFINISHED_FOLDER)
     write_json(os.path.join(where, PREPARED_MANIFEST), manifest)

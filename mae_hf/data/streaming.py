@@ -31,9 +31,8 @@ def empty_canvases(count: int, canvas: tuple[int, int, int]) -> torch.Tensor:
 
 
 class StreamedImages(ImageData):
-    """Images read through `reader` (readers.py) when asked for: `positions` of the reader, their stored `sizes`.
-    Repeated positions in one batch (repeated augmentation) are decoded once; `read_encoded` gives the JPEG bytes of
-    a prepared folder instead, for the GPU to decode (`DeviceJPEGDecoder`, --decode_on_device)."""
+    """Images read through `reader` (readers.py) when asked for, with their stored `sizes`; an image repeated in a
+    batch is decoded once. `read_encoded`: a prepared folder's JPEG bytes instead, for `DeviceJPEGDecoder`."""
 
     def __init__(self, reader, sizes: np.ndarray, canvas, labels=None, class_names=None, split: str = "",
                  skipped=(), short_side: int = 0, num_workers: int = 0):

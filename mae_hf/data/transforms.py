@@ -22,8 +22,7 @@ def as_floats(images: torch.Tensor) -> torch.Tensor:
 
 
 def valid_sizes(images: torch.Tensor, sizes) -> tuple[torch.Tensor, torch.Tensor]:
-    """(heights, widths) as float tensors on the images' device: `sizes` (B, 2; best on the host, from where they
-    are copied without waiting), or the whole canvas."""
+    """(heights, widths) as float tensors on the images' device: `sizes` (B, 2; best on the host), or the canvas."""
     batch, _, height, width = images.shape
     if sizes is None:
         full = torch.ones(batch, device=images.device)
