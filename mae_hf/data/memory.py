@@ -103,11 +103,6 @@ class InMemoryImages(ImageData):
         return self
 
 
-def _headers(reader, positions) -> tuple[torch.Tensor, dict]:
-    sizes, problems = reader.sizes(positions)
-    return torch.from_numpy(sizes), problems
-
-
 def _decoded(reader, channels: int, positions) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(the decoded images' channels-first pixels end to end, sizes, {index: why undecodable}) of `positions`."""
     sizes, problems, parts = np.zeros((len(positions), 2), dtype=np.int32), {}, []
@@ -146,9 +141,9 @@ def header_sizes(reader, positions: np.ndarray, workers: int, progress: str | No
     if reader.stored:
         return reader.sizes(positions)
     sizes, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
-    for start, (chunk_sizes, chunk_problems) in _chunk_results(functools.partial(_headers, reader), positions, workers,
-                                                               CHUNK, progress if len(positions) >= 10_000 else None):
-        sizes[start:start + len(chunk_sizes)] = chunk_sizes.numpy()
+    for start, (chunk_sizes, chunk_problems) in _chunk_results(reader.sizes, positions, workers, CHUNK,
+                                                               progress if len(positions) >= 10_000 else None):
+        sizes[start:start + len(chunk_sizes)] = chunk_sizes
         problems.update({start + index: problem for index, problem in chunk_problems.items()})
     return sizes, problems
 

@@ -326,8 +326,7 @@ def _finished_shards(folder: str) -> dict:
 def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> dict:
     """Prepare the source's splits into `args.output_dir`; returns the finished manifest."""
     _check_output_dir(args)
-    holding = source_holding(args.output_dir, source)
-    if holding:
+    if holding := source_holding(args.output_dir, source):
         raise UsageError(f"--output_dir {args.output_dir} lies inside {holding[1]}, the folder {holding[0]} reads: the "
                          f"prepared files would be read as part of it. Choose a folder outside it, e.g. --output_dir "
                          f"{default_prepared_folder(source)}")
@@ -358,8 +357,7 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
                 "splits": {name: len(dataset) for name, (dataset, _, _) in splits.items()}}
     _check_output_dir(args)  # again: another run may have finished the folder while this one read its source
     manifest = _claim_folder(args, identity)
-    swept = _swept(folder)
-    if swept:
+    if swept := _swept(folder):
         print(f"[prepare] {folder}: removed {swept} half-written file(s) an interrupted run left", flush=True)
     num_shards = {name: math.ceil(len(dataset) / args.shard_size) for name, (dataset, _, _) in splits.items()}
     try:
@@ -427,13 +425,12 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
         _completed(folder, manifest, splits, records, num_shards)
     except OSError as error:
         raise _write_failed(error, folder, command)
-    seconds = time.perf_counter() - started
     stored = sum(shard["bytes"] for split in manifest["splits"].values() for shard in split["shards"])
     skipped = sum(split["num_skipped"] for split in manifest["splits"].values())
     print(f"[prepare] done: {sum(s['num_images'] for s in manifest['splits'].values()):,} images in "
           f"{sum(num_shards.values())} shards, {stored / 2**20:,.0f} MB"
           f"{f', {skipped} skipped (listed in {PREPARED_MANIFEST})' if skipped else ''}, "
-          f"{seconds:,.0f} s this run. Train from it: --dataset_name {folder}", flush=True)
+          f"{time.perf_counter() - started:,.0f} s this run. Train from it: --dataset_name {folder}", flush=True)
     return manifest
 
 

@@ -169,8 +169,7 @@ def _ends_digest(path: str) -> str:
 
 
 def folder_fingerprint(splits: dict) -> str | None:
-    """The identity of a folder's images, recorded in its manifest (`fingerprint`): a hash of its splits' shard
-    fingerprints (their content, labels and rows); None unless every shard has its fingerprint."""
+    """The manifest's `fingerprint`: a hash of the splits' shard fingerprints; None unless every shard has one."""
     shards = [(name, shard["file"], shard["rows"], shard.get("sha256"))
               for name, split in splits.items() for shard in split["shards"]]
     if any(digest is None for *_, digest in shards):

@@ -117,9 +117,9 @@ def default_workers() -> int:
 def shared_memory_free(path: str = "/dev/shm") -> int | None:
     try:
         stats = os.statvfs(path)
-        return stats.f_bavail * stats.f_frsize
     except OSError:
         return None
+    return stats.f_bavail * stats.f_frsize
 
 
 def fit_workers_to_shared_memory(workers: int, prefetch: int, batch_bytes: int, chosen: bool,
