@@ -1,21 +1,15 @@
-"""One image from its bytes to uint8 pixels: the geometry every data path shares, decoding (bad images named, 16-bit
-and float images scaled), and pasting into a fixed canvas.
-
-The geometry (one rule for in-memory and streamed data): the aspect ratio is kept; an image is scaled down so that
-its short side is at most `short_side` and its long side at most `max_long_side` (panoramas), never scaled up. Each
-image then sits in the top-left corner of a fixed `(channels, canvas height, canvas width)` canvas whose free part
-repeats its edge pixels (so that a bilinear crop near the edge never reads a colour the image does not have), with
-its own height and width kept beside it. The crop happens later, on the training device (transforms.py).
-"""
+"""One image from its bytes to uint8 pixels: the geometry every data path shares (docs/data.md, "Images"), decoding
+(bad images named, 16-bit and float images scaled), and pasting into the top left of a fixed canvas whose free part
+repeats the image's edge, so that a bilinear crop near the edge never reads a colour the image does not have."""
 
 import io
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit samples (PNG "I" holds 16-bit ones too)
 LONG_SIDE_FACTOR = 1.5  # default long-side cap: 384 for 256 keeps ImageNet's 4:3 and 3:2 images whole
+ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
 
 
 class BadImage(ValueError):
@@ -81,23 +75,18 @@ def open_image(value):
     if data is None and not path:
         raise BadImage("the image is missing (None)")
     try:
-        if data is not None:
-            if len(data) == 0:
-                raise BadImage("the image is an empty (0-byte) file")
-            return Image.open(io.BytesIO(data))
-        if os.path.isfile(path) and not os.path.getsize(path):
+        if data is None:
+            with open(path, "rb") as handle:  # read at once: no file handle stays open in a worker
+                data = handle.read()
+        if len(data) == 0:
             raise BadImage("the image is an empty (0-byte) file")
-        with open(path, "rb") as handle:  # read at once: no file handle stays open in a worker
-            return Image.open(io.BytesIO(handle.read()))
+        return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise BadImage("not an image in a format PIL reads (corrupt or not an image file)") from None
     except BadImage:
         raise
     except Exception as error:  # PIL and the file system raise many types for a bad file: all mean "bad"
         raise BadImage.of(error) from None
-
-
-ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
 
 
 def orientation(image) -> int | None:
@@ -114,20 +103,14 @@ def _upright_size(image) -> tuple[int, int]:
 
 
 def stored_size(value, geometry: Geometry) -> tuple[int, int]:
-    """(height, width) an undecoded image will have once decoded with `decode`, from its header alone (a file is
-    not read past its header)."""
+    """(height, width) an undecoded image will have once decoded with `decode_image`, from its header alone."""
     from PIL import Image
 
     path = value.get("path") if isinstance(value, dict) and value.get("bytes") is None else None
     try:
-        if path and os.path.isfile(path) and os.path.getsize(path):
-            with Image.open(path) as image:
-                width, height = _upright_size(image)
-        else:
-            width, height = _upright_size(open_image(value))
-    except BadImage:
-        raise
-    except Exception:  # the header cannot be read: let `open_image` name the problem
+        with Image.open(path) if path else open_image(value) as image:  # a file: its header only
+            width, height = _upright_size(image)
+    except Exception:  # a header that cannot be read: let `open_image` name the problem
         width, height = _upright_size(open_image(value))
     if not width or not height:
         raise BadImage(f"the image has no pixels ({width}x{height})")
@@ -136,8 +119,7 @@ def stored_size(value, geometry: Geometry) -> tuple[int, int]:
 
 def decode_image(value, geometry: Geometry):
     """The PIL image of an undecoded image in `geometry`: upright (EXIF orientation applied, as `datasets` does),
-    8-bit RGB or grey, scaled down as the geometry says. A JPEG is decoded at a reduced scale when that still
-    covers the stored size (cheap)."""
+    8-bit RGB or grey, scaled down; a JPEG decoded at a reduced scale when that still covers the stored size."""
     from PIL import Image, ImageOps
 
     image = open_image(value)
@@ -154,8 +136,6 @@ def decode_image(value, geometry: Geometry):
         if image.size != (target_width, target_height):
             image = image.resize((target_width, target_height), Image.Resampling.BICUBIC, reducing_gap=3.0)
         return image
-    except BadImage:
-        raise
     except Exception as error:  # a truncated or corrupt file fails while decoding
         raise BadImage.of(error) from None
 
@@ -170,15 +150,12 @@ def bands(image) -> list[np.ndarray]:
 
 def channels_first(picture) -> np.ndarray:
     """uint8 `(channels, height, width)` of a picture: a PIL image, or such an array already."""
-    if isinstance(picture, np.ndarray):
-        return picture
-    return np.stack(bands(picture))
+    return picture if isinstance(picture, np.ndarray) else np.stack(bands(picture))
 
 
 def decode_stored(data, height: int, width: int, encoding: str, num_channels: int):
-    """The picture of an image as a prepared folder stores it: uint8 `(channels, height, width)` from raw
-    channels-first bytes, or the decoded PIL image of a JPEG already at its stored size (converted when the
-    model's channel count differs from the folder's)."""
+    """An image as a prepared folder stores it: uint8 `(channels, height, width)` from raw bytes, or the decoded PIL
+    image of a JPEG, converted when the model's channel count differs from the folder's."""
     if encoding == "raw":
         pixels = np.frombuffer(data, dtype=np.uint8)
         channels = pixels.size // (height * width)
@@ -200,18 +177,14 @@ def decode_stored(data, height: int, width: int, encoding: str, num_channels: in
         raise BadImage.of(error) from None
 
 
-def picture_size(picture) -> tuple[int, int]:
-    """(height, width) of a PIL image or a `(channels, height, width)` array."""
-    return picture.shape[1:] if isinstance(picture, np.ndarray) else picture.size[::-1]
-
-
 def paste(canvas: np.ndarray, picture) -> tuple[int, int]:
     """Copy a picture (a PIL image, or `(C, h, w)` uint8) into the top-left of a `(C, H, W)` canvas (h <= H,
     w <= W) and fill the rest with the image's last column and row; returns (h, w)."""
-    height, width = picture_size(picture)
     if isinstance(picture, np.ndarray):
+        height, width = picture.shape[1:]
         canvas[:, :height, :width] = picture
     else:
+        width, height = picture.size
         for channel, plane in enumerate(bands(picture)):
             canvas[channel, :height, :width] = plane
     if width < canvas.shape[2]:

@@ -1,7 +1,7 @@
-"""A split decoded once into memory (`InMemoryImages`): the fastest path when the images fit (CIFAR-10 is 150 MB).
-The storage is allocated once at its final size and filled in place, chunk by chunk (by DataLoader worker
-processes when there are many images), so decoding costs little memory beyond the pixels themselves."""
+"""A split decoded once into memory (`InMemoryImages`): the fastest path when the images fit. The storage is
+allocated once at its final size and filled in place, chunk by chunk, so decoding costs little beyond the pixels."""
 
+import functools
 import math
 import os
 
@@ -19,15 +19,13 @@ CANVAS_WASTE = 1.25  # canvases may take this much more memory than the pixels; 
 
 
 def cpus_per_process() -> int:
-    """The CPUs this process may use, shared with the other training processes on this machine (torchrun's
-    LOCAL_WORLD_SIZE)."""
+    """The CPUs this process may use, shared with the other training processes on this machine."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cpus // processes_on_this_machine())
 
 
 def storage_plan(sizes: np.ndarray, channels: int) -> tuple[tuple[int, int, int], bool, int]:
-    """How images of stored `sizes` (n, 2) are held in memory: (their canvas, whether on canvases (else packed: see
-    `InMemoryImages`), the bytes they then take)."""
+    """(canvas, whether on canvases rather than packed, bytes taken) of images of stored `sizes` (n, 2) in memory."""
     pixels = channels * int((sizes[:, 0].astype(np.int64) * sizes[:, 1]).sum())
     canvas = (channels, int(sizes[:, 0].max()), int(sizes[:, 1].max()))
     dense = len(sizes) * math.prod(canvas) <= CANVAS_WASTE * pixels
@@ -48,11 +46,9 @@ def repeat_edges(canvases: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
 
 
 class InMemoryImages(ImageData):
-    """Decoded images in memory (host, or GPU with `to`) with their sizes `(N, 2)` int32 (on the host), stored one of
-    two ways: as canvases `(N, C, H, W)` (`images`) when they waste little (every CIFAR-10 image fills its 32 x 32
-    canvas; a batch is one gather), or packed (`packed`: every image's channels-first pixels end to end from
-    `offsets`) when sizes vary so much that canvases would take more than `CANVAS_WASTE` x the pixels; a batch is
-    then pasted onto canvases of the split's `canvas` shape."""
+    """Decoded images in memory (host, or GPU with `to`) with their sizes `(N, 2)` int32 (on the host): as canvases
+    `(N, C, H, W)` (`images`; a batch is one gather), or packed (`packed`: every image's channels-first pixels end to
+    end from `offsets`, pasted onto `canvas` per batch) when canvases would take over `CANVAS_WASTE` x the pixels."""
 
     in_memory = True
 
@@ -75,28 +71,25 @@ class InMemoryImages(ImageData):
     def read(self, positions):
         index = torch.as_tensor(positions)
         sizes = self.sizes[index]  # on the host, where the transforms want them
-        pixels = self.images if self.images is not None else self.packed
         if self.images is not None:
-            return self.images[to_device(index, pixels.device)], sizes
-        chosen = index.numpy().reshape(-1)
-        canvases = torch.empty((len(chosen), *self.canvas), dtype=torch.uint8, device=pixels.device)
-        channels = self.canvas[0]
+            return self.images[to_device(index, self.images.device)], sizes
+        chosen, channels, on_host = index.numpy().reshape(-1), self.canvas[0], self.packed.device.type == "cpu"
+        canvases = torch.empty((len(chosen), *self.canvas), dtype=torch.uint8, device=self.packed.device)
         for row, (start, (height, width)) in enumerate(zip(self.offsets[chosen], self.host_sizes[chosen])):
-            pixels_of_image = self.packed[start:start + channels * height * width].view(channels, height, width)
-            if pixels.device.type == "cpu":
-                paste(canvases[row].numpy(), pixels_of_image.numpy())
+            image = self.packed[start:start + channels * height * width].view(channels, height, width)
+            if on_host:
+                paste(canvases[row].numpy(), image.numpy())
             else:
-                canvases[row, :, :height, :width] = pixels_of_image
-        return (canvases if pixels.device.type == "cpu" else repeat_edges(canvases, sizes)), sizes
+                canvases[row, :, :height, :width] = image
+        return (canvases if on_host else repeat_edges(canvases, sizes)), sizes
 
     def subset(self, positions) -> "InMemoryImages":
         index = torch.as_tensor(positions).cpu()  # e.g. from labels on the device: a selection made once, not per step
         labels = None if self.labels is None else self.labels[to_device(index, self.labels.device)]
-        if self.images is not None:
-            return InMemoryImages(self.images[to_device(index, self.images.device)], self.sizes[index], labels,
-                                  self.class_names, self.split, self.skipped, self.short_side)
-        return InMemoryImages(None, self.sizes[index], labels, self.class_names, self.split, self.skipped,
-                              self.short_side, self.packed, self.offsets[index.numpy()], self.canvas)
+        images = None if self.images is None else self.images[to_device(index, self.images.device)]
+        offsets = None if self.offsets is None else self.offsets[index.numpy()]
+        return InMemoryImages(images, self.sizes[index], labels, self.class_names, self.split, self.skipped,
+                              self.short_side, self.packed, offsets, self.canvas)
 
     def to(self, device) -> "InMemoryImages":
         """The pixels and labels on `device` (a batch is then one gather there, its labels with it); the sizes stay
@@ -110,25 +103,8 @@ class InMemoryImages(ImageData):
         return self
 
 
-class _Chunks(torch.utils.data.Dataset):
-    """Chunk k of `positions`, decoded in a worker: (every image's channels-first pixels end to end, sizes,
-    {index: problem})."""
-
-    def __init__(self, reader, positions: np.ndarray, channels: int, size: int = CHUNK):
-        self.reader, self.positions, self.channels, self.size = reader, positions, channels, size
-
-    def __len__(self):
-        return -(-len(self.positions) // self.size)
-
-    def __getitem__(self, chunk: int):
-        sizes, problems, parts = decode_chunk(self.reader, self.positions[chunk * self.size:(chunk + 1) * self.size],
-                                              self.channels)
-        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8)), torch.from_numpy(sizes), \
-            problems
-
-
-def decode_chunk(reader, positions, channels: int) -> tuple[np.ndarray, dict, list]:
-    """(sizes, {index: why undecodable}, the decoded images' flattened pixels in order) of `positions`."""
+def _decoded(reader, channels: int, positions) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(the decoded images' channels-first pixels end to end, sizes, {index: why undecodable}) of `positions`."""
     sizes, problems, parts = np.zeros((len(positions), 2), dtype=np.int32), {}, []
     for index, picture in enumerate(reader.read(positions)):
         if isinstance(picture, BadImage):
@@ -140,52 +116,42 @@ def decode_chunk(reader, positions, channels: int) -> tuple[np.ndarray, dict, li
         else:
             sizes[index] = pixels.shape[1:]
             parts.append(pixels.reshape(-1))
-    return sizes, problems, parts
+    pixels = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return torch.from_numpy(pixels), torch.from_numpy(sizes), problems
 
 
-def _chunk_results(dataset, workers: int):
-    """Each chunk's result in order, from `workers` processes (or this one)."""
-    if workers == 0:
-        for chunk in range(len(dataset)):
-            yield dataset[chunk]
-        return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=lambda item: item,
-                                         generator=torch.Generator())  # leaves the global random state alone
-    yield from loader
+def _chunk_results(work, positions: np.ndarray, workers: int, size: int, progress: str | None):
+    """(first index, `work(chunk)`) of each chunk of `size` positions in order, from `workers` DataLoader processes
+    (or this one), with a progress bar named `progress` (None: none)."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(positions), size)
+    chunks = [positions[start:start + size] for start in starts]
+    # batch_size=None: workers apply `collate_fn` to each chunk; a generator of its own leaves the global one alone
+    results = map(work, chunks) if workers == 0 else torch.utils.data.DataLoader(
+        chunks, batch_size=None, num_workers=workers, collate_fn=work, generator=torch.Generator())
+    with tqdm(total=len(positions), desc=progress, unit="img", disable=progress is None) as bar:
+        for start, chunk, result in zip(starts, chunks, results):
+            yield start, result
+            bar.update(len(chunk))
 
 
 def header_sizes(reader, positions: np.ndarray, workers: int, progress: str | None = None):
     """(sizes `(n, 2)`, {index: problem}) of the images at `positions` as they will be stored (headers only)."""
     if reader.stored:
         return reader.sizes(positions)
-
-    class Headers(torch.utils.data.Dataset):
-        def __len__(self):
-            return -(-len(positions) // CHUNK)
-
-        def __getitem__(self, chunk):
-            sizes, problems = reader.sizes(positions[chunk * CHUNK:(chunk + 1) * CHUNK])
-            return torch.from_numpy(sizes), problems
-
-    from tqdm.auto import tqdm
-
     sizes, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
-    bar = tqdm(total=len(positions), desc=progress, unit="img", disable=progress is None or len(positions) < 10_000)
-    for chunk, (chunk_sizes, chunk_problems) in enumerate(_chunk_results(Headers(), workers)):
-        sizes[chunk * CHUNK:chunk * CHUNK + len(chunk_sizes)] = chunk_sizes.numpy()
-        problems.update({chunk * CHUNK + index: problem for index, problem in chunk_problems.items()})
-        bar.update(len(chunk_sizes))
-    bar.close()
+    for start, (chunk_sizes, chunk_problems) in _chunk_results(reader.sizes, positions, workers, CHUNK,
+                                                               progress if len(positions) >= 10_000 else None):
+        sizes[start:start + len(chunk_sizes)] = chunk_sizes
+        problems.update({start + index: problem for index, problem in chunk_problems.items()})
     return sizes, problems
 
 
 def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channels: int, workers: int,
                        progress: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor, dict, dict]:
-    """Decode the images at `positions` (stored sizes `sizes`, from their headers) into memory at their final
-    size: canvases of the largest height and width, or packed (see `InMemoryImages`). Returns (canvases or None,
-    decoded sizes, {index: why undecodable}, {"packed": ..., "offsets": ..., "canvas": ...} or {})."""
-    from tqdm.auto import tqdm
-
+    """Decode the images at `positions` (stored sizes `sizes`, from their headers) into memory, on canvases or packed
+    (`InMemoryImages`): (canvases or None, sizes, {index: why undecodable}, {"packed", "offsets", "canvas"} or {})."""
     pixels = channels * sizes[:, 0].astype(np.int64) * sizes[:, 1]
     canvas, dense, _ = storage_plan(sizes, channels)
     offsets = np.concatenate([[0], np.cumsum(pixels)[:-1]]).astype(np.int64)
@@ -193,11 +159,10 @@ def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channel
     packed = None if dense else torch.empty(int(pixels.sum()), dtype=torch.uint8)
     target = images.numpy() if dense else packed.numpy()
     decoded, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
-    bar = tqdm(total=len(positions), desc=progress, unit="img", disable=progress is None)
     chunk_size = int(np.clip(CHUNK_BYTES // max(1, int(pixels.mean())), 1, CHUNK))  # a chunk in flight: ~16 MB
-    results = _chunk_results(_Chunks(reader, positions, channels, chunk_size), workers)
-    for chunk, (flat, chunk_sizes, chunk_problems) in enumerate(results):
-        start, flat, cursor = chunk * chunk_size, flat.numpy(), 0
+    work = functools.partial(_decoded, reader, channels)
+    for start, (flat, chunk_sizes, chunk_problems) in _chunk_results(work, positions, workers, chunk_size, progress):
+        flat, cursor = flat.numpy(), 0
         for index in range(len(chunk_sizes)):
             row = start + index
             if index in chunk_problems:
@@ -213,8 +178,6 @@ def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channel
                 target[offsets[row]:offsets[row] + size] = flat[cursor:cursor + size]
             decoded[row] = height, width
             cursor += size
-        bar.update(len(chunk_sizes))
-    bar.close()
     storage = {} if dense else {"packed": packed, "offsets": offsets, "canvas": canvas}
     return images, torch.from_numpy(decoded), problems, storage
 

@@ -1,27 +1,23 @@
 """Writing a prepared folder (the format is in prepared.py): every image of the chosen splits decoded once, scaled
-to the geometry, stored as JPEG (or raw bytes when small) in shards of a fixed number of images.
+to the geometry and stored in shards, as a resumable transaction under one run's lock (docs/data.md, "Preparing
+once"). Shards are a process pool's tasks, written and recorded in the hidden `.preparing/`, moved into place when
+all are there."""
 
-Preparing is a transaction. One run at a time holds the folder (a lock naming its process). Shards are independent
-tasks for a pool of processes; each is written to a temporary file, renamed when complete and fingerprinted, then
-recorded in `progress/`, all inside the hidden `.preparing/`: an interrupted preparation continues where it stopped
-(the same command again skips every finished shard), and what a failed or killed run left half-written is removed.
-Only when every shard is there are they moved into their split folders and the finished manifest written: the folder
-is a dataset (for `datasets` too) exactly when its manifest says complete.
-"""
-
+import ctypes
 import errno
+import glob
 import io
-import json
 import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..cli import UsageError, print_once
-from ..inputs import TEMPORARY_MARK, write_failure, write_json, written_whole
+from ..cli import UsageError, flag, print_once
+from ..inputs import TEMPORARY_MARK, read_json_object, write_failure, write_json, written_whole
 from ..paths import check_output_folder
 from ..runs import LOCK_NAME, OutputLock, RunError, differences
 from .arguments import SourceArguments
@@ -57,31 +53,22 @@ SOURCE_FIELDS = ("dataset_name", "dataset_config_name", "train_dir", "validation
 class PrepareArguments:
     """What scripts/prepare_data.py writes, and how."""
 
-    output_dir: str | None = field(default=None, metadata={"help": "The prepared folder to write. Required."})
-    short_side: int = field(
-        default=256,
-        metadata={"help": "Scale every image so that its short side is at most this (256 for 224 px training; "
-                          "images are never scaled up)."})
-    max_long_side: int | None = field(
-        default=None,
-        metadata={"help": f"And its long side at most this (panoramas); default {LONG_SIDE_FACTOR:g} x --short_side. "
-                          "The aspect ratio is always kept."})
-    num_channels: int = field(default=3, metadata={"help": "3 (RGB) or 1 (grey)."})
-    encoding: str = field(
-        default="auto",
-        metadata={"help": f"'jpeg', 'raw' (uncompressed bytes) or 'auto': raw for short sides up to {RAW_UP_TO}, "
-                          "else JPEG."})
-    jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality (1-100)."})
-    shard_size: int = field(default=2048, metadata={"help": "Images per shard (the unit of work and of resuming)."})
-    num_proc: int | None = field(default=None, metadata={"help": "Worker processes (default: every CPU this process "
-                                                                 "may use)."})
-    splits: list[str] | None = field(
-        default=None, metadata={"help": "Splits to prepare (default: every split of the source)."})
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Replace a prepared folder (finished or not, of other settings); never another folder."})
-    token: str | None = field(default=None, metadata={"help": "Hugging Face token for private Hub datasets."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    output_dir: str | None = flag(None, "The prepared folder to write. Required.")
+    short_side: int = flag(256, "Scale every image so that its short side is at most this (256 for 224 px training; "
+                                "images are never scaled up).")
+    max_long_side: int | None = flag(None, f"And its long side at most this (panoramas); default {LONG_SIDE_FACTOR:g} "
+                                           "x --short_side. The aspect ratio is always kept.")
+    num_channels: int = flag(3, "3 (RGB) or 1 (grey).")
+    encoding: str = flag("auto", "'jpeg', 'raw' (uncompressed bytes) or 'auto': raw for short sides up to "
+                                 f"{RAW_UP_TO}, else JPEG.")
+    jpeg_quality: int = flag(90, "JPEG quality (1-100).")
+    shard_size: int = flag(2048, "Images per shard (the unit of work and of resuming).")
+    num_proc: int | None = flag(None, "Worker processes (default: every CPU this process may use).")
+    splits: list[str] | None = flag(None, "Splits to prepare (default: every split of the source).")
+    overwrite: bool = flag(False, "Replace a prepared folder (finished or not, of other settings); never another "
+                                  "folder.")
+    token: str | None = flag(None, "Hugging Face token for private Hub datasets.")
+    disable_tqdm: bool = flag(False, "No progress bar.")
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -116,13 +103,11 @@ _JOB = {}  # what every shard task needs, set before the pool forks (datasets ar
 
 
 def encode(value, geometry: Geometry, encoding: str, quality: int) -> tuple[bytes, int, int]:
-    """(stored bytes, height, width) of one undecoded image. A JPEG that needs no change (right size, mode and
-    orientation) is kept byte for byte: no second compression."""
+    """(stored bytes, height, width) of one undecoded image; a JPEG that needs no change is kept byte for byte."""
     image = open_image(value)
     width, height = image.size
     unchanged = (encoding == "jpeg" and image.format == "JPEG" and image.mode == geometry.mode
-                 and geometry.stored_size(height, width) == (height, width)
-                 and orientation(image) in (None, 1))
+                 and geometry.stored_size(height, width) == (height, width) and orientation(image) in (None, 1))
     if unchanged:
         try:
             image.load()  # a truncated file fails here, as it would in training
@@ -142,17 +127,11 @@ def encode(value, geometry: Geometry, encoding: str, quality: int) -> tuple[byte
 
 
 def _worker_signals() -> None:
-    """In each pool worker: Ctrl-C (sent to the whole process group) is the parent's to handle, which stops the
-    workers; and a worker ends with its parent (kill -9 of it), instead of finishing its shard into a closed pipe
-    and printing a BrokenPipeError traceback."""
-    import signal
-
+    """In each pool worker: Ctrl-C is the parent's to handle, and a worker ends with its parent (kill -9 of it)
+    instead of finishing its shard into a closed pipe (a BrokenPipeError traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux): SIGTERM when the parent dies
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent dies
     except (OSError, AttributeError):  # not Linux: a worker may still finish its shard after a kill -9
         pass
     if os.getppid() == 1:  # the parent died before the request
@@ -167,9 +146,7 @@ def prepare_shard(task: tuple[str, int, int, int]) -> dict:
     job = _JOB
     dataset, image_column, label_column = job["datasets"][split]
     folder, num_shards, counter = job["folder"], job["num_shards"][split], job["counter"]
-    columns = {IMAGE_COLUMN: [], "height": [], "width": [], "source_row": []}
-    if label_column is not None:
-        columns["label"] = []
+    columns = {name: [] for name in job["features"][split]}  # image, height, width, source_row (, label)
     skipped = []
     for first in range(start, end, READ_BATCH):
         rows = dataset[first:min(first + READ_BATCH, end)]
@@ -266,26 +243,21 @@ def _features(dataset, label_column: str | None):
 
 
 def _check_output_dir(args: PrepareArguments) -> None:
-    """Refuse an --output_dir that cannot be used, before the source is read (a Hub id would be downloaded first):
-    a file, a folder of other files, a finished prepared folder (without --overwrite), a folder that cannot be
-    written. Usage errors: the command line must change."""
+    """Refuse an --output_dir that cannot be used, before the source is read (a Hub id would be downloaded first)."""
     folder = args.output_dir
     check_output_folder(folder)
-    contents = _contents(folder)
     if not is_prepared(folder):
-        others = [name for name in contents if name != UNFINISHED_FOLDER]  # a run killed before its manifest
+        others = [name for name in _contents(folder) if name != UNFINISHED_FOLDER]  # a run killed before its manifest
         if others:
             raise UsageError(f"--output_dir {folder} holds other files ({', '.join(others[:3])}) and is not a "
                              "prepared folder: choose a new or empty folder (nothing is overwritten).")
-        return
-    if args.overwrite:
-        return
-    manifest = read_manifest(folder, require_complete=False)
-    if manifest["complete"]:
-        raise UsageError(f"--output_dir {folder} already holds a finished prepared folder "
-                         f"({sum(s['num_images'] for s in manifest['splits'].values()):,} images). Use it as "
-                         f"--dataset_name {folder}, choose another --output_dir, or pass --overwrite true to "
-                         "prepare it again.")
+    elif not args.overwrite:
+        manifest = read_manifest(folder, require_complete=False)
+        if manifest["complete"]:
+            raise UsageError(f"--output_dir {folder} already holds a finished prepared folder "
+                             f"({sum(s['num_images'] for s in manifest['splits'].values()):,} images). Use it as "
+                             f"--dataset_name {folder}, choose another --output_dir, or pass --overwrite true to "
+                             "prepare it again.")
 
 
 def _contents(folder: str) -> list[str]:
@@ -295,12 +267,14 @@ def _contents(folder: str) -> list[str]:
 
 def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
     """The manifest of an unfinished preparation of the same data and settings (to continue), or None for a new
-    one (`_check_output_dir` has refused what cannot be used). Other data or settings are refused (unless
-    --overwrite, for a prepared folder only), except --skip_bad_images added: the shards finished without it hold
-    no bad image, so they stay right with it."""
+    one. Other data or settings are refused (unless --overwrite), except --skip_bad_images added: the shards
+    finished without it hold no bad image."""
     folder = args.output_dir
     if args.overwrite or not is_prepared(folder):  # not prepared: empty, or what a run killed before its manifest left
-        return _cleared(folder)
+        for name in _contents(folder):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        return None
     manifest = read_manifest(folder, require_complete=False)
     changes = {f"images in split {key}" if section == "splits" else key: both for section, values in identity.items()
                for key, both in differences(manifest["identity"].get(section) or {}, values, both_only=False).items()}
@@ -316,16 +290,9 @@ def _claim_folder(args: PrepareArguments, identity: dict) -> dict | None:
     return manifest
 
 
-def _cleared(folder: str) -> None:
-    for name in _contents(folder):
-        path = os.path.join(folder, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    return None
-
-
 def _swept(folder: str) -> int:
-    """Remove what interrupted runs left half-written (`*.tmp-<pid>`, the progress folder of earlier versions);
-    returns how many files. Only the run holding the folder's lock calls this: no live writer owns them."""
+    """Remove what interrupted runs left half-written (`*.tmp-<pid>`, earlier versions' progress); returns how many
+    files. Only the run holding the folder's lock calls this: no live writer owns them."""
     removed = 0
     legacy = os.path.join(folder, LEGACY_PROGRESS)
     if os.path.isdir(legacy):
@@ -340,17 +307,13 @@ def _swept(folder: str) -> int:
 
 
 def _finished_shards(folder: str) -> dict:
-    """{(split, shard): record} of the shards an earlier run finished (still in the unfinished folder, or already
-    moved into place by a run that stopped while finishing)."""
+    """{(split, shard): record} of the shards an earlier run finished (moved into place or not)."""
     found = {}
     progress = os.path.join(folder, UNFINISHED_FOLDER, PROGRESS_FOLDER)
-    for name in os.listdir(progress) if os.path.isdir(progress) else []:
-        if not name.endswith(".json"):
-            continue
-        split, shard = name[:-len(".json")].rsplit("-", 1)
+    for name in glob.glob("*.json", root_dir=progress):  # none when it does not exist
+        split, shard = name.removesuffix(".json").rsplit("-", 1)
         try:
-            with open(os.path.join(progress, name)) as handle:
-                record = json.load(handle)
+            record = read_json_object(os.path.join(progress, name))
         except (OSError, ValueError):
             continue  # torn: the shard is written again
         for where in (os.path.join(folder, UNFINISHED_FOLDER), folder):
@@ -360,28 +323,13 @@ def _finished_shards(folder: str) -> dict:
     return found
 
 
-def _moved_into_place(folder: str, shards: list[dict]) -> None:
-    """The finished shards from the unfinished folder into their split folders (renames: each whole)."""
-    for shard in shards:
-        staged, final = os.path.join(folder, UNFINISHED_FOLDER, shard["file"]), os.path.join(folder, shard["file"])
-        if os.path.isfile(staged):
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(staged, final)
-
-
-def _check_output_outside_sources(args: PrepareArguments, source: SourceArguments) -> None:
-    holding = source_holding(args.output_dir, source)
-    if holding:
-        option, folder = holding
-        raise UsageError(f"--output_dir {args.output_dir} lies inside {folder}, the folder {option} reads: the "
-                         f"prepared files would be read as part of it. Choose a folder outside it, e.g. --output_dir "
-                         f"{default_prepared_folder(source)}")
-
-
 def prepare(source: SourceArguments, args: PrepareArguments, command: str) -> dict:
     """Prepare the source's splits into `args.output_dir`; returns the finished manifest."""
     _check_output_dir(args)
-    _check_output_outside_sources(args, source)
+    if holding := source_holding(args.output_dir, source):
+        raise UsageError(f"--output_dir {args.output_dir} lies inside {holding[1]}, the folder {holding[0]} reads: the "
+                         f"prepared files would be read as part of it. Choose a folder outside it, e.g. --output_dir "
+                         f"{default_prepared_folder(source)}")
     splits = _source_splits(source, args)
     folder = args.output_dir
     created = not os.path.exists(folder)
@@ -409,19 +357,15 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
                 "splits": {name: len(dataset) for name, (dataset, _, _) in splits.items()}}
     _check_output_dir(args)  # again: another run may have finished the folder while this one read its source
     manifest = _claim_folder(args, identity)
-    swept = _swept(folder)
-    if swept:
+    if swept := _swept(folder):
         print(f"[prepare] {folder}: removed {swept} half-written file(s) an interrupted run left", flush=True)
     num_shards = {name: math.ceil(len(dataset) / args.shard_size) for name, (dataset, _, _) in splits.items()}
     try:
         for name in (*splits, PROGRESS_FOLDER):
             os.makedirs(os.path.join(unfinished, name), exist_ok=True)
-        if manifest is None:
-            manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False, "identity": identity,
-                        "settings": identity["settings"], "command": command}
-            write_manifest(folder, manifest)
-        elif manifest["identity"] != identity:  # --skip_bad_images added: its command now
-            manifest.update(identity=identity, settings=identity["settings"], command=command)
+        if manifest is None or manifest["identity"] != identity:  # new, or --skip_bad_images added: its command now
+            manifest = {**(manifest or {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False}),
+                        "identity": identity, "settings": identity["settings"], "command": command}
             write_manifest(folder, manifest)
     except OSError as error:
         raise _unwritable(folder, error) from None
@@ -449,26 +393,24 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
     bar = tqdm(total=total, initial=done_before, unit="img", desc="Preparing", disable=args.disable_tqdm)
     records = dict(finished)
     try:
-        try:
-            if workers == 1:
-                for task in tasks:
-                    records[(task[0], task[1])] = prepare_shard(task)
+        if workers == 1:
+            for task in tasks:
+                records[(task[0], task[1])] = prepare_shard(task)
+                bar.update(counter.value - (bar.n - done_before))
+        else:
+            with context.Pool(workers, initializer=_worker_signals) as pool:
+                pending = {(task[0], task[1]): pool.apply_async(prepare_shard, (task,)) for task in tasks}
+                while pending:
+                    time.sleep(0.2)
                     bar.update(counter.value - (bar.n - done_before))
-            else:
-                with context.Pool(workers, initializer=_worker_signals) as pool:
-                    pending = {(task[0], task[1]): pool.apply_async(prepare_shard, (task,)) for task in tasks}
-                    while pending:
-                        time.sleep(0.2)
-                        bar.update(counter.value - (bar.n - done_before))
-                        for key in [key for key, result in pending.items() if result.ready()]:
-                            records[key] = pending.pop(key).get()  # a worker's error is raised here
-        except BadImage as error:  # the pool has stopped: what it finished is on disk
-            kept = len(_finished_shards(folder))
-            raise BadImage(f"{error} The {kept} finished shard(s) in {folder} are kept: the same command "
-                           "(with --skip_bad_images true added, or once the image is fixed) continues from them.") \
-                from None
-        except OSError as error:
-            raise _write_failed(error, folder, command)
+                    for key in [key for key, result in pending.items() if result.ready()]:
+                        records[key] = pending.pop(key).get()  # a worker's error is raised here
+    except BadImage as error:  # the pool has stopped: what it finished is on disk
+        kept = len(_finished_shards(folder))
+        raise BadImage(f"{error} The {kept} finished shard(s) in {folder} are kept: the same command (with "
+                       "--skip_bad_images true added, or once the image is fixed) continues from them.") from None
+    except OSError as error:
+        raise _write_failed(error, folder, command)
     except KeyboardInterrupt:
         bar.close()
         kept = len(_finished_shards(folder))  # after the pool stopped: what a new run will keep
@@ -483,13 +425,12 @@ def _prepare_held(source: SourceArguments, args: PrepareArguments, command: str,
         _completed(folder, manifest, splits, records, num_shards)
     except OSError as error:
         raise _write_failed(error, folder, command)
-    seconds = time.perf_counter() - started
     stored = sum(shard["bytes"] for split in manifest["splits"].values() for shard in split["shards"])
     skipped = sum(split["num_skipped"] for split in manifest["splits"].values())
     print(f"[prepare] done: {sum(s['num_images'] for s in manifest['splits'].values()):,} images in "
           f"{sum(num_shards.values())} shards, {stored / 2**20:,.0f} MB"
           f"{f', {skipped} skipped (listed in {PREPARED_MANIFEST})' if skipped else ''}, "
-          f"{seconds:,.0f} s this run. Train from it: --dataset_name {folder}", flush=True)
+          f"{time.perf_counter() - started:,.0f} s this run. Train from it: --dataset_name {folder}", flush=True)
     return manifest
 
 
@@ -511,8 +452,7 @@ def _write_failed(error: OSError, folder: str, command: str) -> OSError:
 
 
 def _completed(folder: str, manifest: dict, splits: dict, records: dict, num_shards: dict) -> None:
-    """Every shard written: the manifest's splits and fingerprint, the shards moved into place, then the finished
-    manifest (from here on the folder is a dataset) and the unfinished folder removed."""
+    """Every shard written: the shards moved into place, then the finished manifest (now the folder is a dataset)."""
     manifest["splits"] = {}
     for name, (dataset, _, label_column) in splits.items():
         shards = [records[(name, shard)] for shard in range(num_shards[name])]
@@ -526,7 +466,11 @@ def _completed(folder: str, manifest: dict, splits: dict, records: dict, num_sha
         if manifest["splits"][name]["num_images"] == 0:
             raise ValueError(f"Split {name!r}: none of its {len(dataset)} images can be decoded.")
     manifest["fingerprint"] = folder_fingerprint(manifest["splits"])
-    _moved_into_place(folder, [shard for split in manifest["splits"].values() for shard in split["shards"]])
+    for shard in [shard for split in manifest["splits"].values() for shard in split["shards"]]:  # renames: each whole
+        staged, final = os.path.join(folder, UNFINISHED_FOLDER, shard["file"]), os.path.join(folder, shard["file"])
+        if os.path.isfile(staged):
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(staged, final)
     manifest["complete"] = True
     write_manifest(folder, manifest)
     shutil.rmtree(os.path.join(folder, UNFINISHED_FOLDER), ignore_errors=True)

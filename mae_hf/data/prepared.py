@@ -1,16 +1,10 @@
-"""The prepared folder: images decoded and scaled once (scripts/prepare_data.py) and stored in shards that
-`datasets` can memory-map, so that training reads each image with one `pread`, one cheap decode and no resize.
+"""The prepared folder (scripts/prepare_data.py; docs/data.md, "Preparing once"), which `datasets` reads too:
 
-    PREPARED/mae_hf_prepared.json              what was prepared, from what, how; each shard's size and fingerprints
-                                               and the folder's fingerprint (written last: the folder is finished)
-    PREPARED/<split>/data-00000-of-00042.arrow  Arrow IPC streams (what `datasets` writes and memory-maps) with the
-                                               columns image (JPEG or raw channels-first bytes), height, width,
-                                               label (when the source has labels) and source_row
-    PREPARED/.preparing/                       an unfinished preparation: its manifest, shards and progress, moved
-                                               into place when all are written (hidden: `datasets` sees no data)
-
-`datasets.load_dataset(PREPARED)` reads a finished folder too (as plain columns), and it can be pushed to the Hub as
-it is."""
+    PREPARED/mae_hf_prepared.json               what was prepared, from what, how; each shard's size and fingerprints
+    PREPARED/<split>/data-00000-of-00042.arrow  Arrow streams: image (JPEG or raw channels-first bytes), height,
+                                                width, label (when the source has labels), source_row
+    PREPARED/.preparing/                        an unfinished preparation (hidden: `datasets` sees no data)
+"""
 
 import hashlib
 import json
@@ -45,10 +39,8 @@ def shard_file(split: str, shard: int, num_shards: int) -> str:
 
 def manifest_file(folder: str) -> str | None:
     """The manifest of a prepared folder: the finished folder's, else an unfinished preparation's; None if none."""
-    for path in (os.path.join(folder, PREPARED_MANIFEST), os.path.join(folder, UNFINISHED_FOLDER, PREPARED_MANIFEST)):
-        if os.path.isfile(path):
-            return path
-    return None
+    paths = (os.path.join(folder, PREPARED_MANIFEST), os.path.join(folder, UNFINISHED_FOLDER, PREPARED_MANIFEST))
+    return next((path for path in paths if os.path.isfile(path)), None)
 
 
 def is_prepared(folder: str) -> bool:
@@ -82,8 +74,7 @@ def shards_without_manifest(folder: str) -> list[str]:
 
 
 def prepared_source(folder: str) -> dict | None:
-    """What a prepared folder was prepared from (its source flags: dataset_name, train_dir, ...), or None for any
-    other data."""
+    """A prepared folder's source flags (dataset_name, train_dir, ...), or None for any other data."""
     if not is_prepared(folder):
         return None
     source = read_manifest(folder, require_complete=False)["identity"].get("source", {})
@@ -98,13 +89,11 @@ def prepare_command(manifest: dict, folder: str, overwrite: bool = False) -> str
     except (KeyError, TypeError, ValueError):  # an edited or damaged manifest: the flags are the user's to give
         words = []
     words = words or ["python", "scripts/prepare_data.py", "..."]
-    kept, skip = [], False
+    kept, words = [], iter(words)
     for word in words:
-        if skip or word.startswith(("--output_dir=", "--overwrite=")):
-            skip = False
-            continue
-        skip = word in ("--output_dir", "--overwrite")
-        if not skip:
+        if word in ("--output_dir", "--overwrite"):
+            next(words, None)  # its value
+        elif not word.startswith(("--output_dir=", "--overwrite=")):
             kept.append(word)
     return shlex.join([*kept, "--output_dir", folder, *(["--overwrite", "true"] if overwrite else [])])
 
@@ -119,8 +108,7 @@ def _fields_problem(value, fields: dict, where: str) -> str | None:
 
 
 def _structure_problem(manifest: dict) -> str | None:
-    """What a manifest of this version lacks (None: nothing): everything its readers use, a finished folder's splits
-    and shards included, so that no reader fails on a missing key."""
+    """What a manifest of this version lacks of what its readers use (None: nothing), splits and shards included."""
     problem = _fields_problem(manifest, MANIFEST_FIELDS, "the manifest") or \
         _fields_problem(manifest["settings"], SETTINGS_FIELDS, "its settings") or \
         next((f"its identity has no object {key!r}" for key in ("source", "settings", "splits")
@@ -131,14 +119,12 @@ def _structure_problem(manifest: dict) -> str | None:
     if not isinstance(splits, dict) or not splits:
         return "it says complete but lists no splits"
     for name, split in splits.items():
-        problem = _fields_problem(split, SPLIT_FIELDS, f"split {name!r}")
-        if problem:
+        if problem := _fields_problem(split, SPLIT_FIELDS, f"split {name!r}"):
             return problem
         if not split["shards"]:
             return f"split {name!r} lists no shards"
         for index, shard in enumerate(split["shards"]):
-            problem = _fields_problem(shard, SHARD_FIELDS, f"shard {index} of split {name!r}")
-            if problem:
+            if problem := _fields_problem(shard, SHARD_FIELDS, f"shard {index} of split {name!r}"):
                 return problem
             if os.path.dirname(shard["file"]) != name or not SHARD_NAME.fullmatch(os.path.basename(shard["file"])):
                 return f"shard {index} of split {name!r} is {shard['file']!r}, not {name}/data-*-of-*.arrow"
@@ -146,8 +132,7 @@ def _structure_problem(manifest: dict) -> str | None:
 
 
 def read_manifest(folder: str, require_complete: bool = True) -> dict:
-    """The manifest of a prepared folder, checked: this format and version, all it must hold, and
-    (`require_complete`) finished."""
+    """The manifest of a prepared folder, checked: this format and version, all it must hold, and finished."""
     path = manifest_file(folder) or os.path.join(folder, PREPARED_MANIFEST)
     manifest = read_json_object(path, "the manifest of a prepared folder")
     if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
@@ -168,9 +153,8 @@ def read_manifest(folder: str, require_complete: bool = True) -> dict:
 
 
 def shard_fingerprints(path: str) -> dict:
-    """A shard file's fingerprints: `sha256` of all its bytes (computed once, when it is written) and `ends_sha256`
-    of its first and last ENDS_BYTES (checked at every start: a foreign shard of the same size has other images,
-    labels or rows there)."""
+    """A shard file's `sha256` (of all its bytes, computed once, when it is written) and `ends_sha256` (of its first
+    and last ENDS_BYTES, checked at every start: a foreign shard of the same size has other images or labels there)."""
     with open(path, "rb") as handle:
         whole = hashlib.file_digest(handle, "sha256").hexdigest()
     return {"sha256": whole, "ends_sha256": _ends_digest(path)}
@@ -185,8 +169,7 @@ def _ends_digest(path: str) -> str:
 
 
 def folder_fingerprint(splits: dict) -> str | None:
-    """The identity of a folder's images, recorded in its manifest (`fingerprint`): a hash of its splits' shard
-    fingerprints (their content, labels and rows); None unless every shard has its fingerprint."""
+    """The manifest's `fingerprint`: a hash of the splits' shard fingerprints; None unless every shard has one."""
     shards = [(name, shard["file"], shard["rows"], shard.get("sha256"))
               for name, split in splits.items() for shard in split["shards"]]
     if any(digest is None for *_, digest in shards):
@@ -236,7 +219,7 @@ def load_prepared(folder: str):
 
 
 def write_manifest(folder: str, manifest: dict) -> None:
-    """Write the manifest whole or not at all (a new file renamed over the old one): an unfinished preparation's in
-    UNFINISHED_FOLDER (a folder `datasets` cannot load), the finished folder's beside its splits."""
+    """Write the manifest whole or not at all: an unfinished preparation's in UNFINISHED_FOLDER, hidden from
+    `datasets`; the finished folder's beside its splits."""
     where = folder if manifest["complete"] else os.path.join(folder, UNFINISHED_FOLDER)
     write_json(os.path.join(where, PREPARED_MANIFEST), manifest)

@@ -1,7 +1,6 @@
-"""A split read from disk batch by batch (`StreamedImages`): DataLoader worker processes read and decode the
-images of each batch onto fixed canvases in shared memory (no randomness: crops happen on the training device), so
-that memory stays flat however many images there are. Also the loader settings such a split needs (workers,
-persistent workers, prefetch) and a check that /dev/shm holds the batches in flight."""
+"""A split read from disk batch by batch (`StreamedImages`): DataLoader workers decode each batch onto canvases in
+shared memory (no randomness: crops happen on the training device), so memory stays flat however many images there
+are. Also the workers such a split gets, and a check that /dev/shm holds the batches in flight."""
 
 import math
 import os
@@ -20,8 +19,7 @@ MAX_WORKERS = 16
 
 
 def empty_canvases(count: int, canvas: tuple[int, int, int]) -> torch.Tensor:
-    """uint8 `(count, *canvas)`; in a DataLoader worker allocated in shared memory, which is where the batch goes
-    anyway (the DataLoader would otherwise copy it there)."""
+    """uint8 `(count, *canvas)`; in a DataLoader worker in shared memory, where the DataLoader would copy it anyway."""
     shape = (count, *canvas)
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
@@ -33,9 +31,8 @@ def empty_canvases(count: int, canvas: tuple[int, int, int]) -> torch.Tensor:
 
 
 class StreamedImages(ImageData):
-    """Images read through `reader` (readers.py) when asked for: `positions` of the reader, their stored `sizes`.
-    Repeated positions in one batch (repeated augmentation) are decoded once; `read_encoded` gives the JPEG bytes of
-    a prepared folder instead, for the GPU to decode (`DeviceJPEGDecoder`, --decode_on_device)."""
+    """Images read through `reader` (readers.py) when asked for, with their stored `sizes`; an image repeated in a
+    batch is decoded once. `read_encoded`: a prepared folder's JPEG bytes instead, for `DeviceJPEGDecoder`."""
 
     def __init__(self, reader, sizes: np.ndarray, canvas, labels=None, class_names=None, split: str = "",
                  skipped=(), short_side: int = 0, num_workers: int = 0):
@@ -80,18 +77,16 @@ class StreamedImages(ImageData):
 
 
 class DeviceJPEGDecoder:
-    """JPEG bytes of a batch (`StreamedImages.read_encoded`, on the host) -> uint8 canvases on `device`, decoded
-    there by torchvision (nvJPEG on a CUDA GPU), each image at the top left of its canvas, the rest repeating its
-    edge as decode.py's canvases do. `decode` (list of 1-D uint8 host tensors, channels -> list of CHW tensors on the
-    device) defaults to torchvision's."""
+    """JPEG bytes of a batch (`StreamedImages.read_encoded`, on the host) -> uint8 canvases on `device` as decode.py
+    makes them, decoded there by `decode` (1-D uint8 host tensors, channels -> CHW tensors on the device; default
+    torchvision's, nvJPEG on a CUDA GPU)."""
 
     def __init__(self, canvas: tuple[int, int, int], device, decode=None):
         self.canvas, self.device = tuple(canvas), torch.device(device)
         self.decode = decode or torchvision_jpeg_decoder(self.device)
 
     def __call__(self, encoded: list, sizes: torch.Tensor) -> torch.Tensor:
-        """Canvases of the fixed `canvas` shape (every split's largest image: static shapes, and nothing to read
-        back from the device); each image's size comes from its decoded tensor's shape."""
+        """Canvases of the fixed `canvas` shape: static shapes, and nothing to read back from the device."""
         datas = [torch.from_numpy(np.asarray(data)) for data in encoded]
         canvases = torch.empty((len(datas), *self.canvas), dtype=torch.uint8, device=self.device)
         for row, image in enumerate(self.decode(datas, self.canvas[0])):
@@ -110,12 +105,8 @@ def torchvision_jpeg_decoder(device: torch.device):
         raise ValueError(f"--decode_on_device true needs torchvision with GPU JPEG decoding, which does not import "
                          f"here ({type(error).__name__}: {error}). Install the torchvision build that matches your "
                          "torch, or leave the flag off (the DataLoader workers decode).") from None
-
-    def decode(datas, channels):
-        mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-        return decode_jpeg(datas, mode=mode, device=device)
-
-    return decode
+    return lambda datas, channels: decode_jpeg(datas, mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY,
+                                               device=device)
 
 
 def default_workers() -> int:
@@ -133,12 +124,9 @@ def shared_memory_free(path: str = "/dev/shm") -> int | None:
 
 def fit_workers_to_shared_memory(workers: int, prefetch: int, batch_bytes: int, chosen: bool,
                                  free: int | None = None, processes: int | None = None) -> tuple[int, int]:
-    """(workers, prefetch factor) whose batches in flight (workers x prefetch, plus one being handed over, of
-    `batch_bytes`: the bytes of one batch of every loader that can hold batches at once, e.g. training's and the
-    persistent evaluation loader's) fit in a third of this process's share of the free shared memory (/dev/shm,
-    shared by the `processes` training processes of the machine) — containers often have only 64 MB of it, and a
-    full /dev/shm kills a worker with a bus error. Settings the user `chosen` are kept or refused with what to
-    change; automatic ones are lowered."""
+    """(workers, prefetch factor) whose batches in flight (workers x prefetch + 1, of `batch_bytes`: one batch of
+    every loader that can hold batches at once) fit a third of this process's share of the free /dev/shm (a full one
+    kills a worker with a bus error). Settings the user `chosen` are kept or refused; automatic ones are lowered."""
     free = shared_memory_free() if free is None else free
     if free is None or workers == 0:
         return workers, prefetch

@@ -1,11 +1,6 @@
 """Whole-batch image transforms on the training device: uint8 canvases (see decode.py) in, normalised model inputs
-out. Training: random-resized crop (and flip) drawn in each image's own pixels, resampled with one `grid_sample`;
-evaluation: a centre crop. Crop, flip and normalisation are one batched operation wherever the model runs.
-
-The crops' scale, aspect, position and flips come from the transform's own `torch.Generator`, whose state the
-trainer saves in every checkpoint: the batches of a run depend on its seed only, not on DataLoader workers or on a
-resume.
-"""
+out (docs/data.md, "Images"). Crops and flips are drawn from the transform's own generator, saved in checkpoints:
+a run's batches depend on its seed only, not on DataLoader workers or a resume."""
 
 import math
 
@@ -27,8 +22,7 @@ def as_floats(images: torch.Tensor) -> torch.Tensor:
 
 
 def valid_sizes(images: torch.Tensor, sizes) -> tuple[torch.Tensor, torch.Tensor]:
-    """(heights, widths) as float tensors on the images' device: `sizes` (B, 2; best on the host, from where they
-    are copied without waiting), or the whole canvas."""
+    """(heights, widths) as float tensors on the images' device: `sizes` (B, 2; best on the host), or the canvas."""
     batch, _, height, width = images.shape
     if sizes is None:
         full = torch.ones(batch, device=images.device)
@@ -53,14 +47,9 @@ def sampled(images: torch.Tensor, grid: torch.Tensor, padding_mode: str = "borde
 def random_resized_crop(images: torch.Tensor, size: int, sizes=None, scale=(0.2, 1.0),
                         ratio=(3 / 4, 4 / 3), hflip: bool = False, generator: torch.Generator | None = None
                         ) -> torch.Tensor:
-    """Random-resized crop (and optional horizontal flip) of a batch of canvases (uint8, or floats), resampled
-    bilinearly to `size` x `size` by `grid_sample`, as floats in [0, 1] for uint8 input.
-
-    As torchvision's RandomResizedCrop, in each image's own pixels (`sizes`: its height and width in the canvas,
-    None = the whole canvas): up to 10 draws of an area fraction in `scale` and a log-uniform aspect ratio in
-    `ratio`; the first crop that fits is taken at a uniform position, else the centre crop of the clamped aspect.
-    The same number of random values is drawn for every batch, whatever the outcome.
-    """
+    """Random-resized crop (and optional horizontal flip) of a batch of canvases, resampled bilinearly to `size` x
+    `size` (floats in [0, 1] for uint8 input), as torchvision's RandomResizedCrop in each image's own pixels (`sizes`;
+    None = the whole canvas). The same number of random values is drawn for every batch, whatever the outcome."""
     batch, _, canvas_height, canvas_width = images.shape
     device = images.device
     height, width = valid_sizes(images, sizes)
@@ -113,22 +102,11 @@ def random_erasing(x: torch.Tensor, probability: float = 0.25, area=(0.02, 1 / 3
     return torch.where(inside[:, None], noise, x)
 
 
-def host_sizes(sizes) -> torch.Tensor | None:
-    """`sizes` as a float tensor on the host. Sizes on a device are read back, which waits for it: pass the host's
-    (the batches' `image_sizes` are host arrays)."""
-    if sizes is None:
-        return None
-    sizes = torch.as_tensor(sizes)
-    return (sizes.cpu() if sizes.device.type != "cpu" else sizes).float()
-
-
 def center_crop(images: torch.Tensor, size: int, sizes=None, fraction: float = 1.0,
                 antialias: bool = True) -> torch.Tensor:
-    """The centre square of each image holding `fraction` of its short side, resized to `size` (floats in [0, 1]
-    for uint8 canvases): bicubic and antialiased (not resampled when it already has that size; the images of one
-    crop size are cut out together, as uint8, grouped by their sizes on the host), or with `antialias=False` bilinear
-    in one `grid_sample` (for training without random crops, `--crop_min_scale 1`). Neither waits for the device
-    when `sizes` are on the host."""
+    """The centre square of each image holding `fraction` of its short side, resized to `size` (floats in [0, 1] for
+    uint8 canvases): bicubic and antialiased, crops of one size cut out together; or with `antialias=False` bilinear
+    in one `grid_sample` (`--crop_min_scale 1`). Neither waits for the device when `sizes` are on the host."""
     batch, channels, canvas_height, canvas_width = images.shape
     device = images.device
     if not antialias:
@@ -138,7 +116,7 @@ def center_crop(images: torch.Tensor, size: int, sizes=None, fraction: float = 1
         theta[:, 0, 0], theta[:, 0, 2] = side / canvas_width, width / canvas_width - 1  # centred on the image
         theta[:, 1, 1], theta[:, 1, 2] = side / canvas_height, height / canvas_height - 1
         return sampled(images, F.affine_grid(theta, [batch, channels, size, size], align_corners=False))
-    sizes = host_sizes(sizes)
+    sizes = None if sizes is None else torch.as_tensor(sizes).cpu().float()  # on a device: read back, which waits
     whole = sizes is None or bool((sizes == torch.tensor([canvas_height, canvas_width])).all())
     if whole and fraction == 1 and canvas_height == canvas_width:
         if canvas_height == size:
@@ -178,26 +156,21 @@ def default_eval_crop_fraction(image_size: int, short_side: int) -> float:
 class BatchTransform:
     """uint8 canvases `(B, C, H, W)` (+ each image's height and width) -> normalised float batch at `image_size`.
 
-    Training (`crop_scale` given): random-resized crop and optional flip from the transform's own generator, then
-    optional `augment` (a batch op on floats in [0, 1], e.g. `augment.RandAugment`), normalisation, and optional
-    random erasing with probability `random_erasing` (in normalised space). Evaluation (no `crop_scale`): the centre
-    crop of `eval_crop_fraction` of the short side, and normalisation. Runs on whatever device the batch is on, and
-    never waits for it when the sizes are on the host (see `center_crop`); the canvases become floats only as they
-    are cropped.
+    Training (`crop_scale` given): random-resized crop and optional flip, then optional `augment` (a batch op on
+    floats in [0, 1], e.g. `augment.RandAugment`), normalisation and optional random erasing (probability
+    `random_erasing`). Evaluation: the centre crop of `eval_crop_fraction` of the short side, and normalisation.
+    Runs on the batch's device and never waits for it when the sizes are on the host.
     """
 
     def __init__(self, image_size: int, mean, std, crop_scale: tuple[float, float] | None = None,
                  hflip: bool = False, augment=None, random_erasing: float = 0.0, eval_crop_fraction: float = 1.0,
                  seed: int = 0, training: bool = False):
         self.image_size, self.crop_scale, self.hflip, self.training = image_size, crop_scale, hflip, training
-        self.augment, self.random_erasing = augment, random_erasing
-        self.eval_crop_fraction = eval_crop_fraction
+        self.augment, self.random_erasing, self.eval_crop_fraction = augment, random_erasing, eval_crop_fraction
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self._statistics = {}  # device -> (mean, std) there
-        self.seed = seed
-        self.generator = None  # made on the device of the first batch
-        self._pending_state = None
+        self.seed, self.generator, self._pending_state = seed, None, None  # generator: on the first batch's device
 
     def statistics_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std on `device`, copied there once: a host-to-device copy in every batch waits for the device."""
