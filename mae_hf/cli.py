@@ -4,6 +4,7 @@ into one `error: ...` paragraph instead of a traceback; and what the scripts pri
 transformers from printing (`DropMessages`)."""
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,8 @@ import sys
 import traceback
 from dataclasses import MISSING, field
 
+import yaml
+from safetensors import SafetensorError
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
@@ -26,11 +29,8 @@ class MAEHFError(Exception):
 
 
 class UsageError(MAEHFError):
-    """The command line itself is wrong, before any input it names is read: a flag value out of range or of the wrong
-    form, flags that contradict each other or make an invalid model config, an output folder that is a file or
-    already holds other output. Reported by `run_script` as `error: <message>` with exit code 2, as the parser does
-    its own usage errors. Not a ValueError, so that a script's handler of failing inputs (`except ValueError`) lets
-    it through."""
+    """The command line itself is wrong (a bad flag value, contradicting flags, an unusable output folder): exit code
+    2, as the parser's own. Not a ValueError, so that a script's `except ValueError` for failing inputs lets it by."""
 
 
 class WorkerDied(MAEHFError):
@@ -70,20 +70,8 @@ def worker_died(error: BaseException) -> WorkerDied | None:
 
 def user_errors() -> tuple:
     """Exceptions that mean "bad input or environment", not "bug": reported without a traceback."""
-    errors = [MAEHFError, ValueError, OSError]  # json.JSONDecodeError is a ValueError
-    try:
-        import yaml
-
-        errors.append(yaml.YAMLError)
-    except ImportError:
-        pass
-    try:  # a weights file that does not read, or a full disk while one is written ("I/O error: No space left ...")
-        from safetensors import SafetensorError
-
-        errors.append(SafetensorError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    # json.JSONDecodeError is a ValueError; SafetensorError: a weights file that does not read, or a full disk
+    return MAEHFError, ValueError, OSError, yaml.YAMLError, SafetensorError
 
 
 def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
@@ -97,10 +85,6 @@ def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
         else:
             kept.append(token)
     return kept, found
-
-
-def debug_enabled(flag_given: bool = False) -> bool:
-    return flag_given or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def error_message(error: BaseException) -> str:
@@ -134,12 +118,10 @@ def keep_freed_memory_requested(warn: bool = False) -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel (no mmap for large blocks,
-    no trimming). A train step frees and allocates the same hundreds of megabytes of activations every step; handed
-    back, every page of them returns as a page fault that zero-fills it: a CPU train step runs 1.18x faster without
-    them in fp32, 1.11x in bf16 (docs/cpu_speed.md). The process then holds on to its peak memory, as a caching
-    allocator does. MAE_HF_KEEP_FREED_MEMORY=0 turns it off; elsewhere than glibc nothing changes. Returns whether it
-    was applied."""
+    """Ask glibc to keep freed memory for reuse (no mmap for large blocks, no trimming): a train step's activations
+    then stop coming back as page faults (1.18x faster CPU steps in fp32, docs/cpu_speed.md), at the cost of holding
+    the peak memory. MAE_HF_KEEP_FREED_MEMORY=0 turns it off; elsewhere than glibc nothing changes. Returns whether
+    it was applied."""
     if not keep_freed_memory_requested(warn=True):
         return False
     import ctypes
@@ -155,9 +137,8 @@ def keep_freed_memory() -> bool:
 
 
 def close_progress_bars() -> None:
-    """Close every progress bar still open (the Trainer's training or evaluation bar when an error stops it, a
-    feature-extraction bar, ...), so that the line printed next is the last thing on the terminal: otherwise tqdm
-    redraws an open bar at exit, over or after the error."""
+    """Close every progress bar still open, so that the line printed next is the last on the terminal (tqdm would
+    redraw an open bar at exit, over or after the error)."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):  # tqdm's registry of live bars
@@ -168,15 +149,12 @@ def close_progress_bars() -> None:
 
 
 def run_script(main, argv: list[str] | None = None, **kwargs):
-    """Run a script's `main(argv, **kwargs)` as the command line does (`argv` defaults to sys.argv[1:]): `--debug`
-    (removed before `main` parses the flags) or MAE_HF_DEBUG=1 show tracebacks; otherwise a usage error (the
-    parser's own, or `UsageError`) ends with exit code 2, a user error (`user_errors()`, or a DataLoader worker's
-    death: `worker_died`) as `error: <message>` on stderr with exit code 1, and Ctrl-C as one line with exit code
-    130; anything else is a bug and keeps its traceback. Progress bars still open are closed first, so that the
-    error is the last line on the terminal. Freed memory is kept for reuse (`keep_freed_memory`)."""
+    """Run a script's `main(argv, **kwargs)` (`argv` defaults to sys.argv[1:]): a usage error ends with exit code 2,
+    a user error (`user_errors()`, `worker_died`) as `error: <message>` with exit code 1, Ctrl-C with 130; anything
+    else is a bug and keeps its traceback. `--debug` or MAE_HF_DEBUG=1 show every traceback."""
     keep_freed_memory()
     argv, flag_given = strip_debug_flag(list(sys.argv[1:] if argv is None else argv))
-    debug = debug_enabled(flag_given)
+    debug = flag_given or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     try:
         try:
             return main(argv, **kwargs)
@@ -290,10 +268,9 @@ RENAMED_FLAGS = {
 
 def check_renamed_flags(argv: list[str], parser) -> None:
     known = {option for action in parser._actions for option in action.option_strings}
-    used = [token.split("=", 1)[0] for token in argv if token.startswith("--")]
-    for flag in used:
-        if flag in RENAMED_FLAGS and flag not in known:
-            parser.error(f"{flag} is a transformers 4 flag: {RENAMED_FLAGS[flag]} (docs/migrating.md).")
+    for name in (token.split("=", 1)[0] for token in argv if token.startswith("--")):
+        if name in RENAMED_FLAGS and name not in known:
+            parser.error(f"{name} is a transformers 4 flag: {RENAMED_FLAGS[name]} (docs/migrating.md).")
 
 
 def print_once(message: str, file=None) -> None:
@@ -305,7 +282,7 @@ def print_once(message: str, file=None) -> None:
 
 class DropMessages(logging.Filter):
     """Drops log records starting with one of `prefixes`: transformers' messages that read as faults here but are
-    not (see where it is used)."""
+    not."""
 
     def __init__(self, *prefixes: str):
         super().__init__()
@@ -319,8 +296,7 @@ INSTANT_PROGRESS_BARS = ("Loading weights", "Writing model shards")  # transform
 
 
 def hide_instant_progress_bars() -> None:
-    """transformers draws a progress bar for loading and for saving every model, even ours of a few MB that take a
-    fraction of a second: in a training log they are noise. Other progress bars (downloads, training) stay."""
+    """No progress bar for loading or saving a model (ours take a fraction of a second: noise in a training log)."""
     from transformers.utils import logging
 
     def hook(factory, args, kwargs):
@@ -334,8 +310,6 @@ def hide_instant_progress_bars() -> None:
 def read_config_file(path: str, parser) -> dict:
     """The options of a JSON/YAML config file as a dict; a file that does not parse or holds no mapping of options
     is a usage error naming the file."""
-    import yaml
-
     try:
         with open(path) as handle:
             values = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
@@ -362,18 +336,10 @@ def parse_overrides(text: str | None) -> dict:
         if "=" not in item:
             raise ValueError(f"config override {item!r} is not of the form key=value.")
         key, raw = (part.strip() for part in item.split("=", 1))
-        lowered = raw.lower()
-        if lowered in ("true", "false"):
-            values[key] = lowered == "true"
-        elif lowered in ("none", "null"):
-            values[key] = None
-        else:
-            for cast in (int, float):
-                try:
-                    values[key] = cast(raw)
-                    break
-                except ValueError:
-                    continue
-            else:
-                values[key] = raw
+        value = {"true": True, "false": False, "none": None, "null": None}.get(raw.lower(), raw)
+        for cast in (int, float):
+            if isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    value = cast(raw)
+        values[key] = value
     return values

@@ -139,10 +139,18 @@ def model_folder_config(folder: str, option: str) -> dict:
     return read_json_object(config_file, "a model config (config.json)")
 
 
+def has_decoder(folder: str, architectures: list[str], option: str) -> bool:
+    """Whether a saved model folder holds a pretraining model's decoder (a probe or classifier has none): by its
+    weights' names, or (weights of another format) by its config's `architectures`."""
+    keys = weight_shapes(folder, option)
+    if keys is None:
+        return any(name.endswith("ForPreTraining") for name in architectures)
+    return any(key.startswith("decoder.") for key in keys)
+
+
 def check_pretraining_folder(folder: str, option: str = "MODEL_DIR") -> None:
-    """A folder holding an mae_hf pretraining model with its decoder (what draws reconstructions). A probe or a
-    fine-tuned classifier has no decoder, and loading it as a pretraining model would draw with random decoder
-    weights: refused. A transformers ViTMAE folder is to be converted first."""
+    """A folder holding an mae_hf pretraining model with its decoder (what draws reconstructions); a transformers
+    ViTMAE folder is to be converted first."""
     config = model_folder_config(folder, option)
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
     if model_type == "vit_mae":
@@ -150,10 +158,7 @@ def check_pretraining_folder(folder: str, option: str = "MODEL_DIR") -> None:
                          f"python scripts/convert.py {folder} OUT_DIR, then pass OUT_DIR.")
     if model_type != "mae_hf":
         raise ValueError(f"{option} {folder} holds a {model_type!r} model, not an mae_hf masked autoencoder.")
-    keys = weight_shapes(folder, option)
-    has_decoder = any(key.startswith("decoder.") for key in keys) if keys is not None else \
-        "MAEForPreTraining" in architectures
-    if not has_decoder:
+    if not has_decoder(folder, architectures, option):
         kind = ", ".join(architectures) or "a model without decoder"
         raise ValueError(f"{option} {folder} has no decoder ({kind}: a linear probe or fine-tuned classifier), so "
                          "it cannot reconstruct images. Pass the pretraining folder (the --output_dir of "
@@ -207,13 +212,6 @@ def write_json(path: str, value: dict, *, sort_keys: bool = False) -> None:
             os.fsync(handle.fileno())
 
 
-def _free_bytes(path: str) -> int:
-    while not os.path.exists(path):
-        path = os.path.dirname(path) or "."
-    stats = os.statvfs(path)
-    return stats.f_bavail * stats.f_frsize
-
-
 def write_failure(error: BaseException, folder: str) -> str | None:
     """Why writing into `folder` failed, when `error` is a failed write; None for anything else (a bug keeps its
     traceback). Each writer fails in its own way on a full disk: open/json an OSError, safetensors a SafetensorError
@@ -228,4 +226,7 @@ def write_failure(error: BaseException, folder: str) -> str | None:
     cause = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
     if cause:
         return cause.group(1)
-    return os.strerror(errno.ENOSPC) if _free_bytes(folder) < 2**20 else text
+    while not os.path.exists(folder):  # the free space of the file system it was written to
+        folder = os.path.dirname(folder) or "."
+    free = os.statvfs(folder)
+    return os.strerror(errno.ENOSPC) if free.f_bavail * free.f_frsize < 2**20 else text

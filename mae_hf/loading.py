@@ -6,11 +6,11 @@ import logging as std_logging
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .cli import UsageError, parse_overrides, print_once
+from .cli import UsageError, flag, parse_overrides, print_once
 from .configuration_mae import MAEConfig
 from .inputs import check_weights_fit, model_folder_config, read_json_object
 from .modeling_mae import MAEForImageClassification
@@ -19,40 +19,29 @@ from .paths import folder_listing, looks_local
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Saved model folder (or Hub id) to start from: its config and weights."})
-    model_type: str | None = field(
-        default=None,
-        metadata={"help": f"Accepted for transformers' example commands: only {MAEConfig.model_type!r}, the model "
-                          "these scripts train (ViTMAE checkpoints: convert them with scripts/convert.py)."})
-    config_name: str | None = field(
-        default=None, metadata={"help": "Saved config (folder or config.json) to start from, with fresh weights."})
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=128,num_hidden_layers=4,mask_ratio=0.6'."})
-    mask_ratio: float | None = field(
-        default=None,
-        metadata={"help": "Fraction of patches masked in pretraining; sets the config's mask_ratio (default: the "
-                          "config's, 0.75 for a new model)."})
-    norm_pix_loss: bool | None = field(
-        default=None,
-        metadata={"help": "Per-patch normalised pixel targets; sets the config's norm_pix_loss (default: the "
-                          "config's; a new model pretrains with it on)."})
-    image_processor_name: str | None = field(
-        default=None,
-        metadata={"help": "Image processor (folder or Hub id) whose image_mean/image_std normalise the images; its "
-                          "size must be the model's image_size. Default: the model config's."})
-    ignore_mismatched_sizes: bool = field(
-        default=False,
-        metadata={"help": "Start a new classification head when the checkpoint's head has another label count."})
-    model_revision: str = field(
-        default="main", metadata={"help": "Branch, tag or commit of a Hub model (--model_name_or_path, --config_name)"})
-    token: str | None = field(
-        default=None, metadata={"help": "Hugging Face token for private Hub models and datasets (default: the login)."})
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Accepted for transformers' example commands; nothing here runs code from the Hub: this "
-                          "package's own classes load the models, and `datasets` has no loading scripts."})
+    model_name_or_path: str | None = flag(None, "Saved model folder (or Hub id) to start from: its config and weights.")
+    model_type: str | None = flag(
+        None, f"Accepted for transformers' example commands: only {MAEConfig.model_type!r}, the model these scripts "
+              "train (ViTMAE checkpoints: convert them with scripts/convert.py).")
+    config_name: str | None = flag(None, "Saved config (folder or config.json) to start from, with fresh weights.")
+    config_overrides: str | None = flag(
+        None, "Comma-separated config changes, e.g. 'hidden_size=128,num_hidden_layers=4,mask_ratio=0.6'.")
+    mask_ratio: float | None = flag(
+        None, "Fraction of patches masked in pretraining; sets the config's mask_ratio (default: the config's, 0.75 "
+              "for a new model).")
+    norm_pix_loss: bool | None = flag(
+        None, "Per-patch normalised pixel targets; sets the config's norm_pix_loss (default: the config's; a new "
+              "model pretrains with it on).")
+    image_processor_name: str | None = flag(
+        None, "Image processor (folder or Hub id) whose image_mean/image_std normalise the images; its size must be "
+              "the model's image_size. Default: the model config's.")
+    ignore_mismatched_sizes: bool = flag(
+        False, "Start a new classification head when the checkpoint's head has another label count.")
+    model_revision: str = flag("main", "Branch, tag or commit of a Hub model (--model_name_or_path, --config_name)")
+    token: str | None = flag(None, "Hugging Face token for private Hub models and datasets (default: the login).")
+    trust_remote_code: bool = flag(
+        False, "Accepted for transformers' example commands; nothing here runs code from the Hub: this package's own "
+               "classes load the models, and `datasets` has no loading scripts.")
 
     def __post_init__(self):  # "~" from a config file, where no shell expands it
         self.model_name_or_path = self.model_name_or_path and os.path.expanduser(self.model_name_or_path)

@@ -1,10 +1,6 @@
 """Assemble a Hub-ready folder from a pretraining run (and optionally its probe and fine-tune runs), fill the model
 card with the measured numbers, optionally add the demo app (a Space), and push it (`hub_preflight` before any work,
-`push` at the end; pretrain.py and finetune.py use the same two).
-
-The folder's top level is one checkpoint serving all three Auto classes: the pretrained encoder and decoder plus,
-when a probe run is given, the linear-probe head (the probe never changes the encoder, so the encoder is exactly
-the pretrained one). A fine-tuned model has its own encoder and goes to `finetuned/`.
+`push` at the end; pretrain.py and finetune.py use the same two). The folder's layout: docs/publishing.md.
 """
 
 import json
@@ -47,22 +43,6 @@ PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 class HubPushError(MAEHFError, RuntimeError):
     """The upload failed; the local folder is complete."""
-
-
-def render(template: str, values: dict) -> str:
-    """Replace every `{{ name }}`; a placeholder without a value is an error, never left in the card."""
-    missing = sorted({name for name in PLACEHOLDER.findall(template) if name not in values})
-    if missing:
-        raise ValueError(f"model card template: no value for {missing}.")
-    return PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), template)
-
-
-def _require_run(folder: str | None, result_file: str, what: str) -> None:
-    if folder is None:
-        return
-    for name in ("config.json", result_file):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise ValueError(f"{what} {folder}: {name} is missing; expected the output folder of that script.")
 
 
 def model_index(model_name: str, dataset_id: str, dataset_title: str, results: list[dict]) -> str:
@@ -121,10 +101,9 @@ def check_measured_on(results: list[dict], pretrained, pretrained_dir: str) -> N
 
 
 def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str | None:
-    """The Hub dataset the card names (metadata and data row alike): the run's own Hub id (for a prepared folder,
-    the Hub dataset it was prepared from), or for a run on local data `dataset_id`, the user's word that it is a
-    copy of that dataset. None: local data the card describes by its folder (no Hub dataset in the metadata), whatever
-    its class names suggest. A `dataset_id` that contradicts the run's Hub id is an error."""
+    """The Hub dataset the card names: the run's own Hub id (for a prepared folder, the one it was prepared from), or
+    for local data `dataset_id`, the user's word that it is a copy of it; None: local data described by its folder.
+    A `dataset_id` that contradicts the run's Hub id is an error."""
     trained_on = summary["dataset_name"]
     source = (summary.get("prepared_from") or {}).get("dataset_name")
     if is_local_dataset(trained_on) and source and not is_local_dataset(source):
@@ -160,11 +139,6 @@ def data_description(summary: dict, dataset_id: str | None) -> str:
     return f"{where}: {summary['train_split']} ({summary['train_samples']:,} images)"
 
 
-def is_held_out(split: str) -> bool:
-    """Whether an evaluation split is a held-out part of the training split (as `select_splits` names it)."""
-    return " held out" in split
-
-
 def evaluation_data(summary: dict) -> str:
     """The images the run evaluated on, as they were: a separate folder, a separate split, or a held-out part of the
     training images."""
@@ -172,7 +146,7 @@ def evaluation_data(summary: dict) -> str:
     validation_dir = (summary.get("data") or {}).get("validation_dir")
     if validation_dir:
         return f"the separate folder `{folder_name(validation_dir)}` ({count}, given as --validation_dir)"
-    if is_held_out(split):
+    if " held out" in split:  # a held-out part of the training split, as `select_splits` names it
         return f"a held-out part of the training images ({split}; {count}), not a separate test set"
     return f"the `{split}` split, separate from the training images ({count})"
 
@@ -269,16 +243,17 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
              result_paths=(), template_path: str | None = None, model_id: str | None = None,
              dataset_id: str | None = None, overwrite: bool = False, space_dir: str | None = None,
              dataset_source: str | None = None) -> str:
-    """Write the Hub-ready folder. Everything is read, checked and rendered first; only then is anything written
-    (or an old folder replaced). `model_id`: the Hub repository the card's code loads (default: the folder's path).
-    `dataset_id`: the Hub dataset to name when the run read a local copy; `dataset_source`: where local data without
-    one came from, in the user's words. `space_dir`:
-    the demo folder (app.py, requirements.txt, examples/) to add, so that the folder can also become a Gradio Space.
-    Returns the card's path."""
-    _require_run(pretrained_dir, "pretraining_summary.json", "pretrained run")
-    _require_run(probe_dir, "linear_probe_results.json", "--probe")
-    _require_run(finetune_dir, "finetune_results.json", "--finetune")
-    for folder, option in ((pretrained_dir, "pretrained run"), (probe_dir, "--probe"), (finetune_dir, "--finetune")):
+    """Write the Hub-ready folder, after everything is read, checked and rendered. `model_id`: the Hub repository the
+    card's code loads (default: the folder's path). `dataset_id`: the Hub dataset a local copy is of;
+    `dataset_source`: where local data without one came from, in the user's words. `space_dir`: the demo folder to
+    add (a Gradio Space). Returns the card's path."""
+    runs = ((pretrained_dir, "pretraining_summary.json", "pretrained run"),
+            (probe_dir, "linear_probe_results.json", "--probe"), (finetune_dir, "finetune_results.json", "--finetune"))
+    for folder, result_file, option in runs:
+        for name in ("config.json", result_file):
+            if folder is not None and not os.path.isfile(os.path.join(folder, name)):
+                raise ValueError(f"{option} {folder}: {name} is missing; expected the output folder of that script.")
+    for folder, _, option in runs:
         if folder is not None:
             weight_shapes(folder, option)  # missing, truncated or garbage weights: named, before any loading
     for picture in PICTURES:
@@ -304,8 +279,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
                               + list(result_paths))
     pretrained = MAEForPreTraining.from_pretrained(pretrained_dir)
     check_measured_on(results, pretrained, pretrained_dir)
-    for folder, name, option in ((probe_dir, "linear_probe_results.json", "--probe"),
-                                 (finetune_dir, "finetune_results.json", "--finetune")):
+    for folder, name, option in runs[1:]:
         if folder and collect_results([os.path.join(folder, name)])[0].get("encoder") != "pretrained":
             raise ValueError(f"{option} {folder} evaluated a random-init encoder; give the run on {pretrained_dir} "
                              f"(baselines go in --results).")
@@ -317,8 +291,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
             raise ValueError(f"--probe {probe_dir}: its encoder differs from {pretrained_dir}'s; probe that model.")
     finetuned = MAEForImageClassification.from_pretrained(finetune_dir) if finetune_dir else None
     summary_path = os.path.join(pretrained_dir, "pretraining_summary.json")
-    with open(summary_path) as handle:
-        summary = redact(json.load(handle))  # a summary written before tokens were redacted may hold one
+    summary = redact(read_json_object(summary_path))  # a summary written before tokens were redacted may hold one
     dataset_id = resolve_dataset_id(summary, dataset_id)
     check_same_dataset(results, summary)
     if dataset_id is None:
@@ -376,7 +349,7 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
     with open(template_path) as handle:
         template = handle.read()
     model_name = model_id.split("/")[-1] if not os.path.isabs(model_id) else model_id
-    return render(template, {
+    values = {
         "model_id": model_id,
         "model_name": model_name,
         "dataset_id": dataset_id or "",
@@ -399,23 +372,21 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
                            ("; the fine-tuned classifier is in `finetuned/`." if finetuned_protocol else "."),
         "finetuned_note": finetuned_note,
         "parameters": f"{sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M",
-        "image_size": config.image_size,
-        "patch_size": config.patch_size,
-        "num_patches": config.num_patches,
-        "num_hidden_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "num_attention_heads": config.num_attention_heads,
-        "decoder_num_hidden_layers": config.decoder_num_hidden_layers,
-        "decoder_hidden_size": config.decoder_hidden_size,
-        "decoder_num_attention_heads": config.decoder_num_attention_heads,
-        "mask_ratio": config.mask_ratio,
+        **{name: getattr(config, name) for name in (
+            "image_size", "patch_size", "num_patches", "num_hidden_layers", "hidden_size", "num_attention_heads",
+            "decoder_num_hidden_layers", "decoder_hidden_size", "decoder_num_attention_heads", "mask_ratio")},
         "target": "per-patch normalised pixels (norm_pix_loss)" if config.norm_pix_loss else "raw (normalised) pixels",
         "pretraining": pretraining_text(summary, dataset_id),
         "eval_split": " / ".join(evaluated_on) or "the evaluation split",
         "evaluation_data": evaluation_data(summary),
         "results_table": results_table(results) if results else "No evaluation results were given.",
         "evaluation": evaluation_text(results),
-    })
+    }
+    # every `{{ name }}` is replaced: a placeholder without a value is an error, never left in the card
+    missing = sorted({name for name in PLACEHOLDER.findall(template) if name not in values})
+    if missing:
+        raise ValueError(f"model card template: no value for {missing}.")
+    return PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), template)
 
 
 HUB_TIMEOUT_SECONDS = 10  # how long the preflight waits for the Hub before calling the network unreachable
@@ -493,13 +464,6 @@ def add_space(space_dir: str, output_dir: str) -> None:
         shutil.copy(path, os.path.join(output_dir, os.path.basename(path)))
 
 
-def tokens_in_use(token: str | None = None) -> set[str]:
-    """The Hub tokens this process could hold: the one given, HF_TOKEN and the stored login."""
-    from huggingface_hub import get_token
-
-    return {value for value in (token, os.environ.get("HF_TOKEN"), get_token()) if value}
-
-
 def files_holding(folder: str, secrets, exclude=()) -> list[str]:
     """Files under `folder` (relative paths; `exclude`: names left out) whose bytes contain any of `secrets`: text
     and binary files alike (a pickled training_args.bin, a checkpoint), read through mmap."""
@@ -525,9 +489,9 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
     it. Returns the commit's (or the pull request's) url. A folder with a file holding a Hub token this process
     knows is refused before anything is sent. On failure the local folder is untouched and the error says how to
     upload it later."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_token
 
-    leaking = files_holding(folder, tokens_in_use(token), exclude)
+    leaking = files_holding(folder, {token, os.environ.get("HF_TOKEN"), get_token()}, exclude)  # any it could hold
     if leaking:
         raise MAEHFError(f"Refusing to upload {folder}: {', '.join(leaking[:5])} hold(s) a Hub token. Remove the "
                          "token from those files (or the files), then upload the folder with `hf upload`.")

@@ -10,10 +10,10 @@ the data flags and --seed are the run's own, recorded in its pretraining_summary
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mae_hf import MAEForPreTraining
-from mae_hf.cli import UsageError, parse_args, run_script
+from mae_hf.cli import UsageError, flag, parse_args, run_script
 from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed_noise, load_image_splits
 from mae_hf.inputs import check_pretraining_folder, read_json_object
 from mae_hf.paths import check_output_folder
@@ -24,13 +24,11 @@ from mae_hf.visualize import save_reconstructions
 
 @dataclass
 class VisualizeArguments:
-    output: str | None = field(default=None, metadata={"help": "PNG to write (default MODEL_DIR/reconstructions.png)."})
-    num_images: int = field(default=8, metadata={"help": "Images (columns) in the grid."})
-    seed: int = field(default=42, metadata={"help": "Seed of the fixed masks (pretrain.py uses its --seed)."})
-    bf16: bool | None = field(
-        default=None,
-        metadata={"help": f"bf16 autocast: {BF16_AUTO_HELP}"})
-    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars (decoding), as the other scripts."})
+    output: str | None = flag(None, "PNG to write (default MODEL_DIR/reconstructions.png).")
+    num_images: int = flag(8, "Images (columns) in the grid.")
+    seed: int = flag(42, "Seed of the fixed masks (pretrain.py uses its --seed).")
+    bf16: bool | None = flag(None, f"bf16 autocast: {BF16_AUTO_HELP}")
+    disable_tqdm: bool = flag(False, "No progress bars (decoding), as the other scripts.")
 
     def __post_init__(self):
         if self.num_images < 1:
