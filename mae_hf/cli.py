@@ -1,7 +1,5 @@
-"""Command-line parsing shared by the scripts: `HfArgumentParser` over dataclasses, from flags, from a JSON/YAML
-file, or from a file followed by flags that override it; `run_script`, which turns the errors a user can fix
-into one `error: ...` paragraph instead of a traceback; and what the scripts print (`print_once`) or keep
-transformers from printing (`DropMessages`)."""
+"""The scripts' command line: `parse_args` (flags over an optional JSON/YAML config file), `run_script` (errors a user
+can fix as one `error: ...` paragraph and an exit code, not a traceback), and what the scripts print."""
 
 import argparse
 import contextlib
@@ -24,8 +22,7 @@ TRAINER_DEBUG_OPTIONS = ("underflow_overflow", "tpu_metrics_debug")  # values of
 
 
 class MAEHFError(Exception):
-    """Base of the project's own errors: a failure the user can fix (bad input, a fault of the run), reported by
-    `run_script` as `error: <message>` with exit code 1 and no traceback."""
+    """Base of the project's own errors: a failure the user can fix, reported by `run_script` (exit code 1)."""
 
 
 class UsageError(MAEHFError):
@@ -42,8 +39,7 @@ WORKER_DEATH = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (exi
 
 
 def worker_died(error: BaseException) -> WorkerDied | None:
-    """The one-paragraph `WorkerDied` for an error that says a DataLoader worker died (torch's RuntimeError, or the
-    broken pipe its batch arrived through), else None."""
+    """The `WorkerDied` for an error that says a DataLoader worker died (or broke the pipe of its batch), else None."""
     found = WORKER_DEATH.search(str(error)) if isinstance(error, RuntimeError) else None
     if found:
         what = f"DataLoader worker (pid {found.group(1)}) {found.group(2)}"
@@ -75,8 +71,7 @@ def user_errors() -> tuple:
 
 
 def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
-    """`argv` without a bare `--debug` (our flag), and whether it was there. `--debug underflow_overflow` is the
-    Trainer's own option and stays."""
+    """`argv` without a bare `--debug` (ours, not the Trainer's `--debug underflow_overflow`), and whether it was."""
     kept, found = [], False
     for index, token in enumerate(argv):
         following = argv[index + 1] if index + 1 < len(argv) else None
@@ -88,8 +83,7 @@ def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def error_message(error: BaseException) -> str:
-    """One paragraph: the error's text (or its type when it has none), on one line, without a doubled "error:". An
-    error raised in a DataLoader worker arrives with the worker's traceback in its text: only its message is kept."""
+    """The error's text (or type) on one line, without a doubled "error:" or a DataLoader worker's traceback."""
     raw = str(error)
     if raw.startswith("Caught ") and "Original Traceback" in raw:
         last = [line for line in raw.splitlines() if line.strip()][-1]  # "package.module.Error: the message"
@@ -105,8 +99,7 @@ KEEP_FREED_MEMORY_ENV = "MAE_HF_KEEP_FREED_MEMORY"  # 0: leave the C library's m
 
 
 def keep_freed_memory_requested(warn: bool = False) -> bool:
-    """MAE_HF_KEEP_FREED_MEMORY: 1 (the default; also true/yes/on) or 0 (false/no/off). Another value keeps the
-    default, with a warning when `warn`."""
+    """MAE_HF_KEEP_FREED_MEMORY: 1 (default; true/yes/on) or 0 (false/no/off); another value warns (`warn`), keeps 1."""
     setting = os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip().lower()
     if setting in ("0", "false", "no", "off"):
         return False
@@ -118,10 +111,8 @@ def keep_freed_memory_requested(warn: bool = False) -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse (no mmap for large blocks, no trimming): a train step's activations
-    then stop coming back as page faults (1.18x faster CPU steps in fp32, docs/cpu_speed.md), at the cost of holding
-    the peak memory. MAE_HF_KEEP_FREED_MEMORY=0 turns it off; elsewhere than glibc nothing changes. Returns whether
-    it was applied."""
+    """Ask glibc to keep freed memory for reuse (no mmap, no trimming): activations stop coming back as page faults,
+    at the cost of holding the peak memory (docs/cpu_speed.md). Returns whether it was applied."""
     if not keep_freed_memory_requested(warn=True):
         return False
     import ctypes
@@ -183,8 +174,8 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description (the script's docstring: what it does, then examples) as written, and shows each
-    flag's default (HfArgumentParser's own formatter would run the example commands together into one paragraph)."""
+    """--help keeps the description (the script's docstring, with its example commands) as written, and shows each
+    flag's default."""
 
 
 def flag(default=MISSING, help: str = "", **kwargs):
@@ -240,8 +231,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
 
 
 def _typed(action, value, path: str, parser):
-    """A config file's text value as its flag's type, converted here so that a bad one is reported with the file's
-    name (argparse would convert it later as a default and name only the flag)."""
+    """A config file's text value as its flag's type: a bad one is reported with the file's name."""
     if not isinstance(value, str) or action.type is None:
         return value
     try:
@@ -274,15 +264,13 @@ def check_renamed_flags(argv: list[str], parser) -> None:
 
 
 def print_once(message: str, file=None) -> None:
-    """Print once per run: every process of a torchrun / accelerate run loads the same data and would print the
-    same line (on one terminal, interleaved)."""
+    """Print from the main process only: every process of a distributed run would print the same line."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(message, file=file or sys.stdout, flush=True)
 
 
 class DropMessages(logging.Filter):
-    """Drops log records starting with one of `prefixes`: transformers' messages that read as faults here but are
-    not."""
+    """Drops log records starting with one of `prefixes` (transformers' messages that read as faults but are not)."""
 
     def __init__(self, *prefixes: str):
         super().__init__()
@@ -308,8 +296,7 @@ def hide_instant_progress_bars() -> None:
 
 
 def read_config_file(path: str, parser) -> dict:
-    """The options of a JSON/YAML config file as a dict; a file that does not parse or holds no mapping of options
-    is a usage error naming the file."""
+    """The options of a JSON/YAML config file; one that does not parse or holds no mapping is a usage error."""
     try:
         with open(path) as handle:
             values = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)

@@ -56,23 +56,17 @@ class ModelArguments:
         """What `from_pretrained` needs to read a Hub model as asked (revision, token)."""
         return {"revision": self.model_revision, "token": self.token}
 
-    def model_flags(self) -> dict:
-        """The config values given as their own flags (--mask_ratio, --norm_pix_loss), as transformers' run_mae.py."""
-        return {key: value for key, value in (("mask_ratio", self.mask_ratio), ("norm_pix_loss", self.norm_pix_loss))
-                if value is not None}
-
 
 def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
     """The model config: from `--model_name_or_path`, `--config_name` or fresh (with `fresh_defaults`), then the
     overrides (--config_overrides, --mask_ratio, --norm_pix_loss, --image_processor_name's normalisation);
     validated, with an error naming the bad field."""
     source = args.model_name_or_path or args.config_name
-    if source is not None and not os.path.exists(source) and looks_local(source):
-        option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
+    option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
+    local = source is not None and os.path.exists(source)
+    if source is not None and not local and looks_local(source):
         raise ValueError(f"{option} {source}: no such file or folder. {folder_listing(source)}")
     if source is not None:
-        option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
-        local = os.path.exists(source)
         if local:  # config.json (and the weights to load) checked here, so a bad file is named, not a traceback
             saved = (model_folder_config(source, option) if os.path.isdir(source)
                      else read_json_object(source, "a model config (config.json)"))
@@ -102,7 +96,9 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
     unknown = sorted(key for key in overrides if key not in fields)
     if unknown:
         raise UsageError(f"--config_overrides: unknown field(s) {unknown}; MAEConfig's fields are {fields}.")
-    for key, value in args.model_flags().items():
+    for key, value in (("mask_ratio", args.mask_ratio), ("norm_pix_loss", args.norm_pix_loss)):  # as run_mae.py's
+        if value is None:
+            continue
         if key in overrides and overrides[key] != value:
             raise UsageError(f"--{key} {value} and --config_overrides {key}={overrides[key]} disagree; give one.")
         overrides[key] = value
@@ -161,12 +157,9 @@ HEAD_PREFIXES = ("classifier.", "head_norm.")  # the classification head: new wh
 
 
 def load_pretrained(model_class, model_args: ModelArguments, config, new_head: str | None = None, **kwargs):
-    """`model_class.from_pretrained(--model_name_or_path)` with the Hub flags and --ignore_mismatched_sizes.
-
-    transformers reports every key the checkpoint lacks. When exactly the head is missing (a classifier started from
-    a pretraining or encoder checkpoint, or a head replaced by --ignore_mismatched_sizes), `new_head` says so in
-    one line (None: nothing to say) and the table is not shown; any other missing, unexpected or mismatched key
-    keeps transformers' full report."""
+    """`model_class.from_pretrained(--model_name_or_path)` with the Hub flags and --ignore_mismatched_sizes. When
+    exactly the classification head is new, `new_head` says so in one line in place of transformers' load report
+    (None: nothing said); any other missing, unexpected or mismatched key keeps the full report."""
     loader_logger = std_logging.getLogger("transformers.modeling_utils")
     hold = _LoadReportHold()
     loader_logger.addFilter(hold)

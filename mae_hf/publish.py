@@ -81,8 +81,7 @@ def evaluation_text(results: list[dict]) -> str:
 
 
 def check_measured_on(results: list[dict], pretrained, pretrained_dir: str) -> None:
-    """Every pretrained-encoder result must have measured this model's encoder: by its weights' fingerprint, or
-    (result files written before fingerprints) by the recorded model folder."""
+    """Every pretrained-encoder result must have measured this model's encoder (fingerprint, or else model folder)."""
     fingerprint = encoder_fingerprint(pretrained.mae)
     for result in results:
         if result.get("encoder", "pretrained") != "pretrained":
@@ -118,8 +117,7 @@ def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str | None:
 
 
 def dataset_title(summary: dict, dataset_id: str | None, dataset_source: str | None = None) -> str:
-    """The data's name in the card's text: the Hub dataset's title, else the local folder's own name (and where it
-    came from, when the user says so: `dataset_source`)."""
+    """The data's name in the card's text: the Hub dataset's title, else the local folder's (+ `dataset_source`)."""
     if dataset_id:
         return DATASET_TITLES.get(dataset_id, dataset_id)
     return f"the local dataset `{folder_name(summary['dataset_name'])}`" + (
@@ -127,8 +125,7 @@ def dataset_title(summary: dict, dataset_id: str | None, dataset_source: str | N
 
 
 def data_description(summary: dict, dataset_id: str | None) -> str:
-    """The data row: the Hub dataset, and where the run read it from when that was a local copy; the training
-    images."""
+    """The data row: the Hub dataset (and the local copy the run read), the training images."""
     trained_on = summary["dataset_name"]
     prepared = " prepared" if summary.get("prepared_from") else ""
     if dataset_id is None:
@@ -140,8 +137,7 @@ def data_description(summary: dict, dataset_id: str | None) -> str:
 
 
 def evaluation_data(summary: dict) -> str:
-    """The images the run evaluated on, as they were: a separate folder, a separate split, or a held-out part of the
-    training images."""
+    """The images the run evaluated on: a separate folder, a separate split, or a held-out part of the training ones."""
     split, count = summary["eval_split"], f"{summary['eval_samples']:,} images"
     validation_dir = (summary.get("data") or {}).get("validation_dir")
     if validation_dir:
@@ -152,8 +148,7 @@ def evaluation_data(summary: dict) -> str:
 
 
 def check_same_dataset(results: list[dict], summary: dict) -> None:
-    """The card describes one dataset: every result must have been measured on the data the model was pretrained
-    on (the same Hub dataset, a local copy of it, or a folder prepared from it)."""
+    """The card describes one dataset: every result must be measured on the data the model was pretrained on."""
     for result in results:
         name = result.get("dataset_name")
         if name and not same_dataset(summary["dataset_name"], name, summary.get("prepared_from")):
@@ -207,8 +202,7 @@ def devices(summary: dict) -> str:
 
 
 def training_time(summary: dict) -> str:
-    """The run's training time and images over all its segments (a stopped and resumed run has several), and the
-    data + step speed measured in its last one."""
+    """The run's training time and images over all its segments, and the speed measured in its last one."""
     segments = summary.get("segments") or []
     seconds, images = segment_totals(segments) if segments else (summary.get("train_runtime_seconds"), None)
     speed = summary.get("pipeline_images_per_second")
@@ -331,9 +325,8 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
 def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe,
                 finetuned_protocol: str | None,
                 model_id: str, dataset_id: str | None, dataset_title: str, space_metadata: str = "") -> str:
-    """`model_card.md` filled from the model, the pretraining summary and the result files. `model_id`: the Hub id or
-    the folder's path, which the card's code loads. `finetuned_protocol`: the protocol of the fine-tuned model in
-    `finetuned/` ("finetune" or "finetune_strong"), None without one."""
+    """`model_card.md` filled from the model, the pretraining summary and the result files. `model_id`: what the
+    card's code loads; `finetuned_protocol`: that of the model in `finetuned/`, None without one."""
     config = pretrained.config
     head_description = "no classification head (the classifier class adds an untrained one)"
     if probe is not None:
@@ -393,10 +386,8 @@ HUB_TIMEOUT_SECONDS = 10  # how long the preflight waits for the Hub before call
 
 
 def hub_preflight(repo_id: str | None, token: str | None = None) -> str:
-    """Check, before any work, that a push to `repo_id` can happen: a well-formed id, the Hub not switched off
-    (HF_HUB_OFFLINE), a token (`token`, HF_TOKEN or `hf auth login`), and the Hub answering `whoami` with it within
-    HUB_TIMEOUT_SECONDS. Raises ValueError (UsageError for a bad --hub_model_id) with one line saying what to fix;
-    returns the account name."""
+    """Check, before any work, that a push to `repo_id` can happen: a valid id, the Hub online, a token, and `whoami`
+    answered with it. Raises ValueError (UsageError for a bad --hub_model_id) saying what to fix; returns the user."""
     import threading
 
     from huggingface_hub import HfApi, constants, get_token
@@ -436,8 +427,7 @@ def hub_preflight(repo_id: str | None, token: str | None = None) -> str:
 
 
 def space_check(space_dir: str) -> str:
-    """The Space's README metadata, after checking the demo folder is complete; gradio must be installed so that the
-    card records the version the app runs with."""
+    """The Space's README metadata (with the installed gradio's version), after checking the demo folder."""
     from importlib.metadata import PackageNotFoundError, version
 
     for name in SPACE_FILES:
@@ -465,8 +455,7 @@ def add_space(space_dir: str, output_dir: str) -> None:
 
 
 def files_holding(folder: str, secrets, exclude=()) -> list[str]:
-    """Files under `folder` (relative paths; `exclude`: names left out) whose bytes contain any of `secrets`: text
-    and binary files alike (a pickled training_args.bin, a checkpoint), read through mmap."""
+    """Files under `folder` (relative paths; `exclude`: names left out) whose bytes, binary or text, hold a secret."""
     needles = [secret.encode() for secret in secrets if secret]
     found = []
     for root, folders, names in os.walk(folder):
@@ -484,11 +473,9 @@ def files_holding(folder: str, secrets, exclude=()) -> list[str]:
 def push(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
          commit_message: str | None = None, revision: str | None = None, create_pr: bool = False,
          exclude: tuple[str, ...] = ()) -> str:
-    """Upload the whole folder (but the file names in `exclude`) to the Hub model repository `repo_id` (created if
-    missing, `private` then), on `revision` (a branch, created from main if missing) or as a pull request against
-    it. Returns the commit's (or the pull request's) url. A folder with a file holding a Hub token this process
-    knows is refused before anything is sent. On failure the local folder is untouched and the error says how to
-    upload it later."""
+    """Upload the folder (but `exclude`) to the Hub model repository `repo_id` (created if missing), on `revision` (a
+    branch, created if missing) or as a pull request; returns the commit's or pull request's url. A folder holding a
+    Hub token is refused before anything is sent; a failure says how to upload the folder later."""
     from huggingface_hub import HfApi, get_token
 
     leaking = files_holding(folder, {token, os.environ.get("HF_TOKEN"), get_token()}, exclude)  # any it could hold
@@ -516,15 +503,13 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
 
 
 def check_hub_access(args, model_args: ModelArguments) -> None:
-    """--push_to_hub: can --hub_model_id be written with this token? Asked before any work (a clear error, no
-    training that ends in a failed upload)."""
+    """--push_to_hub: can --hub_model_id be written with this token? Asked before any work."""
     if args.push_output_to_hub:
         hub_preflight(args.hub_model_id, token=args.hub_token or model_args.token)
 
 
 def push_output(args, model_args: ModelArguments) -> None:
-    """--push_to_hub: upload the script's own --output_dir (model, code files, processor, results, pictures) to
-    --hub_model_id, once, from the main process."""
+    """--push_to_hub: upload the script's own --output_dir to --hub_model_id, once, from the main process."""
     if not args.push_output_to_hub or args.process_index != 0:
         return
     url = push(args.output_dir, args.hub_model_id, private=bool(args.hub_private_repo),

@@ -52,8 +52,7 @@ class NonFiniteError(RunError):
 
 
 class Interrupted(BaseException):
-    """SIGINT/SIGTERM outside the step boundary (before training, or a second signal): like KeyboardInterrupt, not
-    caught by `except Exception`."""
+    """SIGINT/SIGTERM outside the step boundary: like KeyboardInterrupt, not caught by `except Exception`."""
 
     def __init__(self, signum: int, when: str):
         super().__init__(f"stopped by {signal.Signals(signum).name} {when}")
@@ -78,8 +77,7 @@ def checkpoints(output_dir: str) -> list[str]:
 
 
 def checkpoint_problem(folder: str) -> str | None:
-    """Why `folder` is not a complete checkpoint (docs/faults.md#resuming says what is checked), or None when it
-    is."""
+    """Why `folder` is not a complete checkpoint (docs/faults.md#resuming), or None when it is."""
     state = os.path.join(folder, "trainer_state.json")  # the step every message and resume reads must be there
     problems = [file_problem(read_json_object, state) or (
                     None if type(read_json_object(state).get("global_step")) is int else
@@ -139,8 +137,7 @@ def saved_whole(folder: str, args):
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
         os.makedirs(staging)
         yield staging
-        names = sorted(os.listdir(staging), key=lambda name: name == "model.safetensors")  # the weights last
-        for name in names:
+        for name in sorted(os.listdir(staging), key=lambda name: name == "model.safetensors"):  # the weights last
             if os.path.isdir(os.path.join(folder, name)):  # a folder (DeepSpeed's) replaces the old one whole
                 shutil.rmtree(os.path.join(folder, name))
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
@@ -533,9 +530,8 @@ class Run:
         return result
 
     def segments(self, step: int | None = None) -> list[dict]:
-        """The run's training, one entry per process that trained it, up to now (at `step`, during training; to the
-        last checkpoint for the earlier ones: what came after it was trained again): {"steps": [first, last],
-        "seconds", "images", "command"}. Seconds are wall time in the training loop, evaluations included."""
+        """The run's training, one entry per process that trained it, up to `step` (earlier ones: to the checkpoint
+        resumed): {"steps": [first, last], "seconds" (training loop and evaluations), "images", "command"}."""
         if self.clock is None:
             return list(self.earlier_segments)
         start, began = self.clock

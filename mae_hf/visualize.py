@@ -38,12 +38,7 @@ def reconstruct(model, pixel_values: torch.Tensor, noise: torch.Tensor, mask_rat
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         prediction = prediction * (var + 1.0e-6) ** 0.5 + mean
     mask = outputs.mask[..., None]
-    images = torch.stack([
-        target,
-        target * (1 - mask),
-        prediction,
-        target * (1 - mask) + prediction * mask,
-    ])
+    images = torch.stack([target, target * (1 - mask), prediction, target * (1 - mask) + prediction * mask])
     config = model.config
     mean = torch.tensor(config.image_mean, device=device).view(1, 1, -1, 1, 1)
     std = torch.tensor(config.image_std, device=device).view(1, 1, -1, 1, 1)
@@ -78,10 +73,6 @@ def grid_image(rows: torch.Tensor, titles=ROW_TITLES, scale: int = 4, gap: int =
         for c in range(num_cols):
             canvas.paste(to_pil(rows[r, c], scale), (title_width + c * (cell_w + gap), r * (cell_h + gap)))
     return canvas
-
-
-def save_reconstructions(model, pixel_values: torch.Tensor, noise: torch.Tensor, path: str, bf16: bool = False) -> None:
-    grid_image(reconstruction_rows(model, pixel_values, noise, bf16)).save(path)
 
 
 def save_loss_curve(log_history: list[dict], path: str) -> bool:

@@ -19,7 +19,7 @@ from mae_hf.inputs import check_pretraining_folder, read_json_object
 from mae_hf.paths import check_output_folder
 from mae_hf.precision import BF16_AUTO_HELP, decide_bf16
 from mae_hf.settings import SETTINGS_NAME
-from mae_hf.visualize import save_reconstructions
+from mae_hf.visualize import grid_image, reconstruction_rows
 
 
 @dataclass
@@ -61,14 +61,6 @@ def recorded_settings(model_dir: str | None) -> dict:
     return {key: value for key, value in recorded.items() if value is not None}
 
 
-def check_output_parent(output: str) -> None:
-    """Before decoding: --output is a PNG path whose folder exists or can be created (it is, as users expect)."""
-    check_output_folder(os.path.dirname(os.path.abspath(output)), option="--output's folder",
-                        give="a PNG path in a folder", writable=False)
-    if os.path.isdir(output):
-        raise UsageError(f"--output {output} is a folder. Give a PNG file path, e.g. {output.rstrip('/')}/grid.png.")
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     model_dir = argv.pop(0) if argv and not argv[0].startswith("-") else None
@@ -80,7 +72,10 @@ def main(argv=None):
         sys.exit(2)
     check_pretraining_folder(model_dir)  # before loading: a probe would get a random decoder
     output = args.output or f"{model_dir.rstrip('/')}/reconstructions.png"
-    check_output_parent(output)
+    check_output_folder(os.path.dirname(os.path.abspath(output)), option="--output's folder",  # created, if missing
+                        give="a PNG path in a folder", writable=False)
+    if os.path.isdir(output):
+        raise UsageError(f"--output {output} is a folder. Give a PNG file path, e.g. {output.rstrip('/')}/grid.png.")
     model = MAEForPreTraining.from_pretrained(model_dir)
     train, evaluation = load_image_splits(data_args, model.config.image_size, model.config.num_channels,
                                           first=args.num_images, progress=not args.disable_tqdm)
@@ -90,7 +85,7 @@ def main(argv=None):
     pixel_values = transform(*evaluation.read(range(len(evaluation))))
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     bf16, precision = decide_bf16(args.bf16, model.device)
-    save_reconstructions(model, pixel_values, noise, output, bf16=bf16)
+    grid_image(reconstruction_rows(model, pixel_values, noise, bf16=bf16)).save(output)
     print(f"[visualize] {output} ({precision})")
 
 
