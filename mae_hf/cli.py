@@ -133,10 +133,8 @@ def close_progress_bars() -> None:
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):  # tqdm's registry of live bars
-        try:
+        with contextlib.suppress(Exception):  # a bar half torn down already: nothing left to redraw
             bar.close()
-        except Exception:  # a bar half torn down already: nothing left to redraw
-            pass
 
 
 def run_script(main, argv: list[str] | None = None, **kwargs):
@@ -151,26 +149,21 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
             return main(argv, **kwargs)
         except (RuntimeError, ConnectionError, EOFError) as error:
             raise worker_died(error) or error
-    except SystemExit as exit:  # a script that reported an error itself: --debug still shows where it came from
-        close_progress_bars()
-        if debug and exit.__context__ is not None:
-            traceback.print_exception(exit.__context__)
-        raise
-    except user_errors() as error:
-        close_progress_bars()
+    except BaseException as error:
+        close_progress_bars()  # first: the error is the last line on the terminal, not under a redrawn bar
+        if isinstance(error, SystemExit):  # a script that reported an error itself: --debug shows where it came from
+            if debug and error.__context__ is not None:
+                traceback.print_exception(error.__context__)
+            raise
+        if not isinstance(error, (*user_errors(), KeyboardInterrupt)):
+            raise  # a bug: its traceback
         if debug:
             traceback.print_exc()
+        if isinstance(error, KeyboardInterrupt):  # where no training run handles it (probes, kNN, visualize, loading)
+            print("error: interrupted (Ctrl-C): the script stopped before it finished.", file=sys.stderr, flush=True)
+            sys.exit(130)
         print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(error, UsageError) else 1)
-    except KeyboardInterrupt:  # Ctrl-C where no training run handles it (probes, kNN, visualize, loading)
-        close_progress_bars()
-        if debug:
-            traceback.print_exc()
-        print("error: interrupted (Ctrl-C): the script stopped before it finished.", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except BaseException:  # a bug: its traceback after the bars, not under a redrawn one
-        close_progress_bars()
-        raise
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -198,13 +191,13 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
     hide_instant_progress_bars()
     path, values = None, {}
     parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
+    known = {action.dest for action in parser._actions}
     for action in parser._actions:  # `bool | None` flags (unset = decided later) also work bare, as bool flags do:
         if action.type is string_to_bool and action.nargs is None:  # `--do_train` = `--do_train true`
             action.nargs, action.const = "?", True
             if action.default is None:  # `--bf16 auto`: the default decision, also over a config file's value
                 action.type = bool_or_auto
     if defaults:
-        known = {action.dest for action in parser._actions}
         parser.set_defaults(**{key: value for key, value in defaults.items() if key in known})
     parser.usage = f"{parser.prog} [CONFIG.yaml|CONFIG.json] [--flag value ...]   (--help lists every flag)"
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
@@ -212,7 +205,6 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
         if not os.path.isfile(path):
             parser.error(f"config file {path} does not exist.")
         values = read_config_file(path, parser)
-        known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"{path}: unknown option(s) {unknown}.")

@@ -34,22 +34,16 @@ def config_from_vit_mae(config: ViTMAEConfig) -> MAEConfig:
     for field in ("image_size", "patch_size"):
         if not isinstance(getattr(config, field), int):
             raise ValueError(f"Only square images and patches convert: ViTMAEConfig.{field}={getattr(config, field)}.")
-    carried = {field: getattr(config, field) for field in CARRIED_FIELDS if hasattr(config, field)}
-    return MAEConfig(
-        **{field: getattr(config, field) for field in SHARED_FIELDS},
-        **carried,
-        mlp_ratio=config.intermediate_size / config.hidden_size,
-        decoder_mlp_ratio=config.decoder_intermediate_size / config.decoder_hidden_size,
-    )
+    return MAEConfig(**{field: getattr(config, field) for field in SHARED_FIELDS + CARRIED_FIELDS
+                        if hasattr(config, field)},
+                     mlp_ratio=config.intermediate_size / config.hidden_size,
+                     decoder_mlp_ratio=config.decoder_intermediate_size / config.decoder_hidden_size)
 
 
 def config_to_vit_mae(config: MAEConfig) -> ViTMAEConfig:
-    return ViTMAEConfig(
-        **{field: getattr(config, field) for field in SHARED_FIELDS},
-        **{field: getattr(config, field) for field in CARRIED_FIELDS},
-        intermediate_size=config.intermediate_size,
-        decoder_intermediate_size=config.decoder_intermediate_size,
-    )
+    return ViTMAEConfig(**{field: getattr(config, field) for field in SHARED_FIELDS + CARRIED_FIELDS},
+                        intermediate_size=config.intermediate_size,
+                        decoder_intermediate_size=config.decoder_intermediate_size)
 
 
 def _block_pairs(prefix: str, vit_prefix: str, num_layers: int):

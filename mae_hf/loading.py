@@ -134,25 +134,6 @@ def processor_normalisation(args: ModelArguments, image_size: int) -> dict:
     return {"image_mean": list(values["image_mean"]), "image_std": list(values["image_std"])}
 
 
-class _LoadReportHold(std_logging.Filter):
-    """Holds back transformers' LOAD REPORT so that the expected parts of it can be said in plain words."""
-
-    def __init__(self):
-        super().__init__()
-        self.reports = []
-
-    def filter(self, record):
-        if "LOAD REPORT" in record.getMessage():
-            self.reports.append(re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()))  # no raw colour codes in logs
-            return False
-        return True
-
-    def release(self):
-        for report in self.reports:
-            print(report, file=sys.stderr, flush=True)
-        self.reports = []
-
-
 HEAD_PREFIXES = ("classifier.", "head_norm.")  # the classification head: new when starting from an encoder
 
 
@@ -160,15 +141,23 @@ def load_pretrained(model_class, model_args: ModelArguments, config, new_head: s
     """`model_class.from_pretrained(--model_name_or_path)` with the Hub flags and --ignore_mismatched_sizes. When
     exactly the classification head is new, `new_head` says so in one line in place of transformers' load report
     (None: nothing said); any other missing, unexpected or mismatched key keeps the full report."""
+    reports = []  # transformers' LOAD REPORT, held back so that its expected parts can be said in plain words
+
+    def hold(record) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            reports.append(re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()))  # no raw colour codes in logs
+            return False
+        return True
+
     loader_logger = std_logging.getLogger("transformers.modeling_utils")
-    hold = _LoadReportHold()
     loader_logger.addFilter(hold)
     try:
         model, info = model_class.from_pretrained(
             model_args.model_name_or_path, config=config, output_loading_info=True,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **model_args.hub_kwargs(), **kwargs)
     except BaseException:
-        hold.release()  # the report explains the failure
+        for report in reports:  # the report explains the failure
+            print(report, file=sys.stderr, flush=True)
         raise
     finally:
         loader_logger.removeFilter(hold)
@@ -176,7 +165,8 @@ def load_pretrained(model_class, model_args: ModelArguments, config, new_head: s
     new = set(info.get("missing_keys", ())) | mismatched
     expected = {key for key in new if key.startswith(HEAD_PREFIXES)}
     if new - expected or info.get("unexpected_keys") or info.get("error_msgs"):
-        hold.release()
+        for report in reports:
+            print(report, file=sys.stderr, flush=True)
     elif expected and new_head:
         replaced = " (the checkpoint's head, of another label count, is replaced)" if mismatched else ""
         print_once(f"[model] {model_args.model_name_or_path}: encoder loaded; {new_head}{replaced}.")

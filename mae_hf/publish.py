@@ -86,11 +86,9 @@ def check_measured_on(results: list[dict], pretrained, pretrained_dir: str) -> N
     for result in results:
         if result.get("encoder", "pretrained") != "pretrained":
             continue
-        if "encoder_fingerprint" in result:
-            same = result["encoder_fingerprint"] == fingerprint
-        else:
-            recorded = result.get("model_name_or_path")
-            same = recorded is not None and os.path.realpath(recorded) == os.path.realpath(pretrained_dir)
+        recorded = result.get("model_name_or_path")
+        same = (result["encoder_fingerprint"] == fingerprint if "encoder_fingerprint" in result else
+                recorded is not None and os.path.realpath(recorded) == os.path.realpath(pretrained_dir))
         if not same:
             measured = result.get("encoder_fingerprint") or f"the model in {result.get('model_name_or_path')}"
             raise ValueError(
