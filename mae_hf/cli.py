@@ -128,8 +128,7 @@ def keep_freed_memory() -> bool:
 
 
 def close_progress_bars() -> None:
-    """Close every progress bar still open, so that the line printed next is the last on the terminal (tqdm would
-    redraw an open bar at exit, over or after the error)."""
+    """Close every progress bar still open (tqdm would redraw it at exit, over or after the error printed next)."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):  # tqdm's registry of live bars
@@ -167,8 +166,7 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description (the script's docstring, with its example commands) as written, and shows each
-    flag's default."""
+    """--help keeps the description (the script's docstring and examples) as written, and shows flags' defaults."""
 
 
 def flag(default=MISSING, help: str = "", **kwargs):

@@ -141,8 +141,7 @@ def has_decoder(folder: str, architectures: list[str], option: str) -> bool:
 
 
 def check_pretraining_folder(folder: str, option: str = "MODEL_DIR") -> None:
-    """A folder holding an mae_hf pretraining model with its decoder (what draws reconstructions); a transformers
-    ViTMAE folder is to be converted first."""
+    """A folder holding an mae_hf pretraining model with its decoder; a ViTMAE folder is to be converted first."""
     config = model_folder_config(folder, option)
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
     if model_type == "vit_mae":
@@ -203,10 +202,8 @@ def write_json(path: str, value: dict, *, sort_keys: bool = False) -> None:
 
 
 def write_failure(error: BaseException, folder: str) -> str | None:
-    """Why writing into `folder` failed, when `error` is a failed write; None for anything else (a bug keeps its
-    traceback). Each writer fails in its own way on a full disk: open/json an OSError, safetensors a SafetensorError
-    ("I/O error: No space left on device (os error 28)"), torch.save a RuntimeError of its zip writer that names no
-    cause (then the free space tells)."""
+    """Why writing into `folder` failed, when `error` is a failed write (on a full disk: an OSError, a SafetensorError,
+    or torch.save's RuntimeError naming no cause, then the free space tells); None for anything else."""
     if isinstance(error, OSError):
         return os.strerror(error.errno) if error.errno else str(error)
     text = " ".join(str(error).split())

@@ -1,6 +1,5 @@
 """Loading the models: the model flags (`ModelArguments`), the config they make (`build_config`), pretrained weights
-(`load_pretrained`, with transformers' load report said in plain words) and classifiers (`load_classifier`). Shared
-by training, evaluation and the scripts; nothing here trains."""
+(`load_pretrained`) and classifiers (`load_classifier`); shared by training, evaluation and the scripts."""
 
 import logging as std_logging
 import os
@@ -59,8 +58,7 @@ class ModelArguments:
 
 def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
     """The model config: from `--model_name_or_path`, `--config_name` or fresh (with `fresh_defaults`), then the
-    overrides (--config_overrides, --mask_ratio, --norm_pix_loss, --image_processor_name's normalisation);
-    validated, with an error naming the bad field."""
+    overriding flags; validated, with an error naming the bad field."""
     source = args.model_name_or_path or args.config_name
     option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
     local = source is not None and os.path.exists(source)
@@ -174,9 +172,8 @@ def load_pretrained(model_class, model_args: ModelArguments, config, new_head: s
 
 
 def load_classifier(model_args, random_init: bool, seed: int, new_head: str | None = None, **config_changes):
-    """`MAEForImageClassification` with a pretrained encoder (from any of our checkpoints) or a random one of the
-    same config; `config_changes` (num_labels, id2label, linear_probe, pooling, ...) are applied to the config.
-    `new_head` is said when the checkpoint brings no head (see `load_pretrained`)."""
+    """`MAEForImageClassification` with a pretrained encoder or a random one of the same config, `config_changes`
+    (num_labels, id2label, pooling, ...) applied; `new_head`: see `load_pretrained`."""
     config = build_config(model_args)
     num_labels = config_changes.get("num_labels", config.num_labels)
     if (model_args.model_name_or_path and not random_init and is_classifier(config)

@@ -32,9 +32,8 @@ from .runs import LOCK_NAME, segment_totals
 
 PICTURES = ("reconstructions.png", "loss_curve.png")
 DATASET_TITLES = {"uoft-cs/cifar10": "CIFAR-10", "cifar10": "CIFAR-10"}
-# The Space: the demo app, its requirements and bundled examples, and the package files the app loads by path (one
-# source each: mae_hf/visualize.py draws, mae_hf/precision.py picks bf16 or fp32; neither imports mae_hf, so they run
-# next to the app without the package).
+# The Space: the demo app, its requirements and examples, and the package files the app loads by path (neither
+# imports mae_hf, so they run next to the app without the package).
 SPACE_FILES = ("app.py", "requirements.txt", "examples")
 PACKAGE_FILES_FOR_SPACE = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
                                 for name in ("visualize.py", "precision.py"))
@@ -167,11 +166,12 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
     if changes:
         precision = ", ".join([named(changes[0][1]["checkpoint"])]
                               + [f"{named(change['now'])} from step {step}" for step, change in changes])
+    device = str(summary["device"])  # "2 x cuda" as results record it now; older ones: "cuda:0" and a world size
+    device = device if " x " in device else f"{summary.get('world_size', 1)} x {device}"
     decayed = "every parameter" if summary.get("decay_all_parameters") else "linear weights only"
-    clipping = ""  # summaries before `max_grad_norm` was recorded leave it unsaid
-    if "max_grad_norm" in summary:
-        norm = summary["max_grad_norm"]
-        clipping = f", gradients clipped at norm {norm:g}" if norm and norm > 0 else ", no gradient clipping"
+    norm = summary.get("max_grad_norm")  # summaries before it was recorded leave clipping unsaid
+    clipping = ("" if "max_grad_norm" not in summary else
+                f", gradients clipped at norm {norm:g}" if norm and norm > 0 else ", no gradient clipping")
     rows = [
         ("Data", data_description(summary, dataset_id)),
         ("Evaluation data", evaluation_data(summary)),
@@ -181,7 +181,7 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
         ("Schedule", f"{summary['lr_scheduler_type']}, warmup {summary['warmup_steps']:g}"),
         ("Augmentation", f"random-resized-crop (area {summary['crop_min_scale']}-1), "
                          f"horizontal flip {summary['horizontal_flip']}"),
-        ("Hardware", f"{devices(summary)}, {precision}"),
+        ("Hardware", f"{device}, {precision}"),
         ("Training time", training_time(summary)),
         ("Final eval loss (masked patches)", f"{summary['eval_loss']:.4f}"),
     ]
@@ -191,12 +191,6 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
         rows.append(("kNN accuracy at the end (k=20)", f"{100 * summary['eval_knn_accuracy']:.2f} %"))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
     return f"{table}\n\n{commands(summary)}"
-
-
-def devices(summary: dict) -> str:
-    """"2 x cuda": as results record the device now, or from an older record's device ("cuda:0") and world size."""
-    device = str(summary["device"])
-    return device if " x " in device else f"{summary.get('world_size', 1)} x {device}"
 
 
 def training_time(summary: dict) -> str:
@@ -235,10 +229,9 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
              result_paths=(), template_path: str | None = None, model_id: str | None = None,
              dataset_id: str | None = None, overwrite: bool = False, space_dir: str | None = None,
              dataset_source: str | None = None) -> str:
-    """Write the Hub-ready folder, after everything is read, checked and rendered. `model_id`: the Hub repository the
-    card's code loads (default: the folder's path). `dataset_id`: the Hub dataset a local copy is of;
-    `dataset_source`: where local data without one came from, in the user's words. `space_dir`: the demo folder to
-    add (a Gradio Space). Returns the card's path."""
+    """Write the Hub-ready folder, after everything is read, checked and rendered; returns the card's path.
+    `model_id`: what the card's code loads (default: the folder's path); `dataset_id`: the Hub dataset a local copy
+    is of, `dataset_source`: where local data without one came from; `space_dir`: the demo folder to add."""
     runs = ((pretrained_dir, "pretraining_summary.json", "pretrained run"),
             (probe_dir, "linear_probe_results.json", "--probe"), (finetune_dir, "finetune_results.json", "--finetune"))
     for folder, result_file, option in runs:
@@ -443,11 +436,8 @@ def space_check(space_dir: str) -> str:
 def add_space(space_dir: str, output_dir: str) -> None:
     """Copy the demo app, its requirements and examples, and the package files it loads next to the model."""
     for name in SPACE_FILES:
-        source, target = os.path.join(space_dir, name), os.path.join(output_dir, name)
-        if os.path.isdir(source):
-            shutil.copytree(source, target)
-        else:
-            shutil.copy(source, target)
+        source = os.path.join(space_dir, name)
+        (shutil.copytree if os.path.isdir(source) else shutil.copy)(source, os.path.join(output_dir, name))
     for path in PACKAGE_FILES_FOR_SPACE:
         shutil.copy(path, os.path.join(output_dir, os.path.basename(path)))
 

@@ -97,8 +97,7 @@ def _step_of(folder: str) -> int:
 
 @contextlib.contextmanager
 def removed_if_incomplete(folder: str, args):
-    """Around writing checkpoint `folder`: if the save fails (a full disk, a second Ctrl-C), remove the partial
-    folder, so that only complete checkpoints exist; a failed write becomes a clear error."""
+    """Around writing checkpoint `folder`: a failed save removes the partial folder; a failed write is a clear error."""
     try:
         yield
     except BaseException as error:
@@ -237,8 +236,7 @@ class OutputLock:
 # ---- settings compared on resume ----------------------------------------------------------------------------------
 
 def differences(before: dict, now: dict, *, both_only: bool = True) -> dict[str, tuple]:
-    """{key: (before's value, now's value)} for every key whose values differ, in key order: of the keys both
-    record (`both_only`), else of either (a missing value is None)."""
+    """{key: (before's value, now's value)} for the keys (both record, or else either) whose values differ, sorted."""
     keys = set(before) & set(now) if both_only else set(before) | set(now)
     return {key: (before.get(key), now.get(key)) for key in sorted(keys) if before.get(key) != now.get(key)}
 
@@ -325,9 +323,8 @@ class _NothingLeftToTrain(Exception):
 
 
 class NoStepPastTheEnd(TrainerCallback):
-    """Resuming a finished run whose last step is not at an epoch's end, the Trainer would train one more step
-    before it tests `max_steps`; at an epoch's end, it would log train metrics of no step (a loss of 0). This stops
-    it before training begins (weights and state already loaded)."""
+    """Resuming a finished run, the Trainer would train one more step before it tests `max_steps` (or, at an epoch's
+    end, log train metrics of no step): this stops it before training begins."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -338,10 +335,8 @@ class NoStepPastTheEnd(TrainerCallback):
 
 # ---- the run ---------------------------------------------------------------------------------------------------
 
-
 class Run:
-    """`with Run(args) as run:` around a script's work: see the module docstring. `run.check_settings(...)` before
-    training, `run.train(trainer)` to train, `run.record(state)` for the summary."""
+    """`with Run(args) as run:` around a script's work; then `run.check_settings`, `run.train`, `run.record`."""
 
     def __init__(self, args):
         self.args = args
@@ -402,8 +397,7 @@ class Run:
 
     def _release(self) -> None:
         if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+            self.lock.release()  # a second release does nothing
         for folder in self.created:  # a run that failed before writing anything leaves nothing behind, parents included
             if os.path.isdir(folder):
                 if os.listdir(folder):
@@ -442,8 +436,7 @@ class Run:
             print(f"[resume] from {self.resume_from} (step {_step_of(self.resume_from)})", flush=True)
 
     def _complete_checkpoint(self, requested: str) -> str:
-        """The checkpoint to resume from: `requested`, which must be complete, or for "last" the newest complete
-        one; newer incomplete ones are renamed `incomplete-checkpoint-N` (kept, but never picked again)."""
+        """`requested` if complete, or for "last" the newest complete one (newer incomplete ones are renamed aside)."""
         option = f"--resume_from_checkpoint {requested}"
         if requested != "last":
             if not os.path.isdir(requested):
@@ -466,8 +459,7 @@ class Run:
                        "without --resume_from_checkpoint (in a new --output_dir, or after removing this one).")
 
     def check_settings(self, config, data_args, model_args) -> None:
-        """Compare this run's settings with the checkpoint's it resumes from: differences are refused unless
-        `--allow_config_change true`, then recorded. Writes `run_settings.json` (also into every checkpoint)."""
+        """Refuse settings other than the resumed checkpoint's (unless --allow_config_change); write them down."""
         current = run_settings(config, data_args, self.args, model_args)
         if self.resume_from is not None:
             saved = saved_settings(self.resume_from)
@@ -493,8 +485,7 @@ class Run:
             write_json(os.path.join(self.args.output_dir, SETTINGS_NAME), self.settings)
 
     def train(self, trainer):
-        """`trainer.train()`, resuming as resolved; stopped by a signal -> the resume command, exit 128 + signal.
-        A resume with nothing left to train returns empty metrics."""
+        """`trainer.train()`, resuming as resolved (nothing left to train: empty metrics); a signal stops it."""
         from transformers.trainer_utils import TrainOutput
 
         trainer.run_settings = self.settings_now

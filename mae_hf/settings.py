@@ -21,8 +21,7 @@ DATA_FIELDS_IGNORED = ("cache_dir", "preprocessing_num_workers", "data_in_memory
 
 
 def _where(value):
-    """A local path as an absolute one, so that resuming from another working folder compares the same data and
-    weights; anything else (Hub ids, numbers, None) as it is."""
+    """A local path as an absolute one (a resume from another working folder compares alike); else `value` as is."""
     if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
         return os.path.realpath(os.path.expanduser(value))
     return value

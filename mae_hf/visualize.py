@@ -1,7 +1,5 @@
-"""Pictures of a run: reconstructions of masked images, and the loss curve.
-
-This file imports nothing from mae_hf (only torch, numpy, PIL; matplotlib where needed): the demo app loads it by
-path, next to a published model or from this repository, and a Space runs it without the package installed.
+"""Pictures of a run: reconstructions of masked images, and the loss curve. Imports nothing from mae_hf: the demo
+app loads it by path, and a Space runs it without the package installed.
 """
 
 import contextlib
@@ -16,10 +14,9 @@ ROW_TITLES = ("original", "masked input", "reconstruction", "reconstruction + vi
 @torch.no_grad()
 def reconstruct(model, pixel_values: torch.Tensor, noise: torch.Tensor, mask_ratio: float | None = None,
                 bf16: bool = False):
-    """`(pictures, loss)`: pictures `(4, B, C, H, W)` in [0, 1] (original, masked input, reconstruction,
-    reconstruction with the visible patches pasted back) and the masked-patch loss of the batch, masking
-    `mask_ratio` of the patches (default: the model's), the model run under bf16 autocast when `bf16` (on a CPU or
-    GPU). Predictions of a `norm_pix_loss` model get each patch's mean/std back from the original."""
+    """`(pictures, loss)`: pictures `(4, B, C, H, W)` in [0, 1] (the `ROW_TITLES`) and the batch's masked-patch loss,
+    masking `mask_ratio` of the patches (default: the model's), under bf16 autocast when `bf16`. A `norm_pix_loss`
+    model's predictions get each patch's mean/std back from the original."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

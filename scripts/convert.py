@@ -33,8 +33,7 @@ def source_model_type(src: Path) -> str:
 
 
 def check_has_decoder(src: Path) -> None:
-    """Only a pretraining model (encoder + decoder) converts: from an encoder or a classifier folder the converted
-    model's decoder would be freshly initialised, and its reconstructions meaningless."""
+    """Only a pretraining model converts: another's converted decoder would be random, its reconstructions noise."""
     architectures = read_json_object(str(src / "config.json"), "a model config").get("architectures") or []
     if not has_decoder(str(src), architectures, "SRC_DIR"):  # broken weights are named here, before any loading
         held = f" ({', '.join(architectures)})" if architectures else ""

@@ -38,9 +38,8 @@ class VisualizeArguments:
 
 
 def recorded_settings(model_dir: str | None) -> dict:
-    """The data flags and seed of the pretraining run in `model_dir` (its pretraining_summary.json, or for a
-    checkpoint folder its run_settings.json), so that the grid shows that run's own evaluation images and masks;
-    {} for a folder with neither."""
+    """The data flags and seed the run in `model_dir` recorded (pretraining_summary.json, or a checkpoint's
+    run_settings.json), so that the grid shows its own evaluation images and masks; {} for a folder with neither."""
     summary_path, settings_path = (os.path.join(model_dir or "", name) for name in (
         "pretraining_summary.json", SETTINGS_NAME))
     if model_dir is not None and os.path.isfile(summary_path):
