@@ -1,9 +1,8 @@
-"""Command-line parsing shared by the scripts: `HfArgumentParser` over dataclasses, from flags, from a JSON/YAML
-file, or from a file followed by flags that override it; `run_script`, which turns the errors a user can fix
-into one `error: ...` paragraph instead of a traceback; and what the scripts print (`print_once`) or keep
-transformers from printing (`DropMessages`)."""
+"""The scripts' command line: `parse_args` (flags over an optional JSON/YAML config file), `run_script` (errors a user
+can fix as one `error: ...` paragraph and an exit code, not a traceback), and what the scripts print."""
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +11,8 @@ import sys
 import traceback
 from dataclasses import MISSING, field
 
+import yaml
+from safetensors import SafetensorError
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
@@ -21,16 +22,12 @@ TRAINER_DEBUG_OPTIONS = ("underflow_overflow", "tpu_metrics_debug")  # values of
 
 
 class MAEHFError(Exception):
-    """Base of the project's own errors: a failure the user can fix (bad input, a fault of the run), reported by
-    `run_script` as `error: <message>` with exit code 1 and no traceback."""
+    """Base of the project's own errors: a failure the user can fix, reported by `run_script` (exit code 1)."""
 
 
 class UsageError(MAEHFError):
-    """The command line itself is wrong, before any input it names is read: a flag value out of range or of the wrong
-    form, flags that contradict each other or make an invalid model config, an output folder that is a file or
-    already holds other output. Reported by `run_script` as `error: <message>` with exit code 2, as the parser does
-    its own usage errors. Not a ValueError, so that a script's handler of failing inputs (`except ValueError`) lets
-    it through."""
+    """The command line itself is wrong (a bad flag value, contradicting flags, an unusable output folder): exit code
+    2, as the parser's own. Not a ValueError, so that a script's `except ValueError` for failing inputs lets it by."""
 
 
 class WorkerDied(MAEHFError):
@@ -42,8 +39,7 @@ WORKER_DEATH = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (exi
 
 
 def worker_died(error: BaseException) -> WorkerDied | None:
-    """The one-paragraph `WorkerDied` for an error that says a DataLoader worker died (torch's RuntimeError, or the
-    broken pipe its batch arrived through), else None."""
+    """The `WorkerDied` for an error that says a DataLoader worker died (or broke the pipe of its batch), else None."""
     found = WORKER_DEATH.search(str(error)) if isinstance(error, RuntimeError) else None
     if found:
         what = f"DataLoader worker (pid {found.group(1)}) {found.group(2)}"
@@ -70,25 +66,12 @@ def worker_died(error: BaseException) -> WorkerDied | None:
 
 def user_errors() -> tuple:
     """Exceptions that mean "bad input or environment", not "bug": reported without a traceback."""
-    errors = [MAEHFError, ValueError, OSError]  # json.JSONDecodeError is a ValueError
-    try:
-        import yaml
-
-        errors.append(yaml.YAMLError)
-    except ImportError:
-        pass
-    try:  # a weights file that does not read, or a full disk while one is written ("I/O error: No space left ...")
-        from safetensors import SafetensorError
-
-        errors.append(SafetensorError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    # json.JSONDecodeError is a ValueError; SafetensorError: a weights file that does not read, or a full disk
+    return MAEHFError, ValueError, OSError, yaml.YAMLError, SafetensorError
 
 
 def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
-    """`argv` without a bare `--debug` (our flag), and whether it was there. `--debug underflow_overflow` is the
-    Trainer's own option and stays."""
+    """`argv` without a bare `--debug` (ours, not the Trainer's `--debug underflow_overflow`), and whether it was."""
     kept, found = [], False
     for index, token in enumerate(argv):
         following = argv[index + 1] if index + 1 < len(argv) else None
@@ -99,13 +82,8 @@ def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
     return kept, found
 
 
-def debug_enabled(flag_given: bool = False) -> bool:
-    return flag_given or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
 def error_message(error: BaseException) -> str:
-    """One paragraph: the error's text (or its type when it has none), on one line, without a doubled "error:". An
-    error raised in a DataLoader worker arrives with the worker's traceback in its text: only its message is kept."""
+    """The error's text (or type) on one line, without a doubled "error:" or a DataLoader worker's traceback."""
     raw = str(error)
     if raw.startswith("Caught ") and "Original Traceback" in raw:
         last = [line for line in raw.splitlines() if line.strip()][-1]  # "package.module.Error: the message"
@@ -121,8 +99,7 @@ KEEP_FREED_MEMORY_ENV = "MAE_HF_KEEP_FREED_MEMORY"  # 0: leave the C library's m
 
 
 def keep_freed_memory_requested(warn: bool = False) -> bool:
-    """MAE_HF_KEEP_FREED_MEMORY: 1 (the default; also true/yes/on) or 0 (false/no/off). Another value keeps the
-    default, with a warning when `warn`."""
+    """MAE_HF_KEEP_FREED_MEMORY: 1 (default; true/yes/on) or 0 (false/no/off); another value warns (`warn`), keeps 1."""
     setting = os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip().lower()
     if setting in ("0", "false", "no", "off"):
         return False
@@ -134,12 +111,8 @@ def keep_freed_memory_requested(warn: bool = False) -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel (no mmap for large blocks,
-    no trimming). A train step frees and allocates the same hundreds of megabytes of activations every step; handed
-    back, every page of them returns as a page fault that zero-fills it: a CPU train step runs 1.18x faster without
-    them in fp32, 1.11x in bf16 (docs/cpu_speed.md). The process then holds on to its peak memory, as a caching
-    allocator does. MAE_HF_KEEP_FREED_MEMORY=0 turns it off; elsewhere than glibc nothing changes. Returns whether it
-    was applied."""
+    """Ask glibc to keep freed memory for reuse (no mmap, no trimming): activations stop coming back as page faults,
+    at the cost of holding the peak memory (docs/cpu_speed.md). Returns whether it was applied."""
     if not keep_freed_memory_requested(warn=True):
         return False
     import ctypes
@@ -155,58 +128,45 @@ def keep_freed_memory() -> bool:
 
 
 def close_progress_bars() -> None:
-    """Close every progress bar still open (the Trainer's training or evaluation bar when an error stops it, a
-    feature-extraction bar, ...), so that the line printed next is the last thing on the terminal: otherwise tqdm
-    redraws an open bar at exit, over or after the error."""
+    """Close every progress bar still open (tqdm would redraw it at exit, over or after the error printed next)."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):  # tqdm's registry of live bars
-        try:
+        with contextlib.suppress(Exception):  # a bar half torn down already: nothing left to redraw
             bar.close()
-        except Exception:  # a bar half torn down already: nothing left to redraw
-            pass
 
 
 def run_script(main, argv: list[str] | None = None, **kwargs):
-    """Run a script's `main(argv, **kwargs)` as the command line does (`argv` defaults to sys.argv[1:]): `--debug`
-    (removed before `main` parses the flags) or MAE_HF_DEBUG=1 show tracebacks; otherwise a usage error (the
-    parser's own, or `UsageError`) ends with exit code 2, a user error (`user_errors()`, or a DataLoader worker's
-    death: `worker_died`) as `error: <message>` on stderr with exit code 1, and Ctrl-C as one line with exit code
-    130; anything else is a bug and keeps its traceback. Progress bars still open are closed first, so that the
-    error is the last line on the terminal. Freed memory is kept for reuse (`keep_freed_memory`)."""
+    """Run a script's `main(argv, **kwargs)` (`argv` defaults to sys.argv[1:]): a usage error ends with exit code 2,
+    a user error (`user_errors()`, `worker_died`) as `error: <message>` with exit code 1, Ctrl-C with 130; anything
+    else is a bug and keeps its traceback. `--debug` or MAE_HF_DEBUG=1 show every traceback."""
     keep_freed_memory()
     argv, flag_given = strip_debug_flag(list(sys.argv[1:] if argv is None else argv))
-    debug = debug_enabled(flag_given)
+    debug = flag_given or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     try:
         try:
             return main(argv, **kwargs)
         except (RuntimeError, ConnectionError, EOFError) as error:
             raise worker_died(error) or error
-    except SystemExit as exit:  # a script that reported an error itself: --debug still shows where it came from
-        close_progress_bars()
-        if debug and exit.__context__ is not None:
-            traceback.print_exception(exit.__context__)
-        raise
-    except user_errors() as error:
-        close_progress_bars()
+    except BaseException as error:
+        close_progress_bars()  # first: the error is the last line on the terminal, not under a redrawn bar
+        if isinstance(error, SystemExit):  # a script that reported an error itself: --debug shows where it came from
+            if debug and error.__context__ is not None:
+                traceback.print_exception(error.__context__)
+            raise
+        if not isinstance(error, (*user_errors(), KeyboardInterrupt)):
+            raise  # a bug: its traceback
         if debug:
             traceback.print_exc()
+        if isinstance(error, KeyboardInterrupt):  # where no training run handles it (probes, kNN, visualize, loading)
+            print("error: interrupted (Ctrl-C): the script stopped before it finished.", file=sys.stderr, flush=True)
+            sys.exit(130)
         print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(error, UsageError) else 1)
-    except KeyboardInterrupt:  # Ctrl-C where no training run handles it (probes, kNN, visualize, loading)
-        close_progress_bars()
-        if debug:
-            traceback.print_exc()
-        print("error: interrupted (Ctrl-C): the script stopped before it finished.", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except BaseException:  # a bug: its traceback after the bars, not under a redrawn one
-        close_progress_bars()
-        raise
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description (the script's docstring: what it does, then examples) as written, and shows each
-    flag's default (HfArgumentParser's own formatter would run the example commands together into one paragraph)."""
+    """--help keeps the description (the script's docstring and examples) as written, and shows flags' defaults."""
 
 
 def flag(default=MISSING, help: str = "", **kwargs):
@@ -229,13 +189,13 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
     hide_instant_progress_bars()
     path, values = None, {}
     parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
+    known = {action.dest for action in parser._actions}
     for action in parser._actions:  # `bool | None` flags (unset = decided later) also work bare, as bool flags do:
         if action.type is string_to_bool and action.nargs is None:  # `--do_train` = `--do_train true`
             action.nargs, action.const = "?", True
             if action.default is None:  # `--bf16 auto`: the default decision, also over a config file's value
                 action.type = bool_or_auto
     if defaults:
-        known = {action.dest for action in parser._actions}
         parser.set_defaults(**{key: value for key, value in defaults.items() if key in known})
     parser.usage = f"{parser.prog} [CONFIG.yaml|CONFIG.json] [--flag value ...]   (--help lists every flag)"
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
@@ -243,7 +203,6 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
         if not os.path.isfile(path):
             parser.error(f"config file {path} does not exist.")
         values = read_config_file(path, parser)
-        known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"{path}: unknown option(s) {unknown}.")
@@ -262,8 +221,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
 
 
 def _typed(action, value, path: str, parser):
-    """A config file's text value as its flag's type, converted here so that a bad one is reported with the file's
-    name (argparse would convert it later as a default and name only the flag)."""
+    """A config file's text value as its flag's type: a bad one is reported with the file's name."""
     if not isinstance(value, str) or action.type is None:
         return value
     try:
@@ -290,22 +248,19 @@ RENAMED_FLAGS = {
 
 def check_renamed_flags(argv: list[str], parser) -> None:
     known = {option for action in parser._actions for option in action.option_strings}
-    used = [token.split("=", 1)[0] for token in argv if token.startswith("--")]
-    for flag in used:
-        if flag in RENAMED_FLAGS and flag not in known:
-            parser.error(f"{flag} is a transformers 4 flag: {RENAMED_FLAGS[flag]} (docs/migrating.md).")
+    for name in (token.split("=", 1)[0] for token in argv if token.startswith("--")):
+        if name in RENAMED_FLAGS and name not in known:
+            parser.error(f"{name} is a transformers 4 flag: {RENAMED_FLAGS[name]} (docs/migrating.md).")
 
 
 def print_once(message: str, file=None) -> None:
-    """Print once per run: every process of a torchrun / accelerate run loads the same data and would print the
-    same line (on one terminal, interleaved)."""
+    """Print from the main process only: every process of a distributed run would print the same line."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(message, file=file or sys.stdout, flush=True)
 
 
 class DropMessages(logging.Filter):
-    """Drops log records starting with one of `prefixes`: transformers' messages that read as faults here but are
-    not (see where it is used)."""
+    """Drops log records starting with one of `prefixes` (transformers' messages that read as faults but are not)."""
 
     def __init__(self, *prefixes: str):
         super().__init__()
@@ -319,8 +274,7 @@ INSTANT_PROGRESS_BARS = ("Loading weights", "Writing model shards")  # transform
 
 
 def hide_instant_progress_bars() -> None:
-    """transformers draws a progress bar for loading and for saving every model, even ours of a few MB that take a
-    fraction of a second: in a training log they are noise. Other progress bars (downloads, training) stay."""
+    """No progress bar for loading or saving a model (ours take a fraction of a second: noise in a training log)."""
     from transformers.utils import logging
 
     def hook(factory, args, kwargs):
@@ -332,10 +286,7 @@ def hide_instant_progress_bars() -> None:
 
 
 def read_config_file(path: str, parser) -> dict:
-    """The options of a JSON/YAML config file as a dict; a file that does not parse or holds no mapping of options
-    is a usage error naming the file."""
-    import yaml
-
+    """The options of a JSON/YAML config file; one that does not parse or holds no mapping is a usage error."""
     try:
         with open(path) as handle:
             values = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
@@ -362,18 +313,10 @@ def parse_overrides(text: str | None) -> dict:
         if "=" not in item:
             raise ValueError(f"config override {item!r} is not of the form key=value.")
         key, raw = (part.strip() for part in item.split("=", 1))
-        lowered = raw.lower()
-        if lowered in ("true", "false"):
-            values[key] = lowered == "true"
-        elif lowered in ("none", "null"):
-            values[key] = None
-        else:
-            for cast in (int, float):
-                try:
-                    values[key] = cast(raw)
-                    break
-                except ValueError:
-                    continue
-            else:
-                values[key] = raw
+        value = {"true": True, "false": False, "none": None, "null": None}.get(raw.lower(), raw)
+        for cast in (int, float):
+            if isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    value = cast(raw)
+        values[key] = value
     return values

@@ -34,22 +34,16 @@ def config_from_vit_mae(config: ViTMAEConfig) -> MAEConfig:
     for field in ("image_size", "patch_size"):
         if not isinstance(getattr(config, field), int):
             raise ValueError(f"Only square images and patches convert: ViTMAEConfig.{field}={getattr(config, field)}.")
-    carried = {field: getattr(config, field) for field in CARRIED_FIELDS if hasattr(config, field)}
-    return MAEConfig(
-        **{field: getattr(config, field) for field in SHARED_FIELDS},
-        **carried,
-        mlp_ratio=config.intermediate_size / config.hidden_size,
-        decoder_mlp_ratio=config.decoder_intermediate_size / config.decoder_hidden_size,
-    )
+    return MAEConfig(**{field: getattr(config, field) for field in SHARED_FIELDS + CARRIED_FIELDS
+                        if hasattr(config, field)},
+                     mlp_ratio=config.intermediate_size / config.hidden_size,
+                     decoder_mlp_ratio=config.decoder_intermediate_size / config.decoder_hidden_size)
 
 
 def config_to_vit_mae(config: MAEConfig) -> ViTMAEConfig:
-    return ViTMAEConfig(
-        **{field: getattr(config, field) for field in SHARED_FIELDS},
-        **{field: getattr(config, field) for field in CARRIED_FIELDS},
-        intermediate_size=config.intermediate_size,
-        decoder_intermediate_size=config.decoder_intermediate_size,
-    )
+    return ViTMAEConfig(**{field: getattr(config, field) for field in SHARED_FIELDS + CARRIED_FIELDS},
+                        intermediate_size=config.intermediate_size,
+                        decoder_intermediate_size=config.decoder_intermediate_size)
 
 
 def _block_pairs(prefix: str, vit_prefix: str, num_layers: int):
@@ -81,23 +75,18 @@ def _qkv_blocks(config: MAEConfig):
         yield f"decoder.layers.{i}.attention.qkv", f"decoder.decoder_layers.{i}.attention"
 
 
-def _patch_weight_to_linear(conv_weight: torch.Tensor) -> torch.Tensor:
-    # Our patchify flattens a patch as (row, column, channel).
-    return rearrange(conv_weight, "d c p q -> d (p q c)")
-
-
 def from_vit_mae(model: ViTMAEForPreTraining) -> MAEForPreTraining:
     """An `MAEForPreTraining` computing the same function as the given ViTMAE model (fp32 weights copied)."""
     config = config_from_vit_mae(model.config)
     ours = MAEForPreTraining(config)
     theirs = model.state_dict()
     state = {key: theirs[vit_key] for key, vit_key in _direct_pairs(config)}
-    state["mae.embeddings.patch_projection.weight"] = _patch_weight_to_linear(
-        theirs["vit.embeddings.patch_embeddings.projection.weight"])
+    # our patchify flattens a patch as (row, column, channel)
+    state["mae.embeddings.patch_projection.weight"] = rearrange(
+        theirs["vit.embeddings.patch_embeddings.projection.weight"], "d c p q -> d (p q c)")
     for key, vit_key in _qkv_blocks(config):
-        state[f"{key}.weight"] = torch.cat([theirs[f"{vit_key}.{n}_proj.weight"] for n in "qkv"])
-        if config.qkv_bias:
-            state[f"{key}.bias"] = torch.cat([theirs[f"{vit_key}.{n}_proj.bias"] for n in "qkv"])
+        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+            state[f"{key}.{kind}"] = torch.cat([theirs[f"{vit_key}.{name}_proj.{kind}"] for name in "qkv"])
     for ours_table, vit_key in ((ours.mae.embeddings.position_embeddings, "vit.embeddings.position_embeddings"),
                                 (ours.decoder.position_embeddings, "decoder.decoder_pos_embed")):
         stored = theirs[vit_key]
@@ -124,11 +113,9 @@ def to_vit_mae(model: MAEForPreTraining) -> ViTMAEForPreTraining:
         ours["mae.embeddings.patch_projection.weight"], "d (p q c) -> d c p q", p=config.patch_size,
         q=config.patch_size)
     for key, vit_key in _qkv_blocks(config):
-        for name, weight in zip("qkv", ours[f"{key}.weight"].chunk(3)):
-            state[f"{vit_key}.{name}_proj.weight"] = weight
-        if config.qkv_bias:
-            for name, bias in zip("qkv", ours[f"{key}.bias"].chunk(3)):
-                state[f"{vit_key}.{name}_proj.bias"] = bias
+        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+            for name, part in zip("qkv", ours[f"{key}.{kind}"].chunk(3)):
+                state[f"{vit_key}.{name}_proj.{kind}"] = part
     state["vit.embeddings.position_embeddings"] = model.mae.embeddings.position_embeddings
     state["decoder.decoder_pos_embed"] = model.decoder.position_embeddings
     theirs.load_state_dict(state, strict=True)

@@ -1,7 +1,5 @@
-"""Checks of the files a user names on the command line (model folders, their config.json and weights, result
-files): a bad one is an error naming it, before any work starts, instead of a traceback from deep inside a loader.
-And the other side: files written whole or not at all (`written_whole`, `write_json`), and what a failed write
-means (`write_failure`)."""
+"""Checks of the files a user names (model folders, their config and weights, result files): a bad one is an error
+naming it, before any work, not a traceback from a loader. And files written whole or not at all (`write_json`)."""
 
 import contextlib
 import errno
@@ -22,8 +20,7 @@ TEMPORARY_MARK = ".tmp-"  # a file being written: `<name>.tmp-<pid>`, renamed to
 
 
 class FileProblem(ValueError):
-    """A file that is not what it should be: its message names the path, what was expected and the fix; `short`
-    says it in a few words naming the file alone, for a list of one folder's problems (a checkpoint's)."""
+    """A bad file: the message names the path, what was expected and the fix; `short` names the file alone."""
 
     def __init__(self, message: str, short: str):
         super().__init__(message)
@@ -55,8 +52,7 @@ def read_json_object(path: str, what: str = "a JSON object") -> dict:
 
 
 def file_problem(check, path: str) -> str | None:
-    """Why `check(path)` (`read_json_object`, `safetensors_shapes`, `check_torch_file`) refuses the file, in a few
-    words naming it ("config.json is missing"), or None when it passes."""
+    """Why `check(path)` refuses the file, in a few words naming it ("config.json is missing"), or None."""
     if not os.path.isfile(path):
         return f"{os.path.basename(path)} is missing"
     try:
@@ -70,8 +66,7 @@ def file_problem(check, path: str) -> str | None:
 
 def safetensors_shapes(path: str) -> dict[str, list[int]]:
     """{tensor name: shape} of a .safetensors file, after checking that its header parses and that the file holds
-    exactly the bytes the header describes (an empty or truncated file from an interrupted save or copy fails here;
-    cheap: no tensor is read)."""
+    exactly the bytes it describes (cheap: no tensor is read)."""
     size = os.path.getsize(path)
     fix = SAFETENSORS_FIX
     if size < 8:
@@ -95,8 +90,7 @@ def safetensors_shapes(path: str) -> dict[str, list[int]]:
 
 
 def check_torch_file(path: str) -> None:
-    """A `torch.save` file is a zip archive whose directory sits at its end: a truncated one has none, a garbage one
-    is no zip. (Files of torch < 1.6, plain pickles, are left to the loader.)"""
+    """A `torch.save` file is a zip archive, whose directory a truncated one lacks (legacy pickles: left to torch)."""
     with open(path, "rb") as handle:
         start = handle.read(2)
     if start[:1] == b"\x80":  # a pickle protocol marker: the legacy format
@@ -111,9 +105,8 @@ def check_torch_file(path: str) -> None:
 
 
 def weight_shapes(folder: str, option: str) -> dict[str, list[int]] | None:
-    """{parameter name: shape} stored in a saved model folder, after checking its safetensors files; None when the
-    weights are in another format (pytorch_model.bin, checked to be whole). No weights at all is an error naming
-    `option`."""
+    """{parameter name: shape} in a saved model folder's safetensors files, checked; None for pytorch_model.bin
+    (checked whole). No weights at all is an error naming `option`."""
     single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX_FILE)
     if os.path.isfile(single):
         return safetensors_shapes(single)
@@ -130,8 +123,7 @@ def weight_shapes(folder: str, option: str) -> dict[str, list[int]] | None:
 
 
 def model_folder_config(folder: str, option: str) -> dict:
-    """config.json of a local saved-model folder as a dict; a folder without one, or a bad one, is an error
-    naming `option` (a folder with no config.json would otherwise quietly give a default config)."""
+    """config.json of a local saved-model folder; a missing or bad one is an error naming `option`."""
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"{option} {folder}: no config.json in this folder, so it is not a saved model (the output "
@@ -139,10 +131,17 @@ def model_folder_config(folder: str, option: str) -> dict:
     return read_json_object(config_file, "a model config (config.json)")
 
 
+def has_decoder(folder: str, architectures: list[str], option: str) -> bool:
+    """Whether a saved model folder holds a pretraining model's decoder (a probe or classifier has none): by its
+    weights' names, or (weights of another format) by its config's `architectures`."""
+    keys = weight_shapes(folder, option)
+    if keys is None:
+        return any(name.endswith("ForPreTraining") for name in architectures)
+    return any(key.startswith("decoder.") for key in keys)
+
+
 def check_pretraining_folder(folder: str, option: str = "MODEL_DIR") -> None:
-    """A folder holding an mae_hf pretraining model with its decoder (what draws reconstructions). A probe or a
-    fine-tuned classifier has no decoder, and loading it as a pretraining model would draw with random decoder
-    weights: refused. A transformers ViTMAE folder is to be converted first."""
+    """A folder holding an mae_hf pretraining model with its decoder; a ViTMAE folder is to be converted first."""
     config = model_folder_config(folder, option)
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
     if model_type == "vit_mae":
@@ -150,10 +149,7 @@ def check_pretraining_folder(folder: str, option: str = "MODEL_DIR") -> None:
                          f"python scripts/convert.py {folder} OUT_DIR, then pass OUT_DIR.")
     if model_type != "mae_hf":
         raise ValueError(f"{option} {folder} holds a {model_type!r} model, not an mae_hf masked autoencoder.")
-    keys = weight_shapes(folder, option)
-    has_decoder = any(key.startswith("decoder.") for key in keys) if keys is not None else \
-        "MAEForPreTraining" in architectures
-    if not has_decoder:
+    if not has_decoder(folder, architectures, option):
         kind = ", ".join(architectures) or "a model without decoder"
         raise ValueError(f"{option} {folder} has no decoder ({kind}: a linear probe or fine-tuned classifier), so "
                          "it cannot reconstruct images. Pass the pretraining folder (the --output_dir of "
@@ -161,8 +157,7 @@ def check_pretraining_folder(folder: str, option: str = "MODEL_DIR") -> None:
 
 
 def check_weights_fit(folder: str, config, option: str = "--model_name_or_path") -> None:
-    """The saved weights have the shapes the config (after any overrides) asks for; otherwise loading would end in a
-    size-mismatch traceback. Encoder and decoder are compared (a classifier head may be replaced on purpose)."""
+    """The saved encoder and decoder weights have the shapes the config asks for (a head may be replaced)."""
     import torch
 
     from .modeling_mae import MAEForPreTraining
@@ -186,8 +181,7 @@ def check_weights_fit(folder: str, config, option: str = "--model_name_or_path")
 
 @contextlib.contextmanager
 def written_whole(path: str):
-    """Yields a temporary path to write `path` to; renamed to `path` when the block ends, removed if it fails (a full
-    disk): a file is whole or absent. (A killed process's temporaries are swept by the next run.)"""
+    """Yields a temporary path to write `path` to, renamed to `path` at the end or removed on failure."""
     temporary = f"{path}{TEMPORARY_MARK}{os.getpid()}"
     try:
         yield temporary
@@ -207,18 +201,9 @@ def write_json(path: str, value: dict, *, sort_keys: bool = False) -> None:
             os.fsync(handle.fileno())
 
 
-def _free_bytes(path: str) -> int:
-    while not os.path.exists(path):
-        path = os.path.dirname(path) or "."
-    stats = os.statvfs(path)
-    return stats.f_bavail * stats.f_frsize
-
-
 def write_failure(error: BaseException, folder: str) -> str | None:
-    """Why writing into `folder` failed, when `error` is a failed write; None for anything else (a bug keeps its
-    traceback). Each writer fails in its own way on a full disk: open/json an OSError, safetensors a SafetensorError
-    ("I/O error: No space left on device (os error 28)"), torch.save a RuntimeError of its zip writer that names no
-    cause (then the free space tells)."""
+    """Why writing into `folder` failed, when `error` is a failed write (on a full disk: an OSError, a SafetensorError,
+    or torch.save's RuntimeError naming no cause, then the free space tells); None for anything else."""
     if isinstance(error, OSError):
         return os.strerror(error.errno) if error.errno else str(error)
     text = " ".join(str(error).split())
@@ -228,4 +213,7 @@ def write_failure(error: BaseException, folder: str) -> str | None:
     cause = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
     if cause:
         return cause.group(1)
-    return os.strerror(errno.ENOSPC) if _free_bytes(folder) < 2**20 else text
+    while not os.path.exists(folder):  # the free space of the file system it was written to
+        folder = os.path.dirname(folder) or "."
+    free = os.statvfs(folder)
+    return os.strerror(errno.ENOSPC) if free.f_bavail * free.f_frsize < 2**20 else text

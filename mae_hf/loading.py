@@ -1,16 +1,15 @@
 """Loading the models: the model flags (`ModelArguments`), the config they make (`build_config`), pretrained weights
-(`load_pretrained`, with transformers' load report said in plain words) and classifiers (`load_classifier`). Shared
-by training, evaluation and the scripts; nothing here trains."""
+(`load_pretrained`) and classifiers (`load_classifier`); shared by training, evaluation and the scripts."""
 
 import logging as std_logging
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .cli import UsageError, parse_overrides, print_once
+from .cli import UsageError, flag, parse_overrides, print_once
 from .configuration_mae import MAEConfig
 from .inputs import check_weights_fit, model_folder_config, read_json_object
 from .modeling_mae import MAEForImageClassification
@@ -19,40 +18,29 @@ from .paths import folder_listing, looks_local
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Saved model folder (or Hub id) to start from: its config and weights."})
-    model_type: str | None = field(
-        default=None,
-        metadata={"help": f"Accepted for transformers' example commands: only {MAEConfig.model_type!r}, the model "
-                          "these scripts train (ViTMAE checkpoints: convert them with scripts/convert.py)."})
-    config_name: str | None = field(
-        default=None, metadata={"help": "Saved config (folder or config.json) to start from, with fresh weights."})
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=128,num_hidden_layers=4,mask_ratio=0.6'."})
-    mask_ratio: float | None = field(
-        default=None,
-        metadata={"help": "Fraction of patches masked in pretraining; sets the config's mask_ratio (default: the "
-                          "config's, 0.75 for a new model)."})
-    norm_pix_loss: bool | None = field(
-        default=None,
-        metadata={"help": "Per-patch normalised pixel targets; sets the config's norm_pix_loss (default: the "
-                          "config's; a new model pretrains with it on)."})
-    image_processor_name: str | None = field(
-        default=None,
-        metadata={"help": "Image processor (folder or Hub id) whose image_mean/image_std normalise the images; its "
-                          "size must be the model's image_size. Default: the model config's."})
-    ignore_mismatched_sizes: bool = field(
-        default=False,
-        metadata={"help": "Start a new classification head when the checkpoint's head has another label count."})
-    model_revision: str = field(
-        default="main", metadata={"help": "Branch, tag or commit of a Hub model (--model_name_or_path, --config_name)"})
-    token: str | None = field(
-        default=None, metadata={"help": "Hugging Face token for private Hub models and datasets (default: the login)."})
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Accepted for transformers' example commands; nothing here runs code from the Hub: this "
-                          "package's own classes load the models, and `datasets` has no loading scripts."})
+    model_name_or_path: str | None = flag(None, "Saved model folder (or Hub id) to start from: its config and weights.")
+    model_type: str | None = flag(
+        None, f"Accepted for transformers' example commands: only {MAEConfig.model_type!r}, the model these scripts "
+              "train (ViTMAE checkpoints: convert them with scripts/convert.py).")
+    config_name: str | None = flag(None, "Saved config (folder or config.json) to start from, with fresh weights.")
+    config_overrides: str | None = flag(
+        None, "Comma-separated config changes, e.g. 'hidden_size=128,num_hidden_layers=4,mask_ratio=0.6'.")
+    mask_ratio: float | None = flag(
+        None, "Fraction of patches masked in pretraining; sets the config's mask_ratio (default: the config's, 0.75 "
+              "for a new model).")
+    norm_pix_loss: bool | None = flag(
+        None, "Per-patch normalised pixel targets; sets the config's norm_pix_loss (default: the config's; a new "
+              "model pretrains with it on).")
+    image_processor_name: str | None = flag(
+        None, "Image processor (folder or Hub id) whose image_mean/image_std normalise the images; its size must be "
+              "the model's image_size. Default: the model config's.")
+    ignore_mismatched_sizes: bool = flag(
+        False, "Start a new classification head when the checkpoint's head has another label count.")
+    model_revision: str = flag("main", "Branch, tag or commit of a Hub model (--model_name_or_path, --config_name)")
+    token: str | None = flag(None, "Hugging Face token for private Hub models and datasets (default: the login).")
+    trust_remote_code: bool = flag(
+        False, "Accepted for transformers' example commands; nothing here runs code from the Hub: this package's own "
+               "classes load the models, and `datasets` has no loading scripts.")
 
     def __post_init__(self):  # "~" from a config file, where no shell expands it
         self.model_name_or_path = self.model_name_or_path and os.path.expanduser(self.model_name_or_path)
@@ -67,23 +55,16 @@ class ModelArguments:
         """What `from_pretrained` needs to read a Hub model as asked (revision, token)."""
         return {"revision": self.model_revision, "token": self.token}
 
-    def model_flags(self) -> dict:
-        """The config values given as their own flags (--mask_ratio, --norm_pix_loss), as transformers' run_mae.py."""
-        return {key: value for key, value in (("mask_ratio", self.mask_ratio), ("norm_pix_loss", self.norm_pix_loss))
-                if value is not None}
-
 
 def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
     """The model config: from `--model_name_or_path`, `--config_name` or fresh (with `fresh_defaults`), then the
-    overrides (--config_overrides, --mask_ratio, --norm_pix_loss, --image_processor_name's normalisation);
-    validated, with an error naming the bad field."""
+    overriding flags; validated, with an error naming the bad field."""
     source = args.model_name_or_path or args.config_name
-    if source is not None and not os.path.exists(source) and looks_local(source):
-        option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
+    option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
+    local = source is not None and os.path.exists(source)
+    if source is not None and not local and looks_local(source):
         raise ValueError(f"{option} {source}: no such file or folder. {folder_listing(source)}")
     if source is not None:
-        option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
-        local = os.path.exists(source)
         if local:  # config.json (and the weights to load) checked here, so a bad file is named, not a traceback
             saved = (model_folder_config(source, option) if os.path.isdir(source)
                      else read_json_object(source, "a model config (config.json)"))
@@ -113,7 +94,9 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
     unknown = sorted(key for key in overrides if key not in fields)
     if unknown:
         raise UsageError(f"--config_overrides: unknown field(s) {unknown}; MAEConfig's fields are {fields}.")
-    for key, value in args.model_flags().items():
+    for key, value in (("mask_ratio", args.mask_ratio), ("norm_pix_loss", args.norm_pix_loss)):  # as run_mae.py's
+        if value is None:
+            continue
         if key in overrides and overrides[key] != value:
             raise UsageError(f"--{key} {value} and --config_overrides {key}={overrides[key]} disagree; give one.")
         overrides[key] = value
@@ -149,44 +132,30 @@ def processor_normalisation(args: ModelArguments, image_size: int) -> dict:
     return {"image_mean": list(values["image_mean"]), "image_std": list(values["image_std"])}
 
 
-class _LoadReportHold(std_logging.Filter):
-    """Holds back transformers' LOAD REPORT so that the expected parts of it can be said in plain words."""
-
-    def __init__(self):
-        super().__init__()
-        self.reports = []
-
-    def filter(self, record):
-        if "LOAD REPORT" in record.getMessage():
-            self.reports.append(re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()))  # no raw colour codes in logs
-            return False
-        return True
-
-    def release(self):
-        for report in self.reports:
-            print(report, file=sys.stderr, flush=True)
-        self.reports = []
-
-
 HEAD_PREFIXES = ("classifier.", "head_norm.")  # the classification head: new when starting from an encoder
 
 
 def load_pretrained(model_class, model_args: ModelArguments, config, new_head: str | None = None, **kwargs):
-    """`model_class.from_pretrained(--model_name_or_path)` with the Hub flags and --ignore_mismatched_sizes.
+    """`model_class.from_pretrained(--model_name_or_path)` with the Hub flags and --ignore_mismatched_sizes. When
+    exactly the classification head is new, `new_head` says so in one line in place of transformers' load report
+    (None: nothing said); any other missing, unexpected or mismatched key keeps the full report."""
+    reports = []  # transformers' LOAD REPORT, held back so that its expected parts can be said in plain words
 
-    transformers reports every key the checkpoint lacks. When exactly the head is missing (a classifier started from
-    a pretraining or encoder checkpoint, or a head replaced by --ignore_mismatched_sizes), `new_head` says so in
-    one line (None: nothing to say) and the table is not shown; any other missing, unexpected or mismatched key
-    keeps transformers' full report."""
+    def hold(record) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            reports.append(re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()))  # no raw colour codes in logs
+            return False
+        return True
+
     loader_logger = std_logging.getLogger("transformers.modeling_utils")
-    hold = _LoadReportHold()
     loader_logger.addFilter(hold)
     try:
         model, info = model_class.from_pretrained(
             model_args.model_name_or_path, config=config, output_loading_info=True,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **model_args.hub_kwargs(), **kwargs)
     except BaseException:
-        hold.release()  # the report explains the failure
+        for report in reports:  # the report explains the failure
+            print(report, file=sys.stderr, flush=True)
         raise
     finally:
         loader_logger.removeFilter(hold)
@@ -194,7 +163,8 @@ def load_pretrained(model_class, model_args: ModelArguments, config, new_head: s
     new = set(info.get("missing_keys", ())) | mismatched
     expected = {key for key in new if key.startswith(HEAD_PREFIXES)}
     if new - expected or info.get("unexpected_keys") or info.get("error_msgs"):
-        hold.release()
+        for report in reports:
+            print(report, file=sys.stderr, flush=True)
     elif expected and new_head:
         replaced = " (the checkpoint's head, of another label count, is replaced)" if mismatched else ""
         print_once(f"[model] {model_args.model_name_or_path}: encoder loaded; {new_head}{replaced}.")
@@ -202,9 +172,8 @@ def load_pretrained(model_class, model_args: ModelArguments, config, new_head: s
 
 
 def load_classifier(model_args, random_init: bool, seed: int, new_head: str | None = None, **config_changes):
-    """`MAEForImageClassification` with a pretrained encoder (from any of our checkpoints) or a random one of the
-    same config; `config_changes` (num_labels, id2label, linear_probe, pooling, ...) are applied to the config.
-    `new_head` is said when the checkpoint brings no head (see `load_pretrained`)."""
+    """`MAEForImageClassification` with a pretrained encoder or a random one of the same config, `config_changes`
+    (num_labels, id2label, pooling, ...) applied; `new_head`: see `load_pretrained`."""
     config = build_config(model_args)
     num_labels = config_changes.get("num_labels", config.num_labels)
     if (model_args.model_name_or_path and not random_init and is_classifier(config)

@@ -25,8 +25,8 @@ def folder_listing(path: str) -> str:
 
 def check_output_folder(path: str, option: str = "--output_dir", give: str = "a folder path (created if missing)",
                         writable: bool = True) -> str:
-    """Before any work: `path` must be a folder, or creatable below its nearest existing folder, which is returned;
-    with `writable`, that folder must be writable too. A `UsageError` naming `option` otherwise."""
+    """Before any work: `path` must be a folder, or creatable below its nearest existing (and, `writable`, writable)
+    folder, which is returned; a `UsageError` naming `option` otherwise."""
     from .cli import UsageError  # imported here: this module depends on nothing of ours at import time
 
     if os.path.exists(path) and not os.path.isdir(path):

@@ -1,10 +1,6 @@
 """Assemble a Hub-ready folder from a pretraining run (and optionally its probe and fine-tune runs), fill the model
 card with the measured numbers, optionally add the demo app (a Space), and push it (`hub_preflight` before any work,
-`push` at the end; pretrain.py and finetune.py use the same two).
-
-The folder's top level is one checkpoint serving all three Auto classes: the pretrained encoder and decoder plus,
-when a probe run is given, the linear-probe head (the probe never changes the encoder, so the encoder is exactly
-the pretrained one). A fine-tuned model has its own encoder and goes to `finetuned/`.
+`push` at the end; pretrain.py and finetune.py use the same two). The folder's layout: docs/publishing.md.
 """
 
 import json
@@ -36,9 +32,8 @@ from .runs import LOCK_NAME, segment_totals
 
 PICTURES = ("reconstructions.png", "loss_curve.png")
 DATASET_TITLES = {"uoft-cs/cifar10": "CIFAR-10", "cifar10": "CIFAR-10"}
-# The Space: the demo app, its requirements and bundled examples, and the package files the app loads by path (one
-# source each: mae_hf/visualize.py draws, mae_hf/precision.py picks bf16 or fp32; neither imports mae_hf, so they run
-# next to the app without the package).
+# The Space: the demo app, its requirements and examples, and the package files the app loads by path (neither
+# imports mae_hf, so they run next to the app without the package).
 SPACE_FILES = ("app.py", "requirements.txt", "examples")
 PACKAGE_FILES_FOR_SPACE = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
                                 for name in ("visualize.py", "precision.py"))
@@ -47,22 +42,6 @@ PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 class HubPushError(MAEHFError, RuntimeError):
     """The upload failed; the local folder is complete."""
-
-
-def render(template: str, values: dict) -> str:
-    """Replace every `{{ name }}`; a placeholder without a value is an error, never left in the card."""
-    missing = sorted({name for name in PLACEHOLDER.findall(template) if name not in values})
-    if missing:
-        raise ValueError(f"model card template: no value for {missing}.")
-    return PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), template)
-
-
-def _require_run(folder: str | None, result_file: str, what: str) -> None:
-    if folder is None:
-        return
-    for name in ("config.json", result_file):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise ValueError(f"{what} {folder}: {name} is missing; expected the output folder of that script.")
 
 
 def model_index(model_name: str, dataset_id: str, dataset_title: str, results: list[dict]) -> str:
@@ -101,17 +80,14 @@ def evaluation_text(results: list[dict]) -> str:
 
 
 def check_measured_on(results: list[dict], pretrained, pretrained_dir: str) -> None:
-    """Every pretrained-encoder result must have measured this model's encoder: by its weights' fingerprint, or
-    (result files written before fingerprints) by the recorded model folder."""
+    """Every pretrained-encoder result must have measured this model's encoder (fingerprint, or else model folder)."""
     fingerprint = encoder_fingerprint(pretrained.mae)
     for result in results:
         if result.get("encoder", "pretrained") != "pretrained":
             continue
-        if "encoder_fingerprint" in result:
-            same = result["encoder_fingerprint"] == fingerprint
-        else:
-            recorded = result.get("model_name_or_path")
-            same = recorded is not None and os.path.realpath(recorded) == os.path.realpath(pretrained_dir)
+        recorded = result.get("model_name_or_path")
+        same = (result["encoder_fingerprint"] == fingerprint if "encoder_fingerprint" in result else
+                recorded is not None and os.path.realpath(recorded) == os.path.realpath(pretrained_dir))
         if not same:
             measured = result.get("encoder_fingerprint") or f"the model in {result.get('model_name_or_path')}"
             raise ValueError(
@@ -121,10 +97,9 @@ def check_measured_on(results: list[dict], pretrained, pretrained_dir: str) -> N
 
 
 def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str | None:
-    """The Hub dataset the card names (metadata and data row alike): the run's own Hub id (for a prepared folder,
-    the Hub dataset it was prepared from), or for a run on local data `dataset_id`, the user's word that it is a
-    copy of that dataset. None: local data the card describes by its folder (no Hub dataset in the metadata), whatever
-    its class names suggest. A `dataset_id` that contradicts the run's Hub id is an error."""
+    """The Hub dataset the card names: the run's own Hub id (for a prepared folder, the one it was prepared from), or
+    for local data `dataset_id`, the user's word that it is a copy of it; None: local data described by its folder.
+    A `dataset_id` that contradicts the run's Hub id is an error."""
     trained_on = summary["dataset_name"]
     source = (summary.get("prepared_from") or {}).get("dataset_name")
     if is_local_dataset(trained_on) and source and not is_local_dataset(source):
@@ -139,8 +114,7 @@ def resolve_dataset_id(summary: dict, dataset_id: str | None) -> str | None:
 
 
 def dataset_title(summary: dict, dataset_id: str | None, dataset_source: str | None = None) -> str:
-    """The data's name in the card's text: the Hub dataset's title, else the local folder's own name (and where it
-    came from, when the user says so: `dataset_source`)."""
+    """The data's name in the card's text: the Hub dataset's title, else the local folder's (+ `dataset_source`)."""
     if dataset_id:
         return DATASET_TITLES.get(dataset_id, dataset_id)
     return f"the local dataset `{folder_name(summary['dataset_name'])}`" + (
@@ -148,8 +122,7 @@ def dataset_title(summary: dict, dataset_id: str | None, dataset_source: str | N
 
 
 def data_description(summary: dict, dataset_id: str | None) -> str:
-    """The data row: the Hub dataset, and where the run read it from when that was a local copy; the training
-    images."""
+    """The data row: the Hub dataset (and the local copy the run read), the training images."""
     trained_on = summary["dataset_name"]
     prepared = " prepared" if summary.get("prepared_from") else ""
     if dataset_id is None:
@@ -160,26 +133,19 @@ def data_description(summary: dict, dataset_id: str | None) -> str:
     return f"{where}: {summary['train_split']} ({summary['train_samples']:,} images)"
 
 
-def is_held_out(split: str) -> bool:
-    """Whether an evaluation split is a held-out part of the training split (as `select_splits` names it)."""
-    return " held out" in split
-
-
 def evaluation_data(summary: dict) -> str:
-    """The images the run evaluated on, as they were: a separate folder, a separate split, or a held-out part of the
-    training images."""
+    """The images the run evaluated on: a separate folder, a separate split, or a held-out part of the training ones."""
     split, count = summary["eval_split"], f"{summary['eval_samples']:,} images"
     validation_dir = (summary.get("data") or {}).get("validation_dir")
     if validation_dir:
         return f"the separate folder `{folder_name(validation_dir)}` ({count}, given as --validation_dir)"
-    if is_held_out(split):
+    if " held out" in split:  # a held-out part of the training split, as `select_splits` names it
         return f"a held-out part of the training images ({split}; {count}), not a separate test set"
     return f"the `{split}` split, separate from the training images ({count})"
 
 
 def check_same_dataset(results: list[dict], summary: dict) -> None:
-    """The card describes one dataset: every result must have been measured on the data the model was pretrained
-    on (the same Hub dataset, a local copy of it, or a folder prepared from it)."""
+    """The card describes one dataset: every result must be measured on the data the model was pretrained on."""
     for result in results:
         name = result.get("dataset_name")
         if name and not same_dataset(summary["dataset_name"], name, summary.get("prepared_from")):
@@ -200,11 +166,12 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
     if changes:
         precision = ", ".join([named(changes[0][1]["checkpoint"])]
                               + [f"{named(change['now'])} from step {step}" for step, change in changes])
+    device = str(summary["device"])  # "2 x cuda" as results record it now; older ones: "cuda:0" and a world size
+    device = device if " x " in device else f"{summary.get('world_size', 1)} x {device}"
     decayed = "every parameter" if summary.get("decay_all_parameters") else "linear weights only"
-    clipping = ""  # summaries before `max_grad_norm` was recorded leave it unsaid
-    if "max_grad_norm" in summary:
-        norm = summary["max_grad_norm"]
-        clipping = f", gradients clipped at norm {norm:g}" if norm and norm > 0 else ", no gradient clipping"
+    norm = summary.get("max_grad_norm")  # summaries before it was recorded leave clipping unsaid
+    clipping = ("" if "max_grad_norm" not in summary else
+                f", gradients clipped at norm {norm:g}" if norm and norm > 0 else ", no gradient clipping")
     rows = [
         ("Data", data_description(summary, dataset_id)),
         ("Evaluation data", evaluation_data(summary)),
@@ -214,7 +181,7 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
         ("Schedule", f"{summary['lr_scheduler_type']}, warmup {summary['warmup_steps']:g}"),
         ("Augmentation", f"random-resized-crop (area {summary['crop_min_scale']}-1), "
                          f"horizontal flip {summary['horizontal_flip']}"),
-        ("Hardware", f"{devices(summary)}, {precision}"),
+        ("Hardware", f"{device}, {precision}"),
         ("Training time", training_time(summary)),
         ("Final eval loss (masked patches)", f"{summary['eval_loss']:.4f}"),
     ]
@@ -226,15 +193,8 @@ def pretraining_text(summary: dict, dataset_id: str) -> str:
     return f"{table}\n\n{commands(summary)}"
 
 
-def devices(summary: dict) -> str:
-    """"2 x cuda": as results record the device now, or from an older record's device ("cuda:0") and world size."""
-    device = str(summary["device"])
-    return device if " x " in device else f"{summary.get('world_size', 1)} x {device}"
-
-
 def training_time(summary: dict) -> str:
-    """The run's training time and images over all its segments (a stopped and resumed run has several), and the
-    data + step speed measured in its last one."""
+    """The run's training time and images over all its segments, and the speed measured in its last one."""
     segments = summary.get("segments") or []
     seconds, images = segment_totals(segments) if segments else (summary.get("train_runtime_seconds"), None)
     speed = summary.get("pipeline_images_per_second")
@@ -269,16 +229,16 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
              result_paths=(), template_path: str | None = None, model_id: str | None = None,
              dataset_id: str | None = None, overwrite: bool = False, space_dir: str | None = None,
              dataset_source: str | None = None) -> str:
-    """Write the Hub-ready folder. Everything is read, checked and rendered first; only then is anything written
-    (or an old folder replaced). `model_id`: the Hub repository the card's code loads (default: the folder's path).
-    `dataset_id`: the Hub dataset to name when the run read a local copy; `dataset_source`: where local data without
-    one came from, in the user's words. `space_dir`:
-    the demo folder (app.py, requirements.txt, examples/) to add, so that the folder can also become a Gradio Space.
-    Returns the card's path."""
-    _require_run(pretrained_dir, "pretraining_summary.json", "pretrained run")
-    _require_run(probe_dir, "linear_probe_results.json", "--probe")
-    _require_run(finetune_dir, "finetune_results.json", "--finetune")
-    for folder, option in ((pretrained_dir, "pretrained run"), (probe_dir, "--probe"), (finetune_dir, "--finetune")):
+    """Write the Hub-ready folder, after everything is read, checked and rendered; returns the card's path.
+    `model_id`: what the card's code loads (default: the folder's path); `dataset_id`: the Hub dataset a local copy
+    is of, `dataset_source`: where local data without one came from; `space_dir`: the demo folder to add."""
+    runs = ((pretrained_dir, "pretraining_summary.json", "pretrained run"),
+            (probe_dir, "linear_probe_results.json", "--probe"), (finetune_dir, "finetune_results.json", "--finetune"))
+    for folder, result_file, option in runs:
+        for name in ("config.json", result_file):
+            if folder is not None and not os.path.isfile(os.path.join(folder, name)):
+                raise ValueError(f"{option} {folder}: {name} is missing; expected the output folder of that script.")
+    for folder, _, option in runs:
         if folder is not None:
             weight_shapes(folder, option)  # missing, truncated or garbage weights: named, before any loading
     for picture in PICTURES:
@@ -304,8 +264,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
                               + list(result_paths))
     pretrained = MAEForPreTraining.from_pretrained(pretrained_dir)
     check_measured_on(results, pretrained, pretrained_dir)
-    for folder, name, option in ((probe_dir, "linear_probe_results.json", "--probe"),
-                                 (finetune_dir, "finetune_results.json", "--finetune")):
+    for folder, name, option in runs[1:]:
         if folder and collect_results([os.path.join(folder, name)])[0].get("encoder") != "pretrained":
             raise ValueError(f"{option} {folder} evaluated a random-init encoder; give the run on {pretrained_dir} "
                              f"(baselines go in --results).")
@@ -317,8 +276,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
             raise ValueError(f"--probe {probe_dir}: its encoder differs from {pretrained_dir}'s; probe that model.")
     finetuned = MAEForImageClassification.from_pretrained(finetune_dir) if finetune_dir else None
     summary_path = os.path.join(pretrained_dir, "pretraining_summary.json")
-    with open(summary_path) as handle:
-        summary = redact(json.load(handle))  # a summary written before tokens were redacted may hold one
+    summary = redact(read_json_object(summary_path))  # a summary written before tokens were redacted may hold one
     dataset_id = resolve_dataset_id(summary, dataset_id)
     check_same_dataset(results, summary)
     if dataset_id is None:
@@ -358,9 +316,8 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
 def render_card(template_path: str, pretrained, summary: dict, results: list[dict], probe,
                 finetuned_protocol: str | None,
                 model_id: str, dataset_id: str | None, dataset_title: str, space_metadata: str = "") -> str:
-    """`model_card.md` filled from the model, the pretraining summary and the result files. `model_id`: the Hub id or
-    the folder's path, which the card's code loads. `finetuned_protocol`: the protocol of the fine-tuned model in
-    `finetuned/` ("finetune" or "finetune_strong"), None without one."""
+    """`model_card.md` filled from the model, the pretraining summary and the result files. `model_id`: what the
+    card's code loads; `finetuned_protocol`: that of the model in `finetuned/`, None without one."""
     config = pretrained.config
     head_description = "no classification head (the classifier class adds an untrained one)"
     if probe is not None:
@@ -376,7 +333,7 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
     with open(template_path) as handle:
         template = handle.read()
     model_name = model_id.split("/")[-1] if not os.path.isabs(model_id) else model_id
-    return render(template, {
+    values = {
         "model_id": model_id,
         "model_name": model_name,
         "dataset_id": dataset_id or "",
@@ -399,33 +356,29 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
                            ("; the fine-tuned classifier is in `finetuned/`." if finetuned_protocol else "."),
         "finetuned_note": finetuned_note,
         "parameters": f"{sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M",
-        "image_size": config.image_size,
-        "patch_size": config.patch_size,
-        "num_patches": config.num_patches,
-        "num_hidden_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "num_attention_heads": config.num_attention_heads,
-        "decoder_num_hidden_layers": config.decoder_num_hidden_layers,
-        "decoder_hidden_size": config.decoder_hidden_size,
-        "decoder_num_attention_heads": config.decoder_num_attention_heads,
-        "mask_ratio": config.mask_ratio,
+        **{name: getattr(config, name) for name in (
+            "image_size", "patch_size", "num_patches", "num_hidden_layers", "hidden_size", "num_attention_heads",
+            "decoder_num_hidden_layers", "decoder_hidden_size", "decoder_num_attention_heads", "mask_ratio")},
         "target": "per-patch normalised pixels (norm_pix_loss)" if config.norm_pix_loss else "raw (normalised) pixels",
         "pretraining": pretraining_text(summary, dataset_id),
         "eval_split": " / ".join(evaluated_on) or "the evaluation split",
         "evaluation_data": evaluation_data(summary),
         "results_table": results_table(results) if results else "No evaluation results were given.",
         "evaluation": evaluation_text(results),
-    })
+    }
+    # every `{{ name }}` is replaced: a placeholder without a value is an error, never left in the card
+    missing = sorted({name for name in PLACEHOLDER.findall(template) if name not in values})
+    if missing:
+        raise ValueError(f"model card template: no value for {missing}.")
+    return PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), template)
 
 
 HUB_TIMEOUT_SECONDS = 10  # how long the preflight waits for the Hub before calling the network unreachable
 
 
 def hub_preflight(repo_id: str | None, token: str | None = None) -> str:
-    """Check, before any work, that a push to `repo_id` can happen: a well-formed id, the Hub not switched off
-    (HF_HUB_OFFLINE), a token (`token`, HF_TOKEN or `hf auth login`), and the Hub answering `whoami` with it within
-    HUB_TIMEOUT_SECONDS. Raises ValueError (UsageError for a bad --hub_model_id) with one line saying what to fix;
-    returns the account name."""
+    """Check, before any work, that a push to `repo_id` can happen: a valid id, the Hub online, a token, and `whoami`
+    answered with it. Raises ValueError (UsageError for a bad --hub_model_id) saying what to fix; returns the user."""
     import threading
 
     from huggingface_hub import HfApi, constants, get_token
@@ -465,8 +418,7 @@ def hub_preflight(repo_id: str | None, token: str | None = None) -> str:
 
 
 def space_check(space_dir: str) -> str:
-    """The Space's README metadata, after checking the demo folder is complete; gradio must be installed so that the
-    card records the version the app runs with."""
+    """The Space's README metadata (with the installed gradio's version), after checking the demo folder."""
     from importlib.metadata import PackageNotFoundError, version
 
     for name in SPACE_FILES:
@@ -484,25 +436,14 @@ def space_check(space_dir: str) -> str:
 def add_space(space_dir: str, output_dir: str) -> None:
     """Copy the demo app, its requirements and examples, and the package files it loads next to the model."""
     for name in SPACE_FILES:
-        source, target = os.path.join(space_dir, name), os.path.join(output_dir, name)
-        if os.path.isdir(source):
-            shutil.copytree(source, target)
-        else:
-            shutil.copy(source, target)
+        source = os.path.join(space_dir, name)
+        (shutil.copytree if os.path.isdir(source) else shutil.copy)(source, os.path.join(output_dir, name))
     for path in PACKAGE_FILES_FOR_SPACE:
         shutil.copy(path, os.path.join(output_dir, os.path.basename(path)))
 
 
-def tokens_in_use(token: str | None = None) -> set[str]:
-    """The Hub tokens this process could hold: the one given, HF_TOKEN and the stored login."""
-    from huggingface_hub import get_token
-
-    return {value for value in (token, os.environ.get("HF_TOKEN"), get_token()) if value}
-
-
 def files_holding(folder: str, secrets, exclude=()) -> list[str]:
-    """Files under `folder` (relative paths; `exclude`: names left out) whose bytes contain any of `secrets`: text
-    and binary files alike (a pickled training_args.bin, a checkpoint), read through mmap."""
+    """Files under `folder` (relative paths; `exclude`: names left out) whose bytes, binary or text, hold a secret."""
     needles = [secret.encode() for secret in secrets if secret]
     found = []
     for root, folders, names in os.walk(folder):
@@ -520,14 +461,12 @@ def files_holding(folder: str, secrets, exclude=()) -> list[str]:
 def push(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
          commit_message: str | None = None, revision: str | None = None, create_pr: bool = False,
          exclude: tuple[str, ...] = ()) -> str:
-    """Upload the whole folder (but the file names in `exclude`) to the Hub model repository `repo_id` (created if
-    missing, `private` then), on `revision` (a branch, created from main if missing) or as a pull request against
-    it. Returns the commit's (or the pull request's) url. A folder with a file holding a Hub token this process
-    knows is refused before anything is sent. On failure the local folder is untouched and the error says how to
-    upload it later."""
-    from huggingface_hub import HfApi
+    """Upload the folder (but `exclude`) to the Hub model repository `repo_id` (created if missing), on `revision` (a
+    branch, created if missing) or as a pull request; returns the commit's or pull request's url. A folder holding a
+    Hub token is refused before anything is sent; a failure says how to upload the folder later."""
+    from huggingface_hub import HfApi, get_token
 
-    leaking = files_holding(folder, tokens_in_use(token), exclude)
+    leaking = files_holding(folder, {token, os.environ.get("HF_TOKEN"), get_token()}, exclude)  # any it could hold
     if leaking:
         raise MAEHFError(f"Refusing to upload {folder}: {', '.join(leaking[:5])} hold(s) a Hub token. Remove the "
                          "token from those files (or the files), then upload the folder with `hf upload`.")
@@ -552,15 +491,13 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
 
 
 def check_hub_access(args, model_args: ModelArguments) -> None:
-    """--push_to_hub: can --hub_model_id be written with this token? Asked before any work (a clear error, no
-    training that ends in a failed upload)."""
+    """--push_to_hub: can --hub_model_id be written with this token? Asked before any work."""
     if args.push_output_to_hub:
         hub_preflight(args.hub_model_id, token=args.hub_token or model_args.token)
 
 
 def push_output(args, model_args: ModelArguments) -> None:
-    """--push_to_hub: upload the script's own --output_dir (model, code files, processor, results, pictures) to
-    --hub_model_id, once, from the main process."""
+    """--push_to_hub: upload the script's own --output_dir to --hub_model_id, once, from the main process."""
     if not args.push_output_to_hub or args.process_index != 0:
         return
     url = push(args.output_dir, args.hub_model_id, private=bool(args.hub_private_repo),

@@ -1,11 +1,7 @@
 """Hub tokens never reach a file, a card, a log line or the Hub: every command line and setting the project records
-(summaries, result files, run_settings.json, .run.lock, model cards, the resume command, benchmark records) goes
-through `redact` / `redact_argv` / `recorded_command` first, so they all drop tokens by one rule:
-
-- the value of a token flag: `--token`, `--hub_token`, any `--*_token` / `--*-token`, as `--flag value` or
-  `--flag=value`, also inside a string that holds a command line (`--pretrain_args "--hub_token hf_..."`);
-- the value of a token setting: a key `token` or `*_token` in a recorded mapping;
-- anything that looks like a Hugging Face token (`hf_` and 30 or more letters and digits), wherever it stands.
+goes through `redact` / `redact_argv` / `recorded_command` first, which drop them by one rule: token flags' values
+(also inside a string holding a command line), token settings' values and anything token-shaped
+(docs/publishing.md#tokens-stay-out-of-every-record).
 """
 
 import re

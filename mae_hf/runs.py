@@ -1,11 +1,6 @@
-"""What can go wrong around a training run, and how each fault ends (shared by pretrain.py and finetune.py).
-
-- `Run`: the run's hold on its `--output_dir` for its whole lifetime: it refuses a file, an unwritable folder, a
-  previous run not being resumed, and a folder another live run holds (`OutputLock`, a `flock` the kernel drops on
-  any exit). It resolves `--resume_from_checkpoint` to a complete checkpoint (`checkpoint_problem`), compares the
-  settings with the checkpoint's, and turns SIGINT/SIGTERM into a stop at a step boundary with the resume command.
-- `removed_if_incomplete` / `saved_whole`: a checkpoint that fails to save is removed; the final model is saved
-  aside and moved into place with signals held; a failed write becomes one clear error with the resume command.
+"""What can go wrong around a training run, and how each fault ends (pretrain.py and finetune.py; docs/faults.md).
+`Run` holds `--output_dir` (`OutputLock`), resolves and checks the checkpoint to resume from and turns SIGINT/SIGTERM
+into a stop at a step boundary; `removed_if_incomplete` / `saved_whole` leave no torn checkpoint or model behind.
 """
 
 import contextlib
@@ -57,8 +52,7 @@ class NonFiniteError(RunError):
 
 
 class Interrupted(BaseException):
-    """SIGINT/SIGTERM outside the step boundary (before training, or a second signal): like KeyboardInterrupt, not
-    caught by `except Exception`."""
+    """SIGINT/SIGTERM outside the step boundary: like KeyboardInterrupt, not caught by `except Exception`."""
 
     def __init__(self, signum: int, when: str):
         super().__init__(f"stopped by {signal.Signals(signum).name} {when}")
@@ -83,9 +77,7 @@ def checkpoints(output_dir: str) -> list[str]:
 
 
 def checkpoint_problem(folder: str) -> str | None:
-    """Why `folder` is not a complete checkpoint, or None when it is: `trainer_state.json` (with its step) and
-    `config.json` parse, `model.safetensors` is whole, the optimizer and scheduler files (and any RNG states) are
-    whole torch files."""
+    """Why `folder` is not a complete checkpoint (docs/faults.md#resuming), or None when it is."""
     state = os.path.join(folder, "trainer_state.json")  # the step every message and resume reads must be there
     problems = [file_problem(read_json_object, state) or (
                     None if type(read_json_object(state).get("global_step")) is int else
@@ -99,18 +91,13 @@ def checkpoint_problem(folder: str) -> str | None:
     return "; ".join(problems) if problems else None
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    return next((folder for folder in checkpoints(output_dir) if checkpoint_problem(folder) is None), None)
-
-
 def _step_of(folder: str) -> int:
     return read_json_object(os.path.join(folder, "trainer_state.json"))["global_step"]
 
 
 @contextlib.contextmanager
 def removed_if_incomplete(folder: str, args):
-    """Around writing checkpoint `folder`: if the save fails (a full disk, a second Ctrl-C), remove the partial
-    folder, so that only complete checkpoints exist; a failed write becomes a clear error."""
+    """Around writing checkpoint `folder`: a failed save removes the partial folder; a failed write is a clear error."""
     try:
         yield
     except BaseException as error:
@@ -128,10 +115,9 @@ STAGING_NAME = ".saving-model"  # the final model is written here first, then mo
 
 @contextlib.contextmanager
 def saved_whole(folder: str, args):
-    """Around the final save of the model into `folder`: yields a staging folder inside it to save into; the files
-    are then moved into `folder` one by one (renames: each file whole, old or new). SIGINT/SIGTERM wait until the
-    save has ended. A failed write (a full disk) removes the staging folder, leaves `folder` as it was (no torn
-    model.safetensors) and becomes a clear error."""
+    """Around the final save of the model into `folder`: yields a staging folder to save into, whose files are then
+    renamed into `folder` (each file whole, old or new); SIGINT/SIGTERM wait for the end of the save. A failed write
+    leaves `folder` as it was and becomes a clear error."""
     staging = os.path.join(folder, STAGING_NAME)
     received = []
 
@@ -150,8 +136,7 @@ def saved_whole(folder: str, args):
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
         os.makedirs(staging)
         yield staging
-        names = sorted(os.listdir(staging), key=lambda name: name == "model.safetensors")  # the weights last
-        for name in names:
+        for name in sorted(os.listdir(staging), key=lambda name: name == "model.safetensors"):  # the weights last
             if os.path.isdir(os.path.join(folder, name)):  # a folder (DeepSpeed's) replaces the old one whole
                 shutil.rmtree(os.path.join(folder, name))
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
@@ -196,7 +181,7 @@ def resume_command(checkpoint: str = "last") -> str:
 
 
 def resume_advice(output_dir: str) -> str:
-    last = last_complete_checkpoint(output_dir)
+    last = next((folder for folder in checkpoints(output_dir) if checkpoint_problem(folder) is None), None)
     if last is None:
         return f"No complete checkpoint exists in {output_dir}; the run has to start again."
     command = resume_command()
@@ -248,28 +233,12 @@ class OutputLock:
             self.handle = None
 
 
-def _from_main_process(value):
-    """`value` as the main process has it, on every process of a distributed run (torchrun, accelerate)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # ---- settings compared on resume ----------------------------------------------------------------------------------
 
 def differences(before: dict, now: dict, *, both_only: bool = True) -> dict[str, tuple]:
-    """{key: (before's value, now's value)} for every key whose values differ, in key order: of the keys both
-    record (`both_only`), else of either (a missing value is None)."""
+    """{key: (before's value, now's value)} for the keys (both record, or else either) whose values differ, sorted."""
     keys = set(before) & set(now) if both_only else set(before) | set(now)
     return {key: (before.get(key), now.get(key)) for key in sorted(keys) if before.get(key) != now.get(key)}
-
-
-def settings_differences(saved: dict, current: dict) -> dict:
-    """`{"model.mask_ratio": {"checkpoint": 0.75, "now": 0.6}, ...}` for every setting the two both record."""
-    return {f"{group}.{key}": {"checkpoint": old, "now": new} for group in ("model", "data", "recipe")
-            for key, (old, new) in differences(saved.get(group, {}), current.get(group, {})).items()}
 
 
 def segment_totals(segments: list[dict]) -> tuple[float | None, int | None]:
@@ -285,12 +254,9 @@ STOP_CHECK_STEPS = 16  # steps between the processes' agreement on a stop: a hos
 
 
 class StopOnSignal(TrainerCallback):
-    """The first SIGINT/SIGTERM during training asks for a stop at the end of an optimizer step: no save or
-    evaluation starts after it. Outside the training loop, or a second signal, stops at once (`Interrupted`).
-    In a distributed run the processes agree on it (a one-number all-reduce on the CPU, no device sync) every
-    `STOP_CHECK_STEPS` steps and at every step that logs, evaluates or saves, at an epoch's end and at the last
-    step, so that all stop at the same step, within `STOP_CHECK_STEPS` steps of the signal and before anything
-    more is saved."""
+    """The first SIGINT/SIGTERM during training stops at the end of an optimizer step, before any further save or
+    evaluation; outside the loop, or a second signal, stops at once (`Interrupted`). Distributed processes agree on
+    it every `STOP_CHECK_STEPS` steps and at each log/eval/save step (docs/faults.md#signals)."""
 
     def __init__(self):
         self.signum = self.step = None
@@ -326,17 +292,6 @@ class StopOnSignal(TrainerCallback):
             backend = torch.distributed.get_backend()
             self.group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
 
-    def _stop_requested(self, args, due: bool) -> bool:
-        """Whether to stop now; in a distributed run decided together at `due` steps only (the same on every
-        process: they follow from the step number and the Trainer's own schedule)."""
-        if args.world_size > 1 and torch.distributed.is_initialized():
-            if not due:
-                return False
-            signum = torch.tensor([self.signum or 0])
-            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX, group=self.group)
-            self.signum = int(signum) or None
-        return self.signum is not None
-
     def on_step_end(self, args, state, control, **kwargs):
         due = (state.global_step % STOP_CHECK_STEPS == 0 or state.global_step >= state.max_steps
                or control.should_log or control.should_evaluate or control.should_save)
@@ -346,7 +301,15 @@ class StopOnSignal(TrainerCallback):
         self._stop_if_requested(args, state, control, due=True)
 
     def _stop_if_requested(self, args, state, control, due: bool) -> None:
-        if self._stop_requested(args, due):
+        """Stop now when asked; a distributed run decides together, at `due` steps only (the same on every process:
+        they follow from the step number and the Trainer's own schedule)."""
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            if not due:
+                return
+            signum = torch.tensor([self.signum or 0])
+            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            self.signum = int(signum) or None
+        if self.signum is not None:
             self.step = state.global_step if self.step is None else self.step
             control.should_training_stop = True
             control.should_save = control.should_evaluate = False
@@ -360,9 +323,8 @@ class _NothingLeftToTrain(Exception):
 
 
 class NoStepPastTheEnd(TrainerCallback):
-    """Resuming a finished run whose last step is not at an epoch's end, the Trainer would train one more step
-    before it tests `max_steps`; at an epoch's end, it would log train metrics of no step (a loss of 0). This stops
-    it before training begins (weights and state already loaded)."""
+    """Resuming a finished run, the Trainer would train one more step before it tests `max_steps` (or, at an epoch's
+    end, log train metrics of no step): this stops it before training begins."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -373,10 +335,8 @@ class NoStepPastTheEnd(TrainerCallback):
 
 # ---- the run ---------------------------------------------------------------------------------------------------
 
-
 class Run:
-    """`with Run(args) as run:` around a script's work: see the module docstring. `run.check_settings(...)` before
-    training, `run.train(trainer)` to train, `run.record(state)` for the summary."""
+    """`with Run(args) as run:` around a script's work; then `run.check_settings`, `run.train`, `run.record`."""
 
     def __init__(self, args):
         self.args = args
@@ -406,7 +366,10 @@ class Run:
                 usage = isinstance(error, UsageError)
                 if self.args.world_size == 1 and not isinstance(error, MAEHFError):
                     raise
-        problem, usage, self.resume_from = _from_main_process((problem, usage, self.resume_from))
+        outcome = [(problem, usage, self.resume_from)]  # the main process's, on every process of a distributed run
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(outcome, src=0)
+        problem, usage, self.resume_from = outcome[0]
         if problem:
             raise (OutputDirUsageError if usage else RunError)(problem)
         self.args.resume_from_checkpoint = self.resume_from
@@ -434,8 +397,7 @@ class Run:
 
     def _release(self) -> None:
         if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+            self.lock.release()  # a second release does nothing
         for folder in self.created:  # a run that failed before writing anything leaves nothing behind, parents included
             if os.path.isdir(folder):
                 if os.listdir(folder):
@@ -474,8 +436,7 @@ class Run:
             print(f"[resume] from {self.resume_from} (step {_step_of(self.resume_from)})", flush=True)
 
     def _complete_checkpoint(self, requested: str) -> str:
-        """The checkpoint to resume from: `requested`, which must be complete, or for "last" the newest complete
-        one; newer incomplete ones are renamed `incomplete-checkpoint-N` (kept, but never picked again)."""
+        """`requested` if complete, or for "last" the newest complete one (newer incomplete ones are renamed aside)."""
         option = f"--resume_from_checkpoint {requested}"
         if requested != "last":
             if not os.path.isdir(requested):
@@ -498,13 +459,13 @@ class Run:
                        "without --resume_from_checkpoint (in a new --output_dir, or after removing this one).")
 
     def check_settings(self, config, data_args, model_args) -> None:
-        """Compare this run's settings with the checkpoint's it resumes from: differences are refused unless
-        `--allow_config_change true`, then recorded. Writes `run_settings.json` (also into every checkpoint)."""
+        """Refuse settings other than the resumed checkpoint's (unless --allow_config_change); write them down."""
         current = run_settings(config, data_args, self.args, model_args)
         if self.resume_from is not None:
             saved = saved_settings(self.resume_from)
-            differences = settings_differences(saved, current)
-            refused = {key: value for key, value in differences.items() if key not in FREELY_CHANGED}
+            changed = {f"{group}.{key}": {"checkpoint": old, "now": new} for group in ("model", "data", "recipe")
+                       for key, (old, new) in differences(saved.get(group, {}), current.get(group, {})).items()}
+            refused = {key: value for key, value in changed.items() if key not in FREELY_CHANGED}
             if refused and not self.args.allow_config_change:
                 listed = "; ".join(f"{key}: {value['checkpoint']!r} in the checkpoint, {value['now']!r} now"
                                    for key, value in refused.items())
@@ -515,7 +476,7 @@ class Run:
                 check_weights_fit(self.resume_from, config, option="--resume_from_checkpoint")
             step = _step_of(self.resume_from)
             self.resumes = saved.get("resumes", []) + [{
-                "checkpoint": self.resume_from, "step": step, "changed": differences}]
+                "checkpoint": self.resume_from, "step": step, "changed": changed}]
             # a checkpoint written before segments were recorded: its steps' time and command are unknown
             self.earlier_segments = saved.get("segments") or [{"steps": [0, step], "seconds": None, "images": None,
                                                                "command": None}]
@@ -524,8 +485,7 @@ class Run:
             write_json(os.path.join(self.args.output_dir, SETTINGS_NAME), self.settings)
 
     def train(self, trainer):
-        """`trainer.train()`, resuming as resolved; stopped by a signal -> the resume command, exit 128 + signal.
-        A resume with nothing left to train returns empty metrics."""
+        """`trainer.train()`, resuming as resolved (nothing left to train: empty metrics); a signal stops it."""
         from transformers.trainer_utils import TrainOutput
 
         trainer.run_settings = self.settings_now
@@ -561,9 +521,8 @@ class Run:
         return result
 
     def segments(self, step: int | None = None) -> list[dict]:
-        """The run's training, one entry per process that trained it, up to now (at `step`, during training; to the
-        last checkpoint for the earlier ones: what came after it was trained again): {"steps": [first, last],
-        "seconds", "images", "command"}. Seconds are wall time in the training loop, evaluations included."""
+        """The run's training, one entry per process that trained it, up to `step` (earlier ones: to the checkpoint
+        resumed): {"steps": [first, last], "seconds" (training loop and evaluations), "images", "command"}."""
         if self.clock is None:
             return list(self.earlier_segments)
         start, began = self.clock

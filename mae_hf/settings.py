@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 
+from .configuration_mae import MAEConfig
 from .data import source_identity
 from .inputs import read_json_object
 from .redaction import redact
@@ -20,8 +21,7 @@ DATA_FIELDS_IGNORED = ("cache_dir", "preprocessing_num_workers", "data_in_memory
 
 
 def _where(value):
-    """A local path as an absolute one, so that resuming from another working folder compares the same data and
-    weights; anything else (Hub ids, numbers, None) as it is."""
+    """A local path as an absolute one (a resume from another working folder compares alike); else `value` as is."""
     if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
         return os.path.realpath(os.path.expanduser(value))
     return value
@@ -29,8 +29,6 @@ def _where(value):
 
 def run_settings(config, data_args, args, model_args) -> dict:
     """The settings that make a run what it is: the model config and starting point, the data and the recipe."""
-    from .configuration_mae import MAEConfig
-
     config_values = config.to_dict()
     model = {key: config_values[key] for key in sorted(MAEConfig.__annotations__) if key in config_values}
     model["num_labels"] = config.num_labels  # the classifier's head
@@ -42,8 +40,7 @@ def run_settings(config, data_args, args, model_args) -> dict:
     if hasattr(args, "recipe"):  # fine-tuning's augmentation recipe
         recipe.update(args.recipe())
     recipe["lr_scheduler_type"] = getattr(recipe.get("lr_scheduler_type"), "value", recipe.get("lr_scheduler_type"))
-    recipe["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
-        args.world_size
+    recipe["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     # as written (JSON values, tokens redacted), so that a resume compares like with like
     return redact(json.loads(json.dumps({"model": model, "data": data, "recipe": recipe}, default=str)))
 
@@ -53,7 +50,5 @@ def saved_settings(checkpoint: str) -> dict:
     path = os.path.join(checkpoint, SETTINGS_NAME)
     if os.path.isfile(path):
         return read_json_object(path)
-    from .configuration_mae import MAEConfig
-
     config = read_json_object(os.path.join(checkpoint, "config.json"))
     return {"model": {key: config[key] for key in sorted(MAEConfig.__annotations__) if key in config}}

@@ -1,7 +1,5 @@
-"""Pictures of a run: reconstructions of masked images, and the loss curve.
-
-This file imports nothing from mae_hf (only torch, numpy, PIL; matplotlib where needed): the demo app loads it by
-path, next to a published model or from this repository, and a Space runs it without the package installed.
+"""Pictures of a run: reconstructions of masked images, and the loss curve. Imports nothing from mae_hf: the demo
+app loads it by path, and a Space runs it without the package installed.
 """
 
 import contextlib
@@ -16,10 +14,9 @@ ROW_TITLES = ("original", "masked input", "reconstruction", "reconstruction + vi
 @torch.no_grad()
 def reconstruct(model, pixel_values: torch.Tensor, noise: torch.Tensor, mask_ratio: float | None = None,
                 bf16: bool = False):
-    """`(pictures, loss)`: pictures `(4, B, C, H, W)` in [0, 1] (original, masked input, reconstruction,
-    reconstruction with the visible patches pasted back) and the masked-patch loss of the batch, masking
-    `mask_ratio` of the patches (default: the model's), the model run under bf16 autocast when `bf16` (on a CPU or
-    GPU). Predictions of a `norm_pix_loss` model get each patch's mean/std back from the original."""
+    """`(pictures, loss)`: pictures `(4, B, C, H, W)` in [0, 1] (the `ROW_TITLES`) and the batch's masked-patch loss,
+    masking `mask_ratio` of the patches (default: the model's), under bf16 autocast when `bf16`. A `norm_pix_loss`
+    model's predictions get each patch's mean/std back from the original."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -38,12 +35,7 @@ def reconstruct(model, pixel_values: torch.Tensor, noise: torch.Tensor, mask_rat
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         prediction = prediction * (var + 1.0e-6) ** 0.5 + mean
     mask = outputs.mask[..., None]
-    images = torch.stack([
-        target,
-        target * (1 - mask),
-        prediction,
-        target * (1 - mask) + prediction * mask,
-    ])
+    images = torch.stack([target, target * (1 - mask), prediction, target * (1 - mask) + prediction * mask])
     config = model.config
     mean = torch.tensor(config.image_mean, device=device).view(1, 1, -1, 1, 1)
     std = torch.tensor(config.image_std, device=device).view(1, 1, -1, 1, 1)
@@ -78,10 +70,6 @@ def grid_image(rows: torch.Tensor, titles=ROW_TITLES, scale: int = 4, gap: int =
         for c in range(num_cols):
             canvas.paste(to_pil(rows[r, c], scale), (title_width + c * (cell_w + gap), r * (cell_h + gap)))
     return canvas
-
-
-def save_reconstructions(model, pixel_values: torch.Tensor, noise: torch.Tensor, path: str, bf16: bool = False) -> None:
-    grid_image(reconstruction_rows(model, pixel_values, noise, bf16)).save(path)
 
 
 def save_loss_curve(log_history: list[dict], path: str) -> bool:

@@ -9,7 +9,7 @@ the source's preprocessor_config.json image_mean/image_std are kept).
 """
 
 import argparse
-import json
+import os
 from pathlib import Path
 
 from transformers import ViTMAEForPreTraining
@@ -17,7 +17,7 @@ from transformers import ViTMAEForPreTraining
 import mae_hf
 from mae_hf.cli import run_script
 from mae_hf.convert import from_vit_mae, to_vit_mae
-from mae_hf.inputs import read_json_object, weight_shapes
+from mae_hf.inputs import has_decoder, read_json_object
 
 TARGET = {"vit_mae": "mae_hf", "mae_hf": "vit_mae"}  # source model_type -> target model_type
 
@@ -33,13 +33,9 @@ def source_model_type(src: Path) -> str:
 
 
 def check_has_decoder(src: Path) -> None:
-    """Only a pretraining model (encoder + decoder) converts: from an encoder or a classifier folder the converted
-    model's decoder would be freshly initialised, and its reconstructions meaningless."""
-    shapes = weight_shapes(str(src), "SRC_DIR")  # missing, truncated or garbage weights: named, before any loading
+    """Only a pretraining model converts: another's converted decoder would be random, its reconstructions noise."""
     architectures = read_json_object(str(src / "config.json"), "a model config").get("architectures") or []
-    has_decoder = any(name.startswith("decoder.") for name in shapes) if shapes is not None else \
-        any(name.endswith("ForPreTraining") for name in architectures)
-    if not has_decoder:
+    if not has_decoder(str(src), architectures, "SRC_DIR"):  # broken weights are named here, before any loading
         held = f" ({', '.join(architectures)})" if architectures else ""
         raise ValueError(f"{src} holds no decoder weights{held}: only a pretraining model (encoder + decoder) "
                          "converts. Convert the pretraining run's folder (its decoder is part of the model).")
@@ -78,9 +74,9 @@ def main(argv=None) -> None:
         ours.image_processor().save_pretrained(args.out)  # a ViTImageProcessor config
     else:
         ours = from_vit_mae(ViTMAEForPreTraining.from_pretrained(args.src))
-        processor_file = args.src / "preprocessor_config.json"
-        if processor_file.is_file():  # keep the source's normalisation (e.g. ImageNet statistics)
-            processor = json.loads(processor_file.read_text())
+        processor_file = str(args.src / "preprocessor_config.json")
+        if os.path.isfile(processor_file):  # keep the source's normalisation (e.g. ImageNet statistics)
+            processor = read_json_object(processor_file, "an image processor config")
             for key in ("image_mean", "image_std"):
                 if key in processor:
                     setattr(ours.config, key, [float(v) for v in processor[key]])

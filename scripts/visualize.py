@@ -10,27 +10,25 @@ the data flags and --seed are the run's own, recorded in its pretraining_summary
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mae_hf import MAEForPreTraining
-from mae_hf.cli import UsageError, parse_args, run_script
+from mae_hf.cli import UsageError, flag, parse_args, run_script
 from mae_hf.data import BatchTransform, DataArguments, eval_crop_fraction, fixed_noise, load_image_splits
 from mae_hf.inputs import check_pretraining_folder, read_json_object
 from mae_hf.paths import check_output_folder
 from mae_hf.precision import BF16_AUTO_HELP, decide_bf16
 from mae_hf.settings import SETTINGS_NAME
-from mae_hf.visualize import save_reconstructions
+from mae_hf.visualize import grid_image, reconstruction_rows
 
 
 @dataclass
 class VisualizeArguments:
-    output: str | None = field(default=None, metadata={"help": "PNG to write (default MODEL_DIR/reconstructions.png)."})
-    num_images: int = field(default=8, metadata={"help": "Images (columns) in the grid."})
-    seed: int = field(default=42, metadata={"help": "Seed of the fixed masks (pretrain.py uses its --seed)."})
-    bf16: bool | None = field(
-        default=None,
-        metadata={"help": f"bf16 autocast: {BF16_AUTO_HELP}"})
-    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars (decoding), as the other scripts."})
+    output: str | None = flag(None, "PNG to write (default MODEL_DIR/reconstructions.png).")
+    num_images: int = flag(8, "Images (columns) in the grid.")
+    seed: int = flag(42, "Seed of the fixed masks (pretrain.py uses its --seed).")
+    bf16: bool | None = flag(None, f"bf16 autocast: {BF16_AUTO_HELP}")
+    disable_tqdm: bool = flag(False, "No progress bars (decoding), as the other scripts.")
 
     def __post_init__(self):
         if self.num_images < 1:
@@ -40,9 +38,8 @@ class VisualizeArguments:
 
 
 def recorded_settings(model_dir: str | None) -> dict:
-    """The data flags and seed of the pretraining run in `model_dir` (its pretraining_summary.json, or for a
-    checkpoint folder its run_settings.json), so that the grid shows that run's own evaluation images and masks;
-    {} for a folder with neither."""
+    """The data flags and seed the run in `model_dir` recorded (pretraining_summary.json, or a checkpoint's
+    run_settings.json), so that the grid shows its own evaluation images and masks; {} for a folder with neither."""
     summary_path, settings_path = (os.path.join(model_dir or "", name) for name in (
         "pretraining_summary.json", SETTINGS_NAME))
     if model_dir is not None and os.path.isfile(summary_path):
@@ -63,14 +60,6 @@ def recorded_settings(model_dir: str | None) -> dict:
     return {key: value for key, value in recorded.items() if value is not None}
 
 
-def check_output_parent(output: str) -> None:
-    """Before decoding: --output is a PNG path whose folder exists or can be created (it is, as users expect)."""
-    check_output_folder(os.path.dirname(os.path.abspath(output)), option="--output's folder",
-                        give="a PNG path in a folder", writable=False)
-    if os.path.isdir(output):
-        raise UsageError(f"--output {output} is a folder. Give a PNG file path, e.g. {output.rstrip('/')}/grid.png.")
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     model_dir = argv.pop(0) if argv and not argv[0].startswith("-") else None
@@ -82,7 +71,10 @@ def main(argv=None):
         sys.exit(2)
     check_pretraining_folder(model_dir)  # before loading: a probe would get a random decoder
     output = args.output or f"{model_dir.rstrip('/')}/reconstructions.png"
-    check_output_parent(output)
+    check_output_folder(os.path.dirname(os.path.abspath(output)), option="--output's folder",  # created, if missing
+                        give="a PNG path in a folder", writable=False)
+    if os.path.isdir(output):
+        raise UsageError(f"--output {output} is a folder. Give a PNG file path, e.g. {output.rstrip('/')}/grid.png.")
     model = MAEForPreTraining.from_pretrained(model_dir)
     train, evaluation = load_image_splits(data_args, model.config.image_size, model.config.num_channels,
                                           first=args.num_images, progress=not args.disable_tqdm)
@@ -92,7 +84,7 @@ def main(argv=None):
     pixel_values = transform(*evaluation.read(range(len(evaluation))))
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     bf16, precision = decide_bf16(args.bf16, model.device)
-    save_reconstructions(model, pixel_values, noise, output, bf16=bf16)
+    grid_image(reconstruction_rows(model, pixel_values, noise, bf16=bf16)).save(output)
     print(f"[visualize] {output} ({precision})")
 
 
