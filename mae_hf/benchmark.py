@@ -57,6 +57,7 @@ More suites, same flags:
 import argparse
 import contextlib
 import copy
+import importlib
 import json
 import os
 import statistics
@@ -77,6 +78,10 @@ from .redaction import recorded_command
 from .transfer import synchronize
 
 MB = 2**20
+# suite -> the module of its `<suite>_suite` (the probe, augment and attention suites use this module's timers)
+SUITES = {"model": "benchmark", "pipeline": "benchmark", "probe": "benchmark_suites", "augment": "benchmark_suites",
+          "attention": "benchmark_suites", "data": "benchmark_data", "listing": "benchmark_data",
+          "memory": "benchmark_data"}
 
 
 def build_models(config: MAEConfig, seed: int, device: str, baseline_dir: str | None = None) -> dict:
@@ -96,7 +101,6 @@ def import_baseline(folder: str):
     """The model file of another checkout (`folder`/mae_hf/modeling_mae.py), imported beside this one as
     `mae_hf_baseline.modeling_mae`, without that package's `__init__` (which would register its classes with the Auto
     classes in place of ours)."""
-    import importlib
     import types
 
     package = os.path.join(folder, "mae_hf")
@@ -109,12 +113,13 @@ def import_baseline(folder: str):
     return importlib.import_module("mae_hf_baseline.modeling_mae")
 
 
-def train_step(model, optimizer, pixel_values, autocast):
-    with autocast:
-        loss = model(pixel_values=pixel_values).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def train_step(model, optimizer, pixel_values, autocast, steps: int = 1):
+    for _ in range(steps):
+        with autocast:
+            loss = model(pixel_values=pixel_values).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def tensor_bytes(tensors) -> int:
@@ -162,13 +167,24 @@ def timed_chunk(model, optimizer, pixel_values, autocast, steps: int, device: st
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, optimizer, pixel_values, autocast)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = device_seconds(device, train_step, model, optimizer, pixel_values, autocast, steps)
     return seconds, (torch.cuda.max_memory_allocated() - base if cuda else None)
+
+
+def alternating(runs: dict, rounds: int, measure) -> dict:
+    """`{name: [measure(run), one per round]}` for `runs` ({name: run}), who goes first alternating between rounds, so
+    that machine noise hits every run alike."""
+    measured = {name: [] for name in runs}
+    for round_index in range(rounds):
+        for name in list(runs) if round_index % 2 == 0 else list(runs)[::-1]:
+            measured[name].append(measure(runs[name]))
+    return measured
+
+
+def median_ratio(values, reference) -> tuple[float, list[float]]:
+    """The median of the per-round ratios `values / reference` (robust while the load hits both alike), and those."""
+    ratios = [a / b for a, b in zip(values, reference)]
+    return statistics.median(ratios), ratios
 
 
 MODES = {"fp32": (False, False), "bf16": (True, False), "fp32+compile": (False, True), "bf16+compile": (True, True)}
@@ -198,7 +214,7 @@ def step_flops(model, pixel_values) -> float:
 
 def gemm_shapes(config: MAEConfig, batch: int) -> list[tuple[int, int, int]]:
     """(M, K, N) of the largest matrix products of a train step: the encoder's and the decoder's MLP inputs."""
-    kept = 1 + int(config.num_patches * (1 - config.mask_ratio))
+    kept = 1 + config.num_visible_patches
     return [(batch * kept, config.hidden_size, config.intermediate_size),
             (batch * (1 + config.num_patches), config.decoder_hidden_size, config.decoder_intermediate_size)]
 
@@ -243,13 +259,11 @@ def model_suite(args, config, bf16, autocast):
                 "stepper": torch.compile(model) if compiled else model,
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "train_state_mb": train_state_bytes(model, optimizer, pixel_values, context) / MB,
-                "images_per_s_rounds": [], "cpu_ms_per_image_rounds": [], "cuda_peak_mb": None,
-                "first_step_seconds": None}
+                "images_per_s_rounds": [], "cpu_ms_per_image_rounds": [], "cuda_peak_mb": None}
     for run in runs.values():  # the first call of a compiled model compiles it
         run["first_step_seconds"] = device_seconds(args.device, train_step, run["stepper"], run["optimizer"],
                                                    pixel_values, run["autocast"])
-        for _ in range(args.warmup):
-            train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
+        train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"], steps=args.warmup)
 
     gemm = {"fp32": [], "bf16": []}
     keys = list(runs)
@@ -276,10 +290,6 @@ def model_suite(args, config, bf16, autocast):
         for mode in modes:
             print_profiles({name: runs[name, mode] for name in base}, pixel_values, args.profile_steps, mode)
 
-    def per_round(values, reference):
-        ratios = [a / b for a, b in zip(values, reference)]
-        return statistics.median(ratios), ratios
-
     results = {}
     for (name, mode), run in runs.items():
         rounds = run["images_per_s_rounds"]
@@ -293,7 +303,7 @@ def model_suite(args, config, bf16, autocast):
                                ("baseline_first_mode", ("baseline", modes[0]))):
             if reference in runs:
                 reference_rounds = runs[reference]["images_per_s_rounds"]
-                result[f"over_{key}"], result[f"over_{key}_per_round"] = per_round(rounds, reference_rounds)
+                result[f"over_{key}"], result[f"over_{key}_per_round"] = median_ratio(rounds, reference_rounds)
                 result[f"best_over_{key}"] = max(rounds) / max(reference_rounds)
         if gemm["fp32"]:
             rates = gemm["bf16" if MODES[mode][0] else "fp32"]
@@ -350,8 +360,7 @@ def model_suite(args, config, bf16, autocast):
               f"{result[f'best_over_{reference}_first_mode']:.2f})")
     return {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
             "modes": modes, "optimizer": args.optimizer, "native_bf16": native_bf16(args.device),
-            "load_average_before": load_before,
-            "load_average_after": load_after, "gemm_shapes": shapes,
+            "load_average_before": load_before, "load_average_after": load_after, "gemm_shapes": shapes,
             "gemm_flops_per_s_rounds": gemm, "gemm_limit_images_per_s": limits, "results": results,
             "memory_notes": {"train_state_mb": "parameters, buffers + gradients + AdamW state + unique storages saved "
                              "for backward in one eager forward (those not counted twice); lower bound of the peak",
@@ -386,8 +395,7 @@ def pipeline_suite(args, config, bf16, autocast):
     stepper = torch.compile(model) if args.compile else model
     optimizer = make_optimizer(model, args.optimizer)
     pixel_values = BatchTransform.for_model(config)(*data.read(range(args.batch_size))).to(args.device)
-    for _ in range(args.warmup):
-        train_step(stepper, optimizer, pixel_values, autocast)
+    train_step(stepper, optimizer, pixel_values, autocast, steps=args.warmup)
     rounds = {"model_only": [], "pipeline": []}
 
     def pipeline_run(output_dir: str, steps: int, seed: int, callbacks: list) -> PretrainingArguments:
@@ -500,22 +508,19 @@ def main(argv=None):
                              f"({', '.join(MODES)}); overrides --bf16/--compile.")
     parser.add_argument("--optimizer", choices=("fused", "foreach", "for_loop"), default="fused",
                         help="AdamW implementation (default fused: the Trainer's adamw_torch_fused).")
-    parser.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=True,
-                        help="Model suite: measure fp32 and bf16 matrix-product FLOP/s in each round (the GEMM "
-                             "limit).")
-    parser.add_argument("--profile_steps", type=int, default=0,
-                        help="Model suite: afterwards, profile this many steps of each model in each mode "
-                             "(torch.profiler) and print the operators side by side.")
+    parser.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=True, help="Model suite: measure "
+                        "fp32 and bf16 matrix-product FLOP/s in each round (the GEMM limit).")
+    parser.add_argument("--profile_steps", type=int, default=0, help="Model suite: afterwards, profile this many "
+                        "steps of each model in each mode (torch.profiler) and print the operators side by side.")
     parser.add_argument("--baseline_dir",
                         help="Model suite: also time the mae_hf of this checkout (a folder holding its mae_hf/, e.g. "
                              "from `git archive <commit> | tar -x -C DIR`), as the model 'baseline'.")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", help="Also write the figures to this JSON file.")
-    parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment", "attention", "data", "listing",
-                                             "memory"),
-                        default="model", help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model "
-                                              "step; probe, augment, attention, data, listing, memory: see above.")
+    parser.add_argument("--suite", choices=list(SUITES), default="model",
+                        help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model step; probe, augment, "
+                             "attention, data, listing, memory: see above.")
     parser.add_argument("--attention_tokens", type=int, nargs="+", default=[17, 65, 257, 577, 769, 1025],
                         help="Token counts (attention suite).")
     parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "configs/finetune_strong.yaml"),
@@ -524,9 +529,9 @@ def main(argv=None):
     parser.add_argument("--sync_debug_steps", type=int, default=0,
                         help="Pipeline suite, CUDA: afterwards, count the host-device synchronisations over this many "
                              "pipeline steps (torch.cuda.set_sync_debug_mode('warn')); recorded as sync_debug.")
-    parser.add_argument("--pipeline_prepared", type=int, default=0,
-                        help="Pipeline suite on a prepared folder of this many synthetic JPEGs read from disk by "
-                             "--data_workers workers (0: random images in memory).")
+    parser.add_argument("--pipeline_prepared", type=int, default=0, help="Pipeline suite on a prepared folder of "
+                        "this many synthetic JPEGs read from disk by --data_workers workers (0: random images in "
+                        "memory).")
     parser.add_argument("--config_name", help="A model config file (e.g. configs/models/mae_vit_base_patch16.json), "
                                               "before --config_overrides.")
     parser.add_argument("--probe_images", type=int, default=1024, help="Synthetic images (probe suite).")
@@ -572,21 +577,13 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
 
-    from .benchmark_suites import attention_suite, augment_suite, probe_suite  # they use this module's timers
-
-    suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite,
-              "attention": attention_suite}
-    if args.suite in ("data", "listing", "memory"):  # the data path: no model involved
-        from . import benchmark_data
-
-        record = getattr(benchmark_data, f"{args.suite}_suite")(args)
-    else:
-        record = suites[args.suite](args, config, bf16, autocast)
+    suite = getattr(importlib.import_module(f".{SUITES[args.suite]}", __package__), f"{args.suite}_suite")
+    data_path = SUITES[args.suite] == "benchmark_data"  # no model involved
+    record = suite(args) if data_path else suite(args, config, bf16, autocast)
     record.update(command=recorded_command(), suite=args.suite, device=args.device,
                   # with --modes, each mode names its precision and compilation (no single one for the run)
                   dtype=None if args.modes else "bf16 autocast" if bf16 else "fp32",
-                  compile=None if args.modes else args.compile, modes=args.modes,
-                  threads=torch.get_num_threads(),
+                  compile=None if args.modes else args.compile, modes=args.modes, threads=torch.get_num_threads(),
                   keep_freed_memory=keep_freed_memory_requested(),
                   torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
     if args.output_json:
