@@ -58,7 +58,6 @@ import argparse
 import contextlib
 import copy
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -72,8 +71,9 @@ import transformers
 from .cli import keep_freed_memory_requested, parse_overrides
 from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
+from .inputs import write_json
 from .modeling_mae import MAEForPreTraining
-from .precision import BF16_AUTO_HELP, autocast_for, decide_bf16, native_bf16
+from .precision import BF16_AUTO_HELP, autocast_for, decide_bf16, native_bf16, warn_if_emulated
 from .redaction import recorded_command
 from .transfer import synchronize
 
@@ -559,9 +559,8 @@ def main(argv=None):
     if args.modes:  # each mode names its precision; --bf16/--compile do not apply
         bf16 = False
         emulated = [mode for mode in args.modes if MODES[mode][0]]
-        if emulated and torch.device(args.device).type == "cpu" and native_bf16(args.device) is None:
-            print(f"warning: --modes {' '.join(emulated)} on a CPU without native bf16 (no AMX, AVX512-BF16 or Arm "
-                  "BF16): bf16 is emulated there and runs slower than fp32.", file=sys.stderr, flush=True)
+        if emulated:
+            warn_if_emulated(f"--modes {' '.join(emulated)}", args.device)
     else:
         bf16, _ = decide_bf16(args.bf16, args.device, switch=True)
     autocast = autocast_for(args.device, bf16)
@@ -587,6 +586,5 @@ def main(argv=None):
                   keep_freed_memory=keep_freed_memory_requested(),
                   torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
     if args.output_json:
-        with open(args.output_json, "w") as handle:
-            json.dump(record, handle, indent=2)
+        write_json(args.output_json, record)
 

@@ -76,12 +76,12 @@ def augment_suite(args, config, bf16, autocast):
     mixer = recipe.mixer(num_labels)
     crop = (recipe.crop_min_scale, 1.0) if recipe.crop_min_scale < 1 else None
     baseline_transform = BatchTransform.for_model(config, crop_scale=crop, hflip=recipe.horizontal_flip)
-    pixel_values, targets = mixer(strong_transform(images), labels) if mixer else (strong_transform(images), None)
-    targets = F.one_hot(labels, num_labels).float() if targets is None else targets
 
     def strong():
         x = strong_transform(images)
         return mixer(x, labels) if mixer is not None else x
+
+    pixel_values, targets = strong() if mixer else (strong(), F.one_hot(labels, num_labels).float())
 
     def step():
         with autocast:

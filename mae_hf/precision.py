@@ -55,6 +55,15 @@ def native_bf16(device) -> str | None:
     return None
 
 
+def warn_if_emulated(flag: str, device) -> bool:
+    """Whether `device` is a CPU that emulates bf16; if so, a one-line warning on stderr that `flag` runs slow."""
+    emulated = torch.device(device).type == "cpu" and native_bf16(device) is None
+    if emulated:
+        print(f"warning: {flag} on a CPU without native bf16 (no AMX, AVX512-BF16 or Arm BF16): bf16 is emulated "
+              "there and runs slower than fp32.", file=sys.stderr, flush=True)
+    return emulated
+
+
 def decide_bf16(requested: bool | None, device, switch: bool = False, tf32: bool | None = None) -> tuple[bool, str]:
     """`(bf16, precision)`: whether to autocast to bf16 on `device`, and the precision in words with the reason, for
     plan lines and results. `requested` None means the default (native bf16 or not); True on a CPU without native
@@ -70,9 +79,7 @@ def decide_bf16(requested: bool | None, device, switch: bool = False, tf32: bool
         slower = ", where bf16 runs slower than fp32" if device.type == "cpu" else ""
         precision = (f"bf16 autocast (default: {where} computes bf16 natively, {native})" if bf16
                      else f"fp32 (default: {where} has no native bf16{slower})")
-    elif requested and native is None and device.type == "cpu":
-        print(f"warning: {on} on a CPU without native bf16 (no AMX, AVX512-BF16 or Arm BF16): bf16 is emulated "
-              "there and runs slower than fp32.", file=sys.stderr, flush=True)
+    elif requested and warn_if_emulated(on, device):
         bf16, precision = True, f"bf16 autocast ({on}; emulated on this CPU, slower than fp32)"
     else:
         bf16, precision = bool(requested), f"bf16 autocast ({on})" if requested else f"fp32 ({off})"

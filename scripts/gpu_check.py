@@ -81,11 +81,12 @@ def installed_version(name: str):
 
 # ---- install ---------------------------------------------------------------------------------------------------
 
-def install(wheels: str, target: str) -> int:
-    """pip install --no-index --no-deps into `target` each carried wheel whose package this Python lacks or has in
-    an older version; the others are left (the machine's own are newer or the same)."""
+def install(args) -> int:
+    """pip install --no-index --no-deps into --site each carried wheel (of --install) whose package this Python lacks
+    or has in an older version; the others are left (the machine's own are newer or the same)."""
     from packaging.utils import parse_wheel_filename
 
+    wheels, target = args.install, args.site
     chosen, kept = [], []
     for wheel in sorted(os.listdir(wheels)) if os.path.isdir(wheels) else []:
         if not wheel.endswith(".whl"):
@@ -98,14 +99,12 @@ def install(wheels: str, target: str) -> int:
     if not chosen:
         return 0
     for wheel, name, version, have in chosen:
-        print(f"[gpu_check] {name} {version}: installing the carried wheel ({'absent' if have is None else have} "
-              "here)")
+        print(f"[gpu_check] {name} {version}: installing the carried wheel ({have or 'absent'} here)")
     command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                "--no-cache-dir", "--upgrade", "--target", target, *(os.path.join(wheels, w[0]) for w in chosen)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        print(f"error: installing the carried wheels failed: {' '.join(result.stderr.split()[-40:])}",
-              file=sys.stderr)
+        print(f"error: installing the carried wheels failed: {' '.join(result.stderr.split()[-40:])}", file=sys.stderr)
         return 2
     return 0
 
@@ -276,9 +275,8 @@ def figures(step: str, runs: str) -> dict:
                  "dtype": record["dtype"], "compile": record["compile"], "batch_size": record["batch_size"],
                  "data_workers": record.get("data_workers")}
         if record.get("sync_debug"):
-            found["sync_warnings"] = record["sync_debug"]["warnings"]
-            found["sync_debug_steps"] = record["sync_debug"]["steps"]
-            found["sync_places"] = record["sync_debug"]["places"]
+            sync = record["sync_debug"]
+            found.update(sync_warnings=sync["warnings"], sync_debug_steps=sync["steps"], sync_places=sync["places"])
         return found
     if step == "model":
         results = files[0]["results"]
@@ -405,13 +403,7 @@ def main(argv=None) -> int:
     missing = [f"--{name}" for name in needed[action] if getattr(args, name) is None]
     if missing:
         parser.error(f"--{action} needs {', '.join(missing)}.")
-    if action == "install":
-        return install(args.install, args.site)
-    if action == "preflight":
-        return preflight(args)
-    if action == "record":
-        return record_step(args)
-    return finish(args)
+    return {"install": install, "preflight": preflight, "record": record_step, "finish": finish}[action](args)
 
 
 if __name__ == "__main__":
