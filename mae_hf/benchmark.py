@@ -62,6 +62,7 @@ import os
 import statistics
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -86,31 +87,24 @@ SUITES = {"model": "benchmark", "pipeline": "benchmark", "probe": "benchmark_sui
 
 def build_models(config: MAEConfig, seed: int, device: str, baseline_dir: str | None = None) -> dict:
     """mae_hf and ViTMAE with identical weights (so both compute the same function); with `baseline_dir`, also the
-    mae_hf of that checkout ("baseline": e.g. `git archive <commit> | tar -x -C DIR`), with the same weights."""
+    mae_hf of that checkout ("baseline"), with the same weights: its mae_hf/modeling_mae.py imported beside this one
+    as `mae_hf_baseline.modeling_mae`, without that package's `__init__` (which would register its classes with the
+    Auto classes in place of ours)."""
     torch.manual_seed(seed)
     ours = MAEForPreTraining(config)
     models = {"mae_hf": ours, "ViTMAE": to_vit_mae(ours)}
     if baseline_dir is not None:
-        package = import_baseline(baseline_dir)
-        models["baseline"] = package.MAEForPreTraining(package.MAEConfig.from_dict(config.to_dict()))
+        package = os.path.join(baseline_dir, "mae_hf")
+        if not os.path.isfile(os.path.join(package, "modeling_mae.py")):
+            raise ValueError(f"--baseline_dir {baseline_dir}: no mae_hf/modeling_mae.py there; extract a checkout "
+                             f"first, e.g. git archive <commit> | tar -x -C {baseline_dir}")
+        module = types.ModuleType("mae_hf_baseline")
+        module.__path__ = [package]
+        sys.modules.setdefault("mae_hf_baseline", module)
+        baseline = importlib.import_module("mae_hf_baseline.modeling_mae")
+        models["baseline"] = baseline.MAEForPreTraining(baseline.MAEConfig.from_dict(config.to_dict()))
         models["baseline"].load_state_dict(ours.state_dict())
     return {name: model.to(device).train() for name, model in models.items()}
-
-
-def import_baseline(folder: str):
-    """The model file of another checkout (`folder`/mae_hf/modeling_mae.py), imported beside this one as
-    `mae_hf_baseline.modeling_mae`, without that package's `__init__` (which would register its classes with the Auto
-    classes in place of ours)."""
-    import types
-
-    package = os.path.join(folder, "mae_hf")
-    if not os.path.isfile(os.path.join(package, "modeling_mae.py")):
-        raise ValueError(f"--baseline_dir {folder}: no mae_hf/modeling_mae.py there; extract a checkout first, e.g. "
-                         f"git archive <commit> | tar -x -C {folder}")
-    module = types.ModuleType("mae_hf_baseline")
-    module.__path__ = [package]
-    sys.modules.setdefault("mae_hf_baseline", module)
-    return importlib.import_module("mae_hf_baseline.modeling_mae")
 
 
 def train_step(model, optimizer, pixel_values, autocast, steps: int = 1):
@@ -144,8 +138,7 @@ def train_state_bytes(model, optimizer, pixel_values, autocast) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
-        loss = model(pixel_values=pixel_values).loss
-    del loss
+        model(pixel_values=pixel_values)  # its graph, and what the graph saved, freed at once
     grads = tensor_bytes(p for p in model.parameters() if p.requires_grad)
     return resident_bytes(model, optimizer) + grads + sum(saved.values())
 
@@ -270,13 +263,12 @@ def model_suite(args, config, bf16, autocast):
     for round_index in range(args.rounds):
         shift = round_index % len(keys)  # rotate who goes first
         for key in keys[shift:] + keys[:shift]:
-            run = runs[key]
-            cpu_start = time.process_time()
+            run, cpu_start = runs[key], time.process_time()
             seconds, peak_rise = timed_chunk(run["stepper"], run["optimizer"], pixel_values, run["autocast"],
                                              args.steps, args.device)
-            run["cpu_ms_per_image_rounds"].append(1000 * (time.process_time() - cpu_start) /
-                                                  (args.batch_size * args.steps))
-            run["images_per_s_rounds"].append(args.batch_size * args.steps / seconds)
+            images = args.batch_size * args.steps
+            run["cpu_ms_per_image_rounds"].append(1000 * (time.process_time() - cpu_start) / images)
+            run["images_per_s_rounds"].append(images / seconds)
             if peak_rise is not None:
                 peak = (resident_bytes(run["model"], run["optimizer"]) + peak_rise) / MB
                 run["cuda_peak_mb"] = max(run["cuda_peak_mb"] or 0.0, peak)
@@ -323,9 +315,8 @@ def model_suite(args, config, bf16, autocast):
         limits = {precision: statistics.median(rates) / flops["mae_hf"] for precision, rates in gemm.items()}
         rates = {precision: statistics.median(values) / 1e9 for precision, values in gemm.items()}
         print(f"matrix products at the step's largest shapes {shapes}: fp32 {rates['fp32']:,.0f} GFLOP/s, bf16 "
-              f"{rates['bf16']:,.0f} GFLOP/s (medians over rounds); a train step "
-              f"is {gflop:.2f} GFLOP per image, so the GEMM limit is {limits['fp32']:,.1f} images/s in fp32, "
-              f"{limits['bf16']:,.1f} in bf16\n")
+              f"{rates['bf16']:,.0f} GFLOP/s (medians over rounds); a train step is {gflop:.2f} GFLOP per image, so "
+              f"the GEMM limit is {limits['fp32']:,.1f} images/s in fp32, {limits['bf16']:,.1f} in bf16\n")
     print(f"{args.device} (native bf16: {native_bf16(args.device) or 'none'}), batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads, AdamW {args.optimizer}; load "
           f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after (1 min; {os.cpu_count()} CPUs)\n")
@@ -339,7 +330,7 @@ def model_suite(args, config, bf16, autocast):
         rounds = result["images_per_s_rounds"]
         percent = result.get("percent_of_gemm_limit")
         compile_seconds = result.get("compile_seconds")
-        pays = ("" if compile_seconds is None or "break_even_steps" not in result
+        pays = ("" if "break_even_steps" not in result  # compiled modes with an eager run to compare with
                 else "never" if result["break_even_steps"] is None else f"{result['break_even_steps']:,.0f}")
         print(f"| {result['model']} | {result['mode']} | {result['images_per_s']:.1f} | {min(rounds):.1f} | "
               f"{max(rounds):.1f} | {result['cpu_ms_per_image']:.1f} | {result['over_vit_mae']:.2f} | "

@@ -10,12 +10,9 @@ from transformers.activations import ACT2FN
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-AUTO_MAP = {
-    "AutoConfig": "configuration_mae.MAEConfig",
-    "AutoModel": "modeling_mae.MAEModel",
-    "AutoModelForPreTraining": "modeling_mae.MAEForPreTraining",
-    "AutoModelForImageClassification": "modeling_mae.MAEForImageClassification",
-}
+AUTO_MAP = {"AutoConfig": "configuration_mae.MAEConfig", "AutoModel": "modeling_mae.MAEModel",
+            "AutoModelForPreTraining": "modeling_mae.MAEForPreTraining",
+            "AutoModelForImageClassification": "modeling_mae.MAEForImageClassification"}
 
 
 class DefaultStatistics(list):

@@ -30,7 +30,7 @@ import sys
 import tarfile
 import time
 
-# step -> the result files (under RUNS) its figures are read from, and the figures
+# step -> what it proves; RESULT_FILES: the files (under RUNS) its figures are read from
 STEPS = {
     "pipeline": "the default CIFAR-10 pretraining pipeline against the model-only step (bf16, compile)",
     "model": "mae_hf against transformers' ViTMAE, one train step",
@@ -79,8 +79,6 @@ def installed_version(name: str):
         return None
 
 
-# ---- install ---------------------------------------------------------------------------------------------------
-
 def install(args) -> int:
     """pip install --no-index --no-deps into --site each carried wheel (of --install) whose package this Python lacks
     or has in an older version; the others are left (the machine's own are newer or the same)."""
@@ -108,8 +106,6 @@ def install(args) -> int:
         return 2
     return 0
 
-
-# ---- preflight -------------------------------------------------------------------------------------------------
 
 def check_packages(notes: list) -> str | None:
     """None when torch, transformers (at this project's minimum), datasets, evaluate and this checkout's mae_hf
@@ -260,8 +256,6 @@ def preflight(args) -> int:
     return 0
 
 
-# ---- step records ----------------------------------------------------------------------------------------------
-
 def figures(step: str, runs: str) -> dict:
     """The figures a step's result files hold, by name (what summary.md shows)."""
     files = [read_json(os.path.join(runs, name)) for name in RESULT_FILES[step]]
@@ -280,7 +274,7 @@ def figures(step: str, runs: str) -> dict:
         return found
     if step == "model":
         results = files[0]["results"]
-        found = {"dtype": files[0]["dtype"], "compile": files[0]["compile"], "batch_size": files[0]["batch_size"]}
+        found = {key: files[0][key] for key in ("dtype", "compile", "batch_size")}
         for key, result in results.items():
             name = result["model"]
             found[f"{name}_images_per_s"] = result["images_per_s"]
