@@ -189,13 +189,10 @@ def data_suite(args) -> dict:
           "without batches in flight: mae_hf | run_mae.py's |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for count, row in results.items():
-        ours, theirs = row["mae_hf"], row["run_mae.py"]
-        print(f"| {count:,} | {ours['images_per_worker_cpu_second']:,.0f} | "
-              f"{theirs['images_per_worker_cpu_second']:,.0f} | "
-              f"{ours['images_per_worker_cpu_second'] / theirs['images_per_worker_cpu_second']:.2f} | "
-              f"{ours['peak_pss_mb']:,.0f} MB | {theirs['peak_pss_mb']:,.0f} MB | "
-              f"{ours['peak_pss_without_batches_in_flight_mb']:,.0f} MB | "
-              f"{theirs['peak_pss_without_batches_in_flight_mb']:,.0f} MB |")
+        ours, theirs = (row[name]["images_per_worker_cpu_second"] for name in LOADERS)
+        print(f"| {count:,} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f} | " + " | ".join(
+            f"{row[name][key]:,.0f} MB" for key in ("peak_pss_mb", "peak_pss_without_batches_in_flight_mb")
+            for name in LOADERS) + " |")
     sizes = sorted(results)
     growth, own = ({name: results[sizes[-1]][name][key] - results[sizes[0]][name][key] for name in LOADERS}
                    for key in ("peak_pss_mb", "peak_pss_without_batches_in_flight_mb"))
