@@ -43,11 +43,9 @@ def native_bf16(device) -> str | None:
     """What computes bf16 natively on `device` ("AMX", "AVX512-BF16", ..., "CUDA"), or None where it is emulated
     (or not known to be native: devices other than CPUs and CUDA GPUs)."""
     device = torch.device(device)
+    if device.type == "cuda" and torch.version.hip is not None:  # ROCm: its own answer (MI200 and newer)
+        return "ROCm" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return None
-        if torch.version.hip is not None:  # ROCm: its own answer (MI200 and newer)
-            return "ROCm" if torch.cuda.is_bf16_supported() else None
         return "CUDA" if ampere_or_newer(device) else None
     if device.type == "cpu":
         capabilities = cpu_capabilities()

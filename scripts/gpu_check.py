@@ -45,8 +45,9 @@ RESULT_FILES = {
     "probe": ["probe/linear_probe_results.json", "probe/knn_results.json"],
     "finetune": ["finetune/finetune_results.json"],
 }
-VERSIONS = ("torch", "transformers", "datasets", "evaluate", "accelerate", "huggingface-hub", "tokenizers",
-            "safetensors", "pyarrow", "fsspec", "pandas", "numpy", "dill", "multiprocess", "regex", "triton")
+REQUIRED = ("torch", "transformers", "datasets", "evaluate", "accelerate")  # must import, at pyproject's versions
+VERSIONS = (*REQUIRED, "huggingface-hub", "tokenizers", "safetensors", "pyarrow", "fsspec", "pandas", "numpy", "dill",
+            "multiprocess", "regex", "triton")
 
 
 def read_json(path: str):
@@ -116,7 +117,7 @@ def check_packages(notes: list) -> str | None:
     with open("pyproject.toml", "rb") as handle:
         dependencies = tomllib.load(handle)["project"]["dependencies"]
 
-    for module in ("torch", "transformers", "datasets", "evaluate", "accelerate", "mae_hf"):
+    for module in (*REQUIRED, "mae_hf"):
         try:
             where = importlib.import_module(module).__file__
         except Exception as error:
@@ -127,8 +128,8 @@ def check_packages(notes: list) -> str | None:
     for line in dependencies:
         requirement = Requirement(line)
         have = installed_version(requirement.name)
-        if requirement.name in ("torch", "transformers", "datasets", "evaluate", "accelerate") and \
-                have is not None and not requirement.specifier.contains(have, prereleases=True):
+        if requirement.name in REQUIRED and have is not None and \
+                not requirement.specifier.contains(have, prereleases=True):
             if requirement.name == "torch":  # pyproject's bound says what is tested; older may still work
                 notes.append(f"torch {have} is outside pyproject's tested range {requirement.specifier}")
                 continue
