@@ -55,6 +55,7 @@ More suites, same flags:
 """
 
 import argparse
+import collections
 import contextlib
 import copy
 import importlib
@@ -473,13 +474,9 @@ class SyncDebugWindow(transformers.TrainerCallback):
                 self.warnings = [w for w in caught if "synchroniz" in str(w.message)]
 
     def record(self) -> dict:
-        places = {}
-        for warning in self.warnings:
-            place = f"{os.path.relpath(warning.filename)}:{warning.lineno}"
-            places[place] = places.get(place, 0) + 1
+        places = collections.Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in self.warnings)
         return {"steps": self.steps, "first_step": self.first_step, "mode": "warn",
-                "warnings": len(self.warnings) if self.cuda else None,
-                "places": dict(sorted(places.items(), key=lambda item: -item[1]))}
+                "warnings": len(self.warnings) if self.cuda else None, "places": dict(places.most_common())}
 
 
 def main(argv=None):

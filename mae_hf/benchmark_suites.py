@@ -94,6 +94,7 @@ def augment_suite(args, config, bf16, autocast):
     for run in parts.values():
         for _ in range(args.warmup):
             run()
+
     def per_batch(part) -> tuple[float, float]:
         """Wall time and the process's CPU time (on a shared CPU the wall time also holds waiting for cores, which
         hits many small ops harder than a few large ones)."""
@@ -165,14 +166,12 @@ def attention_suite(args, config, bf16, autocast):
     def timed(function, qkv, train: bool) -> float:
         return device_seconds(args.device, calls, function, qkv, train) / args.steps
 
-    rows = []
+    rows, functions = [], {"sdpa": kernel, "formula": formula}
     for tokens in args.attention_tokens:
         batch = max(1, args.batch_size * 65 // tokens)  # about the same number of tokens per call
         for dtype in (torch.float32, torch.bfloat16):
-            qkv = torch.randn(batch, tokens, 3 * heads * head_dim, dtype=dtype, device=args.device,
-                              requires_grad=True)
+            qkv = torch.randn(batch, tokens, 3 * heads * head_dim, dtype=dtype, device=args.device, requires_grad=True)
             for train in (True, False):
-                functions = {"sdpa": kernel, "formula": formula}
                 for function in functions.values():
                     timed(function, qkv, train)  # warm up
                 seconds = alternating(functions, args.rounds, lambda function: timed(function, qkv, train))
