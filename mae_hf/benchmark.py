@@ -376,9 +376,8 @@ def pipeline_suite(args, config, bf16, autocast):
         from .benchmark_data import prepared_folder
 
         folder = prepared_folder(args.data_dir or tempfile.mkdtemp(prefix="mae_hf_pipeline_"), args.pipeline_prepared)
-        data, _ = load_image_splits(DataArguments(dataset_name=folder, data_in_memory="false",
-                                                  validation_split_percentage=1), config.image_size,
-                                    num_workers=args.data_workers)
+        stored = DataArguments(dataset_name=folder, data_in_memory="false", validation_split_percentage=1)
+        data, _ = load_image_splits(stored, config.image_size, num_workers=args.data_workers)
     else:
         images = torch.randint(0, 256, (args.pipeline_images, config.num_channels, config.image_size,
                                         config.image_size), dtype=torch.uint8)

@@ -145,11 +145,10 @@ def make_loader(name: str, folder: str, image_size: int, batch_size: int, worker
     from .data.prepared import load_prepared
 
     if name == "mae_hf":
-        train, _ = load_image_splits(DataArguments(dataset_name=folder, data_in_memory="false",
-                                                   validation_split_percentage=1), image_size, num_workers=workers)
-        return torch.utils.data.DataLoader(ImageDataset(train), batch_size=batch_size, shuffle=True,
-                                           num_workers=workers, collate_fn=collate, drop_last=True,
-                                           persistent_workers=True)
+        stored = DataArguments(dataset_name=folder, data_in_memory="false", validation_split_percentage=1)
+        train, _ = load_image_splits(stored, image_size, num_workers=workers)
+        return torch.utils.data.DataLoader(ImageDataset(train), batch_size=batch_size, num_workers=workers,
+                                           shuffle=True, collate_fn=collate, drop_last=True, persistent_workers=True)
     # run_mae.py's dataset: the memory-mapped split, each image decoded by PIL in the transform (what an `Image`
     # column does; casting the bytes to one would copy the whole column into memory first).
     from PIL import Image
