@@ -316,8 +316,7 @@ def summary(results: dict) -> str:
         lines.append(f"- torch.compile {'on' if compile_record['on'] else 'OFF'}: {compile_record['why']}")
     if preflight.get("shared_memory"):
         lines.append(f"- ViT-B step workers: {preflight['shared_memory']['why']}")
-    for note in preflight.get("notes", []):
-        lines.append(f"- note: {note}")
+    lines += [f"- note: {note}" for note in preflight.get("notes", [])]
     if preflight.get("problem"):
         lines.append(f"- preflight failed: {preflight['problem']}")
     lines += ["", "| step | what it proves | status | seconds (cap) | figures |", "|---|---|---|---:|---|",
@@ -327,10 +326,8 @@ def summary(results: dict) -> str:
         found = "; ".join(f"{key} {shown(value)}" for key, value in record.get("figures", {}).items())
         lines.append(f"| {step} | {STEPS.get(step, '')} | {record['status']} | {record['seconds']} "
                      f"({record['cap_seconds']}) | {found} |")
-    lines += ["", "Commands:", ""]
-    for step, record in results.get("steps", {}).items():
-        if record.get("command"):
-            lines.append(f"- {step}: `{record['command']}`")
+    lines += ["", "Commands:", ""] + [f"- {step}: `{record['command']}`" for step, record in
+                                      results.get("steps", {}).items() if record.get("command")]
     return "\n".join(lines)
 
 
