@@ -4,12 +4,7 @@ Importing the package registers the models with the Auto classes, and marks them
 the code files next to the weights (`trust_remote_code=True` then loads them without this package).
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForImageClassification,
-    AutoModelForPreTraining,
-)
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
 
 from .configuration_mae import MAEConfig
 from .modeling_mae import (
@@ -23,20 +18,10 @@ from .modeling_mae import (
 
 AutoConfig.register(MAEConfig.model_type, MAEConfig, exist_ok=True)
 MAEConfig.register_for_auto_class()
-for auto_class, model_class in (
-    (AutoModel, MAEModel),
-    (AutoModelForPreTraining, MAEForPreTraining),
-    (AutoModelForImageClassification, MAEForImageClassification),
-):
+for auto_class, model_class in ((AutoModel, MAEModel), (AutoModelForPreTraining, MAEForPreTraining),
+                                 (AutoModelForImageClassification, MAEForImageClassification)):
     auto_class.register(MAEConfig, model_class, exist_ok=True)
     model_class.register_for_auto_class(auto_class.__name__)
 
-__all__ = [
-    "MAEConfig",
-    "MAEForImageClassification",
-    "MAEForPreTraining",
-    "MAEModel",
-    "MAEPreTrainedModel",
-    "random_masking",
-    "sincos_position_embedding",
-]
+__all__ = ["MAEConfig", "MAEForImageClassification", "MAEForPreTraining", "MAEModel", "MAEPreTrainedModel",
+           "random_masking", "sincos_position_embedding"]

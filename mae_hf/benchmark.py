@@ -55,13 +55,15 @@ More suites, same flags:
 """
 
 import argparse
+import collections
 import contextlib
 import copy
-import json
+import importlib
 import os
 import statistics
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -71,50 +73,48 @@ import transformers
 from .cli import keep_freed_memory_requested, parse_overrides
 from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
+from .inputs import write_json
 from .modeling_mae import MAEForPreTraining
-from .precision import BF16_AUTO_HELP, autocast_for, decide_bf16, native_bf16
+from .precision import BF16_AUTO_HELP, autocast_for, decide_bf16, native_bf16, warn_if_emulated
 from .redaction import recorded_command
 from .transfer import synchronize
 
 MB = 2**20
+# suite -> the module of its `<suite>_suite` (the probe, augment and attention suites use this module's timers)
+SUITES = {"model": "benchmark", "pipeline": "benchmark", "probe": "benchmark_suites", "augment": "benchmark_suites",
+          "attention": "benchmark_suites", "data": "benchmark_data", "listing": "benchmark_data",
+          "memory": "benchmark_data"}
 
 
 def build_models(config: MAEConfig, seed: int, device: str, baseline_dir: str | None = None) -> dict:
     """mae_hf and ViTMAE with identical weights (so both compute the same function); with `baseline_dir`, also the
-    mae_hf of that checkout ("baseline": e.g. `git archive <commit> | tar -x -C DIR`), with the same weights."""
+    mae_hf of that checkout ("baseline"), with the same weights: its mae_hf/modeling_mae.py imported beside this one
+    as `mae_hf_baseline.modeling_mae`, without that package's `__init__` (which would register its classes with the
+    Auto classes in place of ours)."""
     torch.manual_seed(seed)
     ours = MAEForPreTraining(config)
     models = {"mae_hf": ours, "ViTMAE": to_vit_mae(ours)}
     if baseline_dir is not None:
-        package = import_baseline(baseline_dir)
-        models["baseline"] = package.MAEForPreTraining(package.MAEConfig.from_dict(config.to_dict()))
+        package = os.path.join(baseline_dir, "mae_hf")
+        if not os.path.isfile(os.path.join(package, "modeling_mae.py")):
+            raise ValueError(f"--baseline_dir {baseline_dir}: no mae_hf/modeling_mae.py there; extract a checkout "
+                             f"first, e.g. git archive <commit> | tar -x -C {baseline_dir}")
+        module = types.ModuleType("mae_hf_baseline")
+        module.__path__ = [package]
+        sys.modules.setdefault("mae_hf_baseline", module)
+        baseline = importlib.import_module("mae_hf_baseline.modeling_mae")
+        models["baseline"] = baseline.MAEForPreTraining(baseline.MAEConfig.from_dict(config.to_dict()))
         models["baseline"].load_state_dict(ours.state_dict())
     return {name: model.to(device).train() for name, model in models.items()}
 
 
-def import_baseline(folder: str):
-    """The model file of another checkout (`folder`/mae_hf/modeling_mae.py), imported beside this one as
-    `mae_hf_baseline.modeling_mae`, without that package's `__init__` (which would register its classes with the Auto
-    classes in place of ours)."""
-    import importlib
-    import types
-
-    package = os.path.join(folder, "mae_hf")
-    if not os.path.isfile(os.path.join(package, "modeling_mae.py")):
-        raise ValueError(f"--baseline_dir {folder}: no mae_hf/modeling_mae.py there; extract a checkout first, e.g. "
-                         f"git archive <commit> | tar -x -C {folder}")
-    module = types.ModuleType("mae_hf_baseline")
-    module.__path__ = [package]
-    sys.modules.setdefault("mae_hf_baseline", module)
-    return importlib.import_module("mae_hf_baseline.modeling_mae")
-
-
-def train_step(model, optimizer, pixel_values, autocast):
-    with autocast:
-        loss = model(pixel_values=pixel_values).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def train_step(model, optimizer, pixel_values, autocast, steps: int = 1):
+    for _ in range(steps):
+        with autocast:
+            loss = model(pixel_values=pixel_values).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def tensor_bytes(tensors) -> int:
@@ -139,8 +139,7 @@ def train_state_bytes(model, optimizer, pixel_values, autocast) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
-        loss = model(pixel_values=pixel_values).loss
-    del loss
+        model(pixel_values=pixel_values)  # its graph, and what the graph saved, freed at once
     grads = tensor_bytes(p for p in model.parameters() if p.requires_grad)
     return resident_bytes(model, optimizer) + grads + sum(saved.values())
 
@@ -162,13 +161,24 @@ def timed_chunk(model, optimizer, pixel_values, autocast, steps: int, device: st
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, optimizer, pixel_values, autocast)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = device_seconds(device, train_step, model, optimizer, pixel_values, autocast, steps)
     return seconds, (torch.cuda.max_memory_allocated() - base if cuda else None)
+
+
+def alternating(runs: dict, rounds: int, measure) -> dict:
+    """`{name: [measure(run), one per round]}` for `runs` ({name: run}), who goes first alternating between rounds, so
+    that machine noise hits every run alike."""
+    measured = {name: [] for name in runs}
+    for round_index in range(rounds):
+        for name in list(runs) if round_index % 2 == 0 else list(runs)[::-1]:
+            measured[name].append(measure(runs[name]))
+    return measured
+
+
+def median_ratio(values, reference) -> tuple[float, list[float]]:
+    """The median of the per-round ratios `values / reference` (robust while the load hits both alike), and those."""
+    ratios = [a / b for a, b in zip(values, reference)]
+    return statistics.median(ratios), ratios
 
 
 MODES = {"fp32": (False, False), "bf16": (True, False), "fp32+compile": (False, True), "bf16+compile": (True, True)}
@@ -198,7 +208,7 @@ def step_flops(model, pixel_values) -> float:
 
 def gemm_shapes(config: MAEConfig, batch: int) -> list[tuple[int, int, int]]:
     """(M, K, N) of the largest matrix products of a train step: the encoder's and the decoder's MLP inputs."""
-    kept = 1 + int(config.num_patches * (1 - config.mask_ratio))
+    kept = 1 + config.num_visible_patches
     return [(batch * kept, config.hidden_size, config.intermediate_size),
             (batch * (1 + config.num_patches), config.decoder_hidden_size, config.decoder_intermediate_size)]
 
@@ -243,26 +253,23 @@ def model_suite(args, config, bf16, autocast):
                 "stepper": torch.compile(model) if compiled else model,
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "train_state_mb": train_state_bytes(model, optimizer, pixel_values, context) / MB,
-                "images_per_s_rounds": [], "cpu_ms_per_image_rounds": [], "cuda_peak_mb": None,
-                "first_step_seconds": None}
+                "images_per_s_rounds": [], "cpu_ms_per_image_rounds": [], "cuda_peak_mb": None}
     for run in runs.values():  # the first call of a compiled model compiles it
         run["first_step_seconds"] = device_seconds(args.device, train_step, run["stepper"], run["optimizer"],
                                                    pixel_values, run["autocast"])
-        for _ in range(args.warmup):
-            train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
+        train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"], steps=args.warmup)
 
     gemm = {"fp32": [], "bf16": []}
     keys = list(runs)
     for round_index in range(args.rounds):
         shift = round_index % len(keys)  # rotate who goes first
         for key in keys[shift:] + keys[:shift]:
-            run = runs[key]
-            cpu_start = time.process_time()
+            run, cpu_start = runs[key], time.process_time()
             seconds, peak_rise = timed_chunk(run["stepper"], run["optimizer"], pixel_values, run["autocast"],
                                              args.steps, args.device)
-            run["cpu_ms_per_image_rounds"].append(1000 * (time.process_time() - cpu_start) /
-                                                  (args.batch_size * args.steps))
-            run["images_per_s_rounds"].append(args.batch_size * args.steps / seconds)
+            images = args.batch_size * args.steps
+            run["cpu_ms_per_image_rounds"].append(1000 * (time.process_time() - cpu_start) / images)
+            run["images_per_s_rounds"].append(images / seconds)
             if peak_rise is not None:
                 peak = (resident_bytes(run["model"], run["optimizer"]) + peak_rise) / MB
                 run["cuda_peak_mb"] = max(run["cuda_peak_mb"] or 0.0, peak)
@@ -275,10 +282,6 @@ def model_suite(args, config, bf16, autocast):
 
         for mode in modes:
             print_profiles({name: runs[name, mode] for name in base}, pixel_values, args.profile_steps, mode)
-
-    def per_round(values, reference):
-        ratios = [a / b for a, b in zip(values, reference)]
-        return statistics.median(ratios), ratios
 
     results = {}
     for (name, mode), run in runs.items():
@@ -293,7 +296,7 @@ def model_suite(args, config, bf16, autocast):
                                ("baseline_first_mode", ("baseline", modes[0]))):
             if reference in runs:
                 reference_rounds = runs[reference]["images_per_s_rounds"]
-                result[f"over_{key}"], result[f"over_{key}_per_round"] = per_round(rounds, reference_rounds)
+                result[f"over_{key}"], result[f"over_{key}_per_round"] = median_ratio(rounds, reference_rounds)
                 result[f"best_over_{key}"] = max(rounds) / max(reference_rounds)
         if gemm["fp32"]:
             rates = gemm["bf16" if MODES[mode][0] else "fp32"]
@@ -313,9 +316,8 @@ def model_suite(args, config, bf16, autocast):
         limits = {precision: statistics.median(rates) / flops["mae_hf"] for precision, rates in gemm.items()}
         rates = {precision: statistics.median(values) / 1e9 for precision, values in gemm.items()}
         print(f"matrix products at the step's largest shapes {shapes}: fp32 {rates['fp32']:,.0f} GFLOP/s, bf16 "
-              f"{rates['bf16']:,.0f} GFLOP/s (medians over rounds); a train step "
-              f"is {gflop:.2f} GFLOP per image, so the GEMM limit is {limits['fp32']:,.1f} images/s in fp32, "
-              f"{limits['bf16']:,.1f} in bf16\n")
+              f"{rates['bf16']:,.0f} GFLOP/s (medians over rounds); a train step is {gflop:.2f} GFLOP per image, so "
+              f"the GEMM limit is {limits['fp32']:,.1f} images/s in fp32, {limits['bf16']:,.1f} in bf16\n")
     print(f"{args.device} (native bf16: {native_bf16(args.device) or 'none'}), batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads, AdamW {args.optimizer}; load "
           f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after (1 min; {os.cpu_count()} CPUs)\n")
@@ -329,7 +331,7 @@ def model_suite(args, config, bf16, autocast):
         rounds = result["images_per_s_rounds"]
         percent = result.get("percent_of_gemm_limit")
         compile_seconds = result.get("compile_seconds")
-        pays = ("" if compile_seconds is None or "break_even_steps" not in result
+        pays = ("" if "break_even_steps" not in result  # compiled modes with an eager run to compare with
                 else "never" if result["break_even_steps"] is None else f"{result['break_even_steps']:,.0f}")
         print(f"| {result['model']} | {result['mode']} | {result['images_per_s']:.1f} | {min(rounds):.1f} | "
               f"{max(rounds):.1f} | {result['cpu_ms_per_image']:.1f} | {result['over_vit_mae']:.2f} | "
@@ -350,8 +352,7 @@ def model_suite(args, config, bf16, autocast):
               f"{result[f'best_over_{reference}_first_mode']:.2f})")
     return {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
             "modes": modes, "optimizer": args.optimizer, "native_bf16": native_bf16(args.device),
-            "load_average_before": load_before,
-            "load_average_after": load_after, "gemm_shapes": shapes,
+            "load_average_before": load_before, "load_average_after": load_after, "gemm_shapes": shapes,
             "gemm_flops_per_s_rounds": gemm, "gemm_limit_images_per_s": limits, "results": results,
             "memory_notes": {"train_state_mb": "parameters, buffers + gradients + AdamW state + unique storages saved "
                              "for backward in one eager forward (those not counted twice); lower bound of the peak",
@@ -375,9 +376,8 @@ def pipeline_suite(args, config, bf16, autocast):
         from .benchmark_data import prepared_folder
 
         folder = prepared_folder(args.data_dir or tempfile.mkdtemp(prefix="mae_hf_pipeline_"), args.pipeline_prepared)
-        data, _ = load_image_splits(DataArguments(dataset_name=folder, data_in_memory="false",
-                                                  validation_split_percentage=1), config.image_size,
-                                    num_workers=args.data_workers)
+        stored = DataArguments(dataset_name=folder, data_in_memory="false", validation_split_percentage=1)
+        data, _ = load_image_splits(stored, config.image_size, num_workers=args.data_workers)
     else:
         images = torch.randint(0, 256, (args.pipeline_images, config.num_channels, config.image_size,
                                         config.image_size), dtype=torch.uint8)
@@ -386,8 +386,7 @@ def pipeline_suite(args, config, bf16, autocast):
     stepper = torch.compile(model) if args.compile else model
     optimizer = make_optimizer(model, args.optimizer)
     pixel_values = BatchTransform.for_model(config)(*data.read(range(args.batch_size))).to(args.device)
-    for _ in range(args.warmup):
-        train_step(stepper, optimizer, pixel_values, autocast)
+    train_step(stepper, optimizer, pixel_values, autocast, steps=args.warmup)
     rounds = {"model_only": [], "pipeline": []}
 
     def pipeline_run(output_dir: str, steps: int, seed: int, callbacks: list) -> PretrainingArguments:
@@ -474,13 +473,9 @@ class SyncDebugWindow(transformers.TrainerCallback):
                 self.warnings = [w for w in caught if "synchroniz" in str(w.message)]
 
     def record(self) -> dict:
-        places = {}
-        for warning in self.warnings:
-            place = f"{os.path.relpath(warning.filename)}:{warning.lineno}"
-            places[place] = places.get(place, 0) + 1
+        places = collections.Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in self.warnings)
         return {"steps": self.steps, "first_step": self.first_step, "mode": "warn",
-                "warnings": len(self.warnings) if self.cuda else None,
-                "places": dict(sorted(places.items(), key=lambda item: -item[1]))}
+                "warnings": len(self.warnings) if self.cuda else None, "places": dict(places.most_common())}
 
 
 def main(argv=None):
@@ -500,22 +495,19 @@ def main(argv=None):
                              f"({', '.join(MODES)}); overrides --bf16/--compile.")
     parser.add_argument("--optimizer", choices=("fused", "foreach", "for_loop"), default="fused",
                         help="AdamW implementation (default fused: the Trainer's adamw_torch_fused).")
-    parser.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=True,
-                        help="Model suite: measure fp32 and bf16 matrix-product FLOP/s in each round (the GEMM "
-                             "limit).")
-    parser.add_argument("--profile_steps", type=int, default=0,
-                        help="Model suite: afterwards, profile this many steps of each model in each mode "
-                             "(torch.profiler) and print the operators side by side.")
+    parser.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=True, help="Model suite: measure "
+                        "fp32 and bf16 matrix-product FLOP/s in each round (the GEMM limit).")
+    parser.add_argument("--profile_steps", type=int, default=0, help="Model suite: afterwards, profile this many "
+                        "steps of each model in each mode (torch.profiler) and print the operators side by side.")
     parser.add_argument("--baseline_dir",
                         help="Model suite: also time the mae_hf of this checkout (a folder holding its mae_hf/, e.g. "
                              "from `git archive <commit> | tar -x -C DIR`), as the model 'baseline'.")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", help="Also write the figures to this JSON file.")
-    parser.add_argument("--suite", choices=("model", "pipeline", "probe", "augment", "attention", "data", "listing",
-                                             "memory"),
-                        default="model", help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model "
-                                              "step; probe, augment, attention, data, listing, memory: see above.")
+    parser.add_argument("--suite", choices=list(SUITES), default="model",
+                        help="model: ours vs ViTMAE (default); pipeline: whole pipeline vs model step; probe, augment, "
+                             "attention, data, listing, memory: see above.")
     parser.add_argument("--attention_tokens", type=int, nargs="+", default=[17, 65, 257, 577, 769, 1025],
                         help="Token counts (attention suite).")
     parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "configs/finetune_strong.yaml"),
@@ -524,9 +516,9 @@ def main(argv=None):
     parser.add_argument("--sync_debug_steps", type=int, default=0,
                         help="Pipeline suite, CUDA: afterwards, count the host-device synchronisations over this many "
                              "pipeline steps (torch.cuda.set_sync_debug_mode('warn')); recorded as sync_debug.")
-    parser.add_argument("--pipeline_prepared", type=int, default=0,
-                        help="Pipeline suite on a prepared folder of this many synthetic JPEGs read from disk by "
-                             "--data_workers workers (0: random images in memory).")
+    parser.add_argument("--pipeline_prepared", type=int, default=0, help="Pipeline suite on a prepared folder of "
+                        "this many synthetic JPEGs read from disk by --data_workers workers (0: random images in "
+                        "memory).")
     parser.add_argument("--config_name", help="A model config file (e.g. configs/models/mae_vit_base_patch16.json), "
                                               "before --config_overrides.")
     parser.add_argument("--probe_images", type=int, default=1024, help="Synthetic images (probe suite).")
@@ -554,9 +546,8 @@ def main(argv=None):
     if args.modes:  # each mode names its precision; --bf16/--compile do not apply
         bf16 = False
         emulated = [mode for mode in args.modes if MODES[mode][0]]
-        if emulated and torch.device(args.device).type == "cpu" and native_bf16(args.device) is None:
-            print(f"warning: --modes {' '.join(emulated)} on a CPU without native bf16 (no AMX, AVX512-BF16 or Arm "
-                  "BF16): bf16 is emulated there and runs slower than fp32.", file=sys.stderr, flush=True)
+        if emulated:
+            warn_if_emulated(f"--modes {' '.join(emulated)}", args.device)
     else:
         bf16, _ = decide_bf16(args.bf16, args.device, switch=True)
     autocast = autocast_for(args.device, bf16)
@@ -572,24 +563,15 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
 
-    from .benchmark_suites import attention_suite, augment_suite, probe_suite  # they use this module's timers
-
-    suites = {"model": model_suite, "pipeline": pipeline_suite, "probe": probe_suite, "augment": augment_suite,
-              "attention": attention_suite}
-    if args.suite in ("data", "listing", "memory"):  # the data path: no model involved
-        from . import benchmark_data
-
-        record = getattr(benchmark_data, f"{args.suite}_suite")(args)
-    else:
-        record = suites[args.suite](args, config, bf16, autocast)
+    suite = getattr(importlib.import_module(f".{SUITES[args.suite]}", __package__), f"{args.suite}_suite")
+    data_path = SUITES[args.suite] == "benchmark_data"  # no model involved
+    record = suite(args) if data_path else suite(args, config, bf16, autocast)
     record.update(command=recorded_command(), suite=args.suite, device=args.device,
                   # with --modes, each mode names its precision and compilation (no single one for the run)
                   dtype=None if args.modes else "bf16 autocast" if bf16 else "fp32",
-                  compile=None if args.modes else args.compile, modes=args.modes,
-                  threads=torch.get_num_threads(),
+                  compile=None if args.modes else args.compile, modes=args.modes, threads=torch.get_num_threads(),
                   keep_freed_memory=keep_freed_memory_requested(),
                   torch=torch.__version__, transformers=transformers.__version__, config=config.to_dict())
     if args.output_json:
-        with open(args.output_json, "w") as handle:
-            json.dump(record, handle, indent=2)
+        write_json(args.output_json, record)
 

@@ -1,15 +1,6 @@
-"""Benchmarks of the data path (scripts/benchmark.py --suite data / listing / memory), on synthetic JPEGs that this
-module writes itself (photo-like: smooth colour fields with grain, short side 256, four aspect ratios).
-
-- data: images per DataLoader-worker CPU-second delivered from a prepared folder (decode onto canvases, ready for
-  the device) against transformers' run_mae.py way on the same stored JPEG bytes (a `datasets` split with a
-  per-image transform in the workers: random-resized crop to the model's size, flip, to a normalised float tensor);
-  and the peak proportional memory (PSS) of the main process and its workers together, for several data sizes.
-- listing: one os.scandir pass over an image-folder tree (what --train_dir and prepare_data.py use) against
-  `datasets`' imagefolder builder, on empty files.
-- memory: the peak memory of a process that decodes N images into memory (`--data_in_memory true`), for several N:
-  its growth against the decoded pixels.
-"""
+"""Benchmarks of the data path (scripts/benchmark.py --suite data / listing / memory, described in
+mae_hf/benchmark.py), on synthetic JPEGs that this module writes itself (photo-like: smooth colour fields with grain,
+short side 256, four aspect ratios)."""
 
 import io
 import json
@@ -26,6 +17,7 @@ import torch
 
 ASPECTS = ((256, 341), (341, 256), (256, 256), (256, 384))  # (height, width) at short side 256
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LOADERS = ("mae_hf", "run_mae.py")  # make_loader's two: the prepared folder's, run_mae.py's per-image transform
 
 
 def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -153,11 +145,10 @@ def make_loader(name: str, folder: str, image_size: int, batch_size: int, worker
     from .data.prepared import load_prepared
 
     if name == "mae_hf":
-        train, _ = load_image_splits(DataArguments(dataset_name=folder, data_in_memory="false",
-                                                   validation_split_percentage=1), image_size, num_workers=workers)
-        return torch.utils.data.DataLoader(ImageDataset(train), batch_size=batch_size, shuffle=True,
-                                           num_workers=workers, collate_fn=collate, drop_last=True,
-                                           persistent_workers=True)
+        stored = DataArguments(dataset_name=folder, data_in_memory="false", validation_split_percentage=1)
+        train, _ = load_image_splits(stored, image_size, num_workers=workers)
+        return torch.utils.data.DataLoader(ImageDataset(train), batch_size=batch_size, num_workers=workers,
+                                           shuffle=True, collate_fn=collate, drop_last=True, persistent_workers=True)
     # run_mae.py's dataset: the memory-mapped split, each image decoded by PIL in the transform (what an `Image`
     # column does; casting the bytes to one would copy the whole column into memory first).
     from PIL import Image
@@ -183,31 +174,27 @@ def measure_in_a_fresh_process(folder: str, loader: str, image_size: int, batch_
 
 
 def data_suite(args) -> dict:
+    """Per data size, a prepared folder's loader (decoded onto canvases, ready for the device) against run_mae.py's
+    per-image transform in the workers on the same stored JPEG bytes: images per worker CPU-second and peak PSS."""
     root = args.data_dir or tempfile.mkdtemp(prefix="mae_hf_data_benchmark_")
     results = {}
     for count in args.data_sizes:
         folder = prepared_folder(root, count)
         results[count] = {name: measure_in_a_fresh_process(folder, name, args.data_image_size, args.batch_size,
-                                                            args.data_workers) for name in ("mae_hf", "run_mae.py")}
+                                                            args.data_workers) for name in LOADERS}
     print(f"\nDataLoader workers: {args.data_workers}, batch {args.batch_size}, JPEGs at short side 256, "
           f"model input {args.data_image_size} px\n")
     print("| images | images / worker CPU-s: mae_hf | run_mae.py's | ratio | peak PSS: mae_hf | run_mae.py's | "
           "without batches in flight: mae_hf | run_mae.py's |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for count, row in results.items():
-        ours, theirs = row["mae_hf"], row["run_mae.py"]
-        print(f"| {count:,} | {ours['images_per_worker_cpu_second']:,.0f} | "
-              f"{theirs['images_per_worker_cpu_second']:,.0f} | "
-              f"{ours['images_per_worker_cpu_second'] / theirs['images_per_worker_cpu_second']:.2f} | "
-              f"{ours['peak_pss_mb']:,.0f} MB | {theirs['peak_pss_mb']:,.0f} MB | "
-              f"{ours['peak_pss_without_batches_in_flight_mb']:,.0f} MB | "
-              f"{theirs['peak_pss_without_batches_in_flight_mb']:,.0f} MB |")
+        ours, theirs = (row[name]["images_per_worker_cpu_second"] for name in LOADERS)
+        print(f"| {count:,} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f} | " + " | ".join(
+            f"{row[name][key]:,.0f} MB" for key in ("peak_pss_mb", "peak_pss_without_batches_in_flight_mb")
+            for name in LOADERS) + " |")
     sizes = sorted(results)
-    growth = {name: results[sizes[-1]][name][key] - results[sizes[0]][name][key]
-              for name in ("mae_hf", "run_mae.py")
-              for key in ("peak_pss_mb",)}
-    own = {name: results[sizes[-1]][name]["peak_pss_without_batches_in_flight_mb"]
-           - results[sizes[0]][name]["peak_pss_without_batches_in_flight_mb"] for name in ("mae_hf", "run_mae.py")}
+    growth, own = ({name: results[sizes[-1]][name][key] - results[sizes[0]][name][key] for name in LOADERS}
+                   for key in ("peak_pss_mb", "peak_pss_without_batches_in_flight_mb"))
     print(f"\npeak PSS growth from {sizes[0]:,} to {sizes[-1]:,} images: mae_hf {growth['mae_hf']:+,.0f} MB "
           f"({own['mae_hf']:+,.0f} MB without the batches in flight), run_mae.py {growth['run_mae.py']:+,.0f} MB "
           f"({own['run_mae.py']:+,.0f} MB)")
@@ -217,6 +204,8 @@ def data_suite(args) -> dict:
 
 
 def listing_suite(args) -> dict:
+    """One os.scandir pass over an image-folder tree of empty files (what --train_dir and prepare_data.py use)
+    against `datasets`' imagefolder builder."""
     import datasets
 
     from .data.sources import list_image_folder
@@ -254,7 +243,8 @@ print(json.dumps({"decoded_bytes": train.decoded_bytes + evaluation.decoded_byte
 
 
 def memory_suite(args) -> dict:
-    """Peak memory (/usr/bin/time -v) of decoding N JPEGs into memory, for each N of --memory_sizes."""
+    """Peak memory (/usr/bin/time -v) of decoding N JPEGs into memory (`--data_in_memory true`), for each N of
+    --memory_sizes: its growth against the decoded pixels."""
     root = args.data_dir or tempfile.mkdtemp(prefix="mae_hf_memory_")
     rows = []
     for count in args.memory_sizes:

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .benchmark import device_seconds, make_optimizer, train_step
+from .benchmark import alternating, device_seconds, make_optimizer, median_ratio, train_step
 from .transfer import synchronize
 
 
@@ -40,11 +40,8 @@ def probe_suite(args, config, bf16, autocast):
 
     results = {}
     for epochs in args.probe_epochs:
-        seconds = {"features_once": [], "encoder_every_epoch": []}
-        for round_index in range(args.rounds):
-            runs = [("features_once", cached), ("encoder_every_epoch", rerun)]
-            for name, run in runs if round_index % 2 == 0 else runs[::-1]:
-                seconds[name].append(device_seconds(args.device, run, epochs))
+        seconds = alternating({"features_once": cached, "encoder_every_epoch": rerun}, args.rounds,
+                              lambda run: device_seconds(args.device, run, epochs))
         medians = {name: statistics.median(values) for name, values in seconds.items()}
         results[epochs] = {"seconds": seconds, "median_seconds": medians,
                            "speedup": medians["encoder_every_epoch"] / medians["features_once"]}
@@ -79,12 +76,12 @@ def augment_suite(args, config, bf16, autocast):
     mixer = recipe.mixer(num_labels)
     crop = (recipe.crop_min_scale, 1.0) if recipe.crop_min_scale < 1 else None
     baseline_transform = BatchTransform.for_model(config, crop_scale=crop, hflip=recipe.horizontal_flip)
-    pixel_values, targets = mixer(strong_transform(images), labels) if mixer else (strong_transform(images), None)
-    targets = F.one_hot(labels, num_labels).float() if targets is None else targets
 
     def strong():
         x = strong_transform(images)
         return mixer(x, labels) if mixer is not None else x
+
+    pixel_values, targets = strong() if mixer else (strong(), F.one_hot(labels, num_labels).float())
 
     def step():
         with autocast:
@@ -97,20 +94,20 @@ def augment_suite(args, config, bf16, autocast):
     for run in parts.values():
         for _ in range(args.warmup):
             run()
-    # Per batch, one entry per round: wall time, and the process's CPU time (on a shared CPU the wall time also
-    # holds waiting for cores, which hits many small ops harder than a few large ones).
-    seconds = {name: [] for name in parts}
-    cpu_seconds = {name: [] for name in parts}
-    for round_index in range(args.rounds):
-        names = list(parts) if round_index % 2 == 0 else list(parts)[::-1]  # alternate who goes first
-        for name in names:
-            synchronize(args.device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(args.steps):
-                parts[name]()
-            synchronize(args.device)
-            seconds[name].append((time.perf_counter() - start) / args.steps)
-            cpu_seconds[name].append((time.process_time() - cpu_start) / args.steps)
+
+    def per_batch(part) -> tuple[float, float]:
+        """Wall time and the process's CPU time (on a shared CPU the wall time also holds waiting for cores, which
+        hits many small ops harder than a few large ones)."""
+        synchronize(args.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(args.steps):
+            part()
+        synchronize(args.device)
+        return (time.perf_counter() - start) / args.steps, (time.process_time() - cpu_start) / args.steps
+
+    measured = alternating(parts, args.rounds, per_batch)  # per batch, one entry per round
+    seconds = {name: [wall for wall, _ in values] for name, values in measured.items()}
+    cpu_seconds = {name: [cpu for _, cpu in values] for name, values in measured.items()}
 
     def ratios_to_step(values):
         per_round = {name: [a / b for a, b in zip(times, values["train_step"])]
@@ -169,21 +166,16 @@ def attention_suite(args, config, bf16, autocast):
     def timed(function, qkv, train: bool) -> float:
         return device_seconds(args.device, calls, function, qkv, train) / args.steps
 
-    rows = []
+    rows, functions = [], {"sdpa": kernel, "formula": formula}
     for tokens in args.attention_tokens:
         batch = max(1, args.batch_size * 65 // tokens)  # about the same number of tokens per call
         for dtype in (torch.float32, torch.bfloat16):
-            qkv = torch.randn(batch, tokens, 3 * heads * head_dim, dtype=dtype, device=args.device,
-                              requires_grad=True)
+            qkv = torch.randn(batch, tokens, 3 * heads * head_dim, dtype=dtype, device=args.device, requires_grad=True)
             for train in (True, False):
-                seconds = {"sdpa": [], "formula": []}
-                runs = [("sdpa", kernel), ("formula", formula)]
-                for round_index in range(args.rounds):
-                    for name, function in runs if round_index % 2 == 0 else runs[::-1]:
-                        if round_index == 0:
-                            timed(function, qkv, train)  # warm up
-                        seconds[name].append(timed(function, qkv, train))
-                ratio = statistics.median(a / b for a, b in zip(seconds["sdpa"], seconds["formula"]))
+                for function in functions.values():
+                    timed(function, qkv, train)  # warm up
+                seconds = alternating(functions, args.rounds, lambda function: timed(function, qkv, train))
+                ratio, _ = median_ratio(seconds["sdpa"], seconds["formula"])
                 rows.append({"tokens": tokens, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
                              "pass": "forward + backward" if train else "inference", "seconds": seconds,
                              "sdpa_over_formula": ratio})

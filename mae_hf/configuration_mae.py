@@ -10,12 +10,9 @@ from transformers.activations import ACT2FN
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-AUTO_MAP = {
-    "AutoConfig": "configuration_mae.MAEConfig",
-    "AutoModel": "modeling_mae.MAEModel",
-    "AutoModelForPreTraining": "modeling_mae.MAEForPreTraining",
-    "AutoModelForImageClassification": "modeling_mae.MAEForImageClassification",
-}
+AUTO_MAP = {"AutoConfig": "configuration_mae.MAEConfig", "AutoModel": "modeling_mae.MAEModel",
+            "AutoModelForPreTraining": "modeling_mae.MAEForPreTraining",
+            "AutoModelForImageClassification": "modeling_mae.MAEForImageClassification"}
 
 
 class DefaultStatistics(list):
@@ -69,15 +66,10 @@ class MAEConfig(PreTrainedConfig):
         linear_probe (`bool`): `MAEForImageClassification` freezes the encoder (always in eval mode, no gradients)
             and puts a BatchNorm without affine parameters before the linear head, as in the MAE paper's linear probe.
         image_mean, image_std (`list[float]`, `float` or `None`): Per-channel normalisation used by the image
-            processor (`(pixel / 255 - mean) / std`). `None` (the default) picks by channel count: the CIFAR-10 training
-            split's statistics for 3 channels, 0.5 / 0.5 for every channel otherwise; these defaults follow
-            `num_channels` when it changes later (`config.num_channels = 1` after construction, then a model is
-            built), values the user gave never change. A single number is used for every channel, as
-            `ViTImageProcessor` does; a list needs one value per channel, and every std must be positive.
-            The names stay those of the first checkpoints (they load unchanged). Generic tooling that rewrites every
-            field whose name contains `_std` to a tiny value (transformers' `_config_zero_init`) therefore also sets
-            `image_std`: a scalar like 1e-10 is accepted (it is a valid, if useless, normalisation) so the model still
-            builds; it changes only the saved processor, never the weights.
+            processor (`(pixel / 255 - mean) / std`): one number for every channel (as `ViTImageProcessor`), or a list
+            of one per channel; every std positive, tiny ones included (docs/models.md, "Construction anywhere").
+            `None` (the default): CIFAR-10's training statistics for 3 channels, 0.5 / 0.5 otherwise; these defaults
+            follow `num_channels` when it changes later, values the user gave never change.
 
     Attention maps (`output_attentions=True`, here or in `forward`) are computed with the eager formula; the config's
     `attn_implementation` (default `sdpa`) is used whenever they are not requested.
@@ -159,6 +151,9 @@ class MAEConfig(PreTrainedConfig):
         def fail(field, why):
             raise ValueError(f"MAEConfig: invalid {field}={getattr(self, field)!r}: {why}.")
 
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
         for field in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
                       "num_attention_heads", "decoder_hidden_size", "decoder_num_hidden_layers",
                       "decoder_num_attention_heads"):
@@ -167,8 +162,7 @@ class MAEConfig(PreTrainedConfig):
                 fail(field, "expected a positive integer")
         for field in ("mlp_ratio", "decoder_mlp_ratio", "mask_ratio", "layer_norm_eps", "initializer_range",
                       "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_number(getattr(self, field)):
                 fail(field, "expected a number")
         if self.image_size % self.patch_size:
             fail("image_size", f"must be divisible by patch_size={self.patch_size}")
@@ -194,10 +188,9 @@ class MAEConfig(PreTrainedConfig):
             value = getattr(self, field)
             if value is None or (isinstance(value, DefaultStatistics) and len(value) != self.num_channels):
                 value = DefaultStatistics(self.default_normalisation(self.num_channels)[field])
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if is_number(value):
                 value = [value] * self.num_channels  # one number for every channel
-            if not isinstance(value, (list, tuple)) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            if not isinstance(value, (list, tuple)) or not all(map(is_number, value)):
                 fail(field, "expected a number or a list of numbers, one per channel")
             if len(value) != self.num_channels:
                 fail(field, f"expected one value per channel (num_channels={self.num_channels}); pass image_mean "

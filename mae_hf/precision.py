@@ -1,13 +1,10 @@
 """bf16 or fp32: the one place that decides how the models compute, for every script (pretraining, fine-tuning, the
 probes and kNN, visualize.py, the benchmark) and the demo.
 
-By default bf16 autocast is on where the hardware computes bf16 natively: an NVIDIA GPU of compute capability 8.0 or
-newer (Ampere on; older GPUs emulate bf16, which `torch.cuda.is_bf16_supported()` counts) or a ROCm GPU that supports
-it, and a CPU with bf16 matrix instructions (AMX or AVX512-BF16 on x86, the BF16 extension on Arm): there a train step
-of the default model runs 2.3-2.5x as fast as in fp32, to the same loss (docs/cpu_speed.md, on AMX). Elsewhere bf16 is
-emulated, slower than fp32, and fp32 is the default; asking for bf16 there still runs it, after a one-line warning.
-fp32 runs on those NVIDIA GPUs compute their matrix products in TF32 (`torch.set_float32_matmul_precision("high")`),
-as the plan line says.
+bf16 autocast by default where the hardware computes bf16 natively (an NVIDIA GPU of compute capability 8.0 or newer,
+a ROCm GPU that supports it, a CPU with AMX, AVX512-BF16 or Arm's BF16); fp32 elsewhere, where bf16 is emulated and
+slower (asked for, it still runs, after a one-line warning). fp32 on those NVIDIA GPUs computes matrix products in
+TF32. Measured in docs/cpu_speed.md.
 
 This file imports only torch: the demo loads it by path, next to its app, where mae_hf is not installed.
 """
@@ -32,7 +29,7 @@ def cpu_capabilities() -> dict:
     return {"amx_bf16": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()}
 
 
-AMPERE = (8, 0)  # the first NVIDIA compute capability with bf16 and TF32 tensor cores
+AMPERE = (8, 0)  # the first NVIDIA compute capability with bf16 and TF32 tensor cores (older ones emulate bf16)
 
 
 def ampere_or_newer(device) -> bool:
@@ -46,16 +43,23 @@ def native_bf16(device) -> str | None:
     """What computes bf16 natively on `device` ("AMX", "AVX512-BF16", ..., "CUDA"), or None where it is emulated
     (or not known to be native: devices other than CPUs and CUDA GPUs)."""
     device = torch.device(device)
+    if device.type == "cuda" and torch.version.hip is not None:  # ROCm: its own answer (MI200 and newer)
+        return "ROCm" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return None
-        if torch.version.hip is not None:  # ROCm: its own answer (MI200 and newer)
-            return "ROCm" if torch.cuda.is_bf16_supported() else None
         return "CUDA" if ampere_or_newer(device) else None
     if device.type == "cpu":
         capabilities = cpu_capabilities()
         return next((name for key, name in CPU_BF16_FEATURES if capabilities.get(key)), None)
     return None
+
+
+def warn_if_emulated(flag: str, device) -> bool:
+    """Whether `device` is a CPU that emulates bf16; if so, a one-line warning on stderr that `flag` runs slow."""
+    emulated = torch.device(device).type == "cpu" and native_bf16(device) is None
+    if emulated:
+        print(f"warning: {flag} on a CPU without native bf16 (no AMX, AVX512-BF16 or Arm BF16): bf16 is emulated "
+              "there and runs slower than fp32.", file=sys.stderr, flush=True)
+    return emulated
 
 
 def decide_bf16(requested: bool | None, device, switch: bool = False, tf32: bool | None = None) -> tuple[bool, str]:
@@ -64,28 +68,23 @@ def decide_bf16(requested: bool | None, device, switch: bool = False, tf32: bool
     bf16 runs bf16 after a one-line warning on stderr. `switch`: the script spells the flag `--bf16` / `--no-bf16`
     (argparse's BooleanOptionalAction) rather than `--bf16 true` / `--bf16 false`. An fp32 run on an Ampere or newer
     GPU gets TF32 matrix products (turned on here) unless `tf32` is False."""
-    bf16, precision = _decide_bf16(requested, device, switch)
-    if not bf16 and tf32 is not False and ampere_or_newer(device):
-        torch.set_float32_matmul_precision("high")
-        precision += ", matrix products in TF32 (Ampere or newer)"
-    return bf16, precision
-
-
-def _decide_bf16(requested: bool | None, device, switch: bool) -> tuple[bool, str]:
     on, off = ("--bf16", "--no-bf16") if switch else ("--bf16 true", "--bf16 false")
     device = torch.device(device)
     native = native_bf16(device)
     where = "this CPU" if device.type == "cpu" else f"this {device.type} device"
     if requested is None:
-        if native:
-            return True, f"bf16 autocast (default: {where} computes bf16 natively, {native})"
+        bf16 = native is not None
         slower = ", where bf16 runs slower than fp32" if device.type == "cpu" else ""
-        return False, f"fp32 (default: {where} has no native bf16{slower})"
-    if requested and native is None and device.type == "cpu":
-        print(f"warning: {on} on a CPU without native bf16 (no AMX, AVX512-BF16 or Arm BF16): bf16 is emulated "
-              "there and runs slower than fp32.", file=sys.stderr, flush=True)
-        return True, f"bf16 autocast ({on}; emulated on this CPU, slower than fp32)"
-    return bool(requested), f"bf16 autocast ({on})" if requested else f"fp32 ({off})"
+        precision = (f"bf16 autocast (default: {where} computes bf16 natively, {native})" if bf16
+                     else f"fp32 (default: {where} has no native bf16{slower})")
+    elif requested and warn_if_emulated(on, device):
+        bf16, precision = True, f"bf16 autocast ({on}; emulated on this CPU, slower than fp32)"
+    else:
+        bf16, precision = bool(requested), f"bf16 autocast ({on})" if requested else f"fp32 ({off})"
+    if not bf16 and tf32 is not False and ampere_or_newer(device):
+        torch.set_float32_matmul_precision("high")
+        precision += ", matrix products in TF32 (Ampere or newer)"
+    return bf16, precision
 
 
 def autocast_for(device, bf16: bool):

@@ -30,7 +30,7 @@ import sys
 import tarfile
 import time
 
-# step -> the result files (under RUNS) its figures are read from, and the figures
+# step -> what it proves; RESULT_FILES: the files (under RUNS) its figures are read from
 STEPS = {
     "pipeline": "the default CIFAR-10 pretraining pipeline against the model-only step (bf16, compile)",
     "model": "mae_hf against transformers' ViTMAE, one train step",
@@ -45,8 +45,9 @@ RESULT_FILES = {
     "probe": ["probe/linear_probe_results.json", "probe/knn_results.json"],
     "finetune": ["finetune/finetune_results.json"],
 }
-VERSIONS = ("torch", "transformers", "datasets", "evaluate", "accelerate", "huggingface-hub", "tokenizers",
-            "safetensors", "pyarrow", "fsspec", "pandas", "numpy", "dill", "multiprocess", "regex", "triton")
+REQUIRED = ("torch", "transformers", "datasets", "evaluate", "accelerate")  # must import, at pyproject's versions
+VERSIONS = (*REQUIRED, "huggingface-hub", "tokenizers", "safetensors", "pyarrow", "fsspec", "pandas", "numpy", "dill",
+            "multiprocess", "regex", "triton")
 
 
 def read_json(path: str):
@@ -79,13 +80,12 @@ def installed_version(name: str):
         return None
 
 
-# ---- install ---------------------------------------------------------------------------------------------------
-
-def install(wheels: str, target: str) -> int:
-    """pip install --no-index --no-deps into `target` each carried wheel whose package this Python lacks or has in
-    an older version; the others are left (the machine's own are newer or the same)."""
+def install(args) -> int:
+    """pip install --no-index --no-deps into --site each carried wheel (of --install) whose package this Python lacks
+    or has in an older version; the others are left (the machine's own are newer or the same)."""
     from packaging.utils import parse_wheel_filename
 
+    wheels, target = args.install, args.site
     chosen, kept = [], []
     for wheel in sorted(os.listdir(wheels)) if os.path.isdir(wheels) else []:
         if not wheel.endswith(".whl"):
@@ -98,19 +98,15 @@ def install(wheels: str, target: str) -> int:
     if not chosen:
         return 0
     for wheel, name, version, have in chosen:
-        print(f"[gpu_check] {name} {version}: installing the carried wheel ({'absent' if have is None else have} "
-              "here)")
+        print(f"[gpu_check] {name} {version}: installing the carried wheel ({have or 'absent'} here)")
     command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                "--no-cache-dir", "--upgrade", "--target", target, *(os.path.join(wheels, w[0]) for w in chosen)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        print(f"error: installing the carried wheels failed: {' '.join(result.stderr.split()[-40:])}",
-              file=sys.stderr)
+        print(f"error: installing the carried wheels failed: {' '.join(result.stderr.split()[-40:])}", file=sys.stderr)
         return 2
     return 0
 
-
-# ---- preflight -------------------------------------------------------------------------------------------------
 
 def check_packages(notes: list) -> str | None:
     """None when torch, transformers (at this project's minimum), datasets, evaluate and this checkout's mae_hf
@@ -121,7 +117,7 @@ def check_packages(notes: list) -> str | None:
     with open("pyproject.toml", "rb") as handle:
         dependencies = tomllib.load(handle)["project"]["dependencies"]
 
-    for module in ("torch", "transformers", "datasets", "evaluate", "accelerate", "mae_hf"):
+    for module in (*REQUIRED, "mae_hf"):
         try:
             where = importlib.import_module(module).__file__
         except Exception as error:
@@ -132,8 +128,8 @@ def check_packages(notes: list) -> str | None:
     for line in dependencies:
         requirement = Requirement(line)
         have = installed_version(requirement.name)
-        if requirement.name in ("torch", "transformers", "datasets", "evaluate", "accelerate") and \
-                have is not None and not requirement.specifier.contains(have, prereleases=True):
+        if requirement.name in REQUIRED and have is not None and \
+                not requirement.specifier.contains(have, prereleases=True):
             if requirement.name == "torch":  # pyproject's bound says what is tested; older may still work
                 notes.append(f"torch {have} is outside pyproject's tested range {requirement.specifier}")
                 continue
@@ -261,8 +257,6 @@ def preflight(args) -> int:
     return 0
 
 
-# ---- step records ----------------------------------------------------------------------------------------------
-
 def figures(step: str, runs: str) -> dict:
     """The figures a step's result files hold, by name (what summary.md shows)."""
     files = [read_json(os.path.join(runs, name)) for name in RESULT_FILES[step]]
@@ -276,13 +270,12 @@ def figures(step: str, runs: str) -> dict:
                  "dtype": record["dtype"], "compile": record["compile"], "batch_size": record["batch_size"],
                  "data_workers": record.get("data_workers")}
         if record.get("sync_debug"):
-            found["sync_warnings"] = record["sync_debug"]["warnings"]
-            found["sync_debug_steps"] = record["sync_debug"]["steps"]
-            found["sync_places"] = record["sync_debug"]["places"]
+            sync = record["sync_debug"]
+            found.update(sync_warnings=sync["warnings"], sync_debug_steps=sync["steps"], sync_places=sync["places"])
         return found
     if step == "model":
         results = files[0]["results"]
-        found = {"dtype": files[0]["dtype"], "compile": files[0]["compile"], "batch_size": files[0]["batch_size"]}
+        found = {key: files[0][key] for key in ("dtype", "compile", "batch_size")}
         for key, result in results.items():
             name = result["model"]
             found[f"{name}_images_per_s"] = result["images_per_s"]
@@ -323,8 +316,7 @@ def summary(results: dict) -> str:
         lines.append(f"- torch.compile {'on' if compile_record['on'] else 'OFF'}: {compile_record['why']}")
     if preflight.get("shared_memory"):
         lines.append(f"- ViT-B step workers: {preflight['shared_memory']['why']}")
-    for note in preflight.get("notes", []):
-        lines.append(f"- note: {note}")
+    lines += [f"- note: {note}" for note in preflight.get("notes", [])]
     if preflight.get("problem"):
         lines.append(f"- preflight failed: {preflight['problem']}")
     lines += ["", "| step | what it proves | status | seconds (cap) | figures |", "|---|---|---|---:|---|",
@@ -334,10 +326,8 @@ def summary(results: dict) -> str:
         found = "; ".join(f"{key} {shown(value)}" for key, value in record.get("figures", {}).items())
         lines.append(f"| {step} | {STEPS.get(step, '')} | {record['status']} | {record['seconds']} "
                      f"({record['cap_seconds']}) | {found} |")
-    lines += ["", "Commands:", ""]
-    for step, record in results.get("steps", {}).items():
-        if record.get("command"):
-            lines.append(f"- {step}: `{record['command']}`")
+    lines += ["", "Commands:", ""] + [f"- {step}: `{record['command']}`" for step, record in
+                                      results.get("steps", {}).items() if record.get("command")]
     return "\n".join(lines)
 
 
@@ -405,13 +395,7 @@ def main(argv=None) -> int:
     missing = [f"--{name}" for name in needed[action] if getattr(args, name) is None]
     if missing:
         parser.error(f"--{action} needs {', '.join(missing)}.")
-    if action == "install":
-        return install(args.install, args.site)
-    if action == "preflight":
-        return preflight(args)
-    if action == "record":
-        return record_step(args)
-    return finish(args)
+    return {"install": install, "preflight": preflight, "record": record_step, "finish": finish}[action](args)
 
 
 if __name__ == "__main__":

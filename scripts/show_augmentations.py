@@ -11,12 +11,12 @@ after mixup/cutmix with the batch. Takes finetune.py's flags (a config file, the
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import set_seed
 
-from mae_hf.cli import UsageError, parse_args, run_script
+from mae_hf.cli import UsageError, flag, parse_args, run_script
 from mae_hf.data import DataArguments, eval_crop_fraction, load_image_splits
 from mae_hf.loading import ModelArguments, build_config
 from mae_hf.training_args import FinetuneArguments
@@ -25,7 +25,7 @@ from mae_hf.visualize import grid_image
 
 @dataclass
 class PictureArguments:
-    num_images: int = field(default=8, metadata={"help": "Training images shown (columns)."})
+    num_images: int = flag(8, "Training images shown (columns).")
 
 
 def augmented_rows(images: torch.Tensor, labels: torch.Tensor, args: FinetuneArguments, config, num_labels: int,
