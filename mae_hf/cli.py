@@ -16,8 +16,6 @@ from safetensors import SafetensorError
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-DEBUG_FLAG = "--debug"  # shows the traceback of an error; so does MAE_HF_DEBUG=1
-DEBUG_ENV = "MAE_HF_DEBUG"
 TRAINER_DEBUG_OPTIONS = ("underflow_overflow", "tpu_metrics_debug")  # values of TrainingArguments' own --debug
 
 
@@ -75,7 +73,7 @@ def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
     kept, found = [], False
     for index, token in enumerate(argv):
         following = argv[index + 1] if index + 1 < len(argv) else None
-        if token == DEBUG_FLAG and following not in TRAINER_DEBUG_OPTIONS:
+        if token == "--debug" and following not in TRAINER_DEBUG_OPTIONS:
             found = True
         else:
             kept.append(token)
@@ -142,7 +140,7 @@ def run_script(main, argv: list[str] | None = None, **kwargs):
     else is a bug and keeps its traceback. `--debug` or MAE_HF_DEBUG=1 show every traceback."""
     keep_freed_memory()
     argv, flag_given = strip_debug_flag(list(sys.argv[1:] if argv is None else argv))
-    debug = flag_given or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    debug = flag_given or os.environ.get("MAE_HF_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
     try:
         try:
             return main(argv, **kwargs)

@@ -46,33 +46,33 @@ def config_to_vit_mae(config: MAEConfig) -> ViTMAEConfig:
                         decoder_intermediate_size=config.decoder_intermediate_size)
 
 
-def _block_pairs(prefix: str, vit_prefix: str, num_layers: int):
-    """(our key, ViTMAE key) for the parameters of `num_layers` blocks that map one to one."""
-    for i in range(num_layers):
-        for ours, theirs in BLOCK_PARAMS:
-            for kind in ("weight", "bias"):
-                yield f"{prefix}.{i}.{ours}.{kind}", f"{vit_prefix}.{i}.{theirs}.{kind}"
+def _blocks(config: MAEConfig):
+    """(our block prefix, ViTMAE's) of every block, encoder then decoder."""
+    for i in range(config.num_hidden_layers):
+        yield f"mae.layers.{i}", f"vit.layers.{i}"
+    for i in range(config.decoder_num_hidden_layers):
+        yield f"decoder.layers.{i}", f"decoder.decoder_layers.{i}"
 
 
 def _direct_pairs(config: MAEConfig):
     yield "mae.embeddings.cls_token", "vit.embeddings.cls_token"
     yield "mae.embeddings.patch_projection.bias", "vit.embeddings.patch_embeddings.projection.bias"
-    yield from _block_pairs("mae.layers", "vit.layers", config.num_hidden_layers)
+    yield "decoder.mask_token", "decoder.mask_token"
     for kind in ("weight", "bias"):
         yield f"mae.norm.{kind}", f"vit.layernorm.{kind}"
         yield f"decoder.embed.{kind}", f"decoder.decoder_embed.{kind}"
         yield f"decoder.norm.{kind}", f"decoder.decoder_norm.{kind}"
         yield f"decoder.pred.{kind}", f"decoder.decoder_pred.{kind}"
-    yield "decoder.mask_token", "decoder.mask_token"
-    yield from _block_pairs("decoder.layers", "decoder.decoder_layers", config.decoder_num_hidden_layers)
+        for prefix, vit_prefix in _blocks(config):
+            for ours, theirs in BLOCK_PARAMS:
+                yield f"{prefix}.{ours}.{kind}", f"{vit_prefix}.{theirs}.{kind}"
 
 
-def _qkv_blocks(config: MAEConfig):
-    """(our fused qkv prefix, ViTMAE attention prefix) per block, encoder then decoder."""
-    for i in range(config.num_hidden_layers):
-        yield f"mae.layers.{i}.attention.qkv", f"vit.layers.{i}.attention"
-    for i in range(config.decoder_num_hidden_layers):
-        yield f"decoder.layers.{i}.attention.qkv", f"decoder.decoder_layers.{i}.attention"
+def _qkv_pairs(config: MAEConfig):
+    """(our fused q/k/v parameter, ViTMAE's three separate ones) per block."""
+    for prefix, vit_prefix in _blocks(config):
+        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+            yield f"{prefix}.attention.qkv.{kind}", [f"{vit_prefix}.attention.{name}_proj.{kind}" for name in "qkv"]
 
 
 def from_vit_mae(model: ViTMAEForPreTraining) -> MAEForPreTraining:
@@ -84,9 +84,8 @@ def from_vit_mae(model: ViTMAEForPreTraining) -> MAEForPreTraining:
     # our patchify flattens a patch as (row, column, channel)
     state["mae.embeddings.patch_projection.weight"] = rearrange(
         theirs["vit.embeddings.patch_embeddings.projection.weight"], "d c p q -> d (p q c)")
-    for key, vit_key in _qkv_blocks(config):
-        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
-            state[f"{key}.{kind}"] = torch.cat([theirs[f"{vit_key}.{name}_proj.{kind}"] for name in "qkv"])
+    for key, vit_keys in _qkv_pairs(config):
+        state[key] = torch.cat([theirs[vit_key] for vit_key in vit_keys])
     for ours_table, vit_key in ((ours.mae.embeddings.position_embeddings, "vit.embeddings.position_embeddings"),
                                 (ours.decoder.position_embeddings, "decoder.decoder_pos_embed")):
         stored = theirs[vit_key]
@@ -112,10 +111,8 @@ def to_vit_mae(model: MAEForPreTraining) -> ViTMAEForPreTraining:
     state["vit.embeddings.patch_embeddings.projection.weight"] = rearrange(
         ours["mae.embeddings.patch_projection.weight"], "d (p q c) -> d c p q", p=config.patch_size,
         q=config.patch_size)
-    for key, vit_key in _qkv_blocks(config):
-        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
-            for name, part in zip("qkv", ours[f"{key}.{kind}"].chunk(3)):
-                state[f"{vit_key}.{name}_proj.{kind}"] = part
+    for key, vit_keys in _qkv_pairs(config):
+        state.update(zip(vit_keys, ours[key].chunk(3)))
     state["vit.embeddings.position_embeddings"] = model.mae.embeddings.position_embeddings
     state["decoder.decoder_pos_embed"] = model.decoder.position_embeddings
     theirs.load_state_dict(state, strict=True)

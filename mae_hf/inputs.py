@@ -68,24 +68,23 @@ def safetensors_shapes(path: str) -> dict[str, list[int]]:
     """{tensor name: shape} of a .safetensors file, after checking that its header parses and that the file holds
     exactly the bytes it describes (cheap: no tensor is read)."""
     size = os.path.getsize(path)
-    fix = SAFETENSORS_FIX
     if size < 8:
         raise ValueError(f"{path} is {'empty' if size == 0 else f'truncated ({size} bytes)'}: not a complete "
-                         f"safetensors file. {fix}")
+                         f"safetensors file. {SAFETENSORS_FIX}")
     with open(path, "rb") as handle:
         header_size = int.from_bytes(handle.read(8), "little")
         if 8 + header_size > size:
             raise ValueError(f"{path} is truncated or not a safetensors file: its header says {header_size:,} "
-                             f"bytes, the file has {size:,}. {fix}")
+                             f"bytes, the file has {size:,}. {SAFETENSORS_FIX}")
         try:
             header = json.loads(handle.read(header_size))
             tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
             needed = 8 + header_size + max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise ValueError(f"{path} is corrupt: its header is not a safetensors header. {fix}") from None
+            raise ValueError(f"{path} is corrupt: its header is not a safetensors header. {SAFETENSORS_FIX}") from None
     if size != needed:  # safetensors refuses a file of any other length
         raise ValueError(f"{path} is {'truncated' if size < needed else 'too long'}: it has {size:,} bytes, its "
-                         f"header describes {needed:,}. {fix}")
+                         f"header describes {needed:,}. {SAFETENSORS_FIX}")
     return {name: list(entry.get("shape", [])) for name, entry in tensors.items()}
 
 

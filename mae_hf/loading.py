@@ -61,22 +61,22 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
     overriding flags; validated, with an error naming the bad field."""
     source = args.model_name_or_path or args.config_name
     option = "--model_name_or_path" if args.model_name_or_path else "--config_name"
-    local = source is not None and os.path.exists(source)
-    if source is not None and not local and looks_local(source):
+    if source is None:
+        config = MAEConfig(**fresh_defaults)
+    elif os.path.exists(source):  # config.json (and the weights to load) checked here: a bad file is named
+        saved = (model_folder_config(source, option) if os.path.isdir(source)
+                 else read_json_object(source, "a model config (config.json)"))
+        model_type = saved.get("model_type")
+        if model_type != MAEConfig.model_type:
+            hint = " Convert it first: python scripts/convert.py SRC OUT." if model_type == "vit_mae" else ""
+            raise ValueError(f"{source} holds a {model_type!r} model, not {MAEConfig.model_type!r}.{hint}")
+        config = MAEConfig.from_pretrained(source, **args.hub_kwargs())
+    elif looks_local(source):
         raise ValueError(f"{option} {source}: no such file or folder. {folder_listing(source)}")
-    if source is not None:
-        if local:  # config.json (and the weights to load) checked here, so a bad file is named, not a traceback
-            saved = (model_folder_config(source, option) if os.path.isdir(source)
-                     else read_json_object(source, "a model config (config.json)"))
-            model_type = saved.get("model_type")
-            if model_type != MAEConfig.model_type:
-                hint = " Convert it first: python scripts/convert.py SRC OUT." if model_type == "vit_mae" else ""
-                raise ValueError(f"{source} holds a {model_type!r} model, not {MAEConfig.model_type!r}.{hint}")
+    else:
         try:
             config = MAEConfig.from_pretrained(source, **args.hub_kwargs())
         except OSError as error:
-            if local:
-                raise
             from huggingface_hub import constants
 
             reason = ("HF_HUB_OFFLINE=1 is set and it is not in the local cache" if constants.HF_HUB_OFFLINE
@@ -84,8 +84,6 @@ def build_config(args: ModelArguments, **fresh_defaults) -> MAEConfig:
             raise ValueError(f"{option} {source}: no such local folder, and loading it from the Hugging Face Hub "
                              f"failed ({reason}). Offline, only models already in the Hub cache load; pass a local "
                              "model folder instead.") from error
-    else:
-        config = MAEConfig(**fresh_defaults)
     try:
         overrides = parse_overrides(args.config_overrides)
     except ValueError as error:

@@ -275,8 +275,8 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
         if any(not torch.equal(value, encoder[key]) for key, value in probe.mae.state_dict().items()):
             raise ValueError(f"--probe {probe_dir}: its encoder differs from {pretrained_dir}'s; probe that model.")
     finetuned = MAEForImageClassification.from_pretrained(finetune_dir) if finetune_dir else None
-    summary_path = os.path.join(pretrained_dir, "pretraining_summary.json")
-    summary = redact(read_json_object(summary_path))  # a summary written before tokens were redacted may hold one
+    # a summary written before tokens were redacted may hold one
+    summary = redact(read_json_object(os.path.join(pretrained_dir, "pretraining_summary.json")))
     dataset_id = resolve_dataset_id(summary, dataset_id)
     check_same_dataset(results, summary)
     if dataset_id is None:
@@ -304,7 +304,7 @@ def assemble(pretrained_dir: str, output_dir: str, probe_dir: str | None = None,
     for index, result in enumerate(results):  # the files as written, tokens redacted
         write_json(os.path.join(output_dir, "results", f"{index:02d}_{result['protocol']}_"
                                 f"{result.get('encoder', 'x')}.json"), read_json_object(result["source"]))
-    write_json(os.path.join(output_dir, "results", "pretraining_summary.json"), read_json_object(summary_path))
+    write_json(os.path.join(output_dir, "results", "pretraining_summary.json"), summary)
     if space_dir:
         add_space(space_dir, output_dir)
     card_path = os.path.join(output_dir, "README.md")
@@ -319,13 +319,6 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
     """`model_card.md` filled from the model, the pretraining summary and the result files. `model_id`: what the
     card's code loads; `finetuned_protocol`: that of the model in `finetuned/`, None without one."""
     config = pretrained.config
-    head_description = "no classification head (the classifier class adds an untrained one)"
-    if probe is not None:
-        labels = probe.config.id2label
-        head_description = (f"a linear-probe head over {probe.config.num_labels} classes "
-                            f"({', '.join(labels[i] for i in range(probe.config.num_labels))})")
-    finetuned_note = (f"- `finetuned/`: the classifier of the \"{TITLES[finetuned_protocol]}\" row below (its own "
-                      "encoder); load it with `subfolder=\"finetuned\"`.\n") if finetuned_protocol else ""
     eval_splits = sorted({r["eval_split"] for r in results if r.get("eval_split")})
     # a result's split is the pretraining run's evaluation images when named alike (a probe or fine-tune on its data)
     evaluated_on = [evaluation_data(summary) if split == summary["eval_split"] else f"`{split}`"
@@ -344,7 +337,9 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
         "space_note": ("- `app.py`, `visualize.py`, `precision.py`, `requirements.txt`, `examples/`: a Gradio demo of "
                        "this model (`python app.py`); pushed as a Space, this folder serves it.\n")
         if space_metadata else "",
-        "head_description": head_description,
+        "head_description": "no classification head (the classifier class adds an untrained one)" if probe is None
+        else f"a linear-probe head over {probe.config.num_labels} classes "
+             f"({', '.join(probe.config.id2label[i] for i in range(probe.config.num_labels))})",
         "pipeline_tag": "image-classification" if probe is not None else "image-feature-extraction",
         "classifier_line": "classifier = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True)"
                            "  # the linear probe\n" if probe is not None else "",
@@ -354,7 +349,8 @@ def render_card(template_path: str, pretrained, summary: dict, results: list[dic
                             "- There is no trained classification head at the top level (no probe was published), so "
                             "the image-classification pipeline would use an untrained one") +
                            ("; the fine-tuned classifier is in `finetuned/`." if finetuned_protocol else "."),
-        "finetuned_note": finetuned_note,
+        "finetuned_note": f"- `finetuned/`: the classifier of the \"{TITLES[finetuned_protocol]}\" row below (its "
+                          "own encoder); load it with `subfolder=\"finetuned\"`.\n" if finetuned_protocol else "",
         "parameters": f"{sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M",
         **{name: getattr(config, name) for name in (
             "image_size", "patch_size", "num_patches", "num_hidden_layers", "hidden_size", "num_attention_heads",

@@ -110,15 +110,12 @@ def removed_if_incomplete(folder: str, args):
         raise
 
 
-STAGING_NAME = ".saving-model"  # the final model is written here first, then moved into the output folder
-
-
 @contextlib.contextmanager
 def saved_whole(folder: str, args):
     """Around the final save of the model into `folder`: yields a staging folder to save into, whose files are then
     renamed into `folder` (each file whole, old or new); SIGINT/SIGTERM wait for the end of the save. A failed write
     leaves `folder` as it was and becomes a clear error."""
-    staging = os.path.join(folder, STAGING_NAME)
+    staging = os.path.join(folder, ".saving-model")  # the final model is written here first, then moved into place
     received = []
 
     def hold(signum, frame):

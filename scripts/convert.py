@@ -22,23 +22,14 @@ from mae_hf.inputs import has_decoder, read_json_object
 TARGET = {"vit_mae": "mae_hf", "mae_hf": "vit_mae"}  # source model_type -> target model_type
 
 
-def source_model_type(src: Path) -> str:
+def source_config(src: Path) -> dict:
     config_file = src / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{src} has no config.json: not a save_pretrained folder")
-    model_type = read_json_object(str(config_file), "a model config").get("model_type")
-    if model_type not in TARGET:
-        raise ValueError(f"{config_file}: model_type {model_type!r} is neither 'vit_mae' nor 'mae_hf'")
-    return model_type
-
-
-def check_has_decoder(src: Path) -> None:
-    """Only a pretraining model converts: another's converted decoder would be random, its reconstructions noise."""
-    architectures = read_json_object(str(src / "config.json"), "a model config").get("architectures") or []
-    if not has_decoder(str(src), architectures, "SRC_DIR"):  # broken weights are named here, before any loading
-        held = f" ({', '.join(architectures)})" if architectures else ""
-        raise ValueError(f"{src} holds no decoder weights{held}: only a pretraining model (encoder + decoder) "
-                         "converts. Convert the pretraining run's folder (its decoder is part of the model).")
+    config = read_json_object(str(config_file), "a model config")
+    if config.get("model_type") not in TARGET:
+        raise ValueError(f"{config_file}: model_type {config.get('model_type')!r} is neither 'vit_mae' nor 'mae_hf'")
+    return config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     args.to = "mae_hf" if args.to == "mae" else args.to
-    model_type = source_model_type(args.src)  # a SRC_DIR that is not a model folder: exit code 1, like a bad file
+    config = source_config(args.src)  # a SRC_DIR that is not a model folder: exit code 1, like a bad file
+    model_type, args.architectures = config["model_type"], config.get("architectures") or []
     if (args.to or TARGET[model_type]) != TARGET[model_type]:
         parser.error(f"{args.src} already holds a {model_type} model; nothing to convert with --to {args.to}")
     args.to = TARGET[model_type]
@@ -67,7 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    check_has_decoder(args.src)
+    # Only a pretraining model converts: another's converted decoder would be random, its reconstructions noise.
+    if not has_decoder(str(args.src), args.architectures, "SRC_DIR"):  # broken weights are named here, before loading
+        held = f" ({', '.join(args.architectures)})" if args.architectures else ""
+        raise ValueError(f"{args.src} holds no decoder weights{held}: only a pretraining model (encoder + decoder) "
+                         "converts. Convert the pretraining run's folder (its decoder is part of the model).")
     if args.to == "vit_mae":
         ours = mae_hf.MAEForPreTraining.from_pretrained(args.src)
         to_vit_mae(ours).save_pretrained(args.out)
