@@ -36,7 +36,7 @@ WORKER_DEATH = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (exi
                           r"[^.]+)")
 
 
-def worker_died(error: BaseException) -> WorkerDied | None:
+def worker_died(error: BaseException | None) -> WorkerDied | None:
     """The `WorkerDied` for an error that says a DataLoader worker died (or broke the pipe of its batch), else None."""
     found = WORKER_DEATH.search(str(error)) if isinstance(error, RuntimeError) else None
     if found:

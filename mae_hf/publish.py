@@ -472,8 +472,8 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                   create_pr=create_pr, ignore_patterns=list(exclude) or None,
-                                   commit_message=commit_message or f"Upload {os.path.basename(folder.rstrip('/'))}")
+                                   create_pr=create_pr, ignore_patterns=list(exclude) or None, commit_message=(
+                                       commit_message or f"Upload {os.path.basename(os.path.abspath(folder))}"))
     except Exception as error:
         # The command that finishes the same push: same branch, privacy, pull request and excluded files.
         retry = " ".join(["hf upload", repo_id, folder] + ([f"--revision {revision}"] if revision else [])
@@ -498,6 +498,5 @@ def push_output(args, model_args: ModelArguments) -> None:
         return
     url = push(args.output_dir, args.hub_model_id, private=bool(args.hub_private_repo),
                token=args.hub_token or model_args.token, revision=getattr(args, "hub_revision", None),
-               commit_message=f"Upload {os.path.basename(os.path.abspath(args.output_dir))}",
                exclude=(LOCK_NAME,))  # this run's own lock, held while it uploads
     print(f"[push] {args.output_dir} -> {url}", flush=True)

@@ -387,7 +387,7 @@ class Run:
                 print(f"error: {error}; {self.stop.saved}. {resume_advice(self.args.output_dir)}", file=sys.stderr,
                       flush=True)
             raise SystemExit(128 + error.signum)
-        died = worker_died(error) if error is not None else None
+        died = worker_died(error)
         if died is not None:  # the checkpoints are intact: say where to continue from
             raise RunError(f"{died} {resume_advice(self.args.output_dir)}") from error
         return False

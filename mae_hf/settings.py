@@ -39,9 +39,8 @@ def run_settings(config, data_args, args, model_args) -> dict:
     recipe = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
     if hasattr(args, "recipe"):  # fine-tuning's augmentation recipe
         recipe.update(args.recipe())
-    recipe["lr_scheduler_type"] = getattr(recipe.get("lr_scheduler_type"), "value", recipe.get("lr_scheduler_type"))
     recipe["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    # as written (JSON values, tokens redacted), so that a resume compares like with like
+    # as written (JSON values: an enum as its value; tokens redacted), so that a resume compares like with like
     return redact(json.loads(json.dumps({"model": model, "data": data, "recipe": recipe}, default=str)))
 
 

@@ -36,9 +36,8 @@ def reconstruct(model, pixel_values: torch.Tensor, noise: torch.Tensor, mask_rat
         prediction = prediction * (var + 1.0e-6) ** 0.5 + mean
     mask = outputs.mask[..., None]
     images = torch.stack([target, target * (1 - mask), prediction, target * (1 - mask) + prediction * mask])
-    config = model.config
-    mean = torch.tensor(config.image_mean, device=device).view(1, 1, -1, 1, 1)
-    std = torch.tensor(config.image_std, device=device).view(1, 1, -1, 1, 1)
+    mean = torch.tensor(model.config.image_mean, device=device).view(1, 1, -1, 1, 1)
+    std = torch.tensor(model.config.image_std, device=device).view(1, 1, -1, 1, 1)
     pictures = torch.stack([model.unpatchify(rows) for rows in images]) * std + mean
     hidden = model.unpatchify(mask.expand_as(target)).bool()
     pictures[1] = pictures[1].masked_fill(hidden, 0.5)  # grey where patches were masked
