@@ -124,9 +124,8 @@ def saved_whole(folder: str, args):
                   file=sys.stderr, flush=True)
         received.append(signum)
 
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread \
-        else {}
+    previous = ({signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})  # only there can they be set
     run_stop = getattr(previous.get(signal.SIGINT), "__self__", None)  # inside a Run: its StopOnSignal
     run_stop = run_stop if isinstance(run_stop, StopOnSignal) else None
     try:
