@@ -231,14 +231,15 @@ def _image_data(split: _Split, geometry: Geometry, class_names, in_memory: bool,
     sizes = sizes[split.leave_out(problems, skip_bad_images)]
     short_side = int(np.median(sizes.min(axis=1)))  # what the evaluation crop is relative to
     if not in_memory:
-        canvas = (geometry.num_channels, int(sizes[:, 0].max()), int(sizes[:, 1].max()))
+        canvas = storage_plan(sizes, geometry.num_channels)[0]
         return StreamedImages(split.reader, sizes, canvas, split.labels, class_names, split.name, split.skipped,
                               short_side, workers)
-    images, decoded, problems, storage = decode_into_memory(
+    images, problems, storage = decode_into_memory(
         split.reader, np.arange(len(sizes)), sizes, geometry.num_channels, decode_workers,
         progress=f"Decoding images ({split.name})" if progress else None)
     if problems:  # a header that reads, pixels that do not (a truncated file)
-        images, decoded, storage = keep_rows(images, decoded, split.leave_out(problems, skip_bad_images), storage)
-    data = InMemoryImages(images, decoded, split.labels, class_names, split.name, split.skipped, short_side, **storage)
+        images, sizes, storage = keep_rows(images, sizes, split.leave_out(problems, skip_bad_images), storage)
+    data = InMemoryImages(images, torch.from_numpy(sizes), split.labels, class_names, split.name, split.skipped,
+                          short_side, **storage)
     data.num_workers = 0 if images is not None else workers  # packed images are pasted onto canvases by workers
     return data

@@ -103,19 +103,17 @@ class InMemoryImages(ImageData):
         return self
 
 
-def _decoded(reader, channels: int, positions) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(the decoded images' channels-first pixels end to end, sizes, {index: why undecodable}) of `positions`."""
+def _decoded(reader, positions) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(the decoded images' channels-first pixels end to end, sizes, {index: why undecodable}) of `positions`; the
+    readers decode to the geometry's channel count."""
     sizes, problems, parts = np.zeros((len(positions), 2), dtype=np.int32), {}, []
     for index, picture in enumerate(reader.read(positions)):
         if isinstance(picture, BadImage):
             problems[index] = str(picture)
             continue
         pixels = channels_first(picture)
-        if pixels.shape[0] != channels:
-            problems[index] = f"it decodes to {pixels.shape[0]} channel(s), not {channels}"
-        else:
-            sizes[index] = pixels.shape[1:]
-            parts.append(pixels.reshape(-1))
+        sizes[index] = pixels.shape[1:]
+        parts.append(pixels.reshape(-1))
     pixels = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
     return torch.from_numpy(pixels), torch.from_numpy(sizes), problems
 
@@ -149,18 +147,19 @@ def header_sizes(reader, positions: np.ndarray, workers: int, progress: str | No
 
 
 def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channels: int, workers: int,
-                       progress: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor, dict, dict]:
+                       progress: str | None = None) -> tuple[torch.Tensor | None, dict, dict]:
     """Decode the images at `positions` (stored sizes `sizes`, from their headers) into memory, on canvases or packed
-    (`InMemoryImages`): (canvases or None, sizes, {index: why undecodable}, {"packed", "offsets", "canvas"} or {})."""
+    (`InMemoryImages`): (canvases or None, {index: why undecodable}, {"packed", "offsets", "canvas"} or {}). Every
+    image decoded has its header's size (another is a problem)."""
     pixels = channels * sizes[:, 0].astype(np.int64) * sizes[:, 1]
     canvas, dense, _ = storage_plan(sizes, channels)
     offsets = np.concatenate([[0], np.cumsum(pixels)[:-1]]).astype(np.int64)
     images = torch.empty((len(positions), *canvas), dtype=torch.uint8) if dense else None
     packed = None if dense else torch.empty(int(pixels.sum()), dtype=torch.uint8)
     target = images.numpy() if dense else packed.numpy()
-    decoded, problems = np.zeros((len(positions), 2), dtype=np.int32), {}
+    problems = {}
     chunk_size = int(np.clip(CHUNK_BYTES // max(1, int(pixels.mean())), 1, CHUNK))  # a chunk in flight: ~16 MB
-    work = functools.partial(_decoded, reader, channels)
+    work = functools.partial(_decoded, reader)
     for start, (flat, chunk_sizes, chunk_problems) in _chunk_results(work, positions, workers, chunk_size, progress):
         flat, cursor = flat.numpy(), 0
         for index in range(len(chunk_sizes)):
@@ -176,18 +175,17 @@ def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channel
                 paste(target[row], flat[cursor:cursor + size].reshape(channels, height, width))
             else:
                 target[offsets[row]:offsets[row] + size] = flat[cursor:cursor + size]
-            decoded[row] = height, width
             cursor += size
     storage = {} if dense else {"packed": packed, "offsets": offsets, "canvas": canvas}
-    return images, torch.from_numpy(decoded), problems, storage
+    return images, problems, storage
 
 
-def keep_rows(images: torch.Tensor | None, sizes: torch.Tensor, keep: np.ndarray, storage: dict):
+def keep_rows(images: torch.Tensor | None, sizes: np.ndarray, keep: np.ndarray, storage: dict):
     """Only the rows `keep` (ascending): canvases moved to the front in place, without a second copy of the
     pixels; packed images simply lose their offsets."""
     if images is None:
-        return None, sizes[torch.as_tensor(keep)], {**storage, "offsets": storage["offsets"][keep]}
+        return None, sizes[keep], {**storage, "offsets": storage["offsets"][keep]}
     for destination, source in enumerate(keep.tolist()):
         if destination != source:
             images[destination] = images[source]
-    return images[:len(keep)], sizes[torch.as_tensor(keep)], storage
+    return images[:len(keep)], sizes[keep], storage

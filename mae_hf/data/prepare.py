@@ -22,7 +22,7 @@ from ..paths import check_output_folder
 from ..runs import LOCK_NAME, OutputLock, RunError, differences
 from .arguments import SourceArguments
 from .decode import LONG_SIDE_FACTOR, BadImage, Geometry, channels_first, decode_image, open_image, orientation
-from .labels import check_same_class_names, validate_labels
+from .labels import check_same_class_names, class_names_of, validate_labels
 from .memory import cpus_per_process
 from .prepared import (
     FORMAT_NAME,
@@ -212,9 +212,7 @@ def _source_splits(source: SourceArguments, args: PrepareArguments) -> dict:
             raise ValueError(f"Split {name!r} holds no images: leave it out with --splits.")
         image_column, label_column = images.columns(dataset, dataset, require_labels=False)
         if label_column is not None:  # checked before any work: a label the training scripts would refuse
-            feature = dataset.features[label_column]
-            validate_labels(dataset, label_column, name, list(getattr(feature, "names", None) or []) or None,
-                            allow_unlabelled=True)
+            validate_labels(dataset, label_column, name, class_names_of(dataset, label_column), allow_unlabelled=True)
         chosen[name] = (as_undecoded_images(dataset, image_column), image_column, label_column)
     # Training checks the same: a label is an index into the class names, which must agree across splits.
     check_same_class_names([(name, raw[name], label) for name, (_, _, label) in chosen.items()])
@@ -456,11 +454,10 @@ def _completed(folder: str, manifest: dict, splits: dict, records: dict, num_sha
     manifest["splits"] = {}
     for name, (dataset, _, label_column) in splits.items():
         shards = [records[(name, shard)] for shard in range(num_shards[name])]
-        feature = _features(dataset, label_column).get("label")
         manifest["splits"][name] = {
             "num_source_images": len(dataset), "num_images": sum(shard["rows"] for shard in shards),
             "num_skipped": sum(len(shard["skipped"]) for shard in shards),
-            "class_names": list(feature.names) if hasattr(feature, "names") else None,
+            "class_names": class_names_of(dataset, label_column) if label_column else None,
             "max_height": max(shard["max_height"] for shard in shards),
             "max_width": max(shard["max_width"] for shard in shards), "shards": shards}
         if manifest["splits"][name]["num_images"] == 0:

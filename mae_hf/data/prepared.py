@@ -13,7 +13,6 @@ import re
 import shlex
 
 from ..inputs import read_json_object, write_json
-from .decode import Geometry
 
 PREPARED_MANIFEST = "mae_hf_prepared.json"
 UNFINISHED_FOLDER = ".preparing"  # an unfinished preparation: its shards, progress and manifest (hidden from datasets)
@@ -53,8 +52,7 @@ def shards_without_manifest(folder: str) -> list[str]:
     copied): without it they would be read as a plain dataset of image bytes. Told by their names and columns."""
     import pyarrow as pa
 
-    if not os.path.isdir(folder) or is_prepared(folder) or \
-            any(os.path.exists(os.path.join(folder, name)) for name in SAVE_TO_DISK_FILES):
+    if any(os.path.exists(os.path.join(folder, name)) for name in SAVE_TO_DISK_FILES):
         return []
     found = []
     with os.scandir(folder) as scan:
@@ -175,11 +173,6 @@ def folder_fingerprint(splits: dict) -> str | None:
     if any(digest is None for *_, digest in shards):
         return None
     return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
-
-
-def geometry_of(manifest: dict) -> Geometry:
-    settings = manifest["settings"]
-    return Geometry(settings["short_side"], settings["max_long_side"], settings["num_channels"])
 
 
 def split_files(folder: str, manifest: dict, split: str) -> tuple[list[str], list[int]]:

@@ -17,15 +17,7 @@ import numpy as np
 from ..cli import print_once
 from .arguments import SourceArguments
 from .decode import BadImage, Geometry, decode_image, decode_stored, stored_size
-from .prepared import (
-    IMAGE_COLUMN,
-    geometry_of,
-    is_prepared,
-    load_prepared,
-    prepare_command,
-    read_manifest,
-    split_files,
-)
+from .prepared import IMAGE_COLUMN, is_prepared, load_prepared, prepare_command, read_manifest, split_files
 from .sources import as_undecoded_images, find_column, load_raw_dataset, source_folders, source_rows
 from .transforms import stored_short_side
 
@@ -296,10 +288,10 @@ class PreparedSource(ImageSource):
 
     def geometry(self, image_size: int, num_channels: int) -> Geometry:
         """The folder's geometry, read at the model's channel count; said when the folder does not suit the model."""
-        folder, manifest = self.args.dataset_name, self.manifest
-        geometry = Geometry(**{**geometry_of(manifest).__dict__, "num_channels": num_channels})
-        stored_channels = manifest["settings"]["num_channels"]
-        if manifest.get("fingerprint") is None:
+        folder, settings = self.args.dataset_name, self.manifest["settings"]
+        geometry = Geometry(settings["short_side"], settings["max_long_side"], num_channels)
+        stored_channels = settings["num_channels"]
+        if self.manifest.get("fingerprint") is None:
             print_once(f"note: {folder} was prepared by an earlier mae_hf, without fingerprints: its shards are "
                        "checked by their sizes only, and a resume cannot tell whether it was prepared again.")
         if geometry.short_side < image_size:

@@ -172,12 +172,6 @@ class BatchTransform:
         self._statistics = {}  # device -> (mean, std) there
         self.seed, self.generator, self._pending_state = seed, None, None  # generator: on the first batch's device
 
-    def statistics_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std on `device`, copied there once: a host-to-device copy in every batch waits for the device."""
-        if device not in self._statistics:
-            self._statistics[device] = self.mean.to(device), self.std.to(device)
-        return self._statistics[device]
-
     def generator_for(self, device: torch.device) -> torch.Generator | None:
         if device.type == "meta":  # shapes only (tests that trace the transform): nothing to draw
             return None
@@ -212,7 +206,9 @@ class BatchTransform:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.augment is not None:
             x = self.augment(x)
-        mean, std = self.statistics_on(x.device)
+        if x.device not in self._statistics:  # copied once: a host-to-device copy in every batch waits for the device
+            self._statistics[x.device] = self.mean.to(x.device), self.std.to(x.device)
+        mean, std = self._statistics[x.device]
         x = (x - mean) / std
         if self.random_erasing > 0:
             x = random_erasing(x, self.random_erasing)
