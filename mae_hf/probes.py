@@ -198,7 +198,6 @@ HEADS = {"linear_probe_multiblock": LinearHead, "attentive_probe": AttentiveProb
 
 
 def head_files(protocol: str) -> tuple[str, str]:
-    """The files of a saved head: its weights and its JSON record."""
     return f"{protocol}_head.safetensors", f"{protocol}_head.json"
 
 
@@ -228,7 +227,7 @@ def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
     return head.eval(), info
 
 
-def probe_recipe(args) -> dict:
+def fit_head_kwargs(args) -> dict:
     """`fit_head`'s settings from the --probe_* flags (`PROBE_RECIPE`), --seed and --disable_tqdm."""
     return {**{name.removeprefix("probe_"): getattr(args, name) for name in PROBE_RECIPE}, "seed": args.seed,
             "progress": not args.disable_tqdm}
@@ -240,7 +239,7 @@ def train_multiblock_probe(train_features, train_labels, num_labels: int, args, 
     device = train_features.device if device is None else device
     head = LinearHead(train_features.shape[1], num_labels).to(device)
     return fit_head(head, head, list(head.parameters()), train_features, train_labels, device=device,
-                    **probe_recipe(args))
+                    **fit_head_kwargs(args))
 
 
 def train_attentive_probe(tokens: TokenCache, labels: torch.Tensor, num_labels: int, hidden_size: int, args,
@@ -347,7 +346,7 @@ ATTENTIVE_RECIPE = ("attentive_heads", "attentive_epochs", "attentive_batch_size
 def fit_linear_probe(inputs: FrozenInputs, args) -> dict:
     """The classifier's own head on the pooled features; saved as an `MAEForImageClassification`."""
     model = inputs.model
-    _, seconds = timed(train_probe, model, inputs.pooled["train"], inputs.train.labels, **probe_recipe(args))
+    _, seconds = timed(train_probe, model, inputs.pooled["train"], inputs.train.labels, **fit_head_kwargs(args))
     predictions = predict_features(model, inputs.pooled["eval"], classify=model.classify_features)
     model.save_pretrained(args.output_dir)
     return dict(eval_accuracy=accuracy(predictions, inputs.evaluation.labels), pooling=args.pooling,
