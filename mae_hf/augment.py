@@ -278,11 +278,10 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 
 class RepeatedAugmentationSampler(torch.utils.data.Sampler):
     """Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler): each epoch yields the first ceil(N / repeats)
-    images of a permutation of (seed, epoch), each `repeats` times in a row, N indices in all."""
+    images of a permutation of (seed, epoch), each `repeats` times in a row, N indices in all. `repeats` >= 1:
+    --repeated_augmentations is checked by its `STRONG_RECIPE` part."""
 
     def __init__(self, num_samples: int, repeats: int = 3, seed: int = 0):
-        if repeats < 1:
-            raise ValueError(f"repeated augmentation needs repeats >= 1, got {repeats}.")
         self.num_samples, self.repeats, self.seed, self.epoch = num_samples, repeats, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -300,13 +299,12 @@ class RepeatedAugmentationSampler(torch.utils.data.Sampler):
 
 class WeightEMA(TrainerCallback):
     """Moving average of a model's floating-point weights, one `lerp` on the device per optimizer step, its decay warmed
-    up as min(decay, (1 + step) / (10 + step)); `applied()` swaps it in; checkpoints hold it (`ema_state.pt`)."""
+    up as min(decay, (1 + step) / (10 + step)); `applied()` swaps it in; checkpoints hold it (`ema_state.pt`). `decay`
+    in (0, 1): --ema_decay is checked by its `STRONG_RECIPE` part."""
 
     STATE_FILE = "ema_state.pt"
 
     def __init__(self, decay: float):
-        if not 0 < decay < 1:
-            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}.")
         self.decay = decay
         self.weights: list[torch.Tensor] = []  # the model's own tensors
         self.shadow: list[torch.Tensor] | None = None  # their averages

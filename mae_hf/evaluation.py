@@ -149,8 +149,7 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
         os.remove(path)
     train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels, require_labels=True,
                                           token=model_args.token, num_workers=args.dataloader_num_workers,
-                                          check=lambda train, _: check_protocols(train),
-                                          progress=not args.disable_tqdm)
+                                          check=lambda train, _: check_protocols(train), progress=not args.disable_tqdm)
     for split in (train, evaluation):  # one pass at a time, each with its workers' batches in shared memory
         if split.num_workers:
             split.num_workers, _ = fit_workers_to_shared_memory(

@@ -197,16 +197,19 @@ class AttentiveProbe(nn.Module):
 HEADS = {"linear_probe_multiblock": LinearHead, "attentive_probe": AttentiveProbe}
 
 
+def head_files(protocol: str) -> tuple[str, str]:
+    return f"{protocol}_head.safetensors", f"{protocol}_head.json"
+
+
 def save_head(head: nn.Module, folder: str, protocol: str, init: dict, info: dict) -> None:
     """`<protocol>_head.safetensors` (state dict) + `<protocol>_head.json` ({"protocol", "init": kwargs, **info})."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    weights = os.path.join(folder, f"{protocol}_head.safetensors")
+    weights, record = (os.path.join(folder, name) for name in head_files(protocol))
     save_file({key: value.contiguous().cpu() for key, value in head.state_dict().items()}, weights)
     follow_umask(weights)
-    write_json(os.path.join(folder, f"{protocol}_head.json"), {"protocol": protocol, "init": init, **info},
-               sort_keys=True)
+    write_json(record, {"protocol": protocol, "init": init, **info}, sort_keys=True)
 
 
 def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
@@ -215,13 +218,19 @@ def load_head(folder: str, protocol: str) -> tuple[nn.Module, dict]:
 
     if protocol not in HEADS:
         raise ValueError(f"No saved head for protocol {protocol!r}; heads exist for {sorted(HEADS)}.")
-    path = os.path.join(folder, f"{protocol}_head.json")
+    weights, path = (os.path.join(folder, name) for name in head_files(protocol))
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file; is {folder} the output folder of a {protocol} run?")
     info = read_json_object(path, f"the record of a saved {protocol} head")
     head = HEADS[protocol](**info["init"])
-    head.load_state_dict(load_file(os.path.join(folder, f"{protocol}_head.safetensors")))
+    head.load_state_dict(load_file(weights))
     return head.eval(), info
+
+
+def fit_head_kwargs(args) -> dict:
+    """`fit_head`'s settings from the --probe_* flags (`PROBE_RECIPE`), --seed and --disable_tqdm."""
+    return {**{name.removeprefix("probe_"): getattr(args, name) for name in PROBE_RECIPE}, "seed": args.seed,
+            "progress": not args.disable_tqdm}
 
 
 def train_multiblock_probe(train_features, train_labels, num_labels: int, args, device=None) -> LinearHead:
@@ -229,10 +238,8 @@ def train_multiblock_probe(train_features, train_labels, num_labels: int, args, 
     torch.manual_seed(args.seed)  # the head's initial weights: from the seed, whatever ran before in this process
     device = train_features.device if device is None else device
     head = LinearHead(train_features.shape[1], num_labels).to(device)
-    return fit_head(head, head, list(head.parameters()), train_features, train_labels, epochs=args.probe_epochs,
-                    batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
-                    weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm,
-                    device=device)
+    return fit_head(head, head, list(head.parameters()), train_features, train_labels, device=device,
+                    **fit_head_kwargs(args))
 
 
 def train_attentive_probe(tokens: TokenCache, labels: torch.Tensor, num_labels: int, hidden_size: int, args,
@@ -339,9 +346,7 @@ ATTENTIVE_RECIPE = ("attentive_heads", "attentive_epochs", "attentive_batch_size
 def fit_linear_probe(inputs: FrozenInputs, args) -> dict:
     """The classifier's own head on the pooled features; saved as an `MAEForImageClassification`."""
     model = inputs.model
-    _, seconds = timed(train_probe, model, inputs.pooled["train"], inputs.train.labels, epochs=args.probe_epochs,
-                       batch_size=args.probe_batch_size, learning_rate=args.probe_learning_rate,
-                       weight_decay=args.probe_weight_decay, seed=args.seed, progress=not args.disable_tqdm)
+    _, seconds = timed(train_probe, model, inputs.pooled["train"], inputs.train.labels, **fit_head_kwargs(args))
     predictions = predict_features(model, inputs.pooled["eval"], classify=model.classify_features)
     model.save_pretrained(args.output_dir)
     return dict(eval_accuracy=accuracy(predictions, inputs.evaluation.labels), pooling=args.pooling,
@@ -393,10 +398,6 @@ def fit_knn(inputs: FrozenInputs, args) -> dict:
     by_k = {f"eval_accuracy_k{k}": accuracy(p, inputs.evaluation.labels) for k, p in predictions.items()}
     return dict(pooling=args.pooling, eval_accuracy=by_k[f"eval_accuracy_k{args.knn_k[0]}"], knn_k=list(args.knn_k),
                 knn_temperature=args.knn_temperature, **by_k)
-
-
-def head_files(protocol: str) -> tuple[str, ...]:
-    return tuple(f"{protocol}_head.{ext}" for ext in ("safetensors", "json"))
 
 
 # the linear probe's saved classifier (save_pretrained: weights, config, processor, the code files beside them)

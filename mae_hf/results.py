@@ -186,10 +186,9 @@ def accuracy_rows(results: list[dict]) -> dict:
         for position, key in _cells(result):
             cell = position, result.get("encoder", "pretrained")
             if cell in grid and grid[cell][0] != result[key]:
-                raise ValueError(
-                    f"Two {result['protocol']} results of the {cell[1]} encoder disagree ({key}): "
-                    f"{grid[cell][1].get('source')} has {grid[cell][0]:.4f}, {result.get('source')} has "
-                    f"{result[key]:.4f}. Pass only the one to report.")
+                raise ValueError(f"Two {result['protocol']} results of the {cell[1]} encoder disagree ({key}): "
+                                 f"{grid[cell][1].get('source')} has {grid[cell][0]:.4f}, {result.get('source')} "
+                                 f"has {result[key]:.4f}. Pass only the one to report.")
             grid[cell] = result[key], result
     first_k = min((k for (index, k), _ in grid if PROTOCOLS[index] == "knn"), default=None)
     rows = {}

@@ -468,8 +468,7 @@ def prepare_training(model_args, data_args, args, *, require_labels: bool = Fals
     train, evaluation = load_image_splits(data_args, config.image_size, config.num_channels,
                                           require_labels=require_labels, token=model_args.token,
                                           num_workers=args.dataloader_num_workers if args.workers_chosen else None,
-                                          check=before_decoding,
-                                          progress=not args.disable_tqdm)
+                                          check=before_decoding, progress=not args.disable_tqdm)
     args.configure_loaders(train, evaluation)
     decoder = device_decoder(data_args, config.num_channels, args.device, train, evaluation)
     return TrainingData(config, train, evaluation, decoder, eval_crop_fraction(data_args, config.image_size, train))

@@ -227,31 +227,30 @@ class ImageTrainingArguments(TrainingArguments):
         evaluation_bytes = 0 if evaluation is None else self.per_device_eval_batch_size * math.prod(evaluation.canvas)
         batch_bytes = self.per_device_train_batch_size * math.prod(train.canvas) + evaluation_bytes
         self.dataloader_num_workers, self.dataloader_prefetch_factor = fit_workers_to_shared_memory(
-            self.dataloader_num_workers, self.dataloader_prefetch_factor or 2, batch_bytes,
-            chosen=self.workers_chosen)
+            self.dataloader_num_workers, self.dataloader_prefetch_factor or 2, batch_bytes, chosen=self.workers_chosen)
         for split in splits:
             if split.num_workers:
                 split.num_workers = self.dataloader_num_workers
 
     def place_data_on_device(self, data) -> bool:
         """Whether to move an in-memory training split to the GPU (--data_on_device)."""
+        forced = self.data_on_device == "true"
         if not data.in_memory:
-            if self.data_on_device == "true":
+            if forced:
                 raise UsageError("--data_on_device true needs the images in memory; these are read from disk "
                                  "(--data_in_memory).")
             return False
         if self.device.type == "cpu" or self.data_on_device == "false":
             return False
-        if data.packed is not None and self.data_on_device != "true":
+        if data.packed is not None and not forced:
             return False  # packed images (sizes vary): on the GPU each batch would be pasted image by image
         if self.dataloader_num_workers > 0:  # forked worker processes cannot index tensors on the GPU
-            if self.data_on_device == "true":
+            if forced:
                 raise UsageError("--data_on_device true needs --dataloader_num_workers 0: worker processes cannot "
                                  "read data in GPU memory (and need not: a batch there is one gather).")
             return False
-        if self.data_on_device == "true":
-            return True
-        return self.device.type == "cuda" and data.decoded_bytes < 0.2 * torch.cuda.mem_get_info(self.device)[0]
+        return forced or (self.device.type == "cuda"
+                          and data.decoded_bytes < 0.2 * torch.cuda.mem_get_info(self.device)[0])
 
 
 @dataclass
@@ -294,7 +293,6 @@ class FinetuneArguments(ImageTrainingArguments):
     per_device_train_batch_size: int = flag(256, "Batch per device.")
     num_train_epochs: float = flag(100, "Epochs.")
     label_smoothing_factor: float = flag(0.1, "Label smoothing.")
-    # The strong recipe (configs/finetune_strong.yaml); the defaults leave each part off.
     augment_policy: str = flag(
         "none", "'randaugment' (--randaugment_num_ops ops per image at --randaugment_magnitude), 'trivialaugment' "
         "(one op, random magnitude) or 'none'. After crop/flip, on the device.")
@@ -327,11 +325,6 @@ class FinetuneArguments(ImageTrainingArguments):
             if part.check is not None:
                 part.check(self)
 
-    def augmenter(self):
-        """The strong recipe's batch ops that are on (`augment.STRONG_RECIPE`), as one, or None."""
-        return chained([part.build(self) for part in STRONG_RECIPE
-                        if part.build is not None and getattr(self, part.flag) != part.off])
-
     def mixer(self, num_labels: int):
         """The batch mixer (`augment.MixupCutmix`, label smoothing folded into its soft targets), or None."""
         if not (self.mixup_alpha or self.cutmix_alpha):
@@ -340,8 +333,11 @@ class FinetuneArguments(ImageTrainingArguments):
                            self.label_smoothing_factor)
 
     def batch_transforms(self, config, eval_crop_fraction: float = 1.0):
+        """Crop/flip, then the strong recipe's batch ops that are on (`augment.STRONG_RECIPE`) and random erasing."""
         train, evaluation = super().batch_transforms(config, eval_crop_fraction)
-        train.augment, train.random_erasing = self.augmenter(), self.random_erasing
+        train.augment = chained([part.build(self) for part in STRONG_RECIPE
+                                 if part.build is not None and getattr(self, part.flag) != part.off])
+        train.random_erasing = self.random_erasing
         return train, evaluation
 
     def recipe(self) -> dict:

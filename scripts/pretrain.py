@@ -124,12 +124,12 @@ def pretrain(run, model_args, data_args, args):
         trainer.save_metrics("eval", dict(eval_metrics, eval_samples=len(evaluation)))
     trainer.save_state()
     if trainer.is_world_process_zero():
+        prepared_from = prepared_source(data_args.dataset_name)
         summary = {
             **data.record(data_args, args), "class_names": train.class_names, **run.record(trainer.state),
             "data_in_memory": train.in_memory, "dataloader_num_workers": args.dataloader_num_workers,
             "data": data_args.recorded(),  # every data flag: visualize.py and the card read the run's own data
-            **({"prepared_from": prepared_source(data_args.dataset_name)} if prepared_source(data_args.dataset_name)
-               else {}),
+            **({"prepared_from": prepared_from} if prepared_from else {}),
             "decay_all_parameters": args.decay_all_parameters, "max_grad_norm": args.max_grad_norm,
             "adam_betas": [args.adam_beta1, args.adam_beta2], "mask_ratio": config.mask_ratio,
             "norm_pix_loss": config.norm_pix_loss, "world_size": args.world_size, "torch_compile": args.torch_compile,
