@@ -70,10 +70,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from .cli import keep_freed_memory_requested, parse_overrides
+from .cli import keep_freed_memory_requested
 from .configuration_mae import MAEConfig
 from .convert import to_vit_mae
 from .inputs import write_json
+from .loading import ModelArguments, build_config
 from .modeling_mae import MAEForPreTraining
 from .precision import BF16_AUTO_HELP, autocast_for, decide_bf16, native_bf16, warn_if_emulated
 from .redaction import recorded_command
@@ -157,8 +158,7 @@ def device_seconds(device, function, *args) -> float:
 def timed_chunk(model, optimizer, pixel_values, autocast, steps: int, device: str):
     """Seconds for `steps` train steps, and the CUDA peak rise over the chunk (None on other devices)."""
     cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
+    if cuda:  # the allocator's counters are kept on the host: no need to wait for the device
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     seconds = device_seconds(device, train_step, model, optimizer, pixel_values, autocast, steps)
@@ -182,10 +182,6 @@ def median_ratio(values, reference) -> tuple[float, list[float]]:
 
 
 MODES = {"fp32": (False, False), "bf16": (True, False), "fp32+compile": (False, True), "bf16+compile": (True, True)}
-
-
-def mode_name(bf16: bool, compile: bool) -> str:
-    return ("bf16" if bf16 else "fp32") + ("+compile" if compile else "")
 
 
 def make_optimizer(model, kind: str):
@@ -233,7 +229,7 @@ def gemm_rate(shapes, dtype, device: str, seconds: float = 0.3) -> float:
 def model_suite(args, config, bf16, autocast):
     """mae_hf against transformers' ViTMAE in each of `--modes` (precision, torch.compile): train-step images/s,
     CPU time, percent of the GEMM limit and memory, every (model, mode) in turn in each round."""
-    modes = list(dict.fromkeys(args.modes or [mode_name(bf16, args.compile)]))
+    modes = list(dict.fromkeys(args.modes or [("bf16" if bf16 else "fp32") + ("+compile" if args.compile else "")]))
     load_before = os.getloadavg()
     base = build_models(config, args.seed, args.device, args.baseline_dir)
     pixel_values = torch.randn(args.batch_size, config.num_channels, config.image_size, config.image_size,
@@ -303,7 +299,7 @@ def model_suite(args, config, bf16, autocast):
             result["percent_of_gemm_limit"] = statistics.median(
                 100 * images * flops[name] / rate for images, rate in zip(rounds, rates))
         if MODES[mode][1]:  # compile time, and after how many steps it has paid for itself
-            eager = runs.get((name, mode_name(MODES[mode][0], False)))
+            eager = runs.get((name, mode.removesuffix("+compile")))
             result["compile_seconds"] = run["first_step_seconds"] - step_seconds
             if eager is not None:
                 saved = args.batch_size / statistics.median(eager["images_per_s_rounds"]) - step_seconds
@@ -552,20 +548,9 @@ def main(argv=None):
         bf16, _ = decide_bf16(args.bf16, args.device, switch=True)
     autocast = autocast_for(args.device, bf16)
 
-    config = MAEConfig.from_pretrained(args.config_name) if args.config_name else MAEConfig()
-    overrides = parse_overrides(args.config_overrides)
-    unknown = sorted(key for key in overrides if not hasattr(config, key))
-    if unknown:
-        parser.error(f"--config_overrides: unknown field(s) {unknown}.")
-    config.update(overrides)
-    try:
-        config.check()
-    except ValueError as error:
-        parser.error(str(error))
-
+    config = build_config(ModelArguments(config_name=args.config_name, config_overrides=args.config_overrides))
     suite = getattr(importlib.import_module(f".{SUITES[args.suite]}", __package__), f"{args.suite}_suite")
-    data_path = SUITES[args.suite] == "benchmark_data"  # no model involved
-    record = suite(args) if data_path else suite(args, config, bf16, autocast)
+    record = suite(args) if SUITES[args.suite] == "benchmark_data" else suite(args, config, bf16, autocast)
     record.update(command=recorded_command(), suite=args.suite, device=args.device,
                   # with --modes, each mode names its precision and compilation (no single one for the run)
                   dtype=None if args.modes else "bf16 autocast" if bf16 else "fp32",

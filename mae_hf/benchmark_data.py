@@ -20,21 +20,17 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LOADERS = ("mae_hf", "run_mae.py")  # make_loader's two: the prepared folder's, run_mae.py's per-image transform
 
 
-def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def jpeg_bytes(index: int, quality: int = 90) -> bytes:
     """A smooth random colour field with grain: JPEG sizes and decode times of photographs, not of noise."""
     from PIL import Image
 
+    rng = np.random.default_rng(index)
+    height, width = ASPECTS[index % len(ASPECTS)]
     coarse = rng.integers(0, 256, (height // 24 + 2, width // 24 + 2, 3), dtype=np.uint8)
     field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-    return np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(index: int, quality: int = 90) -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(index)
+    photo = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(photo_like(rng, *ASPECTS[index % len(ASPECTS)])).save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(photo).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 

@@ -58,9 +58,9 @@ def augment_suite(args, config, bf16, autocast):
     """The recipe's training augmentation against the fine-tune train step, alternating, per batch."""
     from .augment import soft_target_cross_entropy
     from .cli import parse_args
-    from .data import BatchTransform, DataArguments
+    from .data import DataArguments
     from .modeling_mae import MAEForImageClassification
-    from .training_args import FinetuneArguments
+    from .training_args import FinetuneArguments, ImageTrainingArguments
 
     with tempfile.TemporaryDirectory() as output_dir:  # the recipe's arguments want one; nothing is written
         _, recipe = parse_args((DataArguments, FinetuneArguments), [args.recipe, "--output_dir", output_dir])
@@ -74,8 +74,7 @@ def augment_suite(args, config, bf16, autocast):
     labels = torch.randint(0, num_labels, (args.batch_size,)).to(args.device)
     strong_transform, _ = recipe.batch_transforms(config)
     mixer = recipe.mixer(num_labels)
-    crop = (recipe.crop_min_scale, 1.0) if recipe.crop_min_scale < 1 else None
-    baseline_transform = BatchTransform.for_model(config, crop_scale=crop, hflip=recipe.horizontal_flip)
+    baseline_transform, _ = ImageTrainingArguments.batch_transforms(recipe, config)  # crop + flip alone
 
     def strong():
         x = strong_transform(images)
@@ -106,18 +105,18 @@ def augment_suite(args, config, bf16, autocast):
         return (time.perf_counter() - start) / args.steps, (time.process_time() - cpu_start) / args.steps
 
     measured = alternating(parts, args.rounds, per_batch)  # per batch, one entry per round
-    seconds = {name: [wall for wall, _ in values] for name, values in measured.items()}
-    cpu_seconds = {name: [cpu for _, cpu in values] for name, values in measured.items()}
-
-    def ratios_to_step(values):
-        per_round = {name: [a / b for a, b in zip(times, values["train_step"])]
-                     for name, times in values.items() if name != "train_step"}
-        return per_round, {name: statistics.median(ratios) for name, ratios in per_round.items()}
-
-    per_round, ratios = ratios_to_step(seconds)
-    cpu_per_round, cpu_ratios = ratios_to_step(cpu_seconds)
-    medians = {name: statistics.median(values) for name, values in seconds.items()}
-    cpu_medians = {name: statistics.median(values) for name, values in cpu_seconds.items()}
+    record = {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "recipe": args.recipe}
+    for index, prefix in enumerate(("", "cpu_")):  # wall time, then CPU time
+        times = {name: [round_times[index] for round_times in values] for name, values in measured.items()}
+        per_round = {name: [a / b for a, b in zip(values, times["train_step"])]
+                     for name, values in times.items() if name != "train_step"}
+        record[f"{prefix}seconds_per_batch"] = times
+        record[f"median_{prefix}seconds_per_batch"] = {name: statistics.median(v) for name, v in times.items()}
+        record[f"{prefix}ratio_to_train_step_per_round"] = per_round
+        record[f"{prefix}ratio_to_train_step"] = {name: statistics.median(r) for name, r in per_round.items()}
+    seconds, medians, ratios, cpu_medians, cpu_ratios = (record[key] for key in (
+        "seconds_per_batch", "median_seconds_per_batch", "ratio_to_train_step", "median_cpu_seconds_per_batch",
+        "cpu_ratio_to_train_step"))
     mixing = f"mixup {recipe.mixup_alpha} / cutmix {recipe.cutmix_alpha}" if mixer else "none"
     print(f"{args.device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, {args.rounds} rounds x "
           f"{args.steps} batches, {torch.get_num_threads()} threads; recipe {args.recipe}: "
@@ -132,11 +131,7 @@ def augment_suite(args, config, bf16, autocast):
     print("\n(ratios: medians of the per-round ratios)")
     print(f"strong augmentation / train step: {100 * ratios['strong_augmentation']:.1f} % wall, "
           f"{100 * cpu_ratios['strong_augmentation']:.1f} % CPU time (limit 10 %)")
-    return {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "recipe": args.recipe,
-            "seconds_per_batch": seconds, "median_seconds_per_batch": medians,
-            "ratio_to_train_step_per_round": per_round, "ratio_to_train_step": ratios,
-            "cpu_seconds_per_batch": cpu_seconds, "median_cpu_seconds_per_batch": cpu_medians,
-            "cpu_ratio_to_train_step_per_round": cpu_per_round, "cpu_ratio_to_train_step": cpu_ratios}
+    return record
 
 
 def attention_suite(args, config, bf16, autocast):
@@ -196,16 +191,13 @@ def print_profiles(runs: dict, pixel_values, steps: int, mode: str, top: int = 2
     of one step (the least disturbed by other load) and its calls, the models side by side."""
     from torch.profiler import ProfilerActivity, profile
 
-    tables = {name: {} for name in runs}
-    for step in range(steps):
-        for name in list(runs) if step % 2 == 0 else list(runs)[::-1]:
-            run = runs[name]
-            with profile(activities=[ProfilerActivity.CPU]) as profiler:
-                train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
-            for event in profiler.key_averages():
-                value = (event.self_cpu_time_total / 1e3, event.count)
-                if event.key not in tables[name] or value[0] < tables[name][event.key][0]:
-                    tables[name][event.key] = value
+    def profiled(run) -> dict:
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            train_step(run["stepper"], run["optimizer"], pixel_values, run["autocast"])
+        return {event.key: (event.self_cpu_time_total / 1e3, event.count) for event in profiler.key_averages()}
+
+    tables = {name: {key: min(step[key] for step in per_step if key in step) for key in set().union(*per_step)}
+              for name, per_step in alternating(runs, steps, profiled).items()}
     names = list(runs)
     keys = sorted(set().union(*tables.values()), key=lambda key: -max(table.get(key, (0, 0))[0]
                                                                      for table in tables.values()))

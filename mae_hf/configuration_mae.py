@@ -107,13 +107,6 @@ class MAEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.check()  # also fills the default image_mean / image_std
 
-    @staticmethod
-    def default_normalisation(num_channels: int) -> dict[str, list[float]]:
-        """The image_mean / image_std used when none are given: CIFAR-10's for 3 channels, 0.5 / 0.5 otherwise."""
-        if num_channels == 3:
-            return {"image_mean": list(CIFAR10_MEAN), "image_std": list(CIFAR10_STD)}
-        return {"image_mean": [0.5] * num_channels, "image_std": [0.5] * num_channels}
-
     def to_dict(self) -> dict:
         output = super().to_dict()
         for field in ("image_mean", "image_std"):  # a DefaultStatistics is saved as the plain list it is
@@ -184,10 +177,10 @@ class MAEConfig(PreTrainedConfig):
             fail("hidden_act", f"expected one of {sorted(ACT2FN)}")
         if self.pooling not in ("cls", "mean"):
             fail("pooling", "expected 'cls' or 'mean'")
-        for field in ("image_mean", "image_std"):
+        for field, cifar10 in (("image_mean", CIFAR10_MEAN), ("image_std", CIFAR10_STD)):
             value = getattr(self, field)
             if value is None or (isinstance(value, DefaultStatistics) and len(value) != self.num_channels):
-                value = DefaultStatistics(self.default_normalisation(self.num_channels)[field])
+                value = DefaultStatistics(cifar10 if self.num_channels == 3 else [0.5] * self.num_channels)
             if is_number(value):
                 value = [value] * self.num_channels  # one number for every channel
             if not isinstance(value, (list, tuple)) or not all(map(is_number, value)):

@@ -29,14 +29,12 @@ def cpu_capabilities() -> dict:
     return {"amx_bf16": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()}
 
 
-AMPERE = (8, 0)  # the first NVIDIA compute capability with bf16 and TF32 tensor cores (older ones emulate bf16)
-
-
 def ampere_or_newer(device) -> bool:
-    """An NVIDIA GPU of compute capability 8.0 or newer (not ROCm, whose GPUs report other capabilities)."""
+    """An NVIDIA GPU of compute capability 8.0 or newer, the first with bf16 and TF32 tensor cores (older ones emulate
+    bf16); not ROCm, whose GPUs report other capabilities."""
     device = torch.device(device)
     return (device.type == "cuda" and torch.cuda.is_available() and torch.version.hip is None
-            and tuple(torch.cuda.get_device_capability(device)) >= AMPERE)
+            and tuple(torch.cuda.get_device_capability(device)) >= (8, 0))
 
 
 def native_bf16(device) -> str | None:

@@ -154,13 +154,6 @@ def check_data(folder: str) -> tuple[str | None, int]:
     return None, rows
 
 
-def find_compiler() -> str | None:
-    """The C compiler Triton (and inductor) will call: $CC when set, else the first of cc, gcc, clang."""
-    if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"])
-    return next(filter(None, (shutil.which(name) for name in ("cc", "gcc", "clang"))), None)
-
-
 def compile_smoke_test(device: str, seconds: int, backend: str) -> str | None:
     """None when a one-line torch.compile runs on `device` within `seconds`; else what went wrong."""
     code = ("import torch; x = torch.ones(8, device=%r); f = torch.compile(lambda t: (t * 2).sin() + 1, backend=%r); "
@@ -219,9 +212,10 @@ def preflight(args) -> int:
             record["gpu"] = result.stdout.strip()
     if problem is None:
         record["gpu"] = record.get("gpu", f"none: dry run on the CPU ({os.cpu_count()} cores)")
-        compiler = find_compiler()
-        why = ("no C compiler (" + (f"CC={os.environ['CC']} not found" if os.environ.get("CC") else
-                                    "no cc, gcc or clang on PATH") + "): Triton cannot build its kernels"
+        cc = os.environ.get("CC")  # the C compiler Triton (and inductor) will call: $CC, else cc, gcc or clang
+        compiler = shutil.which(cc) if cc else next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+        why = ("no C compiler (" + (f"CC={cc} not found" if cc else "no cc, gcc or clang on PATH")
+               + "): Triton cannot build its kernels"
                if compiler is None else compile_smoke_test(device, args.compile_seconds, args.compile_backend))
         plan["COMPILE"] = int(why is None)
         ran = f"{compiler} found and a one-line torch.compile ({args.compile_backend}) ran on {device}"
@@ -333,11 +327,10 @@ def summary(results: dict) -> str:
 
 def record_step(args) -> int:
     results = load_results(args.out)
-    status = args.status
     step = args.record
-    record = {"status": status, "seconds": args.seconds, "cap_seconds": args.cap, "command": args.step_command,
-              "figures": figures(step, args.runs) if status == "ok" else {}}
-    if status == "ok" and not record["figures"]:
+    record = {"status": args.status, "seconds": args.seconds, "cap_seconds": args.cap, "command": args.step_command,
+              "figures": figures(step, args.runs) if args.status == "ok" else {}}
+    if args.status == "ok" and not record["figures"]:
         record["status"] = f"ok, but {', '.join(RESULT_FILES[step])} missing"
     results["steps"][step] = record
     save_results(args.out, results)

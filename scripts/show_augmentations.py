@@ -33,11 +33,9 @@ def augmented_rows(images: torch.Tensor, labels: torch.Tensor, args: FinetuneArg
     """`(rows, N, C, H, W)` pictures in [0, 1] and their row titles, for uint8 canvases `images` (and their `sizes`)
     of N training images."""
     train_transform, eval_transform = args.batch_transforms(config, crop_fraction)
-    mean = torch.tensor(config.image_mean).view(1, -1, 1, 1)
-    std = torch.tensor(config.image_std).view(1, -1, 1, 1)
 
     def shown(x):
-        return (x * std + mean).clamp(0, 1)
+        return (x * eval_transform.std + eval_transform.mean).clamp(0, 1)
 
     views = args.repeated_augmentations
     repeated = None if sizes is None else sizes.repeat_interleave(views, dim=0)
