@@ -189,8 +189,11 @@ def data_suite(args) -> dict:
             f"{row[name][key]:,.0f} MB" for key in ("peak_pss_mb", "peak_pss_without_batches_in_flight_mb")
             for name in LOADERS) + " |")
     sizes = sorted(results)
-    growth, own = ({name: results[sizes[-1]][name][key] - results[sizes[0]][name][key] for name in LOADERS}
-                   for key in ("peak_pss_mb", "peak_pss_without_batches_in_flight_mb"))
+
+    def growth_of(key: str) -> dict:
+        return {name: results[sizes[-1]][name][key] - results[sizes[0]][name][key] for name in LOADERS}
+
+    growth, own = growth_of("peak_pss_mb"), growth_of("peak_pss_without_batches_in_flight_mb")
     print(f"\npeak PSS growth from {sizes[0]:,} to {sizes[-1]:,} images: mae_hf {growth['mae_hf']:+,.0f} MB "
           f"({own['mae_hf']:+,.0f} MB without the batches in flight), run_mae.py {growth['run_mae.py']:+,.0f} MB "
           f"({own['run_mae.py']:+,.0f} MB)")

@@ -257,15 +257,18 @@ def print_once(message: str, file=None) -> None:
         print(message, file=file or sys.stdout, flush=True)
 
 
-class DropMessages(logging.Filter):
-    """Drops log records starting with one of `prefixes` (transformers' messages that read as faults but are not)."""
+@contextlib.contextmanager
+def dropped_messages(logger: str, *prefixes: str):
+    """Within the block, drops `logger`'s records starting with one of `prefixes` (transformers' messages that read
+    as faults but are not)."""
+    def keep(record) -> bool:
+        return not record.getMessage().startswith(prefixes)
 
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
+    logging.getLogger(logger).addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(keep)
 
 
 INSTANT_PROGRESS_BARS = ("Loading weights", "Writing model shards")  # transformers' bars for steps of a second

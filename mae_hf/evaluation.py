@@ -133,6 +133,8 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
         raise UsageError(f"--pooling must be 'cls' or 'mean', got {args.pooling!r}.")
     if args.token_cache not in ("auto", "memory", "disk"):
         raise UsageError(f"--token_cache must be 'auto', 'memory' or 'disk', got {args.token_cache!r}.")
+    if not args.knn_k or min(args.knn_k) < 1:
+        raise UsageError(f"--knn_k takes positive neighbour counts, got {args.knn_k}.")
     random_init = args.random_init or not model_args.model_name_or_path
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     bf16, precision = decide_bf16(args.bf16, device)
@@ -185,7 +187,8 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
                   **run_record(data_args, train, evaluation, device=device, world_size=1, bf16=bf16, seed=args.seed,
                                crop_fraction=crop_fraction)}
         results = {}
-        for protocol in sorted(wanted, key=lambda p: p.name != "knn"):  # kNN first: saved before any long probe
+        # kNN first: its result is saved before any long probe
+        for protocol in sorted(wanted, key=lambda protocol: protocol.name != "knn"):
             results[protocol.name] = {**common, "protocol": protocol.name, **protocol.fit(inputs, args)}
             write_results(args.output_dir, protocol.name, results[protocol.name])
         return results

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .cli import UsageError
 from .features import image_batches, knn_predict
 from .inputs import read_json_object, write_json
 from .metrics import accuracy
@@ -383,9 +382,7 @@ def fit_attentive_probe(inputs: FrozenInputs, args) -> dict:
                 **{name: getattr(args, name) for name in ATTENTIVE_RECIPE})
 
 
-def check_knn(args, config, train) -> None:
-    if not args.knn_k or min(args.knn_k) < 1:
-        raise UsageError(f"--knn_k takes positive neighbour counts, got {args.knn_k}.")
+def check_knn(args, config, train) -> None:  # --knn_k's values are checked with the other flags, kNN on or off
     if train is not None and max(args.knn_k) > len(train):
         raise ValueError(f"--knn_k {max(args.knn_k)} needs at least that many training images; the training "
                          f"split has {len(train)}. Pass smaller values, e.g. --knn_k {min(20, len(train))}.")

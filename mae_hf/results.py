@@ -11,7 +11,6 @@ import torch
 import transformers
 
 from .augment import STRONG_RECIPE_OFF
-from .data import skipped_images
 from .data.prepared import prepared_source
 from .inputs import read_json_object, write_json
 from .paths import looks_local
@@ -65,7 +64,7 @@ def run_record(data_args, train, evaluation, *, device, world_size: int, bf16: b
     record = {"dataset_name": data_args.dataset_name, "train_split": train.split, "eval_split": evaluation.split,
               "train_samples": len(train), "eval_samples": len(evaluation)}
     if data_args.skip_bad_images or train.skipped or evaluation.skipped:
-        record["skipped_images"] = skipped_images(train, evaluation)
+        record["skipped_images"] = {split.split: list(split.skipped) for split in (train, evaluation)}
     record.update(eval_crop_fraction=crop_fraction, stored_short_side=train.short_side,
                   device=f"{world_size} x {torch.device(device).type}", bf16=bf16,
                   **({} if precision is None else {"precision": precision}), seed=seed)

@@ -5,7 +5,6 @@ into a stop at a step boundary; `removed_if_incomplete` / `saved_whole` leave no
 
 import contextlib
 import fcntl
-import logging
 import os
 import shutil
 import signal
@@ -17,7 +16,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .cli import DropMessages, MAEHFError, UsageError, close_progress_bars, worker_died
+from .cli import MAEHFError, UsageError, close_progress_bars, dropped_messages, worker_died
 from .inputs import (
     check_torch_file,
     check_weights_fit,
@@ -490,18 +489,14 @@ class Run:
         start = 0 if self.resume_from is None else _step_of(self.resume_from)  # before rotation may remove it
         # Both false alarms here: the resume warning compares fractional logging/eval/save steps with the counts they
         # became (`check_settings` compares what matters); checkpoints are ordered by step, whatever their mtimes.
-        checkpoint_args_warning = DropMessages("Warning: The following arguments do not match",
-                                               "mtime may not be reliable")
-        comparer = logging.getLogger("transformers.trainer_utils")
-        comparer.addFilter(checkpoint_args_warning)  # see DropMessages
         self.clock = (start, time.monotonic())
         try:
-            result = trainer.train(resume_from_checkpoint=self.resume_from)
+            with dropped_messages("transformers.trainer_utils", "Warning: The following arguments do not match",
+                                  "mtime may not be reliable"):
+                result = trainer.train(resume_from_checkpoint=self.resume_from)
         except _NothingLeftToTrain:
             self.stop.in_loop = False
             result = None
-        finally:
-            comparer.removeFilter(checkpoint_args_warning)
         if result is None or (self.resume_from is not None and trainer.state.global_step == start):
             # Nothing trained (a finished run resumed): no train metrics, where the Trainer's would state a loss of 0
             state = trainer.state

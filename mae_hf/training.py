@@ -2,7 +2,6 @@
 parameter groups follow the MAE recipe, a non-finite loss, gradient norm or weight stops the run before anything is
 saved from it (`DivergenceGuard`), and pretraining evaluations also draw reconstructions and measure kNN accuracy."""
 
-import logging as std_logging
 import os
 import sys
 import time
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from .augment import RepeatedAugmentationSampler, WeightEMA, soft_target_cross_entropy
-from .cli import DropMessages
+from .cli import dropped_messages
 from .configuration_mae import MAEConfig
 from .data import ImageData, ImageDataset, collate, device_decoder, eval_crop_fraction, load_image_splits
 from .features import knn_predict
@@ -49,11 +48,12 @@ def layer_id(name: str, num_layers: int) -> int:
 
 def last_finite_checkpoint(output_dir: str) -> str | None:
     """The newest complete checkpoint whose weights, loaded, are all finite."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    def finite(folder):
-        weights = load_file(os.path.join(folder, "model.safetensors")).values()
-        return all(tensor.isfinite().all() for tensor in weights if tensor.is_floating_point())
+    def finite(folder):  # one tensor at a time: a checkpoint can be larger than the free memory
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt") as weights:
+            tensors = (weights.get_tensor(name) for name in weights.keys())
+            return all(tensor.isfinite().all() for tensor in tensors if tensor.is_floating_point())
 
     return next((folder for folder in checkpoints(output_dir) if checkpoint_problem(folder) is None and finite(folder)),
                 None)
@@ -133,13 +133,8 @@ class ImageTrainer(Trainer):
     def __init__(self, *args, train_transform, eval_transform, layer_decay: float = 1.0, mixer=None,
                  repeated_augmentations: int = 1, ema_decay: float = 0.0, device_decoder=None, **kwargs):
         # `non_blocking` without pinned memory (a CPU, data already on the GPU) is on purpose: ImageTrainingArguments
-        unpinned = DropMessages("`non_blocking` is enabled but `dataloader_pin_memory` is not")
-        trainer_logger = std_logging.getLogger("transformers.trainer")
-        trainer_logger.addFilter(unpinned)
-        try:
+        with dropped_messages("transformers.trainer", "`non_blocking` is enabled but `dataloader_pin_memory` is not"):
             super().__init__(*args, **kwargs)
-        finally:
-            trainer_logger.removeFilter(unpinned)
         # Nothing to pad: image labels and logits have the same sizes on every process (padding reads shapes back).
         self.accelerator.pad_across_processes = lambda tensor, *args, **kwargs: tensor
         self.device_decoder = device_decoder  # JPEG bytes -> canvases on the GPU (--decode_on_device)
@@ -354,8 +349,10 @@ class ThroughputCallback(TrainerCallback):
         return self.steps * self.images_per_step / self.seconds if self.seconds > 0 else None
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        if state.is_world_process_zero:
-            write_line(f"[plan] device {args.device} x{args.world_size}, {args.precision}, "
+        if state.is_world_process_zero:  # plain TrainingArguments say no precision of their own
+            precision = getattr(args, "precision", None) or ("bf16 autocast" if args.bf16 else "fp16" if args.fp16
+                                                             else "fp32")
+            write_line(f"[plan] device {args.device} x{args.world_size}, {precision}, "
                        f"torch_compile={args.torch_compile}; "
                        f"{state.max_steps} steps of {self.images_per_step} images ({_epochs(args, train_dataloader)}), "
                        f"peak learning rate {args.learning_rate:.3g}")

@@ -1,7 +1,6 @@
 """`TrainingArguments` of the two recipes: the image-training settings they share (`ImageTrainingArguments`: batches
 augmented on the device, the MAE learning-rate rule, precision, loaders), and pretraining's and fine-tuning's own."""
 
-import logging as std_logging
 import math
 import sys
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 from .augment import STRONG_RECIPE, MixupCutmix, chained
-from .cli import DropMessages, UsageError, flag, print_once
+from .cli import UsageError, dropped_messages, flag, print_once
 from .data import BatchTransform
 from .data.streaming import fit_workers_to_shared_memory
 from .precision import BF16_AUTO_HELP, decide_bf16
@@ -106,13 +105,8 @@ class ImageTrainingArguments(TrainingArguments):
             # Batches reach the GPU without the host waiting (accelerate's default copies block); a no-op on a CPU.
             self.accelerator_config = {"non_blocking": True}
         # The warning that compile's speedups need an Ampere GPU reads as a fault on a CPU (docs/cpu_speed.md).
-        compile_warning = DropMessages("The speedups for torchdynamo mostly come with GPU")
-        upstream_logger = std_logging.getLogger("transformers.training_args")
-        upstream_logger.addFilter(compile_warning)
-        try:
+        with dropped_messages("transformers.training_args", "The speedups for torchdynamo mostly come with GPU"):
             super().__post_init__()  # also: do_eval becomes True when eval_strategy is not "no" (TrainingArguments')
-        finally:
-            upstream_logger.removeFilter(compile_warning)
         # accelerate builds no FSDP for CPU processes (they would train as plain DDP); the Trainer refuses one process.
         if self.fsdp and self.use_cpu and self.world_size > 1:
             raise UsageError("--fsdp shards the model over GPU processes; on CPU processes accelerate trains without "

@@ -106,9 +106,11 @@ def pretrain(run, model_args, data_args, args):
     trainer = MAEPretrainer(model=model, args=args, callbacks=[throughput], preview=preview, knn_data=knn_data,
                             knn_k=args.knn_k, **data.trainer_inputs(args, config, labels=False, eval_noise=eval_noise))
     if not args.do_train:  # --do_train false: evaluate the saved model only, as transformers' run_mae.py
-        return evaluate_saved(trainer, model_args, evaluation, lambda metrics: (
-            f"eval_loss {metrics['eval_loss']:.4f}" + ("" if metrics.get("eval_knn_accuracy") is None
-                                                       else f", kNN accuracy {metrics['eval_knn_accuracy']:.4f}")))
+        def scores(metrics: dict) -> str:
+            knn = metrics.get("eval_knn_accuracy")
+            return f"eval_loss {metrics['eval_loss']:.4f}" + ("" if knn is None else f", kNN accuracy {knn:.4f}")
+
+        return evaluate_saved(trainer, model_args, evaluation, scores)
     result = run.train(trainer)
 
     trainer.save_model()

@@ -36,17 +36,12 @@ HEADER_SAMPLE = 256  # images whose headers estimate an unprepared split's decod
 
 __all__ = ["BatchTransform", "DataArguments", "ImageData", "ImageDataset", "SourceArguments", "collate",
            "device_decoder", "eval_crop_fraction", "fixed_noise", "load_image_splits", "sequential_batches",
-           "skipped_images", "source_identity"]
+           "source_identity"]
 
 
 def source_identity(args: DataArguments) -> dict:
     """What pins the data's content beyond its flags, for a run's settings (`ImageSource.identity`)."""
     return open_source(args).identity()
-
-
-def skipped_images(*splits: ImageData) -> dict:
-    """{split: [rows left out as undecodable, here or when the folder was prepared]}, for the result files."""
-    return {split.split: list(split.skipped) for split in splits}
 
 
 def eval_crop_fraction(args: DataArguments, image_size: int, data: ImageData) -> float:

@@ -12,10 +12,11 @@ def _read_number(path: str, key: str | None = None) -> int | None:
     """The number a file holds, or (`key`) the one after `key` on its "key value" lines; None if none."""
     try:
         with open(path) as handle:
+            if key is None:
+                text = handle.read().strip()
+                return int(text) if text.isdigit() else None
             for line in handle:
-                name, *values = line.replace(":", " ").split()
-                if key is None and name.isdigit():
-                    return int(name)
+                name, *values = line.replace(":", " ").split() or [""]
                 if name == key:
                     return int(values[0])
     except (OSError, ValueError, IndexError):

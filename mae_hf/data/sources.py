@@ -3,7 +3,6 @@
 the image and label columns and the rows a script uses."""
 
 import glob
-import itertools
 import math
 import os
 import sys
@@ -165,14 +164,16 @@ def _holds_images(folder: str, limit: int = 256) -> bool:
         except OSError:  # unreadable, or a link loop: list_image_folder names it
             continue
         with scan:
-            for entry in itertools.islice(scan, limit - seen):
+            for entry in scan:
                 seen += 1
-                if entry.name.startswith("."):
+                if entry.name.startswith("."):  # never the one that ends the scan
                     continue
                 if entry.is_dir():
                     pending.append(entry.path)
                 elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
                     return True
+                if seen >= limit:
+                    break
     return False
 
 
