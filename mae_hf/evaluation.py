@@ -157,9 +157,7 @@ def run_frozen_evaluation(model_args, data_args, args: FrozenEvalArguments) -> d
             split.num_workers, _ = fit_workers_to_shared_memory(
                 split.num_workers, 2, args.feature_batch_size * math.prod(split.canvas),
                 chosen=args.dataloader_num_workers is not None)
-    names = train.class_names or [str(i) for i in range(train.num_classes)]  # class names: validated at load
-    model = load_classifier(model_args, random_init, args.seed, num_labels=train.num_classes,
-                            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+    model = load_classifier(model_args, random_init, args.seed, train.num_classes, train.class_names,
                             linear_probe=True, pooling=args.pooling,
                             new_head="the probe's head is new and trained here" if args.linear_probe else None
                             ).to(device)

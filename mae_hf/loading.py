@@ -169,11 +169,15 @@ def load_pretrained(model_class, model_args: ModelArguments, config, new_head: s
     return model
 
 
-def load_classifier(model_args, random_init: bool, seed: int, new_head: str | None = None, **config_changes):
-    """`MAEForImageClassification` with a pretrained encoder or a random one of the same config, `config_changes`
-    (num_labels, id2label, pooling, ...) applied; `new_head`: see `load_pretrained`."""
+def load_classifier(model_args, random_init: bool, seed: int, num_labels: int, class_names: list[str] | None,
+                    new_head: str | None = None, **config_changes):
+    """`MAEForImageClassification` with a pretrained encoder or a random one of the same config, for `num_labels`
+    classes (named `class_names`, else by number), `config_changes` (pooling, ...) applied; `new_head`: see
+    `load_pretrained`."""
     config = build_config(model_args)
-    num_labels = config_changes.get("num_labels", config.num_labels)
+    names = class_names or [str(i) for i in range(num_labels)]
+    config_changes.update(num_labels=num_labels, id2label=dict(enumerate(names)),
+                          label2id={name: i for i, name in enumerate(names)})
     if (model_args.model_name_or_path and not random_init and is_classifier(config)
             and config.num_labels != num_labels and not model_args.ignore_mismatched_sizes):
         raise ValueError(f"{model_args.model_name_or_path} is a classifier with {config.num_labels} labels; this data "

@@ -81,11 +81,9 @@ def finetune(run, model_args, data_args, args):
     train = data.train
     set_seed(args.seed)  # before the head is initialised
     num_labels = train.num_classes  # the class names when the label column has them: validated at load
-    names = train.class_names or [str(i) for i in range(num_labels)]
     if not args.do_train:
         return evaluate_only(model_args, num_labels, train.class_names, data, args)
-    model = load_classifier(model_args, args.random_init, args.seed, num_labels=num_labels,
-                            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+    model = load_classifier(model_args, args.random_init, args.seed, num_labels, train.class_names,
                             linear_probe=False, pooling=args.pooling, drop_path_rate=args.drop_path_rate,
                             new_head="the classification head is new and trained here")
     run.check_settings(model.config, data_args, model_args)
