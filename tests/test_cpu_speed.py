@@ -9,18 +9,19 @@ import pytest
 
 # A train step in miniature: blocks of activations (some above glibc's largest mmap threshold, 32 MB) allocated,
 # written and freed, round after round; the page faults of the last rounds say whether the memory went back to the
-# kernel in between (each fresh 4 KB page faults once).
+# kernel in between (each fresh 4 KB page faults once). The quietest of the later rounds counts: on a busy machine
+# one round can fault a block in again (seen once in CI: 10,240 faults, one 40 MB block, over two rounds).
 FAULTS = r'''
 import resource, torch
 from mae_hf.cli import keep_freed_memory
 applied = keep_freed_memory()
 faults = []
-for round in range(5):
+for round in range(7):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     blocks = [torch.empty(megabytes * 2**18, dtype=torch.float32).fill_(1.0) for megabytes in (48, 48, 8, 40)]
     del blocks
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(applied, sum(faults[-2:]))
+print(applied, min(faults[3:]))
 '''
 
 
@@ -35,7 +36,7 @@ def test_freed_memory_is_reused_without_page_faults():
 
     kept, default = faults("1"), faults("0")
     assert kept[0] == "True" and default[0] == "False"
-    assert default[1] > 2 * 30_000  # 144 MB of fresh pages per round
+    assert default[1] > 30_000  # 144 MB of fresh pages in every round
     assert kept[1] < 1_000
 
 
