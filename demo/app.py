@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import time
+import uuid
 
 import gradio as gr
 import torch
@@ -203,6 +204,12 @@ def build(source: str | None, bf16: bool | None = None) -> gr.Blocks:
         try:
             started = time.perf_counter()
             pictures, loss_text, top5 = demo.run(open_image(path), mask_ratio, seed)
+            # Gradio stores an output image under its content's hash and rewrites that file whenever a call returns the
+            # same picture again, while the browser may still be reading it (a broken picture: "Response content
+            # shorter than Content-Length"); a PNG text chunk per call keeps each call's files apart.
+            call = uuid.uuid4().hex
+            for picture in filter(None, pictures):
+                picture.info["call"] = call
             status = f"Done in {1000 * (time.perf_counter() - started):.0f} ms."
             return pictures + [loss_text] + [top5[title] for title in heads] + [status]
         except ValueError as error:
