@@ -103,15 +103,17 @@ class InMemoryImages(ImageData):
         return self
 
 
-def _decoded(reader, positions) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(the decoded images' channels-first pixels end to end, sizes, {index: why undecodable}) of `positions`; the
-    readers decode to the geometry's channel count."""
+def _decoded(reader, channels: int, positions) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(the decoded images' channels-first pixels end to end, sizes, {index: why undecodable}) of `positions`."""
     sizes, problems, parts = np.zeros((len(positions), 2), dtype=np.int32), {}, []
     for index, picture in enumerate(reader.read(positions)):
         if isinstance(picture, BadImage):
             problems[index] = str(picture)
             continue
         pixels = channels_first(picture)
+        if pixels.shape[0] != channels:  # the pixels end to end would no longer line up with their sizes
+            problems[index] = f"it decodes to {pixels.shape[0]} channel(s), not {channels}"
+            continue
         sizes[index] = pixels.shape[1:]
         parts.append(pixels.reshape(-1))
     pixels = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
@@ -159,7 +161,7 @@ def decode_into_memory(reader, positions: np.ndarray, sizes: np.ndarray, channel
     target = images.numpy() if dense else packed.numpy()
     problems = {}
     chunk_size = int(np.clip(CHUNK_BYTES // max(1, int(pixels.mean())), 1, CHUNK))  # a chunk in flight: ~16 MB
-    work = functools.partial(_decoded, reader)
+    work = functools.partial(_decoded, reader, channels)
     for start, (flat, chunk_sizes, chunk_problems) in _chunk_results(work, positions, workers, chunk_size, progress):
         flat, cursor = flat.numpy(), 0
         for index in range(len(chunk_sizes)):
